@@ -1,0 +1,291 @@
+@0xcd35794f751403be;
+# capkv wire contract, API version 1.
+#
+# Compatibility rules: fields and methods are only ever added, never renumbered, renamed in
+# meaning or removed. Enum values keep their numbers forever. A client built against an
+# older copy of this file keeps working against a newer server.
+#
+# Every method takes a RequestContext and returns a result struct whose union is either
+# the success payload or an Error. Transport failures (a broken connection) surface as
+# Cap'n Proto exceptions, which clients map to `unavailable`.
+
+struct RequestContext {
+  # Per-call metadata that travels with every request.
+
+  deadline :union {
+    # How long the caller is still willing to wait, as a relative budget rather than an
+    # absolute time, so that client and server clocks never need to agree.
+
+    unset @0 :Void;
+    # No budget given: the server applies its per-method default.
+
+    budgetMs @1 :UInt32;
+    # Remaining budget in milliseconds, measured when the request was sent. 0 means the
+    # budget is already spent and the server rejects the call before doing any work. The
+    # server caps it at its per-method maximum.
+  }
+
+  traceparent @2 :Text;
+  # W3C trace context `traceparent` header value of the caller's span; empty if none.
+
+  tracestate @3 :Text;
+  # W3C trace context `tracestate` header value; empty if none.
+
+  requestId @4 :Text;
+  # Caller-chosen id for correlating logs; the server logs it and echoes nothing else.
+  # At most 128 bytes.
+
+  attempt @5 :UInt32;
+  # 1 for the first try of a logical call, 2 for the first retry, and so on. 0 is read as 1.
+}
+
+enum ErrorCode {
+  # Stable error codes. The numbers are part of the contract.
+
+  internal @0;
+  # A server bug or an unexpected storage failure. Not retried automatically.
+
+  invalidArgument @1;
+  # The request is malformed in a way no more specific code describes.
+
+  notFound @2;
+  # The key does not exist.
+
+  conditionFailed @3;
+  # A write's condition (ifVersion / ifAbsent) did not hold; nothing was written.
+
+  unauthenticated @4;
+  # `open` got a missing or wrong token.
+
+  unavailable @5;
+  # The server cannot take the call right now (shutting down, storage unavailable).
+  # Safe to retry, after `retryAfterMs` when given.
+
+  overloaded @6;
+  # Admission control refused the call before any work. Safe to retry after `retryAfterMs`.
+
+  deadlineExceeded @7;
+  # The budget ran out before the call finished (or was already spent on arrival). For a
+  # write, the outcome is unknown only if it was reported after the write started.
+
+  emptyKey @8;
+  # A key of zero bytes.
+
+  keyTooLarge @9;
+  # A key longer than the server's `limits.max_key_bytes` (default 1024).
+
+  valueTooLarge @10;
+  # A value longer than the server's `limits.max_value_bytes` (default 1 MiB).
+
+  scanLimitTooLarge @11;
+  # A scan `limit` above the server's `limits.max_scan_limit` (default 10000).
+
+  requestTooLarge @12;
+  # A request larger than the server's message limit. Usually the server cannot even decode
+  # such a request and closes the connection instead; clients report that as this code.
+
+  invalidRange @13;
+  # A scan whose range, prefix or cursor is inconsistent (e.g. start after end, a cursor
+  # outside the range, both a prefix and a start/end).
+
+  permissionDenied @14;
+  # The capability used does not allow this operation.
+}
+
+struct Error {
+  # The failure half of every result union.
+
+  code @0 :ErrorCode;
+  # What went wrong, as a stable code. Clients branch on this, never on `message`.
+
+  message @1 :Text;
+  # Human-readable detail for logs and operators. Never contains server paths, stack
+  # traces, tokens or stored values.
+
+  retryAfterMs @2 :UInt32;
+  # For retryable codes: how long the client should wait before retrying; 0 = no advice.
+}
+
+struct Entry {
+  # One stored key.
+
+  key @0 :Data;
+  value @1 :Data;
+
+  version @2 :UInt64;
+  # Number of writes to this key since it was (re)created: 1 after the first put. A delete
+  # ends the key's life; a later put starts again at 1.
+
+  modRevision @3 :UInt64;
+  # The store revision of the write that produced this value.
+}
+
+struct Condition {
+  # Optional precondition of a write. If it does not hold the write does nothing and
+  # returns `conditionFailed`.
+
+  union {
+    none @0 :Void;
+    # Unconditional.
+
+    ifVersion @1 :UInt64;
+    # The key's current version must equal this value (0: the key must not exist).
+
+    ifAbsent @2 :Void;
+    # The key must not exist.
+  }
+}
+
+interface Gateway {
+  # The bootstrap capability: what every connection gets first.
+
+  health @0 (ctx :RequestContext) -> (result :HealthResult);
+  # Liveness and readiness; needs no token.
+
+  version @1 (ctx :RequestContext) -> (result :VersionResult);
+  # Service and API version; needs no token.
+
+  open @2 (ctx :RequestContext, token :Text) -> (result :OpenResult);
+  # Exchanges a bearer token for the data capability. With no token configured on the
+  # server any token (also the empty one) is accepted. Clients pipeline on `result.kv`
+  # so that `open(t).kv.get(k)` costs one round trip.
+}
+
+struct HealthResult {
+  union {
+    ok :group {
+      live @0 :Bool;
+      # The process is up and serving RPC.
+
+      ready @1 :Bool;
+      # The server accepts new work (false while starting or draining).
+
+      status @2 :Text;
+      # "serving" or "draining".
+    }
+    error @3 :Error;
+  }
+}
+
+struct VersionResult {
+  union {
+    ok :group {
+      service @0 :Text;
+      # Server build version (semver of the kv-server crate).
+
+      apiVersion @1 :UInt32;
+      # Version of this wire contract; bumped when methods or fields are added.
+    }
+    error @2 :Error;
+  }
+}
+
+struct OpenResult {
+  union {
+    kv @0 :KvStore;
+    error @1 :Error;
+  }
+}
+
+interface KvStore {
+  # Read access to the keyspace, and the door to writes through sessions.
+
+  get @0 (ctx :RequestContext, key :Data) -> (result :GetResult);
+  # The current value and version of `key`, or `notFound`.
+
+  scan @1 (ctx :RequestContext, range :ScanRange) -> (result :ScanResult);
+  # Keys in ascending byte order. A page holds at most `limit` entries and at most the
+  # server's `limits.max_scan_bytes`; `nextCursor` resumes after the page.
+
+  session @2 (ctx :RequestContext) -> (result :SessionResult);
+  # A new write session. Writes go through it; dropping it ends the session.
+}
+
+struct ScanRange {
+  union {
+    range :group {
+      start @0 :Data;
+      # Inclusive lower bound; empty = the first key.
+
+      end @1 :Data;
+      # Exclusive upper bound; empty = no upper bound.
+    }
+    prefix @2 :Data;
+    # Every key that starts with these bytes (empty = every key).
+  }
+
+  limit @3 :UInt32;
+  # Maximum entries in this page; 0 = the server's default (`limits.default_scan_limit`).
+  # Above `limits.max_scan_limit` the call fails with `scanLimitTooLarge`.
+
+  cursor @4 :Data;
+  # Empty for the first page; otherwise the `nextCursor` of the previous page, sent with the
+  # same range. Opaque to clients.
+
+  keysOnly @5 :Bool;
+  # Return keys and versions without values.
+}
+
+struct ScanResult {
+  union {
+    ok :group {
+      entries @0 :List(Entry);
+      nextCursor @1 :Data;
+      # Empty when the range is exhausted; otherwise pass it back as `cursor`.
+      revision @2 :UInt64;
+      # Store revision when the page was read.
+    }
+    error @3 :Error;
+  }
+}
+
+struct GetResult {
+  union {
+    ok @0 :Entry;
+    error @1 :Error;
+  }
+}
+
+struct SessionResult {
+  union {
+    session @0 :WriteSession;
+    error @1 :Error;
+  }
+}
+
+interface WriteSession {
+  # The per-session write capability. Holding it is the permission to write.
+
+  put @0 (ctx :RequestContext, key :Data, value :Data, condition :Condition)
+      -> (result :PutResult);
+  # Stores `value` under `key` if `condition` holds.
+
+  delete @1 (ctx :RequestContext, key :Data, condition :Condition)
+      -> (result :DeleteResult);
+  # Removes `key` if `condition` holds. Deleting a missing key is not an error:
+  # `existed` says whether anything was removed.
+}
+
+struct PutResult {
+  union {
+    ok :group {
+      version @0 :UInt64;
+      # The key's new version.
+      revision @1 :UInt64;
+      # The store revision of this write.
+    }
+    error @2 :Error;
+  }
+}
+
+struct DeleteResult {
+  union {
+    ok :group {
+      existed @0 :Bool;
+      # Whether the key existed (and so was removed).
+      revision @1 :UInt64;
+      # The store revision after the call.
+    }
+    error @2 :Error;
+  }
+}

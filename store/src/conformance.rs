@@ -1,0 +1,220 @@
+//! The behaviour every engine must show, written once.
+//!
+//! Each case is a `pub fn(&dyn Store)` that panics on a violation. An engine's test file
+//! runs all of them with [`conformance_tests!`](crate::conformance_tests), one `#[test]`
+//! per case, given an expression that builds a fresh, empty store:
+//!
+//! ```ignore
+//! capkv_store::conformance_tests!(capkv_store::MemoryStore::new());
+//! ```
+//!
+//! Panicking asserts are the point here: this module is test code shipped in the library
+//! so that every engine crate can reuse it.
+
+use std::sync::Arc;
+
+use crate::{Condition, ScanRequest, Store, StoreError};
+
+fn scan_all(s: &dyn Store, start: &[u8], end: Option<&[u8]>) -> Vec<Vec<u8>> {
+    let page = s
+        .scan(&ScanRequest {
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            limit: 1_000_000,
+            max_bytes: usize::MAX,
+            keys_only: true,
+        })
+        .unwrap();
+    assert!(!page.more);
+    page.entries.into_iter().map(|e| e.key).collect()
+}
+
+pub fn get_missing_is_none(s: &dyn Store) {
+    assert_eq!(s.get(b"nope").unwrap(), None);
+    assert_eq!(s.revision().unwrap(), 0);
+}
+
+pub fn put_then_get(s: &dyn Store) {
+    let out = s.put(b"k", b"v1", Condition::None).unwrap();
+    assert_eq!(out.version, 1);
+    assert_eq!(out.revision, 1);
+    let e = s.get(b"k").unwrap().unwrap();
+    assert_eq!((e.key.as_slice(), e.value.as_slice()), (&b"k"[..], &b"v1"[..]));
+    assert_eq!((e.version, e.mod_revision), (1, 1));
+}
+
+pub fn versions_and_revisions_advance(s: &dyn Store) {
+    s.put(b"a", b"1", Condition::None).unwrap();
+    s.put(b"b", b"1", Condition::None).unwrap();
+    let out = s.put(b"a", b"2", Condition::None).unwrap();
+    assert_eq!((out.version, out.revision), (2, 3));
+    let d = s.delete(b"a", Condition::None).unwrap();
+    assert_eq!((d.existed, d.revision), (true, 4));
+    let out = s.put(b"a", b"3", Condition::None).unwrap();
+    assert_eq!((out.version, out.revision), (1, 5), "a recreated key starts at version 1");
+    assert_eq!(s.revision().unwrap(), 5);
+}
+
+pub fn binary_keys_and_values(s: &dyn Store) {
+    let key = [0u8, 0xff, 0x80, b'\n'];
+    let value = [0xffu8, 0, 0, 0xfe];
+    s.put(&key, &value, Condition::None).unwrap();
+    assert_eq!(s.get(&key).unwrap().unwrap().value, value);
+    s.put(b"", b"", Condition::None).unwrap();
+    assert_eq!(s.get(b"").unwrap().unwrap().value, b"");
+}
+
+pub fn delete_missing_changes_nothing(s: &dyn Store) {
+    s.put(b"x", b"1", Condition::None).unwrap();
+    let d = s.delete(b"y", Condition::None).unwrap();
+    assert_eq!((d.existed, d.revision), (false, 1));
+    assert_eq!(s.revision().unwrap(), 1);
+}
+
+pub fn conditions(s: &dyn Store) {
+    s.put(b"c", b"1", Condition::IfAbsent).unwrap();
+    assert_eq!(
+        s.put(b"c", b"2", Condition::IfAbsent),
+        Err(StoreError::ConditionFailed {
+            current_version: Some(1)
+        })
+    );
+    assert!(matches!(
+        s.put(b"c", b"2", Condition::IfVersion(7)),
+        Err(StoreError::ConditionFailed { .. })
+    ));
+    assert_eq!(s.put(b"c", b"2", Condition::IfVersion(1)).unwrap().version, 2);
+    assert!(matches!(
+        s.delete(b"c", Condition::IfVersion(1)),
+        Err(StoreError::ConditionFailed { .. })
+    ));
+    assert_eq!(s.get(b"c").unwrap().unwrap().value, b"2", "failed condition wrote nothing");
+    assert!(s.delete(b"c", Condition::IfVersion(2)).unwrap().existed);
+    s.put(b"c", b"3", Condition::IfVersion(0)).unwrap();
+    assert!(matches!(
+        s.delete(b"missing", Condition::IfVersion(1)),
+        Err(StoreError::ConditionFailed {
+            current_version: None
+        })
+    ));
+    // Failed conditions never advance the revision: 4 successful writes above.
+    assert_eq!(s.revision().unwrap(), 4);
+}
+
+pub fn scan_is_ordered_and_bounded(s: &dyn Store) {
+    for k in [&b"b"[..], b"a", b"ab", b"c", b"\xff", b"a\x00"] {
+        s.put(k, b"v", Condition::None).unwrap();
+    }
+    assert_eq!(
+        scan_all(s, b"", None),
+        vec![
+            b"a".to_vec(),
+            b"a\x00".to_vec(),
+            b"ab".to_vec(),
+            b"b".to_vec(),
+            b"c".to_vec(),
+            b"\xff".to_vec()
+        ]
+    );
+    assert_eq!(
+        scan_all(s, b"a\x00", Some(b"c")),
+        vec![b"a\x00".to_vec(), b"ab".to_vec(), b"b".to_vec()]
+    );
+    assert!(scan_all(s, b"c", Some(b"b")).is_empty(), "inverted range is empty");
+}
+
+pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
+    for i in 0..10u8 {
+        s.put(&[b'k', i], &[i; 100], Condition::None).unwrap();
+    }
+    let mut req = ScanRequest {
+        start: b"k".to_vec(),
+        end: None,
+        limit: 4,
+        max_bytes: usize::MAX,
+        keys_only: false,
+    };
+    let p = s.scan(&req).unwrap();
+    assert_eq!(p.entries.len(), 4);
+    assert!(p.more);
+    assert_eq!(p.entries[3].value, vec![3u8; 100]);
+    req.max_bytes = 250;
+    req.limit = 100;
+    let p = s.scan(&req).unwrap();
+    assert_eq!(p.entries.len(), 3, "stops at the entry that reaches max_bytes");
+    assert!(p.more);
+    req.max_bytes = 1;
+    assert_eq!(s.scan(&req).unwrap().entries.len(), 1, "always makes progress");
+    req.start = vec![b'k', 9];
+    let p = s.scan(&req).unwrap();
+    assert_eq!(p.entries.len(), 1);
+    assert!(!p.more);
+    req.keys_only = true;
+    assert!(s.scan(&req).unwrap().entries[0].value.is_empty());
+}
+
+/// Writers on several threads on a few keys: every final value must be one that some
+/// acknowledged write produced, versions must count the puts, revisions must be unique.
+pub fn concurrent_writers(make: &dyn Fn() -> Arc<dyn Store>) {
+    let s = make();
+    let threads = 8;
+    let per_thread = 200;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let mut revisions = Vec::new();
+                for i in 0..per_thread {
+                    let key = [b'k', (i % 3) as u8];
+                    let value = format!("{t}-{i}");
+                    revisions.push(s.put(&key, value.as_bytes(), Condition::None).unwrap().revision);
+                }
+                revisions
+            })
+        })
+        .collect();
+    let mut all: Vec<u64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), threads * per_thread, "each write got its own revision");
+    let mut versions = 0;
+    for k in 0..3u8 {
+        let e = s.get(&[b'k', k]).unwrap().unwrap();
+        versions += e.version;
+        let v = String::from_utf8(e.value).unwrap();
+        let (t, i) = v.split_once('-').unwrap();
+        let (t, i): (usize, usize) = (t.parse().unwrap(), i.parse().unwrap());
+        assert!(t < threads && i < per_thread && i % 3 == k as usize);
+    }
+    assert_eq!(versions as usize, threads * per_thread);
+}
+
+/// Expands to one `#[test]` per conformance case for the engine `$make` builds.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            get_missing_is_none, put_then_get, versions_and_revisions_advance,
+            binary_keys_and_values, delete_missing_changes_nothing, conditions,
+            scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes);
+        #[test]
+        fn concurrent_writers() {
+            $crate::conformance::concurrent_writers(&|| {
+                let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
+                s
+            });
+        }
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[test]
+            fn $case() {
+                let s = $make;
+                $crate::conformance::$case(&s);
+            }
+        )*
+    };
+}

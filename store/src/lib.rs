@@ -1,0 +1,118 @@
+//! capkv storage, behind one trait.
+//!
+//! - [`Store`]: what the server needs from an engine. Plain Rust types only: no engine type
+//!   (and no wire type) appears in it, so engines can be swapped and tested alike.
+//! - [`memory::MemoryStore`]: an ordered, concurrency-safe in-memory engine (dev, tests).
+//! - [`conformance`]: the behaviour every engine must show, written once and run against
+//!   each engine from `tests/`.
+//!
+//! Semantics (shared by every engine):
+//! - Keys are ordered by their bytes. Each key has a `version`: 1 after its first put,
+//!   +1 per later put; a delete ends it and a later put starts again at 1.
+//! - The store has one `revision` counter, +1 for every write that changes something.
+//!   A put records the revision it produced as the key's `mod_revision`.
+//! - A write with a condition that does not hold changes nothing.
+//!
+//! The engine does not validate sizes: the server's limits do that before any work.
+
+pub mod conformance;
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+/// One stored key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: Vec<u8>,
+    /// Empty when the scan asked for keys only.
+    pub value: Vec<u8>,
+    pub version: u64,
+    pub mod_revision: u64,
+}
+
+/// Precondition of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Condition {
+    #[default]
+    None,
+    /// The key's version must equal this; 0 means the key must not exist.
+    IfVersion(u64),
+    /// The key must not exist.
+    IfAbsent,
+}
+
+impl Condition {
+    /// Whether the condition holds for a key whose current version is `current`
+    /// (`None` = absent).
+    pub fn holds(self, current: Option<u64>) -> bool {
+        match self {
+            Condition::None => true,
+            Condition::IfVersion(v) => current.unwrap_or(0) == v,
+            Condition::IfAbsent => current.is_none(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub version: u64,
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    pub existed: bool,
+    /// The store revision after the call (unchanged when nothing was deleted).
+    pub revision: u64,
+}
+
+/// What to scan. Bounds are byte strings; `start` is inclusive, `end` exclusive.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScanRequest {
+    pub start: Vec<u8>,
+    /// `None` = no upper bound.
+    pub end: Option<Vec<u8>>,
+    /// At most this many entries (must be ≥ 1).
+    pub limit: usize,
+    /// Stop after the entry that brings the page's key + value bytes to this or more.
+    /// Always at least one entry is returned when one exists, so a scan makes progress.
+    pub max_bytes: usize,
+    pub keys_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScanPage {
+    pub entries: Vec<Entry>,
+    /// Whether keys remain in the range after the last entry.
+    pub more: bool,
+    /// The store revision the page was read at.
+    pub revision: u64,
+}
+
+/// Failures of an engine. Condition failures are not errors of the engine: they are part
+/// of the outcome and reported as [`StoreError::ConditionFailed`] so that callers cannot
+/// mistake them for success.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("condition failed (current version {current_version:?})")]
+    ConditionFailed { current_version: Option<u64> },
+    /// The engine cannot serve right now (closed, out of space...): retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// An unexpected failure (corruption, a bug). The message is for logs, not clients.
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+/// The storage contract. Implementations are shared by all server workers, hence
+/// `Send + Sync`, and must make every method atomic with respect to the others.
+pub trait Store: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError>;
+    fn delete(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError>;
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError>;
+    /// The current store revision.
+    fn revision(&self) -> Result<u64, StoreError>;
+    /// A short engine name for logs and `--print-config`.
+    fn engine_name(&self) -> &'static str;
+}

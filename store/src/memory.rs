@@ -1,0 +1,152 @@
+//! The in-memory engine: a `BTreeMap` under one `RwLock`.
+//!
+//! One lock for the map and the revision counter makes every operation trivially atomic
+//! and keeps revisions in commit order. A std `RwLock` (not an async one) is right here:
+//! no critical section awaits or does I/O, they are all short map operations, so readers
+//! on different workers run in parallel and writers wait only for microseconds.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::{
+    Condition, DeleteOutcome, Entry, PutOutcome, ScanPage, ScanRequest, Store, StoreError,
+};
+
+#[derive(Debug, Clone)]
+struct Stored {
+    value: Vec<u8>,
+    version: u64,
+    mod_revision: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: BTreeMap<Vec<u8>, Stored>,
+    revision: u64,
+}
+
+/// Ordered, concurrency-safe, volatile engine.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: RwLock<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // A poisoned lock means a panic happened while holding it; every critical section
+    // below leaves the map consistent at each step, so the data is still valid and we
+    // keep serving rather than turning one bug into a dead server.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        Ok(self.read().map.get(key).map(|s| Entry {
+            key: key.to_vec(),
+            value: s.value.clone(),
+            version: s.version,
+            mod_revision: s.mod_revision,
+        }))
+    }
+
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError> {
+        let mut inner = self.write();
+        let current = inner.map.get(key).map(|s| s.version);
+        if !cond.holds(current) {
+            return Err(StoreError::ConditionFailed {
+                current_version: current,
+            });
+        }
+        inner.revision += 1;
+        let revision = inner.revision;
+        let version = current.unwrap_or(0) + 1;
+        inner.map.insert(
+            key.to_vec(),
+            Stored {
+                value: value.to_vec(),
+                version,
+                mod_revision: revision,
+            },
+        );
+        Ok(PutOutcome { version, revision })
+    }
+
+    fn delete(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError> {
+        let mut inner = self.write();
+        let current = inner.map.get(key).map(|s| s.version);
+        if !cond.holds(current) {
+            return Err(StoreError::ConditionFailed {
+                current_version: current,
+            });
+        }
+        let existed = inner.map.remove(key).is_some();
+        if existed {
+            inner.revision += 1;
+        }
+        Ok(DeleteOutcome {
+            existed,
+            revision: inner.revision,
+        })
+    }
+
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
+        let inner = self.read();
+        let upper = match &req.end {
+            Some(end) => Bound::Excluded(end.as_slice()),
+            None => Bound::Unbounded,
+        };
+        if let Some(end) = &req.end {
+            if end.as_slice() <= req.start.as_slice() {
+                return Ok(ScanPage {
+                    revision: inner.revision,
+                    ..ScanPage::default()
+                });
+            }
+        }
+        let mut range = inner
+            .map
+            .range::<[u8], _>((Bound::Included(req.start.as_slice()), upper));
+        let mut page = ScanPage {
+            revision: inner.revision,
+            ..ScanPage::default()
+        };
+        let mut bytes = 0usize;
+        for (k, s) in range.by_ref() {
+            let value = if req.keys_only {
+                Vec::new()
+            } else {
+                s.value.clone()
+            };
+            bytes += k.len() + value.len();
+            page.entries.push(Entry {
+                key: k.clone(),
+                value,
+                version: s.version,
+                mod_revision: s.mod_revision,
+            });
+            if page.entries.len() >= req.limit.max(1) || bytes >= req.max_bytes {
+                break;
+            }
+        }
+        page.more = range.next().is_some();
+        Ok(page)
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.read().revision)
+    }
+
+    fn engine_name(&self) -> &'static str {
+        "memory"
+    }
+}
