@@ -1,0 +1,25 @@
+//! capkv server.
+//!
+//! - [`config`]: layered configuration (flags > `CAPKV_*` env > TOML file > defaults).
+//! - [`server`]: listener, worker threads (current-thread runtime + `LocalSet` each),
+//!   drain on shutdown; [`server::RunningServer`] runs one on a thread for tests.
+//! - [`chain`]: the ordered cross-cutting steps every call passes (context, drain,
+//!   deadline, admission, work, observe), written once.
+//! - [`rpc`]: the `Gateway`, `KvStore` and `WriteSession` handlers.
+//! - [`validate`]: input limits, each breach a distinct error code.
+//! - [`auth`]: constant-time bearer-token check.
+//! - [`metrics`], [`logging`]: metric names and exporter; log setup.
+//! - [`signals`]: SIGTERM/SIGINT handling for the binary.
+
+pub mod auth;
+pub mod chain;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod rpc;
+pub mod server;
+pub mod signals;
+pub mod validate;
+
+pub use config::Config;
+pub use server::{RunningServer, Server, ServerError};

@@ -1,0 +1,92 @@
+//! `kv-server`: parses flags, loads the config, and runs the server until a signal.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capkv_server::config::{Config, Engine, FlagOverrides, LogFormat};
+use clap::Parser;
+
+/// capkv: a key-value service spoken over Cap'n Proto RPC.
+///
+/// Configuration precedence: flags > CAPKV_* environment > --config file > defaults.
+/// Nested keys in the environment use `__`, e.g. CAPKV_LIMITS__MAX_KEY_BYTES=512 or
+/// CAPKV_AUTH__TOKEN=secret.
+#[derive(Parser, Debug)]
+#[command(name = "kv-server", version)]
+struct Args {
+    /// TOML config file.
+    #[arg(long, env = "CAPKV_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the RPC listener [default: 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Storage engine [default: memory].
+    #[arg(long, value_enum)]
+    engine: Option<Engine>,
+    /// Data directory of persistent engines [default: ./data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the Prometheus /metrics listener [default: none].
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Worker threads; 0 = one per core [default: 0].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Log filter, e.g. `info` or `capkv::request=debug,info` [default: info].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format [default: auto: JSON lines, text on a terminal].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let flags = FlagOverrides {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        engine: args.engine,
+        data_dir: args.data_dir,
+        workers: args.workers,
+        log_level: args.log_level,
+        log_format: args.log_format,
+    };
+    let config = match Config::load(args.config.as_deref(), &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kv-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    capkv_server::logging::init(&config.log);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "kv-server failed");
+            eprintln!("kv-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let server = capkv_server::Server::bind(config).await?;
+        let shutdown = async {
+            if let Err(e) = capkv_server::signals::shutdown_requested().await {
+                tracing::error!(error = %e, "cannot install signal handlers; stopping");
+            }
+        };
+        server.run(shutdown).await?;
+        Ok(())
+    })
+}

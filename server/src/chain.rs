@@ -1,0 +1,320 @@
+//! The call chain: every cross-cutting step a call passes through, in one place and in a
+//! fixed order. Handlers only decode their parameters, do their work and encode the result;
+//! they never repeat a step below.
+//!
+//! Order, and why:
+//! 1. **context**: decode `RequestContext` first, so that every later outcome (even a
+//!    rejection) is logged with its request id and attempt.
+//! 2. **drain**: a draining server refuses new work with `unavailable` (retryable: another
+//!    instance or this one after restart will serve it). Health and version still answer,
+//!    so that probes can see "not ready".
+//! 3. **deadline**: a call whose budget is already spent is refused before it takes an
+//!    admission slot; otherwise its budget is the caller's, capped at the configured maximum,
+//!    or the configured default when it brought none.
+//! 4. **admission**: global and per-connection in-flight limits; past them `overloaded`
+//!    with `retryAfterMs`, cheaply, before any work. The slot is held by a guard until the
+//!    call finishes, whatever way it finishes.
+//! 5. *(faults: the chaos step will sit here, after admission, so that injected failures
+//!    are counted like real ones.)*
+//! 6. **work** under the deadline: past it the call ends with `deadlineExceeded`.
+//! 7. **observe**: one log line and the request metrics, for every call, success or not.
+//!
+//! Authentication is not a step here because capkv authenticates by capability: only
+//! `Gateway.open` checks a token, and every data call arrives on a `KvStore` or
+//! `WriteSession` that an authenticated `open` produced.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv::kv_capnp::request_context;
+use capkv::{code_name, ApiError, CallMeta, ErrorCode, Limits};
+use capkv_store::Store;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::metrics as m;
+
+/// Advice sent with `overloaded`: long enough for a burst to pass, short enough not to idle.
+const OVERLOADED_RETRY_AFTER_MS: u32 = 20;
+/// Advice sent with `unavailable` while draining: a restart or failover takes about this.
+const DRAINING_RETRY_AFTER_MS: u32 = 1_000;
+
+/// The RPC methods, as the chain and the logs name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Health,
+    Version,
+    Open,
+    Get,
+    Scan,
+    Session,
+    Put,
+    Delete,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Health => "health",
+            Method::Version => "version",
+            Method::Open => "open",
+            Method::Get => "get",
+            Method::Scan => "scan",
+            Method::Session => "session",
+            Method::Put => "put",
+            Method::Delete => "delete",
+        }
+    }
+
+    /// Probes must keep answering while the server drains.
+    fn served_while_draining(self) -> bool {
+        matches!(self, Method::Health | Method::Version)
+    }
+}
+
+/// State shared by every worker and connection.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub limits: Limits,
+    pub auth: Auth,
+    default_budget_ms: u32,
+    max_budget_ms: u32,
+    max_in_flight: usize,
+    max_in_flight_per_connection: usize,
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+    /// Woken when the last in-flight call finishes (the drain waits on it).
+    idle: Notify,
+}
+
+/// One client connection, owned by the worker thread serving it.
+pub struct Conn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    in_flight: Cell<usize>,
+}
+
+impl Conn {
+    pub fn new(id: u64, peer: SocketAddr) -> Self {
+        Self {
+            id,
+            peer,
+            in_flight: Cell::new(0),
+        }
+    }
+}
+
+/// What a handler's work gets to know about its call.
+pub struct Call {
+    pub meta: CallMeta,
+    pub deadline: Instant,
+}
+
+impl Shared {
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            limits: config.protocol_limits(),
+            auth: Auth::new(config.auth.token.as_ref().map(|s| s.expose())),
+            default_budget_ms: config.deadlines.default_ms,
+            max_budget_ms: config.deadlines.max_ms,
+            max_in_flight: config.limits.max_in_flight,
+            max_in_flight_per_connection: config.limits.max_in_flight_per_connection,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            idle: Notify::new(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no call is in flight, or after `timeout`; returns how many calls were
+    /// still in flight then.
+    pub async fn wait_idle(&self, timeout: Duration) -> usize {
+        let give_up = Instant::now() + timeout;
+        loop {
+            // Register interest before checking, so a call that finishes in between still
+            // wakes us (Notify::notify_waiters only wakes registered waiters).
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let n = self.in_flight();
+            if n == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(give_up, notified).await.is_err() {
+                return self.in_flight();
+            }
+        }
+    }
+
+    /// Runs one call through the chain (see the module docs for the steps and their order).
+    pub async fn serve<T, F, Fut>(
+        &self,
+        conn: &Conn,
+        method: Method,
+        ctx: capnp::Result<request_context::Reader<'_>>,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce(Call) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let started = Instant::now();
+        // 1. context
+        let meta = ctx
+            .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("bad ctx: {e}")))
+            .and_then(CallMeta::read);
+        let (meta, result) = match meta {
+            Err(e) => (CallMeta::default(), Err(e)),
+            Ok(meta) => {
+                let attempt_meta = meta.clone();
+                let r = self.admit_and_run(conn, method, meta, started, work).await;
+                (attempt_meta, r)
+            }
+        };
+        // 7. observe
+        self.observe(conn, method, &meta, started, &result);
+        result
+    }
+
+    async fn admit_and_run<T, F, Fut>(
+        &self,
+        conn: &Conn,
+        method: Method,
+        meta: CallMeta,
+        started: Instant,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce(Call) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        // 2. drain
+        if self.is_draining() && !method.served_while_draining() {
+            self.reject("draining");
+            return Err(ApiError::new(ErrorCode::Unavailable, "server is shutting down")
+                .with_retry_after_ms(DRAINING_RETRY_AFTER_MS));
+        }
+        // 3. deadline
+        let budget_ms = match meta.budget_ms {
+            Some(0) => {
+                self.reject("deadline_spent");
+                return Err(ApiError::new(
+                    ErrorCode::DeadlineExceeded,
+                    "deadline already spent on arrival",
+                ));
+            }
+            Some(ms) => ms.min(self.max_budget_ms),
+            None => self.default_budget_ms,
+        };
+        let deadline = started + Duration::from_millis(u64::from(budget_ms));
+        // 4. admission
+        let _slot = self.admit(conn)?;
+        // 5. faults: see the module docs.
+        // 6. work
+        match tokio::time::timeout_at(deadline, work(Call { meta, deadline })).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::new(
+                ErrorCode::DeadlineExceeded,
+                format!("deadline of {budget_ms} ms exceeded"),
+            )),
+        }
+    }
+
+    fn admit<'a>(&'a self, conn: &'a Conn) -> Result<Slot<'a>, ApiError> {
+        let overloaded = |reason: &'static str| {
+            self.reject(reason);
+            ApiError::new(ErrorCode::Overloaded, format!("too many calls in flight ({reason})"))
+                .with_retry_after_ms(OVERLOADED_RETRY_AFTER_MS)
+        };
+        if conn.in_flight.get() >= self.max_in_flight_per_connection {
+            return Err(overloaded("connection_in_flight"));
+        }
+        // Optimistic increment, undone if over the limit: one atomic op on the fast path.
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.release_global();
+            return Err(overloaded("in_flight"));
+        }
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+        Ok(Slot { shared: self, conn })
+    }
+
+    fn release_global(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn reject(&self, reason: &'static str) {
+        metrics::counter!(m::REJECTIONS_TOTAL, "reason" => reason).increment(1);
+    }
+
+    fn observe<T>(
+        &self,
+        conn: &Conn,
+        method: Method,
+        meta: &CallMeta,
+        started: Instant,
+        result: &Result<T, ApiError>,
+    ) {
+        let elapsed = started.elapsed();
+        let code = match result {
+            Ok(_) => "ok",
+            Err(e) => code_name(e.code),
+        };
+        metrics::counter!(m::REQUESTS_TOTAL, "method" => method.name(), "code" => code)
+            .increment(1);
+        metrics::histogram!(m::REQUEST_DURATION_SECONDS, "method" => method.name())
+            .record(elapsed.as_secs_f64());
+        let latency_ms = elapsed.as_secs_f64() * 1e3;
+        // Keys, values and tokens are never logged; the error message is safe by contract.
+        match result {
+            Err(e) if e.code == ErrorCode::Internal => tracing::error!(
+                target: "capkv::request",
+                method = method.name(), code, latency_ms, attempt = meta.attempt,
+                request_id = %meta.request_id, traceparent = %meta.traceparent,
+                peer = %conn.peer, conn = conn.id, error = %e.message,
+                "request failed"
+            ),
+            _ => tracing::debug!(
+                target: "capkv::request",
+                method = method.name(), code, latency_ms, attempt = meta.attempt,
+                request_id = %meta.request_id, traceparent = %meta.traceparent,
+                peer = %conn.peer, conn = conn.id,
+                "request"
+            ),
+        }
+    }
+}
+
+/// An admission slot; dropping it (on every path out of a call) gives it back.
+struct Slot<'a> {
+    shared: &'a Shared,
+    conn: &'a Conn,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.conn.in_flight.set(self.conn.in_flight.get() - 1);
+        metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+        self.shared.release_global();
+    }
+}

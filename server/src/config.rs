@@ -1,0 +1,391 @@
+//! Layered configuration: flags > `CAPKV_*` environment > TOML file > defaults.
+//!
+//! figment does the merging; this module owns the shape (every field has a default, unknown
+//! keys in a file are an error so typos do not pass silently), the flag overrides, the
+//! validation that turns a bad combination into one clear message, and the redaction used by
+//! `--print-config`.
+//!
+//! Environment names: `CAPKV_<SECTION>__<KEY>` for nested keys, e.g.
+//! `CAPKV_LIMITS__MAX_KEY_BYTES=512`, `CAPKV_AUTH__TOKEN=...`, and `CAPKV_<KEY>` at the top
+//! level (`CAPKV_LISTEN`). Only names of this file's sections are read, so a client's
+//! `CAPKV_ADDR` in the same environment does not break the server.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A secret string: never printed by `Debug`, redacted by `--print-config`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Memory,
+    Rocksdb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON lines, or human text when stderr is a terminal.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the Cap'n Proto listener.
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` listener; none = no listener.
+    pub metrics_listen: Option<SocketAddr>,
+    pub engine: Engine,
+    /// Data directory of persistent engines.
+    pub data_dir: PathBuf,
+    /// Worker threads serving connections; 0 = one per core.
+    pub workers: usize,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub deadlines: DeadlinesConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer token `open` requires; none = any token is accepted (local development).
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_scan_limit: u32,
+    pub default_scan_limit: u32,
+    pub max_scan_bytes: usize,
+    /// Open connections; past it new connections are closed at once (and logged).
+    pub max_connections: usize,
+    /// Calls being served at once, over all connections; past it `overloaded`.
+    pub max_in_flight: usize,
+    /// Calls being served at once on one connection; past it `overloaded`.
+    pub max_in_flight_per_connection: usize,
+    /// Connections accepted but not yet picked up by a worker.
+    pub accept_queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadlinesConfig {
+    /// Budget of a call that brings none.
+    pub default_ms: u32,
+    /// Cap on any budget a caller asks for.
+    pub max_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight calls get to finish after SIGTERM/SIGINT.
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `capkv_server=debug,info`); `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            metrics_listen: None,
+            engine: Engine::Memory,
+            data_dir: PathBuf::from("./data"),
+            workers: 0,
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            deadlines: DeadlinesConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = capkv::Limits::default();
+        Self {
+            max_key_bytes: l.max_key_bytes,
+            max_value_bytes: l.max_value_bytes,
+            max_scan_limit: l.max_scan_limit,
+            default_scan_limit: l.default_scan_limit,
+            max_scan_bytes: l.max_scan_bytes,
+            max_connections: 4096,
+            max_in_flight: 8192,
+            max_in_flight_per_connection: 256,
+            accept_queue: 1024,
+        }
+    }
+}
+
+impl Default for DeadlinesConfig {
+    fn default() -> Self {
+        Self {
+            default_ms: 5_000,
+            max_ms: 60_000,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+/// Values given as command-line flags; each one set overrides every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct FlagOverrides {
+    pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub engine: Option<Engine>,
+    pub data_dir: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Top-level keys that may come from the environment (see the module docs).
+const ENV_KEYS: [&str; 10] = [
+    "listen",
+    "metrics_listen",
+    "engine",
+    "data_dir",
+    "workers",
+    "auth",
+    "limits",
+    "deadlines",
+    "shutdown",
+    "log",
+];
+
+impl Config {
+    /// Loads defaults, then `file` (if given; it must exist), then the environment, then
+    /// `flags`, and validates the result.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(
+            Env::prefixed("CAPKV_")
+                .split("__")
+                .filter(|k| {
+                    let top = k.as_str().split('.').next().unwrap_or("");
+                    ENV_KEYS.iter().any(|known| known.eq_ignore_ascii_case(top))
+                }),
+        );
+        macro_rules! flag {
+            ($key:literal, $v:expr) => {
+                if let Some(v) = &$v {
+                    fig = fig.merge(Serialized::default($key, v));
+                }
+            };
+        }
+        flag!("listen", flags.listen);
+        flag!("metrics_listen", flags.metrics_listen);
+        flag!("engine", flags.engine);
+        flag!("data_dir", flags.data_dir);
+        flag!("workers", flags.workers);
+        flag!("log.level", flags.log_level);
+        flag!("log.format", flags.log_format);
+        let config: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let fail = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if l.max_key_bytes == 0 || l.max_value_bytes == 0 || l.max_scan_bytes == 0 {
+            return fail("limits.max_key_bytes, max_value_bytes and max_scan_bytes must be > 0");
+        }
+        if l.max_value_bytes > 64 * 1024 * 1024 {
+            return fail("limits.max_value_bytes must be at most 64 MiB");
+        }
+        if l.default_scan_limit == 0 || l.default_scan_limit > l.max_scan_limit {
+            return fail("limits.default_scan_limit must be in 1..=limits.max_scan_limit");
+        }
+        if l.max_connections == 0
+            || l.max_in_flight == 0
+            || l.max_in_flight_per_connection == 0
+            || l.accept_queue == 0
+        {
+            return fail("limits.max_connections, max_in_flight, max_in_flight_per_connection and accept_queue must be > 0");
+        }
+        if self.deadlines.default_ms == 0 || self.deadlines.default_ms > self.deadlines.max_ms {
+            return fail("deadlines.default_ms must be in 1..=deadlines.max_ms");
+        }
+        if self.workers > 1024 {
+            return fail("workers must be at most 1024 (0 = one per core)");
+        }
+        if let Some(t) = &self.auth.token {
+            if t.expose().is_empty() {
+                return fail("auth.token must not be empty (leave it unset to disable auth)");
+            }
+        }
+        Ok(())
+    }
+
+    /// The protocol-level limits this config sets.
+    pub fn protocol_limits(&self) -> capkv::Limits {
+        let l = &self.limits;
+        capkv::Limits {
+            max_key_bytes: l.max_key_bytes,
+            max_value_bytes: l.max_value_bytes,
+            max_scan_limit: l.max_scan_limit,
+            default_scan_limit: l.default_scan_limit,
+            max_scan_bytes: l.max_scan_bytes,
+        }
+    }
+
+    /// Number of worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The effective config as TOML, secrets replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.auth.token.is_some() {
+            shown.auth.token = Some(Secret::new("<redacted>"));
+        }
+        // Serializing a plain struct of strings and numbers cannot fail; fall back to Debug
+        // (which redacts too) rather than panic if it ever does.
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# {e}\n{shown:#?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_is_flags_env_file_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "capkv.toml",
+                r#"
+                listen = "127.0.0.1:1111"
+                workers = 3
+                [limits]
+                max_key_bytes = 100
+                max_value_bytes = 200
+                [log]
+                level = "debug"
+                "#,
+            )?;
+            jail.set_env("CAPKV_WORKERS", "5");
+            jail.set_env("CAPKV_LIMITS__MAX_KEY_BYTES", "50");
+            jail.set_env("CAPKV_ADDR", "ignored-client-variable");
+            let flags = FlagOverrides {
+                workers: Some(7),
+                log_level: Some("warn".into()),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("capkv.toml")), &flags).unwrap();
+            assert_eq!(c.listen.port(), 1111, "file over default");
+            assert_eq!(c.limits.max_value_bytes, 200, "file over default");
+            assert_eq!(c.limits.max_key_bytes, 50, "env over file");
+            assert_eq!(c.workers, 7, "flag over env");
+            assert_eq!(c.log.level, "warn", "nested flag over file");
+            assert_eq!(c.limits.max_scan_limit, 10_000, "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_file_key_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "[limits]\nmax_key_byte = 1\n")?;
+            let e = Config::load(Some(Path::new("typo.toml")), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_key_byte"), "{e}");
+            jail.create_file("bad.toml", "[deadlines]\ndefault_ms = 10\nmax_ms = 5\n")?;
+            let e = Config::load(Some(Path::new("bad.toml")), &FlagOverrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("deadlines.default_ms"), "{e}");
+            let missing = Config::load(Some(Path::new("nope.toml")), &FlagOverrides::default());
+            assert!(missing.is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn print_config_redacts_the_token() {
+        let mut c = Config::default();
+        c.auth.token = Some(Secret::new("hunter2-very-secret"));
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let back: Config = toml::from_str(&shown).unwrap();
+        assert_eq!(back.limits, c.limits, "printed config is loadable");
+    }
+}

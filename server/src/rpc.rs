@@ -1,0 +1,295 @@
+//! The RPC handlers: `Gateway`, `KvStore` and `WriteSession`.
+//!
+//! Each handler reads its parameters, hands its work to the call chain
+//! ([`Shared::serve`](crate::chain::Shared::serve)), and writes the success or error arm of
+//! its result union. Nothing cross-cutting happens here. Handlers return `Err` to capnp-rpc
+//! only when the reply itself cannot be built; every expected failure is an `Error` in the
+//! result.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use capkv::kv_capnp::{entry, gateway, kv_store, write_session};
+use capkv::{ApiError, ErrorCode, API_VERSION};
+use capkv_store::{Entry, StoreError};
+
+use crate::chain::{Conn, Method, Shared};
+use crate::validate;
+
+/// Converts an engine failure into a contract error. Details go to the log here, where the
+/// error is handled; the client gets a message without internals.
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::ConditionFailed { current_version } => ApiError::new(
+            ErrorCode::ConditionFailed,
+            match current_version {
+                Some(v) => format!("condition failed: current version is {v}"),
+                None => "condition failed: key does not exist".to_string(),
+            },
+        ),
+        StoreError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "store unavailable");
+            ApiError::new(ErrorCode::Unavailable, "storage is unavailable").with_retry_after_ms(100)
+        }
+        StoreError::Internal(detail) => {
+            tracing::error!(error = %detail, "store failure");
+            ApiError::new(ErrorCode::Internal, "internal storage error")
+        }
+    }
+}
+
+fn write_entry(mut b: entry::Builder<'_>, e: &Entry) {
+    b.set_key(&e.key);
+    b.set_value(&e.value);
+    b.set_version(e.version);
+    b.set_mod_revision(e.mod_revision);
+}
+
+/// The bootstrap capability; one per connection, so that everything reached through it
+/// shares the connection's admission state.
+pub struct GatewayImpl {
+    shared: Arc<Shared>,
+    conn: Rc<Conn>,
+}
+
+impl GatewayImpl {
+    pub fn new(shared: Arc<Shared>, conn: Rc<Conn>) -> Self {
+        Self { shared, conn }
+    }
+}
+
+impl gateway::Server for GatewayImpl {
+    async fn health(
+        self: Rc<Self>,
+        params: gateway::HealthParams,
+        mut results: gateway::HealthResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let r = self
+            .shared
+            .serve(&self.conn, Method::Health, p.get_ctx(), |_| async {
+                Ok(!self.shared.is_draining())
+            })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(ready) => {
+                let mut ok = out.init_ok();
+                ok.set_live(true);
+                ok.set_ready(ready);
+                ok.set_status(if ready { "serving" } else { "draining" });
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn version(
+        self: Rc<Self>,
+        params: gateway::VersionParams,
+        mut results: gateway::VersionResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let r = self
+            .shared
+            .serve(&self.conn, Method::Version, p.get_ctx(), |_| async { Ok(()) })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(()) => {
+                let mut ok = out.init_ok();
+                ok.set_service(env!("CARGO_PKG_VERSION"));
+                ok.set_api_version(API_VERSION);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn open(
+        self: Rc<Self>,
+        params: gateway::OpenParams,
+        mut results: gateway::OpenResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let r = self
+            .shared
+            .serve(&self.conn, Method::Open, p.get_ctx(), |_| async {
+                let token = p
+                    .get_token()
+                    .ok()
+                    .and_then(|t| t.to_str().ok())
+                    .unwrap_or("");
+                if self.shared.auth.check(token) {
+                    Ok(())
+                } else {
+                    Err(ApiError::new(ErrorCode::Unauthenticated, "invalid or missing token"))
+                }
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(()) => {
+                let kv: kv_store::Client = capnp_rpc::new_client(KvStoreImpl {
+                    shared: Arc::clone(&self.shared),
+                    conn: Rc::clone(&self.conn),
+                });
+                out.set_kv(kv);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+}
+
+/// Read access; exists only behind a successful `open`.
+pub struct KvStoreImpl {
+    shared: Arc<Shared>,
+    conn: Rc<Conn>,
+}
+
+impl kv_store::Server for KvStoreImpl {
+    async fn get(
+        self: Rc<Self>,
+        params: kv_store::GetParams,
+        mut results: kv_store::GetResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Get, p.get_ctx(), |_| async {
+                let key = validate::key(&s.limits, p.get_key())?;
+                s.store
+                    .get(key)
+                    .map_err(store_error)?
+                    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "key not found"))
+            })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(e) => write_entry(out.init_ok(), &e),
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn scan(
+        self: Rc<Self>,
+        params: kv_store::ScanParams,
+        mut results: kv_store::ScanResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Scan, p.get_ctx(), |_| async {
+                let req = validate::scan(&s.limits, p.get_range())?;
+                s.store.scan(&req).map_err(store_error)
+            })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(page) => {
+                let mut ok = out.init_ok();
+                ok.set_revision(page.revision);
+                if page.more {
+                    if let Some(last) = page.entries.last() {
+                        ok.set_next_cursor(&validate::next_cursor(&last.key));
+                    }
+                }
+                let len = u32::try_from(page.entries.len())
+                    .map_err(|_| capnp::Error::failed("scan page too long".into()))?;
+                let mut list = ok.init_entries(len);
+                for (i, e) in page.entries.iter().enumerate() {
+                    write_entry(list.reborrow().get(i as u32), e);
+                }
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn session(
+        self: Rc<Self>,
+        params: kv_store::SessionParams,
+        mut results: kv_store::SessionResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let r = self
+            .shared
+            .serve(&self.conn, Method::Session, p.get_ctx(), |_| async { Ok(()) })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(()) => {
+                let session: write_session::Client = capnp_rpc::new_client(WriteSessionImpl {
+                    shared: Arc::clone(&self.shared),
+                    conn: Rc::clone(&self.conn),
+                });
+                out.set_session(session);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+}
+
+/// The write capability.
+pub struct WriteSessionImpl {
+    shared: Arc<Shared>,
+    conn: Rc<Conn>,
+}
+
+impl write_session::Server for WriteSessionImpl {
+    async fn put(
+        self: Rc<Self>,
+        params: write_session::PutParams,
+        mut results: write_session::PutResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Put, p.get_ctx(), |_| async {
+                let key = validate::key(&s.limits, p.get_key())?;
+                let value = validate::value(&s.limits, p.get_value())?;
+                let cond = validate::condition(p.get_condition())?;
+                s.store.put(key, value, cond).map_err(store_error)
+            })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(o) => {
+                let mut ok = out.init_ok();
+                ok.set_version(o.version);
+                ok.set_revision(o.revision);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn delete(
+        self: Rc<Self>,
+        params: write_session::DeleteParams,
+        mut results: write_session::DeleteResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Delete, p.get_ctx(), |_| async {
+                let key = validate::key(&s.limits, p.get_key())?;
+                let cond = validate::condition(p.get_condition())?;
+                s.store.delete(key, cond).map_err(store_error)
+            })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(o) => {
+                let mut ok = out.init_ok();
+                ok.set_existed(o.existed);
+                ok.set_revision(o.revision);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+}

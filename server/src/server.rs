@@ -1,0 +1,347 @@
+//! Listener, workers and shutdown.
+//!
+//! One acceptor task (on the caller's runtime) accepts TCP connections and hands each to a
+//! worker thread, round robin, over a bounded channel. Each worker is a current-thread tokio
+//! runtime with a `LocalSet`, because capnp-rpc objects are `!Send`: a connection's
+//! `RpcSystem` and every capability on it live and die on one thread. The store is shared by
+//! all workers as `Arc<dyn Store>`.
+//!
+//! Shutdown (the `shutdown` future resolves, e.g. on SIGTERM): stop accepting, mark the
+//! server draining (health says not ready, new calls get `unavailable`), wait up to
+//! `drain_timeout_ms` for in-flight calls, then close every connection gracefully — queued
+//! replies are flushed before the capnp `Abort` — and join the workers.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv::kv_capnp::gateway;
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, Disconnector, RpcSystem};
+use futures::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+use crate::chain::{Conn, Shared};
+use crate::config::{Config, Engine};
+use crate::metrics as m;
+use crate::rpc::GatewayImpl;
+
+/// How long closing connections may take at the end of a drain: the replies are already
+/// computed, this only covers flushing them to slow readers.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("engine `rocksdb` is not available in this build yet; use --engine memory")]
+    EngineUnavailable,
+    #[error("cannot start worker thread: {0}")]
+    Worker(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::ExporterError),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    config: Config,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct NewConn {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    /// Decrements the open-connection count when the connection ends, wherever that is.
+    _count: ConnCount,
+}
+
+struct ConnCount(Arc<AtomicUsize>);
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    }
+}
+
+impl Server {
+    /// Opens the store and binds the listener. Must be called inside a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        let store: Arc<dyn capkv_store::Store> = match config.engine {
+            Engine::Memory => Arc::new(capkv_store::MemoryStore::new()),
+            Engine::Rocksdb => return Err(ServerError::EngineUnavailable),
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        if let Some(addr) = config.metrics_listen {
+            crate::metrics::install_exporter(addr)?;
+        }
+        let shared = Arc::new(Shared::new(&config, store));
+        Ok(Self {
+            config,
+            listener,
+            shared,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address; fall back to the configured one.
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Server {
+            config,
+            listener,
+            shared,
+        } = self;
+        let workers = config.worker_count();
+        let per_worker_queue = (config.limits.accept_queue / workers).max(1);
+        let mut senders = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (tx, rx) = mpsc::channel::<NewConn>(per_worker_queue);
+            let shared = Arc::clone(&shared);
+            let limits = shared.limits;
+            let handle = std::thread::Builder::new()
+                .name(format!("capkv-worker-{i}"))
+                .spawn(move || worker_main(i, rx, shared, limits))
+                .map_err(ServerError::Worker)?;
+            senders.push(tx);
+            handles.push(handle);
+        }
+        let addr = listener.local_addr().unwrap_or(config.listen);
+        tracing::info!(%addr, workers, engine = ?config.engine, "listening");
+
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut next = 0usize;
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            if open.fetch_add(1, Ordering::AcqRel) >= config.limits.max_connections {
+                open.fetch_sub(1, Ordering::AcqRel);
+                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => "max_connections").increment(1);
+                tracing::warn!(%peer, max = config.limits.max_connections, "connection refused: too many connections");
+                continue; // dropping the stream closes it
+            }
+            metrics::gauge!(m::CONNECTIONS).increment(1.0);
+            let count = ConnCount(Arc::clone(&open));
+            // Small request/response messages: never wait for Nagle.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "set_nodelay failed");
+            }
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot hand over connection");
+                    continue;
+                }
+            };
+            let job = NewConn {
+                stream,
+                peer,
+                _count: count,
+            };
+            if let Err(e) = senders[next % workers].try_send(job) {
+                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => "accept_queue").increment(1);
+                tracing::warn!(%peer, error = %e, "connection refused: worker queue full");
+            }
+            next = next.wrapping_add(1);
+        }
+
+        drop(listener);
+        shared.start_draining();
+        let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
+        tracing::info!(in_flight = shared.in_flight(), drain_timeout_ms = config.shutdown.drain_timeout_ms, "draining");
+        let left = shared.wait_idle(drain_timeout).await;
+        if left > 0 {
+            tracing::warn!(in_flight = left, "drain timeout: ending remaining calls");
+        }
+        // Closing the channels tells each worker to close its connections and stop.
+        drop(senders);
+        let joined = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                if h.join().is_err() {
+                    tracing::error!("a worker thread panicked");
+                }
+            }
+        });
+        if tokio::time::timeout(CLOSE_TIMEOUT * 2, joined).await.is_err() {
+            tracing::warn!("workers did not stop in time");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn worker_main(
+    index: usize,
+    mut rx: mpsc::Receiver<NewConn>,
+    shared: Arc<Shared>,
+    limits: capkv::Limits,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "cannot start worker runtime");
+            return;
+        }
+    };
+    static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>> =
+            Rc::default();
+        while let Some(job) = rx.recv().await {
+            let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+            let stream = match tokio::net::TcpStream::from_std(job.stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(peer = %job.peer, error = %e, "cannot register connection");
+                    continue;
+                }
+            };
+            let (reader, writer) = stream.compat().split();
+            let network = twoparty::VatNetwork::new(
+                futures::io::BufReader::new(reader),
+                futures::io::BufWriter::new(writer),
+                rpc_twoparty_capnp::Side::Server,
+                limits.request_reader_options(),
+            );
+            let conn = Rc::new(Conn::new(id, job.peer));
+            let gateway: gateway::Client =
+                capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), conn));
+            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+            live.borrow_mut().insert(id, rpc.get_disconnector());
+            let live2 = Rc::clone(&live);
+            let peer = job.peer;
+            let count = job._count;
+            tokio::task::spawn_local(async move {
+                tracing::debug!(conn = id, %peer, worker = index, "connection opened");
+                if let Err(e) = rpc.await {
+                    // Peers hanging up is normal; a protocol error is worth a line.
+                    tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
+                }
+                live2.borrow_mut().remove(&id);
+                drop(count);
+                tracing::debug!(conn = id, %peer, "connection closed");
+            });
+        }
+        let closing: Vec<_> = live.borrow_mut().drain().map(|(_, d)| d).collect();
+        if !closing.is_empty() {
+            let all = futures::future::join_all(closing);
+            if tokio::time::timeout(CLOSE_TIMEOUT, all).await.is_err() {
+                tracing::warn!(worker = index, "some connections did not close in time");
+            }
+        }
+    });
+}
+
+/// A server running on a thread of its own, for tests and embedding.
+pub struct RunningServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
+}
+
+impl RunningServer {
+    /// Binds and starts serving `config` on a new thread; returns once it listens.
+    pub fn start(config: Config) -> Result<Self, anyhow::Error> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("capkv-server".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(ServerError::Worker)?;
+                rt.block_on(async move {
+                    let server = match Server::bind(config).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return Err(e);
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(server.local_addr()));
+                    server
+                        .run(async {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                })
+            })?;
+        let addr = ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("server thread exited before listening"))?
+            .map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drains and stops the server, waiting for it.
+    pub fn stop(mut self) -> Result<(), anyhow::Error> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), anyhow::Error> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("server thread panicked"))?
+                .map_err(Into::into),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_inner() {
+            tracing::warn!(error = %e, "server stopped with an error");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Input checks, run first in every handler's work, before the store is touched. Each
+//! breach has its own stable code so clients can tell them apart.
+
+use capkv::kv_capnp::{condition, scan_range};
+use capkv::{prefix_end, ApiError, ErrorCode, Limits};
+use capkv_store::{Condition, ScanRequest};
+
+fn bad(what: &str, e: capnp::Error) -> ApiError {
+    ApiError::new(ErrorCode::InvalidArgument, format!("cannot read {what}: {e}"))
+}
+
+pub fn key<'a>(limits: &Limits, key: capnp::Result<capnp::data::Reader<'a>>) -> Result<&'a [u8], ApiError> {
+    let key = key.map_err(|e| bad("key", e))?;
+    if key.is_empty() {
+        return Err(ApiError::new(ErrorCode::EmptyKey, "key must not be empty"));
+    }
+    if key.len() > limits.max_key_bytes {
+        return Err(ApiError::new(
+            ErrorCode::KeyTooLarge,
+            format!("key is {} bytes; the limit is {}", key.len(), limits.max_key_bytes),
+        ));
+    }
+    Ok(key)
+}
+
+pub fn value<'a>(limits: &Limits, value: capnp::Result<capnp::data::Reader<'a>>) -> Result<&'a [u8], ApiError> {
+    let value = value.map_err(|e| bad("value", e))?;
+    if value.len() > limits.max_value_bytes {
+        return Err(ApiError::new(
+            ErrorCode::ValueTooLarge,
+            format!("value is {} bytes; the limit is {}", value.len(), limits.max_value_bytes),
+        ));
+    }
+    Ok(value)
+}
+
+pub fn condition(c: capnp::Result<condition::Reader<'_>>) -> Result<Condition, ApiError> {
+    let c = c.map_err(|e| bad("condition", e))?;
+    match c.which() {
+        Ok(condition::Which::None(())) => Ok(Condition::None),
+        Ok(condition::Which::IfVersion(v)) => Ok(Condition::IfVersion(v)),
+        Ok(condition::Which::IfAbsent(())) => Ok(Condition::IfAbsent),
+        Err(capnp::NotInSchema(n)) => Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("unknown condition kind {n}"),
+        )),
+    }
+}
+
+/// A checked scan: the store request and whether a cursor moved its start.
+pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result<ScanRequest, ApiError> {
+    let r = r.map_err(|e| bad("range", e))?;
+    // A bound may be one byte longer than a key: a cursor is "last key + 0x00".
+    let bound_max = limits.max_key_bytes + 1;
+    let bound = |what: &str, b: capnp::Result<capnp::data::Reader<'_>>| -> Result<Vec<u8>, ApiError> {
+        let b = b.map_err(|e| bad(what, e))?;
+        if b.len() > bound_max {
+            return Err(ApiError::new(
+                ErrorCode::KeyTooLarge,
+                format!("scan {what} is {} bytes; the limit is {bound_max}", b.len()),
+            ));
+        }
+        Ok(b.to_vec())
+    };
+    let (start, end) = match r.which() {
+        Ok(scan_range::Which::Range(g)) => {
+            let start = bound("start", g.get_start())?;
+            let end = bound("end", g.get_end())?;
+            let end = (!end.is_empty()).then_some(end);
+            if let Some(end) = &end {
+                if *end < start {
+                    return Err(ApiError::new(ErrorCode::InvalidRange, "scan start is after end"));
+                }
+            }
+            (start, end)
+        }
+        Ok(scan_range::Which::Prefix(p)) => {
+            let p = bound("prefix", p)?;
+            let end = prefix_end(&p);
+            (p, end)
+        }
+        Err(capnp::NotInSchema(n)) => {
+            return Err(ApiError::new(ErrorCode::InvalidArgument, format!("unknown range kind {n}")))
+        }
+    };
+    let cursor = bound("cursor", r.get_cursor())?;
+    let start = if cursor.is_empty() {
+        start
+    } else {
+        let inside = cursor >= start && end.as_ref().is_none_or(|e| cursor <= *e);
+        if !inside {
+            return Err(ApiError::new(ErrorCode::InvalidRange, "cursor is outside the scan range"));
+        }
+        cursor
+    };
+    let limit = match r.get_limit() {
+        0 => limits.default_scan_limit,
+        n if n > limits.max_scan_limit => {
+            return Err(ApiError::new(
+                ErrorCode::ScanLimitTooLarge,
+                format!("scan limit {n} is over the maximum {}", limits.max_scan_limit),
+            ))
+        }
+        n => n,
+    };
+    Ok(ScanRequest {
+        start,
+        end,
+        limit: limit as usize,
+        max_bytes: limits.max_scan_bytes,
+        keys_only: r.get_keys_only(),
+    })
+}
+
+/// The cursor that resumes right after `last_key`: its immediate successor in byte order.
+pub fn next_cursor(last_key: &[u8]) -> Vec<u8> {
+    let mut c = Vec::with_capacity(last_key.len() + 1);
+    c.extend_from_slice(last_key);
+    c.push(0);
+    c
+}
