@@ -129,7 +129,7 @@ impl Server {
             handles.push(handle);
         }
         let addr = listener.local_addr().unwrap_or(config.listen);
-        tracing::info!(%addr, workers, engine = ?config.engine, "listening");
+        tracing::info!(%addr, workers, engine = config.engine.name(), "listening");
 
         let open = Arc::new(AtomicUsize::new(0));
         let mut next = 0usize;

@@ -1,0 +1,306 @@
+//! The `kv-client` command line: flags, subcommands, and running one command.
+//!
+//! Exit codes (also in `kv-client --help`):
+//! - 0: success
+//! - 1: not found (`get` or `delete` of a missing key)
+//! - 2: usage error (bad flags or arguments)
+//! - 3: a write's condition failed
+//! - 4: any other error (server error code, connection failure, deadline)
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::output;
+use crate::{ApiError, Client, ClientOptions, Condition, ErrorCode, ScanBounds, ScanOptions};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_NOT_FOUND: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_CONDITION_FAILED: u8 = 3;
+pub const EXIT_ERROR: u8 = 4;
+
+const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 not found, 2 usage error, 3 condition failed, 4 other error.\n\
+With no command on a terminal, opens an interactive shell; with stdin not a terminal, \
+runs one command per line from stdin.\n\
+--json prints one JSON object per result; bytes that are not UTF-8 appear base64-encoded \
+under key_base64 / value_base64.";
+
+/// Command-line client for capkv.
+#[derive(Parser, Debug)]
+#[command(name = "kv-client", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Server address.
+    #[arg(long, env = "CAPKV_ADDR", default_value = "127.0.0.1:7070")]
+    pub addr: String,
+    /// Bearer token for servers that require one.
+    #[arg(long, env = "CAPKV_TOKEN", default_value = "", hide_env_values = true, hide_default_value = true)]
+    pub token: String,
+    /// Deadline of each call, e.g. `500ms`, `5s`.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print one JSON object per result.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Print the value of KEY.
+    Get { key: OsString },
+    /// Store VALUE under KEY (VALUE from --file, or from stdin when omitted).
+    Put {
+        key: OsString,
+        value: Option<OsString>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
+        /// Only if the key's current version is N (0 = absent).
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+        /// Only if the key does not exist.
+        #[arg(long, conflicts_with = "if_version")]
+        if_absent: bool,
+    },
+    /// Delete KEY.
+    Delete {
+        key: OsString,
+        /// Only if the key's current version is N.
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+    },
+    /// List keys in order, by prefix or range.
+    Scan {
+        /// Keys starting with P.
+        #[arg(long, value_name = "P", conflicts_with_all = ["start", "end"])]
+        prefix: Option<OsString>,
+        /// First key (inclusive).
+        #[arg(long, value_name = "K")]
+        start: Option<OsString>,
+        /// End key (exclusive).
+        #[arg(long, value_name = "K")]
+        end: Option<OsString>,
+        /// Page size (0 = the server's default).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        limit: u32,
+        /// Resume from a previous page's cursor (hex).
+        #[arg(long, value_name = "HEX")]
+        cursor: Option<String>,
+        /// Print keys only.
+        #[arg(long)]
+        keys_only: bool,
+    },
+    /// Liveness and readiness of the server.
+    Health,
+    /// Server and API version.
+    Version,
+}
+
+/// Names of the commands, for the shell's completion and help.
+pub const COMMAND_NAMES: [&str; 6] = ["get", "put", "delete", "scan", "health", "version"];
+
+fn bytes(s: &OsString) -> Vec<u8> {
+    s.clone().into_vec()
+}
+
+/// Where a command writes: collects stdout text and stderr text so the shell, the line
+/// mode and tests can all use the same code.
+pub struct Printer<'a> {
+    pub json: bool,
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+}
+
+impl Printer<'_> {
+    fn value(&mut self, v: Value) {
+        let _ = writeln!(self.out, "{v}");
+    }
+    fn text(&mut self, s: &str) {
+        let _ = write!(self.out, "{s}");
+        if !s.ends_with('\n') {
+            let _ = writeln!(self.out);
+        }
+    }
+    fn error(&mut self, e: &ApiError) -> u8 {
+        if self.json {
+            self.value(output::error_json(e));
+        } else {
+            let _ = writeln!(self.err, "error: {e}");
+        }
+        match e.code {
+            ErrorCode::NotFound => EXIT_NOT_FOUND,
+            ErrorCode::ConditionFailed => EXIT_CONDITION_FAILED,
+            ErrorCode::InvalidArgument if e.message.starts_with("usage:") => EXIT_USAGE,
+            _ => EXIT_ERROR,
+        }
+    }
+}
+
+/// Upper bound on a value read from a file or stdin: the default server limit plus one
+/// byte, so an oversized value still reaches the server and gets its precise error.
+const MAX_INPUT_VALUE_BYTES: u64 = 64 * 1024 * 1024;
+
+fn read_value(value: &Option<OsString>, file: &Option<PathBuf>, stdin_ok: bool) -> Result<Vec<u8>, ApiError> {
+    let usage = |m: String| ApiError::new(ErrorCode::InvalidArgument, format!("usage: {m}"));
+    if let Some(v) = value {
+        if v != "-" {
+            return Ok(bytes(v));
+        }
+    }
+    let mut buf = Vec::new();
+    let read = match file {
+        Some(path) => std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_INPUT_VALUE_BYTES).read_to_end(&mut buf))
+            .map_err(|e| usage(format!("cannot read {}: {e}", path.display()))),
+        None if stdin_ok => std::io::stdin()
+            .lock()
+            .take(MAX_INPUT_VALUE_BYTES)
+            .read_to_end(&mut buf)
+            .map_err(|e| usage(format!("cannot read stdin: {e}"))),
+        None => Err(usage("put needs a VALUE here (or --file)".into())),
+    };
+    read.map(|_| buf)
+}
+
+/// Runs one command and prints its result; returns the exit code. `stdin_ok` says
+/// whether `put` may read its value from stdin (not when stdin carries commands).
+pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_ok: bool) -> u8 {
+    match cmd {
+        Command::Get { key } => match client.get(&bytes(key)).await {
+            Ok(Some(e)) => {
+                if p.json {
+                    p.value(output::entry_json(&e, true));
+                } else {
+                    p.text(&output::human_bytes(&e.value));
+                }
+                EXIT_OK
+            }
+            Ok(None) => p.error(&ApiError::new(ErrorCode::NotFound, "key not found")),
+            Err(e) => p.error(&e),
+        },
+        Command::Put { key, value, file, if_version, if_absent } => {
+            let value = match read_value(value, file, stdin_ok) {
+                Ok(v) => v,
+                Err(e) => return p.error(&e),
+            };
+            let cond = match (if_version, if_absent) {
+                (Some(v), _) => Condition::IfVersion(*v),
+                (None, true) => Condition::IfAbsent,
+                (None, false) => Condition::None,
+            };
+            match client.put_if(&bytes(key), &value, cond).await {
+                Ok(o) if p.json => {
+                    p.value(output::put_json(&o));
+                    EXIT_OK
+                }
+                Ok(o) => {
+                    p.text(&format!("OK version={} revision={}", o.version, o.revision));
+                    EXIT_OK
+                }
+                Err(e) => p.error(&e),
+            }
+        }
+        Command::Delete { key, if_version } => {
+            let cond = if_version.map_or(Condition::None, Condition::IfVersion);
+            match client.delete_if(&bytes(key), cond).await {
+                Ok(o) => {
+                    if p.json {
+                        p.value(output::delete_json(&o));
+                    } else if o.existed {
+                        p.text(&format!("deleted revision={}", o.revision));
+                    } else {
+                        let _ = writeln!(p.err, "not found");
+                    }
+                    if o.existed { EXIT_OK } else { EXIT_NOT_FOUND }
+                }
+                Err(e) => p.error(&e),
+            }
+        }
+        Command::Scan { prefix, start, end, limit, cursor, keys_only } => {
+            let cursor = match cursor.as_deref().map(output::from_hex) {
+                None => Vec::new(),
+                Some(Some(c)) => c,
+                Some(None) => {
+                    return p.error(&ApiError::new(ErrorCode::InvalidArgument, "usage: --cursor must be hex"))
+                }
+            };
+            let bounds = match prefix {
+                Some(pfx) => ScanBounds::Prefix(bytes(pfx)),
+                None => ScanBounds::Range {
+                    start: start.as_ref().map(bytes).unwrap_or_default(),
+                    end: end.as_ref().map(bytes).unwrap_or_default(),
+                },
+            };
+            let opts = ScanOptions { bounds, limit: *limit, cursor, keys_only: *keys_only };
+            match client.scan(opts).await {
+                Ok(page) => {
+                    if p.json {
+                        p.value(output::scan_json(&page, !keys_only));
+                    } else {
+                        let _ = write!(p.out, "{}", output::scan_human(&page, !keys_only));
+                    }
+                    EXIT_OK
+                }
+                Err(e) => p.error(&e),
+            }
+        }
+        Command::Health => match client.health().await {
+            Ok(h) if p.json => {
+                p.value(output::health_json(&h));
+                EXIT_OK
+            }
+            Ok(h) => {
+                p.text(&format!("live={} ready={} status={}", h.live, h.ready, h.status));
+                EXIT_OK
+            }
+            Err(e) => p.error(&e),
+        },
+        Command::Version => match client.version().await {
+            Ok(v) if p.json => {
+                p.value(output::version_json(&v));
+                EXIT_OK
+            }
+            Ok(v) => {
+                p.text(&format!("capkv {} (api {})", v.service, v.api_version));
+                EXIT_OK
+            }
+            Err(e) => p.error(&e),
+        },
+    }
+}
+
+/// Entry point of the `kv-client` binary; returns the process exit code.
+pub fn main_with(cli: Cli) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    rt.block_on(async move {
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+        let mut printer = Printer { json: cli.json, out: &mut out, err: &mut err };
+        let options = ClientOptions {
+            token: cli.token.clone(),
+            timeout: cli.timeout,
+            ..ClientOptions::default()
+        };
+        let client = match Client::connect(&cli.addr, options).await {
+            Ok(c) => c,
+            Err(e) => return printer.error(&e),
+        };
+        match &cli.command {
+            Some(cmd) => execute(&client, cmd, &mut printer, true).await,
+            None if std::io::stdin().is_terminal() => crate::shell::interactive(&client, cli.json).await,
+            None => crate::shell::lines(&client, cli.json, std::io::stdin().lock(), &mut printer).await,
+        }
+    })
+}
