@@ -87,7 +87,7 @@ pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result
     let start = if cursor.is_empty() {
         start
     } else {
-        let inside = cursor >= start && end.as_ref().is_none_or(|e| cursor <= *e);
+        let inside = cursor >= start && end.as_ref().is_none_or(|e| cursor < *e);
         if !inside {
             return Err(ApiError::new(ErrorCode::InvalidRange, "cursor is outside the scan range"));
         }

@@ -1,0 +1,64 @@
+//! Helpers shared by the server's integration tests: an in-process server on port 0,
+//! clients, and a raw capnp connection for tests that need to send what the client
+//! library would not.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use capkv::kv_capnp::gateway;
+use capkv_client::{Client, ClientOptions};
+use capkv_server::{Config, RunningServer};
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::AsyncReadExt;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.workers = 2;
+    c
+}
+
+pub fn start(config: Config) -> RunningServer {
+    RunningServer::start(config).expect("server starts")
+}
+
+pub async fn client(addr: SocketAddr) -> Client {
+    client_with(addr, "").await
+}
+
+pub async fn client_with(addr: SocketAddr, token: &str) -> Client {
+    let options = ClientOptions {
+        token: token.to_string(),
+        timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    Client::connect(&addr.to_string(), options).await.expect("connect")
+}
+
+/// A raw capnp connection; must run inside a `LocalSet`.
+pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (r, w) = stream.compat().split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r),
+        futures::io::BufWriter::new(w),
+        rpc_twoparty_capnp::Side::Client,
+        capkv::response_reader_options(&capkv::Limits::default()),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let gw: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+    tokio::task::spawn_local(rpc);
+    gw
+}
+
+/// Runs a `!Send` test body on a current-thread runtime inside a `LocalSet`.
+pub fn local<F: std::future::Future<Output = ()>>(f: F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f);
+}
