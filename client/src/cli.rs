@@ -25,7 +25,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CONDITION_FAILED: u8 = 3;
 pub const EXIT_ERROR: u8 = 4;
 
-const EXIT_CODES_HELP: &str = "Exit codes: 0 ok, 1 not found, 2 usage error, 3 condition failed, 4 other error.\n\
+const EXIT_CODES_HELP: &str =
+    "Exit codes: 0 ok, 1 not found, 2 usage error, 3 condition failed, 4 other error.\n\
 With no command on a terminal, opens an interactive shell; with stdin not a terminal, \
 runs one command per line from stdin.\n\
 --json prints one JSON object per result; bytes that are not UTF-8 appear base64-encoded \
@@ -39,7 +40,13 @@ pub struct Cli {
     #[arg(long, env = "CAPKV_ADDR", default_value = "127.0.0.1:7070")]
     pub addr: String,
     /// Bearer token for servers that require one.
-    #[arg(long, env = "CAPKV_TOKEN", default_value = "", hide_env_values = true, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "CAPKV_TOKEN",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     pub token: String,
     /// Deadline of each call, e.g. `500ms`, `5s`.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -147,7 +154,11 @@ impl Printer<'_> {
 /// byte, so an oversized value still reaches the server and gets its precise error.
 const MAX_INPUT_VALUE_BYTES: u64 = 64 * 1024 * 1024;
 
-fn read_value(value: &Option<OsString>, file: &Option<PathBuf>, stdin_ok: bool) -> Result<Vec<u8>, ApiError> {
+fn read_value(
+    value: &Option<OsString>,
+    file: &Option<PathBuf>,
+    stdin_ok: bool,
+) -> Result<Vec<u8>, ApiError> {
     let usage = |m: String| ApiError::new(ErrorCode::InvalidArgument, format!("usage: {m}"));
     if let Some(v) = value {
         if v != "-" {
@@ -185,7 +196,13 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             Ok(None) => p.error(&ApiError::new(ErrorCode::NotFound, "key not found")),
             Err(e) => p.error(&e),
         },
-        Command::Put { key, value, file, if_version, if_absent } => {
+        Command::Put {
+            key,
+            value,
+            file,
+            if_version,
+            if_absent,
+        } => {
             let value = match read_value(value, file, stdin_ok) {
                 Ok(v) => v,
                 Err(e) => return p.error(&e),
@@ -218,17 +235,31 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                     } else {
                         let _ = writeln!(p.err, "not found");
                     }
-                    if o.existed { EXIT_OK } else { EXIT_NOT_FOUND }
+                    if o.existed {
+                        EXIT_OK
+                    } else {
+                        EXIT_NOT_FOUND
+                    }
                 }
                 Err(e) => p.error(&e),
             }
         }
-        Command::Scan { prefix, start, end, limit, cursor, keys_only } => {
+        Command::Scan {
+            prefix,
+            start,
+            end,
+            limit,
+            cursor,
+            keys_only,
+        } => {
             let cursor = match cursor.as_deref().map(output::from_hex) {
                 None => Vec::new(),
                 Some(Some(c)) => c,
                 Some(None) => {
-                    return p.error(&ApiError::new(ErrorCode::InvalidArgument, "usage: --cursor must be hex"))
+                    return p.error(&ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        "usage: --cursor must be hex",
+                    ))
                 }
             };
             let bounds = match prefix {
@@ -238,7 +269,12 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                     end: end.as_ref().map(bytes).unwrap_or_default(),
                 },
             };
-            let opts = ScanOptions { bounds, limit: *limit, cursor, keys_only: *keys_only };
+            let opts = ScanOptions {
+                bounds,
+                limit: *limit,
+                cursor,
+                keys_only: *keys_only,
+            };
             match client.scan(opts).await {
                 Ok(page) => {
                     if p.json {
@@ -257,7 +293,10 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                 EXIT_OK
             }
             Ok(h) => {
-                p.text(&format!("live={} ready={} status={}", h.live, h.ready, h.status));
+                p.text(&format!(
+                    "live={} ready={} status={}",
+                    h.live, h.ready, h.status
+                ));
                 EXIT_OK
             }
             Err(e) => p.error(&e),
@@ -278,7 +317,10 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
 
 /// Entry point of the `kv-client` binary; returns the process exit code.
 pub fn main_with(cli: Cli) -> u8 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -287,7 +329,11 @@ pub fn main_with(cli: Cli) -> u8 {
     };
     rt.block_on(async move {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-        let mut printer = Printer { json: cli.json, out: &mut out, err: &mut err };
+        let mut printer = Printer {
+            json: cli.json,
+            out: &mut out,
+            err: &mut err,
+        };
         let options = ClientOptions {
             token: cli.token.clone(),
             timeout: cli.timeout,
@@ -299,8 +345,12 @@ pub fn main_with(cli: Cli) -> u8 {
         };
         match &cli.command {
             Some(cmd) => execute(&client, cmd, &mut printer, true).await,
-            None if std::io::stdin().is_terminal() => crate::shell::interactive(&client, cli.json).await,
-            None => crate::shell::lines(&client, cli.json, std::io::stdin().lock(), &mut printer).await,
+            None if std::io::stdin().is_terminal() => {
+                crate::shell::interactive(&client, cli.json).await
+            }
+            None => {
+                crate::shell::lines(&client, cli.json, std::io::stdin().lock(), &mut printer).await
+            }
         }
     })
 }

@@ -98,7 +98,10 @@ pub struct DeleteOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanBounds {
     /// `start` inclusive (empty = first key), `end` exclusive (empty = no bound).
-    Range { start: Vec<u8>, end: Vec<u8> },
+    Range {
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
     Prefix(Vec<u8>),
 }
 
@@ -183,13 +186,32 @@ fn capnp_err(e: capnp::Error) -> ApiError {
 impl Client {
     /// Connects to `addr` and sends `open(token)` without waiting for it.
     pub async fn connect(addr: &str, options: ClientOptions) -> Result<Client, ApiError> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await.map_err(|e| {
-            ApiError::new(ErrorCode::InvalidArgument, format!("bad address {addr}: {e}"))
-        })?.collect();
-        let stream = tokio::time::timeout(options.connect_timeout, tokio::net::TcpStream::connect(&addrs[..]))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr)
             .await
-            .map_err(|_| ApiError::new(ErrorCode::Unavailable, format!("connect to {addr} timed out")))?
-            .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("cannot connect to {addr}: {e}")))?;
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("bad address {addr}: {e}"),
+                )
+            })?
+            .collect();
+        let stream = tokio::time::timeout(
+            options.connect_timeout,
+            tokio::net::TcpStream::connect(&addrs[..]),
+        )
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("connect to {addr} timed out"),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("cannot connect to {addr}: {e}"),
+            )
+        })?;
         let _ = stream.set_nodelay(true);
         let stream = stream
             .into_std()
@@ -246,7 +268,12 @@ impl Client {
             }
             .boxed_local()
         });
-        let unavailable = || ApiError::new(ErrorCode::Unavailable, "client connection thread has stopped");
+        let unavailable = || {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "client connection thread has stopped",
+            )
+        };
         tokio::time::timeout_at(deadline, self.jobs.send((job, meta)))
             .await
             .map_err(|_| deadline_exceeded())?
@@ -264,7 +291,12 @@ impl Client {
             meta.write(req.get().init_ctx());
             let resp = req.send().promise.await.map_err(capnp_err)?;
             use capkv::kv_capnp::health_result::Which;
-            match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+            match resp
+                .get()
+                .and_then(|r| r.get_result())
+                .map_err(capnp_err)?
+                .which()
+            {
                 Ok(Which::Ok(ok)) => Ok(Health {
                     live: ok.get_live(),
                     ready: ok.get_ready(),
@@ -283,7 +315,12 @@ impl Client {
             meta.write(req.get().init_ctx());
             let resp = req.send().promise.await.map_err(capnp_err)?;
             use capkv::kv_capnp::version_result::Which;
-            match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+            match resp
+                .get()
+                .and_then(|r| r.get_result())
+                .map_err(capnp_err)?
+                .which()
+            {
                 Ok(Which::Ok(ok)) => Ok(VersionInfo {
                     service: read_text(ok.get_service()),
                     api_version: ok.get_api_version(),
@@ -305,7 +342,12 @@ impl Client {
             let r = async {
                 let resp = req.send().promise.await.map_err(capnp_err)?;
                 use capkv::kv_capnp::get_result::Which;
-                match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+                match resp
+                    .get()
+                    .and_then(|r| r.get_result())
+                    .map_err(capnp_err)?
+                    .which()
+                {
                     Ok(Which::Ok(e)) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)),
                     Ok(Which::Error(e)) => match read_error(e) {
                         e if e.code == ErrorCode::NotFound => Ok(None),
@@ -341,7 +383,12 @@ impl Client {
             let r = async {
                 let resp = req.send().promise.await.map_err(capnp_err)?;
                 use capkv::kv_capnp::scan_result::Which;
-                match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+                match resp
+                    .get()
+                    .and_then(|r| r.get_result())
+                    .map_err(capnp_err)?
+                    .which()
+                {
                     Ok(Which::Ok(ok)) => {
                         let list = ok.get_entries().map_err(capnp_err)?;
                         let entries = list.iter().map(read_entry).collect::<Result<_, _>>()?;
@@ -366,7 +413,12 @@ impl Client {
         self.put_if(key, value, Condition::None).await
     }
 
-    pub async fn put_if(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, ApiError> {
+    pub async fn put_if(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+    ) -> Result<PutOutcome, ApiError> {
         let (key, value) = (key.to_vec(), value.to_vec());
         self.call(move |conn, meta| async move {
             let (session, outcome) = conn.session(&meta);
@@ -378,7 +430,12 @@ impl Client {
             let r = async {
                 let resp = req.send().promise.await.map_err(capnp_err)?;
                 use capkv::kv_capnp::put_result::Which;
-                match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+                match resp
+                    .get()
+                    .and_then(|r| r.get_result())
+                    .map_err(capnp_err)?
+                    .which()
+                {
                     Ok(Which::Ok(ok)) => Ok(PutOutcome {
                         version: ok.get_version(),
                         revision: ok.get_revision(),
@@ -408,7 +465,12 @@ impl Client {
             let r = async {
                 let resp = req.send().promise.await.map_err(capnp_err)?;
                 use capkv::kv_capnp::delete_result::Which;
-                match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+                match resp
+                    .get()
+                    .and_then(|r| r.get_result())
+                    .map_err(capnp_err)?
+                    .which()
+                {
                     Ok(Which::Ok(ok)) => Ok(DeleteOutcome {
                         existed: ok.get_existed(),
                         revision: ok.get_revision(),
@@ -439,7 +501,12 @@ impl Conn {
             opened.await?;
             let resp = resp.await.map_err(capnp_err)?;
             use capkv::kv_capnp::session_result::Which;
-            match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+            match resp
+                .get()
+                .and_then(|r| r.get_result())
+                .map_err(capnp_err)?
+                .which()
+            {
                 Ok(Which::Session(_)) => Ok(()),
                 Ok(Which::Error(e)) => Err(read_error(e)),
                 Err(e) => Err(capnp_err(e.into())),
@@ -453,7 +520,11 @@ impl Conn {
 
     /// A call on a pipelined capability fails with a bare exception when the call that
     /// promised the capability failed; report that call's error instead.
-    async fn explain<T>(&self, r: Result<T, ApiError>, origin: &SharedOutcome) -> Result<T, ApiError> {
+    async fn explain<T>(
+        &self,
+        r: Result<T, ApiError>,
+        origin: &SharedOutcome,
+    ) -> Result<T, ApiError> {
         match r {
             Err(e) if matches!(e.code, ErrorCode::Internal | ErrorCode::Unavailable) => {
                 match origin.clone().await {
@@ -513,7 +584,10 @@ fn connection_thread(
     mut jobs: mpsc::Receiver<(Job, CallMeta)>,
     ready: oneshot::Sender<Result<(), ApiError>>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             let _ = ready.send(Err(ApiError::new(ErrorCode::Internal, e.to_string())));
@@ -547,7 +621,12 @@ fn connection_thread(
         let opened = async move {
             let resp = resp.await.map_err(capnp_err)?;
             use capkv::kv_capnp::open_result::Which;
-            match resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?.which() {
+            match resp
+                .get()
+                .and_then(|r| r.get_result())
+                .map_err(capnp_err)?
+                .which()
+            {
                 Ok(Which::Kv(_)) => Ok(()),
                 Ok(Which::Error(e)) => Err(read_error(e)),
                 Err(e) => Err(capnp_err(e.into())),

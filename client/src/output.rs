@@ -74,7 +74,11 @@ pub fn delete_json(o: &DeleteOutcome) -> Value {
 }
 
 pub fn scan_json(p: &ScanPage, with_values: bool) -> Value {
-    let entries: Vec<Value> = p.entries.iter().map(|e| entry_json(e, with_values)).collect();
+    let entries: Vec<Value> = p
+        .entries
+        .iter()
+        .map(|e| entry_json(e, with_values))
+        .collect();
     let mut obj = json!({"entries": entries, "revision": p.revision});
     if let Some(c) = &p.next_cursor {
         obj["next_cursor_hex"] = Value::from(hex(c));

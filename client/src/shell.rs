@@ -64,7 +64,12 @@ struct ShellHelper;
 impl Completer for ShellHelper {
     type Candidate = String;
 
-    fn complete(&self, line: &str, pos: usize, _: &Context<'_>) -> rustyline::Result<(usize, Vec<String>)> {
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<String>)> {
         let head = &line[..pos];
         // Only the first word is a command name; past it there is nothing to complete.
         if head.contains(char::is_whitespace) {
@@ -98,7 +103,7 @@ pub async fn interactive(client: &Client, json: bool) -> u8 {
     let config = rustyline::Config::builder()
         .max_history_size(HISTORY_ENTRIES)
         .map(|b| b.auto_add_history(true).build());
-    let editor = config.map_err(rustyline::error::ReadlineError::from).and_then(Editor::<ShellHelper, DefaultHistory>::with_config);
+    let editor = config.and_then(Editor::<ShellHelper, DefaultHistory>::with_config);
     let mut rl = match editor {
         Ok(rl) => rl,
         Err(e) => {
@@ -129,7 +134,11 @@ pub async fn interactive(client: &Client, json: bool) -> u8 {
             Parsed::Quit => break,
             Parsed::Message(m, _) => print!("{m}"),
             Parsed::Command(cmd) => {
-                let mut p = Printer { json, out: &mut out, err: &mut err };
+                let mut p = Printer {
+                    json,
+                    out: &mut out,
+                    err: &mut err,
+                };
                 execute(client, &cmd, &mut p, false).await;
             }
         }
@@ -145,13 +154,22 @@ pub async fn interactive(client: &Client, json: bool) -> u8 {
 
 /// Runs one command per line of `input`. Returns 0 when every command succeeded, else the
 /// exit code of the last one that failed.
-pub async fn lines(client: &Client, json: bool, mut input: impl BufRead, p: &mut Printer<'_>) -> u8 {
+pub async fn lines(
+    client: &Client,
+    json: bool,
+    mut input: impl BufRead,
+    p: &mut Printer<'_>,
+) -> u8 {
     let _ = json;
     let mut status = EXIT_OK;
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match input.by_ref().take(MAX_LINE_BYTES).read_until(b'\n', &mut buf) {
+        match input
+            .by_ref()
+            .take(MAX_LINE_BYTES)
+            .read_until(b'\n', &mut buf)
+        {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {

@@ -209,8 +209,10 @@ impl Shared {
         // 2. drain
         if self.is_draining() && !method.served_while_draining() {
             self.reject("draining");
-            return Err(ApiError::new(ErrorCode::Unavailable, "server is shutting down")
-                .with_retry_after_ms(DRAINING_RETRY_AFTER_MS));
+            return Err(
+                ApiError::new(ErrorCode::Unavailable, "server is shutting down")
+                    .with_retry_after_ms(DRAINING_RETRY_AFTER_MS),
+            );
         }
         // 3. deadline
         let budget_ms = match meta.budget_ms {
@@ -241,8 +243,11 @@ impl Shared {
     fn admit<'a>(&'a self, conn: &'a Conn) -> Result<Slot<'a>, ApiError> {
         let overloaded = |reason: &'static str| {
             self.reject(reason);
-            ApiError::new(ErrorCode::Overloaded, format!("too many calls in flight ({reason})"))
-                .with_retry_after_ms(OVERLOADED_RETRY_AFTER_MS)
+            ApiError::new(
+                ErrorCode::Overloaded,
+                format!("too many calls in flight ({reason})"),
+            )
+            .with_retry_after_ms(OVERLOADED_RETRY_AFTER_MS)
         };
         if conn.in_flight.get() >= self.max_in_flight_per_connection {
             return Err(overloaded("connection_in_flight"));

@@ -14,8 +14,8 @@ pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
 /// Latency buckets from 25 µs to 10 s: a memory get is tens of µs, a synced write is
 /// milliseconds, a deadline-bound scan can take seconds.
 const LATENCY_BUCKETS_SECONDS: [f64; 18] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 #[derive(Debug, thiserror::Error)]

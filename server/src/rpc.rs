@@ -92,7 +92,9 @@ impl gateway::Server for GatewayImpl {
         let p = params.get()?;
         let r = self
             .shared
-            .serve(&self.conn, Method::Version, p.get_ctx(), |_| async { Ok(()) })
+            .serve(&self.conn, Method::Version, p.get_ctx(), |_| async {
+                Ok(())
+            })
             .await;
         let out = results.get().init_result();
         match r {
@@ -123,7 +125,10 @@ impl gateway::Server for GatewayImpl {
                 if self.shared.auth.check(token) {
                     Ok(())
                 } else {
-                    Err(ApiError::new(ErrorCode::Unauthenticated, "invalid or missing token"))
+                    Err(ApiError::new(
+                        ErrorCode::Unauthenticated,
+                        "invalid or missing token",
+                    ))
                 }
             })
             .await;
@@ -216,7 +221,9 @@ impl kv_store::Server for KvStoreImpl {
         let p = params.get()?;
         let r = self
             .shared
-            .serve(&self.conn, Method::Session, p.get_ctx(), |_| async { Ok(()) })
+            .serve(&self.conn, Method::Session, p.get_ctx(), |_| async {
+                Ok(())
+            })
             .await;
         let mut out = results.get().init_result();
         match r {

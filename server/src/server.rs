@@ -83,12 +83,13 @@ impl Server {
             Engine::Memory => Arc::new(capkv_store::MemoryStore::new()),
             Engine::Rocksdb => return Err(ServerError::EngineUnavailable),
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         if let Some(addr) = config.metrics_listen {
             crate::metrics::install_exporter(addr)?;
         }
@@ -181,7 +182,11 @@ impl Server {
         drop(listener);
         shared.start_draining();
         let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
-        tracing::info!(in_flight = shared.in_flight(), drain_timeout_ms = config.shutdown.drain_timeout_ms, "draining");
+        tracing::info!(
+            in_flight = shared.in_flight(),
+            drain_timeout_ms = config.shutdown.drain_timeout_ms,
+            "draining"
+        );
         let left = shared.wait_idle(drain_timeout).await;
         if left > 0 {
             tracing::warn!(in_flight = left, "drain timeout: ending remaining calls");
@@ -195,7 +200,10 @@ impl Server {
                 }
             }
         });
-        if tokio::time::timeout(CLOSE_TIMEOUT * 2, joined).await.is_err() {
+        if tokio::time::timeout(CLOSE_TIMEOUT * 2, joined)
+            .await
+            .is_err()
+        {
             tracing::warn!("workers did not stop in time");
         }
         tracing::info!("stopped");
@@ -222,8 +230,7 @@ fn worker_main(
     static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>> =
-            Rc::default();
+        let live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>> = Rc::default();
         while let Some(job) = rx.recv().await {
             let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
             let stream = match tokio::net::TcpStream::from_std(job.stream) {

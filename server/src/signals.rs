@@ -14,7 +14,10 @@ pub async fn shutdown_requested() -> std::io::Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = name, "shutdown requested; a second signal exits at once");
+    tracing::info!(
+        signal = name,
+        "shutdown requested; a second signal exits at once"
+    );
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {},

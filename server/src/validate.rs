@@ -6,10 +6,16 @@ use capkv::{prefix_end, ApiError, ErrorCode, Limits};
 use capkv_store::{Condition, ScanRequest};
 
 fn bad(what: &str, e: capnp::Error) -> ApiError {
-    ApiError::new(ErrorCode::InvalidArgument, format!("cannot read {what}: {e}"))
+    ApiError::new(
+        ErrorCode::InvalidArgument,
+        format!("cannot read {what}: {e}"),
+    )
 }
 
-pub fn key<'a>(limits: &Limits, key: capnp::Result<capnp::data::Reader<'a>>) -> Result<&'a [u8], ApiError> {
+pub fn key<'a>(
+    limits: &Limits,
+    key: capnp::Result<capnp::data::Reader<'a>>,
+) -> Result<&'a [u8], ApiError> {
     let key = key.map_err(|e| bad("key", e))?;
     if key.is_empty() {
         return Err(ApiError::new(ErrorCode::EmptyKey, "key must not be empty"));
@@ -17,18 +23,29 @@ pub fn key<'a>(limits: &Limits, key: capnp::Result<capnp::data::Reader<'a>>) -> 
     if key.len() > limits.max_key_bytes {
         return Err(ApiError::new(
             ErrorCode::KeyTooLarge,
-            format!("key is {} bytes; the limit is {}", key.len(), limits.max_key_bytes),
+            format!(
+                "key is {} bytes; the limit is {}",
+                key.len(),
+                limits.max_key_bytes
+            ),
         ));
     }
     Ok(key)
 }
 
-pub fn value<'a>(limits: &Limits, value: capnp::Result<capnp::data::Reader<'a>>) -> Result<&'a [u8], ApiError> {
+pub fn value<'a>(
+    limits: &Limits,
+    value: capnp::Result<capnp::data::Reader<'a>>,
+) -> Result<&'a [u8], ApiError> {
     let value = value.map_err(|e| bad("value", e))?;
     if value.len() > limits.max_value_bytes {
         return Err(ApiError::new(
             ErrorCode::ValueTooLarge,
-            format!("value is {} bytes; the limit is {}", value.len(), limits.max_value_bytes),
+            format!(
+                "value is {} bytes; the limit is {}",
+                value.len(),
+                limits.max_value_bytes
+            ),
         ));
     }
     Ok(value)
@@ -48,20 +65,24 @@ pub fn condition(c: capnp::Result<condition::Reader<'_>>) -> Result<Condition, A
 }
 
 /// A checked scan: the store request and whether a cursor moved its start.
-pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result<ScanRequest, ApiError> {
+pub fn scan(
+    limits: &Limits,
+    r: capnp::Result<scan_range::Reader<'_>>,
+) -> Result<ScanRequest, ApiError> {
     let r = r.map_err(|e| bad("range", e))?;
     // A bound may be one byte longer than a key: a cursor is "last key + 0x00".
     let bound_max = limits.max_key_bytes + 1;
-    let bound = |what: &str, b: capnp::Result<capnp::data::Reader<'_>>| -> Result<Vec<u8>, ApiError> {
-        let b = b.map_err(|e| bad(what, e))?;
-        if b.len() > bound_max {
-            return Err(ApiError::new(
-                ErrorCode::KeyTooLarge,
-                format!("scan {what} is {} bytes; the limit is {bound_max}", b.len()),
-            ));
-        }
-        Ok(b.to_vec())
-    };
+    let bound =
+        |what: &str, b: capnp::Result<capnp::data::Reader<'_>>| -> Result<Vec<u8>, ApiError> {
+            let b = b.map_err(|e| bad(what, e))?;
+            if b.len() > bound_max {
+                return Err(ApiError::new(
+                    ErrorCode::KeyTooLarge,
+                    format!("scan {what} is {} bytes; the limit is {bound_max}", b.len()),
+                ));
+            }
+            Ok(b.to_vec())
+        };
     let (start, end) = match r.which() {
         Ok(scan_range::Which::Range(g)) => {
             let start = bound("start", g.get_start())?;
@@ -69,7 +90,10 @@ pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result
             let end = (!end.is_empty()).then_some(end);
             if let Some(end) = &end {
                 if *end < start {
-                    return Err(ApiError::new(ErrorCode::InvalidRange, "scan start is after end"));
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidRange,
+                        "scan start is after end",
+                    ));
                 }
             }
             (start, end)
@@ -80,7 +104,10 @@ pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result
             (p, end)
         }
         Err(capnp::NotInSchema(n)) => {
-            return Err(ApiError::new(ErrorCode::InvalidArgument, format!("unknown range kind {n}")))
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("unknown range kind {n}"),
+            ))
         }
     };
     let cursor = bound("cursor", r.get_cursor())?;
@@ -89,7 +116,10 @@ pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result
     } else {
         let inside = cursor >= start && end.as_ref().is_none_or(|e| cursor < *e);
         if !inside {
-            return Err(ApiError::new(ErrorCode::InvalidRange, "cursor is outside the scan range"));
+            return Err(ApiError::new(
+                ErrorCode::InvalidRange,
+                "cursor is outside the scan range",
+            ));
         }
         cursor
     };
@@ -98,7 +128,10 @@ pub fn scan(limits: &Limits, r: capnp::Result<scan_range::Reader<'_>>) -> Result
         n if n > limits.max_scan_limit => {
             return Err(ApiError::new(
                 ErrorCode::ScanLimitTooLarge,
-                format!("scan limit {n} is over the maximum {}", limits.max_scan_limit),
+                format!(
+                    "scan limit {n} is over the maximum {}",
+                    limits.max_scan_limit
+                ),
             ))
         }
         n => n,

@@ -35,13 +35,20 @@ async fn key_value_and_scan_limits_have_distinct_codes() {
     assert_eq!(code(c.put(&long_key, b"v").await), ErrorCode::KeyTooLarge);
     assert_eq!(code(c.get(&long_key).await), ErrorCode::KeyTooLarge);
     let max_key = vec![b'k'; limits.max_key_bytes];
-    c.put(&max_key, b"v").await.expect("a key at the limit is fine");
+    c.put(&max_key, b"v")
+        .await
+        .expect("a key at the limit is fine");
 
     let big = vec![7u8; limits.max_value_bytes + 1];
     assert_eq!(code(c.put(b"big", &big).await), ErrorCode::ValueTooLarge);
     let at_limit = vec![7u8; limits.max_value_bytes];
-    c.put(b"big", &at_limit).await.expect("a value at the limit is fine");
-    assert_eq!(c.get(b"big").await.unwrap().unwrap().value.len(), limits.max_value_bytes);
+    c.put(b"big", &at_limit)
+        .await
+        .expect("a value at the limit is fine");
+    assert_eq!(
+        c.get(b"big").await.unwrap().unwrap().value.len(),
+        limits.max_value_bytes
+    );
 
     let over = ScanOptions {
         limit: limits.max_scan_limit + 1,
@@ -80,7 +87,10 @@ async fn limits_are_configurable() {
     let server = start(config);
     let c = client(server.addr()).await;
     assert_eq!(code(c.put(b"12345", b"v").await), ErrorCode::KeyTooLarge);
-    assert_eq!(code(c.put(b"k", b"123456789").await), ErrorCode::ValueTooLarge);
+    assert_eq!(
+        code(c.put(b"k", b"123456789").await),
+        ErrorCode::ValueTooLarge
+    );
     let over = ScanOptions {
         limit: 3,
         ..ScanOptions::default()
@@ -115,7 +125,9 @@ async fn scan_pages_resume_with_the_cursor() {
             None => break,
         }
     }
-    let expected: Vec<Vec<u8>> = (0..25u32).map(|i| format!("p/{i:02}").into_bytes()).collect();
+    let expected: Vec<Vec<u8>> = (0..25u32)
+        .map(|i| format!("p/{i:02}").into_bytes())
+        .collect();
     assert_eq!(seen, expected);
 }
 
@@ -126,7 +138,10 @@ async fn wrong_or_missing_token_is_unauthenticated() {
     let server = start(config);
     let wrong = client_with(server.addr(), "wrong-token").await;
     assert_eq!(code(wrong.get(b"k").await), ErrorCode::Unauthenticated);
-    assert_eq!(code(wrong.put(b"k", b"v").await), ErrorCode::Unauthenticated);
+    assert_eq!(
+        code(wrong.put(b"k", b"v").await),
+        ErrorCode::Unauthenticated
+    );
     // Health and version need no token.
     assert!(wrong.health().await.unwrap().live);
     let missing = client_with(server.addr(), "").await;
@@ -147,7 +162,10 @@ async fn request_over_the_message_limit_closes_only_that_connection() {
     let err = c.put(b"huge", &huge).await.expect_err("must fail");
     eprintln!("oversized request: {err:?}");
     assert!(
-        matches!(err.code, ErrorCode::RequestTooLarge | ErrorCode::Unavailable),
+        matches!(
+            err.code,
+            ErrorCode::RequestTooLarge | ErrorCode::Unavailable
+        ),
         "{err:?}"
     );
     still_serves(server.addr()).await;
@@ -182,7 +200,10 @@ async fn malformed_frames_close_the_connection_and_the_server_survives() {
         })
         .await;
         assert!(closed.is_ok(), "server kept a malformed connection open");
-        assert!(total < 4096, "server answered a malformed frame with {total} bytes");
+        assert!(
+            total < 4096,
+            "server answered a malformed frame with {total} bytes"
+        );
         still_serves(server.addr()).await;
     }
 }

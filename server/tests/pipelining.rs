@@ -21,7 +21,10 @@ const RTT: Duration = Duration::from_millis(200);
 
 /// Forwards bytes from `from` to `to`, each chunk delivered `DELAY` after it was read,
 /// in order (a delay line, not a per-chunk sleep, so throughput is not throttled).
-async fn delay_line(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+async fn delay_line(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
     let writer = tokio::spawn(async move {
         while let Some((at, chunk)) = rx.recv().await {
@@ -113,9 +116,18 @@ fn open_and_get_pipelined_take_one_round_trip() {
         let sequential = t0.elapsed();
 
         eprintln!("RTT {RTT:?}: pipelined {pipelined:?}, sequential {sequential:?}");
-        assert!(pipelined >= RTT, "a call cannot beat the round trip: {pipelined:?}");
-        assert!(pipelined < RTT * 3 / 2, "pipelined open+get took {pipelined:?}");
-        assert!(sequential >= RTT * 2, "awaiting open first took {sequential:?}");
+        assert!(
+            pipelined >= RTT,
+            "a call cannot beat the round trip: {pipelined:?}"
+        );
+        assert!(
+            pipelined < RTT * 3 / 2,
+            "pipelined open+get took {pipelined:?}"
+        );
+        assert!(
+            sequential >= RTT * 2,
+            "awaiting open first took {sequential:?}"
+        );
     });
 }
 

@@ -39,7 +39,10 @@ pub fn put_then_get(s: &dyn Store) {
     assert_eq!(out.version, 1);
     assert_eq!(out.revision, 1);
     let e = s.get(b"k").unwrap().unwrap();
-    assert_eq!((e.key.as_slice(), e.value.as_slice()), (&b"k"[..], &b"v1"[..]));
+    assert_eq!(
+        (e.key.as_slice(), e.value.as_slice()),
+        (&b"k"[..], &b"v1"[..])
+    );
     assert_eq!((e.version, e.mod_revision), (1, 1));
 }
 
@@ -51,7 +54,11 @@ pub fn versions_and_revisions_advance(s: &dyn Store) {
     let d = s.delete(b"a", Condition::None).unwrap();
     assert_eq!((d.existed, d.revision), (true, 4));
     let out = s.put(b"a", b"3", Condition::None).unwrap();
-    assert_eq!((out.version, out.revision), (1, 5), "a recreated key starts at version 1");
+    assert_eq!(
+        (out.version, out.revision),
+        (1, 5),
+        "a recreated key starts at version 1"
+    );
     assert_eq!(s.revision().unwrap(), 5);
 }
 
@@ -83,12 +90,19 @@ pub fn conditions(s: &dyn Store) {
         s.put(b"c", b"2", Condition::IfVersion(7)),
         Err(StoreError::ConditionFailed { .. })
     ));
-    assert_eq!(s.put(b"c", b"2", Condition::IfVersion(1)).unwrap().version, 2);
+    assert_eq!(
+        s.put(b"c", b"2", Condition::IfVersion(1)).unwrap().version,
+        2
+    );
     assert!(matches!(
         s.delete(b"c", Condition::IfVersion(1)),
         Err(StoreError::ConditionFailed { .. })
     ));
-    assert_eq!(s.get(b"c").unwrap().unwrap().value, b"2", "failed condition wrote nothing");
+    assert_eq!(
+        s.get(b"c").unwrap().unwrap().value,
+        b"2",
+        "failed condition wrote nothing"
+    );
     assert!(s.delete(b"c", Condition::IfVersion(2)).unwrap().existed);
     s.put(b"c", b"3", Condition::IfVersion(0)).unwrap();
     assert!(matches!(
@@ -120,7 +134,10 @@ pub fn scan_is_ordered_and_bounded(s: &dyn Store) {
         scan_all(s, b"a\x00", Some(b"c")),
         vec![b"a\x00".to_vec(), b"ab".to_vec(), b"b".to_vec()]
     );
-    assert!(scan_all(s, b"c", Some(b"b")).is_empty(), "inverted range is empty");
+    assert!(
+        scan_all(s, b"c", Some(b"b")).is_empty(),
+        "inverted range is empty"
+    );
 }
 
 pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
@@ -141,10 +158,18 @@ pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
     req.max_bytes = 250;
     req.limit = 100;
     let p = s.scan(&req).unwrap();
-    assert_eq!(p.entries.len(), 3, "stops at the entry that reaches max_bytes");
+    assert_eq!(
+        p.entries.len(),
+        3,
+        "stops at the entry that reaches max_bytes"
+    );
     assert!(p.more);
     req.max_bytes = 1;
-    assert_eq!(s.scan(&req).unwrap().entries.len(), 1, "always makes progress");
+    assert_eq!(
+        s.scan(&req).unwrap().entries.len(),
+        1,
+        "always makes progress"
+    );
     req.start = vec![b'k', 9];
     let p = s.scan(&req).unwrap();
     assert_eq!(p.entries.len(), 1);
@@ -167,7 +192,11 @@ pub fn concurrent_writers(make: &dyn Fn() -> Arc<dyn Store>) {
                 for i in 0..per_thread {
                     let key = [b'k', (i % 3) as u8];
                     let value = format!("{t}-{i}");
-                    revisions.push(s.put(&key, value.as_bytes(), Condition::None).unwrap().revision);
+                    revisions.push(
+                        s.put(&key, value.as_bytes(), Condition::None)
+                            .unwrap()
+                            .revision,
+                    );
                 }
                 revisions
             })
@@ -179,7 +208,11 @@ pub fn concurrent_writers(make: &dyn Fn() -> Arc<dyn Store>) {
         .collect();
     all.sort_unstable();
     all.dedup();
-    assert_eq!(all.len(), threads * per_thread, "each write got its own revision");
+    assert_eq!(
+        all.len(),
+        threads * per_thread,
+        "each write got its own revision"
+    );
     let mut versions = 0;
     for k in 0..3u8 {
         let e = s.get(&[b'k', k]).unwrap().unwrap();

@@ -14,10 +14,7 @@ use futures::AsyncReadExt;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 pub fn test_config() -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.workers = 2;
-    c
+    Config::local_ephemeral()
 }
 
 pub fn start(config: Config) -> RunningServer {
@@ -34,7 +31,9 @@ pub async fn client_with(addr: SocketAddr, token: &str) -> Client {
         timeout: Duration::from_secs(10),
         ..ClientOptions::default()
     };
-    Client::connect(&addr.to_string(), options).await.expect("connect")
+    Client::connect(&addr.to_string(), options)
+        .await
+        .expect("connect")
 }
 
 /// A raw capnp connection; must run inside a `LocalSet`.

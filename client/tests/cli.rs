@@ -1,0 +1,171 @@
+//! The `kv-client` binary against a real server on port 0: every subcommand round-trips,
+//! `--json` parses, exit codes are as documented, line mode works, and the interactive
+//! shell works through a pseudo-terminal.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use capkv_server::{Config, RunningServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv-client");
+
+fn server() -> RunningServer {
+    RunningServer::start(Config::local_ephemeral()).unwrap()
+}
+
+fn run(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        input.write_all(data).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn put_get_scan_delete_round_trip() {
+    let s = server();
+    let addr = s.addr().to_string();
+    let o = run(&addr, &["put", "greeting", "hello world"], None);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o), "OK version=1 revision=1\n");
+    let o = run(&addr, &["get", "greeting"], None);
+    assert_eq!(stdout(&o), "hello world\n");
+    run(&addr, &["put", "greet2", "x"], None);
+    run(&addr, &["put", "other", "y"], None);
+    let o = run(&addr, &["scan", "--prefix", "greet"], None);
+    assert_eq!(stdout(&o), "greet2\tx\ngreeting\thello world\n");
+    let o = run(&addr, &["scan", "--start", "greetz", "--keys-only"], None);
+    assert_eq!(stdout(&o), "other\n");
+    let o = run(&addr, &["delete", "greeting"], None);
+    assert!(o.status.success());
+    let o = run(&addr, &["get", "greeting"], None);
+    assert_eq!(o.status.code(), Some(1), "not found has its own exit code");
+    let o = run(&addr, &["delete", "greeting"], None);
+    assert_eq!(o.status.code(), Some(1));
+    let o = run(&addr, &["health"], None);
+    assert_eq!(stdout(&o), "live=true ready=true status=serving\n");
+    let o = run(&addr, &["version"], None);
+    assert!(stdout(&o).starts_with("capkv "), "{o:?}");
+}
+
+#[test]
+fn json_output_parses_and_is_binary_safe() {
+    let s = server();
+    let addr = s.addr().to_string();
+    // Value from stdin, with bytes that are not UTF-8.
+    let o = run(&addr, &["--json", "put", "bin"], Some(&[0xff, 0x00, 0x41]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["version"], 1);
+    let o = run(&addr, &["--json", "get", "bin"], None);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["key"], "bin");
+    assert_eq!(v["value_base64"], "/wBB");
+    assert_eq!(v["version"], 1);
+    let o = run(&addr, &["--json", "get", "nope"], None);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+    let o = run(&addr, &["--json", "scan", "--limit", "1"], None);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["entries"].as_array().unwrap().len(), 1);
+    for args in [
+        &["--json", "health"][..],
+        &["--json", "version"],
+        &["--json", "delete", "bin"],
+    ] {
+        let o = run(&addr, args, None);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("JSON");
+    }
+}
+
+#[test]
+fn value_from_file_conditions_and_exit_codes() {
+    let s = server();
+    let addr = s.addr().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("value.bin");
+    std::fs::write(&f, b"from a file").unwrap();
+    let o = run(&addr, &["put", "f", "--file", f.to_str().unwrap()], None);
+    assert!(o.status.success());
+    assert_eq!(stdout(&run(&addr, &["get", "f"], None)), "from a file\n");
+    let o = run(&addr, &["put", "f", "x", "--if-absent"], None);
+    assert_eq!(o.status.code(), Some(3), "condition failed");
+    let o = run(&addr, &["put", "f", "x", "--if-version", "1"], None);
+    assert!(o.status.success());
+    let o = run(&addr, &["delete", "f", "--if-version", "1"], None);
+    assert_eq!(o.status.code(), Some(3));
+    let o = run(&addr, &["put", "", "x"], None);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty_key"));
+    let o = run(&addr, &["frobnicate"], None);
+    assert_eq!(o.status.code(), Some(2), "usage error");
+    let o = run("127.0.0.1:1", &["get", "k"], None);
+    assert_eq!(o.status.code(), Some(4), "connection refused");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unavailable"));
+}
+
+#[test]
+fn line_mode_runs_one_command_per_line() {
+    let s = server();
+    let addr = s.addr().to_string();
+    let script = b"# comment\nput k1 \"two words\"\nget k1\n\nbogus\nscan\ndelete k1\n";
+    let o = run(&addr, &[], Some(script));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "the bad line sets the exit status"
+    );
+    assert_eq!(
+        stdout(&o),
+        "OK version=1 revision=1\ntwo words\nk1\ttwo words\ndeleted revision=2\n"
+    );
+    let o = run(&addr, &["--json"], Some(b"put a 1\nget a\n"));
+    assert!(o.status.success());
+    for line in stdout(&o).lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("one JSON object per line");
+    }
+}
+
+#[test]
+fn interactive_shell_through_a_pty() {
+    let s = server();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--addr")
+        .arg(s.addr().to_string())
+        .env("CAPKV_HISTORY", dir.path().join("history"))
+        .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(cmd, Some(10_000)).unwrap();
+    p.exp_string("capkv>").unwrap();
+    p.send_line("put shellkey shellvalue").unwrap();
+    p.exp_string("OK version=1").unwrap();
+    p.send_line("get shellkey").unwrap();
+    p.exp_string("shellvalue").unwrap();
+    p.send_line("help").unwrap();
+    p.exp_string("scan").unwrap();
+    p.send_line("nonsense").unwrap();
+    p.exp_string("unrecognized subcommand").unwrap();
+    // Tab completion of a command name.
+    p.send("hea\t").unwrap();
+    p.flush().unwrap();
+    p.send_line("").unwrap();
+    p.exp_string("live=true").unwrap();
+    p.send_line("exit").unwrap();
+    p.exp_eof().unwrap();
+    let history = std::fs::read_to_string(dir.path().join("history")).unwrap();
+    assert!(history.contains("put shellkey shellvalue"), "{history}");
+}

@@ -1,0 +1,191 @@
+//! The `kv-server` binary itself: the startup line scripts rely on, config errors, the
+//! redacted `--print-config`, and SIGTERM with calls in flight.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv::ErrorCode;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
+
+/// Starts kv-server on port 0 and returns it with the address from its "listening" line.
+fn spawn_server(extra: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--workers",
+            "2",
+        ])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kv-server");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addr = None;
+    for _ in 0..50 {
+        let Some(Ok(line)) = lines.next() else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+        if v["message"] == "listening" {
+            addr = Some(v["addr"].as_str().unwrap().parse().unwrap());
+            break;
+        }
+    }
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr.expect("server printed its listening address"))
+}
+
+/// Waits for the child to exit, bounded; kills it (by PID) if it does not.
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(status) => status.expect("wait for kv-server"),
+            Err(_) => {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                panic!("kv-server did not exit within {limit:?}");
+            }
+        }
+    })
+}
+
+#[test]
+fn print_config_redacts_and_bad_config_exits_2() {
+    let out = Command::new(BIN)
+        .args(["--print-config", "--listen", "127.0.0.1:9"])
+        .env("CAPKV_AUTH__TOKEN", "super-secret-value")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:9\""), "{text}");
+    assert!(
+        text.contains("<redacted>") && !text.contains("super-secret-value"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[limits]\nmax_key_bytes = \"lots\"\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("max_key_bytes"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["--engine", "rocksdb", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "unavailable engine is a clear failure"
+    );
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let (mut first, addr) = spawn_server(&[]);
+    let out = Command::new(BIN)
+        .args(["--listen", &addr.to_string(), "--log-format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn sigterm_with_calls_in_flight_drains_and_exits_zero() {
+    for trial in 0..3 {
+        let (mut child, addr) = spawn_server(&[]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        let (ok, clean_errors) = rt.block_on(async {
+            let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(64);
+            let mut tasks = Vec::new();
+            for c in 0..8 {
+                let done = Arc::clone(&done);
+                let started = started_tx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let client = common::client(addr).await;
+                    let (mut ok, mut clean) = (0usize, 0usize);
+                    // Bounded: stops at the first error (the server went away) or after
+                    // a fixed number of calls.
+                    for i in 0..20_000 {
+                        let key = format!("t{trial}-c{c}-{i}");
+                        let r = if i % 2 == 0 {
+                            client.put(key.as_bytes(), b"v").await.map(|_| ())
+                        } else {
+                            client.get(key.as_bytes()).await.map(|_| ())
+                        };
+                        match r {
+                            Ok(()) => ok += 1,
+                            Err(e) => {
+                                // A clean error: the drain's `unavailable`, or the
+                                // connection closing (also `unavailable`). Never a hang
+                                // (deadline) or an internal error.
+                                assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+                                clean += 1;
+                                break;
+                            }
+                        }
+                        if done.fetch_add(1, Ordering::Relaxed) == 200 {
+                            let _ = started.send(()).await;
+                        }
+                    }
+                    (ok, clean)
+                }));
+            }
+            drop(started_tx);
+            // Signal once the clients are well into their loops.
+            started_rx.recv().await.expect("clients made progress");
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+            let mut totals = (0, 0);
+            for t in tasks {
+                let (o, c) = tokio::time::timeout(Duration::from_secs(30), t)
+                    .await
+                    .expect("every call got a reply or an error in time")
+                    .expect("client task panicked");
+                totals.0 += o;
+                totals.1 += c;
+            }
+            totals
+        });
+        let status = wait_exit(&mut child, Duration::from_secs(20));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "trial {trial}: exit status {status:?}"
+        );
+        assert!(ok > 0);
+        eprintln!("trial {trial}: {ok} calls ok, {clean_errors} clients ended with a clean error");
+    }
+}
