@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up and runs every check: formatting, clippy (warnings are errors), all tests,
+# and the smoke script against the built binaries. This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+start=$(date +%s)
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked --workspace
+echo "== smoke"
+bash scripts/smoke.sh "$CARGO_TARGET_DIR/debug"
+
+echo "== all checks passed in $(( $(date +%s) - start )) s"
