@@ -110,7 +110,10 @@ struct Entry {
   # One stored key.
 
   key @0 :Data;
+  # The key's bytes (1 to `limits.max_key_bytes` long).
+
   value @1 :Data;
+  # The value's bytes; empty in a `keysOnly` scan.
 
   version @2 :UInt64;
   # Number of writes to this key since it was (re)created: 1 after the first put. A delete
@@ -152,6 +155,7 @@ interface Gateway {
 }
 
 struct HealthResult {
+  # Result of `Gateway.health`.
   union {
     ok :group {
       live @0 :Bool;
@@ -164,10 +168,12 @@ struct HealthResult {
       # "serving" or "draining".
     }
     error @3 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
   }
 }
 
 struct VersionResult {
+  # Result of `Gateway.version`.
   union {
     ok :group {
       service @0 :Text;
@@ -177,13 +183,19 @@ struct VersionResult {
       # Version of this wire contract; bumped when methods or fields are added.
     }
     error @2 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
   }
 }
 
 struct OpenResult {
+  # Capability results keep the capability in union member 0, so that clients can
+  # pipeline on it (see `send_with_union_cap` in schema/lib.rs).
   union {
     kv @0 :KvStore;
+    # The data capability: holding it is the permission to read and to open sessions.
+
     error @1 :Error;
+    # `unauthenticated`, or a chain rejection (`unavailable`, `overloaded`, ...).
   }
 }
 
@@ -202,8 +214,11 @@ interface KvStore {
 }
 
 struct ScanRange {
+  # What a scan covers, and how much of it one page returns.
   union {
     range :group {
+      # A key range [start, end).
+
       start @0 :Data;
       # Inclusive lower bound; empty = the first key.
 
@@ -227,29 +242,41 @@ struct ScanRange {
 }
 
 struct ScanResult {
+  # Result of `KvStore.scan`.
   union {
     ok :group {
       entries @0 :List(Entry);
+      # The page, in ascending key order.
+
       nextCursor @1 :Data;
       # Empty when the range is exhausted; otherwise pass it back as `cursor`.
       revision @2 :UInt64;
       # Store revision when the page was read.
     }
     error @3 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
   }
 }
 
 struct GetResult {
+  # Result of `KvStore.get`.
   union {
     ok @0 :Entry;
+    # The key's current entry.
+
     error @1 :Error;
+    # `notFound` when the key does not exist, or any other failure.
   }
 }
 
 struct SessionResult {
+  # Like OpenResult, the capability sits in union member 0 for pipelining.
   union {
     session @0 :WriteSession;
+    # The new session.
+
     error @1 :Error;
+    # A chain rejection (`unavailable`, `overloaded`, ...).
   }
 }
 
@@ -267,6 +294,7 @@ interface WriteSession {
 }
 
 struct PutResult {
+  # Result of `WriteSession.put`.
   union {
     ok :group {
       version @0 :UInt64;
@@ -275,10 +303,12 @@ struct PutResult {
       # The store revision of this write.
     }
     error @2 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
   }
 }
 
 struct DeleteResult {
+  # Result of `WriteSession.delete`.
   union {
     ok :group {
       existed @0 :Bool;
@@ -287,5 +317,6 @@ struct DeleteResult {
       # The store revision after the call.
     }
     error @2 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
   }
 }

@@ -147,12 +147,12 @@ pub struct VersionInfo {
     pub api_version: u32,
 }
 
-type Job = Box<dyn FnOnce(Rc<Conn>, CallMeta) -> LocalBoxFuture<'static, ()> + Send>;
+type Job = Box<dyn FnOnce(Rc<Conn>) -> LocalBoxFuture<'static, ()> + Send>;
 
 /// A handle to one connection. Cheap to clone; `Send`, so it can be used from any task.
 #[derive(Clone)]
 pub struct Client {
-    jobs: mpsc::Sender<(Job, CallMeta)>,
+    jobs: mpsc::Sender<Job>,
     timeout: Duration,
 }
 
@@ -249,15 +249,23 @@ impl Client {
         Fut: Future<Output = Result<T, ApiError>> + 'static,
     {
         let deadline = Instant::now() + self.timeout;
-        let meta = CallMeta {
-            budget_ms: Some(u32::try_from(self.timeout.as_millis()).unwrap_or(u32::MAX)),
-            request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
-            attempt: 1,
-            ..CallMeta::default()
-        };
+        let request_id = format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn, meta| {
+        let job: Job = Box::new(move |conn| {
             async move {
+                // The budget is what is left when the request leaves, not the full timeout:
+                // time spent queued for the connection thread is already gone.
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let _ = tx.send(Err(deadline_exceeded()));
+                    return;
+                }
+                let meta = CallMeta {
+                    budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
+                    request_id,
+                    attempt: 1,
+                    ..CallMeta::default()
+                };
                 // The connection thread also gives up at the deadline, so that the capnp
                 // request is dropped (and cancelled on the server) rather than leaked.
                 let r = match tokio::time::timeout_at(deadline, f(conn, meta)).await {
@@ -274,7 +282,7 @@ impl Client {
                 "client connection thread has stopped",
             )
         };
-        tokio::time::timeout_at(deadline, self.jobs.send((job, meta)))
+        tokio::time::timeout_at(deadline, self.jobs.send(job))
             .await
             .map_err(|_| deadline_exceeded())?
             .map_err(|_| unavailable())?;
@@ -581,7 +589,7 @@ fn write_condition(mut b: condition::Builder<'_>, c: Condition) {
 fn connection_thread(
     stream: std::net::TcpStream,
     options: ClientOptions,
-    mut jobs: mpsc::Receiver<(Job, CallMeta)>,
+    mut jobs: mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<(), ApiError>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -645,8 +653,8 @@ fn connection_thread(
         loop {
             tokio::select! {
                 job = jobs.recv() => match job {
-                    Some((job, meta)) => {
-                        tokio::task::spawn_local(job(Rc::clone(&conn), meta));
+                    Some(job) => {
+                        tokio::task::spawn_local(job(Rc::clone(&conn)));
                     }
                     None => break, // every handle dropped
                 },
