@@ -179,6 +179,26 @@ type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiError>>>;
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
+/// Awaits a response and decodes its result union: the success arm `$arm($v)` through
+/// `$ok`, the error arm into an [`ApiError`]. Every call of the contract has this shape;
+/// only the union module and the success arm differ.
+macro_rules! decode_result {
+    ($response:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
+        let resp = $response.await.map_err(capnp_err)?;
+        use capkv::kv_capnp::$module::Which;
+        match resp
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(capnp_err)?
+            .which()
+        {
+            Ok(Which::$arm($v)) => $ok,
+            Ok(Which::Error(e)) => Err(read_error(e)),
+            Err(e) => Err(capnp_err(e.into())),
+        }
+    }};
+}
+
 fn capnp_err(e: capnp::Error) -> ApiError {
     ApiError::from_capnp(&e)
 }
@@ -297,22 +317,11 @@ impl Client {
         self.call(|conn, meta| async move {
             let mut req = conn.gateway.health_request();
             meta.write(req.get().init_ctx());
-            let resp = req.send().promise.await.map_err(capnp_err)?;
-            use capkv::kv_capnp::health_result::Which;
-            match resp
-                .get()
-                .and_then(|r| r.get_result())
-                .map_err(capnp_err)?
-                .which()
-            {
-                Ok(Which::Ok(ok)) => Ok(Health {
-                    live: ok.get_live(),
-                    ready: ok.get_ready(),
-                    status: read_text(ok.get_status()),
-                }),
-                Ok(Which::Error(e)) => Err(read_error(e)),
-                Err(e) => Err(capnp_err(e.into())),
-            }
+            decode_result!(req.send().promise, health_result, Ok(ok) => Ok(Health {
+                live: ok.get_live(),
+                ready: ok.get_ready(),
+                status: read_text(ok.get_status()),
+            }))
         })
         .await
     }
@@ -321,21 +330,10 @@ impl Client {
         self.call(|conn, meta| async move {
             let mut req = conn.gateway.version_request();
             meta.write(req.get().init_ctx());
-            let resp = req.send().promise.await.map_err(capnp_err)?;
-            use capkv::kv_capnp::version_result::Which;
-            match resp
-                .get()
-                .and_then(|r| r.get_result())
-                .map_err(capnp_err)?
-                .which()
-            {
-                Ok(Which::Ok(ok)) => Ok(VersionInfo {
-                    service: read_text(ok.get_service()),
-                    api_version: ok.get_api_version(),
-                }),
-                Ok(Which::Error(e)) => Err(read_error(e)),
-                Err(e) => Err(capnp_err(e.into())),
-            }
+            decode_result!(req.send().promise, version_result, Ok(ok) => Ok(VersionInfo {
+                service: read_text(ok.get_service()),
+                api_version: ok.get_api_version(),
+            }))
         })
         .await
     }
@@ -348,20 +346,9 @@ impl Client {
             meta.write(req.get().init_ctx());
             req.get().set_key(&key);
             let r = async {
-                let resp = req.send().promise.await.map_err(capnp_err)?;
-                use capkv::kv_capnp::get_result::Which;
-                match resp
-                    .get()
-                    .and_then(|r| r.get_result())
-                    .map_err(capnp_err)?
-                    .which()
-                {
-                    Ok(Which::Ok(e)) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)),
-                    Ok(Which::Error(e)) => match read_error(e) {
-                        e if e.code == ErrorCode::NotFound => Ok(None),
-                        e => Err(e),
-                    },
-                    Err(e) => Err(capnp_err(e.into())),
+                match decode_result!(req.send().promise, get_result, Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?))) {
+                    Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+                    other => other,
                 }
             }
             .await;
@@ -389,27 +376,16 @@ impl Client {
                 }
             }
             let r = async {
-                let resp = req.send().promise.await.map_err(capnp_err)?;
-                use capkv::kv_capnp::scan_result::Which;
-                match resp
-                    .get()
-                    .and_then(|r| r.get_result())
-                    .map_err(capnp_err)?
-                    .which()
-                {
-                    Ok(Which::Ok(ok)) => {
-                        let list = ok.get_entries().map_err(capnp_err)?;
-                        let entries = list.iter().map(read_entry).collect::<Result<_, _>>()?;
-                        let cursor = ok.get_next_cursor().map_err(capnp_err)?;
-                        Ok(ScanPage {
-                            entries,
-                            next_cursor: (!cursor.is_empty()).then(|| cursor.to_vec()),
-                            revision: ok.get_revision(),
-                        })
-                    }
-                    Ok(Which::Error(e)) => Err(read_error(e)),
-                    Err(e) => Err(capnp_err(e.into())),
-                }
+                decode_result!(req.send().promise, scan_result, Ok(ok) => {
+                    let list = ok.get_entries().map_err(capnp_err)?;
+                    let entries = list.iter().map(read_entry).collect::<Result<_, _>>()?;
+                    let cursor = ok.get_next_cursor().map_err(capnp_err)?;
+                    Ok(ScanPage {
+                        entries,
+                        next_cursor: (!cursor.is_empty()).then(|| cursor.to_vec()),
+                        revision: ok.get_revision(),
+                    })
+                })
             }
             .await;
             conn.explain(r, &conn.opened).await
@@ -436,21 +412,10 @@ impl Client {
             req.get().set_value(&value);
             write_condition(req.get().init_condition(), cond);
             let r = async {
-                let resp = req.send().promise.await.map_err(capnp_err)?;
-                use capkv::kv_capnp::put_result::Which;
-                match resp
-                    .get()
-                    .and_then(|r| r.get_result())
-                    .map_err(capnp_err)?
-                    .which()
-                {
-                    Ok(Which::Ok(ok)) => Ok(PutOutcome {
-                        version: ok.get_version(),
-                        revision: ok.get_revision(),
-                    }),
-                    Ok(Which::Error(e)) => Err(read_error(e)),
-                    Err(e) => Err(capnp_err(e.into())),
-                }
+                decode_result!(req.send().promise, put_result, Ok(ok) => Ok(PutOutcome {
+                    version: ok.get_version(),
+                    revision: ok.get_revision(),
+                }))
             }
             .await;
             conn.explain(r, &outcome).await
@@ -471,21 +436,10 @@ impl Client {
             req.get().set_key(&key);
             write_condition(req.get().init_condition(), cond);
             let r = async {
-                let resp = req.send().promise.await.map_err(capnp_err)?;
-                use capkv::kv_capnp::delete_result::Which;
-                match resp
-                    .get()
-                    .and_then(|r| r.get_result())
-                    .map_err(capnp_err)?
-                    .which()
-                {
-                    Ok(Which::Ok(ok)) => Ok(DeleteOutcome {
-                        existed: ok.get_existed(),
-                        revision: ok.get_revision(),
-                    }),
-                    Ok(Which::Error(e)) => Err(read_error(e)),
-                    Err(e) => Err(capnp_err(e.into())),
-                }
+                decode_result!(req.send().promise, delete_result, Ok(ok) => Ok(DeleteOutcome {
+                    existed: ok.get_existed(),
+                    revision: ok.get_revision(),
+                }))
             }
             .await;
             conn.explain(r, &outcome).await
@@ -507,18 +461,7 @@ impl Conn {
         let opened = self.opened.clone();
         let outcome: SharedOutcome = async move {
             opened.await?;
-            let resp = resp.await.map_err(capnp_err)?;
-            use capkv::kv_capnp::session_result::Which;
-            match resp
-                .get()
-                .and_then(|r| r.get_result())
-                .map_err(capnp_err)?
-                .which()
-            {
-                Ok(Which::Session(_)) => Ok(()),
-                Ok(Which::Error(e)) => Err(read_error(e)),
-                Err(e) => Err(capnp_err(e.into())),
-            }
+            decode_result!(resp, session_result, Session(_) => Ok(()))
         }
         .boxed_local()
         .shared();
@@ -626,22 +569,9 @@ fn connection_thread(
         CallMeta::default().write(req.get().init_ctx());
         req.get().set_token(options.token.as_str());
         let (resp, kv) = send_with_union_cap::<_, _, kv_store::Client>(req);
-        let opened = async move {
-            let resp = resp.await.map_err(capnp_err)?;
-            use capkv::kv_capnp::open_result::Which;
-            match resp
-                .get()
-                .and_then(|r| r.get_result())
-                .map_err(capnp_err)?
-                .which()
-            {
-                Ok(Which::Kv(_)) => Ok(()),
-                Ok(Which::Error(e)) => Err(read_error(e)),
-                Err(e) => Err(capnp_err(e.into())),
-            }
-        }
-        .boxed_local()
-        .shared();
+        let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
+            .boxed_local()
+            .shared();
         let conn = Rc::new(Conn {
             gateway,
             kv,
