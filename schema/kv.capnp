@@ -90,6 +90,14 @@ enum ErrorCode {
 
   permissionDenied @14;
   # The capability used does not allow this operation.
+
+  tooManyItems @15;
+  # A batch call (`getMany`, `putMany`) with more items than `limits.max_batch_items`
+  # (default 1000), or with none.
+
+  responseTooLarge @16;
+  # The answer would carry more than `limits.max_scan_bytes` (default 4 MiB) of keys and
+  # values (a `getMany` of many large values); ask for fewer keys.
 }
 
 struct Error {
@@ -211,6 +219,39 @@ interface KvStore {
 
   session @2 (ctx :RequestContext) -> (result :SessionResult);
   # A new write session. Writes go through it; dropping it ends the session.
+
+  getMany @3 (ctx :RequestContext, keys :List(Data)) -> (result :GetManyResult);
+  # Several gets in one call, read at one revision: the answer to Redis pipelining when
+  # keys are small. 1 to `limits.max_batch_items` keys, each checked like `get`'s key;
+  # one bad key fails the whole call. Items come back in the order of `keys`. If the found
+  # keys and values add up to more than `limits.max_scan_bytes` (and more than one entry
+  # at the size limits), the call fails with `responseTooLarge`.
+}
+
+struct GetManyResult {
+  # Result of `KvStore.getMany`.
+  union {
+    ok :group {
+      items @0 :List(GetItem);
+      # One per requested key, in request order.
+
+      revision @1 :UInt64;
+      # The store revision the items were read at.
+    }
+    error @2 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
+  }
+}
+
+struct GetItem {
+  # One key's outcome in a `getMany`.
+  union {
+    found @0 :Entry;
+    # The key's current entry.
+
+    notFound @1 :Void;
+    # The key does not exist.
+  }
 }
 
 struct ScanRange {
@@ -291,6 +332,37 @@ interface WriteSession {
       -> (result :DeleteResult);
   # Removes `key` if `condition` holds. Deleting a missing key is not an error:
   # `existed` says whether anything was removed.
+
+  putMany @2 (ctx :RequestContext, items :List(PutItem)) -> (result :PutManyResult);
+  # Several puts applied atomically, as one write with one new revision: all of them or
+  # none. If any item's condition fails, nothing is written and the error
+  # (`conditionFailed`) names the first failing item's index. Keys must be distinct;
+  # 1 to `limits.max_batch_items` items; the whole request must fit the server's message
+  # limit (`requestTooLarge` otherwise).
+}
+
+struct PutItem {
+  # One write of a `putMany`.
+
+  key @0 :Data;
+  value @1 :Data;
+  condition @2 :Condition;
+  # Checked against the state before the batch.
+}
+
+struct PutManyResult {
+  # Result of `WriteSession.putMany`.
+  union {
+    ok :group {
+      versions @0 :List(UInt64);
+      # Each key's new version, in request order.
+
+      revision @1 :UInt64;
+      # The store revision of the batch (shared by all its items).
+    }
+    error @2 :Error;
+    # Why the call failed (see ErrorCode for the codes it may carry).
+  }
 }
 
 struct PutResult {

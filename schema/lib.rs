@@ -23,7 +23,7 @@ pub const API_VERSION: u32 = 1;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Every error code, in schema order. Used for exhaustive tests and docs.
-pub const ALL_CODES: [ErrorCode; 15] = [
+pub const ALL_CODES: [ErrorCode; 17] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::NotFound,
@@ -39,6 +39,8 @@ pub const ALL_CODES: [ErrorCode; 15] = [
     ErrorCode::RequestTooLarge,
     ErrorCode::InvalidRange,
     ErrorCode::PermissionDenied,
+    ErrorCode::TooManyItems,
+    ErrorCode::ResponseTooLarge,
 ];
 
 /// Stable snake_case name of a code (logs, metric labels, JSON output).
@@ -59,6 +61,8 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::RequestTooLarge => "request_too_large",
         ErrorCode::InvalidRange => "invalid_range",
         ErrorCode::PermissionDenied => "permission_denied",
+        ErrorCode::TooManyItems => "too_many_items",
+        ErrorCode::ResponseTooLarge => "response_too_large",
     }
 }
 
@@ -213,6 +217,8 @@ pub struct Limits {
     pub default_scan_limit: u32,
     /// Upper bound on the keys + values bytes of one scan page.
     pub max_scan_bytes: usize,
+    /// Most keys in one `getMany` or items in one `putMany`.
+    pub max_batch_items: u32,
 }
 
 impl Default for Limits {
@@ -223,6 +229,7 @@ impl Default for Limits {
             max_scan_limit: 10_000,
             default_scan_limit: 100,
             max_scan_bytes: 4 * 1024 * 1024,
+            max_batch_items: 1000,
         }
     }
 }
@@ -240,13 +247,22 @@ impl Limits {
         self.max_key_bytes + self.max_value_bytes + MESSAGE_OVERHEAD_BYTES
     }
 
-    /// Largest legal response (a full scan page); what a client must be willing to read.
-    pub fn max_response_bytes(&self) -> usize {
-        // Each entry's key and value pointers, version and revision: ~48 bytes of framing.
+    /// Most key + value bytes one response may carry (a scan page or a `getMany`): the
+    /// page budget, or one entry at the size limits when that is larger.
+    pub fn max_response_payload_bytes(&self) -> usize {
         self.max_scan_bytes
-            + self.max_value_bytes
+            .max(self.max_key_bytes + self.max_value_bytes)
+    }
+
+    /// Largest legal response; what a client must be willing to read.
+    pub fn max_response_bytes(&self) -> usize {
+        // A scan may overshoot its byte budget by one entry. Each entry's pointers, version
+        // and revision add ~48 bytes of framing.
+        let entries = self.max_scan_limit.max(self.max_batch_items) as usize;
+        self.max_response_payload_bytes()
             + self.max_key_bytes
-            + self.max_scan_limit as usize * 64
+            + self.max_value_bytes
+            + entries * 64
             + MESSAGE_OVERHEAD_BYTES
     }
 

@@ -56,6 +56,8 @@ pub enum Method {
     Session,
     Put,
     Delete,
+    GetMany,
+    PutMany,
 }
 
 impl Method {
@@ -69,6 +71,8 @@ impl Method {
             Method::Session => "session",
             Method::Put => "put",
             Method::Delete => "delete",
+            Method::GetMany => "get_many",
+            Method::PutMany => "put_many",
         }
     }
 

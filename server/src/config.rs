@@ -97,6 +97,8 @@ pub struct LimitsConfig {
     pub max_scan_limit: u32,
     pub default_scan_limit: u32,
     pub max_scan_bytes: usize,
+    /// Keys in one `getMany`, items in one `putMany`.
+    pub max_batch_items: u32,
     /// Open connections; past it new connections are closed at once (and logged).
     pub max_connections: usize,
     /// Calls being served at once, over all connections; past it `overloaded`.
@@ -157,6 +159,7 @@ impl Default for LimitsConfig {
             max_scan_limit: l.max_scan_limit,
             default_scan_limit: l.default_scan_limit,
             max_scan_bytes: l.max_scan_bytes,
+            max_batch_items: l.max_batch_items,
             max_connections: 4096,
             max_in_flight: 8192,
             max_in_flight_per_connection: 256,
@@ -266,6 +269,9 @@ impl Config {
         if l.max_value_bytes > 64 * 1024 * 1024 {
             return fail("limits.max_value_bytes must be at most 64 MiB");
         }
+        if l.max_batch_items == 0 || l.max_batch_items > 100_000 {
+            return fail("limits.max_batch_items must be in 1..=100000");
+        }
         if l.default_scan_limit == 0 || l.default_scan_limit > l.max_scan_limit {
             return fail("limits.default_scan_limit must be in 1..=limits.max_scan_limit");
         }
@@ -309,6 +315,7 @@ impl Config {
             max_scan_limit: l.max_scan_limit,
             default_scan_limit: l.default_scan_limit,
             max_scan_bytes: l.max_scan_bytes,
+            max_batch_items: l.max_batch_items,
         }
     }
 

@@ -20,11 +20,14 @@ use crate::validate;
 /// error is handled; the client gets a message without internals.
 fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::ConditionFailed { current_version } => ApiError::new(
+        StoreError::ConditionFailed {
+            index,
+            current_version,
+        } => ApiError::new(
             ErrorCode::ConditionFailed,
             match current_version {
-                Some(v) => format!("condition failed: current version is {v}"),
-                None => "condition failed: key does not exist".to_string(),
+                Some(v) => format!("condition failed at item {index}: current version is {v}"),
+                None => format!("condition failed at item {index}: key does not exist"),
             },
         ),
         StoreError::Unavailable(detail) => {
@@ -238,6 +241,61 @@ impl kv_store::Server for KvStoreImpl {
         }
         Ok(())
     }
+
+    async fn get_many(
+        self: Rc<Self>,
+        params: kv_store::GetManyParams,
+        mut results: kv_store::GetManyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::GetMany, p.get_ctx(), |_| async {
+                let list = p.get_keys().map_err(|e| {
+                    ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}"))
+                })?;
+                validate::batch_len(&s.limits, list.len())?;
+                let keys = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| validate::key(&s.limits, k).map_err(validate::at_item(i)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (items, revision) = s.store.get_many(&keys).map_err(store_error)?;
+                let payload: usize = items
+                    .iter()
+                    .flatten()
+                    .map(|e| e.key.len() + e.value.len())
+                    .sum();
+                if payload > s.limits.max_response_payload_bytes() {
+                    return Err(ApiError::new(
+                        ErrorCode::ResponseTooLarge,
+                        format!(
+                            "the answer holds {payload} bytes of keys and values; the limit is {}",
+                            s.limits.max_response_payload_bytes()
+                        ),
+                    ));
+                }
+                Ok((items, revision))
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok((items, revision)) => {
+                let mut ok = out.reborrow().init_ok();
+                ok.set_revision(revision);
+                let mut list = ok.init_items(items.len() as u32);
+                for (i, item) in items.iter().enumerate() {
+                    let mut b = list.reborrow().get(i as u32);
+                    match item {
+                        Some(e) => write_entry(b.init_found(), e),
+                        None => b.set_not_found(()),
+                    }
+                }
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
 }
 
 /// The write capability.
@@ -294,6 +352,49 @@ impl write_session::Server for WriteSessionImpl {
                 let mut ok = out.init_ok();
                 ok.set_existed(o.existed);
                 ok.set_revision(o.revision);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn put_many(
+        self: Rc<Self>,
+        params: write_session::PutManyParams,
+        mut results: write_session::PutManyResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::PutMany, p.get_ctx(), |_| async {
+                let list = p.get_items().map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("cannot read items: {e}"),
+                    )
+                })?;
+                validate::batch_len(&s.limits, list.len())?;
+                let items = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        validate::put_item(&s.limits, item).map_err(validate::at_item(i))
+                    })
+                    .collect::<Result<Vec<_>, ApiError>>()?;
+                let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
+                validate::distinct_keys(&keys)?;
+                s.store.put_many(&items).map_err(store_error)
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(o) => {
+                let mut ok = out.reborrow().init_ok();
+                ok.set_revision(o.revision);
+                let mut versions = ok.init_versions(o.versions.len() as u32);
+                for (i, v) in o.versions.iter().enumerate() {
+                    versions.set(i as u32, *v);
+                }
             }
             Err(e) => e.write(out.init_error()),
         }

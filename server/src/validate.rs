@@ -3,13 +3,59 @@
 
 use capkv::kv_capnp::{condition, scan_range};
 use capkv::{prefix_end, ApiError, ErrorCode, Limits};
-use capkv_store::{Condition, ScanRequest};
+use capkv_store::{Condition, PutItem, ScanRequest};
 
 fn bad(what: &str, e: capnp::Error) -> ApiError {
     ApiError::new(
         ErrorCode::InvalidArgument,
         format!("cannot read {what}: {e}"),
     )
+}
+
+/// Checks a batch's item count.
+pub fn batch_len(limits: &Limits, len: u32) -> Result<(), ApiError> {
+    if len == 0 || len > limits.max_batch_items {
+        return Err(ApiError::new(
+            ErrorCode::TooManyItems,
+            format!(
+                "a batch needs 1 to {} items; got {len}",
+                limits.max_batch_items
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one item of a `putMany` like a single `put`.
+pub fn put_item<'a>(
+    limits: &Limits,
+    item: capkv::kv_capnp::put_item::Reader<'a>,
+) -> Result<PutItem<'a>, ApiError> {
+    Ok(PutItem {
+        key: key(limits, item.get_key())?,
+        value: value(limits, item.get_value())?,
+        cond: condition(item.get_condition())?,
+    })
+}
+
+/// Checks that no key appears twice in a batch.
+pub fn distinct_keys(keys: &[&[u8]]) -> Result<(), ApiError> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    match keys.iter().position(|k| !seen.insert(*k)) {
+        None => Ok(()),
+        Some(i) => Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("item {i} repeats an earlier key; batch keys must be distinct"),
+        )),
+    }
+}
+
+/// Prefixes an item's error message with its index, keeping its code.
+pub fn at_item(i: usize) -> impl Fn(ApiError) -> ApiError {
+    move |mut e| {
+        e.message = format!("item {i}: {}", e.message);
+        e
+    }
 }
 
 pub fn key<'a>(

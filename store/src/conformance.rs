@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::{Condition, ScanRequest, Store, StoreError};
+use crate::{Condition, PutItem, ScanRequest, Store, StoreError};
 
 fn scan_all(s: &dyn Store, start: &[u8], end: Option<&[u8]>) -> Vec<Vec<u8>> {
     let page = s
@@ -83,6 +83,7 @@ pub fn conditions(s: &dyn Store) {
     assert_eq!(
         s.put(b"c", b"2", Condition::IfAbsent),
         Err(StoreError::ConditionFailed {
+            index: 0,
             current_version: Some(1)
         })
     );
@@ -108,6 +109,7 @@ pub fn conditions(s: &dyn Store) {
     assert!(matches!(
         s.delete(b"missing", Condition::IfVersion(1)),
         Err(StoreError::ConditionFailed {
+            index: 0,
             current_version: None
         })
     ));
@@ -178,6 +180,42 @@ pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
     assert!(s.scan(&req).unwrap().entries[0].value.is_empty());
 }
 
+pub fn batches_are_atomic_with_one_revision(s: &dyn Store) {
+    s.put(b"a", b"0", Condition::None).unwrap();
+    let item = |key: &'static [u8], value: &'static [u8], cond| PutItem { key, value, cond };
+    let out = s
+        .put_many(&[
+            item(b"a", b"1", Condition::IfVersion(1)),
+            item(b"b", b"1", Condition::IfAbsent),
+        ])
+        .unwrap();
+    assert_eq!(out.versions, vec![2, 1]);
+    assert_eq!(out.revision, 2, "a batch is one write");
+    assert_eq!(s.get(b"b").unwrap().unwrap().mod_revision, 2);
+    let failed = s.put_many(&[
+        item(b"c", b"1", Condition::None),
+        item(b"a", b"x", Condition::IfVersion(1)),
+    ]);
+    assert_eq!(
+        failed,
+        Err(StoreError::ConditionFailed {
+            index: 1,
+            current_version: Some(2)
+        })
+    );
+    assert_eq!(
+        s.get(b"c").unwrap(),
+        None,
+        "nothing of a failed batch is written"
+    );
+    assert_eq!(s.revision().unwrap(), 2);
+    let (items, revision) = s.get_many(&[b"b", b"nope", b"a"]).unwrap();
+    assert_eq!(revision, 2);
+    assert_eq!(items[0].as_ref().unwrap().value, b"1");
+    assert!(items[1].is_none());
+    assert_eq!(items[2].as_ref().unwrap().version, 2);
+}
+
 /// Writers on several threads on a few keys: every final value must be one that some
 /// acknowledged write produced, versions must count the puts, revisions must be unique.
 pub fn concurrent_writers(make: &dyn Fn() -> Arc<dyn Store>) {
@@ -232,7 +270,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $make;
             get_missing_is_none, put_then_get, versions_and_revisions_advance,
             binary_keys_and_values, delete_missing_changes_nothing, conditions,
-            scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes);
+            scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes,
+            batches_are_atomic_with_one_revision);
         #[test]
         fn concurrent_writers() {
             $crate::conformance::concurrent_writers(&|| {

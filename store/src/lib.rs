@@ -10,8 +10,10 @@
 //! - Keys are ordered by their bytes. Each key has a `version`: 1 after its first put,
 //!   +1 per later put; a delete ends it and a later put starts again at 1.
 //! - The store has one `revision` counter, +1 for every write that changes something.
-//!   A put records the revision it produced as the key's `mod_revision`.
-//! - A write with a condition that does not hold changes nothing.
+//!   A put records the revision it produced as the key's `mod_revision`. A batch
+//!   (`put_many`) is one write: all its keys share one new revision.
+//! - A write with a condition that does not hold changes nothing; in a batch, nothing of
+//!   the batch.
 //!
 //! The engine does not validate sizes: the server's limits do that before any work.
 
@@ -92,10 +94,30 @@ pub struct ScanPage {
 /// Failures of an engine. Condition failures are not errors of the engine: they are part
 /// of the outcome and reported as [`StoreError::ConditionFailed`] so that callers cannot
 /// mistake them for success.
+/// One write of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutItem<'a> {
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub cond: Condition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Each key's new version, in item order.
+    pub versions: Vec<u64>,
+    /// The revision of the batch.
+    pub revision: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    #[error("condition failed (current version {current_version:?})")]
-    ConditionFailed { current_version: Option<u64> },
+    /// `index` is the item of a batch whose condition failed (0 for single writes).
+    #[error("condition failed at item {index} (current version {current_version:?})")]
+    ConditionFailed {
+        index: usize,
+        current_version: Option<u64>,
+    },
     /// The engine cannot serve right now (closed, out of space...): retry later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -111,6 +133,11 @@ pub trait Store: Send + Sync {
     fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError>;
     fn delete(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError>;
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError>;
+    /// Reads several keys at one revision; returns them in `keys` order, and the revision.
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError>;
+    /// Applies `items` atomically as one write. Keys must be distinct (callers check);
+    /// conditions are checked against the state before the batch.
+    fn put_many(&self, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError>;
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;
     /// A short engine name for logs and `--print-config`.

@@ -10,7 +10,8 @@ use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{
-    Condition, DeleteOutcome, Entry, PutOutcome, ScanPage, ScanRequest, Store, StoreError,
+    BatchOutcome, Condition, DeleteOutcome, Entry, PutItem, PutOutcome, ScanPage, ScanRequest,
+    Store, StoreError,
 };
 
 #[derive(Debug, Clone)]
@@ -64,6 +65,7 @@ impl Store for MemoryStore {
         let current = inner.map.get(key).map(|s| s.version);
         if !cond.holds(current) {
             return Err(StoreError::ConditionFailed {
+                index: 0,
                 current_version: current,
             });
         }
@@ -86,6 +88,7 @@ impl Store for MemoryStore {
         let current = inner.map.get(key).map(|s| s.version);
         if !cond.holds(current) {
             return Err(StoreError::ConditionFailed {
+                index: 0,
                 current_version: current,
             });
         }
@@ -140,6 +143,51 @@ impl Store for MemoryStore {
         }
         page.more = range.next().is_some();
         Ok(page)
+    }
+
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        let inner = self.read();
+        let entries = keys
+            .iter()
+            .map(|key| {
+                inner.map.get(*key).map(|s| Entry {
+                    key: key.to_vec(),
+                    value: s.value.clone(),
+                    version: s.version,
+                    mod_revision: s.mod_revision,
+                })
+            })
+            .collect();
+        Ok((entries, inner.revision))
+    }
+
+    fn put_many(&self, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError> {
+        let mut inner = self.write();
+        // Check every condition before touching anything: all or nothing.
+        let mut versions = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let current = inner.map.get(item.key).map(|s| s.version);
+            if !item.cond.holds(current) {
+                return Err(StoreError::ConditionFailed {
+                    index,
+                    current_version: current,
+                });
+            }
+            versions.push(current.unwrap_or(0) + 1);
+        }
+        inner.revision += 1;
+        let revision = inner.revision;
+        for (item, &version) in items.iter().zip(&versions) {
+            inner.map.insert(
+                item.key.to_vec(),
+                Stored {
+                    value: item.value.to_vec(),
+                    version,
+                    mod_revision: revision,
+                },
+            );
+        }
+        Ok(BatchOutcome { versions, revision })
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

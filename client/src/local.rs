@@ -1,0 +1,405 @@
+//! [`LocalClient`]: one connection, driven on the current thread's `LocalSet`.
+//!
+//! This is where the wire work happens: building requests, pipelining on promised
+//! capabilities, decoding result unions, deadlines. It is `!Send` because capnp-rpc
+//! objects are; [`Client`](crate::Client) wraps it in a connection thread for everyone
+//! else. Programs that already run a `LocalSet` per thread (kv-loadgen) use it directly
+//! and skip the thread hop.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use capkv::kv_capnp::{condition, gateway, kv_store, write_session};
+use capkv::{send_with_union_cap, ApiError, CallMeta, ErrorCode};
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures::future::{LocalBoxFuture, Shared};
+use futures::{AsyncReadExt, FutureExt};
+use tokio::time::Instant;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+use crate::{
+    BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, Health, PutOutcome, ScanBounds,
+    ScanOptions, ScanPage, VersionInfo,
+};
+
+type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiError>>>;
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Awaits a response and decodes its result union: the success arm `$arm($v)` through
+/// `$ok`, the error arm into an [`ApiError`]. Every call of the contract has this shape;
+/// only the union module and the success arm differ.
+macro_rules! decode_result {
+    ($response:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
+        let resp = $response.await.map_err(capnp_err)?;
+        use capkv::kv_capnp::$module::Which;
+        match resp
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(capnp_err)?
+            .which()
+        {
+            Ok(Which::$arm($v)) => $ok,
+            Ok(Which::Error(e)) => Err(read_error(e)),
+            Err(e) => Err(capnp_err(e.into())),
+        }
+    }};
+}
+
+/// One connection on the current `LocalSet`.
+pub struct LocalClient {
+    gateway: gateway::Client,
+    /// Promised by the pipelined `open`; usable before `open` returns.
+    kv: kv_store::Client,
+    /// How `open` ended; consulted when a call on `kv` fails, to report the real reason
+    /// (e.g. `unauthenticated`) instead of "broken capability".
+    opened: SharedOutcome,
+    session: RefCell<Option<(write_session::Client, SharedOutcome)>>,
+}
+
+impl LocalClient {
+    /// Connects to `addr` and sends `open(token)` without waiting for it. Must be called
+    /// inside a `LocalSet`: the connection's `RpcSystem` is spawned on it.
+    pub async fn connect(addr: &str, options: &ClientOptions) -> Result<LocalClient, ApiError> {
+        let stream = crate::tcp_connect(addr, options).await?;
+        Ok(Self::over(stream, options))
+    }
+
+    /// Starts the RPC system over an open stream (inside a `LocalSet`).
+    pub fn over(stream: tokio::net::TcpStream, options: &ClientOptions) -> LocalClient {
+        let (reader, writer) = stream.compat().split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(reader),
+            futures::io::BufWriter::new(writer),
+            rpc_twoparty_capnp::Side::Client,
+            capkv::response_reader_options(&options.limits),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let gateway: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        tokio::task::spawn_local(async move {
+            // Calls on a dead connection fail with `disconnected`, reported as
+            // `unavailable`; the reason is only worth a debug line.
+            if let Err(e) = rpc.await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+        });
+        let mut req = gateway.open_request();
+        CallMeta::default().write(req.get().init_ctx());
+        req.get().set_token(options.token.as_str());
+        let (resp, kv) = send_with_union_cap::<_, _, kv_store::Client>(req);
+        let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
+            .boxed_local()
+            .shared();
+        LocalClient {
+            gateway,
+            kv,
+            opened,
+            session: RefCell::new(None),
+        }
+    }
+
+    /// Runs one call: builds its `RequestContext` from the deadline and gives up at the
+    /// deadline, dropping (and so cancelling) the request.
+    async fn run<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(CallMeta) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        // The budget is what is left when the request leaves, not the caller's timeout.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(deadline_exceeded());
+        }
+        let meta = CallMeta {
+            budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
+            request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
+            attempt: 1,
+            ..CallMeta::default()
+        };
+        tokio::time::timeout_at(deadline, f(meta))
+            .await
+            .unwrap_or_else(|_| Err(deadline_exceeded()))
+    }
+
+    pub async fn health(&self, deadline: Instant) -> Result<Health, ApiError> {
+        self.run(deadline, |meta| async move {
+            let mut req = self.gateway.health_request();
+            meta.write(req.get().init_ctx());
+            decode_result!(req.send().promise, health_result, Ok(ok) => Ok(Health {
+                live: ok.get_live(),
+                ready: ok.get_ready(),
+                status: read_text(ok.get_status()),
+            }))
+        })
+        .await
+    }
+
+    pub async fn version(&self, deadline: Instant) -> Result<VersionInfo, ApiError> {
+        self.run(deadline, |meta| async move {
+            let mut req = self.gateway.version_request();
+            meta.write(req.get().init_ctx());
+            decode_result!(req.send().promise, version_result, Ok(ok) => Ok(VersionInfo {
+                service: read_text(ok.get_service()),
+                api_version: ok.get_api_version(),
+            }))
+        })
+        .await
+    }
+
+    /// The entry under `key`, or `None` if it does not exist.
+    pub async fn get(&self, key: &[u8], deadline: Instant) -> Result<Option<Entry>, ApiError> {
+        self.run(deadline, |meta| async move {
+            let mut req = self.kv.get_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_key(key);
+            let r = async {
+                decode_result!(req.send().promise, get_result,
+                    Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
+            }
+            .await;
+            match self.explain(r, &self.opened).await {
+                Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// Several keys in one call; `None` for each missing key, in `keys` order.
+    pub async fn get_many(
+        &self,
+        keys: &[Vec<u8>],
+        deadline: Instant,
+    ) -> Result<Vec<Option<Entry>>, ApiError> {
+        self.run(deadline, |meta| async move {
+            let mut req = self.kv.get_many_request();
+            meta.write(req.get().init_ctx());
+            let n = u32::try_from(keys.len()).map_err(|_| too_many(keys.len()))?;
+            let mut list = req.get().init_keys(n);
+            for (i, k) in keys.iter().enumerate() {
+                list.set(i as u32, k);
+            }
+            let r = async {
+                decode_result!(req.send().promise, get_many_result, Ok(ok) => {
+                    use capkv::kv_capnp::get_item::Which as Item;
+                    let items = ok.get_items().map_err(capnp_err)?;
+                    items
+                        .iter()
+                        .map(|item| match item.which() {
+                            Ok(Item::Found(e)) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)),
+                            Ok(Item::NotFound(())) => Ok(None),
+                            Err(e) => Err(capnp_err(e.into())),
+                        })
+                        .collect()
+                })
+            }
+            .await;
+            self.explain(r, &self.opened).await
+        })
+        .await
+    }
+
+    pub async fn scan(&self, opts: &ScanOptions, deadline: Instant) -> Result<ScanPage, ApiError> {
+        self.run(deadline, |meta| async move {
+            let mut req = self.kv.scan_request();
+            meta.write(req.get().init_ctx());
+            {
+                let mut r = req.get().init_range();
+                r.set_limit(opts.limit);
+                r.set_cursor(&opts.cursor);
+                r.set_keys_only(opts.keys_only);
+                match &opts.bounds {
+                    ScanBounds::Range { start, end } => {
+                        let mut g = r.init_range();
+                        g.set_start(start);
+                        g.set_end(end);
+                    }
+                    ScanBounds::Prefix(p) => r.set_prefix(p),
+                }
+            }
+            let r = async {
+                decode_result!(req.send().promise, scan_result, Ok(ok) => {
+                    let list = ok.get_entries().map_err(capnp_err)?;
+                    let entries = list.iter().map(read_entry).collect::<Result<_, _>>()?;
+                    let cursor = ok.get_next_cursor().map_err(capnp_err)?;
+                    Ok(ScanPage {
+                        entries,
+                        next_cursor: (!cursor.is_empty()).then(|| cursor.to_vec()),
+                        revision: ok.get_revision(),
+                    })
+                })
+            }
+            .await;
+            self.explain(r, &self.opened).await
+        })
+        .await
+    }
+
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        deadline: Instant,
+    ) -> Result<PutOutcome, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (session, outcome) = self.session(&meta);
+            let mut req = session.put_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_key(key);
+            req.get().set_value(value);
+            write_condition(req.get().init_condition(), cond);
+            let r = async {
+                decode_result!(req.send().promise, put_result, Ok(ok) => Ok(PutOutcome {
+                    version: ok.get_version(),
+                    revision: ok.get_revision(),
+                }))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// Several puts applied atomically (all or none), as one write.
+    pub async fn put_many(
+        &self,
+        items: &[(Vec<u8>, Vec<u8>, Condition)],
+        deadline: Instant,
+    ) -> Result<BatchOutcome, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (session, outcome) = self.session(&meta);
+            let mut req = session.put_many_request();
+            meta.write(req.get().init_ctx());
+            let n = u32::try_from(items.len()).map_err(|_| too_many(items.len()))?;
+            let mut list = req.get().init_items(n);
+            for (i, (k, v, c)) in items.iter().enumerate() {
+                let mut b = list.reborrow().get(i as u32);
+                b.set_key(k);
+                b.set_value(v);
+                write_condition(b.init_condition(), *c);
+            }
+            let r = async {
+                decode_result!(req.send().promise, put_many_result, Ok(ok) => Ok(BatchOutcome {
+                    versions: ok.get_versions().map_err(capnp_err)?.iter().collect(),
+                    revision: ok.get_revision(),
+                }))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        key: &[u8],
+        cond: Condition,
+        deadline: Instant,
+    ) -> Result<DeleteOutcome, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (session, outcome) = self.session(&meta);
+            let mut req = session.delete_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_key(key);
+            write_condition(req.get().init_condition(), cond);
+            let r = async {
+                decode_result!(req.send().promise, delete_result, Ok(ok) => Ok(DeleteOutcome {
+                    existed: ok.get_existed(),
+                    revision: ok.get_revision(),
+                }))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// The write session, created on first use by a call pipelined on the promised
+    /// `KvStore`, so even the first write of a connection costs one round trip.
+    fn session(&self, meta: &CallMeta) -> (write_session::Client, SharedOutcome) {
+        if let Some((s, o)) = &*self.session.borrow() {
+            return (s.clone(), o.clone());
+        }
+        let mut req = self.kv.session_request();
+        meta.write(req.get().init_ctx());
+        let (resp, session) = send_with_union_cap::<_, _, write_session::Client>(req);
+        let opened = self.opened.clone();
+        let outcome: SharedOutcome = async move {
+            opened.await?;
+            decode_result!(resp, session_result, Session(_) => Ok(()))
+        }
+        .boxed_local()
+        .shared();
+        *self.session.borrow_mut() = Some((session.clone(), outcome.clone()));
+        (session, outcome)
+    }
+
+    /// A call on a pipelined capability fails with a bare exception when the call that
+    /// promised the capability failed; report that call's error instead.
+    async fn explain<T>(
+        &self,
+        r: Result<T, ApiError>,
+        origin: &SharedOutcome,
+    ) -> Result<T, ApiError> {
+        match r {
+            Err(e) if matches!(e.code, ErrorCode::Internal | ErrorCode::Unavailable) => {
+                match origin.clone().await {
+                    Err(origin_err) => {
+                        if origin_err.code != ErrorCode::Unavailable {
+                            // Do not reuse a session that never existed.
+                            self.session.borrow_mut().take();
+                        }
+                        Err(origin_err)
+                    }
+                    Ok(()) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+fn capnp_err(e: capnp::Error) -> ApiError {
+    ApiError::from_capnp(&e)
+}
+
+pub(crate) fn deadline_exceeded() -> ApiError {
+    ApiError::new(ErrorCode::DeadlineExceeded, "client deadline exceeded")
+}
+
+fn too_many(n: usize) -> ApiError {
+    ApiError::new(ErrorCode::TooManyItems, format!("{n} items is too many"))
+}
+
+fn read_text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
+    t.ok()
+        .and_then(|t| t.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn read_error(e: capnp::Result<capkv::kv_capnp::error::Reader<'_>>) -> ApiError {
+    match e {
+        Ok(e) => ApiError::read(e),
+        Err(e) => capnp_err(e),
+    }
+}
+
+fn read_entry(e: capkv::kv_capnp::entry::Reader<'_>) -> Result<Entry, ApiError> {
+    Ok(Entry {
+        key: e.get_key().map_err(capnp_err)?.to_vec(),
+        value: e.get_value().map_err(capnp_err)?.to_vec(),
+        version: e.get_version(),
+        mod_revision: e.get_mod_revision(),
+    })
+}
+
+fn write_condition(mut b: condition::Builder<'_>, c: Condition) {
+    match c {
+        Condition::None => b.set_none(()),
+        Condition::IfVersion(v) => b.set_if_version(v),
+        Condition::IfAbsent => b.set_if_absent(()),
+    }
+}
