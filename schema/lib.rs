@@ -9,9 +9,14 @@
 //! - [`code_name`] / [`code_from_name`]: the stable snake_case names of error codes, used
 //!   in logs, metrics labels and the CLI's JSON output.
 //!
-//! This crate knows nothing about sockets, threads or storage.
+//! - [`transport`]: the byte stream under RPC (buffered reads, coalesced writes), so both
+//!   sides frame and flush alike.
+//!
+//! Apart from [`transport`], this crate knows nothing about sockets, threads or storage.
 
 capnp::generated_code!(pub mod kv_capnp);
+
+pub mod transport;
 
 pub use kv_capnp::ErrorCode;
 

@@ -12,11 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use capkv::kv_capnp::{condition, gateway, kv_store, write_session};
 use capkv::{send_with_union_cap, ApiError, CallMeta, ErrorCode};
-use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::{LocalBoxFuture, Shared};
-use futures::{AsyncReadExt, FutureExt};
+use futures::FutureExt;
 use tokio::time::Instant;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::{
     BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, Health, PutOutcome, ScanBounds,
@@ -68,10 +67,8 @@ impl LocalClient {
 
     /// Starts the RPC system over an open stream (inside a `LocalSet`).
     pub fn over(stream: tokio::net::TcpStream, options: &ClientOptions) -> LocalClient {
-        let (reader, writer) = stream.compat().split();
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(reader),
-            futures::io::BufWriter::new(writer),
+        let network = capkv::transport::vat_network(
+            stream,
             rpc_twoparty_capnp::Side::Client,
             capkv::response_reader_options(&options.limits),
         );

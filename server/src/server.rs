@@ -21,11 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capkv::kv_capnp::gateway;
-use capnp_rpc::{rpc_twoparty_capnp, twoparty, Disconnector, RpcSystem};
-use futures::AsyncReadExt;
+use capnp_rpc::{rpc_twoparty_capnp, Disconnector, RpcSystem};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::chain::{Conn, Shared};
 use crate::config::{Config, Engine};
@@ -240,10 +238,8 @@ fn worker_main(
                     continue;
                 }
             };
-            let (reader, writer) = stream.compat().split();
-            let network = twoparty::VatNetwork::new(
-                futures::io::BufReader::new(reader),
-                futures::io::BufWriter::new(writer),
+            let network = capkv::transport::vat_network(
+                stream,
                 rpc_twoparty_capnp::Side::Server,
                 limits.request_reader_options(),
             );

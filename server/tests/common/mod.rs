@@ -9,9 +9,7 @@ use std::time::Duration;
 use capkv::kv_capnp::gateway;
 use capkv_client::{Client, ClientOptions};
 use capkv_server::{Config, RunningServer};
-use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
-use futures::AsyncReadExt;
-use tokio_util::compat::TokioAsyncReadCompatExt;
+use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 
 pub fn test_config() -> Config {
     Config::local_ephemeral()
@@ -40,10 +38,8 @@ pub async fn client_with(addr: SocketAddr, token: &str) -> Client {
 pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let (r, w) = stream.compat().split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(r),
-        futures::io::BufWriter::new(w),
+    let network = capkv::transport::vat_network(
+        stream,
         rpc_twoparty_capnp::Side::Client,
         capkv::response_reader_options(&capkv::Limits::default()),
     );

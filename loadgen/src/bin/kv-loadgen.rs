@@ -1,0 +1,225 @@
+//! `kv-loadgen`: load runs and the comparison matrix (see `kv-loadgen --help`).
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use capkv_loadgen::matrix::{self, MatrixConfig};
+use capkv_loadgen::report;
+use capkv_loadgen::run::{self, RunConfig};
+use capkv_loadgen::target::TargetKind;
+use capkv_loadgen::workload::{KeyDist, Mix};
+use clap::{Args, Parser, Subcommand};
+
+/// Load generator for capkv (and Redis, driven by the same generator).
+#[derive(Parser, Debug)]
+#[command(name = "kv-loadgen", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One run, or one run per rate with --rps.
+    Run(RunArgs),
+    /// The standard comparison matrix; writes a markdown results file.
+    Matrix(MatrixArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Key distribution: uniform, zipf (s=0.99) or zipf:S.
+    #[arg(long, default_value = "uniform")]
+    dist: KeyDist,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Warm-up before measuring, e.g. 2s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// Measured duration, e.g. 10s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Seed of the key/value/mix generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Loadgen worker threads (each owns a share of the connections).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Per-call deadline.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Bearer token for capkv.
+    #[arg(
+        long,
+        env = "CAPKV_TOKEN",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    token: String,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// capkv or redis.
+    #[arg(long, default_value = "capkv")]
+    target: TargetKind,
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// Connections.
+    #[arg(long, short = 'c', default_value_t = 50)]
+    connections: usize,
+    /// Calls in flight per connection (closed loop).
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// Keys per call (batches: getMany/putMany, MGET/MSET).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// read (95/5), mixed (50/50), write (5/95), get, put, or the read percentage.
+    #[arg(long, default_value = "read")]
+    mix: Mix,
+    /// Open loop: comma-separated total rates in calls/s, one run each. Absent: closed loop.
+    #[arg(long, value_parser = matrix::parse_rates)]
+    rps: Option<Vec<f64>>,
+    /// Open loop: calls a connection may have outstanding before due calls are dropped.
+    #[arg(long, default_value_t = 1024)]
+    max_outstanding: usize,
+    /// Load every key once before the run.
+    #[arg(long)]
+    preload: bool,
+    /// PID of the server, to report its CPU and RSS.
+    #[arg(long)]
+    server_pid: Option<i32>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the results as CSV to this file.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct MatrixArgs {
+    #[command(flatten)]
+    common: Common,
+    /// capkv address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// capkv server PID (CPU/RSS).
+    #[arg(long)]
+    server_pid: Option<i32>,
+    /// Redis address, to run the same cases against Redis.
+    #[arg(long)]
+    redis_addr: Option<String>,
+    /// Redis server PID (CPU/RSS).
+    #[arg(long)]
+    redis_pid: Option<i32>,
+    /// Open-loop rates for the mix matrix, calls/s.
+    #[arg(long, default_value = matrix::DEFAULT_RATES, value_parser = matrix::parse_rates)]
+    rps: Vec<f64>,
+    /// Connections of the c=50 cases and of the mix matrix.
+    #[arg(long, short = 'c', default_value_t = 50)]
+    connections: usize,
+    /// Markdown results file.
+    #[arg(long, default_value = "bench/results.md")]
+    out: PathBuf,
+    /// Also write every run as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn base(c: &Common) -> RunConfig {
+    let (warmup, duration) = matrix::default_timings();
+    RunConfig {
+        keys: c.keys,
+        dist: c.dist,
+        value_size: c.value_size,
+        warmup: c.warmup.unwrap_or(warmup),
+        duration: c.duration.unwrap_or(duration),
+        seed: c.seed,
+        threads: c.threads,
+        timeout: c.timeout,
+        token: c.token.clone(),
+        progress: std::io::stderr().is_terminal(),
+        ..RunConfig::default()
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(a) => {
+            let cfg = RunConfig {
+                target: a.target,
+                addr: a.addr.clone(),
+                connections: a.connections,
+                in_flight: a.in_flight,
+                batch: a.batch,
+                mix_read_percent: a.mix.read_percent,
+                server_pid: a.server_pid,
+                max_outstanding: a.max_outstanding,
+                ..base(&a.common)
+            };
+            if a.preload {
+                run::preload(&cfg).context("preload")?;
+            }
+            let rates: Vec<Option<f64>> = match &a.rps {
+                Some(r) => r.iter().copied().map(Some).collect(),
+                None => vec![None],
+            };
+            let mut results = Vec::new();
+            for rate in rates {
+                let r = run::run(&RunConfig {
+                    rate,
+                    ..cfg.clone()
+                })?;
+                print!("{}", report::table(&r));
+                results.push(r);
+            }
+            if let Some(path) = &a.json {
+                std::fs::write(path, serde_json::to_string_pretty(&results)?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+            if let Some(path) = &a.csv {
+                let mut csv = format!("{}\n", report::CSV_HEADER);
+                results
+                    .iter()
+                    .for_each(|r| csv.push_str(&report::csv_rows(r)));
+                std::fs::write(path, csv).with_context(|| format!("write {}", path.display()))?;
+            }
+        }
+        Command::Matrix(a) => {
+            let m = MatrixConfig {
+                base: base(&a.common),
+                capkv_addr: a.addr.clone(),
+                capkv_pid: a.server_pid,
+                redis_addr: a.redis_addr.clone(),
+                redis_pid: a.redis_pid,
+                rates: a.rps.clone(),
+                connections: a.connections,
+            };
+            let (md, results) = matrix::run_matrix(&m)?;
+            if let Some(dir) = a.out.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            std::fs::write(&a.out, &md).with_context(|| format!("write {}", a.out.display()))?;
+            println!("{md}");
+            if let Some(path) = &a.json {
+                let runs: Vec<_> = results
+                    .iter()
+                    .map(|(n, r)| serde_json::json!({"case": n, "result": r}))
+                    .collect();
+                std::fs::write(path, serde_json::to_string_pretty(&runs)?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! kv-loadgen: load for capkv (and Redis, driven identically, for comparison).
+//!
+//! - [`workload`]: request mix, key distribution (uniform/zipfian), keys and values, all
+//!   from a seed.
+//! - [`run`]: worker threads with a `LocalSet` each; closed loop (fixed concurrency) and
+//!   open loop (fixed arrival rate, latency from the intended send time); preload.
+//! - [`target`]: the servers a run can drive: capkv through `LocalClient`, Redis through
+//!   the `redis` crate.
+//! - [`stats`]: HdrHistogram latencies per operation, error counts by code, summaries.
+//! - [`procstat`]: server CPU and RSS from /proc.
+//! - [`report`]: table, CSV, JSON and markdown output.
+//! - [`matrix`]: the standard comparison matrix and its results file.
+
+pub mod matrix;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod target;
+pub mod workload;

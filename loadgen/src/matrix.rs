@@ -1,0 +1,210 @@
+//! The standard comparison: the same cases against capkv and (when given) Redis, back to
+//! back, plus capkv's mix x rate matrix, written as one markdown file with the machine and
+//! its load.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::report;
+use crate::run::{self, RunConfig, RunResult};
+use crate::target::TargetKind;
+use crate::workload::Mix;
+
+#[derive(Debug, Clone)]
+pub struct MatrixConfig {
+    /// The base of every case: keys, value size, timings, seed, threads.
+    pub base: RunConfig,
+    pub capkv_addr: String,
+    pub capkv_pid: Option<i32>,
+    pub redis_addr: Option<String>,
+    pub redis_pid: Option<i32>,
+    /// Open-loop rates (calls/s) for the mix matrix.
+    pub rates: Vec<f64>,
+    /// Connections for the mix matrix and the c=50 cases.
+    pub connections: usize,
+}
+
+/// A named closed-loop case.
+struct Case {
+    name: &'static str,
+    connections: usize,
+    in_flight: usize,
+    batch: usize,
+    read_percent: u8,
+}
+
+fn comparison_cases(c: usize) -> Vec<Case> {
+    let case = |name, connections, in_flight, batch, read_percent| Case {
+        name,
+        connections,
+        in_flight,
+        batch,
+        read_percent,
+    };
+    vec![
+        case("GET c=1", 1, 1, 1, 100),
+        case("PUT c=1", 1, 1, 1, 0),
+        case("GET c=50", c, 1, 1, 100),
+        case("PUT c=50", c, 1, 1, 0),
+        case("GET c=50 x16 in flight", c, 16, 1, 100),
+        case("PUT c=50 x16 in flight", c, 16, 1, 0),
+        case("GET c=50 batch 16", c, 1, 16, 100),
+        case("PUT c=50 batch 16", c, 1, 16, 0),
+    ]
+}
+
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let model = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    format!(
+        "{cores} cores ({model}), {:.0} GiB",
+        mem_kib as f64 / 1048576.0
+    )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs every case (progress on stderr) and returns the markdown and the raw results.
+pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunResult)>)> {
+    let mut md = String::new();
+    let b = &m.base;
+    let _ = writeln!(md, "## Conditions\n");
+    let _ = writeln!(
+        md,
+        "- machine: {}; load average at start: {}",
+        machine(),
+        loadavg()
+    );
+    let _ = writeln!(
+        md,
+        "- {} keys of {} B values ({} keys), preloaded; warm-up {} s, window {} s per case; seed {}; loadgen threads {}",
+        b.keys,
+        b.value_size,
+        b.dist,
+        b.warmup.as_secs_f64(),
+        b.duration.as_secs_f64(),
+        b.seed,
+        b.threads
+    );
+    let mut results = Vec::new();
+
+    let mut targets = vec![(TargetKind::Capkv, m.capkv_addr.clone(), m.capkv_pid)];
+    if let Some(addr) = &m.redis_addr {
+        targets.push((TargetKind::Redis, addr.clone(), m.redis_pid));
+    }
+    let _ = writeln!(
+        md,
+        "\n## capkv and Redis, same generator, closed loop\n\n{}",
+        report::MARKDOWN_HEADER
+    );
+    for case in comparison_cases(m.connections) {
+        for (target, addr, pid) in &targets {
+            let cfg = RunConfig {
+                target: *target,
+                addr: addr.clone(),
+                server_pid: *pid,
+                connections: case.connections,
+                in_flight: case.in_flight,
+                batch: case.batch,
+                mix_read_percent: case.read_percent,
+                rate: None,
+                ..b.clone()
+            };
+            if case.name == "GET c=1" {
+                run::preload(&cfg)?;
+            }
+            let r = run::run(&cfg)?;
+            eprintln!("{}", report::table(&r));
+            let _ = writeln!(md, "{}", report::markdown_row(case.name, &r));
+            results.push((case.name.to_string(), r));
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## capkv open loop: mixes x rates ({} connections; latency from the intended send time)\n\n{}",
+        m.connections,
+        report::MARKDOWN_HEADER
+    );
+    for (mix_name, mix) in [
+        ("read 95/5", Mix::READ_HEAVY),
+        ("mixed 50/50", Mix::MIXED),
+        ("write 5/95", Mix::WRITE_HEAVY),
+    ] {
+        for rate in &m.rates {
+            let cfg = RunConfig {
+                target: TargetKind::Capkv,
+                addr: m.capkv_addr.clone(),
+                server_pid: m.capkv_pid,
+                connections: m.connections,
+                in_flight: 1,
+                batch: 1,
+                mix_read_percent: mix.read_percent,
+                rate: Some(*rate),
+                ..b.clone()
+            };
+            let r = run::run(&cfg)?;
+            eprintln!("{}", report::table(&r));
+            let name = format!("{mix_name} @ {rate:.0}/s");
+            let _ = writeln!(md, "{}", report::markdown_row(&name, &r));
+            results.push((name, r));
+        }
+    }
+    let _ = writeln!(md, "\nLoad average at end: {}", loadavg());
+    Ok((md, results))
+}
+
+/// Parses `1000,5000,20000`.
+pub fn parse_rates(s: &str) -> Result<Vec<f64>, String> {
+    s.split(',')
+        .map(|r| {
+            r.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .ok_or_else(|| format!("bad rate {r:?}"))
+        })
+        .collect()
+}
+
+/// Default open-loop rates for the matrix.
+pub const DEFAULT_RATES: &str = "5000,10000,20000,40000";
+
+/// Default per-case timings for the matrix: long enough for stable percentiles, short
+/// enough that the whole matrix stays around five minutes.
+pub fn default_timings() -> (Duration, Duration) {
+    (Duration::from_secs(2), Duration::from_secs(8))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_parse() {
+        assert_eq!(
+            super::parse_rates("1000, 5e3").unwrap(),
+            vec![1000.0, 5000.0]
+        );
+        assert!(super::parse_rates("1000,-1").is_err());
+        assert!(super::parse_rates("").is_err());
+    }
+}

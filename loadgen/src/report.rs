@@ -1,0 +1,165 @@
+//! Results as a terminal table, CSV rows, a JSON document, or a markdown section.
+
+use std::fmt::Write as _;
+
+use crate::run::RunResult;
+
+fn ms(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2}ms", us / 1000.0)
+    } else {
+        format!("{us:.0}us")
+    }
+}
+
+fn errors(o: &crate::stats::OpSummary) -> String {
+    if o.errors.is_empty() {
+        "0".into()
+    } else {
+        o.errors
+            .iter()
+            .map(|(c, n)| format!("{c}={n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// One-line description of a run's conditions.
+pub fn describe(r: &RunResult) -> String {
+    let c = &r.config;
+    format!(
+        "{} {} conns={} in_flight={} batch={} mix={}/{} keys={} dist={} value={}B window={}s",
+        c.target.name(),
+        r.mode,
+        c.connections,
+        c.in_flight,
+        c.batch,
+        c.mix_read_percent,
+        100 - c.mix_read_percent,
+        c.keys,
+        c.dist,
+        c.value_size,
+        r.window_secs
+    )
+}
+
+/// A human table for one run.
+pub fn table(r: &RunResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", describe(r));
+    let _ = writeln!(
+        out,
+        "{:<4} {:>9} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  errors",
+        "op", "calls", "ok/s", "mean", "p50", "p90", "p99", "p99.9", "max"
+    );
+    for o in &r.ops {
+        let l = &o.latency;
+        let _ = writeln!(
+            out,
+            "{:<4} {:>9} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}  {}",
+            o.op,
+            o.calls,
+            o.ok_per_sec,
+            ms(l.mean_us),
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.p999_us),
+            ms(l.max_us),
+            errors(o)
+        );
+    }
+    if r.config.batch > 1 {
+        let _ = writeln!(
+            out,
+            "keys/s {:.0} (batches of {})",
+            r.keys_per_sec, r.config.batch
+        );
+    }
+    if let Some(l) = &r.send_lag {
+        let _ = writeln!(
+            out,
+            "send lag (in the latencies): p50 {} p99 {} max {}",
+            ms(l.p50_us),
+            ms(l.p99_us),
+            ms(l.max_us)
+        );
+    }
+    let _ = writeln!(out, "attempts {} retries {}", r.attempts, r.retries);
+    if let Some(s) = &r.server {
+        let _ = writeln!(
+            out,
+            "server: cpu {:.0}% rss {:.1} MiB",
+            s.cpu_percent,
+            s.max_rss_bytes as f64 / 1048576.0
+        );
+    }
+    out
+}
+
+pub const CSV_HEADER: &str = "target,mode,connections,in_flight,batch,read_percent,keys,dist,value_size,op,calls,ok_per_sec,keys_per_sec,mean_us,p50_us,p90_us,p95_us,p99_us,p999_us,max_us,errors,server_cpu_percent,server_max_rss_bytes";
+
+/// CSV rows (one per op) for one run, without the header.
+pub fn csv_rows(r: &RunResult) -> String {
+    let c = &r.config;
+    let mut out = String::new();
+    for o in &r.ops {
+        let l = &o.latency;
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{}",
+            c.target.name(),
+            r.mode,
+            c.connections,
+            c.in_flight,
+            c.batch,
+            c.mix_read_percent,
+            c.keys,
+            c.dist,
+            c.value_size,
+            o.op,
+            o.calls,
+            o.ok_per_sec,
+            o.ok_per_sec * c.batch as f64,
+            l.mean_us,
+            l.p50_us,
+            l.p90_us,
+            l.p95_us,
+            l.p99_us,
+            l.p999_us,
+            l.max_us,
+            o.error_count(),
+            r.server.map_or(String::new(), |s| format!("{:.1}", s.cpu_percent)),
+            r.server.map_or(String::new(), |s| s.max_rss_bytes.to_string()),
+        );
+    }
+    out
+}
+
+/// A markdown table row for one run's "all" line (header: [`MARKDOWN_HEADER`]).
+pub fn markdown_row(name: &str, r: &RunResult) -> String {
+    let Some(a) = r.all() else {
+        return String::new();
+    };
+    let l = &a.latency;
+    let calls = a.calls.max(1) as f64;
+    format!(
+        "| {name} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} |",
+        r.config.target.name(),
+        a.ok_per_sec,
+        r.keys_per_sec,
+        ms(l.p50_us),
+        ms(l.p95_us),
+        ms(l.p99_us),
+        ms(l.mean_us),
+        a.error_count() as f64 / calls * 100.0,
+        r.server
+            .map_or("-".into(), |s| format!("{:.0}%", s.cpu_percent)),
+        r.server.map_or("-".into(), |s| format!(
+            "{:.0} MiB",
+            s.max_rss_bytes as f64 / 1048576.0
+        )),
+    )
+}
+
+pub const MARKDOWN_HEADER: &str = "| case | target | calls/s | keys/s | p50 | p95 | p99 | mean | errors | server CPU | server RSS |\n|---|---|---|---|---|---|---|---|---|---|---|";

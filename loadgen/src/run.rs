@@ -1,0 +1,503 @@
+//! One load run: worker threads, connections, the closed or open loop, and the merge.
+//!
+//! Threads: `threads` OS threads, each a current-thread runtime with a `LocalSet` that owns
+//! its share of the connections (capkv's `LocalClient` is `!Send`, and a thread per
+//! connection would measure the scheduler, not the server).
+//!
+//! - **Closed loop** (like `redis-benchmark -c`): each connection keeps `in_flight` calls
+//!   outstanding; a call is sent when the previous one on its slot returns. Latency is
+//!   send to reply.
+//! - **Open loop**: calls are due at a fixed total rate, spread evenly over connections.
+//!   Latency is measured from the *intended* send time, so a server that falls behind
+//!   shows its queueing instead of hiding it (no coordinated omission). A connection keeps
+//!   at most `max_outstanding` calls; past that a due call is not sent and counts as a
+//!   `client_backlog` error. The time between intended and actual send is reported as
+//!   `send_lag` (timer granularity is 1 ms); it is part of the latencies.
+//!
+//! Only calls sent inside the measured window (after warm-up, before the end) are counted.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use capkv_client::ClientOptions;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::procstat;
+use crate::stats::{summarize, Latency, OpSummary, Recorder};
+use crate::target::{Conn, TargetKind};
+use crate::workload::{key, KeyDist, Mix, OpGen, OpKind};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunConfig {
+    pub target: TargetKind,
+    pub addr: String,
+    #[serde(skip)]
+    pub token: String,
+    pub connections: usize,
+    /// Calls outstanding per connection (closed loop).
+    pub in_flight: usize,
+    /// Keys per call; above 1 the call is a batch (getMany/putMany, MGET/MSET).
+    pub batch: usize,
+    pub mix_read_percent: u8,
+    pub keys: u64,
+    #[serde(serialize_with = "display")]
+    pub dist: KeyDist,
+    pub value_size: usize,
+    #[serde(serialize_with = "secs")]
+    pub warmup: Duration,
+    #[serde(serialize_with = "secs")]
+    pub duration: Duration,
+    pub seed: u64,
+    /// Open loop: calls per second over all connections. `None` = closed loop.
+    pub rate: Option<f64>,
+    pub threads: usize,
+    #[serde(skip)]
+    pub server_pid: Option<i32>,
+    #[serde(serialize_with = "secs")]
+    pub timeout: Duration,
+    /// Open loop: calls a connection may have outstanding before due calls are dropped.
+    pub max_outstanding: usize,
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            target: TargetKind::Capkv,
+            addr: "127.0.0.1:7070".into(),
+            token: String::new(),
+            connections: 50,
+            in_flight: 1,
+            batch: 1,
+            mix_read_percent: Mix::READ_HEAVY.read_percent,
+            keys: 100_000,
+            dist: KeyDist::Uniform,
+            value_size: 100,
+            warmup: Duration::from_secs(2),
+            duration: Duration::from_secs(10),
+            seed: 1,
+            rate: None,
+            threads: 1,
+            server_pid: None,
+            timeout: Duration::from_secs(5),
+            max_outstanding: 1024,
+            progress: false,
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn mix(&self) -> Mix {
+        Mix {
+            read_percent: self.mix_read_percent,
+        }
+    }
+
+    pub fn mode(&self) -> String {
+        match self.rate {
+            Some(r) => format!("open {r:.0}/s"),
+            None => "closed".into(),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.connections >= 1 && self.connections <= 10_000,
+            "connections must be 1..=10000"
+        );
+        anyhow::ensure!(
+            self.in_flight >= 1 && self.in_flight <= 1024,
+            "in-flight must be 1..=1024"
+        );
+        anyhow::ensure!(
+            self.batch >= 1 && self.batch <= 1000,
+            "batch must be 1..=1000"
+        );
+        anyhow::ensure!(
+            self.threads >= 1 && self.threads <= 64,
+            "threads must be 1..=64"
+        );
+        anyhow::ensure!(self.keys >= 1, "keys must be at least 1");
+        anyhow::ensure!(!self.duration.is_zero(), "duration must be > 0");
+        if let Some(r) = self.rate {
+            anyhow::ensure!(r > 0.0 && r <= 10_000_000.0, "rate must be in (0, 1e7]");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub config: RunConfig,
+    pub mode: String,
+    /// Seconds measured (the window).
+    pub window_secs: f64,
+    pub ops: Vec<OpSummary>,
+    /// Keys per second over all successful calls (calls/s x batch).
+    pub keys_per_sec: f64,
+    pub attempts: u64,
+    pub retries: u64,
+    pub send_lag: Option<Latency>,
+    pub server: Option<procstat::Usage>,
+}
+
+impl RunResult {
+    pub fn all(&self) -> Option<&OpSummary> {
+        self.ops.iter().find(|o| o.op == "all")
+    }
+}
+
+/// Shared timing of one run, fixed once every connection is open.
+#[derive(Clone, Copy)]
+struct Window {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+}
+
+/// Loads every key once (batches of 500, a few in flight) so that reads find values.
+pub fn preload(cfg: &RunConfig) -> anyhow::Result<()> {
+    const BATCH: u64 = 500;
+    const IN_FLIGHT: u64 = 4;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let conn = Conn::open(cfg.target, &cfg.addr, &options(cfg)).await?;
+        let mut values = OpGen::new(cfg.seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
+        let value = values.value().to_vec();
+        let batches: Vec<u64> = (0..cfg.keys.div_ceil(BATCH)).collect();
+        for group in batches.chunks(IN_FLIGHT as usize) {
+            let calls = group.iter().map(|b| {
+                let keys: Vec<Vec<u8>> = (b * BATCH..((b + 1) * BATCH).min(cfg.keys))
+                    .map(key)
+                    .collect();
+                let conn = conn.clone();
+                let value = value.clone();
+                async move {
+                    conn.call(
+                        OpKind::Put,
+                        &keys,
+                        &value,
+                        Instant::now() + Duration::from_secs(30),
+                    )
+                    .await
+                }
+            });
+            for r in futures::future::join_all(calls).await {
+                r.map_err(|code| anyhow::anyhow!("preload failed: {code}"))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn options(cfg: &RunConfig) -> ClientOptions {
+    ClientOptions {
+        token: cfg.token.clone(),
+        timeout: cfg.timeout,
+        ..ClientOptions::default()
+    }
+}
+
+/// Runs the load and returns the merged results.
+pub fn run(cfg: &RunConfig) -> anyhow::Result<RunResult> {
+    cfg.validate()?;
+    let threads = cfg.threads.min(cfg.connections);
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let window_slot: Arc<std::sync::Mutex<Option<Window>>> = Arc::default();
+    let completed = Arc::new(AtomicU64::new(0));
+    let failed_to_start = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let cfg = cfg.clone();
+        let barrier = Arc::clone(&barrier);
+        let window_slot = Arc::clone(&window_slot);
+        let completed = Arc::clone(&completed);
+        let failed = Arc::clone(&failed_to_start);
+        let my_conns: Vec<usize> = (0..cfg.connections).filter(|c| c % threads == t).collect();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("loadgen-{t}"))
+                .spawn(move || worker(cfg, my_conns, barrier, window_slot, completed, failed))?,
+        );
+    }
+    // Every worker has connected (or failed) when the barrier opens the first time.
+    barrier.wait();
+    if failed_to_start.load(Ordering::Acquire) {
+        // Release the workers so they can exit, then report.
+        barrier.wait();
+        for h in handles {
+            let _ = h.join();
+        }
+        anyhow::bail!(
+            "could not open every connection to {} at {}",
+            cfg.target.name(),
+            cfg.addr
+        );
+    }
+    let start = Instant::now();
+    let window = Window {
+        start,
+        measure_from: start + cfg.warmup,
+        end: start + cfg.warmup + cfg.duration,
+    };
+    *window_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(window);
+    barrier.wait();
+
+    let server = monitor(cfg, window, &completed);
+    let mut merged = if cfg.rate.is_some() {
+        Recorder::for_open_loop()
+    } else {
+        Recorder::default()
+    };
+    for h in handles {
+        match h.join() {
+            Ok(Ok(r)) => merged.merge(&r),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => anyhow::bail!("a load worker panicked"),
+        }
+    }
+    let ops = summarize(&merged, cfg.duration);
+    let ok_calls_per_sec = ops
+        .iter()
+        .find(|o| o.op == "all")
+        .map_or(0.0, |a| a.ok_per_sec);
+    Ok(RunResult {
+        config: cfg.clone(),
+        mode: cfg.mode(),
+        window_secs: cfg.duration.as_secs_f64(),
+        keys_per_sec: ok_calls_per_sec * cfg.batch as f64,
+        attempts: merged.calls,
+        retries: merged.retries,
+        send_lag: merged.send_lag.as_ref().map(Latency::of),
+        ops,
+        server,
+    })
+}
+
+/// Samples the server and draws progress until the window ends.
+fn monitor(cfg: &RunConfig, w: Window, completed: &AtomicU64) -> Option<procstat::Usage> {
+    let tick = Duration::from_millis(500);
+    let wait_until = |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
+    wait_until(w.measure_from);
+    let first = cfg.server_pid.and_then(procstat::sample);
+    let mut max_rss = first.map_or(0, |s| s.rss_bytes);
+    let mut last_count = completed.load(Ordering::Relaxed);
+    let mut last_at = Instant::now();
+    while Instant::now() + tick <= w.end {
+        wait_until(Instant::now() + tick);
+        if let Some(s) = cfg.server_pid.and_then(procstat::sample) {
+            max_rss = max_rss.max(s.rss_bytes);
+        }
+        if cfg.progress {
+            let n = completed.load(Ordering::Relaxed);
+            let rate = (n - last_count) as f64 / last_at.elapsed().as_secs_f64();
+            let left = w.end.saturating_duration_since(Instant::now()).as_secs();
+            eprint!(
+                "\r{} {}: {:>10.0} calls/s, {:>3} s left   ",
+                cfg.target.name(),
+                cfg.mode(),
+                rate,
+                left
+            );
+            (last_count, last_at) = (n, Instant::now());
+        }
+    }
+    wait_until(w.end);
+    if cfg.progress {
+        eprintln!();
+    }
+    let last = cfg.server_pid.and_then(procstat::sample);
+    match (first, last) {
+        (Some(a), Some(b)) => Some(procstat::usage(&a, &b, max_rss)),
+        _ => None,
+    }
+}
+
+fn worker(
+    cfg: RunConfig,
+    conns: Vec<usize>,
+    barrier: Arc<Barrier>,
+    window_slot: Arc<std::sync::Mutex<Option<Window>>>,
+    completed: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+) -> anyhow::Result<Recorder> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut opened = Vec::with_capacity(conns.len());
+        let mut error = None;
+        for c in &conns {
+            match Conn::open(cfg.target, &cfg.addr, &options(&cfg)).await {
+                Ok(conn) => opened.push((*c, conn)),
+                Err(e) => {
+                    failed.store(true, Ordering::Release);
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        barrier.wait();
+        barrier.wait();
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let Some(window) = *window_slot.lock().unwrap_or_else(|p| p.into_inner()) else {
+            anyhow::bail!("run aborted before it started");
+        };
+        let recorder = Rc::new(RefCell::new(if cfg.rate.is_some() {
+            Recorder::for_open_loop()
+        } else {
+            Recorder::default()
+        }));
+        let cfg = Rc::new(cfg);
+        let mut tasks = Vec::new();
+        for (c, conn) in opened {
+            match cfg.rate {
+                None => {
+                    for slot in 0..cfg.in_flight {
+                        let seed = cfg.seed ^ ((c as u64) << 20 | slot as u64);
+                        tasks.push(tokio::task::spawn_local(closed_loop(
+                            Rc::clone(&cfg),
+                            conn.clone(),
+                            seed,
+                            window,
+                            Rc::clone(&recorder),
+                            Arc::clone(&completed),
+                        )));
+                    }
+                }
+                Some(rate) => {
+                    let per_conn = rate / cfg.connections as f64;
+                    // Stagger connections so that their calls do not all fall due together.
+                    let offset = Duration::from_secs_f64(c as f64 / rate);
+                    tasks.push(tokio::task::spawn_local(open_loop(
+                        Rc::clone(&cfg),
+                        conn,
+                        cfg.seed ^ ((c as u64) << 20),
+                        per_conn,
+                        offset,
+                        window,
+                        Rc::clone(&recorder),
+                        Arc::clone(&completed),
+                    )));
+                }
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let r = recorder.borrow().clone();
+        Ok(r)
+    })
+}
+
+fn next_op(gen: &mut OpGen, batch: usize) -> (OpKind, Vec<Vec<u8>>) {
+    let kind = gen.kind();
+    let keys = (0..batch).map(|_| key(gen.key_index())).collect();
+    (kind, keys)
+}
+
+async fn closed_loop(
+    cfg: Rc<RunConfig>,
+    conn: Conn,
+    seed: u64,
+    w: Window,
+    rec: Rc<RefCell<Recorder>>,
+    completed: Arc<AtomicU64>,
+) {
+    let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
+    loop {
+        let (kind, keys) = next_op(&mut gen, cfg.batch);
+        let sent = Instant::now();
+        if sent >= w.end {
+            break;
+        }
+        let r = conn
+            .call(kind, &keys, gen.value(), sent + cfg.timeout)
+            .await;
+        let done = Instant::now();
+        completed.fetch_add(1, Ordering::Relaxed);
+        if sent >= w.measure_from {
+            rec.borrow_mut().record(kind, done - sent, r.err());
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_loop(
+    cfg: Rc<RunConfig>,
+    conn: Conn,
+    seed: u64,
+    rate: f64,
+    offset: Duration,
+    w: Window,
+    rec: Rc<RefCell<Recorder>>,
+    completed: Arc<AtomicU64>,
+) {
+    let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let outstanding = Rc::new(Cell::new(0usize));
+    let mut calls = Vec::new();
+    for i in 0u32.. {
+        let intended = w.start + offset + interval * i;
+        if intended >= w.end {
+            break;
+        }
+        tokio::time::sleep_until(intended).await;
+        let (kind, keys) = next_op(&mut gen, cfg.batch);
+        let measured = intended >= w.measure_from;
+        if outstanding.get() >= cfg.max_outstanding {
+            if measured {
+                rec.borrow_mut()
+                    .record(kind, Instant::now() - intended, Some("client_backlog"));
+            }
+            continue;
+        }
+        let value = gen.value().to_vec();
+        let (conn, rec, outstanding, completed) = (
+            conn.clone(),
+            Rc::clone(&rec),
+            Rc::clone(&outstanding),
+            Arc::clone(&completed),
+        );
+        let timeout = cfg.timeout;
+        outstanding.set(outstanding.get() + 1);
+        calls.push(tokio::task::spawn_local(async move {
+            let sent = Instant::now();
+            let r = conn.call(kind, &keys, &value, sent + timeout).await;
+            let done = Instant::now();
+            outstanding.set(outstanding.get() - 1);
+            completed.fetch_add(1, Ordering::Relaxed);
+            if measured {
+                let mut rec = rec.borrow_mut();
+                rec.record_lag(sent - intended);
+                rec.record(kind, done - intended, r.err());
+            }
+        }));
+        // Keep the handle list short: drop finished ones now and then.
+        if calls.len() >= 4096 {
+            calls.retain(|h| !h.is_finished());
+        }
+    }
+    for h in calls {
+        let _ = h.await;
+    }
+}

@@ -1,0 +1,121 @@
+//! The servers a run can drive, behind one small enum: capkv (through the client library's
+//! [`LocalClient`], on the worker's own `LocalSet`) and Redis (the `redis` crate), so both
+//! see the same schedule, keys and values.
+
+use std::rc::Rc;
+use std::str::FromStr;
+
+use capkv_client::{ClientOptions, Condition, LocalClient};
+use redis::AsyncCommands;
+use tokio::time::Instant;
+
+use crate::workload::OpKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    Capkv,
+    Redis,
+}
+
+impl FromStr for TargetKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "capkv" => Ok(TargetKind::Capkv),
+            "redis" => Ok(TargetKind::Redis),
+            _ => Err(format!("target must be capkv or redis, not {s:?}")),
+        }
+    }
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Capkv => "capkv",
+            TargetKind::Redis => "redis",
+        }
+    }
+}
+
+/// One connection to the target.
+#[derive(Clone)]
+pub enum Conn {
+    Capkv(Rc<LocalClient>),
+    Redis(redis::aio::MultiplexedConnection),
+}
+
+/// Why a call failed, as a stable short code (the capkv code names; `redis_error` and
+/// `transport` for the rest).
+pub type ErrorCode = &'static str;
+
+impl Conn {
+    /// Opens a connection (inside a `LocalSet`).
+    pub async fn open(
+        kind: TargetKind,
+        addr: &str,
+        options: &ClientOptions,
+    ) -> anyhow::Result<Conn> {
+        Ok(match kind {
+            TargetKind::Capkv => Conn::Capkv(Rc::new(
+                LocalClient::connect(addr, options)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connect to capkv at {addr}: {e}"))?,
+            )),
+            TargetKind::Redis => {
+                let client = redis::Client::open(format!("redis://{addr}/"))?;
+                Conn::Redis(client.get_multiplexed_async_connection().await?)
+            }
+        })
+    }
+
+    /// One call: a get or put of `keys` (a batch call when there is more than one).
+    /// Reads of missing keys are successes, as in Redis.
+    pub async fn call(
+        &self,
+        kind: OpKind,
+        keys: &[Vec<u8>],
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<(), ErrorCode> {
+        match self {
+            Conn::Capkv(c) => {
+                let r = match (kind, keys) {
+                    (OpKind::Get, [k]) => c.get(k, deadline).await.map(drop),
+                    (OpKind::Get, ks) => c.get_many(ks, deadline).await.map(drop),
+                    (OpKind::Put, [k]) => {
+                        c.put(k, value, Condition::None, deadline).await.map(drop)
+                    }
+                    (OpKind::Put, ks) => {
+                        let items: Vec<_> = ks
+                            .iter()
+                            .map(|k| (k.clone(), value.to_vec(), Condition::None))
+                            .collect();
+                        c.put_many(&items, deadline).await.map(drop)
+                    }
+                };
+                r.map_err(|e| capkv::code_name(e.code))
+            }
+            Conn::Redis(c) => {
+                let mut c = c.clone();
+                let r: redis::RedisResult<()> = match (kind, keys) {
+                    (OpKind::Get, [k]) => c.get::<_, Option<Vec<u8>>>(k).await.map(drop),
+                    (OpKind::Get, ks) => c.mget::<_, Vec<Option<Vec<u8>>>>(ks).await.map(drop),
+                    (OpKind::Put, [k]) => c.set::<_, _, ()>(k, value).await,
+                    (OpKind::Put, ks) => {
+                        let pairs: Vec<(&[u8], &[u8])> =
+                            ks.iter().map(|k| (k.as_slice(), value)).collect();
+                        c.mset::<_, _, ()>(&pairs).await
+                    }
+                };
+                r.map_err(|e| {
+                    if e.is_io_error() {
+                        "transport"
+                    } else {
+                        "redis_error"
+                    }
+                })
+            }
+        }
+    }
+}
