@@ -5,11 +5,11 @@
 //!
 //! Why a coalescing writer: capnp-rpc's write queue flushes after every message, so a
 //! connection with 16 calls in flight paid 16 `sendto` calls for 16 small replies. The
-//! coalescing writer turns "flush" into "flush soon": it schedules one flush task on the
-//! current `LocalSet` and returns at once. Messages queued before that task runs (other
-//! replies finished in the same scheduler tick) join the same buffer and leave in one
-//! syscall. A lone message is delayed by one scheduler tick, not by a timer: there is no
-//! Nagle-style wait.
+//! coalescing writer writes the first flushed message of a burst straight away (a lone
+//! call pays no delay), and turns later flushes into "flush soon": it wakes the
+//! connection's flusher task on the current `LocalSet` and returns at once. Messages
+//! queued before that task runs (other replies finished in the same scheduler tick) join
+//! one buffer and leave in one syscall. There is no timer and no Nagle-style wait.
 //!
 //! Must be used inside a `tokio::task::LocalSet` (the flush task is spawned locally).
 
@@ -46,12 +46,20 @@ pub fn vat_network(
 struct State<W> {
     inner: W,
     buf: Vec<u8>,
-    /// A flush task is pending (scheduled or running).
-    flush_scheduled: bool,
-    /// The flush task's failure, reported by the next write or flush.
-    error: Option<io::Error>,
-    /// Woken when the buffer drains (a writer waiting on a full buffer).
+    /// `flush` was called since the buffer was last drained.
+    flush_requested: bool,
+    /// The flusher task, parked while there is nothing to flush.
+    flusher: Option<Waker>,
+    /// The writer was dropped: the flusher drains what is left and ends.
+    closed: bool,
+    /// The first write failure; every later write and flush reports it.
+    error: Option<(io::ErrorKind, String)>,
+    /// A writer waiting for a full buffer to drain.
     drained: Option<Waker>,
+    /// A flush already wrote straight to the socket since the flusher last drained.
+    wrote_inline: bool,
+    /// The flusher already went to the back of the run queue for this request.
+    deferred: bool,
 }
 
 /// An `AsyncWrite` whose `flush` coalesces (see the module docs).
@@ -60,40 +68,80 @@ pub struct CoalescingWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
+    /// Wraps `inner` and starts its flusher task on the current `LocalSet`.
     pub fn new(inner: W) -> Self {
-        Self {
-            state: Rc::new(RefCell::new(State {
-                inner,
-                buf: Vec::with_capacity(8 * 1024),
-                flush_scheduled: false,
-                error: None,
-                drained: None,
-            })),
+        let state = Rc::new(RefCell::new(State {
+            inner,
+            buf: Vec::with_capacity(8 * 1024),
+            flush_requested: false,
+            flusher: None,
+            closed: false,
+            error: None,
+            drained: None,
+            wrote_inline: false,
+            deferred: false,
+        }));
+        // One long-lived task per connection, woken (not spawned) per flush: a wake puts
+        // it at the back of the run queue, behind the tasks already ready in this tick.
+        let task_state = Rc::clone(&state);
+        tokio::task::spawn_local(futures::future::poll_fn(move |cx| {
+            flusher_poll(&mut task_state.borrow_mut(), cx)
+        }));
+        Self { state }
+    }
+}
+
+fn flusher_poll<W: AsyncWrite + Unpin>(s: &mut State<W>, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        if s.error.is_some() {
+            wake_drained(s);
+            return Poll::Ready(());
+        }
+        let drain_on_close = s.closed && !s.buf.is_empty();
+        if !s.flush_requested && !drain_on_close {
+            if s.closed {
+                return Poll::Ready(());
+            }
+            if !s.flusher.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.flusher = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        if !s.deferred && !s.closed {
+            // Go to the back of the run queue once: the RPC task that asked for this flush
+            // is usually woken again right away with more replies (calls that arrived in
+            // the same read), and they should leave in this write. A direct self-wake, not
+            // `yield_now`, whose wake-up tokio defers to the next driver turn.
+            s.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match poll_drain(s, cx) {
+            Poll::Ready(Ok(())) => {
+                s.flush_requested = false;
+                s.deferred = false;
+                // The burst is over: the next flush may go out inline again.
+                s.wrote_inline = false;
+                wake_drained(s);
+            }
+            Poll::Ready(Err(e)) => {
+                s.error = Some((e.kind(), e.to_string()));
+            }
+            Poll::Pending => return Poll::Pending,
         }
     }
+}
 
-    fn schedule_flush(&self) {
-        let mut s = self.state.borrow_mut();
-        if s.flush_scheduled {
-            return;
-        }
-        s.flush_scheduled = true;
-        let state = Rc::clone(&self.state);
-        tokio::task::spawn_local(futures::future::poll_fn(move |cx| {
-            let mut s = state.borrow_mut();
-            let r = poll_drain(&mut s, cx);
-            if r.is_ready() {
-                s.flush_scheduled = false;
-                if let Some(w) = s.drained.take() {
-                    w.wake();
-                }
-            }
-            r.map(|res| {
-                if let Err(e) = res {
-                    s.error = Some(e);
-                }
-            })
-        }));
+fn wake_drained<W>(s: &mut State<W>) {
+    if let Some(w) = s.drained.take() {
+        w.wake();
+    }
+}
+
+fn request_flush<W>(s: &mut State<W>) {
+    s.flush_requested = true;
+    if let Some(w) = s.flusher.take() {
+        w.wake();
     }
 }
 
@@ -116,9 +164,9 @@ fn poll_drain<W: AsyncWrite + Unpin>(
     Pin::new(&mut s.inner).poll_flush(cx)
 }
 
-fn take_error<W>(s: &mut State<W>) -> io::Result<()> {
-    match s.error.take() {
-        Some(e) => Err(e),
+fn check<W>(s: &State<W>) -> io::Result<()> {
+    match &s.error {
+        Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
         None => Ok(()),
     }
 }
@@ -130,35 +178,58 @@ impl<W: AsyncWrite + Unpin + 'static> AsyncWrite for CoalescingWriter<W> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut s = self.state.borrow_mut();
-        take_error(&mut s)?;
+        check(&s)?;
         if s.buf.len() + data.len() > MAX_BUFFERED_BYTES && !s.buf.is_empty() {
-            // Full: wait for the flush task to drain it (schedule one if none is pending).
+            // Full: wait for the flusher to drain it.
             s.drained = Some(cx.waker().clone());
-            let scheduled = s.flush_scheduled;
-            drop(s);
-            if !scheduled {
-                self.schedule_flush();
-            }
+            request_flush(&mut s);
             return Poll::Pending;
         }
         s.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        take_error(&mut self.state.borrow_mut())?;
-        if !self.state.borrow().buf.is_empty() {
-            self.schedule_flush();
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut s = self.state.borrow_mut();
+        check(&s)?;
+        if s.buf.is_empty() {
+            return Poll::Ready(Ok(()));
         }
+        // The first flush of a burst goes out at once (no added latency for a lone call);
+        // later ones in the same tick wait for the flusher and leave together.
+        if !s.wrote_inline && !s.flush_requested {
+            s.wrote_inline = true;
+            let inline = poll_drain(&mut s, cx);
+            // Whatever the socket did not take now, the flusher sends.
+            if let Poll::Ready(Err(e)) = inline {
+                s.error = Some((e.kind(), e.to_string()));
+                return Poll::Ready(Err(e));
+            }
+        }
+        // Wake the flusher either way: it sends the rest, and its run marks the end of
+        // this burst.
+        request_flush(&mut s);
         Poll::Ready(Ok(()))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut s = self.state.borrow_mut();
-        take_error(&mut s)?;
+        check(&s)?;
         match poll_drain(&mut s, cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut s.inner).poll_close(cx),
             other => other,
+        }
+    }
+}
+
+impl<W> Drop for CoalescingWriter<W> {
+    fn drop(&mut self) {
+        // The flusher sends what is still buffered, then ends.
+        if let Ok(mut s) = self.state.try_borrow_mut() {
+            s.closed = true;
+            if let Some(w) = s.flusher.take() {
+                w.wake();
+            }
         }
     }
 }
@@ -207,14 +278,10 @@ mod tests {
                 w.write_all(&[i; 10]).await.unwrap();
                 w.flush().await.unwrap();
             }
-            assert_eq!(
-                sink.0.borrow().1,
-                0,
-                "nothing written before the flush task runs"
-            );
+            assert_eq!(sink.0.borrow().1, 1, "only the first flush wrote at once");
             tokio::task::yield_now().await;
             let s = sink.0.borrow();
-            assert_eq!(s.1, 1, "sixteen flushes, one write");
+            assert_eq!(s.1, 2, "sixteen flushes, two writes");
             assert_eq!(s.0.len(), 160);
             assert_eq!(&s.0[150..], &[15u8; 10]);
         });
