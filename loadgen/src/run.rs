@@ -130,7 +130,10 @@ impl RunConfig {
             self.threads >= 1 && self.threads <= 64,
             "threads must be 1..=64"
         );
-        anyhow::ensure!(self.keys >= 1, "keys must be at least 1");
+        anyhow::ensure!(
+            self.keys >= self.batch as u64,
+            "keys must be at least the batch size"
+        );
         anyhow::ensure!(!self.duration.is_zero(), "duration must be > 0");
         if let Some(r) = self.rate {
             anyhow::ensure!(r > 0.0 && r <= 10_000_000.0, "rate must be in (0, 1e7]");
@@ -385,14 +388,12 @@ fn worker(
                     }
                 }
                 Some(rate) => {
-                    let per_conn = rate / cfg.connections as f64;
-                    // Stagger connections so that their calls do not all fall due together.
-                    let offset = Duration::from_secs_f64(c as f64 / rate);
+                    let (offset, interval) = open_loop_schedule(rate, cfg.connections, c);
                     tasks.push(tokio::task::spawn_local(open_loop(
                         Rc::clone(&cfg),
                         conn,
                         cfg.seed ^ ((c as u64) << 20),
-                        per_conn,
+                        interval,
                         offset,
                         window,
                         Rc::clone(&recorder),
@@ -409,10 +410,40 @@ fn worker(
     })
 }
 
+/// Open loop: connection `conn` of `connections` sends its calls at `offset + i * interval`
+/// after the start. Each connection carries `rate / connections` calls/s, and connections
+/// are staggered by `1 / rate` so that the calls of all of them together are evenly spaced
+/// rather than all due at the same instant.
+pub fn open_loop_schedule(rate: f64, connections: usize, conn: usize) -> (Duration, Duration) {
+    let offset = Duration::from_secs_f64(conn as f64 / rate);
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    (offset, interval)
+}
+
+/// The next call: its kind and `batch` distinct keys (a capkv batch refuses repeated keys,
+/// and a fair comparison sends Redis the same keys).
 fn next_op(gen: &mut OpGen, batch: usize) -> (OpKind, Vec<Vec<u8>>) {
     let kind = gen.kind();
-    let keys = (0..batch).map(|_| key(gen.key_index())).collect();
-    (kind, keys)
+    let mut picked: Vec<u64> = Vec::with_capacity(batch);
+    // Bounded: with keys >= batch (checked in validate) a skewed distribution can still
+    // repeat keys; after enough tries, take the next unused index instead.
+    for _ in 0..batch * 16 {
+        if picked.len() == batch {
+            break;
+        }
+        let k = gen.key_index();
+        if !picked.contains(&k) {
+            picked.push(k);
+        }
+    }
+    let mut next = 0u64;
+    while picked.len() < batch {
+        if !picked.contains(&next) {
+            picked.push(next);
+        }
+        next += 1;
+    }
+    (kind, picked.into_iter().map(key).collect())
 }
 
 async fn closed_loop(
@@ -446,14 +477,13 @@ async fn open_loop(
     cfg: Rc<RunConfig>,
     conn: Conn,
     seed: u64,
-    rate: f64,
+    interval: Duration,
     offset: Duration,
     w: Window,
     rec: Rc<RefCell<Recorder>>,
     completed: Arc<AtomicU64>,
 ) {
     let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
-    let interval = Duration::from_secs_f64(1.0 / rate);
     let outstanding = Rc::new(Cell::new(0usize));
     let mut calls = Vec::new();
     for i in 0u32.. {
@@ -499,5 +529,41 @@ async fn open_loop(
     }
     for h in calls {
         let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_loop_schedule_spreads_the_rate_evenly() {
+        let (rate, conns) = (1000.0, 4);
+        let mut due: Vec<Duration> = (0..conns)
+            .flat_map(|c| {
+                let (offset, interval) = open_loop_schedule(rate, conns, c);
+                (0..250u32).map(move |i| offset + interval * i)
+            })
+            .collect();
+        due.sort();
+        // 1000 calls over one second, 1 ms apart.
+        assert_eq!(due.len(), 1000);
+        assert!(due.last().unwrap() < &Duration::from_secs(1));
+        for w in due.windows(2) {
+            let gap = (w[1] - w[0]).as_secs_f64();
+            assert!((gap - 0.001).abs() < 1e-6, "gap {gap}");
+        }
+    }
+
+    #[test]
+    fn batches_have_distinct_keys_even_when_skewed() {
+        let mut gen = OpGen::new(3, Mix::MIXED, 20, KeyDist::Zipf(3.0), 8);
+        for _ in 0..100 {
+            let (_, keys) = next_op(&mut gen, 16);
+            let mut sorted = keys.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 16);
+        }
     }
 }

@@ -1,0 +1,82 @@
+//! kv-loadgen against a real in-process server: closed loop, open loop and batches all
+//! complete calls without errors, and the results carry what the reports need. Not a
+//! performance test: nothing here asserts a rate or a latency.
+
+use std::time::Duration;
+
+use capkv_loadgen::report;
+use capkv_loadgen::run::{self, RunConfig};
+use capkv_server::{Config, RunningServer};
+
+fn config(addr: String) -> RunConfig {
+    RunConfig {
+        addr,
+        connections: 4,
+        keys: 1_000,
+        warmup: Duration::from_millis(50),
+        duration: Duration::from_millis(300),
+        server_pid: Some(std::process::id() as i32),
+        ..RunConfig::default()
+    }
+}
+
+#[test]
+fn closed_open_and_batched_runs_complete_without_errors() {
+    let server = RunningServer::start(Config::local_ephemeral()).unwrap();
+    let base = config(server.addr().to_string());
+    run::preload(&base).unwrap();
+
+    let closed = run::run(&RunConfig {
+        in_flight: 4,
+        ..base.clone()
+    })
+    .unwrap();
+    let all = closed.all().unwrap();
+    assert!(all.calls > 0);
+    assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+    assert!(
+        closed.ops.iter().any(|o| o.op == "get"),
+        "95/5 mix has gets"
+    );
+    assert!(closed.server.is_some(), "server usage sampled");
+
+    let open = run::run(&RunConfig {
+        rate: Some(2_000.0),
+        mix_read_percent: 50,
+        ..base.clone()
+    })
+    .unwrap();
+    let all = open.all().unwrap();
+    // 2000/s for 0.3 s: about 600 calls are due; allow for timer granularity.
+    assert!((300..=700).contains(&all.calls), "{} calls", all.calls);
+    assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+    assert!(open.send_lag.is_some());
+
+    let batched = run::run(&RunConfig {
+        batch: 8,
+        mix_read_percent: 50,
+        ..base
+    })
+    .unwrap();
+    assert_eq!(batched.all().unwrap().error_count(), 0);
+    assert!(batched.keys_per_sec > batched.all().unwrap().ok_per_sec);
+
+    let table = report::table(&batched);
+    assert!(
+        table.contains("batch=8") && table.contains("p99.9"),
+        "{table}"
+    );
+    let csv = report::csv_rows(&batched);
+    assert_eq!(
+        csv.lines().next().unwrap().split(',').count(),
+        report::CSV_HEADER.split(',').count()
+    );
+    serde_json::to_string(&batched).unwrap();
+}
+
+#[test]
+fn unreachable_server_is_an_error_not_a_hang() {
+    let cfg = config("127.0.0.1:1".into());
+    let err = run::run(&cfg).unwrap_err().to_string();
+    assert!(err.contains("could not open"), "{err}");
+}
