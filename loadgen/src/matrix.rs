@@ -174,8 +174,13 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
     Ok((md, results))
 }
 
+/// A list of rates in calls/s, parsed from `1000,5000,20000` (a newtype, so that clap
+/// treats it as one value rather than many).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rates(pub Vec<f64>);
+
 /// Parses `1000,5000,20000`.
-pub fn parse_rates(s: &str) -> Result<Vec<f64>, String> {
+pub fn parse_rates(s: &str) -> Result<Rates, String> {
     s.split(',')
         .map(|r| {
             r.trim()
@@ -184,7 +189,8 @@ pub fn parse_rates(s: &str) -> Result<Vec<f64>, String> {
                 .filter(|r| *r > 0.0 && r.is_finite())
                 .ok_or_else(|| format!("bad rate {r:?}"))
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(Rates)
 }
 
 /// Default open-loop rates for the matrix.
@@ -201,7 +207,7 @@ mod tests {
     #[test]
     fn rates_parse() {
         assert_eq!(
-            super::parse_rates("1000, 5e3").unwrap(),
+            super::parse_rates("1000, 5e3").unwrap().0,
             vec![1000.0, 5000.0]
         );
         assert!(super::parse_rates("1000,-1").is_err());

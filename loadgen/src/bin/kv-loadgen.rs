@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use capkv_loadgen::matrix::{self, MatrixConfig};
+use capkv_loadgen::matrix::{self, MatrixConfig, Rates};
 use capkv_loadgen::report;
 use capkv_loadgen::run::{self, RunConfig};
 use capkv_loadgen::target::TargetKind;
@@ -88,7 +88,7 @@ struct RunArgs {
     mix: Mix,
     /// Open loop: comma-separated total rates in calls/s, one run each. Absent: closed loop.
     #[arg(long, value_parser = matrix::parse_rates)]
-    rps: Option<Vec<f64>>,
+    rps: Option<Rates>,
     /// Open loop: calls a connection may have outstanding before due calls are dropped.
     #[arg(long, default_value_t = 1024)]
     max_outstanding: usize,
@@ -124,7 +124,7 @@ struct MatrixArgs {
     redis_pid: Option<i32>,
     /// Open-loop rates for the mix matrix, calls/s.
     #[arg(long, default_value = matrix::DEFAULT_RATES, value_parser = matrix::parse_rates)]
-    rps: Vec<f64>,
+    rps: Rates,
     /// Connections of the c=50 cases and of the mix matrix.
     #[arg(long, short = 'c', default_value_t = 50)]
     connections: usize,
@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
                 run::preload(&cfg).context("preload")?;
             }
             let rates: Vec<Option<f64>> = match &a.rps {
-                Some(r) => r.iter().copied().map(Some).collect(),
+                Some(r) => r.0.iter().copied().map(Some).collect(),
                 None => vec![None],
             };
             let mut results = Vec::new();
@@ -202,7 +202,7 @@ fn main() -> anyhow::Result<()> {
                 capkv_pid: a.server_pid,
                 redis_addr: a.redis_addr.clone(),
                 redis_pid: a.redis_pid,
-                rates: a.rps.clone(),
+                rates: a.rps.0.clone(),
                 connections: a.connections,
             };
             let (md, results) = matrix::run_matrix(&m)?;
@@ -222,4 +222,61 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let run = Cli::try_parse_from([
+            "kv-loadgen",
+            "run",
+            "--target",
+            "redis",
+            "-c",
+            "8",
+            "--in-flight",
+            "4",
+            "--batch",
+            "2",
+            "--mix",
+            "70",
+            "--dist",
+            "zipf:1.1",
+            "--rps",
+            "100,200",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--value-size",
+            "10",
+            "--keys",
+            "50",
+            "--preload",
+            "--json",
+            "x.json",
+            "--csv",
+            "x.csv",
+            "--server-pid",
+            "1",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        match run.command {
+            Command::Run(a) => assert_eq!(a.rps.unwrap().0, vec![100.0, 200.0]),
+            _ => panic!("not run"),
+        }
+        let m = Cli::try_parse_from(["kv-loadgen", "matrix", "--redis-addr", "127.0.0.1:6379"])
+            .unwrap();
+        match m.command {
+            Command::Matrix(a) => assert_eq!(a.rps.0.len(), 4),
+            _ => panic!("not matrix"),
+        }
+    }
 }

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The back-to-back comparison: kv-loadgen's matrix against capkv and Redis (same generator),
+# then the peer anchors in ../shared/peers (Redis, etcd, RocksDB db_bench, TCP floor), in
+# one run so that ratios share the machine's load. Writes bench/results.md (or $1).
+#
+# Placement: kv-server (1 worker) and redis-server on core 1, kv-loadgen on core 0, so
+# each server gets one core, as redis-benchmark + redis-server do in the peer scripts.
+# Every process this script starts is stopped by its PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+out="${1:-bench/results.md}"
+command -v redis-server >/dev/null 2>&1 || {
+    apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q redis-server redis-tools
+}
+cargo build --release --locked -p capkv-server -p capkv-loadgen
+bin="$CARGO_TARGET_DIR/release"
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+taskset -c 1 "$bin/kv-server" --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
+kv_pid=$!; pids+=("$kv_pid")
+addr=""
+for _ in $(seq 100); do
+    addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$tmp/kv.log" | head -n1)
+    [ -n "$addr" ] && break
+    sleep 0.1
+done
+[ -n "$addr" ] || { cat "$tmp/kv.log" >&2; exit 1; }
+
+redis_port=$(free_port)
+taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+redis_pid=$!; pids+=("$redis_pid")
+for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+started=$(date -Is)
+taskset -c 0 "$bin/kv-loadgen" matrix --addr "$addr" --server-pid "$kv_pid" \
+    --redis-addr "127.0.0.1:$redis_port" --redis-pid "$redis_pid" \
+    --out "$tmp/matrix.md" --json "$tmp/matrix.json" >/dev/null
+
+kill "$kv_pid" "$redis_pid"; wait "$kv_pid" "$redis_pid" 2>/dev/null || true; pids=()
+
+peers="../shared/peers/run-all.sh"
+if [ -x "$peers" ] || [ -f "$peers" ]; then
+    bash "$peers" >"$tmp/peers.txt" 2>&1 || echo "(peer run failed: see above)" >>"$tmp/peers.txt"
+else
+    echo "(../shared/peers not found: peers skipped)" >"$tmp/peers.txt"
+fi
+
+{
+    echo "# capkv benchmark results"
+    echo
+    echo "Run $started, commit $(git rev-parse --short HEAD), by \`bash bench/run.sh\`."
+    echo "kv-server: release build, 1 worker, pinned to core 1; redis-server 7 pinned to core 1"
+    echo "(\`--save '' --appendonly no\`); kv-loadgen pinned to core 0, 1 thread; 100-byte values."
+    echo
+    cat "$tmp/matrix.md"
+    echo
+    echo "## Peer anchors (../shared/peers/run-all.sh), same run"
+    echo
+    echo '```'
+    cat "$tmp/peers.txt"
+    echo '```'
+} >"$out"
+echo "bench: wrote $out" >&2
