@@ -62,7 +62,11 @@ fn machine() -> String {
         .unwrap_or("?")
         .trim()
         .to_string();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Count the machine's CPUs, not this process's: kv-loadgen may be pinned to one.
+    let cores = read("/proc/cpuinfo")
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     let mem_kib: u64 = read("/proc/meminfo")
         .lines()
         .find(|l| l.starts_with("MemTotal"))

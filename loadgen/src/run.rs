@@ -11,8 +11,10 @@
 //!   Latency is measured from the *intended* send time, so a server that falls behind
 //!   shows its queueing instead of hiding it (no coordinated omission). A connection keeps
 //!   at most `max_outstanding` calls; past that a due call is not sent and counts as a
-//!   `client_backlog` error. The time between intended and actual send is reported as
-//!   `send_lag` (timer granularity is 1 ms); it is part of the latencies.
+//!   `client_backlog` error. One dispatcher per thread keeps the clock: it sleeps until
+//!   just before a call is due, then yields until it is (tokio's timer alone would send up
+//!   to ~1 ms late). The time between intended and actual send is reported as `send_lag`;
+//!   it is part of the latencies.
 //!
 //! Only calls sent inside the measured window (after warm-up, before the end) are counted.
 
@@ -233,10 +235,13 @@ pub fn run(cfg: &RunConfig) -> anyhow::Result<RunResult> {
         let completed = Arc::clone(&completed);
         let failed = Arc::clone(&failed_to_start);
         let my_conns: Vec<usize> = (0..cfg.connections).filter(|c| c % threads == t).collect();
+        let part = (t, threads);
         handles.push(
             std::thread::Builder::new()
                 .name(format!("loadgen-{t}"))
-                .spawn(move || worker(cfg, my_conns, barrier, window_slot, completed, failed))?,
+                .spawn(move || {
+                    worker(cfg, part, my_conns, barrier, window_slot, completed, failed)
+                })?,
         );
     }
     // Every worker has connected (or failed) when the barrier opens the first time.
@@ -334,6 +339,7 @@ fn monitor(cfg: &RunConfig, w: Window, completed: &AtomicU64) -> Option<procstat
 
 fn worker(
     cfg: RunConfig,
+    (part, parts): (usize, usize),
     conns: Vec<usize>,
     barrier: Arc<Barrier>,
     window_slot: Arc<std::sync::Mutex<Option<Window>>>,
@@ -372,9 +378,9 @@ fn worker(
         }));
         let cfg = Rc::new(cfg);
         let mut tasks = Vec::new();
-        for (c, conn) in opened {
-            match cfg.rate {
-                None => {
+        match cfg.rate {
+            None => {
+                for (c, conn) in opened {
                     for slot in 0..cfg.in_flight {
                         let seed = cfg.seed ^ ((c as u64) << 20 | slot as u64);
                         tasks.push(tokio::task::spawn_local(closed_loop(
@@ -387,19 +393,21 @@ fn worker(
                         )));
                     }
                 }
-                Some(rate) => {
-                    let (offset, interval) = open_loop_schedule(rate, cfg.connections, c);
-                    tasks.push(tokio::task::spawn_local(open_loop(
-                        Rc::clone(&cfg),
-                        conn,
-                        cfg.seed ^ ((c as u64) << 20),
-                        interval,
-                        offset,
-                        window,
-                        Rc::clone(&recorder),
-                        Arc::clone(&completed),
-                    )));
-                }
+            }
+            Some(rate) => {
+                // One dispatcher per thread: a single precise clock for its connections.
+                let (offset, interval) = open_loop_schedule(rate, parts, part);
+                let conns = opened.into_iter().map(|(_, conn)| conn).collect();
+                tasks.push(tokio::task::spawn_local(open_loop(
+                    Rc::clone(&cfg),
+                    conns,
+                    cfg.seed ^ ((part as u64) << 20),
+                    interval,
+                    offset,
+                    window,
+                    Rc::clone(&recorder),
+                    Arc::clone(&completed),
+                )));
             }
         }
         for t in tasks {
@@ -410,14 +418,32 @@ fn worker(
     })
 }
 
-/// Open loop: connection `conn` of `connections` sends its calls at `offset + i * interval`
-/// after the start. Each connection carries `rate / connections` calls/s, and connections
-/// are staggered by `1 / rate` so that the calls of all of them together are evenly spaced
-/// rather than all due at the same instant.
-pub fn open_loop_schedule(rate: f64, connections: usize, conn: usize) -> (Duration, Duration) {
-    let offset = Duration::from_secs_f64(conn as f64 / rate);
-    let interval = Duration::from_secs_f64(connections as f64 / rate);
+/// Open loop: dispatcher `part` of `parts` (one per worker thread) sends its calls at
+/// `offset + i * interval` after the start. Each carries `rate / parts` calls/s, and they
+/// are staggered by `1 / rate` so that all calls together are evenly spaced rather than
+/// due at the same instant.
+pub fn open_loop_schedule(rate: f64, parts: usize, part: usize) -> (Duration, Duration) {
+    let offset = Duration::from_secs_f64(part as f64 / rate);
+    let interval = Duration::from_secs_f64(parts as f64 / rate);
     (offset, interval)
+}
+
+/// How long before a due time the dispatcher stops sleeping and starts yielding: tokio's
+/// timer has millisecond ticks and may round a sleep up by one, so a plain sleep would
+/// send calls up to ~1 ms late and put that lateness into every latency.
+const SPIN_BEFORE_DUE: Duration = Duration::from_micros(1_500);
+
+/// Waits until `t` with sub-millisecond precision: sleeps until shortly before it, then
+/// yields (letting replies be processed) until it passes.
+async fn wait_until(t: Instant) {
+    if let Some(early) = t.checked_sub(SPIN_BEFORE_DUE) {
+        if Instant::now() < early {
+            tokio::time::sleep_until(early).await;
+        }
+    }
+    while Instant::now() < t {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// The next call: its kind and `batch` distinct keys (a capkv batch refuses repeated keys,
@@ -475,7 +501,7 @@ async fn closed_loop(
 #[allow(clippy::too_many_arguments)]
 async fn open_loop(
     cfg: Rc<RunConfig>,
-    conn: Conn,
+    conns: Vec<Conn>,
     seed: u64,
     interval: Duration,
     offset: Duration,
@@ -484,17 +510,19 @@ async fn open_loop(
     completed: Arc<AtomicU64>,
 ) {
     let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
-    let outstanding = Rc::new(Cell::new(0usize));
+    let outstanding: Vec<Rc<Cell<usize>>> = conns.iter().map(|_| Rc::default()).collect();
     let mut calls = Vec::new();
     for i in 0u32.. {
         let intended = w.start + offset + interval * i;
         if intended >= w.end {
             break;
         }
-        tokio::time::sleep_until(intended).await;
+        wait_until(intended).await;
+        // Round robin over this thread's connections.
+        let c = i as usize % conns.len();
         let (kind, keys) = next_op(&mut gen, cfg.batch);
         let measured = intended >= w.measure_from;
-        if outstanding.get() >= cfg.max_outstanding {
+        if outstanding[c].get() >= cfg.max_outstanding {
             if measured {
                 rec.borrow_mut()
                     .record(kind, Instant::now() - intended, Some("client_backlog"));
@@ -503,9 +531,9 @@ async fn open_loop(
         }
         let value = gen.value().to_vec();
         let (conn, rec, outstanding, completed) = (
-            conn.clone(),
+            conns[c].clone(),
             Rc::clone(&rec),
-            Rc::clone(&outstanding),
+            Rc::clone(&outstanding[c]),
             Arc::clone(&completed),
         );
         let timeout = cfg.timeout;
@@ -538,10 +566,10 @@ mod tests {
 
     #[test]
     fn open_loop_schedule_spreads_the_rate_evenly() {
-        let (rate, conns) = (1000.0, 4);
-        let mut due: Vec<Duration> = (0..conns)
+        let (rate, parts) = (1000.0, 4);
+        let mut due: Vec<Duration> = (0..parts)
             .flat_map(|c| {
-                let (offset, interval) = open_loop_schedule(rate, conns, c);
+                let (offset, interval) = open_loop_schedule(rate, parts, c);
                 (0..250u32).map(move |i| offset + interval * i)
             })
             .collect();
