@@ -5,11 +5,16 @@
 //!
 //! Why a coalescing writer: capnp-rpc's write queue flushes after every message, so a
 //! connection with 16 calls in flight paid 16 `sendto` calls for 16 small replies. The
-//! coalescing writer writes the first flushed message of a burst straight away (a lone
-//! call pays no delay), and turns later flushes into "flush soon": it wakes the
-//! connection's flusher task on the current `LocalSet` and returns at once. Messages
-//! queued before that task runs (other replies finished in the same scheduler tick) join
-//! one buffer and leave in one syscall. There is no timer and no Nagle-style wait.
+//! coalescing writer turns "flush" into "flush soon": it wakes the connection's flusher
+//! task on the current `LocalSet` and returns at once; the flusher goes to the back of the
+//! run queue once more before writing. Messages queued meanwhile (other replies finished
+//! in the same scheduler tick; on the client, the `Finish` of the last call and the next
+//! call) join one buffer and leave in one syscall. There is no timer and no Nagle-style
+//! wait: a lone message waits only for the tasks already ready on its thread.
+//!
+//! Measured with kv-loadgen (server pinned to one core, 1 worker): against writing the
+//! first message of a burst at once, this gave 70k vs 67k gets/s at 50 connections and
+//! 113k vs 100k with 16 calls in flight each, at the same 48 us for a lone call.
 //!
 //! Must be used inside a `tokio::task::LocalSet` (the flush task is spawned locally).
 
@@ -56,8 +61,6 @@ struct State<W> {
     error: Option<(io::ErrorKind, String)>,
     /// A writer waiting for a full buffer to drain.
     drained: Option<Waker>,
-    /// A flush already wrote straight to the socket since the flusher last drained.
-    wrote_inline: bool,
     /// The flusher already went to the back of the run queue for this request.
     deferred: bool,
 }
@@ -78,7 +81,6 @@ impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
             closed: false,
             error: None,
             drained: None,
-            wrote_inline: false,
             deferred: false,
         }));
         // One long-lived task per connection, woken (not spawned) per flush: a wake puts
@@ -120,8 +122,6 @@ fn flusher_poll<W: AsyncWrite + Unpin>(s: &mut State<W>, cx: &mut Context<'_>) -
             Poll::Ready(Ok(())) => {
                 s.flush_requested = false;
                 s.deferred = false;
-                // The burst is over: the next flush may go out inline again.
-                s.wrote_inline = false;
                 wake_drained(s);
             }
             Poll::Ready(Err(e)) => {
@@ -189,26 +189,12 @@ impl<W: AsyncWrite + Unpin + 'static> AsyncWrite for CoalescingWriter<W> {
         Poll::Ready(Ok(data.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut s = self.state.borrow_mut();
         check(&s)?;
-        if s.buf.is_empty() {
-            return Poll::Ready(Ok(()));
+        if !s.buf.is_empty() {
+            request_flush(&mut s);
         }
-        // The first flush of a burst goes out at once (no added latency for a lone call);
-        // later ones in the same tick wait for the flusher and leave together.
-        if !s.wrote_inline && !s.flush_requested {
-            s.wrote_inline = true;
-            let inline = poll_drain(&mut s, cx);
-            // Whatever the socket did not take now, the flusher sends.
-            if let Poll::Ready(Err(e)) = inline {
-                s.error = Some((e.kind(), e.to_string()));
-                return Poll::Ready(Err(e));
-            }
-        }
-        // Wake the flusher either way: it sends the rest, and its run marks the end of
-        // this burst.
-        request_flush(&mut s);
         Poll::Ready(Ok(()))
     }
 
@@ -278,10 +264,14 @@ mod tests {
                 w.write_all(&[i; 10]).await.unwrap();
                 w.flush().await.unwrap();
             }
-            assert_eq!(sink.0.borrow().1, 1, "only the first flush wrote at once");
+            assert_eq!(
+                sink.0.borrow().1,
+                0,
+                "nothing written before the flusher runs"
+            );
             tokio::task::yield_now().await;
             let s = sink.0.borrow();
-            assert_eq!(s.1, 2, "sixteen flushes, two writes");
+            assert_eq!(s.1, 1, "sixteen flushes, one write");
             assert_eq!(s.0.len(), 160);
             assert_eq!(&s.0[150..], &[15u8; 10]);
         });
