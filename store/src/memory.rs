@@ -1,13 +1,19 @@
-//! The in-memory engine: a `BTreeMap` under one `RwLock`.
+//! The in-memory engine: a hash map for point reads plus an ordered key set for scans,
+//! under one `RwLock`.
 //!
-//! One lock for the map and the revision counter makes every operation trivially atomic
+//! Why two indexes: point reads dominate a key-value workload, and a `BTreeMap` lookup in
+//! 100k keys walks ~7 nodes with dozens of key comparisons (about 6% of the server's CPU
+//! per get in a kv-loadgen profile); a hash lookup is one hash and one comparison. Keys are
+//! shared (`Arc<[u8]>`) between the two indexes, so a key's bytes are stored once.
+//!
+//! One lock for the indexes and the revision counter makes every operation atomic
 //! and keeps revisions in commit order. A std `RwLock` (not an async one) is right here:
 //! no critical section awaits or does I/O, they are all short map operations, so readers
 //! on different workers run in parallel and writers wait only for microseconds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{
     BatchOutcome, Condition, DeleteOutcome, Entry, PutItem, PutOutcome, ScanPage, ScanRequest,
@@ -23,8 +29,48 @@ struct Stored {
 
 #[derive(Debug, Default)]
 struct Inner {
-    map: BTreeMap<Vec<u8>, Stored>,
+    /// Every live key and its data.
+    map: HashMap<Arc<[u8]>, Stored>,
+    /// The same keys, ordered (invariant: exactly the keys of `map`).
+    order: BTreeSet<Arc<[u8]>>,
     revision: u64,
+}
+
+impl Inner {
+    fn version(&self, key: &[u8]) -> Option<u64> {
+        self.map.get(key).map(|s| s.version)
+    }
+
+    fn entry(&self, key: &[u8], with_value: bool) -> Option<Entry> {
+        self.map.get(key).map(|s| Entry {
+            key: key.to_vec(),
+            value: if with_value {
+                s.value.clone()
+            } else {
+                Vec::new()
+            },
+            version: s.version,
+            mod_revision: s.mod_revision,
+        })
+    }
+
+    fn insert(&mut self, key: &[u8], stored: Stored) {
+        if let Some(slot) = self.map.get_mut(key) {
+            *slot = stored;
+        } else {
+            let key: Arc<[u8]> = Arc::from(key);
+            self.order.insert(Arc::clone(&key));
+            self.map.insert(key, stored);
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> bool {
+        let existed = self.map.remove(key).is_some();
+        if existed {
+            self.order.remove(key);
+        }
+        existed
+    }
 }
 
 /// Ordered, concurrency-safe, volatile engine.
@@ -52,17 +98,12 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
-        Ok(self.read().map.get(key).map(|s| Entry {
-            key: key.to_vec(),
-            value: s.value.clone(),
-            version: s.version,
-            mod_revision: s.mod_revision,
-        }))
+        Ok(self.read().entry(key, true))
     }
 
     fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError> {
         let mut inner = self.write();
-        let current = inner.map.get(key).map(|s| s.version);
+        let current = inner.version(key);
         if !cond.holds(current) {
             return Err(StoreError::ConditionFailed {
                 index: 0,
@@ -72,8 +113,8 @@ impl Store for MemoryStore {
         inner.revision += 1;
         let revision = inner.revision;
         let version = current.unwrap_or(0) + 1;
-        inner.map.insert(
-            key.to_vec(),
+        inner.insert(
+            key,
             Stored {
                 value: value.to_vec(),
                 version,
@@ -85,14 +126,14 @@ impl Store for MemoryStore {
 
     fn delete(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError> {
         let mut inner = self.write();
-        let current = inner.map.get(key).map(|s| s.version);
+        let current = inner.version(key);
         if !cond.holds(current) {
             return Err(StoreError::ConditionFailed {
                 index: 0,
                 current_version: current,
             });
         }
-        let existed = inner.map.remove(key).is_some();
+        let existed = inner.remove(key);
         if existed {
             inner.revision += 1;
         }
@@ -117,26 +158,19 @@ impl Store for MemoryStore {
             }
         }
         let mut range = inner
-            .map
+            .order
             .range::<[u8], _>((Bound::Included(req.start.as_slice()), upper));
         let mut page = ScanPage {
             revision: inner.revision,
             ..ScanPage::default()
         };
         let mut bytes = 0usize;
-        for (k, s) in range.by_ref() {
-            let value = if req.keys_only {
-                Vec::new()
-            } else {
-                s.value.clone()
+        for k in range.by_ref() {
+            let Some(e) = inner.entry(k, !req.keys_only) else {
+                continue; // unreachable while the two indexes agree
             };
-            bytes += k.len() + value.len();
-            page.entries.push(Entry {
-                key: k.clone(),
-                value,
-                version: s.version,
-                mod_revision: s.mod_revision,
-            });
+            bytes += e.key.len() + e.value.len();
+            page.entries.push(e);
             if page.entries.len() >= req.limit.max(1) || bytes >= req.max_bytes {
                 break;
             }
@@ -147,17 +181,7 @@ impl Store for MemoryStore {
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
         let inner = self.read();
-        let entries = keys
-            .iter()
-            .map(|key| {
-                inner.map.get(*key).map(|s| Entry {
-                    key: key.to_vec(),
-                    value: s.value.clone(),
-                    version: s.version,
-                    mod_revision: s.mod_revision,
-                })
-            })
-            .collect();
+        let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
         Ok((entries, inner.revision))
     }
 
@@ -166,7 +190,7 @@ impl Store for MemoryStore {
         // Check every condition before touching anything: all or nothing.
         let mut versions = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            let current = inner.map.get(item.key).map(|s| s.version);
+            let current = inner.version(item.key);
             if !item.cond.holds(current) {
                 return Err(StoreError::ConditionFailed {
                     index,
@@ -178,8 +202,8 @@ impl Store for MemoryStore {
         inner.revision += 1;
         let revision = inner.revision;
         for (item, &version) in items.iter().zip(&versions) {
-            inner.map.insert(
-                item.key.to_vec(),
+            inner.insert(
+                item.key,
                 Stored {
                     value: item.value.to_vec(),
                     version,
