@@ -62,7 +62,7 @@ struct NewConn {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     /// Decrements the open-connection count when the connection ends, wherever that is.
-    _count: ConnCount,
+    open_guard: ConnCount,
 }
 
 struct ConnCount(Arc<AtomicUsize>);
@@ -168,7 +168,7 @@ impl Server {
             let job = NewConn {
                 stream,
                 peer,
-                _count: count,
+                open_guard: count,
             };
             if let Err(e) = senders[next % workers].try_send(job) {
                 metrics::counter!(m::REJECTIONS_TOTAL, "reason" => "accept_queue").increment(1);
@@ -250,7 +250,7 @@ fn worker_main(
             live.borrow_mut().insert(id, rpc.get_disconnector());
             let live2 = Rc::clone(&live);
             let peer = job.peer;
-            let count = job._count;
+            let open_guard = job.open_guard;
             tokio::task::spawn_local(async move {
                 tracing::debug!(conn = id, %peer, worker = index, "connection opened");
                 if let Err(e) = rpc.await {
@@ -258,7 +258,7 @@ fn worker_main(
                     tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
                 }
                 live2.borrow_mut().remove(&id);
-                drop(count);
+                drop(open_guard);
                 tracing::debug!(conn = id, %peer, "connection closed");
             });
         }
