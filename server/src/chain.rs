@@ -116,7 +116,7 @@ impl Conn {
 
 /// What a handler's work gets to know about its call.
 pub struct Call {
-    pub meta: CallMeta,
+    pub attempt: u32,
     pub deadline: Instant,
 }
 
@@ -188,9 +188,8 @@ impl Shared {
         let (meta, result) = match meta {
             Err(e) => (CallMeta::default(), Err(e)),
             Ok(meta) => {
-                let attempt_meta = meta.clone();
-                let r = self.admit_and_run(conn, method, meta, started, work).await;
-                (attempt_meta, r)
+                let r = self.admit_and_run(conn, method, &meta, started, work).await;
+                (meta, r)
             }
         };
         // 7. observe
@@ -202,7 +201,7 @@ impl Shared {
         &self,
         conn: &Conn,
         method: Method,
-        meta: CallMeta,
+        meta: &CallMeta,
         started: Instant,
         work: F,
     ) -> Result<T, ApiError>
@@ -235,7 +234,15 @@ impl Shared {
         let _slot = self.admit(conn)?;
         // 5. faults: see the module docs.
         // 6. work
-        match tokio::time::timeout_at(deadline, work(Call { meta, deadline })).await {
+        match tokio::time::timeout_at(
+            deadline,
+            work(Call {
+                attempt: meta.attempt,
+                deadline,
+            }),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(ApiError::new(
                 ErrorCode::DeadlineExceeded,

@@ -119,10 +119,9 @@ impl Server {
         for i in 0..workers {
             let (tx, rx) = mpsc::channel::<NewConn>(per_worker_queue);
             let shared = Arc::clone(&shared);
-            let limits = shared.limits;
             let handle = std::thread::Builder::new()
                 .name(format!("capkv-worker-{i}"))
-                .spawn(move || worker_main(i, rx, shared, limits))
+                .spawn(move || worker_main(i, rx, shared))
                 .map_err(ServerError::Worker)?;
             senders.push(tx);
             handles.push(handle);
@@ -213,7 +212,6 @@ fn worker_main(
     index: usize,
     mut rx: mpsc::Receiver<NewConn>,
     shared: Arc<Shared>,
-    limits: capkv::Limits,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,7 +239,7 @@ fn worker_main(
             let network = capkv::transport::vat_network(
                 stream,
                 rpc_twoparty_capnp::Side::Server,
-                limits.request_reader_options(),
+                shared.limits.request_reader_options(),
             );
             let conn = Rc::new(Conn::new(id, job.peer));
             let gateway: gateway::Client =
