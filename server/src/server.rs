@@ -208,11 +208,7 @@ impl Server {
     }
 }
 
-fn worker_main(
-    index: usize,
-    mut rx: mpsc::Receiver<NewConn>,
-    shared: Arc<Shared>,
-) {
+fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
