@@ -35,7 +35,7 @@ pub fn get_missing_is_none(s: &dyn Store) {
 }
 
 pub fn put_then_get(s: &dyn Store) {
-    let out = s.put(b"k", b"v1", Condition::None).unwrap();
+    let out = s.put(b"k", b"v1", Condition::None).wait().unwrap();
     assert_eq!(out.version, 1);
     assert_eq!(out.revision, 1);
     let e = s.get(b"k").unwrap().unwrap();
@@ -47,13 +47,13 @@ pub fn put_then_get(s: &dyn Store) {
 }
 
 pub fn versions_and_revisions_advance(s: &dyn Store) {
-    s.put(b"a", b"1", Condition::None).unwrap();
-    s.put(b"b", b"1", Condition::None).unwrap();
-    let out = s.put(b"a", b"2", Condition::None).unwrap();
+    s.put(b"a", b"1", Condition::None).wait().unwrap();
+    s.put(b"b", b"1", Condition::None).wait().unwrap();
+    let out = s.put(b"a", b"2", Condition::None).wait().unwrap();
     assert_eq!((out.version, out.revision), (2, 3));
-    let d = s.delete(b"a", Condition::None).unwrap();
+    let d = s.delete(b"a", Condition::None).wait().unwrap();
     assert_eq!((d.existed, d.revision), (true, 4));
-    let out = s.put(b"a", b"3", Condition::None).unwrap();
+    let out = s.put(b"a", b"3", Condition::None).wait().unwrap();
     assert_eq!(
         (out.version, out.revision),
         (1, 5),
@@ -65,38 +65,41 @@ pub fn versions_and_revisions_advance(s: &dyn Store) {
 pub fn binary_keys_and_values(s: &dyn Store) {
     let key = [0u8, 0xff, 0x80, b'\n'];
     let value = [0xffu8, 0, 0, 0xfe];
-    s.put(&key, &value, Condition::None).unwrap();
+    s.put(&key, &value, Condition::None).wait().unwrap();
     assert_eq!(s.get(&key).unwrap().unwrap().value, value);
-    s.put(b"", b"", Condition::None).unwrap();
+    s.put(b"", b"", Condition::None).wait().unwrap();
     assert_eq!(s.get(b"").unwrap().unwrap().value, b"");
 }
 
 pub fn delete_missing_changes_nothing(s: &dyn Store) {
-    s.put(b"x", b"1", Condition::None).unwrap();
-    let d = s.delete(b"y", Condition::None).unwrap();
+    s.put(b"x", b"1", Condition::None).wait().unwrap();
+    let d = s.delete(b"y", Condition::None).wait().unwrap();
     assert_eq!((d.existed, d.revision), (false, 1));
     assert_eq!(s.revision().unwrap(), 1);
 }
 
 pub fn conditions(s: &dyn Store) {
-    s.put(b"c", b"1", Condition::IfAbsent).unwrap();
+    s.put(b"c", b"1", Condition::IfAbsent).wait().unwrap();
     assert_eq!(
-        s.put(b"c", b"2", Condition::IfAbsent),
+        s.put(b"c", b"2", Condition::IfAbsent).wait(),
         Err(StoreError::ConditionFailed {
             index: 0,
             current_version: Some(1)
         })
     );
     assert!(matches!(
-        s.put(b"c", b"2", Condition::IfVersion(7)),
+        s.put(b"c", b"2", Condition::IfVersion(7)).wait(),
         Err(StoreError::ConditionFailed { .. })
     ));
     assert_eq!(
-        s.put(b"c", b"2", Condition::IfVersion(1)).unwrap().version,
+        s.put(b"c", b"2", Condition::IfVersion(1))
+            .wait()
+            .unwrap()
+            .version,
         2
     );
     assert!(matches!(
-        s.delete(b"c", Condition::IfVersion(1)),
+        s.delete(b"c", Condition::IfVersion(1)).wait(),
         Err(StoreError::ConditionFailed { .. })
     ));
     assert_eq!(
@@ -104,10 +107,15 @@ pub fn conditions(s: &dyn Store) {
         b"2",
         "failed condition wrote nothing"
     );
-    assert!(s.delete(b"c", Condition::IfVersion(2)).unwrap().existed);
-    s.put(b"c", b"3", Condition::IfVersion(0)).unwrap();
+    assert!(
+        s.delete(b"c", Condition::IfVersion(2))
+            .wait()
+            .unwrap()
+            .existed
+    );
+    s.put(b"c", b"3", Condition::IfVersion(0)).wait().unwrap();
     assert!(matches!(
-        s.delete(b"missing", Condition::IfVersion(1)),
+        s.delete(b"missing", Condition::IfVersion(1)).wait(),
         Err(StoreError::ConditionFailed {
             index: 0,
             current_version: None
@@ -119,7 +127,7 @@ pub fn conditions(s: &dyn Store) {
 
 pub fn scan_is_ordered_and_bounded(s: &dyn Store) {
     for k in [&b"b"[..], b"a", b"ab", b"c", b"\xff", b"a\x00"] {
-        s.put(k, b"v", Condition::None).unwrap();
+        s.put(k, b"v", Condition::None).wait().unwrap();
     }
     assert_eq!(
         scan_all(s, b"", None),
@@ -144,7 +152,9 @@ pub fn scan_is_ordered_and_bounded(s: &dyn Store) {
 
 pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
     for i in 0..10u8 {
-        s.put(&[b'k', i], &[i; 100], Condition::None).unwrap();
+        s.put(&[b'k', i], &[i; 100], Condition::None)
+            .wait()
+            .unwrap();
     }
     let mut req = ScanRequest {
         start: b"k".to_vec(),
@@ -181,21 +191,24 @@ pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
 }
 
 pub fn batches_are_atomic_with_one_revision(s: &dyn Store) {
-    s.put(b"a", b"0", Condition::None).unwrap();
+    s.put(b"a", b"0", Condition::None).wait().unwrap();
     let item = |key: &'static [u8], value: &'static [u8], cond| PutItem { key, value, cond };
     let out = s
         .put_many(&[
             item(b"a", b"1", Condition::IfVersion(1)),
             item(b"b", b"1", Condition::IfAbsent),
         ])
+        .wait()
         .unwrap();
     assert_eq!(out.versions, vec![2, 1]);
     assert_eq!(out.revision, 2, "a batch is one write");
     assert_eq!(s.get(b"b").unwrap().unwrap().mod_revision, 2);
-    let failed = s.put_many(&[
-        item(b"c", b"1", Condition::None),
-        item(b"a", b"x", Condition::IfVersion(1)),
-    ]);
+    let failed = s
+        .put_many(&[
+            item(b"c", b"1", Condition::None),
+            item(b"a", b"x", Condition::IfVersion(1)),
+        ])
+        .wait();
     assert_eq!(
         failed,
         Err(StoreError::ConditionFailed {
@@ -232,6 +245,7 @@ pub fn concurrent_writers(make: &dyn Fn() -> Arc<dyn Store>) {
                     let value = format!("{t}-{i}");
                     revisions.push(
                         s.put(&key, value.as_bytes(), Condition::None)
+                            .wait()
                             .unwrap()
                             .revision,
                     );
@@ -263,6 +277,53 @@ pub fn concurrent_writers(make: &dyn Fn() -> Arc<dyn Store>) {
     assert_eq!(versions as usize, threads * per_thread);
 }
 
+/// Compare-and-set increments from several threads on one key: conditions must be checked
+/// against every earlier write, including writes still waiting in the same commit group.
+pub fn concurrent_compare_and_set(make: &dyn Fn() -> Arc<dyn Store>) {
+    let s = make();
+    let threads = 8;
+    let per_thread = 50;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let mut conflicts = 0u32;
+                for _ in 0..per_thread {
+                    // Bounded: each failed attempt means another thread's increment won.
+                    for attempt in 0.. {
+                        assert!(attempt < 10_000, "compare-and-set never succeeded");
+                        let current = s.get(b"counter").unwrap();
+                        let (n, version) = match &current {
+                            Some(e) => (
+                                String::from_utf8_lossy(&e.value).parse::<u64>().unwrap(),
+                                e.version,
+                            ),
+                            None => (0, 0),
+                        };
+                        let next = (n + 1).to_string();
+                        match s
+                            .put(b"counter", next.as_bytes(), Condition::IfVersion(version))
+                            .wait()
+                        {
+                            Ok(_) => break,
+                            Err(StoreError::ConditionFailed { .. }) => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let e = s.get(b"counter").unwrap().unwrap();
+    assert_eq!(e.value, (threads * per_thread).to_string().into_bytes());
+    assert_eq!(e.version, (threads * per_thread) as u64);
+    assert_eq!(s.revision().unwrap(), (threads * per_thread) as u64);
+}
+
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -275,6 +336,13 @@ macro_rules! conformance_tests {
         #[test]
         fn concurrent_writers() {
             $crate::conformance::concurrent_writers(&|| {
+                let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
+                s
+            });
+        }
+        #[test]
+        fn concurrent_compare_and_set() {
+            $crate::conformance::concurrent_compare_and_set(&|| {
                 let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
                 s
             });

@@ -3,6 +3,10 @@
 //! - [`Store`]: what the server needs from an engine. Plain Rust types only: no engine type
 //!   (and no wire type) appears in it, so engines can be swapped and tested alike.
 //! - [`memory::MemoryStore`]: an ordered, concurrency-safe in-memory engine (dev, tests).
+//! - [`rocks::RocksStore`]: the durable engine (RocksDB, WAL synced before a write is
+//!   acknowledged, group commit by one committer thread). The default.
+//! - [`Pending`]: what a write returns, a future of its outcome, so that a server can have
+//!   many writes waiting on one group commit without blocking its threads.
 //! - [`conformance`]: the behaviour every engine must show, written once and run against
 //!   each engine from `tests/`.
 //!
@@ -19,8 +23,12 @@
 
 pub mod conformance;
 pub mod memory;
+mod pending;
+pub mod rocks;
 
 pub use memory::MemoryStore;
+pub use pending::Pending;
+pub use rocks::{OpenError, RocksOptions, RocksStore};
 
 /// One stored key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,9 +99,6 @@ pub struct ScanPage {
     pub revision: u64,
 }
 
-/// Failures of an engine. Condition failures are not errors of the engine: they are part
-/// of the outcome and reported as [`StoreError::ConditionFailed`] so that callers cannot
-/// mistake them for success.
 /// One write of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PutItem<'a> {
@@ -110,6 +115,9 @@ pub struct BatchOutcome {
     pub revision: u64,
 }
 
+/// Failures of an engine. Condition failures are not errors of the engine: they are part
+/// of the outcome and reported as [`StoreError::ConditionFailed`] so that callers cannot
+/// mistake them for success.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// `index` is the item of a batch whose condition failed (0 for single writes).
@@ -118,6 +126,9 @@ pub enum StoreError {
         index: usize,
         current_version: Option<u64>,
     },
+    /// The engine's write queue is full: back off and retry (nothing was written).
+    #[error("storage busy: {0}")]
+    Busy(String),
     /// The engine cannot serve right now (closed, out of space...): retry later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -126,20 +137,56 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// Engine statistics for metrics. Engines without a notion report 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Estimated bytes of live data on disk.
+    pub live_data_bytes: u64,
+    /// Bytes compaction still has to rewrite to reach its targets.
+    pub pending_compaction_bytes: u64,
+    /// Bytes in memtables (active and immutable).
+    pub memtable_bytes: u64,
+    /// WAL syncs (fsyncs) since open.
+    pub wal_syncs: u64,
+    /// Write groups committed since open (one WriteBatch each).
+    pub commit_groups: u64,
+    /// Writes (single or batch calls) committed since open.
+    pub commits: u64,
+    /// 1 while the engine stops writes to let compaction catch up, else 0.
+    pub write_stopped: u64,
+    /// The rate (bytes/s) writes are being slowed to; 0 when not slowed.
+    pub delayed_write_rate: u64,
+    /// Writes waiting for the committer right now.
+    pub write_queue_len: u64,
+}
+
 /// The storage contract. Implementations are shared by all server workers, hence
 /// `Send + Sync`, and must make every method atomic with respect to the others.
+///
+/// Reads are synchronous: they are memory or block-cache lookups. Writes return a
+/// [`Pending`], resolved once the write is durable as configured (for RocksDB with
+/// `sync`, after its WAL is synced); dropping it does not cancel the write.
 pub trait Store: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
-    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError>;
-    fn delete(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError>;
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome>;
+    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome>;
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError>;
     /// Reads several keys at one revision; returns them in `keys` order, and the revision.
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError>;
     /// Applies `items` atomically as one write. Keys must be distinct (callers check);
     /// conditions are checked against the state before the batch.
-    fn put_many(&self, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError>;
+    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome>;
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;
     /// A short engine name for logs and `--print-config`.
     fn engine_name(&self) -> &'static str;
+    /// Engine statistics (cheap: a few property reads).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+    /// Compacts everything now (blocking; run it off the serving threads). Engines without
+    /// compaction return at once.
+    fn compact(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -16,8 +16,8 @@ use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::{
-    BatchOutcome, Condition, DeleteOutcome, Entry, PutItem, PutOutcome, ScanPage, ScanRequest,
-    Store, StoreError,
+    BatchOutcome, Condition, DeleteOutcome, Entry, Pending, PutItem, PutOutcome, ScanPage,
+    ScanRequest, Store, StoreError,
 };
 
 #[derive(Debug, Clone)]
@@ -94,14 +94,8 @@ impl MemoryStore {
     fn write(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
-}
 
-impl Store for MemoryStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
-        Ok(self.read().entry(key, true))
-    }
-
-    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError> {
+    fn put_now(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError> {
         let mut inner = self.write();
         let current = inner.version(key);
         if !cond.holds(current) {
@@ -124,7 +118,7 @@ impl Store for MemoryStore {
         Ok(PutOutcome { version, revision })
     }
 
-    fn delete(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError> {
+    fn delete_now(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError> {
         let mut inner = self.write();
         let current = inner.version(key);
         if !cond.holds(current) {
@@ -141,6 +135,53 @@ impl Store for MemoryStore {
             existed,
             revision: inner.revision,
         })
+    }
+
+    fn put_many_now(&self, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError> {
+        let mut inner = self.write();
+        // Check every condition before touching anything: all or nothing.
+        let mut versions = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let current = inner.version(item.key);
+            if !item.cond.holds(current) {
+                return Err(StoreError::ConditionFailed {
+                    index,
+                    current_version: current,
+                });
+            }
+            versions.push(current.unwrap_or(0) + 1);
+        }
+        inner.revision += 1;
+        let revision = inner.revision;
+        for (item, &version) in items.iter().zip(&versions) {
+            inner.insert(
+                item.key,
+                Stored {
+                    value: item.value.to_vec(),
+                    version,
+                    mod_revision: revision,
+                },
+            );
+        }
+        Ok(BatchOutcome { versions, revision })
+    }
+}
+
+impl Store for MemoryStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        Ok(self.read().entry(key, true))
+    }
+
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
+        Pending::ready(self.put_now(key, value, cond))
+    }
+
+    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
+        Pending::ready(self.delete_now(key, cond))
+    }
+
+    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {
+        Pending::ready(self.put_many_now(items))
     }
 
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
@@ -183,35 +224,6 @@ impl Store for MemoryStore {
         let inner = self.read();
         let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
         Ok((entries, inner.revision))
-    }
-
-    fn put_many(&self, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError> {
-        let mut inner = self.write();
-        // Check every condition before touching anything: all or nothing.
-        let mut versions = Vec::with_capacity(items.len());
-        for (index, item) in items.iter().enumerate() {
-            let current = inner.version(item.key);
-            if !item.cond.holds(current) {
-                return Err(StoreError::ConditionFailed {
-                    index,
-                    current_version: current,
-                });
-            }
-            versions.push(current.unwrap_or(0) + 1);
-        }
-        inner.revision += 1;
-        let revision = inner.revision;
-        for (item, &version) in items.iter().zip(&versions) {
-            inner.insert(
-                item.key,
-                Stored {
-                    value: item.value.to_vec(),
-                    version,
-                    mod_revision: revision,
-                },
-            );
-        }
-        Ok(BatchOutcome { versions, revision })
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

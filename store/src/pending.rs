@@ -1,0 +1,89 @@
+//! [`Pending`]: the outcome of a write that may still be waiting for its commit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::channel::oneshot;
+
+use crate::StoreError;
+
+/// A write's outcome: ready at once (memory engine) or delivered by a committer thread.
+///
+/// Await it from async code, or [`wait`](Pending::wait) for it from a plain thread.
+/// Dropping it does not cancel the write; only the outcome is lost.
+#[must_use = "a write's outcome tells whether it happened"]
+pub struct Pending<T> {
+    state: State<T>,
+}
+
+enum State<T> {
+    Ready(Option<Result<T, StoreError>>),
+    Waiting(oneshot::Receiver<Result<T, StoreError>>),
+}
+
+/// The committer's end: completes one [`Pending`].
+pub(crate) struct Completer<T>(oneshot::Sender<Result<T, StoreError>>);
+
+impl<T> Completer<T> {
+    pub(crate) fn complete(self, outcome: Result<T, StoreError>) {
+        // The waiter may be gone (its call hit its deadline); the write stands regardless.
+        let _ = self.0.send(outcome);
+    }
+}
+
+impl<T> Pending<T> {
+    pub fn ready(outcome: Result<T, StoreError>) -> Self {
+        Self {
+            state: State::Ready(Some(outcome)),
+        }
+    }
+
+    pub(crate) fn channel() -> (Completer<T>, Self) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Completer(tx),
+            Self {
+                state: State::Waiting(rx),
+            },
+        )
+    }
+
+    /// Blocks the current thread until the outcome is known. Not for async contexts.
+    pub fn wait(self) -> Result<T, StoreError> {
+        futures::executor::block_on(self)
+    }
+}
+
+// No field is ever pinned structurally: the ready value is moved out, the receiver is Unpin.
+impl<T> Unpin for Pending<T> {}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            State::Ready(outcome) => Poll::Ready(outcome.take().unwrap_or_else(|| {
+                Err(StoreError::Internal(
+                    "write outcome polled after completion".into(),
+                ))
+            })),
+            State::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(
+                        "storage closed before the write's outcome was known".into(),
+                    ))
+                })
+            }),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.state {
+            State::Ready(_) => "Pending::Ready",
+            State::Waiting(_) => "Pending::Waiting",
+        })
+    }
+}

@@ -1,0 +1,998 @@
+//! The durable engine: RocksDB, with group commit.
+//!
+//! On-disk layout (column families):
+//! - `data`: user key → `[version u64 BE][mod_revision u64 BE][value bytes]`.
+//! - `meta`: `revision` → u64 BE (written in the same WriteBatch as the data it counts, so
+//!   the two can never disagree); `format` → u64 BE, the layout version of this file.
+//! - `idempotency`: record key → `[expires_at_unix_ms u64 BE][payload]`. A compaction filter
+//!   drops records whose expiry has passed, so they cost nothing once compacted away.
+//!
+//! Writes: every write is sent, over a bounded queue, to one committer thread. The
+//! committer takes what is queued (up to `group_commit_max_writes`, waiting at most
+//! `group_commit_max_wait_us` for more), checks each write's condition against the stored
+//! state plus the writes before it in the same group, and commits the whole group as one
+//! WriteBatch with one WAL sync. Only then is any write of the group acknowledged. One
+//! writer thread is what makes versions, conditions and the revision counter simple: there
+//! is no read-modify-write race to lock against. A full queue refuses a write at once
+//! ([`StoreError::Busy`]) instead of blocking a server thread.
+//!
+//! Reads go straight to RocksDB from the caller's thread. `get_many` and `scan` read through
+//! one snapshot, which also supplies the revision they report, so a page and its revision
+//! always match.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, ErrorKind, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::pending::Completer;
+use crate::{
+    BatchOutcome, Condition, DeleteOutcome, Entry, Pending, PutItem, PutOutcome, ScanPage,
+    ScanRequest, Store, StoreError, StoreStats,
+};
+
+const CF_DATA: &str = "data";
+const CF_META: &str = "meta";
+const CF_IDEMPOTENCY: &str = "idempotency";
+const KEY_REVISION: &[u8] = b"revision";
+const KEY_FORMAT: &[u8] = b"format";
+/// Layout version written by this build; bump it when the encoding above changes.
+const FORMAT_VERSION: u64 = 1;
+/// Bytes before the value in a `data` record.
+const HEADER_BYTES: usize = 16;
+
+/// How to open and run the engine. [`RocksOptions::new`] gives the production defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RocksOptions {
+    pub path: PathBuf,
+    /// Sync the WAL before acknowledging a write. Off, an acknowledged write survives a
+    /// process crash (it is in the OS page cache) but not a power loss.
+    pub sync: bool,
+    /// Most writes (batch items count each) gathered into one commit; 1 = no group commit.
+    pub group_commit_max_writes: usize,
+    /// How long the committer waits for more writes once it has one; 0 = take only what is
+    /// already queued (the writes that arrived during the previous sync).
+    pub group_commit_max_wait_us: u64,
+    /// Writes waiting for the committer; past it writes are refused with `Busy`.
+    pub write_queue_depth: usize,
+    /// Full compaction every this many seconds; 0 = only RocksDB's own compactions.
+    pub compaction_interval_s: u64,
+    /// Shared block cache for reads.
+    pub block_cache_bytes: usize,
+}
+
+impl RocksOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            sync: true,
+            group_commit_max_writes: 1024,
+            group_commit_max_wait_us: 0,
+            write_queue_depth: 16_384,
+            compaction_interval_s: 6 * 3600,
+            block_cache_bytes: 256 << 20,
+        }
+    }
+
+    fn validate(&self) -> Result<(), OpenError> {
+        if self.group_commit_max_writes == 0 || self.group_commit_max_writes > 1_000_000 {
+            return Err(OpenError::Options(
+                "group_commit_max_writes must be in 1..=1000000".into(),
+            ));
+        }
+        if self.group_commit_max_wait_us > 1_000_000 {
+            return Err(OpenError::Options(
+                "group_commit_max_wait_us must be at most 1000000 (1 s)".into(),
+            ));
+        }
+        if self.write_queue_depth == 0 || self.write_queue_depth > 1_000_000 {
+            return Err(OpenError::Options(
+                "write_queue_depth must be in 1..=1000000".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why the engine could not open. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("data directory {path} is in use by another process (its LOCK file is held); stop that process or choose another data directory ({detail})")]
+    Locked { path: String, detail: String },
+    #[error("data in {path} is corrupt ({detail}); restore it from a backup, or move the directory aside to start empty")]
+    Corrupt { path: String, detail: String },
+    #[error("cannot open data directory {path}: {detail}")]
+    Io { path: String, detail: String },
+    #[error(
+        "data directory {path} holds storage format {found}; this build reads format {expected}"
+    )]
+    Format {
+        path: String,
+        found: u64,
+        expected: u64,
+    },
+    #[error("invalid storage options: {0}")]
+    Options(String),
+    #[error("cannot start a storage thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl OpenError {
+    fn from_rocks(path: &Path, e: rocksdb::Error) -> Self {
+        let path = path.display().to_string();
+        let detail = e.into_string();
+        // RocksDB reports a held lock as an IO error naming the LOCK file, both for another
+        // process ("While lock file") and for this one ("lock hold by current process").
+        if detail.contains("lock file") || detail.contains("lock hold") {
+            return OpenError::Locked { path, detail };
+        }
+        if detail.starts_with("Corruption") {
+            return OpenError::Corrupt { path, detail };
+        }
+        OpenError::Io { path, detail }
+    }
+}
+
+/// Counters shared by the committer and readers of [`Store::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    /// The revision of the last committed group.
+    revision: AtomicU64,
+    wal_syncs: AtomicU64,
+    commit_groups: AtomicU64,
+    commits: AtomicU64,
+    queued: AtomicU64,
+}
+
+/// The durable engine. Dropping it commits what is queued and closes the database.
+pub struct RocksStore {
+    db: Arc<DB>,
+    counters: Arc<Counters>,
+    /// `None` only while dropping.
+    writes: Option<SyncSender<Op>>,
+    committer: Option<JoinHandle<()>>,
+    /// Dropping it stops the compaction thread.
+    stop_compactor: Option<mpsc::Sender<()>>,
+    compactor: Option<JoinHandle<()>>,
+    sync: bool,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .field("sync", &self.sync)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn expired_record_filter(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
+    match value.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+        Some(b) if u64::from_be_bytes(b) > now_unix_ms() => Decision::Keep,
+        // Expired, or too short to hold an expiry: no reader could use it.
+        _ => Decision::Remove,
+    }
+}
+
+fn read_u64(db: &DB, cf: &ColumnFamily, key: &[u8]) -> Result<Option<u64>, String> {
+    match db.get_pinned_cf(cf, key).map_err(|e| e.into_string())? {
+        None => Ok(None),
+        Some(v) => <[u8; 8]>::try_from(&v[..])
+            .map(|b| Some(u64::from_be_bytes(b)))
+            .map_err(|_| {
+                format!(
+                    "meta record {:?} is not 8 bytes",
+                    String::from_utf8_lossy(key)
+                )
+            }),
+    }
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the database at `opts.path` and starts its threads.
+    pub fn open(opts: RocksOptions) -> Result<Self, OpenError> {
+        opts.validate()?;
+        let path = opts.path.clone();
+        let shown = path.display().to_string();
+        if path.exists() && !path.is_dir() {
+            return Err(OpenError::Io {
+                path: shown,
+                detail: "it exists and is not a directory".into(),
+            });
+        }
+        std::fs::create_dir_all(&path).map_err(|e| OpenError::Io {
+            path: shown.clone(),
+            detail: e.to_string(),
+        })?;
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(5);
+        // Bounds recovery time and WAL disk use: past it, RocksDB flushes the oldest
+        // memtables so their WAL files can go.
+        db_opts.set_max_total_wal_size(256 << 20);
+
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // Point reads dominate: a bloom filter skips files that cannot hold the key.
+        table.set_bloom_filter(10.0, false);
+        let mut data_opts = Options::default();
+        data_opts.set_block_based_table_factory(&table);
+        let mut idem_opts = Options::default();
+        idem_opts.set_compaction_filter("capkv-expired-records", expired_record_filter);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_DATA, data_opts),
+            ColumnFamilyDescriptor::new(CF_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_IDEMPOTENCY, idem_opts),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, &path, cfs)
+            .map_err(|e| OpenError::from_rocks(&path, e))?;
+        let db = Arc::new(db);
+
+        let corrupt = |detail: String| OpenError::Corrupt {
+            path: shown.clone(),
+            detail,
+        };
+        let meta = db
+            .cf_handle(CF_META)
+            .ok_or_else(|| corrupt("column family `meta` missing".into()))?;
+        match read_u64(&db, meta, KEY_FORMAT).map_err(corrupt)? {
+            Some(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(OpenError::Format {
+                    path: shown,
+                    found,
+                    expected: FORMAT_VERSION,
+                })
+            }
+            None => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                db.put_cf_opt(meta, KEY_FORMAT, FORMAT_VERSION.to_be_bytes(), &wo)
+                    .map_err(|e| OpenError::from_rocks(&path, e))?;
+            }
+        }
+        let revision = read_u64(&db, meta, KEY_REVISION)
+            .map_err(corrupt)?
+            .unwrap_or(0);
+
+        let counters = Arc::new(Counters::default());
+        counters.revision.store(revision, Ordering::Release);
+        let (tx, rx) = mpsc::sync_channel(opts.write_queue_depth);
+        let committer = Committer {
+            db: Arc::clone(&db),
+            rx,
+            counters: Arc::clone(&counters),
+            revision,
+            sync: opts.sync,
+            max_writes: opts.group_commit_max_writes,
+            max_wait: Duration::from_micros(opts.group_commit_max_wait_us),
+        };
+        let committer = std::thread::Builder::new()
+            .name("capkv-committer".into())
+            .spawn(move || committer.run())
+            .map_err(OpenError::Thread)?;
+
+        let (stop_compactor, compactor) = if opts.compaction_interval_s > 0 {
+            let (stop, stopped) = mpsc::channel::<()>();
+            let db = Arc::clone(&db);
+            let every = Duration::from_secs(opts.compaction_interval_s);
+            let handle = std::thread::Builder::new()
+                .name("capkv-compactor".into())
+                .spawn(move || {
+                    // Any message or a dropped sender stops the loop.
+                    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                        let started = Instant::now();
+                        compact_all(&db);
+                        tracing::info!(
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "scheduled compaction done"
+                        );
+                    }
+                })
+                .map_err(OpenError::Thread)?;
+            (Some(stop), Some(handle))
+        } else {
+            (None, None)
+        };
+
+        tracing::info!(path = %shown, revision, sync = opts.sync, "rocksdb opened");
+        Ok(Self {
+            db,
+            counters,
+            writes: Some(tx),
+            committer: Some(committer),
+            stop_compactor,
+            compactor,
+            sync: opts.sync,
+            path,
+        })
+    }
+
+    fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::Internal(format!("column family `{name}` missing")))
+    }
+
+    fn submit<T>(&self, make: impl FnOnce(Completer<T>) -> Op) -> Pending<T> {
+        let Some(tx) = &self.writes else {
+            return Pending::ready(Err(StoreError::Unavailable("storage is closed".into())));
+        };
+        let (done, pending) = Pending::channel();
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        match tx.try_send(make(done)) {
+            Ok(()) => pending,
+            Err(e) => {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                Pending::ready(Err(match e {
+                    TrySendError::Full(_) => {
+                        StoreError::Busy("the write queue is full; retry shortly".into())
+                    }
+                    TrySendError::Disconnected(_) => {
+                        StoreError::Unavailable("storage is closed".into())
+                    }
+                }))
+            }
+        }
+    }
+
+    /// Writes an idempotency record (tests only until the idempotency layer uses it).
+    #[cfg(test)]
+    fn put_record(&self, key: &[u8], expires_at_unix_ms: u64, payload: &[u8]) {
+        let mut v = expires_at_unix_ms.to_be_bytes().to_vec();
+        v.extend_from_slice(payload);
+        self.db
+            .put_cf(self.cf(CF_IDEMPOTENCY).unwrap(), key, v)
+            .unwrap();
+    }
+
+    #[cfg(test)]
+    fn has_record(&self, key: &[u8]) -> bool {
+        self.db
+            .get_pinned_cf(self.cf(CF_IDEMPOTENCY).unwrap(), key)
+            .unwrap()
+            .is_some()
+    }
+
+    fn snapshot_revision(&self, ro: &ReadOptions) -> Result<u64, StoreError> {
+        let meta = self.cf(CF_META)?;
+        match self.db.get_pinned_cf_opt(meta, KEY_REVISION, ro) {
+            Ok(None) => Ok(0),
+            Ok(Some(v)) => <[u8; 8]>::try_from(&v[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Internal("revision record is not 8 bytes".into())),
+            Err(e) => Err(read_error(e)),
+        }
+    }
+}
+
+fn compact_all(db: &DB) {
+    for name in [CF_DATA, CF_META, CF_IDEMPOTENCY] {
+        if let Some(cf) = db.cf_handle(name) {
+            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+}
+
+impl Drop for RocksStore {
+    fn drop(&mut self) {
+        // Closing the queue lets the committer commit what is queued, then stop.
+        self.writes = None;
+        if let Some(h) = self.committer.take() {
+            if h.join().is_err() {
+                tracing::error!("the storage committer thread panicked");
+            }
+        }
+        self.stop_compactor = None;
+        if let Some(h) = self.compactor.take() {
+            if h.join().is_err() {
+                tracing::error!("the storage compaction thread panicked");
+            }
+        }
+        if !self.sync {
+            if let Err(e) = self.db.flush_wal(true) {
+                tracing::error!(error = %e, "syncing the WAL at close failed");
+            }
+        }
+    }
+}
+
+fn read_error(e: rocksdb::Error) -> StoreError {
+    tracing::error!(error = %e, "rocksdb read failed");
+    StoreError::Internal(e.into_string())
+}
+
+/// Splits a `data` record into (version, mod_revision, value).
+fn decode(record: &[u8]) -> Result<(u64, u64, &[u8]), StoreError> {
+    if record.len() < HEADER_BYTES {
+        return Err(StoreError::Internal(format!(
+            "data record of {} bytes is shorter than its header",
+            record.len()
+        )));
+    }
+    let (head, value) = record.split_at(HEADER_BYTES);
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&head[i * 8..i * 8 + 8]);
+        u64::from_be_bytes(b)
+    };
+    Ok((word(0), word(1), value))
+}
+
+fn entry(key: &[u8], record: &[u8], with_value: bool) -> Result<Entry, StoreError> {
+    let (version, mod_revision, value) = decode(record)?;
+    Ok(Entry {
+        key: key.to_vec(),
+        value: if with_value {
+            value.to_vec()
+        } else {
+            Vec::new()
+        },
+        version,
+        mod_revision,
+    })
+}
+
+impl Store for RocksStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_DATA)?, key) {
+            Ok(Some(rec)) => entry(key, &rec, true).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(read_error(e)),
+        }
+    }
+
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
+        self.submit(|done| Op::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            cond,
+            done,
+        })
+    }
+
+    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
+        self.submit(|done| Op::Delete {
+            key: key.to_vec(),
+            cond,
+            done,
+        })
+    }
+
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
+        let data = self.cf(CF_DATA)?;
+        let snapshot = self.db.snapshot();
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snapshot);
+        let revision = self.snapshot_revision(&ro)?;
+        let mut page = ScanPage {
+            revision,
+            ..ScanPage::default()
+        };
+        if let Some(end) = &req.end {
+            if end.as_slice() <= req.start.as_slice() {
+                return Ok(page);
+            }
+        }
+        let mut iter_ro = ReadOptions::default();
+        iter_ro.set_snapshot(&snapshot);
+        if let Some(end) = &req.end {
+            iter_ro.set_iterate_upper_bound(end.clone());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(data, iter_ro);
+        it.seek(&req.start);
+        let mut bytes = 0usize;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let e = entry(k, v, !req.keys_only)?;
+            bytes += e.key.len() + e.value.len();
+            page.entries.push(e);
+            it.next();
+            if page.entries.len() >= req.limit.max(1) || bytes >= req.max_bytes {
+                break;
+            }
+        }
+        page.more = it.valid();
+        it.status().map_err(read_error)?;
+        Ok(page)
+    }
+
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        let data = self.cf(CF_DATA)?;
+        let snapshot = self.db.snapshot();
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snapshot);
+        let revision = self.snapshot_revision(&ro)?;
+        let found = self.db.batched_multi_get_cf_opt(data, keys, false, &ro);
+        let entries = keys
+            .iter()
+            .zip(found)
+            .map(|(key, r)| match r {
+                Ok(Some(rec)) => entry(key, &rec, true).map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(read_error(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((entries, revision))
+    }
+
+    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {
+        self.submit(|done| Op::PutMany {
+            items: items
+                .iter()
+                .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
+                .collect(),
+            done,
+        })
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.counters.revision.load(Ordering::Acquire))
+    }
+
+    fn engine_name(&self) -> &'static str {
+        "rocksdb"
+    }
+
+    fn stats(&self) -> StoreStats {
+        let db = &self.db;
+        let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);
+        let per_cf = |name: &str| -> u64 {
+            [CF_DATA, CF_META, CF_IDEMPOTENCY]
+                .iter()
+                .filter_map(|cf| db.cf_handle(cf))
+                .map(|cf| {
+                    db.property_int_value_cf(cf, name)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                })
+                .sum()
+        };
+        let c = &self.counters;
+        StoreStats {
+            live_data_bytes: per_cf("rocksdb.estimate-live-data-size"),
+            pending_compaction_bytes: per_cf("rocksdb.estimate-pending-compaction-bytes"),
+            memtable_bytes: per_cf("rocksdb.cur-size-all-mem-tables"),
+            wal_syncs: c.wal_syncs.load(Ordering::Relaxed),
+            commit_groups: c.commit_groups.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            write_stopped: int("rocksdb.is-write-stopped"),
+            delayed_write_rate: int("rocksdb.actual-delayed-write-rate"),
+            write_queue_len: c.queued.load(Ordering::Relaxed),
+        }
+    }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        compact_all(&self.db);
+        Ok(())
+    }
+}
+
+/// A write on its way to the committer.
+enum Op {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        cond: Condition,
+        done: Completer<PutOutcome>,
+    },
+    Delete {
+        key: Vec<u8>,
+        cond: Condition,
+        done: Completer<DeleteOutcome>,
+    },
+    PutMany {
+        items: Vec<(Vec<u8>, Vec<u8>, Condition)>,
+        done: Completer<BatchOutcome>,
+    },
+}
+
+impl Op {
+    /// How much of a group's `max_writes` this op uses.
+    fn weight(&self) -> usize {
+        match self {
+            Op::PutMany { items, .. } => items.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// A decided write, answered once its group is committed (or has failed).
+enum Reply {
+    Put(Completer<PutOutcome>, Result<PutOutcome, StoreError>),
+    Delete(Completer<DeleteOutcome>, Result<DeleteOutcome, StoreError>),
+    PutMany(Completer<BatchOutcome>, Result<BatchOutcome, StoreError>),
+}
+
+impl Reply {
+    fn send(self, failure: Option<&StoreError>) {
+        // A failed commit fails every write of the group, whatever it decided.
+        fn pick<T>(
+            r: Result<T, StoreError>,
+            failure: Option<&StoreError>,
+        ) -> Result<T, StoreError> {
+            match failure {
+                Some(e) => Err(e.clone()),
+                None => r,
+            }
+        }
+        match self {
+            Reply::Put(done, r) => done.complete(pick(r, failure)),
+            Reply::Delete(done, r) => done.complete(pick(r, failure)),
+            Reply::PutMany(done, r) => done.complete(pick(r, failure)),
+        }
+    }
+}
+
+struct Committer {
+    db: Arc<DB>,
+    rx: Receiver<Op>,
+    counters: Arc<Counters>,
+    /// The revision of the last committed group.
+    revision: u64,
+    sync: bool,
+    max_writes: usize,
+    max_wait: Duration,
+}
+
+/// One commit group being decided: its batch, and each touched key's version after the
+/// writes decided so far (`None` = deleted).
+struct Group {
+    batch: WriteBatch,
+    versions: HashMap<Vec<u8>, Option<u64>>,
+    revision: u64,
+    record: Vec<u8>,
+}
+
+impl Committer {
+    fn run(mut self) {
+        let mut group = Vec::new();
+        // Ends when every sender is gone (the store is dropping) and the queue is empty.
+        while let Ok(first) = self.rx.recv() {
+            let mut weight = first.weight();
+            group.push(first);
+            let gather_until = Instant::now() + self.max_wait;
+            while weight < self.max_writes {
+                let next = match self.rx.try_recv() {
+                    Ok(op) => op,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        let left = gather_until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match self.rx.recv_timeout(left) {
+                            Ok(op) => op,
+                            Err(_) => break,
+                        }
+                    }
+                };
+                weight += next.weight();
+                group.push(next);
+            }
+            self.counters
+                .queued
+                .fetch_sub(group.len() as u64, Ordering::Relaxed);
+            self.commit(&mut group);
+        }
+    }
+
+    /// The key's version as the group sees it: its own earlier writes, else the database.
+    fn version(&self, g: &Group, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        if let Some(v) = g.versions.get(key) {
+            return Ok(*v);
+        }
+        let data = self
+            .db
+            .cf_handle(CF_DATA)
+            .ok_or_else(|| StoreError::Internal("column family `data` missing".into()))?;
+        match self.db.get_pinned_cf(data, key) {
+            Ok(Some(rec)) => decode(&rec).map(|(version, _, _)| Some(version)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(read_error(e)),
+        }
+    }
+
+    fn put(
+        &self,
+        g: &mut Group,
+        key: Vec<u8>,
+        value: &[u8],
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let data = self
+            .db
+            .cf_handle(CF_DATA)
+            .ok_or_else(|| StoreError::Internal("column family `data` missing".into()))?;
+        g.record.clear();
+        g.record.extend_from_slice(&version.to_be_bytes());
+        g.record.extend_from_slice(&g.revision.to_be_bytes());
+        g.record.extend_from_slice(value);
+        g.batch.put_cf(data, &key, &g.record);
+        g.versions.insert(key, Some(version));
+        Ok(())
+    }
+
+    fn decide(&self, g: &mut Group, op: Op) -> Reply {
+        match op {
+            Op::Put {
+                key,
+                value,
+                cond,
+                done,
+            } => {
+                let r = (|| {
+                    let current = self.version(g, &key)?;
+                    if !cond.holds(current) {
+                        return Err(StoreError::ConditionFailed {
+                            index: 0,
+                            current_version: current,
+                        });
+                    }
+                    g.revision += 1;
+                    let version = current.unwrap_or(0) + 1;
+                    self.put(g, key, &value, version)?;
+                    Ok(PutOutcome {
+                        version,
+                        revision: g.revision,
+                    })
+                })();
+                Reply::Put(done, r)
+            }
+            Op::Delete { key, cond, done } => {
+                let r = (|| {
+                    let current = self.version(g, &key)?;
+                    if !cond.holds(current) {
+                        return Err(StoreError::ConditionFailed {
+                            index: 0,
+                            current_version: current,
+                        });
+                    }
+                    if current.is_some() {
+                        let data = self.db.cf_handle(CF_DATA).ok_or_else(|| {
+                            StoreError::Internal("column family `data` missing".into())
+                        })?;
+                        g.revision += 1;
+                        g.batch.delete_cf(data, &key);
+                        g.versions.insert(key, None);
+                    }
+                    Ok(DeleteOutcome {
+                        existed: current.is_some(),
+                        revision: g.revision,
+                    })
+                })();
+                Reply::Delete(done, r)
+            }
+            Op::PutMany { items, done } => {
+                let r = (|| {
+                    let mut versions = Vec::with_capacity(items.len());
+                    for (index, (key, _, cond)) in items.iter().enumerate() {
+                        let current = self.version(g, key)?;
+                        if !cond.holds(current) {
+                            return Err(StoreError::ConditionFailed {
+                                index,
+                                current_version: current,
+                            });
+                        }
+                        versions.push(current.unwrap_or(0) + 1);
+                    }
+                    g.revision += 1;
+                    for ((key, value, _), &version) in items.into_iter().zip(&versions) {
+                        self.put(g, key, &value, version)?;
+                    }
+                    Ok(BatchOutcome {
+                        versions,
+                        revision: g.revision,
+                    })
+                })();
+                Reply::PutMany(done, r)
+            }
+        }
+    }
+
+    fn commit(&mut self, ops: &mut Vec<Op>) {
+        let mut g = Group {
+            batch: WriteBatch::default(),
+            versions: HashMap::with_capacity(ops.len()),
+            revision: self.revision,
+            record: Vec::new(),
+        };
+        let count = ops.len() as u64;
+        let replies: Vec<Reply> = ops.drain(..).map(|op| self.decide(&mut g, op)).collect();
+        let mut failure = None;
+        if g.revision != self.revision {
+            let written = self
+                .db
+                .cf_handle(CF_META)
+                .ok_or_else(|| StoreError::Internal("column family `meta` missing".into()))
+                .and_then(|meta| {
+                    g.batch.put_cf(meta, KEY_REVISION, g.revision.to_be_bytes());
+                    let mut wo = WriteOptions::default();
+                    wo.set_sync(self.sync);
+                    self.db.write_opt(g.batch, &wo).map_err(write_error)
+                });
+            match written {
+                Ok(()) => {
+                    self.revision = g.revision;
+                    self.counters.revision.store(g.revision, Ordering::Release);
+                    self.counters.commit_groups.fetch_add(1, Ordering::Relaxed);
+                    self.counters.commits.fetch_add(count, Ordering::Relaxed);
+                    if self.sync {
+                        self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        for r in replies {
+            r.send(failure.as_ref());
+        }
+    }
+}
+
+fn write_error(e: rocksdb::Error) -> StoreError {
+    tracing::error!(error = %e, "rocksdb commit failed; the group's writes are refused");
+    let io = e.kind() == ErrorKind::IOError;
+    let detail = e.into_string();
+    if detail.contains("No space") || detail.contains("NoSpace") {
+        StoreError::Unavailable(format!("disk full: {detail}"))
+    } else if io {
+        // The disk, not our data, failed: another attempt (here after repair, or elsewhere)
+        // may succeed.
+        StoreError::Unavailable(detail)
+    } else {
+        StoreError::Internal(detail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> RocksStore {
+        let mut o = RocksOptions::new(dir);
+        o.compaction_interval_s = 0;
+        RocksStore::open(o).unwrap()
+    }
+
+    #[test]
+    fn keys_versions_and_revision_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            s.put(b"a", b"1", Condition::None).wait().unwrap();
+            s.put(b"a", b"2", Condition::None).wait().unwrap();
+            s.put(b"b", b"x", Condition::None).wait().unwrap();
+            s.delete(b"b", Condition::None).wait().unwrap();
+            assert_eq!(s.revision().unwrap(), 4);
+        }
+        let s = open(dir.path());
+        assert_eq!(s.revision().unwrap(), 4);
+        let e = s.get(b"a").unwrap().unwrap();
+        assert_eq!(
+            (e.value.as_slice(), e.version, e.mod_revision),
+            (&b"2"[..], 2, 2)
+        );
+        assert_eq!(s.get(b"b").unwrap(), None);
+        let out = s.put(b"a", b"3", Condition::IfVersion(2)).wait().unwrap();
+        assert_eq!((out.version, out.revision), (3, 5));
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(dir.path());
+        let e = RocksStore::open(RocksOptions::new(dir.path())).unwrap_err();
+        assert!(matches!(e, OpenError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("in use"), "{e}");
+    }
+
+    #[test]
+    fn unusable_directories_give_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = RocksStore::open(RocksOptions::new(&file)).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+
+        let db = dir.path().join("db");
+        drop(open(&db));
+        std::fs::write(db.join("CURRENT"), b"garbage-that-names-no-manifest\n").unwrap();
+        let e = RocksStore::open(RocksOptions::new(&db)).unwrap_err();
+        assert!(
+            matches!(e, OpenError::Corrupt { .. } | OpenError::Io { .. }),
+            "{e}"
+        );
+
+        let mut bad = RocksOptions::new(dir.path().join("x"));
+        bad.group_commit_max_writes = 0;
+        assert!(matches!(RocksStore::open(bad), Err(OpenError::Options(_))));
+    }
+
+    #[test]
+    fn another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path());
+            let meta = s.cf(CF_META).unwrap();
+            s.db.put_cf(meta, KEY_FORMAT, 99u64.to_be_bytes()).unwrap();
+        }
+        let e = RocksStore::open(RocksOptions::new(dir.path())).unwrap_err();
+        assert!(matches!(e, OpenError::Format { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn compaction_drops_expired_idempotency_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.put_record(b"old", 1, b"reply");
+        s.put_record(b"new", now_unix_ms() + 3_600_000, b"reply");
+        s.compact().unwrap();
+        assert!(!s.has_record(b"old"));
+        assert!(s.has_record(b"new"));
+    }
+
+    #[test]
+    fn group_commit_gathers_concurrent_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = RocksOptions::new(dir.path());
+        // A long gathering wait makes grouping certain without timing the test.
+        o.group_commit_max_wait_us = 200_000;
+        o.group_commit_max_writes = 8;
+        let s = Arc::new(RocksStore::open(o).unwrap());
+        let pending: Vec<_> = (0..8u8)
+            .map(|i| s.put(&[i], b"v", Condition::None))
+            .collect();
+        for p in pending {
+            p.wait().unwrap();
+        }
+        let st = s.stats();
+        assert_eq!(st.commits, 8);
+        assert_eq!(st.commit_groups, 1, "8 queued writes, one group: {st:?}");
+        assert_eq!(st.wal_syncs, 1);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_writes_instead_of_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = RocksOptions::new(dir.path());
+        o.write_queue_depth = 1;
+        o.group_commit_max_writes = 1;
+        let s = open_with(o);
+        // Bounded: the committer drains one write per sync, so a burst overflows a 1-deep queue.
+        let pending: Vec<_> = (0..1000u32)
+            .map(|i| s.put(&i.to_be_bytes(), b"v", Condition::None))
+            .collect();
+        let busy = pending
+            .into_iter()
+            .map(Pending::wait)
+            .filter(|r| matches!(r, Err(StoreError::Busy(_))))
+            .count();
+        assert!(busy > 0, "no write was refused");
+    }
+
+    fn open_with(o: RocksOptions) -> RocksStore {
+        RocksStore::open(o).unwrap()
+    }
+}
