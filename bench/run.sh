@@ -13,7 +13,7 @@ out="${1:-bench/results.md}"
 command -v redis-server >/dev/null 2>&1 || {
     apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q redis-server redis-tools
 }
-cargo build --release --locked -p capkv-server -p capkv-loadgen
+cargo build --release --locked --workspace --bins  # as run.sh: one RocksDB build
 bin="$CARGO_TARGET_DIR/release"
 tmp=$(mktemp -d)
 pids=()
@@ -25,7 +25,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-taskset -c 1 "$bin/kv-server" --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
+taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
 kv_pid=$!; pids+=("$kv_pid")
 addr=""
 for _ in $(seq 100); do
@@ -48,6 +48,8 @@ taskset -c 0 "$bin/kv-loadgen" matrix --addr "$addr" --server-pid "$kv_pid" \
 
 kill "$kv_pid" "$redis_pid"; wait "$kv_pid" "$redis_pid" 2>/dev/null || true; pids=()
 
+bash bench/durable.sh "$bin" >"$tmp/durable.md"
+
 peers="../shared/peers/run-all.sh"
 if [ -x "$peers" ] || [ -f "$peers" ]; then
     bash "$peers" >"$tmp/peers.txt" 2>&1 || echo "(peer run failed: see above)" >>"$tmp/peers.txt"
@@ -63,6 +65,12 @@ fi
     echo "(\`--save '' --appendonly no\`); kv-loadgen pinned to core 0, 1 thread; 100-byte values."
     echo
     cat "$tmp/matrix.md"
+    echo
+    echo "## Durable puts (bench/durable.sh): RocksDB, WAL synced before every acknowledgement"
+    echo
+    echo "Same loadgen for both; redis-server with \`--appendonly yes --appendfsync always\`."
+    echo
+    cat "$tmp/durable.md"
     echo
     echo "## Peer anchors (../shared/peers/run-all.sh), same run"
     echo

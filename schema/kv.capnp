@@ -1,5 +1,5 @@
 @0xcd35794f751403be;
-# capkv wire contract, API version 1.
+# capkv wire contract, API version 2 (2 added Gateway.admin and Admin).
 #
 # Compatibility rules: fields and methods are only ever added, never renumbered, renamed in
 # meaning or removed. Enum values keep their numbers forever. A client built against an
@@ -160,6 +160,66 @@ interface Gateway {
   # Exchanges a bearer token for the data capability. With no token configured on the
   # server any token (also the empty one) is accepted. Clients pipeline on `result.kv`
   # so that `open(t).kv.get(k)` costs one round trip.
+
+  admin @3 (ctx :RequestContext, adminToken :Text) -> (result :AdminResult);
+  # Exchanges the operator token (`admin.token`, distinct from the data token) for the
+  # Admin capability. With no admin token configured, admin is refused with
+  # `permissionDenied` unless the server runs with the explicit `--dev-admin` flag.
+  # A wrong token gets `unauthenticated`. Nothing reachable from `KvStore` or
+  # `WriteSession` ever yields an Admin.
+}
+
+struct AdminResult {
+  # Capability in union member 0 (pipelining, as in OpenResult).
+  union {
+    admin @0 :Admin;
+    error @1 :Error;
+  }
+}
+
+interface Admin {
+  # Operator actions on a running server. Admin calls are never subject to injected faults,
+  # so a plan can always be cleared.
+
+  setFaults @0 (ctx :RequestContext, plan :Text) -> (result :FaultsResult);
+  # Arms a fault plan, replacing the armed one; an empty plan clears it. The plan's text
+  # form: items separated by `;`, an optional `seed=N` and rules
+  # `METHOD ACTION [p=P] [for=DURATION]`, METHOD a method name or `*` (every data method),
+  # ACTION one of `fail=CODE` (an ErrorCode name in snake_case, e.g. `unavailable`),
+  # `latency=300ms[+-50ms]`, `stall`, `drop-reply` (do the work, then close the connection
+  # instead of replying), `close` (close the connection first). Example:
+  # `seed=7; get fail=unavailable p=0.3; * latency=5ms+-2ms for=1m`.
+  # A plan that does not parse, or names an unknown method or code, gets `invalidArgument`.
+
+  showFaults @1 (ctx :RequestContext) -> (result :FaultsResult);
+  # The armed plan; each rule's `for=` is the time it has left.
+
+  clearFaults @2 (ctx :RequestContext) -> (result :FaultsResult);
+  # Disarms every rule.
+
+  compact @3 (ctx :RequestContext) -> (result :AdminAck);
+  # Compacts the storage engine now (also drops expired idempotency records). Returns when
+  # done; give it a generous deadline.
+}
+
+struct FaultsResult {
+  union {
+    ok :group {
+      plan @0 :Text;
+      # The armed plan after the call, in the text form above (`seed=0` alone: none).
+
+      rules @1 :UInt32;
+      # Number of armed rules.
+    }
+    error @2 :Error;
+  }
+}
+
+struct AdminAck {
+  union {
+    ok @0 :Void;
+    error @1 :Error;
+  }
 }
 
 struct HealthResult {

@@ -21,7 +21,7 @@ pub mod transport;
 pub use kv_capnp::ErrorCode;
 
 /// Version of the wire contract in `schema/kv.capnp`. Bump when methods or fields are added.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 
 /// The longest `requestId` the server keeps; longer ones are cut, not rejected, because an
 /// id is a debugging aid and should never make a call fail.

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-cargo build --release --locked -p capkv-server -p capkv-client
+# The whole workspace, like CI: building single packages unifies dependency features
+# differently and would rebuild RocksDB (~12 min) for nothing.
+cargo build --release --locked --workspace --bins
 echo "run: kv-client is at $CARGO_TARGET_DIR/release/kv-client" >&2
 exec "$CARGO_TARGET_DIR/release/kv-server" "$@"

@@ -14,9 +14,12 @@
 //! 4. **admission**: global and per-connection in-flight limits; past them `overloaded`
 //!    with `retryAfterMs`, cheaply, before any work. The slot is held by a guard until the
 //!    call finishes, whatever way it finishes.
-//! 5. *(faults: the chaos step will sit here, after admission, so that injected failures
-//!    are counted like real ones.)*
-//! 6. **work** under the deadline: past it the call ends with `deadlineExceeded`.
+//! 5. **faults**: the armed fault plan (capkv-chaos) may fail, delay, stall the call or
+//!    close its connection, here and nowhere else; after admission, so injected failures
+//!    are counted like real ones; inside the deadline, so injected latency meets it like
+//!    real latency. Probes and Admin calls are never faulted (a plan can always be cleared).
+//! 6. **work** under the deadline: past it the work future is dropped — the work stops —
+//!    and the call ends with `deadlineExceeded` (`capkv_deadline_exceeded_total`).
 //! 7. **observe**: one log line and the request metrics, for every call, success or not.
 //!
 //! Authentication is not a step here because capkv authenticates by capability: only
@@ -26,12 +29,14 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use capkv::kv_capnp::request_context;
 use capkv::{code_name, ApiError, CallMeta, ErrorCode, Limits};
+use capkv_chaos::{Chaos, FaultPlan};
 use capkv_store::Store;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -58,9 +63,55 @@ pub enum Method {
     Delete,
     GetMany,
     PutMany,
+    Admin,
+    SetFaults,
+    ShowFaults,
+    ClearFaults,
+    Compact,
 }
 
 impl Method {
+    pub const ALL: [Method; 15] = [
+        Method::Health,
+        Method::Version,
+        Method::Open,
+        Method::Get,
+        Method::Scan,
+        Method::Session,
+        Method::Put,
+        Method::Delete,
+        Method::GetMany,
+        Method::PutMany,
+        Method::Admin,
+        Method::SetFaults,
+        Method::ShowFaults,
+        Method::ClearFaults,
+        Method::Compact,
+    ];
+
+    pub fn from_name(name: &str) -> Option<Method> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|m| m.name()).collect()
+    }
+
+    /// Data methods, the ones a fault plan may touch.
+    pub fn faultable(self) -> bool {
+        matches!(
+            self,
+            Method::Open
+                | Method::Get
+                | Method::Scan
+                | Method::Session
+                | Method::Put
+                | Method::Delete
+                | Method::GetMany
+                | Method::PutMany
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Health => "health",
@@ -73,6 +124,11 @@ impl Method {
             Method::Delete => "delete",
             Method::GetMany => "get_many",
             Method::PutMany => "put_many",
+            Method::Admin => "admin",
+            Method::SetFaults => "set_faults",
+            Method::ShowFaults => "show_faults",
+            Method::ClearFaults => "clear_faults",
+            Method::Compact => "compact",
         }
     }
 
@@ -82,13 +138,52 @@ impl Method {
     }
 }
 
+/// Checks a fault plan's text and its method and code names.
+pub fn parse_fault_plan(text: &str) -> Result<FaultPlan, ApiError> {
+    let invalid = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
+    let plan = FaultPlan::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    for rule in &plan.rules {
+        if rule.method != "*" && !Method::from_name(&rule.method).is_some_and(Method::faultable) {
+            return Err(invalid(format!(
+                "fault rule `{rule}`: `{}` is not a data method (one of {}, or *)",
+                rule.method,
+                Method::ALL
+                    .iter()
+                    .filter(|m| m.faultable())
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if let capkv_chaos::FaultAction::Fail { code } = &rule.action {
+            if capkv::code_from_name(code).is_none() {
+                return Err(invalid(format!(
+                    "fault rule `{rule}`: unknown error code `{code}`"
+                )));
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Who may have the Admin capability.
+pub enum AdminAccess {
+    /// No admin token configured and no dev flag: nobody.
+    Disabled,
+    /// Development: any token.
+    Open,
+    Token(Auth),
+}
+
 /// State shared by every worker and connection.
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub limits: Limits,
     pub auth: Auth,
-    default_budget_ms: u32,
-    max_budget_ms: u32,
+    pub admin: AdminAccess,
+    pub chaos: Chaos,
+    /// (default, max) budget per method, indexed by `Method as usize`.
+    budgets_ms: [(u32, u32); Method::ALL.len()],
     max_in_flight: usize,
     max_in_flight_per_connection: usize,
     in_flight: AtomicUsize,
@@ -102,6 +197,8 @@ pub struct Conn {
     pub id: u64,
     pub peer: SocketAddr,
     in_flight: Cell<usize>,
+    /// Notified to drop the connection at once (fault injection), without replies.
+    kill: Notify,
 }
 
 impl Conn {
@@ -110,7 +207,18 @@ impl Conn {
             id,
             peer,
             in_flight: Cell::new(0),
+            kill: Notify::new(),
         }
+    }
+
+    /// Asks the connection's task to drop the connection now.
+    pub fn kill(&self) {
+        self.kill.notify_one();
+    }
+
+    /// Resolves once [`kill`](Conn::kill) was called.
+    pub async fn killed(&self) {
+        self.kill.notified().await;
     }
 }
 
@@ -122,12 +230,29 @@ pub struct Call {
 
 impl Shared {
     pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+        let admin = match (&config.admin.token, config.admin.dev_open) {
+            (Some(t), _) => AdminAccess::Token(Auth::new(Some(t.expose()))),
+            (None, true) => AdminAccess::Open,
+            (None, false) => AdminAccess::Disabled,
+        };
+        let chaos = Chaos::new();
+        if !config.faults.plan.trim().is_empty() {
+            // Validated with the config; a plan that got here parses.
+            match parse_fault_plan(&config.faults.plan) {
+                Ok(plan) => {
+                    tracing::warn!(plan = %plan, "fault plan armed from the configuration");
+                    chaos.arm(plan);
+                }
+                Err(e) => tracing::error!(error = %e.message, "fault plan ignored"),
+            }
+        }
         Self {
             store,
             limits: config.protocol_limits(),
             auth: Auth::new(config.auth.token.as_ref().map(|s| s.expose())),
-            default_budget_ms: config.deadlines.default_ms,
-            max_budget_ms: config.deadlines.max_ms,
+            admin,
+            chaos,
+            budgets_ms: Method::ALL.map(|m| config.budget_ms(m)),
             max_in_flight: config.limits.max_in_flight,
             max_in_flight_per_connection: config.limits.max_in_flight_per_connection,
             in_flight: AtomicUsize::new(0),
@@ -226,28 +351,72 @@ impl Shared {
                     "deadline already spent on arrival",
                 ));
             }
-            Some(ms) => ms.min(self.max_budget_ms),
-            None => self.default_budget_ms,
+            Some(ms) => ms.min(self.budgets_ms[method as usize].1),
+            None => self.budgets_ms[method as usize].0,
         };
         let deadline = started + Duration::from_millis(u64::from(budget_ms));
         // 4. admission
         let _slot = self.admit(conn)?;
-        // 5. faults: see the module docs.
-        // 6. work
-        match tokio::time::timeout_at(
+        // 5. faults
+        let fault = if method.faultable() {
+            self.chaos.decide(method.name())
+        } else {
+            None
+        };
+        if let Some(f) = &fault {
+            metrics::counter!(m::FAULTS_INJECTED_TOTAL, "method" => method.name()).increment(1);
+            tracing::debug!(method = method.name(), fault = ?f, "injecting fault");
+        }
+        let call = Call {
+            attempt: meta.attempt,
             deadline,
-            work(Call {
-                attempt: meta.attempt,
-                deadline,
-            }),
-        )
-        .await
-        {
+        };
+        let faulted_work = async {
+            if let Some(f) = &fault {
+                if f.close {
+                    conn.kill();
+                    // The connection's task drops this call with the connection.
+                    std::future::pending::<()>().await;
+                }
+                if f.stall {
+                    std::future::pending::<()>().await;
+                }
+                if !f.delay.is_zero() {
+                    tokio::time::sleep(f.delay).await;
+                }
+                if let Some(code) = &f.fail {
+                    let code = capkv::code_from_name(code).unwrap_or(ErrorCode::Unavailable);
+                    let e = ApiError::new(code, "injected fault");
+                    return Err(match code {
+                        ErrorCode::Unavailable | ErrorCode::Overloaded => e.with_retry_after_ms(0),
+                        _ => e,
+                    });
+                }
+            }
+            let r = work(call).await;
+            if fault.as_ref().is_some_and(|f| f.drop_reply) {
+                conn.kill();
+                std::future::pending::<()>().await;
+            }
+            r
+        };
+        // 6. work
+        match tokio::time::timeout_at(deadline, faulted_work).await {
             Ok(r) => r,
-            Err(_) => Err(ApiError::new(
-                ErrorCode::DeadlineExceeded,
-                format!("deadline of {budget_ms} ms exceeded"),
-            )),
+            Err(_) => {
+                // Dropping the work future here is what stops the work.
+                metrics::counter!(m::DEADLINE_EXCEEDED_TOTAL, "method" => method.name())
+                    .increment(1);
+                tracing::debug!(
+                    method = method.name(),
+                    budget_ms,
+                    "deadline exceeded; work stopped"
+                );
+                Err(ApiError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!("deadline of {budget_ms} ms exceeded"),
+                ))
+            }
         }
     }
 

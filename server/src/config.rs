@@ -73,9 +73,12 @@ pub struct Config {
     pub engine: Engine,
     /// Data directory of persistent engines.
     pub data_dir: PathBuf,
+    pub storage: StorageConfig,
     /// Worker threads serving connections; 0 = one per core.
     pub workers: usize,
     pub auth: AuthConfig,
+    pub admin: AdminConfig,
+    pub faults: FaultsConfig,
     pub limits: LimitsConfig,
     pub deadlines: DeadlinesConfig,
     pub shutdown: ShutdownConfig,
@@ -87,6 +90,23 @@ pub struct Config {
 pub struct AuthConfig {
     /// Bearer token `open` requires; none = any token is accepted (local development).
     pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Operator token `Gateway.admin` requires. None: admin is refused...
+    pub token: Option<Secret>,
+    /// ...unless this is set (flag `--dev-admin`): then any admin token is accepted.
+    /// For local development only.
+    pub dev_open: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultsConfig {
+    /// A fault plan armed at start (text form, see `Admin.setFaults`); empty = none.
+    pub plan: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +129,27 @@ pub struct LimitsConfig {
     pub accept_queue: usize,
 }
 
+/// Knobs of the RocksDB engine (ignored by `memory`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Sync the WAL before acknowledging a write. Off, acknowledged writes survive a crash
+    /// of the process but not of the machine.
+    pub sync: bool,
+    /// Most writes gathered into one commit (one WAL sync); 1 turns group commit off.
+    pub group_commit_max_writes: usize,
+    /// How long the committer waits for more writes once it has one; 0 = only those
+    /// already queued.
+    pub group_commit_max_wait_us: u64,
+    /// Writes waiting for the committer; past it writes get `overloaded`.
+    pub write_queue_depth: usize,
+    /// Full compaction every this many seconds; 0 = off.
+    pub compaction_interval_s: u64,
+    pub block_cache_bytes: usize,
+    /// How often engine statistics are copied into metrics.
+    pub stats_interval_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeadlinesConfig {
@@ -116,6 +157,16 @@ pub struct DeadlinesConfig {
     pub default_ms: u32,
     /// Cap on any budget a caller asks for.
     pub max_ms: u32,
+    /// Per-method overrides, by method name (`get`, `scan`, `put`, `compact`, ...).
+    pub methods: std::collections::BTreeMap<String, MethodDeadline>,
+}
+
+/// A method's own default and cap; an unset field falls back to `deadlines.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MethodDeadline {
+    pub default_ms: Option<u32>,
+    pub max_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,10 +189,13 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             metrics_listen: None,
-            engine: Engine::Memory,
+            engine: Engine::Rocksdb,
             data_dir: PathBuf::from("./data"),
+            storage: StorageConfig::default(),
             workers: 0,
             auth: AuthConfig::default(),
+            admin: AdminConfig::default(),
+            faults: FaultsConfig::default(),
             limits: LimitsConfig::default(),
             deadlines: DeadlinesConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -168,11 +222,32 @@ impl Default for LimitsConfig {
     }
 }
 
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let r = capkv_store::RocksOptions::new("");
+        Self {
+            sync: r.sync,
+            group_commit_max_writes: r.group_commit_max_writes,
+            group_commit_max_wait_us: r.group_commit_max_wait_us,
+            write_queue_depth: r.write_queue_depth,
+            compaction_interval_s: r.compaction_interval_s,
+            block_cache_bytes: r.block_cache_bytes,
+            stats_interval_ms: 5_000,
+        }
+    }
+}
+
 impl Default for DeadlinesConfig {
     fn default() -> Self {
+        // Compaction rewrites the store: it gets more time than a data call.
+        let compact = MethodDeadline {
+            default_ms: Some(600_000),
+            max_ms: Some(3_600_000),
+        };
         Self {
             default_ms: 5_000,
             max_ms: 60_000,
+            methods: [("compact".to_string(), compact)].into_iter().collect(),
         }
     }
 }
@@ -204,6 +279,7 @@ pub struct FlagOverrides {
     pub workers: Option<usize>,
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub dev_admin: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,13 +291,16 @@ pub enum ConfigError {
 }
 
 /// Top-level keys that may come from the environment (see the module docs).
-const ENV_KEYS: [&str; 10] = [
+const ENV_KEYS: [&str; 13] = [
     "listen",
     "metrics_listen",
     "engine",
     "data_dir",
+    "storage",
     "workers",
     "auth",
+    "admin",
+    "faults",
     "limits",
     "deadlines",
     "shutdown",
@@ -254,6 +333,7 @@ impl Config {
         flag!("workers", flags.workers);
         flag!("log.level", flags.log_level);
         flag!("log.format", flags.log_format);
+        flag!("admin.dev_open", flags.dev_admin);
         let config: Config = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         config.validate()?;
         Ok(config)
@@ -285,6 +365,21 @@ impl Config {
         if self.deadlines.default_ms == 0 || self.deadlines.default_ms > self.deadlines.max_ms {
             return fail("deadlines.default_ms must be in 1..=deadlines.max_ms");
         }
+        let st = &self.storage;
+        if st.group_commit_max_writes == 0 || st.group_commit_max_writes > 1_000_000 {
+            return fail(
+                "storage.group_commit_max_writes must be in 1..=1000000 (1 = group commit off)",
+            );
+        }
+        if st.group_commit_max_wait_us > 1_000_000 {
+            return fail("storage.group_commit_max_wait_us must be at most 1000000");
+        }
+        if st.write_queue_depth == 0 || st.write_queue_depth > 1_000_000 {
+            return fail("storage.write_queue_depth must be in 1..=1000000");
+        }
+        if st.stats_interval_ms == 0 {
+            return fail("storage.stats_interval_ms must be > 0");
+        }
         if self.workers > 1024 {
             return fail("workers must be at most 1024 (0 = one per core)");
         }
@@ -293,17 +388,65 @@ impl Config {
                 return fail("auth.token must not be empty (leave it unset to disable auth)");
             }
         }
+        if let Some(t) = &self.admin.token {
+            if t.expose().is_empty() {
+                return fail("admin.token must not be empty (leave it unset to disable admin)");
+            }
+        }
+        for (name, m) in &self.deadlines.methods {
+            let Some(method) = crate::chain::Method::from_name(name) else {
+                return Err(ConfigError::Invalid(format!(
+                    "deadlines.methods: unknown method `{name}` (one of {})",
+                    crate::chain::Method::names().join(", ")
+                )));
+            };
+            let (default_ms, max_ms) = self.budget_ms(method);
+            if default_ms == 0 || default_ms > max_ms || m.max_ms == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "deadlines.methods.{name}: default_ms must be in 1..=max_ms"
+                )));
+            }
+        }
+        if !self.faults.plan.trim().is_empty() {
+            crate::chain::parse_fault_plan(&self.faults.plan)
+                .map_err(|e| ConfigError::Invalid(format!("faults.plan: {}", e.message)))?;
+        }
         Ok(())
     }
 
-    /// Defaults, but on an ephemeral loopback port with two workers: what tests and
-    /// embedded servers want.
+    /// Defaults, but on an ephemeral loopback port with two workers and the memory engine:
+    /// what tests and embedded servers want.
     pub fn local_ephemeral() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: 2,
+            engine: Engine::Memory,
             ..Self::default()
         }
+    }
+
+    /// The RocksDB options this config sets.
+    pub fn rocks_options(&self) -> capkv_store::RocksOptions {
+        let st = &self.storage;
+        capkv_store::RocksOptions {
+            path: self.data_dir.clone(),
+            sync: st.sync,
+            group_commit_max_writes: st.group_commit_max_writes,
+            group_commit_max_wait_us: st.group_commit_max_wait_us,
+            write_queue_depth: st.write_queue_depth,
+            compaction_interval_s: st.compaction_interval_s,
+            block_cache_bytes: st.block_cache_bytes,
+        }
+    }
+
+    /// A method's (default, max) budget in milliseconds.
+    pub fn budget_ms(&self, method: crate::chain::Method) -> (u32, u32) {
+        let d = &self.deadlines;
+        let m = d.methods.get(method.name()).copied().unwrap_or_default();
+        (
+            m.default_ms.unwrap_or(d.default_ms),
+            m.max_ms.unwrap_or(d.max_ms),
+        )
     }
 
     /// The protocol-level limits this config sets.
@@ -333,6 +476,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.auth.token.is_some() {
             shown.auth.token = Some(Secret::new("<redacted>"));
+        }
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some(Secret::new("<redacted>"));
         }
         // Serializing a plain struct of strings and numbers cannot fail; fall back to Debug
         // (which redacts too) rather than panic if it ever does.

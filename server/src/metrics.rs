@@ -10,6 +10,36 @@ pub const REQUEST_DURATION_SECONDS: &str = "capkv_request_duration_seconds";
 pub const IN_FLIGHT: &str = "capkv_in_flight_requests";
 pub const CONNECTIONS: &str = "capkv_connections";
 pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
+pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
+pub const FAULTS_INJECTED_TOTAL: &str = "capkv_faults_injected_total";
+pub const STORE_LIVE_DATA_BYTES: &str = "capkv_store_live_data_bytes";
+pub const STORE_PENDING_COMPACTION_BYTES: &str = "capkv_store_pending_compaction_bytes";
+pub const STORE_MEMTABLE_BYTES: &str = "capkv_store_memtable_bytes";
+pub const STORE_WAL_SYNCS: &str = "capkv_store_wal_syncs";
+pub const STORE_COMMIT_GROUPS: &str = "capkv_store_commit_groups";
+pub const STORE_COMMITS: &str = "capkv_store_commits";
+pub const STORE_WRITE_STOPPED: &str = "capkv_store_write_stopped";
+pub const STORE_DELAYED_WRITE_RATE: &str = "capkv_store_delayed_write_rate_bytes_per_second";
+pub const STORE_WRITE_QUEUE: &str = "capkv_store_write_queue_length";
+
+/// Copies the engine's statistics into gauges. The engine keeps the counts; exporting them
+/// as gauges (not counters) avoids double counting across samples.
+pub fn record_store_stats(st: &capkv_store::StoreStats) {
+    let pairs = [
+        (STORE_LIVE_DATA_BYTES, st.live_data_bytes),
+        (STORE_PENDING_COMPACTION_BYTES, st.pending_compaction_bytes),
+        (STORE_MEMTABLE_BYTES, st.memtable_bytes),
+        (STORE_WAL_SYNCS, st.wal_syncs),
+        (STORE_COMMIT_GROUPS, st.commit_groups),
+        (STORE_COMMITS, st.commits),
+        (STORE_WRITE_STOPPED, st.write_stopped),
+        (STORE_DELAYED_WRITE_RATE, st.delayed_write_rate),
+        (STORE_WRITE_QUEUE, st.write_queue_len),
+    ];
+    for (name, value) in pairs {
+        metrics::gauge!(name).set(value as f64);
+    }
+}
 
 /// Latency buckets from 25 µs to 10 s: a memory get is tens of µs, a synced write is
 /// milliseconds, a deadline-bound scan can take seconds.
@@ -19,7 +49,7 @@ const LATENCY_BUCKETS_SECONDS: [f64; 18] = [
 ];
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start the metrics listener on {addr}: {source}")]
+#[error("cannot start the metrics listener on {addr}")]
 pub struct ExporterError {
     addr: SocketAddr,
     source: metrics_exporter_prometheus::BuildError,
@@ -43,6 +73,44 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), ExporterError> {
     );
     metrics::describe_gauge!(IN_FLIGHT, "Calls being served now.");
     metrics::describe_gauge!(CONNECTIONS, "Open client connections.");
+    metrics::describe_gauge!(
+        STORE_LIVE_DATA_BYTES,
+        metrics::Unit::Bytes,
+        "Estimated live data on disk."
+    );
+    metrics::describe_gauge!(
+        STORE_PENDING_COMPACTION_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes compaction still has to rewrite."
+    );
+    metrics::describe_gauge!(
+        STORE_MEMTABLE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes in memtables."
+    );
+    metrics::describe_gauge!(STORE_WAL_SYNCS, "WAL syncs since the engine opened.");
+    metrics::describe_gauge!(
+        STORE_COMMIT_GROUPS,
+        "Group commits since the engine opened."
+    );
+    metrics::describe_gauge!(STORE_COMMITS, "Writes committed since the engine opened.");
+    metrics::describe_gauge!(
+        STORE_WRITE_STOPPED,
+        "1 while the engine stops writes for compaction."
+    );
+    metrics::describe_gauge!(
+        STORE_DELAYED_WRITE_RATE,
+        "Rate writes are slowed to; 0 when not slowed."
+    );
+    metrics::describe_gauge!(STORE_WRITE_QUEUE, "Writes waiting for the committer.");
+    metrics::describe_counter!(
+        DEADLINE_EXCEEDED_TOTAL,
+        "Calls whose work was stopped at their deadline, by method."
+    );
+    metrics::describe_counter!(
+        FAULTS_INJECTED_TOTAL,
+        "Calls a fault plan acted on, by method."
+    );
     metrics::describe_counter!(
         REJECTIONS_TOTAL,
         "Calls or connections refused before any work, by reason."

@@ -9,11 +9,11 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capkv::kv_capnp::{entry, gateway, kv_store, write_session};
+use capkv::kv_capnp::{admin, entry, gateway, kv_store, write_session};
 use capkv::{ApiError, ErrorCode, API_VERSION};
 use capkv_store::{Entry, StoreError};
 
-use crate::chain::{Conn, Method, Shared};
+use crate::chain::{AdminAccess, Conn, Method, Shared};
 use crate::validate;
 
 /// Converts an engine failure into a contract error. Details go to the log here, where the
@@ -30,6 +30,11 @@ fn store_error(e: StoreError) -> ApiError {
                 None => format!("condition failed at item {index}: key does not exist"),
             },
         ),
+        StoreError::Busy(detail) => {
+            tracing::warn!(error = %detail, "store busy");
+            ApiError::new(ErrorCode::Overloaded, "storage write queue is full")
+                .with_retry_after_ms(20)
+        }
         StoreError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "store unavailable");
             ApiError::new(ErrorCode::Unavailable, "storage is unavailable").with_retry_after_ms(100)
@@ -144,6 +149,165 @@ impl gateway::Server for GatewayImpl {
                 });
                 out.set_kv(kv);
             }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn admin(
+        self: Rc<Self>,
+        params: gateway::AdminParams,
+        mut results: gateway::AdminResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let r = self
+            .shared
+            .serve(&self.conn, Method::Admin, p.get_ctx(), |_| async {
+                let token = p
+                    .get_admin_token()
+                    .ok()
+                    .and_then(|t| t.to_str().ok())
+                    .unwrap_or("");
+                self.check_admin(token)
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(()) => {
+                tracing::info!(peer = %self.conn.peer, conn = self.conn.id, "admin capability granted");
+                let admin: admin::Client = capnp_rpc::new_client(AdminImpl {
+                    shared: Arc::clone(&self.shared),
+                    conn: Rc::clone(&self.conn),
+                });
+                out.set_admin(admin);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+}
+
+impl GatewayImpl {
+    fn check_admin(&self, token: &str) -> Result<(), ApiError> {
+        match &self.shared.admin {
+            AdminAccess::Disabled => Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                "admin is disabled on this server (set admin.token)",
+            )),
+            AdminAccess::Open => Ok(()),
+            AdminAccess::Token(auth) if auth.check(token) => Ok(()),
+            AdminAccess::Token(_) => Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "invalid or missing admin token",
+            )),
+        }
+    }
+}
+
+/// Operator actions; exists only behind a successful `Gateway.admin`.
+pub struct AdminImpl {
+    shared: Arc<Shared>,
+    conn: Rc<Conn>,
+}
+
+fn write_faults(
+    mut out: capkv::kv_capnp::faults_result::Builder<'_>,
+    r: Result<capkv_chaos::FaultPlan, ApiError>,
+) {
+    match r {
+        Ok(plan) => {
+            let mut ok = out.reborrow().init_ok();
+            ok.set_rules(plan.rules.len() as u32);
+            ok.set_plan(plan.to_string());
+        }
+        Err(e) => e.write(out.init_error()),
+    }
+}
+
+impl admin::Server for AdminImpl {
+    async fn set_faults(
+        self: Rc<Self>,
+        params: admin::SetFaultsParams,
+        mut results: admin::SetFaultsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::SetFaults, p.get_ctx(), |_| async {
+                let text = p
+                    .get_plan()
+                    .ok()
+                    .and_then(|t| t.to_str().ok())
+                    .ok_or_else(|| {
+                        ApiError::new(ErrorCode::InvalidArgument, "plan is not UTF-8 text")
+                    })?;
+                let plan = crate::chain::parse_fault_plan(text)?;
+                tracing::warn!(plan = %plan, peer = %self.conn.peer, "fault plan armed by admin");
+                s.chaos.arm(plan);
+                Ok(s.chaos.show())
+            })
+            .await;
+        write_faults(results.get().init_result(), r);
+        Ok(())
+    }
+
+    async fn show_faults(
+        self: Rc<Self>,
+        params: admin::ShowFaultsParams,
+        mut results: admin::ShowFaultsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::ShowFaults, p.get_ctx(), |_| async {
+                Ok(s.chaos.show())
+            })
+            .await;
+        write_faults(results.get().init_result(), r);
+        Ok(())
+    }
+
+    async fn clear_faults(
+        self: Rc<Self>,
+        params: admin::ClearFaultsParams,
+        mut results: admin::ClearFaultsResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::ClearFaults, p.get_ctx(), |_| async {
+                s.chaos.clear();
+                tracing::warn!(peer = %self.conn.peer, "fault plan cleared by admin");
+                Ok(s.chaos.show())
+            })
+            .await;
+        write_faults(results.get().init_result(), r);
+        Ok(())
+    }
+
+    async fn compact(
+        self: Rc<Self>,
+        params: admin::CompactParams,
+        mut results: admin::CompactResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Compact, p.get_ctx(), |_| async {
+                let store = Arc::clone(&s.store);
+                tracing::info!(peer = %self.conn.peer, "compaction requested by admin");
+                // Compaction blocks for as long as it rewrites: keep it off the worker.
+                tokio::task::spawn_blocking(move || store.compact())
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(ErrorCode::Internal, format!("compaction task failed: {e}"))
+                    })?
+                    .map_err(store_error)
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(()) => out.set_ok(()),
             Err(e) => e.write(out.init_error()),
         }
         Ok(())
@@ -317,7 +481,7 @@ impl write_session::Server for WriteSessionImpl {
                 let key = validate::key(&s.limits, p.get_key())?;
                 let value = validate::value(&s.limits, p.get_value())?;
                 let cond = validate::condition(p.get_condition())?;
-                s.store.put(key, value, cond).map_err(store_error)
+                s.store.put(key, value, cond).await.map_err(store_error)
             })
             .await;
         let out = results.get().init_result();
@@ -343,7 +507,7 @@ impl write_session::Server for WriteSessionImpl {
             .serve(&self.conn, Method::Delete, p.get_ctx(), |_| async {
                 let key = validate::key(&s.limits, p.get_key())?;
                 let cond = validate::condition(p.get_condition())?;
-                s.store.delete(key, cond).map_err(store_error)
+                s.store.delete(key, cond).await.map_err(store_error)
             })
             .await;
         let out = results.get().init_result();
@@ -383,7 +547,7 @@ impl write_session::Server for WriteSessionImpl {
                     .collect::<Result<Vec<_>, ApiError>>()?;
                 let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
                 validate::distinct_keys(&keys)?;
-                s.store.put_many(&items).map_err(store_error)
+                s.store.put_many(&items).await.map_err(store_error)
             })
             .await;
         let mut out = results.get().init_result();

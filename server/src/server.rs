@@ -38,13 +38,14 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    // Causes are not repeated in the messages: callers print the chain (`{:#}`).
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("engine `rocksdb` is not available in this build yet; use --engine memory")]
-    EngineUnavailable,
+    #[error("cannot open the storage engine")]
+    Storage(#[from] capkv_store::OpenError),
     #[error("cannot start worker thread: {0}")]
     Worker(std::io::Error),
     #[error(transparent)]
@@ -79,7 +80,8 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let store: Arc<dyn capkv_store::Store> = match config.engine {
             Engine::Memory => Arc::new(capkv_store::MemoryStore::new()),
-            Engine::Rocksdb => return Err(ServerError::EngineUnavailable),
+            // Opening replays the WAL: blocking, but only once, before anything is served.
+            Engine::Rocksdb => Arc::new(capkv_store::RocksStore::open(config.rocks_options())?),
         };
         let listener =
             TcpListener::bind(config.listen)
@@ -129,6 +131,25 @@ impl Server {
         let addr = listener.local_addr().unwrap_or(config.listen);
         tracing::info!(%addr, workers, engine = config.engine.name(), "listening");
 
+        let stats = {
+            let shared = Arc::clone(&shared);
+            let every = Duration::from_millis(config.storage.stats_interval_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let store = Arc::clone(&shared.store);
+                    // Property reads can take a lock inside RocksDB: keep them off the
+                    // acceptor's thread.
+                    match tokio::task::spawn_blocking(move || store.stats()).await {
+                        Ok(st) => m::record_store_stats(&st),
+                        Err(e) => tracing::warn!(error = %e, "reading storage statistics failed"),
+                    }
+                }
+            })
+        };
+
         let open = Arc::new(AtomicUsize::new(0));
         let mut next = 0usize;
         tokio::pin!(shutdown);
@@ -177,6 +198,7 @@ impl Server {
         }
 
         drop(listener);
+        stats.abort();
         shared.start_draining();
         let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
         tracing::info!(
@@ -239,7 +261,7 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
             );
             let conn = Rc::new(Conn::new(id, job.peer));
             let gateway: gateway::Client =
-                capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), conn));
+                capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
             let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
             live.borrow_mut().insert(id, rpc.get_disconnector());
             let live2 = Rc::clone(&live);
@@ -247,9 +269,13 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
             let open_guard = job.open_guard;
             tokio::task::spawn_local(async move {
                 tracing::debug!(conn = id, %peer, worker = index, "connection opened");
-                if let Err(e) = rpc.await {
-                    // Peers hanging up is normal; a protocol error is worth a line.
-                    tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
+                tokio::select! {
+                    r = rpc => if let Err(e) = r {
+                        // Peers hanging up is normal; a protocol error is worth a line.
+                        tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
+                    },
+                    // Dropping the RpcSystem closes the socket and drops its calls unanswered.
+                    () = conn.killed() => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
                 }
                 live2.borrow_mut().remove(&id);
                 drop(open_guard);

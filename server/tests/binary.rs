@@ -16,8 +16,33 @@ use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 
+/// A server process that is killed (by PID) if a failing test leaves it running.
+struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts kv-server on port 0 and returns it with the address from its "listening" line.
-fn spawn_server(extra: &[&str]) -> (Child, SocketAddr) {
+fn spawn_server(extra: &[&str]) -> (Spawned, SocketAddr) {
     let mut child = Command::new(BIN)
         .args([
             "--listen",
@@ -27,6 +52,12 @@ fn spawn_server(extra: &[&str]) -> (Child, SocketAddr) {
             "--workers",
             "2",
         ])
+        // Process behaviour is engine-independent: memory unless the test picks one.
+        .args(if extra.contains(&"--engine") {
+            &[][..]
+        } else {
+            &["--engine", "memory"][..]
+        })
         .args(extra)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -34,6 +65,7 @@ fn spawn_server(extra: &[&str]) -> (Child, SocketAddr) {
         .spawn()
         .expect("spawn kv-server");
     let stderr = child.stderr.take().unwrap();
+    let child = Spawned(child);
     let mut lines = BufReader::new(stderr).lines();
     let mut addr = None;
     for _ in 0..50 {
@@ -93,16 +125,43 @@ fn print_config_redacts_and_bad_config_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("max_key_bytes"), "{err}");
+}
 
+/// Runs kv-server on RocksDB at `data_dir` and expects it to fail at start.
+fn failed_start(data_dir: &std::path::Path) -> String {
     let out = Command::new(BIN)
         .args(["--engine", "rocksdb", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "unavailable engine is a clear failure"
-    );
+    assert_eq!(out.status.code(), Some(1), "a storage failure exits 1");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn storage_that_cannot_open_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = failed_start(&file);
+    assert!(err.contains("not a directory"), "{err}");
+
+    // A directory held by a running server.
+    let data = dir.path().join("data");
+    let (mut first, _) =
+        spawn_server(&["--engine", "rocksdb", "--data-dir", data.to_str().unwrap()]);
+    let err = failed_start(&data);
+    assert!(err.contains("in use by another process"), "{err}");
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+
+    // Files RocksDB cannot make sense of.
+    std::fs::write(data.join("CURRENT"), b"MANIFEST-999999\n").unwrap();
+    let err = failed_start(&data);
+    assert!(err.contains("cannot open the storage engine"), "{err}");
 }
 
 #[test]
@@ -110,6 +169,7 @@ fn port_in_use_is_a_clear_error() {
     let (mut first, addr) = spawn_server(&[]);
     let out = Command::new(BIN)
         .args(["--listen", &addr.to_string(), "--log-format", "json"])
+        .args(["--engine", "memory"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -19,7 +19,7 @@ struct Args {
     /// Address of the RPC listener [default: 127.0.0.1:7070].
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
-    /// Storage engine [default: memory].
+    /// Storage engine [default: rocksdb].
     #[arg(long, value_enum)]
     engine: Option<Engine>,
     /// Data directory of persistent engines [default: ./data].
@@ -37,6 +37,9 @@ struct Args {
     /// Log format [default: auto: JSON lines, text on a terminal].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Development only: allow the Admin capability without an admin token.
+    #[arg(long)]
+    dev_admin: bool,
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         workers: args.workers,
         log_level: args.log_level,
         log_format: args.log_format,
+        dev_admin: args.dev_admin.then_some(true),
     };
     let config = match Config::load(args.config.as_deref(), &flags) {
         Ok(c) => c,

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Durable puts, one back-to-back run with the same load generator: capkv on RocksDB with the
+# WAL synced before each acknowledgement, group commit on (default) and off
+# (storage.group_commit_max_writes=1), against redis-server with `appendfsync always`.
+# 1 and 50 writers (connections, one call in flight each), 100-byte values, 100k keys.
+# Prints a markdown table on stdout. Usage: bench/durable.sh [BIN_DIR] [SECONDS]
+# kv-server and redis-server are pinned to core 1, kv-loadgen to core 0; data lives in a
+# temp dir on the same disk for all of them; every process started is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
+secs="${2:-10}"
+tmp=$(mktemp -d /var/tmp/capkv-durable.XXXXXX)
+pid=""
+stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
+trap 'stop; rm -rf "$tmp"' EXIT
+
+start_capkv() { # $1 = group_commit_max_writes
+    rm -rf "$tmp/data"
+    CAPKV_STORAGE__GROUP_COMMIT_MAX_WRITES="$1" taskset -c 1 "$bin/kv-server" --engine rocksdb \
+        --data-dir "$tmp/data" --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
+    pid=$!
+    addr=""
+    for _ in $(seq 300); do
+        addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$tmp/kv.log" | head -n1)
+        [ -n "$addr" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat "$tmp/kv.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    [ -n "$addr" ] || { cat "$tmp/kv.log" >&2; exit 1; }
+}
+
+start_redis() {
+    rm -rf "$tmp/redis"; mkdir -p "$tmp/redis"
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --dir "$tmp/redis" --save '' \
+        --appendonly yes --appendfsync always --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+    pid=$!
+    addr="127.0.0.1:$port"
+    for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
+run() { # $1 = case name, $2 = target, $3 = connections
+    taskset -c 0 "$bin/kv-loadgen" run --target "$2" --addr "$addr" --server-pid "$pid" \
+        --mix put -c "$3" --keys 100000 --value-size 100 --warmup 1s --duration "${secs}s" \
+        --csv "$tmp/run.csv" >/dev/null
+    # CSV: 12 ok_per_sec, 14 mean, 15 p50, 18 p99, 21 errors, 22 server CPU %.
+    awk -F, -v name="$1" -v target="$2" 'NR > 1 && $10 == "put" {
+        printf "| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %s | %s%% |\n",
+            name, target, $12, $15 / 1000, $18 / 1000, $14 / 1000, $21, $22 }' "$tmp/run.csv"
+}
+
+echo "| case | target | puts/s | p50 | p99 | mean | errors | server CPU |"
+echo "|---|---|---|---|---|---|---|---|"
+start_capkv 1024
+run "sync, group commit on, 1 writer" capkv 1
+run "sync, group commit on, 50 writers" capkv 50
+stop
+start_capkv 1
+run "sync, group commit off, 1 writer" capkv 1
+run "sync, group commit off, 50 writers" capkv 50
+stop
+start_redis
+run "appendfsync always, 1 writer" redis 1
+run "appendfsync always, 50 writers" redis 50
+stop

@@ -1,0 +1,290 @@
+//! Durability of the RocksDB engine, through the real binary:
+//! - a clean restart keeps keys, values, versions and the revision;
+//! - SIGKILL while 8 clients write with sync on loses no acknowledged write and invents no
+//!   value, over 5 trials, each killed at a random moment after ≥ 10,000 acknowledged keys.
+//!
+//! Each key is written once with a value unique to it, so after the restart every key is
+//! either exactly its value or (only if its write was never acknowledged) absent.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv_client::{Client, ClientOptions, Condition, ScanOptions};
+use rand::Rng;
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
+const WRITERS: usize = 8;
+const TRIALS: usize = 5;
+const MIN_ACKED: u64 = 10_000;
+/// Each trial kills at a random count of acknowledged writes in MIN_ACKED..MAX_KILL_AT.
+const MAX_KILL_AT: u64 = 12_000;
+/// Bound on any wait in this test; generous for a loaded CI machine.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// A kv-server process on a free loopback port; killed (by PID) when dropped.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl ServerProcess {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args([
+                "--engine",
+                "rocksdb",
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "2",
+            ])
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "warn,capkv_server=info",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kv-server");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut addr = None;
+        // Bounded by the process: when it exits, stderr ends.
+        for line in lines.by_ref() {
+            let line = line.expect("read stderr");
+            let v: serde_json::Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            if v["fields"]["message"] == "listening" || v["message"] == "listening" {
+                let a = v["fields"]["addr"].as_str().or(v["addr"].as_str());
+                addr = a.map(str::to_string);
+                break;
+            }
+        }
+        let Some(addr) = addr else {
+            let status = child.wait();
+            panic!("kv-server did not start: {status:?}");
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    fn kill9(&mut self) {
+        // SIGKILL by PID: no drain, no flush, no destructor.
+        self.child.kill().expect("SIGKILL kv-server");
+        self.child.wait().expect("reap kv-server");
+    }
+
+    fn terminate(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let status = self.child.wait().expect("reap kv-server");
+        assert!(status.success(), "kv-server exited with {status}");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(addr: &str) -> Client {
+    let options = ClientOptions {
+        timeout: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    Client::connect(addr, options).await.expect("connect")
+}
+
+/// Every key and value in the store, by paging through a full scan.
+async fn read_all(client: &Client) -> HashMap<Vec<u8>, (Vec<u8>, u64)> {
+    let mut all = HashMap::new();
+    let mut cursor = Vec::new();
+    for _ in 0..10_000 {
+        let page = client
+            .scan(ScanOptions {
+                cursor: cursor.clone(),
+                limit: 1000,
+                ..ScanOptions::default()
+            })
+            .await
+            .expect("scan");
+        for e in page.entries {
+            all.insert(e.key, (e.value, e.version));
+        }
+        match page.next_cursor {
+            Some(next) => cursor = next,
+            None => return all,
+        }
+    }
+    panic!("scan did not finish in 10,000 pages");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn clean_restart_keeps_keys_values_versions_and_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let mut server = ServerProcess::start(dir.path());
+    let revision = rt.block_on(async {
+        let c = connect(&server.addr).await;
+        c.put(b"a", b"1").await.unwrap();
+        c.put(b"a", b"2").await.unwrap();
+        c.put(b"gone", b"x").await.unwrap();
+        c.delete(b"gone").await.unwrap();
+        c.put_many(vec![
+            (b"b".to_vec(), b"3".to_vec(), Condition::None),
+            (b"c".to_vec(), vec![0, 255], Condition::IfAbsent),
+        ])
+        .await
+        .unwrap()
+        .revision
+    });
+    server.terminate();
+    let server = ServerProcess::start(dir.path());
+    rt.block_on(async {
+        let c = connect(&server.addr).await;
+        let a = c.get(b"a").await.unwrap().expect("a survives");
+        assert_eq!(
+            (a.value.as_slice(), a.version, a.mod_revision),
+            (&b"2"[..], 2, 2)
+        );
+        assert!(c.get(b"gone").await.unwrap().is_none());
+        let cc = c.get(b"c").await.unwrap().expect("c survives");
+        assert_eq!((cc.value, cc.mod_revision), (vec![0, 255], revision));
+        let out = c.put(b"a", b"after").await.unwrap();
+        assert_eq!(out.version, 3, "versions continue");
+        assert_eq!(out.revision, revision + 1, "the revision continues");
+    });
+}
+
+#[test]
+fn sigkill_loses_no_acknowledged_write() {
+    let mut rng = rand::rng();
+    let rt = runtime();
+    for trial in 0..TRIALS {
+        let kill_at = rng.random_range(MIN_ACKED..MAX_KILL_AT);
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = ServerProcess::start(dir.path());
+        let acked_count = Arc::new(AtomicU64::new(0));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let addr = server.addr.clone();
+                let (acked_count, reached, stop) = (
+                    Arc::clone(&acked_count),
+                    Arc::clone(&reached),
+                    Arc::clone(&stop),
+                );
+                rt.spawn(async move {
+                    let client = connect(&addr).await;
+                    let mut acked: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                    let mut unknown = None;
+                    // Bounded: the server is killed after at most MAX_KILL_AT acks in all.
+                    for i in 0..MAX_KILL_AT {
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        let key = format!("w{w}/{i:06}").into_bytes();
+                        let value = format!("trial{trial}-w{w}-{i}-{}", rand::random::<u64>());
+                        match client.put(&key, value.as_bytes()).await {
+                            Ok(_) => {
+                                acked.push((key, value.into_bytes()));
+                                if acked_count.fetch_add(1, Ordering::AcqRel) + 1 == kill_at {
+                                    reached.notify_one();
+                                }
+                            }
+                            Err(_) => {
+                                unknown = Some((key, value.into_bytes()));
+                                break;
+                            }
+                        }
+                    }
+                    (acked, unknown)
+                })
+            })
+            .collect();
+
+        rt.block_on(async {
+            tokio::time::timeout(PATIENCE, reached.notified())
+                .await
+                .expect("writers reached the kill point in time");
+        });
+        server.kill9();
+        stop.store(true, Ordering::Release);
+        let mut acked = Vec::new();
+        let mut unknown = Vec::new();
+        for w in writers {
+            let (a, u) = rt.block_on(w).expect("writer task");
+            acked.extend(a);
+            unknown.extend(u);
+        }
+        assert!(acked.len() as u64 >= kill_at);
+
+        let server = ServerProcess::start(dir.path());
+        let stored = rt.block_on(async { read_all(&connect(&server.addr).await).await });
+        let mut lost = 0;
+        for (key, value) in &acked {
+            match stored.get(key) {
+                Some((v, version)) => {
+                    assert_eq!(v, value, "acknowledged key {key:?} has another value");
+                    assert_eq!(*version, 1);
+                }
+                None => lost += 1,
+            }
+        }
+        assert_eq!(lost, 0, "trial {trial}: {lost} acknowledged writes lost");
+        let attempted: HashMap<&Vec<u8>, &Vec<u8>> = acked
+            .iter()
+            .chain(unknown.iter())
+            .map(|(k, v)| (k, v))
+            .collect();
+        for (key, (value, _)) in &stored {
+            assert_eq!(
+                attempted.get(key).copied(),
+                Some(value),
+                "trial {trial}: key {key:?} holds a value never written"
+            );
+        }
+        let unknown_written = unknown
+            .iter()
+            .filter(|(k, _)| stored.contains_key(k))
+            .count();
+        assert!(
+            unknown.len() <= WRITERS,
+            "more unknown outcomes than writes in flight"
+        );
+        eprintln!(
+            "trial {trial}: killed at {kill_at} acks; acked {}, lost 0, stored {}, \
+             unknown outcome {} ({} of them written)",
+            acked.len(),
+            stored.len(),
+            unknown.len(),
+            unknown_written
+        );
+    }
+}
