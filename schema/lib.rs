@@ -91,6 +91,10 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub retry_after_ms: u32,
+    /// Set on the client side when the error is a transport failure after the request may
+    /// have been sent (the connection broke mid-call): the call's outcome is unknown, so a
+    /// write must not be blindly retried. Never on the wire.
+    pub outcome_unknown: bool,
 }
 
 impl ApiError {
@@ -99,6 +103,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_ms: 0,
+            outcome_unknown: false,
         }
     }
 
@@ -129,11 +134,13 @@ impl ApiError {
                 code,
                 message,
                 retry_after_ms,
+                outcome_unknown: false,
             },
             Err(capnp::NotInSchema(n)) => Self {
                 code: ErrorCode::Internal,
                 message: format!("unknown error code {n}: {message}"),
                 retry_after_ms,
+                outcome_unknown: false,
             },
         }
     }
@@ -147,9 +154,11 @@ impl ApiError {
             return Self::new(ErrorCode::RequestTooLarge, text);
         }
         match e.kind {
-            capnp::ErrorKind::Disconnected | capnp::ErrorKind::Overloaded => {
-                Self::new(ErrorCode::Unavailable, text)
-            }
+            capnp::ErrorKind::Disconnected => Self {
+                outcome_unknown: true,
+                ..Self::new(ErrorCode::Unavailable, text)
+            },
+            capnp::ErrorKind::Overloaded => Self::new(ErrorCode::Unavailable, text),
             _ => Self::new(ErrorCode::Internal, text),
         }
     }

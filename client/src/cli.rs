@@ -54,6 +54,16 @@ pub struct Cli {
     /// Print one JSON object per result.
     #[arg(long)]
     pub json: bool,
+    /// Attempts per call, first included (1 = no retries; at most 5). Only `unavailable`,
+    /// `overloaded` and calls never sent are retried; a write whose outcome is unknown is not.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub attempts: u32,
+    /// First retry backoff; each next one doubles, with jitter.
+    #[arg(long, value_name = "D", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+    /// Longest retry backoff.
+    #[arg(long, value_name = "D", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_max_backoff: Duration,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -108,10 +118,47 @@ pub enum Command {
     Health,
     /// Server and API version.
     Version,
+    /// Operator actions (need the server's admin token).
+    Admin {
+        /// The server's admin token.
+        #[arg(
+            long,
+            env = "CAPKV_ADMIN_TOKEN",
+            default_value = "",
+            hide_env_values = true,
+            hide_default_value = true
+        )]
+        admin_token: String,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Inject faults: `set PLAN`, `show`, `clear`.
+    Faults {
+        #[command(subcommand)]
+        action: FaultsAction,
+    },
+    /// Compact the server's storage now.
+    Compact,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum FaultsAction {
+    /// Arm PLAN, e.g. 'seed=7; get fail=unavailable p=0.3; * latency=300ms for=1m'.
+    /// Rules: METHOD ACTION [p=P] [for=D]; ACTION: fail=CODE, latency=D[+-J], stall,
+    /// drop-reply, close.
+    Set { plan: String },
+    /// Print the armed plan.
+    Show,
+    /// Disarm every rule.
+    Clear,
 }
 
 /// Names of the commands, for the shell's completion and help.
-pub const COMMAND_NAMES: [&str; 6] = ["get", "put", "delete", "scan", "health", "version"];
+pub const COMMAND_NAMES: [&str; 7] = ["get", "put", "delete", "scan", "health", "version", "admin"];
 
 fn bytes(s: &OsString) -> Vec<u8> {
     s.clone().into_vec()
@@ -312,6 +359,42 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             }
             Err(e) => p.error(&e),
         },
+        Command::Admin {
+            admin_token,
+            action,
+        } => {
+            let faults = match action {
+                AdminAction::Compact => {
+                    return match client.compact(admin_token).await {
+                        Ok(()) if p.json => {
+                            p.value(serde_json::json!({"compacted": true}));
+                            EXIT_OK
+                        }
+                        Ok(()) => {
+                            p.text("OK compacted");
+                            EXIT_OK
+                        }
+                        Err(e) => p.error(&e),
+                    };
+                }
+                AdminAction::Faults { action } => match action {
+                    FaultsAction::Set { plan } => client.set_faults(admin_token, plan).await,
+                    FaultsAction::Show => client.show_faults(admin_token).await,
+                    FaultsAction::Clear => client.clear_faults(admin_token).await,
+                },
+            };
+            match faults {
+                Ok(f) if p.json => {
+                    p.value(serde_json::json!({"plan": f.plan, "rules": f.rules}));
+                    EXIT_OK
+                }
+                Ok(f) => {
+                    p.text(&format!("{} rules armed: {}", f.rules, f.plan));
+                    EXIT_OK
+                }
+                Err(e) => p.error(&e),
+            }
+        }
     }
 }
 
@@ -337,6 +420,12 @@ pub fn main_with(cli: Cli) -> u8 {
         let options = ClientOptions {
             token: cli.token.clone(),
             timeout: cli.timeout,
+            retry: crate::RetryPolicy {
+                max_attempts: cli.attempts,
+                initial_backoff: cli.retry_backoff,
+                max_backoff: cli.retry_max_backoff.max(cli.retry_backoff),
+                ..crate::RetryPolicy::default()
+            },
             ..ClientOptions::default()
         };
         let client = match Client::connect(&cli.addr, options).await {

@@ -12,6 +12,9 @@
 //! - Deadlines: each call has a deadline (the handle's timeout); its remaining budget
 //!   travels in `RequestContext`, and both ends stop waiting when it runs out.
 //! - Batches: `get_many` and `put_many` (atomic) carry many keys in one call.
+//! - [`retry`]: the retry policy (which failures, backoff with jitter, `retryAfterMs`, a
+//!   shared retry budget) applied by [`Client`] to every call, within the call's deadline.
+//!   A lost connection is re-established on the next call.
 //! - [`cli`] and [`shell`]: the `kv-client` command line and interactive shell;
 //!   [`output`]: human and JSON rendering.
 //!
@@ -21,11 +24,14 @@
 pub mod cli;
 pub mod local;
 pub mod output;
+pub mod retry;
 pub mod shell;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use capkv::{ApiError, ErrorCode};
@@ -35,7 +41,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use capkv::{code_name, ApiError as Error, ErrorCode as Code};
-pub use local::LocalClient;
+pub use local::{CallSpec, LocalClient};
+pub use retry::{RetryBudget, RetryPolicy};
+
+use retry::{Attempt, Safety};
 
 /// Calls queued towards the connection thread before `send` waits: backpressure.
 const JOB_QUEUE: usize = 1024;
@@ -50,6 +59,8 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Limits the server uses; sizes the reader for responses (a full scan page).
     pub limits: capkv::Limits,
+    /// How failed calls are retried (within `timeout`, which covers all attempts).
+    pub retry: RetryPolicy,
 }
 
 impl Default for ClientOptions {
@@ -59,8 +70,17 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             limits: capkv::Limits::default(),
+            retry: RetryPolicy::default(),
         }
     }
+}
+
+/// The armed fault plan of a server, as `Admin` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultsInfo {
+    /// Text form (see `Admin.setFaults` in the schema).
+    pub plan: String,
+    pub rules: u32,
 }
 
 /// One stored key.
@@ -162,6 +182,24 @@ type Job = Box<dyn FnOnce(Rc<LocalClient>) -> LocalBoxFuture<'static, ()> + Send
 pub struct Client {
     jobs: mpsc::Sender<Job>,
     timeout: Duration,
+    retry: RetryPolicy,
+    budget: RetryBudget,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    attempts: AtomicU64,
+}
+
+/// What a client (all its clones) has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientStats {
+    /// Logical calls made.
+    pub calls: u64,
+    /// Attempts sent or tried; `attempts - calls` is the number of retries.
+    pub attempts: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -220,21 +258,30 @@ impl Client {
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
         let (ready_tx, ready_rx) = oneshot::channel();
         let timeout = options.timeout;
+        let retry = options.retry.clone();
+        let budget = RetryBudget::new(&retry);
+        let addr = addr.to_string();
         std::thread::Builder::new()
             .name("capkv-client".into())
-            .spawn(move || connection_thread(stream, options, rx, ready_tx))
+            .spawn(move || connection_thread(addr, stream, options, rx, ready_tx))
             .map_err(|e| ApiError::new(ErrorCode::Internal, format!("cannot start thread: {e}")))?;
         ready_rx
             .await
             .map_err(|_| ApiError::new(ErrorCode::Internal, "connection thread ended"))??;
-        Ok(Client { jobs, timeout })
+        Ok(Client {
+            jobs,
+            timeout,
+            retry,
+            budget,
+            counters: Arc::default(),
+        })
     }
 
     /// A handle on the same connection whose calls use another deadline.
     pub fn with_timeout(&self, timeout: Duration) -> Client {
         Client {
-            jobs: self.jobs.clone(),
             timeout,
+            ..self.clone()
         }
     }
 
@@ -242,62 +289,112 @@ impl Client {
         self.timeout
     }
 
-    /// Runs `f` on the connection thread with this handle's deadline.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
+    /// Calls and attempts made through this client and its clones.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            calls: self.counters.calls.load(Ordering::Relaxed),
+            attempts: self.counters.attempts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs one logical call: `f` on the connection thread, retried as the policy says,
+    /// all attempts within this handle's timeout. `data` is shared by the attempts.
+    async fn call<D, T, Fut>(
+        &self,
+        safety: Safety,
+        data: D,
+        f: fn(Rc<LocalClient>, Arc<D>, CallSpec) -> Fut,
+    ) -> Result<T, ApiError>
     where
+        D: Send + Sync + 'static,
         T: Send + 'static,
-        F: FnOnce(Rc<LocalClient>, Instant) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, ApiError>> + 'static,
     {
         let deadline = Instant::now() + self.timeout;
+        let data = Arc::new(data);
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        retry::run(&self.retry, &self.budget, deadline, safety, |attempt| {
+            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("capkv_client_attempts_total").increment(1);
+            tracing::trace!(attempt, "attempt");
+            let data = Arc::clone(&data);
+            let spec = CallSpec { deadline, attempt };
+            self.attempt(spec, move |c| f(c, data, spec))
+        })
+        .await
+    }
+
+    /// One attempt on the connection thread.
+    async fn attempt<T, G, Fut>(&self, spec: CallSpec, g: G) -> Attempt<T>
+    where
+        T: Send + 'static,
+        G: FnOnce(Rc<LocalClient>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, ApiError>> + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             async move {
-                let _ = tx.send(f(conn, deadline).await);
+                let _ = tx.send(g(conn).await);
             }
             .boxed_local()
         });
-        let unavailable = || {
+        let stopped = || {
             ApiError::new(
                 ErrorCode::Unavailable,
                 "client connection thread has stopped",
             )
         };
-        tokio::time::timeout_at(deadline, self.jobs.send(job))
-            .await
-            .map_err(|_| local::deadline_exceeded())?
-            .map_err(|_| unavailable())?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(unavailable()),
-            Err(_) => Err(local::deadline_exceeded()),
+        match tokio::time::timeout_at(spec.deadline, self.jobs.send(job)).await {
+            Err(_) => return Attempt::Done(Err(local::deadline_exceeded())),
+            Ok(Err(_)) => return Attempt::Done(Err(stopped())),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(spec.deadline, rx).await {
+            Ok(Ok(r)) => Attempt::Done(r),
+            // The connection thread dropped the job unrun: no connection to send it on.
+            Ok(Err(_)) => Attempt::NotSent(ApiError::new(
+                ErrorCode::Unavailable,
+                "not connected to the server",
+            )),
+            Err(_) => Attempt::Done(Err(local::deadline_exceeded())),
         }
     }
 
     pub async fn health(&self) -> Result<Health, ApiError> {
-        self.call(|c, d| async move { c.health(d).await }).await
+        self.call(Safety::Idempotent, (), |c, _, d| async move {
+            c.health(d).await
+        })
+        .await
     }
 
     pub async fn version(&self) -> Result<VersionInfo, ApiError> {
-        self.call(|c, d| async move { c.version(d).await }).await
+        self.call(Safety::Idempotent, (), |c, _, d| async move {
+            c.version(d).await
+        })
+        .await
     }
 
     /// The entry under `key`, or `None` if it does not exist.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, ApiError> {
-        let key = key.to_vec();
-        self.call(move |c, d| async move { c.get(&key, d).await })
-            .await
+        self.call(Safety::Idempotent, key.to_vec(), |c, key, d| async move {
+            c.get(&key, d).await
+        })
+        .await
     }
 
     /// Several keys in one call (at most the server's `limits.max_batch_items`).
     pub async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Entry>>, ApiError> {
-        self.call(move |c, d| async move { c.get_many(&keys, d).await })
-            .await
+        self.call(Safety::Idempotent, keys, |c, keys, d| async move {
+            c.get_many(&keys, d).await
+        })
+        .await
     }
 
     pub async fn scan(&self, opts: ScanOptions) -> Result<ScanPage, ApiError> {
-        self.call(move |c, d| async move { c.scan(&opts, d).await })
-            .await
+        self.call(Safety::Idempotent, opts, |c, opts, d| async move {
+            c.scan(&opts, d).await
+        })
+        .await
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<PutOutcome, ApiError> {
@@ -310,9 +407,12 @@ impl Client {
         value: &[u8],
         cond: Condition,
     ) -> Result<PutOutcome, ApiError> {
-        let (key, value) = (key.to_vec(), value.to_vec());
-        self.call(move |c, d| async move { c.put(&key, &value, cond, d).await })
-            .await
+        let data = (key.to_vec(), value.to_vec(), cond);
+        self.call(Safety::NotIdempotent, data, |c, data, d| async move {
+            let (key, value, cond) = &*data;
+            c.put(key, value, *cond, d).await
+        })
+        .await
     }
 
     /// Several puts applied atomically: all or none, one revision.
@@ -320,8 +420,10 @@ impl Client {
         &self,
         items: Vec<(Vec<u8>, Vec<u8>, Condition)>,
     ) -> Result<BatchOutcome, ApiError> {
-        self.call(move |c, d| async move { c.put_many(&items, d).await })
-            .await
+        self.call(Safety::NotIdempotent, items, |c, items, d| async move {
+            c.put_many(&items, d).await
+        })
+        .await
     }
 
     pub async fn delete(&self, key: &[u8]) -> Result<DeleteOutcome, ApiError> {
@@ -329,13 +431,60 @@ impl Client {
     }
 
     pub async fn delete_if(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, ApiError> {
-        let key = key.to_vec();
-        self.call(move |c, d| async move { c.delete(&key, cond, d).await })
-            .await
+        self.call(
+            Safety::NotIdempotent,
+            (key.to_vec(), cond),
+            |c, data, d| async move { c.delete(&data.0, data.1, d).await },
+        )
+        .await
     }
 }
 
+impl Client {
+    /// Arms a fault plan on the server (needs the admin token); an empty plan clears it.
+    pub async fn set_faults(&self, admin_token: &str, plan: &str) -> Result<FaultsInfo, ApiError> {
+        let data = (admin_token.to_string(), plan.to_string());
+        self.call(Safety::Idempotent, data, |c, data, d| async move {
+            c.set_faults(&data.0, &data.1, d).await
+        })
+        .await
+    }
+
+    pub async fn show_faults(&self, admin_token: &str) -> Result<FaultsInfo, ApiError> {
+        self.call(
+            Safety::Idempotent,
+            admin_token.to_string(),
+            |c, t, d| async move { c.show_faults(&t, d).await },
+        )
+        .await
+    }
+
+    pub async fn clear_faults(&self, admin_token: &str) -> Result<FaultsInfo, ApiError> {
+        self.call(
+            Safety::Idempotent,
+            admin_token.to_string(),
+            |c, t, d| async move { c.clear_faults(&t, d).await },
+        )
+        .await
+    }
+
+    /// Compacts the server's storage (give the handle a generous timeout).
+    pub async fn compact(&self, admin_token: &str) -> Result<(), ApiError> {
+        self.call(
+            Safety::Idempotent,
+            admin_token.to_string(),
+            |c, t, d| async move { c.compact(&t, d).await },
+        )
+        .await
+    }
+}
+
+/// Least time between two reconnect attempts: calls made while the server is down fail
+/// fast (as not sent) instead of each waiting for a connect.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(50);
+
 fn connection_thread(
+    addr: String,
     stream: std::net::TcpStream,
     options: ClientOptions,
     mut jobs: mpsc::Receiver<Job>,
@@ -360,11 +509,30 @@ fn connection_thread(
                 return;
             }
         };
-        let conn = Rc::new(LocalClient::over(stream, &options));
+        let mut conn = Rc::new(LocalClient::over(stream, &options));
         let _ = ready.send(Ok(()));
+        let mut last_reconnect: Option<Instant> = None;
         // Ends when every handle is dropped; dropping the LocalClient and the LocalSet
         // then closes the connection.
         while let Some(job) = jobs.recv().await {
+            if !conn.is_alive() {
+                if last_reconnect.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
+                    drop(job); // not sent: the caller may retry it, whatever it is
+                    continue;
+                }
+                last_reconnect = Some(Instant::now());
+                match LocalClient::connect(&addr, &options).await {
+                    Ok(c) => {
+                        tracing::info!(%addr, "reconnected");
+                        conn = Rc::new(c);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "reconnect failed");
+                        drop(job);
+                        continue;
+                    }
+                }
+            }
             tokio::task::spawn_local(job(Rc::clone(&conn)));
         }
     });

@@ -6,11 +6,12 @@
 //! else. Programs that already run a `LocalSet` per thread (kv-loadgen) use it directly
 //! and skip the thread hop.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use capkv::kv_capnp::{condition, gateway, kv_store, write_session};
+use capkv::kv_capnp::{admin, condition, gateway, kv_store, write_session};
 use capkv::{send_with_union_cap, ApiError, CallMeta, ErrorCode};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::{LocalBoxFuture, Shared};
@@ -18,9 +19,26 @@ use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::{
-    BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, Health, PutOutcome, ScanBounds,
-    ScanOptions, ScanPage, VersionInfo,
+    BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, FaultsInfo, Health, PutOutcome,
+    ScanBounds, ScanOptions, ScanPage, VersionInfo,
 };
+
+/// When a call must be done by, and which attempt of its logical call it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallSpec {
+    pub deadline: Instant,
+    /// 1 for the first try, 2 for the first retry...
+    pub attempt: u32,
+}
+
+impl From<Instant> for CallSpec {
+    fn from(deadline: Instant) -> Self {
+        Self {
+            deadline,
+            attempt: 1,
+        }
+    }
+}
 
 type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiError>>>;
 
@@ -55,6 +73,8 @@ pub struct LocalClient {
     /// (e.g. `unauthenticated`) instead of "broken capability".
     opened: SharedOutcome,
     session: RefCell<Option<(write_session::Client, SharedOutcome)>>,
+    /// False once the connection has ended; the owner then reconnects.
+    alive: Rc<Cell<bool>>,
 }
 
 impl LocalClient {
@@ -74,12 +94,15 @@ impl LocalClient {
         );
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let alive = Rc::new(Cell::new(true));
+        let alive_flag = Rc::clone(&alive);
         tokio::task::spawn_local(async move {
             // Calls on a dead connection fail with `disconnected`, reported as
             // `unavailable`; the reason is only worth a debug line.
             if let Err(e) = rpc.await {
                 tracing::debug!(error = %e, "connection ended");
             }
+            alive_flag.set(false);
         });
         let mut req = gateway.open_request();
         CallMeta::default().write(req.get().init_ctx());
@@ -93,16 +116,23 @@ impl LocalClient {
             kv,
             opened,
             session: RefCell::new(None),
+            alive,
         }
+    }
+
+    /// Whether the connection is still up (a new call on a dead one fails at once).
+    pub fn is_alive(&self) -> bool {
+        self.alive.get()
     }
 
     /// Runs one call: builds its `RequestContext` from the deadline and gives up at the
     /// deadline, dropping (and so cancelling) the request.
-    async fn run<T, F, Fut>(&self, deadline: Instant, f: F) -> Result<T, ApiError>
+    async fn run<T, F, Fut>(&self, spec: impl Into<CallSpec>, f: F) -> Result<T, ApiError>
     where
         F: FnOnce(CallMeta) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
+        let CallSpec { deadline, attempt } = spec.into();
         // The budget is what is left when the request leaves, not the caller's timeout.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -111,7 +141,7 @@ impl LocalClient {
         let meta = CallMeta {
             budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
             request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
-            attempt: 1,
+            attempt,
             ..CallMeta::default()
         };
         tokio::time::timeout_at(deadline, f(meta))
@@ -119,7 +149,7 @@ impl LocalClient {
             .unwrap_or_else(|_| Err(deadline_exceeded()))
     }
 
-    pub async fn health(&self, deadline: Instant) -> Result<Health, ApiError> {
+    pub async fn health(&self, deadline: impl Into<CallSpec>) -> Result<Health, ApiError> {
         self.run(deadline, |meta| async move {
             let mut req = self.gateway.health_request();
             meta.write(req.get().init_ctx());
@@ -132,7 +162,7 @@ impl LocalClient {
         .await
     }
 
-    pub async fn version(&self, deadline: Instant) -> Result<VersionInfo, ApiError> {
+    pub async fn version(&self, deadline: impl Into<CallSpec>) -> Result<VersionInfo, ApiError> {
         self.run(deadline, |meta| async move {
             let mut req = self.gateway.version_request();
             meta.write(req.get().init_ctx());
@@ -145,7 +175,11 @@ impl LocalClient {
     }
 
     /// The entry under `key`, or `None` if it does not exist.
-    pub async fn get(&self, key: &[u8], deadline: Instant) -> Result<Option<Entry>, ApiError> {
+    pub async fn get(
+        &self,
+        key: &[u8],
+        deadline: impl Into<CallSpec>,
+    ) -> Result<Option<Entry>, ApiError> {
         self.run(deadline, |meta| async move {
             let mut req = self.kv.get_request();
             meta.write(req.get().init_ctx());
@@ -167,7 +201,7 @@ impl LocalClient {
     pub async fn get_many(
         &self,
         keys: &[Vec<u8>],
-        deadline: Instant,
+        deadline: impl Into<CallSpec>,
     ) -> Result<Vec<Option<Entry>>, ApiError> {
         self.run(deadline, |meta| async move {
             let mut req = self.kv.get_many_request();
@@ -197,7 +231,11 @@ impl LocalClient {
         .await
     }
 
-    pub async fn scan(&self, opts: &ScanOptions, deadline: Instant) -> Result<ScanPage, ApiError> {
+    pub async fn scan(
+        &self,
+        opts: &ScanOptions,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<ScanPage, ApiError> {
         self.run(deadline, |meta| async move {
             let mut req = self.kv.scan_request();
             meta.write(req.get().init_ctx());
@@ -238,7 +276,7 @@ impl LocalClient {
         key: &[u8],
         value: &[u8],
         cond: Condition,
-        deadline: Instant,
+        deadline: impl Into<CallSpec>,
     ) -> Result<PutOutcome, ApiError> {
         self.run(deadline, |meta| async move {
             let (session, outcome) = self.session(&meta);
@@ -263,7 +301,7 @@ impl LocalClient {
     pub async fn put_many(
         &self,
         items: &[(Vec<u8>, Vec<u8>, Condition)],
-        deadline: Instant,
+        deadline: impl Into<CallSpec>,
     ) -> Result<BatchOutcome, ApiError> {
         self.run(deadline, |meta| async move {
             let (session, outcome) = self.session(&meta);
@@ -293,7 +331,7 @@ impl LocalClient {
         &self,
         key: &[u8],
         cond: Condition,
-        deadline: Instant,
+        deadline: impl Into<CallSpec>,
     ) -> Result<DeleteOutcome, ApiError> {
         self.run(deadline, |meta| async move {
             let (session, outcome) = self.session(&meta);
@@ -308,6 +346,92 @@ impl LocalClient {
                 }))
             }
             .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// `Gateway.admin(token)`, pipelined: the Admin call that follows goes out with it.
+    fn admin_cap(&self, token: &str, meta: &CallMeta) -> (admin::Client, SharedOutcome) {
+        let mut req = self.gateway.admin_request();
+        meta.write(req.get().init_ctx());
+        req.get().set_admin_token(token);
+        let (resp, cap) = send_with_union_cap::<_, _, admin::Client>(req);
+        let outcome: SharedOutcome =
+            async move { decode_result!(resp, admin_result, Admin(_) => Ok(())) }
+                .boxed_local()
+                .shared();
+        (cap, outcome)
+    }
+
+    /// Arms a fault plan (text form, see `Admin.setFaults`); an empty plan clears.
+    pub async fn set_faults(
+        &self,
+        admin_token: &str,
+        plan: &str,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<FaultsInfo, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (admin, outcome) = self.admin_cap(admin_token, &meta);
+            let mut req = admin.set_faults_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_plan(plan);
+            let r = async {
+                decode_result!(req.send().promise, faults_result, Ok(ok) => Ok(read_faults(ok)))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    pub async fn show_faults(
+        &self,
+        admin_token: &str,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<FaultsInfo, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (admin, outcome) = self.admin_cap(admin_token, &meta);
+            let mut req = admin.show_faults_request();
+            meta.write(req.get().init_ctx());
+            let r = async {
+                decode_result!(req.send().promise, faults_result, Ok(ok) => Ok(read_faults(ok)))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    pub async fn clear_faults(
+        &self,
+        admin_token: &str,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<FaultsInfo, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (admin, outcome) = self.admin_cap(admin_token, &meta);
+            let mut req = admin.clear_faults_request();
+            meta.write(req.get().init_ctx());
+            let r = async {
+                decode_result!(req.send().promise, faults_result, Ok(ok) => Ok(read_faults(ok)))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// Compacts the server's storage now.
+    pub async fn compact(
+        &self,
+        admin_token: &str,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<(), ApiError> {
+        self.run(deadline, |meta| async move {
+            let (admin, outcome) = self.admin_cap(admin_token, &meta);
+            let mut req = admin.compact_request();
+            meta.write(req.get().init_ctx());
+            let r = async { decode_result!(req.send().promise, admin_ack, Ok(()) => Ok(())) }.await;
             self.explain(r, &outcome).await
         })
         .await
@@ -381,6 +505,13 @@ fn read_error(e: capnp::Result<capkv::kv_capnp::error::Reader<'_>>) -> ApiError 
     match e {
         Ok(e) => ApiError::read(e),
         Err(e) => capnp_err(e),
+    }
+}
+
+fn read_faults(ok: capkv::kv_capnp::faults_result::ok::Reader<'_>) -> FaultsInfo {
+    FaultsInfo {
+        plan: read_text(ok.get_plan()),
+        rules: ok.get_rules(),
     }
 }
 
