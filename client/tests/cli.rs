@@ -169,3 +169,47 @@ fn interactive_shell_through_a_pty() {
     let history = std::fs::read_to_string(dir.path().join("history")).unwrap();
     assert!(history.contains("put shellkey shellvalue"), "{history}");
 }
+
+#[test]
+fn admin_faults_set_show_clear() {
+    let mut config = Config::local_ephemeral();
+    config.admin.token = Some(capkv_server::config::Secret::new("ops"));
+    let s = RunningServer::start(config).unwrap();
+    let addr = s.addr().to_string();
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--admin-token", "ops"];
+        all.extend_from_slice(args);
+        run(&addr, &all, None)
+    };
+    let o = admin(&["faults", "set", "get fail=permission_denied"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert!(stdout(&o).contains("1 rules armed"), "{}", stdout(&o));
+    let o = run(&addr, &["get", "k"], None);
+    assert_eq!(o.status.code(), Some(4), "the injected error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permission_denied"));
+    let o = admin(&["faults", "show"]);
+    assert!(
+        stdout(&o).contains("get fail=permission_denied"),
+        "{}",
+        stdout(&o)
+    );
+    let o = admin(&["faults", "clear"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        run(&addr, &["get", "k"], None).status.code(),
+        Some(1),
+        "not found again"
+    );
+    let o = run(
+        &addr,
+        &["admin", "--admin-token", "nope", "faults", "show"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unauthenticated"));
+    let o = admin(&["--help"]);
+    assert!(stdout(&o).contains("compact"));
+    let o = admin(&["faults", "set", "get explode"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown action"));
+}

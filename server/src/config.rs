@@ -546,11 +546,44 @@ mod tests {
     }
 
     #[test]
+    fn per_method_deadlines_fall_back_and_are_checked() {
+        let mut c = Config::default();
+        assert_eq!(c.budget_ms(crate::chain::Method::Get), (5_000, 60_000));
+        assert_eq!(
+            c.budget_ms(crate::chain::Method::Compact),
+            (600_000, 3_600_000)
+        );
+        c.deadlines.methods.insert(
+            "scan".into(),
+            MethodDeadline {
+                default_ms: Some(100),
+                max_ms: None,
+            },
+        );
+        assert_eq!(c.budget_ms(crate::chain::Method::Scan), (100, 60_000));
+        assert!(c.validate().is_ok());
+        c.deadlines
+            .methods
+            .insert("gett".into(), MethodDeadline::default());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("unknown method `gett`"), "{e}");
+        let mut c = Config::default();
+        c.faults.plan = "get explode".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("faults.plan"));
+    }
+
+    #[test]
     fn print_config_redacts_the_token() {
         let mut c = Config::default();
         c.auth.token = Some(Secret::new("hunter2-very-secret"));
+        c.admin.token = Some(Secret::new("admin-very-secret"));
         let shown = c.to_redacted_toml();
         assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("admin-very-secret"));
         assert!(shown.contains("<redacted>"));
         assert!(!format!("{c:?}").contains("hunter2"));
         let back: Config = toml::from_str(&shown).unwrap();
