@@ -98,6 +98,13 @@ enum ErrorCode {
   responseTooLarge @16;
   # The answer would carry more than `limits.max_scan_bytes` (default 4 MiB) of keys and
   # values (a `getMany` of many large values); ask for fewer keys.
+
+  idempotencyKeyReused @17;
+  # The write's idempotency key was already used in its session for a write with other
+  # parameters. Not retried: choose a new key for a new write.
+
+  notAnInteger @18;
+  # An increment met a value that is not a decimal 64-bit integer, or would overflow it.
 }
 
 struct Error {

@@ -28,7 +28,7 @@ pub const API_VERSION: u32 = 2;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Every error code, in schema order. Used for exhaustive tests and docs.
-pub const ALL_CODES: [ErrorCode; 17] = [
+pub const ALL_CODES: [ErrorCode; 19] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::NotFound,
@@ -46,6 +46,8 @@ pub const ALL_CODES: [ErrorCode; 17] = [
     ErrorCode::PermissionDenied,
     ErrorCode::TooManyItems,
     ErrorCode::ResponseTooLarge,
+    ErrorCode::IdempotencyKeyReused,
+    ErrorCode::NotAnInteger,
 ];
 
 /// Stable snake_case name of a code (logs, metric labels, JSON output).
@@ -68,6 +70,8 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::PermissionDenied => "permission_denied",
         ErrorCode::TooManyItems => "too_many_items",
         ErrorCode::ResponseTooLarge => "response_too_large",
+        ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+        ErrorCode::NotAnInteger => "not_an_integer",
     }
 }
 
@@ -362,6 +366,8 @@ mod tests {
         assert_eq!(ErrorCode::EmptyKey as u16, 8);
         assert_eq!(ErrorCode::RequestTooLarge as u16, 12);
         assert_eq!(ErrorCode::PermissionDenied as u16, 14);
+        assert_eq!(ErrorCode::IdempotencyKeyReused as u16, 17);
+        assert_eq!(ErrorCode::NotAnInteger as u16, 18);
         for (i, c) in ALL_CODES.into_iter().enumerate() {
             assert_eq!(c as usize, i);
         }

@@ -30,6 +30,14 @@ fn store_error(e: StoreError) -> ApiError {
                 None => format!("condition failed at item {index}: key does not exist"),
             },
         ),
+        StoreError::IdempotencyKeyReused => ApiError::new(
+            ErrorCode::IdempotencyKeyReused,
+            "idempotency key already used in this session for a different write",
+        ),
+        StoreError::NotAnInteger => ApiError::new(
+            ErrorCode::NotAnInteger,
+            "value is not a decimal 64-bit integer, or the result would overflow",
+        ),
         StoreError::Busy(detail) => {
             tracing::warn!(error = %detail, "store busy");
             ApiError::new(ErrorCode::Overloaded, "storage write queue is full")

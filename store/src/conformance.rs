@@ -13,7 +13,28 @@
 
 use std::sync::Arc;
 
-use crate::{Condition, PutItem, ScanRequest, Store, StoreError};
+use crate::{
+    Condition, IdempotencyKey, PutItem, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
+};
+
+fn far_future() -> u64 {
+    u64::MAX / 2
+}
+
+fn idem(session: &str, key: &str, expires_at_unix_ms: u64) -> Option<IdempotencyKey> {
+    Some(IdempotencyKey {
+        session: session.as_bytes().to_vec(),
+        key: key.as_bytes().to_vec(),
+        expires_at_unix_ms,
+    })
+}
+
+fn inc(key: &[u8], delta: i64) -> WriteOp {
+    WriteOp::Increment {
+        key: key.to_vec(),
+        delta,
+    }
+}
 
 fn scan_all(s: &dyn Store, start: &[u8], end: Option<&[u8]>) -> Vec<Vec<u8>> {
     let page = s
@@ -324,6 +345,110 @@ pub fn concurrent_compare_and_set(make: &dyn Fn() -> Arc<dyn Store>) {
     assert_eq!(s.revision().unwrap(), (threads * per_thread) as u64);
 }
 
+/// Increments count like Redis INCR; non-integers are refused.
+pub fn increments(s: &dyn Store) {
+    let out = s.write(inc(b"n", 5), None).wait().unwrap();
+    let WriteOutcome::Increment(o) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!((o.value, o.version, o.revision), (5, 1, 1));
+    s.write(inc(b"n", -7), None).wait().unwrap();
+    assert_eq!(s.get(b"n").unwrap().unwrap().value, b"-2");
+    s.put(b"text", b"abc", Condition::None).wait().unwrap();
+    assert_eq!(
+        s.write(inc(b"text", 1), None).wait(),
+        Err(StoreError::NotAnInteger)
+    );
+    s.put(b"max", i64::MAX.to_string().as_bytes(), Condition::None)
+        .wait()
+        .unwrap();
+    assert_eq!(
+        s.write(inc(b"max", 1), None).wait(),
+        Err(StoreError::NotAnInteger)
+    );
+}
+
+/// A replay returns the recorded outcome and writes nothing; other parameters under the
+/// same key are refused every time; sessions are separate; a failed condition is recorded.
+pub fn idempotent_replays(s: &dyn Store) {
+    let first = s.write(inc(b"c", 1), idem("s1", "k1", far_future())).wait();
+    for _ in 0..3 {
+        assert_eq!(
+            s.write(inc(b"c", 1), idem("s1", "k1", far_future())).wait(),
+            first
+        );
+    }
+    let e = s.get(b"c").unwrap().unwrap();
+    assert_eq!(
+        (e.value.as_slice(), e.version),
+        (&b"1"[..], 1),
+        "one effect"
+    );
+    assert_eq!(s.revision().unwrap(), 1);
+    for _ in 0..3 {
+        assert_eq!(
+            s.write(inc(b"c", 2), idem("s1", "k1", far_future())).wait(),
+            Err(StoreError::IdempotencyKeyReused)
+        );
+    }
+    s.write(inc(b"c", 1), idem("s2", "k1", far_future()))
+        .wait()
+        .unwrap();
+    assert_eq!(s.get(b"c").unwrap().unwrap().value, b"2", "another session");
+
+    let cas = || WriteOp::Put {
+        key: b"c".to_vec(),
+        value: b"x".to_vec(),
+        cond: Condition::IfVersion(3),
+    };
+    let failed = s.write(cas(), idem("s1", "cas", far_future())).wait();
+    assert!(matches!(failed, Err(StoreError::ConditionFailed { .. })));
+    s.write(inc(b"c", 1), None).wait().unwrap(); // version 3 now
+    assert_eq!(
+        s.write(cas(), idem("s1", "cas", far_future())).wait(),
+        failed,
+        "the recorded failure is replayed, not re-evaluated"
+    );
+}
+
+/// An expired record is forgotten: the same key writes again.
+pub fn expired_records_are_forgotten(s: &dyn Store) {
+    // Expired as soon as written (1 ms after the epoch).
+    s.write(inc(b"e", 1), idem("s", "k", 1)).wait().unwrap();
+    s.write(inc(b"e", 1), idem("s", "k", 1)).wait().unwrap();
+    assert_eq!(s.get(b"e").unwrap().unwrap().value, b"2");
+    s.compact().unwrap();
+    s.write(inc(b"e", 5), idem("s", "k", far_future()))
+        .wait()
+        .unwrap();
+    assert_eq!(
+        s.get(b"e").unwrap().unwrap().value,
+        b"7",
+        "no reuse error after expiry"
+    );
+}
+
+/// 100 identical writes at once with one key: one effect, 100 identical answers.
+pub fn concurrent_duplicates_write_once(make: &dyn Fn() -> Arc<dyn Store>) {
+    let s = make();
+    let barrier = Arc::new(std::sync::Barrier::new(100));
+    let handles: Vec<_> = (0..100)
+        .map(|_| {
+            let (s, barrier) = (Arc::clone(&s), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.write(inc(b"dup", 1), idem("s", "same", far_future()))
+                    .wait()
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(outcomes.iter().all(|o| o == &outcomes[0]), "{outcomes:?}");
+    let e = s.get(b"dup").unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.version), (&b"1"[..], 1));
+    assert_eq!(s.revision().unwrap(), 1);
+}
+
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -332,10 +457,18 @@ macro_rules! conformance_tests {
             get_missing_is_none, put_then_get, versions_and_revisions_advance,
             binary_keys_and_values, delete_missing_changes_nothing, conditions,
             scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes,
-            batches_are_atomic_with_one_revision);
+            batches_are_atomic_with_one_revision, increments, idempotent_replays,
+            expired_records_are_forgotten);
         #[test]
         fn concurrent_writers() {
             $crate::conformance::concurrent_writers(&|| {
+                let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
+                s
+            });
+        }
+        #[test]
+        fn concurrent_duplicates_write_once() {
+            $crate::conformance::concurrent_duplicates_write_once(&|| {
                 let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
                 s
             });

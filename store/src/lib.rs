@@ -25,10 +25,12 @@ pub mod conformance;
 pub mod memory;
 mod pending;
 pub mod rocks;
+pub mod write;
 
 pub use memory::MemoryStore;
 pub use pending::Pending;
 pub use rocks::{OpenError, RocksOptions, RocksStore};
+pub use write::{IdempotencyKey, IncrementOutcome, WriteOp, WriteOutcome};
 
 /// One stored key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +128,12 @@ pub enum StoreError {
         index: usize,
         current_version: Option<u64>,
     },
+    /// The idempotency key was used before, in this session, for a different write.
+    #[error("idempotency key reused with different parameters")]
+    IdempotencyKeyReused,
+    /// An increment met a value that is not a decimal i64, or would overflow one.
+    #[error("value is not an integer, or the result would overflow")]
+    NotAnInteger,
     /// The engine's write queue is full: back off and retry (nothing was written).
     #[error("storage busy: {0}")]
     Busy(String),
@@ -135,6 +143,12 @@ pub enum StoreError {
     /// An unexpected failure (corruption, a bug). The message is for logs, not clients.
     #[error("storage failure: {0}")]
     Internal(String),
+}
+
+fn mismatch(o: &WriteOutcome) -> StoreError {
+    StoreError::Internal(format!(
+        "engine answered with the outcome of another write: {o:?}"
+    ))
 }
 
 /// Engine statistics for metrics. Engines without a notion report 0.
@@ -158,6 +172,8 @@ pub struct StoreStats {
     pub delayed_write_rate: u64,
     /// Writes waiting for the committer right now.
     pub write_queue_len: u64,
+    /// Writes answered from an idempotency record since open (nothing written again).
+    pub idempotent_replays: u64,
 }
 
 /// The storage contract. Implementations are shared by all server workers, hence
@@ -168,14 +184,45 @@ pub struct StoreStats {
 /// `sync`, after its WAL is synced); dropping it does not cancel the write.
 pub trait Store: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
-    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome>;
-    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome>;
+    /// Applies one write, idempotently when `idem` is given (see [`write`]).
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome>;
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
+        let op = WriteOp::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            cond,
+        };
+        self.write(op, None).map(|o| match o {
+            WriteOutcome::Put(o) => Ok(o),
+            other => Err(mismatch(&other)),
+        })
+    }
+    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
+        let op = WriteOp::Delete {
+            key: key.to_vec(),
+            cond,
+        };
+        self.write(op, None).map(|o| match o {
+            WriteOutcome::Delete(o) => Ok(o),
+            other => Err(mismatch(&other)),
+        })
+    }
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError>;
     /// Reads several keys at one revision; returns them in `keys` order, and the revision.
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError>;
     /// Applies `items` atomically as one write. Keys must be distinct (callers check);
     /// conditions are checked against the state before the batch.
-    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome>;
+    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {
+        let items = items
+            .iter()
+            .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
+            .collect();
+        self.write(WriteOp::PutMany { items }, None)
+            .map(|o| match o {
+                WriteOutcome::PutMany(o) => Ok(o),
+                other => Err(mismatch(&other)),
+            })
+    }
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;
     /// A short engine name for logs and `--print-config`.

@@ -15,10 +15,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::write::{incremented, recordable, Record};
 use crate::{
-    BatchOutcome, Condition, DeleteOutcome, Entry, Pending, PutItem, PutOutcome, ScanPage,
-    ScanRequest, Store, StoreError,
+    BatchOutcome, Condition, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending,
+    PutItem, PutOutcome, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
+
+/// Idempotency records kept before expired ones are swept on the next insert.
+const RECORD_SWEEP_AT: usize = 100_000;
 
 #[derive(Debug, Clone)]
 struct Stored {
@@ -34,6 +38,8 @@ struct Inner {
     /// The same keys, ordered (invariant: exactly the keys of `map`).
     order: BTreeSet<Arc<[u8]>>,
     revision: u64,
+    /// Idempotency records by record key (see [`crate::write`]).
+    records: HashMap<Vec<u8>, Record>,
 }
 
 impl Inner {
@@ -91,80 +97,136 @@ impl MemoryStore {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+    fn lock_write(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    fn put_now(&self, key: &[u8], value: &[u8], cond: Condition) -> Result<PutOutcome, StoreError> {
-        let mut inner = self.write();
-        let current = inner.version(key);
-        if !cond.holds(current) {
+fn put_locked(
+    inner: &mut Inner,
+    key: &[u8],
+    value: &[u8],
+    cond: Condition,
+) -> Result<PutOutcome, StoreError> {
+    let current = inner.version(key);
+    if !cond.holds(current) {
+        return Err(StoreError::ConditionFailed {
+            index: 0,
+            current_version: current,
+        });
+    }
+    inner.revision += 1;
+    let revision = inner.revision;
+    let version = current.unwrap_or(0) + 1;
+    inner.insert(
+        key,
+        Stored {
+            value: value.to_vec(),
+            version,
+            mod_revision: revision,
+        },
+    );
+    Ok(PutOutcome { version, revision })
+}
+
+fn delete_locked(
+    inner: &mut Inner,
+    key: &[u8],
+    cond: Condition,
+) -> Result<DeleteOutcome, StoreError> {
+    let current = inner.version(key);
+    if !cond.holds(current) {
+        return Err(StoreError::ConditionFailed {
+            index: 0,
+            current_version: current,
+        });
+    }
+    let existed = inner.remove(key);
+    if existed {
+        inner.revision += 1;
+    }
+    Ok(DeleteOutcome {
+        existed,
+        revision: inner.revision,
+    })
+}
+
+fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError> {
+    // Check every condition before touching anything: all or nothing.
+    let mut versions = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let current = inner.version(item.key);
+        if !item.cond.holds(current) {
             return Err(StoreError::ConditionFailed {
-                index: 0,
+                index,
                 current_version: current,
             });
         }
-        inner.revision += 1;
-        let revision = inner.revision;
-        let version = current.unwrap_or(0) + 1;
+        versions.push(current.unwrap_or(0) + 1);
+    }
+    inner.revision += 1;
+    let revision = inner.revision;
+    for (item, &version) in items.iter().zip(&versions) {
         inner.insert(
-            key,
+            item.key,
             Stored {
-                value: value.to_vec(),
+                value: item.value.to_vec(),
                 version,
                 mod_revision: revision,
             },
         );
-        Ok(PutOutcome { version, revision })
     }
+    Ok(BatchOutcome { versions, revision })
+}
 
-    fn delete_now(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, StoreError> {
-        let mut inner = self.write();
-        let current = inner.version(key);
-        if !cond.holds(current) {
-            return Err(StoreError::ConditionFailed {
-                index: 0,
-                current_version: current,
-            });
-        }
-        let existed = inner.remove(key);
-        if existed {
-            inner.revision += 1;
-        }
-        Ok(DeleteOutcome {
-            existed,
-            revision: inner.revision,
-        })
-    }
-
-    fn put_many_now(&self, items: &[PutItem<'_>]) -> Result<BatchOutcome, StoreError> {
-        let mut inner = self.write();
-        // Check every condition before touching anything: all or nothing.
-        let mut versions = Vec::with_capacity(items.len());
-        for (index, item) in items.iter().enumerate() {
-            let current = inner.version(item.key);
-            if !item.cond.holds(current) {
-                return Err(StoreError::ConditionFailed {
-                    index,
-                    current_version: current,
-                });
+impl MemoryStore {
+    fn apply(&self, inner: &mut Inner, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
+        match op {
+            WriteOp::Put { key, value, cond } => {
+                put_locked(inner, key, value, *cond).map(WriteOutcome::Put)
             }
-            versions.push(current.unwrap_or(0) + 1);
-        }
-        inner.revision += 1;
-        let revision = inner.revision;
-        for (item, &version) in items.iter().zip(&versions) {
-            inner.insert(
-                item.key,
-                Stored {
-                    value: item.value.to_vec(),
+            WriteOp::Delete { key, cond } => {
+                delete_locked(inner, key, *cond).map(WriteOutcome::Delete)
+            }
+            WriteOp::PutMany { items } => {
+                let items: Vec<PutItem<'_>> = items
+                    .iter()
+                    .map(|(key, value, cond)| PutItem {
+                        key,
+                        value,
+                        cond: *cond,
+                    })
+                    .collect();
+                put_many_locked(inner, &items).map(WriteOutcome::PutMany)
+            }
+            WriteOp::Increment { key, delta } => {
+                let current = inner.map.get(key.as_slice());
+                let value = incremented(current.map(|s| s.value.as_slice()), *delta)?;
+                let version = current.map_or(0, |s| s.version) + 1;
+                inner.revision += 1;
+                let revision = inner.revision;
+                inner.insert(
+                    key,
+                    Stored {
+                        value: value.to_string().into_bytes(),
+                        version,
+                        mod_revision: revision,
+                    },
+                );
+                Ok(WriteOutcome::Increment(IncrementOutcome {
+                    value,
                     version,
-                    mod_revision: revision,
-                },
-            );
+                    revision,
+                }))
+            }
         }
-        Ok(BatchOutcome { versions, revision })
     }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Store for MemoryStore {
@@ -172,16 +234,34 @@ impl Store for MemoryStore {
         Ok(self.read().entry(key, true))
     }
 
-    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
-        Pending::ready(self.put_now(key, value, cond))
-    }
-
-    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
-        Pending::ready(self.delete_now(key, cond))
-    }
-
-    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {
-        Pending::ready(self.put_many_now(items))
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        let mut inner = self.lock_write();
+        let Some(idem) = idem else {
+            return Pending::ready(self.apply(&mut inner, &op));
+        };
+        let now = now_unix_ms();
+        let record_key = idem.record_key();
+        let fingerprint = op.fingerprint();
+        if let Some(r) = inner.records.get(&record_key) {
+            if r.expires_at_unix_ms > now {
+                return Pending::ready(r.replay(&fingerprint));
+            }
+        }
+        let outcome = self.apply(&mut inner, &op);
+        if recordable(&outcome) {
+            if inner.records.len() >= RECORD_SWEEP_AT {
+                inner.records.retain(|_, r| r.expires_at_unix_ms > now);
+            }
+            inner.records.insert(
+                record_key,
+                Record {
+                    expires_at_unix_ms: idem.expires_at_unix_ms,
+                    fingerprint,
+                    outcome: outcome.clone(),
+                },
+            );
+        }
+        Pending::ready(outcome)
     }
 
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {

@@ -20,6 +20,7 @@ pub struct Pending<T> {
 enum State<T> {
     Ready(Option<Result<T, StoreError>>),
     Waiting(oneshot::Receiver<Result<T, StoreError>>),
+    Mapped(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>),
 }
 
 /// The committer's end: completes one [`Pending`].
@@ -49,6 +50,19 @@ impl<T> Pending<T> {
         )
     }
 
+    /// The outcome passed through `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> Result<U, StoreError> + Send + 'static) -> Pending<U>
+    where
+        T: Send + 'static,
+    {
+        match self.state {
+            State::Ready(Some(r)) => Pending::ready(r.and_then(f)),
+            _ => Pending {
+                state: State::Mapped(Box::pin(async move { self.await.and_then(f) })),
+            },
+        }
+    }
+
     /// Blocks the current thread until the outcome is known. Not for async contexts.
     pub fn wait(self) -> Result<T, StoreError> {
         futures::executor::block_on(self)
@@ -75,6 +89,7 @@ impl<T> Future for Pending<T> {
                     ))
                 })
             }),
+            State::Mapped(f) => f.as_mut().poll(cx),
         }
     }
 }
@@ -84,6 +99,7 @@ impl<T> std::fmt::Debug for Pending<T> {
         f.write_str(match self.state {
             State::Ready(_) => "Pending::Ready",
             State::Waiting(_) => "Pending::Waiting",
+            State::Mapped(_) => "Pending::Mapped",
         })
     }
 }

@@ -35,9 +35,10 @@ use rocksdb::{
 };
 
 use crate::pending::Completer;
+use crate::write::{incremented, recordable, Record};
 use crate::{
-    BatchOutcome, Condition, DeleteOutcome, Entry, Pending, PutItem, PutOutcome, ScanPage,
-    ScanRequest, Store, StoreError, StoreStats,
+    BatchOutcome, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending, PutOutcome,
+    ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp, WriteOutcome,
 };
 
 const CF_DATA: &str = "data";
@@ -151,6 +152,8 @@ struct Counters {
     commit_groups: AtomicU64,
     commits: AtomicU64,
     queued: AtomicU64,
+    /// Writes answered from an idempotency record.
+    replays: AtomicU64,
 }
 
 /// The durable engine. Dropping it commits what is queued and closes the database.
@@ -335,7 +338,7 @@ impl RocksStore {
             .ok_or_else(|| StoreError::Internal(format!("column family `{name}` missing")))
     }
 
-    fn submit<T>(&self, make: impl FnOnce(Completer<T>) -> Op) -> Pending<T> {
+    fn submit(&self, make: impl FnOnce(Completer<WriteOutcome>) -> Op) -> Pending<WriteOutcome> {
         let Some(tx) = &self.writes else {
             return Pending::ready(Err(StoreError::Unavailable("storage is closed".into())));
         };
@@ -463,19 +466,10 @@ impl Store for RocksStore {
         }
     }
 
-    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
-        self.submit(|done| Op::Put {
-            key: key.to_vec(),
-            value: value.to_vec(),
-            cond,
-            done,
-        })
-    }
-
-    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
-        self.submit(|done| Op::Delete {
-            key: key.to_vec(),
-            cond,
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        self.submit(|done| Op {
+            write: op,
+            idem,
             done,
         })
     }
@@ -536,16 +530,6 @@ impl Store for RocksStore {
         Ok((entries, revision))
     }
 
-    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {
-        self.submit(|done| Op::PutMany {
-            items: items
-                .iter()
-                .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
-                .collect(),
-            done,
-        })
-    }
-
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(self.counters.revision.load(Ordering::Acquire))
     }
@@ -580,6 +564,7 @@ impl Store for RocksStore {
             write_stopped: int("rocksdb.is-write-stopped"),
             delayed_write_rate: int("rocksdb.actual-delayed-write-rate"),
             write_queue_len: c.queued.load(Ordering::Relaxed),
+            idempotent_replays: c.replays.load(Ordering::Relaxed),
         }
     }
 
@@ -590,57 +575,18 @@ impl Store for RocksStore {
 }
 
 /// A write on its way to the committer.
-enum Op {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        cond: Condition,
-        done: Completer<PutOutcome>,
-    },
-    Delete {
-        key: Vec<u8>,
-        cond: Condition,
-        done: Completer<DeleteOutcome>,
-    },
-    PutMany {
-        items: Vec<(Vec<u8>, Vec<u8>, Condition)>,
-        done: Completer<BatchOutcome>,
-    },
+struct Op {
+    write: WriteOp,
+    idem: Option<IdempotencyKey>,
+    done: Completer<WriteOutcome>,
 }
 
 impl Op {
     /// How much of a group's `max_writes` this op uses.
     fn weight(&self) -> usize {
-        match self {
-            Op::PutMany { items, .. } => items.len().max(1),
+        match &self.write {
+            WriteOp::PutMany { items } => items.len().max(1),
             _ => 1,
-        }
-    }
-}
-
-/// A decided write, answered once its group is committed (or has failed).
-enum Reply {
-    Put(Completer<PutOutcome>, Result<PutOutcome, StoreError>),
-    Delete(Completer<DeleteOutcome>, Result<DeleteOutcome, StoreError>),
-    PutMany(Completer<BatchOutcome>, Result<BatchOutcome, StoreError>),
-}
-
-impl Reply {
-    fn send(self, failure: Option<&StoreError>) {
-        // A failed commit fails every write of the group, whatever it decided.
-        fn pick<T>(
-            r: Result<T, StoreError>,
-            failure: Option<&StoreError>,
-        ) -> Result<T, StoreError> {
-            match failure {
-                Some(e) => Err(e.clone()),
-                None => r,
-            }
-        }
-        match self {
-            Reply::Put(done, r) => done.complete(pick(r, failure)),
-            Reply::Delete(done, r) => done.complete(pick(r, failure)),
-            Reply::PutMany(done, r) => done.complete(pick(r, failure)),
         }
     }
 }
@@ -656,13 +602,21 @@ struct Committer {
     max_wait: Duration,
 }
 
-/// One commit group being decided: its batch, and each touched key's version after the
-/// writes decided so far (`None` = deleted).
+/// One commit group being decided: its batch, and what the writes decided so far changed,
+/// so that later writes of the group see them.
 struct Group {
     batch: WriteBatch,
-    versions: HashMap<Vec<u8>, Option<u64>>,
+    /// Each touched key's (version, value) after the group's writes so far; `None` = deleted.
+    latest: HashMap<Vec<u8>, Option<(u64, Vec<u8>)>>,
+    /// Idempotency records written by the group, by record key.
+    records: HashMap<Vec<u8>, Record>,
     revision: u64,
     record: Vec<u8>,
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
+    db.cf_handle(name)
+        .ok_or_else(|| StoreError::Internal(format!("column family `{name}` missing")))
 }
 
 impl Committer {
@@ -698,140 +652,175 @@ impl Committer {
         }
     }
 
-    /// The key's version as the group sees it: its own earlier writes, else the database.
-    fn version(&self, g: &Group, key: &[u8]) -> Result<Option<u64>, StoreError> {
-        if let Some(v) = g.versions.get(key) {
-            return Ok(*v);
+    /// The key's (version, value) as the group sees it: its own writes, else the database.
+    fn current(&self, g: &Group, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        if let Some(v) = g.latest.get(key) {
+            return Ok(v.clone());
         }
-        let data = self
-            .db
-            .cf_handle(CF_DATA)
-            .ok_or_else(|| StoreError::Internal("column family `data` missing".into()))?;
-        match self.db.get_pinned_cf(data, key) {
-            Ok(Some(rec)) => decode(&rec).map(|(version, _, _)| Some(version)),
+        match self.db.get_pinned_cf(cf(&self.db, CF_DATA)?, key) {
+            Ok(Some(rec)) => {
+                decode(&rec).map(|(version, _, value)| Some((version, value.to_vec())))
+            }
             Ok(None) => Ok(None),
             Err(e) => Err(read_error(e)),
         }
     }
 
-    fn put(
-        &self,
-        g: &mut Group,
-        key: Vec<u8>,
-        value: &[u8],
-        version: u64,
-    ) -> Result<(), StoreError> {
-        let data = self
-            .db
-            .cf_handle(CF_DATA)
-            .ok_or_else(|| StoreError::Internal("column family `data` missing".into()))?;
+    fn version(&self, g: &Group, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        Ok(self.current(g, key)?.map(|(v, _)| v))
+    }
+
+    fn put(&self, g: &mut Group, key: &[u8], value: &[u8], version: u64) -> Result<(), StoreError> {
+        let data = cf(&self.db, CF_DATA)?;
         g.record.clear();
         g.record.extend_from_slice(&version.to_be_bytes());
         g.record.extend_from_slice(&g.revision.to_be_bytes());
         g.record.extend_from_slice(value);
-        g.batch.put_cf(data, &key, &g.record);
-        g.versions.insert(key, Some(version));
+        g.batch.put_cf(data, key, &g.record);
+        g.latest
+            .insert(key.to_vec(), Some((version, value.to_vec())));
         Ok(())
     }
 
-    fn decide(&self, g: &mut Group, op: Op) -> Reply {
+    fn apply(&self, g: &mut Group, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
         match op {
-            Op::Put {
-                key,
-                value,
-                cond,
-                done,
-            } => {
-                let r = (|| {
-                    let current = self.version(g, &key)?;
+            WriteOp::Put { key, value, cond } => {
+                let current = self.version(g, key)?;
+                if !cond.holds(current) {
+                    return Err(StoreError::ConditionFailed {
+                        index: 0,
+                        current_version: current,
+                    });
+                }
+                g.revision += 1;
+                let version = current.unwrap_or(0) + 1;
+                self.put(g, key, value, version)?;
+                Ok(WriteOutcome::Put(PutOutcome {
+                    version,
+                    revision: g.revision,
+                }))
+            }
+            WriteOp::Delete { key, cond } => {
+                let current = self.version(g, key)?;
+                if !cond.holds(current) {
+                    return Err(StoreError::ConditionFailed {
+                        index: 0,
+                        current_version: current,
+                    });
+                }
+                if current.is_some() {
+                    g.revision += 1;
+                    g.batch.delete_cf(cf(&self.db, CF_DATA)?, key);
+                    g.latest.insert(key.clone(), None);
+                }
+                Ok(WriteOutcome::Delete(DeleteOutcome {
+                    existed: current.is_some(),
+                    revision: g.revision,
+                }))
+            }
+            WriteOp::PutMany { items } => {
+                let mut versions = Vec::with_capacity(items.len());
+                for (index, (key, _, cond)) in items.iter().enumerate() {
+                    let current = self.version(g, key)?;
                     if !cond.holds(current) {
                         return Err(StoreError::ConditionFailed {
-                            index: 0,
+                            index,
                             current_version: current,
                         });
                     }
-                    g.revision += 1;
-                    let version = current.unwrap_or(0) + 1;
-                    self.put(g, key, &value, version)?;
-                    Ok(PutOutcome {
-                        version,
-                        revision: g.revision,
-                    })
-                })();
-                Reply::Put(done, r)
+                    versions.push(current.unwrap_or(0) + 1);
+                }
+                g.revision += 1;
+                for ((key, value, _), &version) in items.iter().zip(&versions) {
+                    self.put(g, key, value, version)?;
+                }
+                Ok(WriteOutcome::PutMany(BatchOutcome {
+                    versions,
+                    revision: g.revision,
+                }))
             }
-            Op::Delete { key, cond, done } => {
-                let r = (|| {
-                    let current = self.version(g, &key)?;
-                    if !cond.holds(current) {
-                        return Err(StoreError::ConditionFailed {
-                            index: 0,
-                            current_version: current,
-                        });
-                    }
-                    if current.is_some() {
-                        let data = self.db.cf_handle(CF_DATA).ok_or_else(|| {
-                            StoreError::Internal("column family `data` missing".into())
-                        })?;
-                        g.revision += 1;
-                        g.batch.delete_cf(data, &key);
-                        g.versions.insert(key, None);
-                    }
-                    Ok(DeleteOutcome {
-                        existed: current.is_some(),
-                        revision: g.revision,
-                    })
-                })();
-                Reply::Delete(done, r)
-            }
-            Op::PutMany { items, done } => {
-                let r = (|| {
-                    let mut versions = Vec::with_capacity(items.len());
-                    for (index, (key, _, cond)) in items.iter().enumerate() {
-                        let current = self.version(g, key)?;
-                        if !cond.holds(current) {
-                            return Err(StoreError::ConditionFailed {
-                                index,
-                                current_version: current,
-                            });
-                        }
-                        versions.push(current.unwrap_or(0) + 1);
-                    }
-                    g.revision += 1;
-                    for ((key, value, _), &version) in items.into_iter().zip(&versions) {
-                        self.put(g, key, &value, version)?;
-                    }
-                    Ok(BatchOutcome {
-                        versions,
-                        revision: g.revision,
-                    })
-                })();
-                Reply::PutMany(done, r)
+            WriteOp::Increment { key, delta } => {
+                let current = self.current(g, key)?;
+                let value = incremented(current.as_ref().map(|(_, v)| v.as_slice()), *delta)?;
+                let version = current.map_or(0, |(v, _)| v) + 1;
+                g.revision += 1;
+                self.put(g, key, value.to_string().as_bytes(), version)?;
+                Ok(WriteOutcome::Increment(IncrementOutcome {
+                    value,
+                    version,
+                    revision: g.revision,
+                }))
             }
         }
+    }
+
+    /// The live record under `record_key`: the group's own, else the database's.
+    fn record(&self, g: &Group, record_key: &[u8]) -> Result<Option<Record>, StoreError> {
+        if let Some(r) = g.records.get(record_key) {
+            return Ok(Some(r.clone()));
+        }
+        match self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_IDEMPOTENCY)?, record_key)
+        {
+            Ok(Some(bytes)) => Record::decode(&bytes).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(read_error(e)),
+        }
+    }
+
+    fn decide(&self, g: &mut Group, op: &Op) -> Result<WriteOutcome, StoreError> {
+        let Some(idem) = &op.idem else {
+            return self.apply(g, &op.write);
+        };
+        let record_key = idem.record_key();
+        let fingerprint = op.write.fingerprint();
+        if let Some(r) = self.record(g, &record_key)? {
+            if r.expires_at_unix_ms > now_unix_ms() {
+                self.counters.replays.fetch_add(1, Ordering::Relaxed);
+                return r.replay(&fingerprint);
+            }
+        }
+        let outcome = self.apply(g, &op.write);
+        if recordable(&outcome) {
+            let r = Record {
+                expires_at_unix_ms: idem.expires_at_unix_ms,
+                fingerprint,
+                outcome: outcome.clone(),
+            };
+            g.batch
+                .put_cf(cf(&self.db, CF_IDEMPOTENCY)?, &record_key, r.encode());
+            g.records.insert(record_key, r);
+        }
+        outcome
     }
 
     fn commit(&mut self, ops: &mut Vec<Op>) {
         let mut g = Group {
             batch: WriteBatch::default(),
-            versions: HashMap::with_capacity(ops.len()),
+            latest: HashMap::with_capacity(ops.len()),
+            records: HashMap::new(),
             revision: self.revision,
             record: Vec::new(),
         };
         let count = ops.len() as u64;
-        let replies: Vec<Reply> = ops.drain(..).map(|op| self.decide(&mut g, op)).collect();
+        let decided: Vec<(Op, Result<WriteOutcome, StoreError>)> = ops
+            .drain(..)
+            .map(|op| {
+                let r = self.decide(&mut g, &op);
+                (op, r)
+            })
+            .collect();
         let mut failure = None;
-        if g.revision != self.revision {
-            let written = self
-                .db
-                .cf_handle(CF_META)
-                .ok_or_else(|| StoreError::Internal("column family `meta` missing".into()))
-                .and_then(|meta| {
+        if !g.batch.is_empty() {
+            let written = cf(&self.db, CF_META).and_then(|meta| {
+                if g.revision != self.revision {
                     g.batch.put_cf(meta, KEY_REVISION, g.revision.to_be_bytes());
-                    let mut wo = WriteOptions::default();
-                    wo.set_sync(self.sync);
-                    self.db.write_opt(g.batch, &wo).map_err(write_error)
-                });
+                }
+                let mut wo = WriteOptions::default();
+                wo.set_sync(self.sync);
+                self.db.write_opt(g.batch, &wo).map_err(write_error)
+            });
             match written {
                 Ok(()) => {
                     self.revision = g.revision;
@@ -845,8 +834,12 @@ impl Committer {
                 Err(e) => failure = Some(e),
             }
         }
-        for r in replies {
-            r.send(failure.as_ref());
+        for (op, r) in decided {
+            // A failed commit fails every write of the group, whatever it decided.
+            op.done.complete(match &failure {
+                Some(e) => Err(e.clone()),
+                None => r,
+            });
         }
     }
 }
@@ -869,6 +862,7 @@ fn write_error(e: rocksdb::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Condition;
 
     fn open(dir: &Path) -> RocksStore {
         let mut o = RocksOptions::new(dir);
@@ -897,6 +891,30 @@ mod tests {
         assert_eq!(s.get(b"b").unwrap(), None);
         let out = s.put(b"a", b"3", Condition::IfVersion(2)).wait().unwrap();
         assert_eq!((out.version, out.revision), (3, 5));
+    }
+
+    #[test]
+    fn a_replay_after_reopen_returns_the_recorded_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = || {
+            Some(IdempotencyKey {
+                session: b"s".to_vec(),
+                key: b"k".to_vec(),
+                expires_at_unix_ms: now_unix_ms() + 3_600_000,
+            })
+        };
+        let op = || WriteOp::Increment {
+            key: b"n".to_vec(),
+            delta: 3,
+        };
+        let first = {
+            let s = open(dir.path());
+            s.write(op(), key()).wait().unwrap()
+        };
+        let s = open(dir.path());
+        assert_eq!(s.write(op(), key()).wait().unwrap(), first);
+        assert_eq!(s.get(b"n").unwrap().unwrap().value, b"3", "written once");
+        assert_eq!(s.stats().idempotent_replays, 1);
     }
 
     #[test]

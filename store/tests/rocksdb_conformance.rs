@@ -1,8 +1,8 @@
 //! The conformance suite against the RocksDB engine, each case in its own temp directory.
 
 use capkv_store::{
-    BatchOutcome, Condition, DeleteOutcome, Entry, Pending, PutItem, PutOutcome, RocksOptions,
-    RocksStore, ScanPage, ScanRequest, Store, StoreError,
+    Entry, IdempotencyKey, Pending, RocksOptions, RocksStore, ScanPage, ScanRequest, Store,
+    StoreError, WriteOp, WriteOutcome,
 };
 
 /// A store that owns its temp directory, so the directory outlives the database.
@@ -26,11 +26,8 @@ impl Store for TempRocks {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         self.store.get(key)
     }
-    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
-        self.store.put(key, value, cond)
-    }
-    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
-        self.store.delete(key, cond)
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        self.store.write(op, idem)
     }
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
         self.store.scan(req)
@@ -38,14 +35,14 @@ impl Store for TempRocks {
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
         self.store.get_many(keys)
     }
-    fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {
-        self.store.put_many(items)
-    }
     fn revision(&self) -> Result<u64, StoreError> {
         self.store.revision()
     }
     fn engine_name(&self) -> &'static str {
         self.store.engine_name()
+    }
+    fn compact(&self) -> Result<(), StoreError> {
+        self.store.compact()
     }
 }
 
