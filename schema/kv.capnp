@@ -285,7 +285,9 @@ interface KvStore {
   # server's `limits.max_scan_bytes`; `nextCursor` resumes after the page.
 
   session @2 (ctx :RequestContext) -> (result :SessionResult);
-  # A new write session. Writes go through it; dropping it ends the session.
+  # A new write session. Writes go through it. The result also carries the session's
+  # token, with which `resumeSession` returns the same session after a reconnect (or a
+  # server restart): idempotency keys are scoped to it.
 
   getMany @3 (ctx :RequestContext, keys :List(Data)) -> (result :GetManyResult);
   # Several gets in one call, read at one revision: the answer to Redis pipelining when
@@ -293,6 +295,10 @@ interface KvStore {
   # one bad key fails the whole call. Items come back in the order of `keys`. If the found
   # keys and values add up to more than `limits.max_scan_bytes` (and more than one entry
   # at the size limits), the call fails with `responseTooLarge`.
+
+  resumeSession @4 (ctx :RequestContext, token :Data) -> (result :SessionResult);
+  # The session `token` names (from an earlier `session`), on any connection, also after a
+  # server restart. A token this server did not issue gets `permissionDenied`.
 }
 
 struct GetManyResult {
@@ -386,26 +392,57 @@ struct SessionResult {
     error @1 :Error;
     # A chain rejection (`unavailable`, `overloaded`, ...).
   }
+
+  token @2 :Data;
+  # The session's token (32 bytes, unguessable): keep it to resume the session. Empty on
+  # error.
 }
 
 interface WriteSession {
   # The per-session write capability. Holding it is the permission to write.
 
-  put @0 (ctx :RequestContext, key :Data, value :Data, condition :Condition)
+  # Idempotency: every write may carry an `idempotencyKey` (1 to 64 bytes; empty = none),
+  # scoped to this session. The server records the write's outcome with the write itself
+  # (same atomic batch) for `idempotency.ttl_s` (default 24 h): a replay with the same key
+  # and the same parameters returns that outcome and writes nothing; with other parameters
+  # it gets `idempotencyKeyReused`. A write with a key may therefore be retried safely,
+  # even when its first attempt's outcome is unknown.
+
+  put @0 (ctx :RequestContext, key :Data, value :Data, condition :Condition,
+          idempotencyKey :Data)
       -> (result :PutResult);
   # Stores `value` under `key` if `condition` holds.
 
-  delete @1 (ctx :RequestContext, key :Data, condition :Condition)
+  delete @1 (ctx :RequestContext, key :Data, condition :Condition, idempotencyKey :Data)
       -> (result :DeleteResult);
   # Removes `key` if `condition` holds. Deleting a missing key is not an error:
   # `existed` says whether anything was removed.
 
-  putMany @2 (ctx :RequestContext, items :List(PutItem)) -> (result :PutManyResult);
+  putMany @2 (ctx :RequestContext, items :List(PutItem), idempotencyKey :Data)
+      -> (result :PutManyResult);
   # Several puts applied atomically, as one write with one new revision: all of them or
   # none. If any item's condition fails, nothing is written and the error
   # (`conditionFailed`) names the first failing item's index. Keys must be distinct;
   # 1 to `limits.max_batch_items` items; the whole request must fit the server's message
   # limit (`requestTooLarge` otherwise).
+
+  increment @3 (ctx :RequestContext, key :Data, delta :Int64, idempotencyKey :Data)
+      -> (result :IncrementResult);
+  # Adds `delta` to the key's value read as a decimal 64-bit integer (absent = 0) and
+  # stores the result as decimal text, like Redis INCRBY. A value that is not such an
+  # integer, or an overflow, gets `notAnInteger`.
+}
+
+struct IncrementResult {
+  union {
+    ok :group {
+      value @0 :Int64;
+      # The value after the increment.
+      version @1 :UInt64;
+      revision @2 :UInt64;
+    }
+    error @3 :Error;
+  }
 }
 
 struct PutItem {

@@ -64,8 +64,37 @@ pub struct Cli {
     /// Longest retry backoff.
     #[arg(long, value_name = "D", default_value = "1s", value_parser = humantime::parse_duration)]
     pub retry_max_backoff: Duration,
+    /// Send writes without an idempotency key (then a write whose outcome is unknown is
+    /// not retried).
+    #[arg(long)]
+    pub no_idempotency: bool,
+    /// Idempotency key for the write (32 hex digits), e.g. to replay a write and read its
+    /// recorded outcome; default: a random one per write, shown by --json.
+    #[arg(long, value_name = "HEX", conflicts_with = "no_idempotency", value_parser = parse_idempotency_key)]
+    pub idempotency_key: Option<[u8; 16]>,
+    /// Continue the write session this token (hex, from a write's --json output) names:
+    /// with --idempotency-key, replays a write made by an earlier kv-client.
+    #[arg(long, value_name = "HEX", value_parser = parse_hex)]
+    pub session: Option<HexBytes>,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Bytes given in hex on the command line (a newtype: clap reads a bare `Vec<u8>` as a
+/// list of numbers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HexBytes(pub Vec<u8>);
+
+fn parse_hex(s: &str) -> Result<HexBytes, String> {
+    output::from_hex(s)
+        .map(HexBytes)
+        .ok_or_else(|| "expected hex digits".to_string())
+}
+
+fn parse_idempotency_key(s: &str) -> Result<[u8; 16], String> {
+    output::from_hex(s)
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .ok_or_else(|| "expected 32 hex digits".to_string())
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
@@ -113,6 +142,12 @@ pub enum Command {
         /// Print keys only.
         #[arg(long)]
         keys_only: bool,
+    },
+    /// Add DELTA (default 1) to the integer under KEY, like Redis INCRBY.
+    Incr {
+        key: OsString,
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
     },
     /// Liveness and readiness of the server.
     Health,
@@ -259,9 +294,10 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                 (None, true) => Condition::IfAbsent,
                 (None, false) => Condition::None,
             };
+            let (client, idem) = client.for_one_write();
             match client.put_if(&bytes(key), &value, cond).await {
                 Ok(o) if p.json => {
-                    p.value(output::put_json(&o));
+                    p.value(with_key(&client, output::put_json(&o), idem).await);
                     EXIT_OK
                 }
                 Ok(o) => {
@@ -273,10 +309,11 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
         }
         Command::Delete { key, if_version } => {
             let cond = if_version.map_or(Condition::None, Condition::IfVersion);
+            let (client, idem) = client.for_one_write();
             match client.delete_if(&bytes(key), cond).await {
                 Ok(o) => {
                     if p.json {
-                        p.value(output::delete_json(&o));
+                        p.value(with_key(&client, output::delete_json(&o), idem).await);
                     } else if o.existed {
                         p.text(&format!("deleted revision={}", o.revision));
                     } else {
@@ -329,6 +366,21 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                     } else {
                         let _ = write!(p.out, "{}", output::scan_human(&page, !keys_only));
                     }
+                    EXIT_OK
+                }
+                Err(e) => p.error(&e),
+            }
+        }
+        Command::Incr { key, delta } => {
+            let (client, idem) = client.for_one_write();
+            match client.increment(&bytes(key), *delta).await {
+                Ok(o) if p.json => {
+                    let v = serde_json::json!({"value": o.value, "version": o.version, "revision": o.revision});
+                    p.value(with_key(&client, v, idem).await);
+                    EXIT_OK
+                }
+                Ok(o) => {
+                    p.text(&o.value.to_string());
                     EXIT_OK
                 }
                 Err(e) => p.error(&e),
@@ -398,6 +450,20 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
     }
 }
 
+/// Adds the write's idempotency key and session token (hex) to its JSON result: with
+/// `--session` and `--idempotency-key` they replay the write.
+async fn with_key(client: &Client, mut v: Value, key: Option<[u8; 16]>) -> Value {
+    let Some(k) = key else { return v };
+    let session = client.session_token().await.ok().flatten();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("idempotency_key".into(), Value::String(output::hex(&k)));
+        if let Some(t) = session {
+            obj.insert("session".into(), Value::String(output::hex(&t)));
+        }
+    }
+    v
+}
+
 /// Entry point of the `kv-client` binary; returns the process exit code.
 pub fn main_with(cli: Cli) -> u8 {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -426,10 +492,15 @@ pub fn main_with(cli: Cli) -> u8 {
                 max_backoff: cli.retry_max_backoff.max(cli.retry_backoff),
                 ..crate::RetryPolicy::default()
             },
+            idempotent_writes: !cli.no_idempotency,
+            resume_session: cli.session.as_ref().map(|h| h.0.clone()),
             ..ClientOptions::default()
         };
         let client = match Client::connect(&cli.addr, options).await {
-            Ok(c) => c,
+            Ok(c) => match cli.idempotency_key {
+                Some(k) => c.with_idempotency_key(k),
+                None => c,
+            },
             Err(e) => return printer.error(&e),
         };
         match &cli.command {

@@ -61,6 +61,13 @@ pub struct ClientOptions {
     pub limits: capkv::Limits,
     /// How failed calls are retried (within `timeout`, which covers all attempts).
     pub retry: RetryPolicy,
+    /// Give every write a random idempotency key, reused by its retries (also across
+    /// reconnects, which resume the session), so that retrying a write whose outcome is
+    /// unknown cannot apply it twice. Off: writes with an unknown outcome are not retried.
+    pub idempotent_writes: bool,
+    /// Continue this write session (a token from an earlier connection's
+    /// [`Client::session_token`]) instead of starting a new one.
+    pub resume_session: Option<Vec<u8>>,
 }
 
 impl Default for ClientOptions {
@@ -71,8 +78,18 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             limits: capkv::Limits::default(),
             retry: RetryPolicy::default(),
+            idempotent_writes: true,
+            resume_session: None,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncrementOutcome {
+    /// The value after the increment.
+    pub value: i64,
+    pub version: u64,
+    pub revision: u64,
 }
 
 /// The armed fault plan of a server, as `Admin` reports it.
@@ -185,6 +202,9 @@ pub struct Client {
     retry: RetryPolicy,
     budget: RetryBudget,
     counters: Arc<Counters>,
+    idempotent_writes: bool,
+    /// A caller-chosen key for the writes of this handle (see `with_idempotency_key`).
+    fixed_key: Option<[u8; 16]>,
 }
 
 #[derive(Debug, Default)]
@@ -260,6 +280,7 @@ impl Client {
         let timeout = options.timeout;
         let retry = options.retry.clone();
         let budget = RetryBudget::new(&retry);
+        let idempotent_writes = options.idempotent_writes;
         let addr = addr.to_string();
         std::thread::Builder::new()
             .name("capkv-client".into())
@@ -274,6 +295,8 @@ impl Client {
             retry,
             budget,
             counters: Arc::default(),
+            idempotent_writes,
+            fixed_key: None,
         })
     }
 
@@ -287,6 +310,37 @@ impl Client {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// A handle whose writes all carry `key` as their idempotency key: to replay a write
+    /// (same key, same parameters) and get its recorded outcome instead of a second effect.
+    pub fn with_idempotency_key(&self, key: [u8; 16]) -> Client {
+        Client {
+            fixed_key: Some(key),
+            ..self.clone()
+        }
+    }
+
+    /// The handle for one logical write and the idempotency key it will carry: this
+    /// handle's fixed key, a fresh random one, or none when idempotent writes are off.
+    pub fn for_one_write(&self) -> (Client, Option<[u8; 16]>) {
+        match self.fixed_key {
+            Some(k) => (self.clone(), Some(k)),
+            None if self.idempotent_writes => {
+                let k: [u8; 16] = rand::random();
+                (self.with_idempotency_key(k), Some(k))
+            }
+            None => (self.clone(), None),
+        }
+    }
+
+    /// The write session's token, once a write has opened the session: pass it as
+    /// `ClientOptions::resume_session` to continue the session from another connection.
+    pub async fn session_token(&self) -> Result<Option<Vec<u8>>, ApiError> {
+        self.call(Safety::Idempotent, (), |c, _, _| async move {
+            Ok(c.session_token())
+        })
+        .await
     }
 
     /// Calls and attempts made through this client and its clones.
@@ -312,13 +366,26 @@ impl Client {
     {
         let deadline = Instant::now() + self.timeout;
         let data = Arc::new(data);
+        // A write gets one key for all its attempts; with it, repeating is safe.
+        let (idempotency_key, safety) = match safety {
+            Safety::NotIdempotent => match self.fixed_key {
+                Some(k) => (Some(k), Safety::Idempotent),
+                None if self.idempotent_writes => (Some(rand::random()), Safety::Idempotent),
+                None => (None, Safety::NotIdempotent),
+            },
+            Safety::Idempotent => (None, Safety::Idempotent),
+        };
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         retry::run(&self.retry, &self.budget, deadline, safety, |attempt| {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("capkv_client_attempts_total").increment(1);
             tracing::trace!(attempt, "attempt");
             let data = Arc::clone(&data);
-            let spec = CallSpec { deadline, attempt };
+            let spec = CallSpec {
+                deadline,
+                attempt,
+                idempotency_key,
+            };
             self.attempt(spec, move |c| f(c, data, spec))
         })
         .await
@@ -426,6 +493,16 @@ impl Client {
         .await
     }
 
+    /// Adds `delta` to the integer under `key` (absent = 0), like Redis INCRBY.
+    pub async fn increment(&self, key: &[u8], delta: i64) -> Result<IncrementOutcome, ApiError> {
+        self.call(
+            Safety::NotIdempotent,
+            (key.to_vec(), delta),
+            |c, data, d| async move { c.increment(&data.0, data.1, d).await },
+        )
+        .await
+    }
+
     pub async fn delete(&self, key: &[u8]) -> Result<DeleteOutcome, ApiError> {
         self.delete_if(key, Condition::None).await
     }
@@ -479,8 +556,8 @@ impl Client {
     }
 }
 
-/// Least time between two reconnect attempts: calls made while the server is down fail
-/// fast (as not sent) instead of each waiting for a connect.
+/// Least time between a failed reconnect and the next attempt: calls made while the server
+/// is down fail fast (as not sent) instead of each waiting for a connect.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(50);
 
 fn connection_thread(
@@ -510,24 +587,33 @@ fn connection_thread(
             }
         };
         let mut conn = Rc::new(LocalClient::over(stream, &options));
+        if let Some(token) = options.resume_session.clone() {
+            conn.resume_with(token);
+        }
         let _ = ready.send(Ok(()));
-        let mut last_reconnect: Option<Instant> = None;
+        let mut last_failed_reconnect: Option<Instant> = None;
         // Ends when every handle is dropped; dropping the LocalClient and the LocalSet
         // then closes the connection.
         while let Some(job) = jobs.recv().await {
             if !conn.is_alive() {
-                if last_reconnect.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
+                if last_failed_reconnect.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
                     drop(job); // not sent: the caller may retry it, whatever it is
                     continue;
                 }
-                last_reconnect = Some(Instant::now());
                 match LocalClient::connect(&addr, &options).await {
                     Ok(c) => {
+                        // Continue the same write session, so that the idempotency keys
+                        // of writes retried across the reconnect keep their meaning.
+                        if let Some(token) = conn.session_token() {
+                            c.resume_with(token);
+                        }
                         tracing::info!(%addr, "reconnected");
+                        last_failed_reconnect = None;
                         conn = Rc::new(c);
                     }
                     Err(e) => {
                         tracing::debug!(%addr, error = %e, "reconnect failed");
+                        last_failed_reconnect = Some(Instant::now());
                         drop(job);
                         continue;
                     }

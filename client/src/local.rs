@@ -19,8 +19,8 @@ use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::{
-    BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, FaultsInfo, Health, PutOutcome,
-    ScanBounds, ScanOptions, ScanPage, VersionInfo,
+    BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, FaultsInfo, Health,
+    IncrementOutcome, PutOutcome, ScanBounds, ScanOptions, ScanPage, VersionInfo,
 };
 
 /// When a call must be done by, and which attempt of its logical call it is.
@@ -29,6 +29,8 @@ pub struct CallSpec {
     pub deadline: Instant,
     /// 1 for the first try, 2 for the first retry...
     pub attempt: u32,
+    /// For writes: the idempotency key, the same on every attempt of one logical write.
+    pub idempotency_key: Option<[u8; 16]>,
 }
 
 impl From<Instant> for CallSpec {
@@ -36,6 +38,7 @@ impl From<Instant> for CallSpec {
         Self {
             deadline,
             attempt: 1,
+            idempotency_key: None,
         }
     }
 }
@@ -73,6 +76,10 @@ pub struct LocalClient {
     /// (e.g. `unauthenticated`) instead of "broken capability".
     opened: SharedOutcome,
     session: RefCell<Option<(write_session::Client, SharedOutcome)>>,
+    /// The session's token once the server has answered; what a reconnect resumes.
+    session_token: Rc<RefCell<Option<Vec<u8>>>>,
+    /// A token to resume instead of opening a new session (set after a reconnect).
+    resume: RefCell<Option<Vec<u8>>>,
     /// False once the connection has ended; the owner then reconnects.
     alive: Rc<Cell<bool>>,
 }
@@ -116,8 +123,21 @@ impl LocalClient {
             kv,
             opened,
             session: RefCell::new(None),
+            session_token: Rc::default(),
+            resume: RefCell::new(None),
             alive,
         }
+    }
+
+    /// The write session's token, once the server has issued it.
+    pub fn session_token(&self) -> Option<Vec<u8>> {
+        self.session_token.borrow().clone()
+    }
+
+    /// Makes this connection's writes continue the session `token` names (idempotency keys
+    /// of that session keep their meaning), instead of starting a new one.
+    pub fn resume_with(&self, token: Vec<u8>) {
+        *self.resume.borrow_mut() = Some(token);
     }
 
     /// Whether the connection is still up (a new call on a dead one fails at once).
@@ -132,7 +152,9 @@ impl LocalClient {
         F: FnOnce(CallMeta) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        let CallSpec { deadline, attempt } = spec.into();
+        let CallSpec {
+            deadline, attempt, ..
+        } = spec.into();
         // The budget is what is left when the request leaves, not the caller's timeout.
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -278,10 +300,14 @@ impl LocalClient {
         cond: Condition,
         deadline: impl Into<CallSpec>,
     ) -> Result<PutOutcome, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (session, outcome) = self.session(&meta);
+        let spec = deadline.into();
+        self.run(spec, |meta| async move {
+            let (session, outcome) = self.write_session(&meta, &spec).await?;
             let mut req = session.put_request();
             meta.write(req.get().init_ctx());
+            if let Some(k) = &spec.idempotency_key {
+                req.get().set_idempotency_key(k);
+            }
             req.get().set_key(key);
             req.get().set_value(value);
             write_condition(req.get().init_condition(), cond);
@@ -303,10 +329,14 @@ impl LocalClient {
         items: &[(Vec<u8>, Vec<u8>, Condition)],
         deadline: impl Into<CallSpec>,
     ) -> Result<BatchOutcome, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (session, outcome) = self.session(&meta);
+        let spec = deadline.into();
+        self.run(spec, |meta| async move {
+            let (session, outcome) = self.write_session(&meta, &spec).await?;
             let mut req = session.put_many_request();
             meta.write(req.get().init_ctx());
+            if let Some(k) = &spec.idempotency_key {
+                req.get().set_idempotency_key(k);
+            }
             let n = u32::try_from(items.len()).map_err(|_| too_many(items.len()))?;
             let mut list = req.get().init_items(n);
             for (i, (k, v, c)) in items.iter().enumerate() {
@@ -333,15 +363,49 @@ impl LocalClient {
         cond: Condition,
         deadline: impl Into<CallSpec>,
     ) -> Result<DeleteOutcome, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (session, outcome) = self.session(&meta);
+        let spec = deadline.into();
+        self.run(spec, |meta| async move {
+            let (session, outcome) = self.write_session(&meta, &spec).await?;
             let mut req = session.delete_request();
             meta.write(req.get().init_ctx());
+            if let Some(k) = &spec.idempotency_key {
+                req.get().set_idempotency_key(k);
+            }
             req.get().set_key(key);
             write_condition(req.get().init_condition(), cond);
             let r = async {
                 decode_result!(req.send().promise, delete_result, Ok(ok) => Ok(DeleteOutcome {
                     existed: ok.get_existed(),
+                    revision: ok.get_revision(),
+                }))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// Adds `delta` to the integer under `key` (absent = 0), like Redis INCRBY.
+    pub async fn increment(
+        &self,
+        key: &[u8],
+        delta: i64,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<IncrementOutcome, ApiError> {
+        let spec = deadline.into();
+        self.run(spec, |meta| async move {
+            let (session, outcome) = self.write_session(&meta, &spec).await?;
+            let mut req = session.increment_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_key(key);
+            req.get().set_delta(delta);
+            if let Some(k) = &spec.idempotency_key {
+                req.get().set_idempotency_key(k);
+            }
+            let r = async {
+                decode_result!(req.send().promise, increment_result, Ok(ok) => Ok(IncrementOutcome {
+                    value: ok.get_value(),
+                    version: ok.get_version(),
                     revision: ok.get_revision(),
                 }))
             }
@@ -437,22 +501,72 @@ impl LocalClient {
         .await
     }
 
+    /// The session for a write. A keyed write waits until the session's token is known
+    /// (one extra round trip, on a connection's first write only): its retries may then
+    /// resume this very session after a reconnect, where its key keeps its meaning.
+    async fn write_session(
+        &self,
+        meta: &CallMeta,
+        spec: &CallSpec,
+    ) -> Result<(write_session::Client, SharedOutcome), ApiError> {
+        let (session, outcome) = self.session(meta);
+        if spec.idempotency_key.is_some() && self.session_token.borrow().is_none() {
+            outcome.clone().await?;
+        }
+        Ok((session, outcome))
+    }
+
     /// The write session, created on first use by a call pipelined on the promised
     /// `KvStore`, so even the first write of a connection costs one round trip.
     fn session(&self, meta: &CallMeta) -> (write_session::Client, SharedOutcome) {
         if let Some((s, o)) = &*self.session.borrow() {
             return (s.clone(), o.clone());
         }
-        let mut req = self.kv.session_request();
-        meta.write(req.get().init_ctx());
-        let (resp, session) = send_with_union_cap::<_, _, write_session::Client>(req);
+        // `session` and `resumeSession` answer with the same SessionResult struct.
+        macro_rules! session_token {
+            ($resp:expr) => {
+                async move {
+                    let resp = $resp.await.map_err(capnp_err)?;
+                    let result = resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?;
+                    use capkv::kv_capnp::session_result::Which;
+                    match result.which() {
+                        Ok(Which::Session(_)) => {
+                            Ok(result.get_token().map_err(capnp_err)?.to_vec())
+                        }
+                        Ok(Which::Error(e)) => Err(read_error(e)),
+                        Err(e) => Err(capnp_err(e.into())),
+                    }
+                }
+                .boxed_local()
+            };
+        }
+        let (token, session): (LocalBoxFuture<'static, Result<Vec<u8>, ApiError>>, _) =
+            match self.resume.borrow_mut().take() {
+                Some(token) => {
+                    let mut req = self.kv.resume_session_request();
+                    meta.write(req.get().init_ctx());
+                    req.get().set_token(&token);
+                    let (resp, session) = send_with_union_cap::<_, _, write_session::Client>(req);
+                    (session_token!(resp), session)
+                }
+                None => {
+                    let mut req = self.kv.session_request();
+                    meta.write(req.get().init_ctx());
+                    let (resp, session) = send_with_union_cap::<_, _, write_session::Client>(req);
+                    (session_token!(resp), session)
+                }
+            };
         let opened = self.opened.clone();
+        let token_cell = Rc::clone(&self.session_token);
         let outcome: SharedOutcome = async move {
             opened.await?;
-            decode_result!(resp, session_result, Session(_) => Ok(()))
+            *token_cell.borrow_mut() = Some(token.await?);
+            Ok(())
         }
         .boxed_local()
         .shared();
+        // Learn the token as soon as it arrives, not only when a write fails.
+        tokio::task::spawn_local(outcome.clone().map(|_| ()));
         *self.session.borrow_mut() = Some((session.clone(), outcome.clone()));
         (session, outcome)
     }

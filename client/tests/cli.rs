@@ -213,3 +213,69 @@ fn admin_faults_set_show_clear() {
     assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown action"));
 }
+
+#[test]
+fn incr_shows_its_idempotency_key_and_replays_with_it() {
+    let s = server();
+    let addr = s.addr().to_string();
+    let o = run(&addr, &["--json", "incr", "hits", "5"], None);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["value"], 5);
+    let key = v["idempotency_key"].as_str().unwrap().to_string();
+    let session = v["session"].as_str().unwrap().to_string();
+    assert_eq!((key.len(), session.len()), (32, 64));
+    // The same session and key again: the recorded outcome, not a second increment.
+    let replay = [
+        "--session",
+        &session,
+        "--idempotency-key",
+        &key,
+        "incr",
+        "hits",
+        "5",
+    ];
+    let o = run(&addr, &replay, None);
+    assert_eq!(stdout(&o).trim(), "5");
+    // Other parameters under that key are refused.
+    let o = run(
+        &addr,
+        &[
+            "--session",
+            &session,
+            "--idempotency-key",
+            &key,
+            "incr",
+            "hits",
+            "6",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("idempotency_key_reused"));
+    // A new session is a new scope.
+    let o = run(
+        &addr,
+        &["--idempotency-key", &key, "incr", "hits", "5"],
+        None,
+    );
+    assert_eq!(stdout(&o).trim(), "10");
+    let o = run(&addr, &["--no-idempotency", "incr", "hits", "-2"], None);
+    assert_eq!(stdout(&o).trim(), "8");
+    let o = run(&addr, &["--session", "00", "incr", "hits"], None);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("permission_denied"),
+        "forged session"
+    );
+    let o = run(
+        &addr,
+        &["--json", "--no-idempotency", "put", "k", "v"],
+        None,
+    );
+    assert!(!stdout(&o).contains("idempotency_key"), "{}", stdout(&o));
+    let o = run(&addr, &["put", "t", "text"], None);
+    assert_eq!(o.status.code(), Some(0));
+    let o = run(&addr, &["incr", "t"], None);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not_an_integer"));
+}

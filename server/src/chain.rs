@@ -63,6 +63,8 @@ pub enum Method {
     Delete,
     GetMany,
     PutMany,
+    Increment,
+    ResumeSession,
     Admin,
     SetFaults,
     ShowFaults,
@@ -71,7 +73,7 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 15] = [
+    pub const ALL: [Method; 17] = [
         Method::Health,
         Method::Version,
         Method::Open,
@@ -82,6 +84,8 @@ impl Method {
         Method::Delete,
         Method::GetMany,
         Method::PutMany,
+        Method::Increment,
+        Method::ResumeSession,
         Method::Admin,
         Method::SetFaults,
         Method::ShowFaults,
@@ -109,6 +113,8 @@ impl Method {
                 | Method::Delete
                 | Method::GetMany
                 | Method::PutMany
+                | Method::Increment
+                | Method::ResumeSession
         )
     }
 
@@ -124,6 +130,8 @@ impl Method {
             Method::Delete => "delete",
             Method::GetMany => "get_many",
             Method::PutMany => "put_many",
+            Method::Increment => "increment",
+            Method::ResumeSession => "resume_session",
             Method::Admin => "admin",
             Method::SetFaults => "set_faults",
             Method::ShowFaults => "show_faults",
@@ -182,6 +190,8 @@ pub struct Shared {
     pub auth: Auth,
     pub admin: AdminAccess,
     pub chaos: Chaos,
+    pub sessions: crate::session::SessionTokens,
+    pub idempotency_ttl_ms: u64,
     /// (default, max) budget per method, indexed by `Method as usize`.
     budgets_ms: [(u32, u32); Method::ALL.len()],
     max_in_flight: usize,
@@ -216,6 +226,18 @@ impl Conn {
         self.kill.notify_one();
     }
 
+    /// Kills the connection and waits until its task has dropped it, so that what this call
+    /// answers next goes nowhere. Bounded: the connection's task runs on this same thread
+    /// as soon as the caller yields.
+    pub async fn kill_and_forget(&self) -> ApiError {
+        self.kill();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "connection closed by an injected fault",
+        )
+    }
+
     /// Resolves once [`kill`](Conn::kill) was called.
     pub async fn killed(&self) {
         self.kill.notified().await;
@@ -246,12 +268,15 @@ impl Shared {
                 Err(e) => tracing::error!(error = %e.message, "fault plan ignored"),
             }
         }
+        let secret = store.instance_secret();
         Self {
             store,
             limits: config.protocol_limits(),
             auth: Auth::new(config.auth.token.as_ref().map(|s| s.expose())),
             admin,
             chaos,
+            sessions: crate::session::SessionTokens::new(secret),
+            idempotency_ttl_ms: config.idempotency.ttl_s.saturating_mul(1000),
             budgets_ms: Method::ALL.map(|m| config.budget_ms(m)),
             max_in_flight: config.limits.max_in_flight,
             max_in_flight_per_connection: config.limits.max_in_flight_per_connection,
@@ -374,9 +399,7 @@ impl Shared {
         let faulted_work = async {
             if let Some(f) = &fault {
                 if f.close {
-                    conn.kill();
-                    // The connection's task drops this call with the connection.
-                    std::future::pending::<()>().await;
+                    return Err(conn.kill_and_forget().await);
                 }
                 if f.stall {
                     std::future::pending::<()>().await;
@@ -395,8 +418,7 @@ impl Shared {
             }
             let r = work(call).await;
             if fault.as_ref().is_some_and(|f| f.drop_reply) {
-                conn.kill();
-                std::future::pending::<()>().await;
+                return Err(conn.kill_and_forget().await);
             }
             r
         };

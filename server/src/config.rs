@@ -79,6 +79,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub admin: AdminConfig,
     pub faults: FaultsConfig,
+    pub idempotency: IdempotencyConfig,
     pub limits: LimitsConfig,
     pub deadlines: DeadlinesConfig,
     pub shutdown: ShutdownConfig,
@@ -100,6 +101,19 @@ pub struct AdminConfig {
     /// ...unless this is set (flag `--dev-admin`): then any admin token is accepted.
     /// For local development only.
     pub dev_open: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a write's outcome is kept for replays of its idempotency key.
+    pub ttl_s: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self { ttl_s: 24 * 3600 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -196,6 +210,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             admin: AdminConfig::default(),
             faults: FaultsConfig::default(),
+            idempotency: IdempotencyConfig::default(),
             limits: LimitsConfig::default(),
             deadlines: DeadlinesConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -291,7 +306,8 @@ pub enum ConfigError {
 }
 
 /// Top-level keys that may come from the environment (see the module docs).
-const ENV_KEYS: [&str; 13] = [
+const ENV_KEYS: [&str; 14] = [
+    "idempotency",
     "listen",
     "metrics_listen",
     "engine",
@@ -376,6 +392,9 @@ impl Config {
         }
         if st.write_queue_depth == 0 || st.write_queue_depth > 1_000_000 {
             return fail("storage.write_queue_depth must be in 1..=1000000");
+        }
+        if self.idempotency.ttl_s == 0 || self.idempotency.ttl_s > 30 * 24 * 3600 {
+            return fail("idempotency.ttl_s must be in 1..=2592000 (30 days)");
         }
         if st.stats_interval_ms == 0 {
             return fail("storage.stats_interval_ms must be > 0");

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod rpc;
 pub mod server;
+pub mod session;
 pub mod signals;
 pub mod validate;
 

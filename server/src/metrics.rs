@@ -12,6 +12,8 @@ pub const CONNECTIONS: &str = "capkv_connections";
 pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
 pub const FAULTS_INJECTED_TOTAL: &str = "capkv_faults_injected_total";
+pub const IDEMPOTENCY_CONFLICTS_TOTAL: &str = "capkv_idempotency_key_conflicts_total";
+pub const STORE_IDEMPOTENT_REPLAYS: &str = "capkv_store_idempotent_replays";
 pub const STORE_LIVE_DATA_BYTES: &str = "capkv_store_live_data_bytes";
 pub const STORE_PENDING_COMPACTION_BYTES: &str = "capkv_store_pending_compaction_bytes";
 pub const STORE_MEMTABLE_BYTES: &str = "capkv_store_memtable_bytes";
@@ -35,6 +37,7 @@ pub fn record_store_stats(st: &capkv_store::StoreStats) {
         (STORE_WRITE_STOPPED, st.write_stopped),
         (STORE_DELAYED_WRITE_RATE, st.delayed_write_rate),
         (STORE_WRITE_QUEUE, st.write_queue_len),
+        (STORE_IDEMPOTENT_REPLAYS, st.idempotent_replays),
     ];
     for (name, value) in pairs {
         metrics::gauge!(name).set(value as f64);
@@ -106,6 +109,14 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), ExporterError> {
     metrics::describe_counter!(
         DEADLINE_EXCEEDED_TOTAL,
         "Calls whose work was stopped at their deadline, by method."
+    );
+    metrics::describe_counter!(
+        IDEMPOTENCY_CONFLICTS_TOTAL,
+        "Writes refused because their idempotency key was used for another write."
+    );
+    metrics::describe_gauge!(
+        STORE_IDEMPOTENT_REPLAYS,
+        "Writes answered from an idempotency record (not written again) since open."
     );
     metrics::describe_counter!(
         FAULTS_INJECTED_TOTAL,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use capkv::kv_capnp::{admin, entry, gateway, kv_store, write_session};
 use capkv::{ApiError, ErrorCode, API_VERSION};
-use capkv_store::{Entry, StoreError};
+use capkv_store::{Entry, IdempotencyKey, StoreError, WriteOp, WriteOutcome};
 
 use crate::chain::{AdminAccess, Conn, Method, Shared};
 use crate::validate;
@@ -322,6 +322,27 @@ impl admin::Server for AdminImpl {
     }
 }
 
+impl KvStoreImpl {
+    fn write_session(
+        &self,
+        mut out: capkv::kv_capnp::session_result::Builder<'_>,
+        r: Result<[u8; crate::session::TOKEN_BYTES], ApiError>,
+    ) {
+        match r {
+            Ok(token) => {
+                let session: write_session::Client = capnp_rpc::new_client(WriteSessionImpl {
+                    shared: Arc::clone(&self.shared),
+                    conn: Rc::clone(&self.conn),
+                    token,
+                });
+                out.set_session(session);
+                out.set_token(&token);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+    }
+}
+
 /// Read access; exists only behind a successful `open`.
 pub struct KvStoreImpl {
     shared: Arc<Shared>,
@@ -400,17 +421,38 @@ impl kv_store::Server for KvStoreImpl {
                 Ok(())
             })
             .await;
-        let mut out = results.get().init_result();
-        match r {
-            Ok(()) => {
-                let session: write_session::Client = capnp_rpc::new_client(WriteSessionImpl {
-                    shared: Arc::clone(&self.shared),
-                    conn: Rc::clone(&self.conn),
-                });
-                out.set_session(session);
-            }
-            Err(e) => e.write(out.init_error()),
-        }
+        let token = self.shared.sessions.issue();
+        self.write_session(results.get().init_result(), r.map(|()| token));
+        Ok(())
+    }
+
+    async fn resume_session(
+        self: Rc<Self>,
+        params: kv_store::ResumeSessionParams,
+        mut results: kv_store::ResumeSessionResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let r = self
+            .shared
+            .serve(&self.conn, Method::ResumeSession, p.get_ctx(), |_| async {
+                let token = p.get_token().map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("cannot read token: {e}"),
+                    )
+                })?;
+                let mut owned = [0u8; crate::session::TOKEN_BYTES];
+                if !self.shared.sessions.verify(token) {
+                    return Err(ApiError::new(
+                        ErrorCode::PermissionDenied,
+                        "unknown session token",
+                    ));
+                }
+                owned.copy_from_slice(token);
+                Ok(owned)
+            })
+            .await;
+        self.write_session(results.get().init_result(), r);
         Ok(())
     }
 
@@ -474,9 +516,73 @@ impl kv_store::Server for KvStoreImpl {
 pub struct WriteSessionImpl {
     shared: Arc<Shared>,
     conn: Rc<Conn>,
+    /// Scopes the session's idempotency keys.
+    token: [u8; crate::session::TOKEN_BYTES],
+}
+
+impl WriteSessionImpl {
+    /// Applies `op`, idempotently when the caller gave a key.
+    async fn write(&self, op: WriteOp, key: Option<Vec<u8>>) -> Result<WriteOutcome, ApiError> {
+        let s = &self.shared;
+        let idem = key.map(|key| IdempotencyKey {
+            session: self.token.to_vec(),
+            key,
+            expires_at_unix_ms: now_unix_ms().saturating_add(s.idempotency_ttl_ms),
+        });
+        let r = s.store.write(op, idem).await;
+        if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
+            metrics::counter!(crate::metrics::IDEMPOTENCY_CONFLICTS_TOTAL).increment(1);
+        }
+        r.map_err(store_error)
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unexpected(o: &WriteOutcome) -> ApiError {
+    tracing::error!(outcome = ?o, "store answered with the outcome of another write");
+    ApiError::new(ErrorCode::Internal, "internal storage error")
 }
 
 impl write_session::Server for WriteSessionImpl {
+    async fn increment(
+        self: Rc<Self>,
+        params: write_session::IncrementParams,
+        mut results: write_session::IncrementResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Increment, p.get_ctx(), |_| async {
+                let key = validate::key(&s.limits, p.get_key())?;
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                let op = WriteOp::Increment {
+                    key: key.to_vec(),
+                    delta: p.get_delta(),
+                };
+                match self.write(op, idem).await? {
+                    WriteOutcome::Increment(o) => Ok(o),
+                    other => Err(unexpected(&other)),
+                }
+            })
+            .await;
+        let out = results.get().init_result();
+        match r {
+            Ok(o) => {
+                let mut ok = out.init_ok();
+                ok.set_value(o.value);
+                ok.set_version(o.version);
+                ok.set_revision(o.revision);
+            }
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
     async fn put(
         self: Rc<Self>,
         params: write_session::PutParams,
@@ -489,7 +595,16 @@ impl write_session::Server for WriteSessionImpl {
                 let key = validate::key(&s.limits, p.get_key())?;
                 let value = validate::value(&s.limits, p.get_value())?;
                 let cond = validate::condition(p.get_condition())?;
-                s.store.put(key, value, cond).await.map_err(store_error)
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                let op = WriteOp::Put {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                    cond,
+                };
+                match self.write(op, idem).await? {
+                    WriteOutcome::Put(o) => Ok(o),
+                    other => Err(unexpected(&other)),
+                }
             })
             .await;
         let out = results.get().init_result();
@@ -515,7 +630,15 @@ impl write_session::Server for WriteSessionImpl {
             .serve(&self.conn, Method::Delete, p.get_ctx(), |_| async {
                 let key = validate::key(&s.limits, p.get_key())?;
                 let cond = validate::condition(p.get_condition())?;
-                s.store.delete(key, cond).await.map_err(store_error)
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                let op = WriteOp::Delete {
+                    key: key.to_vec(),
+                    cond,
+                };
+                match self.write(op, idem).await? {
+                    WriteOutcome::Delete(o) => Ok(o),
+                    other => Err(unexpected(&other)),
+                }
             })
             .await;
         let out = results.get().init_result();
@@ -555,7 +678,17 @@ impl write_session::Server for WriteSessionImpl {
                     .collect::<Result<Vec<_>, ApiError>>()?;
                 let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
                 validate::distinct_keys(&keys)?;
-                s.store.put_many(&items).await.map_err(store_error)
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                let op = WriteOp::PutMany {
+                    items: items
+                        .iter()
+                        .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
+                        .collect(),
+                };
+                match self.write(op, idem).await? {
+                    WriteOutcome::PutMany(o) => Ok(o),
+                    other => Err(unexpected(&other)),
+                }
             })
             .await;
         let mut out = results.get().init_result();

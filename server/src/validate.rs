@@ -198,3 +198,23 @@ pub fn next_cursor(last_key: &[u8]) -> Vec<u8> {
     c.push(0);
     c
 }
+
+/// Longest idempotency key a write may carry.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 64;
+
+/// A write's idempotency key: `None` when empty (the write is not idempotent).
+pub fn idempotency_key(
+    k: capnp::Result<capnp::data::Reader<'_>>,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let k = k.map_err(|e| bad("idempotencyKey", e))?;
+    if k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "idempotency key of {} bytes is longer than {MAX_IDEMPOTENCY_KEY_BYTES}",
+                k.len()
+            ),
+        ));
+    }
+    Ok((!k.is_empty()).then(|| k.to_vec()))
+}

@@ -252,7 +252,15 @@ fn no_data_capability_yields_admin() {
 fn a_dropped_reply_is_an_unknown_outcome_and_the_client_reconnects() {
     let server = server_with(|c| c.faults.plan = "put drop-reply".into());
     rt().block_on(async {
-        let c = client(&server, RetryPolicy::default()).await;
+        // Without idempotency keys a write of unknown outcome is not repeated.
+        let options = ClientOptions {
+            timeout: Duration::from_secs(10),
+            idempotent_writes: false,
+            ..ClientOptions::default()
+        };
+        let c = Client::connect(&server.addr().to_string(), options)
+            .await
+            .unwrap();
         let before = c.stats();
         let e = c.put(b"k", b"committed").await.unwrap_err();
         assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
@@ -265,8 +273,27 @@ fn a_dropped_reply_is_an_unknown_outcome_and_the_client_reconnects() {
         // The next call reconnects by itself and finds the write committed.
         let got = c.get(b"k").await.expect("reconnected");
         assert_eq!(got.unwrap().value, b"committed");
-        c.clear_faults(ADMIN).await.unwrap();
-        c.put(b"k2", b"v").await.unwrap();
+
+        // With a key (the default) it is retried, on a new connection resuming the same
+        // session, and its recorded outcome comes back: one write, one version.
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            ..RetryPolicy::default()
+        };
+        let keyed = client(&server, policy).await;
+        keyed
+            .set_faults(ADMIN, "seed=1; put drop-reply p=0.3")
+            .await
+            .unwrap();
+        for i in 0..20u8 {
+            let out = keyed
+                .put(&[b'n', i], b"v")
+                .await
+                .unwrap_or_else(|e| panic!("put {i}: {e:?} {:?}", keyed.stats()));
+            assert_eq!(out.version, 1, "applied once");
+        }
+        keyed.clear_faults(ADMIN).await.unwrap();
+        keyed.put(b"k2", b"v").await.unwrap();
     });
 }
 

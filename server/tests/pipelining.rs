@@ -139,16 +139,36 @@ fn client_library_pipelines_open_get_and_session_put() {
         let proxy = delaying_proxy(upstream).await;
         // connect() only opens TCP (to the local proxy): bootstrap, open and the first call
         // all leave together.
-        let c = client(proxy).await;
+        let options = capkv_client::ClientOptions {
+            timeout: Duration::from_secs(10),
+            idempotent_writes: false,
+            ..capkv_client::ClientOptions::default()
+        };
+        let c = capkv_client::Client::connect(&proxy.to_string(), options)
+            .await
+            .unwrap();
         let t0 = Instant::now();
         assert_eq!(c.get(b"missing").await.unwrap(), None);
         let first_get = t0.elapsed();
-        // First write: session() and put() leave together.
+        // First write without an idempotency key: session() and put() leave together.
         let t0 = Instant::now();
         c.put(b"k", b"v").await.unwrap();
         let first_put = t0.elapsed();
         eprintln!("RTT {RTT:?}: first get {first_get:?}, first put {first_put:?}");
         assert!(first_get < RTT * 3 / 2, "first get took {first_get:?}");
         assert!(first_put < RTT * 3 / 2, "first put took {first_put:?}");
+
+        // With a key (the default), the first write waits for the session's token (so its
+        // retries can resume that session): two round trips once, then one per write.
+        let keyed = client(proxy).await;
+        let t0 = Instant::now();
+        keyed.put(b"k", b"v").await.unwrap();
+        let first = t0.elapsed();
+        let t0 = Instant::now();
+        keyed.put(b"k", b"w").await.unwrap();
+        let second = t0.elapsed();
+        eprintln!("keyed: first put {first:?}, second {second:?}");
+        assert!(first < RTT * 5 / 2, "first keyed put took {first:?}");
+        assert!(second < RTT * 3 / 2, "later keyed put took {second:?}");
     });
 }

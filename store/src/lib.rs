@@ -231,6 +231,10 @@ pub trait Store: Send + Sync {
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+    /// A secret of this store's data, created with it and kept as long as the data (the
+    /// server signs session tokens with it, so a token outlives a restart exactly as long
+    /// as the idempotency records it scopes).
+    fn instance_secret(&self) -> [u8; 32];
     /// Compacts everything now (blocking; run it off the serving threads). Engines without
     /// compaction return at once.
     fn compact(&self) -> Result<(), StoreError> {

@@ -80,9 +80,23 @@ impl Inner {
 }
 
 /// Ordered, concurrency-safe, volatile engine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: RwLock<Inner>,
+    /// Lives and dies with the data, like everything here.
+    secret: [u8; 32],
+    /// Writes answered from an idempotency record.
+    replays: std::sync::atomic::AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            secret: rand::random(),
+            replays: Default::default(),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -244,6 +258,8 @@ impl Store for MemoryStore {
         let fingerprint = op.fingerprint();
         if let Some(r) = inner.records.get(&record_key) {
             if r.expires_at_unix_ms > now {
+                self.replays
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Pending::ready(r.replay(&fingerprint));
             }
         }
@@ -312,5 +328,16 @@ impl Store for MemoryStore {
 
     fn engine_name(&self) -> &'static str {
         "memory"
+    }
+
+    fn instance_secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
+    fn stats(&self) -> crate::StoreStats {
+        crate::StoreStats {
+            idempotent_replays: self.replays.load(std::sync::atomic::Ordering::Relaxed),
+            ..crate::StoreStats::default()
+        }
     }
 }

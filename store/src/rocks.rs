@@ -46,6 +46,7 @@ const CF_META: &str = "meta";
 const CF_IDEMPOTENCY: &str = "idempotency";
 const KEY_REVISION: &[u8] = b"revision";
 const KEY_FORMAT: &[u8] = b"format";
+const KEY_SECRET: &[u8] = b"instance_secret";
 /// Layout version written by this build; bump it when the encoding above changes.
 const FORMAT_VERSION: u64 = 1;
 /// Bytes before the value in a `data` record.
@@ -168,6 +169,7 @@ pub struct RocksStore {
     compactor: Option<JoinHandle<()>>,
     sync: bool,
     path: PathBuf,
+    secret: [u8; 32],
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -278,6 +280,19 @@ impl RocksStore {
         let revision = read_u64(&db, meta, KEY_REVISION)
             .map_err(corrupt)?
             .unwrap_or(0);
+        let secret = match db.get_pinned_cf(meta, KEY_SECRET) {
+            Ok(Some(v)) => <[u8; 32]>::try_from(&v[..])
+                .map_err(|_| corrupt("instance secret is not 32 bytes".into()))?,
+            Ok(None) => {
+                let fresh: [u8; 32] = rand::random();
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                db.put_cf_opt(meta, KEY_SECRET, fresh, &wo)
+                    .map_err(|e| OpenError::from_rocks(&path, e))?;
+                fresh
+            }
+            Err(e) => return Err(OpenError::from_rocks(&path, e)),
+        };
 
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
@@ -329,6 +344,7 @@ impl RocksStore {
             compactor,
             sync: opts.sync,
             path,
+            secret,
         })
     }
 
@@ -571,6 +587,10 @@ impl Store for RocksStore {
     fn compact(&self) -> Result<(), StoreError> {
         compact_all(&self.db);
         Ok(())
+    }
+
+    fn instance_secret(&self) -> [u8; 32] {
+        self.secret
     }
 }
 

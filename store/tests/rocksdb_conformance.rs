@@ -44,6 +44,9 @@ impl Store for TempRocks {
     fn compact(&self) -> Result<(), StoreError> {
         self.store.compact()
     }
+    fn instance_secret(&self) -> [u8; 32] {
+        self.store.instance_secret()
+    }
 }
 
 capkv_store::conformance_tests!(temp_rocks());
