@@ -1,0 +1,113 @@
+//! What the server logs: one JSON line per request with the fields operators filter on,
+//! and never a token or a stored value, at any level (trace included).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use capkv_client::{Client, ClientOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
+const TOKEN: &str = "sentinel-token-5f0c9e";
+const ADMIN_TOKEN: &str = "sentinel-admin-1b7d42";
+const VALUE: &str = "sentinel-value-a83e11";
+
+#[test]
+fn request_lines_are_json_with_their_fields_and_secrets_never_appear() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "trace",
+        ])
+        .args(["--engine", "rocksdb", "--workers", "1"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("CAPKV_AUTH__TOKEN", TOKEN)
+        .env("CAPKV_ADMIN__TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kv-server");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server logs a listening line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
+        lines.push(line);
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let options = ClientOptions {
+            token: TOKEN.into(),
+            ..ClientOptions::default()
+        };
+        let c = Client::connect(&addr, options).await.unwrap();
+        c.put(b"log-key", VALUE.as_bytes()).await.unwrap();
+        assert_eq!(
+            c.get(b"log-key").await.unwrap().unwrap().value,
+            VALUE.as_bytes()
+        );
+        c.increment(b"n", 1).await.unwrap();
+        c.show_faults(ADMIN_TOKEN).await.unwrap();
+        c.show_faults("wrong-admin-token").await.unwrap_err();
+        let bad = Client::connect(&addr, ClientOptions::default())
+            .await
+            .unwrap();
+        bad.get(b"log-key").await.unwrap_err();
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    // The reader thread ends with stderr; bounded by the process having exited.
+    lines.extend(rx.iter());
+
+    let mut requests = 0;
+    for line in &lines {
+        assert!(!line.contains(TOKEN), "token logged: {line}");
+        assert!(!line.contains(ADMIN_TOKEN), "admin token logged: {line}");
+        assert!(!line.contains(VALUE), "value logged: {line}");
+        let v: serde_json::Value = serde_json::from_str(line).expect("every line is JSON");
+        if v["target"] == "capkv::request" {
+            requests += 1;
+            for field in [
+                "method",
+                "code",
+                "latency_ms",
+                "attempt",
+                "request_id",
+                "peer",
+                "conn",
+            ] {
+                assert!(!v[field].is_null(), "request line without {field}: {line}");
+            }
+        }
+    }
+    assert!(requests >= 6, "request lines at trace level: {requests}");
+    eprintln!(
+        "{} log lines, {requests} request lines, no secrets",
+        lines.len()
+    );
+}
