@@ -12,13 +12,16 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# promtool checks the Prometheus config and alert rules in monitoring/.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]}" >&2
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -q
-    $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q "${need_apt[@]}"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+        --no-install-recommends "${need_apt[@]}"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
