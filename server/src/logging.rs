@@ -21,7 +21,11 @@ pub fn init(config: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A failed log write would be reported with eprintln!, which panics when stderr
+        // itself is gone (a closed log pipe): that took a worker and its connections down.
+        // Losing log lines is better than losing the server.
+        .log_internal_errors(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {

@@ -249,3 +249,56 @@ fn sigterm_with_calls_in_flight_drains_and_exits_zero() {
         eprintln!("trial {trial}: {ok} calls ok, {clean_errors} clients ended with a clean error");
     }
 }
+
+#[test]
+fn a_closed_log_pipe_does_not_take_the_server_down() {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--workers",
+            "1",
+        ])
+        .args(["--engine", "memory", "--dev-admin"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kv-server");
+    let stderr = child.stderr.take().unwrap();
+    let mut child = Spawned(child);
+    let mut addr = None;
+    // Read up to the listening line, then close our end of the pipe: every later log
+    // line meets a broken pipe.
+    for line in BufReader::new(stderr).lines().take(50) {
+        let Ok(line) = line else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+        if v["message"] == "listening" {
+            addr = v["addr"].as_str().map(str::to_string);
+            break;
+        }
+    }
+    let addr = addr.expect("listening line");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let options = capkv_client::ClientOptions {
+            retry: capkv_client::RetryPolicy::none(),
+            ..Default::default()
+        };
+        let c = capkv_client::Client::connect(&addr, options).await.unwrap();
+        for i in 0..20u8 {
+            // Admin calls log at info and warn level.
+            c.show_faults("")
+                .await
+                .expect("served despite the closed log pipe");
+            c.put(&[i], b"v").await.unwrap();
+        }
+    });
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+}
