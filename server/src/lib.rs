@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod chain;
 pub mod config;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod rpc;

@@ -58,15 +58,16 @@ pub struct ExporterError {
     source: metrics_exporter_prometheus::BuildError,
 }
 
-/// Serves `/metrics` on `addr` from a background thread of the exporter's own.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), ExporterError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the Prometheus recorder; `crate::http` serves what it renders on `addr`.
+pub fn install_recorder(
+    addr: SocketAddr,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, ExporterError> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION_SECONDS.into()),
             &LATENCY_BUCKETS_SECONDS,
         )
-        .and_then(|b| b.install())
+        .and_then(|b| b.install_recorder())
         .map_err(|source| ExporterError { addr, source })?;
     metrics::describe_counter!(REQUESTS_TOTAL, "Calls finished, by method and code.");
     metrics::describe_histogram!(
@@ -126,5 +127,5 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), ExporterError> {
         REJECTIONS_TOTAL,
         "Calls or connections refused before any work, by reason."
     );
-    Ok(())
+    Ok(handle)
 }

@@ -57,6 +57,8 @@ pub struct Server {
     config: Config,
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// The operator HTTP listener and the metrics it renders (`metrics_listen`).
+    ops: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
 }
 
 struct NewConn {
@@ -90,15 +92,27 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        if let Some(addr) = config.metrics_listen {
-            crate::metrics::install_exporter(addr)?;
-        }
+        let ops = match config.metrics_listen {
+            Some(addr) => {
+                let http = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                Some((http, crate::metrics::install_recorder(addr)?))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::new(&config, store));
         Ok(Self {
             config,
             listener,
             shared,
+            ops,
         })
+    }
+
+    /// The address of the operator HTTP listener, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The address actually bound (useful with port 0).
@@ -113,7 +127,12 @@ impl Server {
             config,
             listener,
             shared,
+            ops,
         } = self;
+        let upkeep = ops.as_ref().map(|(_, h)| h.clone());
+        let ops_task = ops.map(|(http, handle)| {
+            tokio::spawn(crate::http::serve(http, handle, Arc::clone(&shared)))
+        });
         let workers = config.worker_count();
         let per_worker_queue = (config.limits.accept_queue / workers).max(1);
         let mut senders = Vec::with_capacity(workers);
@@ -145,6 +164,10 @@ impl Server {
                     match tokio::task::spawn_blocking(move || store.stats()).await {
                         Ok(st) => m::record_store_stats(&st),
                         Err(e) => tracing::warn!(error = %e, "reading storage statistics failed"),
+                    }
+                    // The recorder's periodic housekeeping (histogram buffers).
+                    if let Some(h) = &upkeep {
+                        h.run_upkeep();
                     }
                 }
             })
@@ -224,6 +247,9 @@ impl Server {
             .is_err()
         {
             tracing::warn!("workers did not stop in time");
+        }
+        if let Some(t) = ops_task {
+            t.abort();
         }
         tracing::info!("stopped");
         Ok(())

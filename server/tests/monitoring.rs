@@ -184,6 +184,21 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     // Keep reading its logs: ends with the process.
     std::thread::spawn(move || for _ in lines {});
 
+    // The probes beside /metrics.
+    let status = |path: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r.lines().next().unwrap_or_default().to_string()
+    };
+    assert!(status("/healthz").contains("200"), "{}", status("/healthz"));
+    assert!(status("/readyz").contains("200"), "{}", status("/readyz"));
+    assert!(status("/nope").contains("404"), "{}", status("/nope"));
+    assert!(http_get(metrics_port, "/metrics")
+        .is_some_and(|m| m.contains("capkv_connections") || m.contains("capkv_store_")));
+
     let prom_port = free_port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
