@@ -337,9 +337,12 @@ impl Client {
     /// The write session's token, once a write has opened the session: pass it as
     /// `ClientOptions::resume_session` to continue the session from another connection.
     pub async fn session_token(&self) -> Result<Option<Vec<u8>>, ApiError> {
-        self.call(Safety::Idempotent, (), |c, _, _| async move {
-            Ok(c.session_token())
-        })
+        self.call(
+            "session_token",
+            Safety::Idempotent,
+            (),
+            |c, _, _| async move { Ok(c.session_token()) },
+        )
         .await
     }
 
@@ -355,6 +358,7 @@ impl Client {
     /// all attempts within this handle's timeout. `data` is shared by the attempts.
     async fn call<D, T, Fut>(
         &self,
+        method: &'static str,
         safety: Safety,
         data: D,
         f: fn(Rc<LocalClient>, Arc<D>, CallSpec) -> Fut,
@@ -378,15 +382,31 @@ impl Client {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         retry::run(&self.retry, &self.budget, deadline, safety, |attempt| {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("capkv_client_attempts_total").increment(1);
-            tracing::trace!(attempt, "attempt");
+            tracing::trace!(method, attempt, "attempt");
             let data = Arc::clone(&data);
             let spec = CallSpec {
                 deadline,
                 attempt,
                 idempotency_key,
             };
-            self.attempt(spec, move |c| f(c, data, spec))
+            let sent = self.attempt(spec, move |c| f(c, data, spec));
+            async move {
+                let outcome = sent.await;
+                // Client metrics: attempts by method and outcome (a code name, `ok`, or
+                // `not_sent`); retries are attempts > 1.
+                let label = match &outcome {
+                    Attempt::Done(Ok(_)) => "ok",
+                    Attempt::Done(Err(e)) => capkv::code_name(e.code),
+                    Attempt::NotSent(_) => "not_sent",
+                };
+                metrics::counter!("capkv_client_attempts_total", "method" => method, "outcome" => label)
+                    .increment(1);
+                if attempt > 1 {
+                    metrics::counter!("capkv_client_retries_by_method_total", "method" => method)
+                        .increment(1);
+                }
+                outcome
+            }
         })
         .await
     }
@@ -428,14 +448,14 @@ impl Client {
     }
 
     pub async fn health(&self) -> Result<Health, ApiError> {
-        self.call(Safety::Idempotent, (), |c, _, d| async move {
+        self.call("health", Safety::Idempotent, (), |c, _, d| async move {
             c.health(d).await
         })
         .await
     }
 
     pub async fn version(&self) -> Result<VersionInfo, ApiError> {
-        self.call(Safety::Idempotent, (), |c, _, d| async move {
+        self.call("version", Safety::Idempotent, (), |c, _, d| async move {
             c.version(d).await
         })
         .await
@@ -443,22 +463,28 @@ impl Client {
 
     /// The entry under `key`, or `None` if it does not exist.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, ApiError> {
-        self.call(Safety::Idempotent, key.to_vec(), |c, key, d| async move {
-            c.get(&key, d).await
-        })
+        self.call(
+            "get",
+            Safety::Idempotent,
+            key.to_vec(),
+            |c, key, d| async move { c.get(&key, d).await },
+        )
         .await
     }
 
     /// Several keys in one call (at most the server's `limits.max_batch_items`).
     pub async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Entry>>, ApiError> {
-        self.call(Safety::Idempotent, keys, |c, keys, d| async move {
-            c.get_many(&keys, d).await
-        })
+        self.call(
+            "get_many",
+            Safety::Idempotent,
+            keys,
+            |c, keys, d| async move { c.get_many(&keys, d).await },
+        )
         .await
     }
 
     pub async fn scan(&self, opts: ScanOptions) -> Result<ScanPage, ApiError> {
-        self.call(Safety::Idempotent, opts, |c, opts, d| async move {
+        self.call("scan", Safety::Idempotent, opts, |c, opts, d| async move {
             c.scan(&opts, d).await
         })
         .await
@@ -475,10 +501,15 @@ impl Client {
         cond: Condition,
     ) -> Result<PutOutcome, ApiError> {
         let data = (key.to_vec(), value.to_vec(), cond);
-        self.call(Safety::NotIdempotent, data, |c, data, d| async move {
-            let (key, value, cond) = &*data;
-            c.put(key, value, *cond, d).await
-        })
+        self.call(
+            "put",
+            Safety::NotIdempotent,
+            data,
+            |c, data, d| async move {
+                let (key, value, cond) = &*data;
+                c.put(key, value, *cond, d).await
+            },
+        )
         .await
     }
 
@@ -487,15 +518,19 @@ impl Client {
         &self,
         items: Vec<(Vec<u8>, Vec<u8>, Condition)>,
     ) -> Result<BatchOutcome, ApiError> {
-        self.call(Safety::NotIdempotent, items, |c, items, d| async move {
-            c.put_many(&items, d).await
-        })
+        self.call(
+            "put_many",
+            Safety::NotIdempotent,
+            items,
+            |c, items, d| async move { c.put_many(&items, d).await },
+        )
         .await
     }
 
     /// Adds `delta` to the integer under `key` (absent = 0), like Redis INCRBY.
     pub async fn increment(&self, key: &[u8], delta: i64) -> Result<IncrementOutcome, ApiError> {
         self.call(
+            "increment",
             Safety::NotIdempotent,
             (key.to_vec(), delta),
             |c, data, d| async move { c.increment(&data.0, data.1, d).await },
@@ -509,6 +544,7 @@ impl Client {
 
     pub async fn delete_if(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, ApiError> {
         self.call(
+            "delete",
             Safety::NotIdempotent,
             (key.to_vec(), cond),
             |c, data, d| async move { c.delete(&data.0, data.1, d).await },
@@ -521,14 +557,18 @@ impl Client {
     /// Arms a fault plan on the server (needs the admin token); an empty plan clears it.
     pub async fn set_faults(&self, admin_token: &str, plan: &str) -> Result<FaultsInfo, ApiError> {
         let data = (admin_token.to_string(), plan.to_string());
-        self.call(Safety::Idempotent, data, |c, data, d| async move {
-            c.set_faults(&data.0, &data.1, d).await
-        })
+        self.call(
+            "set_faults",
+            Safety::Idempotent,
+            data,
+            |c, data, d| async move { c.set_faults(&data.0, &data.1, d).await },
+        )
         .await
     }
 
     pub async fn show_faults(&self, admin_token: &str) -> Result<FaultsInfo, ApiError> {
         self.call(
+            "show_faults",
             Safety::Idempotent,
             admin_token.to_string(),
             |c, t, d| async move { c.show_faults(&t, d).await },
@@ -538,6 +578,7 @@ impl Client {
 
     pub async fn clear_faults(&self, admin_token: &str) -> Result<FaultsInfo, ApiError> {
         self.call(
+            "clear_faults",
             Safety::Idempotent,
             admin_token.to_string(),
             |c, t, d| async move { c.clear_faults(&t, d).await },
@@ -548,6 +589,7 @@ impl Client {
     /// Compacts the server's storage (give the handle a generous timeout).
     pub async fn compact(&self, admin_token: &str) -> Result<(), ApiError> {
         self.call(
+            "compact",
             Safety::Idempotent,
             admin_token.to_string(),
             |c, t, d| async move { c.compact(&t, d).await },
