@@ -191,12 +191,10 @@ fn check_key(ops: &[Op]) -> Vec<String> {
             Outcome::Delete {
                 existed: false,
                 revision,
-            } => {
-                if present_at(*revision) {
-                    bad.push(format!(
-                        "delete found nothing at revision {revision}, but the key was present"
-                    ));
-                }
+            } if present_at(*revision) => {
+                bad.push(format!(
+                    "delete found nothing at revision {revision}, but the key was present"
+                ));
             }
             Outcome::Get(Some((value, version, m))) => {
                 let Some(w) = by_revision.get(m) else {
