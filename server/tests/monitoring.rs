@@ -196,8 +196,8 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     assert!(status("/healthz").contains("200"), "{}", status("/healthz"));
     assert!(status("/readyz").contains("200"), "{}", status("/readyz"));
     assert!(status("/nope").contains("404"), "{}", status("/nope"));
-    assert!(http_get(metrics_port, "/metrics")
-        .is_some_and(|m| m.contains("capkv_connections") || m.contains("capkv_store_")));
+    // Its content is checked through Prometheus below; right after start it may be empty.
+    assert!(status("/metrics").contains("200"), "{}", status("/metrics"));
 
     let prom_port = free_port();
     let config = dir.path().join("prometheus.yml");
