@@ -380,7 +380,7 @@ impl Client {
             Safety::Idempotent => (None, Safety::Idempotent),
         };
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        retry::run(&self.retry, &self.budget, deadline, safety, |attempt| {
+        retry::run(method, &self.retry, &self.budget, deadline, safety, |attempt| {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(method, attempt, "attempt");
             let data = Arc::clone(&data);
@@ -393,7 +393,7 @@ impl Client {
             async move {
                 let outcome = sent.await;
                 // Client metrics: attempts by method and outcome (a code name, `ok`, or
-                // `not_sent`); retries are attempts > 1.
+                // `not_sent`); retries are counted where they are decided (retry::run).
                 let label = match &outcome {
                     Attempt::Done(Ok(_)) => "ok",
                     Attempt::Done(Err(e)) => capkv::code_name(e.code),
@@ -401,10 +401,6 @@ impl Client {
                 };
                 metrics::counter!("capkv_client_attempts_total", "method" => method, "outcome" => label)
                     .increment(1);
-                if attempt > 1 {
-                    metrics::counter!("capkv_client_retries_by_method_total", "method" => method)
-                        .increment(1);
-                }
                 outcome
             }
         })

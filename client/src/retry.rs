@@ -147,6 +147,7 @@ pub enum Safety {
 /// Runs `attempt(n)` for n = 1, 2, ... until it succeeds, fails in a way that is not
 /// retried, the policy's attempts or the budget run out, or the deadline would pass.
 pub async fn run<T, F, Fut>(
+    method: &'static str,
     policy: &RetryPolicy,
     budget: &RetryBudget,
     deadline: Instant,
@@ -177,7 +178,12 @@ where
         }
         budget.on_retryable_failure();
         if n >= attempts || !budget.allows_retry() {
-            tracing::debug!(attempt = n, code = capkv::code_name(err.code), "giving up");
+            tracing::debug!(
+                method,
+                attempt = n,
+                code = capkv::code_name(err.code),
+                "giving up"
+            );
             return Err(err);
         }
         let wait = policy
@@ -267,6 +273,7 @@ mod tests {
         let times = RefCell::new(Vec::new());
         let budget = RetryBudget::new(&policy);
         let r = run(
+            "test",
             &policy,
             &budget,
             start + Duration::from_secs(10),

@@ -409,11 +409,7 @@ impl Shared {
                 }
                 if let Some(code) = &f.fail {
                     let code = capkv::code_from_name(code).unwrap_or(ErrorCode::Unavailable);
-                    let e = ApiError::new(code, "injected fault");
-                    return Err(match code {
-                        ErrorCode::Unavailable | ErrorCode::Overloaded => e.with_retry_after_ms(0),
-                        _ => e,
-                    });
+                    return Err(ApiError::new(code, "injected fault"));
                 }
             }
             let r = work(call).await;

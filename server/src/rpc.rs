@@ -527,7 +527,8 @@ impl WriteSessionImpl {
         let idem = key.map(|key| IdempotencyKey {
             session: self.token.to_vec(),
             key,
-            expires_at_unix_ms: now_unix_ms().saturating_add(s.idempotency_ttl_ms),
+            expires_at_unix_ms: capkv_store::write::now_unix_ms()
+                .saturating_add(s.idempotency_ttl_ms),
         });
         let r = s.store.write(op, idem).await;
         if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
@@ -535,12 +536,6 @@ impl WriteSessionImpl {
         }
         r.map_err(store_error)
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn unexpected(o: &WriteOutcome) -> ApiError {

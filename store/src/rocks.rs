@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
@@ -35,7 +35,7 @@ use rocksdb::{
 };
 
 use crate::pending::Completer;
-use crate::write::{incremented, recordable, Record};
+use crate::write::{incremented, now_unix_ms, recordable, Record};
 use crate::{
     BatchOutcome, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending, PutOutcome,
     ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp, WriteOutcome,
@@ -179,12 +179,6 @@ impl std::fmt::Debug for RocksStore {
             .field("sync", &self.sync)
             .finish_non_exhaustive()
     }
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn expired_record_filter(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
@@ -349,9 +343,7 @@ impl RocksStore {
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| StoreError::Internal(format!("column family `{name}` missing")))
+        cf(&self.db, name)
     }
 
     fn submit(&self, make: impl FnOnce(Completer<WriteOutcome>) -> Op) -> Pending<WriteOutcome> {

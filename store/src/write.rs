@@ -134,6 +134,14 @@ impl WriteOp {
     }
 }
 
+/// Milliseconds since the Unix epoch: the clock idempotency expiries are written in and
+/// compared with (0 if the clock is before the epoch).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The new value of an increment of `current` (absent = 0) by `delta`.
 pub fn incremented(current: Option<&[u8]>, delta: i64) -> Result<i64, StoreError> {
     let now = match current {
