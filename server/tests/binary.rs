@@ -6,6 +6,8 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+
+use common::Proc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,33 +18,8 @@ use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 
-/// A server process that is killed (by PID) if a failing test leaves it running.
-struct Spawned(Child);
-
-impl std::ops::Deref for Spawned {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Spawned {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Starts kv-server on port 0 and returns it with the address from its "listening" line.
-fn spawn_server(extra: &[&str]) -> (Spawned, SocketAddr) {
+fn spawn_server(extra: &[&str]) -> (Proc, SocketAddr) {
     let mut child = Command::new(BIN)
         .args([
             "--listen",
@@ -65,20 +42,12 @@ fn spawn_server(extra: &[&str]) -> (Spawned, SocketAddr) {
         .spawn()
         .expect("spawn kv-server");
     let stderr = child.stderr.take().unwrap();
-    let child = Spawned(child);
+    let child = Proc(child);
     let mut lines = BufReader::new(stderr).lines();
-    let mut addr = None;
-    for _ in 0..50 {
-        let Some(Ok(line)) = lines.next() else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-        if v["message"] == "listening" {
-            addr = Some(v["addr"].as_str().unwrap().parse().unwrap());
-            break;
-        }
-    }
+    let addr = common::listening_addr(&mut lines).expect("server printed its listening address");
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr.expect("server printed its listening address"))
+    (child, addr.parse().unwrap())
 }
 
 /// Waits for the child to exit, bounded; kills it (by PID) if it does not.
@@ -268,19 +237,10 @@ fn a_closed_log_pipe_does_not_take_the_server_down() {
         .spawn()
         .expect("spawn kv-server");
     let stderr = child.stderr.take().unwrap();
-    let mut child = Spawned(child);
-    let mut addr = None;
+    let mut child = Proc(child);
     // Read up to the listening line, then close our end of the pipe: every later log
     // line meets a broken pipe.
-    for line in BufReader::new(stderr).lines().take(50) {
-        let Ok(line) = line else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-        if v["message"] == "listening" {
-            addr = v["addr"].as_str().map(str::to_string);
-            break;
-        }
-    }
-    let addr = addr.expect("listening line");
+    let addr = common::listening_addr(&mut BufReader::new(stderr).lines()).expect("listening line");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

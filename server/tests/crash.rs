@@ -6,10 +6,12 @@
 //! Each key is written once with a value unique to it, so after the restart every key is
 //! either exactly its value or (only if its write was never acknowledged) absent.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +28,9 @@ const MAX_KILL_AT: u64 = 12_000;
 /// Bound on any wait in this test; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// A kv-server process on a free loopback port; killed (by PID) when dropped.
+/// A kv-server process on a free loopback port; killed (by PID) when dropped (`Proc`).
 struct ServerProcess {
-    child: Child,
+    child: common::Proc,
     addr: String,
 }
 
@@ -59,27 +61,16 @@ impl ServerProcess {
             .expect("spawn kv-server");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let mut addr = None;
-        // Bounded by the process: when it exits, stderr ends.
-        for line in lines.by_ref() {
-            let line = line.expect("read stderr");
-            let v: serde_json::Value = match serde_json::from_str(&line) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            if v["fields"]["message"] == "listening" || v["message"] == "listening" {
-                let a = v["fields"]["addr"].as_str().or(v["addr"].as_str());
-                addr = a.map(str::to_string);
-                break;
-            }
-        }
-        let Some(addr) = addr else {
+        let Some(addr) = common::listening_addr(&mut lines) else {
             let status = child.wait();
             panic!("kv-server did not start: {status:?}");
         };
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
+        Self {
+            child: common::Proc(child),
+            addr,
+        }
     }
 
     fn kill9(&mut self) {
@@ -93,13 +84,6 @@ impl ServerProcess {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         let status = self.child.wait().expect("reap kv-server");
         assert!(status.success(), "kv-server exited with {status}");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -3,10 +3,14 @@
 //! dashboard and of the alert rules (without its threshold) returns data through
 //! Prometheus's HTTP API. Needs `prometheus` on PATH (scripts/setup.sh installs it).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use common::Proc;
 use std::time::{Duration, Instant};
 
 use capkv_client::{Client, ClientOptions};
@@ -15,16 +19,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const ADMIN: &str = "monitoring-admin";
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(90);
-
-/// A child process killed (by PID) when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -170,17 +164,8 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
         .expect("spawn kv-server");
     let stderr = server.stderr.take().unwrap();
     let server = Proc(server);
-    let mut addr = None;
     let mut lines = BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        let Ok(line) = line else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            addr = v["addr"].as_str().map(str::to_string);
-            break;
-        }
-    }
-    let addr = addr.expect("kv-server listening");
+    let addr = common::listening_addr(&mut lines).expect("kv-server listening");
     // Keep reading its logs: ends with the process.
     std::thread::spawn(move || for _ in lines {});
 

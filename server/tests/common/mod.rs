@@ -57,3 +57,42 @@ pub fn local<F: std::future::Future<Output = ()>>(f: F) {
         .unwrap();
     tokio::task::LocalSet::new().block_on(&rt, f);
 }
+
+/// A child process (kv-server, prometheus) killed by its PID when dropped, however the
+/// test ends; derefs to the `Child`.
+pub struct Proc(pub std::process::Child);
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Reads kv-server's JSON log lines (at most 50: startup logs a handful) up to its
+/// `listening` line and returns the address in it; `None` if the process ended first.
+pub fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Option<String> {
+    for line in lines.take(50) {
+        let Ok(line) = line else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+        if v["message"] == "listening" {
+            return v["addr"].as_str().map(str::to_string);
+        }
+    }
+    None
+}
