@@ -324,13 +324,21 @@ impl Client {
     /// The handle for one logical write and the idempotency key it will carry: this
     /// handle's fixed key, a fresh random one, or none when idempotent writes are off.
     pub fn for_one_write(&self) -> (Client, Option<[u8; 16]>) {
+        let key = self.write_key();
+        let handle = match key {
+            Some(k) => self.with_idempotency_key(k),
+            None => self.clone(),
+        };
+        (handle, key)
+    }
+
+    /// The idempotency key of the next logical write: the fixed one, a fresh random one,
+    /// or none when idempotent writes are off.
+    fn write_key(&self) -> Option<[u8; 16]> {
         match self.fixed_key {
-            Some(k) => (self.clone(), Some(k)),
-            None if self.idempotent_writes => {
-                let k: [u8; 16] = rand::random();
-                (self.with_idempotency_key(k), Some(k))
-            }
-            None => (self.clone(), None),
+            Some(k) => Some(k),
+            None if self.idempotent_writes => Some(rand::random()),
+            None => None,
         }
     }
 
@@ -372,9 +380,8 @@ impl Client {
         let data = Arc::new(data);
         // A write gets one key for all its attempts; with it, repeating is safe.
         let (idempotency_key, safety) = match safety {
-            Safety::NotIdempotent => match self.fixed_key {
+            Safety::NotIdempotent => match self.write_key() {
                 Some(k) => (Some(k), Safety::Idempotent),
-                None if self.idempotent_writes => (Some(rand::random()), Safety::Idempotent),
                 None => (None, Safety::NotIdempotent),
             },
             Safety::Idempotent => (None, Safety::Idempotent),

@@ -678,8 +678,17 @@ impl Committer {
         }
     }
 
+    /// Like [`current`](Self::current) without copying the value: what puts and deletes
+    /// need, once per write on the committer's hot path.
     fn version(&self, g: &Group, key: &[u8]) -> Result<Option<u64>, StoreError> {
-        Ok(self.current(g, key)?.map(|(v, _)| v))
+        if let Some(v) = g.latest.get(key) {
+            return Ok(v.as_ref().map(|(version, _)| *version));
+        }
+        match self.db.get_pinned_cf(cf(&self.db, CF_DATA)?, key) {
+            Ok(Some(rec)) => decode(&rec).map(|(version, _, _)| Some(version)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(read_error(e)),
+        }
     }
 
     fn put(&self, g: &mut Group, key: &[u8], value: &[u8], version: u64) -> Result<(), StoreError> {
