@@ -8,7 +8,8 @@
 //!   one atomic load.
 //!
 //! Seeded: a plan carries its RNG seed, so the same sequence of calls meets the same
-//! faults. A rule may carry a lifetime (`for=30s`): a forgotten fault ends by itself.
+//! faults. A rule may carry a lifetime (`for=30s`): a forgotten fault ends by itself; and
+//! a count (`times=1`): it fires on that many calls, then ends ("fail the next get").
 //! This crate knows method and error-code names only as strings; the server checks them
 //! when a plan is armed.
 
@@ -51,6 +52,8 @@ pub struct FaultRule {
     pub probability: f64,
     /// How long the rule stays armed after the plan is; `None` = until cleared.
     pub ttl: Option<Duration>,
+    /// How many times the rule fires before it ends; `None` = no limit.
+    pub times: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -81,7 +84,7 @@ fn parse_duration(rule: &str, s: &str) -> Result<Duration, PlanError> {
 impl FromStr for FaultRule {
     type Err = PlanError;
 
-    /// `METHOD ACTION [p=P] [for=DURATION]`, ACTION one of `fail=CODE`,
+    /// `METHOD ACTION [p=P] [for=DURATION] [times=N]`, ACTION one of `fail=CODE`,
     /// `latency=D[+-J]`, `stall`, `drop-reply`, `close`.
     fn from_str(text: &str) -> Result<Self, PlanError> {
         let mut words = text.split_whitespace();
@@ -121,6 +124,7 @@ impl FromStr for FaultRule {
             action,
             probability: 1.0,
             ttl: None,
+            times: None,
         };
         for word in words {
             match word.split_once('=') {
@@ -132,10 +136,16 @@ impl FromStr for FaultRule {
                         .ok_or_else(|| rule_error(text, format!("p must be in 0..1, got `{p}`")))?;
                 }
                 Some(("for", d)) => rule.ttl = Some(parse_duration(text, d)?),
+                Some(("times", n)) => {
+                    rule.times =
+                        Some(n.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            rule_error(text, format!("times must be a positive count, got `{n}`"))
+                        })?);
+                }
                 _ => {
                     return Err(rule_error(
                         text,
-                        format!("unknown option `{word}` (p=, for=)"),
+                        format!("unknown option `{word}` (p=, for=, times=)"),
                     ))
                 }
             }
@@ -165,6 +175,9 @@ impl fmt::Display for FaultRule {
         }
         if let Some(ttl) = self.ttl {
             write!(f, " for={}", d(ttl))?;
+        }
+        if let Some(n) = self.times {
+            write!(f, " times={n}")?;
         }
         Ok(())
     }
@@ -218,8 +231,15 @@ struct Armed {
     plan: FaultPlan,
     /// Each rule's end, in rule order.
     ends: Vec<Option<Instant>>,
+    /// Drawn and counted under one lock, so the same call sequence meets the same faults.
+    state: Mutex<DrawState>,
+}
+
+struct DrawState {
     /// One generator for the plan: the same call sequence draws the same numbers.
-    rng: Mutex<StdRng>,
+    rng: StdRng,
+    /// Each rule's firings left (`times=`), in rule order; `None` = no limit.
+    left: Vec<Option<u64>>,
 }
 
 /// The armed fault plan of a server.
@@ -249,8 +269,12 @@ impl Chaos {
         }
         let now = Instant::now();
         let ends = plan.rules.iter().map(|r| r.ttl.map(|t| now + t)).collect();
-        let rng = Mutex::new(StdRng::seed_from_u64(plan.seed));
-        self.armed.store(Some(Arc::new(Armed { plan, ends, rng })));
+        let state = Mutex::new(DrawState {
+            rng: StdRng::seed_from_u64(plan.seed),
+            left: plan.rules.iter().map(|r| r.times).collect(),
+        });
+        self.armed
+            .store(Some(Arc::new(Armed { plan, ends, state })));
     }
 
     pub fn clear(&self) {
@@ -263,18 +287,28 @@ impl Chaos {
             return FaultPlan::default();
         };
         let now = Instant::now();
+        let left = armed
+            .state
+            .lock()
+            .map_or_else(|p| p.into_inner().left.clone(), |s| s.left.clone());
         let rules = armed
             .plan
             .rules
             .iter()
             .zip(&armed.ends)
-            .filter_map(|(r, end)| match end {
-                None => Some(r.clone()),
-                Some(end) if *end > now => Some(FaultRule {
-                    ttl: Some(*end - now),
+            .zip(left)
+            .filter_map(|((r, end), left)| match (end, left) {
+                (_, Some(0)) => None,
+                (None, _) => Some(FaultRule {
+                    times: left,
                     ..r.clone()
                 }),
-                Some(_) => None,
+                (Some(end), _) if *end > now => Some(FaultRule {
+                    ttl: Some(*end - now),
+                    times: left,
+                    ..r.clone()
+                }),
+                (Some(_), _) => None,
             })
             .collect();
         FaultPlan {
@@ -290,10 +324,11 @@ impl Chaos {
         let now = Instant::now();
         let mut decision = None::<Decision>;
         // A poisoned lock only means another call panicked mid-draw; the RNG is still valid.
-        let mut rng = armed.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = armed.state.lock().unwrap_or_else(|p| p.into_inner());
+        let DrawState { rng, left } = &mut *state;
         let mut live = false;
-        for (rule, end) in armed.plan.rules.iter().zip(&armed.ends) {
-            if end.is_some_and(|end| end <= now) {
+        for ((rule, end), left) in armed.plan.rules.iter().zip(&armed.ends).zip(left) {
+            if end.is_some_and(|end| end <= now) || *left == Some(0) {
                 continue;
             }
             live = true;
@@ -302,6 +337,9 @@ impl Chaos {
             }
             if rule.probability < 1.0 && rng.random::<f64>() >= rule.probability {
                 continue;
+            }
+            if let Some(n) = left {
+                *n -= 1;
             }
             let d = decision.get_or_insert_with(Decision::default);
             match &rule.action {
@@ -321,7 +359,7 @@ impl Chaos {
                 FaultAction::Close => d.close = true,
             }
         }
-        drop(rng);
+        drop(state);
         if !live {
             // Every rule has ended: disarm, so later calls pay one atomic load again.
             self.armed.compare_and_swap(&*guard, None::<Arc<Armed>>);
@@ -421,5 +459,34 @@ mod tests {
         assert!(ttl <= Duration::from_secs(3600) && ttl > Duration::from_secs(3500));
         chaos.clear();
         assert_eq!(chaos.show(), FaultPlan::default());
+    }
+
+    #[test]
+    fn rules_with_a_count_fire_that_many_times() {
+        let chaos = Chaos::new();
+        let plan: FaultPlan = "get fail=unavailable times=2; put stall".parse().unwrap();
+        assert_eq!(plan.to_string().parse::<FaultPlan>().unwrap(), plan);
+        chaos.arm(plan);
+        assert_eq!(chaos.show().rules[0].times, Some(2));
+        assert!(chaos.decide("get").is_some());
+        assert_eq!(chaos.show().rules[0].times, Some(1));
+        assert!(
+            chaos.decide("put").is_some(),
+            "other methods do not use it up"
+        );
+        assert!(chaos.decide("get").is_some());
+        assert_eq!(chaos.decide("get"), None, "used up");
+        assert_eq!(chaos.show().rules.len(), 1);
+        chaos.arm("get stall times=1".parse().unwrap());
+        assert!(chaos.decide("get").is_some());
+        assert_eq!(chaos.decide("get"), None);
+        assert!(chaos.armed.load().is_none(), "a used-up plan disarms");
+        for bad in [
+            "get stall times=0",
+            "get stall times=x",
+            "get stall times=-1",
+        ] {
+            assert!(bad.parse::<FaultRule>().is_err(), "{bad}");
+        }
     }
 }
