@@ -76,6 +76,10 @@ pub struct Cli {
     /// with --idempotency-key, replays a write made by an earlier kv-client.
     #[arg(long, value_name = "HEX", value_parser = parse_hex)]
     pub session: Option<HexBytes>,
+    /// Export a span per call and per attempt to this OTLP/gRPC collector, e.g.
+    /// `http://127.0.0.1:4317` (also from the standard OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -466,6 +470,30 @@ async fn with_key(client: &Client, mut v: Value, key: Option<[u8; 16]>) -> Value
 
 /// Entry point of the `kv-client` binary; returns the process exit code.
 pub fn main_with(cli: Cli) -> u8 {
+    // Logs stay off unless RUST_LOG asks: the CLI reports its own errors.
+    let trace = capkv_telemetry::TraceConfig {
+        otlp_endpoint: cli.otlp_endpoint.clone().unwrap_or_default(),
+        ..capkv_telemetry::TraceConfig::default()
+    };
+    let telemetry = match capkv_telemetry::init(&capkv_telemetry::Settings {
+        log_filter: "off",
+        log_style: capkv_telemetry::LogStyle::Text,
+        trace: &trace,
+        default_service_name: "kv-client",
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let code = run_cli(cli);
+    // Flush this run's spans before exiting.
+    telemetry.shutdown();
+    code
+}
+
+fn run_cli(cli: Cli) -> u8 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

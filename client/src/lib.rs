@@ -39,6 +39,8 @@ use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 pub use capkv::{code_name, ApiError as Error, ErrorCode as Code};
 pub use local::{CallSpec, LocalClient};
@@ -193,6 +195,17 @@ pub struct VersionInfo {
 }
 
 type Job = Box<dyn FnOnce(Rc<LocalClient>) -> LocalBoxFuture<'static, ()> + Send>;
+
+/// Marks a span with how its call or attempt ended.
+fn record_outcome(span: &tracing::Span, code: &str) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("code", code);
+    if code != "ok" {
+        span.record("otel.status_code", "ERROR");
+    }
+}
 
 /// A handle to one connection. Cheap to clone; `Send`, so it can be used from any task.
 #[derive(Clone)]
@@ -387,16 +400,30 @@ impl Client {
             Safety::Idempotent => (None, Safety::Idempotent),
         };
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        retry::run(method, &self.retry, &self.budget, deadline, safety, |attempt| {
+        // One span per logical call and one per attempt under it; the attempt's context
+        // travels to the server, whose span becomes its child. Disabled (one level check
+        // each) unless traces are exported.
+        let call_span = tracing::trace_span!(
+            target: "capkv::client", "call",
+            otel.name = method, rpc.method = method, code = Empty,
+            otel.status_code = Empty,
+        );
+        let result = retry::run(method, &self.retry, &self.budget, deadline, safety, |attempt| {
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(method, attempt, "attempt");
+            let attempt_span = tracing::trace_span!(
+                target: "capkv::client", parent: &call_span, "attempt",
+                otel.name = method, otel.kind = "client", rpc.system = "capnp",
+                rpc.method = method, attempt, code = Empty, otel.status_code = Empty,
+            );
             let data = Arc::clone(&data);
             let spec = CallSpec {
                 deadline,
                 attempt,
                 idempotency_key,
+                traceparent: capkv_telemetry::TraceParent::of_span(&attempt_span),
             };
             let sent = self.attempt(spec, move |c| f(c, data, spec));
+            let instrument_span = attempt_span.clone();
             async move {
                 let outcome = sent.await;
                 // Client metrics: attempts by method and outcome (a code name, `ok`, or
@@ -408,10 +435,23 @@ impl Client {
                 };
                 metrics::counter!("capkv_client_attempts_total", "method" => method, "outcome" => label)
                     .increment(1);
+                record_outcome(&attempt_span, label);
                 outcome
             }
+            .instrument(instrument_span)
         })
-        .await
+        .instrument(call_span.clone())
+        .await;
+        if !call_span.is_disabled() {
+            record_outcome(
+                &call_span,
+                match &result {
+                    Ok(_) => "ok",
+                    Err(e) => capkv::code_name(e.code),
+                },
+            );
+        }
+        result
     }
 
     /// One attempt on the connection thread.

@@ -31,6 +31,8 @@ pub struct CallSpec {
     pub attempt: u32,
     /// For writes: the idempotency key, the same on every attempt of one logical write.
     pub idempotency_key: Option<[u8; 16]>,
+    /// The attempt span's trace context, sent as `traceparent` when traces are exported.
+    pub traceparent: Option<capkv_telemetry::TraceParent>,
 }
 
 impl From<Instant> for CallSpec {
@@ -39,6 +41,7 @@ impl From<Instant> for CallSpec {
             deadline,
             attempt: 1,
             idempotency_key: None,
+            traceparent: None,
         }
     }
 }
@@ -153,7 +156,10 @@ impl LocalClient {
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let CallSpec {
-            deadline, attempt, ..
+            deadline,
+            attempt,
+            traceparent,
+            ..
         } = spec.into();
         // The budget is what is left when the request leaves, not the caller's timeout.
         let left = deadline.saturating_duration_since(Instant::now());
@@ -164,6 +170,7 @@ impl LocalClient {
             budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
             request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
             attempt,
+            traceparent: traceparent.map(|t| t.to_string()).unwrap_or_default(),
             ..CallMeta::default()
         };
         tokio::time::timeout_at(deadline, f(meta))

@@ -22,6 +22,11 @@
 //!    and the call ends with `deadlineExceeded` (`capkv_deadline_exceeded_total`).
 //! 7. **observe**: one log line and the request metrics, for every call, success or not.
 //!
+//! Around all of it runs the call's server span, the child of the caller's `traceparent`;
+//! step 6 runs in a `store` span under it. With trace export off both are disabled
+//! `TRACE` spans (one level check each), and the log line still carries a trace id: the
+//! caller's.
+//!
 //! Authentication is not a step here because capkv authenticates by capability: only
 //! `Gateway.open` checks a token, and every data call arrives on a `KvStore` or
 //! `WriteSession` that an authenticated `open` produced.
@@ -38,8 +43,12 @@ use capkv::kv_capnp::request_context;
 use capkv::{code_name, ApiError, CallMeta, ErrorCode, Limits};
 use capkv_chaos::{Chaos, FaultPlan};
 use capkv_store::Store;
+use capkv_telemetry::TraceParent;
+use capkv_telemetry::{SpanId, TraceId};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::auth::Auth;
 use crate::config::Config;
@@ -335,15 +344,31 @@ impl Shared {
         let meta = ctx
             .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("bad ctx: {e}")))
             .and_then(CallMeta::read);
+        let parent = meta
+            .as_ref()
+            .ok()
+            .and_then(|m| TraceParent::parse(&m.traceparent));
+        let span = tracing::trace_span!(
+            target: "capkv::server", "call",
+            otel.name = method.name(), otel.kind = "server", rpc.system = "capnp",
+            rpc.method = method.name(), attempt = Empty, code = Empty, otel.status_code = Empty,
+        );
+        if let (Some(p), Ok(m)) = (&parent, &meta) {
+            capkv_telemetry::set_remote_parent(&span, p, &m.tracestate);
+        }
+        let ids = capkv_telemetry::span_ids(&span, parent.as_ref());
         let (meta, result) = match meta {
             Err(e) => (CallMeta::default(), Err(e)),
             Ok(meta) => {
-                let r = self.admit_and_run(conn, method, &meta, started, work).await;
+                let r = self
+                    .admit_and_run(conn, method, &meta, started, work)
+                    .instrument(span.clone())
+                    .await;
                 (meta, r)
             }
         };
         // 7. observe
-        self.observe(conn, method, &meta, started, &result);
+        self.observe(conn, method, &meta, ids, &span, started, &result);
         result
     }
 
@@ -412,7 +437,10 @@ impl Shared {
                     return Err(ApiError::new(code, "injected fault"));
                 }
             }
-            let r = work(call).await;
+            let store_span = tracing::trace_span!(
+                target: "capkv::store", "store", otel.name = format!("store.{}", method.name()),
+            );
+            let r = work(call).instrument(store_span).await;
             if fault.as_ref().is_some_and(|f| f.drop_reply) {
                 return Err(conn.kill_and_forget().await);
             }
@@ -470,11 +498,14 @@ impl Shared {
         metrics::counter!(m::REJECTIONS_TOTAL, "reason" => reason).increment(1);
     }
 
+    #[allow(clippy::too_many_arguments)] // one call's facts, gathered in one place
     fn observe<T>(
         &self,
         conn: &Conn,
         method: Method,
         meta: &CallMeta,
+        (trace_id, span_id): (TraceId, SpanId),
+        span: &tracing::Span,
         started: Instant,
         result: &Result<T, ApiError>,
     ) {
@@ -483,6 +514,13 @@ impl Shared {
             Ok(_) => "ok",
             Err(e) => code_name(e.code),
         };
+        if !span.is_disabled() {
+            span.record("attempt", meta.attempt);
+            span.record("code", code);
+            if result.is_err() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         metrics::counter!(m::REQUESTS_TOTAL, "method" => method.name(), "code" => code)
             .increment(1);
         metrics::histogram!(m::REQUEST_DURATION_SECONDS, "method" => method.name())
@@ -493,14 +531,14 @@ impl Shared {
             Err(e) if e.code == ErrorCode::Internal => tracing::error!(
                 target: "capkv::request",
                 method = method.name(), code, latency_ms, attempt = meta.attempt,
-                request_id = %meta.request_id, traceparent = %meta.traceparent,
+                %trace_id, %span_id, request_id = %meta.request_id,
                 peer = %conn.peer, conn = conn.id, error = %e.message,
                 "request failed"
             ),
             _ => tracing::debug!(
                 target: "capkv::request",
                 method = method.name(), code, latency_ms, attempt = meta.attempt,
-                request_id = %meta.request_id, traceparent = %meta.traceparent,
+                %trace_id, %span_id, request_id = %meta.request_id,
                 peer = %conn.peer, conn = conn.id,
                 "request"
             ),

@@ -84,6 +84,8 @@ pub struct Config {
     pub deadlines: DeadlinesConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    /// Trace export (OTLP); off unless an endpoint is set here or in `OTEL_*`.
+    pub telemetry: capkv_telemetry::TraceConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -215,6 +217,7 @@ impl Default for Config {
             deadlines: DeadlinesConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+            telemetry: capkv_telemetry::TraceConfig::default(),
         }
     }
 }
@@ -306,7 +309,7 @@ pub enum ConfigError {
 }
 
 /// Top-level keys that may come from the environment (see the module docs).
-const ENV_KEYS: [&str; 14] = [
+const ENV_KEYS: [&str; 15] = [
     "idempotency",
     "listen",
     "metrics_listen",
@@ -321,6 +324,7 @@ const ENV_KEYS: [&str; 14] = [
     "deadlines",
     "shutdown",
     "log",
+    "telemetry",
 ];
 
 impl Config {
@@ -398,6 +402,9 @@ impl Config {
         }
         if st.stats_interval_ms == 0 {
             return fail("storage.stats_interval_ms must be > 0");
+        }
+        if let Err(e) = self.telemetry.validate() {
+            return Err(ConfigError::Invalid(e.to_string()));
         }
         if self.workers > 1024 {
             return fail("workers must be at most 1024 (0 = one per core)");

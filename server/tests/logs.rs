@@ -93,6 +93,8 @@ fn request_lines_are_json_with_their_fields_and_secrets_never_appear() {
         if v["target"] == "capkv::request" {
             requests += 1;
             for field in [
+                "trace_id",
+                "span_id",
                 "method",
                 "code",
                 "latency_ms",
@@ -103,6 +105,15 @@ fn request_lines_are_json_with_their_fields_and_secrets_never_appear() {
             ] {
                 assert!(!v[field].is_null(), "request line without {field}: {line}");
             }
+            let hex_of_len = |field: &str, len: usize| {
+                v[field].as_str().is_some_and(|s| {
+                    s.len() == len
+                        && s.bytes().all(|b| b.is_ascii_hexdigit())
+                        && s != "0".repeat(len)
+                })
+            };
+            assert!(hex_of_len("trace_id", 32), "trace_id: {line}");
+            assert!(hex_of_len("span_id", 16), "span_id: {line}");
         }
     }
     assert!(requests >= 6, "request lines at trace level: {requests}");

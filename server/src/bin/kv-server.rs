@@ -68,15 +68,24 @@ fn main() -> ExitCode {
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    capkv_server::logging::init(&config.log);
-    match run(config) {
+    let telemetry = match capkv_server::logging::init(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("kv-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "kv-server failed");
             eprintln!("kv-server: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last spans (the drain) are flushed after the store is closed.
+    telemetry.shutdown();
+    code
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
