@@ -207,6 +207,20 @@ interface Admin {
   compact @3 (ctx :RequestContext) -> (result :AdminAck);
   # Compacts the storage engine now (also drops expired idempotency records). Returns when
   # done; give it a generous deadline.
+
+  reloadConfig @4 (ctx :RequestContext) -> (result :ReloadResult);
+  # Reads the configuration again (as SIGHUP does) and puts in force what can change
+  # without a restart: tokens (a replaced token stays valid for `auth.rotation_overlap_s`),
+  # limits, deadlines and timeouts, rates, the log level. A config that does not load or
+  # validate is refused with `invalidArgument` and the running one stays.
+}
+
+struct ReloadResult {
+  union {
+    ok @0 :Text;
+    # What changed, e.g. "auth.token rotated; limits changed", or "nothing changed".
+    error @1 :Error;
+  }
 }
 
 struct FaultsResult {

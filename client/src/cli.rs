@@ -182,6 +182,8 @@ pub enum AdminAction {
     },
     /// Compact the server's storage now.
     Compact,
+    /// Make the server read its configuration again (as SIGHUP does); prints what changed.
+    Reload,
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
@@ -420,6 +422,19 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             action,
         } => {
             let faults = match action {
+                AdminAction::Reload => {
+                    return match client.reload_config(admin_token).await {
+                        Ok(changes) if p.json => {
+                            p.value(serde_json::json!({"reloaded": true, "changes": changes}));
+                            EXIT_OK
+                        }
+                        Ok(changes) => {
+                            p.text(&format!("OK reloaded: {changes}"));
+                            EXIT_OK
+                        }
+                        Err(e) => p.error(&e),
+                    };
+                }
                 AdminAction::Compact => {
                     return match client.compact(admin_token).await {
                         Ok(()) if p.json => {

@@ -629,6 +629,17 @@ impl Client {
         .await
     }
 
+    /// Makes the server reload its configuration (as SIGHUP does); returns what changed.
+    pub async fn reload_config(&self, admin_token: &str) -> Result<String, ApiError> {
+        self.call(
+            "reload_config",
+            Safety::Idempotent,
+            admin_token.to_string(),
+            |c, t, d| async move { c.reload_config(&t, d).await },
+        )
+        .await
+    }
+
     /// Compacts the server's storage (give the handle a generous timeout).
     pub async fn compact(&self, admin_token: &str) -> Result<(), ApiError> {
         self.call(

@@ -508,6 +508,25 @@ impl LocalClient {
         .await
     }
 
+    /// Makes the server read its configuration again; returns what changed.
+    pub async fn reload_config(
+        &self,
+        admin_token: &str,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<String, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (admin, outcome) = self.admin_cap(admin_token, &meta);
+            let mut req = admin.reload_config_request();
+            meta.write(req.get().init_ctx());
+            let r = async {
+                decode_result!(req.send().promise, reload_result, Ok(t) => Ok(read_text(t)))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
     /// The session for a write. A keyed write waits until the session's token is known
     /// (one extra round trip, on a connection's first write only): its retries may then
     /// resume this very session after a reconnect, where its key keeps its meaning.

@@ -11,8 +11,11 @@
 //! 3. **deadline**: a call whose budget is already spent is refused before it takes an
 //!    admission slot; otherwise its budget is the caller's, capped at the configured maximum,
 //!    or the configured default when it brought none.
-//! 4. **admission**: global and per-connection in-flight limits; past them `overloaded`
-//!    with `retryAfterMs`, cheaply, before any work. The slot is held by a guard until the
+//! 4. **rate** then **admission**: the per-token rate limit (a token bucket shared by the
+//!    connections that opened with one token), then the per-connection and global in-flight
+//!    limits. A call finding every global slot taken waits in a short bounded queue (at
+//!    most `queue_timeout_ms`, within its deadline). Past any of them `overloaded` with
+//!    `retryAfterMs`, cheaply, before any work. The slot is held by a guard until the
 //!    call finishes, whatever way it finishes.
 //! 5. **faults**: the armed fault plan (capkv-chaos) may fail, delay, stall the call or
 //!    close its connection, here and nowhere else; after admission, so injected failures
@@ -21,6 +24,9 @@
 //! 6. **work** under the deadline: past it the work future is dropped — the work stops —
 //!    and the call ends with `deadlineExceeded` (`capkv_deadline_exceeded_total`).
 //! 7. **observe**: one log line and the request metrics, for every call, success or not.
+//!
+//! What a reload may change (limits, tokens, deadlines, rates) is one [`Tunables`] value
+//! swapped whole; a call reads it once, when it starts.
 //!
 //! Around all of it runs the call's server span, the child of the caller's `traceparent`;
 //! step 6 runs in a `store` span under it. With trace export off both are disabled
@@ -39,13 +45,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use capkv::kv_capnp::request_context;
 use capkv::{code_name, ApiError, CallMeta, ErrorCode, Limits};
 use capkv_chaos::{Chaos, FaultPlan};
 use capkv_store::Store;
 use capkv_telemetry::TraceParent;
 use capkv_telemetry::{SpanId, TraceId};
-use tokio::sync::Notify;
+use sha2::Digest;
+use std::collections::HashMap;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
@@ -79,10 +88,11 @@ pub enum Method {
     ShowFaults,
     ClearFaults,
     Compact,
+    ReloadConfig,
 }
 
 impl Method {
-    pub const ALL: [Method; 17] = [
+    pub const ALL: [Method; 18] = [
         Method::Health,
         Method::Version,
         Method::Open,
@@ -100,6 +110,7 @@ impl Method {
         Method::ShowFaults,
         Method::ClearFaults,
         Method::Compact,
+        Method::ReloadConfig,
     ];
 
     pub fn from_name(name: &str) -> Option<Method> {
@@ -146,6 +157,7 @@ impl Method {
             Method::ShowFaults => "show_faults",
             Method::ClearFaults => "clear_faults",
             Method::Compact => "compact",
+            Method::ReloadConfig => "reload_config",
         }
     }
 
@@ -192,23 +204,131 @@ pub enum AdminAccess {
     Token(Auth),
 }
 
-/// State shared by every worker and connection.
-pub struct Shared {
-    pub store: Arc<dyn Store>,
+/// What a reload may change, swapped whole; each call reads it once.
+pub struct Tunables {
     pub limits: Limits,
     pub auth: Auth,
     pub admin: AdminAccess,
-    pub chaos: Chaos,
-    pub sessions: crate::session::SessionTokens,
     pub idempotency_ttl_ms: u64,
     /// (default, max) budget per method, indexed by `Method as usize`.
     budgets_ms: [(u32, u32); Method::ALL.len()],
+    /// Open connections; past it new ones are refused (with an `Abort` saying why).
+    pub max_connections: usize,
     max_in_flight: usize,
     max_in_flight_per_connection: usize,
+    queue_depth: usize,
+    queue_timeout: Duration,
+    /// A connection without calls for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// (calls per second, bucket size) per token; `None` = unlimited.
+    rate: Option<(f64, f64)>,
+}
+
+impl Tunables {
+    /// From `config`; tokens that differ from `previous`'s start their overlap window.
+    pub fn new(config: &Config, previous: Option<&Tunables>) -> Self {
+        let overlap = Duration::from_secs(config.auth.rotation_overlap_s);
+        let token = config.auth.token.as_ref().map(|s| s.expose());
+        let auth = match previous {
+            Some(p) => p.auth.rotate(token, overlap),
+            None => Auth::new(token),
+        };
+        let admin_token = config.admin.token.as_ref().map(|s| s.expose());
+        let admin = match (
+            admin_token,
+            config.admin.dev_open,
+            previous.map(|p| &p.admin),
+        ) {
+            (Some(t), _, Some(AdminAccess::Token(old))) => {
+                AdminAccess::Token(old.rotate(Some(t), overlap))
+            }
+            (Some(t), _, _) => AdminAccess::Token(Auth::new(Some(t))),
+            (None, true, _) => AdminAccess::Open,
+            (None, false, _) => AdminAccess::Disabled,
+        };
+        let l = &config.limits;
+        let rate = (l.rate_per_token > 0).then(|| {
+            let per_s = f64::from(l.rate_per_token);
+            let burst = if l.rate_burst == 0 {
+                per_s
+            } else {
+                f64::from(l.rate_burst)
+            };
+            (per_s, burst)
+        });
+        Self {
+            limits: config.protocol_limits(),
+            auth,
+            admin,
+            idempotency_ttl_ms: config.idempotency.ttl_s.saturating_mul(1000),
+            budgets_ms: Method::ALL.map(|m| config.budget_ms(m)),
+            max_connections: l.max_connections,
+            max_in_flight: l.max_in_flight,
+            max_in_flight_per_connection: l.max_in_flight_per_connection,
+            queue_depth: l.queue_depth,
+            queue_timeout: Duration::from_millis(l.queue_timeout_ms),
+            idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
+            rate,
+        }
+    }
+}
+
+/// A token bucket: one per auth token, shared by every connection that opened with it.
+/// Rate and size come from the current [`Tunables`] at each take, so a reload applies at
+/// once. A mutex rather than a lock-free crate (governor): it is taken once per call only
+/// when rate limiting is on, and holds two numbers.
+#[derive(Debug)]
+pub struct TokenBucket {
+    /// (tokens, when they were counted)
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    fn new() -> Self {
+        // Starts full: the first take caps it at the bucket size.
+        Self {
+            state: std::sync::Mutex::new((f64::INFINITY, Instant::now())),
+        }
+    }
+
+    /// Takes one token, or says how long until one is there.
+    fn take(&self, per_s: f64, size: f64) -> Result<(), Duration> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let tokens = (st.0 + now.duration_since(st.1).as_secs_f64() * per_s).min(size);
+        if tokens >= 1.0 {
+            *st = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *st = (tokens, now);
+            Err(Duration::from_secs_f64((1.0 - tokens) / per_s))
+        }
+    }
+}
+
+/// Most token buckets kept; past it the map starts over (only accepted tokens get one,
+/// so this is a guard, not a limit anyone meets).
+const MAX_BUCKETS: usize = 64;
+
+/// State shared by every worker and connection.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    tunables: ArcSwap<Tunables>,
+    pub chaos: Chaos,
+    pub sessions: crate::session::SessionTokens,
+    /// Global in-flight slots (`limits.max_in_flight` permits; a reload adds or forgets).
+    slots: Semaphore,
+    /// Calls waiting for a slot.
+    queued: AtomicUsize,
+    /// Slots to forget as they are given back (max_in_flight was lowered while in use).
+    retire: AtomicUsize,
     in_flight: AtomicUsize,
     draining: AtomicBool,
     /// Woken when the last in-flight call finishes (the drain waits on it).
     idle: Notify,
+    buckets: std::sync::Mutex<HashMap<[u8; 32], Arc<TokenBucket>>>,
+    /// The config in force and how to read a new one (reload).
+    pub(crate) reload: crate::reload::ReloadState,
 }
 
 /// One client connection, owned by the worker thread serving it.
@@ -218,6 +338,10 @@ pub struct Conn {
     in_flight: Cell<usize>,
     /// Notified to drop the connection at once (fault injection), without replies.
     kill: Notify,
+    /// When the last call ended (or the connection opened): the idle timeout's clock.
+    last_active: Cell<Instant>,
+    /// The rate-limit bucket of the token this connection opened with.
+    bucket: std::cell::RefCell<Option<Arc<TokenBucket>>>,
 }
 
 impl Conn {
@@ -227,7 +351,23 @@ impl Conn {
             peer,
             in_flight: Cell::new(0),
             kill: Notify::new(),
+            last_active: Cell::new(Instant::now()),
+            bucket: std::cell::RefCell::new(None),
         }
+    }
+
+    /// How long the connection has had no call in flight; zero while one is.
+    pub fn idle_for(&self) -> Duration {
+        if self.in_flight.get() > 0 {
+            Duration::ZERO
+        } else {
+            self.last_active.get().elapsed()
+        }
+    }
+
+    /// Charges this connection's calls to `bucket` (set when `open` accepts a token).
+    pub fn set_bucket(&self, bucket: Arc<TokenBucket>) {
+        *self.bucket.borrow_mut() = Some(bucket);
     }
 
     /// Asks the connection's task to drop the connection now.
@@ -261,11 +401,6 @@ pub struct Call {
 
 impl Shared {
     pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
-        let admin = match (&config.admin.token, config.admin.dev_open) {
-            (Some(t), _) => AdminAccess::Token(Auth::new(Some(t.expose()))),
-            (None, true) => AdminAccess::Open,
-            (None, false) => AdminAccess::Disabled,
-        };
         let chaos = Chaos::new();
         if !config.faults.plan.trim().is_empty() {
             // Validated with the config; a plan that got here parses.
@@ -278,21 +413,68 @@ impl Shared {
             }
         }
         let secret = store.instance_secret();
+        let max_in_flight = config.limits.max_in_flight.min(Semaphore::MAX_PERMITS);
         Self {
             store,
-            limits: config.protocol_limits(),
-            auth: Auth::new(config.auth.token.as_ref().map(|s| s.expose())),
-            admin,
+            tunables: ArcSwap::from_pointee(Tunables::new(config, None)),
             chaos,
             sessions: crate::session::SessionTokens::new(secret),
-            idempotency_ttl_ms: config.idempotency.ttl_s.saturating_mul(1000),
-            budgets_ms: Method::ALL.map(|m| config.budget_ms(m)),
-            max_in_flight: config.limits.max_in_flight,
-            max_in_flight_per_connection: config.limits.max_in_flight_per_connection,
+            slots: Semaphore::new(max_in_flight),
+            queued: AtomicUsize::new(0),
+            retire: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
+            buckets: std::sync::Mutex::new(HashMap::new()),
+            reload: crate::reload::ReloadState::new(config.clone()),
         }
+    }
+
+    /// The settings in force (a call reads them once, at its start).
+    pub fn tunables(&self) -> Arc<Tunables> {
+        self.tunables.load_full()
+    }
+
+    /// Puts reloaded settings in force; in-flight slots follow the new maximum.
+    pub(crate) fn set_tunables(&self, new: Tunables) {
+        let old = self.tunables.swap(Arc::new(new));
+        let new_max = self
+            .tunables
+            .load()
+            .max_in_flight
+            .min(Semaphore::MAX_PERMITS);
+        let old_max = old.max_in_flight.min(Semaphore::MAX_PERMITS);
+        if new_max > old_max {
+            self.slots.add_permits(new_max - old_max);
+        } else if new_max < old_max {
+            // Slots held now are forgotten as they come back, if not free now.
+            let mut left = old_max - new_max;
+            left -= self.slots.forget_permits(left);
+            if left > 0 {
+                tracing::info!(
+                    retiring = left,
+                    "max_in_flight lowered; slots in use are retired as their calls end"
+                );
+                self.retire.fetch_add(left, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The rate-limit bucket of an accepted token (one shared bucket when auth is off).
+    pub fn bucket_for(&self, token: &str) -> Arc<TokenBucket> {
+        let key: [u8; 32] = if self.tunables().auth.is_enabled() {
+            sha2::Sha256::digest(token.as_bytes()).into()
+        } else {
+            [0; 32]
+        };
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_BUCKETS && !map.contains_key(&key) {
+            map.clear();
+        }
+        Arc::clone(
+            map.entry(key)
+                .or_insert_with(|| Arc::new(TokenBucket::new())),
+        )
     }
 
     pub fn is_draining(&self) -> bool {
@@ -340,6 +522,7 @@ impl Shared {
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let started = Instant::now();
+        conn.last_active.set(started);
         // 1. context
         let meta = ctx
             .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("bad ctx: {e}")))
@@ -384,6 +567,7 @@ impl Shared {
         F: FnOnce(Call) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
+        let t = self.tunables();
         // 2. drain
         if self.is_draining() && !method.served_while_draining() {
             self.reject("draining");
@@ -401,12 +585,23 @@ impl Shared {
                     "deadline already spent on arrival",
                 ));
             }
-            Some(ms) => ms.min(self.budgets_ms[method as usize].1),
-            None => self.budgets_ms[method as usize].0,
+            Some(ms) => ms.min(t.budgets_ms[method as usize].1),
+            None => t.budgets_ms[method as usize].0,
         };
         let deadline = started + Duration::from_millis(u64::from(budget_ms));
-        // 4. admission
-        let _slot = self.admit(conn)?;
+        // 4. rate, then admission
+        if let (Some((per_s, size)), Some(bucket)) = (t.rate, conn.bucket.borrow().as_ref()) {
+            if let Err(wait) = bucket.take(per_s, size) {
+                self.reject("rate_limit");
+                let ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
+                return Err(ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!("rate limit of {per_s} calls/s for this token exceeded"),
+                )
+                .with_retry_after_ms(ms));
+            }
+        }
+        let _slot = self.admit(conn, &t, deadline).await?;
         // 5. faults
         let fault = if method.faultable() {
             self.chaos.decide(method.name())
@@ -466,7 +661,12 @@ impl Shared {
         }
     }
 
-    fn admit<'a>(&'a self, conn: &'a Conn) -> Result<Slot<'a>, ApiError> {
+    async fn admit<'a>(
+        &'a self,
+        conn: &'a Conn,
+        t: &Tunables,
+        deadline: Instant,
+    ) -> Result<Slot<'a>, ApiError> {
         let overloaded = |reason: &'static str| {
             self.reject(reason);
             ApiError::new(
@@ -475,17 +675,38 @@ impl Shared {
             )
             .with_retry_after_ms(OVERLOADED_RETRY_AFTER_MS)
         };
-        if conn.in_flight.get() >= self.max_in_flight_per_connection {
+        if conn.in_flight.get() >= t.max_in_flight_per_connection {
             return Err(overloaded("connection_in_flight"));
         }
-        // Optimistic increment, undone if over the limit: one atomic op on the fast path.
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
-            self.release_global();
-            return Err(overloaded("in_flight"));
-        }
+        // Counted before any wait, so queued calls of one connection meet its limit too.
         conn.in_flight.set(conn.in_flight.get() + 1);
+        let mut slot = Slot {
+            shared: self,
+            conn,
+            permit: None,
+        };
+        slot.permit = Some(match self.slots.try_acquire() {
+            Ok(p) => p,
+            Err(_) if t.queue_timeout.is_zero() || t.queue_depth == 0 => {
+                return Err(overloaded("in_flight"))
+            }
+            Err(_) => {
+                if self.queued.fetch_add(1, Ordering::AcqRel) >= t.queue_depth {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    return Err(overloaded("queue_full"));
+                }
+                let until = deadline.min(Instant::now() + t.queue_timeout);
+                let waited = tokio::time::timeout_at(until, self.slots.acquire()).await;
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                match waited {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(overloaded("queue_timeout")),
+                }
+            }
+        });
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!(m::IN_FLIGHT).increment(1.0);
-        Ok(Slot { shared: self, conn })
+        Ok(slot)
     }
 
     fn release_global(&self) {
@@ -546,16 +767,29 @@ impl Shared {
     }
 }
 
-/// An admission slot; dropping it (on every path out of a call) gives it back.
+/// An admission slot; dropping it (on every path out of a call) gives it back. Without
+/// a permit it holds only the connection's count (a refused or queued call).
 struct Slot<'a> {
     shared: &'a Shared,
     conn: &'a Conn,
+    permit: Option<SemaphorePermit<'a>>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.conn.in_flight.set(self.conn.in_flight.get() - 1);
-        metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
-        self.shared.release_global();
+        self.conn.last_active.set(Instant::now());
+        if let Some(permit) = self.permit.take() {
+            let retire = &self.shared.retire;
+            if retire.load(Ordering::Acquire) > 0
+                && retire
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                permit.forget();
+            }
+            metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+            self.shared.release_global();
+        }
     }
 }

@@ -88,11 +88,23 @@ pub struct Config {
     pub telemetry: capkv_telemetry::TraceConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Bearer token `open` requires; none = any token is accepted (local development).
     pub token: Option<Secret>,
+    /// After a reload changes `auth.token` or `admin.token`, the old token is still
+    /// accepted this long, so clients can be moved over without failed calls.
+    pub rotation_overlap_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            rotation_overlap_s: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -143,6 +155,18 @@ pub struct LimitsConfig {
     pub max_in_flight_per_connection: usize,
     /// Connections accepted but not yet picked up by a worker.
     pub accept_queue: usize,
+    /// Calls waiting for an in-flight slot when all are taken; past it `overloaded` at once.
+    pub queue_depth: usize,
+    /// Longest wait for an in-flight slot; then `overloaded` (before any work).
+    pub queue_timeout_ms: u64,
+    /// A connection with no call for this long is closed; 0 = never.
+    pub idle_timeout_ms: u64,
+    /// Calls per second allowed per auth token (a token bucket shared by every connection
+    /// that opened with that token); 0 = unlimited.
+    pub rate_per_token: u32,
+    /// Calls a token may make at once above its rate (the bucket's size); 0 = one second's
+    /// worth.
+    pub rate_burst: u32,
 }
 
 /// Knobs of the RocksDB engine (ignored by `memory`).
@@ -236,6 +260,11 @@ impl Default for LimitsConfig {
             max_in_flight: 8192,
             max_in_flight_per_connection: 256,
             accept_queue: 1024,
+            queue_depth: 1024,
+            queue_timeout_ms: 20,
+            idle_timeout_ms: 300_000,
+            rate_per_token: 0,
+            rate_burst: 0,
         }
     }
 }
@@ -381,6 +410,12 @@ impl Config {
             || l.accept_queue == 0
         {
             return fail("limits.max_connections, max_in_flight, max_in_flight_per_connection and accept_queue must be > 0");
+        }
+        if l.queue_timeout_ms > 10_000 {
+            return fail("limits.queue_timeout_ms must be at most 10000");
+        }
+        if self.auth.rotation_overlap_s > 7 * 24 * 3600 {
+            return fail("auth.rotation_overlap_s must be at most 604800 (7 days)");
         }
         if self.deadlines.default_ms == 0 || self.deadlines.default_ms > self.deadlines.max_ms {
             return fail("deadlines.default_ms must be in 1..=deadlines.max_ms");

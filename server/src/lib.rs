@@ -4,12 +4,15 @@
 //! - [`server`]: listener, worker threads (current-thread runtime + `LocalSet` each),
 //!   drain on shutdown; [`server::RunningServer`] runs one on a thread for tests.
 //! - [`chain`]: the ordered cross-cutting steps every call passes (context, drain,
-//!   deadline, admission, work, observe), written once.
+//!   deadline, rate, admission, faults, work, observe), written once; the reloadable
+//!   settings ([`chain::Tunables`]).
 //! - [`rpc`]: the `Gateway`, `KvStore` and `WriteSession` handlers.
 //! - [`validate`]: input limits, each breach a distinct error code.
 //! - [`auth`]: constant-time bearer-token check.
 //! - [`metrics`], [`logging`]: metric names and exporter; log setup.
-//! - [`signals`]: SIGTERM/SIGINT handling for the binary.
+//! - [`reload`]: SIGHUP / `Admin.reloadConfig`: re-read the config, apply what can change
+//!   live (tokens with an overlap window, limits, timeouts, log level).
+//! - [`signals`]: SIGTERM/SIGINT (drain) and SIGHUP (reload) handling for the binary.
 
 pub mod auth;
 pub mod chain;
@@ -17,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod rpc;
 pub mod server;
 pub mod session;

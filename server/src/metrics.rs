@@ -10,6 +10,8 @@ pub const REQUEST_DURATION_SECONDS: &str = "capkv_request_duration_seconds";
 pub const IN_FLIGHT: &str = "capkv_in_flight_requests";
 pub const CONNECTIONS: &str = "capkv_connections";
 pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "capkv_config_reloads_total";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "capkv_connections_closed_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
 pub const FAULTS_INJECTED_TOTAL: &str = "capkv_faults_injected_total";
 pub const IDEMPOTENCY_CONFLICTS_TOTAL: &str = "capkv_idempotency_key_conflicts_total";
@@ -126,6 +128,14 @@ pub fn install_recorder(
     metrics::describe_counter!(
         REJECTIONS_TOTAL,
         "Calls or connections refused before any work, by reason."
+    );
+    metrics::describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Configuration reloads (SIGHUP or Admin.reloadConfig), by result (ok, refused)."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED_TOTAL,
+        "Connections the server closed itself, by reason (idle)."
     );
     Ok(handle)
 }

@@ -138,7 +138,8 @@ impl gateway::Server for GatewayImpl {
                     .ok()
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("");
-                if self.shared.auth.check(token) {
+                if self.shared.tunables().auth.check(token) {
+                    self.conn.set_bucket(self.shared.bucket_for(token));
                     Ok(())
                 } else {
                     Err(ApiError::new(
@@ -197,7 +198,7 @@ impl gateway::Server for GatewayImpl {
 
 impl GatewayImpl {
     fn check_admin(&self, token: &str) -> Result<(), ApiError> {
-        match &self.shared.admin {
+        match &self.shared.tunables().admin {
             AdminAccess::Disabled => Err(ApiError::new(
                 ErrorCode::PermissionDenied,
                 "admin is disabled on this server (set admin.token)",
@@ -320,6 +321,28 @@ impl admin::Server for AdminImpl {
         }
         Ok(())
     }
+
+    async fn reload_config(
+        self: Rc<Self>,
+        params: admin::ReloadConfigParams,
+        mut results: admin::ReloadConfigResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::ReloadConfig, p.get_ctx(), |_| async {
+                tracing::info!(peer = %self.conn.peer, "configuration reload requested by admin");
+                s.reload()
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(changes) => out.set_ok(changes.as_str()),
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
 }
 
 impl KvStoreImpl {
@@ -359,7 +382,7 @@ impl kv_store::Server for KvStoreImpl {
         let s = &self.shared;
         let r = s
             .serve(&self.conn, Method::Get, p.get_ctx(), |_| async {
-                let key = validate::key(&s.limits, p.get_key())?;
+                let key = validate::key(&s.tunables().limits, p.get_key())?;
                 s.store
                     .get(key)
                     .map_err(store_error)?
@@ -383,7 +406,7 @@ impl kv_store::Server for KvStoreImpl {
         let s = &self.shared;
         let r = s
             .serve(&self.conn, Method::Scan, p.get_ctx(), |_| async {
-                let req = validate::scan(&s.limits, p.get_range())?;
+                let req = validate::scan(&s.tunables().limits, p.get_range())?;
                 s.store.scan(&req).map_err(store_error)
             })
             .await;
@@ -468,11 +491,13 @@ impl kv_store::Server for KvStoreImpl {
                 let list = p.get_keys().map_err(|e| {
                     ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}"))
                 })?;
-                validate::batch_len(&s.limits, list.len())?;
+                let tunables = s.tunables();
+                let limits = &tunables.limits;
+                validate::batch_len(limits, list.len())?;
                 let keys = list
                     .iter()
                     .enumerate()
-                    .map(|(i, k)| validate::key(&s.limits, k).map_err(validate::at_item(i)))
+                    .map(|(i, k)| validate::key(limits, k).map_err(validate::at_item(i)))
                     .collect::<Result<Vec<_>, _>>()?;
                 let (items, revision) = s.store.get_many(&keys).map_err(store_error)?;
                 let payload: usize = items
@@ -480,12 +505,12 @@ impl kv_store::Server for KvStoreImpl {
                     .flatten()
                     .map(|e| e.key.len() + e.value.len())
                     .sum();
-                if payload > s.limits.max_response_payload_bytes() {
+                if payload > limits.max_response_payload_bytes() {
                     return Err(ApiError::new(
                         ErrorCode::ResponseTooLarge,
                         format!(
                             "the answer holds {payload} bytes of keys and values; the limit is {}",
-                            s.limits.max_response_payload_bytes()
+                            limits.max_response_payload_bytes()
                         ),
                     ));
                 }
@@ -528,7 +553,7 @@ impl WriteSessionImpl {
             session: self.token.to_vec(),
             key,
             expires_at_unix_ms: capkv_store::write::now_unix_ms()
-                .saturating_add(s.idempotency_ttl_ms),
+                .saturating_add(s.tunables().idempotency_ttl_ms),
         });
         let r = s.store.write(op, idem).await;
         if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
@@ -553,7 +578,7 @@ impl write_session::Server for WriteSessionImpl {
         let s = &self.shared;
         let r = s
             .serve(&self.conn, Method::Increment, p.get_ctx(), |_| async {
-                let key = validate::key(&s.limits, p.get_key())?;
+                let key = validate::key(&s.tunables().limits, p.get_key())?;
                 let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let op = WriteOp::Increment {
                     key: key.to_vec(),
@@ -587,8 +612,8 @@ impl write_session::Server for WriteSessionImpl {
         let s = &self.shared;
         let r = s
             .serve(&self.conn, Method::Put, p.get_ctx(), |_| async {
-                let key = validate::key(&s.limits, p.get_key())?;
-                let value = validate::value(&s.limits, p.get_value())?;
+                let key = validate::key(&s.tunables().limits, p.get_key())?;
+                let value = validate::value(&s.tunables().limits, p.get_value())?;
                 let cond = validate::condition(p.get_condition())?;
                 let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let op = WriteOp::Put {
@@ -623,7 +648,7 @@ impl write_session::Server for WriteSessionImpl {
         let s = &self.shared;
         let r = s
             .serve(&self.conn, Method::Delete, p.get_ctx(), |_| async {
-                let key = validate::key(&s.limits, p.get_key())?;
+                let key = validate::key(&s.tunables().limits, p.get_key())?;
                 let cond = validate::condition(p.get_condition())?;
                 let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let op = WriteOp::Delete {
@@ -663,13 +688,13 @@ impl write_session::Server for WriteSessionImpl {
                         format!("cannot read items: {e}"),
                     )
                 })?;
-                validate::batch_len(&s.limits, list.len())?;
+                let tunables = s.tunables();
+                let limits = &tunables.limits;
+                validate::batch_len(limits, list.len())?;
                 let items = list
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| {
-                        validate::put_item(&s.limits, item).map_err(validate::at_item(i))
-                    })
+                    .map(|(i, item)| validate::put_item(limits, item).map_err(validate::at_item(i)))
                     .collect::<Result<Vec<_>, ApiError>>()?;
                 let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
                 validate::distinct_keys(&keys)?;

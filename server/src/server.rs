@@ -110,6 +110,11 @@ impl Server {
         })
     }
 
+    /// The state every worker shares: reloads go through it (`Shared::reload`).
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
     /// The address of the operator HTTP listener, if there is one.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.ops.as_ref().and_then(|(l, _)| l.local_addr().ok())
@@ -174,6 +179,7 @@ impl Server {
         };
 
         let open = Arc::new(AtomicUsize::new(0));
+        let refusal = abort_frame("too many connections; try again later");
         let mut next = 0usize;
         tokio::pin!(shutdown);
         loop {
@@ -189,10 +195,14 @@ impl Server {
                     }
                 },
             };
-            if open.fetch_add(1, Ordering::AcqRel) >= config.limits.max_connections {
+            let max_connections = shared.tunables().max_connections;
+            if open.fetch_add(1, Ordering::AcqRel) >= max_connections {
                 open.fetch_sub(1, Ordering::AcqRel);
                 metrics::counter!(m::REJECTIONS_TOTAL, "reason" => "max_connections").increment(1);
-                tracing::warn!(%peer, max = config.limits.max_connections, "connection refused: too many connections");
+                tracing::warn!(%peer, max = max_connections, "connection refused: too many connections");
+                // Say why before closing: the client reports it instead of a bare hang-up.
+                // One small frame into an empty socket buffer: never blocks.
+                let _ = stream.try_write(&refusal);
                 continue; // dropping the stream closes it
             }
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
@@ -223,12 +233,10 @@ impl Server {
         drop(listener);
         stats.abort();
         shared.start_draining();
-        let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
-        tracing::info!(
-            in_flight = shared.in_flight(),
-            drain_timeout_ms = config.shutdown.drain_timeout_ms,
-            "draining"
-        );
+        // Reloadable: the value in force now, not the one at start.
+        let drain_timeout_ms = shared.reload.current().shutdown.drain_timeout_ms;
+        let drain_timeout = Duration::from_millis(drain_timeout_ms);
+        tracing::info!(in_flight = shared.in_flight(), drain_timeout_ms, "draining");
         let left = shared.wait_idle(drain_timeout).await;
         if left > 0 {
             tracing::warn!(in_flight = left, "drain timeout: ending remaining calls");
@@ -283,7 +291,7 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
             let network = capkv::transport::vat_network(
                 stream,
                 rpc_twoparty_capnp::Side::Server,
-                shared.limits.request_reader_options(),
+                shared.tunables().limits.request_reader_options(),
             );
             let conn = Rc::new(Conn::new(id, job.peer));
             let gateway: gateway::Client =
@@ -291,6 +299,7 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
             let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
             live.borrow_mut().insert(id, rpc.get_disconnector());
             let live2 = Rc::clone(&live);
+            let shared_for_idle = Arc::clone(&shared);
             let peer = job.peer;
             let open_guard = job.open_guard;
             tokio::task::spawn_local(async move {
@@ -302,6 +311,10 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
                     },
                     // Dropping the RpcSystem closes the socket and drops its calls unanswered.
                     () = conn.killed() => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
+                    () = idle_expired(&shared_for_idle, &conn) => {
+                        metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
+                        tracing::info!(conn = id, %peer, "connection closed: idle timeout");
+                    }
                 }
                 live2.borrow_mut().remove(&id);
                 drop(open_guard);
@@ -318,9 +331,41 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
     });
 }
 
+/// Resolves when `conn` has had no call in flight for the idle timeout in force (checked
+/// again after each wait, so calls and reloads in between count).
+async fn idle_expired(shared: &Shared, conn: &Conn) {
+    /// How often a connection re-reads the settings while idle timeouts are off.
+    const RECHECK: Duration = Duration::from_secs(1);
+    loop {
+        let wait = match shared.tunables().idle_timeout {
+            None => RECHECK,
+            Some(limit) => match limit.checked_sub(conn.idle_for()) {
+                None => return,
+                Some(left) if left.is_zero() => return,
+                Some(left) => left,
+            },
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A Cap'n Proto RPC `Abort` message saying `reason` (type `overloaded`), for refusing a
+/// connection with words rather than a bare close.
+fn abort_frame(reason: &str) -> Vec<u8> {
+    let mut msg = capnp::message::Builder::new_default();
+    {
+        let root = msg.init_root::<capnp_rpc::rpc_capnp::message::Builder<'_>>();
+        let mut ex = root.init_abort();
+        ex.set_reason(reason);
+        ex.set_type(capnp_rpc::rpc_capnp::exception::Type::Overloaded);
+    }
+    capnp::serialize::write_message_to_words(&msg)
+}
+
 /// A server running on a thread of its own, for tests and embedding.
 pub struct RunningServer {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
 }
@@ -345,7 +390,7 @@ impl RunningServer {
                             return Err(e);
                         }
                     };
-                    let _ = ready_tx.send(Ok(server.local_addr()));
+                    let _ = ready_tx.send(Ok((server.local_addr(), server.shared())));
                     server
                         .run(async {
                             let _ = stop_rx.await;
@@ -353,12 +398,13 @@ impl RunningServer {
                         .await
                 })
             })?;
-        let addr = ready_rx
+        let (addr, shared) = ready_rx
             .recv()
             .map_err(|_| anyhow::anyhow!("server thread exited before listening"))?
             .map_err(anyhow::Error::msg)?;
         Ok(Self {
             addr,
+            shared,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -366,6 +412,11 @@ impl RunningServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The running server's shared state (e.g. `apply_config` to reload in a test).
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
     /// Drains and stops the server, waiting for it.

@@ -1,10 +1,24 @@
-//! Shutdown signals: the first SIGTERM or SIGINT starts a graceful drain; a second one
-//! while draining exits at once with status 130, for an operator who cannot wait.
+//! Signals: the first SIGTERM or SIGINT starts a graceful drain; a second one while
+//! draining exits at once with status 130, for an operator who cannot wait. SIGHUP reloads
+//! the configuration (see [`crate::reload`]).
 
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Exit status of a forced (second-signal) shutdown.
 pub const FORCED_EXIT_CODE: i32 = 130;
+
+/// Reloads `shared`'s configuration on every SIGHUP, for as long as the task runs. The
+/// outcome is logged by the reload itself.
+pub async fn reload_on_sighup(shared: std::sync::Arc<crate::chain::Shared>) -> std::io::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    while hup.recv().await.is_some() {
+        tracing::info!(signal = "SIGHUP", "configuration reload requested");
+        // Reading a file: keep it off the acceptor's thread.
+        let shared = std::sync::Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+    }
+    Ok(())
+}
 
 /// Resolves on the first SIGTERM or SIGINT, after arming the second-signal exit.
 pub async fn shutdown_requested() -> std::io::Result<()> {

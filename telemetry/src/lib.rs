@@ -20,6 +20,7 @@
 use std::fmt;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use opentelemetry::trace::{
@@ -44,6 +45,35 @@ const QUIET_TARGETS: &str =
     "opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,tonic=off,h2=off,tower=off,hyper_util=off";
 
 static TRACING_ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Replaces the log layer's filter (installed by [`init`]).
+type FilterSetter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+static LOG_FILTER: OnceLock<FilterSetter> = OnceLock::new();
+/// Whether `RUST_LOG` chose the filter at start (then it keeps winning).
+static FILTER_FROM_ENV: AtomicBool = AtomicBool::new(false);
+
+fn filter_with_quiet_targets(filter: &str) -> Result<EnvFilter, TelemetryError> {
+    EnvFilter::try_new(format!("{filter},{QUIET_TARGETS}"))
+        .map_err(|e| TelemetryError::Config(format!("log filter `{filter}`: {e}")))
+}
+
+/// Checks a log filter (`info`, `capkv::request=debug,info`) without applying it.
+pub fn check_log_filter(filter: &str) -> Result<(), TelemetryError> {
+    filter_with_quiet_targets(filter).map(|_| ())
+}
+
+/// Puts a new log filter in force; `Ok(false)` when `RUST_LOG` set the filter and so
+/// keeps it, or when [`init`] has not installed the log layer.
+pub fn set_log_filter(filter: &str) -> Result<bool, TelemetryError> {
+    let new = filter_with_quiet_targets(filter)?;
+    if FILTER_FROM_ENV.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    match LOG_FILTER.get() {
+        Some(set) => set(new).map(|()| true).map_err(TelemetryError::Config),
+        None => Ok(false),
+    }
+}
 
 /// Whether spans are exported (so span contexts are real OpenTelemetry contexts).
 pub fn tracing_enabled() -> bool {
@@ -184,9 +214,16 @@ impl Drop for Telemetry {
 /// in one process (tests) keeps the first subscriber and exports nothing more.
 pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
     settings.trace.validate()?;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{},{QUIET_TARGETS}", settings.log_filter)))
-        .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET_TARGETS}")));
+    let (filter, from_env) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, true),
+        Err(_) => (
+            filter_with_quiet_targets(settings.log_filter)
+                .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET_TARGETS}"))),
+            false,
+        ),
+    };
+    // Reloadable, so SIGHUP can change the level of a running server.
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     let json = match settings.log_style {
         LogStyle::Json => true,
         LogStyle::Text => false,
@@ -232,6 +269,12 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
         .with(otel)
         .try_init()
         .is_ok();
+    if installed {
+        FILTER_FROM_ENV.store(from_env, Ordering::Relaxed);
+        let _ = LOG_FILTER.set(Box::new(move |f| {
+            filter_handle.reload(f).map_err(|e| e.to_string())
+        }));
+    }
     if installed && exporting {
         TRACING_ENABLED.store(true, Ordering::Relaxed);
     } else {

@@ -75,7 +75,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let code = match run(config) {
+    let source = (args.config.clone(), flags);
+    let code = match run(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "kv-server failed");
@@ -88,12 +89,20 @@ fn main() -> ExitCode {
     code
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, (file, flags): (Option<PathBuf>, FlagOverrides)) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let server = capkv_server::Server::bind(config).await?;
+        // Reloads read the same sources as the start: file, environment, flags.
+        let shared = server.shared();
+        shared.set_config_loader(Box::new(move || Config::load(file.as_deref(), &flags)));
+        tokio::spawn(async move {
+            if let Err(e) = capkv_server::signals::reload_on_sighup(shared).await {
+                tracing::error!(error = %e, "cannot install the SIGHUP handler; reload only through Admin");
+            }
+        });
         let shutdown = async {
             if let Err(e) = capkv_server::signals::shutdown_requested().await {
                 tracing::error!(error = %e, "cannot install signal handlers; stopping");
