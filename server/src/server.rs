@@ -142,15 +142,25 @@ impl Server {
         let per_worker_queue = (config.limits.accept_queue / workers).max(1);
         let mut senders = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
+        let (ready_tx, mut ready_rx) = mpsc::channel::<()>(workers);
         for i in 0..workers {
             let (tx, rx) = mpsc::channel::<NewConn>(per_worker_queue);
             let shared = Arc::clone(&shared);
+            let ready = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("capkv-worker-{i}"))
-                .spawn(move || worker_main(i, rx, shared))
+                .spawn(move || worker_main(i, rx, shared, ready))
                 .map_err(ServerError::Worker)?;
             senders.push(tx);
             handles.push(handle);
+        }
+        drop(ready_tx);
+        // Announce `listening` only once every worker can serve (a worker that failed to
+        // start has logged why and dropped its sender).
+        for _ in 0..workers {
+            if ready_rx.recv().await.is_none() {
+                break;
+            }
         }
         let addr = listener.local_addr().unwrap_or(config.listen);
         tracing::info!(%addr, workers, engine = config.engine.name(), "listening");
@@ -264,7 +274,12 @@ impl Server {
     }
 }
 
-fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared>) {
+fn worker_main(
+    index: usize,
+    mut rx: mpsc::Receiver<NewConn>,
+    shared: Arc<Shared>,
+    ready: mpsc::Sender<()>,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -275,6 +290,9 @@ fn worker_main(index: usize, mut rx: mpsc::Receiver<NewConn>, shared: Arc<Shared
             return;
         }
     };
+    // Outside any runtime on this thread: a blocking send is allowed here.
+    let _ = ready.blocking_send(());
+    drop(ready);
     static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {

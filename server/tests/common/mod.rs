@@ -49,6 +49,15 @@ pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
     gw
 }
 
+/// Runs a `!Send` async body to its value on a current-thread runtime inside a `LocalSet`.
+pub fn local_result<T, F: std::future::Future<Output = T>>(f: F) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
 /// Runs a `!Send` test body on a current-thread runtime inside a `LocalSet`.
 pub fn local<F: std::future::Future<Output = ()>>(f: F) {
     let rt = tokio::runtime::Builder::new_current_thread()

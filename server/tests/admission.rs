@@ -1,0 +1,320 @@
+//! Admission control beyond the in-flight limits (tests/limits.rs): the bounded queue with
+//! its timeout, the per-token rate limit, the idle timeout, and a flood of idle or
+//! trickling sockets at twice max-connections against a real kv-server process, whose
+//! open file descriptors must return to their baseline.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capkv::ErrorCode;
+use capkv_client::{Client, ClientOptions, RetryPolicy};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
+/// Bound on every wait here; generous for a loaded CI machine.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A client that does not retry, so each refusal is seen as it is.
+async fn plain_client(addr: std::net::SocketAddr) -> Client {
+    let options = ClientOptions {
+        timeout: Duration::from_secs(10),
+        retry: RetryPolicy::none(),
+        ..ClientOptions::default()
+    };
+    Client::connect(&addr.to_string(), options)
+        .await
+        .expect("connect")
+}
+
+#[test]
+fn a_full_server_queues_calls_briefly_then_refuses() {
+    let mut config = common::test_config();
+    config.limits.max_in_flight = 1;
+    config.limits.queue_depth = 1;
+    config.limits.queue_timeout_ms = 200;
+    // Every get holds its slot for 600 ms.
+    config.faults.plan = "get latency=600ms".into();
+    let server = common::start(config);
+    let addr = server.addr();
+    let shared = server.shared();
+    common::local(async move {
+        let (a, b, c) = (
+            plain_client(addr).await,
+            plain_client(addr).await,
+            plain_client(addr).await,
+        );
+        // Make sure each connection is open (open is not delayed) before the race.
+        for cl in [&a, &b, &c] {
+            cl.put(b"k", b"v").await.unwrap();
+        }
+        let holder = tokio::task::spawn_local(async move { a.get(b"k").await });
+        // Wait (bounded) until the holder has the only slot.
+        let started = Instant::now();
+        while shared.in_flight() == 0 {
+            assert!(started.elapsed() < PATIENCE, "the get never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let queued = tokio::task::spawn_local(async move {
+            let t = Instant::now();
+            (b.put(b"k2", b"v").await, t.elapsed())
+        });
+        let third = tokio::task::spawn_local(async move {
+            let t = Instant::now();
+            (c.put(b"k3", b"v").await, t.elapsed())
+        });
+        let (r2, waited2) = queued.await.unwrap();
+        let (r3, waited3) = third.await.unwrap();
+        assert!(holder.await.unwrap().is_ok());
+        // One of the two puts waited in the queue and gave up at the queue timeout; the
+        // other found the queue full and was refused at once. (Which one is which depends
+        // on the order they arrived.)
+        let mut outcomes = [(r2, waited2), (r3, waited3)];
+        outcomes.sort_by_key(|(_, w)| *w);
+        let (fast, slow) = (&outcomes[0], &outcomes[1]);
+        let fast_err = fast.0.as_ref().unwrap_err();
+        let slow_err = slow.0.as_ref().unwrap_err();
+        assert_eq!(fast_err.code, ErrorCode::Overloaded, "{fast_err}");
+        assert!(fast_err.message.contains("queue_full"), "{fast_err}");
+        assert_eq!(slow_err.code, ErrorCode::Overloaded, "{slow_err}");
+        assert!(slow_err.message.contains("queue_timeout"), "{slow_err}");
+        assert!(slow_err.retry_after_ms > 0);
+        assert!(
+            slow.1 >= Duration::from_millis(150),
+            "gave up after {:?}, before the queue timeout",
+            slow.1
+        );
+        eprintln!(
+            "queue full refused after {:?}; queue timeout after {:?} (holder started {:?} ago)",
+            fast.1,
+            slow.1,
+            started.elapsed()
+        );
+    });
+}
+
+#[test]
+fn a_queued_call_is_served_when_a_slot_frees() {
+    let mut config = common::test_config();
+    config.limits.max_in_flight = 1;
+    config.limits.queue_timeout_ms = 5_000;
+    config.faults.plan = "get latency=200ms".into();
+    let server = common::start(config);
+    let addr = server.addr();
+    common::local(async move {
+        let (a, b) = (plain_client(addr).await, plain_client(addr).await);
+        a.put(b"k", b"v").await.unwrap();
+        b.put(b"k", b"v").await.unwrap();
+        let first = tokio::task::spawn_local(async move { a.get(b"k").await });
+        let second = tokio::task::spawn_local(async move { b.get(b"k").await });
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.await.unwrap().is_ok(), "the queued call was served");
+    });
+}
+
+#[test]
+fn the_rate_limit_is_per_token_and_reloadable() {
+    let mut config = common::test_config();
+    config.auth.token = Some(capkv_server::config::Secret::new("rate-token"));
+    config.limits.rate_per_token = 5;
+    config.limits.rate_burst = 5;
+    let server = common::start(config.clone());
+    let addr = server.addr();
+    let shared = server.shared();
+    common::local(async move {
+        let options = ClientOptions {
+            token: "rate-token".into(),
+            retry: RetryPolicy::none(),
+            ..ClientOptions::default()
+        };
+        let c1 = Client::connect(&addr.to_string(), options.clone())
+            .await
+            .unwrap();
+        let c2 = Client::connect(&addr.to_string(), options).await.unwrap();
+        // The bucket holds 5 (open is not charged); two connections share it.
+        let mut ok = 0;
+        let mut refused = None;
+        for i in 0..20 {
+            let c = if i % 2 == 0 { &c1 } else { &c2 };
+            match c.get(b"k").await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        // At 5/s, a refill may add one token during the loop on a slow machine.
+        assert!((5..=6).contains(&ok), "{ok} calls passed a bucket of 5");
+        let e = refused.expect("the bucket ran out");
+        assert_eq!(e.code, ErrorCode::Overloaded, "{e}");
+        assert!(e.message.contains("rate limit"), "{e}");
+        assert!(
+            (1..=200).contains(&e.retry_after_ms),
+            "retry after {} ms at 5/s",
+            e.retry_after_ms
+        );
+        // Lifting the limit by reload takes effect on the next call.
+        let mut lifted = config.clone();
+        lifted.limits.rate_per_token = 0;
+        let changes = shared.apply_config(lifted).unwrap();
+        assert!(changes.contains("limits changed"), "{changes}");
+        for _ in 0..50 {
+            c1.get(b"k").await.expect("no rate limit after the reload");
+        }
+    });
+}
+
+#[test]
+fn idle_connections_are_closed_and_busy_ones_kept() {
+    let mut config = common::test_config();
+    config.limits.idle_timeout_ms = 300;
+    let server = common::start(config);
+    let addr = server.addr();
+    // A socket that never sends a thing is closed by the server after the timeout.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(PATIENCE)).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    assert_eq!(idle.read(&mut buf).unwrap(), 0, "closed by the server");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    common::local(async move {
+        // A raw connection (no reconnects) calling every 100 ms for over 1 s stays open.
+        let gw = common::raw_gateway(addr).await;
+        for _ in 0..12 {
+            let mut req = gw.health_request();
+            req.get().init_ctx();
+            req.send().promise.await.expect("still connected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// What each open descriptor is, for a failure message.
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn twice_max_connections_of_idle_and_trickling_sockets() {
+    const MAX_CONNECTIONS: usize = 16;
+    let server = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--engine",
+            "memory",
+            "--workers",
+            "2",
+        ])
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "warn,capkv_server=info",
+        ])
+        .env("CAPKV_LIMITS__MAX_CONNECTIONS", MAX_CONNECTIONS.to_string())
+        .env("CAPKV_LIMITS__IDLE_TIMEOUT_MS", "1000")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kv-server");
+    let mut server = common::Proc(server);
+    let stderr = server.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let addr = common::listening_addr(&mut lines).expect("kv-server listening");
+    std::thread::spawn(move || for _ in lines {});
+    let pid = server.id();
+    let baseline = open_fds(pid);
+    let baseline_fds = fd_targets(pid);
+
+    // Half never send a byte; half trickle a frame header, a byte at a time.
+    let mut socks: Vec<TcpStream> = (0..2 * MAX_CONNECTIONS)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    for (i, s) in socks.iter_mut().enumerate() {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        if i % 2 == 1 {
+            let _ = s.write_all(&[0]);
+        }
+    }
+
+    // A well-behaved client now: refused at once, with words.
+    let t = Instant::now();
+    let refused = common::local_result(async {
+        let options = ClientOptions {
+            retry: RetryPolicy::none(),
+            ..ClientOptions::default()
+        };
+        let c = Client::connect(&addr, options).await?;
+        c.get(b"k").await.map(|_| ())
+    });
+    let took = t.elapsed();
+    let e = refused.expect_err("all connection slots are taken");
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+    assert!(e.message.contains("too many connections"), "{e}");
+    assert!(took < Duration::from_secs(2), "refusal took {took:?}");
+
+    // Trickle on while the idle timeout runs; every socket gets closed by the server
+    // (the refused ones at once, the accepted ones after 1 s without a call).
+    let mut closed = 0;
+    for s in socks.iter_mut() {
+        let _ = s.write_all(&[0]);
+        let mut buf = [0u8; 256];
+        let t = Instant::now();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the refusal's Abort frame
+            }
+            assert!(t.elapsed() < PATIENCE, "socket never closed");
+        }
+        closed += 1;
+    }
+    assert_eq!(closed, 2 * MAX_CONNECTIONS);
+    drop(socks);
+
+    // The server's descriptors return to their baseline (bounded poll).
+    let t = Instant::now();
+    while open_fds(pid) > baseline {
+        assert!(
+            t.elapsed() < PATIENCE,
+            "fds {:?} > baseline {baseline_fds:?}",
+            fd_targets(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And a well-behaved client is served again.
+    common::local_result(async {
+        let c = Client::connect(&addr, ClientOptions::default()).await?;
+        c.put(b"k", b"v").await.map(|_| ())
+    })
+    .expect("served once the idle sockets are gone");
+    eprintln!(
+        "{} sockets at max_connections={MAX_CONNECTIONS}: refusal in {took:?}; fds back to {baseline}",
+        2 * MAX_CONNECTIONS
+    );
+}
