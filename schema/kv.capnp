@@ -191,7 +191,7 @@ interface Admin {
   setFaults @0 (ctx :RequestContext, plan :Text) -> (result :FaultsResult);
   # Arms a fault plan, replacing the armed one; an empty plan clears it. The plan's text
   # form: items separated by `;`, an optional `seed=N` and rules
-  # `METHOD ACTION [p=P] [for=DURATION]`, METHOD a method name or `*` (every data method),
+  # `METHOD ACTION [p=P] [for=DURATION] [times=N]`, METHOD a method name or `*` (every data method),
   # ACTION one of `fail=CODE` (an ErrorCode name in snake_case, e.g. `unavailable`),
   # `latency=300ms[+-50ms]`, `stall`, `drop-reply` (do the work, then close the connection
   # instead of replying), `close` (close the connection first). Example:

@@ -189,7 +189,7 @@ pub enum AdminAction {
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum FaultsAction {
     /// Arm PLAN, e.g. 'seed=7; get fail=unavailable p=0.3; * latency=300ms for=1m'.
-    /// Rules: METHOD ACTION [p=P] [for=D]; ACTION: fail=CODE, latency=D[+-J], stall,
+    /// Rules: METHOD ACTION [p=P] [for=D] [times=N]; ACTION: fail=CODE, latency=D[+-J], stall,
     /// drop-reply, close.
     Set { plan: String },
     /// Print the armed plan.

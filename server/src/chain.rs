@@ -161,6 +161,14 @@ impl Method {
         }
     }
 
+    /// Methods that change stored data: never abandoned half-way by the drain.
+    pub fn changes_data(self) -> bool {
+        matches!(
+            self,
+            Method::Put | Method::Delete | Method::PutMany | Method::Increment
+        )
+    }
+
     /// Probes must keep answering while the server drains.
     fn served_while_draining(self) -> bool {
         matches!(self, Method::Health | Method::Version)
@@ -326,6 +334,9 @@ pub struct Shared {
     draining: AtomicBool,
     /// Woken when the last in-flight call finishes (the drain waits on it).
     idle: Notify,
+    /// Set, and waiters woken, when the drain timeout ends the calls still running.
+    abandon: AtomicBool,
+    abandon_notify: Notify,
     buckets: std::sync::Mutex<HashMap<[u8; 32], Arc<TokenBucket>>>,
     /// The config in force and how to read a new one (reload).
     pub(crate) reload: crate::reload::ReloadState,
@@ -425,6 +436,8 @@ impl Shared {
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
+            abandon: AtomicBool::new(false),
+            abandon_notify: Notify::new(),
             buckets: std::sync::Mutex::new(HashMap::new()),
             reload: crate::reload::ReloadState::new(config.clone()),
         }
@@ -483,6 +496,26 @@ impl Shared {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Ends every call still running that does not change data, with `unavailable`
+    /// (the drain timeout has passed).
+    pub fn abandon_remaining(&self) {
+        self.abandon.store(true, Ordering::Release);
+        self.abandon_notify.notify_waiters();
+    }
+
+    async fn abandoned(&self) {
+        loop {
+            // Register before checking, so a notification in between is not missed.
+            let notified = self.abandon_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.abandon.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -642,7 +675,25 @@ impl Shared {
             r
         };
         // 6. work
-        match tokio::time::timeout_at(deadline, faulted_work).await {
+        let bounded = tokio::time::timeout_at(deadline, faulted_work);
+        let outcome = if method.changes_data() {
+            // A write is never abandoned: its outcome would be unknown. One still running
+            // when the drain gives up ends with its connection.
+            bounded.await
+        } else {
+            tokio::select! {
+                r = bounded => r,
+                () = self.abandoned() => {
+                    self.reject("drain_timeout");
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "server is shutting down: the drain timeout ended this call",
+                    )
+                    .with_retry_after_ms(DRAINING_RETRY_AFTER_MS));
+                }
+            }
+        };
+        match outcome {
             Ok(r) => r,
             Err(_) => {
                 // Dropping the work future here is what stops the work.

@@ -250,6 +250,16 @@ impl Server {
         let left = shared.wait_idle(drain_timeout).await;
         if left > 0 {
             tracing::warn!(in_flight = left, "drain timeout: ending remaining calls");
+            // Reads end with `unavailable` now; their replies get a moment to leave before
+            // connections close. Writes still running end with their connection.
+            shared.abandon_remaining();
+            let still = shared.wait_idle(ABANDON_GRACE).await;
+            if still > 0 {
+                tracing::warn!(
+                    in_flight = still,
+                    "closing connections with writes still running"
+                );
+            }
         }
         // Closing the channels tells each worker to close its connections and stop.
         drop(senders);
@@ -379,6 +389,9 @@ fn abort_frame(reason: &str) -> Vec<u8> {
     }
     capnp::serialize::write_message_to_words(&msg)
 }
+
+/// After the drain timeout, how long abandoned calls get to send their replies.
+const ABANDON_GRACE: Duration = Duration::from_millis(200);
 
 /// A server running on a thread of its own, for tests and embedding.
 pub struct RunningServer {

@@ -318,3 +318,48 @@ fn twice_max_connections_of_idle_and_trickling_sockets() {
         2 * MAX_CONNECTIONS
     );
 }
+
+#[test]
+fn the_drain_timeout_ends_a_stalled_read_with_a_clear_error() {
+    let mut config = common::test_config();
+    config.shutdown.drain_timeout_ms = 300;
+    config.faults.plan = "get stall".into();
+    let server = common::start(config);
+    let addr = server.addr();
+    let shared = server.shared();
+    let (put_done, put_done_rx) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        common::local_result(async move {
+            let c = plain_client(addr).await;
+            c.put(b"k", b"v").await.expect("puts are not stalled");
+            let _ = put_done.send(());
+            c.get(b"k").await
+        })
+    });
+    // Wait (bounded) until the put is done and the get is in flight, stalled.
+    put_done_rx
+        .recv_timeout(PATIENCE)
+        .expect("the put finished");
+    let t = Instant::now();
+    while shared.in_flight() == 0 {
+        assert!(t.elapsed() < PATIENCE, "the get never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t = Instant::now();
+    server.stop().expect("clean stop");
+    let stopped_after = t.elapsed();
+    let e = client
+        .join()
+        .unwrap()
+        .expect_err("a stalled get never succeeds");
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+    assert!(e.message.contains("drain timeout"), "{e}");
+    assert!(
+        !e.outcome_unknown,
+        "a reply, not a dropped connection: {e:?}"
+    );
+    assert!(
+        stopped_after >= Duration::from_millis(300),
+        "stopped after {stopped_after:?}, before the drain timeout"
+    );
+}
