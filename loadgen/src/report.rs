@@ -16,11 +16,16 @@ fn errors(o: &crate::stats::OpSummary) -> String {
     if o.errors.is_empty() {
         "0".into()
     } else {
-        o.errors
+        let counts = o
+            .errors
             .iter()
             .map(|(c, n)| format!("{c}={n}"))
             .collect::<Vec<_>>()
-            .join(",")
+            .join(",");
+        match &o.error_latency {
+            Some(l) => format!("{counts} (p50 {}, p99 {})", ms(l.p50_us), ms(l.p99_us)),
+            None => counts,
+        }
     }
 }
 

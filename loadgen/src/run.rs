@@ -524,8 +524,7 @@ async fn open_loop(
         let measured = intended >= w.measure_from;
         if outstanding[c].get() >= cfg.max_outstanding {
             if measured {
-                rec.borrow_mut()
-                    .record(kind, Instant::now() - intended, Some("client_backlog"));
+                rec.borrow_mut().record_dropped(kind);
             }
             continue;
         }

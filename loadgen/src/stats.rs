@@ -20,10 +20,14 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("constant histogram bounds are valid")
 }
 
-/// Latencies and errors of one operation kind.
+/// Latencies and errors of one operation kind. Successes and errors are kept apart: under
+/// overload the admitted calls' latency and how fast refusals come are different answers.
 #[derive(Clone)]
 pub struct OpStats {
+    /// Successful calls.
     pub latency: Histogram<u64>,
+    /// Failed calls (any code).
+    pub error_latency: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
 }
 
@@ -31,7 +35,19 @@ impl Default for OpStats {
     fn default() -> Self {
         Self {
             latency: histogram(),
+            error_latency: histogram(),
             errors: BTreeMap::new(),
+        }
+    }
+}
+
+impl OpStats {
+    fn add(&mut self, other: &OpStats) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        let _ = self.error_latency.add(&other.error_latency);
+        for (code, n) in &other.errors {
+            *self.errors.entry(code.clone()).or_default() += n;
         }
     }
 }
@@ -70,10 +86,26 @@ impl Recorder {
         let ns = (latency.as_nanos() as u64).clamp(1, MAX_LATENCY_NS);
         let op = self.op(kind);
         // Cannot fail: the value is clamped into the histogram's bounds.
-        let _ = op.latency.record(ns);
-        if let Some(code) = error {
-            *op.errors.entry(code.to_string()).or_default() += 1;
+        match error {
+            None => {
+                let _ = op.latency.record(ns);
+            }
+            Some(code) => {
+                let _ = op.error_latency.record(ns);
+                *op.errors.entry(code.to_string()).or_default() += 1;
+            }
         }
+    }
+
+    /// A due call the load generator itself could not send (its connection's backlog was
+    /// full): an error of the generator, counted, with no latency (no server answered).
+    pub fn record_dropped(&mut self, kind: OpKind) {
+        self.calls += 1;
+        *self
+            .op(kind)
+            .errors
+            .entry("client_backlog".into())
+            .or_default() += 1;
     }
 
     pub fn record_lag(&mut self, lag: Duration) {
@@ -83,13 +115,8 @@ impl Recorder {
     }
 
     pub fn merge(&mut self, other: &Recorder) {
-        for (mine, theirs) in [(&mut self.get, &other.get), (&mut self.put, &other.put)] {
-            // Same bounds on both sides, so adding cannot fail.
-            let _ = mine.latency.add(&theirs.latency);
-            for (code, n) in &theirs.errors {
-                *mine.errors.entry(code.clone()).or_default() += n;
-            }
-        }
+        self.get.add(&other.get);
+        self.put.add(&other.put);
         match (&mut self.send_lag, &other.send_lag) {
             (Some(a), Some(b)) => {
                 let _ = a.add(b);
@@ -141,19 +168,22 @@ pub struct OpSummary {
     /// Successful calls per second.
     pub ok_per_sec: f64,
     pub errors: BTreeMap<String, u64>,
+    /// Latency of the successful calls.
     pub latency: Latency,
+    /// Latency of the failed calls (how fast a refusal arrives), when there were any.
+    pub error_latency: Option<Latency>,
 }
 
 impl OpSummary {
     pub fn of(op: &'static str, s: &OpStats, window: Duration) -> Self {
-        let calls = s.latency.len();
-        let errors: u64 = s.errors.values().sum();
+        let ok = s.latency.len();
         Self {
             op,
-            calls,
-            ok_per_sec: calls.saturating_sub(errors) as f64 / window.as_secs_f64().max(1e-9),
+            calls: ok + s.errors.values().sum::<u64>(),
+            ok_per_sec: ok as f64 / window.as_secs_f64().max(1e-9),
             errors: s.errors.clone(),
             latency: Latency::of(&s.latency),
+            error_latency: (!s.error_latency.is_empty()).then(|| Latency::of(&s.error_latency)),
         }
     }
 
@@ -165,15 +195,11 @@ impl OpSummary {
 /// The summaries of a recorder: get, put, and both together.
 pub fn summarize(r: &Recorder, window: Duration) -> Vec<OpSummary> {
     let mut all = OpStats::default();
-    for s in [&r.get, &r.put] {
-        let _ = all.latency.add(&s.latency);
-        for (code, n) in &s.errors {
-            *all.errors.entry(code.clone()).or_default() += n;
-        }
-    }
+    all.add(&r.get);
+    all.add(&r.put);
     let mut out = Vec::new();
     for (name, s) in [("get", &r.get), ("put", &r.put)] {
-        if !s.latency.is_empty() {
+        if !s.latency.is_empty() || !s.error_latency.is_empty() {
             out.push(OpSummary::of(name, s, window));
         }
     }
@@ -218,6 +244,10 @@ mod tests {
         assert_eq!(all.calls, 3);
         assert_eq!(all.error_count(), 1);
         assert!((all.ok_per_sec - 2.0).abs() < 1e-9);
+        // The refusal's latency is kept apart from the successes'.
+        let e = all.error_latency.expect("one error");
+        assert!((e.max_us - 20.0).abs() < 0.1, "{e:?}");
+        assert!(all.latency.p50_us > 9.0 && all.latency.p50_us < 11.0);
         assert!(
             all.latency.max_us <= MAX_LATENCY_NS as f64 / 1e3 * 1.001,
             "clamped"

@@ -260,8 +260,10 @@ impl Default for LimitsConfig {
             max_in_flight: 8192,
             max_in_flight_per_connection: 256,
             accept_queue: 1024,
-            queue_depth: 1024,
-            queue_timeout_ms: 20,
+            // Short: a refusal is worth more to a caller quickly (it can go elsewhere or
+            // back off) than a slot 20 ms later; bench/overload.sh measures it.
+            queue_depth: 256,
+            queue_timeout_ms: 2,
             idle_timeout_ms: 300_000,
             rate_per_token: 0,
             rate_burst: 0,

@@ -363,3 +363,117 @@ fn the_drain_timeout_ends_a_stalled_read_with_a_clear_error() {
         "stopped after {stopped_after:?}, before the drain timeout"
     );
 }
+
+/// Peak resident set (VmHWM) of a process, in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[test]
+fn many_clients_at_the_value_limit_keep_memory_bounded_and_small_calls_served() {
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 8;
+    let server = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--engine",
+            "memory",
+            "--workers",
+            "2",
+        ])
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "warn,capkv_server=info",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kv-server");
+    let mut server = common::Proc(server);
+    let stderr = server.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let addr = common::listening_addr(&mut lines).expect("kv-server listening");
+    std::thread::spawn(move || for _ in lines {});
+    let pid = server.id();
+    let before = peak_rss_bytes(pid);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let limit = capkv::Limits::default().max_value_bytes;
+    let (canary_calls, canary_failures, canary_max) = rt.block_on(async {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..CLIENTS {
+            let addr = addr.clone();
+            writers.push(tokio::spawn(async move {
+                let options = ClientOptions {
+                    timeout: Duration::from_secs(60),
+                    ..ClientOptions::default()
+                };
+                let c = Client::connect(&addr, options).await.expect("connect");
+                let value = vec![w as u8; limit];
+                for _ in 0..ROUNDS {
+                    c.put(format!("big{w}").as_bytes(), &value)
+                        .await
+                        .expect("a value at the limit is accepted");
+                }
+            }));
+        }
+        let canary = {
+            let (addr, done) = (addr.clone(), std::sync::Arc::clone(&done));
+            tokio::spawn(async move {
+                let c = Client::connect(&addr, ClientOptions::default())
+                    .await
+                    .expect("connect");
+                let (mut calls, mut failures, mut max) = (0u64, 0u64, Duration::ZERO);
+                // Bounded: until the writers are done, at most 1,000,000 calls.
+                while !done.load(std::sync::atomic::Ordering::Acquire) && calls < 1_000_000 {
+                    let t = Instant::now();
+                    if c.get(b"small").await.is_err() {
+                        failures += 1;
+                    }
+                    max = max.max(t.elapsed());
+                    calls += 1;
+                }
+                (calls, failures, max)
+            })
+        };
+        for w in writers {
+            w.await.expect("writer");
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        canary.await.expect("canary")
+    });
+    let peak = peak_rss_bytes(pid);
+    assert!(kill_zero(pid), "the server is up");
+    assert_eq!(canary_failures, 0, "small calls kept being served");
+    assert!(canary_calls > 0);
+    // 32 MiB stored plus what is in flight: the bound is generous, the figure reported.
+    assert!(
+        peak < 1024 * 1024 * 1024,
+        "peak RSS {} MiB",
+        peak / (1024 * 1024)
+    );
+    eprintln!(
+        "{CLIENTS} clients x {ROUNDS} puts of {limit} bytes: server peak RSS {} MiB \
+         (at start {} MiB); canary: {canary_calls} gets, 0 failed, slowest {canary_max:?}",
+        peak / (1024 * 1024),
+        before / (1024 * 1024)
+    );
+}
+
+fn kill_zero(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
