@@ -228,6 +228,8 @@ pub struct Tunables {
     queue_timeout: Duration,
     /// A connection without calls for this long is closed.
     pub idle_timeout: Option<Duration>,
+    /// The frame layer's limits for new connections.
+    pub frames: Arc<crate::frames::FrameLimits>,
     /// (calls per second, bucket size) per token; `None` = unlimited.
     rate: Option<(f64, f64)>,
 }
@@ -276,6 +278,12 @@ impl Tunables {
             queue_depth: l.queue_depth,
             queue_timeout: Duration::from_millis(l.queue_timeout_ms),
             idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
+            frames: Arc::new(crate::frames::FrameLimits {
+                // The largest legal request plus the largest segment table.
+                max_frame_bytes: config.protocol_limits().max_request_bytes() + 4096,
+                frame_timeout: Duration::from_millis(l.frame_timeout_ms),
+                reader_options: config.protocol_limits().request_reader_options(),
+            }),
             rate,
         }
     }
@@ -340,6 +348,8 @@ pub struct Shared {
     buckets: std::sync::Mutex<HashMap<[u8; 32], Arc<TokenBucket>>>,
     /// The config in force and how to read a new one (reload).
     pub(crate) reload: crate::reload::ReloadState,
+    /// Bytes held by partially received large messages, server-wide (not reloadable).
+    pub frame_budget: Arc<crate::frames::FrameBudget>,
 }
 
 /// One client connection, owned by the worker thread serving it.
@@ -440,6 +450,9 @@ impl Shared {
             abandon_notify: Notify::new(),
             buckets: std::sync::Mutex::new(HashMap::new()),
             reload: crate::reload::ReloadState::new(config.clone()),
+            frame_budget: Arc::new(crate::frames::FrameBudget::new(
+                config.limits.frame_budget_bytes,
+            )),
         }
     }
 

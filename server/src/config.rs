@@ -167,6 +167,11 @@ pub struct LimitsConfig {
     /// Calls a token may make at once above its rate (the bucket's size); 0 = one second's
     /// worth.
     pub rate_burst: u32,
+    /// Time a message that has started arriving has to arrive completely.
+    pub frame_timeout_ms: u64,
+    /// Bytes all partially received large messages (> 64 KiB) may hold together; past it
+    /// their connections wait for room.
+    pub frame_budget_bytes: usize,
 }
 
 /// Knobs of the RocksDB engine (ignored by `memory`).
@@ -267,6 +272,8 @@ impl Default for LimitsConfig {
             idle_timeout_ms: 300_000,
             rate_per_token: 0,
             rate_burst: 0,
+            frame_timeout_ms: 10_000,
+            frame_budget_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -412,6 +419,9 @@ impl Config {
             || l.accept_queue == 0
         {
             return fail("limits.max_connections, max_in_flight, max_in_flight_per_connection and accept_queue must be > 0");
+        }
+        if l.frame_timeout_ms == 0 || l.frame_budget_bytes < l.max_key_bytes + l.max_value_bytes {
+            return fail("limits.frame_timeout_ms must be > 0 and limits.frame_budget_bytes must hold one largest request");
         }
         if l.queue_timeout_ms > 10_000 {
             return fail("limits.queue_timeout_ms must be at most 10000");

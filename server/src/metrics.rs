@@ -10,6 +10,7 @@ pub const REQUEST_DURATION_SECONDS: &str = "capkv_request_duration_seconds";
 pub const IN_FLIGHT: &str = "capkv_in_flight_requests";
 pub const CONNECTIONS: &str = "capkv_connections";
 pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
+pub const PARTIAL_FRAME_BYTES: &str = "capkv_partial_frame_bytes";
 pub const CONFIG_RELOADS_TOTAL: &str = "capkv_config_reloads_total";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "capkv_connections_closed_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
@@ -135,7 +136,11 @@ pub fn install_recorder(
     );
     metrics::describe_counter!(
         CONNECTIONS_CLOSED_TOTAL,
-        "Connections the server closed itself, by reason (idle)."
+        "Connections the server closed itself, by reason (idle, or a frame-layer breach: frame_too_large, too_many_segments, frame_timeout, undecodable, unsupported_message, cap_table_too_long, bootstrap_flood)."
+    );
+    metrics::describe_gauge!(
+        PARTIAL_FRAME_BYTES,
+        "Bytes held by partially received large messages, server-wide (limits.frame_budget_bytes)."
     );
     Ok(handle)
 }

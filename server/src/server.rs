@@ -21,12 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capkv::kv_capnp::gateway;
-use capnp_rpc::{rpc_twoparty_capnp, Disconnector, RpcSystem};
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, Disconnector, RpcSystem};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::chain::{Conn, Shared};
 use crate::config::{Config, Engine};
+use crate::frames::{BreachCell, GuardedReader};
 use crate::metrics as m;
 use crate::rpc::GatewayImpl;
 
@@ -180,6 +182,8 @@ impl Server {
                         Ok(st) => m::record_store_stats(&st),
                         Err(e) => tracing::warn!(error = %e, "reading storage statistics failed"),
                     }
+                    metrics::gauge!(m::PARTIAL_FRAME_BYTES)
+                        .set(shared.frame_budget.used_bytes() as f64);
                     // The recorder's periodic housekeeping (histogram buffers).
                     if let Some(h) = &upkeep {
                         h.run_upkeep();
@@ -316,10 +320,21 @@ fn worker_main(
                     continue;
                 }
             };
-            let network = capkv::transport::vat_network(
-                stream,
+            // Nothing reaches the RPC system before the frame layer has checked it.
+            let tunables = shared.tunables();
+            let (read_half, write_half) = stream.into_split();
+            let breach: BreachCell = Rc::default();
+            let reader = GuardedReader::new(
+                read_half.compat(),
+                Arc::clone(&tunables.frames),
+                Arc::clone(&shared.frame_budget),
+                Rc::clone(&breach),
+            );
+            let network = twoparty::VatNetwork::new(
+                reader,
+                capkv::transport::CoalescingWriter::new(write_half.compat_write()),
                 rpc_twoparty_capnp::Side::Server,
-                shared.tunables().limits.request_reader_options(),
+                tunables.limits.request_reader_options(),
             );
             let conn = Rc::new(Conn::new(id, job.peer));
             let gateway: gateway::Client =
@@ -343,6 +358,10 @@ fn worker_main(
                         metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
                         tracing::info!(conn = id, %peer, "connection closed: idle timeout");
                     }
+                }
+                if let Some(b) = breach.get() {
+                    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => b.label()).increment(1);
+                    tracing::warn!(conn = id, %peer, reason = b.label(), "connection closed: hostile or broken message");
                 }
                 live2.borrow_mut().remove(&id);
                 drop(open_guard);

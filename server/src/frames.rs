@@ -1,0 +1,466 @@
+//! The frame layer between a client's socket and the RPC system: nothing a peer sends
+//! reaches capnp-rpc until it is a whole, checked message.
+//!
+//! Why: capnp-rpc trusts the framing. A segment table declaring 64 MiB makes its reader
+//! allocate 64 MiB before a byte of data arrives; a 184-byte `Call` whose cap table lists
+//! 8 million empty structs makes it build a 128 MiB vector; an unknown message kind is
+//! echoed back at full size inside `Unimplemented`. A few cheap frames per connection, many
+//! connections, and the server holds gigabytes. So each connection's bytes pass through a
+//! [`GuardedReader`], which:
+//!
+//! 1. reads the segment table first and refuses a frame declaring more than the largest
+//!    legal request (or more than 512 segments) before holding any of it;
+//! 2. holds a frame's bytes only as they arrive (never by declared size), charging a large
+//!    frame's bytes to one server-wide [`FrameBudget`]; when the budget is full, a large
+//!    frame waits for room (backpressure on that connection; small frames are never held
+//!    up, so small calls keep flowing);
+//! 3. gives a frame that has started arriving `frame_timeout` to complete (slow senders);
+//! 4. checks each complete frame: it decodes under the request reader limits, is a message
+//!    kind a client may send (`call`, `return`, `finish`, `resolve`, `release`,
+//!    `disembargo`, `bootstrap` — at most a few —, `abort`), and carries a cap table of at
+//!    most [`MAX_CAP_TABLE`] entries;
+//! 5. on any breach, sends the peer an RPC `Abort` saying why (a few bytes, never an echo)
+//!    and ends the connection; `capkv_connections_closed_total{reason}` counts it.
+//!
+//! Only then are the frame's bytes handed to the VatNetwork, which decodes them again.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use capnp_rpc::rpc_capnp::message;
+use futures::io::AsyncRead;
+use tokio::time::{Instant, Sleep};
+
+/// Most entries a cap table of a client message may have. capkv's calls carry no
+/// capabilities at all; a few leave room for pipelined promises.
+pub const MAX_CAP_TABLE: u32 = 16;
+/// `Bootstrap` requests one connection may make (the client makes one).
+pub const MAX_BOOTSTRAPS: u32 = 8;
+/// capnp's own bound on segments per message.
+const MAX_SEGMENTS: usize = 512;
+/// Frames up to this size are not charged to the budget: they never wait, and one
+/// connection holds at most one of them partially.
+const SMALL_FRAME_BYTES: usize = 64 * 1024;
+/// Bytes read from the socket per read call.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Validated bytes waiting for the VatNetwork before this reader stops reading: one
+/// frame of slack, so a peer cannot make the server buffer many checked frames either.
+const MAX_READY_BYTES: usize = 256 * 1024;
+
+/// Why a connection was closed by the frame layer (also the metric's `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breach {
+    FrameTooLarge,
+    TooManySegments,
+    FrameTimeout,
+    Undecodable,
+    UnsupportedMessage,
+    CapTableTooLong,
+    BootstrapFlood,
+}
+
+impl Breach {
+    pub fn label(self) -> &'static str {
+        match self {
+            Breach::FrameTooLarge => "frame_too_large",
+            Breach::TooManySegments => "too_many_segments",
+            Breach::FrameTimeout => "frame_timeout",
+            Breach::Undecodable => "undecodable",
+            Breach::UnsupportedMessage => "unsupported_message",
+            Breach::CapTableTooLong => "cap_table_too_long",
+            Breach::BootstrapFlood => "bootstrap_flood",
+        }
+    }
+
+    /// What the peer is told in the `Abort`.
+    fn reason(self) -> &'static str {
+        match self {
+            Breach::FrameTooLarge => "message too large for this server",
+            Breach::TooManySegments => "message with too many segments",
+            Breach::FrameTimeout => "message not completed in time",
+            Breach::Undecodable => "message does not decode within the server's limits",
+            Breach::UnsupportedMessage => "message kind not supported by this server",
+            Breach::CapTableTooLong => "capability table too long",
+            Breach::BootstrapFlood => "too many bootstrap requests",
+        }
+    }
+}
+
+/// Limits of the frame layer (from `[limits]`).
+#[derive(Debug, Clone)]
+pub struct FrameLimits {
+    /// Largest frame, header included.
+    pub max_frame_bytes: usize,
+    /// Time a started frame has to arrive completely.
+    pub frame_timeout: Duration,
+    /// How frames are decoded for checking (the request reader options).
+    pub reader_options: capnp::message::ReaderOptions,
+}
+
+/// Bytes held by partially received large frames, over all connections.
+pub struct FrameBudget {
+    max_bytes: usize,
+    used: AtomicUsize,
+    /// Readers waiting for room; woken together when bytes are released. At most one
+    /// entry per connection.
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl FrameBudget {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            used: AtomicUsize::new(0),
+            waiting: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    fn try_charge(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.max_bytes).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiting {
+            w.wake();
+        }
+    }
+
+    fn wait(&self, waker: &Waker) {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.iter().any(|x| x.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+    }
+}
+
+/// What the connection learns when the frame layer ends it.
+pub type BreachCell = std::rc::Rc<std::cell::Cell<Option<Breach>>>;
+
+/// The read side of a connection, able to push a few bytes back to the peer without
+/// waiting (the `Abort` that says why the connection ends).
+pub trait PeerReader: AsyncRead + Unpin {
+    fn try_send(&self, bytes: &[u8]);
+}
+
+impl PeerReader for tokio_util::compat::Compat<tokio::net::tcp::OwnedReadHalf> {
+    fn try_send(&self, bytes: &[u8]) {
+        // Best effort and never blocking: a full socket buffer just loses the reason.
+        let _ = self.get_ref().as_ref().try_write(bytes);
+    }
+}
+
+/// An `AsyncRead` that yields only whole, checked frames (see the module docs).
+pub struct GuardedReader<R> {
+    inner: R,
+    limits: std::sync::Arc<FrameLimits>,
+    budget: std::sync::Arc<FrameBudget>,
+    /// Bytes of the frame being received (and possibly the start of the next).
+    pending: Vec<u8>,
+    /// Bytes of `pending` charged to the budget.
+    charged: usize,
+    /// Checked bytes not yet read by the VatNetwork.
+    ready: VecDeque<u8>,
+    /// When the frame being received must be complete.
+    deadline: Option<Pin<Box<Sleep>>>,
+    bootstraps: u32,
+    breach: BreachCell,
+    eof: bool,
+}
+
+impl<R: PeerReader> GuardedReader<R> {
+    pub fn new(
+        inner: R,
+        limits: std::sync::Arc<FrameLimits>,
+        budget: std::sync::Arc<FrameBudget>,
+        breach: BreachCell,
+    ) -> Self {
+        Self {
+            inner,
+            limits,
+            budget,
+            pending: Vec::new(),
+            charged: 0,
+            ready: VecDeque::new(),
+            deadline: None,
+            bootstraps: 0,
+            breach,
+            eof: false,
+        }
+    }
+
+    fn fail(&mut self, b: Breach) -> io::Error {
+        if self.breach.get().is_none() {
+            self.breach.set(Some(b));
+            self.inner.try_send(&abort_frame(b.reason()));
+        }
+        self.drop_pending();
+        io::Error::new(io::ErrorKind::InvalidData, b.reason())
+    }
+
+    fn drop_pending(&mut self) {
+        self.pending = Vec::new();
+        self.budget.release(std::mem::take(&mut self.charged));
+        self.deadline = None;
+    }
+
+    /// Moves every complete frame at the front of `pending` to `ready`, checking each.
+    fn take_frames(&mut self) -> Result<(), Breach> {
+        loop {
+            let Some(size) = frame_size(&self.pending, self.limits.max_frame_bytes)? else {
+                return Ok(());
+            };
+            if self.pending.len() < size {
+                return Ok(());
+            }
+            if check_frame(&self.pending[..size], self.limits.reader_options)? {
+                self.bootstraps += 1;
+                if self.bootstraps > MAX_BOOTSTRAPS {
+                    return Err(Breach::BootstrapFlood);
+                }
+            }
+            self.ready.extend(self.pending.drain(..size));
+            // The next frame (if any) starts its own clock and its own charge.
+            self.deadline = None;
+            let held = self.pending.len();
+            if self.charged > held {
+                self.budget.release(self.charged - held);
+                self.charged = held;
+            }
+        }
+    }
+}
+
+/// Checks one complete frame (see the module docs); `Ok(true)` for a `Bootstrap`.
+pub fn check_frame(frame: &[u8], options: capnp::message::ReaderOptions) -> Result<bool, Breach> {
+    let msg = capnp::serialize::read_message_from_flat_slice(&mut &frame[..], options)
+        .map_err(|_| Breach::Undecodable)?;
+    let root: message::Reader<'_> = msg.get_root().map_err(|_| Breach::Undecodable)?;
+    let cap_table_len = |payload: capnp::Result<capnp_rpc::rpc_capnp::payload::Reader<'_>>| {
+        payload
+            .and_then(|p| p.get_cap_table())
+            .map(|t| t.len())
+            .map_err(|_| Breach::Undecodable)
+    };
+    match root.which().map_err(|_| Breach::UnsupportedMessage)? {
+        message::Call(c) => {
+            let c = c.map_err(|_| Breach::Undecodable)?;
+            if cap_table_len(c.get_params())? > MAX_CAP_TABLE {
+                return Err(Breach::CapTableTooLong);
+            }
+        }
+        message::Return(r) => {
+            let r = r.map_err(|_| Breach::Undecodable)?;
+            if let Ok(capnp_rpc::rpc_capnp::return_::Results(p)) = r.which() {
+                if cap_table_len(p)? > MAX_CAP_TABLE {
+                    return Err(Breach::CapTableTooLong);
+                }
+            }
+        }
+        message::Bootstrap(_) => return Ok(true),
+        message::Finish(_)
+        | message::Resolve(_)
+        | message::Release(_)
+        | message::Disembargo(_)
+        | message::Abort(_) => {}
+        _ => return Err(Breach::UnsupportedMessage),
+    }
+    Ok(false)
+}
+
+/// The size of the frame at the start of `buf` (header included), once its segment table
+/// is there; a breach if it declares too much.
+fn frame_size(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, Breach> {
+    let word = |i: usize| -> Option<usize> {
+        buf.get(i * 4..i * 4 + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let Some(first) = word(0) else {
+        return Ok(None);
+    };
+    let segments = first.saturating_add(1);
+    if segments > MAX_SEGMENTS {
+        return Err(Breach::TooManySegments);
+    }
+    // Segment count word + one size word per segment, padded to a whole 8-byte word.
+    let header = (4 + 4 * segments).next_multiple_of(8);
+    if header > max_frame_bytes {
+        return Err(Breach::FrameTooLarge);
+    }
+    let mut total = header;
+    for s in 0..segments {
+        let Some(words) = word(1 + s) else {
+            return Ok(None);
+        };
+        total = total.saturating_add(words.saturating_mul(8));
+        if total > max_frame_bytes {
+            return Err(Breach::FrameTooLarge);
+        }
+    }
+    Ok(Some(total))
+}
+
+impl<R: PeerReader> AsyncRead for GuardedReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        loop {
+            if !this.ready.is_empty() {
+                let n = dst.len().min(this.ready.len());
+                for (d, s) in dst.iter_mut().zip(this.ready.drain(..n)) {
+                    *d = s;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            if this.breach.get().is_some() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "connection closed by the frame layer",
+                )));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(0));
+            }
+            // A started frame must complete in time.
+            if let Some(d) = this.deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(this.fail(Breach::FrameTimeout)));
+                }
+            }
+            // A large frame's bytes need room in the server-wide budget first.
+            let size = match frame_size(&this.pending, this.limits.max_frame_bytes) {
+                Ok(s) => s,
+                Err(b) => return Poll::Ready(Err(this.fail(b))),
+            };
+            let want = match size {
+                Some(total) => (total - this.pending.len().min(total)).clamp(1, READ_CHUNK_BYTES),
+                None => READ_CHUNK_BYTES,
+            };
+            let large = size.is_some_and(|t| t > SMALL_FRAME_BYTES);
+            if large && this.pending.len() + want > this.charged {
+                let need = this.pending.len() + want - this.charged;
+                if !this.budget.try_charge(need) {
+                    this.budget.wait(cx.waker());
+                    // Re-check after registering: room may have come in between.
+                    if !this.budget.try_charge(need) {
+                        return Poll::Pending;
+                    }
+                }
+                this.charged += need;
+            }
+            let mut chunk = [0u8; READ_CHUNK_BYTES];
+            let n = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk[..want]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => n,
+            };
+            if n == 0 {
+                // A peer closing mid-frame just ends the connection.
+                this.eof = true;
+                this.drop_pending();
+                continue;
+            }
+            if this.pending.is_empty() {
+                let mut sleep = Box::pin(tokio::time::sleep_until(
+                    Instant::now() + this.limits.frame_timeout,
+                ));
+                // Register the timer with this task now.
+                let _ = sleep.as_mut().poll(cx);
+                this.deadline = Some(sleep);
+            }
+            this.pending.extend_from_slice(&chunk[..n]);
+            if let Err(b) = this.take_frames() {
+                return Poll::Ready(Err(this.fail(b)));
+            }
+            if this.pending.is_empty() {
+                this.deadline = None;
+            }
+            if this.ready.len() > MAX_READY_BYTES {
+                // Hand over what is checked before reading more.
+                continue;
+            }
+        }
+    }
+}
+
+impl<R> Drop for GuardedReader<R> {
+    fn drop(&mut self) {
+        self.budget.release(std::mem::take(&mut self.charged));
+    }
+}
+
+/// A Cap'n Proto RPC `Abort` message saying `reason` (type `failed`), framed for the wire.
+pub fn abort_frame(reason: &str) -> Vec<u8> {
+    let mut msg = capnp::message::Builder::new_default();
+    {
+        let root = msg.init_root::<message::Builder<'_>>();
+        let mut ex = root.init_abort();
+        ex.set_reason(reason);
+        ex.set_type(capnp_rpc::rpc_capnp::exception::Type::Failed);
+    }
+    capnp::serialize::write_message_to_words(&msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_sizes_from_segment_tables() {
+        let max = 1 << 20;
+        // One segment of 2 words: 8-byte header + 16 bytes.
+        let mut one = vec![0, 0, 0, 0, 2, 0, 0, 0];
+        assert_eq!(frame_size(&one[..4], max), Ok(None));
+        assert_eq!(frame_size(&one, max), Ok(Some(24)));
+        one.extend_from_slice(&[0; 16]);
+        assert_eq!(frame_size(&one, max), Ok(Some(24)));
+        // Two segments: 4 + 8 bytes, padded to 16.
+        let two = [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0];
+        assert_eq!(frame_size(&two, max), Ok(Some(16 + 16)));
+        // Declared sizes past the maximum are refused before any data.
+        let huge = [0, 0, 0, 0, 0xff, 0xff, 0x7f, 0];
+        assert_eq!(frame_size(&huge, max), Err(Breach::FrameTooLarge));
+        let many = 600u32.to_le_bytes();
+        assert_eq!(frame_size(&many, max), Err(Breach::TooManySegments));
+        assert_eq!(
+            frame_size(&u32::MAX.to_le_bytes(), max),
+            Err(Breach::TooManySegments)
+        );
+    }
+
+    #[test]
+    fn the_budget_charges_releases_and_wakes() {
+        let b = FrameBudget::new(100);
+        assert!(b.try_charge(60));
+        assert!(!b.try_charge(50));
+        let waker = futures::task::noop_waker();
+        b.wait(&waker);
+        b.wait(&waker);
+        assert_eq!(b.waiting.lock().unwrap().len(), 1);
+        b.release(60);
+        assert!(b.waiting.lock().unwrap().is_empty());
+        assert!(b.try_charge(100));
+        assert_eq!(b.used_bytes(), 100);
+    }
+}
