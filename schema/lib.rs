@@ -11,11 +11,16 @@
 //!
 //! - [`transport`]: the byte stream under RPC (buffered reads, coalesced writes), so both
 //!   sides frame and flush alike.
+//! - [`frames`]: the server's frame layer: what a peer sends is a whole, checked message
+//!   (declared size, budget, timeout, kind, cap table) before capnp-rpc sees it. Here, not
+//!   in the server, so the fuzz target builds without the storage engine.
 //!
-//! Apart from [`transport`], this crate knows nothing about sockets, threads or storage.
+//! Apart from [`transport`] and [`frames`], this crate knows nothing about sockets,
+//! threads or storage.
 
 capnp::generated_code!(pub mod kv_capnp);
 
+pub mod frames;
 pub mod transport;
 
 pub use kv_capnp::ErrorCode;

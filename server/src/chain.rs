@@ -229,7 +229,7 @@ pub struct Tunables {
     /// A connection without calls for this long is closed.
     pub idle_timeout: Option<Duration>,
     /// The frame layer's limits for new connections.
-    pub frames: Arc<crate::frames::FrameLimits>,
+    pub frames: Arc<capkv::frames::FrameLimits>,
     /// (calls per second, bucket size) per token; `None` = unlimited.
     rate: Option<(f64, f64)>,
 }
@@ -278,7 +278,7 @@ impl Tunables {
             queue_depth: l.queue_depth,
             queue_timeout: Duration::from_millis(l.queue_timeout_ms),
             idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
-            frames: Arc::new(crate::frames::FrameLimits {
+            frames: Arc::new(capkv::frames::FrameLimits {
                 // The largest legal request plus the largest segment table.
                 max_frame_bytes: config.protocol_limits().max_request_bytes() + 4096,
                 frame_timeout: Duration::from_millis(l.frame_timeout_ms),
@@ -349,7 +349,7 @@ pub struct Shared {
     /// The config in force and how to read a new one (reload).
     pub(crate) reload: crate::reload::ReloadState,
     /// Bytes held by partially received large messages, server-wide (not reloadable).
-    pub frame_budget: Arc<crate::frames::FrameBudget>,
+    pub frame_budget: Arc<capkv::frames::FrameBudget>,
 }
 
 /// One client connection, owned by the worker thread serving it.
@@ -450,7 +450,7 @@ impl Shared {
             abandon_notify: Notify::new(),
             buckets: std::sync::Mutex::new(HashMap::new()),
             reload: crate::reload::ReloadState::new(config.clone()),
-            frame_budget: Arc::new(crate::frames::FrameBudget::new(
+            frame_budget: Arc::new(capkv::frames::FrameBudget::new(
                 config.limits.frame_budget_bytes,
             )),
         }

@@ -7,9 +7,7 @@
 //!   deadline, rate, admission, faults, work, observe), written once; the reloadable
 //!   settings ([`chain::Tunables`]).
 //! - [`rpc`]: the `Gateway`, `KvStore` and `WriteSession` handlers.
-//! - [`frames`]: the frame layer between socket and RPC system: declared sizes checked
-//!   before allocation, a server-wide budget for partial frames, frame timeouts, and each
-//!   message checked (kind, cap table) before capnp-rpc sees it.
+//!   Every connection reads through `capkv::frames::GuardedReader` (the frame layer).
 //! - [`validate`]: input limits, each breach a distinct error code.
 //! - [`auth`]: constant-time bearer-token check.
 //! - [`metrics`], [`logging`]: metric names and exporter; log setup.
@@ -20,7 +18,6 @@
 pub mod auth;
 pub mod chain;
 pub mod config;
-pub mod frames;
 pub mod http;
 pub mod logging;
 pub mod metrics;

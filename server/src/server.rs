@@ -28,9 +28,9 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::chain::{Conn, Shared};
 use crate::config::{Config, Engine};
-use crate::frames::{BreachCell, GuardedReader};
 use crate::metrics as m;
 use crate::rpc::GatewayImpl;
+use capkv::frames::{BreachCell, GuardedReader};
 
 /// How long closing connections may take at the end of a drain: the replies are already
 /// computed, this only covers flushing them to slow readers.

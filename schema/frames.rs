@@ -288,7 +288,7 @@ pub fn check_frame(frame: &[u8], options: capnp::message::ReaderOptions) -> Resu
 
 /// The size of the frame at the start of `buf` (header included), once its segment table
 /// is there; a breach if it declares too much.
-fn frame_size(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, Breach> {
+pub fn frame_size(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, Breach> {
     let word = |i: usize| -> Option<usize> {
         buf.get(i * 4..i * 4 + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -447,6 +447,58 @@ mod tests {
             frame_size(&u32::MAX.to_le_bytes(), max),
             Err(Breach::TooManySegments)
         );
+    }
+
+    fn framed(build: impl FnOnce(message::Builder<'_>)) -> Vec<u8> {
+        let mut msg = capnp::message::Builder::new_default();
+        build(msg.init_root());
+        capnp::serialize::write_message_to_words(&msg)
+    }
+
+    #[test]
+    fn messages_are_checked_by_kind_and_cap_table() {
+        let o = crate::Limits::default().request_reader_options();
+        let call = |caps: u32| {
+            framed(|m| {
+                let mut c = m.init_call();
+                c.reborrow().init_target().set_imported_cap(0);
+                let mut t = c.init_params().init_cap_table(caps);
+                for i in 0..caps {
+                    t.reborrow().get(i).set_none(());
+                }
+            })
+        };
+        assert_eq!(check_frame(&call(0), o), Ok(false));
+        assert_eq!(check_frame(&call(MAX_CAP_TABLE), o), Ok(false));
+        assert_eq!(
+            check_frame(&call(MAX_CAP_TABLE + 1), o),
+            Err(Breach::CapTableTooLong)
+        );
+        assert_eq!(
+            check_frame(&framed(|m| m.init_bootstrap().set_question_id(0)), o),
+            Ok(true)
+        );
+        assert_eq!(
+            check_frame(&framed(|m| m.init_finish().set_question_id(0)), o),
+            Ok(false)
+        );
+        let obsolete = framed(|m| {
+            m.init_obsolete_save()
+                .set_as::<capnp::data::Owned>(&[1u8; 64][..])
+                .unwrap()
+        });
+        assert_eq!(check_frame(&obsolete, o), Err(Breach::UnsupportedMessage));
+        let unimplemented = framed(|m| m.init_unimplemented().init_abort().set_reason("x"));
+        assert_eq!(
+            check_frame(&unimplemented, o),
+            Err(Breach::UnsupportedMessage)
+        );
+        // An unknown union discriminant (patched into the root struct's data word).
+        let mut unknown = framed(|m| m.init_finish().set_question_id(0));
+        let root_data = 8 + 8; // segment table, root pointer
+        unknown[root_data..root_data + 2].copy_from_slice(&99u16.to_le_bytes());
+        assert_eq!(check_frame(&unknown, o), Err(Breach::UnsupportedMessage));
+        assert_eq!(check_frame(&[1, 2, 3], o), Err(Breach::Undecodable));
     }
 
     #[test]
