@@ -107,6 +107,8 @@ pub struct FrameLimits {
 pub struct FrameBudget {
     max_bytes: usize,
     used: AtomicUsize,
+    /// Times a large frame had to wait for room (the server reports and logs it).
+    waits: std::sync::atomic::AtomicU64,
     /// Readers waiting for room; woken together when bytes are released. At most one
     /// entry per connection.
     waiting: Mutex<Vec<Waker>>,
@@ -117,12 +119,18 @@ impl FrameBudget {
         Self {
             max_bytes,
             used: AtomicUsize::new(0),
+            waits: std::sync::atomic::AtomicU64::new(0),
             waiting: Mutex::new(Vec::new()),
         }
     }
 
     pub fn used_bytes(&self) -> usize {
         self.used.load(Ordering::Acquire)
+    }
+
+    /// How many times a large frame has waited for room so far.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
     }
 
     fn try_charge(&self, n: usize) -> bool {
@@ -361,6 +369,7 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
             if large && this.pending.len() + want > this.charged {
                 let need = this.pending.len() + want - this.charged;
                 if !this.budget.try_charge(need) {
+                    this.budget.waits.fetch_add(1, Ordering::Relaxed);
                     this.budget.wait(cx.waker());
                     // Re-check after registering: room may have come in between.
                     if !this.budget.try_charge(need) {
@@ -499,6 +508,100 @@ mod tests {
         unknown[root_data..root_data + 2].copy_from_slice(&99u16.to_le_bytes());
         assert_eq!(check_frame(&unknown, o), Err(Breach::UnsupportedMessage));
         assert_eq!(check_frame(&[1, 2, 3], o), Err(Breach::Undecodable));
+    }
+
+    /// A peer whose bytes arrive in the chunks the test pushes; `Pending` in between.
+    struct Chunks(std::rc::Rc<std::cell::RefCell<VecDeque<Vec<u8>>>>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            dst: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut q = self.0.borrow_mut();
+            let Some(front) = q.front_mut() else {
+                return Poll::Pending;
+            };
+            let n = dst.len().min(front.len());
+            dst[..n].copy_from_slice(&front[..n]);
+            front.drain(..n);
+            if front.is_empty() {
+                q.pop_front();
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl PeerReader for Chunks {
+        fn try_send(&self, _: &[u8]) {}
+    }
+
+    #[test]
+    fn a_large_frame_waits_for_budget_and_goes_on_when_room_comes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_rt = rt.enter();
+        let frame = framed(|m| {
+            m.init_call()
+                .init_params()
+                .get_content()
+                .set_as::<capnp::data::Owned>(&vec![3u8; 100 * 1024][..])
+                .unwrap()
+        });
+        let limits = std::sync::Arc::new(FrameLimits {
+            max_frame_bytes: 1 << 20,
+            frame_timeout: Duration::from_secs(60),
+            reader_options: crate::Limits::default().request_reader_options(),
+        });
+        let budget = std::sync::Arc::new(FrameBudget::new(frame.len() + frame.len() / 2));
+        let reader = |q: &std::rc::Rc<std::cell::RefCell<VecDeque<Vec<u8>>>>| {
+            GuardedReader::new(
+                Chunks(std::rc::Rc::clone(q)),
+                std::sync::Arc::clone(&limits),
+                std::sync::Arc::clone(&budget),
+                BreachCell::default(),
+            )
+        };
+        let (qa, qb) = (std::rc::Rc::default(), std::rc::Rc::default());
+        let (mut a, mut b) = (reader(&qa), reader(&qb));
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = vec![0u8; 2 << 20];
+        // A's frame arrives but for its last byte: A holds most of the budget.
+        qa.borrow_mut().push_back(frame[..frame.len() - 1].to_vec());
+        assert!(Pin::new(&mut a).poll_read(&mut cx, &mut out).is_pending());
+        assert!(budget.used_bytes() >= frame.len() - 1);
+        // B's whole frame is there, but there is no room: B waits, nothing read.
+        qb.borrow_mut().push_back(frame.clone());
+        assert!(Pin::new(&mut b).poll_read(&mut cx, &mut out).is_pending());
+        assert_eq!(budget.waits(), 1);
+        // A completes: its frame is handed over and its bytes released...
+        qa.borrow_mut().push_back(frame[frame.len() - 1..].to_vec());
+        let mut got = 0;
+        while got < frame.len() {
+            match Pin::new(&mut a).poll_read(&mut cx, &mut out) {
+                Poll::Ready(Ok(n)) => got += n,
+                other => panic!("A: {other:?}"),
+            }
+        }
+        // Only what B already holds of its frame is still charged.
+        assert!(
+            budget.used_bytes() < frame.len() / 2,
+            "{}",
+            budget.used_bytes()
+        );
+        // ...and B goes on.
+        let mut got = 0;
+        while got < frame.len() {
+            match Pin::new(&mut b).poll_read(&mut cx, &mut out) {
+                Poll::Ready(Ok(n)) => got += n,
+                other => panic!("B: {other:?}"),
+            }
+        }
+        assert_eq!(budget.used_bytes(), 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub const IN_FLIGHT: &str = "capkv_in_flight_requests";
 pub const CONNECTIONS: &str = "capkv_connections";
 pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
 pub const PARTIAL_FRAME_BYTES: &str = "capkv_partial_frame_bytes";
+pub const FRAME_BUDGET_WAITS_TOTAL: &str = "capkv_frame_budget_waits_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "capkv_config_reloads_total";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "capkv_connections_closed_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
@@ -137,6 +138,10 @@ pub fn install_recorder(
     metrics::describe_counter!(
         CONNECTIONS_CLOSED_TOTAL,
         "Connections the server closed itself, by reason (idle, or a frame-layer breach: frame_too_large, too_many_segments, frame_timeout, undecodable, unsupported_message, cap_table_too_long, bootstrap_flood)."
+    );
+    metrics::describe_counter!(
+        FRAME_BUDGET_WAITS_TOTAL,
+        "Times a large message waited because limits.frame_budget_bytes was full."
     );
     metrics::describe_gauge!(
         PARTIAL_FRAME_BYTES,

@@ -172,6 +172,7 @@ impl Server {
             let every = Duration::from_millis(config.storage.stats_interval_ms);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
+                let mut frame_waits_seen = 0u64;
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
@@ -184,6 +185,16 @@ impl Server {
                     }
                     metrics::gauge!(m::PARTIAL_FRAME_BYTES)
                         .set(shared.frame_budget.used_bytes() as f64);
+                    let waits = shared.frame_budget.waits();
+                    if waits > frame_waits_seen {
+                        metrics::counter!(m::FRAME_BUDGET_WAITS_TOTAL).absolute(waits);
+                        tracing::warn!(
+                            waits = waits - frame_waits_seen,
+                            held_bytes = shared.frame_budget.used_bytes(),
+                            "frame budget full: large messages waited for room"
+                        );
+                        frame_waits_seen = waits;
+                    }
                     // The recorder's periodic housekeeping (histogram buffers).
                     if let Some(h) = &upkeep {
                         h.run_upkeep();
