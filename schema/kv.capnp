@@ -208,6 +208,12 @@ interface Admin {
   # Compacts the storage engine now (also drops expired idempotency records). Returns when
   # done; give it a generous deadline.
 
+  checkpoint @5 (ctx :RequestContext, dir :Text) -> (result :AdminAck);
+  # Writes a consistent copy of the whole store (a RocksDB checkpoint: hard links on the
+  # same filesystem) into `dir`, a path on the server's machine that must not exist yet;
+  # a server started on that directory has every key. `invalidArgument` if the directory
+  # exists or the engine keeps no files.
+
   reloadConfig @4 (ctx :RequestContext) -> (result :ReloadResult);
   # Reads the configuration again (as SIGHUP does) and puts in force what can change
   # without a restart: tokens (a replaced token stays valid for `auth.rotation_overlap_s`),

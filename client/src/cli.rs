@@ -184,6 +184,9 @@ pub enum AdminAction {
     Compact,
     /// Make the server read its configuration again (as SIGHUP does); prints what changed.
     Reload,
+    /// Write a checkpoint (backup) of the server's store into DIR, a path on the server's
+    /// machine that must not exist yet; start a server on DIR to restore it.
+    Checkpoint { dir: String },
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
@@ -422,6 +425,19 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             action,
         } => {
             let faults = match action {
+                AdminAction::Checkpoint { dir } => {
+                    return match client.checkpoint(admin_token, dir).await {
+                        Ok(()) if p.json => {
+                            p.value(serde_json::json!({"checkpoint": dir}));
+                            EXIT_OK
+                        }
+                        Ok(()) => {
+                            p.text(&format!("OK checkpoint written to {dir}"));
+                            EXIT_OK
+                        }
+                        Err(e) => p.error(&e),
+                    };
+                }
                 AdminAction::Reload => {
                     return match client.reload_config(admin_token).await {
                         Ok(changes) if p.json => {

@@ -629,6 +629,18 @@ impl Client {
         .await
     }
 
+    /// Makes the server write a checkpoint (a backup) of its store into `dir`, a path on
+    /// the server's machine that must not exist yet.
+    pub async fn checkpoint(&self, admin_token: &str, dir: &str) -> Result<(), ApiError> {
+        self.call(
+            "checkpoint",
+            Safety::Idempotent,
+            (admin_token.to_string(), dir.to_string()),
+            |c, t, d| async move { c.checkpoint(&t.0, &t.1, d).await },
+        )
+        .await
+    }
+
     /// Makes the server reload its configuration (as SIGHUP does); returns what changed.
     pub async fn reload_config(&self, admin_token: &str) -> Result<String, ApiError> {
         self.call(

@@ -508,6 +508,24 @@ impl LocalClient {
         .await
     }
 
+    /// Makes the server write a checkpoint of its store into `dir` (on its machine).
+    pub async fn checkpoint(
+        &self,
+        admin_token: &str,
+        dir: &str,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<(), ApiError> {
+        self.run(deadline, |meta| async move {
+            let (admin, outcome) = self.admin_cap(admin_token, &meta);
+            let mut req = admin.checkpoint_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_dir(dir);
+            let r = async { decode_result!(req.send().promise, admin_ack, Ok(()) => Ok(())) }.await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
     /// Makes the server read its configuration again; returns what changed.
     pub async fn reload_config(
         &self,

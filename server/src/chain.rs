@@ -89,10 +89,11 @@ pub enum Method {
     ClearFaults,
     Compact,
     ReloadConfig,
+    Checkpoint,
 }
 
 impl Method {
-    pub const ALL: [Method; 18] = [
+    pub const ALL: [Method; 19] = [
         Method::Health,
         Method::Version,
         Method::Open,
@@ -111,6 +112,7 @@ impl Method {
         Method::ClearFaults,
         Method::Compact,
         Method::ReloadConfig,
+        Method::Checkpoint,
     ];
 
     pub fn from_name(name: &str) -> Option<Method> {
@@ -158,6 +160,7 @@ impl Method {
             Method::ClearFaults => "clear_faults",
             Method::Compact => "compact",
             Method::ReloadConfig => "reload_config",
+            Method::Checkpoint => "checkpoint",
         }
     }
 

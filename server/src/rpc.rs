@@ -38,6 +38,7 @@ fn store_error(e: StoreError) -> ApiError {
             ErrorCode::NotAnInteger,
             "value is not a decimal 64-bit integer, or the result would overflow",
         ),
+        StoreError::Invalid(detail) => ApiError::new(ErrorCode::InvalidArgument, detail),
         StoreError::Busy(detail) => {
             tracing::warn!(error = %detail, "store busy");
             ApiError::new(ErrorCode::Overloaded, "storage write queue is full")
@@ -310,6 +311,43 @@ impl admin::Server for AdminImpl {
                     .await
                     .map_err(|e| {
                         ApiError::new(ErrorCode::Internal, format!("compaction task failed: {e}"))
+                    })?
+                    .map_err(store_error)
+            })
+            .await;
+        let mut out = results.get().init_result();
+        match r {
+            Ok(()) => out.set_ok(()),
+            Err(e) => e.write(out.init_error()),
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(
+        self: Rc<Self>,
+        params: admin::CheckpointParams,
+        mut results: admin::CheckpointResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let s = &self.shared;
+        let r = s
+            .serve(&self.conn, Method::Checkpoint, p.get_ctx(), |_| async {
+                let dir = p
+                    .get_dir()
+                    .ok()
+                    .and_then(|d| d.to_str().ok())
+                    .filter(|d| !d.is_empty())
+                    .ok_or_else(|| {
+                        ApiError::new(ErrorCode::InvalidArgument, "checkpoint needs a directory")
+                    })?
+                    .to_string();
+                tracing::info!(peer = %self.conn.peer, dir = %dir, "checkpoint requested by admin");
+                let store = Arc::clone(&s.store);
+                // Flushes and links files: keep it off the worker.
+                tokio::task::spawn_blocking(move || store.checkpoint(std::path::Path::new(&dir)))
+                    .await
+                    .map_err(|e| {
+                        ApiError::new(ErrorCode::Internal, format!("checkpoint task failed: {e}"))
                     })?
                     .map_err(store_error)
             })

@@ -140,6 +140,10 @@ pub enum StoreError {
     /// The engine cannot serve right now (closed, out of space...): retry later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The request cannot be done as asked (e.g. a checkpoint into an existing directory,
+    /// or on an engine without files); the message is safe to show the caller.
+    #[error("{0}")]
+    Invalid(String),
     /// An unexpected failure (corruption, a bug). The message is for logs, not clients.
     #[error("storage failure: {0}")]
     Internal(String),
@@ -239,5 +243,14 @@ pub trait Store: Send + Sync {
     /// compaction return at once.
     fn compact(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Writes a consistent copy of the whole store into `dir`, which must not exist yet,
+    /// usable as the data dir of a new server (a backup). Blocking, like `compact`.
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StoreError> {
+        let _ = dir;
+        Err(StoreError::Invalid(format!(
+            "the {} engine keeps no files to checkpoint",
+            self.engine_name()
+        )))
     }
 }

@@ -581,6 +581,23 @@ impl Store for RocksStore {
         Ok(())
     }
 
+    fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        if dir.exists() {
+            return Err(StoreError::Invalid(format!(
+                "checkpoint directory {} already exists",
+                dir.display()
+            )));
+        }
+        // Hard links where it can (same filesystem), copies otherwise; every column family,
+        // so the copy has the data, the revision, the instance secret and the idempotency
+        // records, consistent with each other.
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|c| c.create_checkpoint(dir))
+            .map_err(|e| {
+                StoreError::Invalid(format!("checkpoint into {} failed: {e}", dir.display()))
+            })
+    }
+
     fn instance_secret(&self) -> [u8; 32] {
         self.secret
     }
