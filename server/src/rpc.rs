@@ -11,13 +11,27 @@ use std::sync::Arc;
 
 use capkv::kv_capnp::{admin, entry, gateway, kv_store, write_session};
 use capkv::{ApiError, ErrorCode, API_VERSION};
-use capkv_store::{Entry, IdempotencyKey, StoreError, WriteOp, WriteOutcome};
+use capkv_store::{Entry, IdempotencyKey, Store, StoreError, WriteOp, WriteOutcome};
 
 use crate::chain::{AdminAccess, Conn, Method, Shared};
 use crate::validate;
 
 /// Converts an engine failure into a contract error. Details go to the log here, where the
 /// error is handled; the client gets a message without internals.
+/// Runs a blocking store operation (compaction, checkpoint) on tokio's blocking pool, so
+/// the worker keeps serving its connections meanwhile.
+async fn off_worker<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    what: &'static str,
+    op: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || op(store.as_ref()))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("{what} task failed: {e}")))?
+        .map_err(store_error)
+}
+
 fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::ConditionFailed {
@@ -304,15 +318,9 @@ impl admin::Server for AdminImpl {
         let s = &self.shared;
         let r = s
             .serve(&self.conn, Method::Compact, p.get_ctx(), |_| async {
-                let store = Arc::clone(&s.store);
                 tracing::info!(peer = %self.conn.peer, "compaction requested by admin");
-                // Compaction blocks for as long as it rewrites: keep it off the worker.
-                tokio::task::spawn_blocking(move || store.compact())
-                    .await
-                    .map_err(|e| {
-                        ApiError::new(ErrorCode::Internal, format!("compaction task failed: {e}"))
-                    })?
-                    .map_err(store_error)
+                // Compaction blocks for as long as it rewrites.
+                off_worker(&s.store, "compaction", |st| st.compact()).await
             })
             .await;
         let mut out = results.get().init_result();
@@ -342,14 +350,11 @@ impl admin::Server for AdminImpl {
                     })?
                     .to_string();
                 tracing::info!(peer = %self.conn.peer, dir = %dir, "checkpoint requested by admin");
-                let store = Arc::clone(&s.store);
-                // Flushes and links files: keep it off the worker.
-                tokio::task::spawn_blocking(move || store.checkpoint(std::path::Path::new(&dir)))
-                    .await
-                    .map_err(|e| {
-                        ApiError::new(ErrorCode::Internal, format!("checkpoint task failed: {e}"))
-                    })?
-                    .map_err(store_error)
+                // Flushes and links files.
+                off_worker(&s.store, "checkpoint", move |st| {
+                    st.checkpoint(std::path::Path::new(&dir))
+                })
+                .await
             })
             .await;
         let mut out = results.get().init_result();

@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capkv::ErrorCode;
@@ -220,33 +219,24 @@ fn fd_targets(pid: u32) -> Vec<String> {
 #[test]
 fn twice_max_connections_of_idle_and_trickling_sockets() {
     const MAX_CONNECTIONS: usize = 16;
-    let server = Command::new(BIN)
-        .args([
+    let (server, addr, _logs) = common::spawn_kv_server(
+        BIN,
+        &[
             "--listen",
             "127.0.0.1:0",
             "--engine",
             "memory",
             "--workers",
             "2",
-        ])
-        .args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "warn,capkv_server=info",
-        ])
-        .env("CAPKV_LIMITS__MAX_CONNECTIONS", MAX_CONNECTIONS.to_string())
-        .env("CAPKV_LIMITS__IDLE_TIMEOUT_MS", "1000")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kv-server");
-    let mut server = common::Proc(server);
-    let stderr = server.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let addr = common::listening_addr(&mut lines).expect("kv-server listening");
-    std::thread::spawn(move || for _ in lines {});
+        ],
+        &[
+            (
+                "CAPKV_LIMITS__MAX_CONNECTIONS",
+                &MAX_CONNECTIONS.to_string(),
+            ),
+            ("CAPKV_LIMITS__IDLE_TIMEOUT_MS", "1000"),
+        ],
+    );
     let pid = server.id();
     let baseline = open_fds(pid);
     let baseline_fds = fd_targets(pid);
@@ -378,31 +368,18 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 fn many_clients_at_the_value_limit_keep_memory_bounded_and_small_calls_served() {
     const CLIENTS: usize = 32;
     const ROUNDS: usize = 8;
-    let server = Command::new(BIN)
-        .args([
+    let (server, addr, _logs) = common::spawn_kv_server(
+        BIN,
+        &[
             "--listen",
             "127.0.0.1:0",
             "--engine",
             "memory",
             "--workers",
             "2",
-        ])
-        .args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "warn,capkv_server=info",
-        ])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kv-server");
-    let mut server = common::Proc(server);
-    let stderr = server.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let addr = common::listening_addr(&mut lines).expect("kv-server listening");
-    std::thread::spawn(move || for _ in lines {});
+        ],
+        &[],
+    );
     let pid = server.id();
     let before = peak_rss_bytes(pid);
 

@@ -9,7 +9,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,33 +29,19 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
-        let child = Command::new(BIN)
-            .args([
+        let (proc, addr, _logs) = common::spawn_kv_server(
+            BIN,
+            &[
                 "--listen",
                 "127.0.0.1:0",
                 "--engine",
                 "memory",
                 "--workers",
                 "2",
-            ])
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "error,capkv_server::server=info",
-            ])
+            ],
             // A short frame timeout so truncated frames end quickly.
-            .env("CAPKV_LIMITS__FRAME_TIMEOUT_MS", "300")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kv-server");
-        let mut proc = common::Proc(child);
-        let stderr = proc.stderr.take().unwrap();
-        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-        let addr = common::listening_addr(&mut lines).expect("kv-server listening");
-        std::thread::spawn(move || for _ in lines {});
+            &[("CAPKV_LIMITS__FRAME_TIMEOUT_MS", "300")],
+        );
         Server { proc, addr }
     }
 

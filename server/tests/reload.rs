@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -42,29 +40,8 @@ struct Server {
 
 impl Server {
     fn start(config: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(["--log-format", "json"])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kv-server");
-        let stderr = child.stderr.take().unwrap();
-        let proc = Proc(child);
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let addr = common::listening_addr(&mut std::iter::from_fn(|| {
-            logs.recv_timeout(PATIENCE).ok().map(Ok)
-        }))
-        .expect("kv-server listening");
+        let config = config.to_string_lossy();
+        let (proc, addr, logs) = common::spawn_kv_server(BIN, &["--config", &config], &[]);
         Server { proc, addr, logs }
     }
 

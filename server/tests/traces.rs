@@ -9,13 +9,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::Proc;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -143,44 +141,24 @@ fn hex(b: &[u8]) -> String {
 #[test]
 fn a_call_is_one_trace_from_client_attempts_to_server_and_store() {
     let (_rt, endpoint, spans) = start_receiver();
-    let mut server = Command::new(SERVER_BIN)
-        .args([
+    let (server, addr, log_rx) = common::spawn_kv_server(
+        SERVER_BIN,
+        &[
             "--listen",
             "127.0.0.1:0",
             "--engine",
             "memory",
             "--workers",
             "1",
-        ])
-        .args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "capkv::request=debug,info",
-        ])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        // The first get fails once, so its call is retried.
-        .env("CAPKV_FAULTS__PLAN", "get fail=unavailable times=1")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kv-server");
-    let stderr = server.stderr.take().unwrap();
-    let server = Proc(server);
-    let (log_tx, log_rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if log_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let addr = common::listening_addr(&mut std::iter::from_fn(|| {
-        log_rx.recv_timeout(PATIENCE).ok().map(Ok)
-    }))
-    .expect("kv-server listening");
+        ],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            // The first get fails once, so its call is retried.
+            ("CAPKV_FAULTS__PLAN", "get fail=unavailable times=1"),
+            ("CAPKV_LOG__LEVEL", "capkv::request=debug,info"),
+        ],
+    );
 
     let put = kv_client(&addr, &endpoint, &["put", "traced", "v1"]);
     assert!(put.status.success(), "put: {put:?}");

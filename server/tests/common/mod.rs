@@ -93,6 +93,45 @@ impl Drop for Proc {
     }
 }
 
+/// A kv-server process started from `bin` with `args` (after `--log-format json`) and
+/// `envs`, `RUST_LOG` removed; returns once it listens, with its address and the rest of
+/// its log lines. A thread keeps reading stderr for the process's whole life (dropping the
+/// receiver only drops lines), so the server never blocks on a full pipe. Include
+/// `capkv_server=info` in any `--log-level` given: the listening line is at info.
+pub fn spawn_kv_server(
+    bin: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["--log-format", "json"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = Proc(cmd.spawn().expect("spawn kv-server"));
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let patience = Duration::from_secs(60);
+    let addr = listening_addr(&mut std::iter::from_fn(|| {
+        rx.recv_timeout(patience).ok().map(Ok)
+    }))
+    .expect("kv-server listening");
+    (child, addr, rx)
+}
+
 /// Reads kv-server's JSON log lines (at most 50: startup logs a handful) up to its
 /// `listening` line and returns the address in it; `None` if the process ended first.
 pub fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Option<String> {
