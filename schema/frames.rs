@@ -24,7 +24,6 @@
 //!
 //! Only then are the frame's bytes handed to the VatNetwork, which decodes them again.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -186,7 +185,11 @@ pub struct GuardedReader<R> {
     /// Bytes of `pending` charged to the budget.
     charged: usize,
     /// Checked bytes not yet read by the VatNetwork.
-    ready: VecDeque<u8>,
+    ready: Vec<u8>,
+    /// How much of `ready` the VatNetwork has read.
+    ready_pos: usize,
+    /// Where socket reads land (allocated once per connection, never re-zeroed).
+    chunk: Vec<u8>,
     /// When the frame being received must be complete.
     deadline: Option<Pin<Box<Sleep>>>,
     bootstraps: u32,
@@ -207,7 +210,9 @@ impl<R: PeerReader> GuardedReader<R> {
             budget,
             pending: Vec::new(),
             charged: 0,
-            ready: VecDeque::new(),
+            ready: Vec::new(),
+            ready_pos: 0,
+            chunk: vec![0; READ_CHUNK_BYTES],
             deadline: None,
             bootstraps: 0,
             breach,
@@ -245,7 +250,8 @@ impl<R: PeerReader> GuardedReader<R> {
                     return Err(Breach::BootstrapFlood);
                 }
             }
-            self.ready.extend(self.pending.drain(..size));
+            self.ready.extend_from_slice(&self.pending[..size]);
+            self.pending.drain(..size);
             // The next frame (if any) starts its own clock and its own charge.
             self.deadline = None;
             let held = self.pending.len();
@@ -334,10 +340,13 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         loop {
-            if !this.ready.is_empty() {
-                let n = dst.len().min(this.ready.len());
-                for (d, s) in dst.iter_mut().zip(this.ready.drain(..n)) {
-                    *d = s;
+            if this.ready_pos < this.ready.len() {
+                let n = dst.len().min(this.ready.len() - this.ready_pos);
+                dst[..n].copy_from_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
+                this.ready_pos += n;
+                if this.ready_pos == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_pos = 0;
                 }
                 return Poll::Ready(Ok(n));
             }
@@ -378,8 +387,7 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                 }
                 this.charged += need;
             }
-            let mut chunk = [0u8; READ_CHUNK_BYTES];
-            let n = match Pin::new(&mut this.inner).poll_read(cx, &mut chunk[..want]) {
+            let n = match Pin::new(&mut this.inner).poll_read(cx, &mut this.chunk[..want]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(n)) => n,
@@ -398,14 +406,14 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                 let _ = sleep.as_mut().poll(cx);
                 this.deadline = Some(sleep);
             }
-            this.pending.extend_from_slice(&chunk[..n]);
+            this.pending.extend_from_slice(&this.chunk[..n]);
             if let Err(b) = this.take_frames() {
                 return Poll::Ready(Err(this.fail(b)));
             }
             if this.pending.is_empty() {
                 this.deadline = None;
             }
-            if this.ready.len() > MAX_READY_BYTES {
+            if this.ready.len() - this.ready_pos > MAX_READY_BYTES {
                 // Hand over what is checked before reading more.
                 continue;
             }
@@ -511,7 +519,7 @@ mod tests {
     }
 
     /// A peer whose bytes arrive in the chunks the test pushes; `Pending` in between.
-    struct Chunks(std::rc::Rc<std::cell::RefCell<VecDeque<Vec<u8>>>>);
+    struct Chunks(std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>);
 
     impl AsyncRead for Chunks {
         fn poll_read(
@@ -557,7 +565,7 @@ mod tests {
             reader_options: crate::Limits::default().request_reader_options(),
         });
         let budget = std::sync::Arc::new(FrameBudget::new(frame.len() + frame.len() / 2));
-        let reader = |q: &std::rc::Rc<std::cell::RefCell<VecDeque<Vec<u8>>>>| {
+        let reader = |q: &std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>| {
             GuardedReader::new(
                 Chunks(std::rc::Rc::clone(q)),
                 std::sync::Arc::clone(&limits),
