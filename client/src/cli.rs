@@ -55,7 +55,8 @@ pub struct Cli {
     #[arg(long)]
     pub json: bool,
     /// Attempts per call, first included (1 = no retries; at most 5). Only `unavailable`,
-    /// `overloaded` and calls never sent are retried; a write whose outcome is unknown is not.
+    /// `overloaded` and calls never sent are retried; a write whose outcome is unknown only
+    /// with an idempotency key (the default).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=5))]
     pub attempts: u32,
     /// First retry backoff; each next one doubles, with jitter.

@@ -4,7 +4,8 @@
 //! - Retried: `unavailable` and `overloaded` answered by the server (it did nothing), and
 //!   calls that were never sent (the connection was down). A transport failure after a
 //!   request may have left (`ApiError::outcome_unknown`) is retried only for calls that are
-//!   safe to repeat: reads, not writes (until writes carry idempotency keys).
+//!   safe to repeat: reads, and writes carrying an idempotency key (the server replays
+//!   the recorded outcome); not writes without one.
 //! - Never retried: everything else (invalid argument, not found, condition failed,
 //!   unauthenticated, deadline exceeded...).
 //! - Backoff: exponential from `initial_backoff` by `multiplier`, capped at `max_backoff`,
@@ -202,7 +203,7 @@ where
             code = capkv::code_name(err.code),
             "retrying"
         );
-        metrics::counter!("capkv_client_retries_total", "code" => capkv::code_name(err.code))
+        metrics::counter!("capkv_client_retries_total", "method" => method, "code" => capkv::code_name(err.code))
             .increment(1);
         tokio::time::sleep(wait).await;
         n += 1;

@@ -149,7 +149,8 @@ pub struct LimitsConfig {
     pub max_batch_items: u32,
     /// Open connections; past it new connections are closed at once (and logged).
     pub max_connections: usize,
-    /// Calls being served at once, over all connections; past it `overloaded`.
+    /// Calls being served at once, over all connections; past it a call waits in the
+    /// admission queue (`queue_depth`, `queue_timeout_ms`), then gets `overloaded`.
     pub max_in_flight: usize,
     /// Calls being served at once on one connection; past it `overloaded`.
     pub max_in_flight_per_connection: usize,
@@ -303,7 +304,14 @@ impl Default for DeadlinesConfig {
         Self {
             default_ms: 5_000,
             max_ms: 60_000,
-            methods: [("compact".to_string(), compact)].into_iter().collect(),
+            // A checkpoint flushes memtables and links files: usually quick, but give it
+            // compaction's room rather than a data call's.
+            methods: [
+                ("compact".to_string(), compact),
+                ("checkpoint".to_string(), compact),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 }

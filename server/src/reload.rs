@@ -5,7 +5,7 @@
 //!   `auth.rotation_overlap_s`), `limits` (new connections get new decoder limits),
 //!   `deadlines`, `idempotency`, `shutdown`, `log.level` (unless `RUST_LOG` is set).
 //! - Not reloadable (listeners, engine, data dir, storage, workers, telemetry, the fault
-//!   plan at start): a change is logged as needing a restart and otherwise ignored.
+//!   plan at start, `log.format`, `limits.frame_budget_bytes`, `limits.accept_queue`): a change is logged as needing a restart and otherwise ignored.
 //! - A config that does not load or validate, or whose log filter does not parse, is
 //!   refused whole: the running one stays, and a log line says why.
 //!
@@ -101,6 +101,15 @@ impl Shared {
             ("telemetry", new.telemetry != old.telemetry),
             ("faults", new.faults != old.faults),
             ("admin.dev_open", new.admin.dev_open != old.admin.dev_open),
+            ("log.format", new.log.format != old.log.format),
+            (
+                "limits.frame_budget_bytes",
+                new.limits.frame_budget_bytes != old.limits.frame_budget_bytes,
+            ),
+            (
+                "limits.accept_queue",
+                new.limits.accept_queue != old.limits.accept_queue,
+            ),
         ] {
             if changed {
                 tracing::warn!(
@@ -110,6 +119,11 @@ impl Shared {
             }
         }
         let mut changes = Vec::new();
+        // Limits compared without their restart-only fields.
+        let mut new_limits = new.limits.clone();
+        new_limits.frame_budget_bytes = old.limits.frame_budget_bytes;
+        new_limits.accept_queue = old.limits.accept_queue;
+        let limits_changed = new_limits != old.limits;
         if new.auth.token != old.auth.token {
             changes.push("auth.token rotated".to_string());
         }
@@ -121,7 +135,7 @@ impl Shared {
                 "auth.rotation_overlap_s",
                 new.auth.rotation_overlap_s != old.auth.rotation_overlap_s,
             ),
-            ("limits", new.limits != old.limits),
+            ("limits", limits_changed),
             ("deadlines", new.deadlines != old.deadlines),
             ("idempotency", new.idempotency != old.idempotency),
             ("shutdown", new.shutdown != old.shutdown),
@@ -144,6 +158,14 @@ impl Shared {
         applied.telemetry = old.telemetry.clone();
         applied.faults = old.faults.clone();
         applied.admin.dev_open = old.admin.dev_open;
+        applied.log.format = old.log.format;
+        applied.limits.frame_budget_bytes = old.limits.frame_budget_bytes;
+        applied.limits.accept_queue = old.limits.accept_queue;
+        // Checked again with the restart-only values kept: new limits must fit the budget
+        // that actually runs.
+        if let Err(e) = applied.validate() {
+            return Err(refused(e.into()));
+        }
         self.set_tunables(Tunables::new(&applied, Some(&old_tunables)));
         if log_level_changed {
             match capkv_telemetry::set_log_filter(&applied.log.level) {
