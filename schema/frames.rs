@@ -168,6 +168,15 @@ pub trait PeerReader: AsyncRead + Unpin {
     fn try_send(&self, bytes: &[u8]);
 }
 
+/// Over TLS the reason cannot be written beside the TLS writer; the connection just ends.
+impl PeerReader
+    for tokio_util::compat::Compat<
+        tokio::io::ReadHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >
+{
+    fn try_send(&self, _: &[u8]) {}
+}
+
 impl PeerReader for tokio_util::compat::Compat<tokio::net::tcp::OwnedReadHalf> {
     fn try_send(&self, bytes: &[u8]) {
         // Best effort and never blocking: a full socket buffer just loses the reason.

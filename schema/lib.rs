@@ -15,12 +15,15 @@
 //!   (declared size, budget, timeout, kind, cap table) before capnp-rpc sees it. Here, not
 //!   in the server, so the fuzz target builds without the storage engine.
 //!
-//! Apart from [`transport`] and [`frames`], this crate knows nothing about sockets,
+//! - [`tls`]: mutual TLS configs (rustls) from PEM files, for both sides.
+//!
+//! Apart from [`transport`], [`frames`] and [`tls`], this crate knows nothing about sockets,
 //! threads or storage.
 
 capnp::generated_code!(pub mod kv_capnp);
 
 pub mod frames;
+pub mod tls;
 pub mod transport;
 
 pub use kv_capnp::ErrorCode;
@@ -162,7 +165,21 @@ impl ApiError {
         if text.contains("too large") || text.contains("traversal limit") {
             return Self::new(ErrorCode::RequestTooLarge, text);
         }
+        // The server's TLS layer refused this client's certificate (or its absence): with
+        // TLS 1.3 that arrives as an alert on the first read after the handshake.
+        if text.contains("received fatal alert") {
+            return Self::new(
+                ErrorCode::Unauthenticated,
+                format!("TLS: the server refused this client: {text}"),
+            );
+        }
+        // The peer closed the connection mid-message: a disconnect by another name.
+        let closed = text.contains("Premature end of file");
         match e.kind {
+            _ if closed => Self {
+                outcome_unknown: true,
+                ..Self::new(ErrorCode::Unavailable, text)
+            },
             capnp::ErrorKind::Disconnected => Self {
                 outcome_unknown: true,
                 ..Self::new(ErrorCode::Unavailable, text)

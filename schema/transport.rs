@@ -48,6 +48,24 @@ pub fn vat_network(
     )
 }
 
+/// The two-party network over any byte stream (a TLS stream, for instance).
+pub fn vat_network_over<S>(
+    stream: S,
+    side: rpc_twoparty_capnp::Side,
+    options: capnp::message::ReaderOptions,
+) -> twoparty::VatNetwork<BufReader<impl AsyncRead + Unpin>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let (reader, writer) = stream.compat().split();
+    twoparty::VatNetwork::new(
+        BufReader::new(reader),
+        CoalescingWriter::new(writer),
+        side,
+        options,
+    )
+}
+
 struct State<W> {
     inner: W,
     buf: Vec<u8>,

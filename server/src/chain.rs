@@ -353,6 +353,8 @@ pub struct Shared {
     pub(crate) reload: crate::reload::ReloadState,
     /// Bytes held by partially received large messages, server-wide (not reloadable).
     pub frame_budget: Arc<capkv::frames::FrameBudget>,
+    /// Mutual TLS on new connections, when configured (not reloadable).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// One client connection, owned by the worker thread serving it.
@@ -456,6 +458,7 @@ impl Shared {
             frame_budget: Arc::new(capkv::frames::FrameBudget::new(
                 config.limits.frame_budget_bytes,
             )),
+            tls: None,
         }
     }
 

@@ -86,6 +86,34 @@ pub struct Config {
     pub log: LogConfig,
     /// Trace export (OTLP); off unless an endpoint is set here or in `OTEL_*`.
     pub telemetry: capkv_telemetry::TraceConfig,
+    /// Mutual TLS on the RPC listener; off unless all three files are set.
+    pub tls: TlsConfig,
+}
+
+/// PEM files for mutual TLS (see `scripts/dev-ca.sh`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain.
+    pub cert: Option<PathBuf>,
+    /// The server's private key.
+    pub key: Option<PathBuf>,
+    /// The CA whose certificates clients must present.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The files, when TLS is on.
+    pub fn files(&self) -> Option<capkv::tls::TlsFiles> {
+        match (&self.cert, &self.key, &self.client_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(capkv::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +276,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             telemetry: capkv_telemetry::TraceConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -344,6 +373,9 @@ pub struct FlagOverrides {
     pub log_level: Option<String>,
     pub log_format: Option<LogFormat>,
     pub dev_admin: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +387,7 @@ pub enum ConfigError {
 }
 
 /// Top-level keys that may come from the environment (see the module docs).
-const ENV_KEYS: [&str; 15] = [
+const ENV_KEYS: [&str; 16] = [
     "idempotency",
     "listen",
     "metrics_listen",
@@ -371,6 +403,7 @@ const ENV_KEYS: [&str; 15] = [
     "shutdown",
     "log",
     "telemetry",
+    "tls",
 ];
 
 impl Config {
@@ -400,6 +433,9 @@ impl Config {
         flag!("log.level", flags.log_level);
         flag!("log.format", flags.log_format);
         flag!("admin.dev_open", flags.dev_admin);
+        flag!("tls.cert", flags.tls_cert);
+        flag!("tls.key", flags.tls_key);
+        flag!("tls.client_ca", flags.tls_client_ca);
         let config: Config = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         config.validate()?;
         Ok(config)
@@ -457,6 +493,13 @@ impl Config {
         }
         if st.stats_interval_ms == 0 {
             return fail("storage.stats_interval_ms must be > 0");
+        }
+        let t = &self.tls;
+        let set = [t.cert.is_some(), t.key.is_some(), t.client_ca.is_some()];
+        if set.iter().any(|s| *s) && !set.iter().all(|s| *s) {
+            return fail(
+                "tls.cert, tls.key and tls.client_ca go together (all three for mutual TLS)",
+            );
         }
         if let Err(e) = self.telemetry.validate() {
             return Err(ConfigError::Invalid(e.to_string()));

@@ -102,6 +102,7 @@ impl Shared {
             ("faults", new.faults != old.faults),
             ("admin.dev_open", new.admin.dev_open != old.admin.dev_open),
             ("log.format", new.log.format != old.log.format),
+            ("tls", new.tls != old.tls),
             (
                 "limits.frame_budget_bytes",
                 new.limits.frame_budget_bytes != old.limits.frame_budget_bytes,
@@ -159,6 +160,7 @@ impl Shared {
         applied.faults = old.faults.clone();
         applied.admin.dev_open = old.admin.dev_open;
         applied.log.format = old.log.format;
+        applied.tls = old.tls.clone();
         applied.limits.frame_budget_bytes = old.limits.frame_budget_bytes;
         applied.limits.accept_queue = old.limits.accept_queue;
         // Checked again with the restart-only values kept: new limits must fit the budget

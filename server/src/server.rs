@@ -30,7 +30,7 @@ use crate::chain::{Conn, Shared};
 use crate::config::{Config, Engine};
 use crate::metrics as m;
 use crate::rpc::GatewayImpl;
-use capkv::frames::{BreachCell, GuardedReader};
+use capkv::frames::{BreachCell, GuardedReader, PeerReader};
 
 /// How long closing connections may take at the end of a drain: the replies are already
 /// computed, this only covers flushing them to slow readers.
@@ -52,6 +52,8 @@ pub enum ServerError {
     Worker(std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::ExporterError),
+    #[error(transparent)]
+    Tls(#[from] capkv::tls::TlsError),
 }
 
 /// A bound, not yet running server.
@@ -103,7 +105,13 @@ impl Server {
             }
             None => None,
         };
-        let shared = Arc::new(Shared::new(&config, store));
+        let mut shared = Shared::new(&config, store);
+        if let Some(files) = config.tls.files() {
+            shared.tls = Some(tokio_rustls::TlsAcceptor::from(capkv::tls::server_config(
+                &files,
+            )?));
+        }
+        let shared = Arc::new(shared);
         Ok(Self {
             config,
             listener,
@@ -331,53 +339,46 @@ fn worker_main(
                     continue;
                 }
             };
-            // Nothing reaches the RPC system before the frame layer has checked it.
-            let tunables = shared.tunables();
-            let (read_half, write_half) = stream.into_split();
-            let breach: BreachCell = Rc::default();
-            let reader = GuardedReader::new(
-                read_half.compat(),
-                Arc::clone(&tunables.frames),
-                Arc::clone(&shared.frame_budget),
-                Rc::clone(&breach),
-            );
-            let network = twoparty::VatNetwork::new(
-                reader,
-                capkv::transport::CoalescingWriter::new(write_half.compat_write()),
-                rpc_twoparty_capnp::Side::Server,
-                tunables.limits.request_reader_options(),
-            );
-            let conn = Rc::new(Conn::new(id, job.peer));
-            let gateway: gateway::Client =
-                capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
-            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
-            live.borrow_mut().insert(id, rpc.get_disconnector());
-            let live2 = Rc::clone(&live);
-            let shared_for_idle = Arc::clone(&shared);
-            let peer = job.peer;
-            let open_guard = job.open_guard;
-            tokio::task::spawn_local(async move {
-                tracing::debug!(conn = id, %peer, worker = index, "connection opened");
-                tokio::select! {
-                    r = rpc => if let Err(e) = r {
-                        // Peers hanging up is normal; a protocol error is worth a line.
-                        tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
-                    },
-                    // Dropping the RpcSystem closes the socket and drops its calls unanswered.
-                    () = conn.killed() => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
-                    () = idle_expired(&shared_for_idle, &conn) => {
-                        metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
-                        tracing::info!(conn = id, %peer, "connection closed: idle timeout");
-                    }
+            let start = ConnStart {
+                id,
+                peer: job.peer,
+                open_guard: job.open_guard,
+                worker: index,
+                shared: Arc::clone(&shared),
+                live: Rc::clone(&live),
+            };
+            match shared.tls.clone() {
+                None => {
+                    let (r, w) = stream.into_split();
+                    start_connection(start, r.compat(), w.compat_write());
                 }
-                if let Some(b) = breach.get() {
-                    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => b.label()).increment(1);
-                    tracing::warn!(conn = id, %peer, reason = b.label(), "connection closed: hostile or broken message");
+                Some(acceptor) => {
+                    // The handshake gets the frame timeout; a peer that cannot prove
+                    // itself with a certificate from the CA never reaches the RPC system.
+                    let timeout = shared.tunables().frames.frame_timeout;
+                    tokio::task::spawn_local(async move {
+                        let peer = start.peer;
+                        let reason =
+                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => {
+                                    let (r, w) = tokio::io::split(tls);
+                                    start_connection(start, r.compat(), w.compat_write());
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                                    "tls_handshake"
+                                }
+                                Err(_) => {
+                                    tracing::warn!(%peer, "TLS handshake timed out");
+                                    "tls_timeout"
+                                }
+                            };
+                        metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => reason)
+                            .increment(1);
+                    });
                 }
-                live2.borrow_mut().remove(&id);
-                drop(open_guard);
-                tracing::debug!(conn = id, %peer, "connection closed");
-            });
+            }
         }
         let closing: Vec<_> = live.borrow_mut().drain().map(|(_, d)| d).collect();
         if !closing.is_empty() {
@@ -386,6 +387,75 @@ fn worker_main(
                 tracing::warn!(worker = index, "some connections did not close in time");
             }
         }
+    });
+}
+
+/// What a new connection needs from its worker.
+struct ConnStart {
+    id: u64,
+    peer: SocketAddr,
+    open_guard: ConnCount,
+    worker: usize,
+    shared: Arc<Shared>,
+    live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>>,
+}
+
+/// Starts the RPC system of one connection over its (plain or TLS) halves, reading through
+/// the frame layer, and the task that ends it (peer gone, fault, idle, breach).
+fn start_connection<R, W>(start: ConnStart, reader: R, writer: W)
+where
+    R: PeerReader + 'static,
+    W: futures::io::AsyncWrite + Unpin + 'static,
+{
+    let ConnStart {
+        id,
+        peer,
+        open_guard,
+        worker,
+        shared,
+        live,
+    } = start;
+    // Nothing reaches the RPC system before the frame layer has checked it.
+    let tunables = shared.tunables();
+    let breach: BreachCell = Rc::default();
+    let reader = GuardedReader::new(
+        reader,
+        Arc::clone(&tunables.frames),
+        Arc::clone(&shared.frame_budget),
+        Rc::clone(&breach),
+    );
+    let network = twoparty::VatNetwork::new(
+        reader,
+        capkv::transport::CoalescingWriter::new(writer),
+        rpc_twoparty_capnp::Side::Server,
+        tunables.limits.request_reader_options(),
+    );
+    let conn = Rc::new(Conn::new(id, peer));
+    let gateway: gateway::Client =
+        capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
+    let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+    live.borrow_mut().insert(id, rpc.get_disconnector());
+    tokio::task::spawn_local(async move {
+        tracing::debug!(conn = id, %peer, worker, "connection opened");
+        tokio::select! {
+            r = rpc => if let Err(e) = r {
+                // Peers hanging up is normal; a protocol error is worth a line.
+                tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
+            },
+            // Dropping the RpcSystem closes the socket and drops its calls unanswered.
+            () = conn.killed() => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
+            () = idle_expired(&shared, &conn) => {
+                metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
+                tracing::info!(conn = id, %peer, "connection closed: idle timeout");
+            }
+        }
+        if let Some(b) = breach.get() {
+            metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => b.label()).increment(1);
+            tracing::warn!(conn = id, %peer, reason = b.label(), "connection closed: hostile or broken message");
+        }
+        live.borrow_mut().remove(&id);
+        drop(open_guard);
+        tracing::debug!(conn = id, %peer, "connection closed");
     });
 }
 

@@ -37,6 +37,16 @@ struct Args {
     /// Log format [default: auto: JSON lines, text on a terminal].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Mutual TLS: this server's certificate chain (PEM); with --tls-key and
+    /// --tls-client-ca. `scripts/dev-ca.sh` makes a development set.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this server's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA whose certificates clients must present (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Development only: allow the Admin capability without an admin token.
     #[arg(long)]
     dev_admin: bool,
@@ -56,6 +66,9 @@ fn main() -> ExitCode {
         log_level: args.log_level,
         log_format: args.log_format,
         dev_admin: args.dev_admin.then_some(true),
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
     };
     let config = match Config::load(args.config.as_deref(), &flags) {
         Ok(c) => c,
