@@ -39,13 +39,7 @@ pub fn vat_network(
     side: rpc_twoparty_capnp::Side,
     options: capnp::message::ReaderOptions,
 ) -> twoparty::VatNetwork<BufReader<impl AsyncRead + Unpin>> {
-    let (reader, writer) = stream.compat().split();
-    twoparty::VatNetwork::new(
-        BufReader::new(reader),
-        CoalescingWriter::new(writer),
-        side,
-        options,
-    )
+    vat_network_over(stream, side, options)
 }
 
 /// The two-party network over any byte stream (a TLS stream, for instance).
