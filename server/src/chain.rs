@@ -26,7 +26,7 @@
 //! 7. **observe**: one log line and the request metrics, for every call, success or not.
 //!
 //! What a reload may change (limits, tokens, deadlines, rates) is one [`Tunables`] value
-//! swapped whole; a call reads it once, when it starts.
+//! swapped whole; the chain reads it once per call, handlers when they validate.
 //!
 //! Around all of it runs the call's server span, the child of the caller's `traceparent`;
 //! step 6 runs in a `store` span under it. With trace export off both are disabled
@@ -51,7 +51,6 @@ use capkv::{code_name, ApiError, CallMeta, ErrorCode, Limits};
 use capkv_chaos::{Chaos, FaultPlan};
 use capkv_store::Store;
 use capkv_telemetry::TraceParent;
-use capkv_telemetry::{SpanId, TraceId};
 use sha2::Digest;
 use std::collections::HashMap;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
@@ -591,7 +590,6 @@ impl Shared {
         if let (Some(p), Ok(m)) = (&parent, &meta) {
             capkv_telemetry::set_remote_parent(&span, p, &m.tracestate);
         }
-        let ids = capkv_telemetry::span_ids(&span, parent.as_ref());
         let (meta, result) = match meta {
             Err(e) => (CallMeta::default(), Err(e)),
             Ok(meta) => {
@@ -603,7 +601,15 @@ impl Shared {
             }
         };
         // 7. observe
-        self.observe(conn, method, &meta, ids, &span, started, &result);
+        self.observe(
+            conn,
+            method,
+            &meta,
+            parent.as_ref(),
+            &span,
+            started,
+            &result,
+        );
         result
     }
 
@@ -795,7 +801,7 @@ impl Shared {
         conn: &Conn,
         method: Method,
         meta: &CallMeta,
-        (trace_id, span_id): (TraceId, SpanId),
+        parent: Option<&TraceParent>,
         span: &tracing::Span,
         started: Instant,
         result: &Result<T, ApiError>,
@@ -818,21 +824,31 @@ impl Shared {
             .record(elapsed.as_secs_f64());
         let latency_ms = elapsed.as_secs_f64() * 1e3;
         // Keys, values and tokens are never logged; the error message is safe by contract.
+        // The ids are worked out only for a line that will be written (the per-call line is
+        // at debug level, usually off): they cost random draws when no span is exported.
+        let ids = || capkv_telemetry::span_ids(span, parent);
         match result {
-            Err(e) if e.code == ErrorCode::Internal => tracing::error!(
-                target: "capkv::request",
-                method = method.name(), code, latency_ms, attempt = meta.attempt,
-                %trace_id, %span_id, request_id = %meta.request_id,
-                peer = %conn.peer, conn = conn.id, error = %e.message,
-                "request failed"
-            ),
-            _ => tracing::debug!(
-                target: "capkv::request",
-                method = method.name(), code, latency_ms, attempt = meta.attempt,
-                %trace_id, %span_id, request_id = %meta.request_id,
-                peer = %conn.peer, conn = conn.id,
-                "request"
-            ),
+            Err(e) if e.code == ErrorCode::Internal => {
+                let (trace_id, span_id) = ids();
+                tracing::error!(
+                    target: "capkv::request",
+                    method = method.name(), code, latency_ms, attempt = meta.attempt,
+                    %trace_id, %span_id, request_id = %meta.request_id,
+                    peer = %conn.peer, conn = conn.id, error = %e.message,
+                    "request failed"
+                )
+            }
+            _ if tracing::enabled!(target: "capkv::request", tracing::Level::DEBUG) => {
+                let (trace_id, span_id) = ids();
+                tracing::debug!(
+                    target: "capkv::request",
+                    method = method.name(), code, latency_ms, attempt = meta.attempt,
+                    %trace_id, %span_id, request_id = %meta.request_id,
+                    peer = %conn.peer, conn = conn.id,
+                    "request"
+                )
+            }
+            _ => {}
         }
     }
 }

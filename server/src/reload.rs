@@ -10,7 +10,7 @@
 //!   refused whole: the running one stays, and a log line says why.
 //!
 //! Reloads are serialized (one lock around load-compare-apply); calls are never paused:
-//! each call reads the settings once, so a call runs wholly under the old or the new ones.
+//! the settings are one value swapped whole, so no call ever sees a half-applied reload.
 
 use std::sync::{Mutex, OnceLock};
 
