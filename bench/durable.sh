@@ -8,6 +8,7 @@
 # temp dir on the same disk for all of them; every process started is stopped by its PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
 secs="${2:-10}"
 tmp=$(mktemp -d /var/tmp/capkv-durable.XXXXXX)
@@ -20,14 +21,7 @@ start_capkv() { # $1 = group_commit_max_writes
     CAPKV_STORAGE__GROUP_COMMIT_MAX_WRITES="$1" taskset -c 1 "$bin/kv-server" --engine rocksdb \
         --data-dir "$tmp/data" --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
     pid=$!
-    addr=""
-    for _ in $(seq 300); do
-        addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$tmp/kv.log" | head -n1)
-        [ -n "$addr" ] && break
-        kill -0 "$pid" 2>/dev/null || { cat "$tmp/kv.log" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { cat "$tmp/kv.log" >&2; exit 1; }
+    addr=$(wait_listening "$tmp/kv.log" "$pid") || exit 1
 }
 
 start_redis() {

@@ -15,6 +15,7 @@
 # kv-loadgen to core 0; every process started is stopped by its PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
 secs="${2:-20}"
 tmp=$(mktemp -d /var/tmp/capkv-overload.XXXXXX)
@@ -26,14 +27,7 @@ CAPKV_FAULTS__PLAN='* latency=2ms' CAPKV_LIMITS__MAX_IN_FLIGHT=8 \
     taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
     --log-format json 2>"$tmp/kv.log" &
 pid=$!
-addr=""
-for _ in $(seq 300); do
-    addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$tmp/kv.log" | head -n1)
-    [ -n "$addr" ] && break
-    kill -0 "$pid" 2>/dev/null || { cat "$tmp/kv.log" >&2; exit 1; }
-    sleep 0.1
-done
-[ -n "$addr" ] || { cat "$tmp/kv.log" >&2; exit 1; }
+addr=$(wait_listening "$tmp/kv.log" "$pid") || exit 1
 
 load() { # $1 = json out, rest = kv-loadgen run flags
     local out="$1"; shift

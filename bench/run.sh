@@ -8,6 +8,7 @@
 # Every process this script starts is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 source scripts/setup.sh
 out="${1:-bench/results.md}"
 command -v redis-server >/dev/null 2>&1 || {
@@ -27,13 +28,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
 kv_pid=$!; pids+=("$kv_pid")
-addr=""
-for _ in $(seq 100); do
-    addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$tmp/kv.log" | head -n1)
-    [ -n "$addr" ] && break
-    sleep 0.1
-done
-[ -n "$addr" ] || { cat "$tmp/kv.log" >&2; exit 1; }
+addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
 
 redis_port=$(free_port)
 taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \

@@ -5,6 +5,7 @@
 # Usage: scripts/smoke.sh [BIN_DIR]   (default: $CARGO_TARGET_DIR/debug)
 # With CAPKV_ADDR set, skips starting a server and checks that one instead.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/debug}"
 work=$(mktemp -d)
 log="$work/server.log"
@@ -20,14 +21,7 @@ start_server() {
     "$bin/kv-server" --engine rocksdb --data-dir "$work/data" --listen 127.0.0.1:0 \
         --log-format json 2>"$log" &
     pid=$!
-    addr=""
-    for _ in $(seq 300); do
-        addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$log" | head -n1)
-        [ -n "$addr" ] && break
-        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; echo "smoke: server exited" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { cat "$log" >&2; echo "smoke: no listening line" >&2; exit 1; }
+    addr=$(wait_listening "$log" "$pid") || { echo "smoke: server did not start" >&2; exit 1; }
 }
 
 stop_server() {

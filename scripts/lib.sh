@@ -1,0 +1,19 @@
+# Shell helpers shared by scripts/ and bench/ (sourced, not run).
+
+# wait_listening LOG PID [TRIES]: prints the address from kv-server's JSON "listening"
+# line in LOG, polling every 0.1 s at most TRIES times (default 300) while PID lives. On
+# failure prints LOG to stderr and returns 1.
+wait_listening() {
+    local log="$1" pid="$2" tries="${3:-300}" addr=""
+    for _ in $(seq "$tries"); do
+        addr=$(sed -n 's/.*"message":"listening","addr":"\([0-9.:]*\)".*/\1/p' "$log" | head -n1)
+        if [ -n "$addr" ]; then
+            echo "$addr"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$log" >&2
+    return 1
+}
