@@ -232,7 +232,10 @@ impl<R: PeerReader> GuardedReader<R> {
     fn fail(&mut self, b: Breach) -> io::Error {
         if self.breach.get().is_none() {
             self.breach.set(Some(b));
-            self.inner.try_send(&abort_frame(b.reason()));
+            self.inner.try_send(&abort_frame(
+                b.reason(),
+                capnp_rpc::rpc_capnp::exception::Type::Failed,
+            ));
         }
         self.drop_pending();
         io::Error::new(io::ErrorKind::InvalidData, b.reason())
@@ -436,14 +439,15 @@ impl<R> Drop for GuardedReader<R> {
     }
 }
 
-/// A Cap'n Proto RPC `Abort` message saying `reason` (type `failed`), framed for the wire.
-pub fn abort_frame(reason: &str) -> Vec<u8> {
+/// A Cap'n Proto RPC `Abort` message saying `reason`, framed for the wire: for ending a
+/// connection with words rather than a bare close.
+pub fn abort_frame(reason: &str, kind: capnp_rpc::rpc_capnp::exception::Type) -> Vec<u8> {
     let mut msg = capnp::message::Builder::new_default();
     {
         let root = msg.init_root::<message::Builder<'_>>();
         let mut ex = root.init_abort();
         ex.set_reason(reason);
-        ex.set_type(capnp_rpc::rpc_capnp::exception::Type::Failed);
+        ex.set_type(kind);
     }
     capnp::serialize::write_message_to_words(&msg)
 }

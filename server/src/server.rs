@@ -212,7 +212,10 @@ impl Server {
         };
 
         let open = Arc::new(AtomicUsize::new(0));
-        let refusal = abort_frame("too many connections; try again later");
+        let refusal = capkv::frames::abort_frame(
+            "too many connections; try again later",
+            capnp_rpc::rpc_capnp::exception::Type::Overloaded,
+        );
         let mut next = 0usize;
         tokio::pin!(shutdown);
         loop {
@@ -475,19 +478,6 @@ async fn idle_expired(shared: &Shared, conn: &Conn) {
         };
         tokio::time::sleep(wait).await;
     }
-}
-
-/// A Cap'n Proto RPC `Abort` message saying `reason` (type `overloaded`), for refusing a
-/// connection with words rather than a bare close.
-fn abort_frame(reason: &str) -> Vec<u8> {
-    let mut msg = capnp::message::Builder::new_default();
-    {
-        let root = msg.init_root::<capnp_rpc::rpc_capnp::message::Builder<'_>>();
-        let mut ex = root.init_abort();
-        ex.set_reason(reason);
-        ex.set_type(capnp_rpc::rpc_capnp::exception::Type::Overloaded);
-    }
-    capnp::serialize::write_message_to_words(&msg)
 }
 
 /// After the drain timeout, how long abandoned calls get to send their replies.

@@ -11,9 +11,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,45 +36,28 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args([
+        let data_dir = data_dir.to_string_lossy();
+        let drain_timeout_ms = DRAIN_TIMEOUT_MS.to_string();
+        let (child, addr, _logs) = common::spawn_kv_server(
+            BIN,
+            &[
                 "--engine",
                 "rocksdb",
                 "--listen",
                 "127.0.0.1:0",
                 "--workers",
                 "2",
-            ])
-            .args([
-                "--log-format",
-                "json",
                 "--log-level",
                 "warn,capkv_server=info",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0")
-            .env(
-                "CAPKV_SHUTDOWN__DRAIN_TIMEOUT_MS",
-                DRAIN_TIMEOUT_MS.to_string(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kv-server");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let Some(addr) = common::listening_addr(&mut lines) else {
-            let status = child.wait();
-            panic!("kv-server did not start: {status:?}");
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child: common::Proc(child),
-            addr,
-        }
+                "--data-dir",
+                &data_dir,
+            ],
+            &[
+                ("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0"),
+                ("CAPKV_SHUTDOWN__DRAIN_TIMEOUT_MS", &drain_timeout_ms),
+            ],
+        );
+        Self { child, addr }
     }
 
     fn kill9(&mut self) {

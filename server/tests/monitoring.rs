@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -135,39 +135,32 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
 
     let dir = tempfile::tempdir().unwrap();
     let metrics_port = free_port();
-    let mut server = Command::new(BIN)
-        .args([
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_string_lossy();
+    let (server, addr, _logs) = common::spawn_kv_server(
+        BIN,
+        &[
             "--engine",
             "rocksdb",
             "--listen",
             "127.0.0.1:0",
             "--workers",
             "2",
-        ])
-        .args([
-            "--log-format",
-            "json",
             "--log-level",
             "warn,capkv_server=info",
-        ])
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("CAPKV_ADMIN__TOKEN", ADMIN)
-        .env("CAPKV_STORAGE__STATS_INTERVAL_MS", "200")
-        // Small per-connection limit, so that the load below also meets rejections.
-        .env("CAPKV_LIMITS__MAX_IN_FLIGHT_PER_CONNECTION", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kv-server");
-    let stderr = server.stderr.take().unwrap();
-    let server = Proc(server);
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = common::listening_addr(&mut lines).expect("kv-server listening");
-    // Keep reading its logs: ends with the process.
-    std::thread::spawn(move || for _ in lines {});
+            "--metrics-listen",
+            &metrics_listen,
+            "--data-dir",
+            &data_dir,
+        ],
+        &[
+            ("CAPKV_ADMIN__TOKEN", ADMIN),
+            ("CAPKV_STORAGE__STATS_INTERVAL_MS", "200"),
+            // Small per-connection limit, so that the load below also meets rejections.
+            ("CAPKV_LIMITS__MAX_IN_FLIGHT_PER_CONNECTION", "2"),
+        ],
+    );
 
     // The probes beside /metrics.
     let status = |path: &str| -> String {
