@@ -68,7 +68,19 @@ fn a_spent_budget_ends_the_call_and_stops_the_work() {
             elapsed < Duration::from_millis(300),
             "ended by the deadline, not by the latency: {elapsed:?}"
         );
-        // The slot is free at once: the work was dropped, not left running.
+        // The slot is freed by the server's own deadline, which runs from the call's
+        // arrival and so ends a moment after the client's: wait (bounded) for it, then
+        // check it came long before the 300 ms of injected latency: the work was dropped,
+        // not left running.
+        let shared = server.shared();
+        while shared.in_flight() > 0 {
+            assert!(
+                started.elapsed() < Duration::from_millis(300),
+                "the slot was still held after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         assert_eq!(c.get(b"slow").await.unwrap(), None, "the put never ran");
         c.clear_faults(ADMIN).await.unwrap();
         assert_eq!(c.get(b"slow").await.unwrap(), None);
