@@ -3,7 +3,7 @@
 # WAL synced before each acknowledgement, group commit on (default) and off
 # (storage.group_commit_max_writes=1), against redis-server with `appendfsync always`.
 # 1 and 50 writers (connections, one call in flight each), 100-byte values, 100k keys.
-# Prints a markdown table on stdout. Usage: bench/durable.sh [BIN_DIR] [SECONDS]
+# Prints a markdown table on stdout. Usage: bench/durable.sh [BIN_DIR] [SECONDS] [WARMUP_SECONDS]
 # kv-server and redis-server are pinned to core 1, kv-loadgen to core 0; data lives in a
 # temp dir on the same disk for all of them; every process started is stopped by its PID.
 set -euo pipefail
@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
 secs="${2:-10}"
+warmup="${3:-1}"
 tmp=$(mktemp -d /var/tmp/capkv-durable.XXXXXX)
 pid=""
 stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
@@ -36,7 +37,7 @@ start_redis() {
 
 run() { # $1 = case name, $2 = target, $3 = connections
     taskset -c 0 "$bin/kv-loadgen" run --target "$2" --addr "$addr" --server-pid "$pid" \
-        --mix put -c "$3" --keys 100000 --value-size 100 --warmup 1s --duration "${secs}s" \
+        --mix put -c "$3" --keys 100000 --value-size 100 --warmup "${warmup}s" --duration "${secs}s" \
         --csv "$tmp/run.csv" >/dev/null
     # CSV: 12 ok_per_sec, 14 mean, 15 p50, 18 p99, 21 errors, 22 server CPU %.
     awk -F, -v name="$1" -v target="$2" 'NR > 1 && $10 == "put" {

@@ -17,3 +17,19 @@ wait_listening() {
     cat "$log" >&2
     return 1
 }
+
+# build_bins: builds the workspace's binaries in the profile $CAPKV_PROFILE (release by
+# default; CI passes debug, which its tests have already built) and sets BIN_DIR. Always
+# the whole workspace: building single packages unifies dependency features differently
+# and would rebuild RocksDB (~12 min) for nothing. Debug builds every target, as
+# `cargo test` does: without the dev-dependencies, features unify differently again and
+# the test build's binaries would be rebuilt.
+build_bins() {
+    local profile="${CAPKV_PROFILE:-release}"
+    case "$profile" in
+        release) cargo build --release --locked --workspace --bins ;;
+        debug) cargo build --locked --workspace --all-targets ;;
+        *) echo "CAPKV_PROFILE is release or debug, not '$profile'" >&2; return 2 ;;
+    esac
+    BIN_DIR="$CARGO_TARGET_DIR/$profile"
+}

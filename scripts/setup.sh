@@ -19,6 +19,8 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 # scripts/dev-ca.sh (and the mutual-TLS test) make certificates with openssl.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The README's Redis comparison (kv-loadgen --target redis) runs in the tests and bench/.
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then

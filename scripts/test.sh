@@ -22,4 +22,24 @@ bash scripts/check-packaging.sh
 echo "== smoke"
 bash scripts/smoke.sh "$CARGO_TARGET_DIR/debug"
 
+# The README's commands that build the workspace cannot run inside cargo test (cargo
+# holds its build lock): they run here, in the debug profile already built above.
+source scripts/lib.sh
+work=$(mktemp -d)
+run_pid=""
+trap 'if [ -n "$run_pid" ]; then kill "$run_pid" 2>/dev/null || true; wait "$run_pid" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
+echo "== scripts/run.sh (debug profile), smoke against it"
+CAPKV_PROFILE=debug bash scripts/run.sh --engine memory --listen 127.0.0.1:0 --log-format json \
+    2>"$work/run.log" &
+run_pid=$!
+addr=$(wait_listening "$work/run.log" "$run_pid" 3000)  # its build check comes first
+CAPKV_ADDR="$addr" bash scripts/smoke.sh "$CARGO_TARGET_DIR/debug"
+kill -TERM "$run_pid"
+wait "$run_pid"
+run_pid=""
+echo "== bench/run.sh (BENCH_QUICK=1, debug profile: checks the script, not the speed)"
+CAPKV_PROFILE=debug BENCH_QUICK=1 bash bench/run.sh "$work/results.md"
+grep -q "GET c=50" "$work/results.md" || { cat "$work/results.md"; exit 1; }
+grep -q "appendfsync always" "$work/results.md" || { cat "$work/results.md"; exit 1; }
+
 echo "== all checks passed in $(( $(date +%s) - start )) s"
