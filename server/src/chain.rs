@@ -354,6 +354,8 @@ pub struct Shared {
     pub frame_budget: Arc<capkv::frames::FrameBudget>,
     /// Mutual TLS on new connections, when configured (not reloadable).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The per-call series' handles.
+    call_metrics: crate::metrics::CallMetrics,
 }
 
 /// One client connection, owned by the worker thread serving it.
@@ -458,6 +460,7 @@ impl Shared {
                 config.limits.frame_budget_bytes,
             )),
             tls: None,
+            call_metrics: crate::metrics::CallMetrics::new(Method::ALL.len()),
         }
     }
 
@@ -781,7 +784,7 @@ impl Shared {
             }
         });
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        metrics::gauge!(m::IN_FLIGHT).increment(1.0);
+        self.call_metrics.in_flight().increment(1.0);
         Ok(slot)
     }
 
@@ -818,10 +821,11 @@ impl Shared {
                 span.record("otel.status_code", "ERROR");
             }
         }
-        metrics::counter!(m::REQUESTS_TOTAL, "method" => method.name(), "code" => code)
-            .increment(1);
-        metrics::histogram!(m::REQUEST_DURATION_SECONDS, "method" => method.name())
-            .record(elapsed.as_secs_f64());
+        self.call_metrics.finished(
+            (method as usize, method.name()),
+            result.as_ref().err().map(|e| e.code),
+            elapsed.as_secs_f64(),
+        );
         let latency_ms = elapsed.as_secs_f64() * 1e3;
         // Keys, values and tokens are never logged; the error message is safe by contract.
         // The ids are worked out only for a line that will be written (the per-call line is
@@ -874,7 +878,7 @@ impl Drop for Slot<'_> {
             {
                 permit.forget();
             }
-            metrics::gauge!(m::IN_FLIGHT).decrement(1.0);
+            self.shared.call_metrics.in_flight().decrement(1.0);
             self.shared.release_global();
         }
     }

@@ -2,7 +2,10 @@
 //! prefix, `_total` counters, `_seconds` histograms), and the exporter that serves them.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
+use capkv::kv_capnp::ErrorCode;
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 pub const REQUESTS_TOTAL: &str = "capkv_requests_total";
@@ -27,6 +30,62 @@ pub const STORE_COMMITS: &str = "capkv_store_commits";
 pub const STORE_WRITE_STOPPED: &str = "capkv_store_write_stopped";
 pub const STORE_DELAYED_WRITE_RATE: &str = "capkv_store_delayed_write_rate_bytes_per_second";
 pub const STORE_WRITE_QUEUE: &str = "capkv_store_write_queue_length";
+
+/// Handles of the series every call touches, made on first use and kept. The macros
+/// (`counter!(NAME, "method" => m)`) build a label vector, hash it and look it up in the
+/// registry each time: four times per call, a measurable share of a 13 µs get. A handle
+/// made before a recorder is installed stays a no-op: the server installs its recorder
+/// before it serves.
+pub struct CallMetrics {
+    in_flight: OnceLock<Gauge>,
+    /// `[method][code]`, where code 0 is "ok" and `c + 1` is error code `c`.
+    requests: Box<[OnceLock<Counter>]>,
+    /// `[method]`.
+    durations: Box<[OnceLock<Histogram>]>,
+    methods: usize,
+}
+
+impl CallMetrics {
+    /// For `methods` methods, identified by their index below `methods`.
+    pub fn new(methods: usize) -> Self {
+        let codes = capkv::ALL_CODES.len() + 1;
+        Self {
+            in_flight: OnceLock::new(),
+            requests: (0..methods * codes).map(|_| OnceLock::new()).collect(),
+            durations: (0..methods).map(|_| OnceLock::new()).collect(),
+            methods,
+        }
+    }
+
+    pub fn in_flight(&self) -> &Gauge {
+        self.in_flight.get_or_init(|| metrics::gauge!(IN_FLIGHT))
+    }
+
+    /// Counts one finished call of `method` (index and label) and records its latency.
+    pub fn finished(
+        &self,
+        (index, method): (usize, &'static str),
+        error: Option<ErrorCode>,
+        elapsed_s: f64,
+    ) {
+        debug_assert!(index < self.methods);
+        let code_index = error.map_or(0, |c| c as usize + 1);
+        let code = error.map_or("ok", capkv::code_name);
+        let slot = index * (capkv::ALL_CODES.len() + 1) + code_index;
+        if let Some(counter) = self.requests.get(slot) {
+            counter
+                .get_or_init(
+                    || metrics::counter!(REQUESTS_TOTAL, "method" => method, "code" => code),
+                )
+                .increment(1);
+        }
+        if let Some(histogram) = self.durations.get(index) {
+            histogram
+                .get_or_init(|| metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => method))
+                .record(elapsed_s);
+        }
+    }
+}
 
 /// Copies the engine's statistics into gauges. The engine keeps the counts; exporting them
 /// as gauges (not counters) avoids double counting across samples.
