@@ -199,7 +199,9 @@ pub struct GuardedReader<R> {
     ready_pos: usize,
     /// Where socket reads land (allocated once per connection, never re-zeroed).
     chunk: Vec<u8>,
-    /// When the frame being received must be complete.
+    /// When the frame being received must be complete. Armed only when the socket runs dry
+    /// with a frame incomplete: a message that arrives whole (nearly every one) never
+    /// touches the timer, whose registration cost a wake-up syscall per message.
     deadline: Option<Pin<Box<Sleep>>>,
     bootstraps: u32,
     breach: BreachCell,
@@ -241,6 +243,22 @@ impl<R: PeerReader> GuardedReader<R> {
         io::Error::new(io::ErrorKind::InvalidData, b.reason())
     }
 
+    /// Returns `Pending` with the incomplete frame's clock running (armed now if it is
+    /// not yet), or the timeout breach if it has run out.
+    fn pending_within_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if !self.pending.is_empty() && self.deadline.is_none() {
+            let mut sleep = Box::pin(tokio::time::sleep_until(
+                Instant::now() + self.limits.frame_timeout,
+            ));
+            // Registers the timer with this task.
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(self.fail(Breach::FrameTimeout)));
+            }
+            self.deadline = Some(sleep);
+        }
+        Poll::Pending
+    }
+
     fn drop_pending(&mut self) {
         self.pending = Vec::new();
         self.budget.release(std::mem::take(&mut self.charged));
@@ -264,7 +282,8 @@ impl<R: PeerReader> GuardedReader<R> {
             }
             self.ready.extend_from_slice(&self.pending[..size]);
             self.pending.drain(..size);
-            // The next frame (if any) starts its own clock and its own charge.
+            // The next frame (if any) starts its own clock (when the socket next runs dry)
+            // and its own charge.
             self.deadline = None;
             let held = self.pending.len();
             if self.charged > held {
@@ -394,13 +413,13 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                     this.budget.wait(cx.waker());
                     // Re-check after registering: room may have come in between.
                     if !this.budget.try_charge(need) {
-                        return Poll::Pending;
+                        return this.pending_within_deadline(cx);
                     }
                 }
                 this.charged += need;
             }
             let n = match Pin::new(&mut this.inner).poll_read(cx, &mut this.chunk[..want]) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return this.pending_within_deadline(cx),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(n)) => n,
             };
@@ -410,20 +429,9 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                 this.drop_pending();
                 continue;
             }
-            if this.pending.is_empty() {
-                let mut sleep = Box::pin(tokio::time::sleep_until(
-                    Instant::now() + this.limits.frame_timeout,
-                ));
-                // Register the timer with this task now.
-                let _ = sleep.as_mut().poll(cx);
-                this.deadline = Some(sleep);
-            }
             this.pending.extend_from_slice(&this.chunk[..n]);
             if let Err(b) = this.take_frames() {
                 return Poll::Ready(Err(this.fail(b)));
-            }
-            if this.pending.is_empty() {
-                this.deadline = None;
             }
             if this.ready.len() - this.ready_pos > MAX_READY_BYTES {
                 // Hand over what is checked before reading more.
@@ -623,6 +631,75 @@ mod tests {
             }
         }
         assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn only_a_frame_left_incomplete_runs_a_clock_and_it_runs_out() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_rt = rt.enter();
+        let frame = framed(|m| m.init_finish().set_question_id(7));
+        let reader = |timeout_ms: u64| {
+            let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
+                std::rc::Rc::default();
+            let limits = std::sync::Arc::new(FrameLimits {
+                max_frame_bytes: 1 << 20,
+                frame_timeout: Duration::from_millis(timeout_ms),
+                reader_options: crate::Limits::default().request_reader_options(),
+            });
+            let r = GuardedReader::new(
+                Chunks(std::rc::Rc::clone(&q)),
+                limits,
+                std::sync::Arc::new(FrameBudget::new(1 << 20)),
+                BreachCell::default(),
+            );
+            (q, r)
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = vec![0u8; 4096];
+
+        // Whole frames, the common case: handed over, and no timer was ever armed.
+        let (q, mut r) = reader(60_000);
+        q.borrow_mut().push_back(frame.clone());
+        assert_eq!(
+            Pin::new(&mut r)
+                .poll_read(&mut cx, &mut out)
+                .map(|r| r.ok()),
+            Poll::Ready(Some(frame.len()))
+        );
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_pending());
+        assert!(r.deadline.is_none());
+
+        // A whole frame and the start of the next in one read: the rest's clock runs once
+        // the socket is dry.
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame[..5]);
+        q.borrow_mut().push_back(two);
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_ready());
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_pending());
+        assert!(r.deadline.is_some());
+        // Its end arrives: the clock stops.
+        q.borrow_mut().push_back(frame[5..].to_vec());
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_ready());
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_pending());
+        assert!(r.deadline.is_none());
+
+        // A frame that stops half-way: its clock starts, and when it runs out (1 ms; the
+        // runtime waits for the timer) the connection gets the breach.
+        let (q, mut r) = reader(1);
+        q.borrow_mut().push_back(frame[..frame.len() / 2].to_vec());
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_pending());
+        assert!(r.deadline.is_some());
+        let ended = rt.block_on(futures::future::poll_fn(|cx| {
+            Pin::new(&mut r).poll_read(cx, &mut out)
+        }));
+        match ended {
+            Err(e) => assert!(e.to_string().contains("in time"), "{e}"),
+            other => panic!("expected the frame timeout, got {other:?}"),
+        }
     }
 
     #[test]
