@@ -490,13 +490,8 @@ fn inline_commands_run() {
     // Mutual TLS exactly as written, DIR being a temp dir and `...` a health call.
     let ca = dir.path().join("ca");
     let ca_dir = ca.to_str().unwrap();
-    let script = repo().join("scripts/dev-ca.sh");
-    ok(
-        &format!("bash {} {ca_dir}", script.display()),
-        dir.path(),
-        &envs,
-    );
     let dirify = |c: &str| c.replace("DIR", ca_dir);
+    ok(&dirify(INLINE_HERE[2]), &repo(), &envs);
     let server_cmd = dirify(INLINE_HERE[3]);
     let args: Vec<&str> = server_cmd.split(' ').skip(1).collect();
     let mut all = vec!["--engine", "memory"];

@@ -11,6 +11,12 @@ use capkv_loadgen::target::TargetKind;
 use capkv_loadgen::workload::{KeyDist, Mix};
 use clap::{Args, Parser, Subcommand};
 
+// capnp-rpc makes several small heap objects per call (promises, question and answer
+// entries, message segments); mimalloc serves them faster than glibc's malloc
+// (bench/results.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for capkv (and Redis, driven by the same generator).
 #[derive(Parser, Debug)]
 #[command(name = "kv-loadgen", version)]
