@@ -2,18 +2,9 @@
 //! monitoring/alerts.yml has its page runbook/alerts/<AlertName>.md, and every error code
 //! of the schema is explained in runbook/error-codes.md.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the server crate lives in the repository")
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
+use common::read_repo_file as read;
 
 #[test]
 fn every_alert_has_its_runbook_page() {

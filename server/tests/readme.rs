@@ -23,16 +23,7 @@ use std::process::{Command, Output, Stdio};
 
 const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the server crate lives in the repository")
-        .to_path_buf()
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
+use common::{read_repo_file as read, repo};
 
 fn bin_dir() -> PathBuf {
     PathBuf::from(SERVER_BIN)

@@ -11,6 +11,19 @@ use capkv_client::{Client, ClientOptions};
 use capkv_server::{Config, RunningServer};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 
+/// The repository's root (the server crate lives one level down).
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the server crate lives in the repository")
+        .to_path_buf()
+}
+
+/// A repository file as text, by its path from the root.
+pub fn read_repo_file(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
 pub fn test_config() -> Config {
     Config::local_ephemeral()
 }
