@@ -42,7 +42,6 @@ pub struct CallMetrics {
     requests: Box<[OnceLock<Counter>]>,
     /// `[method]`.
     durations: Box<[OnceLock<Histogram>]>,
-    methods: usize,
 }
 
 impl CallMetrics {
@@ -53,7 +52,6 @@ impl CallMetrics {
             in_flight: OnceLock::new(),
             requests: (0..methods * codes).map(|_| OnceLock::new()).collect(),
             durations: (0..methods).map(|_| OnceLock::new()).collect(),
-            methods,
         }
     }
 
@@ -68,15 +66,15 @@ impl CallMetrics {
         error: Option<ErrorCode>,
         elapsed_s: f64,
     ) {
-        debug_assert!(index < self.methods);
+        debug_assert!(index < self.durations.len());
         let code_index = error.map_or(0, |c| c as usize + 1);
-        let code = error.map_or("ok", capkv::code_name);
         let slot = index * (capkv::ALL_CODES.len() + 1) + code_index;
         if let Some(counter) = self.requests.get(slot) {
             counter
-                .get_or_init(
-                    || metrics::counter!(REQUESTS_TOTAL, "method" => method, "code" => code),
-                )
+                .get_or_init(|| {
+                    let code = error.map_or("ok", capkv::code_name);
+                    metrics::counter!(REQUESTS_TOTAL, "method" => method, "code" => code)
+                })
                 .increment(1);
         }
         if let Some(histogram) = self.durations.get(index) {

@@ -5,9 +5,9 @@
 //!   output are checked against it. Rewrites are few and listed in each block's runner:
 //!   `$B` is the test build's bin dir, placeholders (`...`, `ca16…`) become real values,
 //!   load runs get a short duration and a small key space.
-//! - Each inline command (a code span starting with a program) is either run here or
-//!   named in `INLINE` with the test file or CI step that runs it, and that file is
-//!   checked to really contain it.
+//! - Each inline command (a code span starting with a program) is either run here
+//!   (`INLINE_HERE`) or named in `INLINE_ELSEWHERE` with the test file or CI step that
+//!   runs it, and that file is checked to really contain it.
 //! - Commands that build the workspace (`scripts/run.sh`, `bench/run.sh`,
 //!   `scripts/test.sh`) cannot run inside `cargo test`, which holds cargo's build lock:
 //!   they must appear in scripts/test.sh, which CI runs (checked here).
@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kv-server");
-
 use common::{read_repo_file as read, repo};
+
+const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 
 fn bin_dir() -> PathBuf {
     PathBuf::from(SERVER_BIN)
@@ -86,12 +86,12 @@ fn inline_commands() -> Vec<String> {
         "kv-server",
         "kv-client",
         "kv-loadgen",
-        "bash ",
-        "cargo ",
-        "git ",
+        "bash",
+        "cargo",
+        "git",
         "promtool",
         "redis-",
-        "cd ",
+        "cd",
     ];
     let spans: Vec<&str> = prose.split('`').skip(1).step_by(2).collect();
     spans
@@ -100,12 +100,11 @@ fn inline_commands() -> Vec<String> {
         .filter(|s| {
             // `VAR=value cmd ...` counts; a lone `VAR=value` is a setting, not a command.
             let words: Vec<&str> = s.split(' ').collect();
-            let first_program = words.iter().find(|w| !w.contains('=')).copied();
-            let first_program = first_program.unwrap_or("");
-            let program = PROGRAMS.iter().any(|p| {
-                let p = p.trim_end();
-                first_program == p || p.ends_with('-') && first_program.starts_with(p)
-            });
+            let first = words.iter().find(|w| !w.contains('=')).copied();
+            let first = first.unwrap_or("");
+            let program = PROGRAMS
+                .iter()
+                .any(|p| first == *p || p.ends_with('-') && first.starts_with(p));
             s == ".ci/run" || program && words.len() > 1
         })
         .collect()
