@@ -21,6 +21,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
+/// The server's frame timeout here: short, so truncated frames end quickly. It is also how
+/// long a hostile frame may hold its connection, so a canary call that waited that long
+/// would mean the server was held up by the attack rather than merely sharing the CPU.
+const FRAME_TIMEOUT_MS: u64 = 300;
 
 struct Server {
     proc: common::Proc,
@@ -39,8 +43,10 @@ impl Server {
                 "--workers",
                 "2",
             ],
-            // A short frame timeout so truncated frames end quickly.
-            &[("CAPKV_LIMITS__FRAME_TIMEOUT_MS", "300")],
+            &[(
+                "CAPKV_LIMITS__FRAME_TIMEOUT_MS",
+                &FRAME_TIMEOUT_MS.to_string(),
+            )],
         );
         Server { proc, addr }
     }
@@ -217,7 +223,13 @@ fn the_three_amplifications_cost_nothing_and_the_canary_is_served() {
     assert_eq!(failed, 0, "the canary never failed");
     assert!(growth < 64 * MIB, "RSS grew {} MiB", growth / MIB);
     let p = p99(lat.clone());
-    assert!(p < Duration::from_millis(50), "canary p99 {p:?}");
+    // Not a speed check (a debug build sharing 2 cores with 4 attacking threads took up to
+    // 57 ms): the slowest call must stay under what an attack could hold it up for.
+    let slowest = lat.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_millis(FRAME_TIMEOUT_MS),
+        "canary call took {slowest:?} (p99 {p:?})"
+    );
     eprintln!(
         "canary: {} calls, 0 failed, p99 {p:?}; server peak RSS grew {} MiB",
         lat.len(),
