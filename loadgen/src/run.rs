@@ -435,14 +435,22 @@ const SPIN_BEFORE_DUE: Duration = Duration::from_micros(1_500);
 
 /// Waits until `t` with sub-millisecond precision: sleeps until shortly before it, then
 /// yields (letting replies be processed) until it passes.
+///
+/// It yields at least once even when `t` has already passed. A dispatcher that has fallen
+/// behind (the offered rate is above what this thread can send) would otherwise never
+/// yield: it would queue every remaining call of the run without letting one reply be
+/// read, and a run a little above capacity would report nothing but backlog.
 async fn wait_until(t: Instant) {
     if let Some(early) = t.checked_sub(SPIN_BEFORE_DUE) {
         if Instant::now() < early {
             tokio::time::sleep_until(early).await;
         }
     }
-    while Instant::now() < t {
+    loop {
         tokio::task::yield_now().await;
+        if Instant::now() >= t {
+            break;
+        }
     }
 }
 
@@ -580,6 +588,27 @@ mod tests {
             let gap = (w[1] - w[0]).as_secs_f64();
             assert!((gap - 0.001).abs() < 1e-6, "gap {gap}");
         }
+    }
+
+    #[test]
+    fn a_late_dispatcher_still_lets_other_tasks_run() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let ran = Rc::new(Cell::new(false));
+            let flag = Rc::clone(&ran);
+            // Stands for a reply waiting to be read while the dispatcher is behind.
+            let reply = tokio::task::spawn_local(async move { flag.set(true) });
+            wait_until(Instant::now() - Duration::from_millis(5)).await;
+            assert!(
+                ran.get(),
+                "a call already due must still yield to ready tasks"
+            );
+            reply.await.unwrap();
+        });
     }
 
     #[test]
