@@ -21,6 +21,7 @@
 //! Errors are [`ApiError`]s with the contract's stable codes; a broken connection is
 //! `unavailable`, a request the server could not decode for size is `requestTooLarge`.
 
+pub mod batch;
 pub mod cli;
 pub mod local;
 pub mod output;
@@ -72,6 +73,10 @@ pub struct ClientOptions {
     pub resume_session: Option<Vec<u8>>,
     /// Mutual TLS; `None` = plain TCP.
     pub tls: Option<ClientTls>,
+    /// Auto-batching: gets issued on one connection in the same scheduler tick leave as one
+    /// `getMany` of at most this many keys (capped at `limits.max_batch_items`). 0 or 1 =
+    /// off (the default): every get is its own call. See [`batch`].
+    pub auto_batch_keys: usize,
 }
 
 /// Mutual TLS for a client: the config (CA, client certificate) and the name the server's
@@ -107,6 +112,7 @@ impl Default for ClientOptions {
             idempotent_writes: true,
             resume_session: None,
             tls: None,
+            auto_batch_keys: 0,
         }
     }
 }

@@ -18,6 +18,7 @@ use futures::future::{LocalBoxFuture, Shared};
 use futures::FutureExt;
 use tokio::time::Instant;
 
+use crate::batch::GetBatcher;
 use crate::{
     BatchOutcome, ClientOptions, Condition, DeleteOutcome, Entry, FaultsInfo, Health,
     IncrementOutcome, PutOutcome, ScanBounds, ScanOptions, ScanPage, VersionInfo,
@@ -46,7 +47,7 @@ impl From<Instant> for CallSpec {
     }
 }
 
-type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiError>>>;
+pub(crate) type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiError>>>;
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
@@ -85,6 +86,8 @@ pub struct LocalClient {
     resume: RefCell<Option<Vec<u8>>>,
     /// False once the connection has ended; the owner then reconnects.
     alive: Rc<Cell<bool>>,
+    /// Auto-batching of concurrent gets; `None` when off.
+    batcher: Option<Rc<GetBatcher>>,
 }
 
 impl LocalClient {
@@ -159,6 +162,7 @@ impl LocalClient {
             session_token: Rc::default(),
             resume: RefCell::new(None),
             alive,
+            batcher: GetBatcher::new(options),
         })
     }
 
@@ -173,6 +177,11 @@ impl LocalClient {
         *self.resume.borrow_mut() = Some(token);
     }
 
+    /// What auto-batching has done on this connection; `None` when it is off.
+    pub fn batch_stats(&self) -> Option<crate::batch::BatchStats> {
+        self.batcher.as_ref().map(|b| b.stats())
+    }
+
     /// Whether the connection is still up (a new call on a dead one fails at once).
     pub fn is_alive(&self) -> bool {
         self.alive.get()
@@ -185,27 +194,7 @@ impl LocalClient {
         F: FnOnce(CallMeta) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        let CallSpec {
-            deadline,
-            attempt,
-            traceparent,
-            ..
-        } = spec.into();
-        // The budget is what is left when the request leaves, not the caller's timeout.
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(deadline_exceeded());
-        }
-        let meta = CallMeta {
-            budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
-            request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
-            attempt,
-            traceparent: traceparent.map(|t| t.to_string()).unwrap_or_default(),
-            ..CallMeta::default()
-        };
-        tokio::time::timeout_at(deadline, f(meta))
-            .await
-            .unwrap_or_else(|_| Err(deadline_exceeded()))
+        within(spec, f).await
     }
 
     pub async fn health(&self, deadline: impl Into<CallSpec>) -> Result<Health, ApiError> {
@@ -234,26 +223,36 @@ impl LocalClient {
     }
 
     /// The entry under `key`, or `None` if it does not exist.
+    ///
+    /// With auto-batching on ([`ClientOptions::auto_batch_keys`]), a first attempt without
+    /// a trace context joins the gets issued on this connection in the same scheduler tick
+    /// and leaves with them as one `getMany` (see [`crate::batch`]).
     pub async fn get(
         &self,
         key: &[u8],
         deadline: impl Into<CallSpec>,
     ) -> Result<Option<Entry>, ApiError> {
-        self.run(deadline, |meta| async move {
-            let mut req = self.kv.get_request();
-            meta.write(req.get().init_ctx());
-            req.get().set_key(key);
-            let r = async {
-                decode_result!(req.send().promise, get_result,
-                    Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
+        let spec = deadline.into();
+        if let Some(batcher) = &self.batcher {
+            // Retries and traced calls go alone: their attempt number and span must be
+            // their own on the wire.
+            if spec.attempt <= 1 && spec.traceparent.is_none() {
+                if spec.deadline <= Instant::now() {
+                    return Err(deadline_exceeded());
+                }
+                let reply = batcher.enqueue(key.to_vec(), spec.deadline, &self.kv, &self.opened);
+                // No timer here: the batch keeps this get's deadline (see crate::batch).
+                return match reply.await {
+                    Ok(r) => r,
+                    Err(futures::channel::oneshot::Canceled) => Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the batched get was abandoned (connection shutting down)",
+                    )),
+                };
             }
-            .await;
-            match self.explain(r, &self.opened).await {
-                Err(e) if e.code == ErrorCode::NotFound => Ok(None),
-                other => other,
-            }
-        })
-        .await
+        }
+        self.run(spec, |meta| get_one(&self.kv, &self.opened, key, meta))
+            .await
     }
 
     /// Several keys in one call; `None` for each missing key, in `keys` order.
@@ -263,28 +262,7 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<Vec<Option<Entry>>, ApiError> {
         self.run(deadline, |meta| async move {
-            let mut req = self.kv.get_many_request();
-            meta.write(req.get().init_ctx());
-            let n = u32::try_from(keys.len()).map_err(|_| too_many(keys.len()))?;
-            let mut list = req.get().init_keys(n);
-            for (i, k) in keys.iter().enumerate() {
-                list.set(i as u32, k);
-            }
-            let r = async {
-                decode_result!(req.send().promise, get_many_result, Ok(ok) => {
-                    use capkv::kv_capnp::get_item::Which as Item;
-                    let items = ok.get_items().map_err(capnp_err)?;
-                    items
-                        .iter()
-                        .map(|item| match item.which() {
-                            Ok(Item::Found(e)) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)),
-                            Ok(Item::NotFound(())) => Ok(None),
-                            Err(e) => Err(capnp_err(e.into())),
-                        })
-                        .collect()
-                })
-            }
-            .await;
+            let r = wire_get_many(&self.kv, keys, &meta).await;
             self.explain(r, &self.opened).await
         })
         .await
@@ -653,21 +631,107 @@ impl LocalClient {
         origin: &SharedOutcome,
     ) -> Result<T, ApiError> {
         match r {
-            Err(e) if matches!(e.code, ErrorCode::Internal | ErrorCode::Unavailable) => {
-                match origin.clone().await {
-                    Err(origin_err) => {
-                        if origin_err.code != ErrorCode::Unavailable {
-                            // Do not reuse a session that never existed.
-                            self.session.borrow_mut().take();
-                        }
-                        Err(origin_err)
+            Err(e) => match origin_failure(&e, origin).await {
+                Some(origin_err) => {
+                    if origin_err.code != ErrorCode::Unavailable {
+                        // Do not reuse a session that never existed.
+                        self.session.borrow_mut().take();
                     }
-                    Ok(()) => Err(e),
+                    Err(origin_err)
                 }
-            }
-            other => other,
+                None => Err(e),
+            },
+            ok => ok,
         }
     }
+}
+
+/// When `e` is the bare exception of a call on a pipelined capability, the failure of the
+/// call that promised the capability (`origin`), which is the real reason.
+pub(crate) async fn origin_failure(e: &ApiError, origin: &SharedOutcome) -> Option<ApiError> {
+    if !matches!(e.code, ErrorCode::Internal | ErrorCode::Unavailable) {
+        return None;
+    }
+    origin.clone().await.err()
+}
+
+/// The `RequestContext` of a call made now under `spec`: the budget is what is left when
+/// the request leaves, not the caller's timeout. Fails if nothing is left.
+pub(crate) fn call_meta(spec: &CallSpec) -> Result<CallMeta, ApiError> {
+    let left = spec.deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(deadline_exceeded());
+    }
+    Ok(CallMeta {
+        budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
+        request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
+        attempt: spec.attempt,
+        traceparent: spec.traceparent.map(|t| t.to_string()).unwrap_or_default(),
+        ..CallMeta::default()
+    })
+}
+
+/// Runs one call under `spec`: builds its `RequestContext` and gives up at the deadline,
+/// dropping (and so cancelling) the request.
+pub(crate) async fn within<T, F, Fut>(spec: impl Into<CallSpec>, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(CallMeta) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let spec = spec.into();
+    let meta = call_meta(&spec)?;
+    tokio::time::timeout_at(spec.deadline, f(meta))
+        .await
+        .unwrap_or_else(|_| Err(deadline_exceeded()))
+}
+
+/// One `get` on the wire, its failure explained by `opened`; a missing key is `None`.
+pub(crate) async fn get_one(
+    kv: &kv_store::Client,
+    opened: &SharedOutcome,
+    key: &[u8],
+    meta: CallMeta,
+) -> Result<Option<Entry>, ApiError> {
+    let mut req = kv.get_request();
+    meta.write(req.get().init_ctx());
+    req.get().set_key(key);
+    let r = async {
+        decode_result!(req.send().promise, get_result,
+            Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
+    }
+    .await;
+    match r {
+        Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+        Err(e) => Err(origin_failure(&e, opened).await.unwrap_or(e)),
+        ok => ok,
+    }
+}
+
+/// One `getMany` on the wire: `None` for each missing key, in `keys` order.
+pub(crate) async fn wire_get_many(
+    kv: &kv_store::Client,
+    keys: &[Vec<u8>],
+    meta: &CallMeta,
+) -> Result<Vec<Option<Entry>>, ApiError> {
+    let mut req = kv.get_many_request();
+    meta.write(req.get().init_ctx());
+    let n = u32::try_from(keys.len()).map_err(|_| too_many(keys.len()))?;
+    let mut list = req.get().init_keys(n);
+    for (i, k) in keys.iter().enumerate() {
+        list.set(i as u32, k);
+    }
+    decode_result!(req.send().promise, get_many_result, Ok(ok) => {
+        use capkv::kv_capnp::get_item::Which as Item;
+        let items = ok.get_items().map_err(capnp_err)?;
+        items
+            .iter()
+            .map(|item| match item.which() {
+                Ok(Item::Found(e)) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)),
+                Ok(Item::NotFound(())) => Ok(None),
+                Err(e) => Err(capnp_err(e.into())),
+            })
+            .collect()
+    })
 }
 
 fn capnp_err(e: capnp::Error) -> ApiError {

@@ -31,6 +31,8 @@ struct Case {
     in_flight: usize,
     batch: usize,
     read_percent: u8,
+    /// capkv's client auto-batching (0 = off); see `RunConfig::auto_batch`.
+    auto_batch: usize,
 }
 
 fn comparison_cases(c: usize) -> Vec<Case> {
@@ -40,6 +42,7 @@ fn comparison_cases(c: usize) -> Vec<Case> {
         in_flight,
         batch,
         read_percent,
+        auto_batch: 0,
     };
     vec![
         case("GET c=1", 1, 1, 1, 100),
@@ -47,6 +50,12 @@ fn comparison_cases(c: usize) -> Vec<Case> {
         case("GET c=50", c, 1, 1, 100),
         case("PUT c=50", c, 1, 1, 0),
         case("GET c=50 x16 in flight", c, 16, 1, 100),
+        // The same gets, with capkv's client auto-batching them into getMany calls (the
+        // Redis row repeats x16: the redis crate pipelines concurrent commands anyway).
+        Case {
+            auto_batch: 16,
+            ..case("GET c=50 x16 in flight, auto-batched", c, 16, 1, 100)
+        },
         case("PUT c=50 x16 in flight", c, 16, 1, 0),
         case("GET c=50 batch 16", c, 1, 16, 100),
         case("PUT c=50 batch 16", c, 1, 16, 0),
@@ -130,6 +139,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 connections: case.connections,
                 in_flight: case.in_flight,
                 batch: case.batch,
+                auto_batch: case.auto_batch,
                 mix_read_percent: case.read_percent,
                 rate: None,
                 ..b.clone()

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::run::RunResult;
+use crate::target::TargetKind;
 
 fn ms(us: f64) -> String {
     if us >= 1000.0 {
@@ -33,12 +34,17 @@ fn errors(o: &crate::stats::OpSummary) -> String {
 pub fn describe(r: &RunResult) -> String {
     let c = &r.config;
     format!(
-        "{} {} conns={} in_flight={} batch={} mix={}/{} keys={} dist={} value={}B window={}s",
+        "{} {} conns={} in_flight={} batch={}{} mix={}/{} keys={} dist={} value={}B window={}s",
         c.target.name(),
         r.mode,
         c.connections,
         c.in_flight,
         c.batch,
+        if c.auto_batch > 1 && c.target == TargetKind::Capkv {
+            format!(" auto_batch={}", c.auto_batch)
+        } else {
+            String::new()
+        },
         c.mix_read_percent,
         100 - c.mix_read_percent,
         c.keys,

@@ -44,6 +44,10 @@ pub struct RunConfig {
     pub in_flight: usize,
     /// Keys per call; above 1 the call is a batch (getMany/putMany, MGET/MSET).
     pub batch: usize,
+    /// capkv: the client's auto-batching, at most this many concurrent gets of one
+    /// connection per `getMany` (0 = off). Redis is unaffected: the redis crate's
+    /// multiplexed connection already pipelines concurrent commands.
+    pub auto_batch: usize,
     pub mix_read_percent: u8,
     pub keys: u64,
     #[serde(serialize_with = "display")]
@@ -84,6 +88,7 @@ impl Default for RunConfig {
             connections: 50,
             in_flight: 1,
             batch: 1,
+            auto_batch: 0,
             mix_read_percent: Mix::READ_HEAVY.read_percent,
             keys: 100_000,
             dist: KeyDist::Uniform,
@@ -128,6 +133,7 @@ impl RunConfig {
             self.batch >= 1 && self.batch <= 1000,
             "batch must be 1..=1000"
         );
+        anyhow::ensure!(self.auto_batch <= 1000, "auto-batch must be 0..=1000");
         anyhow::ensure!(
             self.threads >= 1 && self.threads <= 64,
             "threads must be 1..=64"
@@ -215,6 +221,7 @@ fn options(cfg: &RunConfig) -> ClientOptions {
     ClientOptions {
         token: cfg.token.clone(),
         timeout: cfg.timeout,
+        auto_batch_keys: cfg.auto_batch,
         ..ClientOptions::default()
     }
 }

@@ -103,3 +103,113 @@ async fn batch_limits_have_their_codes() {
     );
     assert_eq!(c.get_many(keys(1)).await.unwrap().len(), 1);
 }
+
+/// A `LocalClient` that auto-batches up to `max_keys` gets, on the current `LocalSet`.
+async fn batching_client(addr: std::net::SocketAddr, max_keys: usize) -> capkv_client::LocalClient {
+    let options = capkv_client::ClientOptions {
+        auto_batch_keys: max_keys,
+        ..Default::default()
+    };
+    capkv_client::LocalClient::connect(&addr.to_string(), &options)
+        .await
+        .expect("connect")
+}
+
+fn in_10s() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(10)
+}
+
+#[test]
+fn concurrent_gets_leave_as_get_many_calls_and_each_gets_its_own_answer() {
+    let server = start(test_config());
+    local(async {
+        let c = batching_client(server.addr(), 8).await;
+        for (k, v) in [("a", "1"), ("b", "2")] {
+            c.put(k.as_bytes(), v.as_bytes(), Condition::None, in_10s())
+                .await
+                .unwrap();
+        }
+        // Issued in one tick: repeated keys and missing ones, more than one batch holds.
+        let keys: Vec<&str> = "a b zz a b b a nope a b a zz b a b a b zz a b"
+            .split(' ')
+            .collect();
+        let answers =
+            futures::future::join_all(keys.iter().map(|k| c.get(k.as_bytes(), in_10s()))).await;
+        for (k, answer) in keys.iter().zip(answers) {
+            let value = answer.unwrap().map(|e| String::from_utf8(e.value).unwrap());
+            let want = match *k {
+                "a" => Some("1".to_string()),
+                "b" => Some("2".to_string()),
+                _ => None,
+            };
+            assert_eq!(value, want, "get {k}");
+        }
+        let stats = c.batch_stats().expect("auto-batching is on");
+        assert_eq!(stats.gets, 20);
+        assert_eq!(stats.calls, 3, "20 gets, at most 8 per getMany: 8 + 8 + 4");
+
+        // A lone get is a plain get (one call, no batch).
+        assert!(c.get(b"a", in_10s()).await.unwrap().is_some());
+        assert_eq!(c.batch_stats().unwrap().calls, 4);
+    });
+}
+
+#[test]
+fn a_bad_key_fails_only_its_own_get_in_a_batch() {
+    let server = start(test_config());
+    local(async {
+        let c = batching_client(server.addr(), 16).await;
+        c.put(b"k", b"v", Condition::None, in_10s()).await.unwrap();
+        let long = vec![b'x'; capkv::Limits::default().max_key_bytes + 1];
+        let keys: Vec<&[u8]> = vec![b"k", b"", b"k", &long, b"missing"];
+        let answers = futures::future::join_all(keys.iter().map(|k| c.get(k, in_10s()))).await;
+        assert_eq!(answers[0].as_ref().unwrap().as_ref().unwrap().value, b"v");
+        assert_eq!(answers[1].as_ref().unwrap_err().code, ErrorCode::EmptyKey);
+        assert_eq!(answers[2].as_ref().unwrap().as_ref().unwrap().value, b"v");
+        assert_eq!(
+            answers[3].as_ref().unwrap_err().code,
+            ErrorCode::KeyTooLarge
+        );
+        assert!(answers[4].as_ref().unwrap().is_none());
+        // The getMany failed for one key's sake; then each get went alone.
+        assert_eq!(c.batch_stats().unwrap().calls, 1 + 5);
+    });
+}
+
+#[test]
+fn a_batch_keeps_each_callers_deadline() {
+    const ADMIN: &str = "admin-secret";
+    let mut config = test_config();
+    config.admin.token = Some(capkv_server::config::Secret::new(ADMIN));
+    let server = start(config);
+    local(async {
+        let c = batching_client(server.addr(), 16).await;
+        c.put(b"k", b"v", Condition::None, in_10s()).await.unwrap();
+        // The next getMany never answers; plain gets do.
+        c.set_faults(ADMIN, "get_many stall times=1", in_10s())
+            .await
+            .unwrap();
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(200);
+        let (short, long) = futures::join!(c.get(b"k", soon), c.get(b"k", in_10s()));
+        // The batch gave up at the earliest deadline: that caller's error...
+        assert_eq!(short.unwrap_err().code, ErrorCode::DeadlineExceeded);
+        // ...while the caller with time left was served alone.
+        assert_eq!(long.unwrap().unwrap().value, b"v");
+        assert_eq!(c.batch_stats().unwrap().calls, 2);
+    });
+}
+
+#[test]
+fn auto_batching_is_off_by_default() {
+    let server = start(test_config());
+    local(async {
+        let c = capkv_client::LocalClient::connect(
+            &server.addr().to_string(),
+            &capkv_client::ClientOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(c.batch_stats().is_none());
+        assert!(c.get(b"nothing", in_10s()).await.unwrap().is_none());
+    });
+}

@@ -89,6 +89,10 @@ struct RunArgs {
     /// Keys per call (batches: getMany/putMany, MGET/MSET).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// capkv: concurrent gets of one connection leave as one getMany of at most N keys
+    /// (the client's auto-batching; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    auto_batch: usize,
     /// read (95/5), mixed (50/50), write (5/95), get, put, or the read percentage.
     #[arg(long, default_value = "read")]
     mix: Mix,
@@ -168,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                 connections: a.connections,
                 in_flight: a.in_flight,
                 batch: a.batch,
+                auto_batch: a.auto_batch,
                 mix_read_percent: a.mix.read_percent,
                 server_pid: a.server_pid,
                 max_outstanding: a.max_outstanding,
