@@ -32,6 +32,11 @@ taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 -
 kv_pid=$!; pids+=("$kv_pid")
 addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
 
+# The capnp-rpc floor: a bare RpcSystem answering gets at once (see loadgen/src/floor.rs).
+taskset -c 1 "$bin/kv-loadgen" rpc-floor --listen 127.0.0.1:0 2>"$tmp/floor.log" &
+floor_pid=$!; pids+=("$floor_pid")
+floor_addr=$(wait_listening "$tmp/floor.log" "$floor_pid" 100) || exit 1
+
 redis_port=$(free_port)
 taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
@@ -41,9 +46,11 @@ for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
 started=$(date -Is)
 taskset -c 0 "$bin/kv-loadgen" matrix --addr "$addr" --server-pid "$kv_pid" \
     --redis-addr "127.0.0.1:$redis_port" --redis-pid "$redis_pid" \
+    --floor-addr "$floor_addr" --floor-pid "$floor_pid" \
     --out "$tmp/matrix.md" --json "$tmp/matrix.json" "${timings[@]}" >/dev/null
 
-kill "$kv_pid" "$redis_pid"; wait "$kv_pid" "$redis_pid" 2>/dev/null || true; pids=()
+kill "$kv_pid" "$redis_pid" "$floor_pid"
+wait "$kv_pid" "$redis_pid" "$floor_pid" 2>/dev/null || true; pids=()
 
 if [ "$quick" = 1 ]; then
     bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
@@ -66,6 +73,8 @@ fi
     echo "Run $started, commit $(git rev-parse --short HEAD), by \`bash bench/run.sh\`."
     echo "kv-server: ${CAPKV_PROFILE:-release} build, 1 worker, pinned to core 1; redis-server 7 pinned to core 1"
     echo "(\`--save '' --appendonly no\`); kv-loadgen pinned to core 0, 1 thread; 100-byte values."
+    echo "\"capnp-rpc floor\" is \`kv-loadgen rpc-floor\` pinned to core 1: a bare capnp-rpc server answering"
+    echo "each get with a fixed entry at once (no store, checks or metrics): what the RPC runtime alone costs."
     echo
     cat "$tmp/matrix.md"
     echo

@@ -40,6 +40,7 @@ run_pid=""
 echo "== bench/run.sh (BENCH_QUICK=1, debug profile: checks the script, not the speed)"
 CAPKV_PROFILE=debug BENCH_QUICK=1 bash bench/run.sh "$work/results.md"
 grep -q "GET c=50" "$work/results.md" || { cat "$work/results.md"; exit 1; }
+grep -q "| GET c=50 | capnp-rpc floor |" "$work/results.md" || { cat "$work/results.md"; exit 1; }
 grep -q "appendfsync always" "$work/results.md" || { cat "$work/results.md"; exit 1; }
 
 echo "== all checks passed in $(( $(date +%s) - start )) s"

@@ -18,10 +18,26 @@ pub struct MatrixConfig {
     pub capkv_pid: Option<i32>,
     pub redis_addr: Option<String>,
     pub redis_pid: Option<i32>,
+    /// A `kv-loadgen rpc-floor` server: its single gets are measured beside capkv's.
+    pub floor_addr: Option<String>,
+    pub floor_pid: Option<i32>,
     /// Open-loop rates (calls/s) for the mix matrix.
     pub rates: Vec<f64>,
     /// Connections for the mix matrix and the c=50 cases.
     pub connections: usize,
+}
+
+/// The label of `kv-loadgen rpc-floor` rows.
+pub const FLOOR_LABEL: &str = "capnp-rpc floor";
+
+/// A server the comparison cases run against.
+struct Target {
+    label: &'static str,
+    kind: TargetKind,
+    addr: String,
+    pid: Option<i32>,
+    /// Serves single gets only (the capnp-rpc floor).
+    gets_only: bool,
 }
 
 /// A named closed-loop case.
@@ -121,9 +137,30 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
     );
     let mut results = Vec::new();
 
-    let mut targets = vec![(TargetKind::Capkv, m.capkv_addr.clone(), m.capkv_pid)];
+    let mut targets = vec![Target {
+        label: "capkv",
+        kind: TargetKind::Capkv,
+        addr: m.capkv_addr.clone(),
+        pid: m.capkv_pid,
+        gets_only: false,
+    }];
     if let Some(addr) = &m.redis_addr {
-        targets.push((TargetKind::Redis, addr.clone(), m.redis_pid));
+        targets.push(Target {
+            label: "redis",
+            kind: TargetKind::Redis,
+            addr: addr.clone(),
+            pid: m.redis_pid,
+            gets_only: false,
+        });
+    }
+    if let Some(addr) = &m.floor_addr {
+        targets.push(Target {
+            label: FLOOR_LABEL,
+            kind: TargetKind::Capkv,
+            addr: addr.clone(),
+            pid: m.floor_pid,
+            gets_only: true,
+        });
     }
     let _ = writeln!(
         md,
@@ -131,11 +168,16 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
         report::MARKDOWN_HEADER
     );
     for case in comparison_cases(m.connections) {
-        for (target, addr, pid) in &targets {
+        for t in &targets {
+            // The floor answers single gets only.
+            let single_get = case.read_percent == 100 && case.batch == 1 && case.auto_batch == 0;
+            if t.gets_only && !single_get {
+                continue;
+            }
             let cfg = RunConfig {
-                target: *target,
-                addr: addr.clone(),
-                server_pid: *pid,
+                target: t.kind,
+                addr: t.addr.clone(),
+                server_pid: t.pid,
                 connections: case.connections,
                 in_flight: case.in_flight,
                 batch: case.batch,
@@ -144,12 +186,12 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 rate: None,
                 ..b.clone()
             };
-            if case.name == "GET c=1" {
+            if case.name == "GET c=1" && !t.gets_only {
                 run::preload(&cfg)?;
             }
             let r = run::run(&cfg)?;
             eprintln!("{}", report::table(&r));
-            let _ = writeln!(md, "{}", report::markdown_row(case.name, &r));
+            let _ = writeln!(md, "{}", report::markdown_row_as(case.name, t.label, &r));
             results.push((case.name.to_string(), r));
         }
     }

@@ -147,16 +147,22 @@ pub fn csv_rows(r: &RunResult) -> String {
     out
 }
 
-/// A markdown table row for one run's "all" line (header: [`MARKDOWN_HEADER`]).
+/// A markdown table row for one run's "all" line (header: [`MARKDOWN_HEADER`]), under
+/// the target's name.
 pub fn markdown_row(name: &str, r: &RunResult) -> String {
+    markdown_row_as(name, r.config.target.name(), r)
+}
+
+/// [`markdown_row`] under another target label (e.g. the capnp-rpc floor, which the
+/// client drives as a capkv server).
+pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
     let Some(a) = r.all() else {
         return String::new();
     };
     let l = &a.latency;
     let calls = a.calls.max(1) as f64;
     format!(
-        "| {name} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} |",
-        r.config.target.name(),
+        "| {name} | {target} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} |",
         a.ok_per_sec,
         r.keys_per_sec,
         ms(l.p50_us),

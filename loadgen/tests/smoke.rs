@@ -80,3 +80,39 @@ fn unreachable_server_is_an_error_not_a_hang() {
     let err = run::run(&cfg).unwrap_err().to_string();
     assert!(err.contains("could not open"), "{err}");
 }
+
+#[test]
+fn auto_batched_gets_complete_without_errors() {
+    let server = RunningServer::start(Config::local_ephemeral()).unwrap();
+    let base = config(server.addr().to_string());
+    run::preload(&base).unwrap();
+    let r = run::run(&RunConfig {
+        in_flight: 8,
+        auto_batch: 8,
+        mix_read_percent: 100,
+        ..base
+    })
+    .unwrap();
+    let all = r.all().unwrap();
+    assert!(all.calls > 0);
+    assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+    let table = report::table(&r);
+    assert!(table.contains("auto_batch=8"), "{table}");
+}
+
+#[test]
+fn the_rpc_floor_answers_the_loadgen_s_gets() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Serves until the test process exits.
+    std::thread::spawn(move || capkv_loadgen::floor::serve(listener, 100, |_| {}));
+    let r = run::run(&RunConfig {
+        in_flight: 2,
+        mix_read_percent: 100,
+        ..config(addr.to_string())
+    })
+    .unwrap();
+    let all = r.all().unwrap();
+    assert!(all.calls > 0);
+    assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+}

@@ -31,6 +31,19 @@ enum Command {
     Run(RunArgs),
     /// The standard comparison matrix; writes a markdown results file.
     Matrix(MatrixArgs),
+    /// A bare capnp-rpc server answering every get with a fixed entry at once: what the
+    /// RPC runtime alone costs per call (a benchmark anchor; serves until stopped).
+    RpcFloor(RpcFloorArgs),
+}
+
+#[derive(Args, Debug)]
+struct RpcFloorArgs {
+    /// Address to listen on (port 0 picks one; the address is printed as a JSON line).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// Size of the value every get answers.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -132,6 +145,12 @@ struct MatrixArgs {
     /// Redis server PID (CPU/RSS).
     #[arg(long)]
     redis_pid: Option<i32>,
+    /// Address of a `kv-loadgen rpc-floor` server, to run the single-get cases against it.
+    #[arg(long)]
+    floor_addr: Option<String>,
+    /// rpc-floor server PID (CPU/RSS).
+    #[arg(long)]
+    floor_pid: Option<i32>,
     /// Open-loop rates for the mix matrix, calls/s.
     #[arg(long, default_value = matrix::DEFAULT_RATES, value_parser = matrix::parse_rates)]
     rps: Rates,
@@ -206,6 +225,19 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(path, csv).with_context(|| format!("write {}", path.display()))?;
             }
         }
+        Command::RpcFloor(a) => {
+            anyhow::ensure!(
+                a.value_size <= capkv::Limits::default().max_value_bytes,
+                "value size must be at most {} bytes",
+                capkv::Limits::default().max_value_bytes
+            );
+            let listener = std::net::TcpListener::bind(a.listen)
+                .with_context(|| format!("listen on {}", a.listen))?;
+            capkv_loadgen::floor::serve(listener, a.value_size, |addr| {
+                // The line kv-server prints, so scripts find the address the same way.
+                eprintln!(r#"{{"message":"listening","addr":"{addr}"}}"#);
+            })?;
+        }
         Command::Matrix(a) => {
             let m = MatrixConfig {
                 base: base(&a.common),
@@ -213,6 +245,8 @@ fn main() -> anyhow::Result<()> {
                 capkv_pid: a.server_pid,
                 redis_addr: a.redis_addr.clone(),
                 redis_pid: a.redis_pid,
+                floor_addr: a.floor_addr.clone(),
+                floor_pid: a.floor_pid,
                 rates: a.rps.0.clone(),
                 connections: a.connections,
             };

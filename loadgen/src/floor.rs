@@ -1,0 +1,101 @@
+//! The capnp-rpc floor (`kv-loadgen rpc-floor`): a bare server speaking capkv's schema
+//! whose `get` answers a fixed entry at once.
+//!
+//! Why: it has no store, no limits, no admission, no deadlines, no metrics, no logs and no
+//! frame checks, only capnp-rpc's `RpcSystem` over capkv's transport (buffered reads,
+//! coalesced writes) on one current-thread runtime, as a kv-server worker has. Driven by
+//! kv-loadgen, it measures what capnp-rpc itself lets one core do per call on this
+//! machine: the ceiling of any server built the way DESIGN.md asks, and the anchor that
+//! tells capkv's own costs from the runtime's (bench/run.sh runs it beside the TCP floor).
+//!
+//! Only `Gateway.open` (any token) and `KvStore.get` are served; everything else answers
+//! capnp-rpc's `unimplemented`. Not a server to deploy: it listens where it is told
+//! (bench/run.sh: 127.0.0.1) and trusts every peer.
+
+use std::rc::Rc;
+
+use capkv::kv_capnp::{gateway, kv_store};
+use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
+
+/// The value every `get` answers.
+struct FloorKv {
+    value: Vec<u8>,
+}
+
+impl kv_store::Server for FloorKv {
+    async fn get(
+        self: Rc<Self>,
+        params: kv_store::GetParams,
+        mut results: kv_store::GetResults,
+    ) -> Result<(), capnp::Error> {
+        let key = params.get()?.get_key()?;
+        let mut entry = results.get().init_result().init_ok();
+        entry.set_key(key);
+        entry.set_value(&self.value);
+        entry.set_version(1);
+        entry.set_mod_revision(1);
+        Ok(())
+    }
+}
+
+struct FloorGateway {
+    kv: kv_store::Client,
+}
+
+impl gateway::Server for FloorGateway {
+    async fn open(
+        self: Rc<Self>,
+        _params: gateway::OpenParams,
+        mut results: gateway::OpenResults,
+    ) -> Result<(), capnp::Error> {
+        results.get().init_result().set_kv(self.kv.clone());
+        Ok(())
+    }
+}
+
+/// Serves `listener` until the process is stopped: one current-thread runtime, one
+/// `RpcSystem` per connection, `get` answering `value_size` bytes. Calls `on_listening`
+/// with the bound address once accepting.
+pub fn serve(
+    listener: std::net::TcpListener,
+    value_size: usize,
+    on_listening: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        on_listening(listener.local_addr()?);
+        let kv: kv_store::Client = capnp_rpc::new_client(FloorKv {
+            value: vec![b'v'; value_size],
+        });
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors and the like: say so, back off, keep accepting.
+                    eprintln!("rpc-floor: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                eprintln!("rpc-floor: set_nodelay failed: {e}");
+            }
+            let network = capkv::transport::vat_network(
+                stream,
+                rpc_twoparty_capnp::Side::Server,
+                capkv::Limits::default().request_reader_options(),
+            );
+            let gateway: gateway::Client = capnp_rpc::new_client(FloorGateway { kv: kv.clone() });
+            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+            tokio::task::spawn_local(async move {
+                // A peer going away ends its connection; nothing to report.
+                let _ = rpc.await;
+            });
+        }
+    })
+}
