@@ -102,7 +102,8 @@ impl GetBatcher {
                 batch.borrow_mut().push(waiting);
             }
             _ => {
-                let mut gets = Vec::with_capacity(self.max_keys);
+                // Most batches are small: do not reserve a large maximum up front.
+                let mut gets = Vec::with_capacity(self.max_keys.min(16));
                 gets.push(waiting);
                 let batch: Batch = Rc::new(RefCell::new(gets));
                 *open = Some(Rc::clone(&batch));
