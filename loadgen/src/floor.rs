@@ -1,5 +1,5 @@
 //! The capnp-rpc floor (`kv-loadgen rpc-floor`): a bare server speaking capkv's schema
-//! whose `get` answers a fixed entry at once.
+//! whose `get` and `getMany` answer fixed entries at once.
 //!
 //! Why: it has no store, no limits, no admission, no deadlines, no metrics, no logs and no
 //! frame checks, only capnp-rpc's `RpcSystem` over capkv's transport (buffered reads,
@@ -8,8 +8,8 @@
 //! machine: the ceiling of any server built the way DESIGN.md asks, and the anchor that
 //! tells capkv's own costs from the runtime's (bench/run.sh runs it beside the TCP floor).
 //!
-//! Only `Gateway.open` (any token) and `KvStore.get` are served; everything else answers
-//! capnp-rpc's `unimplemented`. Not a server to deploy: it listens where it is told
+//! Only `Gateway.open` (any token), `KvStore.get` and `KvStore.getMany` are served;
+//! everything else answers capnp-rpc's `unimplemented`. Not a server to deploy: it listens where it is told
 //! (bench/run.sh: 127.0.0.1) and trusts every peer.
 
 use std::rc::Rc;
@@ -34,6 +34,25 @@ impl kv_store::Server for FloorKv {
         entry.set_value(&self.value);
         entry.set_version(1);
         entry.set_mod_revision(1);
+        Ok(())
+    }
+
+    async fn get_many(
+        self: Rc<Self>,
+        params: kv_store::GetManyParams,
+        mut results: kv_store::GetManyResults,
+    ) -> Result<(), capnp::Error> {
+        let keys = params.get()?.get_keys()?;
+        let mut ok = results.get().init_result().init_ok();
+        ok.set_revision(1);
+        let mut items = ok.init_items(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let mut entry = items.reborrow().get(i as u32).init_found();
+            entry.set_key(key?);
+            entry.set_value(&self.value);
+            entry.set_version(1);
+            entry.set_mod_revision(1);
+        }
         Ok(())
     }
 }
