@@ -114,11 +114,12 @@ impl Inner {
         })
     }
 
-    fn insert(&mut self, stored: Stored) {
-        if !self.map.contains(stored.key()) {
-            self.order.insert(stored.key().into());
+    /// Adds or replaces `stored` (whose key is `key`) with one hash lookup; a new key's
+    /// bytes are copied into the ordered index only then.
+    fn insert(&mut self, key: &[u8], stored: Stored) {
+        if self.map.replace(stored).is_none() {
+            self.order.insert(key.into());
         }
-        self.map.replace(stored);
     }
 
     fn remove(&mut self, key: &[u8]) -> bool {
@@ -183,7 +184,7 @@ fn put_locked(
     inner.revision += 1;
     let revision = inner.revision;
     let version = current.unwrap_or(0) + 1;
-    inner.insert(Stored::new(key, value, version, revision));
+    inner.insert(key, Stored::new(key, value, version, revision));
     Ok(PutOutcome { version, revision })
 }
 
@@ -225,7 +226,10 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
     inner.revision += 1;
     let revision = inner.revision;
     for (item, &version) in items.iter().zip(&versions) {
-        inner.insert(Stored::new(item.key, item.value, version, revision));
+        inner.insert(
+            item.key,
+            Stored::new(item.key, item.value, version, revision),
+        );
     }
     Ok(BatchOutcome { versions, revision })
 }
@@ -256,12 +260,8 @@ impl MemoryStore {
                 let version = current.map_or(0, |s| s.version) + 1;
                 inner.revision += 1;
                 let revision = inner.revision;
-                inner.insert(Stored::new(
-                    key,
-                    value.to_string().as_bytes(),
-                    version,
-                    revision,
-                ));
+                let stored = Stored::new(key, value.to_string().as_bytes(), version, revision);
+                inner.insert(key, stored);
                 Ok(WriteOutcome::Increment(IncrementOutcome {
                     value,
                     version,
