@@ -13,8 +13,8 @@
 //!   issued by tasks already ready in this tick joins, then seals the batch and sends it.
 //!   A lone get waits for nothing else: no timer, no Nagle-style delay.
 //! - A batch holds at most `max_keys` gets; the next get opens a new batch.
-//! - Keys are deduplicated (a `getMany` refuses repeated keys); gets of one key share the
-//!   answer.
+//! - Keys are deduplicated: gets of one key share one item of the answer, which is read
+//!   and sent once.
 //! - One key's error fails a whole `getMany` (an empty or oversized key, an answer over the
 //!   response limit, a server whose batch limit is lower): then each get of the batch is
 //!   sent alone, so that every caller gets its own answer and no caller fails for another's
@@ -211,8 +211,9 @@ async fn flush(batcher: Rc<GetBatcher>, batch: Batch, kv: kv_store::Client, open
     }
 }
 
-/// The batch's distinct keys (sorted) and, for each get, the index of its key among them:
-/// a `getMany` refuses repeated keys. Sorting, not hashing: batches are small, keys short.
+/// The batch's distinct keys (sorted) and, for each get, the index of its key among them
+/// (a hot key asked for by many callers is read and sent once). Sorting, not hashing:
+/// batches are small, keys short.
 fn distinct_keys(gets: &[Waiting]) -> (Vec<Vec<u8>>, Vec<usize>) {
     let mut order: Vec<usize> = (0..gets.len()).collect();
     order.sort_unstable_by(|&a, &b| gets[a].key.cmp(&gets[b].key));
