@@ -41,6 +41,7 @@ echo "== bench/run.sh (BENCH_QUICK=1, debug profile: checks the script, not the 
 CAPKV_PROFILE=debug BENCH_QUICK=1 bash bench/run.sh "$work/results.md"
 grep -q "GET c=50" "$work/results.md" || { cat "$work/results.md"; exit 1; }
 grep -q "| GET c=50 | capnp-rpc floor |" "$work/results.md" || { cat "$work/results.md"; exit 1; }
+grep -q "| GET c=50 batch 16 | redis-benchmark -P 16 |" "$work/results.md" || { cat "$work/results.md"; exit 1; }
 grep -q "appendfsync always" "$work/results.md" || { cat "$work/results.md"; exit 1; }
 
 echo "== all checks passed in $(( $(date +%s) - start )) s"

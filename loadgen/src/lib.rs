@@ -10,12 +10,14 @@
 //! - [`procstat`]: server CPU and RSS from /proc.
 //! - [`report`]: table, CSV, JSON and markdown output.
 //! - [`matrix`]: the standard comparison matrix and its results file.
+//! - [`redis_bench`]: `redis-benchmark` runs interleaved with the matrix's cases.
 //! - [`floor`]: `kv-loadgen rpc-floor`, a bare capnp-rpc server answering `get` at once:
 //!   what the RPC runtime alone costs per call.
 
 pub mod floor;
 pub mod matrix;
 pub mod procstat;
+pub mod redis_bench;
 pub mod report;
 pub mod run;
 pub mod stats;

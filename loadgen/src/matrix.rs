@@ -5,6 +5,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use anyhow::Context;
+
+use crate::redis_bench;
 use crate::report;
 use crate::run::{self, RunConfig, RunResult};
 use crate::target::TargetKind;
@@ -26,6 +29,53 @@ pub struct MatrixConfig {
     /// Connections for the mix matrix and the c=50 cases.
     pub connections: usize,
 }
+
+/// Runs redis-benchmark for `case` right after kv-loadgen's Redis run `r`, for about as
+/// many requests as that run did (so for about as long), and formats its row. The same
+/// clients; pipelines as deep as the case's calls in flight or batch.
+fn redis_benchmark_row(
+    case: &Case,
+    redis: &Target,
+    r: &RunResult,
+    base: &RunConfig,
+) -> anyhow::Result<String> {
+    let (host, port) = redis
+        .addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("redis address {} has no port", redis.addr))?;
+    let bench = redis_bench::BenchCase {
+        test: if case.read_percent == 100 {
+            "get"
+        } else {
+            "set"
+        },
+        clients: case.connections,
+        pipeline: case.in_flight.max(case.batch),
+    };
+    let requests = (r.keys_per_sec * base.duration.as_secs_f64()).clamp(1_000.0, 20_000_000.0);
+    let (result, usage) = redis_bench::run(
+        host,
+        port,
+        bench,
+        requests as u64,
+        base.keys,
+        base.value_size,
+        redis.pid,
+    )?;
+    eprintln!("redis-benchmark {bench:?}: {result:?}");
+    Ok(report::markdown_row_redis_benchmark(
+        case.name,
+        bench.pipeline,
+        &result,
+        usage,
+    ))
+}
+
+/// How the comparison table is made, printed above it.
+const SAME_MOMENT: &str = "Each case runs on capkv, then on Redis through the same generator, \
+    then (rows `redis-benchmark -P N`) on Redis with its own C client, so that every ratio \
+    is taken within seconds.";
 
 /// The label of `kv-loadgen rpc-floor` rows.
 pub const FLOOR_LABEL: &str = "capnp-rpc floor";
@@ -162,9 +212,10 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             gets_only: true,
         });
     }
+    let with_redis_benchmark = m.redis_addr.is_some() && redis_bench::available();
     let _ = writeln!(
         md,
-        "\n## capkv and Redis, same generator, closed loop\n\n{}",
+        "\n## capkv and Redis, same generator, closed loop\n\n{SAME_MOMENT}\n\n{}",
         report::MARKDOWN_HEADER
     );
     for case in comparison_cases(m.connections) {
@@ -192,6 +243,9 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             let r = run::run(&cfg)?;
             eprintln!("{}", report::table(&r));
             let _ = writeln!(md, "{}", report::markdown_row_as(case.name, t.label, &r));
+            if t.kind == TargetKind::Redis && with_redis_benchmark {
+                let _ = writeln!(md, "{}", redis_benchmark_row(&case, t, &r, b)?);
+            }
             results.push((case.name.to_string(), r));
         }
     }

@@ -179,4 +179,28 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
     )
 }
 
+/// A markdown row ([`MARKDOWN_HEADER`]) for a redis-benchmark run: its requests per
+/// second are both the calls/s and the keys/s; it reports no p95 error count.
+pub fn markdown_row_redis_benchmark(
+    name: &str,
+    pipeline: usize,
+    r: &crate::redis_bench::BenchResult,
+    server: Option<crate::procstat::Usage>,
+) -> String {
+    format!(
+        "| {name} | redis-benchmark -P {pipeline} | {:.0} | {:.0} | {} | {} | {} | {} | - | {} | {} |",
+        r.rps,
+        r.rps,
+        ms(r.p50_ms * 1000.0),
+        ms(r.p95_ms * 1000.0),
+        ms(r.p99_ms * 1000.0),
+        ms(r.avg_ms * 1000.0),
+        server.map_or("-".into(), |s| format!("{:.0}%", s.cpu_percent)),
+        server.map_or("-".into(), |s| format!(
+            "{:.0} MiB",
+            s.max_rss_bytes as f64 / 1048576.0
+        )),
+    )
+}
+
 pub const MARKDOWN_HEADER: &str = "| case | target | calls/s | keys/s | p50 | p95 | p99 | mean | errors | server CPU | server RSS |\n|---|---|---|---|---|---|---|---|---|---|---|";
