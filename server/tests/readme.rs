@@ -213,6 +213,16 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
     (".ci/run", ".ci/run", "scripts/test.sh"),
     // bench/run.sh runs it; CI runs bench/run.sh (checked in `loadgen_block_runs`).
     ("kv-loadgen matrix", "bench/run.sh", "/kv-loadgen\" matrix"),
+    (
+        "kv-loadgen rpc-floor",
+        "bench/run.sh",
+        "/kv-loadgen\" rpc-floor",
+    ),
+    (
+        "kv-loadgen rpc-floor --listen 127.0.0.1:0",
+        "bench/run.sh",
+        "/kv-loadgen\" rpc-floor --listen 127.0.0.1:0",
+    ),
 ];
 
 /// Inline commands `inline_commands_run` runs.
