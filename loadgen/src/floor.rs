@@ -14,12 +14,22 @@
 
 use std::rc::Rc;
 
-use capkv::kv_capnp::{gateway, kv_store};
+use capkv::kv_capnp::{entry, gateway, kv_store};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 
 /// The value every `get` answers.
 struct FloorKv {
     value: Vec<u8>,
+}
+
+impl FloorKv {
+    /// The entry every key has: the fixed value, at version and revision 1.
+    fn answer(&self, mut entry: entry::Builder<'_>, key: &[u8]) {
+        entry.set_key(key);
+        entry.set_value(&self.value);
+        entry.set_version(1);
+        entry.set_mod_revision(1);
+    }
 }
 
 impl kv_store::Server for FloorKv {
@@ -29,11 +39,7 @@ impl kv_store::Server for FloorKv {
         mut results: kv_store::GetResults,
     ) -> Result<(), capnp::Error> {
         let key = params.get()?.get_key()?;
-        let mut entry = results.get().init_result().init_ok();
-        entry.set_key(key);
-        entry.set_value(&self.value);
-        entry.set_version(1);
-        entry.set_mod_revision(1);
+        self.answer(results.get().init_result().init_ok(), key);
         Ok(())
     }
 
@@ -47,11 +53,7 @@ impl kv_store::Server for FloorKv {
         ok.set_revision(1);
         let mut items = ok.init_items(keys.len());
         for (i, key) in keys.iter().enumerate() {
-            let mut entry = items.reborrow().get(i as u32).init_found();
-            entry.set_key(key?);
-            entry.set_value(&self.value);
-            entry.set_version(1);
-            entry.set_mod_revision(1);
+            self.answer(items.reborrow().get(i as u32).init_found(), key?);
         }
         Ok(())
     }
