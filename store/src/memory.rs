@@ -9,7 +9,7 @@
 //! 100k misses the CPU cache at each place it touches. With the key and the value in
 //! separate allocations that was three misses per read (the table's bucket, the key it
 //! compares, the value it copies): in a profile of `getMany` batches, about a quarter of
-//! the server's CPU, and the whole of what capkv cost beyond the bare capnp-rpc runtime
+//! the server's CPU, and most of what capkv cost beyond the bare capnp-rpc runtime
 //! per key. The ordered index keeps its own copy of each key (scans only).
 //!
 //! One lock for the indexes and the revision counter makes every operation atomic
