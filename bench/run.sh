@@ -74,7 +74,7 @@ fi
     echo "kv-server: ${CAPKV_PROFILE:-release} build, 1 worker, pinned to core 1; redis-server 7 pinned to core 1"
     echo "(\`--save '' --appendonly no\`); kv-loadgen pinned to core 0, 1 thread; 100-byte values."
     echo "\"capnp-rpc floor\" is \`kv-loadgen rpc-floor\` pinned to core 1: a bare capnp-rpc server answering"
-    echo "each get with a fixed entry at once (no store, checks or metrics): what the RPC runtime alone costs."
+    echo "each get and getMany with fixed entries at once (no store, checks or metrics): what the RPC runtime alone costs."
     echo
     cat "$tmp/matrix.md"
     echo

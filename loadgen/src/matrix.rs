@@ -21,7 +21,7 @@ pub struct MatrixConfig {
     pub capkv_pid: Option<i32>,
     pub redis_addr: Option<String>,
     pub redis_pid: Option<i32>,
-    /// A `kv-loadgen rpc-floor` server: its single gets are measured beside capkv's.
+    /// A `kv-loadgen rpc-floor` server: the get cases are measured on it beside capkv.
     pub floor_addr: Option<String>,
     pub floor_pid: Option<i32>,
     /// Open-loop rates (calls/s) for the mix matrix.
@@ -86,7 +86,7 @@ struct Target {
     kind: TargetKind,
     addr: String,
     pid: Option<i32>,
-    /// Serves single gets only (the capnp-rpc floor).
+    /// Serves gets only (the capnp-rpc floor).
     gets_only: bool,
 }
 
@@ -220,9 +220,8 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
     );
     for case in comparison_cases(m.connections) {
         for t in &targets {
-            // The floor answers single gets only.
-            let single_get = case.read_percent == 100 && case.batch == 1 && case.auto_batch == 0;
-            if t.gets_only && !single_get {
+            // The floor answers gets (single and getMany) only.
+            if t.gets_only && case.read_percent != 100 {
                 continue;
             }
             let cfg = RunConfig {
