@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The back-to-back comparison: kv-loadgen's matrix against capkv and Redis (same generator),
-# then the peer anchors in ../shared/peers (Redis, etcd, RocksDB db_bench, TCP floor), in
-# one run so that ratios share the machine's load. Writes bench/results.md (or $1).
+# The back-to-back comparison: kv-loadgen's matrix against capkv, Redis (same generator,
+# then redis-benchmark right after each case) and the capnp-rpc floor, then the peer anchors
+# in ../shared/peers (Redis, etcd, RocksDB db_bench, TCP floor), in one run so that ratios
+# share the machine's load. Writes bench/results.md (or $1).
 #
-# Placement: kv-server (1 worker) and redis-server on core 1, kv-loadgen on core 0, so
-# each server gets one core, as redis-benchmark + redis-server do in the peer scripts.
+# Placement: kv-server (1 worker), redis-server and the floor on core 1, kv-loadgen (and the
+# redis-benchmark it starts) on core 0, so each server gets one core.
 # Every process this script starts is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,8 @@ taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 -
 kv_pid=$!; pids+=("$kv_pid")
 addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
 
-# The capnp-rpc floor: a bare RpcSystem answering gets at once (see loadgen/src/floor.rs).
+# The capnp-rpc floor: a bare RpcSystem answering gets and getManys at once (see
+# loadgen/src/floor.rs).
 taskset -c 1 "$bin/kv-loadgen" rpc-floor --listen 127.0.0.1:0 2>"$tmp/floor.log" &
 floor_pid=$!; pids+=("$floor_pid")
 floor_addr=$(wait_listening "$tmp/floor.log" "$floor_pid" 100) || exit 1

@@ -180,7 +180,7 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
 }
 
 /// A markdown row ([`MARKDOWN_HEADER`]) for a redis-benchmark run: its requests per
-/// second are both the calls/s and the keys/s; it reports no p95 error count.
+/// second are both the calls/s and the keys/s; it reports no error count.
 pub fn markdown_row_redis_benchmark(
     name: &str,
     pipeline: usize,

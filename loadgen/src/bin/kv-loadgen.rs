@@ -31,8 +31,8 @@ enum Command {
     Run(RunArgs),
     /// The standard comparison matrix; writes a markdown results file.
     Matrix(MatrixArgs),
-    /// A bare capnp-rpc server answering every get with a fixed entry at once: what the
-    /// RPC runtime alone costs per call (a benchmark anchor; serves until stopped).
+    /// A bare capnp-rpc server answering every get and getMany with fixed entries at once:
+    /// what the RPC runtime alone costs per call (a benchmark anchor; serves until stopped).
     RpcFloor(RpcFloorArgs),
 }
 
@@ -145,7 +145,7 @@ struct MatrixArgs {
     /// Redis server PID (CPU/RSS).
     #[arg(long)]
     redis_pid: Option<i32>,
-    /// Address of a `kv-loadgen rpc-floor` server, to run the single-get cases against it.
+    /// Address of a `kv-loadgen rpc-floor` server, to run the get cases against it.
     #[arg(long)]
     floor_addr: Option<String>,
     /// rpc-floor server PID (CPU/RSS).
