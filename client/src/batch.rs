@@ -213,15 +213,16 @@ async fn flush(batcher: Rc<GetBatcher>, batch: Batch, kv: kv_store::Client, open
 
 /// The batch's distinct keys (sorted) and, for each get, the index of its key among them
 /// (a hot key asked for by many callers is read and sent once). Sorting, not hashing:
-/// batches are small, keys short.
-fn distinct_keys(gets: &[Waiting]) -> (Vec<Vec<u8>>, Vec<usize>) {
+/// batches are small, keys short. The keys are borrowed from `gets`, not copied.
+fn distinct_keys(gets: &[Waiting]) -> (Vec<&[u8]>, Vec<usize>) {
     let mut order: Vec<usize> = (0..gets.len()).collect();
     order.sort_unstable_by(|&a, &b| gets[a].key.cmp(&gets[b].key));
-    let mut keys: Vec<Vec<u8>> = Vec::with_capacity(gets.len());
+    let mut keys: Vec<&[u8]> = Vec::with_capacity(gets.len());
     let mut slots = vec![0usize; gets.len()];
     for i in order {
-        if keys.last() != Some(&gets[i].key) {
-            keys.push(gets[i].key.clone());
+        let key = gets[i].key.as_slice();
+        if keys.last() != Some(&key) {
+            keys.push(key);
         }
         slots[i] = keys.len() - 1;
     }

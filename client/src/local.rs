@@ -708,9 +708,9 @@ pub(crate) async fn get_one(
 }
 
 /// One `getMany` on the wire: `None` for each missing key, in `keys` order.
-pub(crate) async fn wire_get_many(
+pub(crate) async fn wire_get_many<K: AsRef<[u8]>>(
     kv: &kv_store::Client,
-    keys: &[Vec<u8>],
+    keys: &[K],
     meta: &CallMeta,
 ) -> Result<Vec<Option<Entry>>, ApiError> {
     let mut req = kv.get_many_request();
@@ -718,7 +718,7 @@ pub(crate) async fn wire_get_many(
     let n = u32::try_from(keys.len()).map_err(|_| too_many(keys.len()))?;
     let mut list = req.get().init_keys(n);
     for (i, k) in keys.iter().enumerate() {
-        list.set(i as u32, k);
+        list.set(i as u32, k.as_ref());
     }
     decode_result!(req.send().promise, get_many_result, Ok(ok) => {
         use capkv::kv_capnp::get_item::Which as Item;
