@@ -206,6 +206,13 @@ pub struct GuardedReader<R> {
     bootstraps: u32,
     breach: BreachCell,
     eof: bool,
+    /// Where each frame in `ready` ends, so the RPC system gets one frame per read and the
+    /// reply backlog can hold the next one back.
+    ready_ends: std::collections::VecDeque<usize>,
+    /// Part of the front frame of `ready` has been handed over already.
+    mid_frame: bool,
+    /// The connection's unsent replies: over its bound, the next frame waits.
+    backlog: Option<std::rc::Rc<crate::backlog::ReplyBacklog>>,
 }
 
 impl<R: PeerReader> GuardedReader<R> {
@@ -228,7 +235,17 @@ impl<R: PeerReader> GuardedReader<R> {
             bootstraps: 0,
             breach,
             eof: false,
+            ready_ends: std::collections::VecDeque::new(),
+            mid_frame: false,
+            backlog: None,
         }
+    }
+
+    /// Holds each next frame back while `backlog` is over its bound (see
+    /// [`crate::backlog`]).
+    pub fn with_backlog(mut self, backlog: std::rc::Rc<crate::backlog::ReplyBacklog>) -> Self {
+        self.backlog = Some(backlog);
+        self
     }
 
     fn fail(&mut self, b: Breach) -> io::Error {
@@ -281,6 +298,7 @@ impl<R: PeerReader> GuardedReader<R> {
                 }
             }
             self.ready.extend_from_slice(&self.pending[..size]);
+            self.ready_ends.push_back(self.ready.len());
             self.pending.drain(..size);
             // The next frame (if any) starts its own clock (when the socket next runs dry)
             // and its own charge.
@@ -372,11 +390,24 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
         let this = &mut *self;
         loop {
             if this.ready_pos < this.ready.len() {
-                let n = dst.len().min(this.ready.len() - this.ready_pos);
+                let frame_end = this.ready_ends.front().copied().unwrap_or(this.ready.len());
+                if !this.mid_frame {
+                    if let Some(b) = &this.backlog {
+                        if b.poll_room(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                let n = dst.len().min(frame_end - this.ready_pos);
                 dst[..n].copy_from_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
                 this.ready_pos += n;
+                this.mid_frame = this.ready_pos != frame_end;
+                if !this.mid_frame {
+                    this.ready_ends.pop_front();
+                }
                 if this.ready_pos == this.ready.len() {
                     this.ready.clear();
+                    this.ready_ends.clear();
                     this.ready_pos = 0;
                 }
                 return Poll::Ready(Ok(n));

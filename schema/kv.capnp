@@ -1,5 +1,7 @@
 @0xcd35794f751403be;
-# capkv wire contract, API version 2 (2 added Gateway.admin and Admin).
+# capkv wire contract, API version 3 (2 added Gateway.admin and Admin; 3 added the
+# capability fields outside the result unions: OpenResult.kvCap, AdminResult.adminCap,
+# SessionResult.sessionCap).
 #
 # Compatibility rules: fields and methods are only ever added, never renumbered, renamed in
 # meaning or removed. Enum values keep their numbers forever. A client built against an
@@ -8,6 +10,19 @@
 # Every method takes a RequestContext and returns a result struct whose union is either
 # the success payload or an Error. Transport failures (a broken connection) surface as
 # Cap'n Proto exceptions, which clients map to `unavailable`.
+#
+# Pipelining: a call that returns a capability (`open`, `admin`, `session`,
+# `resumeSession`, and any added later) also puts it in a field *outside* its result
+# union, named `...Cap`, so that every Cap'n Proto implementation can pipeline on it
+# through its generated Pipeline API (the C++ library, and so pycapnp, cannot pipeline on
+# union members): `gateway.open(ctx, t).result.kvCap.get(ctx, k)` is one round trip.
+# When the call fails, that field holds a stand-in capability whose every method answers
+# with the same Error (code, message, retryAfterMs) in its own result union; a stand-in's
+# methods that return a capability return another stand-in. A pipelining client therefore
+# learns why its pipelined call failed from that call's own result, and reading the
+# original call's result gives the same Error. Release a stand-in like any capability.
+# API v2 clients pipelined on the union's member 0 (the capability shares pointer slot 0
+# with `error`); the server still fills it, so they keep working.
 
 struct RequestContext {
   # Per-call metadata that travels with every request.
@@ -105,6 +120,13 @@ enum ErrorCode {
 
   notAnInteger @18;
   # An increment met a value that is not a decimal 64-bit integer, or would overflow it.
+
+  tooManyCapabilities @19;
+  # A call that returns a capability (`open`, `admin`, `session`, `resumeSession`) on a
+  # connection that already holds `limits.max_capabilities_per_connection` (default 10000)
+  # capabilities the server exported to it, stand-ins included. Release some (drop them)
+  # and call again; the connection stays usable. Not retried automatically. At the limit,
+  # the result's `...Cap` field is a shared stand-in whose calls answer with this code.
 }
 
 struct Error {
@@ -165,8 +187,8 @@ interface Gateway {
 
   open @2 (ctx :RequestContext, token :Text) -> (result :OpenResult);
   # Exchanges a bearer token for the data capability. With no token configured on the
-  # server any token (also the empty one) is accepted. Clients pipeline on `result.kv`
-  # so that `open(t).kv.get(k)` costs one round trip.
+  # server any token (also the empty one) is accepted. Clients pipeline on `result.kvCap`
+  # so that `open(t).kvCap.get(k)` costs one round trip.
 
   admin @3 (ctx :RequestContext, adminToken :Text) -> (result :AdminResult);
   # Exchanges the operator token (`admin.token`, distinct from the data token) for the
@@ -177,11 +199,17 @@ interface Gateway {
 }
 
 struct AdminResult {
-  # Capability in union member 0 (pipelining, as in OpenResult).
   union {
     admin @0 :Admin;
+    # The Admin capability (also in `adminCap`).
+
     error @1 :Error;
+    # `unauthenticated`, `permissionDenied`, or a chain rejection.
   }
+
+  adminCap @2 :Admin;
+  # The Admin capability, outside the union so that clients can pipeline on it; on error, a
+  # stand-in that answers every call with `error` (see the pipelining note at the top).
 }
 
 interface Admin {
@@ -283,15 +311,19 @@ struct VersionResult {
 }
 
 struct OpenResult {
-  # Capability results keep the capability in union member 0, so that clients can
-  # pipeline on it (see `send_with_union_cap` in schema/lib.rs).
   union {
     kv @0 :KvStore;
     # The data capability: holding it is the permission to read and to open sessions.
+    # Kept for API v2 clients, which pipeline on this union member; new clients use `kvCap`.
 
     error @1 :Error;
     # `unauthenticated`, or a chain rejection (`unavailable`, `overloaded`, ...).
   }
+
+  kvCap @2 :KvStore;
+  # The same data capability, outside the union so that every Cap'n Proto implementation
+  # can pipeline on it. On error, a stand-in whose every call answers with `error` (see the
+  # pipelining note at the top).
 }
 
 interface KvStore {
@@ -404,10 +436,9 @@ struct GetResult {
 }
 
 struct SessionResult {
-  # Like OpenResult, the capability sits in union member 0 for pipelining.
   union {
     session @0 :WriteSession;
-    # The new session.
+    # The new session (also in `sessionCap`). Kept for API v2 clients.
 
     error @1 :Error;
     # A chain rejection (`unavailable`, `overloaded`, ...).
@@ -416,6 +447,11 @@ struct SessionResult {
   token @2 :Data;
   # The session's token (32 bytes, unguessable): keep it to resume the session. Empty on
   # error.
+
+  sessionCap @3 :WriteSession;
+  # The session, outside the union so that every Cap'n Proto implementation can pipeline
+  # on it: `kv.session(ctx).result.sessionCap.put(...)`. On error, a stand-in whose every
+  # call answers with `error` (see the pipelining note at the top).
 }
 
 interface WriteSession {

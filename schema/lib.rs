@@ -15,13 +15,16 @@
 //!   (declared size, budget, timeout, kind, cap table) before capnp-rpc sees it. Here, not
 //!   in the server, so the fuzz target builds without the storage engine.
 //!
+//! - [`backlog`]: reply backpressure: unsent reply bytes per connection and server-wide,
+//!   which the frame layer and the writer consult.
 //! - [`tls`]: mutual TLS configs (rustls) from PEM files, for both sides.
 //!
-//! Apart from [`transport`], [`frames`] and [`tls`], this crate knows nothing about sockets,
+//! Apart from [`transport`], [`frames`], [`backlog`] and [`tls`], this crate knows nothing about sockets,
 //! threads or storage.
 
 capnp::generated_code!(pub mod kv_capnp);
 
+pub mod backlog;
 pub mod frames;
 pub mod tls;
 pub mod transport;
@@ -29,14 +32,14 @@ pub mod transport;
 pub use kv_capnp::ErrorCode;
 
 /// Version of the wire contract in `schema/kv.capnp`. Bump when methods or fields are added.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 
 /// The longest `requestId` the server keeps; longer ones are cut, not rejected, because an
 /// id is a debugging aid and should never make a call fail.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Every error code, in schema order. Used for exhaustive tests and docs.
-pub const ALL_CODES: [ErrorCode; 19] = [
+pub const ALL_CODES: [ErrorCode; 20] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::NotFound,
@@ -56,6 +59,7 @@ pub const ALL_CODES: [ErrorCode; 19] = [
     ErrorCode::ResponseTooLarge,
     ErrorCode::IdempotencyKeyReused,
     ErrorCode::NotAnInteger,
+    ErrorCode::TooManyCapabilities,
 ];
 
 /// Stable snake_case name of a code (logs, metric labels, JSON output).
@@ -80,6 +84,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::ResponseTooLarge => "response_too_large",
         ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
         ErrorCode::NotAnInteger => "not_an_integer",
+        ErrorCode::TooManyCapabilities => "too_many_capabilities",
     }
 }
 
@@ -325,33 +330,6 @@ pub fn response_reader_options(limits: &Limits) -> capnp::message::ReaderOptions
     o
 }
 
-/// Sends `req` and returns the typed response future together with the capability in the
-/// success arm of its result union, pipelined: calls on that capability leave at once,
-/// without waiting for the response.
-///
-/// capnpc-rust generates no pipeline accessors for union members, yet pipelining on them is
-/// well defined on the wire: every `*Result` struct of the contract that returns a capability
-/// puts it in union member 0, which shares pointer slot 0 with `error`, and the result struct
-/// is field 0 of the method's results. If the call fails (the slot holds an `Error`), calls on
-/// the pipelined capability fail with an exception and the response says why.
-pub fn send_with_union_cap<P, R, C>(
-    req: capnp::capability::Request<P, R>,
-) -> (
-    impl std::future::Future<Output = capnp::Result<capnp::capability::Response<R>>>,
-    C,
-)
-where
-    R: capnp::traits::Owned + capnp::traits::Pipelined,
-    C: capnp::capability::FromClientHook,
-{
-    let capnp::capability::RemotePromise {
-        promise, pipeline, ..
-    } = req.hook.send();
-    let cap = C::new(pipeline.get_pointer_field(0).get_pointer_field(0).as_cap());
-    let response = async move { Ok(capnp::capability::Response::new(promise.await?.hook)) };
-    (response, cap)
-}
-
 /// The smallest key greater than every key that starts with `prefix`, or `None` when no
 /// such key exists (the prefix is empty or all 0xff). Used to turn a prefix into a range.
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -390,6 +368,7 @@ mod tests {
         assert_eq!(ErrorCode::PermissionDenied as u16, 14);
         assert_eq!(ErrorCode::IdempotencyKeyReused as u16, 17);
         assert_eq!(ErrorCode::NotAnInteger as u16, 18);
+        assert_eq!(ErrorCode::TooManyCapabilities as u16, 19);
         for (i, c) in ALL_CODES.into_iter().enumerate() {
             assert_eq!(c as usize, i);
         }

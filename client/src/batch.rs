@@ -205,7 +205,7 @@ async fn flush(batcher: Rc<GetBatcher>, batch: Batch, kv: kv_store::Client, open
             send_alone(&batcher, left, &kv, &opened).await;
         }
         Err(e) => {
-            let e = origin_failure(&e, &opened).await.unwrap_or(e);
+            let e = origin_failure(&opened).await.unwrap_or(e);
             answer_all(gets, &e);
         }
     }

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use capkv::kv_capnp::{admin, condition, gateway, kv_store, write_session};
-use capkv::{send_with_union_cap, ApiError, CallMeta, ErrorCode};
+use capkv::{ApiError, CallMeta, ErrorCode};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::{LocalBoxFuture, Shared};
 use futures::FutureExt;
@@ -71,6 +71,14 @@ macro_rules! decode_result {
     }};
 }
 
+/// The write session of a connection: the pipelined capability, how the call that made it
+/// ended, and the token it resumed (if it was a `resumeSession`).
+struct CachedSession {
+    cap: write_session::Client,
+    outcome: SharedOutcome,
+    resumed: Option<Vec<u8>>,
+}
+
 /// One connection on the current `LocalSet`.
 pub struct LocalClient {
     gateway: gateway::Client,
@@ -79,7 +87,7 @@ pub struct LocalClient {
     /// How `open` ended; consulted when a call on `kv` fails, to report the real reason
     /// (e.g. `unauthenticated`) instead of "broken capability".
     opened: SharedOutcome,
-    session: RefCell<Option<(write_session::Client, SharedOutcome)>>,
+    session: RefCell<Option<CachedSession>>,
     /// The session's token once the server has answered; what a reconnect resumes.
     session_token: Rc<RefCell<Option<Vec<u8>>>>,
     /// A token to resume instead of opening a new session (set after a reconnect).
@@ -150,7 +158,9 @@ impl LocalClient {
         let mut req = gateway.open_request();
         CallMeta::default().write(req.get().init_ctx());
         req.get().set_token(options.token.as_str());
-        let (resp, kv) = send_with_union_cap::<_, _, kv_store::Client>(req);
+        let sent = req.send();
+        let kv = sent.pipeline.get_result().get_kv_cap();
+        let resp = sent.promise;
         let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
             .boxed_local()
             .shared();
@@ -435,7 +445,9 @@ impl LocalClient {
         let mut req = self.gateway.admin_request();
         meta.write(req.get().init_ctx());
         req.get().set_admin_token(token);
-        let (resp, cap) = send_with_union_cap::<_, _, admin::Client>(req);
+        let sent = req.send();
+        let cap = sent.pipeline.get_result().get_admin_cap();
+        let resp = sent.promise;
         let outcome: SharedOutcome =
             async move { decode_result!(resp, admin_result, Admin(_) => Ok(())) }
                 .boxed_local()
@@ -563,7 +575,10 @@ impl LocalClient {
     ) -> Result<(write_session::Client, SharedOutcome), ApiError> {
         let (session, outcome) = self.session(meta);
         if spec.idempotency_key.is_some() && self.session_token.borrow().is_none() {
-            outcome.clone().await?;
+            if let Err(e) = outcome.clone().await {
+                self.forget_session(&e);
+                return Err(e);
+            }
         }
         Ok((session, outcome))
     }
@@ -571,8 +586,8 @@ impl LocalClient {
     /// The write session, created on first use by a call pipelined on the promised
     /// `KvStore`, so even the first write of a connection costs one round trip.
     fn session(&self, meta: &CallMeta) -> (write_session::Client, SharedOutcome) {
-        if let Some((s, o)) = &*self.session.borrow() {
-            return (s.clone(), o.clone());
+        if let Some(c) = &*self.session.borrow() {
+            return (c.cap.clone(), c.outcome.clone());
         }
         // `session` and `resumeSession` answer with the same SessionResult struct.
         macro_rules! session_token {
@@ -592,20 +607,23 @@ impl LocalClient {
                 .boxed_local()
             };
         }
+        let resumed = self.resume.borrow_mut().take();
         let (token, session): (LocalBoxFuture<'static, Result<Vec<u8>, ApiError>>, _) =
-            match self.resume.borrow_mut().take() {
+            match &resumed {
                 Some(token) => {
                     let mut req = self.kv.resume_session_request();
                     meta.write(req.get().init_ctx());
-                    req.get().set_token(&token);
-                    let (resp, session) = send_with_union_cap::<_, _, write_session::Client>(req);
-                    (session_token!(resp), session)
+                    req.get().set_token(token);
+                    let sent = req.send();
+                    let session = sent.pipeline.get_result().get_session_cap();
+                    (session_token!(sent.promise), session)
                 }
                 None => {
                     let mut req = self.kv.session_request();
                     meta.write(req.get().init_ctx());
-                    let (resp, session) = send_with_union_cap::<_, _, write_session::Client>(req);
-                    (session_token!(resp), session)
+                    let sent = req.send();
+                    let session = sent.pipeline.get_result().get_session_cap();
+                    (session_token!(sent.promise), session)
                 }
             };
         let opened = self.opened.clone();
@@ -619,39 +637,52 @@ impl LocalClient {
         .shared();
         // Learn the token as soon as it arrives, not only when a write fails.
         tokio::task::spawn_local(outcome.clone().map(|_| ()));
-        *self.session.borrow_mut() = Some((session.clone(), outcome.clone()));
+        *self.session.borrow_mut() = Some(CachedSession {
+            cap: session.clone(),
+            outcome: outcome.clone(),
+            resumed,
+        });
         (session, outcome)
     }
 
-    /// A call on a pipelined capability fails with a bare exception when the call that
-    /// promised the capability failed; report that call's error instead.
+    /// A call on a pipelined capability whose origin (the call that promised it) failed is
+    /// answered by the server's stand-in with the origin's error; report the origin's error
+    /// itself, and do not reuse a session that never existed.
     async fn explain<T>(
         &self,
         r: Result<T, ApiError>,
         origin: &SharedOutcome,
     ) -> Result<T, ApiError> {
-        match r {
-            Err(e) => match origin_failure(&e, origin).await {
-                Some(origin_err) => {
-                    if origin_err.code != ErrorCode::Unavailable {
-                        // Do not reuse a session that never existed.
-                        self.session.borrow_mut().take();
-                    }
-                    Err(origin_err)
-                }
-                None => Err(e),
-            },
-            ok => ok,
+        let Err(e) = r else { return r };
+        match origin_failure(origin).await {
+            Some(origin_err) => {
+                self.forget_session(&origin_err);
+                Err(origin_err)
+            }
+            None => Err(e),
+        }
+    }
+
+    /// Drops a session whose creation failed, so that the next write asks again. A
+    /// `resumeSession` refused for a passing reason (overloaded, unavailable) is asked
+    /// again with the same token: starting a fresh session instead would end the meaning
+    /// of the idempotency keys of writes being retried.
+    fn forget_session(&self, why: &ApiError) {
+        let Some(cached) = self.session.borrow_mut().take() else {
+            return;
+        };
+        if let Some(token) = cached.resumed {
+            if capkv::is_retryable(why.code) && self.session_token.borrow().is_none() {
+                *self.resume.borrow_mut() = Some(token);
+            }
         }
     }
 }
 
-/// When `e` is the bare exception of a call on a pipelined capability, the failure of the
-/// call that promised the capability (`origin`), which is the real reason.
-pub(crate) async fn origin_failure(e: &ApiError, origin: &SharedOutcome) -> Option<ApiError> {
-    if !matches!(e.code, ErrorCode::Internal | ErrorCode::Unavailable) {
-        return None;
-    }
+/// The failure of the call that promised a capability (`origin`), if it failed: the real
+/// reason a call on that capability failed. A call on such a capability is answered after
+/// its origin (the server runs it only once the origin resolved), so this does not wait.
+pub(crate) async fn origin_failure(origin: &SharedOutcome) -> Option<ApiError> {
     origin.clone().await.err()
 }
 
@@ -702,7 +733,7 @@ pub(crate) async fn get_one(
     .await;
     match r {
         Err(e) if e.code == ErrorCode::NotFound => Ok(None),
-        Err(e) => Err(origin_failure(&e, opened).await.unwrap_or(e)),
+        Err(e) => Err(origin_failure(opened).await.unwrap_or(e)),
         ok => ok,
     }
 }

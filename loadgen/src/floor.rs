@@ -69,7 +69,10 @@ impl gateway::Server for FloorGateway {
         _params: gateway::OpenParams,
         mut results: gateway::OpenResults,
     ) -> Result<(), capnp::Error> {
-        results.get().init_result().set_kv(self.kv.clone());
+        // Where capkv puts it: outside the union for pipelining (API v3), and in it.
+        let mut out = results.get().init_result();
+        out.set_kv(self.kv.clone());
+        out.set_kv_cap(self.kv.clone());
         Ok(())
     }
 }

@@ -40,6 +40,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -232,6 +233,12 @@ pub struct Tunables {
     pub idle_timeout: Option<Duration>,
     /// The frame layer's limits for new connections.
     pub frames: Arc<capkv::frames::FrameLimits>,
+    /// Unsent reply bytes past which a connection is not read (see `capkv::backlog`).
+    pub max_unsent_reply_bytes: usize,
+    /// A paused connection whose socket takes nothing for this long is closed.
+    pub slow_reader_timeout: Duration,
+    /// Capabilities the server holds for one connection.
+    pub max_capabilities_per_connection: usize,
     /// (calls per second, bucket size) per token; `None` = unlimited.
     rate: Option<(f64, f64)>,
 }
@@ -287,6 +294,9 @@ impl Tunables {
                 reader_options: config.protocol_limits().request_reader_options(),
             }),
             rate,
+            max_unsent_reply_bytes: l.max_unsent_reply_bytes,
+            slow_reader_timeout: Duration::from_millis(l.slow_reader_timeout_ms),
+            max_capabilities_per_connection: l.max_capabilities_per_connection,
         }
     }
 }
@@ -352,6 +362,10 @@ pub struct Shared {
     pub(crate) reload: crate::reload::ReloadState,
     /// Bytes held by partially received large messages, server-wide (not reloadable).
     pub frame_budget: Arc<capkv::frames::FrameBudget>,
+    /// Reply bytes built but not yet written, server-wide (bound not reloadable).
+    pub reply_budget: Arc<capkv::backlog::ReplyBudget>,
+    /// Capabilities held for all connections.
+    capabilities_held: Arc<AtomicUsize>,
     /// Mutual TLS on new connections, when configured (not reloadable).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The per-call series' handles.
@@ -369,10 +383,32 @@ pub struct Conn {
     last_active: Cell<Instant>,
     /// The rate-limit bucket of the token this connection opened with.
     bucket: std::cell::RefCell<Option<Arc<TokenBucket>>>,
+    /// Reply bytes built and not yet written; the frame layer stops reading past its bound.
+    pub backlog: Rc<capkv::backlog::ReplyBacklog>,
+    /// Capabilities the server holds for this peer (each a [`CapSlot`]).
+    caps: Rc<Cell<usize>>,
+    /// Stand-ins handed out when the connection is at its capability limit: one per
+    /// interface, shared, so that refusals cost nothing more (see `crate::refused`).
+    at_capacity: std::cell::RefCell<Vec<Box<dyn std::any::Any>>>,
+}
+
+/// One capability the server holds for a connection's peer; dropped with the capability
+/// (the peer released it, or the connection ended).
+pub struct CapSlot {
+    conn: Rc<Cell<usize>>,
+    server: Arc<AtomicUsize>,
+}
+
+impl Drop for CapSlot {
+    fn drop(&mut self) {
+        self.conn.set(self.conn.get().saturating_sub(1));
+        self.server.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Conn {
-    pub fn new(id: u64, peer: SocketAddr) -> Self {
+    pub fn new(id: u64, peer: SocketAddr, shared: &Shared) -> Self {
+        let t = shared.tunables();
         Self {
             id,
             peer,
@@ -380,7 +416,51 @@ impl Conn {
             kill: Notify::new(),
             last_active: Cell::new(Instant::now()),
             bucket: std::cell::RefCell::new(None),
+            backlog: Rc::new(capkv::backlog::ReplyBacklog::new(
+                Arc::clone(&shared.reply_budget),
+                t.max_unsent_reply_bytes,
+            )),
+            caps: Rc::default(),
+            at_capacity: std::cell::RefCell::default(),
         }
+    }
+
+    /// Room for one more capability for this peer, or `tooManyCapabilities`.
+    pub fn cap_slot(&self, shared: &Shared) -> Result<CapSlot, ApiError> {
+        let max = shared.tunables().max_capabilities_per_connection;
+        if self.caps.get() >= max {
+            shared.reject("too_many_capabilities");
+            return Err(ApiError::new(
+                ErrorCode::TooManyCapabilities,
+                format!(
+                    "this connection holds {max} capabilities, the server's limit \
+                     (limits.max_capabilities_per_connection); release some first"
+                ),
+            ));
+        }
+        self.caps.set(self.caps.get() + 1);
+        shared.capabilities_held.fetch_add(1, Ordering::Relaxed);
+        Ok(CapSlot {
+            conn: Rc::clone(&self.caps),
+            server: Arc::clone(&shared.capabilities_held),
+        })
+    }
+
+    /// Capabilities the server holds for this peer.
+    pub fn capabilities(&self) -> usize {
+        self.caps.get()
+    }
+
+    /// The shared stand-in of type `C` for a connection at its capability limit, made by
+    /// `make` the first time.
+    pub fn capacity_stand_in<C: Clone + 'static>(&self, make: impl FnOnce() -> C) -> C {
+        let mut cache = self.at_capacity.borrow_mut();
+        if let Some(c) = cache.iter().find_map(|b| b.downcast_ref::<C>()) {
+            return c.clone();
+        }
+        let c = make();
+        cache.push(Box::new(c.clone()));
+        c
     }
 
     /// How long the connection has had no call in flight; zero while one is.
@@ -459,9 +539,18 @@ impl Shared {
             frame_budget: Arc::new(capkv::frames::FrameBudget::new(
                 config.limits.frame_budget_bytes,
             )),
+            reply_budget: Arc::new(capkv::backlog::ReplyBudget::new(
+                config.limits.unsent_reply_budget_bytes,
+            )),
+            capabilities_held: Arc::default(),
             tls: None,
             call_metrics: crate::metrics::CallMetrics::new(Method::ALL.len()),
         }
+    }
+
+    /// Capabilities the server holds for all its connections.
+    pub fn capabilities_held(&self) -> usize {
+        self.capabilities_held.load(Ordering::Relaxed)
     }
 
     /// The settings in force (a call reads them once, at its start).
@@ -629,6 +718,7 @@ impl Shared {
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let t = self.tunables();
+        conn.backlog.set_max_bytes(t.max_unsent_reply_bytes);
         // 2. drain
         if self.is_draining() && !method.served_while_draining() {
             self.reject("draining");
@@ -794,7 +884,7 @@ impl Shared {
         }
     }
 
-    fn reject(&self, reason: &'static str) {
+    pub(crate) fn reject(&self, reason: &'static str) {
         metrics::counter!(m::REJECTIONS_TOTAL, "reason" => reason).increment(1);
     }
 

@@ -201,6 +201,20 @@ pub struct LimitsConfig {
     /// Bytes all partially received large messages (> 64 KiB) may hold together; past it
     /// their connections wait for room.
     pub frame_budget_bytes: usize,
+    /// Reply bytes one connection may have produced but not yet written to its socket; past
+    /// it the connection is not read (takes no new call) until its replies drain. A single
+    /// larger reply still goes out.
+    pub max_unsent_reply_bytes: usize,
+    /// Unsent reply bytes over all connections; past it, connections with unsent replies
+    /// are not read until the total drains. Restart only.
+    pub unsent_reply_budget_bytes: usize,
+    /// A connection paused by its unsent replies whose socket takes no byte for this long
+    /// is closed (a client that does not read its replies).
+    pub slow_reader_timeout_ms: u64,
+    /// Capabilities the server holds for one connection (stores, sessions, admin, stand-ins
+    /// of refused calls); past it a call that would return one more gets
+    /// `tooManyCapabilities`.
+    pub max_capabilities_per_connection: usize,
 }
 
 /// Knobs of the RocksDB engine (ignored by `memory`).
@@ -304,6 +318,13 @@ impl Default for LimitsConfig {
             rate_burst: 0,
             frame_timeout_ms: 10_000,
             frame_budget_bytes: 64 * 1024 * 1024,
+            // A few of the largest replies (a 1 MiB value, a 4 MiB scan page) per
+            // connection, as Redis's client-output-buffer-limit allows a few MB.
+            max_unsent_reply_bytes: 8 * 1024 * 1024,
+            unsent_reply_budget_bytes: 256 * 1024 * 1024,
+            slow_reader_timeout_ms: 30_000,
+            // ~2.3 KiB each: 23 MiB per connection at most.
+            max_capabilities_per_connection: 10_000,
         }
     }
 }
@@ -466,6 +487,13 @@ impl Config {
         }
         if l.frame_timeout_ms == 0 || l.frame_budget_bytes < l.max_key_bytes + l.max_value_bytes {
             return fail("limits.frame_timeout_ms must be > 0 and limits.frame_budget_bytes must hold one largest request");
+        }
+        if l.max_unsent_reply_bytes == 0
+            || l.unsent_reply_budget_bytes < l.max_unsent_reply_bytes
+            || l.slow_reader_timeout_ms == 0
+            || l.max_capabilities_per_connection == 0
+        {
+            return fail("limits.max_unsent_reply_bytes, slow_reader_timeout_ms and max_capabilities_per_connection must be > 0, and limits.unsent_reply_budget_bytes >= limits.max_unsent_reply_bytes");
         }
         if l.queue_timeout_ms > 10_000 {
             return fail("limits.queue_timeout_ms must be at most 10000");

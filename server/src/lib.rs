@@ -8,6 +8,8 @@
 //!   settings ([`chain::Tunables`]).
 //! - [`rpc`]: the `Gateway`, `KvStore` and `WriteSession` handlers.
 //!   Every connection reads through `capkv::frames::GuardedReader` (the frame layer).
+//! - [`refused`]: the stand-in capability a refused `open`/`admin`/`session` returns for
+//!   pipelined calls, each answered with the refusal's error.
 //! - [`validate`]: input limits, each breach a distinct error code.
 //! - [`auth`]: constant-time bearer-token check.
 //! - [`metrics`], [`logging`]: metric names and exporter; log setup.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod refused;
 pub mod reload;
 pub mod rpc;
 pub mod server;

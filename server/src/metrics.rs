@@ -15,6 +15,10 @@ pub const CONNECTIONS: &str = "capkv_connections";
 pub const REJECTIONS_TOTAL: &str = "capkv_rejections_total";
 pub const PARTIAL_FRAME_BYTES: &str = "capkv_partial_frame_bytes";
 pub const FRAME_BUDGET_WAITS_TOTAL: &str = "capkv_frame_budget_waits_total";
+pub const UNSENT_REPLY_BYTES: &str = "capkv_unsent_reply_bytes";
+pub const CONNECTIONS_PAUSED: &str = "capkv_connections_paused";
+pub const CONNECTION_PAUSES_TOTAL: &str = "capkv_connection_pauses_total";
+pub const CAPABILITIES_HELD: &str = "capkv_capabilities_held";
 pub const CONFIG_RELOADS_TOTAL: &str = "capkv_config_reloads_total";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "capkv_connections_closed_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
@@ -203,6 +207,22 @@ pub fn install_recorder(
     metrics::describe_gauge!(
         PARTIAL_FRAME_BYTES,
         "Bytes held by partially received large messages, server-wide (limits.frame_budget_bytes)."
+    );
+    metrics::describe_gauge!(
+        UNSENT_REPLY_BYTES,
+        "Reply bytes built but not yet written to their sockets, server-wide (limits.unsent_reply_budget_bytes)."
+    );
+    metrics::describe_gauge!(
+        CONNECTIONS_PAUSED,
+        "Connections not read right now because their replies are not being read (limits.max_unsent_reply_bytes)."
+    );
+    metrics::describe_counter!(
+        CONNECTION_PAUSES_TOTAL,
+        "Times a connection stopped being read because of its unsent replies."
+    );
+    metrics::describe_gauge!(
+        CAPABILITIES_HELD,
+        "Capabilities (stores, sessions, admin, stand-ins) the server holds for its peers."
     );
     Ok(handle)
 }

@@ -5,7 +5,7 @@
 //!   `auth.rotation_overlap_s`), `limits` (new connections get new decoder limits),
 //!   `deadlines`, `idempotency`, `shutdown`, `log.level` (unless `RUST_LOG` is set).
 //! - Not reloadable (listeners, engine, data dir, storage, workers, telemetry, the fault
-//!   plan at start, `log.format`, `limits.frame_budget_bytes`, `limits.accept_queue`): a change is logged as needing a restart and otherwise ignored.
+//!   plan at start, `log.format`, `limits.frame_budget_bytes`, `limits.accept_queue`, `limits.unsent_reply_budget_bytes`): a change is logged as needing a restart and otherwise ignored.
 //! - A config that does not load or validate, or whose log filter does not parse, is
 //!   refused whole: the running one stays, and a log line says why.
 //!
@@ -111,6 +111,10 @@ impl Shared {
                 "limits.accept_queue",
                 new.limits.accept_queue != old.limits.accept_queue,
             ),
+            (
+                "limits.unsent_reply_budget_bytes",
+                new.limits.unsent_reply_budget_bytes != old.limits.unsent_reply_budget_bytes,
+            ),
         ] {
             if changed {
                 tracing::warn!(
@@ -124,6 +128,7 @@ impl Shared {
         let mut new_limits = new.limits.clone();
         new_limits.frame_budget_bytes = old.limits.frame_budget_bytes;
         new_limits.accept_queue = old.limits.accept_queue;
+        new_limits.unsent_reply_budget_bytes = old.limits.unsent_reply_budget_bytes;
         let limits_changed = new_limits != old.limits;
         if new.auth.token != old.auth.token {
             changes.push("auth.token rotated".to_string());
@@ -163,6 +168,7 @@ impl Shared {
         applied.tls = old.tls.clone();
         applied.limits.frame_budget_bytes = old.limits.frame_budget_bytes;
         applied.limits.accept_queue = old.limits.accept_queue;
+        applied.limits.unsent_reply_budget_bytes = old.limits.unsent_reply_budget_bytes;
         // Checked again with the restart-only values kept: new limits must fit the budget
         // that actually runs.
         if let Err(e) = applied.validate() {

@@ -2,7 +2,8 @@
 //!
 //! Each handler reads its parameters, hands its work to the call chain
 //! ([`Shared::serve`](crate::chain::Shared::serve)), and writes the success or error arm of
-//! its result union. Nothing cross-cutting happens here. Handlers return `Err` to capnp-rpc
+//! its result union. A handler that returns a capability also puts it outside the union
+//! (`kvCap`, `adminCap`, `sessionCap`), or a [`Refused`] stand-in when the call failed. Nothing cross-cutting happens here. Handlers return `Err` to capnp-rpc
 //! only when the reply itself cannot be built; every expected failure is an `Error` in the
 //! result.
 
@@ -13,7 +14,8 @@ use capkv::kv_capnp::{admin, entry, gateway, kv_store, write_session};
 use capkv::{ApiError, ErrorCode, API_VERSION};
 use capkv_store::{Entry, IdempotencyKey, Store, StoreError, WriteOp, WriteOutcome};
 
-use crate::chain::{AdminAccess, Conn, Method, Shared};
+use crate::chain::{AdminAccess, CapSlot, Conn, Method, Shared};
+use crate::refused::Refused;
 use crate::validate;
 
 /// Converts an engine failure into a contract error. Details go to the log here, where the
@@ -69,6 +71,17 @@ fn store_error(e: StoreError) -> ApiError {
     }
 }
 
+/// Counts a handler's reply as unsent on its connection until the writer has sent it (see
+/// `capkv::backlog`): its encoded size plus the Return header.
+macro_rules! count_reply {
+    ($conn:expr, $results:ident) => {
+        if let Ok(size) = $results.get().into_reader().total_size() {
+            $conn.backlog.queued(crate::refused::reply_bytes(size));
+        }
+    };
+}
+pub(crate) use count_reply;
+
 fn write_entry(mut b: entry::Builder<'_>, e: &Entry) {
     b.set_key(&e.key);
     b.set_value(&e.value);
@@ -112,6 +125,7 @@ impl gateway::Server for GatewayImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -136,6 +150,7 @@ impl gateway::Server for GatewayImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -154,8 +169,9 @@ impl gateway::Server for GatewayImpl {
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("");
                 if self.shared.tunables().auth.check(token) {
+                    let slot = self.conn.cap_slot(&self.shared)?;
                     self.conn.set_bucket(self.shared.bucket_for(token));
-                    Ok(())
+                    Ok(slot)
                 } else {
                     Err(ApiError::new(
                         ErrorCode::Unauthenticated,
@@ -165,16 +181,24 @@ impl gateway::Server for GatewayImpl {
             })
             .await;
         let mut out = results.get().init_result();
+        // The capability goes outside the union (`kvCap`, which every implementation can
+        // pipeline on) and, for API v2 clients, in union member 0.
         match r {
-            Ok(()) => {
+            Ok(slot) => {
                 let kv: kv_store::Client = capnp_rpc::new_client(KvStoreImpl {
                     shared: Arc::clone(&self.shared),
                     conn: Rc::clone(&self.conn),
+                    _slot: slot,
                 });
-                out.set_kv(kv);
+                out.set_kv(kv.clone());
+                out.set_kv_cap(kv);
             }
-            Err(e) => e.write(out.init_error()),
+            Err(e) => {
+                e.write(out.reborrow().init_error());
+                out.set_kv_cap(Refused::client(&self.shared, &self.conn, e));
+            }
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -192,21 +216,28 @@ impl gateway::Server for GatewayImpl {
                     .ok()
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("");
-                self.check_admin(token)
+                self.check_admin(token)?;
+                self.conn.cap_slot(&self.shared)
             })
             .await;
         let mut out = results.get().init_result();
         match r {
-            Ok(()) => {
+            Ok(slot) => {
                 tracing::info!(peer = %self.conn.peer, conn = self.conn.id, "admin capability granted");
                 let admin: admin::Client = capnp_rpc::new_client(AdminImpl {
                     shared: Arc::clone(&self.shared),
                     conn: Rc::clone(&self.conn),
+                    _slot: slot,
                 });
-                out.set_admin(admin);
+                out.set_admin(admin.clone());
+                out.set_admin_cap(admin);
             }
-            Err(e) => e.write(out.init_error()),
+            Err(e) => {
+                e.write(out.reborrow().init_error());
+                out.set_admin_cap(Refused::client(&self.shared, &self.conn, e));
+            }
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 }
@@ -232,6 +263,7 @@ impl GatewayImpl {
 pub struct AdminImpl {
     shared: Arc<Shared>,
     conn: Rc<Conn>,
+    _slot: CapSlot,
 }
 
 fn write_faults(
@@ -272,6 +304,7 @@ impl admin::Server for AdminImpl {
             })
             .await;
         write_faults(results.get().init_result(), r);
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -288,6 +321,7 @@ impl admin::Server for AdminImpl {
             })
             .await;
         write_faults(results.get().init_result(), r);
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -306,6 +340,7 @@ impl admin::Server for AdminImpl {
             })
             .await;
         write_faults(results.get().init_result(), r);
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -328,6 +363,7 @@ impl admin::Server for AdminImpl {
             Ok(()) => out.set_ok(()),
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -362,6 +398,7 @@ impl admin::Server for AdminImpl {
             Ok(()) => out.set_ok(()),
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -384,6 +421,7 @@ impl admin::Server for AdminImpl {
             Ok(changes) => out.set_ok(changes.as_str()),
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 }
@@ -392,19 +430,24 @@ impl KvStoreImpl {
     fn write_session(
         &self,
         mut out: capkv::kv_capnp::session_result::Builder<'_>,
-        r: Result<[u8; crate::session::TOKEN_BYTES], ApiError>,
+        r: Result<([u8; crate::session::TOKEN_BYTES], CapSlot), ApiError>,
     ) {
         match r {
-            Ok(token) => {
+            Ok((token, slot)) => {
                 let session: write_session::Client = capnp_rpc::new_client(WriteSessionImpl {
                     shared: Arc::clone(&self.shared),
                     conn: Rc::clone(&self.conn),
                     token,
+                    _slot: slot,
                 });
-                out.set_session(session);
+                out.set_session(session.clone());
+                out.set_session_cap(session);
                 out.set_token(&token);
             }
-            Err(e) => e.write(out.init_error()),
+            Err(e) => {
+                e.write(out.reborrow().init_error());
+                out.set_session_cap(Refused::client(&self.shared, &self.conn, e));
+            }
         }
     }
 }
@@ -413,6 +456,7 @@ impl KvStoreImpl {
 pub struct KvStoreImpl {
     shared: Arc<Shared>,
     conn: Rc<Conn>,
+    _slot: CapSlot,
 }
 
 impl kv_store::Server for KvStoreImpl {
@@ -437,6 +481,7 @@ impl kv_store::Server for KvStoreImpl {
             Ok(e) => write_entry(out.init_ok(), &e),
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -472,6 +517,7 @@ impl kv_store::Server for KvStoreImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -484,11 +530,12 @@ impl kv_store::Server for KvStoreImpl {
         let r = self
             .shared
             .serve(&self.conn, Method::Session, p.get_ctx(), |_| async {
-                Ok(())
+                self.conn.cap_slot(&self.shared)
             })
             .await;
         let token = self.shared.sessions.issue();
-        self.write_session(results.get().init_result(), r.map(|()| token));
+        self.write_session(results.get().init_result(), r.map(|slot| (token, slot)));
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -515,10 +562,11 @@ impl kv_store::Server for KvStoreImpl {
                     ));
                 }
                 owned.copy_from_slice(token);
-                Ok(owned)
+                Ok((owned, self.conn.cap_slot(&self.shared)?))
             })
             .await;
         self.write_session(results.get().init_result(), r);
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -576,6 +624,7 @@ impl kv_store::Server for KvStoreImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 }
@@ -586,6 +635,7 @@ pub struct WriteSessionImpl {
     conn: Rc<Conn>,
     /// Scopes the session's idempotency keys.
     token: [u8; crate::session::TOKEN_BYTES],
+    _slot: CapSlot,
 }
 
 impl WriteSessionImpl {
@@ -643,6 +693,7 @@ impl write_session::Server for WriteSessionImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -679,6 +730,7 @@ impl write_session::Server for WriteSessionImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -713,6 +765,7 @@ impl write_session::Server for WriteSessionImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 
@@ -766,6 +819,7 @@ impl write_session::Server for WriteSessionImpl {
             }
             Err(e) => e.write(out.init_error()),
         }
+        count_reply!(self.conn, results);
         Ok(())
     }
 }

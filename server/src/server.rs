@@ -193,6 +193,11 @@ impl Server {
                     }
                     metrics::gauge!(m::PARTIAL_FRAME_BYTES)
                         .set(shared.frame_budget.used_bytes() as f64);
+                    let replies = &shared.reply_budget;
+                    metrics::gauge!(m::UNSENT_REPLY_BYTES).set(replies.unsent_bytes() as f64);
+                    metrics::gauge!(m::CONNECTIONS_PAUSED).set(replies.paused_connections() as f64);
+                    metrics::counter!(m::CONNECTION_PAUSES_TOTAL).absolute(replies.pauses());
+                    metrics::gauge!(m::CAPABILITIES_HELD).set(shared.capabilities_held() as f64);
                     let waits = shared.frame_budget.waits();
                     if waits > frame_waits_seen {
                         metrics::counter!(m::FRAME_BUDGET_WAITS_TOTAL).absolute(waits);
@@ -421,19 +426,21 @@ where
     // Nothing reaches the RPC system before the frame layer has checked it.
     let tunables = shared.tunables();
     let breach: BreachCell = Rc::default();
+    let conn = Rc::new(Conn::new(id, peer, &shared));
+    // A peer that does not read its replies stops being read (see `capkv::backlog`).
     let reader = GuardedReader::new(
         reader,
         Arc::clone(&tunables.frames),
         Arc::clone(&shared.frame_budget),
         Rc::clone(&breach),
-    );
+    )
+    .with_backlog(Rc::clone(&conn.backlog));
     let network = twoparty::VatNetwork::new(
         reader,
-        capkv::transport::CoalescingWriter::new(writer),
+        capkv::transport::CoalescingWriter::with_backlog(writer, Some(Rc::clone(&conn.backlog))),
         rpc_twoparty_capnp::Side::Server,
         tunables.limits.request_reader_options(),
     );
-    let conn = Rc::new(Conn::new(id, peer));
     let gateway: gateway::Client =
         capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
     let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
@@ -450,6 +457,17 @@ where
             () = idle_expired(&shared, &conn) => {
                 metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
                 tracing::info!(conn = id, %peer, "connection closed: idle timeout");
+            }
+            // Dropping the RpcSystem also drops the replies queued for a peer that does
+            // not read them: their memory comes back.
+            () = conn.backlog.stalled(|| shared.tunables().slow_reader_timeout) => {
+                metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "slow_reader").increment(1);
+                tracing::warn!(
+                    conn = id, %peer,
+                    unsent_reply_bytes = conn.backlog.unsent_bytes(),
+                    timeout_ms = shared.tunables().slow_reader_timeout.as_millis() as u64,
+                    "connection closed: slow reader (replies not read within the timeout)"
+                );
             }
         }
         if let Some(b) = breach.get() {

@@ -216,8 +216,7 @@ fn spent_budget_is_rejected_before_work() {
         let gw = raw_gateway(addr).await;
         let mut open = gw.open_request();
         CallMeta::default().write(open.get().init_ctx());
-        let (_resp, kv) =
-            capkv::send_with_union_cap::<_, _, capkv::kv_capnp::kv_store::Client>(open);
+        let kv = open.send().pipeline.get_result().get_kv_cap();
         let mut get = kv.get_request();
         let spent = CallMeta {
             budget_ms: Some(0),

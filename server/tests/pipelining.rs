@@ -7,69 +7,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use capkv::kv_capnp::{kv_store, open_result};
-use capkv::{send_with_union_cap, CallMeta};
+use capkv::kv_capnp::open_result;
+use capkv::{ApiError, CallMeta, ErrorCode};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const DELAY: Duration = Duration::from_millis(100);
 const RTT: Duration = Duration::from_millis(200);
-
-/// Forwards bytes from `from` to `to`, each chunk delivered `DELAY` after it was read,
-/// in order (a delay line, not a per-chunk sleep, so throughput is not throttled).
-async fn delay_line(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
-    let writer = tokio::spawn(async move {
-        while let Some((at, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(at).await;
-            if to.write_all(&chunk).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let at = tokio::time::Instant::now() + DELAY;
-                if tx.send((at, buf[..n].to_vec())).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
-/// Starts a delaying proxy to `upstream`; returns its address. Serves any number of
-/// connections until the test's runtime ends.
-async fn delaying_proxy(upstream: SocketAddr) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = TcpStream::connect(upstream).await else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(delay_line(cr, sw));
-            tokio::spawn(delay_line(sr, cw));
-        }
-    });
-    addr
-}
 
 #[test]
 fn open_and_get_pipelined_take_one_round_trip() {
@@ -78,7 +23,7 @@ fn open_and_get_pipelined_take_one_round_trip() {
     local(async move {
         // Seed a key directly.
         client(upstream).await.put(b"k", b"v").await.unwrap();
-        let proxy = delaying_proxy(upstream).await;
+        let proxy = delaying_proxy(upstream, DELAY).await;
         let gw = raw_gateway(proxy).await;
         // Warm up: resolve the bootstrap capability (one round trip, not measured).
         let mut h = gw.health_request();
@@ -89,7 +34,7 @@ fn open_and_get_pipelined_take_one_round_trip() {
         let t0 = Instant::now();
         let mut open = gw.open_request();
         CallMeta::default().write(open.get().init_ctx());
-        let (_open_resp, kv) = send_with_union_cap::<_, _, kv_store::Client>(open);
+        let kv = open.send().pipeline.get_result().get_kv_cap();
         let mut get = kv.get_request();
         CallMeta::default().write(get.get().init_ctx());
         get.get().set_key(b"k");
@@ -136,7 +81,7 @@ fn client_library_pipelines_open_get_and_session_put() {
     let server = start(test_config());
     let upstream = server.addr();
     local(async move {
-        let proxy = delaying_proxy(upstream).await;
+        let proxy = delaying_proxy(upstream, DELAY).await;
         // connect() only opens TCP (to the local proxy): bootstrap, open and the first call
         // all leave together.
         let options = capkv_client::ClientOptions {
@@ -170,5 +115,215 @@ fn client_library_pipelines_open_get_and_session_put() {
         eprintln!("keyed: first put {first:?}, second {second:?}");
         assert!(first < RTT * 5 / 2, "first keyed put took {first:?}");
         assert!(second < RTT * 3 / 2, "later keyed put took {second:?}");
+    });
+}
+
+const TOKEN: &str = "data-token";
+const ADMIN: &str = "admin-token";
+
+fn config_with_tokens() -> capkv_server::Config {
+    let mut config = test_config();
+    config.auth.token = Some(capkv_server::config::Secret::new(TOKEN));
+    config.admin.token = Some(capkv_server::config::Secret::new(ADMIN));
+    config
+}
+
+fn ctx() -> CallMeta {
+    CallMeta {
+        budget_ms: Some(10_000),
+        ..CallMeta::default()
+    }
+}
+
+/// The code in a result's error arm, or `None` for success.
+macro_rules! code_of {
+    ($resp:expr, $module:ident) => {{
+        let resp = $resp;
+        match resp.get().unwrap().get_result().unwrap().which().unwrap() {
+            capkv::kv_capnp::$module::Which::Error(e) => Some(ApiError::read(e.unwrap()).code),
+            _ => None,
+        }
+    }};
+}
+
+/// Clients built against API v2 pipelined through union member 0 of each result (the
+/// transform `send_v2_pipelined` sends); the server still fills it.
+#[test]
+fn api_v2_clients_pipelining_through_union_member_0_keep_working() {
+    use capkv::kv_capnp::{admin, kv_store, write_session};
+    let server = start(config_with_tokens());
+    let addr = server.addr();
+    local(async move {
+        let gw = raw_gateway(addr).await;
+        let mut open = gw.open_request();
+        ctx().write(open.get().init_ctx());
+        open.get().set_token(TOKEN);
+        let (opened, kv) = send_v2_pipelined::<_, _, kv_store::Client>(open);
+        let mut session = kv.session_request();
+        ctx().write(session.get().init_ctx());
+        let (session_resp, ws) = send_v2_pipelined::<_, _, write_session::Client>(session);
+        let mut put = ws.put_request();
+        ctx().write(put.get().init_ctx());
+        put.get().set_key(b"v2");
+        put.get().set_value(b"still works");
+        put.get().set_idempotency_key(b"v2-idem");
+        let put = put.send().promise.await.unwrap();
+        assert_eq!(code_of!(put, put_result), None);
+        assert_eq!(code_of!(opened.await.unwrap(), open_result), None);
+        let session_resp = session_resp.await.unwrap();
+        let token = session_resp
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .get_token()
+            .unwrap()
+            .to_vec();
+
+        // resumeSession through member 0, and the put replayed: the same outcome.
+        let mut resume = kv.resume_session_request();
+        ctx().write(resume.get().init_ctx());
+        resume.get().set_token(&token);
+        let (_resumed, ws) = send_v2_pipelined::<_, _, write_session::Client>(resume);
+        let mut replay = ws.put_request();
+        ctx().write(replay.get().init_ctx());
+        replay.get().set_key(b"v2");
+        replay.get().set_value(b"still works");
+        replay.get().set_idempotency_key(b"v2-idem");
+        let replay = replay.send().promise.await.unwrap();
+        assert_eq!(code_of!(replay, put_result), None);
+
+        let mut get = kv.get_request();
+        ctx().write(get.get().init_ctx());
+        get.get().set_key(b"v2");
+        let got = get.send().promise.await.unwrap();
+        match got.get().unwrap().get_result().unwrap().which().unwrap() {
+            capkv::kv_capnp::get_result::Which::Ok(e) => {
+                let e = e.unwrap();
+                assert_eq!(e.get_value().unwrap(), b"still works");
+                assert_eq!(e.get_version(), 1, "the replay wrote nothing");
+            }
+            capkv::kv_capnp::get_result::Which::Error(_) => panic!("get failed"),
+        }
+
+        let mut adm = gw.admin_request();
+        ctx().write(adm.get().init_ctx());
+        adm.get().set_admin_token(ADMIN);
+        let (_adm, admin_cap) = send_v2_pipelined::<_, _, admin::Client>(adm);
+        let mut show = admin_cap.show_faults_request();
+        ctx().write(show.get().init_ctx());
+        let show = show.send().promise.await.unwrap();
+        assert_eq!(code_of!(show, faults_result), None);
+
+        // A refused open: a v2 client's pipelined call fails (an exception: union member 0
+        // holds the error, not a capability) and the open result says why.
+        let mut open = gw.open_request();
+        ctx().write(open.get().init_ctx());
+        open.get().set_token("wrong");
+        let (opened, kv) = send_v2_pipelined::<_, _, kv_store::Client>(open);
+        let mut get = kv.get_request();
+        ctx().write(get.get().init_ctx());
+        get.get().set_key(b"v2");
+        assert!(get.send().promise.await.is_err());
+        assert_eq!(
+            code_of!(opened.await.unwrap(), open_result),
+            Some(ErrorCode::Unauthenticated)
+        );
+    });
+}
+
+/// API v3: a call pipelined on a refused `open`/`admin` (through the generated Pipeline
+/// API) is answered by the server's stand-in with the refusal's code, not a hang or a bare
+/// exception, however long the chain; the refused call's own result says the same.
+#[test]
+fn calls_pipelined_on_a_refused_capability_fail_with_its_code() {
+    let server = start(config_with_tokens());
+    let addr = server.addr();
+    local(async move {
+        let gw = raw_gateway(addr).await;
+        let mut open = gw.open_request();
+        ctx().write(open.get().init_ctx());
+        open.get().set_token("wrong");
+        let opened = open.send();
+        let kv = opened.pipeline.get_result().get_kv_cap();
+        let mut get = kv.get_request();
+        ctx().write(get.get().init_ctx());
+        get.get().set_key(b"k");
+        let got = get.send().promise.await.unwrap();
+        assert_eq!(code_of!(got, get_result), Some(ErrorCode::Unauthenticated));
+        let mut session = kv.session_request();
+        ctx().write(session.get().init_ctx());
+        let ws = session.send().pipeline.get_result().get_session_cap();
+        let mut put = ws.put_request();
+        ctx().write(put.get().init_ctx());
+        put.get().set_key(b"k");
+        put.get().set_value(b"v");
+        let put = put.send().promise.await.unwrap();
+        assert_eq!(code_of!(put, put_result), Some(ErrorCode::Unauthenticated));
+        let opened = opened.promise.await.unwrap();
+        let result = opened.get().unwrap().get_result().unwrap();
+        match result.which().unwrap() {
+            open_result::Which::Error(e) => {
+                let e = ApiError::read(e.unwrap());
+                assert_eq!(e.code, ErrorCode::Unauthenticated);
+                assert!(!e.message.is_empty());
+            }
+            open_result::Which::Kv(_) => panic!("a wrong token opened the store"),
+        }
+
+        let mut adm = gw.admin_request();
+        ctx().write(adm.get().init_ctx());
+        adm.get().set_admin_token("wrong");
+        let admin_cap = adm.send().pipeline.get_result().get_admin_cap();
+        let mut clear = admin_cap.clear_faults_request();
+        ctx().write(clear.get().init_ctx());
+        let clear = clear.send().promise.await.unwrap();
+        assert_eq!(
+            code_of!(clear, faults_result),
+            Some(ErrorCode::Unauthenticated)
+        );
+
+        // The right token on the same connection works (nothing was poisoned).
+        let mut open = gw.open_request();
+        ctx().write(open.get().init_ctx());
+        open.get().set_token(TOKEN);
+        let kv = open.send().pipeline.get_result().get_kv_cap();
+        let mut get = kv.get_request();
+        ctx().write(get.get().init_ctx());
+        get.get().set_key(b"k");
+        let got = get.send().promise.await.unwrap();
+        assert_eq!(code_of!(got, get_result), Some(ErrorCode::NotFound));
+    });
+}
+
+/// The client library on a refused open reports the refusal on every call, and a write on
+/// a session refused by the chain is not stuck with the stand-in: the next write asks for
+/// a new session.
+#[test]
+fn client_library_reports_refusals_from_stand_ins() {
+    let server = start(config_with_tokens());
+    let addr = server.addr();
+    local(async move {
+        let bad = client_with(addr, "wrong").await;
+        assert_eq!(
+            bad.get(b"k").await.unwrap_err().code,
+            ErrorCode::Unauthenticated
+        );
+        assert_eq!(
+            bad.put(b"k", b"v").await.unwrap_err().code,
+            ErrorCode::Unauthenticated
+        );
+
+        let c = client_with(addr, TOKEN).await;
+        c.set_faults(ADMIN, "session fail=permission_denied times=1")
+            .await
+            .unwrap();
+        assert_eq!(
+            c.put(b"k", b"v").await.unwrap_err().code,
+            ErrorCode::PermissionDenied
+        );
+        c.put(b"k", b"v")
+            .await
+            .expect("the next write opens a new session");
     });
 }

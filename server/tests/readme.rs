@@ -532,3 +532,70 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// The README's `python` blocks, each as its lines.
+fn python_blocks() -> Vec<String> {
+    let text = read("README.md");
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for raw in text.lines() {
+        match (&mut current, raw.trim_end()) {
+            (None, "```python") => current = Some(String::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(body), l) => {
+                body.push_str(l);
+                body.push('\n');
+            }
+            _ => {}
+        }
+    }
+    blocks
+}
+
+/// "Calling capkv from Python": the block runs with the pycapnp venv scripts/setup.sh
+/// makes, from the repository's root, against a server with the token it names; each
+/// `print(...)  # output` line's comment is the line it must print.
+#[test]
+fn python_block_runs() {
+    let blocks = python_blocks();
+    assert_eq!(blocks.len(), 1, "README.md has one python block");
+    let block = &blocks[0];
+    let expected: Vec<&str> = block
+        .lines()
+        .filter(|l| l.trim_start().starts_with("print("))
+        .filter_map(|l| l.split_once("  # ").map(|(_, c)| c.trim()))
+        .collect();
+    assert!(
+        expected.len() >= 3,
+        "print lines show their output: {expected:?}"
+    );
+    let python = std::env::var("CAPKV_PYCAPNP_PYTHON")
+        .unwrap_or_else(|_| "/var/tmp/capkv-tools/pycapnp-venv/bin/python".to_string());
+    assert!(
+        Path::new(&python).exists(),
+        "{python} not found: run `source scripts/setup.sh` (it installs pycapnp)"
+    );
+    let (_server, addr) = server(&["--engine", "memory"], &[("CAPKV_AUTH__TOKEN", "s3cret")]);
+    let port = addr.rsplit(':').next().expect("host:port");
+    assert!(
+        block.contains("port=7070"),
+        "the example connects to port 7070"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("example.py");
+    std::fs::write(&script, block.replace("port=7070", &format!("port={port}"))).unwrap();
+    let out = Command::new("timeout")
+        .args(["120", &python])
+        .arg(&script)
+        .current_dir(repo())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "the README's Python example failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let printed = text(&out.stdout);
+    assert_eq!(printed.lines().collect::<Vec<_>>(), expected);
+}

@@ -10,6 +10,7 @@ use capkv::kv_capnp::gateway;
 use capkv_client::{Client, ClientOptions};
 use capkv_server::{Config, RunningServer};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The repository's root (the server crate lives one level down).
 pub fn repo() -> std::path::PathBuf {
@@ -60,6 +61,87 @@ pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
     let gw: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
     tokio::task::spawn_local(rpc);
     gw
+}
+
+/// Sends `req` the way API v2 clients do, pipelining on the capability in union member 0
+/// of the method's result struct, and returns the response future with that capability.
+/// The reference for "clients built against API v2 keep working" (capkv's own client
+/// pipelines on the `...Cap` fields through the generated Pipeline API since API v3).
+///
+/// capnpc-rust generates no pipeline accessors for union members, yet pipelining on them is
+/// well defined on the wire: every `*Result` struct that returns a capability puts it in
+/// union member 0, which shares pointer slot 0 with `error`, and the result struct is field
+/// 0 of the method's results. If the call failed (the slot holds an `Error`), calls on the
+/// pipelined capability fail with an exception and the response says why.
+pub fn send_v2_pipelined<P, R, C>(
+    req: capnp::capability::Request<P, R>,
+) -> (
+    impl std::future::Future<Output = capnp::Result<capnp::capability::Response<R>>>,
+    C,
+)
+where
+    R: capnp::traits::Owned + capnp::traits::Pipelined,
+    C: capnp::capability::FromClientHook,
+{
+    let capnp::capability::RemotePromise {
+        promise, pipeline, ..
+    } = req.hook.send();
+    let cap = C::new(pipeline.get_pointer_field(0).get_pointer_field(0).as_cap());
+    let response = async move { Ok(capnp::capability::Response::new(promise.await?.hook)) };
+    (response, cap)
+}
+
+/// Forwards bytes from `from` to `to`, each chunk delivered `delay` after it was read,
+/// in order (a delay line, not a per-chunk sleep, so throughput is not throttled).
+async fn delay_line(
+    delay: Duration,
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let at = tokio::time::Instant::now() + delay;
+                if tx.send((at, buf[..n].to_vec())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Starts a delaying proxy to `upstream`; returns its address. Serves any number of
+/// connections until the test's runtime ends.
+pub async fn delaying_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(delay_line(delay, cr, sw));
+            tokio::spawn(delay_line(delay, sr, cw));
+        }
+    });
+    addr
 }
 
 /// Runs a `!Send` async body to its value on a current-thread runtime inside a `LocalSet`.
