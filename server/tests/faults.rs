@@ -255,7 +255,17 @@ fn no_data_capability_yields_admin() {
                     .any(|t| l.contains(t))
         })
         .collect();
-    assert_eq!(mentions, vec!["admin @0 :Admin;"], "{mentions:?}");
+    assert_eq!(
+        mentions,
+        vec!["admin @0 :Admin;", "adminCap @2 :Admin;"],
+        "{mentions:?}"
+    );
+    // Both are fields of AdminResult (in and outside its union), which only
+    // Gateway.admin returns.
+    let start = schema.find("struct AdminResult {").expect("AdminResult");
+    let block = &schema[start..start + schema[start..].find("\n}").expect("its end")];
+    assert!(block.contains("admin @0 :Admin;") && block.contains("adminCap @2 :Admin;"));
+    assert_eq!(schema.matches(":AdminResult").count(), 1);
     assert!(schema
         .contains("admin @3 (ctx :RequestContext, adminToken :Text) -> (result :AdminResult);"));
 }
