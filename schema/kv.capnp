@@ -127,6 +127,13 @@ enum ErrorCode {
   # capabilities the server exported to it, stand-ins included. Release some (drop them)
   # and call again; the connection stays usable. Not retried automatically. At the limit,
   # the result's `...Cap` field is a shared stand-in whose calls answer with this code.
+
+  storageFull @20;
+  # The disk holding the data is (nearly) full: free space fell below the server's
+  # `storage.min_free_bytes`, or storage is open read-only after a restart on a full disk.
+  # The write was refused before it reached storage; nothing was written. Reads and
+  # deletes still work. Not retried automatically: an operator has to free space; try
+  # again after `retryAfterMs` at the earliest.
 }
 
 struct Error {
@@ -288,7 +295,8 @@ struct HealthResult {
       # The server accepts new work (false while starting or draining).
 
       status @2 :Text;
-      # "serving" or "draining".
+      # "serving", "draining", or why writes are refused (e.g. "disk space low: writes are
+      # refused"), when `ready` is false.
     }
     error @3 :Error;
     # Why the call failed (see ErrorCode for the codes it may carry).

@@ -39,7 +39,7 @@ pub const API_VERSION: u32 = 3;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Every error code, in schema order. Used for exhaustive tests and docs.
-pub const ALL_CODES: [ErrorCode; 20] = [
+pub const ALL_CODES: [ErrorCode; 21] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::NotFound,
@@ -60,6 +60,7 @@ pub const ALL_CODES: [ErrorCode; 20] = [
     ErrorCode::IdempotencyKeyReused,
     ErrorCode::NotAnInteger,
     ErrorCode::TooManyCapabilities,
+    ErrorCode::StorageFull,
 ];
 
 /// Stable snake_case name of a code (logs, metric labels, JSON output).
@@ -85,6 +86,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
         ErrorCode::NotAnInteger => "not_an_integer",
         ErrorCode::TooManyCapabilities => "too_many_capabilities",
+        ErrorCode::StorageFull => "storage_full",
     }
 }
 
@@ -369,6 +371,10 @@ mod tests {
         assert_eq!(ErrorCode::IdempotencyKeyReused as u16, 17);
         assert_eq!(ErrorCode::NotAnInteger as u16, 18);
         assert_eq!(ErrorCode::TooManyCapabilities as u16, 19);
+        assert_eq!(ErrorCode::StorageFull as u16, 20);
+        // A full disk needs an operator: clients must not spend their retry budget on it.
+        assert!(!is_retryable(ErrorCode::StorageFull));
+        assert!(!is_retryable(ErrorCode::TooManyCapabilities));
         for (i, c) in ALL_CODES.into_iter().enumerate() {
             assert_eq!(c as usize, i);
         }

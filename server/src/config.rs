@@ -236,6 +236,14 @@ pub struct StorageConfig {
     pub block_cache_bytes: usize,
     /// How often engine statistics are copied into metrics.
     pub stats_interval_ms: u64,
+    /// Below this many free bytes on the data directory's disk, writes are refused with
+    /// `storageFull` (reads, deletes and compaction go on); 0 = no check.
+    pub min_free_bytes: u64,
+    /// A file of this size kept in the data directory and released when space runs low, so
+    /// that compaction, deletes and a restart find room; 0 = none.
+    pub reserve_bytes: u64,
+    /// How often free space is measured (also after every write that failed for space).
+    pub space_check_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,6 +348,9 @@ impl Default for StorageConfig {
             compaction_interval_s: r.compaction_interval_s,
             block_cache_bytes: r.block_cache_bytes,
             stats_interval_ms: 5_000,
+            min_free_bytes: r.space.min_free_bytes,
+            reserve_bytes: r.space.reserve_bytes,
+            space_check_interval_ms: r.space.check_interval.as_millis() as u64,
         }
     }
 }
@@ -516,6 +527,9 @@ impl Config {
         if st.write_queue_depth == 0 || st.write_queue_depth > 1_000_000 {
             return fail("storage.write_queue_depth must be in 1..=1000000");
         }
+        if st.space_check_interval_ms == 0 || st.space_check_interval_ms > 60_000 {
+            return fail("storage.space_check_interval_ms must be in 1..=60000");
+        }
         if self.idempotency.ttl_s == 0 || self.idempotency.ttl_s > 30 * 24 * 3600 {
             return fail("idempotency.ttl_s must be in 1..=2592000 (30 days)");
         }
@@ -588,6 +602,11 @@ impl Config {
             write_queue_depth: st.write_queue_depth,
             compaction_interval_s: st.compaction_interval_s,
             block_cache_bytes: st.block_cache_bytes,
+            space: capkv_store::SpaceOptions {
+                min_free_bytes: st.min_free_bytes,
+                reserve_bytes: st.reserve_bytes,
+                check_interval: std::time::Duration::from_millis(st.space_check_interval_ms),
+            },
         }
     }
 

@@ -1,5 +1,6 @@
 //! The operator HTTP listener (`metrics_listen`): `/metrics` for Prometheus, `/healthz`
-//! (liveness: the process serves) and `/readyz` (readiness: 503 while draining), so that
+//! (liveness: the process serves) and `/readyz` (readiness: 503 while draining or while
+//! the disk is too full to take writes), so that
 //! probes need no RPC client. hyper serves HTTP/1.1; every connection is bounded by a
 //! header-read timeout, and the listener stops with the server.
 
@@ -37,7 +38,15 @@ fn route(path: &str, handle: &PrometheusHandle, shared: &Shared) -> Response<Ful
             "text/plain",
             "draining\n".into(),
         ),
-        "/readyz" => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" => match shared.store.write_refusal() {
+            // Like etcd's NOSPACE alarm: reads are served, but the node cannot do its job.
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}; reads are served\n"),
+            ),
+            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",

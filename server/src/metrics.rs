@@ -34,6 +34,11 @@ pub const STORE_COMMITS: &str = "capkv_store_commits";
 pub const STORE_WRITE_STOPPED: &str = "capkv_store_write_stopped";
 pub const STORE_DELAYED_WRITE_RATE: &str = "capkv_store_delayed_write_rate_bytes_per_second";
 pub const STORE_WRITE_QUEUE: &str = "capkv_store_write_queue_length";
+pub const STORE_FREE_BYTES: &str = "capkv_store_free_bytes";
+pub const STORE_SPACE_LOW: &str = "capkv_store_space_low";
+pub const STORE_READ_ONLY: &str = "capkv_store_read_only";
+pub const STORE_SPACE_REFUSED_WRITES: &str = "capkv_store_space_refused_writes";
+pub const STORE_RESERVE_BYTES: &str = "capkv_store_reserve_bytes";
 
 /// Handles of the series every call touches, made on first use and kept. The macros
 /// (`counter!(NAME, "method" => m)`) build a label vector, hash it and look it up in the
@@ -107,6 +112,18 @@ pub fn record_store_stats(st: &capkv_store::StoreStats) {
     for (name, value) in pairs {
         metrics::gauge!(name).set(value as f64);
     }
+    if let Some(sp) = &st.space {
+        let pairs = [
+            (STORE_FREE_BYTES, sp.free_bytes),
+            (STORE_SPACE_LOW, u64::from(sp.low)),
+            (STORE_READ_ONLY, u64::from(sp.read_only)),
+            (STORE_SPACE_REFUSED_WRITES, sp.refused_writes),
+            (STORE_RESERVE_BYTES, sp.reserve_bytes),
+        ];
+        for (name, value) in pairs {
+            metrics::gauge!(name).set(value as f64);
+        }
+    }
 }
 
 /// Latency buckets from 25 µs to 10 s: a memory get is tens of µs, a synced write is
@@ -172,6 +189,26 @@ pub fn install_recorder(
         "Rate writes are slowed to; 0 when not slowed."
     );
     metrics::describe_gauge!(STORE_WRITE_QUEUE, "Writes waiting for the committer.");
+    metrics::describe_gauge!(
+        STORE_FREE_BYTES,
+        "Free bytes on the data directory's filesystem at the last check."
+    );
+    metrics::describe_gauge!(
+        STORE_SPACE_LOW,
+        "1 while writes are refused for space (below storage.min_free_bytes, or read-only)."
+    );
+    metrics::describe_gauge!(
+        STORE_READ_ONLY,
+        "1 while storage runs read-only after a start on a full disk."
+    );
+    metrics::describe_gauge!(
+        STORE_SPACE_REFUSED_WRITES,
+        "Writes refused for space since the store opened."
+    );
+    metrics::describe_gauge!(
+        STORE_RESERVE_BYTES,
+        "Size of the reserve file (storage.reserve_bytes; 0 once released)."
+    );
     metrics::describe_counter!(
         DEADLINE_EXCEEDED_TOTAL,
         "Calls whose work was stopped at their deadline, by method."

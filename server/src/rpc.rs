@@ -34,6 +34,9 @@ async fn off_worker<T: Send + 'static>(
         .map_err(store_error)
 }
 
+/// Advice to a client whose write was refused for space: freeing it takes an operator.
+const STORAGE_FULL_RETRY_AFTER_MS: u32 = 5_000;
+
 fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::ConditionFailed {
@@ -59,6 +62,14 @@ fn store_error(e: StoreError) -> ApiError {
             tracing::warn!(error = %detail, "store busy");
             ApiError::new(ErrorCode::Overloaded, "storage write queue is full")
                 .with_retry_after_ms(20)
+        }
+        StoreError::StorageFull(detail) => {
+            tracing::warn!(error = %detail, "write refused: storage full");
+            ApiError::new(
+                ErrorCode::StorageFull,
+                "the server's disk is full: writes are refused until space is freed",
+            )
+            .with_retry_after_ms(STORAGE_FULL_RETRY_AFTER_MS)
         }
         StoreError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "store unavailable");
@@ -112,16 +123,21 @@ impl gateway::Server for GatewayImpl {
         let r = self
             .shared
             .serve(&self.conn, Method::Health, p.get_ctx(), |_| async {
-                Ok(!self.shared.is_draining())
+                // As /readyz: not ready while draining or while writes are refused.
+                Ok(if self.shared.is_draining() {
+                    Some("draining".to_string())
+                } else {
+                    self.shared.store.write_refusal()
+                })
             })
             .await;
         let out = results.get().init_result();
         match r {
-            Ok(ready) => {
+            Ok(not_ready) => {
                 let mut ok = out.init_ok();
                 ok.set_live(true);
-                ok.set_ready(ready);
-                ok.set_status(if ready { "serving" } else { "draining" });
+                ok.set_ready(not_ready.is_none());
+                ok.set_status(not_ready.as_deref().unwrap_or("serving"));
             }
             Err(e) => e.write(out.init_error()),
         }

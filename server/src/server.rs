@@ -87,7 +87,8 @@ impl Server {
         let store: Arc<dyn capkv_store::Store> = match config.engine {
             Engine::Memory => Arc::new(capkv_store::MemoryStore::new()),
             // Opening replays the WAL: blocking, but only once, before anything is served.
-            Engine::Rocksdb => Arc::new(capkv_store::RocksStore::open(config.rocks_options())?),
+            // On a disk too full to recover, reads are served read-only until there is room.
+            Engine::Rocksdb => capkv_store::open_or_read_only(config.rocks_options())?,
         };
         let listener =
             TcpListener::bind(config.listen)

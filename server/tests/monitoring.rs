@@ -20,14 +20,6 @@ const ADMIN: &str = "monitoring-admin";
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(90);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -130,11 +122,11 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     let alerts = std::fs::read_to_string(root.join("monitoring/alerts.yml")).expect("alerts");
     let mut exprs = dashboard_exprs(&dashboard);
     let alert_exprs = alert_exprs(&alerts);
-    assert_eq!(alert_exprs.len(), 7, "{alert_exprs:?}");
+    assert_eq!(alert_exprs.len(), 8, "{alert_exprs:?}");
     exprs.extend(alert_exprs.iter().map(|e| without_threshold(e)));
 
     let dir = tempfile::tempdir().unwrap();
-    let metrics_port = free_port();
+    let metrics_port = common::free_port();
     let metrics_listen = format!("127.0.0.1:{metrics_port}");
     let data_dir = dir.path().join("data");
     let data_dir = data_dir.to_string_lossy();
@@ -177,7 +169,7 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     // Its content is checked through Prometheus below; right after start it may be empty.
     assert!(status("/metrics").contains("200"), "{}", status("/metrics"));
 
-    let prom_port = free_port();
+    let prom_port = common::free_port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,

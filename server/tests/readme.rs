@@ -417,7 +417,7 @@ fn admin_block_runs() {
 fn loadgen_block_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (server, addr) = server(&["--engine", "memory"], &[]);
-    let redis_port = free_port();
+    let redis_port = common::free_port();
     let mut redis = common::Proc(
         Command::new("redis-server")
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
@@ -524,13 +524,6 @@ fn inline_commands_run() {
     assert!(mode & 0o111 != 0, "{} is not executable", hook.display());
     let set = ok("git config core.hooksPath", &clone, &envs);
     assert_eq!(set.trim(), ".githooks");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// The README's `python` blocks, each as its lines.

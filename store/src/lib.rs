@@ -24,12 +24,16 @@
 pub mod conformance;
 pub mod memory;
 mod pending;
+mod recovering;
 pub mod rocks;
+pub mod space;
 pub mod write;
 
 pub use memory::MemoryStore;
 pub use pending::Pending;
+pub use recovering::open_or_read_only;
 pub use rocks::{OpenError, RocksOptions, RocksStore};
+pub use space::{SpaceGuard, SpaceOptions};
 pub use write::{IdempotencyKey, IncrementOutcome, WriteOp, WriteOutcome};
 
 /// One stored key.
@@ -137,9 +141,13 @@ pub enum StoreError {
     /// The engine's write queue is full: back off and retry (nothing was written).
     #[error("storage busy: {0}")]
     Busy(String),
-    /// The engine cannot serve right now (closed, out of space...): retry later.
+    /// The engine cannot serve right now (closed, a failing disk...): retry later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The disk is (nearly) full: the write was refused before it reached the engine (or
+    /// failed for space) and nothing was written. Reads and deletes go on.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// The request cannot be done as asked (e.g. a checkpoint into an existing directory,
     /// or on an engine without files); the message is safe to show the caller.
     #[error("{0}")]
@@ -178,6 +186,23 @@ pub struct StoreStats {
     pub write_queue_len: u64,
     /// Writes answered from an idempotency record since open (nothing written again).
     pub idempotent_replays: u64,
+    /// Free-space state, for engines that keep files.
+    pub space: Option<SpaceStats>,
+}
+
+/// The free-space state of an engine's disk (see [`space`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// Bytes free on the data directory's filesystem at the last check.
+    pub free_bytes: u64,
+    /// Writes are refused for space (below the watermark, or open read-only).
+    pub low: bool,
+    /// Opened read-only because the disk was too full to recover.
+    pub read_only: bool,
+    /// Writes refused for space since open.
+    pub refused_writes: u64,
+    /// Size of the reserve file now (0 once released).
+    pub reserve_bytes: u64,
 }
 
 /// The storage contract. Implementations are shared by all server workers, hence
@@ -239,6 +264,11 @@ pub trait Store: Send + Sync {
     /// server signs session tokens with it, so a token outlives a restart exactly as long
     /// as the idempotency records it scopes).
     fn instance_secret(&self) -> [u8; 32];
+    /// Why writes are refused right now (a full disk), or `None` when they are taken.
+    /// Cheap: the server asks on every readiness probe.
+    fn write_refusal(&self) -> Option<String> {
+        None
+    }
     /// Compacts everything now (blocking; run it off the serving threads). Engines without
     /// compaction return at once.
     fn compact(&self) -> Result<(), StoreError> {

@@ -16,6 +16,11 @@
 //! is no read-modify-write race to lock against. A full queue refuses a write at once
 //! ([`StoreError::Busy`]) instead of blocking a server thread.
 //!
+//! Disk space: a [`SpaceGuard`] refuses writes (not deletes) before the disk is full and
+//! keeps a reserve file to release when it is (see [`crate::space`]). When RocksDB cannot
+//! even recover on a full disk, [`open_or_read_only`] serves reads from a read-only
+//! instance and reopens read-write once there is room ([`crate::recovering`]).
+//!
 //! Reads go straight to RocksDB from the caller's thread. `get_many` and `scan` read through
 //! one snapshot, which also supplies the revision they report, so a page and its revision
 //! always match.
@@ -35,6 +40,7 @@ use rocksdb::{
 };
 
 use crate::pending::Completer;
+use crate::space::{SpaceGuard, SpaceOptions};
 use crate::write::{incremented, now_unix_ms, recordable, Record};
 use crate::{
     BatchOutcome, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending, PutOutcome,
@@ -70,6 +76,8 @@ pub struct RocksOptions {
     pub compaction_interval_s: u64,
     /// Shared block cache for reads.
     pub block_cache_bytes: usize,
+    /// Free-space watermark, reserve file and how often space is measured.
+    pub space: SpaceOptions,
 }
 
 impl RocksOptions {
@@ -82,6 +90,7 @@ impl RocksOptions {
             write_queue_depth: 16_384,
             compaction_interval_s: 6 * 3600,
             block_cache_bytes: 256 << 20,
+            space: SpaceOptions::default(),
         }
     }
 
@@ -101,6 +110,11 @@ impl RocksOptions {
                 "write_queue_depth must be in 1..=1000000".into(),
             ));
         }
+        if self.space.check_interval.is_zero() {
+            return Err(OpenError::Options(
+                "the free-space check interval must be > 0".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -114,6 +128,8 @@ pub enum OpenError {
     Corrupt { path: String, detail: String },
     #[error("cannot open data directory {path}: {detail}")]
     Io { path: String, detail: String },
+    #[error("the disk holding {path} is full ({detail}); free space on it")]
+    NoSpace { path: String, detail: String },
     #[error(
         "data directory {path} holds storage format {found}; this build reads format {expected}"
     )]
@@ -140,6 +156,9 @@ impl OpenError {
         if detail.starts_with("Corruption") {
             return OpenError::Corrupt { path, detail };
         }
+        if is_no_space(&detail) {
+            return OpenError::NoSpace { path, detail };
+        }
         OpenError::Io { path, detail }
     }
 }
@@ -161,6 +180,12 @@ struct Counters {
 pub struct RocksStore {
     db: Arc<DB>,
     counters: Arc<Counters>,
+    space: Arc<SpaceGuard>,
+    /// Opened read-only (the disk was too full to recover): every write is refused.
+    read_only: bool,
+    /// Dropping it stops the free-space checks.
+    stop_space: Option<mpsc::Sender<()>>,
+    space_checker: Option<JoinHandle<()>>,
     /// `None` only while dropping.
     writes: Option<SyncSender<Op>>,
     committer: Option<JoinHandle<()>>,
@@ -219,6 +244,9 @@ impl RocksStore {
             path: shown.clone(),
             detail: e.to_string(),
         })?;
+        // Measured before RocksDB opens: on a low disk the reserve goes first, so that
+        // recovery finds room.
+        let space = Arc::new(SpaceGuard::new(&path, opts.space.clone()));
 
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
@@ -299,6 +327,7 @@ impl RocksStore {
             sync: opts.sync,
             max_writes: opts.group_commit_max_writes,
             max_wait: Duration::from_micros(opts.group_commit_max_wait_us),
+            space: Arc::clone(&space),
         };
         let committer = std::thread::Builder::new()
             .name("capkv-committer".into())
@@ -306,32 +335,30 @@ impl RocksStore {
             .map_err(OpenError::Thread)?;
 
         let (stop_compactor, compactor) = if opts.compaction_interval_s > 0 {
-            let (stop, stopped) = mpsc::channel::<()>();
             let db = Arc::clone(&db);
             let every = Duration::from_secs(opts.compaction_interval_s);
-            let handle = std::thread::Builder::new()
-                .name("capkv-compactor".into())
-                .spawn(move || {
-                    // Any message or a dropped sender stops the loop.
-                    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                        let started = Instant::now();
-                        compact_all(&db);
-                        tracing::info!(
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "scheduled compaction done"
-                        );
-                    }
-                })
-                .map_err(OpenError::Thread)?;
+            let (stop, handle) = periodic("capkv-compactor", every, move || {
+                let started = Instant::now();
+                compact_all(&db);
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "scheduled compaction done"
+                );
+            })?;
             (Some(stop), Some(handle))
         } else {
             (None, None)
         };
+        let (stop_space, space_checker) = space_checks(&space)?;
 
         tracing::info!(path = %shown, revision, sync = opts.sync, "rocksdb opened");
         Ok(Self {
             db,
             counters,
+            space,
+            read_only: false,
+            stop_space: Some(stop_space),
+            space_checker: Some(space_checker),
             writes: Some(tx),
             committer: Some(committer),
             stop_compactor,
@@ -346,7 +373,77 @@ impl RocksStore {
         cf(&self.db, name)
     }
 
+    /// Opens the database at `opts.path` read-only: for a disk too full for RocksDB to
+    /// recover read-write. Reads work; every write is refused with `StorageFull`.
+    pub fn open_read_only(opts: &RocksOptions) -> Result<Self, OpenError> {
+        let path = opts.path.clone();
+        let shown = path.display().to_string();
+        let space = Arc::new(SpaceGuard::new(&path, opts.space.clone()));
+        let db = DB::open_cf_for_read_only(
+            &Options::default(),
+            &path,
+            [CF_DATA, CF_META, CF_IDEMPOTENCY],
+            false,
+        )
+        .map_err(|e| OpenError::from_rocks(&path, e))?;
+        let corrupt = |detail: String| OpenError::Corrupt {
+            path: shown.clone(),
+            detail,
+        };
+        let meta = db
+            .cf_handle(CF_META)
+            .ok_or_else(|| corrupt("column family `meta` missing".into()))?;
+        match read_u64(&db, meta, KEY_FORMAT).map_err(corrupt)? {
+            Some(FORMAT_VERSION) => {}
+            found => {
+                return Err(OpenError::Format {
+                    path: shown,
+                    found: found.unwrap_or(0),
+                    expected: FORMAT_VERSION,
+                })
+            }
+        }
+        let revision = read_u64(&db, meta, KEY_REVISION)
+            .map_err(corrupt)?
+            .unwrap_or(0);
+        let secret = match db.get_pinned_cf(meta, KEY_SECRET) {
+            Ok(Some(v)) => <[u8; 32]>::try_from(&v[..])
+                .map_err(|_| corrupt("instance secret is not 32 bytes".into()))?,
+            Ok(None) => return Err(corrupt("instance secret missing".into())),
+            Err(e) => return Err(OpenError::from_rocks(&path, e)),
+        };
+        let counters = Arc::new(Counters::default());
+        counters.revision.store(revision, Ordering::Release);
+        tracing::warn!(path = %shown, revision, "rocksdb opened read-only");
+        Ok(Self {
+            db: Arc::new(db),
+            counters,
+            space,
+            read_only: true,
+            // The caller (`open_or_read_only`) checks space while it waits for room.
+            stop_space: None,
+            space_checker: None,
+            writes: None,
+            committer: None,
+            stop_compactor: None,
+            compactor: None,
+            sync: opts.sync,
+            path,
+            secret,
+        })
+    }
+
+    /// The free-space state of this store's disk.
+    pub fn space(&self) -> &Arc<SpaceGuard> {
+        &self.space
+    }
+
     fn submit(&self, make: impl FnOnce(Completer<WriteOutcome>) -> Op) -> Pending<WriteOutcome> {
+        if self.read_only {
+            return Pending::ready(Err(StoreError::StorageFull(
+                "the disk is full: storage is open read-only until there is room".into(),
+            )));
+        }
         let Some(tx) = &self.writes else {
             return Pending::ready(Err(StoreError::Unavailable("storage is closed".into())));
         };
@@ -398,6 +495,31 @@ impl RocksStore {
     }
 }
 
+/// A thread named `name` that runs `f` every `every` until the returned sender is dropped.
+fn periodic(
+    name: &str,
+    every: Duration,
+    mut f: impl FnMut() + Send + 'static,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>), OpenError> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // Any message or a dropped sender stops the loop.
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                f();
+            }
+        })
+        .map_err(OpenError::Thread)?;
+    Ok((stop, handle))
+}
+
+/// The thread that measures free space every `check_interval`.
+fn space_checks(space: &Arc<SpaceGuard>) -> Result<(mpsc::Sender<()>, JoinHandle<()>), OpenError> {
+    let space = Arc::clone(space);
+    periodic("capkv-space", space.check_interval(), move || space.check())
+}
+
 fn compact_all(db: &DB) {
     for name in [CF_DATA, CF_META, CF_IDEMPOTENCY] {
         if let Some(cf) = db.cf_handle(name) {
@@ -408,6 +530,12 @@ fn compact_all(db: &DB) {
 
 impl Drop for RocksStore {
     fn drop(&mut self) {
+        self.stop_space = None;
+        if let Some(h) = self.space_checker.take() {
+            if h.join().is_err() {
+                tracing::error!("the free-space thread panicked");
+            }
+        }
         // Closing the queue lets the committer commit what is queued, then stop.
         self.writes = None;
         if let Some(h) = self.committer.take() {
@@ -421,7 +549,7 @@ impl Drop for RocksStore {
                 tracing::error!("the storage compaction thread panicked");
             }
         }
-        if !self.sync {
+        if !self.sync && !self.read_only {
             if let Err(e) = self.db.flush_wal(true) {
                 tracing::error!(error = %e, "syncing the WAL at close failed");
             }
@@ -475,6 +603,12 @@ impl Store for RocksStore {
     }
 
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        // Deletes free space (after compaction): they go on when space is low.
+        if !matches!(op, WriteOp::Delete { .. }) {
+            if let Err(e) = self.space.admit_write() {
+                return Pending::ready(Err(e));
+            }
+        }
         self.submit(|done| Op {
             write: op,
             idem,
@@ -573,6 +707,13 @@ impl Store for RocksStore {
             delayed_write_rate: int("rocksdb.actual-delayed-write-rate"),
             write_queue_len: c.queued.load(Ordering::Relaxed),
             idempotent_replays: c.replays.load(Ordering::Relaxed),
+            space: Some(crate::SpaceStats {
+                free_bytes: self.space.free_bytes(),
+                low: self.space.is_low() || self.read_only,
+                read_only: self.read_only,
+                refused_writes: self.space.refused(),
+                reserve_bytes: self.space.reserve_held_bytes(),
+            }),
         }
     }
 
@@ -600,6 +741,16 @@ impl Store for RocksStore {
 
     fn instance_secret(&self) -> [u8; 32] {
         self.secret
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        if self.read_only {
+            Some("disk full: storage is open read-only, writes are refused".into())
+        } else if self.space.is_low() {
+            Some("disk space low: writes are refused".into())
+        } else {
+            None
+        }
     }
 }
 
@@ -629,6 +780,8 @@ struct Committer {
     sync: bool,
     max_writes: usize,
     max_wait: Duration,
+    /// Told when a commit fails for space.
+    space: Arc<SpaceGuard>,
 }
 
 /// One commit group being decided: its batch, and what the writes decided so far changed,
@@ -857,7 +1010,9 @@ impl Committer {
                 }
                 let mut wo = WriteOptions::default();
                 wo.set_sync(self.sync);
-                self.db.write_opt(g.batch, &wo).map_err(write_error)
+                self.db
+                    .write_opt(g.batch, &wo)
+                    .map_err(|e| write_error(e, &self.space))
             });
             match written {
                 Ok(()) => {
@@ -882,12 +1037,17 @@ impl Committer {
     }
 }
 
-fn write_error(e: rocksdb::Error) -> StoreError {
+fn is_no_space(detail: &str) -> bool {
+    detail.contains("No space") || detail.contains("NoSpace")
+}
+
+fn write_error(e: rocksdb::Error, space: &SpaceGuard) -> StoreError {
     tracing::error!(error = %e, "rocksdb commit failed; the group's writes are refused");
     let io = e.kind() == ErrorKind::IOError;
     let detail = e.into_string();
-    if detail.contains("No space") || detail.contains("NoSpace") {
-        StoreError::Unavailable(format!("disk full: {detail}"))
+    if is_no_space(&detail) {
+        space.write_failed_for_space();
+        StoreError::StorageFull(format!("disk full: {detail}"))
     } else if io {
         // The disk, not our data, failed: another attempt (here after repair, or elsewhere)
         // may succeed.

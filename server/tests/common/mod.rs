@@ -144,6 +144,16 @@ pub async fn delaying_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr
     addr
 }
 
+/// A port free a moment ago on 127.0.0.1, for listeners that take a fixed address (the
+/// metrics listener, Prometheus).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs a `!Send` async body to its value on a current-thread runtime inside a `LocalSet`.
 pub fn local_result<T, F: std::future::Future<Output = T>>(f: F) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()

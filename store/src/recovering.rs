@@ -1,0 +1,144 @@
+//! Starting on a full disk: serve reads at once, take writes once there is room.
+//!
+//! RocksDB's recovery writes (it flushes the WAL into a new table file at open), so on a
+//! disk with no room left it cannot open read-write at all, and a restarted server had no
+//! service, not even reads. [`open_or_read_only`] opens read-write when it can (the space
+//! guard has released the reserve file first, which is usually enough); when RocksDB
+//! still reports no space, it opens the same data read-only and serves reads from it,
+//! while a thread measures free space and, once there is room, opens read-write and swaps
+//! the new instance in. Calls in flight on the read-only instance finish on it; from the
+//! swap on every call goes to the read-write one.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+
+use crate::rocks::{OpenError, RocksOptions, RocksStore};
+use crate::{
+    Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp,
+    WriteOutcome,
+};
+
+/// The RocksDB engine at `opts.path`: read-write, or read-only until a full disk has room
+/// again (see the module docs). Every other open failure is returned.
+pub fn open_or_read_only(opts: RocksOptions) -> Result<Arc<dyn Store>, OpenError> {
+    match RocksStore::open(opts.clone()) {
+        Ok(store) => Ok(Arc::new(store)),
+        Err(OpenError::NoSpace { path, detail }) => {
+            let read_only = RocksStore::open_read_only(&opts)?;
+            tracing::error!(
+                path = %path, error = %detail,
+                "disk full: rocksdb cannot recover read-write; serving reads read-only, writes refused until there is room"
+            );
+            Ok(Arc::new(Recovering::start(read_only, opts)?))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A store that is read-only until its reopen thread swaps a read-write one in.
+struct Recovering {
+    current: Arc<ArcSwap<RocksStore>>,
+    /// Dropping it stops the reopen thread.
+    stop: Option<mpsc::Sender<()>>,
+    reopener: Option<JoinHandle<()>>,
+}
+
+impl Recovering {
+    fn start(read_only: RocksStore, opts: RocksOptions) -> Result<Self, OpenError> {
+        let current = Arc::new(ArcSwap::from_pointee(read_only));
+        let (stop, stopped) = mpsc::channel::<()>();
+        let swap_into = Arc::clone(&current);
+        let every = opts.space.check_interval;
+        let reopener = std::thread::Builder::new()
+            .name("capkv-reopen".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(every) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                let space = Arc::clone(swap_into.load().space());
+                space.check();
+                if space.is_low() {
+                    continue;
+                }
+                match RocksStore::open(opts.clone()) {
+                    Ok(rw) => {
+                        swap_into.store(Arc::new(rw));
+                        tracing::info!(
+                            "disk space back: rocksdb reopened read-write; writes resume"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rocksdb cannot reopen read-write yet");
+                    }
+                }
+            })
+            .map_err(OpenError::Thread)?;
+        Ok(Self {
+            current,
+            stop: Some(stop),
+            reopener: Some(reopener),
+        })
+    }
+}
+
+impl Drop for Recovering {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(h) = self.reopener.take() {
+            if h.join().is_err() {
+                tracing::error!("the storage reopen thread panicked");
+            }
+        }
+    }
+}
+
+impl Store for Recovering {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        self.current.load().get(key)
+    }
+
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        self.current.load().write(op, idem)
+    }
+
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
+        self.current.load().scan(req)
+    }
+
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        self.current.load().get_many(keys)
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.current.load().revision()
+    }
+
+    fn engine_name(&self) -> &'static str {
+        self.current.load().engine_name()
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.current.load().stats()
+    }
+
+    fn instance_secret(&self) -> [u8; 32] {
+        self.current.load().instance_secret()
+    }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        self.current.load().compact()
+    }
+
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StoreError> {
+        self.current.load().checkpoint(dir)
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        self.current.load().write_refusal()
+    }
+}
