@@ -126,6 +126,14 @@ impl ReplyBacklog {
         self.budget.unsent.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// The connection has ended: its unsent bytes leave the server-wide count now, not
+    /// when the last holder (a writer still draining) lets go. Idempotent.
+    pub fn close(&self) {
+        let unsent = self.unsent.replace(0);
+        self.budget.unsent.fetch_sub(unsent, Ordering::Relaxed);
+        self.resume();
+    }
+
     /// The writer sent `bytes` to the socket.
     pub fn written(&self, bytes: usize) {
         let n = bytes.min(self.unsent.get());
@@ -210,10 +218,7 @@ impl ReplyBacklog {
 impl Drop for ReplyBacklog {
     fn drop(&mut self) {
         // The connection is gone, and its queued replies with it.
-        self.budget
-            .unsent
-            .fetch_sub(self.unsent.get(), Ordering::Relaxed);
-        self.resume();
+        self.close();
     }
 }
 
@@ -257,8 +262,11 @@ mod tests {
         assert!(idle.poll_room(&mut cx()).is_ready());
         idle.queued(10);
         assert!(idle.poll_room(&mut cx()).is_pending());
-        drop(hog); // a closed connection gives its bytes back
+        hog.close(); // a closed connection gives its bytes back, once
+        hog.close();
+        hog.written(100);
         assert_eq!(budget.unsent_bytes(), 10);
+        assert_eq!(budget.paused_connections(), 1, "only `idle` is paused now");
         assert!(idle.poll_room(&mut cx()).is_ready());
     }
 

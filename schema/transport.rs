@@ -82,6 +82,7 @@ struct State<W> {
 /// An `AsyncWrite` whose `flush` coalesces (see the module docs).
 pub struct CoalescingWriter<W> {
     state: Rc<RefCell<State<W>>>,
+    flusher: tokio::task::AbortHandle,
 }
 
 impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
@@ -107,10 +108,18 @@ impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
         // One long-lived task per connection, woken (not spawned) per flush: a wake puts
         // it at the back of the run queue, behind the tasks already ready in this tick.
         let task_state = Rc::clone(&state);
-        tokio::task::spawn_local(futures::future::poll_fn(move |cx| {
+        let flusher = tokio::task::spawn_local(futures::future::poll_fn(move |cx| {
             flusher_poll(&mut task_state.borrow_mut(), cx)
-        }));
-        Self { state }
+        }))
+        .abort_handle();
+        Self { state, flusher }
+    }
+
+    /// Stops the flusher task, dropping what it has not written and the socket's write
+    /// half. A dropped writer otherwise drains its buffer first, which never ends for a
+    /// peer that does not read.
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.flusher.clone()
     }
 }
 

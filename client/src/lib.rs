@@ -749,7 +749,7 @@ fn connection_thread(
                     Ok(c) => {
                         // Continue the same write session, so that the idempotency keys
                         // of writes retried across the reconnect keep their meaning.
-                        if let Some(token) = conn.session_token() {
+                        if let Some(token) = conn.token_to_resume() {
                             c.resume_with(token);
                         }
                         tracing::info!(%addr, "reconnected");

@@ -576,7 +576,7 @@ impl LocalClient {
         let (session, outcome) = self.session(meta);
         if spec.idempotency_key.is_some() && self.session_token.borrow().is_none() {
             if let Err(e) = outcome.clone().await {
-                self.forget_session(&e);
+                self.forget_session(&outcome, &e);
                 return Err(e);
             }
         }
@@ -656,26 +656,47 @@ impl LocalClient {
         let Err(e) = r else { return r };
         match origin_failure(origin).await {
             Some(origin_err) => {
-                self.forget_session(&origin_err);
+                self.forget_session(origin, &origin_err);
                 Err(origin_err)
             }
             None => Err(e),
         }
     }
 
-    /// Drops a session whose creation failed, so that the next write asks again. A
+    /// Drops the cached session if `failed` is the outcome of the call that made it (not
+    /// an `open`, an `admin` or an older session's), so that the next write asks again. A
     /// `resumeSession` refused for a passing reason (overloaded, unavailable) is asked
     /// again with the same token: starting a fresh session instead would end the meaning
     /// of the idempotency keys of writes being retried.
-    fn forget_session(&self, why: &ApiError) {
-        let Some(cached) = self.session.borrow_mut().take() else {
+    fn forget_session(&self, failed: &SharedOutcome, why: &ApiError) {
+        let mut cached = self.session.borrow_mut();
+        if !cached.as_ref().is_some_and(|c| c.outcome.ptr_eq(failed)) {
             return;
-        };
+        }
+        let Some(cached) = cached.take() else { return };
         if let Some(token) = cached.resumed {
             if capkv::is_retryable(why.code) && self.session_token.borrow().is_none() {
                 *self.resume.borrow_mut() = Some(token);
             }
         }
+    }
+
+    /// The session a new connection should resume to continue this one's: the token the
+    /// server issued, else one this connection was still resuming (its `resumeSession` had
+    /// not answered, or was refused for a passing reason).
+    pub fn token_to_resume(&self) -> Option<Vec<u8>> {
+        if let Some(t) = self.session_token.borrow().clone() {
+            return Some(t);
+        }
+        if let Some(t) = self
+            .session
+            .borrow()
+            .as_ref()
+            .and_then(|c| c.resumed.clone())
+        {
+            return Some(t);
+        }
+        self.resume.borrow().clone()
     }
 }
 

@@ -436,9 +436,12 @@ where
         Rc::clone(&breach),
     )
     .with_backlog(Rc::clone(&conn.backlog));
+    let writer =
+        capkv::transport::CoalescingWriter::with_backlog(writer, Some(Rc::clone(&conn.backlog)));
+    let stop_writer = writer.abort_handle();
     let network = twoparty::VatNetwork::new(
         reader,
-        capkv::transport::CoalescingWriter::with_backlog(writer, Some(Rc::clone(&conn.backlog))),
+        writer,
         rpc_twoparty_capnp::Side::Server,
         tunables.limits.request_reader_options(),
     );
@@ -448,6 +451,7 @@ where
     live.borrow_mut().insert(id, rpc.get_disconnector());
     tokio::task::spawn_local(async move {
         tracing::debug!(conn = id, %peer, worker, "connection opened");
+        let mut slow_reader = false;
         tokio::select! {
             r = rpc => if let Err(e) = r {
                 // Peers hanging up is normal; a protocol error is worth a line.
@@ -462,6 +466,7 @@ where
             // Dropping the RpcSystem also drops the replies queued for a peer that does
             // not read them: their memory comes back.
             () = conn.backlog.stalled(|| shared.tunables().slow_reader_timeout) => {
+                slow_reader = true;
                 metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "slow_reader").increment(1);
                 tracing::warn!(
                     conn = id, %peer,
@@ -474,6 +479,18 @@ where
         if let Some(b) = breach.get() {
             metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => b.label()).increment(1);
             tracing::warn!(conn = id, %peer, reason = b.label(), "connection closed: hostile or broken message");
+        }
+        // The writer may still be draining what the RPC system left it. A slow reader's is
+        // dropped at once (it would never drain); any other gets a bounded grace period,
+        // so that no socket outlives its connection slot for long.
+        conn.backlog.close();
+        if slow_reader {
+            stop_writer.abort();
+        } else {
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(WRITER_DRAIN_GRACE).await;
+                stop_writer.abort();
+            });
         }
         live.borrow_mut().remove(&id);
         drop(open_guard);
@@ -498,6 +515,9 @@ async fn idle_expired(shared: &Shared, conn: &Conn) {
         tokio::time::sleep(wait).await;
     }
 }
+
+/// How long a closed connection's writer may keep draining its last bytes to the peer.
+const WRITER_DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// After the drain timeout, how long abandoned calls get to send their replies.
 const ABANDON_GRACE: Duration = Duration::from_millis(200);

@@ -30,10 +30,15 @@ struct Server {
     proc: Proc,
     addr: String,
     logs: std::sync::mpsc::Receiver<String>,
+    metrics_port: u16,
 }
 
 impl Server {
     fn start(envs: &[(&str, &str)]) -> Self {
+        let metrics_port = free_port();
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let mut envs = envs.to_vec();
+        envs.push(("CAPKV_STORAGE__STATS_INTERVAL_MS", "100"));
         let (proc, addr, logs) = spawn_kv_server(
             BIN,
             &[
@@ -45,10 +50,45 @@ impl Server {
                 "2",
                 "--log-level",
                 "warn,capkv_server=info",
+                "--metrics-listen",
+                &metrics,
             ],
-            envs,
+            &envs,
         );
-        Server { proc, addr, logs }
+        Server {
+            proc,
+            addr,
+            logs,
+            metrics_port,
+        }
+    }
+
+    /// Open file descriptors of the server process (its sockets among them).
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.proc.id())).map_or(0, |d| d.count())
+    }
+
+    /// Waits (bounded) until the server's metrics show `line` (a sample, e.g.
+    /// `capkv_unsent_reply_bytes 0`).
+    fn await_metric(&self, line: &str) {
+        use std::io::{Read, Write};
+        let until = Instant::now() + PATIENCE;
+        loop {
+            let mut body = String::new();
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+                let _ = s.read_to_string(&mut body);
+            }
+            if body.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "metrics never showed `{line}`:\n{body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Resident set now (`VmRSS`) or at its peak so far (`VmHWM`), bytes.
@@ -167,6 +207,7 @@ fn unread_replies_stay_bounded(attackers: usize, bound_bytes: u64, envs: &[(&str
     let server = Server::start(envs);
     seed_big(&server.addr);
     let before = server.status_bytes("VmRSS:");
+    let fds_before = server.open_fds();
     let stop = Arc::new(AtomicBool::new(false));
     let canary = canary(server.addr.clone(), Arc::clone(&stop));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -175,6 +216,20 @@ fn unread_replies_stay_bounded(attackers: usize, bound_bytes: u64, envs: &[(&str
         .map(|_| attacker(proxy.clone(), 2_000, Arc::clone(&stop)))
         .collect();
     server.await_log_lines("slow reader", attackers.len());
+    // Closing them gave everything back, while their peers still hold their sockets open
+    // without reading: their unsent bytes, their pauses, their sockets (a writer still
+    // trying to drain to such a peer would keep all three).
+    server.await_metric("capkv_unsent_reply_bytes 0");
+    server.await_metric("capkv_connections_paused 0");
+    let until = Instant::now() + PATIENCE;
+    while server.open_fds() > fds_before + 2 {
+        assert!(
+            Instant::now() < until,
+            "{} fds open after the slow readers were closed, {fds_before} before",
+            server.open_fds()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, Ordering::Release);
     let (served, failed) = canary.join().unwrap();
     for a in attackers {

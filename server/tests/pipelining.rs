@@ -325,5 +325,12 @@ fn client_library_reports_refusals_from_stand_ins() {
         c.put(b"k", b"v")
             .await
             .expect("the next write opens a new session");
+
+        // A refused admin call is not the session's failure: the session stays.
+        let token = c.session_token().await.unwrap().expect("a session");
+        let refused = c.show_faults("wrong-admin-token").await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Unauthenticated);
+        c.put(b"k", b"w").await.unwrap();
+        assert_eq!(c.session_token().await.unwrap(), Some(token));
     });
 }

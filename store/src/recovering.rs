@@ -74,6 +74,11 @@ impl Recovering {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "rocksdb cannot reopen read-write yet");
+                        if matches!(e, OpenError::NoSpace { .. }) {
+                            // Recovery needs more than the watermark: give it the reserve
+                            // back and wait for more room.
+                            space.write_failed_for_space();
+                        }
                     }
                 }
             })

@@ -191,18 +191,18 @@ impl SpaceGuard {
             } else if self.reserve_held_bytes() < self.opts.reserve_bytes
                 && free >= min.saturating_add(self.opts.reserve_bytes)
             {
-                // At start, or after someone removed it.
+                // Someone removed it.
                 self.restore_reserve();
             }
             return;
         }
-        // Low: resume once the reserve fits back with the watermark still met.
+        // Low: resume once the reserve is back with the watermark still met. Without the
+        // reserve there would be nothing to release the next time the disk fills.
         let missing = self
             .opts
             .reserve_bytes
             .saturating_sub(self.reserve_held_bytes());
-        if free >= min.saturating_add(missing) {
-            self.restore_reserve();
+        if free >= min.saturating_add(missing) && self.restore_reserve() {
             let free = free_bytes(&self.dir).unwrap_or(free);
             self.free.store(free, Ordering::Relaxed);
             self.low.store(false, Ordering::Release);
@@ -228,11 +228,12 @@ impl SpaceGuard {
         }
     }
 
-    /// Writes the reserve file (allocated blocks, not a sparse file); on failure removes
-    /// what was written, so a half reserve never holds space the engine needs.
-    fn restore_reserve(&self) {
-        if self.opts.reserve_bytes == 0 {
-            return;
+    /// The reserve at full size: written now (allocated blocks, not a sparse file) unless
+    /// it already is. On failure removes what was written, so that a half reserve never
+    /// holds space the engine needs, and returns false.
+    fn restore_reserve(&self) -> bool {
+        if self.reserve_held_bytes() >= self.opts.reserve_bytes {
+            return true;
         }
         let path = self.reserve_path();
         let tmp = self.dir.join(format!("{RESERVE_FILE}.tmp"));
@@ -248,9 +249,13 @@ impl SpaceGuard {
             f.sync_all()?;
             std::fs::rename(&tmp, &path)
         })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            tracing::warn!(file = %path.display(), error = %e, "cannot write the reserve file");
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the reserve file");
+                false
+            }
         }
     }
 }
