@@ -34,7 +34,7 @@ use capkv::{ApiError, ErrorCode};
 use futures::channel::oneshot;
 use tokio::time::Instant;
 
-use crate::local::{get_one, origin_failure, wire_get_many, within, SharedOutcome};
+use crate::wire::{get_one, origin_failure, wire_get_many, within, SharedOutcome};
 use crate::{ClientOptions, Entry};
 
 type Reply = Result<Option<Entry>, ApiError>;

@@ -518,7 +518,7 @@ fn cli_tls(cli: &Cli) -> Result<Option<crate::ClientTls>, capkv::ApiError> {
     let (Some(ca), Some(cert), Some(key)) = (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) else {
         return Ok(None);
     };
-    let files = capkv::tls::TlsFiles {
+    let files = capkv_rpc::tls::TlsFiles {
         ca: ca.clone(),
         cert: cert.clone(),
         key: key.clone(),

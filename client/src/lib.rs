@@ -15,18 +15,23 @@
 //! - [`retry`]: the retry policy (which failures, backoff with jitter, `retryAfterMs`, a
 //!   shared retry budget) applied by [`Client`] to every call, within the call's deadline.
 //!   A lost connection is re-established on the next call.
-//! - [`cli`] and [`shell`]: the `kv-client` command line and interactive shell;
-//!   [`output`]: human and JSON rendering.
+//! - `cli` and `shell`: the `kv-client` command line and interactive shell; `output`:
+//!   human and JSON rendering. Behind the default feature `cli`, so that a program that
+//!   links only the library (kv-loadgen) pulls in no terminal dependencies.
 //!
 //! Errors are [`ApiError`]s with the contract's stable codes; a broken connection is
 //! `unavailable`, a request the server could not decode for size is `requestTooLarge`.
 
 pub mod batch;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod local;
+#[cfg(feature = "cli")]
 pub mod output;
 pub mod retry;
+#[cfg(feature = "cli")]
 pub mod shell;
+mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,8 +49,9 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 pub use capkv::{code_name, ApiError as Error, ErrorCode as Code};
-pub use local::{CallSpec, LocalClient};
+pub use local::LocalClient;
 pub use retry::{RetryBudget, RetryPolicy};
+pub use wire::CallSpec;
 
 use retry::{Attempt, Safety};
 
@@ -91,11 +97,11 @@ impl ClientTls {
     /// From PEM files; `server_name` is what the server's certificate must name (a DNS
     /// name or an IP address).
     pub fn from_files(
-        files: &capkv::tls::TlsFiles,
+        files: &capkv_rpc::tls::TlsFiles,
         server_name: &str,
-    ) -> Result<ClientTls, capkv::tls::TlsError> {
+    ) -> Result<ClientTls, capkv_rpc::tls::TlsError> {
         Ok(ClientTls {
-            config: capkv::tls::client_config(files)?,
+            config: capkv_rpc::tls::client_config(files)?,
             server_name: server_name.to_string(),
         })
     }
@@ -506,7 +512,7 @@ impl Client {
             )
         };
         match tokio::time::timeout_at(spec.deadline, self.jobs.send(job)).await {
-            Err(_) => return Attempt::Done(Err(local::deadline_exceeded())),
+            Err(_) => return Attempt::Done(Err(wire::deadline_exceeded())),
             Ok(Err(_)) => return Attempt::Done(Err(stopped())),
             Ok(Ok(())) => {}
         }
@@ -517,7 +523,7 @@ impl Client {
                 ErrorCode::Unavailable,
                 "not connected to the server",
             )),
-            Err(_) => Attempt::Done(Err(local::deadline_exceeded())),
+            Err(_) => Attempt::Done(Err(wire::deadline_exceeded())),
         }
     }
 

@@ -5,7 +5,7 @@
 //! frame checks, only capnp-rpc's `RpcSystem` over capkv's transport (buffered reads,
 //! coalesced writes) on one current-thread runtime, as a kv-server worker has. Driven by
 //! kv-loadgen, it measures what capnp-rpc itself lets one core do per call on this
-//! machine: the ceiling of any server built the way DESIGN.md asks, and the anchor that
+//! machine: the ceiling of any server built on capnp-rpc's `RpcSystem`, and the anchor that
 //! tells capkv's own costs from the runtime's (bench/run.sh runs it beside the TCP floor).
 //!
 //! Only `Gateway.open` (any token), `KvStore.get` and `KvStore.getMany` are served;
@@ -109,7 +109,7 @@ pub fn serve(
             if let Err(e) = stream.set_nodelay(true) {
                 eprintln!("rpc-floor: set_nodelay failed: {e}");
             }
-            let network = capkv::transport::vat_network(
+            let network = capkv_rpc::transport::vat_network(
                 stream,
                 rpc_twoparty_capnp::Side::Server,
                 capkv::Limits::default().request_reader_options(),

@@ -41,15 +41,14 @@ use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use capkv::kv_capnp::request_context;
-use capkv::{code_name, ApiError, CallMeta, ErrorCode, Limits};
-use capkv_chaos::{Chaos, FaultPlan};
+use capkv::{code_name, ApiError, CallMeta, ErrorCode};
+use capkv_chaos::Chaos;
 use capkv_store::Store;
 use capkv_telemetry::TraceParent;
 use sha2::Digest;
@@ -59,280 +58,15 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use crate::auth::Auth;
 use crate::config::Config;
+use crate::method::{parse_fault_plan, Method};
 use crate::metrics as m;
+use crate::tunables::{ReloadState, TokenBucket, Tunables};
 
 /// Advice sent with `overloaded`: long enough for a burst to pass, short enough not to idle.
 const OVERLOADED_RETRY_AFTER_MS: u32 = 20;
 /// Advice sent with `unavailable` while draining: a restart or failover takes about this.
 const DRAINING_RETRY_AFTER_MS: u32 = 1_000;
-
-/// The RPC methods, as the chain and the logs name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Health,
-    Version,
-    Open,
-    Get,
-    Scan,
-    Session,
-    Put,
-    Delete,
-    GetMany,
-    PutMany,
-    Increment,
-    ResumeSession,
-    Admin,
-    SetFaults,
-    ShowFaults,
-    ClearFaults,
-    Compact,
-    ReloadConfig,
-    Checkpoint,
-}
-
-impl Method {
-    pub const ALL: [Method; 19] = [
-        Method::Health,
-        Method::Version,
-        Method::Open,
-        Method::Get,
-        Method::Scan,
-        Method::Session,
-        Method::Put,
-        Method::Delete,
-        Method::GetMany,
-        Method::PutMany,
-        Method::Increment,
-        Method::ResumeSession,
-        Method::Admin,
-        Method::SetFaults,
-        Method::ShowFaults,
-        Method::ClearFaults,
-        Method::Compact,
-        Method::ReloadConfig,
-        Method::Checkpoint,
-    ];
-
-    pub fn from_name(name: &str) -> Option<Method> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    pub fn names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|m| m.name()).collect()
-    }
-
-    /// Data methods, the ones a fault plan may touch.
-    pub fn faultable(self) -> bool {
-        matches!(
-            self,
-            Method::Open
-                | Method::Get
-                | Method::Scan
-                | Method::Session
-                | Method::Put
-                | Method::Delete
-                | Method::GetMany
-                | Method::PutMany
-                | Method::Increment
-                | Method::ResumeSession
-        )
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Health => "health",
-            Method::Version => "version",
-            Method::Open => "open",
-            Method::Get => "get",
-            Method::Scan => "scan",
-            Method::Session => "session",
-            Method::Put => "put",
-            Method::Delete => "delete",
-            Method::GetMany => "get_many",
-            Method::PutMany => "put_many",
-            Method::Increment => "increment",
-            Method::ResumeSession => "resume_session",
-            Method::Admin => "admin",
-            Method::SetFaults => "set_faults",
-            Method::ShowFaults => "show_faults",
-            Method::ClearFaults => "clear_faults",
-            Method::Compact => "compact",
-            Method::ReloadConfig => "reload_config",
-            Method::Checkpoint => "checkpoint",
-        }
-    }
-
-    /// Methods that change stored data: never abandoned half-way by the drain.
-    pub fn changes_data(self) -> bool {
-        matches!(
-            self,
-            Method::Put | Method::Delete | Method::PutMany | Method::Increment
-        )
-    }
-
-    /// Probes must keep answering while the server drains.
-    fn served_while_draining(self) -> bool {
-        matches!(self, Method::Health | Method::Version)
-    }
-}
-
-/// Checks a fault plan's text and its method and code names.
-pub fn parse_fault_plan(text: &str) -> Result<FaultPlan, ApiError> {
-    let invalid = |m: String| ApiError::new(ErrorCode::InvalidArgument, m);
-    let plan = FaultPlan::from_str(text).map_err(|e| invalid(e.to_string()))?;
-    for rule in &plan.rules {
-        if rule.method != "*" && !Method::from_name(&rule.method).is_some_and(Method::faultable) {
-            return Err(invalid(format!(
-                "fault rule `{rule}`: `{}` is not a data method (one of {}, or *)",
-                rule.method,
-                Method::ALL
-                    .iter()
-                    .filter(|m| m.faultable())
-                    .map(|m| m.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        if let capkv_chaos::FaultAction::Fail { code } = &rule.action {
-            if capkv::code_from_name(code).is_none() {
-                return Err(invalid(format!(
-                    "fault rule `{rule}`: unknown error code `{code}`"
-                )));
-            }
-        }
-    }
-    Ok(plan)
-}
-
-/// Who may have the Admin capability.
-pub enum AdminAccess {
-    /// No admin token configured and no dev flag: nobody.
-    Disabled,
-    /// Development: any token.
-    Open,
-    Token(Auth),
-}
-
-/// What a reload may change, swapped whole; each call reads it once.
-pub struct Tunables {
-    pub limits: Limits,
-    pub auth: Auth,
-    pub admin: AdminAccess,
-    pub idempotency_ttl_ms: u64,
-    /// (default, max) budget per method, indexed by `Method as usize`.
-    budgets_ms: [(u32, u32); Method::ALL.len()],
-    /// Open connections; past it new ones are refused (with an `Abort` saying why).
-    pub max_connections: usize,
-    max_in_flight: usize,
-    max_in_flight_per_connection: usize,
-    queue_depth: usize,
-    queue_timeout: Duration,
-    /// A connection without calls for this long is closed.
-    pub idle_timeout: Option<Duration>,
-    /// The frame layer's limits for new connections.
-    pub frames: Arc<capkv::frames::FrameLimits>,
-    /// Unsent reply bytes past which a connection is not read (see `capkv::backlog`).
-    pub max_unsent_reply_bytes: usize,
-    /// A paused connection whose socket takes nothing for this long is closed.
-    pub slow_reader_timeout: Duration,
-    /// Capabilities the server holds for one connection.
-    pub max_capabilities_per_connection: usize,
-    /// (calls per second, bucket size) per token; `None` = unlimited.
-    rate: Option<(f64, f64)>,
-}
-
-impl Tunables {
-    /// From `config`; tokens that differ from `previous`'s start their overlap window.
-    pub fn new(config: &Config, previous: Option<&Tunables>) -> Self {
-        let overlap = Duration::from_secs(config.auth.rotation_overlap_s);
-        let token = config.auth.token.as_ref().map(|s| s.expose());
-        let auth = match previous {
-            Some(p) => p.auth.rotate(token, overlap),
-            None => Auth::new(token),
-        };
-        let admin_token = config.admin.token.as_ref().map(|s| s.expose());
-        let admin = match (
-            admin_token,
-            config.admin.dev_open,
-            previous.map(|p| &p.admin),
-        ) {
-            (Some(t), _, Some(AdminAccess::Token(old))) => {
-                AdminAccess::Token(old.rotate(Some(t), overlap))
-            }
-            (Some(t), _, _) => AdminAccess::Token(Auth::new(Some(t))),
-            (None, true, _) => AdminAccess::Open,
-            (None, false, _) => AdminAccess::Disabled,
-        };
-        let l = &config.limits;
-        let rate = (l.rate_per_token > 0).then(|| {
-            let per_s = f64::from(l.rate_per_token);
-            let burst = if l.rate_burst == 0 {
-                per_s
-            } else {
-                f64::from(l.rate_burst)
-            };
-            (per_s, burst)
-        });
-        Self {
-            limits: config.protocol_limits(),
-            auth,
-            admin,
-            idempotency_ttl_ms: config.idempotency.ttl_s.saturating_mul(1000),
-            budgets_ms: Method::ALL.map(|m| config.budget_ms(m)),
-            max_connections: l.max_connections,
-            max_in_flight: l.max_in_flight,
-            max_in_flight_per_connection: l.max_in_flight_per_connection,
-            queue_depth: l.queue_depth,
-            queue_timeout: Duration::from_millis(l.queue_timeout_ms),
-            idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
-            frames: Arc::new(capkv::frames::FrameLimits {
-                // The largest legal request plus the largest segment table.
-                max_frame_bytes: config.protocol_limits().max_request_bytes() + 4096,
-                frame_timeout: Duration::from_millis(l.frame_timeout_ms),
-                reader_options: config.protocol_limits().request_reader_options(),
-            }),
-            rate,
-            max_unsent_reply_bytes: l.max_unsent_reply_bytes,
-            slow_reader_timeout: Duration::from_millis(l.slow_reader_timeout_ms),
-            max_capabilities_per_connection: l.max_capabilities_per_connection,
-        }
-    }
-}
-
-/// A token bucket: one per auth token, shared by every connection that opened with it.
-/// Rate and size come from the current [`Tunables`] at each take, so a reload applies at
-/// once. A mutex rather than a lock-free crate (governor): it is taken once per call only
-/// when rate limiting is on, and holds two numbers.
-#[derive(Debug)]
-pub struct TokenBucket {
-    /// (tokens, when they were counted)
-    state: std::sync::Mutex<(f64, Instant)>,
-}
-
-impl TokenBucket {
-    fn new() -> Self {
-        // Starts full: the first take caps it at the bucket size.
-        Self {
-            state: std::sync::Mutex::new((f64::INFINITY, Instant::now())),
-        }
-    }
-
-    /// Takes one token, or says how long until one is there.
-    fn take(&self, per_s: f64, size: f64) -> Result<(), Duration> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let tokens = (st.0 + now.duration_since(st.1).as_secs_f64() * per_s).min(size);
-        if tokens >= 1.0 {
-            *st = (tokens - 1.0, now);
-            Ok(())
-        } else {
-            *st = (tokens, now);
-            Err(Duration::from_secs_f64((1.0 - tokens) / per_s))
-        }
-    }
-}
 
 /// Most token buckets kept; past it the map starts over (only accepted tokens get one,
 /// so this is a guard, not a limit anyone meets).
@@ -359,11 +93,11 @@ pub struct Shared {
     abandon_notify: Notify,
     buckets: std::sync::Mutex<HashMap<[u8; 32], Arc<TokenBucket>>>,
     /// The config in force and how to read a new one (reload).
-    pub(crate) reload: crate::reload::ReloadState,
+    pub(crate) reload: ReloadState,
     /// Bytes held by partially received large messages, server-wide (not reloadable).
-    pub frame_budget: Arc<capkv::frames::FrameBudget>,
+    pub frame_budget: Arc<capkv_rpc::frames::FrameBudget>,
     /// Reply bytes built but not yet written, server-wide (bound not reloadable).
-    pub reply_budget: Arc<capkv::backlog::ReplyBudget>,
+    pub reply_budget: Arc<capkv_rpc::backlog::ReplyBudget>,
     /// Capabilities held for all connections.
     capabilities_held: Arc<AtomicUsize>,
     /// Mutual TLS on new connections, when configured (not reloadable).
@@ -384,7 +118,7 @@ pub struct Conn {
     /// The rate-limit bucket of the token this connection opened with.
     bucket: std::cell::RefCell<Option<Arc<TokenBucket>>>,
     /// Reply bytes built and not yet written; the frame layer stops reading past its bound.
-    pub backlog: Rc<capkv::backlog::ReplyBacklog>,
+    pub backlog: Rc<capkv_rpc::backlog::ReplyBacklog>,
     /// Capabilities the server holds for this peer (each a [`CapSlot`]).
     caps: Rc<Cell<usize>>,
     /// Stand-ins handed out when the connection is at its capability limit: one per
@@ -416,7 +150,7 @@ impl Conn {
             kill: Notify::new(),
             last_active: Cell::new(Instant::now()),
             bucket: std::cell::RefCell::new(None),
-            backlog: Rc::new(capkv::backlog::ReplyBacklog::new(
+            backlog: Rc::new(capkv_rpc::backlog::ReplyBacklog::new(
                 Arc::clone(&shared.reply_budget),
                 t.max_unsent_reply_bytes,
             )),
@@ -425,9 +159,9 @@ impl Conn {
         }
     }
 
-    /// Room for one more capability for this peer, or `tooManyCapabilities`.
-    pub fn cap_slot(&self, shared: &Shared) -> Result<CapSlot, ApiError> {
-        let max = shared.tunables().max_capabilities_per_connection;
+    /// Room for one more capability for this peer (at most `max`), or
+    /// `tooManyCapabilities`.
+    pub fn cap_slot(&self, shared: &Shared, max: usize) -> Result<CapSlot, ApiError> {
         if self.caps.get() >= max {
             shared.reject("too_many_capabilities");
             return Err(ApiError::new(
@@ -504,6 +238,9 @@ impl Conn {
 pub struct Call {
     pub attempt: u32,
     pub deadline: Instant,
+    /// The settings in force when the call started, loaded once by the chain: a handler
+    /// reads these, never `Shared::tunables`, so one call never mixes two reloads.
+    pub tunables: Arc<Tunables>,
 }
 
 impl Shared {
@@ -535,11 +272,11 @@ impl Shared {
             abandon: AtomicBool::new(false),
             abandon_notify: Notify::new(),
             buckets: std::sync::Mutex::new(HashMap::new()),
-            reload: crate::reload::ReloadState::new(config.clone()),
-            frame_budget: Arc::new(capkv::frames::FrameBudget::new(
+            reload: ReloadState::new(config.clone()),
+            frame_budget: Arc::new(capkv_rpc::frames::FrameBudget::new(
                 config.limits.frame_budget_bytes,
             )),
-            reply_budget: Arc::new(capkv::backlog::ReplyBudget::new(
+            reply_budget: Arc::new(capkv_rpc::backlog::ReplyBudget::new(
                 config.limits.unsent_reply_budget_bytes,
             )),
             capabilities_held: Arc::default(),
@@ -766,6 +503,7 @@ impl Shared {
         let call = Call {
             attempt: meta.attempt,
             deadline,
+            tunables: Arc::clone(&t),
         };
         let faulted_work = async {
             if let Some(f) = &fault {
@@ -921,17 +659,9 @@ impl Shared {
         // The ids are worked out only for a line that will be written (the per-call line is
         // at debug level, usually off): they cost random draws when no span is exported.
         let ids = || capkv_telemetry::span_ids(span, parent);
+        // An internal failure was logged, with its details, where it was handled (e.g.
+        // `rpc::store_error`): here it is one more call, so it is not logged twice.
         match result {
-            Err(e) if e.code == ErrorCode::Internal => {
-                let (trace_id, span_id) = ids();
-                tracing::error!(
-                    target: "capkv::request",
-                    method = method.name(), code, latency_ms, attempt = meta.attempt,
-                    %trace_id, %span_id, request_id = %meta.request_id,
-                    peer = %conn.peer, conn = conn.id, error = %e.message,
-                    "request failed"
-                )
-            }
             _ if tracing::enabled!(target: "capkv::request", tracing::Level::DEBUG) => {
                 let (trace_id, span_id) = ids();
                 tracing::debug!(

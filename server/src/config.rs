@@ -104,9 +104,9 @@ pub struct TlsConfig {
 
 impl TlsConfig {
     /// The files, when TLS is on.
-    pub fn files(&self) -> Option<capkv::tls::TlsFiles> {
+    pub fn files(&self) -> Option<capkv_rpc::tls::TlsFiles> {
         match (&self.cert, &self.key, &self.client_ca) {
-            (Some(cert), Some(key), Some(ca)) => Some(capkv::tls::TlsFiles {
+            (Some(cert), Some(key), Some(ca)) => Some(capkv_rpc::tls::TlsFiles {
                 ca: ca.clone(),
                 cert: cert.clone(),
                 key: key.clone(),
@@ -339,7 +339,7 @@ impl Default for LimitsConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        let r = capkv_store::RocksOptions::new("");
+        let r = capkv_store_rocks::RocksOptions::new("");
         Self {
             sync: r.sync,
             group_commit_max_writes: r.group_commit_max_writes,
@@ -560,10 +560,10 @@ impl Config {
             }
         }
         for (name, m) in &self.deadlines.methods {
-            let Some(method) = crate::chain::Method::from_name(name) else {
+            let Some(method) = crate::method::Method::from_name(name) else {
                 return Err(ConfigError::Invalid(format!(
                     "deadlines.methods: unknown method `{name}` (one of {})",
-                    crate::chain::Method::names().join(", ")
+                    crate::method::Method::names().join(", ")
                 )));
             };
             let (default_ms, max_ms) = self.budget_ms(method);
@@ -574,7 +574,7 @@ impl Config {
             }
         }
         if !self.faults.plan.trim().is_empty() {
-            crate::chain::parse_fault_plan(&self.faults.plan)
+            crate::method::parse_fault_plan(&self.faults.plan)
                 .map_err(|e| ConfigError::Invalid(format!("faults.plan: {}", e.message)))?;
         }
         Ok(())
@@ -592,9 +592,9 @@ impl Config {
     }
 
     /// The RocksDB options this config sets.
-    pub fn rocks_options(&self) -> capkv_store::RocksOptions {
+    pub fn rocks_options(&self) -> capkv_store_rocks::RocksOptions {
         let st = &self.storage;
-        capkv_store::RocksOptions {
+        capkv_store_rocks::RocksOptions {
             path: self.data_dir.clone(),
             sync: st.sync,
             group_commit_max_writes: st.group_commit_max_writes,
@@ -602,7 +602,7 @@ impl Config {
             write_queue_depth: st.write_queue_depth,
             compaction_interval_s: st.compaction_interval_s,
             block_cache_bytes: st.block_cache_bytes,
-            space: capkv_store::SpaceOptions {
+            space: capkv_store_rocks::SpaceOptions {
                 min_free_bytes: st.min_free_bytes,
                 reserve_bytes: st.reserve_bytes,
                 check_interval: std::time::Duration::from_millis(st.space_check_interval_ms),
@@ -611,7 +611,7 @@ impl Config {
     }
 
     /// A method's (default, max) budget in milliseconds.
-    pub fn budget_ms(&self, method: crate::chain::Method) -> (u32, u32) {
+    pub fn budget_ms(&self, method: crate::method::Method) -> (u32, u32) {
         let d = &self.deadlines;
         let m = d.methods.get(method.name()).copied().unwrap_or_default();
         (
@@ -719,9 +719,9 @@ mod tests {
     #[test]
     fn per_method_deadlines_fall_back_and_are_checked() {
         let mut c = Config::default();
-        assert_eq!(c.budget_ms(crate::chain::Method::Get), (5_000, 60_000));
+        assert_eq!(c.budget_ms(crate::method::Method::Get), (5_000, 60_000));
         assert_eq!(
-            c.budget_ms(crate::chain::Method::Compact),
+            c.budget_ms(crate::method::Method::Compact),
             (600_000, 3_600_000)
         );
         c.deadlines.methods.insert(
@@ -731,7 +731,7 @@ mod tests {
                 max_ms: None,
             },
         );
-        assert_eq!(c.budget_ms(crate::chain::Method::Scan), (100, 60_000));
+        assert_eq!(c.budget_ms(crate::method::Method::Scan), (100, 60_000));
         assert!(c.validate().is_ok());
         c.deadlines
             .methods

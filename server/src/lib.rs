@@ -4,10 +4,13 @@
 //! - [`server`]: listener, worker threads (current-thread runtime + `LocalSet` each),
 //!   drain on shutdown; [`server::RunningServer`] runs one on a thread for tests.
 //! - [`chain`]: the ordered cross-cutting steps every call passes (context, drain,
-//!   deadline, rate, admission, faults, work, observe), written once; the reloadable
-//!   settings ([`chain::Tunables`]).
+//!   deadline, rate, admission, faults, work, observe), written once; the connection
+//!   ([`chain::Conn`]) and the state all workers share ([`chain::Shared`]).
+//! - [`method`]: the methods as the chain, logs and config name them; fault plans.
+//! - [`tunables`]: the reloadable settings ([`tunables::Tunables`]), the per-token rate
+//!   limit, and the configuration a reload starts from.
 //! - [`rpc`]: the `Gateway`, `KvStore` and `WriteSession` handlers.
-//!   Every connection reads through `capkv::frames::GuardedReader` (the frame layer).
+//!   Every connection reads through `capkv_rpc::frames::GuardedReader` (the frame layer).
 //! - [`refused`]: the stand-in capability a refused `open`/`admin`/`session` returns for
 //!   pipelined calls, each answered with the refusal's error.
 //! - [`validate`]: input limits, each breach a distinct error code.
@@ -22,6 +25,7 @@ pub mod chain;
 pub mod config;
 pub mod http;
 pub mod logging;
+pub mod method;
 pub mod metrics;
 pub mod refused;
 pub mod reload;
@@ -29,6 +33,7 @@ pub mod rpc;
 pub mod server;
 pub mod session;
 pub mod signals;
+pub mod tunables;
 pub mod validate;
 
 pub use config::Config;

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use capkv::kv_capnp::{admin, kv_store, write_session};
 use capkv::ApiError;
 
-use crate::chain::{CapSlot, Conn, Method, Shared};
+use crate::chain::{CapSlot, Conn, Shared};
+use crate::method::Method;
 use crate::rpc::count_reply;
 
 /// Bytes a reply of `size` takes on the wire: its content plus the `Return` message and
@@ -51,7 +52,9 @@ impl Refused {
     where
         C: capnp::capability::FromServer<Refused> + Clone + 'static,
     {
-        match conn.cap_slot(shared) {
+        // After its call: the limit in force now.
+        let max = shared.tunables().max_capabilities_per_connection;
+        match conn.cap_slot(shared, max) {
             Ok(slot) => capnp_rpc::new_client(Refused {
                 chain: Some((Arc::clone(shared), Rc::clone(conn))),
                 error,

@@ -12,14 +12,10 @@
 //! Reloads are serialized (one lock around load-compare-apply); calls are never paused:
 //! the settings are one value swapped whole, so no call ever sees a half-applied reload.
 
-use std::sync::{Mutex, OnceLock};
-
-use crate::chain::{Shared, Tunables};
+use crate::chain::Shared;
 use crate::config::{Config, ConfigError};
 use crate::metrics as m;
-
-/// Reads the configuration from where it came from (file, environment, flags).
-pub type Loader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+use crate::tunables::{Loader, Tunables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -29,29 +25,6 @@ pub enum ReloadError {
     Invalid(#[from] ConfigError),
     #[error("invalid configuration: log.level: {0}")]
     LogFilter(String),
-}
-
-/// The config in force and the way to read a new one.
-pub struct ReloadState {
-    current: Mutex<Config>,
-    loader: OnceLock<Loader>,
-}
-
-impl ReloadState {
-    pub fn new(config: Config) -> Self {
-        Self {
-            current: Mutex::new(config),
-            loader: OnceLock::new(),
-        }
-    }
-
-    /// The configuration in force (as of the last successful reload).
-    pub fn current(&self) -> Config {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
 }
 
 impl Shared {

@@ -14,12 +14,12 @@ use capkv::kv_capnp::{admin, entry, gateway, kv_store, write_session};
 use capkv::{ApiError, ErrorCode, API_VERSION};
 use capkv_store::{Entry, IdempotencyKey, Store, StoreError, WriteOp, WriteOutcome};
 
-use crate::chain::{AdminAccess, CapSlot, Conn, Method, Shared};
+use crate::chain::{CapSlot, Conn, Shared};
+use crate::method::Method;
 use crate::refused::Refused;
+use crate::tunables::{AdminAccess, Tunables};
 use crate::validate;
 
-/// Converts an engine failure into a contract error. Details go to the log here, where the
-/// error is handled; the client gets a message without internals.
 /// Runs a blocking store operation (compaction, checkpoint) on tokio's blocking pool, so
 /// the worker keeps serving its connections meanwhile.
 async fn off_worker<T: Send + 'static>(
@@ -30,13 +30,19 @@ async fn off_worker<T: Send + 'static>(
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || op(store.as_ref()))
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("{what} task failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(error = %e, task = what, "storage task failed");
+            ApiError::new(ErrorCode::Internal, format!("{what} task failed"))
+        })?
         .map_err(store_error)
 }
 
 /// Advice to a client whose write was refused for space: freeing it takes an operator.
 const STORAGE_FULL_RETRY_AFTER_MS: u32 = 5_000;
 
+/// Converts an engine failure into a contract error. Details go to the log here, where the
+/// error is handled, and only here (the engine passes them up; the chain's per-call line
+/// is at debug); the client gets a message without internals.
 fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::ConditionFailed {
@@ -83,7 +89,7 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 /// Counts a handler's reply as unsent on its connection until the writer has sent it (see
-/// `capkv::backlog`): its encoded size plus the Return header.
+/// `capkv_rpc::backlog`): its encoded size plus the Return header.
 macro_rules! count_reply {
     ($conn:expr, $results:ident) => {
         if let Ok(size) = $results.get().into_reader().total_size() {
@@ -176,17 +182,20 @@ impl gateway::Server for GatewayImpl {
         mut results: gateway::OpenResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
+        let this = &self;
         let r = self
             .shared
-            .serve(&self.conn, Method::Open, p.get_ctx(), |_| async {
+            .serve(&self.conn, Method::Open, p.get_ctx(), |call| async move {
                 let token = p
                     .get_token()
                     .ok()
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("");
-                if self.shared.tunables().auth.check(token) {
-                    let slot = self.conn.cap_slot(&self.shared)?;
-                    self.conn.set_bucket(self.shared.bucket_for(token));
+                if call.tunables.auth.check(token) {
+                    let slot = this
+                        .conn
+                        .cap_slot(&this.shared, call.tunables.max_capabilities_per_connection)?;
+                    this.conn.set_bucket(this.shared.bucket_for(token));
                     Ok(slot)
                 } else {
                     Err(ApiError::new(
@@ -224,16 +233,18 @@ impl gateway::Server for GatewayImpl {
         mut results: gateway::AdminResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
+        let this = &self;
         let r = self
             .shared
-            .serve(&self.conn, Method::Admin, p.get_ctx(), |_| async {
+            .serve(&self.conn, Method::Admin, p.get_ctx(), |call| async move {
                 let token = p
                     .get_admin_token()
                     .ok()
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("");
-                self.check_admin(token)?;
-                self.conn.cap_slot(&self.shared)
+                this.check_admin(&call.tunables, token)?;
+                this.conn
+                    .cap_slot(&this.shared, call.tunables.max_capabilities_per_connection)
             })
             .await;
         let mut out = results.get().init_result();
@@ -259,8 +270,8 @@ impl gateway::Server for GatewayImpl {
 }
 
 impl GatewayImpl {
-    fn check_admin(&self, token: &str) -> Result<(), ApiError> {
-        match &self.shared.tunables().admin {
+    fn check_admin(&self, tunables: &Tunables, token: &str) -> Result<(), ApiError> {
+        match &tunables.admin {
             AdminAccess::Disabled => Err(ApiError::new(
                 ErrorCode::PermissionDenied,
                 "admin is disabled on this server (set admin.token)",
@@ -313,7 +324,7 @@ impl admin::Server for AdminImpl {
                     .ok_or_else(|| {
                         ApiError::new(ErrorCode::InvalidArgument, "plan is not UTF-8 text")
                     })?;
-                let plan = crate::chain::parse_fault_plan(text)?;
+                let plan = crate::method::parse_fault_plan(text)?;
                 tracing::warn!(plan = %plan, peer = %self.conn.peer, "fault plan armed by admin");
                 s.chaos.arm(plan);
                 Ok(s.chaos.show())
@@ -484,8 +495,8 @@ impl kv_store::Server for KvStoreImpl {
         let p = params.get()?;
         let s = &self.shared;
         let r = s
-            .serve(&self.conn, Method::Get, p.get_ctx(), |_| async {
-                let key = validate::key(&s.tunables().limits, p.get_key())?;
+            .serve(&self.conn, Method::Get, p.get_ctx(), |call| async move {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
                 s.store
                     .get(key)
                     .map_err(store_error)?
@@ -509,8 +520,8 @@ impl kv_store::Server for KvStoreImpl {
         let p = params.get()?;
         let s = &self.shared;
         let r = s
-            .serve(&self.conn, Method::Scan, p.get_ctx(), |_| async {
-                let req = validate::scan(&s.tunables().limits, p.get_range())?;
+            .serve(&self.conn, Method::Scan, p.get_ctx(), |call| async move {
+                let req = validate::scan(&call.tunables.limits, p.get_range())?;
                 s.store.scan(&req).map_err(store_error)
             })
             .await;
@@ -543,11 +554,18 @@ impl kv_store::Server for KvStoreImpl {
         mut results: kv_store::SessionResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
+        let this = &self;
         let r = self
             .shared
-            .serve(&self.conn, Method::Session, p.get_ctx(), |_| async {
-                self.conn.cap_slot(&self.shared)
-            })
+            .serve(
+                &self.conn,
+                Method::Session,
+                p.get_ctx(),
+                |call| async move {
+                    let max = call.tunables.max_capabilities_per_connection;
+                    this.conn.cap_slot(&this.shared, max)
+                },
+            )
             .await;
         let token = self.shared.sessions.issue();
         self.write_session(results.get().init_result(), r.map(|slot| (token, slot)));
@@ -561,25 +579,32 @@ impl kv_store::Server for KvStoreImpl {
         mut results: kv_store::ResumeSessionResults,
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
+        let this = &self;
         let r = self
             .shared
-            .serve(&self.conn, Method::ResumeSession, p.get_ctx(), |_| async {
-                let token = p.get_token().map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::InvalidArgument,
-                        format!("cannot read token: {e}"),
-                    )
-                })?;
-                let mut owned = [0u8; crate::session::TOKEN_BYTES];
-                if !self.shared.sessions.verify(token) {
-                    return Err(ApiError::new(
-                        ErrorCode::PermissionDenied,
-                        "unknown session token",
-                    ));
-                }
-                owned.copy_from_slice(token);
-                Ok((owned, self.conn.cap_slot(&self.shared)?))
-            })
+            .serve(
+                &self.conn,
+                Method::ResumeSession,
+                p.get_ctx(),
+                |call| async move {
+                    let token = p.get_token().map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::InvalidArgument,
+                            format!("cannot read token: {e}"),
+                        )
+                    })?;
+                    let mut owned = [0u8; crate::session::TOKEN_BYTES];
+                    if !this.shared.sessions.verify(token) {
+                        return Err(ApiError::new(
+                            ErrorCode::PermissionDenied,
+                            "unknown session token",
+                        ));
+                    }
+                    owned.copy_from_slice(token);
+                    let max = call.tunables.max_capabilities_per_connection;
+                    Ok((owned, this.conn.cap_slot(&this.shared, max)?))
+                },
+            )
             .await;
         self.write_session(results.get().init_result(), r);
         count_reply!(self.conn, results);
@@ -594,35 +619,40 @@ impl kv_store::Server for KvStoreImpl {
         let p = params.get()?;
         let s = &self.shared;
         let r = s
-            .serve(&self.conn, Method::GetMany, p.get_ctx(), |_| async {
-                let list = p.get_keys().map_err(|e| {
-                    ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}"))
-                })?;
-                let tunables = s.tunables();
-                let limits = &tunables.limits;
-                validate::batch_len(limits, list.len())?;
-                let keys = list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| validate::key(limits, k).map_err(validate::at_item(i)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let (items, revision) = s.store.get_many(&keys).map_err(store_error)?;
-                let payload: usize = items
-                    .iter()
-                    .flatten()
-                    .map(|e| e.key.len() + e.value.len())
-                    .sum();
-                if payload > limits.max_response_payload_bytes() {
-                    return Err(ApiError::new(
-                        ErrorCode::ResponseTooLarge,
-                        format!(
+            .serve(
+                &self.conn,
+                Method::GetMany,
+                p.get_ctx(),
+                |call| async move {
+                    let list = p.get_keys().map_err(|e| {
+                        ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}"))
+                    })?;
+                    let tunables = &call.tunables;
+                    let limits = &tunables.limits;
+                    validate::batch_len(limits, list.len())?;
+                    let keys = list
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| validate::key(limits, k).map_err(validate::at_item(i)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let (items, revision) = s.store.get_many(&keys).map_err(store_error)?;
+                    let payload: usize = items
+                        .iter()
+                        .flatten()
+                        .map(|e| e.key.len() + e.value.len())
+                        .sum();
+                    if payload > limits.max_response_payload_bytes() {
+                        return Err(ApiError::new(
+                            ErrorCode::ResponseTooLarge,
+                            format!(
                             "the answer holds {payload} bytes of keys and values; the limit is {}",
                             limits.max_response_payload_bytes()
                         ),
-                    ));
-                }
-                Ok((items, revision))
-            })
+                        ));
+                    }
+                    Ok((items, revision))
+                },
+            )
             .await;
         let mut out = results.get().init_result();
         match r {
@@ -656,13 +686,18 @@ pub struct WriteSessionImpl {
 
 impl WriteSessionImpl {
     /// Applies `op`, idempotently when the caller gave a key.
-    async fn write(&self, op: WriteOp, key: Option<Vec<u8>>) -> Result<WriteOutcome, ApiError> {
+    async fn write(
+        &self,
+        op: WriteOp,
+        key: Option<Vec<u8>>,
+        idempotency_ttl_ms: u64,
+    ) -> Result<WriteOutcome, ApiError> {
         let s = &self.shared;
         let idem = key.map(|key| IdempotencyKey {
             session: self.token.to_vec(),
             key,
             expires_at_unix_ms: capkv_store::write::now_unix_ms()
-                .saturating_add(s.tunables().idempotency_ttl_ms),
+                .saturating_add(idempotency_ttl_ms),
         });
         let r = s.store.write(op, idem).await;
         if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
@@ -685,19 +720,28 @@ impl write_session::Server for WriteSessionImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let s = &self.shared;
+        let this = &self;
         let r = s
-            .serve(&self.conn, Method::Increment, p.get_ctx(), |_| async {
-                let key = validate::key(&s.tunables().limits, p.get_key())?;
-                let idem = validate::idempotency_key(p.get_idempotency_key())?;
-                let op = WriteOp::Increment {
-                    key: key.to_vec(),
-                    delta: p.get_delta(),
-                };
-                match self.write(op, idem).await? {
-                    WriteOutcome::Increment(o) => Ok(o),
-                    other => Err(unexpected(&other)),
-                }
-            })
+            .serve(
+                &self.conn,
+                Method::Increment,
+                p.get_ctx(),
+                |call| async move {
+                    let key = validate::key(&call.tunables.limits, p.get_key())?;
+                    let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                    let op = WriteOp::Increment {
+                        key: key.to_vec(),
+                        delta: p.get_delta(),
+                    };
+                    match this
+                        .write(op, idem, call.tunables.idempotency_ttl_ms)
+                        .await?
+                    {
+                        WriteOutcome::Increment(o) => Ok(o),
+                        other => Err(unexpected(&other)),
+                    }
+                },
+            )
             .await;
         let out = results.get().init_result();
         match r {
@@ -720,10 +764,11 @@ impl write_session::Server for WriteSessionImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let s = &self.shared;
+        let this = &self;
         let r = s
-            .serve(&self.conn, Method::Put, p.get_ctx(), |_| async {
-                let key = validate::key(&s.tunables().limits, p.get_key())?;
-                let value = validate::value(&s.tunables().limits, p.get_value())?;
+            .serve(&self.conn, Method::Put, p.get_ctx(), |call| async move {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
+                let value = validate::value(&call.tunables.limits, p.get_value())?;
                 let cond = validate::condition(p.get_condition())?;
                 let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let op = WriteOp::Put {
@@ -731,7 +776,10 @@ impl write_session::Server for WriteSessionImpl {
                     value: value.to_vec(),
                     cond,
                 };
-                match self.write(op, idem).await? {
+                match this
+                    .write(op, idem, call.tunables.idempotency_ttl_ms)
+                    .await?
+                {
                     WriteOutcome::Put(o) => Ok(o),
                     other => Err(unexpected(&other)),
                 }
@@ -757,16 +805,20 @@ impl write_session::Server for WriteSessionImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let s = &self.shared;
+        let this = &self;
         let r = s
-            .serve(&self.conn, Method::Delete, p.get_ctx(), |_| async {
-                let key = validate::key(&s.tunables().limits, p.get_key())?;
+            .serve(&self.conn, Method::Delete, p.get_ctx(), |call| async move {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
                 let cond = validate::condition(p.get_condition())?;
                 let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let op = WriteOp::Delete {
                     key: key.to_vec(),
                     cond,
                 };
-                match self.write(op, idem).await? {
+                match this
+                    .write(op, idem, call.tunables.idempotency_ttl_ms)
+                    .await?
+                {
                     WriteOutcome::Delete(o) => Ok(o),
                     other => Err(unexpected(&other)),
                 }
@@ -792,36 +844,47 @@ impl write_session::Server for WriteSessionImpl {
     ) -> Result<(), capnp::Error> {
         let p = params.get()?;
         let s = &self.shared;
+        let this = &self;
         let r = s
-            .serve(&self.conn, Method::PutMany, p.get_ctx(), |_| async {
-                let list = p.get_items().map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::InvalidArgument,
-                        format!("cannot read items: {e}"),
-                    )
-                })?;
-                let tunables = s.tunables();
-                let limits = &tunables.limits;
-                validate::batch_len(limits, list.len())?;
-                let items = list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, item)| validate::put_item(limits, item).map_err(validate::at_item(i)))
-                    .collect::<Result<Vec<_>, ApiError>>()?;
-                let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
-                validate::distinct_keys(&keys)?;
-                let idem = validate::idempotency_key(p.get_idempotency_key())?;
-                let op = WriteOp::PutMany {
-                    items: items
+            .serve(
+                &self.conn,
+                Method::PutMany,
+                p.get_ctx(),
+                |call| async move {
+                    let list = p.get_items().map_err(|e| {
+                        ApiError::new(
+                            ErrorCode::InvalidArgument,
+                            format!("cannot read items: {e}"),
+                        )
+                    })?;
+                    let tunables = &call.tunables;
+                    let limits = &tunables.limits;
+                    validate::batch_len(limits, list.len())?;
+                    let items = list
                         .iter()
-                        .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
-                        .collect(),
-                };
-                match self.write(op, idem).await? {
-                    WriteOutcome::PutMany(o) => Ok(o),
-                    other => Err(unexpected(&other)),
-                }
-            })
+                        .enumerate()
+                        .map(|(i, item)| {
+                            validate::put_item(limits, item).map_err(validate::at_item(i))
+                        })
+                        .collect::<Result<Vec<_>, ApiError>>()?;
+                    let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
+                    validate::distinct_keys(&keys)?;
+                    let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                    let op = WriteOp::PutMany {
+                        items: items
+                            .iter()
+                            .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
+                            .collect(),
+                    };
+                    match this
+                        .write(op, idem, call.tunables.idempotency_ttl_ms)
+                        .await?
+                    {
+                        WriteOutcome::PutMany(o) => Ok(o),
+                        other => Err(unexpected(&other)),
+                    }
+                },
+            )
             .await;
         let mut out = results.get().init_result();
         match r {

@@ -30,7 +30,7 @@ use crate::chain::{Conn, Shared};
 use crate::config::{Config, Engine};
 use crate::metrics as m;
 use crate::rpc::GatewayImpl;
-use capkv::frames::{BreachCell, GuardedReader, PeerReader};
+use capkv_rpc::frames::{BreachCell, GuardedReader, PeerReader};
 
 /// How long closing connections may take at the end of a drain: the replies are already
 /// computed, this only covers flushing them to slow readers.
@@ -47,13 +47,13 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error("cannot open the storage engine")]
-    Storage(#[from] capkv_store::OpenError),
+    Storage(#[from] capkv_store_rocks::OpenError),
     #[error("cannot start worker thread: {0}")]
     Worker(std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::ExporterError),
     #[error(transparent)]
-    Tls(#[from] capkv::tls::TlsError),
+    Tls(#[from] capkv_rpc::tls::TlsError),
 }
 
 /// A bound, not yet running server.
@@ -88,8 +88,17 @@ impl Server {
             Engine::Memory => Arc::new(capkv_store::MemoryStore::new()),
             // Opening replays the WAL: blocking, but only once, before anything is served.
             // On a disk too full to recover, reads are served read-only until there is room.
-            Engine::Rocksdb => capkv_store::open_or_read_only(config.rocks_options())?,
+            Engine::Rocksdb => capkv_store_rocks::open_or_read_only(config.rocks_options())?,
         };
+        Self::bind_with_store(config, store).await
+    }
+
+    /// Binds the listener over a store the caller made (`config.engine` is not used): for
+    /// embedding, and for tests with an engine of their own.
+    pub async fn bind_with_store(
+        config: Config,
+        store: Arc<dyn capkv_store::Store>,
+    ) -> Result<Self, ServerError> {
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -108,9 +117,9 @@ impl Server {
         };
         let mut shared = Shared::new(&config, store);
         if let Some(files) = config.tls.files() {
-            shared.tls = Some(tokio_rustls::TlsAcceptor::from(capkv::tls::server_config(
-                &files,
-            )?));
+            shared.tls = Some(tokio_rustls::TlsAcceptor::from(
+                capkv_rpc::tls::server_config(&files)?,
+            ));
         }
         let shared = Arc::new(shared);
         Ok(Self {
@@ -218,7 +227,7 @@ impl Server {
         };
 
         let open = Arc::new(AtomicUsize::new(0));
-        let refusal = capkv::frames::abort_frame(
+        let refusal = capkv_rpc::frames::abort_frame(
             "too many connections; try again later",
             capnp_rpc::rpc_capnp::exception::Type::Overloaded,
         );
@@ -428,7 +437,7 @@ where
     let tunables = shared.tunables();
     let breach: BreachCell = Rc::default();
     let conn = Rc::new(Conn::new(id, peer, &shared));
-    // A peer that does not read its replies stops being read (see `capkv::backlog`).
+    // A peer that does not read its replies stops being read (see `capkv_rpc::backlog`).
     let reader = GuardedReader::new(
         reader,
         Arc::clone(&tunables.frames),
@@ -436,8 +445,10 @@ where
         Rc::clone(&breach),
     )
     .with_backlog(Rc::clone(&conn.backlog));
-    let writer =
-        capkv::transport::CoalescingWriter::with_backlog(writer, Some(Rc::clone(&conn.backlog)));
+    let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
+        writer,
+        Some(Rc::clone(&conn.backlog)),
+    );
     let stop_writer = writer.abort_handle();
     let network = twoparty::VatNetwork::new(
         reader,
@@ -533,6 +544,21 @@ pub struct RunningServer {
 impl RunningServer {
     /// Binds and starts serving `config` on a new thread; returns once it listens.
     pub fn start(config: Config) -> Result<Self, anyhow::Error> {
+        Self::start_with(config, None)
+    }
+
+    /// Like [`RunningServer::start`], over `store` instead of the configured engine.
+    pub fn start_with_store(
+        config: Config,
+        store: Arc<dyn capkv_store::Store>,
+    ) -> Result<Self, anyhow::Error> {
+        Self::start_with(config, Some(store))
+    }
+
+    fn start_with(
+        config: Config,
+        store: Option<Arc<dyn capkv_store::Store>>,
+    ) -> Result<Self, anyhow::Error> {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -543,7 +569,11 @@ impl RunningServer {
                     .build()
                     .map_err(ServerError::Worker)?;
                 rt.block_on(async move {
-                    let server = match Server::bind(config).await {
+                    let bound = match store {
+                        Some(store) => Server::bind_with_store(config, store).await,
+                        None => Server::bind(config).await,
+                    };
+                    let server = match bound {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e.to_string()));

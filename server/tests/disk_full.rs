@@ -142,7 +142,7 @@ fn key(i: u32) -> Vec<u8> {
 }
 
 fn reserve(data: &Path) -> PathBuf {
-    data.join(capkv_store::space::RESERVE_FILE)
+    data.join(capkv_store_rocks::space::RESERVE_FILE)
 }
 
 #[test]

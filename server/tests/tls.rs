@@ -10,9 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capkv::tls::TlsFiles;
 use capkv::ErrorCode;
 use capkv_client::{Client, ClientOptions, ClientTls, RetryPolicy};
+use capkv_rpc::tls::TlsFiles;
 use rustls::pki_types::pem::PemObject;
 
 fn dev_ca(dir: &Path) -> PathBuf {

@@ -3,8 +3,8 @@
 //! - [`Store`]: what the server needs from an engine. Plain Rust types only: no engine type
 //!   (and no wire type) appears in it, so engines can be swapped and tested alike.
 //! - [`memory::MemoryStore`]: an ordered, concurrency-safe in-memory engine (dev, tests).
-//! - [`rocks::RocksStore`]: the durable engine (RocksDB, WAL synced before a write is
-//!   acknowledged, group commit by one committer thread). The default.
+//! - The durable engine (RocksDB) is the crate `capkv-store-rocks`, beside this one: this
+//!   crate links no engine, so what needs only the trait escapes RocksDB's C++ build.
 //! - [`Pending`]: what a write returns, a future of its outcome, so that a server can have
 //!   many writes waiting on one group commit without blocking its threads.
 //! - [`conformance`]: the behaviour every engine must show, written once and run against
@@ -24,16 +24,10 @@
 pub mod conformance;
 pub mod memory;
 mod pending;
-mod recovering;
-pub mod rocks;
-pub mod space;
 pub mod write;
 
 pub use memory::MemoryStore;
-pub use pending::Pending;
-pub use recovering::open_or_read_only;
-pub use rocks::{OpenError, RocksOptions, RocksStore};
-pub use space::{SpaceGuard, SpaceOptions};
+pub use pending::{Completer, Pending};
 pub use write::{IdempotencyKey, IncrementOutcome, WriteOp, WriteOutcome};
 
 /// One stored key.
@@ -190,7 +184,7 @@ pub struct StoreStats {
     pub space: Option<SpaceStats>,
 }
 
-/// The free-space state of an engine's disk (see [`space`]).
+/// The free-space state of an engine's disk (capkv-store-rocks' `space` module).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpaceStats {
     /// Bytes free on the data directory's filesystem at the last check.

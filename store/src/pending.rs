@@ -23,11 +23,12 @@ enum State<T> {
     Mapped(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>),
 }
 
-/// The committer's end: completes one [`Pending`].
-pub(crate) struct Completer<T>(oneshot::Sender<Result<T, StoreError>>);
+/// The committer's end: completes one [`Pending`] (engines outside this crate make them
+/// with [`Pending::channel`]).
+pub struct Completer<T>(oneshot::Sender<Result<T, StoreError>>);
 
 impl<T> Completer<T> {
-    pub(crate) fn complete(self, outcome: Result<T, StoreError>) {
+    pub fn complete(self, outcome: Result<T, StoreError>) {
         // The waiter may be gone (its call hit its deadline); the write stands regardless.
         let _ = self.0.send(outcome);
     }
@@ -40,7 +41,8 @@ impl<T> Pending<T> {
         }
     }
 
-    pub(crate) fn channel() -> (Completer<T>, Self) {
+    /// A pending outcome and the end that completes it.
+    pub fn channel() -> (Completer<T>, Self) {
         let (tx, rx) = oneshot::channel();
         (
             Completer(tx),

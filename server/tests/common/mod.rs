@@ -52,7 +52,7 @@ pub async fn client_with(addr: SocketAddr, token: &str) -> Client {
 pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let network = capkv::transport::vat_network(
+    let network = capkv_rpc::transport::vat_network(
         stream,
         rpc_twoparty_capnp::Side::Client,
         capkv::response_reader_options(&capkv::Limits::default()),

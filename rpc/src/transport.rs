@@ -29,8 +29,8 @@ use futures::io::{AsyncRead, AsyncWrite, BufReader};
 use futures::AsyncReadExt;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-/// Bytes buffered before a write goes straight to the socket instead of waiting for the
-/// flush task: bounds the memory one connection can hold in its write buffer.
+/// Bytes buffered before a writer must wait for the flusher to drain the buffer: bounds
+/// the memory one connection can hold in its write buffer.
 const MAX_BUFFERED_BYTES: usize = 256 * 1024;
 
 /// The two-party network capkv speaks over `stream`.

@@ -526,7 +526,7 @@ mod tests {
 
     #[test]
     fn messages_are_checked_by_kind_and_cap_table() {
-        let o = crate::Limits::default().request_reader_options();
+        let o = capkv::Limits::default().request_reader_options();
         let call = |caps: u32| {
             framed(|m| {
                 let mut c = m.init_call();
@@ -614,7 +614,7 @@ mod tests {
         let limits = std::sync::Arc::new(FrameLimits {
             max_frame_bytes: 1 << 20,
             frame_timeout: Duration::from_secs(60),
-            reader_options: crate::Limits::default().request_reader_options(),
+            reader_options: capkv::Limits::default().request_reader_options(),
         });
         let budget = std::sync::Arc::new(FrameBudget::new(frame.len() + frame.len() / 2));
         let reader = |q: &std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>| {
@@ -678,7 +678,7 @@ mod tests {
             let limits = std::sync::Arc::new(FrameLimits {
                 max_frame_bytes: 1 << 20,
                 frame_timeout: Duration::from_millis(timeout_ms),
-                reader_options: crate::Limits::default().request_reader_options(),
+                reader_options: capkv::Limits::default().request_reader_options(),
             });
             let r = GuardedReader::new(
                 Chunks(std::rc::Rc::clone(&q)),

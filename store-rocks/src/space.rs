@@ -9,7 +9,7 @@
 //! - checks the data directory's free space (`statvfs`, a few microseconds) every
 //!   `check_interval` and after every failed write;
 //! - below `min_free_bytes` refuses writes before they reach RocksDB
-//!   ([`StoreError::StorageFull`]: the client is told to come back later, not to retry
+//!   (`StoreError::StorageFull`: the client is told to come back later, not to retry
 //!   at once); deletes, reads and compaction go on;
 //! - keeps a reserve file of `reserve_bytes` in the data directory, deleted the moment
 //!   space runs low (and before opening on a low disk), so what frees space (compaction,
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::StoreError;
+use capkv_store::StoreError;
 
 /// Name of the reserve file in the data directory.
 pub const RESERVE_FILE: &str = "capkv.reserve";

@@ -9,25 +9,10 @@
 //! - [`code_name`] / [`code_from_name`]: the stable snake_case names of error codes, used
 //!   in logs, metrics labels and the CLI's JSON output.
 //!
-//! - [`transport`]: the byte stream under RPC (buffered reads, coalesced writes), so both
-//!   sides frame and flush alike.
-//! - [`frames`]: the server's frame layer: what a peer sends is a whole, checked message
-//!   (declared size, budget, timeout, kind, cap table) before capnp-rpc sees it. Here, not
-//!   in the server, so the fuzz target builds without the storage engine.
-//!
-//! - [`backlog`]: reply backpressure: unsent reply bytes per connection and server-wide,
-//!   which the frame layer and the writer consult.
-//! - [`tls`]: mutual TLS configs (rustls) from PEM files, for both sides.
-//!
-//! Apart from [`transport`], [`frames`], [`backlog`] and [`tls`], this crate knows nothing about sockets,
-//! threads or storage.
+//! This crate knows nothing about sockets, threads or storage: the byte stream under RPC
+//! (transport, frames, TLS, backpressure) is `capkv-rpc`.
 
 capnp::generated_code!(pub mod kv_capnp);
-
-pub mod backlog;
-pub mod frames;
-pub mod tls;
-pub mod transport;
 
 pub use kv_capnp::ErrorCode;
 

@@ -39,10 +39,10 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use crate::pending::Completer;
 use crate::space::{SpaceGuard, SpaceOptions};
-use crate::write::{incremented, now_unix_ms, recordable, Record};
-use crate::{
+use capkv_store::write::{incremented, now_unix_ms, recordable, Record};
+use capkv_store::Completer;
+use capkv_store::{
     BatchOutcome, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending, PutOutcome,
     ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp, WriteOutcome,
 };
@@ -174,6 +174,9 @@ struct Counters {
     queued: AtomicU64,
     /// Writes answered from an idempotency record.
     replays: AtomicU64,
+    /// Failpoint: the next commit fails as RocksDB's write would (tests only).
+    #[cfg(test)]
+    fail_next_commit: std::sync::atomic::AtomicBool,
 }
 
 /// The durable engine. Dropping it commits what is queued and closes the database.
@@ -465,7 +468,7 @@ impl RocksStore {
         }
     }
 
-    /// Writes an idempotency record (tests only until the idempotency layer uses it).
+    /// Writes an idempotency record directly (tests of the compaction filter).
     #[cfg(test)]
     fn put_record(&self, key: &[u8], expires_at_unix_ms: u64, payload: &[u8]) {
         let mut v = expires_at_unix_ms.to_be_bytes().to_vec();
@@ -557,9 +560,9 @@ impl Drop for RocksStore {
     }
 }
 
+/// A failed read, passed up with its detail: the server logs it where it handles it.
 fn read_error(e: rocksdb::Error) -> StoreError {
-    tracing::error!(error = %e, "rocksdb read failed");
-    StoreError::Internal(e.into_string())
+    StoreError::Internal(format!("rocksdb read failed: {}", e.into_string()))
 }
 
 /// Splits a `data` record into (version, mod_revision, value).
@@ -707,7 +710,7 @@ impl Store for RocksStore {
             delayed_write_rate: int("rocksdb.actual-delayed-write-rate"),
             write_queue_len: c.queued.load(Ordering::Relaxed),
             idempotent_replays: c.replays.load(Ordering::Relaxed),
-            space: Some(crate::SpaceStats {
+            space: Some(capkv_store::SpaceStats {
                 free_bytes: self.space.free_bytes(),
                 low: self.space.is_low() || self.read_only,
                 read_only: self.read_only,
@@ -1008,6 +1011,10 @@ impl Committer {
                 if g.revision != self.revision {
                     g.batch.put_cf(meta, KEY_REVISION, g.revision.to_be_bytes());
                 }
+                #[cfg(test)]
+                if self.counters.fail_next_commit.swap(false, Ordering::AcqRel) {
+                    return Err(StoreError::Unavailable("injected commit failure".into()));
+                }
                 let mut wo = WriteOptions::default();
                 wo.set_sync(self.sync);
                 self.db
@@ -1041,8 +1048,9 @@ fn is_no_space(detail: &str) -> bool {
     detail.contains("No space") || detail.contains("NoSpace")
 }
 
+/// A failed commit, passed up to every write of the group with its detail (the server
+/// logs it where it handles it).
 fn write_error(e: rocksdb::Error, space: &SpaceGuard) -> StoreError {
-    tracing::error!(error = %e, "rocksdb commit failed; the group's writes are refused");
     let io = e.kind() == ErrorKind::IOError;
     let detail = e.into_string();
     if is_no_space(&detail) {
@@ -1060,12 +1068,48 @@ fn write_error(e: rocksdb::Error, space: &SpaceGuard) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Condition;
+    use capkv_store::Condition;
 
     fn open(dir: &Path) -> RocksStore {
         let mut o = RocksOptions::new(dir);
         o.compaction_interval_s = 0;
         RocksStore::open(o).unwrap()
+    }
+
+    /// "Acknowledged means durable" needs its converse: when a group's commit fails, no
+    /// write of the group is acknowledged, whatever each decided, and none is applied.
+    #[test]
+    fn a_failed_commit_fails_every_write_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = RocksOptions::new(dir.path());
+        o.compaction_interval_s = 0;
+        // Long enough that the five writes below, queued at once, form one group.
+        o.group_commit_max_wait_us = 300_000;
+        let s = RocksStore::open(o).unwrap();
+        s.counters.fail_next_commit.store(true, Ordering::Release);
+        let keys: Vec<Vec<u8>> = (0..5).map(|i| format!("k{i}").into_bytes()).collect();
+        let pending: Vec<_> = keys
+            .iter()
+            .map(|k| s.put(k, b"v", Condition::None))
+            .collect();
+        for p in pending {
+            assert!(
+                p.wait().is_err(),
+                "a write of the failed group was acknowledged"
+            );
+        }
+        for k in &keys {
+            assert_eq!(
+                s.get(k).unwrap(),
+                None,
+                "a write of the failed group was applied"
+            );
+        }
+        assert_eq!(s.revision().unwrap(), 0);
+        assert_eq!(s.stats().commit_groups, 0);
+        // The next group commits.
+        s.put(b"k0", b"v", Condition::None).wait().unwrap();
+        assert_eq!(s.revision().unwrap(), 1);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The conformance suite against the RocksDB engine, each case in its own temp directory.
 
 use capkv_store::{
-    Entry, IdempotencyKey, Pending, RocksOptions, RocksStore, ScanPage, ScanRequest, Store,
-    StoreError, WriteOp, WriteOutcome,
+    Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
+use capkv_store_rocks::{RocksOptions, RocksStore};
 
 /// A store that owns its temp directory, so the directory outlives the database.
 struct TempRocks {

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 
 use crate::rocks::{OpenError, RocksOptions, RocksStore};
-use crate::{
+use capkv_store::{
     Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp,
     WriteOutcome,
 };

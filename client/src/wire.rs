@@ -1,0 +1,198 @@
+//! The wire work both [`LocalClient`](crate::LocalClient) and the get batcher share: a
+//! call's `RequestContext` and deadline, single gets and `getMany` on the wire, decoding
+//! result unions and entries. Its own module so that `local` and `batch` both build on it
+//! instead of on each other.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use capkv::kv_capnp::{condition, kv_store};
+use capkv::{ApiError, CallMeta, ErrorCode};
+use futures::future::{LocalBoxFuture, Shared};
+use tokio::time::Instant;
+
+use crate::{Condition, Entry, FaultsInfo};
+
+/// When a call must be done by, and which attempt of its logical call it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallSpec {
+    pub deadline: Instant,
+    /// 1 for the first try, 2 for the first retry...
+    pub attempt: u32,
+    /// For writes: the idempotency key, the same on every attempt of one logical write.
+    pub idempotency_key: Option<[u8; 16]>,
+    /// The attempt span's trace context, sent as `traceparent` when traces are exported.
+    pub traceparent: Option<capkv_telemetry::TraceParent>,
+}
+
+impl From<Instant> for CallSpec {
+    fn from(deadline: Instant) -> Self {
+        Self {
+            deadline,
+            attempt: 1,
+            idempotency_key: None,
+            traceparent: None,
+        }
+    }
+}
+
+pub(crate) type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiError>>>;
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Awaits a response and decodes its result union: the success arm `$arm($v)` through
+/// `$ok`, the error arm into an [`ApiError`]. Every call of the contract has this shape;
+/// only the union module and the success arm differ.
+macro_rules! decode_result {
+    ($response:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
+        let resp = $response.await.map_err(capnp_err)?;
+        use capkv::kv_capnp::$module::Which;
+        match resp
+            .get()
+            .and_then(|r| r.get_result())
+            .map_err(capnp_err)?
+            .which()
+        {
+            Ok(Which::$arm($v)) => $ok,
+            Ok(Which::Error(e)) => Err(read_error(e)),
+            Err(e) => Err(capnp_err(e.into())),
+        }
+    }};
+}
+pub(crate) use decode_result;
+
+/// The failure of the call that promised a capability (`origin`), if it failed: the real
+/// reason a call on that capability failed. A call on such a capability is answered after
+/// its origin (the server runs it only once the origin resolved), so this does not wait.
+pub(crate) async fn origin_failure(origin: &SharedOutcome) -> Option<ApiError> {
+    origin.clone().await.err()
+}
+
+/// The `RequestContext` of a call made now under `spec`: the budget is what is left when
+/// the request leaves, not the caller's timeout. Fails if nothing is left.
+pub(crate) fn call_meta(spec: &CallSpec) -> Result<CallMeta, ApiError> {
+    let left = spec.deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(deadline_exceeded());
+    }
+    Ok(CallMeta {
+        budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
+        request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
+        attempt: spec.attempt,
+        traceparent: spec.traceparent.map(|t| t.to_string()).unwrap_or_default(),
+        ..CallMeta::default()
+    })
+}
+
+/// Runs one call under `spec`: builds its `RequestContext` and gives up at the deadline,
+/// dropping (and so cancelling) the request.
+pub(crate) async fn within<T, F, Fut>(spec: impl Into<CallSpec>, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(CallMeta) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let spec = spec.into();
+    let meta = call_meta(&spec)?;
+    tokio::time::timeout_at(spec.deadline, f(meta))
+        .await
+        .unwrap_or_else(|_| Err(deadline_exceeded()))
+}
+
+/// One `get` on the wire, its failure explained by `opened`; a missing key is `None`.
+pub(crate) async fn get_one(
+    kv: &kv_store::Client,
+    opened: &SharedOutcome,
+    key: &[u8],
+    meta: CallMeta,
+) -> Result<Option<Entry>, ApiError> {
+    let mut req = kv.get_request();
+    meta.write(req.get().init_ctx());
+    req.get().set_key(key);
+    let r = async {
+        decode_result!(req.send().promise, get_result,
+            Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
+    }
+    .await;
+    match r {
+        Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+        Err(e) => Err(origin_failure(opened).await.unwrap_or(e)),
+        ok => ok,
+    }
+}
+
+/// One `getMany` on the wire: `None` for each missing key, in `keys` order.
+pub(crate) async fn wire_get_many<K: AsRef<[u8]>>(
+    kv: &kv_store::Client,
+    keys: &[K],
+    meta: &CallMeta,
+) -> Result<Vec<Option<Entry>>, ApiError> {
+    let mut req = kv.get_many_request();
+    meta.write(req.get().init_ctx());
+    let n = u32::try_from(keys.len()).map_err(|_| too_many(keys.len()))?;
+    let mut list = req.get().init_keys(n);
+    for (i, k) in keys.iter().enumerate() {
+        list.set(i as u32, k.as_ref());
+    }
+    decode_result!(req.send().promise, get_many_result, Ok(ok) => {
+        use capkv::kv_capnp::get_item::Which as Item;
+        let items = ok.get_items().map_err(capnp_err)?;
+        items
+            .iter()
+            .map(|item| match item.which() {
+                Ok(Item::Found(e)) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)),
+                Ok(Item::NotFound(())) => Ok(None),
+                Err(e) => Err(capnp_err(e.into())),
+            })
+            .collect()
+    })
+}
+
+pub(crate) fn capnp_err(e: capnp::Error) -> ApiError {
+    ApiError::from_capnp(&e)
+}
+
+pub(crate) fn deadline_exceeded() -> ApiError {
+    ApiError::new(ErrorCode::DeadlineExceeded, "client deadline exceeded")
+}
+
+pub(crate) fn too_many(n: usize) -> ApiError {
+    ApiError::new(ErrorCode::TooManyItems, format!("{n} items is too many"))
+}
+
+pub(crate) fn read_text(t: capnp::Result<capnp::text::Reader<'_>>) -> String {
+    t.ok()
+        .and_then(|t| t.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub(crate) fn read_error(e: capnp::Result<capkv::kv_capnp::error::Reader<'_>>) -> ApiError {
+    match e {
+        Ok(e) => ApiError::read(e),
+        Err(e) => capnp_err(e),
+    }
+}
+
+pub(crate) fn read_faults(ok: capkv::kv_capnp::faults_result::ok::Reader<'_>) -> FaultsInfo {
+    FaultsInfo {
+        plan: read_text(ok.get_plan()),
+        rules: ok.get_rules(),
+    }
+}
+
+pub(crate) fn read_entry(e: capkv::kv_capnp::entry::Reader<'_>) -> Result<Entry, ApiError> {
+    Ok(Entry {
+        key: e.get_key().map_err(capnp_err)?.to_vec(),
+        value: e.get_value().map_err(capnp_err)?.to_vec(),
+        version: e.get_version(),
+        mod_revision: e.get_mod_revision(),
+    })
+}
+
+pub(crate) fn write_condition(mut b: condition::Builder<'_>, c: Condition) {
+    match c {
+        Condition::None => b.set_none(()),
+        Condition::IfVersion(v) => b.set_if_version(v),
+        Condition::IfAbsent => b.set_if_absent(()),
+    }
+}

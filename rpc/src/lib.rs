@@ -1,0 +1,18 @@
+//! capkv's byte stream under Cap'n Proto RPC, for the server and the client.
+//!
+//! - [`transport`]: the two-party network over a TCP (or TLS) stream: buffered reads and a
+//!   coalescing writer, so both sides frame and flush alike.
+//! - [`frames`]: the server's frame layer: what a peer sends is a whole, checked message
+//!   (declared size, budget, timeout, kind, cap table) before the RPC system sees it. Its
+//!   own crate, so the fuzz target builds without the storage engine or the server.
+//! - [`backlog`]: reply backpressure: unsent reply bytes per connection and server-wide,
+//!   which the frame layer and the writer consult.
+//! - [`tls`]: mutual TLS configs (rustls) from PEM files, for both sides.
+//!
+//! This is where capkv's own RPC engine will live (standard rpc.capnp on the wire,
+//! capnp-rpc as its test reference). It knows nothing of the kv schema.
+
+pub mod backlog;
+pub mod frames;
+pub mod tls;
+pub mod transport;
