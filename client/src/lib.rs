@@ -15,13 +15,16 @@
 //! - [`retry`]: the retry policy (which failures, backoff with jitter, `retryAfterMs`, a
 //!   shared retry budget) applied by [`Client`] to every call, within the call's deadline.
 //!   A lost connection is re-established on the next call.
-//! - `cli` and `shell`: the `kv-client` command line and interactive shell; `output`:
+//! - `app`, `cli` and `shell`: the `kv-client` program, its commands and its interactive
+//!   shell; `output`:
 //!   human and JSON rendering. Behind the default feature `cli`, so that a program that
 //!   links only the library (kv-loadgen) pulls in no terminal dependencies.
 //!
 //! Errors are [`ApiError`]s with the contract's stable codes; a broken connection is
 //! `unavailable`, a request the server could not decode for size is `requestTooLarge`.
 
+#[cfg(feature = "cli")]
+pub mod app;
 pub mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -13,6 +13,7 @@
 //!   Every connection reads through `capkv_rpc::frames::GuardedReader` (the frame layer).
 //! - [`refused`]: the stand-in capability a refused `open`/`admin`/`session` returns for
 //!   pipelined calls, each answered with the refusal's error.
+//! - [`reply`]: counting each built reply on its connection's backlog.
 //! - [`validate`]: input limits, each breach a distinct error code.
 //! - [`auth`]: constant-time bearer-token check.
 //! - [`metrics`], [`logging`]: metric names and exporter; log setup.
@@ -29,6 +30,7 @@ pub mod method;
 pub mod metrics;
 pub mod refused;
 pub mod reload;
+pub mod reply;
 pub mod rpc;
 pub mod server;
 pub mod session;

@@ -24,17 +24,7 @@ use capkv::ApiError;
 
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
-use crate::rpc::count_reply;
-
-/// Bytes a reply of `size` takes on the wire: its content plus the `Return` message and
-/// segment table around it.
-pub(crate) fn reply_bytes(size: capnp::MessageSize) -> usize {
-    const RETURN_OVERHEAD_BYTES: usize = 64;
-    usize::try_from(size.word_count)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(8)
-        .saturating_add(RETURN_OVERHEAD_BYTES)
-}
+use crate::reply::count_reply;
 
 /// A capability of every capkv interface whose calls all fail with one error.
 pub struct Refused {

@@ -17,6 +17,7 @@ use capkv_store::{Entry, IdempotencyKey, Store, StoreError, WriteOp, WriteOutcom
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
+use crate::reply::count_reply;
 use crate::tunables::{AdminAccess, Tunables};
 use crate::validate;
 
@@ -87,17 +88,6 @@ fn store_error(e: StoreError) -> ApiError {
         }
     }
 }
-
-/// Counts a handler's reply as unsent on its connection until the writer has sent it (see
-/// `capkv_rpc::backlog`): its encoded size plus the Return header.
-macro_rules! count_reply {
-    ($conn:expr, $results:ident) => {
-        if let Ok(size) = $results.get().into_reader().total_size() {
-            $conn.backlog.queued(crate::refused::reply_bytes(size));
-        }
-    };
-}
-pub(crate) use count_reply;
 
 fn write_entry(mut b: entry::Builder<'_>, e: &Entry) {
     b.set_key(&e.key);

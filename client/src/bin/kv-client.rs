@@ -9,5 +9,5 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = capkv_client::cli::Cli::parse();
-    std::process::ExitCode::from(capkv_client::cli::main_with(cli))
+    std::process::ExitCode::from(capkv_client::app::main_with(cli))
 }
