@@ -219,16 +219,9 @@ fn fd_targets(pid: u32) -> Vec<String> {
 #[test]
 fn twice_max_connections_of_idle_and_trickling_sockets() {
     const MAX_CONNECTIONS: usize = 16;
-    let (server, addr, _logs) = common::spawn_kv_server(
+    let (server, addr, _logs) = common::spawn_memory_server(
         BIN,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--engine",
-            "memory",
-            "--workers",
-            "2",
-        ],
+        &[],
         &[
             (
                 "CAPKV_LIMITS__MAX_CONNECTIONS",
@@ -368,18 +361,7 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 fn many_clients_at_the_value_limit_keep_memory_bounded_and_small_calls_served() {
     const CLIENTS: usize = 32;
     const ROUNDS: usize = 8;
-    let (server, addr, _logs) = common::spawn_kv_server(
-        BIN,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--engine",
-            "memory",
-            "--workers",
-            "2",
-        ],
-        &[],
-    );
+    let (server, addr, _logs) = common::spawn_memory_server(BIN, &[], &[]);
     let pid = server.id();
     let before = peak_rss_bytes(pid);
 

@@ -39,15 +39,9 @@ impl Server {
         let metrics = format!("127.0.0.1:{metrics_port}");
         let mut envs = envs.to_vec();
         envs.push(("CAPKV_STORAGE__STATS_INTERVAL_MS", "100"));
-        let (proc, addr, logs) = spawn_kv_server(
+        let (proc, addr, logs) = spawn_memory_server(
             BIN,
             &[
-                "--listen",
-                "127.0.0.1:0",
-                "--engine",
-                "memory",
-                "--workers",
-                "2",
                 "--log-level",
                 "warn,capkv_server=info",
                 "--metrics-listen",
@@ -91,15 +85,9 @@ impl Server {
         }
     }
 
-    /// Resident set now (`VmRSS`) or at its peak so far (`VmHWM`), bytes.
+    /// Resident set now (`VmRSS:`) or at its peak so far (`VmHWM:`), bytes.
     fn status_bytes(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.proc.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kib| kib * 1024)
+        proc_status_bytes(self.proc.id(), field)
     }
 
     /// Waits (bounded) for `n` log lines containing `text`.

@@ -33,16 +33,9 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
-        let (proc, addr, _logs) = common::spawn_kv_server(
+        let (proc, addr, _logs) = common::spawn_memory_server(
             BIN,
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--engine",
-                "memory",
-                "--workers",
-                "2",
-            ],
+            &[],
             &[(
                 "CAPKV_LIMITS__FRAME_TIMEOUT_MS",
                 &FRAME_TIMEOUT_MS.to_string(),
@@ -51,19 +44,9 @@ impl Server {
         Server { proc, addr }
     }
 
-    fn status_kib(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.proc.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
     /// Peak resident set so far, bytes.
     fn peak_rss(&self) -> u64 {
-        self.status_kib("VmHWM:") * 1024
+        common::proc_status_bytes(self.proc.id(), "VmHWM:")
     }
 
     fn alive(&mut self) -> bool {

@@ -217,6 +217,52 @@ fn expired_record_filter(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
     }
 }
 
+/// Reads the `meta` records an open needs: checks the layout version and returns the
+/// revision and the instance secret. `writable`: a new database gets its version and a
+/// fresh secret written; read-only, a missing one is corruption.
+fn read_meta(db: &DB, path: &Path, writable: bool) -> Result<(u64, [u8; 32]), OpenError> {
+    let shown = path.display().to_string();
+    let corrupt = |detail: String| OpenError::Corrupt {
+        path: shown.clone(),
+        detail,
+    };
+    let meta = db
+        .cf_handle(CF_META)
+        .ok_or_else(|| corrupt("column family `meta` missing".into()))?;
+    let put_synced = |key: &[u8], value: &[u8]| {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.put_cf_opt(meta, key, value, &wo)
+            .map_err(|e| OpenError::from_rocks(path, e))
+    };
+    match read_u64(db, meta, KEY_FORMAT).map_err(corrupt)? {
+        Some(FORMAT_VERSION) => {}
+        None if writable => put_synced(KEY_FORMAT, &FORMAT_VERSION.to_be_bytes())?,
+        found => {
+            return Err(OpenError::Format {
+                path: shown,
+                found: found.unwrap_or(0),
+                expected: FORMAT_VERSION,
+            })
+        }
+    }
+    let revision = read_u64(db, meta, KEY_REVISION)
+        .map_err(corrupt)?
+        .unwrap_or(0);
+    let secret = match db.get_pinned_cf(meta, KEY_SECRET) {
+        Ok(Some(v)) => <[u8; 32]>::try_from(&v[..])
+            .map_err(|_| corrupt("instance secret is not 32 bytes".into()))?,
+        Ok(None) if writable => {
+            let fresh: [u8; 32] = rand::random();
+            put_synced(KEY_SECRET, &fresh)?;
+            fresh
+        }
+        Ok(None) => return Err(corrupt("instance secret missing".into())),
+        Err(e) => return Err(OpenError::from_rocks(path, e)),
+    };
+    Ok((revision, secret))
+}
+
 fn read_u64(db: &DB, cf: &ColumnFamily, key: &[u8]) -> Result<Option<u64>, String> {
     match db.get_pinned_cf(cf, key).map_err(|e| e.into_string())? {
         None => Ok(None),
@@ -279,45 +325,7 @@ impl RocksStore {
             .map_err(|e| OpenError::from_rocks(&path, e))?;
         let db = Arc::new(db);
 
-        let corrupt = |detail: String| OpenError::Corrupt {
-            path: shown.clone(),
-            detail,
-        };
-        let meta = db
-            .cf_handle(CF_META)
-            .ok_or_else(|| corrupt("column family `meta` missing".into()))?;
-        match read_u64(&db, meta, KEY_FORMAT).map_err(corrupt)? {
-            Some(FORMAT_VERSION) => {}
-            Some(found) => {
-                return Err(OpenError::Format {
-                    path: shown,
-                    found,
-                    expected: FORMAT_VERSION,
-                })
-            }
-            None => {
-                let mut wo = WriteOptions::default();
-                wo.set_sync(true);
-                db.put_cf_opt(meta, KEY_FORMAT, FORMAT_VERSION.to_be_bytes(), &wo)
-                    .map_err(|e| OpenError::from_rocks(&path, e))?;
-            }
-        }
-        let revision = read_u64(&db, meta, KEY_REVISION)
-            .map_err(corrupt)?
-            .unwrap_or(0);
-        let secret = match db.get_pinned_cf(meta, KEY_SECRET) {
-            Ok(Some(v)) => <[u8; 32]>::try_from(&v[..])
-                .map_err(|_| corrupt("instance secret is not 32 bytes".into()))?,
-            Ok(None) => {
-                let fresh: [u8; 32] = rand::random();
-                let mut wo = WriteOptions::default();
-                wo.set_sync(true);
-                db.put_cf_opt(meta, KEY_SECRET, fresh, &wo)
-                    .map_err(|e| OpenError::from_rocks(&path, e))?;
-                fresh
-            }
-            Err(e) => return Err(OpenError::from_rocks(&path, e)),
-        };
+        let (revision, secret) = read_meta(&db, &path, true)?;
 
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
@@ -389,32 +397,7 @@ impl RocksStore {
             false,
         )
         .map_err(|e| OpenError::from_rocks(&path, e))?;
-        let corrupt = |detail: String| OpenError::Corrupt {
-            path: shown.clone(),
-            detail,
-        };
-        let meta = db
-            .cf_handle(CF_META)
-            .ok_or_else(|| corrupt("column family `meta` missing".into()))?;
-        match read_u64(&db, meta, KEY_FORMAT).map_err(corrupt)? {
-            Some(FORMAT_VERSION) => {}
-            found => {
-                return Err(OpenError::Format {
-                    path: shown,
-                    found: found.unwrap_or(0),
-                    expected: FORMAT_VERSION,
-                })
-            }
-        }
-        let revision = read_u64(&db, meta, KEY_REVISION)
-            .map_err(corrupt)?
-            .unwrap_or(0);
-        let secret = match db.get_pinned_cf(meta, KEY_SECRET) {
-            Ok(Some(v)) => <[u8; 32]>::try_from(&v[..])
-                .map_err(|_| corrupt("instance secret is not 32 bytes".into()))?,
-            Ok(None) => return Err(corrupt("instance secret missing".into())),
-            Err(e) => return Err(OpenError::from_rocks(&path, e)),
-        };
+        let (revision, secret) = read_meta(&db, &path, false)?;
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
         tracing::warn!(path = %shown, revision, "rocksdb opened read-only");

@@ -237,6 +237,36 @@ pub fn spawn_kv_server(
     (child, addr, rx)
 }
 
+/// A kv-server process on the memory engine with two workers, as the resource tests run it:
+/// `spawn_kv_server` with those arguments first and `args` after them.
+pub fn spawn_memory_server(
+    bin: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--engine",
+        "memory",
+        "--workers",
+        "2",
+    ];
+    all.extend_from_slice(args);
+    spawn_kv_server(bin, &all, envs)
+}
+
+/// A `/proc/PID/status` field in bytes (`VmRSS:` now, `VmHWM:` the peak so far); 0 when
+/// the process is gone.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// Reads kv-server's JSON log lines (at most 50: startup logs a handful) up to its
 /// `listening` line and returns the address in it; `None` if the process ended first.
 pub fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Option<String> {
