@@ -2,7 +2,7 @@
 //! a restart on the full disk comes up and serves reads, and writes resume by themselves
 //! once the filesystem has room again, with the reserve file restored.
 //!
-//! Runs kv-server (RocksDB) on a 24 MiB tmpfs the test mounts, which needs root (CI runs
+//! Fills it through kv-client. Runs kv-server (RocksDB) on a 24 MiB tmpfs the test mounts, which needs root (CI runs
 //! as root); elsewhere it says so and passes without checking anything.
 
 mod common;
@@ -157,26 +157,52 @@ fn a_full_disk_refuses_writes_early_restarts_for_reads_and_recovers_by_itself() 
         "the reserve is made at start"
     );
 
-    // Fill the disk until writes are refused. Bounded: 24 MiB holds fewer than 120 values.
-    let acked = common::local_result(async {
+    // Fill the disk through kv-client until writes are refused. Bounded: 24 MiB holds
+    // fewer than 120 values.
+    let kv_client = PathBuf::from(BIN).with_file_name("kv-client");
+    // Off the small filesystem, so that it holds only what the server writes.
+    let value_dir = tempfile::tempdir().unwrap();
+    let value_file = value_dir.path().join("value.bin");
+    let put = |i: u32| {
+        std::fs::write(&value_file, value(i)).unwrap();
+        let key = String::from_utf8(key(i)).unwrap();
+        let out = Command::new(&kv_client)
+            .args([
+                "--addr",
+                &addr,
+                "--json",
+                "--attempts",
+                "1",
+                "put",
+                &key,
+                "--file",
+            ])
+            .arg(&value_file)
+            .output()
+            .expect("run kv-client");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let mut acked = 0u32;
+    let refused = loop {
+        assert!(acked < 500, "the disk never filled");
+        match put(acked) {
+            (true, _) => acked += 1,
+            (false, text) => break text,
+        }
+    };
+    assert!(refused.contains("\"storage_full\""), "{refused}");
+    assert!(refused.contains("retry_after_ms"), "{refused}");
+    common::local_result(async {
         let c = connect(&addr).await;
-        let mut acked = 0u32;
-        let refused = loop {
-            assert!(acked < 500, "the disk never filled");
-            match c.put(&key(acked), &value(acked)).await {
-                Ok(_) => acked += 1,
-                Err(e) => break e,
-            }
-        };
-        assert_eq!(refused.code, ErrorCode::StorageFull, "{refused:?}");
-        assert!(refused.retry_after_ms > 0);
         // Not applied; and every later write is refused alike, while reads and deletes go on.
         assert_eq!(c.get(&key(acked)).await.unwrap(), None);
         let again = c.put(b"other", b"small").await.unwrap_err();
         assert_eq!(again.code, ErrorCode::StorageFull);
+        assert!(again.retry_after_ms > 0);
         assert!(c.get(&key(0)).await.unwrap().is_some());
         c.delete(b"absent").await.expect("deletes go on");
-        acked
     });
     assert!(acked > 10, "only {acked} writes fit");
     assert!(
