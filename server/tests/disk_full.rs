@@ -2,8 +2,9 @@
 //! a restart on the full disk comes up and serves reads, and writes resume by themselves
 //! once the filesystem has room again, with the reserve file restored.
 //!
-//! Fills it through kv-client. Runs kv-server (RocksDB) on a 24 MiB tmpfs the test mounts, which needs root (CI runs
-//! as root); elsewhere it says so and passes without checking anything.
+//! Runs kv-server (RocksDB) on a 24 MiB tmpfs the test mounts and fills it through
+//! kv-client; mounting needs root (CI runs as root): elsewhere the test says so and passes
+//! without checking anything.
 
 mod common;
 
