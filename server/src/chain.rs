@@ -106,6 +106,25 @@ pub struct Shared {
     call_metrics: crate::metrics::CallMetrics,
 }
 
+/// Why a server is not ready (see [`Shared::not_ready`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// Shutting down: new work goes elsewhere.
+    Draining,
+    /// The store refuses writes (a full disk); reads are still served.
+    WritesRefused(String),
+}
+
+impl NotReady {
+    /// The short form `Gateway.health` puts in `status`.
+    pub fn status(&self) -> &str {
+        match self {
+            NotReady::Draining => "draining",
+            NotReady::WritesRefused(why) => why,
+        }
+    }
+}
+
 /// One client connection, owned by the worker thread serving it.
 pub struct Conn {
     pub id: u64,
@@ -178,11 +197,6 @@ impl Conn {
             conn: Rc::clone(&self.caps),
             server: Arc::clone(&shared.capabilities_held),
         })
-    }
-
-    /// Capabilities the server holds for this peer.
-    pub fn capabilities(&self) -> usize {
-        self.caps.get()
     }
 
     /// The shared stand-in of type `C` for a connection at its capability limit, made by
@@ -339,6 +353,15 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Why the server cannot take all traffic now, or `None` when it can: what `/readyz`
+    /// and `Gateway.health` both report.
+    pub fn not_ready(&self) -> Option<NotReady> {
+        if self.is_draining() {
+            return Some(NotReady::Draining);
+        }
+        self.store.write_refusal().map(NotReady::WritesRefused)
     }
 
     pub fn start_draining(&self) {

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::chain::Shared;
+use crate::chain::{NotReady, Shared};
 
 /// A slow or idle probe connection is dropped after this long without a full request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,19 +33,19 @@ fn route(path: &str, handle: &PrometheusHandle, shared: &Shared) -> Response<Ful
     match path {
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if shared.is_draining() => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "draining\n".into(),
-        ),
-        "/readyz" => match shared.store.write_refusal() {
+        "/readyz" => match shared.not_ready() {
+            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(NotReady::Draining) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "draining\n".into(),
+            ),
             // Like etcd's NOSPACE alarm: reads are served, but the node cannot do its job.
-            Some(why) => reply(
+            Some(NotReady::WritesRefused(why)) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
                 format!("not ready: {why}; reads are served\n"),
             ),
-            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
         },
         _ => reply(
             StatusCode::NOT_FOUND,

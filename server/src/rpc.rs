@@ -3,9 +3,9 @@
 //! Each handler reads its parameters, hands its work to the call chain
 //! ([`Shared::serve`](crate::chain::Shared::serve)), and writes the success or error arm of
 //! its result union. A handler that returns a capability also puts it outside the union
-//! (`kvCap`, `adminCap`, `sessionCap`), or a [`Refused`] stand-in when the call failed. Nothing cross-cutting happens here. Handlers return `Err` to capnp-rpc
-//! only when the reply itself cannot be built; every expected failure is an `Error` in the
-//! result.
+//! (`kvCap`, `adminCap`, `sessionCap`), or a [`Refused`] stand-in when the call failed.
+//! Nothing cross-cutting happens here. Handlers return `Err` to capnp-rpc only when the
+//! reply itself cannot be built; every expected failure is an `Error` in the result.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use capkv::kv_capnp::{admin, entry, gateway, kv_store, write_session};
 use capkv::{ApiError, ErrorCode, API_VERSION};
 use capkv_store::{Entry, IdempotencyKey, Store, StoreError, WriteOp, WriteOutcome};
 
-use crate::chain::{CapSlot, Conn, Shared};
+use crate::chain::{CapSlot, Conn, NotReady, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
 use crate::reply::count_reply;
@@ -119,12 +119,7 @@ impl gateway::Server for GatewayImpl {
         let r = self
             .shared
             .serve(&self.conn, Method::Health, p.get_ctx(), |_| async {
-                // As /readyz: not ready while draining or while writes are refused.
-                Ok(if self.shared.is_draining() {
-                    Some("draining".to_string())
-                } else {
-                    self.shared.store.write_refusal()
-                })
+                Ok(self.shared.not_ready())
             })
             .await;
         let out = results.get().init_result();
@@ -133,7 +128,7 @@ impl gateway::Server for GatewayImpl {
                 let mut ok = out.init_ok();
                 ok.set_live(true);
                 ok.set_ready(not_ready.is_none());
-                ok.set_status(not_ready.as_deref().unwrap_or("serving"));
+                ok.set_status(not_ready.as_ref().map_or("serving", NotReady::status));
             }
             Err(e) => e.write(out.init_error()),
         }

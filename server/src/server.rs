@@ -497,7 +497,7 @@ where
         conn.backlog.close();
         if slow_reader {
             stop_writer.abort();
-        } else {
+        } else if !stop_writer.is_finished() {
             tokio::task::spawn_local(async move {
                 tokio::time::sleep(WRITER_DRAIN_GRACE).await;
                 stop_writer.abort();
