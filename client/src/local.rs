@@ -55,6 +55,27 @@ pub struct LocalClient {
     batcher: Option<Rc<GetBatcher>>,
 }
 
+/// The shape of every Admin call: `Gateway.admin(token)` pipelined with the call, its
+/// context, its parameters (`set`), the answer decoded from its result union, and a
+/// refused `admin` explained as the reason (see `LocalClient::explain`).
+macro_rules! admin_call {
+    ($self:ident, $token:expr, $deadline:expr, $request:ident,
+     |$req:ident| $set:expr,
+     $result:ident, $arm:ident($v:pat) => $ok:expr) => {
+        $self
+            .run($deadline, |meta| async move {
+                let (admin, outcome) = $self.admin_cap($token, &meta);
+                let mut $req = admin.$request();
+                meta.write($req.get().init_ctx());
+                let () = $set;
+                let r = async { decode_result!($req.send().promise, $result, $arm($v) => $ok) }
+                    .await;
+                $self.explain(r, &outcome).await
+            })
+            .await
+    };
+}
+
 impl LocalClient {
     /// Connects to `addr` and sends `open(token)` without waiting for it. Must be called
     /// inside a `LocalSet`: the connection's `RpcSystem` is spawned on it.
@@ -423,18 +444,9 @@ impl LocalClient {
         plan: &str,
         deadline: impl Into<CallSpec>,
     ) -> Result<FaultsInfo, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (admin, outcome) = self.admin_cap(admin_token, &meta);
-            let mut req = admin.set_faults_request();
-            meta.write(req.get().init_ctx());
-            req.get().set_plan(plan);
-            let r = async {
-                decode_result!(req.send().promise, faults_result, Ok(ok) => Ok(read_faults(ok)))
-            }
-            .await;
-            self.explain(r, &outcome).await
-        })
-        .await
+        admin_call!(self, admin_token, deadline, set_faults_request,
+            |req| req.get().set_plan(plan),
+            faults_result, Ok(ok) => Ok(read_faults(ok)))
     }
 
     pub async fn show_faults(
@@ -442,17 +454,9 @@ impl LocalClient {
         admin_token: &str,
         deadline: impl Into<CallSpec>,
     ) -> Result<FaultsInfo, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (admin, outcome) = self.admin_cap(admin_token, &meta);
-            let mut req = admin.show_faults_request();
-            meta.write(req.get().init_ctx());
-            let r = async {
-                decode_result!(req.send().promise, faults_result, Ok(ok) => Ok(read_faults(ok)))
-            }
-            .await;
-            self.explain(r, &outcome).await
-        })
-        .await
+        admin_call!(self, admin_token, deadline, show_faults_request,
+            |req| (),
+            faults_result, Ok(ok) => Ok(read_faults(ok)))
     }
 
     pub async fn clear_faults(
@@ -460,17 +464,9 @@ impl LocalClient {
         admin_token: &str,
         deadline: impl Into<CallSpec>,
     ) -> Result<FaultsInfo, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (admin, outcome) = self.admin_cap(admin_token, &meta);
-            let mut req = admin.clear_faults_request();
-            meta.write(req.get().init_ctx());
-            let r = async {
-                decode_result!(req.send().promise, faults_result, Ok(ok) => Ok(read_faults(ok)))
-            }
-            .await;
-            self.explain(r, &outcome).await
-        })
-        .await
+        admin_call!(self, admin_token, deadline, clear_faults_request,
+            |req| (),
+            faults_result, Ok(ok) => Ok(read_faults(ok)))
     }
 
     /// Compacts the server's storage now.
@@ -479,14 +475,9 @@ impl LocalClient {
         admin_token: &str,
         deadline: impl Into<CallSpec>,
     ) -> Result<(), ApiError> {
-        self.run(deadline, |meta| async move {
-            let (admin, outcome) = self.admin_cap(admin_token, &meta);
-            let mut req = admin.compact_request();
-            meta.write(req.get().init_ctx());
-            let r = async { decode_result!(req.send().promise, admin_ack, Ok(()) => Ok(())) }.await;
-            self.explain(r, &outcome).await
-        })
-        .await
+        admin_call!(self, admin_token, deadline, compact_request,
+            |req| (),
+            admin_ack, Ok(()) => Ok(()))
     }
 
     /// Makes the server write a checkpoint of its store into `dir` (on its machine).
@@ -496,15 +487,9 @@ impl LocalClient {
         dir: &str,
         deadline: impl Into<CallSpec>,
     ) -> Result<(), ApiError> {
-        self.run(deadline, |meta| async move {
-            let (admin, outcome) = self.admin_cap(admin_token, &meta);
-            let mut req = admin.checkpoint_request();
-            meta.write(req.get().init_ctx());
-            req.get().set_dir(dir);
-            let r = async { decode_result!(req.send().promise, admin_ack, Ok(()) => Ok(())) }.await;
-            self.explain(r, &outcome).await
-        })
-        .await
+        admin_call!(self, admin_token, deadline, checkpoint_request,
+            |req| req.get().set_dir(dir),
+            admin_ack, Ok(()) => Ok(()))
     }
 
     /// Makes the server read its configuration again; returns what changed.
@@ -513,17 +498,9 @@ impl LocalClient {
         admin_token: &str,
         deadline: impl Into<CallSpec>,
     ) -> Result<String, ApiError> {
-        self.run(deadline, |meta| async move {
-            let (admin, outcome) = self.admin_cap(admin_token, &meta);
-            let mut req = admin.reload_config_request();
-            meta.write(req.get().init_ctx());
-            let r = async {
-                decode_result!(req.send().promise, reload_result, Ok(t) => Ok(read_text(t)))
-            }
-            .await;
-            self.explain(r, &outcome).await
-        })
-        .await
+        admin_call!(self, admin_token, deadline, reload_config_request,
+            |req| (),
+            reload_result, Ok(t) => Ok(read_text(t)))
     }
 
     /// The session for a write. A keyed write waits until the session's token is known

@@ -177,6 +177,11 @@ impl PeerReader
     fn try_send(&self, _: &[u8]) {}
 }
 
+/// An in-process stream (`tokio::io::duplex`, for tests): no side channel either.
+impl PeerReader for tokio_util::compat::Compat<tokio::io::ReadHalf<tokio::io::DuplexStream>> {
+    fn try_send(&self, _: &[u8]) {}
+}
+
 impl PeerReader for tokio_util::compat::Compat<tokio::net::tcp::OwnedReadHalf> {
     fn try_send(&self, bytes: &[u8]) {
         // Best effort and never blocking: a full socket buffer just loses the reason.

@@ -2,14 +2,16 @@
 //!
 //! - [`config`]: layered configuration (flags > `CAPKV_*` env > TOML file > defaults).
 //! - [`server`]: listener, worker threads (current-thread runtime + `LocalSet` each),
-//!   drain on shutdown; [`server::RunningServer`] runs one on a thread for tests.
+//!   drain on shutdown; [`server::RunningServer`] runs one on a thread for tests, and
+//!   [`server::serve_in_process`] serves one connection over an in-process stream.
 //! - [`chain`]: the ordered cross-cutting steps every call passes (context, drain,
 //!   deadline, rate, admission, faults, work, observe), written once; the connection
 //!   ([`chain::Conn`]) and the state all workers share ([`chain::Shared`]).
 //! - [`method`]: the methods as the chain, logs and config name them; fault plans.
 //! - [`tunables`]: the reloadable settings ([`tunables::Tunables`]), the per-token rate
 //!   limit, and the configuration a reload starts from.
-//! - [`rpc`]: the `Gateway`, `KvStore` and `WriteSession` handlers.
+//! - [`rpc`]: the handlers, one module per capability (`Gateway`, `KvStore`,
+//!   `WriteSession`, `Admin`), each in one shape (`rpc::handle!`).
 //!   Every connection reads through `capkv_rpc::frames::GuardedReader` (the frame layer).
 //! - [`refused`]: the stand-in capability a refused `open`/`admin`/`session` returns for
 //!   pipelined calls, each answered with the refusal's error.

@@ -344,7 +344,6 @@ fn worker_main(
     // Outside any runtime on this thread: a blocking send is allowed here.
     let _ = ready.blocking_send(());
     drop(ready);
-    static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>> = Rc::default();
@@ -406,6 +405,28 @@ fn worker_main(
             }
         }
     });
+}
+
+/// Connection ids, unique in the process (logs, metrics).
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Serves one connection over an in-process byte stream (one end of `tokio::io::duplex`)
+/// on the current thread's `LocalSet`: everything a TCP connection passes (frame layer,
+/// backlog, RPC system, chain, handlers) but the socket, for tests whose subject is not
+/// the network. Its peer address is `0.0.0.0:0`; it ends when the other end is dropped.
+pub fn serve_in_process(shared: Arc<Shared>, stream: tokio::io::DuplexStream) {
+    let open = Arc::new(AtomicUsize::new(1));
+    metrics::gauge!(m::CONNECTIONS).increment(1.0);
+    let start = ConnStart {
+        id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+        peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+        open_guard: ConnCount(open),
+        worker: 0,
+        shared,
+        live: Rc::default(),
+    };
+    let (r, w) = tokio::io::split(stream);
+    start_connection(start, r.compat(), w.compat_write());
 }
 
 /// What a new connection needs from its worker.

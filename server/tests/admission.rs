@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use capkv::ErrorCode;
 use capkv_client::{Client, ClientOptions, RetryPolicy};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -220,7 +219,6 @@ fn fd_targets(pid: u32) -> Vec<String> {
 fn twice_max_connections_of_idle_and_trickling_sockets() {
     const MAX_CONNECTIONS: usize = 16;
     let (server, addr, _logs) = common::spawn_memory_server(
-        BIN,
         &[],
         &[
             (
@@ -361,7 +359,7 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 fn many_clients_at_the_value_limit_keep_memory_bounded_and_small_calls_served() {
     const CLIENTS: usize = 32;
     const ROUNDS: usize = 8;
-    let (server, addr, _logs) = common::spawn_memory_server(BIN, &[], &[]);
+    let (server, addr, _logs) = common::spawn_memory_server(&[], &[]);
     let pid = server.id();
     let before = peak_rss_bytes(pid);
 

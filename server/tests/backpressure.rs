@@ -17,7 +17,6 @@ use capkv::{ApiError, CallMeta, ErrorCode};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const MIB: u64 = 1024 * 1024;
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -40,7 +39,6 @@ impl Server {
         let mut envs = envs.to_vec();
         envs.push(("CAPKV_STORAGE__STATS_INTERVAL_MS", "100"));
         let (proc, addr, logs) = spawn_memory_server(
-            BIN,
             &[
                 "--log-level",
                 "warn,capkv_server=info",

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use common::Proc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,38 +16,17 @@ use capkv::ErrorCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
-
-/// Starts kv-server on port 0 and returns it with the address from its "listening" line.
+/// Starts kv-server on port 0 (two workers, the memory engine unless `extra` picks one)
+/// and returns it with its address.
 fn spawn_server(extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--workers",
-            "2",
-        ])
-        // Process behaviour is engine-independent: memory unless the test picks one.
-        .args(if extra.contains(&"--engine") {
-            &[][..]
-        } else {
-            &["--engine", "memory"][..]
-        })
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kv-server");
-    let stderr = child.stderr.take().unwrap();
-    let child = Proc(child);
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = common::listening_addr(&mut lines).expect("server printed its listening address");
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr.parse().unwrap())
+    let mut args = vec!["--listen", "127.0.0.1:0", "--workers", "2"];
+    // Process behaviour is engine-independent: memory unless the test picks one.
+    if !extra.contains(&"--engine") {
+        args.extend(["--engine", "memory"]);
+    }
+    args.extend_from_slice(extra);
+    let (child, addr, _logs) = common::spawn_kv_server(&args, &[]);
+    (child, addr.parse().expect("a socket address"))
 }
 
 /// Waits for the child to exit, bounded; kills it (by PID) if it does not.
@@ -70,8 +49,8 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 
 #[test]
 fn print_config_redacts_and_bad_config_exits_2() {
-    let out = Command::new(BIN)
-        .args(["--print-config", "--listen", "127.0.0.1:9"])
+    let out = common::kv_server(&["--print-config", "--listen", "127.0.0.1:9"])
+        .stdout(Stdio::piped())
         .env("CAPKV_AUTH__TOKEN", "super-secret-value")
         .output()
         .unwrap();
@@ -86,11 +65,7 @@ fn print_config_redacts_and_bad_config_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[limits]\nmax_key_bytes = \"lots\"\n").unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = common::kv_server(&["--config"]).arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("max_key_bytes"), "{err}");
@@ -98,8 +73,7 @@ fn print_config_redacts_and_bad_config_exits_2() {
 
 /// Runs kv-server on RocksDB at `data_dir` and expects it to fail at start.
 fn failed_start(data_dir: &std::path::Path) -> String {
-    let out = Command::new(BIN)
-        .args(["--engine", "rocksdb", "--listen", "127.0.0.1:0"])
+    let out = common::kv_server(&["--engine", "rocksdb", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data_dir)
         .output()
@@ -136,8 +110,7 @@ fn storage_that_cannot_open_is_a_clear_error() {
 #[test]
 fn port_in_use_is_a_clear_error() {
     let (mut first, addr) = spawn_server(&[]);
-    let out = Command::new(BIN)
-        .args(["--listen", &addr.to_string(), "--log-format", "json"])
+    let out = common::kv_server(&["--listen", &addr.to_string(), "--log-format", "json"])
         .args(["--engine", "memory"])
         .output()
         .unwrap();
@@ -221,18 +194,8 @@ fn sigterm_with_calls_in_flight_drains_and_exits_zero() {
 
 #[test]
 fn a_closed_log_pipe_does_not_take_the_server_down() {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--workers",
-            "1",
-        ])
-        .args(["--engine", "memory", "--dev-admin"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
+    let mut child = common::kv_server(&["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--workers", "1", "--engine", "memory", "--dev-admin"])
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn kv-server");

@@ -19,7 +19,6 @@ use std::time::Duration;
 use capkv_client::{Client, ClientOptions, Condition, ScanOptions};
 use rand::Rng;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const WRITERS: usize = 8;
 const TRIALS: usize = 5;
 const MIN_ACKED: u64 = 10_000;
@@ -39,7 +38,6 @@ impl ServerProcess {
         let data_dir = data_dir.to_string_lossy();
         let drain_timeout_ms = DRAIN_TIMEOUT_MS.to_string();
         let (child, addr, _logs) = common::spawn_kv_server(
-            BIN,
             &[
                 "--engine",
                 "rocksdb",

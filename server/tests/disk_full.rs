@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use capkv::ErrorCode;
 use capkv_client::{Client, ClientOptions, RetryPolicy};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const PATIENCE: Duration = Duration::from_secs(60);
 const MIB: u64 = 1024 * 1024;
 const VALUE_BYTES: usize = 200 * 1024;
@@ -76,7 +75,6 @@ fn start(
     let data = data.to_string_lossy();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let (proc, addr, logs) = common::spawn_kv_server(
-        BIN,
         &[
             "--engine",
             "rocksdb",
@@ -160,7 +158,7 @@ fn a_full_disk_refuses_writes_early_restarts_for_reads_and_recovers_by_itself() 
 
     // Fill the disk through kv-client until writes are refused. Bounded: 24 MiB holds
     // fewer than 120 values.
-    let kv_client = PathBuf::from(BIN).with_file_name("kv-client");
+    let kv_client = common::kv_client_bin();
     // Off the small filesystem, so that it holds only what the server writes.
     let value_dir = tempfile::tempdir().unwrap();
     let value_file = value_dir.path().join("value.bin");

@@ -17,7 +17,6 @@ use capkv_client::{Client, ClientOptions};
 use capnp_rpc::rpc_capnp::message;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
@@ -34,7 +33,6 @@ struct Server {
 impl Server {
     fn start() -> Self {
         let (proc, addr, _logs) = common::spawn_memory_server(
-            BIN,
             &[],
             &[(
                 "CAPKV_LIMITS__FRAME_TIMEOUT_MS",

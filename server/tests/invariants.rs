@@ -2,18 +2,19 @@
 //!
 //! - "A handler reads the Tunables in force once": the chain loads them when the call
 //!   starts and hands them to the work in `Call::tunables`; no handler reads
-//!   `Shared::tunables` itself, so a reload between a write's validation and its
-//!   execution cannot mix two configurations (the reads are nanoseconds apart with no
-//!   await between them, too close for a timing test: the code is read instead).
+//!   `Shared::tunables` itself, so a reload between a write's start and its execution
+//!   cannot mix two configurations. Shown by a reload made while a put waits in an
+//!   injected latency (on a paused clock, so the order is certain), and by reading the
+//!   handlers' code.
 //! - "Log an error where it is handled": a store failure is logged once, by
 //!   `rpc::store_error`, not also by the engine and the chain.
 
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use capkv::ErrorCode;
+use capkv::{ApiError, CallMeta, ErrorCode};
 use capkv_store::{
     Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp,
     WriteOutcome,
@@ -22,7 +23,19 @@ use common::*;
 
 #[test]
 fn handlers_read_the_tunables_the_chain_loaded() {
-    for file in ["server/src/rpc.rs", "server/src/refused.rs"] {
+    let rpc_dir = repo().join("server/src/rpc");
+    let mut files: Vec<String> = std::fs::read_dir(&rpc_dir)
+        .expect("server/src/rpc")
+        .map(|e| {
+            format!(
+                "server/src/rpc/{}",
+                e.unwrap().file_name().to_string_lossy()
+            )
+        })
+        .collect();
+    assert!(files.len() >= 5, "the handler modules: {files:?}");
+    files.push("server/src/refused.rs".into());
+    for file in &files {
         let code = read_repo_file(file);
         let reads: Vec<&str> = code
             .lines()
@@ -39,6 +52,127 @@ fn handlers_read_the_tunables_the_chain_loaded() {
         chain.contains("tunables: Arc::clone(&t),"),
         "the chain hands its Tunables to the call"
     );
+}
+
+/// The memory engine, recording the idempotency expiry of every write it is given.
+#[derive(Default)]
+struct RecordingExpiries {
+    inner: MemoryStore,
+    expiries: Mutex<Vec<u64>>,
+}
+
+impl Store for RecordingExpiries {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        self.inner.get(key)
+    }
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        if let Some(k) = &idem {
+            self.expiries.lock().unwrap().push(k.expires_at_unix_ms);
+        }
+        self.inner.write(op, idem)
+    }
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
+        self.inner.scan(req)
+    }
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        self.inner.get_many(keys)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.inner.revision()
+    }
+    fn engine_name(&self) -> &'static str {
+        "recording-expiries"
+    }
+    fn instance_secret(&self) -> [u8; 32] {
+        self.inner.instance_secret()
+    }
+}
+
+/// The code in a result's error arm, or `None` for success.
+macro_rules! code_of {
+    ($resp:expr, $module:ident) => {{
+        let resp = $resp;
+        match resp.get().unwrap().get_result().unwrap().which().unwrap() {
+            capkv::kv_capnp::$module::Which::Error(e) => Some(ApiError::read(e.unwrap()).code),
+            _ => None,
+        }
+    }};
+}
+
+#[test]
+fn a_reload_during_a_write_does_not_change_the_settings_it_runs_with() {
+    const HOUR_S: u64 = 3600;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, async {
+        let mut config = test_config();
+        config.idempotency.ttl_s = HOUR_S;
+        let store = Arc::new(RecordingExpiries::default());
+        let (gw, shared) = in_process_gateway_over(&config, store.clone());
+        let plan = capkv_server::method::parse_fault_plan("put latency=30s").unwrap();
+        shared.chaos.arm(plan);
+        let ctx = CallMeta {
+            budget_ms: Some(120_000),
+            ..CallMeta::default()
+        };
+        let mut open = gw.open_request();
+        ctx.write(open.get().init_ctx());
+        let kv = open.send().pipeline.get_result().get_kv_cap();
+        let mut session = kv.session_request();
+        ctx.write(session.get().init_ctx());
+        let session = session.send();
+        let ws = session.pipeline.get_result().get_session_cap();
+        assert_eq!(
+            code_of!(session.promise.await.unwrap(), session_result),
+            None
+        );
+        let put = |value: &[u8], idem: &[u8]| {
+            let mut put = ws.put_request();
+            ctx.write(put.get().init_ctx());
+            put.get().set_key(b"k");
+            put.get().set_value(value);
+            put.get().set_idempotency_key(idem);
+            put.send().promise
+        };
+        let value = [b'v'; 100];
+        let first = put(&value, b"first");
+        // The put has entered the chain (which loaded the settings in force) and waits in
+        // its injected latency: the clock is paused, and moves only when every task waits,
+        // which this loop never does.
+        for _ in 0..10_000 {
+            if shared.in_flight() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(shared.in_flight(), 1, "the put is in the chain");
+        assert!(
+            store.expiries.lock().unwrap().is_empty(),
+            "not executed yet"
+        );
+        // A reload that would refuse this value and shorten its idempotency record.
+        let mut smaller = config.clone();
+        smaller.limits.max_value_bytes = 16;
+        smaller.idempotency.ttl_s = 1;
+        shared.apply_config(smaller).expect("reload");
+        assert_eq!(code_of!(first.await.unwrap(), put_result), None);
+        let expiry = store.expiries.lock().unwrap()[0];
+        let now = capkv_store::write::now_unix_ms();
+        assert!(
+            expiry > now + HOUR_S * 1000 / 2,
+            "the record got the reloaded TTL: expires in {} ms",
+            expiry.saturating_sub(now)
+        );
+        // A put that starts after the reload runs with the new settings.
+        shared.chaos.clear();
+        assert_eq!(
+            code_of!(put(&value, b"second").await.unwrap(), put_result),
+            Some(ErrorCode::ValueTooLarge)
+        );
+    });
 }
 
 /// The detail only the server-side log may show.

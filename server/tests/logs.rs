@@ -1,13 +1,10 @@
 //! What the server logs: one JSON line per request with the fields operators filter on,
 //! and never a token or a stored value, at any level (trace included).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+mod common;
 
 use capkv_client::{Client, ClientOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const TOKEN: &str = "sentinel-token-5f0c9e";
 const ADMIN_TOKEN: &str = "sentinel-admin-1b7d42";
 const VALUE: &str = "sentinel-value-a83e11";
@@ -15,46 +12,26 @@ const VALUE: &str = "sentinel-value-a83e11";
 #[test]
 fn request_lines_are_json_with_their_fields_and_secrets_never_appear() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args([
+    let data = dir.path().to_str().expect("a UTF-8 temp dir");
+    let (mut child, addr, rx) = common::spawn_kv_server(
+        &[
             "--listen",
             "127.0.0.1:0",
-            "--log-format",
-            "json",
             "--log-level",
             "trace",
-        ])
-        .args(["--engine", "rocksdb", "--workers", "1"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("CAPKV_AUTH__TOKEN", TOKEN)
-        .env("CAPKV_ADMIN__TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kv-server");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("server logs a listening line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
-        lines.push(line);
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().to_string();
-        }
-    };
+            "--engine",
+            "rocksdb",
+            "--workers",
+            "1",
+            "--data-dir",
+            data,
+        ],
+        &[
+            ("CAPKV_AUTH__TOKEN", TOKEN),
+            ("CAPKV_ADMIN__TOKEN", ADMIN_TOKEN),
+            ("RUST_LOG", "trace"),
+        ],
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,8 +58,9 @@ fn request_lines_are_json_with_their_fields_and_secrets_never_appear() {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
-    // The reader thread ends with stderr; bounded by the process having exited.
-    lines.extend(rx.iter());
+    // The reader thread ends with stderr; bounded by the process having exited. The
+    // receiver holds every line, from the first.
+    let lines: Vec<String> = rx.iter().collect();
 
     let mut requests = 0;
     for line in &lines {

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use capkv_client::{Client, ClientOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const ADMIN: &str = "monitoring-admin";
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -131,7 +130,6 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     let data_dir = dir.path().join("data");
     let data_dir = data_dir.to_string_lossy();
     let (server, addr, _logs) = common::spawn_kv_server(
-        BIN,
         &[
             "--engine",
             "rocksdb",

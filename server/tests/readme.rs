@@ -23,10 +23,8 @@ use std::process::{Command, Output, Stdio};
 
 use common::{read_repo_file as read, repo};
 
-const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kv-server");
-
 fn bin_dir() -> PathBuf {
-    PathBuf::from(SERVER_BIN)
+    PathBuf::from(common::KV_SERVER)
         .parent()
         .expect("binaries live in a directory")
         .to_path_buf()
@@ -167,7 +165,7 @@ fn server(args: &[&str], envs: &[(&str, &str)]) -> (common::Proc, String) {
         "warn,capkv_server=info",
     ];
     all.extend_from_slice(args);
-    let (proc, addr, _logs) = common::spawn_kv_server(SERVER_BIN, &all, envs);
+    let (proc, addr, _logs) = common::spawn_kv_server(&all, envs);
     (proc, addr)
 }
 

@@ -14,7 +14,6 @@ use capkv::ErrorCode;
 use capkv_client::{Client, ClientOptions};
 use common::Proc;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 const ADMIN: &str = "reload-admin";
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -41,7 +40,7 @@ struct Server {
 impl Server {
     fn start(config: &Path) -> Self {
         let config = config.to_string_lossy();
-        let (proc, addr, logs) = common::spawn_kv_server(BIN, &["--config", &config], &[]);
+        let (proc, addr, logs) = common::spawn_kv_server(&["--config", &config], &[]);
         Server { proc, addr, logs }
     }
 

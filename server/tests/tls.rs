@@ -116,7 +116,7 @@ fn only_clients_with_a_certificate_from_the_ca_are_served() {
     });
 
     // kv-client's flags, as the README shows them.
-    let kv_client = PathBuf::from(env!("CARGO_BIN_EXE_kv-server")).with_file_name("kv-client");
+    let kv_client = common::kv_client_bin();
     let run = |who: &Path| {
         Command::new(&kv_client)
             .args(["--addr", &addr, "--attempts", "1"])

@@ -24,13 +24,12 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-const SERVER_BIN: &str = env!("CARGO_BIN_EXE_kv-server");
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn client_bin() -> PathBuf {
     // Built by `cargo test --workspace` beside kv-server.
-    let p = PathBuf::from(SERVER_BIN).with_file_name("kv-client");
+    let p = common::kv_client_bin();
     assert!(
         p.exists(),
         "{} missing: run cargo test --workspace",
@@ -142,7 +141,6 @@ fn hex(b: &[u8]) -> String {
 fn a_call_is_one_trace_from_client_attempts_to_server_and_store() {
     let (_rt, endpoint, spans) = start_receiver();
     let (server, addr, log_rx) = common::spawn_kv_server(
-        SERVER_BIN,
         &[
             "--listen",
             "127.0.0.1:0",

@@ -40,7 +40,7 @@ use rocksdb::{
 };
 
 use crate::space::{SpaceGuard, SpaceOptions};
-use capkv_store::write::{incremented, now_unix_ms, recordable, Record};
+use capkv_store::write::{self, incremented, now_unix_ms, recordable, Record};
 use capkv_store::Completer;
 use capkv_store::{
     BatchOutcome, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending, PutOutcome,
@@ -590,7 +590,7 @@ impl Store for RocksStore {
 
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
         // Deletes free space (after compaction): they go on when space is low.
-        if !matches!(op, WriteOp::Delete { .. }) {
+        if !matches!(op, WriteOp::Delete(_)) {
             if let Err(e) = self.space.admit_write() {
                 return Pending::ready(Err(e));
             }
@@ -751,7 +751,7 @@ impl Op {
     /// How much of a group's `max_writes` this op uses.
     fn weight(&self) -> usize {
         match &self.write {
-            WriteOp::PutMany { items } => items.len().max(1),
+            WriteOp::PutMany(write::PutMany { items }) => items.len().max(1),
             _ => 1,
         }
     }
@@ -861,7 +861,7 @@ impl Committer {
 
     fn apply(&self, g: &mut Group, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
         match op {
-            WriteOp::Put { key, value, cond } => {
+            WriteOp::Put(write::Put { key, value, cond }) => {
                 let current = self.version(g, key)?;
                 if !cond.holds(current) {
                     return Err(StoreError::ConditionFailed {
@@ -877,7 +877,7 @@ impl Committer {
                     revision: g.revision,
                 }))
             }
-            WriteOp::Delete { key, cond } => {
+            WriteOp::Delete(write::Delete { key, cond }) => {
                 let current = self.version(g, key)?;
                 if !cond.holds(current) {
                     return Err(StoreError::ConditionFailed {
@@ -895,7 +895,7 @@ impl Committer {
                     revision: g.revision,
                 }))
             }
-            WriteOp::PutMany { items } => {
+            WriteOp::PutMany(write::PutMany { items }) => {
                 let mut versions = Vec::with_capacity(items.len());
                 for (index, (key, _, cond)) in items.iter().enumerate() {
                     let current = self.version(g, key)?;
@@ -916,7 +916,7 @@ impl Committer {
                     revision: g.revision,
                 }))
             }
-            WriteOp::Increment { key, delta } => {
+            WriteOp::Increment(write::Increment { key, delta }) => {
                 let current = self.current(g, key)?;
                 let value = incremented(current.as_ref().map(|(_, v)| v.as_slice()), *delta)?;
                 let version = current.map_or(0, |(v, _)| v) + 1;
@@ -1128,9 +1128,11 @@ mod tests {
                 expires_at_unix_ms: now_unix_ms() + 3_600_000,
             })
         };
-        let op = || WriteOp::Increment {
-            key: b"n".to_vec(),
-            delta: 3,
+        let op = || {
+            WriteOp::from(write::Increment {
+                key: b"n".to_vec(),
+                delta: 3,
+            })
         };
         let first = {
             let s = open(dir.path());

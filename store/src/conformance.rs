@@ -13,9 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::{
-    Condition, IdempotencyKey, PutItem, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
-};
+use crate::{write, Condition, IdempotencyKey, PutItem, ScanRequest, Store, StoreError, WriteOp};
 
 fn far_future() -> u64 {
     u64::MAX / 2
@@ -30,10 +28,10 @@ fn idem(session: &str, key: &str, expires_at_unix_ms: u64) -> Option<Idempotency
 }
 
 fn inc(key: &[u8], delta: i64) -> WriteOp {
-    WriteOp::Increment {
+    WriteOp::from(write::Increment {
         key: key.to_vec(),
         delta,
-    }
+    })
 }
 
 fn scan_all(s: &dyn Store, start: &[u8], end: Option<&[u8]>) -> Vec<Vec<u8>> {
@@ -347,10 +345,11 @@ pub fn concurrent_compare_and_set(make: &dyn Fn() -> Arc<dyn Store>) {
 
 /// Increments count like Redis INCR; non-integers are refused.
 pub fn increments(s: &dyn Store) {
-    let out = s.write(inc(b"n", 5), None).wait().unwrap();
-    let WriteOutcome::Increment(o) = out else {
-        panic!("{out:?}")
+    let first = write::Increment {
+        key: b"n".to_vec(),
+        delta: 5,
     };
+    let o = s.apply(first, None).wait().unwrap();
     assert_eq!((o.value, o.version, o.revision), (5, 1, 1));
     s.write(inc(b"n", -7), None).wait().unwrap();
     assert_eq!(s.get(b"n").unwrap().unwrap().value, b"-2");
@@ -396,10 +395,12 @@ pub fn idempotent_replays(s: &dyn Store) {
         .unwrap();
     assert_eq!(s.get(b"c").unwrap().unwrap().value, b"2", "another session");
 
-    let cas = || WriteOp::Put {
-        key: b"c".to_vec(),
-        value: b"x".to_vec(),
-        cond: Condition::IfVersion(3),
+    let cas = || {
+        WriteOp::from(write::Put {
+            key: b"c".to_vec(),
+            value: b"x".to_vec(),
+            cond: Condition::IfVersion(3),
+        })
     };
     let failed = s.write(cas(), idem("s1", "cas", far_future())).wait();
     assert!(matches!(failed, Err(StoreError::ConditionFailed { .. })));

@@ -5,6 +5,9 @@
 //! - [`memory::MemoryStore`]: an ordered, concurrency-safe in-memory engine (dev, tests).
 //! - The durable engine (RocksDB) is the crate `capkv-store-rocks`, beside this one: this
 //!   crate links no engine, so what needs only the trait escapes RocksDB's C++ build.
+//! - [`write`](mod@write): writes as values, one type per kind (`write::Put`, ...) with its outcome
+//!   type; `store.apply(write::Put { .. }, idem)` answers with a [`PutOutcome`]. Engines
+//!   take them as one [`WriteOp`] enum (their commit queues hold every kind).
 //! - [`Pending`]: what a write returns, a future of its outcome, so that a server can have
 //!   many writes waiting on one group commit without blocking its threads.
 //! - [`conformance`]: the behaviour every engine must show, written once and run against
@@ -28,7 +31,7 @@ pub mod write;
 
 pub use memory::MemoryStore;
 pub use pending::{Completer, Pending};
-pub use write::{IdempotencyKey, IncrementOutcome, WriteOp, WriteOutcome};
+pub use write::{IdempotencyKey, IncrementOutcome, Write, WriteOp, WriteOutcome};
 
 /// One stored key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,12 +154,6 @@ pub enum StoreError {
     Internal(String),
 }
 
-fn mismatch(o: &WriteOutcome) -> StoreError {
-    StoreError::Internal(format!(
-        "engine answered with the outcome of another write: {o:?}"
-    ))
-}
-
 /// Engine statistics for metrics. Engines without a notion report 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStats {
@@ -207,28 +204,22 @@ pub struct SpaceStats {
 /// `sync`, after its WAL is synced); dropping it does not cancel the write.
 pub trait Store: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
-    /// Applies one write, idempotently when `idem` is given (see [`write`]).
+    /// Applies one write, idempotently when `idem` is given (see [`write`](mod@write)).
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome>;
     fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
-        let op = WriteOp::Put {
+        let w = write::Put {
             key: key.to_vec(),
             value: value.to_vec(),
             cond,
         };
-        self.write(op, None).map(|o| match o {
-            WriteOutcome::Put(o) => Ok(o),
-            other => Err(mismatch(&other)),
-        })
+        typed(w, |op| self.write(op, None))
     }
     fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
-        let op = WriteOp::Delete {
+        let w = write::Delete {
             key: key.to_vec(),
             cond,
         };
-        self.write(op, None).map(|o| match o {
-            WriteOutcome::Delete(o) => Ok(o),
-            other => Err(mismatch(&other)),
-        })
+        typed(w, |op| self.write(op, None))
     }
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError>;
     /// Reads several keys at one revision; returns them in `keys` order, and the revision.
@@ -240,11 +231,7 @@ pub trait Store: Send + Sync {
             .iter()
             .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
             .collect();
-        self.write(WriteOp::PutMany { items }, None)
-            .map(|o| match o {
-                WriteOutcome::PutMany(o) => Ok(o),
-                other => Err(mismatch(&other)),
-            })
+        typed(write::PutMany { items }, |op| self.write(op, None))
     }
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;
@@ -277,4 +264,20 @@ pub trait Store: Send + Sync {
             self.engine_name()
         )))
     }
+}
+
+impl dyn Store + '_ {
+    /// Applies a write of one kind, idempotently when `idem` is given, and answers with
+    /// that kind's outcome (`Put` → [`PutOutcome`], ...): what the server's handlers call.
+    pub fn apply<W: Write>(&self, w: W, idem: Option<IdempotencyKey>) -> Pending<W::Outcome> {
+        typed(w, |op| self.write(op, idem))
+    }
+}
+
+/// Sends `w` through an engine's untyped `write` and takes its own outcome back out.
+fn typed<W: Write>(
+    w: W,
+    write: impl FnOnce(WriteOp) -> Pending<WriteOutcome>,
+) -> Pending<W::Outcome> {
+    write(w.into()).map(W::outcome)
 }

@@ -5,7 +5,7 @@
 //! 100k keys walks ~7 nodes with dozens of key comparisons (about 6% of the server's CPU
 //! per get in a kv-loadgen profile); a hash lookup is one hash and one comparison.
 //!
-//! Why a key and its value share one allocation ([`Stored`]): a read of a random key among
+//! Why a key and its value share one allocation (`Stored`): a read of a random key among
 //! 100k misses the CPU cache at each place it touches. With the key and the value in
 //! separate allocations that was three misses per read (the table's bucket, the key it
 //! compares, the value it copies): in a profile of `getMany` batches, about a quarter of
@@ -23,7 +23,7 @@ use std::hash::{Hash, Hasher};
 use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::write::{incremented, now_unix_ms, recordable, Record};
+use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::{
     BatchOutcome, Condition, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending,
     PutItem, PutOutcome, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
@@ -237,13 +237,13 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
 impl MemoryStore {
     fn apply(&self, inner: &mut Inner, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
         match op {
-            WriteOp::Put { key, value, cond } => {
+            WriteOp::Put(write::Put { key, value, cond }) => {
                 put_locked(inner, key, value, *cond).map(WriteOutcome::Put)
             }
-            WriteOp::Delete { key, cond } => {
+            WriteOp::Delete(write::Delete { key, cond }) => {
                 delete_locked(inner, key, *cond).map(WriteOutcome::Delete)
             }
-            WriteOp::PutMany { items } => {
+            WriteOp::PutMany(write::PutMany { items }) => {
                 let items: Vec<PutItem<'_>> = items
                     .iter()
                     .map(|(key, value, cond)| PutItem {
@@ -254,7 +254,7 @@ impl MemoryStore {
                     .collect();
                 put_many_locked(inner, &items).map(WriteOutcome::PutMany)
             }
-            WriteOp::Increment { key, delta } => {
+            WriteOp::Increment(write::Increment { key, delta }) => {
                 let current = inner.map.get(key.as_slice());
                 let value = incremented(current.map(|s| s.value()), *delta)?;
                 let version = current.map_or(0, |s| s.version) + 1;

@@ -1,4 +1,6 @@
-//! Writes as values: [`WriteOp`] (what to do), [`WriteOutcome`] (what it did), and the
+//! Writes as values: one type per kind ([`Put`], [`Delete`], [`PutMany`], [`Increment`]),
+//! each with its outcome type ([`Write`]); [`WriteOp`] and [`WriteOutcome`], the same as
+//! one enum each for engines' commit queues; and the
 //! idempotency records that let a write be replayed without a second effect.
 //!
 //! A write may carry an [`IdempotencyKey`] (a session and the caller's key within it). The
@@ -18,27 +20,41 @@ use sha2::{Digest, Sha256};
 
 use crate::{BatchOutcome, Condition, DeleteOutcome, PutOutcome, StoreError};
 
-/// One write.
+/// Puts `value` under `key` when `cond` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub cond: Condition,
+}
+
+/// Deletes `key` when `cond` holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delete {
+    pub key: Vec<u8>,
+    pub cond: Condition,
+}
+
+/// Atomic: all items or none, one revision. Keys must be distinct (callers check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutMany {
+    pub items: Vec<(Vec<u8>, Vec<u8>, Condition)>,
+}
+
+/// Adds `delta` to the key's value read as a decimal i64 (absent = 0), like Redis INCR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Increment {
+    pub key: Vec<u8>,
+    pub delta: i64,
+}
+
+/// One write, as an engine receives it (its commit queue holds writes of every kind).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        cond: Condition,
-    },
-    Delete {
-        key: Vec<u8>,
-        cond: Condition,
-    },
-    /// Atomic: all items or none, one revision. Keys must be distinct (callers check).
-    PutMany {
-        items: Vec<(Vec<u8>, Vec<u8>, Condition)>,
-    },
-    /// Adds `delta` to the key's value read as a decimal i64 (absent = 0), like Redis INCR.
-    Increment {
-        key: Vec<u8>,
-        delta: i64,
-    },
+    Put(Put),
+    Delete(Delete),
+    PutMany(PutMany),
+    Increment(Increment),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +72,46 @@ pub enum WriteOutcome {
     Delete(DeleteOutcome),
     PutMany(BatchOutcome),
     Increment(IncrementOutcome),
+}
+
+/// A write of one kind, and the outcome that kind has. Callers hand a `Put` to
+/// [`Store::apply`](crate::Store) and get a [`PutOutcome`] back: engines answer every
+/// [`WriteOp`] with the [`WriteOutcome`] of the same kind, and this is the one place that
+/// relies on it (an engine that broke it would get [`StoreError::Internal`], never a
+/// wrong answer).
+pub trait Write: Into<WriteOp> + 'static {
+    type Outcome: Send + 'static;
+    /// `Self`'s outcome out of what the engine answered.
+    fn outcome(o: WriteOutcome) -> Result<Self::Outcome, StoreError>;
+}
+
+macro_rules! write_kinds {
+    ($($kind:ident => $outcome:ty),+ $(,)?) => {$(
+        impl From<$kind> for WriteOp {
+            fn from(w: $kind) -> Self {
+                WriteOp::$kind(w)
+            }
+        }
+        impl Write for $kind {
+            type Outcome = $outcome;
+            fn outcome(o: WriteOutcome) -> Result<$outcome, StoreError> {
+                match o {
+                    WriteOutcome::$kind(o) => Ok(o),
+                    other => Err(StoreError::Internal(format!(
+                        concat!("the engine answered a ", stringify!($kind), " with {:?}"),
+                        other
+                    ))),
+                }
+            }
+        }
+    )+};
+}
+
+write_kinds! {
+    Put => PutOutcome,
+    Delete => DeleteOutcome,
+    PutMany => BatchOutcome,
+    Increment => IncrementOutcome,
 }
 
 /// Makes a write idempotent within a session.
@@ -97,22 +153,22 @@ impl WriteOp {
             Condition::IfAbsent => h.update([2]),
         };
         match self {
-            WriteOp::Put {
+            WriteOp::Put(Put {
                 key,
                 value,
                 cond: c,
-            } => {
+            }) => {
                 h.update(b"put");
                 bytes(&mut h, key);
                 bytes(&mut h, value);
                 cond(&mut h, c);
             }
-            WriteOp::Delete { key, cond: c } => {
+            WriteOp::Delete(Delete { key, cond: c }) => {
                 h.update(b"delete");
                 bytes(&mut h, key);
                 cond(&mut h, c);
             }
-            WriteOp::PutMany { items } => {
+            WriteOp::PutMany(PutMany { items }) => {
                 h.update(b"put_many");
                 h.update((items.len() as u64).to_be_bytes());
                 for (k, v, c) in items {
@@ -121,7 +177,7 @@ impl WriteOp {
                     cond(&mut h, c);
                 }
             }
-            WriteOp::Increment { key, delta } => {
+            WriteOp::Increment(Increment { key, delta }) => {
                 h.update(b"increment");
                 bytes(&mut h, key);
                 h.update(delta.to_be_bytes());
@@ -329,16 +385,20 @@ mod tests {
 
     #[test]
     fn fingerprints_tell_parameters_apart() {
-        let put = |v: &[u8]| WriteOp::Put {
-            key: b"k".to_vec(),
-            value: v.to_vec(),
-            cond: Condition::None,
+        let put = |v: &[u8]| {
+            WriteOp::from(Put {
+                key: b"k".to_vec(),
+                value: v.to_vec(),
+                cond: Condition::None,
+            })
         };
         assert_eq!(put(b"a").fingerprint(), put(b"a").fingerprint());
         assert_ne!(put(b"a").fingerprint(), put(b"b").fingerprint());
-        let inc = |d| WriteOp::Increment {
-            key: b"k".to_vec(),
-            delta: d,
+        let inc = |d| {
+            WriteOp::from(Increment {
+                key: b"k".to_vec(),
+                delta: d,
+            })
         };
         assert_ne!(inc(1).fingerprint(), inc(2).fingerprint());
         let k = IdempotencyKey {

@@ -63,6 +63,38 @@ pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
     gw
 }
 
+/// A raw capnp connection to a server over an in-process stream (no socket, no thread):
+/// the server is `config` over a memory engine, served on this thread's `LocalSet` (so run
+/// inside one, e.g. with [`local`]). Returns the bootstrap and the server's shared state.
+/// For RPC behaviour tests whose subject is not the network.
+pub fn in_process_gateway(
+    config: &Config,
+) -> (gateway::Client, std::sync::Arc<capkv_server::chain::Shared>) {
+    in_process_gateway_over(config, std::sync::Arc::new(capkv_store::MemoryStore::new()))
+}
+
+/// [`in_process_gateway`] over a store the test made.
+pub fn in_process_gateway_over(
+    config: &Config,
+    store: std::sync::Arc<dyn capkv_store::Store>,
+) -> (gateway::Client, std::sync::Arc<capkv_server::chain::Shared>) {
+    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+    let shared = std::sync::Arc::new(capkv_server::chain::Shared::new(config, store));
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    capkv_server::server::serve_in_process(std::sync::Arc::clone(&shared), theirs);
+    let (r, w) = tokio::io::split(ours);
+    let network = capnp_rpc::twoparty::VatNetwork::new(
+        r.compat(),
+        w.compat_write(),
+        rpc_twoparty_capnp::Side::Client,
+        capkv::response_reader_options(&capkv::Limits::default()),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let gw: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
+    tokio::task::spawn_local(rpc);
+    (gw, shared)
+}
+
 /// Sends `req` the way API v2 clients do, pipelining on the capability in union member 0
 /// of the method's result struct, and returns the response future with that capability.
 /// The reference for "clients built against API v2 keep working" (capkv's own client
@@ -198,40 +230,63 @@ impl Drop for Proc {
     }
 }
 
-/// A kv-server process started from `bin` with `args` (after `--log-format json`) and
-/// `envs`, `RUST_LOG` removed; returns once it listens, with its address and the rest of
-/// its log lines. A thread keeps reading stderr for the process's whole life (dropping the
-/// receiver only drops lines), so the server never blocks on a full pipe. Include
-/// `capkv_server=info` in any `--log-level` given: the listening line is at info.
+/// The kv-server binary of this build.
+pub const KV_SERVER: &str = env!("CARGO_BIN_EXE_kv-server");
+
+/// The kv-client binary of this build (cargo builds it beside kv-server).
+pub fn kv_client_bin() -> std::path::PathBuf {
+    std::path::PathBuf::from(KV_SERVER).with_file_name("kv-client")
+}
+
+/// kv-server with `args`, `RUST_LOG` removed and stdout discarded: the one way the tests
+/// start it. Run it with `.output()` for a run that ends by itself (`--print-config`, a
+/// refused start); [`spawn_kv_server`] for one that serves.
+pub fn kv_server(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(KV_SERVER);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null());
+    cmd
+}
+
+/// A serving kv-server started with `args` (after `--log-format json`) and `envs` (which
+/// may set `RUST_LOG` again); returns once it listens, with its address and its log lines,
+/// every one from the first. A thread keeps reading stderr for the process's whole life
+/// (dropping the receiver only drops lines), so the server never blocks on a full pipe.
+/// Include `capkv_server=info` in any `--log-level` given: the listening line is at info.
 pub fn spawn_kv_server(
-    bin: &str,
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
-    let mut cmd = std::process::Command::new(bin);
-    cmd.args(["--log-format", "json"])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let mut cmd = kv_server(&["--log-format", "json"]);
+    cmd.args(args).stderr(std::process::Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
     let mut child = Proc(cmd.spawn().expect("spawn kv-server"));
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    // The lines up to `listening` also go to `startup`, which finds the address, so the
+    // caller's receiver still starts at the first line.
+    let (startup_tx, startup_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let mut startup_tx = Some(startup_tx);
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
+            if let Some(startup) = &startup_tx {
+                if startup.send(line.clone()).is_err() {
+                    startup_tx = None;
+                }
+            }
             let _ = tx.send(line);
         }
     });
     let patience = Duration::from_secs(60);
     let addr = listening_addr(&mut std::iter::from_fn(|| {
-        rx.recv_timeout(patience).ok().map(Ok)
+        startup_rx.recv_timeout(patience).ok().map(Ok)
     }))
     .expect("kv-server listening");
     (child, addr, rx)
@@ -240,7 +295,6 @@ pub fn spawn_kv_server(
 /// A kv-server process on the memory engine with two workers, as the resource tests run it:
 /// `spawn_kv_server` with those arguments first and `args` after them.
 pub fn spawn_memory_server(
-    bin: &str,
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
@@ -253,7 +307,7 @@ pub fn spawn_memory_server(
         "2",
     ];
     all.extend_from_slice(args);
-    spawn_kv_server(bin, &all, envs)
+    spawn_kv_server(&all, envs)
 }
 
 /// A `/proc/PID/status` field in bytes (`VmRSS:` now, `VmHWM:` the peak so far); 0 when

@@ -1,0 +1,216 @@
+//! `KvStore`: reads, and the way to a write session; exists only behind a successful
+//! `Gateway.open`.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use capkv::kv_capnp::{kv_store, session_result, write_session};
+use capkv::{ApiError, ErrorCode};
+
+use super::{handle, store_error, write_entry, WriteSessionImpl};
+use crate::chain::{CapSlot, Conn, Shared};
+use crate::method::Method;
+use crate::refused::Refused;
+use crate::session::TOKEN_BYTES;
+use crate::validate;
+
+pub struct KvStoreImpl {
+    shared: Arc<Shared>,
+    conn: Rc<Conn>,
+    _slot: CapSlot,
+}
+
+impl KvStoreImpl {
+    pub(super) fn new(shared: Arc<Shared>, conn: Rc<Conn>, slot: CapSlot) -> Self {
+        Self {
+            shared,
+            conn,
+            _slot: slot,
+        }
+    }
+
+    /// A `session` or `resumeSession` result: the write capability (outside the union too),
+    /// or the error and a stand-in.
+    fn write_session(
+        &self,
+        mut out: session_result::Builder<'_>,
+        r: Result<([u8; TOKEN_BYTES], CapSlot), ApiError>,
+    ) {
+        match r {
+            Ok((token, slot)) => {
+                let session: write_session::Client = capnp_rpc::new_client(WriteSessionImpl::new(
+                    Arc::clone(&self.shared),
+                    Rc::clone(&self.conn),
+                    token,
+                    slot,
+                ));
+                out.set_session(session.clone());
+                out.set_session_cap(session);
+                out.set_token(&token);
+            }
+            Err(e) => {
+                e.write(out.reborrow().init_error());
+                out.set_session_cap(Refused::client(&self.shared, &self.conn, e));
+            }
+        }
+    }
+}
+
+impl kv_store::Server for KvStoreImpl {
+    async fn get(
+        self: Rc<Self>,
+        params: kv_store::GetParams,
+        mut results: kv_store::GetResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Get,
+            |this, p, call| {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
+                this.shared
+                    .store
+                    .get(key)
+                    .map_err(store_error)?
+                    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "key not found"))
+            },
+            with = |out, r| {
+                match r {
+                    Ok(e) => write_entry(out.init_ok(), &e),
+                    Err(e) => e.write(out.init_error()),
+                }
+            }
+        )
+    }
+
+    async fn scan(
+        self: Rc<Self>,
+        params: kv_store::ScanParams,
+        mut results: kv_store::ScanResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Scan,
+            |this, p, call| {
+                let req = validate::scan(&call.tunables.limits, p.get_range())?;
+                this.shared.store.scan(&req).map_err(store_error)
+            },
+            ok = |ok, page| {
+                ok.set_revision(page.revision);
+                if page.more {
+                    if let Some(last) = page.entries.last() {
+                        ok.set_next_cursor(&validate::next_cursor(&last.key));
+                    }
+                }
+                let len = u32::try_from(page.entries.len())
+                    .map_err(|_| capnp::Error::failed("scan page too long".into()))?;
+                let mut list = ok.init_entries(len);
+                for (i, e) in page.entries.iter().enumerate() {
+                    write_entry(list.reborrow().get(i as u32), e);
+                }
+            }
+        )
+    }
+
+    async fn session(
+        self: Rc<Self>,
+        params: kv_store::SessionParams,
+        mut results: kv_store::SessionResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Session,
+            |this, p, call| {
+                let max = call.tunables.max_capabilities_per_connection;
+                let slot = this.conn.cap_slot(&this.shared, max)?;
+                Ok((this.shared.sessions.issue(), slot))
+            },
+            with = |out, r| self.write_session(out, r)
+        )
+    }
+
+    async fn resume_session(
+        self: Rc<Self>,
+        params: kv_store::ResumeSessionParams,
+        mut results: kv_store::ResumeSessionResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::ResumeSession,
+            |this, p, call| {
+                let token = p.get_token().map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("cannot read token: {e}"),
+                    )
+                })?;
+                let owned = <[u8; TOKEN_BYTES]>::try_from(token)
+                    .ok()
+                    .filter(|_| this.shared.sessions.verify(token))
+                    .ok_or_else(|| {
+                        ApiError::new(ErrorCode::PermissionDenied, "unknown session token")
+                    })?;
+                let max = call.tunables.max_capabilities_per_connection;
+                Ok((owned, this.conn.cap_slot(&this.shared, max)?))
+            },
+            with = |out, r| self.write_session(out, r)
+        )
+    }
+
+    async fn get_many(
+        self: Rc<Self>,
+        params: kv_store::GetManyParams,
+        mut results: kv_store::GetManyResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::GetMany,
+            |this, p, call| {
+                let list = p.get_keys().map_err(|e| {
+                    ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}"))
+                })?;
+                let limits = &call.tunables.limits;
+                validate::batch_len(limits, list.len())?;
+                let keys = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| validate::key(limits, k).map_err(validate::at_item(i)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (items, revision) = this.shared.store.get_many(&keys).map_err(store_error)?;
+                let payload: usize = items
+                    .iter()
+                    .flatten()
+                    .map(|e| e.key.len() + e.value.len())
+                    .sum();
+                let max = limits.max_response_payload_bytes();
+                if payload > max {
+                    return Err(ApiError::new(
+                        ErrorCode::ResponseTooLarge,
+                        format!("the answer holds {payload} bytes of keys and values; the limit is {max}"),
+                    ));
+                }
+                Ok((items, revision))
+            },
+            ok = |ok, (items, revision)| {
+                ok.set_revision(revision);
+                let mut list = ok.init_items(items.len() as u32);
+                for (i, item) in items.iter().enumerate() {
+                    let mut b = list.reborrow().get(i as u32);
+                    match item {
+                        Some(e) => write_entry(b.init_found(), e),
+                        None => b.set_not_found(()),
+                    }
+                }
+            }
+        )
+    }
+}

@@ -1,0 +1,155 @@
+//! The RPC handlers, one module per capability:
+//! - [`gateway`]: `Gateway`, the bootstrap (health, version, `open`, `admin`);
+//! - [`kv`]: `KvStore`, reads and the way to a write session;
+//! - [`session`]: `WriteSession`, the writes (idempotent with a key);
+//! - [`admin`]: `Admin`, operator actions.
+//!
+//! Every handler has one shape, written once in `handle!`: read the params, run its work
+//! in the call chain ([`Shared::serve`](crate::chain::Shared::serve): context, deadline,
+//! admission, faults, metrics, trace), write the success or error arm of its result union,
+//! count the reply on the connection's backlog. A handler that returns a capability also
+//! puts it outside the union (`kvCap`, `adminCap`, `sessionCap`), or a
+//! [`Refused`](crate::refused::Refused) stand-in when the call failed. Nothing
+//! cross-cutting happens here. Handlers return `Err` to capnp-rpc only when the reply itself
+//! cannot be built; every expected failure is an `Error` in the result.
+
+pub mod admin;
+pub mod gateway;
+pub mod kv;
+pub mod session;
+
+use std::sync::Arc;
+
+use capkv::kv_capnp::entry;
+use capkv::{ApiError, ErrorCode};
+use capkv_store::{Entry, Store, StoreError};
+
+pub use admin::AdminImpl;
+pub use gateway::GatewayImpl;
+pub use kv::KvStoreImpl;
+pub use session::WriteSessionImpl;
+
+/// The shape of every handler. `work` runs inside the chain with the method's params (`p`),
+/// the handler (`this`) and the [`Call`](crate::chain::Call); its `Ok` is written by the
+/// reply form:
+/// - `ok = |builder, value| { ... }`: a struct in the union's `ok` arm;
+/// - `set_ok = |value| expr`: a value (Void, Text) in the `ok` arm;
+/// - `with = |builder, result| { ... }`: the whole union, for results that carry a
+///   capability.
+///
+/// (The forms read as closures so that rustfmt formats them; they are not closures.)
+macro_rules! handle {
+    ($self:ident, $params:ident, $results:ident, $method:expr,
+     |$this:ident, $p:ident, $call:pat_param| $work:expr,
+     $($reply:tt)+) => {{
+        let $p = $params.get()?;
+        #[allow(unused_variables)]
+        let $this = &$self;
+        let r = $self
+            .shared
+            .serve(&$self.conn, $method, $p.get_ctx(), |$call| async move { $work })
+            .await;
+        #[allow(unused_mut)]
+        let mut out = $results.get().init_result();
+        crate::rpc::handle!(@reply out, r, $($reply)+);
+        crate::reply::count_reply!($self.conn, $results);
+        Ok(())
+    }};
+    (@reply $out:ident, $r:ident, ok = |$ok:ident, $v:pat_param| $body:block) => {
+        match $r {
+            Ok($v) => {
+                let mut $ok = $out.init_ok();
+                $body
+            }
+            Err(e) => e.write($out.init_error()),
+        }
+    };
+    (@reply $out:ident, $r:ident, set_ok = |$v:pat_param| $value:expr) => {
+        match $r {
+            Ok($v) => $out.set_ok($value),
+            Err(e) => e.write($out.init_error()),
+        }
+    };
+    (@reply $out:ident, $r:ident, with = |$b:ident, $rr:ident| $body:expr) => {{
+        #[allow(unused_mut)]
+        let mut $b = $out;
+        let $rr = $r;
+        $body
+    }};
+}
+pub(crate) use handle;
+
+/// Runs a blocking store operation (compaction, checkpoint) on tokio's blocking pool, so
+/// the worker keeps serving its connections meanwhile.
+async fn off_worker<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    what: &'static str,
+    op: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || op(store.as_ref()))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, task = what, "storage task failed");
+            ApiError::new(ErrorCode::Internal, format!("{what} task failed"))
+        })?
+        .map_err(store_error)
+}
+
+/// Advice to a client whose write was refused for space: freeing it takes an operator.
+const STORAGE_FULL_RETRY_AFTER_MS: u32 = 5_000;
+
+/// Converts an engine failure into a contract error. Details go to the log here, where the
+/// error is handled, and only here (the engine passes them up; the chain's per-call line
+/// is at debug); the client gets a message without internals.
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::ConditionFailed {
+            index,
+            current_version,
+        } => ApiError::new(
+            ErrorCode::ConditionFailed,
+            match current_version {
+                Some(v) => format!("condition failed at item {index}: current version is {v}"),
+                None => format!("condition failed at item {index}: key does not exist"),
+            },
+        ),
+        StoreError::IdempotencyKeyReused => ApiError::new(
+            ErrorCode::IdempotencyKeyReused,
+            "idempotency key already used in this session for a different write",
+        ),
+        StoreError::NotAnInteger => ApiError::new(
+            ErrorCode::NotAnInteger,
+            "value is not a decimal 64-bit integer, or the result would overflow",
+        ),
+        StoreError::Invalid(detail) => ApiError::new(ErrorCode::InvalidArgument, detail),
+        StoreError::Busy(detail) => {
+            tracing::warn!(error = %detail, "store busy");
+            ApiError::new(ErrorCode::Overloaded, "storage write queue is full")
+                .with_retry_after_ms(20)
+        }
+        StoreError::StorageFull(detail) => {
+            tracing::warn!(error = %detail, "write refused: storage full");
+            ApiError::new(
+                ErrorCode::StorageFull,
+                "the server's disk is full: writes are refused until space is freed",
+            )
+            .with_retry_after_ms(STORAGE_FULL_RETRY_AFTER_MS)
+        }
+        StoreError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "store unavailable");
+            ApiError::new(ErrorCode::Unavailable, "storage is unavailable").with_retry_after_ms(100)
+        }
+        StoreError::Internal(detail) => {
+            tracing::error!(error = %detail, "store failure");
+            ApiError::new(ErrorCode::Internal, "internal storage error")
+        }
+    }
+}
+
+fn write_entry(mut b: entry::Builder<'_>, e: &Entry) {
+    b.set_key(&e.key);
+    b.set_value(&e.value);
+    b.set_version(e.version);
+    b.set_mod_revision(e.mod_revision);
+}
