@@ -13,6 +13,7 @@
 //! capnp-rpc as its test reference). It knows nothing of the kv schema.
 
 pub mod backlog;
+pub mod engine;
 pub mod frames;
 pub mod tls;
 pub mod transport;

@@ -98,6 +98,8 @@ pub struct Shared {
     pub frame_budget: Arc<capkv_rpc::frames::FrameBudget>,
     /// Reply bytes built but not yet written, server-wide (bound not reloadable).
     pub reply_budget: Arc<capkv_rpc::backlog::ReplyBudget>,
+    /// The RPC protocol implementation serving connections (not reloadable).
+    pub rpc_engine: crate::config::RpcEngine,
     /// Capabilities held for all connections.
     capabilities_held: Arc<AtomicUsize>,
     /// Mutual TLS on new connections, when configured (not reloadable).
@@ -287,6 +289,7 @@ impl Shared {
             abandon_notify: Notify::new(),
             buckets: std::sync::Mutex::new(HashMap::new()),
             reload: ReloadState::new(config.clone()),
+            rpc_engine: config.rpc_engine,
             frame_budget: Arc::new(capkv_rpc::frames::FrameBudget::new(
                 config.limits.frame_budget_bytes,
             )),

@@ -54,6 +54,28 @@ impl Engine {
     }
 }
 
+/// Which implementation of the Cap'n Proto RPC protocol serves connections. Both speak the
+/// same protocol and serve the same calls; capkv's own engine is being proven against the
+/// `RpcSystem` of capnp-rpc, which stays the default until it passes everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RpcEngine {
+    /// capnp-rpc's `RpcSystem` (the reference).
+    #[default]
+    CapnpRpc,
+    /// capkv's own engine (`capkv_rpc::engine`).
+    Capkv,
+}
+
+impl RpcEngine {
+    pub fn name(self) -> &'static str {
+        match self {
+            RpcEngine::CapnpRpc => "capnp-rpc",
+            RpcEngine::Capkv => "capkv",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -88,6 +110,8 @@ pub struct Config {
     pub telemetry: capkv_telemetry::TraceConfig,
     /// Mutual TLS on the RPC listener; off unless all three files are set.
     pub tls: TlsConfig,
+    /// The RPC protocol implementation serving connections (restart to change).
+    pub rpc_engine: RpcEngine,
 }
 
 /// PEM files for mutual TLS (see `scripts/dev-ca.sh`).
@@ -299,6 +323,7 @@ impl Default for Config {
             log: LogConfig::default(),
             telemetry: capkv_telemetry::TraceConfig::default(),
             tls: TlsConfig::default(),
+            rpc_engine: RpcEngine::default(),
         }
     }
 }
@@ -419,7 +444,7 @@ pub enum ConfigError {
 }
 
 /// Top-level keys that may come from the environment (see the module docs).
-const ENV_KEYS: [&str; 16] = [
+const ENV_KEYS: [&str; 17] = [
     "idempotency",
     "listen",
     "metrics_listen",
@@ -436,6 +461,7 @@ const ENV_KEYS: [&str; 16] = [
     "log",
     "telemetry",
     "tls",
+    "rpc_engine",
 ];
 
 impl Config {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::chain::{Conn, Shared};
-use crate::config::{Config, Engine};
+use crate::config::{Config, Engine, RpcEngine};
 use crate::metrics as m;
 use crate::rpc::GatewayImpl;
 use capkv_rpc::frames::{BreachCell, GuardedReader, PeerReader};
@@ -183,7 +183,13 @@ impl Server {
             }
         }
         let addr = listener.local_addr().unwrap_or(config.listen);
-        tracing::info!(%addr, workers, engine = config.engine.name(), "listening");
+        tracing::info!(
+            %addr,
+            workers,
+            engine = config.engine.name(),
+            rpc_engine = config.rpc_engine.name(),
+            "listening"
+        );
 
         let stats = {
             let shared = Arc::clone(&shared);
@@ -346,7 +352,7 @@ fn worker_main(
     drop(ready);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>> = Rc::default();
+        let live: Live = Rc::default();
         while let Some(job) = rx.recv().await {
             let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
             let stream = match tokio::net::TcpStream::from_std(job.stream) {
@@ -397,7 +403,11 @@ fn worker_main(
                 }
             }
         }
-        let closing: Vec<_> = live.borrow_mut().drain().map(|(_, d)| d).collect();
+        let closing: Vec<_> = live
+            .borrow_mut()
+            .drain()
+            .map(|(_, h)| h.hang_up())
+            .collect();
         if !closing.is_empty() {
             let all = futures::future::join_all(closing);
             if tokio::time::timeout(CLOSE_TIMEOUT, all).await.is_err() {
@@ -436,7 +446,28 @@ struct ConnStart {
     open_guard: ConnCount,
     worker: usize,
     shared: Arc<Shared>,
-    live: Rc<RefCell<HashMap<u64, Disconnector<rpc_twoparty_capnp::Side>>>>,
+    live: Live,
+}
+
+/// The connections a worker serves, by id, with how to end each at shutdown.
+type Live = Rc<RefCell<HashMap<u64, Hangup>>>;
+
+/// How to end a connection from its worker, per RPC engine.
+enum Hangup {
+    RpcSystem(Disconnector<rpc_twoparty_capnp::Side>),
+    Engine(capkv_rpc::engine::Closer),
+}
+
+impl Hangup {
+    /// Ends the connection; resolves once it has.
+    async fn hang_up(self) {
+        match self {
+            Hangup::RpcSystem(d) => {
+                let _ = d.await;
+            }
+            Hangup::Engine(c) => c.close().await,
+        }
+    }
 }
 
 /// Starts the RPC system of one connection over its (plain or TLS) halves, reading through
@@ -471,16 +502,37 @@ where
         Some(Rc::clone(&conn.backlog)),
     );
     let stop_writer = writer.abort_handle();
-    let network = twoparty::VatNetwork::new(
-        reader,
-        writer,
-        rpc_twoparty_capnp::Side::Server,
-        tunables.limits.request_reader_options(),
-    );
     let gateway: gateway::Client =
         capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
-    let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
-    live.borrow_mut().insert(id, rpc.get_disconnector());
+    let reader_options = tunables.limits.request_reader_options();
+    // Both engines speak the same protocol over the same checked stream; capnp-rpc's
+    // `RpcSystem` stays the reference until capkv's own passes everything.
+    let rpc: futures::future::LocalBoxFuture<'static, Result<(), String>> = match shared.rpc_engine
+    {
+        RpcEngine::CapnpRpc => {
+            let network = twoparty::VatNetwork::new(
+                reader,
+                writer,
+                rpc_twoparty_capnp::Side::Server,
+                reader_options,
+            );
+            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+            live.borrow_mut()
+                .insert(id, Hangup::RpcSystem(rpc.get_disconnector()));
+            Box::pin(async move { rpc.await.map_err(|e| e.to_string()) })
+        }
+        RpcEngine::Capkv => {
+            let closer = capkv_rpc::engine::Closer::default();
+            live.borrow_mut().insert(id, Hangup::Engine(closer.clone()));
+            let limits = capkv_rpc::engine::EngineLimits {
+                reader_options,
+                ..Default::default()
+            };
+            let serve =
+                capkv_rpc::engine::serve(reader, writer, gateway.client.hook, limits, closer);
+            Box::pin(async move { serve.await.map_err(|e| e.to_string()) })
+        }
+    };
     tokio::task::spawn_local(async move {
         tracing::debug!(conn = id, %peer, worker, "connection opened");
         let mut slow_reader = false;

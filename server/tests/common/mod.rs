@@ -25,8 +25,16 @@ pub fn read_repo_file(rel: &str) -> String {
     std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
+/// The tests' server config. `CAPKV_RPC_ENGINE` (`capnp-rpc` or `capkv`), which spawned
+/// kv-server processes read too, picks the RPC engine, so the whole suite runs on either.
 pub fn test_config() -> Config {
-    Config::local_ephemeral()
+    let mut config = Config::local_ephemeral();
+    match std::env::var("CAPKV_RPC_ENGINE").as_deref() {
+        Ok("capkv") => config.rpc_engine = capkv_server::config::RpcEngine::Capkv,
+        Ok("capnp-rpc") | Err(_) => {}
+        Ok(other) => panic!("CAPKV_RPC_ENGINE={other}: capnp-rpc or capkv"),
+    }
+    config
 }
 
 pub fn start(config: Config) -> RunningServer {

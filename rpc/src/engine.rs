@@ -1,0 +1,939 @@
+//! capkv's own Cap'n Proto RPC engine, server side: the standard protocol (`rpc.capnp`,
+//! level 1) for a server that only exports capabilities, in one future per connection.
+//!
+//! - [`serve`]: the connection loop. It reads one message at a time from the (already
+//!   checked) byte stream, answers what it can at once (Bootstrap, Finish, Release,
+//!   protocol errors), starts each Call, and writes each Return when its call ends. Calls
+//!   run inside the loop's future (a `FuturesUnordered`), so a call that waits (a group
+//!   commit, an admission queue, a stall fault) holds up nothing else, answers may leave out
+//!   of order, and dropping the connection drops its calls, as `RpcSystem` does.
+//! - Handlers plug in as `ClientHook`s (what `capnp_rpc::new_client` makes of a generated
+//!   `Server`): a call is `hook.call(interface, method, params, results)`, where the params
+//!   and results hooks here read the incoming message in place and build the Return message
+//!   directly. Capabilities a handler puts in its results are exported from the Return's
+//!   cap table. The engine knows nothing of the kv schema or the store.
+//! - Tables: `answers` by question id (a call running, returned with capabilities that
+//!   later calls may pipeline on, or failed), `exports` by export id with reference counts
+//!   (one per pointer a Return carried; `Release` takes them back).
+//!
+//! Protocol decisions (see each handler below): calls pipelined on an answer still running
+//! wait in its queue and start, in the order sent, the moment it returns (E-order: before any
+//! later direct call on the capability it resolves to, which the peer can only send after
+//! seeing the Return). `noFinishNeeded` is set when results hold no capability, and the answer
+//! is dropped at once; a Finish for an unknown id is ignored (clients older than Cap'n Proto
+//! 1.0 always send one). Disembargo aborts: an exports-only server never returns a promise,
+//! so no peer ever has a reason to send one. Resolve, Provide, Accept, Join and unknown
+//! kinds are echoed as `Unimplemented`. A call whose params carry capabilities, a
+//! `sendResultsTo` other than the caller, an unknown target or transform: that call gets an
+//! exception, the connection stays. A duplicate live question id, an over-release, or more
+//! live answers than [`EngineLimits::max_answers`]: `Abort`.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use capnp::any_pointer;
+use capnp::capability::Promise;
+use capnp::message::{self, HeapAllocator, ReaderOptions};
+use capnp::private::capability::{
+    ClientHook, ParamsHook, PipelineHook, PipelineOp, RequestHook, ResultsHook,
+};
+use capnp::serialize::OwnedSegments;
+use capnp::traits::{Imbue, ImbueMut};
+use capnp_rpc::rpc_capnp::{call, exception, message as rpc_message, message_target, return_};
+use futures::stream::FuturesUnordered;
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+
+/// What a capability table holds while a message is built or read.
+type CapTable = Vec<Option<Box<dyn ClientHook>>>;
+
+/// An incoming message, shared by the call that reads its params and, for a pipelined call
+/// that must wait, the queue it waits in.
+type Incoming = Rc<message::Reader<OwnedSegments>>;
+
+/// Bounds of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Answers alive at once (calls running, or returned with capabilities not yet
+    /// finished). A peer past it is aborted: no honest client keeps that many questions.
+    pub max_answers: usize,
+    /// Decoding limits for every message read.
+    pub reader_options: ReaderOptions,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self {
+            max_answers: 65_536,
+            reader_options: ReaderOptions::new(),
+        }
+    }
+}
+
+/// Why a connection ended other than by the peer hanging up.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("reading a message failed: {0}")]
+    Read(capnp::Error),
+    #[error("writing failed: {0}")]
+    Write(std::io::Error),
+    #[error("protocol violation by the peer: {0}")]
+    Protocol(String),
+    #[error("the peer aborted: {0}")]
+    PeerAborted(String),
+}
+
+/// Ends a connection from outside (worker shutdown): the loop stops reading, drops its
+/// calls, and flushes what it has written.
+#[derive(Clone, Default)]
+pub struct Closer(Rc<CloserState>);
+
+#[derive(Default)]
+struct CloserState {
+    close: tokio::sync::Notify,
+    ended: tokio::sync::Notify,
+    is_ended: Cell<bool>,
+}
+
+impl Closer {
+    /// Closes the connection and resolves once its loop has ended.
+    pub async fn close(&self) {
+        self.0.close.notify_one();
+        if !self.0.is_ended.get() {
+            self.0.ended.notified().await;
+        }
+    }
+}
+
+/// Marks the connection ended however its loop ends (returned or dropped).
+struct EndGuard(Closer);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0 .0.is_ended.set(true);
+        self.0 .0.ended.notify_waiters();
+    }
+}
+
+/// A Return being built: the whole rpc `Message`, and the capabilities its results hold.
+struct Built {
+    message: message::Builder<HeapAllocator>,
+    cap_table: CapTable,
+}
+
+impl Built {
+    /// A `Return` for `answer_id` with empty results, ready for a handler to fill.
+    fn new_return(answer_id: u32) -> Self {
+        // Most results are a few words: start small, grow on demand.
+        let mut message = message::Builder::new(HeapAllocator::new().first_segment_words(32));
+        {
+            let mut ret = message.init_root::<rpc_message::Builder>().init_return();
+            ret.set_answer_id(answer_id);
+            ret.init_results();
+        }
+        Self {
+            message,
+            cap_table: Vec::new(),
+        }
+    }
+
+    fn content_mut(&mut self) -> capnp::Result<any_pointer::Builder<'_>> {
+        let Built { message, cap_table } = self;
+        let root = message.get_root::<rpc_message::Builder>()?;
+        let rpc_message::Which::Return(ret) = root.which()? else {
+            return Err(capnp::Error::failed("not a Return".into()));
+        };
+        let return_::Which::Results(payload) = ret?.which()? else {
+            return Err(capnp::Error::failed("not a result".into()));
+        };
+        let mut content = payload?.get_content();
+        content.imbue_mut(cap_table);
+        Ok(content)
+    }
+
+    fn content(&self) -> capnp::Result<any_pointer::Reader<'_>> {
+        let root = self.message.get_root_as_reader::<rpc_message::Reader>()?;
+        let rpc_message::Which::Return(ret) = root.which()? else {
+            return Err(capnp::Error::failed("not a Return".into()));
+        };
+        let return_::Which::Results(payload) = ret?.which()? else {
+            return Err(capnp::Error::failed("not a result".into()));
+        };
+        let mut content = payload?.get_content();
+        content.imbue(&self.cap_table);
+        Ok(content)
+    }
+}
+
+/// The results a handler writes into. The message goes back to the engine when the handler
+/// drops it, which is when its call ends, however it ends.
+struct EngineResults {
+    built: Option<Built>,
+    done: Rc<Cell<Option<Built>>>,
+}
+
+impl ResultsHook for EngineResults {
+    fn get(&mut self) -> capnp::Result<any_pointer::Builder<'_>> {
+        match &mut self.built {
+            Some(b) => b.content_mut(),
+            None => Err(capnp::Error::failed("results already sent".into())),
+        }
+    }
+
+    /// Pipelining on results before the call returns is not offered: calls pipelined on a
+    /// running answer wait for its Return.
+    fn set_pipeline(&mut self) -> capnp::Result<()> {
+        Ok(())
+    }
+
+    fn allow_cancellation(&self) {}
+
+    fn tail_call(self: Box<Self>, _request: Box<dyn RequestHook>) -> Promise<(), capnp::Error> {
+        Promise::err(capnp::Error::unimplemented(
+            "tail calls are not supported by this server".into(),
+        ))
+    }
+
+    fn direct_tail_call(
+        self: Box<Self>,
+        _request: Box<dyn RequestHook>,
+    ) -> (Promise<(), capnp::Error>, Box<dyn PipelineHook>) {
+        let e = capnp::Error::unimplemented("tail calls are not supported by this server".into());
+        (Promise::err(e.clone()), Box::new(BrokenPipeline(e)))
+    }
+}
+
+impl Drop for EngineResults {
+    fn drop(&mut self) {
+        self.done.set(self.built.take());
+    }
+}
+
+/// A pipeline every capability of which is broken with one error.
+struct BrokenPipeline(capnp::Error);
+
+impl PipelineHook for BrokenPipeline {
+    fn add_ref(&self) -> Box<dyn PipelineHook> {
+        Box::new(BrokenPipeline(self.0.clone()))
+    }
+    fn get_pipelined_cap(&self, _ops: &[PipelineOp]) -> Box<dyn ClientHook> {
+        capnp_rpc::new_future_client::<capnp::capability::Client>(Promise::err(self.0.clone())).hook
+    }
+}
+
+/// A call's params, read in place from the message that carried them.
+struct EngineParams(Incoming);
+
+impl ParamsHook for EngineParams {
+    fn get(&self) -> capnp::Result<any_pointer::Reader<'_>> {
+        // No cap table: params with capabilities are refused before the call starts.
+        Ok(call_of(&self.0)?.get_params()?.get_content())
+    }
+}
+
+fn call_of(m: &message::Reader<OwnedSegments>) -> capnp::Result<call::Reader<'_>> {
+    match m.get_root::<rpc_message::Reader>()?.which()? {
+        rpc_message::Which::Call(c) => c,
+        _ => Err(capnp::Error::failed("not a Call".into())),
+    }
+}
+
+struct Export {
+    hook: Box<dyn ClientHook>,
+    refs: u32,
+}
+
+/// Exported capabilities by id, with one reference per pointer sent.
+#[derive(Default)]
+struct Exports {
+    slots: Vec<Option<Export>>,
+    free: Vec<u32>,
+    /// The export id of each capability (by `ClientHook::get_ptr`), so the same object
+    /// sent twice is one export with two references.
+    by_ptr: HashMap<usize, u32>,
+}
+
+impl Exports {
+    fn add(&mut self, hook: &dyn ClientHook) -> u32 {
+        let ptr = hook.get_ptr();
+        if let Some(&id) = self.by_ptr.get(&ptr) {
+            if let Some(Some(e)) = self.slots.get_mut(id as usize) {
+                e.refs = e.refs.saturating_add(1);
+                return id;
+            }
+        }
+        let export = Export {
+            hook: hook.add_ref(),
+            refs: 1,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(export);
+                id
+            }
+            None => {
+                self.slots.push(Some(export));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_ptr.insert(ptr, id);
+        id
+    }
+
+    fn get(&self, id: u32) -> Option<&dyn ClientHook> {
+        match self.slots.get(id as usize) {
+            Some(Some(e)) => Some(e.hook.as_ref()),
+            _ => None,
+        }
+    }
+
+    fn release(&mut self, id: u32, count: u32) -> Result<(), EngineError> {
+        let Some(Some(e)) = self.slots.get_mut(id as usize) else {
+            return Err(EngineError::Protocol(format!(
+                "Release of unknown export {id}"
+            )));
+        };
+        if count > e.refs {
+            return Err(EngineError::Protocol(format!(
+                "Release of export {id} by {count}, which holds {}",
+                e.refs
+            )));
+        }
+        e.refs -= count;
+        if e.refs == 0 {
+            if let Some(e) = self.slots[id as usize].take() {
+                self.by_ptr.remove(&e.hook.get_ptr());
+            }
+            self.free.push(id);
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn live(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+enum AnswerState {
+    /// The call runs; calls pipelined on it wait here, in the order they came.
+    Running { queued: Vec<Incoming> },
+    /// Returned with capabilities: later calls may pipeline on them until Finish.
+    Returned { built: Built, exports: Vec<u32> },
+    /// The call failed (or could not start): calls pipelined on it fail alike.
+    Failed(capnp::Error),
+}
+
+struct Answer {
+    state: AnswerState,
+    /// Finish came while the call ran: drop the answer when it returns.
+    finished: bool,
+    /// ... and release the capabilities its Return carries (the peer will not import them).
+    release_on_return: bool,
+}
+
+/// What a call ending hands back to the loop.
+type Done = (u32, Result<(), capnp::Error>, Rc<Cell<Option<Built>>>);
+type Running = Pin<Box<dyn Future<Output = Done>>>;
+
+/// One connection's tables and its unsent bytes.
+struct Conn {
+    bootstrap: Box<dyn ClientHook>,
+    limits: EngineLimits,
+    exports: Exports,
+    answers: HashMap<u32, Answer>,
+    /// Messages written since the last flush: the replies of one pass leave together.
+    outbox: Vec<u8>,
+}
+
+/// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
+/// closes it. `reader` yields whole messages (the frame layer checked them); `bootstrap` is
+/// what `Bootstrap` returns. Calls still running when it ends are dropped, unanswered.
+pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    bootstrap: Box<dyn ClientHook>,
+    limits: EngineLimits,
+    closer: Closer,
+) -> Result<(), EngineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let options = limits.reader_options;
+    // A stream keeps its read in progress across the loop's other wake-ups (a bare
+    // `read_message` future dropped by `select!` would lose a half-read message).
+    let messages = futures::stream::unfold(Some(reader), move |reader| async move {
+        let mut reader = reader?;
+        match capnp_futures::serialize::try_read_message(&mut reader, options).await {
+            Ok(Some(m)) => Some((Ok(m), Some(reader))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    futures::pin_mut!(messages);
+    let mut conn = Conn {
+        bootstrap,
+        limits,
+        exports: Exports::default(),
+        answers: HashMap::new(),
+        outbox: Vec::new(),
+    };
+    let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
+    let _ended = EndGuard(closer.clone());
+    let closed = Rc::clone(&closer.0);
+    // Writes run beside reading and calls, never in their way: a peer that does not read
+    // its replies fills the writer, which must not stop the reads that let the backlog see
+    // it pause (and close it); and replies of calls ending meanwhile join the next write.
+    let mut writer = Writer::Idle(writer, Vec::new());
+    let ended = loop {
+        writer.start(&mut conn.outbox);
+        let step = tokio::select! {
+            // Answers first: a finished call's Return (and the calls waiting on it) go out
+            // before more work comes in.
+            biased;
+            r = writer.written() => r.map(|()| true).map_err(EngineError::Write),
+            Some((id, result, done)) = calls.next(), if !calls.is_empty() => {
+                conn.settle(id, result, done.take(), &mut calls);
+                Ok(true)
+            }
+            m = messages.next() => match m {
+                None => Ok(false),
+                Some(Err(e)) => Err(EngineError::Read(e)),
+                Some(Ok(m)) => conn.handle(Rc::new(m), &mut calls),
+            },
+            () = closed.close.notified() => Ok(false),
+        };
+        match step {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => {
+                if let EngineError::Protocol(reason) = &e {
+                    conn.write_abort(reason);
+                }
+                break Err(e);
+            }
+        }
+    };
+    // Calls are dropped before the capabilities they run on; what was written goes out.
+    drop(calls);
+    if writer.finish(&mut conn.outbox).await.is_err() {
+        // The peer is gone: nothing more to tell it.
+    }
+    ended
+}
+
+/// A finished write: the writer, its emptied buffer, and how it went.
+type WriteDone<W> = (W, Vec<u8>, std::io::Result<()>);
+
+/// Bytes written in the background of the connection loop.
+enum Writer<W> {
+    /// No write running; the spare buffer for the next one.
+    Idle(W, Vec<u8>),
+    /// A write running, which gives the writer and its emptied buffer back.
+    Busy(Pin<Box<dyn Future<Output = WriteDone<W>>>>),
+    /// A write failed: the connection ends.
+    Gone,
+}
+
+impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
+    /// Starts writing what `outbox` holds, if nothing is being written.
+    fn start(&mut self, outbox: &mut Vec<u8>) {
+        if outbox.is_empty() || !matches!(self, Writer::Idle(..)) {
+            return;
+        }
+        let Writer::Idle(mut w, mut spare) = std::mem::replace(self, Writer::Gone) else {
+            return;
+        };
+        // The outbox takes the spare buffer; the write takes what was in it.
+        std::mem::swap(outbox, &mut spare);
+        let mut buf = spare;
+        *self = Writer::Busy(Box::pin(async move {
+            let r = async {
+                w.write_all(&buf).await?;
+                w.flush().await
+            }
+            .await;
+            buf.clear();
+            // Bounded: a buffer that grew for one large reply does not stay that large.
+            if buf.capacity() > 1 << 20 {
+                buf.shrink_to(64 * 1024);
+            }
+            (w, buf, r)
+        }));
+    }
+
+    /// Resolves when the running write ends; pending while none runs.
+    async fn written(&mut self) -> std::io::Result<()> {
+        let Writer::Busy(f) = self else {
+            return std::future::pending().await;
+        };
+        let (w, buf, r) = f.await;
+        *self = match r {
+            Ok(()) => Writer::Idle(w, buf),
+            Err(_) => Writer::Gone,
+        };
+        r
+    }
+
+    /// Ends the running write, then writes what is left.
+    async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
+        if matches!(self, Writer::Busy(_)) {
+            self.written().await?;
+        }
+        self.start(outbox);
+        if matches!(self, Writer::Busy(_)) {
+            self.written().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Conn {
+    fn send(&mut self, message: &message::Builder<HeapAllocator>) {
+        // Writing into a Vec cannot fail.
+        let _ = capnp::serialize::write_message(&mut self.outbox, message);
+    }
+
+    fn write_abort(&mut self, reason: &str) {
+        let mut m = message::Builder::new_default();
+        let mut e = m.init_root::<rpc_message::Builder>().init_abort();
+        e.set_reason(reason);
+        e.set_type(exception::Type::Failed);
+        self.send(&m);
+    }
+
+    /// Handles one message; `Ok(false)` ends the connection cleanly.
+    fn handle(
+        &mut self,
+        m: Incoming,
+        calls: &mut FuturesUnordered<Running>,
+    ) -> Result<bool, EngineError> {
+        let proto = |e: capnp::Error| EngineError::Protocol(e.to_string());
+        let root = m.get_root::<rpc_message::Reader>().map_err(proto)?;
+        match root.which() {
+            Ok(rpc_message::Which::Call(_)) => {
+                self.call(m.clone(), calls)?;
+            }
+            Ok(rpc_message::Which::Bootstrap(b)) => {
+                let id = b.map_err(proto)?.get_question_id();
+                self.bootstrap(id)?;
+            }
+            Ok(rpc_message::Which::Finish(f)) => {
+                let f = f.map_err(proto)?;
+                self.finish(f.get_question_id(), f.get_release_result_caps())?;
+            }
+            Ok(rpc_message::Which::Release(r)) => {
+                let r = r.map_err(proto)?;
+                self.exports.release(r.get_id(), r.get_reference_count())?;
+            }
+            Ok(rpc_message::Which::Abort(e)) => {
+                let reason = e
+                    .ok()
+                    .and_then(|e| e.get_reason().ok())
+                    .and_then(|r| r.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                return Err(EngineError::PeerAborted(reason));
+            }
+            // We never send what a peer could answer with Unimplemented (no Resolve, no
+            // calls to the peer), so there is nothing to undo.
+            Ok(rpc_message::Which::Unimplemented(_)) => {}
+            // Only needed when a promise the peer called through resolves back to the
+            // peer or elsewhere; every capability this server returns is settled and its
+            // own, so a Disembargo is a peer that does not follow the protocol.
+            Ok(rpc_message::Which::Disembargo(_)) => {
+                return Err(EngineError::Protocol(
+                    "Disembargo is never needed with this server: it returns no promises".into(),
+                ));
+            }
+            Ok(rpc_message::Which::Return(_)) => {
+                return Err(EngineError::Protocol(
+                    "Return for a question this server never asked".into(),
+                ));
+            }
+            // Level 2+ and obsolete messages, and kinds from newer versions: echoed, as
+            // the protocol asks of a peer that does not implement them.
+            Ok(_) | Err(_) => {
+                let mut reply = message::Builder::new_default();
+                reply
+                    .init_root::<rpc_message::Builder>()
+                    .set_unimplemented(root)
+                    .map_err(proto)?;
+                self.send(&reply);
+            }
+        }
+        Ok(true)
+    }
+
+    fn admit_answer(&self, id: u32) -> Result<(), EngineError> {
+        if self.answers.contains_key(&id) {
+            return Err(EngineError::Protocol(format!(
+                "question id {id} is already in use"
+            )));
+        }
+        if self.answers.len() >= self.limits.max_answers {
+            return Err(EngineError::Protocol(format!(
+                "more than {} questions outstanding",
+                self.limits.max_answers
+            )));
+        }
+        Ok(())
+    }
+
+    fn bootstrap(&mut self, id: u32) -> Result<(), EngineError> {
+        self.admit_answer(id)?;
+        let mut built = Built::new_return(id);
+        let cap = self.bootstrap.add_ref();
+        match built.content_mut() {
+            Ok(mut content) => content.set_as_capability(cap),
+            Err(e) => return Err(EngineError::Protocol(e.to_string())),
+        }
+        let (built, exports) = self.write_results(built);
+        self.answers.insert(
+            id,
+            Answer {
+                state: AnswerState::Returned { built, exports },
+                finished: false,
+                release_on_return: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// A Call: resolve its target, then start it, queue it behind the answer it pipelines
+    /// on, or answer it with an exception.
+    fn call(
+        &mut self,
+        m: Incoming,
+        calls: &mut FuturesUnordered<Running>,
+    ) -> Result<(), EngineError> {
+        let c = call_of(&m).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let id = c.get_question_id();
+        self.admit_answer(id)?;
+        self.start(id, m, calls);
+        Ok(())
+    }
+
+    /// Starts (or queues, or fails) the call `m` whose question id `id` is admitted. Its
+    /// answer may exist already (made when it was queued, with calls queued on it).
+    fn start(&mut self, id: u32, m: Incoming, calls: &mut FuturesUnordered<Running>) {
+        self.answers.entry(id).or_insert(Answer {
+            state: AnswerState::Running { queued: Vec::new() },
+            finished: false,
+            release_on_return: false,
+        });
+        let target = match self.target(&m) {
+            Ok(Target::Cap(hook)) => hook,
+            Ok(Target::Wait(on)) => {
+                if let Some(Answer {
+                    state: AnswerState::Running { queued },
+                    ..
+                }) = self.answers.get_mut(&on)
+                {
+                    queued.push(m);
+                }
+                return;
+            }
+            Err(e) => {
+                self.settle(id, Err(e), None, calls);
+                return;
+            }
+        };
+        let (interface_id, method_id) = match call_of(&m) {
+            Ok(c) => (c.get_interface_id(), c.get_method_id()),
+            Err(e) => {
+                self.settle(id, Err(e), None, calls);
+                return;
+            }
+        };
+        let done = Rc::new(Cell::new(None));
+        let results = EngineResults {
+            built: Some(Built::new_return(id)),
+            done: Rc::clone(&done),
+        };
+        let promise = target.call(
+            interface_id,
+            method_id,
+            Box::new(EngineParams(m)),
+            Box::new(results),
+        );
+        calls.push(Box::pin(async move { (id, promise.await, done) }));
+    }
+
+    /// The capability a call is addressed to.
+    fn target(&self, m: &Incoming) -> Result<Target, capnp::Error> {
+        let c = call_of(m)?;
+        if !matches!(
+            c.get_send_results_to().which()?,
+            call::send_results_to::Caller(())
+        ) {
+            return Err(capnp::Error::unimplemented(
+                "results can only be sent to the caller".into(),
+            ));
+        }
+        if c.get_params()?.has_cap_table() && !c.get_params()?.get_cap_table()?.is_empty() {
+            return Err(capnp::Error::failed(
+                "this server accepts no capabilities in parameters".into(),
+            ));
+        }
+        match c.get_target()?.which()? {
+            message_target::ImportedCap(export) => match self.exports.get(export) {
+                Some(hook) => Ok(Target::Cap(hook.add_ref())),
+                None => Err(capnp::Error::failed(format!(
+                    "call to unknown capability {export}"
+                ))),
+            },
+            message_target::PromisedAnswer(p) => {
+                let p = p?;
+                let on = p.get_question_id();
+                let ops = p
+                    .get_transform()?
+                    .iter()
+                    .map(|op| {
+                        Ok(match op.which()? {
+                            capnp_rpc::rpc_capnp::promised_answer::op::Noop(()) => PipelineOp::Noop,
+                            capnp_rpc::rpc_capnp::promised_answer::op::GetPointerField(i) => {
+                                PipelineOp::GetPointerField(i)
+                            }
+                        })
+                    })
+                    .collect::<capnp::Result<Vec<_>>>()?;
+                match self.answers.get(&on).map(|a| &a.state) {
+                    None => Err(capnp::Error::failed(format!(
+                        "call pipelined on question {on}, which has no answer (finished, or \
+                         its results held no capability)"
+                    ))),
+                    Some(AnswerState::Running { .. }) => Ok(Target::Wait(on)),
+                    Some(AnswerState::Failed(e)) => Err(e.clone()),
+                    Some(AnswerState::Returned { built, .. }) => {
+                        let hook = built.content()?.get_pipelined_cap(&ops)?;
+                        Ok(Target::Cap(hook))
+                    }
+                }
+            }
+        }
+    }
+
+    fn return_error(&mut self, id: u32, e: &capnp::Error) {
+        let mut m = message::Builder::new_default();
+        let mut ret = m.init_root::<rpc_message::Builder>().init_return();
+        ret.set_answer_id(id);
+        write_exception(e, ret.init_exception());
+        self.send(&m);
+    }
+
+    /// Sends a Return with results: exports its capabilities (one reference per pointer),
+    /// and sets `noFinishNeeded` when there are none. Returns the message, kept for calls
+    /// pipelined on it, and the export id of each capability pointer.
+    fn write_results(&mut self, mut built: Built) -> (Built, Vec<u32>) {
+        let exports: Vec<u32> = built
+            .cap_table
+            .iter()
+            .flatten()
+            .map(|hook| self.exports.add(hook.as_ref()))
+            .collect();
+        let Built { message, cap_table } = &mut built;
+        if let Ok(root) = message.get_root::<rpc_message::Builder>() {
+            if let Ok(rpc_message::Which::Return(Ok(mut ret))) = root.which() {
+                ret.set_no_finish_needed(exports.is_empty());
+                if let Ok(return_::Which::Results(Ok(payload))) = ret.which() {
+                    let mut table = payload.init_cap_table(cap_table.len() as u32);
+                    let mut ids = exports.iter();
+                    for (i, cap) in cap_table.iter().enumerate() {
+                        let mut d = table.reborrow().get(i as u32);
+                        match (cap, cap.as_ref().and_then(|_| ids.next())) {
+                            (Some(_), Some(&id)) => d.set_sender_hosted(id),
+                            _ => d.set_none(()),
+                        }
+                    }
+                }
+            }
+        }
+        self.send(&built.message);
+        (built, exports)
+    }
+
+    /// A call ended (or could not start): its Return goes out, then the calls pipelined on
+    /// it start, in the order they came. Its answer stays for later pipelined calls and
+    /// the peer's Finish when it holds capabilities or an exception; results without a
+    /// capability are answered `noFinishNeeded` and dropped at once.
+    fn settle(
+        &mut self,
+        id: u32,
+        result: Result<(), capnp::Error>,
+        built: Option<Built>,
+        calls: &mut FuturesUnordered<Running>,
+    ) {
+        let (queued, finished, release) = match self.answers.get_mut(&id) {
+            Some(Answer {
+                state: AnswerState::Running { queued },
+                finished,
+                release_on_return,
+            }) => (std::mem::take(queued), *finished, *release_on_return),
+            _ => return,
+        };
+        let (state, keep) = match (result, built) {
+            (Ok(()), Some(built)) => {
+                let (built, exports) = self.write_results(built);
+                if exports.is_empty() {
+                    let e = capnp::Error::failed(format!(
+                        "call pipelined on question {id}, whose results hold no capability"
+                    ));
+                    (AnswerState::Failed(e), false)
+                } else {
+                    (AnswerState::Returned { built, exports }, true)
+                }
+            }
+            (result, _) => {
+                let e = result.err().unwrap_or_else(|| {
+                    capnp::Error::failed("the call ended without results".into())
+                });
+                self.return_error(id, &e);
+                (AnswerState::Failed(e), true)
+            }
+        };
+        self.answers.insert(
+            id,
+            Answer {
+                state,
+                finished,
+                release_on_return: release,
+            },
+        );
+        for m in queued {
+            if let Ok(c) = call_of(&m) {
+                self.start(c.get_question_id(), m, calls);
+            }
+        }
+        if !keep || finished {
+            if let Some(Answer {
+                state: AnswerState::Returned { exports, .. },
+                ..
+            }) = self.answers.remove(&id)
+            {
+                if finished && release {
+                    for e in exports {
+                        // Ours to release: the peer never saw these references.
+                        let _ = self.exports.release(e, 1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u32, release: bool) -> Result<(), EngineError> {
+        let Some(answer) = self.answers.get_mut(&id) else {
+            // Already dropped (noFinishNeeded, or results without capabilities): fine.
+            return Ok(());
+        };
+        match &mut answer.state {
+            AnswerState::Running { .. } => {
+                answer.finished = true;
+                answer.release_on_return = release;
+            }
+            AnswerState::Failed(_) => {
+                self.answers.remove(&id);
+            }
+            AnswerState::Returned { .. } => {
+                if let Some(Answer {
+                    state: AnswerState::Returned { exports, .. },
+                    ..
+                }) = self.answers.remove(&id)
+                {
+                    if release {
+                        for e in exports {
+                            self.exports.release(e, 1)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Target {
+    Cap(Box<dyn ClientHook>),
+    /// Pipelined on this answer, still running.
+    Wait(u32),
+}
+
+fn write_exception(e: &capnp::Error, mut b: exception::Builder<'_>) {
+    let kind = match e.kind {
+        capnp::ErrorKind::Overloaded => exception::Type::Overloaded,
+        capnp::ErrorKind::Disconnected => exception::Type::Disconnected,
+        capnp::ErrorKind::Unimplemented => exception::Type::Unimplemented,
+        _ => exception::Type::Failed,
+    };
+    b.set_type(kind);
+    match e.kind {
+        capnp::ErrorKind::Failed
+        | capnp::ErrorKind::Overloaded
+        | capnp::ErrorKind::Disconnected
+        | capnp::ErrorKind::Unimplemented => b.set_reason(&e.extra),
+        // Decoding kinds say what went wrong in the kind itself.
+        _ => b.set_reason(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dummy(usize);
+    impl ClientHook for Dummy {
+        fn add_ref(&self) -> Box<dyn ClientHook> {
+            Box::new(Dummy(self.0))
+        }
+        fn new_call(
+            &self,
+            _: u64,
+            _: u16,
+            _: Option<capnp::MessageSize>,
+        ) -> capnp::capability::Request<any_pointer::Owned, any_pointer::Owned> {
+            unimplemented!()
+        }
+        fn call(
+            &self,
+            _: u64,
+            _: u16,
+            _: Box<dyn ParamsHook>,
+            _: Box<dyn ResultsHook>,
+        ) -> Promise<(), capnp::Error> {
+            Promise::ok(())
+        }
+        fn get_brand(&self) -> usize {
+            0
+        }
+        fn get_ptr(&self) -> usize {
+            self.0
+        }
+        fn get_resolved(&self) -> Option<Box<dyn ClientHook>> {
+            None
+        }
+        fn when_more_resolved(&self) -> Option<Promise<Box<dyn ClientHook>, capnp::Error>> {
+            None
+        }
+        fn when_resolved(&self) -> Promise<(), capnp::Error> {
+            Promise::ok(())
+        }
+    }
+
+    #[test]
+    fn the_same_object_twice_is_one_export_released_by_its_count() {
+        let mut ex = Exports::default();
+        let a = ex.add(&Dummy(7));
+        assert_eq!(ex.add(&Dummy(7)), a);
+        let b = ex.add(&Dummy(8));
+        assert_ne!(a, b);
+        assert!(ex.release(a, 3).is_err(), "over-release");
+        ex.release(a, 2).unwrap();
+        assert!(ex.get(a).is_none());
+        assert_eq!(ex.live(), 1);
+        // The freed id is reused.
+        assert_eq!(ex.add(&Dummy(9)), a);
+    }
+}
