@@ -87,9 +87,7 @@ pub fn in_process_gateway_over(
     store: std::sync::Arc<dyn capkv_store::Store>,
 ) -> (gateway::Client, std::sync::Arc<capkv_server::chain::Shared>) {
     use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-    let shared = std::sync::Arc::new(capkv_server::chain::Shared::new(config, store));
-    let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    capkv_server::server::serve_in_process(std::sync::Arc::clone(&shared), theirs);
+    let (ours, shared) = in_process_stream_over(config, store);
     let (r, w) = tokio::io::split(ours);
     let network = capnp_rpc::twoparty::VatNetwork::new(
         r.compat(),
@@ -101,6 +99,30 @@ pub fn in_process_gateway_over(
     let gw: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
     tokio::task::spawn_local(rpc);
     (gw, shared)
+}
+
+/// The client end of a byte stream whose other end a server (`config`, memory engine)
+/// serves on this thread's `LocalSet`: for tests that send hand-built protocol messages.
+pub fn in_process_stream(
+    config: &Config,
+) -> (
+    tokio::io::DuplexStream,
+    std::sync::Arc<capkv_server::chain::Shared>,
+) {
+    in_process_stream_over(config, std::sync::Arc::new(capkv_store::MemoryStore::new()))
+}
+
+fn in_process_stream_over(
+    config: &Config,
+    store: std::sync::Arc<dyn capkv_store::Store>,
+) -> (
+    tokio::io::DuplexStream,
+    std::sync::Arc<capkv_server::chain::Shared>,
+) {
+    let shared = std::sync::Arc::new(capkv_server::chain::Shared::new(config, store));
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    capkv_server::server::serve_in_process(std::sync::Arc::clone(&shared), theirs);
+    (ours, shared)
 }
 
 /// Sends `req` the way API v2 clients do, pipelining on the capability in union member 0
