@@ -46,6 +46,9 @@ use capnp_rpc::rpc_capnp::{call, exception, message as rpc_message, message_targ
 use futures::stream::FuturesUnordered;
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 
+#[doc(hidden)]
+pub mod script;
+
 /// What a capability table holds while a message is built or read.
 type CapTable = Vec<Option<Box<dyn ClientHook>>>;
 
@@ -311,6 +314,24 @@ impl Exports {
         Ok(())
     }
 
+    /// The table's own invariants: every live export has references and is found by its
+    /// object, every free id is empty, and the object index points only at live exports.
+    fn consistent(&self) -> bool {
+        let live_ok = self.slots.iter().enumerate().all(|(id, e)| match e {
+            Some(e) => e.refs > 0 && self.by_ptr.get(&e.hook.get_ptr()) == Some(&(id as u32)),
+            None => true,
+        });
+        let free_ok = self
+            .free
+            .iter()
+            .all(|&id| matches!(self.slots.get(id as usize), Some(None)));
+        let index_ok = self
+            .by_ptr
+            .values()
+            .all(|&id| matches!(self.slots.get(id as usize), Some(Some(_))));
+        live_ok && free_ok && index_ok
+    }
+
     #[cfg(test)]
     fn live(&self) -> usize {
         self.slots.iter().filter(|s| s.is_some()).count()
@@ -406,6 +427,8 @@ where
             },
             () = closed.close.notified() => Ok(false),
         };
+        // Checked after every step in debug builds (tests, the fuzz target).
+        debug_assert!(conn.consistent(), "engine tables inconsistent");
         match step {
             Ok(true) => {}
             Ok(false) => break Ok(()),
@@ -492,6 +515,11 @@ impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
 }
 
 impl Conn {
+    /// The tables' invariants (see `Exports::consistent`), and answers within their bound.
+    fn consistent(&self) -> bool {
+        self.exports.consistent() && self.answers.len() <= self.limits.max_answers
+    }
+
     fn send(&mut self, message: &message::Builder<HeapAllocator>) {
         // Writing into a Vec cannot fail.
         let _ = capnp::serialize::write_message(&mut self.outbox, message);
@@ -935,5 +963,95 @@ mod tests {
         assert_eq!(ex.live(), 1);
         // The freed id is reused.
         assert_eq!(ex.add(&Dummy(9)), a);
+    }
+
+    /// Counts the writes that reach the "socket".
+    struct Counting(Rc<Cell<usize>>, Rc<std::cell::RefCell<Vec<u8>>>);
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.set(self.0.get() + 1);
+            self.1.borrow_mut().extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn queue(out: &mut Vec<u8>, build: impl FnOnce(rpc_message::Builder<'_>)) {
+        let mut m = message::Builder::new_default();
+        build(m.init_root());
+        capnp::serialize::write_message(out, &m).unwrap();
+    }
+
+    /// 16 calls that arrive in one read are answered in at most 2 writes (the bootstrap's
+    /// Return may leave first): the loop answers everything buffered before it yields, and
+    /// the coalescing writer sends what one pass wrote at once.
+    #[test]
+    fn sixteen_calls_in_one_packet_leave_in_at_most_two_writes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let mut input = Vec::new();
+            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+            for id in 1..=16 {
+                queue(&mut input, |m| {
+                    let mut c = m.init_call();
+                    c.set_question_id(id);
+                    c.reborrow()
+                        .init_target()
+                        .init_promised_answer()
+                        .set_question_id(0);
+                    c.init_params();
+                });
+            }
+            let writes = Rc::new(Cell::new(0));
+            let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let writer = crate::transport::CoalescingWriter::new(Counting(
+                Rc::clone(&writes),
+                Rc::clone(&bytes),
+            ));
+            serve(
+                futures::io::Cursor::new(input),
+                writer,
+                Box::new(Dummy(1)),
+                EngineLimits::default(),
+                Closer::default(),
+            )
+            .await
+            .unwrap();
+            // The dropped writer's flusher sends what is left, then ends.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            assert!(writes.get() <= 2, "{} writes", writes.get());
+            let mut answered = 0;
+            let mut read = &bytes.borrow()[..];
+            while !read.is_empty() {
+                let m =
+                    capnp::serialize::read_message_from_flat_slice(&mut read, ReaderOptions::new())
+                        .unwrap();
+                let root = m.get_root::<rpc_message::Reader>().unwrap();
+                assert!(matches!(root.which(), Ok(rpc_message::Which::Return(_))));
+                answered += 1;
+            }
+            assert_eq!(answered, 17);
+        });
     }
 }
