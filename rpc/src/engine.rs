@@ -425,7 +425,11 @@ where
                 Some(Err(e)) => Err(EngineError::Read(e)),
                 Some(Ok(m)) => conn.handle(Rc::new(m), &mut calls),
             },
-            () = closed.close.notified() => Ok(false),
+            () = closed.close.notified() => {
+                // As `RpcSystem` does: say why, after the replies already written.
+                conn.write_abort("the server is shutting down", exception::Type::Disconnected);
+                Ok(false)
+            }
         };
         // Checked after every step in debug builds (tests, the fuzz target).
         debug_assert!(conn.consistent(), "engine tables inconsistent");
@@ -434,7 +438,7 @@ where
             Ok(false) => break Ok(()),
             Err(e) => {
                 if let EngineError::Protocol(reason) = &e {
-                    conn.write_abort(reason);
+                    conn.write_abort(reason, exception::Type::Failed);
                 }
                 break Err(e);
             }
@@ -525,11 +529,11 @@ impl Conn {
         let _ = capnp::serialize::write_message(&mut self.outbox, message);
     }
 
-    fn write_abort(&mut self, reason: &str) {
+    fn write_abort(&mut self, reason: &str, kind: exception::Type) {
         let mut m = message::Builder::new_default();
         let mut e = m.init_root::<rpc_message::Builder>().init_abort();
         e.set_reason(reason);
-        e.set_type(exception::Type::Failed);
+        e.set_type(kind);
         self.send(&m);
     }
 

@@ -55,15 +55,15 @@ impl Engine {
 }
 
 /// Which implementation of the Cap'n Proto RPC protocol serves connections. Both speak the
-/// same protocol and serve the same calls; capkv's own engine is being proven against the
-/// `RpcSystem` of capnp-rpc, which stays the default until it passes everything.
+/// same protocol and serve the same calls (the whole test suite runs on each); capkv's own
+/// engine is the default, capnp-rpc's `RpcSystem` stays as the reference and the way back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RpcEngine {
     /// capnp-rpc's `RpcSystem` (the reference).
-    #[default]
     CapnpRpc,
     /// capkv's own engine (`capkv_rpc::engine`).
+    #[default]
     Capkv,
 }
 

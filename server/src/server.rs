@@ -2,8 +2,9 @@
 //!
 //! One acceptor task (on the caller's runtime) accepts TCP connections and hands each to a
 //! worker thread, round robin, over a bounded channel. Each worker is a current-thread tokio
-//! runtime with a `LocalSet`, because capnp-rpc objects are `!Send`: a connection's
-//! `RpcSystem` and every capability on it live and die on one thread. The store is shared by
+//! runtime with a `LocalSet`, because capnp objects are `!Send`: a connection's RPC engine
+//! (`capkv_rpc::engine`, or capnp-rpc's `RpcSystem`) and every capability on it live and
+//! die on one thread. The store is shared by
 //! all workers as `Arc<dyn Store>`.
 //!
 //! Shutdown (the `shutdown` future resolves, e.g. on SIGTERM): stop accepting, mark the
@@ -506,7 +507,7 @@ where
         capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
     let reader_options = tunables.limits.request_reader_options();
     // Both engines speak the same protocol over the same checked stream; capnp-rpc's
-    // `RpcSystem` stays the reference until capkv's own passes everything.
+    // `RpcSystem` is the reference capkv's own is tested against, and the way back.
     let rpc: futures::future::LocalBoxFuture<'static, Result<(), String>> = match shared.rpc_engine
     {
         RpcEngine::CapnpRpc => {
@@ -541,13 +542,13 @@ where
                 // Peers hanging up is normal; a protocol error is worth a line.
                 tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
             },
-            // Dropping the RpcSystem closes the socket and drops its calls unanswered.
+            // Dropping the RPC engine closes the socket and drops its calls unanswered.
             () = conn.killed() => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
             () = idle_expired(&shared, &conn) => {
                 metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
                 tracing::info!(conn = id, %peer, "connection closed: idle timeout");
             }
-            // Dropping the RpcSystem also drops the replies queued for a peer that does
+            // Dropping the RPC engine also drops the replies queued for a peer that does
             // not read them: their memory comes back.
             () = conn.backlog.stalled(|| shared.tunables().slow_reader_timeout) => {
                 slow_reader = true;

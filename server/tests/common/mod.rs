@@ -31,7 +31,8 @@ pub fn test_config() -> Config {
     let mut config = Config::local_ephemeral();
     match std::env::var("CAPKV_RPC_ENGINE").as_deref() {
         Ok("capkv") => config.rpc_engine = capkv_server::config::RpcEngine::Capkv,
-        Ok("capnp-rpc") | Err(_) => {}
+        Ok("capnp-rpc") => config.rpc_engine = capkv_server::config::RpcEngine::CapnpRpc,
+        Err(_) => {}
         Ok(other) => panic!("CAPKV_RPC_ENGINE={other}: capnp-rpc or capkv"),
     }
     config
