@@ -55,8 +55,10 @@ kill "$kv_pid" "$redis_pid" "$floor_pid"
 wait "$kv_pid" "$redis_pid" "$floor_pid" 2>/dev/null || true; pids=()
 
 if [ "$quick" = 1 ]; then
+    bash bench/engines.sh "$bin" 1 1 >"$tmp/engines.md"
     bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
 else
+    bash bench/engines.sh "$bin" >"$tmp/engines.md"
     bash bench/durable.sh "$bin" >"$tmp/durable.md"
 fi
 
@@ -79,6 +81,13 @@ fi
     echo "each get and getMany with fixed entries at once (no store, checks or metrics): what the RPC runtime alone costs."
     echo
     cat "$tmp/matrix.md"
+    echo
+    echo "## RPC engines (bench/engines.sh): capkv's own against capnp-rpc's RpcSystem"
+    echo
+    echo "Same kv-server build with \`rpc_engine\` = capkv (default) or capnp-rpc, alternating;"
+    echo "memory engine, GET c=50, 10,000 keys; the client is capnp-rpc's in both."
+    echo
+    cat "$tmp/engines.md"
     echo
     echo "## Durable puts (bench/durable.sh): RocksDB, WAL synced before every acknowledgement"
     echo
