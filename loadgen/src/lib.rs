@@ -4,8 +4,9 @@
 //!   from a seed.
 //! - [`run`]: worker threads with a `LocalSet` each; closed loop (fixed concurrency) and
 //!   open loop (fixed arrival rate, latency from the intended send time); preload.
-//! - [`target`]: the servers a run can drive: capkv through `LocalClient`, Redis through
-//!   the `redis` crate.
+//! - [`target`]: the servers a run can drive: capkv through `LocalClient`, capkv raw
+//!   ([`raw`]: the protocol hand-encoded, no client RPC runtime), Redis through the `redis`
+//!   crate.
 //! - [`stats`]: HdrHistogram latencies per operation, error counts by code, summaries.
 //! - [`procstat`]: server CPU and RSS from /proc.
 //! - [`report`]: table, CSV, JSON and markdown output.
@@ -17,6 +18,7 @@
 pub mod floor;
 pub mod matrix;
 pub mod procstat;
+pub mod raw;
 pub mod redis_bench;
 pub mod report;
 pub mod run;

@@ -1,6 +1,7 @@
 //! The servers a run can drive, behind one small enum: capkv (through the client library's
-//! [`LocalClient`], on the worker's own `LocalSet`) and Redis (the `redis` crate), so both
-//! see the same schedule, keys and values.
+//! [`LocalClient`], on the worker's own `LocalSet`), capkv without a client RPC runtime
+//! ([`crate::raw`]) and Redis (the `redis` crate), so all see the same schedule, keys and
+//! values.
 
 use std::rc::Rc;
 use std::str::FromStr;
@@ -15,6 +16,9 @@ use crate::workload::OpKind;
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     Capkv,
+    /// capkv's protocol hand-encoded, no RPC runtime (`crate::raw`).
+    #[serde(rename = "capkv-raw")]
+    CapkvRaw,
     Redis,
 }
 
@@ -23,8 +27,11 @@ impl FromStr for TargetKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "capkv" => Ok(TargetKind::Capkv),
+            "capkv-raw" => Ok(TargetKind::CapkvRaw),
             "redis" => Ok(TargetKind::Redis),
-            _ => Err(format!("target must be capkv or redis, not {s:?}")),
+            _ => Err(format!(
+                "target must be capkv, capkv-raw or redis, not {s:?}"
+            )),
         }
     }
 }
@@ -33,6 +40,7 @@ impl TargetKind {
     pub fn name(self) -> &'static str {
         match self {
             TargetKind::Capkv => "capkv",
+            TargetKind::CapkvRaw => "capkv-raw",
             TargetKind::Redis => "redis",
         }
     }
@@ -42,6 +50,7 @@ impl TargetKind {
 #[derive(Clone)]
 pub enum Conn {
     Capkv(Rc<LocalClient>),
+    Raw(Rc<crate::raw::RawConn>),
     Redis(redis::aio::MultiplexedConnection),
 }
 
@@ -62,6 +71,11 @@ impl Conn {
                     .await
                     .map_err(|e| anyhow::anyhow!("connect to capkv at {addr}: {e}"))?,
             )),
+            TargetKind::CapkvRaw => Conn::Raw(
+                crate::raw::RawConn::connect(addr, &options.token)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connect to capkv at {addr}: {e}"))?,
+            ),
             TargetKind::Redis => {
                 let client = redis::Client::open(format!("redis://{addr}/"))?;
                 Conn::Redis(client.get_multiplexed_async_connection().await?)
@@ -96,6 +110,7 @@ impl Conn {
                 };
                 r.map_err(|e| capkv::code_name(e.code))
             }
+            Conn::Raw(c) => c.call(kind, keys, value).await,
             Conn::Redis(c) => {
                 let mut c = c.clone();
                 let r: redis::RedisResult<()> = match (kind, keys) {

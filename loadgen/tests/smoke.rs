@@ -116,3 +116,37 @@ fn the_rpc_floor_answers_the_loadgen_s_gets() {
     assert!(all.calls > 0);
     assert_eq!(all.error_count(), 0, "{:?}", all.errors);
 }
+
+/// `--target capkv-raw` (no client RPC runtime) against both of the server's RPC engines:
+/// gets and puts complete without errors, a batch is refused with its own code.
+#[test]
+fn raw_mode_runs_against_both_rpc_engines() {
+    use capkv_loadgen::target::TargetKind;
+    use capkv_server::config::RpcEngine;
+    for engine in [RpcEngine::Capkv, RpcEngine::CapnpRpc] {
+        let mut server_config = Config::local_ephemeral();
+        server_config.rpc_engine = engine;
+        let server = RunningServer::start(server_config).unwrap();
+        let raw = RunConfig {
+            target: TargetKind::CapkvRaw,
+            in_flight: 4,
+            mix_read_percent: 50,
+            ..config(server.addr().to_string())
+        };
+        let result = run::run(&raw).unwrap();
+        let all = result.all().unwrap();
+        assert!(all.calls > 0, "{engine:?}");
+        assert_eq!(all.error_count(), 0, "{engine:?}: {:?}", all.errors);
+        assert!(result.ops.iter().any(|o| o.op == "put"), "{engine:?}");
+
+        let batched = run::run(&RunConfig { batch: 2, ..raw }).unwrap();
+        let all = batched.all().unwrap();
+        assert!(
+            all.errors
+                .keys()
+                .all(|code| code == "raw_mode_single_keys_only"),
+            "{:?}",
+            all.errors
+        );
+    }
+}

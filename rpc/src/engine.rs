@@ -915,58 +915,21 @@ fn write_exception(e: &capnp::Error, mut b: exception::Builder<'_>) {
 mod tests {
     use super::*;
 
-    struct Dummy(usize);
-    impl ClientHook for Dummy {
-        fn add_ref(&self) -> Box<dyn ClientHook> {
-            Box::new(Dummy(self.0))
-        }
-        fn new_call(
-            &self,
-            _: u64,
-            _: u16,
-            _: Option<capnp::MessageSize>,
-        ) -> capnp::capability::Request<any_pointer::Owned, any_pointer::Owned> {
-            unimplemented!()
-        }
-        fn call(
-            &self,
-            _: u64,
-            _: u16,
-            _: Box<dyn ParamsHook>,
-            _: Box<dyn ResultsHook>,
-        ) -> Promise<(), capnp::Error> {
-            Promise::ok(())
-        }
-        fn get_brand(&self) -> usize {
-            0
-        }
-        fn get_ptr(&self) -> usize {
-            self.0
-        }
-        fn get_resolved(&self) -> Option<Box<dyn ClientHook>> {
-            None
-        }
-        fn when_more_resolved(&self) -> Option<Promise<Box<dyn ClientHook>, capnp::Error>> {
-            None
-        }
-        fn when_resolved(&self) -> Promise<(), capnp::Error> {
-            Promise::ok(())
-        }
-    }
+    use script::ScriptCap;
 
     #[test]
     fn the_same_object_twice_is_one_export_released_by_its_count() {
         let mut ex = Exports::default();
-        let a = ex.add(&Dummy(7));
-        assert_eq!(ex.add(&Dummy(7)), a);
-        let b = ex.add(&Dummy(8));
+        let a = ex.add(&ScriptCap::new(7));
+        assert_eq!(ex.add(&ScriptCap::new(7)), a);
+        let b = ex.add(&ScriptCap::new(8));
         assert_ne!(a, b);
         assert!(ex.release(a, 3).is_err(), "over-release");
         ex.release(a, 2).unwrap();
         assert!(ex.get(a).is_none());
         assert_eq!(ex.live(), 1);
         // The freed id is reused.
-        assert_eq!(ex.add(&Dummy(9)), a);
+        assert_eq!(ex.add(&ScriptCap::new(9)), a);
     }
 
     /// Counts the writes that reach the "socket".
@@ -1034,7 +997,7 @@ mod tests {
             serve(
                 futures::io::Cursor::new(input),
                 writer,
-                Box::new(Dummy(1)),
+                Box::new(ScriptCap::new(1)),
                 EngineLimits::default(),
                 Closer::default(),
             )

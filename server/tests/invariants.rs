@@ -14,7 +14,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capkv::{ApiError, CallMeta, ErrorCode};
+use capkv::{CallMeta, ErrorCode};
 use capkv_store::{
     Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp,
     WriteOutcome,
@@ -86,17 +86,6 @@ impl Store for RecordingExpiries {
     fn instance_secret(&self) -> [u8; 32] {
         self.inner.instance_secret()
     }
-}
-
-/// The code in a result's error arm, or `None` for success.
-macro_rules! code_of {
-    ($resp:expr, $module:ident) => {{
-        let resp = $resp;
-        match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-            capkv::kv_capnp::$module::Which::Error(e) => Some(ApiError::read(e.unwrap()).code),
-            _ => None,
-        }
-    }};
 }
 
 #[test]

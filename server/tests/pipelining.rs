@@ -135,17 +135,6 @@ fn ctx() -> CallMeta {
     }
 }
 
-/// The code in a result's error arm, or `None` for success.
-macro_rules! code_of {
-    ($resp:expr, $module:ident) => {{
-        let resp = $resp;
-        match resp.get().unwrap().get_result().unwrap().which().unwrap() {
-            capkv::kv_capnp::$module::Which::Error(e) => Some(ApiError::read(e.unwrap()).code),
-            _ => None,
-        }
-    }};
-}
-
 /// Clients built against API v2 pipelined through union member 0 of each result (the
 /// transform `send_v2_pipelined` sends); the server still fills it.
 #[test]

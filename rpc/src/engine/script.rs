@@ -15,10 +15,20 @@ use capnp_rpc::rpc_capnp::message as rpc_message;
 use super::{serve, Closer, EngineLimits};
 
 /// A capability whose methods answer with a new capability (0), an error (1), or nothing
-/// after a yield (2, so that calls overlap).
-struct ScriptCap {
+/// after a yield (2, so that calls overlap). Its `get_ptr` is its id.
+pub(crate) struct ScriptCap {
     id: usize,
     next_id: Rc<Cell<usize>>,
+}
+
+impl ScriptCap {
+    /// Capability `id`; those it makes are numbered from `id + 1`.
+    pub(crate) fn new(id: usize) -> Self {
+        Self {
+            id,
+            next_id: Rc::new(Cell::new(id + 1)),
+        }
+    }
 }
 
 impl ClientHook for ScriptCap {
@@ -189,10 +199,7 @@ pub fn run(input: &[u8]) {
     };
     let wire = messages(input);
     tokio::task::LocalSet::new().block_on(&rt, async move {
-        let bootstrap = Box::new(ScriptCap {
-            id: 0,
-            next_id: Rc::new(Cell::new(1)),
-        });
+        let bootstrap = Box::new(ScriptCap::new(0));
         let limits = EngineLimits {
             max_answers: 16,
             ..EngineLimits::default()

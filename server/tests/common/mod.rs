@@ -126,6 +126,23 @@ fn in_process_stream_over(
     (ours, shared)
 }
 
+/// The code in a raw response's result error arm (`$module` names the result struct, e.g.
+/// `put_result`), or `None` for success.
+#[allow(unused_macros)]
+macro_rules! code_of {
+    ($resp:expr, $module:ident) => {{
+        let resp = $resp;
+        match resp.get().unwrap().get_result().unwrap().which().unwrap() {
+            capkv::kv_capnp::$module::Which::Error(e) => {
+                Some(capkv::ApiError::read(e.unwrap()).code)
+            }
+            _ => None,
+        }
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use code_of;
+
 /// Sends `req` the way API v2 clients do, pipelining on the capability in union member 0
 /// of the method's result struct, and returns the response future with that capability.
 /// The reference for "clients built against API v2 keep working" (capkv's own client
