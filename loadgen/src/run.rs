@@ -188,7 +188,13 @@ pub fn preload(cfg: &RunConfig) -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        let conn = Conn::open(cfg.target, &cfg.addr, &options(cfg)).await?;
+        // Setup, not measured: the raw target preloads through the client library, which
+        // has batches.
+        let target = match cfg.target {
+            TargetKind::CapkvRaw => TargetKind::Capkv,
+            other => other,
+        };
+        let conn = Conn::open(target, &cfg.addr, &options(cfg)).await?;
         let mut values = OpGen::new(cfg.seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
         let value = values.value().to_vec();
         let batches: Vec<u64> = (0..cfg.keys.div_ceil(BATCH)).collect();
