@@ -52,9 +52,13 @@ pub mod script;
 /// What a capability table holds while a message is built or read.
 type CapTable = Vec<Option<Box<dyn ClientHook>>>;
 
-/// An incoming message, shared by the call that reads its params and, for a pipelined call
-/// that must wait, the queue it waits in.
-type Incoming = Rc<message::Reader<OwnedSegments>>;
+/// An incoming message: a call's params are read in place from it, so it moves with the
+/// call (into the queue it waits in, then into its params hook).
+type Incoming = message::Reader<OwnedSegments>;
+
+/// Steps in a promised answer's transform: capkv's capabilities sit one or two pointers
+/// deep; a longer path is refused (that call only).
+const MAX_TRANSFORM_OPS: usize = 16;
 
 /// Bounds of one connection.
 #[derive(Debug, Clone, Copy)]
@@ -355,9 +359,27 @@ struct Answer {
     release_on_return: bool,
 }
 
+/// A call running: its question id, the handler's promise, and where its results message
+/// lands when the handler drops it. A future of its own (not an `async` block) so that
+/// starting a call boxes nothing beyond what the handler's promise already is.
+struct Running {
+    id: u32,
+    promise: Promise<(), capnp::Error>,
+    done: Rc<Cell<Option<Built>>>,
+}
+
 /// What a call ending hands back to the loop.
 type Done = (u32, Result<(), capnp::Error>, Rc<Cell<Option<Built>>>);
-type Running = Pin<Box<dyn Future<Output = Done>>>;
+
+impl Future for Running {
+    type Output = Done;
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Done> {
+        let this = self.get_mut();
+        Pin::new(&mut this.promise)
+            .poll(cx)
+            .map(|r| (this.id, r, Rc::clone(&this.done)))
+    }
+}
 
 /// One connection's tables and its unsent bytes.
 struct Conn {
@@ -423,7 +445,7 @@ where
             m = messages.next() => match m {
                 None => Ok(false),
                 Some(Err(e)) => Err(EngineError::Read(e)),
-                Some(Ok(m)) => conn.handle(Rc::new(m), &mut calls),
+                Some(Ok(m)) => conn.handle(m, &mut calls),
             },
             () = closed.close.notified() => {
                 // As `RpcSystem` does: say why, after the replies already written.
@@ -545,10 +567,14 @@ impl Conn {
     ) -> Result<bool, EngineError> {
         let proto = |e: capnp::Error| EngineError::Protocol(e.to_string());
         let root = m.get_root::<rpc_message::Reader>().map_err(proto)?;
+        if let Ok(rpc_message::Which::Call(c)) = root.which() {
+            let id = c.map_err(proto)?.get_question_id();
+            self.admit_answer(id)?;
+            self.start(id, m, calls);
+            return Ok(true);
+        }
         match root.which() {
-            Ok(rpc_message::Which::Call(_)) => {
-                self.call(m.clone(), calls)?;
-            }
+            Ok(rpc_message::Which::Call(_)) => {}
             Ok(rpc_message::Which::Bootstrap(b)) => {
                 let id = b.map_err(proto)?.get_question_id();
                 self.bootstrap(id)?;
@@ -635,20 +661,6 @@ impl Conn {
         Ok(())
     }
 
-    /// A Call: resolve its target, then start it, queue it behind the answer it pipelines
-    /// on, or answer it with an exception.
-    fn call(
-        &mut self,
-        m: Incoming,
-        calls: &mut FuturesUnordered<Running>,
-    ) -> Result<(), EngineError> {
-        let c = call_of(&m).map_err(|e| EngineError::Protocol(e.to_string()))?;
-        let id = c.get_question_id();
-        self.admit_answer(id)?;
-        self.start(id, m, calls);
-        Ok(())
-    }
-
     /// Starts (or queues, or fails) the call `m` whose question id `id` is admitted. Its
     /// answer may exist already (made when it was queued, with calls queued on it).
     fn start(&mut self, id: u32, m: Incoming, calls: &mut FuturesUnordered<Running>) {
@@ -657,9 +669,14 @@ impl Conn {
             finished: false,
             release_on_return: false,
         });
-        let target = match self.target(&m) {
-            Ok(Target::Cap(hook)) => hook,
-            Ok(Target::Wait(on)) => {
+        // The Call is read once here; its params once more, by the handler.
+        let target = call_of(&m).and_then(|c| {
+            let target = self.target(c)?;
+            Ok((target, c.get_interface_id(), c.get_method_id()))
+        });
+        let (target, interface_id, method_id) = match target {
+            Ok((Target::Cap(hook), interface_id, method_id)) => (hook, interface_id, method_id),
+            Ok((Target::Wait(on), ..)) => {
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
                     ..
@@ -669,13 +686,6 @@ impl Conn {
                 }
                 return;
             }
-            Err(e) => {
-                self.settle(id, Err(e), None, calls);
-                return;
-            }
-        };
-        let (interface_id, method_id) = match call_of(&m) {
-            Ok(c) => (c.get_interface_id(), c.get_method_id()),
             Err(e) => {
                 self.settle(id, Err(e), None, calls);
                 return;
@@ -692,12 +702,11 @@ impl Conn {
             Box::new(EngineParams(m)),
             Box::new(results),
         );
-        calls.push(Box::pin(async move { (id, promise.await, done) }));
+        calls.push(Running { id, promise, done });
     }
 
     /// The capability a call is addressed to.
-    fn target(&self, m: &Incoming) -> Result<Target, capnp::Error> {
-        let c = call_of(m)?;
+    fn target(&self, c: call::Reader<'_>) -> Result<Target, capnp::Error> {
         if !matches!(
             c.get_send_results_to().which()?,
             call::send_results_to::Caller(())
@@ -721,18 +730,24 @@ impl Conn {
             message_target::PromisedAnswer(p) => {
                 let p = p?;
                 let on = p.get_question_id();
-                let ops = p
-                    .get_transform()?
-                    .iter()
-                    .map(|op| {
-                        Ok(match op.which()? {
-                            capnp_rpc::rpc_capnp::promised_answer::op::Noop(()) => PipelineOp::Noop,
-                            capnp_rpc::rpc_capnp::promised_answer::op::GetPointerField(i) => {
-                                PipelineOp::GetPointerField(i)
-                            }
-                        })
-                    })
-                    .collect::<capnp::Result<Vec<_>>>()?;
+                // Transforms are a field or two deep: read them onto the stack.
+                let transform = p.get_transform()?;
+                let mut ops = [PipelineOp::Noop; MAX_TRANSFORM_OPS];
+                if transform.len() as usize > MAX_TRANSFORM_OPS {
+                    return Err(capnp::Error::failed(format!(
+                        "transform of {} steps; at most {MAX_TRANSFORM_OPS}",
+                        transform.len()
+                    )));
+                }
+                for (slot, op) in ops.iter_mut().zip(transform.iter()) {
+                    *slot = match op.which()? {
+                        capnp_rpc::rpc_capnp::promised_answer::op::Noop(()) => PipelineOp::Noop,
+                        capnp_rpc::rpc_capnp::promised_answer::op::GetPointerField(i) => {
+                            PipelineOp::GetPointerField(i)
+                        }
+                    };
+                }
+                let ops = &ops[..transform.len() as usize];
                 match self.answers.get(&on).map(|a| &a.state) {
                     None => Err(capnp::Error::failed(format!(
                         "call pipelined on question {on}, which has no answer (finished, or \
@@ -741,7 +756,7 @@ impl Conn {
                     Some(AnswerState::Running { .. }) => Ok(Target::Wait(on)),
                     Some(AnswerState::Failed(e)) => Err(e.clone()),
                     Some(AnswerState::Returned { built, .. }) => {
-                        let hook = built.content()?.get_pipelined_cap(&ops)?;
+                        let hook = built.content()?.get_pipelined_cap(ops)?;
                         Ok(Target::Cap(hook))
                     }
                 }
@@ -836,8 +851,9 @@ impl Conn {
             },
         );
         for m in queued {
-            if let Ok(c) = call_of(&m) {
-                self.start(c.get_question_id(), m, calls);
+            let qid = call_of(&m).map(|c| c.get_question_id());
+            if let Ok(qid) = qid {
+                self.start(qid, m, calls);
             }
         }
         if !keep || finished {
