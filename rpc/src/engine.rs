@@ -567,14 +567,13 @@ impl Conn {
     ) -> Result<bool, EngineError> {
         let proto = |e: capnp::Error| EngineError::Protocol(e.to_string());
         let root = m.get_root::<rpc_message::Reader>().map_err(proto)?;
-        if let Ok(rpc_message::Which::Call(c)) = root.which() {
-            let id = c.map_err(proto)?.get_question_id();
-            self.admit_answer(id)?;
-            self.start(id, m, calls);
-            return Ok(true);
-        }
         match root.which() {
-            Ok(rpc_message::Which::Call(_)) => {}
+            Ok(rpc_message::Which::Call(c)) => {
+                let id = c.map_err(proto)?.get_question_id();
+                self.admit_answer(id)?;
+                // The call takes its message with it (its params are read from it).
+                self.start(id, m, calls);
+            }
             Ok(rpc_message::Which::Bootstrap(b)) => {
                 let id = b.map_err(proto)?.get_question_id();
                 self.bootstrap(id)?;

@@ -61,11 +61,18 @@ pub async fn client_with(addr: SocketAddr, token: &str) -> Client {
 pub async fn raw_gateway(addr: SocketAddr) -> gateway::Client {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let network = capkv_rpc::transport::vat_network(
+    bootstrap_over(capkv_rpc::transport::vat_network(
         stream,
         rpc_twoparty_capnp::Side::Client,
         capkv::response_reader_options(&capkv::Limits::default()),
-    );
+    ))
+}
+
+/// A capnp-rpc client over `network`, its `RpcSystem` spawned on this thread's `LocalSet`:
+/// the server's bootstrap `Gateway`.
+fn bootstrap_over(
+    network: impl capnp_rpc::VatNetwork<rpc_twoparty_capnp::Side> + 'static,
+) -> gateway::Client {
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let gw: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
     tokio::task::spawn_local(rpc);
@@ -96,10 +103,7 @@ pub fn in_process_gateway_over(
         rpc_twoparty_capnp::Side::Client,
         capkv::response_reader_options(&capkv::Limits::default()),
     );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let gw: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
-    tokio::task::spawn_local(rpc);
-    (gw, shared)
+    (bootstrap_over(network), shared)
 }
 
 /// The client end of a byte stream whose other end a server (`config`, memory engine)
