@@ -57,3 +57,6 @@ fi
 
 # One target dir outside the clone: it survives fresh clones and acts as CI's build cache.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/capkv-target}"
+
+# RocksDB's C++, built once per machine and shared by the release and debug builds.
+source scripts/rocksdb.sh
