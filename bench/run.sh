@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The back-to-back comparison: kv-loadgen's matrix against capkv, Redis (same generator,
-# then redis-benchmark right after each case) and the capnp-rpc floor, then the peer anchors
+# then redis-benchmark right after each case), capkv through the raw client, the two RPC
+# floors, the RPC engines side by side, many connections, durable puts, then the peer anchors
 # in ../shared/peers (Redis, etcd, RocksDB db_bench, TCP floor), in one run so that ratios
 # share the machine's load. Writes bench/results.md (or $1).
 #
-# Placement: kv-server (1 worker), redis-server and the floor on core 1, kv-loadgen (and the
+# Placement: kv-server (1 worker), redis-server and the floors on core 1, kv-loadgen (and the
 # redis-benchmark it starts) on core 0, so each server gets one core.
 # Every process this script starts is stopped by its PID on exit.
 set -euo pipefail
@@ -33,11 +34,14 @@ taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 -
 kv_pid=$!; pids+=("$kv_pid")
 addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
 
-# The capnp-rpc floor: a bare RpcSystem answering gets and getManys at once (see
-# loadgen/src/floor.rs).
-taskset -c 1 "$bin/kv-loadgen" rpc-floor --listen 127.0.0.1:0 2>"$tmp/floor.log" &
+# The RPC floors: a bare server answering gets and getManys at once (see
+# loadgen/src/floor.rs), on capnp-rpc's RpcSystem and on capkv's engine.
+taskset -c 1 "$bin/kv-loadgen" rpc-floor --engine capnp-rpc --listen 127.0.0.1:0 2>"$tmp/floor.log" &
 floor_pid=$!; pids+=("$floor_pid")
 floor_addr=$(wait_listening "$tmp/floor.log" "$floor_pid" 100) || exit 1
+taskset -c 1 "$bin/kv-loadgen" rpc-floor --engine capkv --listen 127.0.0.1:0 2>"$tmp/efloor.log" &
+efloor_pid=$!; pids+=("$efloor_pid")
+efloor_addr=$(wait_listening "$tmp/efloor.log" "$efloor_pid" 100) || exit 1
 
 redis_port=$(free_port)
 taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
@@ -49,16 +53,19 @@ started=$(date -Is)
 taskset -c 0 "$bin/kv-loadgen" matrix --addr "$addr" --server-pid "$kv_pid" \
     --redis-addr "127.0.0.1:$redis_port" --redis-pid "$redis_pid" \
     --floor-addr "$floor_addr" --floor-pid "$floor_pid" \
+    --engine-floor-addr "$efloor_addr" --engine-floor-pid "$efloor_pid" \
     --out "$tmp/matrix.md" --json "$tmp/matrix.json" "${timings[@]}" >/dev/null
 
-kill "$kv_pid" "$redis_pid" "$floor_pid"
-wait "$kv_pid" "$redis_pid" "$floor_pid" 2>/dev/null || true; pids=()
+kill "$kv_pid" "$redis_pid" "$floor_pid" "$efloor_pid"
+wait "$kv_pid" "$redis_pid" "$floor_pid" "$efloor_pid" 2>/dev/null || true; pids=()
 
 if [ "$quick" = 1 ]; then
     bash bench/engines.sh "$bin" 1 1 >"$tmp/engines.md"
+    bash bench/conns.sh "$bin" 1 50 >"$tmp/conns.md"
     bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
 else
     bash bench/engines.sh "$bin" >"$tmp/engines.md"
+    bash bench/conns.sh "$bin" >"$tmp/conns.md"
     bash bench/durable.sh "$bin" >"$tmp/durable.md"
 fi
 
@@ -77,8 +84,12 @@ fi
     echo "Run $started, commit $(git rev-parse --short HEAD), by \`bash bench/run.sh\`."
     echo "kv-server: ${CAPKV_PROFILE:-release} build, 1 worker, pinned to core 1; redis-server 7 pinned to core 1"
     echo "(\`--save '' --appendonly no\`); kv-loadgen pinned to core 0, 1 thread; 100-byte values."
-    echo "\"capnp-rpc floor\" is \`kv-loadgen rpc-floor\` pinned to core 1: a bare capnp-rpc server answering"
-    echo "each get and getMany with fixed entries at once (no store, checks or metrics): what the RPC runtime alone costs."
+    echo "\"capkv raw\" is the same kv-server driven by \`kv-loadgen --target capkv-raw\`: calls hand-encoded, no"
+    echo "RPC runtime in the client, as redis-benchmark has none; compare it with the \`redis-benchmark\` rows."
+    echo "The floors are \`kv-loadgen rpc-floor\` pinned to core 1: a bare server answering each get and getMany with"
+    echo "fixed entries at once (no store, checks or metrics), on capnp-rpc's RpcSystem (\"capnp-rpc floor\", driven by"
+    echo "capkv's client library) or on capkv's engine (\"capkv-engine floor, raw\", driven by the raw client): what each"
+    echo "RPC runtime alone costs."
     echo
     cat "$tmp/matrix.md"
     echo
@@ -88,6 +99,13 @@ fi
     echo "memory engine, GET c=50, 10,000 keys; the client is capnp-rpc's in both."
     echo
     cat "$tmp/engines.md"
+    echo
+    echo "## Many connections (bench/conns.sh): one call in flight each"
+    echo
+    echo "kv-server (memory, 1 worker) and redis-server on core 1, the generator on core 0; RSS per connection"
+    echo "is (largest RSS while the connections are open - RSS before) / connections."
+    echo
+    cat "$tmp/conns.md"
     echo
     echo "## Durable puts (bench/durable.sh): RocksDB, WAL synced before every acknowledgement"
     echo

@@ -1,12 +1,13 @@
-//! The capnp-rpc floor (`kv-loadgen rpc-floor`): a bare server speaking capkv's schema
-//! whose `get` and `getMany` answer fixed entries at once.
+//! The RPC floor (`kv-loadgen rpc-floor`): a bare server speaking capkv's schema whose
+//! `get` and `getMany` answer fixed entries at once, on either RPC engine kv-server has
+//! (`--engine capkv`, capkv's own, or `--engine capnp-rpc`, capnp-rpc's `RpcSystem`).
 //!
 //! Why: it has no store, no limits, no admission, no deadlines, no metrics, no logs and no
-//! frame checks, only capnp-rpc's `RpcSystem` over capkv's transport (buffered reads,
-//! coalesced writes) on one current-thread runtime, as a kv-server worker has. Driven by
-//! kv-loadgen, it measures what capnp-rpc itself lets one core do per call on this
-//! machine: the ceiling of any server built on capnp-rpc's `RpcSystem`, and the anchor that
-//! tells capkv's own costs from the runtime's (bench/run.sh runs it beside the TCP floor).
+//! frame checks, only the RPC engine over capkv's transport (buffered reads, coalesced
+//! writes) on one current-thread runtime, as a kv-server worker has. Driven by kv-loadgen,
+//! it measures what the engine itself lets one core do per call on this machine: the
+//! ceiling of any server built on it, and the anchor that tells capkv's own costs from the
+//! runtime's (bench/run.sh runs both engines' floors beside the TCP floor).
 //!
 //! Only `Gateway.open` (any token), `KvStore.get` and `KvStore.getMany` are served;
 //! everything else answers capnp-rpc's `unimplemented`. Not a server to deploy: it listens where it is told
@@ -16,6 +17,8 @@ use std::rc::Rc;
 
 use capkv::kv_capnp::{entry, gateway, kv_store};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
+use futures::AsyncReadExt;
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The value every `get` answers.
 struct FloorKv {
@@ -77,11 +80,32 @@ impl gateway::Server for FloorGateway {
     }
 }
 
-/// Serves `listener` until the process is stopped: one current-thread runtime, one
-/// `RpcSystem` per connection, `get` answering `value_size` bytes. Calls `on_listening`
-/// with the bound address once accepting.
+/// The RPC engine a floor runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorEngine {
+    /// `capkv_rpc::engine`, kv-server's default.
+    Capkv,
+    /// capnp-rpc's `RpcSystem`, the reference.
+    CapnpRpc,
+}
+
+impl std::str::FromStr for FloorEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "capkv" => Ok(FloorEngine::Capkv),
+            "capnp-rpc" => Ok(FloorEngine::CapnpRpc),
+            _ => Err(format!("engine must be capkv or capnp-rpc, not {s:?}")),
+        }
+    }
+}
+
+/// Serves `listener` until the process is stopped: one current-thread runtime, `engine`
+/// on each connection, `get` answering `value_size` bytes. Calls `on_listening` with the
+/// bound address once accepting.
 pub fn serve(
     listener: std::net::TcpListener,
+    engine: FloorEngine,
     value_size: usize,
     on_listening: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
@@ -109,17 +133,39 @@ pub fn serve(
             if let Err(e) = stream.set_nodelay(true) {
                 eprintln!("rpc-floor: set_nodelay failed: {e}");
             }
-            let network = capkv_rpc::transport::vat_network(
-                stream,
-                rpc_twoparty_capnp::Side::Server,
-                capkv::Limits::default().request_reader_options(),
-            );
+            let options = capkv::Limits::default().request_reader_options();
             let gateway: gateway::Client = capnp_rpc::new_client(FloorGateway { kv: kv.clone() });
-            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
-            tokio::task::spawn_local(async move {
-                // A peer going away ends its connection; nothing to report.
-                let _ = rpc.await;
-            });
+            match engine {
+                FloorEngine::CapnpRpc => {
+                    let network = capkv_rpc::transport::vat_network(
+                        stream,
+                        rpc_twoparty_capnp::Side::Server,
+                        options,
+                    );
+                    let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+                    tokio::task::spawn_local(async move {
+                        // A peer going away ends its connection; nothing to report.
+                        let _ = rpc.await;
+                    });
+                }
+                FloorEngine::Capkv => {
+                    let (reader, writer) = stream.compat().split();
+                    let limits = capkv_rpc::engine::EngineLimits {
+                        reader_options: options,
+                        ..Default::default()
+                    };
+                    let serve = capkv_rpc::engine::serve(
+                        futures::io::BufReader::new(reader),
+                        capkv_rpc::transport::CoalescingWriter::new(writer),
+                        gateway.client.hook,
+                        limits,
+                        capkv_rpc::engine::Closer::default(),
+                    );
+                    tokio::task::spawn_local(async move {
+                        let _ = serve.await;
+                    });
+                }
+            }
         }
     })
 }

@@ -21,9 +21,14 @@ pub struct MatrixConfig {
     pub capkv_pid: Option<i32>,
     pub redis_addr: Option<String>,
     pub redis_pid: Option<i32>,
-    /// A `kv-loadgen rpc-floor` server: the get cases are measured on it beside capkv.
+    /// A `kv-loadgen rpc-floor --engine capnp-rpc` server: the get cases are measured on it
+    /// beside capkv, through capkv's client library.
     pub floor_addr: Option<String>,
     pub floor_pid: Option<i32>,
+    /// A `kv-loadgen rpc-floor --engine capkv` server: the single-key get cases are measured
+    /// on it through the raw client (no RPC runtime at either end but capkv's engine).
+    pub engine_floor_addr: Option<String>,
+    pub engine_floor_pid: Option<i32>,
     /// Open-loop rates (calls/s) for the mix matrix.
     pub rates: Vec<f64>,
     /// Connections for the mix matrix and the c=50 cases.
@@ -77,8 +82,12 @@ const SAME_MOMENT: &str = "Each case runs on capkv, then on Redis through the sa
     then (rows `redis-benchmark -P N`) on Redis with its own C client, so that every ratio \
     is taken within seconds.";
 
-/// The label of `kv-loadgen rpc-floor` rows.
+/// The label of `kv-loadgen rpc-floor --engine capnp-rpc` rows.
 pub const FLOOR_LABEL: &str = "capnp-rpc floor";
+/// The label of `kv-loadgen rpc-floor --engine capkv` rows.
+pub const ENGINE_FLOOR_LABEL: &str = "capkv-engine floor, raw";
+/// The label of capkv's rows driven by the raw client.
+pub const RAW_LABEL: &str = "capkv raw";
 
 /// A server the comparison cases run against.
 struct Target {
@@ -86,8 +95,17 @@ struct Target {
     kind: TargetKind,
     addr: String,
     pid: Option<i32>,
-    /// Serves gets only (the capnp-rpc floor).
+    /// Serves gets only (the floors).
     gets_only: bool,
+}
+
+impl Target {
+    /// Whether this target runs `case`: the floors serve gets only, and the raw client sends
+    /// single keys, without the client library's auto-batching.
+    fn runs(&self, case: &Case) -> bool {
+        (!self.gets_only || case.read_percent == 100)
+            && (self.kind != TargetKind::CapkvRaw || (case.batch == 1 && case.auto_batch == 0))
+    }
 }
 
 /// A named closed-loop case.
@@ -187,13 +205,24 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
     );
     let mut results = Vec::new();
 
-    let mut targets = vec![Target {
-        label: "capkv",
-        kind: TargetKind::Capkv,
-        addr: m.capkv_addr.clone(),
-        pid: m.capkv_pid,
-        gets_only: false,
-    }];
+    let mut targets = vec![
+        Target {
+            label: "capkv",
+            kind: TargetKind::Capkv,
+            addr: m.capkv_addr.clone(),
+            pid: m.capkv_pid,
+            gets_only: false,
+        },
+        // The same server without the client library's cost: what redis-benchmark's rows
+        // compare with.
+        Target {
+            label: RAW_LABEL,
+            kind: TargetKind::CapkvRaw,
+            addr: m.capkv_addr.clone(),
+            pid: m.capkv_pid,
+            gets_only: false,
+        },
+    ];
     if let Some(addr) = &m.redis_addr {
         targets.push(Target {
             label: "redis",
@@ -212,6 +241,15 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             gets_only: true,
         });
     }
+    if let Some(addr) = &m.engine_floor_addr {
+        targets.push(Target {
+            label: ENGINE_FLOOR_LABEL,
+            kind: TargetKind::CapkvRaw,
+            addr: addr.clone(),
+            pid: m.engine_floor_pid,
+            gets_only: true,
+        });
+    }
     let with_redis_benchmark = m.redis_addr.is_some() && redis_bench::available();
     let _ = writeln!(
         md,
@@ -220,8 +258,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
     );
     for case in comparison_cases(m.connections) {
         for t in &targets {
-            // The floor answers gets (single and getMany) only.
-            if t.gets_only && case.read_percent != 100 {
+            if !t.runs(&case) {
                 continue;
             }
             let cfg = RunConfig {
@@ -236,7 +273,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 rate: None,
                 ..b.clone()
             };
-            if case.name == "GET c=1" && !t.gets_only {
+            if case.name == "GET c=1" && t.kind != TargetKind::CapkvRaw && !t.gets_only {
                 run::preload(&cfg)?;
             }
             let r = run::run(&cfg)?;

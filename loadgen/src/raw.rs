@@ -2,23 +2,30 @@
 //! redis-benchmark has none, so that a run measures the server and not the client library.
 //!
 //! Per connection: `Bootstrap`, `Gateway.open` and `KvStore.session` go out once, each
-//! pipelined on the one before; then every get is a `Call` pipelined on `open`'s `kvCap`
-//! and every put one pipelined on `session`'s `sessionCap`. Calls are encoded straight into
-//! the connection's coalescing writer (calls of one scheduler tick leave in one write); one
-//! reader task matches each `Return` to its caller by answer id and decodes only the
-//! result union's arm. A `Finish` follows every Return not marked `noFinishNeeded`, so
-//! question ids are reused against both of the server's RPC engines.
+//! pipelined on the one before. Gets are `Call`s on `open`'s `kvCap` and puts on `session`'s
+//! `sessionCap`: pipelined on those answers until they return, then addressed to the
+//! capabilities they carry (`importedCap`), as a Cap'n Proto client does once a promise
+//! resolves. Calls are encoded into the connection's outbox and one writer task sends
+//! whatever the outbox holds when it runs (the calls of one scheduler tick leave in one
+//! write); one reader task hands each `Return` to its caller's slot by answer id, decoding
+//! only the result union's arm. A `Finish` follows every Return not marked `noFinishNeeded`,
+//! so question ids are reused against both of the server's RPC engines.
+//!
+//! Per call the client allocates only the message it encodes: callers wait in a slab of
+//! slots by question id (no channel per call), and the outbox and read buffer are reused.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 
 use capkv::kv_capnp::{gateway, kv_store, write_session};
 use capkv::CallMeta;
 use capnp::message;
-use capnp_rpc::rpc_capnp::{message as rpc_message, return_};
-use futures::AsyncWriteExt;
-use tokio::sync::oneshot;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use capnp_rpc::rpc_capnp::{cap_descriptor, message as rpc_message, return_};
+use tokio::io::AsyncWriteExt;
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::target::ErrorCode;
 use crate::workload::OpKind;
@@ -38,35 +45,50 @@ const KV_CAP: [u16; 2] = [0, 1];
 /// `SessionResults.result` (0), then `SessionResult.sessionCap` (pointer 2: union, token).
 const SESSION_CAP: [u16; 2] = [0, 2];
 
-type Writer = capkv_rpc::transport::CoalescingWriter<
-    tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf>,
->;
+/// Outbox bytes past which a caller waits for the writer (bounds a connection's buffer).
+const MAX_OUTBOX_BYTES: usize = 256 * 1024;
 
 /// What a call's Return said.
+#[derive(Clone, Copy)]
 enum Reply {
     /// The result union's success arm (a missing key is a success, as in Redis).
     Ok,
     /// Its error arm, by code name.
     Error(ErrorCode),
-    /// An RPC exception.
+    /// An RPC exception, or the connection ended.
     Exception,
 }
 
-struct Waiting {
+/// Where calls of one kind go: the answer that will carry the capability, or the
+/// capability itself once that answer has returned.
+#[derive(Clone, Copy)]
+enum Target {
+    Promised(u32, &'static [u16]),
+    Imported(u32),
+}
+
+/// A caller waiting for its Return.
+struct Slot {
     kind: OpKind,
-    reply: oneshot::Sender<Reply>,
+    reply: Option<Reply>,
+    waker: Option<Waker>,
+    /// The caller stopped waiting (its future was dropped): the id is freed on the Return.
+    abandoned: bool,
 }
 
 /// One raw connection.
 pub struct RawConn {
-    writer: tokio::sync::Mutex<Writer>,
-    /// Callers waiting, by question id; free ids to reuse.
-    waiting: RefCell<Vec<Option<Waiting>>>,
+    /// Messages encoded since the writer last ran.
+    outbox: RefCell<Vec<u8>>,
+    /// The writer task, parked while the outbox is empty; or a caller waiting for room.
+    writer: RefCell<Option<Waker>>,
+    room: RefCell<Vec<Waker>>,
+    /// Callers by question id (`FIRST_CALL` is index 0); free ids to reuse.
+    slots: RefCell<Vec<Option<Slot>>>,
     free: RefCell<Vec<u32>>,
-    /// Finish messages owed to the server, sent with the next write.
-    finishes: RefCell<Vec<u32>>,
+    kv: Cell<Target>,
+    session: Cell<Target>,
     dead: Cell<bool>,
-    token: String,
 }
 
 impl RawConn {
@@ -76,72 +98,43 @@ impl RawConn {
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
         let conn = Rc::new(RawConn {
-            writer: tokio::sync::Mutex::new(Writer::new(w.compat_write())),
-            waiting: RefCell::new(Vec::new()),
+            outbox: RefCell::new(Vec::with_capacity(4096)),
+            writer: RefCell::new(None),
+            room: RefCell::new(Vec::new()),
+            slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
-            finishes: RefCell::new(Vec::new()),
+            kv: Cell::new(Target::Promised(OPEN, &KV_CAP)),
+            session: Cell::new(Target::Promised(SESSION, &SESSION_CAP)),
             dead: Cell::new(false),
-            token: token.to_string(),
         });
-        let mut out = Vec::new();
-        encode(&mut out, |m| m.init_bootstrap().set_question_id(BOOTSTRAP));
-        encode(&mut out, |m| {
-            let mut c = call(m, OPEN, BOOTSTRAP, &[], gateway_id(), GATEWAY_OPEN);
-            let mut p = c
-                .reborrow()
-                .init_params()
-                .get_content()
-                .init_as::<gateway::open_params::Builder>();
-            ctx().write(p.reborrow().init_ctx());
-            p.set_token(&conn.token);
-        });
-        encode(&mut out, |m| {
-            let mut c = call(m, SESSION, OPEN, &KV_CAP, kv_id(), KV_SESSION);
-            let mut p = c
-                .reborrow()
-                .init_params()
-                .get_content()
-                .init_as::<kv_store::session_params::Builder>();
-            ctx().write(p.reborrow().init_ctx());
-        });
-        conn.send(&out).await?;
+        {
+            let mut out = conn.outbox.borrow_mut();
+            encode(&mut out, |m| m.init_bootstrap().set_question_id(BOOTSTRAP));
+            encode(&mut out, |m| {
+                let target = Target::Promised(BOOTSTRAP, &[]);
+                let mut c = call(m, OPEN, target, gateway_id(), GATEWAY_OPEN);
+                let mut p = c
+                    .reborrow()
+                    .init_params()
+                    .get_content()
+                    .init_as::<gateway::open_params::Builder>();
+                ctx().write(p.reborrow().init_ctx());
+                p.set_token(token);
+            });
+            encode(&mut out, |m| {
+                let target = Target::Promised(OPEN, &KV_CAP);
+                let mut c = call(m, SESSION, target, kv_id(), KV_SESSION);
+                let mut p = c
+                    .reborrow()
+                    .init_params()
+                    .get_content()
+                    .init_as::<kv_store::session_params::Builder>();
+                ctx().write(p.reborrow().init_ctx());
+            });
+        }
+        tokio::task::spawn_local(write_outbox(Rc::clone(&conn), w));
         tokio::task::spawn_local(read_replies(Rc::clone(&conn), r));
         Ok(conn)
-    }
-
-    async fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let mut w = self.writer.lock().await;
-        let finishes = std::mem::take(&mut *self.finishes.borrow_mut());
-        if !finishes.is_empty() {
-            let mut out = Vec::new();
-            for id in finishes {
-                encode(&mut out, |m| {
-                    let mut f = m.init_finish();
-                    f.set_question_id(id);
-                    f.set_release_result_caps(false);
-                });
-            }
-            w.write_all(&out).await?;
-        }
-        w.write_all(bytes).await?;
-        w.flush().await
-    }
-
-    fn take_id(&self, kind: OpKind) -> (u32, oneshot::Receiver<Reply>) {
-        let (tx, rx) = oneshot::channel();
-        let waiting = Some(Waiting { kind, reply: tx });
-        let mut slots = self.waiting.borrow_mut();
-        let id = match self.free.borrow_mut().pop() {
-            Some(id) => {
-                slots[(id - FIRST_CALL) as usize] = waiting;
-                id
-            }
-            None => {
-                slots.push(waiting);
-                FIRST_CALL + slots.len() as u32 - 1
-            }
-        };
-        (id, rx)
     }
 
     /// One get or put of one key.
@@ -151,17 +144,17 @@ impl RawConn {
         keys: &[Vec<u8>],
         value: &[u8],
     ) -> Result<(), ErrorCode> {
-        if self.dead.get() {
-            return Err("transport");
-        }
         let [key] = keys else {
             return Err("raw_mode_single_keys_only");
         };
-        let (id, rx) = self.take_id(kind);
-        let mut out = Vec::with_capacity(128 + key.len() + value.len());
-        encode(&mut out, |m| match kind {
+        std::future::poll_fn(|cx| self.poll_room(cx)).await;
+        if self.dead.get() {
+            return Err("transport");
+        }
+        let id = self.take_id(kind);
+        encode(&mut self.outbox.borrow_mut(), |m| match kind {
             OpKind::Get => {
-                let mut c = call(m, id, OPEN, &KV_CAP, kv_id(), KV_GET);
+                let mut c = call(m, id, self.kv.get(), kv_id(), KV_GET);
                 let mut p = c
                     .reborrow()
                     .init_params()
@@ -171,7 +164,7 @@ impl RawConn {
                 p.set_key(key);
             }
             OpKind::Put => {
-                let mut c = call(m, id, SESSION, &SESSION_CAP, session_id(), SESSION_PUT);
+                let mut c = call(m, id, self.session.get(), session_id(), SESSION_PUT);
                 let mut p = c
                     .reborrow()
                     .init_params()
@@ -182,35 +175,184 @@ impl RawConn {
                 p.set_value(value);
             }
         });
-        if self.send(&out).await.is_err() {
-            self.dead.set(true);
-            return Err("transport");
+        self.wake_writer();
+        let reply = WaitReply {
+            conn: self,
+            id,
+            done: false,
         }
-        match rx.await {
-            Ok(Reply::Ok) => Ok(()),
-            Ok(Reply::Error(code)) => Err(code),
-            Ok(Reply::Exception) => Err("exception"),
-            Err(_) => Err("transport"),
+        .await;
+        match reply {
+            Reply::Ok => Ok(()),
+            Reply::Error(code) => Err(code),
+            Reply::Exception if self.dead.get() => Err("transport"),
+            Reply::Exception => Err("exception"),
         }
     }
 
-    /// A Return for `id`: wakes its caller and frees the id.
+    /// Ready while the outbox has room (or the connection is dead).
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.dead.get() || self.outbox.borrow().len() < MAX_OUTBOX_BYTES {
+            return Poll::Ready(());
+        }
+        self.room.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn take_id(&self, kind: OpKind) -> u32 {
+        let slot = Some(Slot {
+            kind,
+            reply: None,
+            waker: None,
+            abandoned: false,
+        });
+        let mut slots = self.slots.borrow_mut();
+        match self.free.borrow_mut().pop() {
+            Some(id) => {
+                slots[(id - FIRST_CALL) as usize] = slot;
+                id
+            }
+            None => {
+                slots.push(slot);
+                FIRST_CALL + slots.len() as u32 - 1
+            }
+        }
+    }
+
+    fn free_id(&self, id: u32) {
+        self.slots.borrow_mut()[(id - FIRST_CALL) as usize] = None;
+        self.free.borrow_mut().push(id);
+    }
+
+    /// A Return for `id`: its caller's slot gets the reply; a Finish goes out if owed.
     fn answer(&self, id: u32, no_finish_needed: bool, reply: impl FnOnce(OpKind) -> Reply) {
         if id < FIRST_CALL {
             return;
         }
-        let waiting = self
-            .waiting
-            .borrow_mut()
-            .get_mut((id - FIRST_CALL) as usize)
-            .and_then(Option::take);
-        if let Some(w) = waiting {
-            let _ = w.reply.send(reply(w.kind));
-            if !no_finish_needed {
-                self.finishes.borrow_mut().push(id);
+        let abandoned = {
+            let mut slots = self.slots.borrow_mut();
+            let Some(Some(slot)) = slots.get_mut((id - FIRST_CALL) as usize) else {
+                return;
+            };
+            slot.reply = Some(reply(slot.kind));
+            if let Some(w) = slot.waker.take() {
+                w.wake();
             }
-            self.free.borrow_mut().push(id);
+            slot.abandoned
+        };
+        if !no_finish_needed {
+            encode(&mut self.outbox.borrow_mut(), |m| {
+                let mut f = m.init_finish();
+                f.set_question_id(id);
+                f.set_release_result_caps(false);
+            });
+            self.wake_writer();
         }
+        if abandoned {
+            self.free_id(id);
+        }
+    }
+
+    /// The connection ended: every caller gets an exception.
+    fn fail_all(&self) {
+        self.dead.set(true);
+        for slot in self.slots.borrow_mut().iter_mut().flatten() {
+            slot.reply.get_or_insert(Reply::Exception);
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+        }
+        for w in self.room.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// A caller's wait for the reply in its slot; frees the id when done, or marks it
+/// abandoned when dropped first (the reader frees it on the Return).
+struct WaitReply<'a> {
+    conn: &'a RawConn,
+    id: u32,
+    done: bool,
+}
+
+impl Future for WaitReply<'_> {
+    type Output = Reply;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        let index = (self.id - FIRST_CALL) as usize;
+        let reply = {
+            let mut slots = self.conn.slots.borrow_mut();
+            let Some(Some(slot)) = slots.get_mut(index) else {
+                return Poll::Ready(Reply::Exception);
+            };
+            match slot.reply.take() {
+                Some(r) => r,
+                None => {
+                    slot.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+        };
+        self.done = true;
+        self.conn.free_id(self.id);
+        Poll::Ready(reply)
+    }
+}
+
+impl Drop for WaitReply<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let answered = {
+            let mut slots = self.conn.slots.borrow_mut();
+            match slots.get_mut((self.id - FIRST_CALL) as usize) {
+                Some(Some(slot)) => {
+                    slot.abandoned = true;
+                    slot.waker = None;
+                    slot.reply.is_some() || self.conn.dead.get()
+                }
+                _ => false,
+            }
+        };
+        if answered {
+            self.conn.free_id(self.id);
+        }
+    }
+}
+
+/// Sends what the outbox holds, whenever it holds something, until the connection ends.
+async fn write_outbox(conn: Rc<RawConn>, mut w: tokio::net::tcp::OwnedWriteHalf) {
+    let mut sending = Vec::with_capacity(4096);
+    loop {
+        std::future::poll_fn(|cx| {
+            if conn.dead.get() || !conn.outbox.borrow().is_empty() {
+                return Poll::Ready(());
+            }
+            *conn.writer.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        if conn.dead.get() {
+            return;
+        }
+        // Once more behind the tasks already ready: their calls join this write.
+        tokio::task::yield_now().await;
+        std::mem::swap(&mut *conn.outbox.borrow_mut(), &mut sending);
+        for waker in conn.room.borrow_mut().drain(..) {
+            waker.wake();
+        }
+        if w.write_all(&sending).await.is_err() {
+            conn.fail_all();
+            return;
+        }
+        sending.clear();
     }
 }
 
@@ -225,21 +367,43 @@ async fn read_replies(conn: Rc<RawConn>, r: tokio::net::tcp::OwnedReadHalf) {
         match root.which() {
             Ok(rpc_message::Which::Return(Ok(ret))) => {
                 let id = ret.get_answer_id();
-                let no_finish = ret.get_no_finish_needed();
-                conn.answer(id, no_finish, |kind| match ret.which() {
-                    Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
-                    _ => Reply::Exception,
-                });
+                match id {
+                    OPEN => resolve(&conn.kv, ret),
+                    SESSION => resolve(&conn.session, ret),
+                    _ => conn.answer(id, ret.get_no_finish_needed(), |kind| match ret.which() {
+                        Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
+                        _ => Reply::Exception,
+                    }),
+                }
             }
             Ok(rpc_message::Which::Abort(_)) | Err(_) => break,
             _ => {}
         }
     }
-    conn.dead.set(true);
-    for w in conn.waiting.borrow_mut().iter_mut() {
-        if let Some(w) = w.take() {
-            let _ = w.reply.send(Reply::Exception);
-        }
+    conn.fail_all();
+    conn.wake_writer();
+}
+
+/// `open`'s or `session`'s Return: later calls go straight to the capability it carries.
+/// Their results hold one capability (in the union's arm and again outside it, for
+/// pipelining: one export, two pointers); anything else (an error with a stand-in) keeps
+/// the calls pipelined on the answer, which answers them.
+fn resolve(target: &Cell<Target>, ret: return_::Reader<'_>) {
+    let Ok(return_::Which::Results(Ok(payload))) = ret.which() else {
+        return;
+    };
+    let Ok(table) = payload.get_cap_table() else {
+        return;
+    };
+    let mut ids = table.iter().map(|d| match d.which() {
+        Ok(cap_descriptor::SenderHosted(id)) => Some(id),
+        _ => None,
+    });
+    let Some(Some(first)) = ids.next() else {
+        return;
+    };
+    if ids.all(|id| id == Some(first)) {
+        target.set(Target::Imported(first));
     }
 }
 
@@ -285,12 +449,11 @@ fn encode(out: &mut Vec<u8>, build: impl FnOnce(rpc_message::Builder<'_>)) {
     let _ = capnp::serialize::write_message(out, &m);
 }
 
-/// A Call of `method` on `interface`, pipelined on question `on` through `transform`.
+/// A Call of `method` on `interface`, addressed to `target`.
 fn call<'a>(
     m: rpc_message::Builder<'a>,
     id: u32,
-    on: u32,
-    transform: &[u16],
+    target: Target,
     interface: u64,
     method: u16,
 ) -> capnp_rpc::rpc_capnp::call::Builder<'a> {
@@ -298,11 +461,16 @@ fn call<'a>(
     c.set_question_id(id);
     c.set_interface_id(interface);
     c.set_method_id(method);
-    let mut p = c.reborrow().init_target().init_promised_answer();
-    p.set_question_id(on);
-    let mut ops = p.init_transform(transform.len() as u32);
-    for (i, &field) in transform.iter().enumerate() {
-        ops.reborrow().get(i as u32).set_get_pointer_field(field);
+    match target {
+        Target::Imported(export) => c.reborrow().init_target().set_imported_cap(export),
+        Target::Promised(on, transform) => {
+            let mut p = c.reborrow().init_target().init_promised_answer();
+            p.set_question_id(on);
+            let mut ops = p.init_transform(transform.len() as u32);
+            for (i, &field) in transform.iter().enumerate() {
+                ops.reborrow().get(i as u32).set_get_pointer_field(field);
+            }
+        }
     }
     c
 }

@@ -100,21 +100,35 @@ fn auto_batched_gets_complete_without_errors() {
     assert!(table.contains("auto_batch=8"), "{table}");
 }
 
+/// Both floors (capkv's engine, capnp-rpc's `RpcSystem`) answer the client library's gets
+/// and the raw client's.
 #[test]
-fn the_rpc_floor_answers_the_loadgen_s_gets() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    // Serves until the test process exits.
-    std::thread::spawn(move || capkv_loadgen::floor::serve(listener, 100, |_| {}));
-    let r = run::run(&RunConfig {
-        in_flight: 2,
-        mix_read_percent: 100,
-        ..config(addr.to_string())
-    })
-    .unwrap();
-    let all = r.all().unwrap();
-    assert!(all.calls > 0);
-    assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+fn the_rpc_floors_answer_the_loadgen_s_gets() {
+    use capkv_loadgen::floor::FloorEngine;
+    use capkv_loadgen::target::TargetKind;
+    for engine in [FloorEngine::Capkv, FloorEngine::CapnpRpc] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Serves until the test process exits.
+        std::thread::spawn(move || capkv_loadgen::floor::serve(listener, engine, 100, |_| {}));
+        for target in [TargetKind::Capkv, TargetKind::CapkvRaw] {
+            let r = run::run(&RunConfig {
+                target,
+                in_flight: 2,
+                mix_read_percent: 100,
+                ..config(addr.to_string())
+            })
+            .unwrap();
+            let all = r.all().unwrap();
+            assert!(all.calls > 0, "{engine:?} {target:?}");
+            assert_eq!(
+                all.error_count(),
+                0,
+                "{engine:?} {target:?}: {:?}",
+                all.errors
+            );
+        }
+    }
 }
 
 /// `--target capkv-raw` (no client RPC runtime) against both of the server's RPC engines:

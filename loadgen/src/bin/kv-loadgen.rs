@@ -31,8 +31,9 @@ enum Command {
     Run(RunArgs),
     /// The standard comparison matrix; writes a markdown results file.
     Matrix(MatrixArgs),
-    /// A bare capnp-rpc server answering every get and getMany with fixed entries at once:
-    /// what the RPC runtime alone costs per call (a benchmark anchor; serves until stopped).
+    /// A bare server answering every get and getMany with fixed entries at once, on capkv's
+    /// RPC engine or capnp-rpc's: what the RPC runtime alone costs per call (a benchmark
+    /// anchor; serves until stopped).
     RpcFloor(RpcFloorArgs),
 }
 
@@ -44,6 +45,9 @@ struct RpcFloorArgs {
     /// Size of the value every get answers.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
+    /// The RPC engine: capkv (kv-server's default) or capnp-rpc (`RpcSystem`).
+    #[arg(long, default_value = "capkv")]
+    engine: capkv_loadgen::floor::FloorEngine,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -151,6 +155,13 @@ struct MatrixArgs {
     /// rpc-floor server PID (CPU/RSS).
     #[arg(long)]
     floor_pid: Option<i32>,
+    /// Address of a `kv-loadgen rpc-floor --engine capkv` server, to run the single-key get
+    /// cases against it with the raw client.
+    #[arg(long)]
+    engine_floor_addr: Option<String>,
+    /// Its PID (CPU/RSS).
+    #[arg(long)]
+    engine_floor_pid: Option<i32>,
     /// Open-loop rates for the mix matrix, calls/s.
     #[arg(long, default_value = matrix::DEFAULT_RATES, value_parser = matrix::parse_rates)]
     rps: Rates,
@@ -233,7 +244,7 @@ fn main() -> anyhow::Result<()> {
             );
             let listener = std::net::TcpListener::bind(a.listen)
                 .with_context(|| format!("listen on {}", a.listen))?;
-            capkv_loadgen::floor::serve(listener, a.value_size, |addr| {
+            capkv_loadgen::floor::serve(listener, a.engine, a.value_size, |addr| {
                 // The line kv-server prints, so scripts find the address the same way.
                 eprintln!(r#"{{"message":"listening","addr":"{addr}"}}"#);
             })?;
@@ -247,6 +258,8 @@ fn main() -> anyhow::Result<()> {
                 redis_pid: a.redis_pid,
                 floor_addr: a.floor_addr.clone(),
                 floor_pid: a.floor_pid,
+                engine_floor_addr: a.engine_floor_addr.clone(),
+                engine_floor_pid: a.engine_floor_pid,
                 rates: a.rps.0.clone(),
                 connections: a.connections,
             };

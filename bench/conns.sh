@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Many connections, one call in flight each: kv-server (capkv's RPC engine, memory engine,
+# 1 worker) against redis-server, both on core 1, the generator on core 0. For each count:
+# GET throughput (kv-loadgen --target capkv-raw against kv-loadgen --target redis, the same
+# generator, then redis-benchmark, Redis's own client) and the server's RSS per connection:
+# (largest RSS while the connections are open - RSS before they opened) / connections.
+# Prints a markdown table on stdout.
+# Usage: bench/conns.sh [BIN_DIR] [SECONDS] [COUNTS]   (COUNTS default "1000 3000")
+# Every process started is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
+secs="${2:-4}"
+counts="${3:-1000 3000}"
+keys=10000
+tmp=$(mktemp -d /var/tmp/capkv-conns.XXXXXX)
+pids=()
+stop_all() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    pids=()
+}
+trap 'stop_all; rm -rf "$tmp"' EXIT
+# Each connection is a descriptor at both ends.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# Largest RSS of PID $1 until the file $2 exists, sampled every 50 ms, written to $3.
+watch_rss() {
+    local max=0 v
+    while [ ! -e "$2" ] && [ -e "/proc/$1" ]; do
+        v=$(rss_kib "$1" 2>/dev/null || echo 0)
+        [ "${v:-0}" -gt "$max" ] && max=$v
+        sleep 0.05
+    done
+    echo "$max" >"$3"
+}
+# Runs "$@" while watching PID $1's RSS; prints the command's stdout, leaves the max in $tmp/max.
+with_rss() {
+    local pid=$1; shift
+    rm -f "$tmp/done" "$tmp/max"
+    watch_rss "$pid" "$tmp/done" "$tmp/max" &
+    local watcher=$!
+    "$@" >"$tmp/out" 2>"$tmp/err" || { cat "$tmp/err" >&2; touch "$tmp/done"; wait "$watcher"; return 1; }
+    touch "$tmp/done"
+    wait "$watcher"
+    cat "$tmp/out"
+}
+per_conn() { python3 -c "print(f'{max($2 - $1, 0) / $3:.1f}')"; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+echo "| connections | server | client | GET/s | p99 | server CPU | RSS before | RSS with connections | RSS per connection |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for n in $counts; do
+    # capkv
+    taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
+        --log-format json 2>"$tmp/kv.log" &
+    kv_pid=$!; pids+=("$kv_pid")
+    addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+    taskset -c 0 "$bin/kv-loadgen" run --addr "$addr" -c 1 --mix put --keys "$keys" --preload \
+        --warmup 0s --duration 100ms >/dev/null
+    before=$(rss_kib "$kv_pid")
+    out=$(with_rss "$kv_pid" taskset -c 0 "$bin/kv-loadgen" run --target capkv-raw --addr "$addr" \
+        --server-pid "$kv_pid" -c "$n" --in-flight 1 --mix get --keys "$keys" \
+        --warmup 1s --duration "${secs}s")
+    max=$(cat "$tmp/max")
+    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
+    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
+    echo "| $n | capkv | kv-loadgen (raw) | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    stop_all
+
+    # Redis
+    port=$(free_port)
+    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+        --maxclients 10000 --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+    redis_pid=$!; pids+=("$redis_pid")
+    for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    taskset -c 0 "$bin/kv-loadgen" run --target redis --addr "127.0.0.1:$port" -c 1 --mix put \
+        --keys "$keys" --preload --warmup 0s --duration 100ms >/dev/null
+    before=$(rss_kib "$redis_pid")
+    out=$(with_rss "$redis_pid" taskset -c 0 "$bin/kv-loadgen" run --target redis \
+        --addr "127.0.0.1:$port" --server-pid "$redis_pid" -c "$n" --in-flight 1 --mix get \
+        --keys "$keys" --warmup 1s --duration "${secs}s")
+    max=$(cat "$tmp/max")
+    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
+    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
+    echo "| $n | redis | kv-loadgen | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    if command -v redis-benchmark >/dev/null 2>&1; then
+        requests=$(( ${ok%.*} * secs )); [ "$requests" -ge 10000 ] || requests=10000
+        before=$(rss_kib "$redis_pid")
+        out=$(with_rss "$redis_pid" taskset -c 0 redis-benchmark -p "$port" -c "$n" -n "$requests" \
+            -r "$keys" -d 100 -t get --csv)
+        max=$(cat "$tmp/max")
+        # Redis 7 --csv: "test","rps","avg_latency_ms","min","p50","p95","p99","max"
+        rps=$(awk -F'"' 'NR == 2 {print $4}' <<<"$out"); p99=$(awk -F'"' 'NR == 2 {print $14}' <<<"$out")
+        echo "| $n | redis | redis-benchmark | $rps | ${p99} ms | | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    fi
+    stop_all
+done
