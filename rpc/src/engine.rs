@@ -29,7 +29,6 @@
 //! live answers than [`EngineLimits::max_answers`]: `Abort`.
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -258,8 +257,9 @@ struct Exports {
     slots: Vec<Option<Export>>,
     free: Vec<u32>,
     /// The export id of each capability (by `ClientHook::get_ptr`), so the same object
-    /// sent twice is one export with two references.
-    by_ptr: HashMap<usize, u32>,
+    /// sent twice is one export with two references. Keyed by this process's own
+    /// addresses, never by anything a peer chooses: a fast non-keyed hash is safe here.
+    by_ptr: rustc_hash::FxHashMap<usize, u32>,
 }
 
 impl Exports {
@@ -345,10 +345,87 @@ impl Exports {
 enum AnswerState {
     /// The call runs; calls pipelined on it wait here, in the order they came.
     Running { queued: Vec<Incoming> },
-    /// Returned with capabilities: later calls may pipeline on them until Finish.
-    Returned { built: Built, exports: Vec<u32> },
+    /// Returned with capabilities: later calls may pipeline on them until Finish. (Boxed:
+    /// few answers carry capabilities, and every slab slot is as large as the largest state.)
+    Returned {
+        built: Box<Built>,
+        exports: Vec<u32>,
+    },
     /// The call failed (or could not start): calls pipelined on it fail alike.
     Failed(capnp::Error),
+}
+
+/// Live answers by question id. Peers number their questions from 0 and reuse ids after
+/// Finish, so ids stay small: those below [`DENSE_IDS`] index a slab (no hashing, no
+/// allocation once it has grown); a peer numbering higher lands in an ordered map, which no
+/// choice of ids can degrade (a hash keyed by peer-chosen ids could be).
+#[derive(Default)]
+struct Answers {
+    dense: Vec<Option<Answer>>,
+    sparse: std::collections::BTreeMap<u32, Answer>,
+    len: usize,
+}
+
+/// Question ids held in the slab: at most this many slots, whatever the peer does.
+const DENSE_IDS: u32 = 1024;
+
+impl Answers {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, id: u32) -> Option<&Answer> {
+        if id < DENSE_IDS {
+            self.dense.get(id as usize).and_then(Option::as_ref)
+        } else {
+            self.sparse.get(&id)
+        }
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut Answer> {
+        if id < DENSE_IDS {
+            self.dense.get_mut(id as usize).and_then(Option::as_mut)
+        } else {
+            self.sparse.get_mut(&id)
+        }
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Sets `id`'s answer, replacing the one it had.
+    fn insert(&mut self, id: u32, answer: Answer) {
+        let old = if id < DENSE_IDS {
+            let i = id as usize;
+            if self.dense.len() <= i {
+                self.dense.resize_with(i + 1, || None);
+            }
+            self.dense[i].replace(answer)
+        } else {
+            self.sparse.insert(id, answer)
+        };
+        if old.is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Answer> {
+        let old = if id < DENSE_IDS {
+            self.dense.get_mut(id as usize).and_then(Option::take)
+        } else {
+            self.sparse.remove(&id)
+        };
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    /// The count matches the entries.
+    fn consistent(&self) -> bool {
+        self.dense.iter().flatten().count() + self.sparse.len() == self.len
+    }
 }
 
 struct Answer {
@@ -386,7 +463,7 @@ struct Conn {
     bootstrap: Box<dyn ClientHook>,
     limits: EngineLimits,
     exports: Exports,
-    answers: HashMap<u32, Answer>,
+    answers: Answers,
     /// Messages written since the last flush: the replies of one pass leave together.
     outbox: Vec<u8>,
 }
@@ -421,7 +498,7 @@ where
         bootstrap,
         limits,
         exports: Exports::default(),
-        answers: HashMap::new(),
+        answers: Answers::default(),
         outbox: Vec::new(),
     };
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
@@ -543,7 +620,9 @@ impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
 impl Conn {
     /// The tables' invariants (see `Exports::consistent`), and answers within their bound.
     fn consistent(&self) -> bool {
-        self.exports.consistent() && self.answers.len() <= self.limits.max_answers
+        self.exports.consistent()
+            && self.answers.consistent()
+            && self.answers.len() <= self.limits.max_answers
     }
 
     fn send(&mut self, message: &message::Builder<HeapAllocator>) {
@@ -626,7 +705,7 @@ impl Conn {
     }
 
     fn admit_answer(&self, id: u32) -> Result<(), EngineError> {
-        if self.answers.contains_key(&id) {
+        if self.answers.contains(id) {
             return Err(EngineError::Protocol(format!(
                 "question id {id} is already in use"
             )));
@@ -652,7 +731,10 @@ impl Conn {
         self.answers.insert(
             id,
             Answer {
-                state: AnswerState::Returned { built, exports },
+                state: AnswerState::Returned {
+                    built: Box::new(built),
+                    exports,
+                },
                 finished: false,
                 release_on_return: false,
             },
@@ -663,11 +745,16 @@ impl Conn {
     /// Starts (or queues, or fails) the call `m` whose question id `id` is admitted. Its
     /// answer may exist already (made when it was queued, with calls queued on it).
     fn start(&mut self, id: u32, m: Incoming, calls: &mut FuturesUnordered<Running>) {
-        self.answers.entry(id).or_insert(Answer {
-            state: AnswerState::Running { queued: Vec::new() },
-            finished: false,
-            release_on_return: false,
-        });
+        if !self.answers.contains(id) {
+            self.answers.insert(
+                id,
+                Answer {
+                    state: AnswerState::Running { queued: Vec::new() },
+                    finished: false,
+                    release_on_return: false,
+                },
+            );
+        }
         // The Call is read once here; its params once more, by the handler.
         let target = call_of(&m).and_then(|c| {
             let target = self.target(c)?;
@@ -679,7 +766,7 @@ impl Conn {
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
                     ..
-                }) = self.answers.get_mut(&on)
+                }) = self.answers.get_mut(on)
                 {
                     queued.push(m);
                 }
@@ -747,7 +834,7 @@ impl Conn {
                     };
                 }
                 let ops = &ops[..transform.len() as usize];
-                match self.answers.get(&on).map(|a| &a.state) {
+                match self.answers.get(on).map(|a| &a.state) {
                     None => Err(capnp::Error::failed(format!(
                         "call pipelined on question {on}, which has no answer (finished, or \
                          its results held no capability)"
@@ -813,7 +900,7 @@ impl Conn {
         built: Option<Built>,
         calls: &mut FuturesUnordered<Running>,
     ) {
-        let (queued, finished, release) = match self.answers.get_mut(&id) {
+        let (queued, finished, release) = match self.answers.get_mut(id) {
             Some(Answer {
                 state: AnswerState::Running { queued },
                 finished,
@@ -830,7 +917,13 @@ impl Conn {
                     ));
                     (AnswerState::Failed(e), false)
                 } else {
-                    (AnswerState::Returned { built, exports }, true)
+                    (
+                        AnswerState::Returned {
+                            built: Box::new(built),
+                            exports,
+                        },
+                        true,
+                    )
                 }
             }
             (result, _) => {
@@ -859,7 +952,7 @@ impl Conn {
             if let Some(Answer {
                 state: AnswerState::Returned { exports, .. },
                 ..
-            }) = self.answers.remove(&id)
+            }) = self.answers.remove(id)
             {
                 if finished && release {
                     for e in exports {
@@ -872,7 +965,7 @@ impl Conn {
     }
 
     fn finish(&mut self, id: u32, release: bool) -> Result<(), EngineError> {
-        let Some(answer) = self.answers.get_mut(&id) else {
+        let Some(answer) = self.answers.get_mut(id) else {
             // Already dropped (noFinishNeeded, or results without capabilities): fine.
             return Ok(());
         };
@@ -882,13 +975,13 @@ impl Conn {
                 answer.release_on_return = release;
             }
             AnswerState::Failed(_) => {
-                self.answers.remove(&id);
+                self.answers.remove(id);
             }
             AnswerState::Returned { .. } => {
                 if let Some(Answer {
                     state: AnswerState::Returned { exports, .. },
                     ..
-                }) = self.answers.remove(&id)
+                }) = self.answers.remove(id)
                 {
                     if release {
                         for e in exports {

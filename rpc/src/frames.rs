@@ -46,8 +46,12 @@ const MAX_SEGMENTS: usize = 512;
 /// Frames up to this size are not charged to the budget: they never wait, and one
 /// connection holds at most one of them partially.
 const SMALL_FRAME_BYTES: usize = 64 * 1024;
-/// Bytes read from the socket per read call.
+/// Bytes read from the socket per read call, at most; a connection starts with
+/// [`FIRST_CHUNK_BYTES`] and doubles its read buffer each time a read fills it, so an idle
+/// or one-call-at-a-time connection holds a small buffer and a busy one reads in large
+/// chunks.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+const FIRST_CHUNK_BYTES: usize = 1024;
 /// Validated bytes waiting for the VatNetwork before this reader stops reading: one
 /// frame of slack, so a peer cannot make the server buffer many checked frames either.
 const MAX_READY_BYTES: usize = 256 * 1024;
@@ -202,7 +206,8 @@ pub struct GuardedReader<R> {
     ready: Vec<u8>,
     /// How much of `ready` the VatNetwork has read.
     ready_pos: usize,
-    /// Where socket reads land (allocated once per connection, never re-zeroed).
+    /// Where socket reads land (zeroed once, when allocated or grown; see
+    /// [`READ_CHUNK_BYTES`]). Empty until the first read.
     chunk: Vec<u8>,
     /// When the frame being received must be complete. Armed only when the socket runs dry
     /// with a frame incomplete: a message that arrives whole (nearly every one) never
@@ -235,7 +240,7 @@ impl<R: PeerReader> GuardedReader<R> {
             charged: 0,
             ready: Vec::new(),
             ready_pos: 0,
-            chunk: vec![0; READ_CHUNK_BYTES],
+            chunk: Vec::new(),
             deadline: None,
             bootstraps: 0,
             breach,
@@ -314,6 +319,15 @@ impl<R: PeerReader> GuardedReader<R> {
                 self.charged = held;
             }
         }
+    }
+}
+
+/// Empty buffers larger than this give their memory back.
+const IDLE_BUFFER_BYTES: usize = 64 * 1024;
+
+fn shrink_idle(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > IDLE_BUFFER_BYTES {
+        *buf = Vec::new();
     }
 }
 
@@ -414,6 +428,11 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                     this.ready.clear();
                     this.ready_ends.clear();
                     this.ready_pos = 0;
+                    // A burst's buffers do not stay with a connection that goes quiet.
+                    shrink_idle(&mut this.ready);
+                    if this.pending.is_empty() {
+                        shrink_idle(&mut this.pending);
+                    }
                 }
                 return Poll::Ready(Ok(n));
             }
@@ -437,9 +456,12 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                 Ok(s) => s,
                 Err(b) => return Poll::Ready(Err(this.fail(b))),
             };
+            if this.chunk.is_empty() {
+                this.chunk = vec![0; FIRST_CHUNK_BYTES];
+            }
             let want = match size {
-                Some(total) => (total - this.pending.len().min(total)).clamp(1, READ_CHUNK_BYTES),
-                None => READ_CHUNK_BYTES,
+                Some(total) => (total - this.pending.len().min(total)).clamp(1, this.chunk.len()),
+                None => this.chunk.len(),
             };
             let large = size.is_some_and(|t| t > SMALL_FRAME_BYTES);
             if large && this.pending.len() + want > this.charged {
@@ -466,6 +488,10 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                 continue;
             }
             this.pending.extend_from_slice(&this.chunk[..n]);
+            if n == this.chunk.len() && n < READ_CHUNK_BYTES {
+                // More was waiting, likely: read more at a time from now on.
+                this.chunk = vec![0; (n * 2).min(READ_CHUNK_BYTES)];
+            }
             if let Err(b) = this.take_frames() {
                 return Poll::Ready(Err(this.fail(b)));
             }
@@ -600,6 +626,70 @@ mod tests {
 
     impl PeerReader for Chunks {
         fn try_send(&self, _: &[u8]) {}
+    }
+
+    /// A connection's read buffers start small, grow for a burst, and give the burst's
+    /// memory back once it has been handed over.
+    #[test]
+    fn read_buffers_grow_with_use_and_shrink_back() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_rt = rt.enter();
+        let small = framed(|m| m.init_finish().set_question_id(1));
+        let large = framed(|m| {
+            m.init_call()
+                .init_params()
+                .get_content()
+                .set_as::<capnp::data::Owned>(&vec![3u8; 200 * 1024][..])
+                .unwrap()
+        });
+        let limits = std::sync::Arc::new(FrameLimits {
+            max_frame_bytes: 1 << 20,
+            frame_timeout: Duration::from_secs(60),
+            reader_options: capkv::Limits::default().request_reader_options(),
+        });
+        let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
+            std::rc::Rc::default();
+        let mut r = GuardedReader::new(
+            Chunks(std::rc::Rc::clone(&q)),
+            limits,
+            std::sync::Arc::new(FrameBudget::new(4 << 20)),
+            BreachCell::default(),
+        );
+        assert_eq!(r.chunk.capacity(), 0, "nothing held before the first read");
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = vec![0u8; 1 << 20];
+        let mut read_all = |r: &mut GuardedReader<Chunks>, len: usize| {
+            let mut got = 0;
+            while got < len {
+                match Pin::new(&mut *r).poll_read(&mut cx, &mut out) {
+                    Poll::Ready(Ok(n)) => got += n,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        q.borrow_mut().push_back(small.clone());
+        read_all(&mut r, small.len());
+        assert_eq!(r.chunk.len(), FIRST_CHUNK_BYTES);
+        q.borrow_mut().push_back(large.clone());
+        read_all(&mut r, large.len());
+        assert_eq!(r.chunk.len(), READ_CHUNK_BYTES, "reads grew for the burst");
+        assert!(
+            r.ready.capacity() <= IDLE_BUFFER_BYTES,
+            "{}",
+            r.ready.capacity()
+        );
+        assert!(
+            r.pending.capacity() <= IDLE_BUFFER_BYTES,
+            "{}",
+            r.pending.capacity()
+        );
+        // Still in step: the next frame reads as it should.
+        q.borrow_mut().push_back(small.clone());
+        read_all(&mut r, small.len());
     }
 
     #[test]

@@ -32,6 +32,9 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 /// Bytes buffered before a writer must wait for the flusher to drain the buffer: bounds
 /// the memory one connection can hold in its write buffer.
 const MAX_BUFFERED_BYTES: usize = 256 * 1024;
+/// A drained buffer larger than this gives its memory back. Buffers start empty and grow
+/// with use: an idle connection holds none.
+const IDLE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The two-party network capkv speaks over `stream`.
 pub fn vat_network(
@@ -96,7 +99,7 @@ impl<W: AsyncWrite + Unpin + 'static> CoalescingWriter<W> {
     pub fn with_backlog(inner: W, backlog: Option<Rc<crate::backlog::ReplyBacklog>>) -> Self {
         let state = Rc::new(RefCell::new(State {
             inner,
-            buf: Vec::with_capacity(8 * 1024),
+            buf: Vec::new(),
             flush_requested: false,
             flusher: None,
             closed: false,
@@ -152,6 +155,10 @@ fn flusher_poll<W: AsyncWrite + Unpin>(s: &mut State<W>, cx: &mut Context<'_>) -
             Poll::Ready(Ok(())) => {
                 s.flush_requested = false;
                 s.deferred = false;
+                // A burst's buffer does not stay with a connection that goes quiet.
+                if s.buf.capacity() > IDLE_BUFFER_BYTES {
+                    s.buf = Vec::new();
+                }
                 wake_drained(s);
             }
             Poll::Ready(Err(e)) => {

@@ -564,6 +564,9 @@ impl Shared {
             bounded.await
         } else {
             tokio::select! {
+                // The work first: a call that completes at once (most reads) never
+                // registers with the drain's `Notify` (a lock and a list insert per call).
+                biased;
                 r = bounded => r,
                 () = self.abandoned() => {
                     self.reject("drain_timeout");
