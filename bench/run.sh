@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 source scripts/setup.sh
 out="${1:-bench/results.md}"
+# SVG plots go beside the results file and are linked from it.
+plots="$(dirname "$out")/plots"
+mkdir -p "$plots"
 # BENCH_QUICK=1 checks the script itself (CI: with CAPKV_PROFILE=debug): every case runs
 # for a moment on 1,000 keys and the peers are skipped. Its numbers mean nothing.
 quick="${BENCH_QUICK:-0}"
@@ -50,7 +53,8 @@ redis_pid=$!; pids+=("$redis_pid")
 for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 started=$(date -Is)
-taskset -c 0 "$bin/kv-loadgen" matrix --addr "$addr" --server-pid "$kv_pid" \
+caption="$started, commit $(git rev-parse --short HEAD), $(nproc) cores, ${CAPKV_PROFILE:-release} build; servers pinned to core 1, kv-loadgen to core 0, 1 thread; 100-byte values"
+taskset -c 0 "$bin/kv-loadgen" matrix --plot "$plots" --plot-caption "$caption" --addr "$addr" --server-pid "$kv_pid" \
     --redis-addr "127.0.0.1:$redis_port" --redis-pid "$redis_pid" \
     --floor-addr "$floor_addr" --floor-pid "$floor_pid" \
     --engine-floor-addr "$efloor_addr" --engine-floor-pid "$efloor_pid" \
@@ -62,12 +66,13 @@ wait "$kv_pid" "$redis_pid" "$floor_pid" "$efloor_pid" 2>/dev/null || true; pids
 if [ "$quick" = 1 ]; then
     bash bench/engines.sh "$bin" 1 1 >"$tmp/engines.md"
     bash bench/conns.sh "$bin" 1 50 >"$tmp/conns.md"
-    bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
+    DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
 else
     bash bench/engines.sh "$bin" >"$tmp/engines.md"
     bash bench/conns.sh "$bin" >"$tmp/conns.md"
-    bash bench/durable.sh "$bin" >"$tmp/durable.md"
+    DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" >"$tmp/durable.md"
 fi
+"$bin/kv-loadgen" plot-durable --csv "$tmp/durable.csv" --plot "$plots" --plot-caption "$caption"
 
 peers="../shared/peers/run-all.sh"
 if [ "$quick" = 1 ]; then
@@ -90,6 +95,11 @@ fi
     echo "fixed entries at once (no store, checks or metrics), on capnp-rpc's RpcSystem (\"capnp-rpc floor\", driven by"
     echo "capkv's client library) or on capkv's engine (\"capkv-engine floor, raw\", driven by the raw client): what each"
     echo "RPC runtime alone costs."
+    echo
+    echo "Plots ($(basename "$plots")/): latency percentile spectra of each case, e.g."
+    echo "[GET c=50](plots/spectrum-get-c-50.svg), [GET c=50 x16 in flight](plots/spectrum-get-c-50-x16-in-flight.svg),"
+    echo "[PUT c=50](plots/spectrum-put-c-50.svg); [open loop: latency against offered rate](plots/open-loop.svg);"
+    echo "[durable puts](plots/durable.svg)."
     echo
     cat "$tmp/matrix.md"
     echo

@@ -50,5 +50,9 @@ for want in "GET c=50" "| GET c=50 | capnp-rpc floor |" "| 1 | capnp-rpc | 16 |"
     "| GET c=50 batch 16 | redis-benchmark -P 16 |" "appendfsync always"; do
     grep -qF "$want" "$work/results.md" || { cat "$work/results.md"; echo "missing: $want" >&2; exit 1; }
 done
+# The plots it links, written beside it.
+for plot in spectrum-get-c-50 spectrum-put-c-50 open-loop durable; do
+    grep -q "<svg" "$work/plots/$plot.svg" || { echo "missing plot: $plot.svg" >&2; exit 1; }
+done
 
 echo "== all checks passed in $(( $(date +%s) - start )) s"

@@ -10,13 +10,16 @@
 //! - [`stats`]: HdrHistogram latencies per operation, error counts by code, summaries.
 //! - [`procstat`]: server CPU and RSS from /proc.
 //! - [`report`]: table, CSV, JSON and markdown output.
+//! - [`plot`]: SVG plots (`--plot DIR`): latency percentile spectra, latency against
+//!   offered rate, durable puts.
 //! - [`matrix`]: the standard comparison matrix and its results file.
 //! - [`redis_bench`]: `redis-benchmark` runs interleaved with the matrix's cases.
-//! - [`floor`]: `kv-loadgen rpc-floor`, a bare capnp-rpc server answering `get` at once:
-//!   what the RPC runtime alone costs per call.
+//! - [`floor`]: `kv-loadgen rpc-floor`, a bare server answering `get` at once on either RPC
+//!   engine: what the RPC runtime alone costs per call.
 
 pub mod floor;
 pub mod matrix;
+pub mod plot;
 pub mod procstat;
 pub mod raw;
 pub mod redis_bench;

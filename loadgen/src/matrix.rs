@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::plot;
 use crate::redis_bench;
 use crate::report;
 use crate::run::{self, RunConfig, RunResult};
@@ -33,6 +34,36 @@ pub struct MatrixConfig {
     pub rates: Vec<f64>,
     /// Connections for the mix matrix and the c=50 cases.
     pub connections: usize,
+    /// Where to write SVG plots (one spectrum per case, latency against rate), and the
+    /// conditions their captions carry.
+    pub plot: Option<PlotTo>,
+}
+
+/// Where plots go and what their captions say.
+#[derive(Debug, Clone)]
+pub struct PlotTo {
+    pub dir: std::path::PathBuf,
+    /// Date, commit, machine, pinning: what the numbers were measured under.
+    pub caption: String,
+}
+
+impl PlotTo {
+    /// Writes `svg` as `name`.svg in the plot directory.
+    pub fn write(&self, name: &str, svg: Result<String, plot::PlotError>) -> anyhow::Result<()> {
+        let path = self.dir.join(format!("{name}.svg"));
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("create {}", self.dir.display()))?;
+        std::fs::write(&path, svg?).with_context(|| format!("write {}", path.display()))
+    }
+}
+
+/// The default caption: when, and on what machine.
+pub fn default_caption() -> String {
+    format!(
+        "{}; machine: {}",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine()
+    )
 }
 
 /// Runs redis-benchmark for `case` right after kv-loadgen's Redis run `r`, for about as
@@ -257,6 +288,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
         report::MARKDOWN_HEADER
     );
     for case in comparison_cases(m.connections) {
+        let mut spectra: Vec<(&'static str, Vec<crate::stats::SpectrumPoint>)> = Vec::new();
         for t in &targets {
             if !t.runs(&case) {
                 continue;
@@ -279,10 +311,24 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             let r = run::run(&cfg)?;
             eprintln!("{}", report::table(&r));
             let _ = writeln!(md, "{}", report::markdown_row_as(case.name, t.label, &r));
+            if let Some(all) = r.all() {
+                spectra.push((t.label, all.spectrum.clone()));
+            }
             if t.kind == TargetKind::Redis && with_redis_benchmark {
                 let _ = writeln!(md, "{}", redis_benchmark_row(&case, t, &r, b)?);
             }
             results.push((case.name.to_string(), r));
+        }
+        if let Some(p) = &m.plot {
+            let series: Vec<plot::SpectrumSeries<'_>> = spectra
+                .iter()
+                .map(|(label, points)| plot::SpectrumSeries { label, points })
+                .collect();
+            let title = format!("{}: latency percentile spectrum", case.name);
+            p.write(
+                &format!("spectrum-{}", plot::slug(case.name)),
+                plot::spectrum_svg(&title, &p.caption, &series),
+            )?;
         }
     }
 
@@ -292,11 +338,13 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
         m.connections,
         report::MARKDOWN_HEADER
     );
+    let mut steps: Vec<(String, Vec<plot::RatePoint>)> = Vec::new();
     for (mix_name, mix) in [
         ("read 95/5", Mix::READ_HEAVY),
         ("mixed 50/50", Mix::MIXED),
         ("write 5/95", Mix::WRITE_HEAVY),
     ] {
+        steps.push((mix_name.to_string(), Vec::new()));
         for rate in &m.rates {
             let cfg = RunConfig {
                 target: TargetKind::Capkv,
@@ -313,8 +361,18 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             eprintln!("{}", report::table(&r));
             let name = format!("{mix_name} @ {rate:.0}/s");
             let _ = writeln!(md, "{}", report::markdown_row(&name, &r));
+            if let (Some(all), Some((_, points))) = (r.all(), steps.last_mut()) {
+                points.push(plot::RatePoint::of(*rate, all));
+            }
             results.push((name, r));
         }
+    }
+    if let Some(p) = &m.plot {
+        let title = format!(
+            "capkv open loop, {} connections: latency against offered rate",
+            m.connections
+        );
+        p.write("open-loop", plot::rate_svg(&title, &p.caption, &steps))?;
     }
     let _ = writeln!(md, "\nLoad average at end: {}", loadavg());
     Ok((md, results))

@@ -159,6 +159,38 @@ impl Latency {
     }
 }
 
+/// One point of a latency percentile spectrum.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SpectrumPoint {
+    /// 0-100.
+    pub percentile: f64,
+    pub us: f64,
+}
+
+/// The percentiles a spectrum is sampled at: evenly spaced on HdrHistogram's log scale of
+/// 1/(1-p), up to the maximum.
+const SPECTRUM_PERCENTILES: [f64; 16] = [
+    0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 97.5, 99.0, 99.5, 99.75, 99.9, 99.95, 99.99, 99.995, 99.999,
+    100.0,
+];
+
+/// The latency percentile spectrum of `h`: only the percentiles its sample count resolves
+/// (p with at least one sample above it), then the maximum.
+pub fn spectrum(h: &Histogram<u64>) -> Vec<SpectrumPoint> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let n = h.len() as f64;
+    SPECTRUM_PERCENTILES
+        .iter()
+        .filter(|&&p| p == 100.0 || n * (1.0 - p / 100.0) >= 1.0 - 1e-9)
+        .map(|&p| SpectrumPoint {
+            percentile: p,
+            us: h.value_at_quantile(p / 100.0) as f64 / 1e3,
+        })
+        .collect()
+}
+
 /// One operation kind's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct OpSummary {
@@ -172,6 +204,8 @@ pub struct OpSummary {
     pub latency: Latency,
     /// Latency of the failed calls (how fast a refusal arrives), when there were any.
     pub error_latency: Option<Latency>,
+    /// The successful calls' latency percentile spectrum (for plots).
+    pub spectrum: Vec<SpectrumPoint>,
 }
 
 impl OpSummary {
@@ -184,6 +218,7 @@ impl OpSummary {
             errors: s.errors.clone(),
             latency: Latency::of(&s.latency),
             error_latency: (!s.error_latency.is_empty()).then(|| Latency::of(&s.error_latency)),
+            spectrum: spectrum(&s.latency),
         }
     }
 
@@ -225,6 +260,22 @@ mod tests {
         assert!(close(l.p99_us, 990.0), "{l:?}");
         assert!(close(l.max_us, 1000.0), "{l:?}");
         assert!(close(l.mean_us, 500.5), "{l:?}");
+    }
+
+    #[test]
+    fn a_spectrum_holds_the_percentiles_its_samples_resolve() {
+        let mut r = Recorder::default();
+        for us in 1..=1000u64 {
+            r.record(OpKind::Get, Duration::from_micros(us), None);
+        }
+        let s = spectrum(&r.get.latency);
+        let ps: Vec<f64> = s.iter().map(|p| p.percentile).collect();
+        // 1,000 samples resolve 99.9% but not 99.95%; the maximum closes it.
+        assert!(ps.contains(&99.9) && !ps.contains(&99.95), "{ps:?}");
+        assert_eq!(ps.last(), Some(&100.0));
+        assert!(s.windows(2).all(|w| w[0].us <= w[1].us), "{s:?}");
+        assert!((s.last().unwrap().us - 1000.0).abs() < 2.0);
+        assert!(spectrum(&r.put.latency).is_empty());
     }
 
     #[test]

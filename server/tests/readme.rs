@@ -217,9 +217,9 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
         "/kv-loadgen\" rpc-floor",
     ),
     (
-        "kv-loadgen rpc-floor --listen 127.0.0.1:0",
+        "kv-loadgen rpc-floor --engine capnp-rpc --listen 127.0.0.1:0",
         "bench/run.sh",
-        "/kv-loadgen\" rpc-floor --listen 127.0.0.1:0",
+        "/kv-loadgen\" rpc-floor --engine capnp-rpc --listen 127.0.0.1:0",
     ),
 ];
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use capkv_loadgen::matrix::{self, MatrixConfig, Rates};
+use capkv_loadgen::plot;
 use capkv_loadgen::report;
 use capkv_loadgen::run::{self, RunConfig};
 use capkv_loadgen::target::TargetKind;
@@ -35,6 +36,41 @@ enum Command {
     /// RPC engine or capnp-rpc's: what the RPC runtime alone costs per call (a benchmark
     /// anchor; serves until stopped).
     RpcFloor(RpcFloorArgs),
+    /// Plots durable-put results (bench/durable.sh's CSV) as SVG.
+    PlotDurable(PlotDurableArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlotDurableArgs {
+    /// CSV of `case,target,writers,puts_per_sec,p99_ms` rows (bench/durable.sh with
+    /// DURABLE_CSV set).
+    #[arg(long)]
+    csv: PathBuf,
+    #[command(flatten)]
+    plot: PlotArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct PlotArgs {
+    /// Write SVG plots of the results into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// The conditions (date, commit, machine, pinning) each plot's caption states; by
+    /// default the date and the machine.
+    #[arg(long)]
+    plot_caption: Option<String>,
+}
+
+impl PlotArgs {
+    fn to(&self) -> Option<matrix::PlotTo> {
+        self.plot.as_ref().map(|dir| matrix::PlotTo {
+            dir: dir.clone(),
+            caption: self
+                .plot_caption
+                .clone()
+                .unwrap_or_else(matrix::default_caption),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +112,8 @@ struct Common {
     /// Per-call deadline.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    plot: PlotArgs,
     /// Bearer token for capkv.
     #[arg(
         long,
@@ -224,6 +262,9 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", report::table(&r));
                 results.push(r);
             }
+            if let Some(p) = a.common.plot.to() {
+                plot_run(&p, &cfg, &results)?;
+            }
             if let Some(path) = &a.json {
                 std::fs::write(path, serde_json::to_string_pretty(&results)?)
                     .with_context(|| format!("write {}", path.display()))?;
@@ -249,6 +290,20 @@ fn main() -> anyhow::Result<()> {
                 eprintln!(r#"{{"message":"listening","addr":"{addr}"}}"#);
             })?;
         }
+        Command::PlotDurable(a) => {
+            let p = a.plot.to().context("--plot DIR: where to write the plot")?;
+            let csv = std::fs::read_to_string(&a.csv)
+                .with_context(|| format!("read {}", a.csv.display()))?;
+            let targets = parse_durable_csv(&csv)?;
+            p.write(
+                "durable",
+                plot::durable_svg(
+                    "Durable puts: WAL or AOF synced before each acknowledgement",
+                    &p.caption,
+                    &targets,
+                ),
+            )?;
+        }
         Command::Matrix(a) => {
             let m = MatrixConfig {
                 base: base(&a.common),
@@ -262,6 +317,7 @@ fn main() -> anyhow::Result<()> {
                 engine_floor_pid: a.engine_floor_pid,
                 rates: a.rps.0.clone(),
                 connections: a.connections,
+                plot: a.common.plot.to(),
             };
             let (md, results) = matrix::run_matrix(&m)?;
             if let Some(dir) = a.out.parent() {
@@ -280,6 +336,92 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `kv-loadgen run --plot`: one spectrum per run (its operations side by side) and, for
+/// an open-loop series, latency against offered rate.
+fn plot_run(p: &matrix::PlotTo, cfg: &RunConfig, results: &[run::RunResult]) -> anyhow::Result<()> {
+    for (i, r) in results.iter().enumerate() {
+        let series: Vec<plot::SpectrumSeries<'_>> = r
+            .ops
+            .iter()
+            .filter(|o| o.op != "all" || r.ops.len() == 1)
+            .map(|o| plot::SpectrumSeries {
+                label: o.op,
+                points: &o.spectrum,
+            })
+            .collect();
+        let title = format!(
+            "{} c={} x{}{}: latency percentile spectrum",
+            cfg.target.name(),
+            cfg.connections,
+            cfg.in_flight,
+            r.config
+                .rate
+                .map(|x| format!(" @ {x:.0}/s"))
+                .unwrap_or_default()
+        );
+        p.write(
+            &format!("spectrum-{}", i + 1),
+            plot::spectrum_svg(&title, &p.caption, &series),
+        )?;
+    }
+    let steps: Vec<plot::RatePoint> = results
+        .iter()
+        .filter_map(|r| Some(plot::RatePoint::of(r.config.rate?, r.all()?)))
+        .collect();
+    if !steps.is_empty() {
+        let title = format!(
+            "{} open loop, {} connections: latency against offered rate",
+            cfg.target.name(),
+            cfg.connections
+        );
+        let mix = format!("{}% reads", cfg.mix_read_percent);
+        p.write(
+            "open-loop",
+            plot::rate_svg(&title, &p.caption, &[(mix, steps)]),
+        )?;
+    }
+    Ok(())
+}
+
+/// Reads bench/durable.sh's CSV (`case,target,writers,puts_per_sec,p99_ms`) into one
+/// series per target.
+fn parse_durable_csv(csv: &str) -> anyhow::Result<Vec<(String, Vec<plot::DurablePoint>)>> {
+    let mut targets: Vec<(String, Vec<plot::DurablePoint>)> = Vec::new();
+    for (n, line) in csv
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [_, target, writers, puts, p99] = f[..] else {
+            anyhow::bail!(
+                "line {}: want case,target,writers,puts_per_sec,p99_ms: {line:?}",
+                n + 1
+            );
+        };
+        if writers == "writers" {
+            continue; // the header
+        }
+        let point = plot::DurablePoint {
+            writers: writers
+                .parse()
+                .with_context(|| format!("line {}: writers", n + 1))?,
+            puts_per_sec: puts
+                .parse()
+                .with_context(|| format!("line {}: puts_per_sec", n + 1))?,
+            p99_ms: p99
+                .parse()
+                .with_context(|| format!("line {}: p99_ms", n + 1))?,
+        };
+        match targets.iter_mut().find(|(t, _)| t == target) {
+            Some((_, points)) => points.push(point),
+            None => targets.push((target.to_string(), vec![point])),
+        }
+    }
+    anyhow::ensure!(!targets.is_empty(), "no durable results in the CSV");
+    Ok(targets)
 }
 
 #[cfg(test)]
