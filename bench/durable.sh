@@ -4,7 +4,7 @@
 # (storage.group_commit_max_writes=1), against redis-server with `appendfsync always`.
 # 1 and 50 writers (connections, one call in flight each), 100-byte values, 100k keys.
 # Prints a markdown table on stdout; with DURABLE_CSV=FILE also writes the rows as
-# `case,target,writers,puts_per_sec,p99_ms` (what `kv-loadgen plot-durable` reads).
+# `target,writers,puts_per_sec,p99_ms` (what `kv-loadgen plot-durable` reads).
 # Usage: bench/durable.sh [BIN_DIR] [SECONDS] [WARMUP_SECONDS]
 # kv-server and redis-server are pinned to core 1, kv-loadgen to core 0; data lives in a
 # temp dir on the same disk for all of them; every process started is stopped by its PID.
@@ -38,15 +38,15 @@ start_redis() {
 }
 
 csv="${DURABLE_CSV:-}"
-[ -z "$csv" ] || echo "case,target,writers,puts_per_sec,p99_ms" >"$csv"
+[ -z "$csv" ] || echo "target,writers,puts_per_sec,p99_ms" >"$csv"
 
 run() { # $1 = case name, $2 = target, $3 = connections, $4 = series label (default: target)
     taskset -c 0 "$bin/kv-loadgen" run --target "$2" --addr "$addr" --server-pid "$pid" \
         --mix put -c "$3" --keys 100000 --value-size 100 --warmup "${warmup}s" --duration "${secs}s" \
         --csv "$tmp/run.csv" >/dev/null
     if [ -n "$csv" ]; then
-        awk -F, -v name="$1" -v target="${4:-$2}" -v writers="$3" 'NR > 1 && $10 == "put" {
-            printf "%s,%s,%s,%.1f,%.3f\n", name, target, writers, $12, $18 / 1000 }' "$tmp/run.csv" >>"$csv"
+        awk -F, -v target="${4:-$2}" -v writers="$3" 'NR > 1 && $10 == "put" {
+            printf "%s,%s,%.1f,%.3f\n", target, writers, $12, $18 / 1000 }' "$tmp/run.csv" >>"$csv"
     fi
     # CSV: 12 ok_per_sec, 14 mean, 15 p50, 18 p99, 21 errors, 22 server CPU %.
     awk -F, -v name="$1" -v target="$2" 'NR > 1 && $10 == "put" {

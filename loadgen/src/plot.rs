@@ -91,6 +91,55 @@ fn spectrum_label(x: &f64) -> String {
     format!("{}%", digits.trim_end_matches('0').trim_end_matches('.'))
 }
 
+/// The legend box, top left.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), PlotError> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)
+}
+
+/// A line through `points` with a dot at each, named `label` in the legend (when given).
+fn dotted_line<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: Option<&str>,
+) -> Result<(), PlotError>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+        .map_err(draw_err)?;
+    let line = chart
+        .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+        .map_err(draw_err)?;
+    if let Some(label) = label {
+        line.label(label).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+        });
+    }
+    Ok(())
+}
+
+/// The conditions line under a plot; then the plot is complete.
+fn finish<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    foot: &DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+) -> Result<(), PlotError> {
+    foot.draw_text(caption, &("sans-serif", 12).into_text_style(foot), (12, 8))
+        .map_err(draw_err)?;
+    root.present().map_err(draw_err)
+}
+
 /// Counts and rates without decimals.
 fn whole(v: &f64) -> String {
     format!("{v:.0}")
@@ -150,24 +199,10 @@ pub fn spectrum_svg(
                 .iter()
                 .map(|p| (spectrum_x(p.percentile, max_x), p.us / 1e3))
                 .collect();
-            chart
-                .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-                .map_err(draw_err)?
-                .label(s.label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
+            dotted_line(&mut chart, points, colour, Some(s.label))?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(draw_err)?;
-        foot.draw_text(caption, &("sans-serif", 12).into_text_style(&foot), (12, 8))
-            .map_err(draw_err)?;
-        root.present().map_err(draw_err)?;
+        legend(&mut chart)?;
+        finish(&root, &foot, caption)?;
     }
     Ok(svg)
 }
@@ -218,30 +253,12 @@ pub fn rate_svg(
                 .iter()
                 .map(|p| (p.offered_per_sec, p.p99_us / 1e3))
                 .collect();
-            chart
-                .draw_series(LineSeries::new(p50.clone(), colour.stroke_width(2)))
-                .map_err(draw_err)?
-                .label(format!("{mix} p50 / p99"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
+            dotted_line(&mut chart, p50, colour, Some(&format!("{mix} p50 / p99")))?;
             chart
                 .draw_series(DashedLineSeries::new(p99, 6, 4, colour.stroke_width(2)))
                 .map_err(draw_err)?;
-            chart
-                .draw_series(
-                    p50.iter()
-                        .map(|&(x, y)| Circle::new((x, y), 3, colour.filled())),
-                )
-                .map_err(draw_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(draw_err)?;
+        legend(&mut chart)?;
         let mut achieved = ChartBuilder::on(&bottom)
             .margin(12)
             .x_label_area_size(40)
@@ -271,19 +288,9 @@ pub fn rate_svg(
                 .iter()
                 .map(|p| (p.offered_per_sec, p.achieved_per_sec))
                 .collect();
-            achieved
-                .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
-                .map_err(draw_err)?;
-            achieved
-                .draw_series(
-                    line.iter()
-                        .map(|&(x, y)| Circle::new((x, y), 3, colour.filled())),
-                )
-                .map_err(draw_err)?;
+            dotted_line(&mut achieved, line, colour, None)?;
         }
-        foot.draw_text(caption, &("sans-serif", 12).into_text_style(&foot), (12, 8))
-            .map_err(draw_err)?;
-        root.present().map_err(draw_err)?;
+        finish(&root, &foot, caption)?;
     }
     Ok(svg)
 }
@@ -347,34 +354,11 @@ pub fn durable_svg(
                 .iter()
                 .map(|p| (f64::from(p.writers), p.p99_ms))
                 .collect();
-            rate.draw_series(LineSeries::new(puts.clone(), colour.stroke_width(2)))
-                .map_err(draw_err)?
-                .label(label.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
-            rate.draw_series(
-                puts.iter()
-                    .map(|&(x, y)| Circle::new((x, y), 4, colour.filled())),
-            )
-            .map_err(draw_err)?;
-            tail.draw_series(LineSeries::new(p99.clone(), colour.stroke_width(2)))
-                .map_err(draw_err)?;
-            tail.draw_series(
-                p99.iter()
-                    .map(|&(x, y)| Circle::new((x, y), 4, colour.filled())),
-            )
-            .map_err(draw_err)?;
+            dotted_line(&mut rate, puts, colour, Some(label))?;
+            dotted_line(&mut tail, p99, colour, None)?;
         }
-        rate.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(draw_err)?;
-        foot.draw_text(caption, &("sans-serif", 12).into_text_style(&foot), (12, 8))
-            .map_err(draw_err)?;
-        root.present().map_err(draw_err)?;
+        legend(&mut rate)?;
+        finish(&root, &foot, caption)?;
     }
     Ok(svg)
 }

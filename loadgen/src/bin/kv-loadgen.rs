@@ -42,7 +42,7 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct PlotDurableArgs {
-    /// CSV of `case,target,writers,puts_per_sec,p99_ms` rows (bench/durable.sh with
+    /// CSV of `target,writers,puts_per_sec,p99_ms` rows (bench/durable.sh with
     /// DURABLE_CSV set).
     #[arg(long)]
     csv: PathBuf,
@@ -385,8 +385,8 @@ fn plot_run(p: &matrix::PlotTo, cfg: &RunConfig, results: &[run::RunResult]) -> 
     Ok(())
 }
 
-/// Reads bench/durable.sh's CSV (`case,target,writers,puts_per_sec,p99_ms`) into one
-/// series per target.
+/// Reads bench/durable.sh's CSV (`target,writers,puts_per_sec,p99_ms`) into one series
+/// per target.
 fn parse_durable_csv(csv: &str) -> anyhow::Result<Vec<(String, Vec<plot::DurablePoint>)>> {
     let mut targets: Vec<(String, Vec<plot::DurablePoint>)> = Vec::new();
     for (n, line) in csv
@@ -395,9 +395,9 @@ fn parse_durable_csv(csv: &str) -> anyhow::Result<Vec<(String, Vec<plot::Durable
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [_, target, writers, puts, p99] = f[..] else {
+        let [target, writers, puts, p99] = f[..] else {
             anyhow::bail!(
-                "line {}: want case,target,writers,puts_per_sec,p99_ms: {line:?}",
+                "line {}: want target,writers,puts_per_sec,p99_ms: {line:?}",
                 n + 1
             );
         };
@@ -427,6 +427,22 @@ fn parse_durable_csv(csv: &str) -> anyhow::Result<Vec<(String, Vec<plot::Durable
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durable_csv_reads_one_series_per_target_and_refuses_bad_rows() {
+        let t = parse_durable_csv(
+            "target,writers,puts_per_sec,p99_ms\ncapkv,1,1212.0,1.133\n\
+             redis,1,1500.5,0.9\ncapkv,50,20000.0,4.5\n",
+        )
+        .unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].0, "capkv");
+        assert_eq!(t[0].1.len(), 2);
+        assert_eq!(t[0].1[1].writers, 50);
+        assert!(parse_durable_csv("capkv,1,x,1.0\n").is_err());
+        assert!(parse_durable_csv("a,b\n").is_err());
+        assert!(parse_durable_csv("target,writers,puts_per_sec,p99_ms\n").is_err());
+    }
 
     #[test]
     fn every_flag_parses() {
