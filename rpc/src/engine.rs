@@ -1040,6 +1040,40 @@ mod tests {
         assert_eq!(ex.add(&ScriptCap::new(9)), a);
     }
 
+    fn running() -> Answer {
+        Answer {
+            state: AnswerState::Running { queued: Vec::new() },
+            finished: false,
+            release_on_return: false,
+        }
+    }
+
+    /// Ids below `DENSE_IDS` live in the slab, higher ones in the ordered map; both count,
+    /// replace and remove alike, and the slab never grows past its bound.
+    #[test]
+    fn answers_by_any_question_id() {
+        let mut a = Answers::default();
+        for id in [0, 3, DENSE_IDS - 1, DENSE_IDS, u32::MAX] {
+            assert!(!a.contains(id));
+            a.insert(id, running());
+            assert!(a.contains(id));
+        }
+        assert_eq!(a.len(), 5);
+        // Replacing is not adding.
+        a.insert(3, running());
+        assert_eq!(a.len(), 5);
+        assert!(a.consistent());
+        assert!(a.dense.len() <= DENSE_IDS as usize);
+        for id in [3, u32::MAX, DENSE_IDS] {
+            assert!(a.remove(id).is_some());
+            assert!(a.remove(id).is_none());
+            assert!(a.get(id).is_none());
+        }
+        assert_eq!(a.len(), 2);
+        assert!(a.get_mut(0).is_some() && a.get_mut(DENSE_IDS - 1).is_some());
+        assert!(a.consistent());
+    }
+
     /// Counts the writes that reach the "socket".
     struct Counting(Rc<Cell<usize>>, Rc<std::cell::RefCell<Vec<u8>>>);
 
