@@ -17,8 +17,6 @@ use std::rc::Rc;
 
 use capkv::kv_capnp::{entry, gateway, kv_store};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
-use futures::AsyncReadExt;
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 /// The value every `get` answers.
 struct FloorKv {
@@ -149,14 +147,14 @@ pub fn serve(
                     });
                 }
                 FloorEngine::Capkv => {
-                    let (reader, writer) = stream.compat().split();
+                    let (reader, writer) = capkv_rpc::transport::buffered_halves(stream);
                     let limits = capkv_rpc::engine::EngineLimits {
                         reader_options: options,
                         ..Default::default()
                     };
                     let serve = capkv_rpc::engine::serve(
-                        futures::io::BufReader::new(reader),
-                        capkv_rpc::transport::CoalescingWriter::new(writer),
+                        reader,
+                        writer,
                         gateway.client.hook,
                         limits,
                         capkv_rpc::engine::Closer::default(),

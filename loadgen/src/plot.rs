@@ -91,6 +91,15 @@ fn spectrum_label(x: &f64) -> String {
     format!("{}%", digits.trim_end_matches('0').trim_end_matches('.'))
 }
 
+/// A chart on `area` with the margins and axis label room every plot here uses.
+fn chart_builder<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut b = ChartBuilder::on(area);
+    b.margin(12).x_label_area_size(40).y_label_area_size(70);
+    b
+}
+
 /// The legend box, top left.
 fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -177,11 +186,8 @@ pub fn spectrum_svg(
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
         let (chart_area, foot) = root.split_vertically(HEIGHT - 30);
-        let mut chart = ChartBuilder::on(&chart_area)
+        let mut chart = chart_builder(&chart_area)
             .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
             .build_cartesian_2d(0.0..max_x, y.log_scale())
             .map_err(draw_err)?;
         chart
@@ -229,11 +235,8 @@ pub fn rate_svg(
         root.fill(&WHITE).map_err(draw_err)?;
         let (body, foot) = root.split_vertically(HEIGHT + 170);
         let (top, bottom) = body.split_vertically(HEIGHT - 100);
-        let mut chart = ChartBuilder::on(&top)
+        let mut chart = chart_builder(&top)
             .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
             .build_cartesian_2d(0.0..max_rate, y.log_scale())
             .map_err(draw_err)?;
         chart
@@ -259,10 +262,7 @@ pub fn rate_svg(
                 .map_err(draw_err)?;
         }
         legend(&mut chart)?;
-        let mut achieved = ChartBuilder::on(&bottom)
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
+        let mut achieved = chart_builder(&bottom)
             .build_cartesian_2d(0.0..max_rate, 0.0..max_rate)
             .map_err(draw_err)?;
         achieved
@@ -319,10 +319,7 @@ pub fn durable_svg(
             .titled(title, ("sans-serif", 20))
             .map_err(draw_err)?;
         let (left, right) = body.split_horizontally(WIDTH / 2);
-        let mut rate = ChartBuilder::on(&left)
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
+        let mut rate = chart_builder(&left)
             .build_cartesian_2d(0.0..max_writers, 0.0..max_puts)
             .map_err(draw_err)?;
         rate.configure_mesh()
@@ -332,10 +329,7 @@ pub fn durable_svg(
             .y_label_formatter(&whole)
             .draw()
             .map_err(draw_err)?;
-        let mut tail = ChartBuilder::on(&right)
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
+        let mut tail = chart_builder(&right)
             .build_cartesian_2d(0.0..max_writers, y99.log_scale())
             .map_err(draw_err)?;
         tail.configure_mesh()

@@ -428,6 +428,17 @@ impl Answers {
     }
 }
 
+impl Answer {
+    /// The answer of a call that has not returned yet.
+    fn running() -> Self {
+        Answer {
+            state: AnswerState::Running { queued: Vec::new() },
+            finished: false,
+            release_on_return: false,
+        }
+    }
+}
+
 struct Answer {
     state: AnswerState,
     /// Finish came while the call ran: drop the answer when it returns.
@@ -746,14 +757,7 @@ impl Conn {
     /// answer may exist already (made when it was queued, with calls queued on it).
     fn start(&mut self, id: u32, m: Incoming, calls: &mut FuturesUnordered<Running>) {
         if !self.answers.contains(id) {
-            self.answers.insert(
-                id,
-                Answer {
-                    state: AnswerState::Running { queued: Vec::new() },
-                    finished: false,
-                    release_on_return: false,
-                },
-            );
+            self.answers.insert(id, Answer::running());
         }
         // The Call is read once here; its params once more, by the handler.
         let target = call_of(&m).and_then(|c| {
@@ -1040,14 +1044,6 @@ mod tests {
         assert_eq!(ex.add(&ScriptCap::new(9)), a);
     }
 
-    fn running() -> Answer {
-        Answer {
-            state: AnswerState::Running { queued: Vec::new() },
-            finished: false,
-            release_on_return: false,
-        }
-    }
-
     /// Ids below `DENSE_IDS` live in the slab, higher ones in the ordered map; both count,
     /// replace and remove alike, and the slab never grows past its bound.
     #[test]
@@ -1055,12 +1051,12 @@ mod tests {
         let mut a = Answers::default();
         for id in [0, 3, DENSE_IDS - 1, DENSE_IDS, u32::MAX] {
             assert!(!a.contains(id));
-            a.insert(id, running());
+            a.insert(id, Answer::running());
             assert!(a.contains(id));
         }
         assert_eq!(a.len(), 5);
         // Replacing is not adding.
-        a.insert(3, running());
+        a.insert(3, Answer::running());
         assert_eq!(a.len(), 5);
         assert!(a.consistent());
         assert!(a.dense.len() <= DENSE_IDS as usize);

@@ -36,6 +36,8 @@ use capnp_rpc::rpc_capnp::message;
 use futures::io::AsyncRead;
 use tokio::time::{Instant, Sleep};
 
+use crate::transport::shrink_idle;
+
 /// Most entries a cap table of a client message may have. capkv's calls carry no
 /// capabilities at all; a few leave room for pipelined promises.
 pub const MAX_CAP_TABLE: u32 = 16;
@@ -322,15 +324,6 @@ impl<R: PeerReader> GuardedReader<R> {
     }
 }
 
-/// Empty buffers larger than this give their memory back.
-const IDLE_BUFFER_BYTES: usize = 64 * 1024;
-
-fn shrink_idle(buf: &mut Vec<u8>) {
-    if buf.is_empty() && buf.capacity() > IDLE_BUFFER_BYTES {
-        *buf = Vec::new();
-    }
-}
-
 /// Checks one complete frame (see the module docs); `Ok(true)` for a `Bootstrap`.
 pub fn check_frame(frame: &[u8], options: capnp::message::ReaderOptions) -> Result<bool, Breach> {
     let msg = capnp::serialize::read_message_from_flat_slice(&mut &frame[..], options)
@@ -428,11 +421,8 @@ impl<R: PeerReader> AsyncRead for GuardedReader<R> {
                     this.ready.clear();
                     this.ready_ends.clear();
                     this.ready_pos = 0;
-                    // A burst's buffers do not stay with a connection that goes quiet.
                     shrink_idle(&mut this.ready);
-                    if this.pending.is_empty() {
-                        shrink_idle(&mut this.pending);
-                    }
+                    shrink_idle(&mut this.pending);
                 }
                 return Poll::Ready(Ok(n));
             }
@@ -678,12 +668,12 @@ mod tests {
         read_all(&mut r, large.len());
         assert_eq!(r.chunk.len(), READ_CHUNK_BYTES, "reads grew for the burst");
         assert!(
-            r.ready.capacity() <= IDLE_BUFFER_BYTES,
+            r.ready.capacity() <= crate::transport::IDLE_BUFFER_BYTES,
             "{}",
             r.ready.capacity()
         );
         assert!(
-            r.pending.capacity() <= IDLE_BUFFER_BYTES,
+            r.pending.capacity() <= crate::transport::IDLE_BUFFER_BYTES,
             "{}",
             r.pending.capacity()
         );

@@ -34,7 +34,15 @@ use tokio_util::compat::TokioAsyncReadCompatExt;
 const MAX_BUFFERED_BYTES: usize = 256 * 1024;
 /// A drained buffer larger than this gives its memory back. Buffers start empty and grow
 /// with use: an idle connection holds none.
-const IDLE_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const IDLE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Gives an empty buffer's memory back when a burst left it larger than
+/// [`IDLE_BUFFER_BYTES`]: what a burst needed does not stay with a connection gone quiet.
+pub(crate) fn shrink_idle(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > IDLE_BUFFER_BYTES {
+        *buf = Vec::new();
+    }
+}
 
 /// The two-party network capkv speaks over `stream`.
 pub fn vat_network(
@@ -54,13 +62,23 @@ pub fn vat_network_over<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
+    let (reader, writer) = buffered_halves(stream);
+    twoparty::VatNetwork::new(reader, writer, side, options)
+}
+
+/// `stream`'s halves as capkv's transport uses them: buffered reads, coalesced writes
+/// (inside a `LocalSet`: the writer's flusher is a local task).
+pub fn buffered_halves<S>(
+    stream: S,
+) -> (
+    BufReader<impl AsyncRead + Unpin>,
+    CoalescingWriter<impl AsyncWrite + Unpin + 'static>,
+)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     let (reader, writer) = stream.compat().split();
-    twoparty::VatNetwork::new(
-        BufReader::new(reader),
-        CoalescingWriter::new(writer),
-        side,
-        options,
-    )
+    (BufReader::new(reader), CoalescingWriter::new(writer))
 }
 
 struct State<W> {
@@ -155,10 +173,7 @@ fn flusher_poll<W: AsyncWrite + Unpin>(s: &mut State<W>, cx: &mut Context<'_>) -
             Poll::Ready(Ok(())) => {
                 s.flush_requested = false;
                 s.deferred = false;
-                // A burst's buffer does not stay with a connection that goes quiet.
-                if s.buf.capacity() > IDLE_BUFFER_BYTES {
-                    s.buf = Vec::new();
-                }
+                shrink_idle(&mut s.buf);
                 wake_drained(s);
             }
             Poll::Ready(Err(e)) => {
