@@ -17,6 +17,7 @@ use std::rc::Rc;
 
 use capkv::kv_capnp::{entry, gateway, kv_store};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 /// The value every `get` answers.
 struct FloorKv {
@@ -115,6 +116,13 @@ pub fn serve(
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         on_listening(listener.local_addr()?);
+        let limits = capkv::Limits::default();
+        let frame_limits = std::sync::Arc::new(capkv_rpc::frames::FrameLimits {
+            max_frame_bytes: limits.max_request_bytes() + 4096,
+            frame_timeout: std::time::Duration::from_secs(10),
+            reader_options: limits.request_reader_options(),
+        });
+        let frame_budget = std::sync::Arc::new(capkv_rpc::frames::FrameBudget::new(64 << 20));
         let kv: kv_store::Client = capnp_rpc::new_client(FloorKv {
             value: vec![b'v'; value_size],
         });
@@ -147,7 +155,15 @@ pub fn serve(
                     });
                 }
                 FloorEngine::Capkv => {
-                    let (reader, writer) = capkv_rpc::transport::buffered_halves(stream);
+                    // The same frame layer as kv-server's (it is part of what a call costs).
+                    let (reader, writer) = stream.into_split();
+                    let reader = capkv_rpc::frames::GuardedReader::new(
+                        reader.compat(),
+                        std::sync::Arc::clone(&frame_limits),
+                        std::sync::Arc::clone(&frame_budget),
+                        capkv_rpc::frames::BreachCell::default(),
+                    );
+                    let writer = capkv_rpc::transport::CoalescingWriter::new(writer.compat_write());
                     let limits = capkv_rpc::engine::EngineLimits {
                         reader_options: options,
                         ..Default::default()

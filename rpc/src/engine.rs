@@ -1,8 +1,8 @@
 //! capkv's own Cap'n Proto RPC engine, server side: the standard protocol (`rpc.capnp`,
 //! level 1) for a server that only exports capabilities, in one future per connection.
 //!
-//! - [`serve`]: the connection loop. It reads one message at a time from the (already
-//!   checked) byte stream, answers what it can at once (Bootstrap, Finish, Release,
+//! - [`serve`]: the connection loop. It takes one whole frame at a time from the frame
+//!   layer (checked, aligned, read in place: no further copy), answers what it can at once (Bootstrap, Finish, Release,
 //!   protocol errors), starts each Call, and writes each Return when its call ends. Calls
 //!   run inside the loop's future (a `FuturesUnordered`), so a call that waits (a group
 //!   commit, an admission queue, a stall fault) holds up nothing else, answers may leave out
@@ -39,11 +39,12 @@ use capnp::message::{self, HeapAllocator, ReaderOptions};
 use capnp::private::capability::{
     ClientHook, ParamsHook, PipelineHook, PipelineOp, RequestHook, ResultsHook,
 };
-use capnp::serialize::OwnedSegments;
 use capnp::traits::{Imbue, ImbueMut};
 use capnp_rpc::rpc_capnp::{call, exception, message as rpc_message, message_target, return_};
 use futures::stream::FuturesUnordered;
-use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncWrite, AsyncWriteExt, StreamExt};
+
+use crate::frames::{Frame, FrameSource};
 
 #[doc(hidden)]
 pub mod script;
@@ -53,7 +54,7 @@ type CapTable = Vec<Option<Box<dyn ClientHook>>>;
 
 /// An incoming message: a call's params are read in place from it, so it moves with the
 /// call (into the queue it waits in, then into its params hook).
-type Incoming = message::Reader<OwnedSegments>;
+type Incoming = message::Reader<Frame>;
 
 /// Steps in a promised answer's transform: capkv's capabilities sit one or two pointers
 /// deep; a longer path is refused (that call only).
@@ -82,7 +83,7 @@ impl Default for EngineLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("reading a message failed: {0}")]
-    Read(capnp::Error),
+    Read(std::io::Error),
     #[error("writing failed: {0}")]
     Write(std::io::Error),
     #[error("protocol violation by the peer: {0}")]
@@ -239,7 +240,7 @@ impl ParamsHook for EngineParams {
     }
 }
 
-fn call_of(m: &message::Reader<OwnedSegments>) -> capnp::Result<call::Reader<'_>> {
+fn call_of(m: &Incoming) -> capnp::Result<call::Reader<'_>> {
     match m.get_root::<rpc_message::Reader>()?.which()? {
         rpc_message::Which::Call(c) => c,
         _ => Err(capnp::Error::failed("not a Call".into())),
@@ -480,31 +481,20 @@ struct Conn {
 }
 
 /// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
-/// closes it. `reader` yields whole messages (the frame layer checked them); `bootstrap` is
+/// closes it. `reader` yields whole frames (the frame layer checked them); `bootstrap` is
 /// what `Bootstrap` returns. Calls still running when it ends are dropped, unanswered.
 pub async fn serve<R, W>(
-    reader: R,
+    mut reader: R,
     writer: W,
     bootstrap: Box<dyn ClientHook>,
     limits: EngineLimits,
     closer: Closer,
 ) -> Result<(), EngineError>
 where
-    R: AsyncRead + Unpin,
+    R: FrameSource + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
     let options = limits.reader_options;
-    // A stream keeps its read in progress across the loop's other wake-ups (a bare
-    // `read_message` future dropped by `select!` would lose a half-read message).
-    let messages = futures::stream::unfold(Some(reader), move |reader| async move {
-        let mut reader = reader?;
-        match capnp_futures::serialize::try_read_message(&mut reader, options).await {
-            Ok(Some(m)) => Some((Ok(m), Some(reader))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    futures::pin_mut!(messages);
     let mut conn = Conn {
         bootstrap,
         limits,
@@ -530,10 +520,11 @@ where
                 conn.settle(id, result, done.take(), &mut calls);
                 Ok(true)
             }
-            m = messages.next() => match m {
-                None => Ok(false),
-                Some(Err(e)) => Err(EngineError::Read(e)),
-                Some(Ok(m)) => conn.handle(m, &mut calls),
+            // The frame source keeps a half-read frame across the loop's other wake-ups.
+            m = std::future::poll_fn(|cx| Pin::new(&mut reader).poll_frame(cx)) => match m {
+                Ok(None) => Ok(false),
+                Err(e) => Err(EngineError::Read(e)),
+                Ok(Some(frame)) => conn.handle(message::Reader::new(frame, options), &mut calls),
             },
             () = closed.close.notified() => {
                 // As `RpcSystem` does: say why, after the replies already written.
@@ -1133,7 +1124,7 @@ mod tests {
                 Rc::clone(&bytes),
             ));
             serve(
-                futures::io::Cursor::new(input),
+                crate::frames::ByteFrames::new(futures::io::Cursor::new(input), 1 << 20),
                 writer,
                 Box::new(ScriptCap::new(1)),
                 EngineLimits::default(),

@@ -22,7 +22,9 @@
 //! 5. on any breach, sends the peer an RPC `Abort` saying why (a few bytes, never an echo)
 //!    and ends the connection; `capkv_connections_closed_total{reason}` counts it.
 //!
-//! Only then are the frame's bytes handed to the VatNetwork, which decodes them again.
+//! Only then is the frame handed on: whole, as a [`Frame`] (capkv's engine reads it in place:
+//! one copy out of the socket buffer, one segment-table parse), or as bytes through
+//! `AsyncRead` (capnp-rpc's VatNetwork, which decodes them again).
 
 use std::future::Future;
 use std::io;
@@ -54,9 +56,147 @@ const SMALL_FRAME_BYTES: usize = 64 * 1024;
 /// chunks.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 const FIRST_CHUNK_BYTES: usize = 1024;
-/// Validated bytes waiting for the VatNetwork before this reader stops reading: one
-/// frame of slack, so a peer cannot make the server buffer many checked frames either.
-const MAX_READY_BYTES: usize = 256 * 1024;
+/// Frame slots an idle reader keeps (a burst of small frames from one read may need more;
+/// they are given back once it has been handed over).
+const IDLE_READY_FRAMES: usize = 64;
+
+/// One whole message as it came off the wire (segment table and segments), copied once into
+/// 8-byte-aligned memory so that capnp reads it in place: a [`capnp::message::Reader`] over a
+/// `Frame` needs no further copy or allocation.
+pub struct Frame {
+    words: Vec<capnp::Word>,
+    /// The first segment's word range (every capkv message but the largest has one).
+    first: (u32, u32),
+    /// Word ranges of segments after the first: empty, so not allocated, for most frames.
+    rest: Vec<(u32, u32)>,
+}
+
+impl Frame {
+    /// Copies the frame at the start of `bytes`, whose size [`frame_size`] gave as `size`
+    /// (so its segment table is known to be whole and within bounds).
+    fn copy_from(bytes: &[u8], size: usize) -> Frame {
+        let bytes = &bytes[..size];
+        let mut words = capnp::Word::allocate_zeroed_vec(size / 8);
+        capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(bytes);
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                bytes[i * 4],
+                bytes[i * 4 + 1],
+                bytes[i * 4 + 2],
+                bytes[i * 4 + 3],
+            ])
+        };
+        let segments = word(0) as usize + 1;
+        let mut start = (4 + 4 * segments).div_ceil(8) as u32;
+        let mut first = (start, start);
+        let mut rest = Vec::new();
+        for s in 0..segments {
+            // Within `size`, which `frame_size` bounded by the frame limit (< 4 GiB).
+            let end = start + word(1 + s);
+            if s == 0 {
+                first = (start, end);
+            } else {
+                rest.push((start, end));
+            }
+            start = end;
+        }
+        Frame { words, first, rest }
+    }
+
+    /// The frame as wire bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        capnp::Word::words_to_bytes(&self.words)
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    /// Never true (a frame has at least a segment table); for clippy's sake.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+}
+
+impl capnp::message::ReaderSegments for Frame {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        let (start, end) = match idx {
+            0 => self.first,
+            i => *self.rest.get(i as usize - 1)?,
+        };
+        self.words
+            .get(start as usize..end as usize)
+            .map(capnp::Word::words_to_bytes)
+    }
+
+    fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+}
+
+/// A stream of whole frames: what capkv's engine reads from.
+pub trait FrameSource {
+    /// The next frame; `None` once the peer has closed the stream between frames.
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Frame>>>;
+}
+
+/// Frames cut from any byte stream by their segment tables, without the frame layer's
+/// checks: for tests and the fuzz target, which drive the engine with what the frame layer
+/// would refuse. Servers read through a [`GuardedReader`].
+pub struct ByteFrames<R> {
+    inner: R,
+    buf: Vec<u8>,
+    max_frame_bytes: usize,
+    eof: bool,
+}
+
+impl<R> ByteFrames<R> {
+    pub fn new(inner: R, max_frame_bytes: usize) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            max_frame_bytes,
+            eof: false,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> FrameSource for ByteFrames<R> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Frame>>> {
+        let this = &mut *self;
+        // Each pass reads at least one byte or ends: bounded by the stream.
+        loop {
+            let size = frame_size(&this.buf, this.max_frame_bytes)
+                .map_err(|b| io::Error::new(io::ErrorKind::InvalidData, b.reason()))?;
+            if let Some(size) = size.filter(|&s| this.buf.len() >= s) {
+                let frame = Frame::copy_from(&this.buf, size);
+                this.buf.drain(..size);
+                return Poll::Ready(Ok(Some(frame)));
+            }
+            if this.eof {
+                return Poll::Ready(if this.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "stream ended mid-frame",
+                    ))
+                });
+            }
+            let mut chunk = [0u8; 4096];
+            match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => this.eof = true,
+                Poll::Ready(Ok(n)) => this.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
 
 /// Why a connection was closed by the frame layer (also the metric's `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,10 +344,12 @@ pub struct GuardedReader<R> {
     pending: Vec<u8>,
     /// Bytes of `pending` charged to the budget.
     charged: usize,
-    /// Checked bytes not yet read by the VatNetwork.
-    ready: Vec<u8>,
-    /// How much of `ready` the VatNetwork has read.
-    ready_pos: usize,
+    /// Checked frames not yet handed over. The socket is read only when this is empty, so
+    /// it holds what one read brought at most: a peer cannot make the server buffer many
+    /// checked frames either.
+    ready: std::collections::VecDeque<Frame>,
+    /// Bytes of the front frame already read through `AsyncRead`.
+    front_pos: usize,
     /// Where socket reads land (zeroed once, when allocated or grown; see
     /// [`READ_CHUNK_BYTES`]). Empty until the first read.
     chunk: Vec<u8>,
@@ -218,11 +360,6 @@ pub struct GuardedReader<R> {
     bootstraps: u32,
     breach: BreachCell,
     eof: bool,
-    /// Where each frame in `ready` ends, so the RPC system gets one frame per read and the
-    /// reply backlog can hold the next one back.
-    ready_ends: std::collections::VecDeque<usize>,
-    /// Part of the front frame of `ready` has been handed over already.
-    mid_frame: bool,
     /// The connection's unsent replies: over its bound, the next frame waits.
     backlog: Option<std::rc::Rc<crate::backlog::ReplyBacklog>>,
 }
@@ -240,15 +377,13 @@ impl<R: PeerReader> GuardedReader<R> {
             budget,
             pending: Vec::new(),
             charged: 0,
-            ready: Vec::new(),
-            ready_pos: 0,
+            ready: std::collections::VecDeque::new(),
+            front_pos: 0,
             chunk: Vec::new(),
             deadline: None,
             bootstraps: 0,
             breach,
             eof: false,
-            ready_ends: std::collections::VecDeque::new(),
-            mid_frame: false,
             backlog: None,
         }
     }
@@ -274,7 +409,7 @@ impl<R: PeerReader> GuardedReader<R> {
 
     /// Returns `Pending` with the incomplete frame's clock running (armed now if it is
     /// not yet), or the timeout breach if it has run out.
-    fn pending_within_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    fn pending_within_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         if !self.pending.is_empty() && self.deadline.is_none() {
             let mut sleep = Box::pin(tokio::time::sleep_until(
                 Instant::now() + self.limits.frame_timeout,
@@ -296,31 +431,153 @@ impl<R: PeerReader> GuardedReader<R> {
 
     /// Moves every complete frame at the front of `pending` to `ready`, checking each.
     fn take_frames(&mut self) -> Result<(), Breach> {
-        loop {
-            let Some(size) = frame_size(&self.pending, self.limits.max_frame_bytes)? else {
-                return Ok(());
+        let mut taken = 0;
+        let result = loop {
+            let rest = &self.pending[taken..];
+            let size = match frame_size(rest, self.limits.max_frame_bytes) {
+                Ok(Some(size)) if rest.len() >= size => size,
+                Ok(_) => break Ok(()),
+                Err(b) => break Err(b),
             };
-            if self.pending.len() < size {
-                return Ok(());
-            }
-            if check_frame(&self.pending[..size], self.limits.reader_options)? {
-                self.bootstraps += 1;
-                if self.bootstraps > MAX_BOOTSTRAPS {
-                    return Err(Breach::BootstrapFlood);
+            let frame = Frame::copy_from(rest, size);
+            match check_message(&frame, self.limits.reader_options) {
+                Ok(true) => {
+                    self.bootstraps += 1;
+                    if self.bootstraps > MAX_BOOTSTRAPS {
+                        break Err(Breach::BootstrapFlood);
+                    }
                 }
+                Ok(false) => {}
+                Err(b) => break Err(b),
             }
-            self.ready.extend_from_slice(&self.pending[..size]);
-            self.ready_ends.push_back(self.ready.len());
-            self.pending.drain(..size);
+            self.ready.push_back(frame);
+            taken += size;
             // The next frame (if any) starts its own clock (when the socket next runs dry)
             // and its own charge.
             self.deadline = None;
-            let held = self.pending.len();
-            if self.charged > held {
-                self.budget.release(self.charged - held);
-                self.charged = held;
+        };
+        // One move of the incomplete rest, however many frames came before it.
+        self.pending.drain(..taken);
+        let held = self.pending.len();
+        if self.charged > held {
+            self.budget.release(self.charged - held);
+            self.charged = held;
+        }
+        result
+    }
+
+    /// Reads until a checked frame is ready (`true`) or the peer has closed (`false`).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            if !self.ready.is_empty() {
+                return Poll::Ready(Ok(true));
+            }
+            if self.breach.get().is_some() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "connection closed by the frame layer",
+                )));
+            }
+            if self.eof {
+                return Poll::Ready(Ok(false));
+            }
+            // A started frame must complete in time.
+            if let Some(d) = self.deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(self.fail(Breach::FrameTimeout)));
+                }
+            }
+            // A large frame's bytes need room in the server-wide budget first.
+            let size = match frame_size(&self.pending, self.limits.max_frame_bytes) {
+                Ok(s) => s,
+                Err(b) => return Poll::Ready(Err(self.fail(b))),
+            };
+            if self.chunk.is_empty() {
+                self.chunk = vec![0; FIRST_CHUNK_BYTES];
+            }
+            let want = match size {
+                Some(total) => (total - self.pending.len().min(total)).clamp(1, self.chunk.len()),
+                None => self.chunk.len(),
+            };
+            let large = size.is_some_and(|t| t > SMALL_FRAME_BYTES);
+            if large && self.pending.len() + want > self.charged {
+                let need = self.pending.len() + want - self.charged;
+                if !self.budget.try_charge(need) {
+                    self.budget.waits.fetch_add(1, Ordering::Relaxed);
+                    self.budget.wait(cx.waker());
+                    // Re-check after registering: room may have come in between.
+                    if !self.budget.try_charge(need) {
+                        return self.pending_within_deadline(cx);
+                    }
+                }
+                self.charged += need;
+            }
+            let n = match Pin::new(&mut self.inner).poll_read(cx, &mut self.chunk[..want]) {
+                Poll::Pending => return self.pending_within_deadline(cx),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => n,
+            };
+            if n == 0 {
+                // A peer closing mid-frame just ends the connection.
+                self.eof = true;
+                self.drop_pending();
+                continue;
+            }
+            self.pending.extend_from_slice(&self.chunk[..n]);
+            if n == self.chunk.len() && n < READ_CHUNK_BYTES {
+                // More was waiting, likely: read more at a time from now on.
+                self.chunk = vec![0; (n * 2).min(READ_CHUNK_BYTES)];
+            }
+            if let Err(b) = self.take_frames() {
+                return Poll::Ready(Err(self.fail(b)));
             }
         }
+    }
+
+    /// Whether the next frame may be handed over: not while the connection's unsent
+    /// replies are over their bound.
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.backlog {
+            Some(b) => b.poll_room(cx),
+            None => Poll::Ready(()),
+        }
+    }
+
+    /// The front frame has been handed over.
+    fn pop_front(&mut self) -> Option<Frame> {
+        self.front_pos = 0;
+        let frame = self.ready.pop_front();
+        if self.ready.is_empty() {
+            shrink_idle(&mut self.pending);
+            if self.ready.capacity() > IDLE_READY_FRAMES {
+                self.ready = std::collections::VecDeque::new();
+            }
+        }
+        frame
+    }
+}
+
+impl<R: PeerReader> FrameSource for GuardedReader<R> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Frame>>> {
+        let this = &mut *self;
+        match this.poll_fill(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(false)) => return Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(true)) => {}
+        }
+        if this.front_pos > 0 {
+            return Poll::Ready(Err(io::Error::other(
+                "frame reader used as a byte stream and a frame stream at once",
+            )));
+        }
+        if this.poll_room(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(this.pop_front()))
     }
 }
 
@@ -328,6 +585,17 @@ impl<R: PeerReader> GuardedReader<R> {
 pub fn check_frame(frame: &[u8], options: capnp::message::ReaderOptions) -> Result<bool, Breach> {
     let msg = capnp::serialize::read_message_from_flat_slice(&mut &frame[..], options)
         .map_err(|_| Breach::Undecodable)?;
+    check_root(&msg)
+}
+
+/// [`check_frame`] of a frame already cut and aligned.
+fn check_message(frame: &Frame, options: capnp::message::ReaderOptions) -> Result<bool, Breach> {
+    check_root(&capnp::message::Reader::new(frame, options))
+}
+
+fn check_root<S: capnp::message::ReaderSegments>(
+    msg: &capnp::message::Reader<S>,
+) -> Result<bool, Breach> {
     let root: message::Reader<'_> = msg.get_root().map_err(|_| Breach::Undecodable)?;
     let cap_table_len = |payload: capnp::Result<capnp_rpc::rpc_capnp::payload::Reader<'_>>| {
         payload
@@ -394,102 +662,34 @@ pub fn frame_size(buf: &[u8], max_frame_bytes: usize) -> Result<Option<usize>, B
 }
 
 impl<R: PeerReader> AsyncRead for GuardedReader<R> {
+    /// Hands over one frame's bytes at most per read, so the reply backlog can hold the
+    /// next frame back.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         dst: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        loop {
-            if this.ready_pos < this.ready.len() {
-                let frame_end = this.ready_ends.front().copied().unwrap_or(this.ready.len());
-                if !this.mid_frame {
-                    if let Some(b) = &this.backlog {
-                        if b.poll_room(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                    }
-                }
-                let n = dst.len().min(frame_end - this.ready_pos);
-                dst[..n].copy_from_slice(&this.ready[this.ready_pos..this.ready_pos + n]);
-                this.ready_pos += n;
-                this.mid_frame = this.ready_pos != frame_end;
-                if !this.mid_frame {
-                    this.ready_ends.pop_front();
-                }
-                if this.ready_pos == this.ready.len() {
-                    this.ready.clear();
-                    this.ready_ends.clear();
-                    this.ready_pos = 0;
-                    shrink_idle(&mut this.ready);
-                    shrink_idle(&mut this.pending);
-                }
-                return Poll::Ready(Ok(n));
-            }
-            if this.breach.get().is_some() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "connection closed by the frame layer",
-                )));
-            }
-            if this.eof {
-                return Poll::Ready(Ok(0));
-            }
-            // A started frame must complete in time.
-            if let Some(d) = this.deadline.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(this.fail(Breach::FrameTimeout)));
-                }
-            }
-            // A large frame's bytes need room in the server-wide budget first.
-            let size = match frame_size(&this.pending, this.limits.max_frame_bytes) {
-                Ok(s) => s,
-                Err(b) => return Poll::Ready(Err(this.fail(b))),
-            };
-            if this.chunk.is_empty() {
-                this.chunk = vec![0; FIRST_CHUNK_BYTES];
-            }
-            let want = match size {
-                Some(total) => (total - this.pending.len().min(total)).clamp(1, this.chunk.len()),
-                None => this.chunk.len(),
-            };
-            let large = size.is_some_and(|t| t > SMALL_FRAME_BYTES);
-            if large && this.pending.len() + want > this.charged {
-                let need = this.pending.len() + want - this.charged;
-                if !this.budget.try_charge(need) {
-                    this.budget.waits.fetch_add(1, Ordering::Relaxed);
-                    this.budget.wait(cx.waker());
-                    // Re-check after registering: room may have come in between.
-                    if !this.budget.try_charge(need) {
-                        return this.pending_within_deadline(cx);
-                    }
-                }
-                this.charged += need;
-            }
-            let n = match Pin::new(&mut this.inner).poll_read(cx, &mut this.chunk[..want]) {
-                Poll::Pending => return this.pending_within_deadline(cx),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(n)) => n,
-            };
-            if n == 0 {
-                // A peer closing mid-frame just ends the connection.
-                this.eof = true;
-                this.drop_pending();
-                continue;
-            }
-            this.pending.extend_from_slice(&this.chunk[..n]);
-            if n == this.chunk.len() && n < READ_CHUNK_BYTES {
-                // More was waiting, likely: read more at a time from now on.
-                this.chunk = vec![0; (n * 2).min(READ_CHUNK_BYTES)];
-            }
-            if let Err(b) = this.take_frames() {
-                return Poll::Ready(Err(this.fail(b)));
-            }
-            if this.ready.len() - this.ready_pos > MAX_READY_BYTES {
-                // Hand over what is checked before reading more.
-                continue;
-            }
+        match this.poll_fill(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(false)) => return Poll::Ready(Ok(0)),
+            Poll::Ready(Ok(true)) => {}
         }
+        if this.front_pos == 0 && this.poll_room(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let Some(front) = this.ready.front() else {
+            return Poll::Ready(Ok(0));
+        };
+        let bytes = &front.as_bytes()[this.front_pos..];
+        let n = dst.len().min(bytes.len());
+        dst[..n].copy_from_slice(&bytes[..n]);
+        this.front_pos += n;
+        if n == bytes.len() {
+            this.pop_front();
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -618,6 +818,101 @@ mod tests {
         fn try_send(&self, _: &[u8]) {}
     }
 
+    /// Frames come out whole and in order whatever the reads cut, multi-segment ones
+    /// included (far pointers across segments read in place), from the guarded reader and
+    /// the bare one alike.
+    #[test]
+    fn frames_come_out_whole_in_order_multi_segment_too() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_rt = rt.enter();
+        // A 16-word first segment: the 100-byte reason lands in another one.
+        let mut multi = capnp::message::Builder::new(
+            capnp::message::HeapAllocator::new()
+                .first_segment_words(16)
+                .allocation_strategy(capnp::message::AllocationStrategy::FixedSize),
+        );
+        let reason = "r".repeat(100);
+        multi
+            .init_root::<message::Builder<'_>>()
+            .init_abort()
+            .set_reason(&reason[..]);
+        assert!(multi.get_segments_for_output().len() > 1);
+        let multi = capnp::serialize::write_message_to_words(&multi);
+        let finish = |id| framed(|m| m.init_finish().set_question_id(id));
+        let mut wire = finish(1);
+        wire.extend_from_slice(&multi);
+        wire.extend_from_slice(&finish(2));
+        let check = |frames: Vec<Frame>| {
+            assert_eq!(frames.len(), 3);
+            let o = capnp::message::ReaderOptions::new();
+            let ids: Vec<u32> = [&frames[0], &frames[2]]
+                .iter()
+                .map(|f| {
+                    let m = capnp::message::Reader::new(*f, o);
+                    match m
+                        .get_root::<message::Reader<'_>>()
+                        .unwrap()
+                        .which()
+                        .unwrap()
+                    {
+                        message::Finish(f) => f.unwrap().get_question_id(),
+                        _ => panic!("not a Finish"),
+                    }
+                })
+                .collect();
+            assert_eq!(ids, [1, 2]);
+            let m = capnp::message::Reader::new(&frames[1], o);
+            assert!(capnp::message::ReaderSegments::len(&frames[1]) > 1);
+            match m
+                .get_root::<message::Reader<'_>>()
+                .unwrap()
+                .which()
+                .unwrap()
+            {
+                message::Abort(e) => {
+                    assert_eq!(e.unwrap().get_reason().unwrap().to_str().unwrap(), reason)
+                }
+                _ => panic!("not an Abort"),
+            }
+            assert_eq!(frames[1].as_bytes(), &multi[..]);
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // Cut into 7-byte reads: frames and segment tables straddle them.
+        let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
+            std::rc::Rc::new(std::cell::RefCell::new(
+                wire.chunks(7).map(<[u8]>::to_vec).collect(),
+            ));
+        let limits = std::sync::Arc::new(FrameLimits {
+            max_frame_bytes: 1 << 20,
+            frame_timeout: Duration::from_secs(60),
+            reader_options: capkv::Limits::default().request_reader_options(),
+        });
+        let mut guarded = GuardedReader::new(
+            Chunks(q),
+            limits,
+            std::sync::Arc::new(FrameBudget::new(4 << 20)),
+            BreachCell::default(),
+        );
+        let mut frames = Vec::new();
+        while frames.len() < 3 {
+            match Pin::new(&mut guarded).poll_frame(&mut cx) {
+                Poll::Ready(Ok(Some(f))) => frames.push(f),
+                other => panic!("{:?}", other.map(|r| r.map(|f| f.map(|f| f.len())))),
+            }
+        }
+        check(frames);
+        let mut bare = ByteFrames::new(futures::io::Cursor::new(wire), 1 << 20);
+        let mut frames = Vec::new();
+        while let Poll::Ready(Ok(Some(f))) = Pin::new(&mut bare).poll_frame(&mut cx) {
+            frames.push(f);
+        }
+        check(frames);
+    }
+
     /// A connection's read buffers start small, grow for a burst, and give the burst's
     /// memory back once it has been handed over.
     #[test]
@@ -667,11 +962,7 @@ mod tests {
         q.borrow_mut().push_back(large.clone());
         read_all(&mut r, large.len());
         assert_eq!(r.chunk.len(), READ_CHUNK_BYTES, "reads grew for the burst");
-        assert!(
-            r.ready.capacity() <= crate::transport::IDLE_BUFFER_BYTES,
-            "{}",
-            r.ready.capacity()
-        );
+        assert!(r.ready.is_empty() && r.ready.capacity() <= IDLE_READY_FRAMES);
         assert!(
             r.pending.capacity() <= crate::transport::IDLE_BUFFER_BYTES,
             "{}",

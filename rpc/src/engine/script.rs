@@ -205,7 +205,7 @@ pub fn run(input: &[u8]) {
             ..EngineLimits::default()
         };
         let _ = serve(
-            futures::io::Cursor::new(wire),
+            crate::frames::ByteFrames::new(futures::io::Cursor::new(wire), 1 << 20),
             futures::io::sink(),
             bootstrap,
             limits,
