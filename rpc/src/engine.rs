@@ -2,11 +2,13 @@
 //! level 1) for a server that only exports capabilities, in one future per connection.
 //!
 //! - [`serve`]: the connection loop. It takes one whole frame at a time from the frame
-//!   layer (checked, aligned, read in place: no further copy), answers what it can at once (Bootstrap, Finish, Release,
-//!   protocol errors), starts each Call, and writes each Return when its call ends. Calls
-//!   run inside the loop's future (a `FuturesUnordered`), so a call that waits (a group
-//!   commit, an admission queue, a stall fault) holds up nothing else, answers may leave out
-//!   of order, and dropping the connection drops its calls, as `RpcSystem` does.
+//!   layer (checked, aligned, read in place: no further copy), answers what it can at once
+//!   (Bootstrap, Finish, Release, protocol errors), starts each Call, and writes each Return
+//!   when its call ends. A call is polled once, in order, at the end of the step that
+//!   started it; most complete there. One that waits (a group commit, an admission queue, a
+//!   stall fault) runs on inside the loop's future (a `FuturesUnordered`) and holds up
+//!   nothing else: answers may leave out of order, and dropping the connection drops its
+//!   calls, as `RpcSystem` does.
 //! - Handlers plug in as `ClientHook`s (what `capnp_rpc::new_client` makes of a generated
 //!   `Server`): a call is `hook.call(interface, method, params, results)`, where the params
 //!   and results hooks here read the incoming message in place and build the Return message
@@ -59,6 +61,9 @@ type Incoming = message::Reader<Frame>;
 /// Steps in a promised answer's transform: capkv's capabilities sit one or two pointers
 /// deep; a longer path is refused (that call only).
 const MAX_TRANSFORM_OPS: usize = 16;
+
+/// Slots for calls of one step a connection keeps between steps.
+const FRESH_SLOTS_KEPT: usize = 64;
 
 /// Bounds of one connection.
 #[derive(Debug, Clone, Copy)]
@@ -478,6 +483,12 @@ struct Conn {
     answers: Answers,
     /// Messages written since the last flush: the replies of one pass leave together.
     outbox: Vec<u8>,
+    /// Calls started in this step, not yet polled: they run once at the end of the step,
+    /// and only those that wait join the loop's `FuturesUnordered` (most complete at once:
+    /// no task of their own, no wake-up, no extra pass of the loop).
+    fresh: Vec<Running>,
+    /// Calls of this step that completed at once (kept for its capacity).
+    done_now: Vec<Done>,
 }
 
 /// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
@@ -501,10 +512,15 @@ where
         exports: Exports::default(),
         answers: Answers::default(),
         outbox: Vec::new(),
+        fresh: Vec::new(),
+        done_now: Vec::new(),
     };
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
     let _ended = EndGuard(closer.clone());
     let closed = Rc::clone(&closer.0);
+    // One registration for the connection's life (a new one per pass took the lock twice).
+    let closing = closed.close.notified();
+    futures::pin_mut!(closing);
     // Writes run beside reading and calls, never in their way: a peer that does not read
     // its replies fills the writer, which must not stop the reads that let the backlog see
     // it pause (and close it); and replies of calls ending meanwhile join the next write.
@@ -517,21 +533,22 @@ where
             biased;
             r = writer.written() => r.map(|()| true).map_err(EngineError::Write),
             Some((id, result, done)) = calls.next(), if !calls.is_empty() => {
-                conn.settle(id, result, done.take(), &mut calls);
+                conn.settle(id, result, done.take());
                 Ok(true)
             }
             // The frame source keeps a half-read frame across the loop's other wake-ups.
             m = std::future::poll_fn(|cx| Pin::new(&mut reader).poll_frame(cx)) => match m {
                 Ok(None) => Ok(false),
                 Err(e) => Err(EngineError::Read(e)),
-                Ok(Some(frame)) => conn.handle(message::Reader::new(frame, options), &mut calls),
+                Ok(Some(frame)) => conn.handle(message::Reader::new(frame, options)),
             },
-            () = closed.close.notified() => {
+            () = &mut closing => {
                 // As `RpcSystem` does: say why, after the replies already written.
                 conn.write_abort("the server is shutting down", exception::Type::Disconnected);
                 Ok(false)
             }
         };
+        conn.run_fresh(&mut calls).await;
         // Checked after every step in debug builds (tests, the fuzz target).
         debug_assert!(conn.consistent(), "engine tables inconsistent");
         match step {
@@ -620,6 +637,36 @@ impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
 }
 
 impl Conn {
+    /// Polls the calls started in this step once each, in the order they started (E-order);
+    /// settles those that completed, which may start calls pipelined on them, polled in turn.
+    /// Bounded: every call is started once, and only calls already queued start here.
+    async fn run_fresh(&mut self, calls: &mut FuturesUnordered<Running>) {
+        while !self.fresh.is_empty() {
+            let mut fresh = std::mem::take(&mut self.fresh);
+            let mut done = std::mem::take(&mut self.done_now);
+            std::future::poll_fn(|cx| {
+                for mut running in fresh.drain(..) {
+                    match Pin::new(&mut running).poll(cx) {
+                        std::task::Poll::Ready(d) => done.push(d),
+                        std::task::Poll::Pending => calls.push(running),
+                    }
+                }
+                std::task::Poll::Ready(())
+            })
+            .await;
+            self.fresh = fresh;
+            for (id, result, cell) in done.drain(..) {
+                self.settle(id, result, cell.take());
+            }
+            self.done_now = done;
+        }
+        // A burst's slots are given back; a steady connection keeps a few.
+        if self.fresh.capacity() > FRESH_SLOTS_KEPT {
+            self.fresh = Vec::new();
+            self.done_now = Vec::new();
+        }
+    }
+
     /// The tables' invariants (see `Exports::consistent`), and answers within their bound.
     fn consistent(&self) -> bool {
         self.exports.consistent()
@@ -641,11 +688,7 @@ impl Conn {
     }
 
     /// Handles one message; `Ok(false)` ends the connection cleanly.
-    fn handle(
-        &mut self,
-        m: Incoming,
-        calls: &mut FuturesUnordered<Running>,
-    ) -> Result<bool, EngineError> {
+    fn handle(&mut self, m: Incoming) -> Result<bool, EngineError> {
         let proto = |e: capnp::Error| EngineError::Protocol(e.to_string());
         let root = m.get_root::<rpc_message::Reader>().map_err(proto)?;
         match root.which() {
@@ -653,7 +696,7 @@ impl Conn {
                 let id = c.map_err(proto)?.get_question_id();
                 self.admit_answer(id)?;
                 // The call takes its message with it (its params are read from it).
-                self.start(id, m, calls);
+                self.start(id, m);
             }
             Ok(rpc_message::Which::Bootstrap(b)) => {
                 let id = b.map_err(proto)?.get_question_id();
@@ -746,7 +789,7 @@ impl Conn {
 
     /// Starts (or queues, or fails) the call `m` whose question id `id` is admitted. Its
     /// answer may exist already (made when it was queued, with calls queued on it).
-    fn start(&mut self, id: u32, m: Incoming, calls: &mut FuturesUnordered<Running>) {
+    fn start(&mut self, id: u32, m: Incoming) {
         if !self.answers.contains(id) {
             self.answers.insert(id, Answer::running());
         }
@@ -768,7 +811,7 @@ impl Conn {
                 return;
             }
             Err(e) => {
-                self.settle(id, Err(e), None, calls);
+                self.settle(id, Err(e), None);
                 return;
             }
         };
@@ -783,7 +826,7 @@ impl Conn {
             Box::new(EngineParams(m)),
             Box::new(results),
         );
-        calls.push(Running { id, promise, done });
+        self.fresh.push(Running { id, promise, done });
     }
 
     /// The capability a call is addressed to.
@@ -888,13 +931,7 @@ impl Conn {
     /// it start, in the order they came. Its answer stays for later pipelined calls and
     /// the peer's Finish when it holds capabilities or an exception; results without a
     /// capability are answered `noFinishNeeded` and dropped at once.
-    fn settle(
-        &mut self,
-        id: u32,
-        result: Result<(), capnp::Error>,
-        built: Option<Built>,
-        calls: &mut FuturesUnordered<Running>,
-    ) {
+    fn settle(&mut self, id: u32, result: Result<(), capnp::Error>, built: Option<Built>) {
         let (queued, finished, release) = match self.answers.get_mut(id) {
             Some(Answer {
                 state: AnswerState::Running { queued },
@@ -940,7 +977,7 @@ impl Conn {
         for m in queued {
             let qid = call_of(&m).map(|c| c.get_question_id());
             if let Ok(qid) = qid {
-                self.start(qid, m, calls);
+                self.start(qid, m);
             }
         }
         if !keep || finished {

@@ -368,7 +368,7 @@ impl Shared {
     }
 
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Ends every call still running that does not change data, with `unavailable`
@@ -396,8 +396,12 @@ impl Shared {
     }
 
     /// Resolves when no call is in flight, or after `timeout`; returns how many calls were
-    /// still in flight then.
+    /// still in flight then. Only while draining (calls ending notify only then).
     pub async fn wait_idle(&self, timeout: Duration) -> usize {
+        debug_assert!(
+            self.is_draining(),
+            "wait_idle outside a drain would never wake"
+        );
         let give_up = Instant::now() + timeout;
         loop {
             // Register interest before checking, so a call that finishes in between still
@@ -405,7 +409,7 @@ impl Shared {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let n = self.in_flight();
+            let n = self.in_flight.load(Ordering::SeqCst);
             if n == 0 {
                 return 0;
             }
@@ -556,8 +560,15 @@ impl Shared {
             }
             r
         };
-        // 6. work
-        let bounded = tokio::time::timeout_at(deadline, faulted_work);
+        // 6. work. Most calls complete on their first poll: they never need the deadline's
+        // timer (whose setup costs a clock read and a handle per call); the rest get it.
+        let bounded = async {
+            let mut work = std::pin::pin!(faulted_work);
+            match futures::poll!(work.as_mut()) {
+                std::task::Poll::Ready(r) => Ok(r),
+                std::task::Poll::Pending => tokio::time::timeout_at(deadline, work).await,
+            }
+        };
         let outcome = if method.changes_data() {
             // A write is never abandoned: its outcome would be unknown. One still running
             // when the drain gives up ends with its connection.
@@ -646,7 +657,12 @@ impl Shared {
     }
 
     fn release_global(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Only a drain waits for idle, so only then is it told (a `Notify` takes a lock).
+        // SeqCst here and in `start_draining`/`wait_idle`: either this load sees the drain,
+        // or the drain's first count sees this call gone.
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.draining.load(Ordering::SeqCst)
+        {
             self.idle.notify_waiters();
         }
     }
