@@ -44,7 +44,7 @@ use capnp::private::capability::{
 use capnp::traits::{Imbue, ImbueMut};
 use capnp_rpc::rpc_capnp::{call, exception, message as rpc_message, message_target, return_};
 use futures::stream::FuturesUnordered;
-use futures::{AsyncWrite, AsyncWriteExt, StreamExt};
+use futures::{AsyncWrite, StreamExt};
 
 use crate::frames::{Frame, FrameSource};
 
@@ -524,7 +524,7 @@ where
     // Writes run beside reading and calls, never in their way: a peer that does not read
     // its replies fills the writer, which must not stop the reads that let the backlog see
     // it pause (and close it); and replies of calls ending meanwhile join the next write.
-    let mut writer = Writer::Idle(writer, Vec::new());
+    let mut writer = Writer::new(writer);
     let ended = loop {
         writer.start(&mut conn.outbox);
         let step = tokio::select! {
@@ -570,66 +570,81 @@ where
     ended
 }
 
-/// A finished write: the writer, its emptied buffer, and how it went.
-type WriteDone<W> = (W, Vec<u8>, std::io::Result<()>);
-
-/// Bytes written in the background of the connection loop.
-enum Writer<W> {
-    /// No write running; the spare buffer for the next one.
-    Idle(W, Vec<u8>),
-    /// A write running, which gives the writer and its emptied buffer back.
-    Busy(Pin<Box<dyn Future<Output = WriteDone<W>>>>),
-    /// A write failed: the connection ends.
-    Gone,
+/// Bytes written in the background of the connection loop, one buffer at a time (no
+/// future of its own per write: the loop polls it).
+struct Writer<W> {
+    /// `None` once a write has failed: the connection ends.
+    w: Option<W>,
+    /// What is being written; empty when no write runs.
+    buf: Vec<u8>,
+    /// How much of `buf` the writer has taken.
+    pos: usize,
 }
 
-impl<W: AsyncWrite + Unpin + 'static> Writer<W> {
-    /// Starts writing what `outbox` holds, if nothing is being written.
-    fn start(&mut self, outbox: &mut Vec<u8>) {
-        if outbox.is_empty() || !matches!(self, Writer::Idle(..)) {
-            return;
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    fn new(w: W) -> Self {
+        Self {
+            w: Some(w),
+            buf: Vec::new(),
+            pos: 0,
         }
-        let Writer::Idle(mut w, mut spare) = std::mem::replace(self, Writer::Gone) else {
-            return;
-        };
-        // The outbox takes the spare buffer; the write takes what was in it.
-        std::mem::swap(outbox, &mut spare);
-        let mut buf = spare;
-        *self = Writer::Busy(Box::pin(async move {
-            let r = async {
-                w.write_all(&buf).await?;
-                w.flush().await
-            }
-            .await;
-            buf.clear();
-            // Bounded: a buffer that grew for one large reply does not stay that large.
-            if buf.capacity() > 1 << 20 {
-                buf.shrink_to(64 * 1024);
-            }
-            (w, buf, r)
-        }));
     }
 
-    /// Resolves when the running write ends; pending while none runs.
+    /// Starts writing what `outbox` holds, if nothing is being written.
+    fn start(&mut self, outbox: &mut Vec<u8>) {
+        if self.buf.is_empty() && !outbox.is_empty() {
+            // The outbox takes the spare buffer; the write takes what was in it.
+            std::mem::swap(outbox, &mut self.buf);
+            self.pos = 0;
+        }
+    }
+
+    /// Ready when the running write has ended; pending while none runs.
+    fn poll_written(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let (Some(w), false) = (self.w.as_mut(), self.buf.is_empty()) else {
+            return Poll::Pending;
+        };
+        let r = loop {
+            if self.pos == self.buf.len() {
+                match Pin::new(&mut *w).poll_flush(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => break r,
+                }
+            }
+            match Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => self.pos += n,
+                Poll::Ready(Err(e)) => break Err(e),
+            }
+        };
+        if r.is_err() {
+            self.w = None;
+        }
+        self.buf.clear();
+        self.pos = 0;
+        // Bounded: a buffer that grew for one large reply does not stay that large.
+        if self.buf.capacity() > 1 << 20 {
+            self.buf.shrink_to(64 * 1024);
+        }
+        Poll::Ready(r)
+    }
+
     async fn written(&mut self) -> std::io::Result<()> {
-        let Writer::Busy(f) = self else {
-            return std::future::pending().await;
-        };
-        let (w, buf, r) = f.await;
-        *self = match r {
-            Ok(()) => Writer::Idle(w, buf),
-            Err(_) => Writer::Gone,
-        };
-        r
+        std::future::poll_fn(|cx| self.poll_written(cx)).await
     }
 
     /// Ends the running write, then writes what is left.
     async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
-        if matches!(self, Writer::Busy(_)) {
+        if !self.buf.is_empty() {
             self.written().await?;
         }
         self.start(outbox);
-        if matches!(self, Writer::Busy(_)) {
+        if !self.buf.is_empty() {
             self.written().await?;
         }
         Ok(())
@@ -799,7 +814,6 @@ impl Conn {
             Ok((target, c.get_interface_id(), c.get_method_id()))
         });
         let (target, interface_id, method_id) = match target {
-            Ok((Target::Cap(hook), interface_id, method_id)) => (hook, interface_id, method_id),
             Ok((Target::Wait(on), ..)) => {
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
@@ -810,6 +824,7 @@ impl Conn {
                 }
                 return;
             }
+            Ok(called) => called,
             Err(e) => {
                 self.settle(id, Err(e), None);
                 return;
@@ -820,12 +835,17 @@ impl Conn {
             built: Some(Built::new_return(id)),
             done: Rc::clone(&done),
         };
-        let promise = target.call(
-            interface_id,
-            method_id,
-            Box::new(EngineParams(m)),
-            Box::new(results),
-        );
+        let params = Box::new(EngineParams(m));
+        // An export is called through the table's own reference (no new one per call).
+        let hook = match &target {
+            Target::Export(export) => self.exports.get(*export),
+            Target::Cap(hook) => Some(hook.as_ref()),
+            Target::Wait(_) => None,
+        };
+        let promise = match hook {
+            Some(hook) => hook.call(interface_id, method_id, params, Box::new(results)),
+            None => Promise::err(capnp::Error::failed("call to an unknown capability".into())),
+        };
         self.fresh.push(Running { id, promise, done });
     }
 
@@ -846,7 +866,7 @@ impl Conn {
         }
         match c.get_target()?.which()? {
             message_target::ImportedCap(export) => match self.exports.get(export) {
-                Some(hook) => Ok(Target::Cap(hook.add_ref())),
+                Some(_) => Ok(Target::Export(export)),
                 None => Err(capnp::Error::failed(format!(
                     "call to unknown capability {export}"
                 ))),
@@ -1028,7 +1048,10 @@ impl Conn {
 }
 
 enum Target {
+    /// A pipelined capability, resolved for this call.
     Cap(Box<dyn ClientHook>),
+    /// The export the call names (`importedCap`), found in the table.
+    Export(u32),
     /// Pipelined on this answer, still running.
     Wait(u32),
 }
