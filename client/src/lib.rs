@@ -236,6 +236,10 @@ pub struct VersionInfo {
 
 type Job = Box<dyn FnOnce(Rc<LocalClient>) -> LocalBoxFuture<'static, ()> + Send>;
 
+/// Why calls are being dropped unsent (the connection is down and could not be made again),
+/// so that the caller is told more than "not connected".
+type NotSentReason = Arc<std::sync::Mutex<Option<ApiError>>>;
+
 /// Marks a span with how its call or attempt ended.
 fn record_outcome(span: &tracing::Span, code: &str) {
     if span.is_disabled() {
@@ -251,6 +255,8 @@ fn record_outcome(span: &tracing::Span, code: &str) {
 #[derive(Clone)]
 pub struct Client {
     jobs: mpsc::Sender<Job>,
+    /// Why the connection thread last dropped a call unsent (shared with it).
+    not_sent: NotSentReason,
     timeout: Duration,
     retry: RetryPolicy,
     budget: RetryBudget,
@@ -335,15 +341,18 @@ impl Client {
         let budget = RetryBudget::new(&retry);
         let idempotent_writes = options.idempotent_writes;
         let addr = addr.to_string();
+        let not_sent = NotSentReason::default();
+        let thread_not_sent = Arc::clone(&not_sent);
         std::thread::Builder::new()
             .name("capkv-client".into())
-            .spawn(move || connection_thread(addr, stream, options, rx, ready_tx))
+            .spawn(move || connection_thread(addr, stream, options, rx, ready_tx, thread_not_sent))
             .map_err(|e| ApiError::new(ErrorCode::Internal, format!("cannot start thread: {e}")))?;
         ready_rx
             .await
             .map_err(|_| ApiError::new(ErrorCode::Internal, "connection thread ended"))??;
         Ok(Client {
             jobs,
+            not_sent,
             timeout,
             retry,
             budget,
@@ -522,10 +531,12 @@ impl Client {
         match tokio::time::timeout_at(spec.deadline, rx).await {
             Ok(Ok(r)) => Attempt::Done(r),
             // The connection thread dropped the job unrun: no connection to send it on.
-            Ok(Err(_)) => Attempt::NotSent(ApiError::new(
-                ErrorCode::Unavailable,
-                "not connected to the server",
-            )),
+            Ok(Err(_)) => {
+                let why = self.not_sent.lock().ok().and_then(|w| w.clone());
+                Attempt::NotSent(why.unwrap_or_else(|| {
+                    ApiError::new(ErrorCode::Unavailable, "not connected to the server")
+                }))
+            }
             Err(_) => Attempt::Done(Err(wire::deadline_exceeded())),
         }
     }
@@ -714,7 +725,14 @@ fn connection_thread(
     options: ClientOptions,
     mut jobs: mpsc::Receiver<Job>,
     ready: oneshot::Sender<Result<(), ApiError>>,
+    not_sent: NotSentReason,
 ) {
+    let drop_unsent = |job: Job, why: Option<ApiError>| {
+        if let (Some(why), Ok(mut slot)) = (why, not_sent.lock()) {
+            *slot = Some(why);
+        }
+        drop(job); // not sent: the caller may retry it, whatever it is
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -750,8 +768,14 @@ fn connection_thread(
         // then closes the connection.
         while let Some(job) = jobs.recv().await {
             if !conn.is_alive() {
+                // The peer at this address is not a capkv server: connecting again would
+                // only learn that again.
+                if let Some(e) = conn.end_reason().filter(wire::is_not_capnp) {
+                    drop_unsent(job, Some(e));
+                    continue;
+                }
                 if last_failed_reconnect.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
-                    drop(job); // not sent: the caller may retry it, whatever it is
+                    drop_unsent(job, None);
                     continue;
                 }
                 match LocalClient::connect(&addr, &options).await {
@@ -768,7 +792,14 @@ fn connection_thread(
                     Err(e) => {
                         tracing::debug!(%addr, error = %e, "reconnect failed");
                         last_failed_reconnect = Some(Instant::now());
-                        drop(job);
+                        let why = ApiError::new(
+                            e.code,
+                            format!(
+                                "not connected to the server: reconnecting failed: {}",
+                                e.message
+                            ),
+                        );
+                        drop_unsent(job, Some(why));
                         continue;
                     }
                 }

@@ -51,6 +51,8 @@ pub struct LocalClient {
     resume: RefCell<Option<Vec<u8>>>,
     /// False once the connection has ended; the owner then reconnects.
     alive: Rc<Cell<bool>>,
+    /// Why the connection ended (set with `alive`).
+    ended: Rc<RefCell<Option<ApiError>>>,
     /// Auto-batching of concurrent gets; `None` when off.
     batcher: Option<Rc<GetBatcher>>,
 }
@@ -129,11 +131,15 @@ impl LocalClient {
         let gateway: gateway::Client = rpc.bootstrap(rpc_twoparty_capnp::Side::Server);
         let alive = Rc::new(Cell::new(true));
         let alive_flag = Rc::clone(&alive);
+        let ended = Rc::new(RefCell::new(None));
+        let end_reason = Rc::clone(&ended);
         tokio::task::spawn_local(async move {
             // Calls on a dead connection fail with `disconnected`, reported as
-            // `unavailable`; the reason is only worth a debug line.
+            // `unavailable`; the reason is only worth a debug line, and is kept for calls
+            // that find no connection.
             if let Err(e) = rpc.await {
                 tracing::debug!(error = %e, "connection ended");
+                *end_reason.borrow_mut() = Some(ApiError::from_capnp(&e));
             }
             alive_flag.set(false);
         });
@@ -154,6 +160,7 @@ impl LocalClient {
             session_token: Rc::default(),
             resume: RefCell::new(None),
             alive,
+            ended,
             batcher: GetBatcher::new(options),
         })
     }
@@ -177,6 +184,11 @@ impl LocalClient {
     /// Whether the connection is still up (a new call on a dead one fails at once).
     pub fn is_alive(&self) -> bool {
         self.alive.get()
+    }
+
+    /// Why the connection ended, when it ended with an error.
+    pub fn end_reason(&self) -> Option<ApiError> {
+        self.ended.borrow().clone()
     }
 
     /// Runs one call: builds its `RequestContext` from the deadline and gives up at the

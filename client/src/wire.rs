@@ -155,6 +155,11 @@ pub(crate) fn deadline_exceeded() -> ApiError {
     ApiError::new(ErrorCode::DeadlineExceeded, "client deadline exceeded")
 }
 
+/// The connection ended because the peer is not a Cap'n Proto server at all.
+pub(crate) fn is_not_capnp(e: &ApiError) -> bool {
+    e.message.starts_with(capkv_rpc::transport::NOT_CAPNP)
+}
+
 pub(crate) fn too_many(n: usize) -> ApiError {
     ApiError::new(ErrorCode::TooManyItems, format!("{n} items is too many"))
 }

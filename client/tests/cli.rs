@@ -279,3 +279,39 @@ fn incr_shows_its_idempotency_key_and_replays_with_it() {
     assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not_an_integer"));
 }
+
+/// Pointed at something that is not a capkv server (here an HTTP server's answer, then an
+/// SSH greeting), the client says the peer does not speak Cap'n Proto RPC, quoting what it
+/// sent, as `unavailable` (exit 4) — not `internal`, which is for server bugs.
+#[test]
+fn a_peer_that_is_not_capnp_is_named_as_such() {
+    for greeting in [
+        &b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"[..],
+        &b"SSH-2.0-OpenSSH_9.2p1\r\n"[..],
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = std::thread::spawn(move || {
+            // One connection: read what comes, answer with the greeting, and close only
+            // once the client has (closing first would reset the connection and lose it).
+            if let Ok((mut s, _)) = listener.accept() {
+                use std::io::Read;
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(greeting);
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            }
+        });
+        // One attempt: this peer answers one connection only.
+        let o = run(&addr, &["--attempts", "1", "get", "k"], None);
+        peer.join().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(4), "{err}");
+        assert!(err.contains("unavailable"), "{err}");
+        assert!(err.contains("does not speak Cap'n Proto RPC"), "{err}");
+        let first_line = String::from_utf8_lossy(greeting);
+        let first_line = first_line.lines().next().unwrap();
+        assert!(err.contains(first_line), "{err}");
+    }
+}

@@ -46,7 +46,7 @@ pub const MAX_CAP_TABLE: u32 = 16;
 /// `Bootstrap` requests one connection may make (the client makes one).
 pub const MAX_BOOTSTRAPS: u32 = 8;
 /// capnp's own bound on segments per message.
-const MAX_SEGMENTS: usize = 512;
+pub(crate) const MAX_SEGMENTS: usize = 512;
 /// Frames up to this size are not charged to the budget: they never wait, and one
 /// connection holds at most one of them partially.
 const SMALL_FRAME_BYTES: usize = 64 * 1024;

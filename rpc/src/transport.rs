@@ -78,7 +78,83 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     let (reader, writer) = stream.compat().split();
-    (BufReader::new(reader), CoalescingWriter::new(writer))
+    (
+        BufReader::new(PeerCheck::new(reader)),
+        CoalescingWriter::new(writer),
+    )
+}
+
+/// What a stream's first bytes are called when they are not Cap'n Proto; the client maps
+/// errors carrying it to `unavailable`.
+pub const NOT_CAPNP: &str = "the peer does not speak Cap'n Proto RPC";
+
+/// Checks that the first bytes a peer sends can start a Cap'n Proto message (a segment
+/// count within capnp's bound), so that a client pointed at an HTTP, SSH, Redis or TLS port
+/// says so instead of reading their greeting as a message of a billion segments ("HTTP" is
+/// 1,329,865,021 of them). Only the start is checked: later bytes come from a peer that
+/// began as Cap'n Proto, and a bad frame from it is a real decoding error.
+pub struct PeerCheck<R> {
+    inner: R,
+    /// The first word seen so far (a segment count is 4 bytes).
+    head: [u8; 4],
+    head_len: usize,
+}
+
+impl<R> PeerCheck<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            head: [0; 4],
+            head_len: 0,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for PeerCheck<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = match Pin::new(&mut this.inner).poll_read(cx, dst) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        if this.head_len < 4 {
+            let take = n.min(4 - this.head_len);
+            this.head[this.head_len..this.head_len + take].copy_from_slice(&dst[..take]);
+            this.head_len += take;
+            if this.head_len == 4 {
+                let segments = u64::from(u32::from_le_bytes(this.head)) + 1;
+                if segments > crate::frames::MAX_SEGMENTS as u64 {
+                    // What it sent from its first byte (earlier reads were handed on).
+                    let mut sent = this.head.to_vec();
+                    sent.extend_from_slice(&dst[take..n]);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{NOT_CAPNP} (it sent {})", shown(&sent)),
+                    )));
+                }
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// The start of what a peer sent, quoted when it is text, else in hex.
+fn shown(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(32)];
+    let text = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    if !text.is_empty() && text.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("{:?}", String::from_utf8_lossy(text))
+    } else {
+        let hex: Vec<String> = head.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("bytes {}", hex.join(" "))
+    }
 }
 
 struct State<W> {
@@ -282,6 +358,65 @@ impl<W> Drop for CoalescingWriter<W> {
 
 #[cfg(test)]
 mod tests {
+    use super::{PeerCheck, NOT_CAPNP};
+    use futures::AsyncReadExt as _;
+
+    fn read_all_through_check(bytes: &[u8], chunk: usize) -> std::io::Result<Vec<u8>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut r = PeerCheck::new(futures::io::Cursor::new(bytes.to_vec()));
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; chunk];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(out);
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+        })
+    }
+
+    /// A Cap'n Proto stream passes unchanged however it is cut; an HTTP answer, a TLS alert
+    /// or a Redis error is named for what it is, with what the peer sent.
+    #[test]
+    fn the_first_bytes_must_be_capnp() {
+        let mut msg = capnp::message::Builder::new_default();
+        msg.init_root::<capnp_rpc::rpc_capnp::message::Builder<'_>>()
+            .init_finish()
+            .set_question_id(7);
+        let wire = capnp::serialize::write_message_to_words(&msg);
+        for chunk in [1, 3, 4096] {
+            assert_eq!(read_all_through_check(&wire, chunk).unwrap(), wire);
+        }
+        for (sent, shown) in [
+            (
+                &b"HTTP/1.1 400 Bad Request\r\n\r\n"[..],
+                "\"HTTP/1.1 400 Bad Request\"",
+            ),
+            (&b"-ERR unknown command\r\n"[..], "\"-ERR unknown command\""),
+            (
+                &[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50][..],
+                "bytes 15 03 03 00 02 02 50",
+            ),
+        ] {
+            for chunk in [1, 4096] {
+                let e = read_all_through_check(sent, chunk).unwrap_err().to_string();
+                assert!(e.starts_with(NOT_CAPNP), "{e}");
+                if chunk > 4 {
+                    assert!(e.contains(shown), "{e}");
+                } else {
+                    assert!(
+                        e.contains(&shown[..5]),
+                        "the first four bytes at least: {e}"
+                    );
+                }
+            }
+        }
+    }
+
     use super::*;
     use futures::AsyncWriteExt;
 

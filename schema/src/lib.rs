@@ -165,6 +165,11 @@ impl ApiError {
                 format!("TLS: the server refused this client: {text}"),
             );
         }
+        // Pointed at something that is not a Cap'n Proto server (HTTP, SSH, Redis, TLS):
+        // nothing capkv was reached. The phrase is capkv_rpc::transport::NOT_CAPNP's.
+        if let Some(at) = text.find("the peer does not speak Cap'n Proto RPC") {
+            return Self::new(ErrorCode::Unavailable, &text[at..]);
+        }
         // The peer closed the connection mid-message: a disconnect by another name.
         let closed = text.contains("Premature end of file");
         match e.kind {
