@@ -1,16 +1,20 @@
-//! The in-memory engine: a hash map for point reads plus an ordered key set for scans,
-//! under one `RwLock`.
+//! The in-memory engine: a hash set for point reads plus an ordered set for scans, both
+//! holding the same entries, under one `RwLock`.
 //!
 //! Why two indexes: point reads dominate a key-value workload, and a `BTreeMap` lookup in
 //! 100k keys walks ~7 nodes with dozens of key comparisons (about 6% of the server's CPU
 //! per get in a kv-loadgen profile); a hash lookup is one hash and one comparison.
 //!
-//! Why a key and its value share one allocation (`Stored`): a read of a random key among
-//! 100k misses the CPU cache at each place it touches. With the key and the value in
-//! separate allocations that was three misses per read (the table's bucket, the key it
-//! compares, the value it copies): in a profile of `getMany` batches, about a quarter of
-//! the server's CPU, and most of what capkv cost beyond the bare capnp-rpc runtime
-//! per key. The ordered index keeps its own copy of each key (scans only).
+//! Why one allocation per key, shared by both (`Stored`, a thin reference-counted pointer
+//! to its version, revision, key and value): a read of a random key among 100k misses the
+//! CPU cache at each place it touches, so the key and value sit together; and memory per
+//! key is what a large keyspace costs. With the key copied into the ordered index and a
+//! 40-byte entry in the hash table, 1M keys of 100 bytes took 321 bytes each against
+//! Redis's 210 (bench/keyspace.sh); an 8-byte pointer in each index and the key stored
+//! once is what brings it under (233 bytes at this commit; the rest is the allocator's
+//! size class for a 154-byte entry and the two indexes' own nodes). An overwrite with a
+//! value of the same length rewrites the entry in place (see `Stored`); any other puts a
+//! new entry in both indexes.
 //!
 //! One lock for the indexes and the revision counter makes every operation atomic
 //! and keeps revisions in commit order. A std `RwLock` (not an async one) is right here:
@@ -18,6 +22,7 @@
 //! on different workers run in parallel and writers wait only for microseconds.
 
 use std::borrow::Borrow;
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
@@ -31,36 +36,139 @@ use crate::{
 
 /// Idempotency records kept before expired ones are swept on the next insert.
 const RECORD_SWEEP_AT: usize = 100_000;
+/// A value size the tests use as "large".
+#[cfg(test)]
+const SMALL_ENTRY_BYTES: usize = 512;
 
-/// One live key: its bytes followed by its value's, in one allocation (see the module
-/// docs). Hashes and compares as its key, so the table is looked up by `&[u8]`.
-#[derive(Debug, Clone)]
-struct Stored {
-    bytes: Box<[u8]>,
-    key_len: usize,
-    version: u64,
-    mod_revision: u64,
+/// What a key's allocation holds before its bytes.
+#[derive(Debug)]
+struct Meta {
+    version: Cell<u64>,
+    mod_revision: Cell<u64>,
+    /// Keys are bounded far below 4 GiB by the contract's limits.
+    key_len: u32,
+}
+
+/// One live key: its metadata, then its bytes followed by its value's, in one allocation
+/// both indexes point to (see the module docs). Hashes, compares and orders as its key, so
+/// both sets are looked up by `&[u8]`.
+///
+/// An overwrite with a value of the same length rewrites the value and metadata in place
+/// (no allocation, and neither index changes: a replaced entry would have to be found again
+/// in the ordered set, a walk of cache misses that cost a quarter of PUT's throughput at 1M
+/// keys). Hence the `Cell`s, and the rule that makes sharing them sound: a `Stored` lives
+/// only inside `Inner`, which only the store's `RwLock` hands out. Readers hold `&Inner`
+/// (no writer meanwhile); [`Stored::overwrite`] is called only with `&mut Inner` held, so
+/// no read of the same entry, on any thread, overlaps it. The key bytes are never written.
+struct Stored(triomphe::ThinArc<Meta, Cell<u8>>);
+
+// SAFETY: see the type's docs. Every mutation of the `Cell`s happens while the caller holds
+// `&mut Inner` (the store's write lock), which excludes every other access to the entry.
+unsafe impl Send for Stored {}
+// SAFETY: as above; shared access (`&Inner`, the read lock) never mutates.
+unsafe impl Sync for Stored {}
+
+impl Clone for Stored {
+    fn clone(&self) -> Self {
+        Stored(self.0.clone())
+    }
 }
 
 impl Stored {
     fn new(key: &[u8], value: &[u8], version: u64, mod_revision: u64) -> Self {
-        let mut bytes = Vec::with_capacity(key.len() + value.len());
-        bytes.extend_from_slice(key);
-        bytes.extend_from_slice(value);
-        Self {
-            bytes: bytes.into_boxed_slice(),
-            key_len: key.len(),
-            version,
-            mod_revision,
-        }
+        let meta = Meta {
+            version: Cell::new(version),
+            mod_revision: Cell::new(mod_revision),
+            key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
+        };
+        let bytes = key.iter().chain(value).map(|&b| Cell::new(b));
+        let bytes = ExactLen {
+            items: bytes,
+            left: key.len() + value.len(),
+        };
+        Stored(triomphe::ThinArc::from_header_and_iter(meta, bytes))
+    }
+
+    fn meta(&self) -> &Meta {
+        &self.0.header.header
+    }
+
+    fn version(&self) -> u64 {
+        self.meta().version.get()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        let cells: &[Cell<u8>] = &self.0.slice;
+        // SAFETY: `Cell<u8>` has `u8`'s layout; no write to these cells can happen while
+        // the returned borrow lives (see the type's docs: writes need `&mut Inner`).
+        unsafe { &*(cells as *const [Cell<u8>] as *const [u8]) }
     }
 
     fn key(&self) -> &[u8] {
-        &self.bytes[..self.key_len]
+        &self.bytes()[..self.meta().key_len as usize]
     }
 
     fn value(&self) -> &[u8] {
-        &self.bytes[self.key_len..]
+        &self.bytes()[self.meta().key_len as usize..]
+    }
+
+    /// Rewrites the value and metadata in place when `value` has the current value's
+    /// length; `false` (nothing changed) otherwise. Callers hold `&mut Inner`.
+    fn overwrite(&self, value: &[u8], version: u64, mod_revision: u64) -> bool {
+        let cells = &self.0.slice[self.meta().key_len as usize..];
+        if cells.len() != value.len() {
+            return false;
+        }
+        for (cell, &b) in cells.iter().zip(value) {
+            cell.set(b);
+        }
+        self.meta().version.set(version);
+        self.meta().mod_revision.set(mod_revision);
+        true
+    }
+
+    fn entry(&self, with_value: bool) -> Entry {
+        Entry {
+            key: self.key().to_vec(),
+            value: if with_value {
+                self.value().to_vec()
+            } else {
+                Vec::new()
+            },
+            version: self.version(),
+            mod_revision: self.meta().mod_revision.get(),
+        }
+    }
+}
+
+/// An iterator that says its length (what `ThinArc` sizes its one allocation by; a chain
+/// of two slices does not say it).
+struct ExactLen<I> {
+    items: I,
+    left: usize,
+}
+
+impl<I: Iterator> Iterator for ExactLen<I> {
+    type Item = I::Item;
+    fn next(&mut self) -> Option<I::Item> {
+        let item = self.items.next()?;
+        self.left = self.left.saturating_sub(1);
+        Some(item)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<I: Iterator> ExactSizeIterator for ExactLen<I> {}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("key_len", &self.meta().key_len)
+            .field("value_len", &self.value().len())
+            .field("version", &self.version())
+            .finish()
     }
 }
 
@@ -70,7 +178,7 @@ impl Borrow<[u8]> for Stored {
     }
 }
 
-// Must hash exactly as the borrowed `[u8]` does, or lookups by `&[u8]` would miss.
+// Must hash and order exactly as the borrowed `[u8]` does, or lookups by `&[u8]` would miss.
 impl Hash for Stored {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.key().hash(state);
@@ -85,12 +193,24 @@ impl PartialEq for Stored {
 
 impl Eq for Stored {}
 
+impl PartialOrd for Stored {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Stored {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(other.key())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Every live key and its data.
     map: HashSet<Stored>,
-    /// The same keys, ordered (invariant: exactly the keys of `map`).
-    order: BTreeSet<Box<[u8]>>,
+    /// The same entries, ordered (invariant: the same allocations as `map`'s).
+    order: BTreeSet<Stored>,
     revision: u64,
     /// Idempotency records by record key (see [`crate::write`]).
     records: HashMap<Vec<u8>, Record>,
@@ -98,28 +218,24 @@ struct Inner {
 
 impl Inner {
     fn version(&self, key: &[u8]) -> Option<u64> {
-        self.map.get(key).map(|s| s.version)
+        self.map.get(key).map(Stored::version)
     }
 
     fn entry(&self, key: &[u8], with_value: bool) -> Option<Entry> {
-        self.map.get(key).map(|s| Entry {
-            key: key.to_vec(),
-            value: if with_value {
-                s.value().to_vec()
-            } else {
-                Vec::new()
-            },
-            version: s.version,
-            mod_revision: s.mod_revision,
-        })
+        self.map.get(key).map(|s| s.entry(with_value))
     }
 
-    /// Adds or replaces `stored` (whose key is `key`) with one hash lookup; a new key's
-    /// bytes are copied into the ordered index only then.
-    fn insert(&mut self, key: &[u8], stored: Stored) {
-        if self.map.replace(stored).is_none() {
-            self.order.insert(key.into());
+    /// Sets `key`'s value: in place when the key exists with a value of the same length,
+    /// else as a new entry in both indexes.
+    fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
+        if let Some(s) = self.map.get(key) {
+            if s.overwrite(value, version, mod_revision) {
+                return;
+            }
         }
+        let stored = Stored::new(key, value, version, mod_revision);
+        self.map.replace(stored.clone());
+        self.order.replace(stored);
     }
 
     fn remove(&mut self, key: &[u8]) -> bool {
@@ -128,6 +244,17 @@ impl Inner {
             self.order.remove(key);
         }
         existed
+    }
+
+    /// Both indexes hold the same entries (the same allocations).
+    #[cfg(test)]
+    fn consistent(&self) -> bool {
+        self.map.len() == self.order.len()
+            && self.order.iter().all(|s| {
+                self.map
+                    .get(s.key())
+                    .is_some_and(|m| std::ptr::eq(m.0.ptr(), s.0.ptr()))
+            })
     }
 }
 
@@ -184,7 +311,7 @@ fn put_locked(
     inner.revision += 1;
     let revision = inner.revision;
     let version = current.unwrap_or(0) + 1;
-    inner.insert(key, Stored::new(key, value, version, revision));
+    inner.insert(key, value, version, revision);
     Ok(PutOutcome { version, revision })
 }
 
@@ -226,10 +353,7 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
     inner.revision += 1;
     let revision = inner.revision;
     for (item, &version) in items.iter().zip(&versions) {
-        inner.insert(
-            item.key,
-            Stored::new(item.key, item.value, version, revision),
-        );
+        inner.insert(item.key, item.value, version, revision);
     }
     Ok(BatchOutcome { versions, revision })
 }
@@ -257,11 +381,10 @@ impl MemoryStore {
             WriteOp::Increment(write::Increment { key, delta }) => {
                 let current = inner.map.get(key.as_slice());
                 let value = incremented(current.map(|s| s.value()), *delta)?;
-                let version = current.map_or(0, |s| s.version) + 1;
+                let version = current.map_or(0, Stored::version) + 1;
                 inner.revision += 1;
                 let revision = inner.revision;
-                let stored = Stored::new(key, value.to_string().as_bytes(), version, revision);
-                inner.insert(key, stored);
+                inner.insert(key, value.to_string().as_bytes(), version, revision);
                 Ok(WriteOutcome::Increment(IncrementOutcome {
                     value,
                     version,
@@ -331,10 +454,8 @@ impl Store for MemoryStore {
             ..ScanPage::default()
         };
         let mut bytes = 0usize;
-        for k in range.by_ref() {
-            let Some(e) = inner.entry(k, !req.keys_only) else {
-                continue; // unreachable while the two indexes agree
-            };
+        for stored in range.by_ref() {
+            let e = stored.entry(!req.keys_only);
             bytes += e.key.len() + e.value.len();
             page.entries.push(e);
             if page.entries.len() >= req.limit.max(1) || bytes >= req.max_bytes {
@@ -368,5 +489,71 @@ impl Store for MemoryStore {
             idempotent_replays: self.replays.load(std::sync::atomic::Ordering::Relaxed),
             ..crate::StoreStats::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind of write leaves both indexes holding the same entries (one allocation per
+    /// key), and reads, scans and versions see the newest value, small or large.
+    #[test]
+    fn both_indexes_share_one_entry_per_key() {
+        let s = MemoryStore::new();
+        use futures::executor::block_on as wait;
+        let big = vec![7u8; 4 * SMALL_ENTRY_BYTES];
+        for round in 0..3u8 {
+            for k in 0..50u8 {
+                let value: &[u8] = if k % 10 == 0 { &big } else { &[round; 100] };
+                wait(s.put(&[b'k', k], value, Condition::None)).unwrap();
+            }
+        }
+        let items = [
+            PutItem {
+                key: b"k\x01",
+                value: b"many",
+                cond: Condition::None,
+            },
+            PutItem {
+                key: b"new",
+                value: b"one",
+                cond: Condition::IfAbsent,
+            },
+        ];
+        wait(s.put_many(&items)).unwrap();
+        // Same length: rewritten in place (the same allocation in both indexes).
+        let at = |s: &MemoryStore, k: &[u8]| s.read().map.get(k).map(|e| e.0.ptr());
+        let before = at(&s, &[b'k', 5]);
+        wait(s.put(&[b'k', 5], &[9; 100], Condition::None)).unwrap();
+        assert_eq!(at(&s, &[b'k', 5]), before);
+        assert_eq!(s.get(&[b'k', 5]).unwrap().unwrap().value, vec![9u8; 100]);
+        wait(s.put(&[b'k', 5], &[2; 100], Condition::None)).unwrap();
+        wait(s.delete(&[b'k', 2], Condition::None)).unwrap();
+        assert!(s.read().consistent());
+        assert_eq!(s.read().map.len(), 50);
+        let e = s.get(&[b'k', 3]).unwrap().unwrap();
+        assert_eq!((e.value, e.version), (vec![2u8; 100], 3));
+        let e = s.get(&[b'k', 5]).unwrap().unwrap();
+        assert_eq!((e.value, e.version), (vec![2u8; 100], 5));
+        assert_eq!(s.get(&[b'k', 10]).unwrap().unwrap().value, big);
+        assert_eq!(s.get(b"k\x01").unwrap().unwrap().value, b"many");
+        assert!(s.get(&[b'k', 2]).unwrap().is_none());
+        let page = s
+            .scan(&ScanRequest {
+                start: b"k".to_vec(),
+                end: None,
+                limit: 1000,
+                max_bytes: usize::MAX,
+                keys_only: false,
+            })
+            .unwrap();
+        assert_eq!(page.entries.len(), 50);
+        assert!(page.entries.windows(2).all(|w| w[0].key < w[1].key));
+        assert_eq!(
+            page.entries[0].value, big,
+            "k\\x00: the newest, large value"
+        );
+        assert_eq!(page.entries[1].value, b"many");
     }
 }
