@@ -66,10 +66,12 @@ wait "$kv_pid" "$redis_pid" "$floor_pid" "$efloor_pid" 2>/dev/null || true; pids
 if [ "$quick" = 1 ]; then
     bash bench/engines.sh "$bin" 1 1 >"$tmp/engines.md"
     bash bench/conns.sh "$bin" 1 50 >"$tmp/conns.md"
+    bash bench/keyspace.sh "$bin" 1 10000 >"$tmp/keyspace.md"
     DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
 else
     bash bench/engines.sh "$bin" >"$tmp/engines.md"
     bash bench/conns.sh "$bin" >"$tmp/conns.md"
+    bash bench/keyspace.sh "$bin" >"$tmp/keyspace.md"
     DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" >"$tmp/durable.md"
 fi
 "$bin/kv-loadgen" plot-durable --csv "$tmp/durable.csv" --plot "$plots" --plot-caption "$caption"
@@ -116,6 +118,14 @@ fi
     echo "is (largest RSS while the connections are open - RSS before) / connections."
     echo
     cat "$tmp/conns.md"
+    echo
+    echo "## What a keyspace costs (bench/keyspace.sh): memory engine against Redis"
+    echo
+    echo "Same keys and 100-byte values, preloaded; RSS per key is (RSS with the keys, after a short GET run"
+    echo "lets the allocator settle - RSS before) / keys; GET and PUT c=50, one call in flight each, with"
+    echo "kv-loadgen's raw capkv client and its Redis client."
+    echo
+    cat "$tmp/keyspace.md"
     echo
     echo "## Durable puts (bench/durable.sh): RocksDB, WAL synced before every acknowledgement"
     echo
