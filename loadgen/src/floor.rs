@@ -117,11 +117,12 @@ pub fn serve(
         let listener = tokio::net::TcpListener::from_std(listener)?;
         on_listening(listener.local_addr()?);
         let limits = capkv::Limits::default();
-        let frame_limits = std::sync::Arc::new(capkv_rpc::frames::FrameLimits {
-            max_frame_bytes: limits.max_request_bytes() + 4096,
-            frame_timeout: std::time::Duration::from_secs(10),
-            reader_options: limits.request_reader_options(),
-        });
+        let options = limits.request_reader_options();
+        let frame_limits = std::sync::Arc::new(capkv_rpc::frames::FrameLimits::for_requests(
+            limits.max_request_bytes(),
+            options,
+            std::time::Duration::from_secs(10),
+        ));
         let frame_budget = std::sync::Arc::new(capkv_rpc::frames::FrameBudget::new(64 << 20));
         let kv: kv_store::Client = capnp_rpc::new_client(FloorKv {
             value: vec![b'v'; value_size],
@@ -139,7 +140,6 @@ pub fn serve(
             if let Err(e) = stream.set_nodelay(true) {
                 eprintln!("rpc-floor: set_nodelay failed: {e}");
             }
-            let options = capkv::Limits::default().request_reader_options();
             let gateway: gateway::Client = capnp_rpc::new_client(FloorGateway { kv: kv.clone() });
             match engine {
                 FloorEngine::CapnpRpc => {

@@ -100,12 +100,11 @@ impl Tunables {
             queue_depth: l.queue_depth,
             queue_timeout: Duration::from_millis(l.queue_timeout_ms),
             idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
-            frames: Arc::new(capkv_rpc::frames::FrameLimits {
-                // The largest legal request plus the largest segment table.
-                max_frame_bytes: config.protocol_limits().max_request_bytes() + 4096,
-                frame_timeout: Duration::from_millis(l.frame_timeout_ms),
-                reader_options: config.protocol_limits().request_reader_options(),
-            }),
+            frames: Arc::new(capkv_rpc::frames::FrameLimits::for_requests(
+                config.protocol_limits().max_request_bytes(),
+                config.protocol_limits().request_reader_options(),
+                Duration::from_millis(l.frame_timeout_ms),
+            )),
             rate,
             max_unsent_reply_bytes: l.max_unsent_reply_bytes,
             slow_reader_timeout: Duration::from_millis(l.slow_reader_timeout_ms),
