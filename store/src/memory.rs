@@ -9,10 +9,10 @@
 //! to its version, revision, key and value): a read of a random key among 100k misses the
 //! CPU cache at each place it touches, so the key and value sit together; and memory per
 //! key is what a large keyspace costs. With the key copied into the ordered index and a
-//! 40-byte entry in the hash table, 1M keys of 100 bytes took 321 bytes each against
-//! Redis's 210 (bench/keyspace.sh); an 8-byte pointer in each index and the key stored
-//! once is what brings it under (233 bytes at this commit; the rest is the allocator's
-//! size class for a 154-byte entry and the two indexes' own nodes). An overwrite with a
+//! 40-byte entry in the hash table, 1M keys of 100 bytes took 271 bytes each of RSS
+//! against Redis's 210 (bench/keyspace.sh); an 8-byte pointer in each index and the key
+//! stored once brought that to 234 (the rest is the allocator's size class for a 154-byte
+//! entry and the two indexes' own nodes). An overwrite with a
 //! value of the same length rewrites the entry in place (see `Stored`); any other puts a
 //! new entry in both indexes.
 //!
@@ -36,9 +36,6 @@ use crate::{
 
 /// Idempotency records kept before expired ones are swept on the next insert.
 const RECORD_SWEEP_AT: usize = 100_000;
-/// A value size the tests use as "large".
-#[cfg(test)]
-const SMALL_ENTRY_BYTES: usize = 512;
 
 /// What a key's allocation holds before its bytes.
 #[derive(Debug)]
@@ -502,7 +499,7 @@ mod tests {
     fn both_indexes_share_one_entry_per_key() {
         let s = MemoryStore::new();
         use futures::executor::block_on as wait;
-        let big = vec![7u8; 4 * SMALL_ENTRY_BYTES];
+        let big = vec![7u8; 2048];
         for round in 0..3u8 {
             for k in 0..50u8 {
                 let value: &[u8] = if k % 10 == 0 { &big } else { &[round; 100] };
