@@ -24,7 +24,6 @@ trap 'stop_all; rm -rf "$tmp"' EXIT
 # Each connection is a descriptor at both ends.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # Largest RSS of PID $1 until the file $2 exists, sampled every 50 ms, written to $3.
 watch_rss() {
     local max=0 v
@@ -47,8 +46,6 @@ with_rss() {
     cat "$tmp/out"
 }
 per_conn() { python3 -c "print(f'{max($2 - $1, 0) / $3:.1f}')"; }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 echo "| connections | server | client | GET/s | p99 | server CPU | RSS before | RSS with connections | RSS per connection |"
 echo "|---|---|---|---|---|---|---|---|---|"
@@ -75,7 +72,7 @@ for n in $counts; do
     taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
         --maxclients 10000 --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
     redis_pid=$!; pids+=("$redis_pid")
-    for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    wait_redis "$port" || true
     taskset -c 0 "$bin/kv-loadgen" run --target redis --addr "127.0.0.1:$port" -c 1 --mix put \
         --keys "$keys" --preload --warmup 0s --duration 100ms >/dev/null
     before=$(rss_kib "$redis_pid")

@@ -29,12 +29,12 @@ start_capkv() { # $1 = group_commit_max_writes
 
 start_redis() {
     rm -rf "$tmp/redis"; mkdir -p "$tmp/redis"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --dir "$tmp/redis" --save '' \
         --appendonly yes --appendfsync always --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
     pid=$!
     addr="127.0.0.1:$port"
-    for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    wait_redis "$port" || true
 }
 
 csv="${DURABLE_CSV:-}"

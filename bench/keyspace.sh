@@ -22,9 +22,6 @@ stop_all() {
 }
 trap 'stop_all; rm -rf "$tmp"' EXIT
 
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
 # measure NAME TARGET ADDR PID KEYS: preload, settle, RSS, then GET and PUT; prints a row.
 measure() {
     local name=$1 target=$2 addr=$3 pid=$4 keys=$5 before after get put
@@ -58,7 +55,7 @@ for n in $counts; do
     taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
         --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
     redis_pid=$!; pids+=("$redis_pid")
-    for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    wait_redis "$port" || true
     measure "redis" redis "127.0.0.1:$port" "$redis_pid" "$n"
     stop_all
 done

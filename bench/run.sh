@@ -31,7 +31,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
 kv_pid=$!; pids+=("$kv_pid")
@@ -50,7 +49,7 @@ redis_port=$(free_port)
 taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
 redis_pid=$!; pids+=("$redis_pid")
-for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+wait_redis "$redis_port" || true
 
 started=$(date -Is)
 caption="$started, commit $(git rev-parse --short HEAD), $(nproc) cores, ${CAPKV_PROFILE:-release} build; servers pinned to core 1, kv-loadgen to core 0, 1 thread; 100-byte values"

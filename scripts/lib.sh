@@ -18,6 +18,18 @@ wait_listening() {
     return 1
 }
 
+# free_port: prints a TCP port free on 127.0.0.1 now (for servers that take no port 0).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# rss_kib PID: the process's resident set, in KiB.
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# wait_redis PORT: waits (0.1 s steps, at most 10 s) until redis-server on PORT answers.
+wait_redis() {
+    for _ in $(seq 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+    return 1
+}
+
 # build_bins: builds the workspace's binaries in the profile $CAPKV_PROFILE (release by
 # default; CI passes debug, which its tests have already built) and sets BIN_DIR. Always
 # the whole workspace: building single packages unifies dependency features differently
