@@ -124,9 +124,15 @@ pub fn serve(
             std::time::Duration::from_secs(10),
         ));
         let frame_budget = std::sync::Arc::new(capkv_rpc::frames::FrameBudget::new(64 << 20));
-        let kv: kv_store::Client = capnp_rpc::new_client(FloorKv {
+        // Each engine with the capabilities its users make: capnp-rpc's local clients for
+        // `RpcSystem`, capkv's direct ones for capkv's engine.
+        let floor_kv = FloorKv {
             value: vec![b'v'; value_size],
-        });
+        };
+        let kv: kv_store::Client = match engine {
+            FloorEngine::CapnpRpc => capnp_rpc::new_client(floor_kv),
+            FloorEngine::Capkv => capkv_rpc::local::new_client(floor_kv),
+        };
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
@@ -140,7 +146,11 @@ pub fn serve(
             if let Err(e) = stream.set_nodelay(true) {
                 eprintln!("rpc-floor: set_nodelay failed: {e}");
             }
-            let gateway: gateway::Client = capnp_rpc::new_client(FloorGateway { kv: kv.clone() });
+            let floor_gateway = FloorGateway { kv: kv.clone() };
+            let gateway: gateway::Client = match engine {
+                FloorEngine::CapnpRpc => capnp_rpc::new_client(floor_gateway),
+                FloorEngine::Capkv => capkv_rpc::local::new_client(floor_gateway),
+            };
             match engine {
                 FloorEngine::CapnpRpc => {
                     let network = capkv_rpc::transport::vat_network(

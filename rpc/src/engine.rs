@@ -9,8 +9,8 @@
 //!   stall fault) runs on inside the loop's future (a `FuturesUnordered`) and holds up
 //!   nothing else: answers may leave out of order, and dropping the connection drops its
 //!   calls, as `RpcSystem` does.
-//! - Handlers plug in as `ClientHook`s (what `capnp_rpc::new_client` makes of a generated
-//!   `Server`): a call is `hook.call(interface, method, params, results)`, where the params
+//! - Handlers plug in as `ClientHook`s (what [`crate::local::new_client`] makes of a
+//!   generated `Server`): a call is `hook.call(interface, method, params, results)`, where the params
 //!   and results hooks here read the incoming message in place and build the Return message
 //!   directly. Capabilities a handler puts in its results are exported from the Return's
 //!   cap table. The engine knows nothing of the kv schema or the store.
@@ -964,9 +964,15 @@ impl Conn {
             (Ok(()), Some(built)) => {
                 let (built, exports) = self.write_results(built);
                 if exports.is_empty() {
-                    let e = capnp::Error::failed(format!(
-                        "call pipelined on question {id}, whose results hold no capability"
-                    ));
+                    // The error is only for calls already pipelined on it (rare: a peer
+                    // that pipelines on a capability-free result); most calls skip it.
+                    let e = if queued.is_empty() {
+                        capnp::Error::failed(String::new())
+                    } else {
+                        capnp::Error::failed(format!(
+                            "call pipelined on question {id}, whose results hold no capability"
+                        ))
+                    };
                     (AnswerState::Failed(e), false)
                 } else {
                     (

@@ -8,12 +8,15 @@
 //! - [`backlog`]: reply backpressure: unsent reply bytes per connection and server-wide,
 //!   which the frame layer and the writer consult.
 //! - [`tls`]: mutual TLS configs (rustls) from PEM files, for both sides.
+//! - [`engine`]: capkv's own Cap'n Proto RPC engine, server side (standard rpc.capnp on the
+//!   wire, capnp-rpc's `RpcSystem` as its test reference).
+//! - [`local`]: capabilities this process serves, made for the engine to call directly.
 //!
-//! This is where capkv's own RPC engine will live (standard rpc.capnp on the wire,
-//! capnp-rpc as its test reference). It knows nothing of the kv schema.
+//! It knows nothing of the kv schema.
 
 pub mod backlog;
 pub mod engine;
 pub mod frames;
+pub mod local;
 pub mod tls;
 pub mod transport;

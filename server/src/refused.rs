@@ -45,13 +45,13 @@ impl Refused {
         // After its call: the limit in force now.
         let max = shared.tunables().max_capabilities_per_connection;
         match conn.cap_slot(shared, max) {
-            Ok(slot) => capnp_rpc::new_client(Refused {
+            Ok(slot) => capkv_rpc::local::new_client(Refused {
                 chain: Some((Arc::clone(shared), Rc::clone(conn))),
                 error,
                 _slot: Some(slot),
             }),
             Err(full) => conn.capacity_stand_in(|| {
-                capnp_rpc::new_client(Refused {
+                capkv_rpc::local::new_client(Refused {
                     chain: None,
                     error: full,
                     _slot: None,

@@ -504,7 +504,7 @@ where
     );
     let stop_writer = writer.abort_handle();
     let gateway: gateway::Client =
-        capnp_rpc::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
+        capkv_rpc::local::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
     let reader_options = tunables.limits.request_reader_options();
     // Both engines speak the same protocol over the same checked stream; capnp-rpc's
     // `RpcSystem` is the reference capkv's own is tested against, and the way back.

@@ -109,7 +109,7 @@ impl gateway::Server for GatewayImpl {
             with = |out, r| {
                 match r {
                     Ok(slot) => {
-                        let kv: kv_store::Client = capnp_rpc::new_client(KvStoreImpl::new(
+                        let kv: kv_store::Client = capkv_rpc::local::new_client(KvStoreImpl::new(
                             Arc::clone(&self.shared),
                             Rc::clone(&self.conn),
                             slot,
@@ -150,7 +150,7 @@ impl gateway::Server for GatewayImpl {
                 match r {
                     Ok(slot) => {
                         tracing::info!(peer = %self.conn.peer, conn = self.conn.id, "admin capability granted");
-                        let admin: admin::Client = capnp_rpc::new_client(AdminImpl::new(
+                        let admin: admin::Client = capkv_rpc::local::new_client(AdminImpl::new(
                             Arc::clone(&self.shared),
                             Rc::clone(&self.conn),
                             slot,

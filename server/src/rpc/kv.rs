@@ -38,12 +38,13 @@ impl KvStoreImpl {
     ) {
         match r {
             Ok((token, slot)) => {
-                let session: write_session::Client = capnp_rpc::new_client(WriteSessionImpl::new(
-                    Arc::clone(&self.shared),
-                    Rc::clone(&self.conn),
-                    token,
-                    slot,
-                ));
+                let session: write_session::Client =
+                    capkv_rpc::local::new_client(WriteSessionImpl::new(
+                        Arc::clone(&self.shared),
+                        Rc::clone(&self.conn),
+                        token,
+                        slot,
+                    ));
                 out.set_session(session.clone());
                 out.set_session_cap(session);
                 out.set_token(&token);
