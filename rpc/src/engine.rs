@@ -572,7 +572,7 @@ where
 
 /// Bytes written in the background of the connection loop, one buffer at a time (no
 /// future of its own per write: the loop polls it).
-struct Writer<W> {
+pub(crate) struct Writer<W> {
     /// `None` once a write has failed: the connection ends.
     w: Option<W>,
     /// What is being written; empty when no write runs.
@@ -582,7 +582,7 @@ struct Writer<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
-    fn new(w: W) -> Self {
+    pub(crate) fn new(w: W) -> Self {
         Self {
             w: Some(w),
             buf: Vec::new(),
@@ -590,8 +590,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
     }
 
+    /// A write is running.
+    pub(crate) fn busy(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// Starts writing what `outbox` holds, if nothing is being written.
-    fn start(&mut self, outbox: &mut Vec<u8>) {
+    pub(crate) fn start(&mut self, outbox: &mut Vec<u8>) {
         if self.buf.is_empty() && !outbox.is_empty() {
             // The outbox takes the spare buffer; the write takes what was in it.
             std::mem::swap(outbox, &mut self.buf);
@@ -600,7 +605,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     /// Ready when the running write has ended; pending while none runs.
-    fn poll_written(
+    pub(crate) fn poll_written(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
@@ -634,12 +639,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         Poll::Ready(r)
     }
 
-    async fn written(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn written(&mut self) -> std::io::Result<()> {
         std::future::poll_fn(|cx| self.poll_written(cx)).await
     }
 
     /// Ends the running write, then writes what is left.
-    async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
+    pub(crate) async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             self.written().await?;
         }

@@ -10,11 +10,14 @@
 //! - [`tls`]: mutual TLS configs (rustls) from PEM files, for both sides.
 //! - [`engine`]: capkv's own Cap'n Proto RPC engine, server side (standard rpc.capnp on the
 //!   wire, capnp-rpc's `RpcSystem` as its test reference).
+//! - [`client`]: the same engine's client side, behind capnp's hook traits (generated
+//!   clients and pipelines unchanged; capnp-rpc's `RpcSystem` is its test reference).
 //! - [`local`]: capabilities this process serves, made for the engine to call directly.
 //!
 //! It knows nothing of the kv schema.
 
 pub mod backlog;
+pub mod client;
 pub mod engine;
 pub mod frames;
 pub mod local;

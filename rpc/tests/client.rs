@@ -1,0 +1,400 @@
+//! capkv's client engine (`capkv_rpc::client`) against both servers: capnp-rpc's
+//! `RpcSystem` (the reference: the client must speak standard Cap'n Proto RPC, not a
+//! dialect of capkv's own engine) and capkv's engine, with the same assertions. The server
+//! is a small one built from capkv's schema, in process, over an in-memory stream.
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use capkv::kv_capnp::{gateway, kv_store};
+use capkv_rpc::client::{self, ClientLimits};
+use capnp::capability::FromClientHook;
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+#[derive(Clone, Copy, Debug)]
+enum Server {
+    CapnpRpc,
+    Capkv,
+}
+
+const SERVERS: [Server; 2] = [Server::CapnpRpc, Server::Capkv];
+
+/// Counts the objects alive on the server: a released capability is dropped there.
+#[derive(Clone, Default)]
+struct Alive(Rc<Cell<usize>>);
+
+struct TestKv {
+    alive: Alive,
+}
+
+impl Drop for TestKv {
+    fn drop(&mut self) {
+        self.alive.0.set(self.alive.0.get() - 1);
+    }
+}
+
+impl kv_store::Server for TestKv {
+    /// `boom` fails with an exception, `slow` answers after a yield, anything else
+    /// answers its own key as the value.
+    async fn get(
+        self: Rc<Self>,
+        params: kv_store::GetParams,
+        mut results: kv_store::GetResults,
+    ) -> Result<(), capnp::Error> {
+        let key = params.get()?.get_key()?.to_vec();
+        if key == b"boom" {
+            return Err(capnp::Error::failed("boom".into()));
+        }
+        if key == b"slow" {
+            tokio::task::yield_now().await;
+        }
+        let mut e = results.get().init_result().init_ok();
+        e.set_key(&key);
+        e.set_value(&key);
+        e.set_version(1);
+        Ok(())
+    }
+}
+
+struct TestGateway {
+    alive: Alive,
+}
+
+impl gateway::Server for TestGateway {
+    /// A new `KvStore` per open; token `bad` fails the call.
+    async fn open(
+        self: Rc<Self>,
+        params: gateway::OpenParams,
+        mut results: gateway::OpenResults,
+    ) -> Result<(), capnp::Error> {
+        if params.get()?.get_token()? == "bad" {
+            return Err(capnp::Error::failed("bad token".into()));
+        }
+        self.alive.0.set(self.alive.0.get() + 1);
+        let kv: kv_store::Client = capkv_rpc::local::new_client(TestKv {
+            alive: self.alive.clone(),
+        });
+        let mut out = results.get().init_result();
+        out.set_kv(kv.clone());
+        out.set_kv_cap(kv);
+        Ok(())
+    }
+}
+
+/// Counts the writes the client makes.
+struct CountingWriter<W> {
+    inner: W,
+    writes: Rc<Cell<usize>>,
+}
+
+impl<W: futures::AsyncWrite + Unpin> futures::AsyncWrite for CountingWriter<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.writes.set(self.writes.get() + 1);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+struct Conn {
+    gateway: gateway::Client,
+    /// Server objects alive (each `open` makes one).
+    alive: Alive,
+    /// Writes the client made.
+    writes: Rc<Cell<usize>>,
+    /// The client connection's future, spawned.
+    driver: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    /// Ends the server side.
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// A server of `kind` and capkv's client over an in-memory stream (inside a `LocalSet`).
+fn connect(kind: Server) -> Conn {
+    let (client_end, server_end) = tokio::io::duplex(1 << 20);
+    let alive = Alive::default();
+    let gateway: gateway::Client = capkv_rpc::local::new_client(TestGateway {
+        alive: alive.clone(),
+    });
+    let (sr, sw) = tokio::io::split(server_end);
+    let server = match kind {
+        Server::CapnpRpc => {
+            let network = twoparty::VatNetwork::new(
+                sr.compat(),
+                sw.compat_write(),
+                rpc_twoparty_capnp::Side::Server,
+                Default::default(),
+            );
+            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+            tokio::task::spawn_local(async move {
+                let _ = rpc.await;
+            })
+        }
+        Server::Capkv => tokio::task::spawn_local(async move {
+            let _ = capkv_rpc::engine::serve(
+                capkv_rpc::frames::ByteFrames::new(sr.compat(), 1 << 20),
+                sw.compat_write(),
+                gateway.client.hook,
+                Default::default(),
+                Default::default(),
+            )
+            .await;
+        }),
+    };
+    let (cr, cw) = tokio::io::split(client_end);
+    let writes = Rc::new(Cell::new(0));
+    let (hook, driver) = client::connect_halves(
+        cr.compat(),
+        CountingWriter {
+            inner: cw.compat_write(),
+            writes: Rc::clone(&writes),
+        },
+        ClientLimits::default(),
+    );
+    Conn {
+        gateway: gateway::Client::new(hook),
+        alive,
+        writes,
+        driver: tokio::task::spawn_local(driver),
+        server,
+    }
+}
+
+fn run<F: std::future::Future<Output = ()>>(f: impl Fn(Server) -> F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for kind in SERVERS {
+        eprintln!("server: {kind:?}");
+        tokio::task::LocalSet::new().block_on(&rt, f(kind));
+    }
+}
+
+fn open(gateway: &gateway::Client, token: &str) -> kv_store::Client {
+    let mut req = gateway.open_request();
+    req.get().set_token(token);
+    req.send().pipeline.get_result().get_kv_cap()
+}
+
+async fn get(kv: &kv_store::Client, key: &[u8]) -> Result<Vec<u8>, capnp::Error> {
+    let mut req = kv.get_request();
+    req.get().set_key(key);
+    let resp = req.send().promise.await?;
+    match resp.get()?.get_result()?.which()? {
+        capkv::kv_capnp::get_result::Ok(e) => Ok(e?.get_value()?.to_vec()),
+        capkv::kv_capnp::get_result::Error(_) => Err(capnp::Error::failed("error arm".into())),
+    }
+}
+
+/// Yields until `done` holds; bounded.
+async fn until(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..10_000 {
+        if done() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    done()
+}
+
+/// Bootstrap, `open` and a `get` pipelined on it leave in one write, one round trip, and
+/// the answer is the server's.
+#[test]
+fn a_pipelined_get_leaves_with_bootstrap_and_open_in_one_write() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "t");
+        let mut req = kv.get_request();
+        req.get().set_key(b"k1");
+        let promise = req.send().promise;
+        let resp = promise.await.unwrap();
+        let capkv::kv_capnp::get_result::Ok(e) =
+            resp.get().unwrap().get_result().unwrap().which().unwrap()
+        else {
+            panic!("error arm")
+        };
+        assert_eq!(e.unwrap().get_value().unwrap(), b"k1");
+        assert_eq!(
+            c.writes.get(),
+            1,
+            "{kind:?}: bootstrap, open and get in one write"
+        );
+        c.server.abort();
+    });
+}
+
+/// Sixteen calls in flight on one connection each get their own answer, out of order
+/// when the server answers so, and question ids are reused after.
+#[test]
+fn calls_in_flight_get_their_own_answers() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "t");
+        for round in 0..3 {
+            let calls: Vec<_> = (0..16)
+                .map(|i| {
+                    let kv = kv.clone();
+                    async move {
+                        let key = if i % 3 == 0 {
+                            b"slow".to_vec()
+                        } else {
+                            format!("k{round}-{i}").into_bytes()
+                        };
+                        (key.clone(), get(&kv, &key).await)
+                    }
+                })
+                .collect();
+            for (key, got) in futures::future::join_all(calls).await {
+                assert_eq!(got.unwrap(), key, "{kind:?}");
+            }
+        }
+        c.server.abort();
+    });
+}
+
+/// A server exception reaches the caller as capnp-rpc words it; the connection stays.
+#[test]
+fn an_exception_fails_that_call_only() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "t");
+        let e = get(&kv, b"boom").await.unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Failed, "{kind:?}");
+        assert!(
+            e.to_string().contains("remote exception: boom"),
+            "{kind:?}: {e}"
+        );
+        assert_eq!(get(&kv, b"after").await.unwrap(), b"after");
+        c.server.abort();
+    });
+}
+
+/// Calls pipelined on a call that failed fail with its error.
+#[test]
+fn calls_pipelined_on_a_failed_call_fail_alike() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "bad");
+        let e = get(&kv, b"k").await.unwrap_err();
+        assert!(e.to_string().contains("bad token"), "{kind:?}: {e}");
+        // The gateway still works.
+        let kv = open(&c.gateway, "t");
+        assert_eq!(get(&kv, b"k").await.unwrap(), b"k");
+        c.server.abort();
+    });
+}
+
+/// Capabilities the client drops are released on the server (whose object then goes),
+/// whether imported from a response or pipelined on a question.
+#[test]
+fn dropped_capabilities_are_released_on_the_server() {
+    run(|kind| async move {
+        let c = connect(kind);
+        // Pipelined only: the question's Finish releases the result's capability.
+        let kv = open(&c.gateway, "t");
+        assert_eq!(get(&kv, b"k").await.unwrap(), b"k");
+        assert_eq!(c.alive.0.get(), 1);
+        drop(kv);
+        assert!(
+            until(|| c.alive.0.get() == 0).await,
+            "{kind:?}: pipelined kv not released"
+        );
+        // Imported from the response: Release gives it back.
+        let mut req = c.gateway.open_request();
+        req.get().set_token("t");
+        let resp = req.send().promise.await.unwrap();
+        let kv = resp
+            .get()
+            .unwrap()
+            .get_result()
+            .unwrap()
+            .get_kv_cap()
+            .unwrap();
+        let kv2 = kv.clone();
+        drop(resp);
+        assert_eq!(get(&kv, b"a").await.unwrap(), b"a");
+        drop(kv);
+        assert_eq!(
+            get(&kv2, b"b").await.unwrap(),
+            b"b",
+            "{kind:?}: a copy keeps it"
+        );
+        assert_eq!(c.alive.0.get(), 1);
+        drop(kv2);
+        assert!(
+            until(|| c.alive.0.get() == 0).await,
+            "{kind:?}: imported kv not released"
+        );
+        c.server.abort();
+    });
+}
+
+/// A call whose caller gives up before the answer (a deadline) leaves nothing behind: the
+/// capability its result would have held is released by the server.
+#[test]
+fn a_call_given_up_before_its_answer_leaves_nothing() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let mut req = c.gateway.open_request();
+        req.get().set_token("t");
+        let sent = req.send();
+        drop(sent);
+        assert!(until(|| c.alive.0.get() == 0).await);
+        // Made and released (or never made): either way nothing stays.
+        let kv = open(&c.gateway, "t");
+        assert_eq!(get(&kv, b"k").await.unwrap(), b"k");
+        drop(kv);
+        assert!(until(|| c.alive.0.get() == 0).await, "{kind:?}");
+        c.server.abort();
+    });
+}
+
+/// When the server goes, calls waiting fail with `disconnected`, later calls fail at once,
+/// and the connection's future ends with the reason.
+#[test]
+fn a_lost_server_fails_waiting_and_later_calls() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "t");
+        assert_eq!(get(&kv, b"k").await.unwrap(), b"k");
+        c.server.abort();
+        let _ = c.server.await;
+        let e = get(&kv, b"k").await.unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Disconnected, "{kind:?}: {e}");
+        let ended = c.driver.await.unwrap();
+        assert!(ended.is_err(), "{kind:?}");
+        let e = get(&kv, b"k").await.unwrap_err();
+        assert_eq!(e.kind, capnp::ErrorKind::Disconnected, "{kind:?}: {e}");
+    });
+}
+
+/// Dropping every capability of a connection ends it: its future resolves.
+#[test]
+fn a_connection_nobody_holds_ends() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "t");
+        assert_eq!(get(&kv, b"k").await.unwrap(), b"k");
+        drop(kv);
+        drop(c.gateway);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), c.driver)
+            .await
+            .expect("the connection did not end");
+        assert!(ended.unwrap().is_ok(), "{kind:?}");
+        c.server.abort();
+    });
+}
