@@ -86,6 +86,37 @@ pub struct ClientOptions {
     /// `getMany` of at most this many keys (capped at `limits.max_batch_items`). 0 or 1 =
     /// off (the default): every get is its own call. See [`batch`].
     pub auto_batch_keys: usize,
+    /// The RPC runtime under the connection: capkv's own client engine (the default) or
+    /// capnp-rpc's `RpcSystem`, the reference it is tested against (and the way back).
+    /// The default follows `CAPKV_CLIENT_RPC_ENGINE` (`capkv` or `capnp-rpc`) when set.
+    pub rpc_engine: ClientEngine,
+}
+
+/// The RPC runtime of a client connection (see [`ClientOptions::rpc_engine`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientEngine {
+    /// `capkv_rpc::client`.
+    #[default]
+    Capkv,
+    /// capnp-rpc's `RpcSystem`.
+    CapnpRpc,
+}
+
+impl ClientEngine {
+    /// From `CAPKV_CLIENT_RPC_ENGINE`; unset or unknown (logged) is the default.
+    pub fn from_env() -> Self {
+        match std::env::var("CAPKV_CLIENT_RPC_ENGINE").as_deref() {
+            Ok("capnp-rpc") => ClientEngine::CapnpRpc,
+            Ok("capkv") | Err(_) => ClientEngine::Capkv,
+            Ok(other) => {
+                tracing::warn!(
+                    value = other,
+                    "CAPKV_CLIENT_RPC_ENGINE is capkv or capnp-rpc; using capkv"
+                );
+                ClientEngine::Capkv
+            }
+        }
+    }
 }
 
 /// Mutual TLS for a client: the config (CA, client certificate) and the name the server's
@@ -122,6 +153,7 @@ impl Default for ClientOptions {
             resume_session: None,
             tls: None,
             auto_batch_keys: 0,
+            rpc_engine: ClientEngine::from_env(),
         }
     }
 }

@@ -46,6 +46,9 @@ use futures::{AsyncRead, AsyncWrite};
 use crate::engine::Writer;
 use crate::frames::{ByteFrames, Frame, FrameSource};
 
+/// Replies handled in one pass of the connection's future before it lets others run.
+const MAX_REPLIES_PER_PASS: usize = 64;
+
 /// Bounds of one client connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
@@ -365,8 +368,15 @@ where
     let mut writer = Writer::new(writer);
     let ended = std::future::poll_fn(|cx| {
         state.borrow_mut().driver = Some(cx.waker().clone());
-        // Bounded: each pass handles at most this many replies, then yields.
-        for _ in 0..64 {
+        // Bounded: each pass handles at most this many replies, then yields (and comes
+        // back at once: the rest may be buffered already, with no wake-up to come).
+        let mut handled = 0;
+        loop {
+            if handled == MAX_REPLIES_PER_PASS {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            handled += 1;
             match Pin::new(&mut frames).poll_frame(cx) {
                 Poll::Pending => break,
                 Poll::Ready(Ok(None)) => {

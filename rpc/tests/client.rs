@@ -70,8 +70,12 @@ impl gateway::Server for TestGateway {
         params: gateway::OpenParams,
         mut results: gateway::OpenResults,
     ) -> Result<(), capnp::Error> {
-        if params.get()?.get_token()? == "bad" {
+        let token = params.get()?.get_token()?.to_string()?;
+        if token == "bad" {
             return Err(capnp::Error::failed("bad token".into()));
+        }
+        if token == "slow" {
+            tokio::task::yield_now().await;
         }
         self.alive.0.set(self.alive.0.get() + 1);
         let kv: kv_store::Client = capkv_rpc::local::new_client(TestKv {
@@ -395,6 +399,34 @@ fn a_connection_nobody_holds_ends() {
             .await
             .expect("the connection did not end");
         assert!(ended.unwrap().is_ok(), "{kind:?}");
+        c.server.abort();
+    });
+}
+
+/// A hundred calls pipelined on an answer still running wait for it and all get answers.
+#[test]
+fn a_hundred_calls_pipelined_on_a_running_answer() {
+    run(|kind| async move {
+        let c = connect(kind);
+        let kv = open(&c.gateway, "slow");
+        let calls: Vec<_> = (0..100)
+            .map(|i| {
+                let kv = kv.clone();
+                async move {
+                    let key = format!("k{i}").into_bytes();
+                    (key.clone(), get(&kv, &key).await)
+                }
+            })
+            .collect();
+        let all = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::future::join_all(calls),
+        )
+        .await
+        .expect("calls hang");
+        for (key, got) in all {
+            assert_eq!(got.unwrap(), key, "{kind:?}");
+        }
         c.server.abort();
     });
 }
