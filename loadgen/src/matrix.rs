@@ -128,7 +128,17 @@ struct Target {
     pid: Option<i32>,
     /// Serves gets only (the floors).
     gets_only: bool,
+    /// capkv's client on capnp-rpc's `RpcSystem`, for a few cases only: the client
+    /// engine's before and after in one run.
+    reference_client: bool,
 }
+
+/// The cases the capnp-rpc client runs (the rest would only lengthen the run).
+const REFERENCE_CLIENT_CASES: [&str; 4] =
+    ["GET c=1", "GET c=50", "PUT c=50", "GET c=50 x16 in flight"];
+
+/// The label of capkv's rows driven by its client on capnp-rpc's `RpcSystem`.
+pub const REFERENCE_CLIENT_LABEL: &str = "capkv, capnp-rpc client";
 
 impl Target {
     /// Whether this target runs `case`: the floors serve gets only, and the raw client sends
@@ -136,6 +146,7 @@ impl Target {
     fn runs(&self, case: &Case) -> bool {
         (!self.gets_only || case.read_percent == 100)
             && (self.kind != TargetKind::CapkvRaw || (case.batch == 1 && case.auto_batch == 0))
+            && (!self.reference_client || REFERENCE_CLIENT_CASES.contains(&case.name))
     }
 }
 
@@ -243,6 +254,15 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             addr: m.capkv_addr.clone(),
             pid: m.capkv_pid,
             gets_only: false,
+            reference_client: false,
+        },
+        Target {
+            label: REFERENCE_CLIENT_LABEL,
+            kind: TargetKind::Capkv,
+            addr: m.capkv_addr.clone(),
+            pid: m.capkv_pid,
+            gets_only: false,
+            reference_client: true,
         },
         // The same server without the client library's cost: what redis-benchmark's rows
         // compare with.
@@ -252,6 +272,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             addr: m.capkv_addr.clone(),
             pid: m.capkv_pid,
             gets_only: false,
+            reference_client: false,
         },
     ];
     if let Some(addr) = &m.redis_addr {
@@ -261,6 +282,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             addr: addr.clone(),
             pid: m.redis_pid,
             gets_only: false,
+            reference_client: false,
         });
     }
     if let Some(addr) = &m.floor_addr {
@@ -270,6 +292,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             addr: addr.clone(),
             pid: m.floor_pid,
             gets_only: true,
+            reference_client: false,
         });
     }
     if let Some(addr) = &m.engine_floor_addr {
@@ -279,6 +302,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             addr: addr.clone(),
             pid: m.engine_floor_pid,
             gets_only: true,
+            reference_client: false,
         });
     }
     let with_redis_benchmark = m.redis_addr.is_some() && redis_bench::available();
@@ -303,9 +327,18 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 auto_batch: case.auto_batch,
                 mix_read_percent: case.read_percent,
                 rate: None,
+                client_engine: if t.reference_client {
+                    capkv_client::ClientEngine::CapnpRpc
+                } else {
+                    b.client_engine
+                },
                 ..b.clone()
             };
-            if case.name == "GET c=1" && t.kind != TargetKind::CapkvRaw && !t.gets_only {
+            if case.name == "GET c=1"
+                && t.kind != TargetKind::CapkvRaw
+                && !t.gets_only
+                && !t.reference_client
+            {
                 run::preload(&cfg)?;
             }
             let r = run::run(&cfg)?;

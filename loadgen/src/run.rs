@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use capkv_client::ClientOptions;
+use capkv_client::{ClientEngine, ClientOptions};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -69,6 +69,10 @@ pub struct RunConfig {
     pub max_outstanding: usize,
     #[serde(skip)]
     pub progress: bool,
+    /// capkv: the client's RPC runtime (capkv's engine unless `CAPKV_CLIENT_RPC_ENGINE`
+    /// says otherwise; the matrix also runs a few cases on capnp-rpc's, the before).
+    #[serde(skip)]
+    pub client_engine: ClientEngine,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -102,6 +106,7 @@ impl Default for RunConfig {
             timeout: Duration::from_secs(5),
             max_outstanding: 1024,
             progress: false,
+            client_engine: ClientEngine::from_env(),
         }
     }
 }
@@ -228,6 +233,7 @@ fn options(cfg: &RunConfig) -> ClientOptions {
         token: cfg.token.clone(),
         timeout: cfg.timeout,
         auto_batch_keys: cfg.auto_batch,
+        rpc_engine: cfg.client_engine,
         ..ClientOptions::default()
     }
 }
