@@ -107,7 +107,7 @@ fi
     echo "## RPC engines (bench/engines.sh): capkv's own against capnp-rpc's RpcSystem"
     echo
     echo "Same kv-server build with \`rpc_engine\` = capkv (default) or capnp-rpc, alternating;"
-    echo "memory engine, GET c=50, 10,000 keys; the client is capnp-rpc's in both."
+    echo "memory engine, GET c=50, 10,000 keys; the client is capkv's client library (its own RPC engine) in both."
     echo
     cat "$tmp/engines.md"
     echo

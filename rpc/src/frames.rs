@@ -143,9 +143,10 @@ pub trait FrameSource {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Frame>>>;
 }
 
-/// Frames cut from any byte stream by their segment tables, without the frame layer's
-/// checks: for tests and the fuzz target, which drive the engine with what the frame layer
-/// would refuse. Servers read through a [`GuardedReader`].
+/// Frames cut from any byte stream by their segment tables, bounded by `max_frame_bytes`
+/// but without the frame layer's other checks: how the client engine reads the server it
+/// chose (`crate::client`), and how tests and the fuzz target drive the server engine with
+/// what the frame layer would refuse. Servers read through a [`GuardedReader`].
 pub struct ByteFrames<R> {
     inner: R,
     buf: Vec<u8>,
