@@ -368,37 +368,26 @@ where
     let mut writer = Writer::new(writer);
     let ended = std::future::poll_fn(|cx| {
         state.borrow_mut().driver = Some(cx.waker().clone());
-        // Bounded: each pass handles at most this many replies, then yields (and comes
-        // back at once: the rest may be buffered already, with no wake-up to come).
-        let mut handled = 0;
-        loop {
-            if handled == MAX_REPLIES_PER_PASS {
-                cx.waker().wake_by_ref();
-                break;
-            }
-            handled += 1;
-            match Pin::new(&mut frames).poll_frame(cx) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(None)) => {
-                    return Poll::Ready(Err(capnp::Error::disconnected(
-                        "the server closed the connection".into(),
-                    )))
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(e))),
-                Poll::Ready(Ok(Some(frame))) => {
-                    let m = message::Reader::new(frame, options);
-                    if let Err(e) = handle(&state, m) {
-                        return Poll::Ready(Err(e));
-                    }
-                }
-            }
+        if let Poll::Ready(end) = read_pass(&state, &mut frames, options, cx) {
+            return Poll::Ready(Err(end.error()));
         }
         // Write: the outbox becomes the write buffer when no write runs.
         loop {
             writer.start(&mut state.borrow_mut().outbox);
             match writer.poll_written(cx) {
                 Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                Poll::Ready(Err(e)) => {
+                    // A server that refuses or ends a connection says why (an Abort) and
+                    // closes; a write racing its close fails first. What it said is in the
+                    // socket already (it was sent before the close): read it before
+                    // settling for the write's error.
+                    if let Poll::Ready(ReadEnd::Said(said)) =
+                        read_pass(&state, &mut frames, options, cx)
+                    {
+                        return Poll::Ready(Err(said));
+                    }
+                    return Poll::Ready(Err(io_error(e)));
+                }
                 Poll::Pending => break,
             }
         }
@@ -432,6 +421,51 @@ where
         }
     }
     ended
+}
+
+/// How the read side of a connection ended.
+enum ReadEnd {
+    /// The stream ended or failed.
+    Lost(capnp::Error),
+    /// The server said why (an Abort), or broke the protocol.
+    Said(capnp::Error),
+}
+
+impl ReadEnd {
+    fn error(self) -> capnp::Error {
+        match self {
+            ReadEnd::Lost(e) | ReadEnd::Said(e) => e,
+        }
+    }
+}
+
+/// Handles the replies already buffered, at most [`MAX_REPLIES_PER_PASS`] (then the pass
+/// comes back at once: the rest may be buffered, with no wake-up to come). Ready when the
+/// connection has ended, with why.
+fn read_pass<R: AsyncRead + Unpin>(
+    state: &Shared,
+    frames: &mut ByteFrames<R>,
+    options: ReaderOptions,
+    cx: &mut Context<'_>,
+) -> Poll<ReadEnd> {
+    for _ in 0..MAX_REPLIES_PER_PASS {
+        match Pin::new(&mut *frames).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(None)) => {
+                return Poll::Ready(ReadEnd::Lost(capnp::Error::disconnected(
+                    "the server closed the connection".into(),
+                )))
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(ReadEnd::Lost(io_error(e))),
+            Poll::Ready(Ok(Some(frame))) => {
+                if let Err(e) = handle(state, message::Reader::new(frame, options)) {
+                    return Poll::Ready(ReadEnd::Said(e));
+                }
+            }
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 fn io_error(e: std::io::Error) -> capnp::Error {

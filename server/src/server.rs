@@ -39,6 +39,33 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Refused connections lingering at once (see `linger`); past it they close at once.
+const MAX_LINGERING_REFUSALS: usize = 64;
+/// How long, and how many bytes, a refused connection is read and ignored before closing.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_LINGER_BYTES: usize = 64 * 1024;
+
+/// Closes a refused connection gently: its write side first (the refusal already sent
+/// stays readable by the client), then reads and drops what the client sent until it hangs
+/// up, for at most [`REFUSAL_LINGER`] and [`REFUSAL_LINGER_BYTES`].
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        while read < REFUSAL_LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     // Causes are not repeated in the messages: callers print the chain (`{:#}`).
@@ -234,6 +261,7 @@ impl Server {
         };
 
         let open = Arc::new(AtomicUsize::new(0));
+        let lingering = Arc::new(AtomicUsize::new(0));
         let refusal = capkv_rpc::frames::abort_frame(
             "too many connections; try again later",
             capnp_rpc::rpc_capnp::exception::Type::Overloaded,
@@ -261,6 +289,20 @@ impl Server {
                 // Say why before closing: the client reports it instead of a bare hang-up.
                 // One small frame into an empty socket buffer: never blocks.
                 let _ = stream.try_write(&refusal);
+                // Closed at once, a socket holding the client's first calls (unread) sends
+                // a reset, and the client's kernel drops the refusal with it before the
+                // client reads it. So a few refused sockets linger: their write side
+                // closed, what the client sent read and dropped until it hangs up
+                // (bounded in bytes, time and number); past the bound they close at once.
+                if lingering.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING_REFUSALS {
+                    let lingering = Arc::clone(&lingering);
+                    tokio::spawn(async move {
+                        linger(stream).await;
+                        lingering.fetch_sub(1, Ordering::AcqRel);
+                    });
+                } else {
+                    lingering.fetch_sub(1, Ordering::AcqRel);
+                }
                 continue; // dropping the stream closes it
             }
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
