@@ -575,27 +575,21 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
             Ok(e) => remote_exception(e),
             Err(e) => e,
         }),
+        // This client exports nothing: say so, the connection stays.
         Ok(rpc_message::Which::Call(c)) => {
-            // This client exports nothing: say so, the connection stays.
-            let id = c?.get_question_id();
-            let mut reply = message::Builder::new_default();
-            let mut ret = reply.init_root::<rpc_message::Builder>().init_return();
-            ret.set_answer_id(id);
-            let mut e = ret.init_exception();
-            e.set_type(exception::Type::Unimplemented);
-            e.set_reason("this client serves no capabilities");
-            state.borrow_mut().send(&reply);
+            refuse(
+                state,
+                c?.get_question_id(),
+                "this client serves no capabilities",
+            );
             Ok(())
         }
         Ok(rpc_message::Which::Bootstrap(b)) => {
-            let id = b?.get_question_id();
-            let mut reply = message::Builder::new_default();
-            let mut ret = reply.init_root::<rpc_message::Builder>().init_return();
-            ret.set_answer_id(id);
-            let mut e = ret.init_exception();
-            e.set_type(exception::Type::Unimplemented);
-            e.set_reason("this client has no bootstrap capability");
-            state.borrow_mut().send(&reply);
+            refuse(
+                state,
+                b?.get_question_id(),
+                "this client has no bootstrap capability",
+            );
             Ok(())
         }
         // Answers to what the client never keeps (it answers calls at once, exports
@@ -632,6 +626,17 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
             Ok(())
         }
     }
+}
+
+/// Answers the server's question `id` with an `unimplemented` exception.
+fn refuse(state: &Shared, id: u32, reason: &str) {
+    let mut reply = message::Builder::new_default();
+    let mut ret = reply.init_root::<rpc_message::Builder>().init_return();
+    ret.set_answer_id(id);
+    let mut e = ret.init_exception();
+    e.set_type(exception::Type::Unimplemented);
+    e.set_reason(reason);
+    state.borrow_mut().send(&reply);
 }
 
 #[derive(Clone)]
@@ -944,13 +949,7 @@ impl Drop for ResponseFuture {
 impl ResponseHook for Reply {
     fn get(&self) -> capnp::Result<any_pointer::Reader<'_>> {
         let root = self.message.get_root::<rpc_message::Reader>()?;
-        let rpc_message::Which::Return(ret) = root.which()? else {
-            return Err(capnp::Error::failed("not a Return".into()));
-        };
-        let return_::Which::Results(payload) = ret?.which()? else {
-            return Err(capnp::Error::failed("not results".into()));
-        };
-        let mut content = payload?.get_content();
+        let mut content = crate::engine::results_content(root)?;
         content.imbue(&self.caps);
         Ok(content)
     }

@@ -167,16 +167,24 @@ impl Built {
 
     fn content(&self) -> capnp::Result<any_pointer::Reader<'_>> {
         let root = self.message.get_root_as_reader::<rpc_message::Reader>()?;
-        let rpc_message::Which::Return(ret) = root.which()? else {
-            return Err(capnp::Error::failed("not a Return".into()));
-        };
-        let return_::Which::Results(payload) = ret?.which()? else {
-            return Err(capnp::Error::failed("not a result".into()));
-        };
-        let mut content = payload?.get_content();
+        let mut content = results_content(root)?;
         content.imbue(&self.cap_table);
         Ok(content)
     }
+}
+
+/// The results of a Return message (whose capabilities the caller imbues): how the engine
+/// reads its own answers for pipelined calls and the client reads the server's.
+pub(crate) fn results_content(
+    root: rpc_message::Reader<'_>,
+) -> capnp::Result<any_pointer::Reader<'_>> {
+    let rpc_message::Which::Return(ret) = root.which()? else {
+        return Err(capnp::Error::failed("not a Return".into()));
+    };
+    let return_::Which::Results(payload) = ret?.which()? else {
+        return Err(capnp::Error::failed("not a result".into()));
+    };
+    Ok(payload?.get_content())
 }
 
 /// The results a handler writes into. The message goes back to the engine when the handler
