@@ -430,3 +430,165 @@ fn a_hundred_calls_pipelined_on_a_running_answer() {
         c.server.abort();
     });
 }
+
+/// What a server could send, decoded from arbitrary bytes: Returns for small question ids
+/// (results whose capability tables hold every kind of descriptor, exceptions, cancels,
+/// results sent elsewhere), Aborts, Calls, Bootstraps, Finishes, Releases, Resolves,
+/// Disembargos, Unimplementeds and undecodable bodies, each framed as on the wire.
+fn server_messages(input: &[u8]) -> Vec<u8> {
+    use capnp_rpc::rpc_capnp::{exception, message as rpc_message};
+    let mut out = Vec::new();
+    let mut bytes = input.iter().copied();
+    let mut next = move || bytes.next();
+    while let Some(kind) = next() {
+        let a = u32::from(next().unwrap_or(0) % 8);
+        let b = next().unwrap_or(0);
+        let mut m = capnp::message::Builder::new_default();
+        let root = m.init_root::<rpc_message::Builder>();
+        match kind % 12 {
+            0..=3 => {
+                let mut r = root.init_return();
+                r.set_answer_id(a);
+                r.set_no_finish_needed(b & 1 == 1);
+                let mut p = r.init_results();
+                let n = u32::from(b % 4);
+                let mut t = p.reborrow().init_cap_table(n);
+                for i in 0..n {
+                    let mut d = t.reborrow().get(i);
+                    match (b >> 2).wrapping_add(i as u8) % 5 {
+                        0 => d.set_none(()),
+                        1 => d.set_sender_hosted(u32::from(b % 3)),
+                        2 => d.set_sender_promise(u32::from(b % 3)),
+                        3 => d.set_receiver_hosted(1),
+                        _ => {
+                            let mut pa = d.init_receiver_answer();
+                            pa.set_question_id(a);
+                        }
+                    }
+                }
+                if n > 0 {
+                    // A struct whose first pointer is capability 0, as `open`'s result.
+                    let c = p.init_content();
+                    let mut s = c.init_as::<capkv::kv_capnp::gateway::open_results::Builder>();
+                    let _ = s.reborrow().init_result();
+                }
+            }
+            4 => {
+                let mut r = root.init_return();
+                r.set_answer_id(a);
+                let mut e = r.init_exception();
+                e.set_type(exception::Type::Failed);
+                e.set_reason("scripted");
+            }
+            5 => {
+                let mut r = root.init_return();
+                r.set_answer_id(a);
+                if b & 1 == 0 {
+                    r.set_canceled(());
+                } else {
+                    r.set_results_sent_elsewhere(());
+                }
+            }
+            6 => root.init_abort().set_reason("scripted abort"),
+            7 => {
+                let mut c = root.init_call();
+                c.set_question_id(a);
+                c.init_target().set_imported_cap(u32::from(b));
+            }
+            8 => root.init_bootstrap().set_question_id(a),
+            9 => {
+                if b & 1 == 0 {
+                    let mut f = root.init_finish();
+                    f.set_question_id(a);
+                } else {
+                    let mut r = root.init_release();
+                    r.set_id(a);
+                    r.set_reference_count(u32::from(b));
+                }
+            }
+            10 => {
+                let mut r = root.init_resolve();
+                r.set_promise_id(a);
+                r.init_cap().set_sender_hosted(1);
+            }
+            _ => {
+                let mut u = root.init_unimplemented().init_call();
+                u.set_question_id(a);
+                u.init_target().set_imported_cap(0);
+            }
+        }
+        capnp::serialize::write_message(&mut out, &m).unwrap();
+    }
+    out
+}
+
+/// Whatever a server sends, the client never panics, and its connection ends or serves
+/// on: seeded sequences of every message kind, for questions that exist and that do not,
+/// while calls are waiting and being dropped.
+#[test]
+fn no_server_message_sequence_panics_the_client() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for round in 0..300 {
+        // 1 to 8 messages: long scripts almost always end the connection early (an
+        // Abort, a second Return), short ones leave it serving.
+        let len = 3 * (1 + round % 8);
+        let input: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let script = server_messages(&input);
+        tokio::task::LocalSet::new().block_on(&rt, async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+            let server = tokio::task::spawn_local(async move {
+                // Let the client's first calls out, then the script, then read until the
+                // client hangs up (bounded by the test's own end).
+                tokio::task::yield_now().await;
+                let _ = server_end.write_all(&script).await;
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = server_end.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+            let (cr, cw) = tokio::io::split(client_end);
+            let (hook, driver) =
+                client::connect_halves(cr.compat(), cw.compat_write(), ClientLimits::default());
+            let driver = tokio::task::spawn_local(driver);
+            let gateway = gateway::Client::new(hook);
+            let kv = open(&gateway, "t");
+            let calls: Vec<_> = (0..6)
+                .map(|i| {
+                    let kv = kv.clone();
+                    tokio::task::spawn_local(async move {
+                        // A scripted server may never answer: a bound, not a wait.
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_millis(20),
+                            get(&kv, format!("k{i}").as_bytes()),
+                        )
+                        .await;
+                    })
+                })
+                .collect();
+            for c in calls {
+                assert!(c.await.is_ok(), "round {round}: a call panicked");
+            }
+            drop(kv);
+            drop(gateway);
+            let ended = tokio::time::timeout(std::time::Duration::from_secs(5), driver)
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the connection did not end"));
+            assert!(ended.is_ok(), "round {round}: the connection panicked");
+            server.abort();
+        });
+    }
+}
