@@ -532,23 +532,37 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
             }
             let reply = match r.which()? {
                 return_::Which::Results(p) => {
+                    // Read the whole table before making any capability: one made and
+                    // dropped here (a later descriptor failing to decode) would release
+                    // its import through the state this function holds borrowed.
                     let table = p?.get_cap_table()?;
-                    let mut caps = Vec::with_capacity(table.len() as usize);
+                    let mut imports = Vec::with_capacity(table.len() as usize);
                     for d in table.iter() {
-                        caps.push(match d.which()? {
+                        imports.push(match d.which()? {
                             cap_descriptor::None(()) => None,
                             cap_descriptor::SenderHosted(i) | cap_descriptor::SenderPromise(i) => {
-                                s.import(i);
-                                Some(Box::new(Cap {
-                                    state: Rc::clone(state),
-                                    target: Target::Import(i),
-                                }) as Box<dyn ClientHook>)
+                                Some(Some(i))
                             }
-                            _ => Some(broken_cap(capnp::Error::unimplemented(
-                                "this client imports only capabilities the server hosts".into(),
-                            ))),
+                            _ => Some(None),
                         });
                     }
+                    let caps: Vec<Option<Box<dyn ClientHook>>> = imports
+                        .into_iter()
+                        .map(|d| {
+                            d.map(|import| match import {
+                                Some(i) => {
+                                    s.import(i);
+                                    Box::new(Cap {
+                                        state: Rc::clone(state),
+                                        target: Target::Import(i),
+                                    }) as Box<dyn ClientHook>
+                                }
+                                None => broken_cap(capnp::Error::unimplemented(
+                                    "this client imports only capabilities the server hosts".into(),
+                                )),
+                            })
+                        })
+                        .collect();
                     if let Some(q) = s.question(id) {
                         q.imported = true;
                     }
