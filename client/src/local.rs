@@ -90,7 +90,7 @@ struct Started {
 
 impl Started {
     /// Starts the runtime over `stream` on the current `LocalSet`; returns the bootstrap.
-    fn run<S>(self, stream: S, tls: bool) -> gateway::Client
+    fn run<S>(self, stream: S) -> gateway::Client
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     {
@@ -106,24 +106,11 @@ impl Started {
                     reader_options,
                     ..Default::default()
                 };
-                // Over TLS, calls go through the coalescing writer, whose flush runs after
-                // the tasks already ready: the first calls leave a turn after the handshake,
-                // as with `RpcSystem`. Written at once, they reach a server about to refuse
-                // this client's certificate, whose close then resets the connection before
-                // the client reads the alert (seen: "connection reset" instead of the
-                // refusal, about half the time, server/tests/tls.rs).
-                let (hook, driver) = if tls {
-                    use futures::AsyncReadExt;
-                    use tokio_util::compat::TokioAsyncReadCompatExt;
-                    let (r, w) = stream.compat().split();
-                    let w = capkv_rpc::transport::CoalescingWriter::new(w);
-                    let (hook, driver) = capkv_rpc::client::connect_halves(r, w, limits);
-                    (hook, driver.boxed_local())
-                } else {
-                    let (hook, driver) = capkv_rpc::client::connect(stream, limits);
-                    (hook, driver.boxed_local())
-                };
-                (capnp::capability::FromClientHook::new(hook), driver)
+                let (hook, driver) = capkv_rpc::client::connect(stream, limits);
+                (
+                    capnp::capability::FromClientHook::new(hook),
+                    driver.boxed_local(),
+                )
             }
             ClientEngine::CapnpRpc => {
                 let side = rpc_twoparty_capnp::Side::Client;
@@ -174,7 +161,7 @@ impl LocalClient {
         };
         let gateway =
             match &options.tls {
-                None => started.run(stream, false),
+                None => started.run(stream),
                 Some(tls) => {
                     let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())
                         .map_err(|e| {
@@ -194,7 +181,7 @@ impl LocalClient {
                     .map_err(|e| {
                         ApiError::new(ErrorCode::Unavailable, format!("TLS handshake failed: {e}"))
                     })?;
-                    started.run(stream, true)
+                    started.run(stream)
                 }
             };
         let mut req = gateway.open_request();

@@ -45,10 +45,23 @@ const MAX_LINGERING_REFUSALS: usize = 64;
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 const REFUSAL_LINGER_BYTES: usize = 64 * 1024;
 
-/// Closes a refused connection gently: its write side first (the refusal already sent
-/// stays readable by the client), then reads and drops what the client sent until it hangs
-/// up, for at most [`REFUSAL_LINGER`] and [`REFUSAL_LINGER_BYTES`].
-async fn linger(mut stream: tokio::net::TcpStream) {
+/// Refused connections lingering now, all listeners and workers together.
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// Closes a refused connection (too many connections, a TLS handshake refused) gently: its
+/// write side first (the refusal already sent stays readable by the client), then reads and
+/// drops what the client sent until it hangs up, for at most [`REFUSAL_LINGER`] and
+/// [`REFUSAL_LINGER_BYTES`]. Past [`MAX_LINGERING_REFUSALS`] at once it closes at once.
+/// Closed at once, a socket holding the client's first calls (unread) sends a reset, and
+/// the client's kernel drops the refusal with it before the client reads it.
+async fn linger(stream: tokio::net::TcpStream) {
+    if LINGERING.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING_REFUSALS {
+        linger_now(stream).await;
+    }
+    LINGERING.fetch_sub(1, Ordering::AcqRel);
+}
+
+async fn linger_now(mut stream: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if stream.shutdown().await.is_err() {
         return;
@@ -261,7 +274,6 @@ impl Server {
         };
 
         let open = Arc::new(AtomicUsize::new(0));
-        let lingering = Arc::new(AtomicUsize::new(0));
         let refusal = capkv_rpc::frames::abort_frame(
             "too many connections; try again later",
             capnp_rpc::rpc_capnp::exception::Type::Overloaded,
@@ -289,21 +301,8 @@ impl Server {
                 // Say why before closing: the client reports it instead of a bare hang-up.
                 // One small frame into an empty socket buffer: never blocks.
                 let _ = stream.try_write(&refusal);
-                // Closed at once, a socket holding the client's first calls (unread) sends
-                // a reset, and the client's kernel drops the refusal with it before the
-                // client reads it. So a few refused sockets linger: their write side
-                // closed, what the client sent read and dropped until it hangs up
-                // (bounded in bytes, time and number); past the bound they close at once.
-                if lingering.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING_REFUSALS {
-                    let lingering = Arc::clone(&lingering);
-                    tokio::spawn(async move {
-                        linger(stream).await;
-                        lingering.fetch_sub(1, Ordering::AcqRel);
-                    });
-                } else {
-                    lingering.fetch_sub(1, Ordering::AcqRel);
-                }
-                continue; // dropping the stream closes it
+                tokio::spawn(linger(stream));
+                continue;
             }
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
             let count = ConnCount(Arc::clone(&open));
@@ -425,15 +424,24 @@ fn worker_main(
                     tokio::task::spawn_local(async move {
                         let peer = start.peer;
                         let reason =
-                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                            match tokio::time::timeout(
+                                timeout,
+                                acceptor.accept(stream).into_fallible(),
+                            )
+                            .await
+                            {
                                 Ok(Ok(tls)) => {
                                     let (r, w) = tokio::io::split(tls);
                                     start_connection(start, r.compat(), w.compat_write());
                                     return;
                                 }
-                                Ok(Err(e)) => {
+                                Ok(Err((e, stream))) => {
                                     tracing::warn!(%peer, error = %e, "TLS handshake refused");
-                                    "tls_handshake"
+                                    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "tls_handshake")
+                                        .increment(1);
+                                    // The alert is sent: let the client read it.
+                                    linger(stream).await;
+                                    return;
                                 }
                                 Err(_) => {
                                     tracing::warn!(%peer, "TLS handshake timed out");
