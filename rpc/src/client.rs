@@ -314,23 +314,19 @@ where
     }));
     let bootstrap = {
         let mut s = state.borrow_mut();
-        match s.new_question() {
-            Ok(id) => {
-                let mut m = message::Builder::new(HeapAllocator::new().first_segment_words(8));
-                m.init_root::<rpc_message::Builder>()
-                    .init_bootstrap()
-                    .set_question_id(id);
-                s.send(&m);
-                // Nobody waits for the bootstrap's Return: calls pipeline on it.
-                if let Some(q) = s.question(id) {
-                    q.answer = Answer::Taken;
-                    q.unwanted = true;
-                    q.refs = 1;
-                }
-                Ok(id)
+        s.new_question().inspect(|&id| {
+            let mut m = message::Builder::new(HeapAllocator::new().first_segment_words(8));
+            m.init_root::<rpc_message::Builder>()
+                .init_bootstrap()
+                .set_question_id(id);
+            s.send(&m);
+            // Nobody waits for the bootstrap's Return: calls pipeline on it.
+            if let Some(q) = s.question(id) {
+                q.answer = Answer::Taken;
+                q.unwanted = true;
+                q.refs = 1;
             }
-            Err(e) => Err(e),
-        }
+        })
     };
     let hook: Box<dyn ClientHook> = match bootstrap {
         Ok(id) => Box::new(Cap {
@@ -626,6 +622,12 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
                             w.wake();
                         }
                     }
+                }
+                // As after a Return: a question nobody holds any more goes now.
+                if s.question(id).is_some_and(|q| q.returned && q.refs == 0) {
+                    let dropped = s.free_question(id);
+                    drop(s);
+                    drop(dropped);
                 }
             }
             Ok(())

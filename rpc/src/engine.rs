@@ -647,12 +647,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         Poll::Ready(r)
     }
 
-    pub(crate) async fn written(&mut self) -> std::io::Result<()> {
+    async fn written(&mut self) -> std::io::Result<()> {
         std::future::poll_fn(|cx| self.poll_written(cx)).await
     }
 
     /// Ends the running write, then writes what is left.
-    pub(crate) async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
+    async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             self.written().await?;
         }

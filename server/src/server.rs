@@ -423,33 +423,32 @@ fn worker_main(
                     let timeout = shared.tunables().frames.frame_timeout;
                     tokio::task::spawn_local(async move {
                         let peer = start.peer;
-                        let reason =
-                            match tokio::time::timeout(
-                                timeout,
-                                acceptor.accept(stream).into_fallible(),
-                            )
-                            .await
-                            {
-                                Ok(Ok(tls)) => {
-                                    let (r, w) = tokio::io::split(tls);
-                                    start_connection(start, r.compat(), w.compat_write());
-                                    return;
-                                }
-                                Ok(Err((e, stream))) => {
-                                    tracing::warn!(%peer, error = %e, "TLS handshake refused");
-                                    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "tls_handshake")
-                                        .increment(1);
-                                    // The alert is sent: let the client read it.
-                                    linger(stream).await;
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::warn!(%peer, "TLS handshake timed out");
-                                    "tls_timeout"
-                                }
-                            };
+                        let (reason, refused) = match tokio::time::timeout(
+                            timeout,
+                            acceptor.accept(stream).into_fallible(),
+                        )
+                        .await
+                        {
+                            Ok(Ok(tls)) => {
+                                let (r, w) = tokio::io::split(tls);
+                                start_connection(start, r.compat(), w.compat_write());
+                                return;
+                            }
+                            Ok(Err((e, stream))) => {
+                                tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                                ("tls_handshake", Some(stream))
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "TLS handshake timed out");
+                                ("tls_timeout", None)
+                            }
+                        };
                         metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => reason)
                             .increment(1);
+                        // A refusal's alert is sent: let the client read it.
+                        if let Some(stream) = refused {
+                            linger(stream).await;
+                        }
                     });
                 }
             }
