@@ -196,6 +196,12 @@ impl Server {
             ops,
         } = self;
         let upkeep = ops.as_ref().map(|(_, h)| h.clone());
+        // The operator address as bound, so `metrics_listen` may name port 0 (tests and
+        // supervisors read it here instead of racing for a free port).
+        let metrics_addr = ops
+            .as_ref()
+            .and_then(|(http, _)| http.local_addr().ok())
+            .map(|a| a.to_string());
         let ops_task = ops.map(|(http, handle)| {
             tokio::spawn(crate::http::serve(http, handle, Arc::clone(&shared)))
         });
@@ -226,6 +232,7 @@ impl Server {
         let addr = listener.local_addr().unwrap_or(config.listen);
         tracing::info!(
             %addr,
+            metrics_addr,
             workers,
             engine = config.engine.name(),
             rpc_engine = config.rpc_engine.name(),

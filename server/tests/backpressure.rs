@@ -29,21 +29,23 @@ struct Server {
     proc: Proc,
     addr: String,
     logs: std::sync::mpsc::Receiver<String>,
-    metrics_port: u16,
+    metrics_addr: String,
 }
 
 impl Server {
     fn start(envs: &[(&str, &str)]) -> Self {
-        let metrics_port = free_port();
-        let metrics = format!("127.0.0.1:{metrics_port}");
         let mut envs = envs.to_vec();
         envs.push(("CAPKV_STORAGE__STATS_INTERVAL_MS", "100"));
-        let (proc, addr, logs) = spawn_memory_server(
+        let (proc, addr, metrics_addr, logs) = spawn_kv_server_with_metrics(
             &[
+                "--listen",
+                "127.0.0.1:0",
+                "--engine",
+                "memory",
+                "--workers",
+                "2",
                 "--log-level",
                 "warn,capkv_server=info",
-                "--metrics-listen",
-                &metrics,
             ],
             &envs,
         );
@@ -51,7 +53,7 @@ impl Server {
             proc,
             addr,
             logs,
-            metrics_port,
+            metrics_addr,
         }
     }
 
@@ -67,7 +69,7 @@ impl Server {
         let until = Instant::now() + PATIENCE;
         loop {
             let mut body = String::new();
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) {
+            if let Ok(mut s) = std::net::TcpStream::connect(&self.metrics_addr) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
                 let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
                 let _ = s.read_to_string(&mut body);

@@ -68,13 +68,17 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A kv-server on `data`; returns its process, RPC address, metrics address and logs.
 fn start(
     data: &Path,
-    metrics_port: u16,
-) -> (common::Proc, String, std::sync::mpsc::Receiver<String>) {
+) -> (
+    common::Proc,
+    String,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     let data = data.to_string_lossy();
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let (proc, addr, logs) = common::spawn_kv_server(
+    common::spawn_kv_server_with_metrics(
         &[
             "--engine",
             "rocksdb",
@@ -82,8 +86,6 @@ fn start(
             "127.0.0.1:0",
             "--data-dir",
             &data,
-            "--metrics-listen",
-            &metrics,
             "--log-level",
             "warn,capkv_server=info,capkv_store=info",
         ],
@@ -93,8 +95,7 @@ fn start(
             ("CAPKV_STORAGE__SPACE_CHECK_INTERVAL_MS", "100"),
             ("CAPKV_STORAGE__STATS_INTERVAL_MS", "200"),
         ],
-    );
-    (proc, addr, logs)
+    )
 }
 
 async fn connect(addr: &str) -> Client {
@@ -107,8 +108,8 @@ async fn connect(addr: &str) -> Client {
 }
 
 /// The answer (status line, headers, body) to `GET path` on the metrics listener.
-fn http_get(port: u16, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+fn http_get(metrics: &str, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(metrics) else {
         return String::new();
     };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -118,8 +119,8 @@ fn http_get(port: u16, path: &str) -> String {
     r
 }
 
-fn readyz(port: u16) -> String {
-    http_get(port, "/readyz")
+fn readyz(metrics: &str) -> String {
+    http_get(metrics, "/readyz")
 }
 
 /// Value `i`: incompressible bytes (a xorshift stream), so that RocksDB's compression
@@ -148,8 +149,7 @@ fn reserve(data: &Path) -> PathBuf {
 fn a_full_disk_refuses_writes_early_restarts_for_reads_and_recovers_by_itself() {
     let Some(fs) = Tmpfs::mount(24) else { return };
     let data = fs.path().join("data");
-    let port = common::free_port();
-    let (mut server, addr, _logs) = start(&data, port);
+    let (mut server, addr, metrics, _logs) = start(&data);
     assert_eq!(
         std::fs::metadata(reserve(&data)).map(|m| m.len()).ok(),
         Some(RESERVE_BYTES),
@@ -208,25 +208,29 @@ fn a_full_disk_refuses_writes_early_restarts_for_reads_and_recovers_by_itself() 
         !reserve(&data).exists(),
         "the reserve is released when space runs low"
     );
-    assert!(readyz(port).contains("503"), "readyz: {}", readyz(port));
+    assert!(
+        readyz(&metrics).contains("503"),
+        "readyz: {}",
+        readyz(&metrics)
+    );
 
     // SIGKILL, then a restart on the full disk: it comes up and serves every acknowledged
     // write; writes stay refused.
     server.kill().unwrap();
     server.wait().unwrap();
     drop(server);
-    let (_server, addr, _logs) = start(&data, port);
+    let (_server, addr, metrics, _logs) = start(&data);
     // Metrics say writes are refused for space (read-only when RocksDB could not recover).
     let until = Instant::now() + PATIENCE;
-    let metrics = loop {
-        let m = http_get(port, "/metrics");
+    let body = loop {
+        let m = http_get(&metrics, "/metrics");
         if m.contains("capkv_store_space_low 1") {
             break m;
         }
         assert!(Instant::now() < until, "space_low never reported: {m}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let read_only = metrics.contains("capkv_store_read_only 1");
+    let read_only = body.contains("capkv_store_read_only 1");
     eprintln!("restarted on the full disk; read-only: {read_only}");
     common::local_result(async {
         let c = connect(&addr).await;
@@ -237,7 +241,7 @@ fn a_full_disk_refuses_writes_early_restarts_for_reads_and_recovers_by_itself() 
         let refused = c.put(b"more", b"x").await.unwrap_err();
         assert_eq!(refused.code, ErrorCode::StorageFull);
     });
-    let ready = readyz(port);
+    let ready = readyz(&metrics);
     assert!(
         ready.contains("503") && ready.contains("reads are served"),
         "{ready}"
@@ -270,5 +274,9 @@ fn a_full_disk_refuses_writes_early_restarts_for_reads_and_recovers_by_itself() 
         Some(RESERVE_BYTES),
         "the reserve is restored"
     );
-    assert!(readyz(port).contains("200"), "readyz: {}", readyz(port));
+    assert!(
+        readyz(&metrics).contains("200"),
+        "readyz: {}",
+        readyz(&metrics)
+    );
 }

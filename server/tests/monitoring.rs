@@ -125,11 +125,9 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     exprs.extend(alert_exprs.iter().map(|e| without_threshold(e)));
 
     let dir = tempfile::tempdir().unwrap();
-    let metrics_port = common::free_port();
-    let metrics_listen = format!("127.0.0.1:{metrics_port}");
     let data_dir = dir.path().join("data");
     let data_dir = data_dir.to_string_lossy();
-    let (server, addr, _logs) = common::spawn_kv_server(
+    let (server, addr, metrics_addr, _logs) = common::spawn_kv_server_with_metrics(
         &[
             "--engine",
             "rocksdb",
@@ -139,8 +137,6 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
             "2",
             "--log-level",
             "warn,capkv_server=info",
-            "--metrics-listen",
-            &metrics_listen,
             "--data-dir",
             &data_dir,
         ],
@@ -154,7 +150,7 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
 
     // The probes beside /metrics.
     let status = |path: &str| -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        let mut s = TcpStream::connect(&metrics_addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
         let mut r = String::new();
@@ -172,7 +168,7 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: capkv\n    static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: capkv\n    static_configs:\n      - targets: [\"{metrics_addr}\"]\n"
         ),
     )
     .unwrap();

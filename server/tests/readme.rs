@@ -201,7 +201,7 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
     (
         "kv-server --metrics-listen 127.0.0.1:9464",
         "server/tests/monitoring.rs",
-        "\"--metrics-listen\"",
+        "spawn_kv_server_with_metrics(",
     ),
     (
         "promtool test rules",

@@ -310,6 +310,31 @@ pub fn spawn_kv_server(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
+    let (proc, listening, logs) = spawn_listening(args, envs);
+    (proc, listening.addr, logs)
+}
+
+/// [`spawn_kv_server`] with its operator HTTP listener on a port the kernel picks
+/// (`--metrics-listen 127.0.0.1:0`); returns that listener's address too. A port picked
+/// by the test and freed before the server binds it can be taken meanwhile by any
+/// connection another test opens.
+pub fn spawn_kv_server_with_metrics(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, String, String, std::sync::mpsc::Receiver<String>) {
+    let mut all = vec!["--metrics-listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let (proc, listening, logs) = spawn_listening(&all, envs);
+    let metrics = listening
+        .metrics_addr
+        .expect("the listening line names the metrics address");
+    (proc, listening.addr, metrics, logs)
+}
+
+fn spawn_listening(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, Listening, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut cmd = kv_server(&["--log-format", "json"]);
     cmd.args(args).stderr(std::process::Stdio::piped());
@@ -337,11 +362,11 @@ pub fn spawn_kv_server(
         }
     });
     let patience = Duration::from_secs(60);
-    let addr = listening_addr(&mut std::iter::from_fn(|| {
+    let listening = listening_line(&mut std::iter::from_fn(|| {
         startup_rx.recv_timeout(patience).ok().map(Ok)
     }))
     .expect("kv-server listening");
-    (child, addr, rx)
+    (child, listening, rx)
 }
 
 /// A kv-server process on the memory engine with two workers, as the resource tests run it:
@@ -373,15 +398,34 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// What kv-server's `listening` line says.
+pub struct Listening {
+    /// The RPC address.
+    pub addr: String,
+    /// The operator HTTP address, when there is that listener.
+    pub metrics_addr: Option<String>,
+}
+
 /// Reads kv-server's JSON log lines (at most 50: startup logs a handful) up to its
-/// `listening` line and returns the address in it; `None` if the process ended first.
-pub fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Option<String> {
+/// `listening` line and returns what it says; `None` if the process ended first.
+pub fn listening_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+) -> Option<Listening> {
     for line in lines.take(50) {
         let Ok(line) = line else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("log lines are JSON ({e}), not {line:?}"));
         if v["message"] == "listening" {
-            return v["addr"].as_str().map(str::to_string);
+            return Some(Listening {
+                addr: v["addr"].as_str()?.to_string(),
+                metrics_addr: v["metrics_addr"].as_str().map(str::to_string),
+            });
         }
     }
     None
+}
+
+/// The RPC address of [`listening_line`].
+pub fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Option<String> {
+    listening_line(lines).map(|l| l.addr)
 }
