@@ -67,11 +67,13 @@ if [ "$quick" = 1 ]; then
     bash bench/conns.sh "$bin" 1 50 >"$tmp/conns.md"
     bash bench/keyspace.sh "$bin" 1 10000 >"$tmp/keyspace.md"
     DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
+    bash bench/scale.sh "$bin" 1 10000 >"$tmp/scale.md"
 else
     bash bench/engines.sh "$bin" >"$tmp/engines.md"
     bash bench/conns.sh "$bin" >"$tmp/conns.md"
     bash bench/keyspace.sh "$bin" >"$tmp/keyspace.md"
     DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" >"$tmp/durable.md"
+    bash bench/scale.sh "$bin" >"$tmp/scale.md"
 fi
 "$bin/kv-loadgen" plot-durable --csv "$tmp/durable.csv" --plot "$plots" --plot-caption "$caption"
 
@@ -131,6 +133,15 @@ fi
     echo "Same loadgen for both; redis-server with \`--appendonly yes --appendfsync always\`."
     echo
     cat "$tmp/durable.md"
+    echo
+    echo "## Storage at scale (bench/scale.sh): RocksDB engine against RocksDB's db_bench"
+    echo
+    echo "Same RocksDB options (256 MiB block cache, bloom filter, LZ4, incompressible 100-byte values,"
+    echo "16-byte keys), same disk; kv-server and db_bench on core 1, kv-loadgen on core 0. db_bench runs"
+    echo "in-process (no network, no RPC) with 50 threads; its overwrite writes no idempotency record and"
+    echo "reads nothing before writing, where a capkv put looks up the key's version and its record."
+    echo
+    cat "$tmp/scale.md"
     echo
     echo "## Peer anchors (../shared/peers/run-all.sh), same run"
     echo

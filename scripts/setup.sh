@@ -21,6 +21,10 @@ command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The README's Redis comparison (kv-loadgen --target redis) runs in the tests and bench/.
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# bench/scale.sh compares the RocksDB engine with RocksDB's own db_bench, and reads
+# kv-server's /metrics with curl.
+command -v db_bench >/dev/null 2>&1 || need_apt+=(rocksdb-tools)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then

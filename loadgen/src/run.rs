@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::procstat;
 use crate::stats::{summarize, Latency, OpSummary, Recorder};
 use crate::target::{Conn, TargetKind};
-use crate::workload::{key, KeyDist, Mix, OpGen, OpKind};
+use crate::workload::{key, KeyDist, Mix, OpGen, OpKind, VALUE_POOL};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunConfig {
@@ -200,24 +200,19 @@ pub fn preload(cfg: &RunConfig) -> anyhow::Result<()> {
             other => other,
         };
         let conn = Conn::open(target, &cfg.addr, &options(cfg)).await?;
+        // Every key gets a value of the generator's pool in turn: consecutive keys differ.
         let mut values = OpGen::new(cfg.seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
-        let value = values.value().to_vec();
+        let pool: Vec<Vec<u8>> = (0..VALUE_POOL).map(|_| values.value().to_vec()).collect();
         let batches: Vec<u64> = (0..cfg.keys.div_ceil(BATCH)).collect();
         for group in batches.chunks(IN_FLIGHT as usize) {
             let calls = group.iter().map(|b| {
-                let keys: Vec<Vec<u8>> = (b * BATCH..((b + 1) * BATCH).min(cfg.keys))
-                    .map(key)
+                let items: Vec<(Vec<u8>, &[u8])> = (b * BATCH..((b + 1) * BATCH).min(cfg.keys))
+                    .map(|i| (key(i), pool[i as usize % pool.len()].as_slice()))
                     .collect();
                 let conn = conn.clone();
-                let value = value.clone();
                 async move {
-                    conn.call(
-                        OpKind::Put,
-                        &keys,
-                        &value,
-                        Instant::now() + Duration::from_secs(30),
-                    )
-                    .await
+                    conn.put_many(&items, Instant::now() + Duration::from_secs(30))
+                        .await
                 }
             });
             for r in futures::future::join_all(calls).await {

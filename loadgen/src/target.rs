@@ -83,6 +83,41 @@ impl Conn {
         })
     }
 
+    /// One batch write of `items`, each key with its own value (putMany, MSET): the
+    /// preload, whose data must vary from key to key as real data does (one value repeated
+    /// under every key compresses away on disk, and a storage benchmark would measure
+    /// nothing). The raw target has no batches: the caller loads it through the library.
+    pub async fn put_many(
+        &self,
+        items: &[(Vec<u8>, &[u8])],
+        deadline: Instant,
+    ) -> Result<(), ErrorCode> {
+        match self {
+            Conn::Capkv(c) => {
+                let items: Vec<_> = items
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_vec(), Condition::None))
+                    .collect();
+                c.put_many(&items, deadline)
+                    .await
+                    .map(drop)
+                    .map_err(|e| capkv::code_name(e.code))
+            }
+            Conn::Raw(_) => Err("raw_mode_single_keys_only"),
+            Conn::Redis(c) => {
+                let pairs: Vec<(&[u8], &[u8])> =
+                    items.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
+                c.clone().mset::<_, _, ()>(&pairs).await.map_err(|e| {
+                    if e.is_io_error() {
+                        "transport"
+                    } else {
+                        "redis_error"
+                    }
+                })
+            }
+        }
+    }
+
     /// One call: a get or put of `keys` (a batch call when there is more than one).
     /// Reads of missing keys are successes, as in Redis.
     pub async fn call(

@@ -106,7 +106,7 @@ impl OpKind {
 
 /// Distinct values handed out round robin: enough variety that values are not all equal,
 /// few enough that generating them costs nothing during the run.
-const VALUE_POOL: usize = 64;
+pub const VALUE_POOL: usize = 64;
 
 /// A seeded stream of operations.
 pub struct OpGen {
