@@ -159,6 +159,9 @@ struct Case {
     read_percent: u8,
     /// capkv's client auto-batching (0 = off); see `RunConfig::auto_batch`.
     auto_batch: usize,
+    /// The calls in flight leave in rounds, as redis-benchmark -P sends them; see
+    /// `RunConfig::rounds`.
+    rounds: bool,
 }
 
 fn comparison_cases(c: usize) -> Vec<Case> {
@@ -169,6 +172,7 @@ fn comparison_cases(c: usize) -> Vec<Case> {
         batch,
         read_percent,
         auto_batch: 0,
+        rounds: false,
     };
     vec![
         case("GET c=1", 1, 1, 1, 100),
@@ -183,6 +187,16 @@ fn comparison_cases(c: usize) -> Vec<Case> {
             ..case("GET c=50 x16 in flight, auto-batched", c, 16, 1, 100)
         },
         case("PUT c=50 x16 in flight", c, 16, 1, 0),
+        // The shape redis-benchmark -P 16 measures: 16 calls sent together, the next 16 when
+        // all have answered (x16 above refills each call as it returns).
+        Case {
+            rounds: true,
+            ..case("GET c=50 x16 in rounds", c, 16, 1, 100)
+        },
+        Case {
+            rounds: true,
+            ..case("PUT c=50 x16 in rounds", c, 16, 1, 0)
+        },
         case("GET c=50 batch 16", c, 1, 16, 100),
         case("PUT c=50 batch 16", c, 1, 16, 0),
     ]
@@ -323,6 +337,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 server_pid: t.pid,
                 connections: case.connections,
                 in_flight: case.in_flight,
+                rounds: case.rounds,
                 batch: case.batch,
                 auto_batch: case.auto_batch,
                 mix_read_percent: case.read_percent,

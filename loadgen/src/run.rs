@@ -7,6 +7,11 @@
 //! - **Closed loop** (like `redis-benchmark -c`): each connection keeps `in_flight` calls
 //!   outstanding; a call is sent when the previous one on its slot returns. Latency is
 //!   send to reply.
+//! - **Rounds** (`rounds`, like `redis-benchmark -P N`): each connection sends its
+//!   `in_flight` calls together and starts the next round when all of them have answered.
+//!   The closed loop instead refills each slot as its call returns, so its calls trickle in
+//!   one or two at a time; rounds send them in one write, the shape redis-benchmark's
+//!   pipelining measures. Latency is still send to each call's own reply.
 //! - **Open loop**: calls are due at a fixed total rate, spread evenly over connections.
 //!   Latency is measured from the *intended* send time, so a server that falls behind
 //!   shows its queueing instead of hiding it (no coordinated omission). A connection keeps
@@ -42,6 +47,9 @@ pub struct RunConfig {
     pub connections: usize,
     /// Calls outstanding per connection (closed loop).
     pub in_flight: usize,
+    /// Closed loop in rounds: the `in_flight` calls of a connection leave together and the
+    /// next round starts when all have answered (see the module docs).
+    pub rounds: bool,
     /// Keys per call; above 1 the call is a batch (getMany/putMany, MGET/MSET).
     pub batch: usize,
     /// capkv: the client's auto-batching, at most this many concurrent gets of one
@@ -91,6 +99,7 @@ impl Default for RunConfig {
             token: String::new(),
             connections: 50,
             in_flight: 1,
+            rounds: false,
             batch: 1,
             auto_batch: 0,
             mix_read_percent: Mix::READ_HEAVY.read_percent,
@@ -121,6 +130,7 @@ impl RunConfig {
     pub fn mode(&self) -> String {
         match self.rate {
             Some(r) => format!("open {r:.0}/s"),
+            None if self.rounds => "rounds".into(),
             None => "closed".into(),
         }
     }
@@ -133,6 +143,10 @@ impl RunConfig {
         anyhow::ensure!(
             self.in_flight >= 1 && self.in_flight <= 1024,
             "in-flight must be 1..=1024"
+        );
+        anyhow::ensure!(
+            !(self.rounds && self.rate.is_some()),
+            "rounds are a closed loop: they take no rate"
         );
         anyhow::ensure!(
             self.batch >= 1 && self.batch <= 1000,
@@ -393,6 +407,18 @@ fn worker(
         let cfg = Rc::new(cfg);
         let mut tasks = Vec::new();
         match cfg.rate {
+            None if cfg.rounds => {
+                for (c, conn) in opened {
+                    tasks.push(tokio::task::spawn_local(closed_rounds(
+                        Rc::clone(&cfg),
+                        conn,
+                        cfg.seed ^ ((c as u64) << 20),
+                        window,
+                        Rc::clone(&recorder),
+                        Arc::clone(&completed),
+                    )));
+                }
+            }
             None => {
                 for (c, conn) in opened {
                     for slot in 0..cfg.in_flight {
@@ -538,6 +564,45 @@ async fn closed_loop(
         completed.fetch_add(1, Ordering::Relaxed);
         if sent >= w.measure_from {
             rec.borrow_mut().record(kind, done - sent, r.err());
+        }
+    }
+}
+
+/// Rounds: `in_flight` calls sent together (polled in one pass, so the client's writer
+/// sends them in one write), the next round when every one has answered.
+async fn closed_rounds(
+    cfg: Rc<RunConfig>,
+    conn: Conn,
+    seed: u64,
+    w: Window,
+    rec: Rc<RefCell<Recorder>>,
+    completed: Arc<AtomicU64>,
+) {
+    let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
+    let mut round = Vec::with_capacity(cfg.in_flight);
+    loop {
+        let sent = Instant::now();
+        if sent >= w.end {
+            break;
+        }
+        round.clear();
+        for _ in 0..cfg.in_flight {
+            let (kind, keys) = next_op(&mut gen, cfg.batch);
+            round.push((kind, keys, gen.value().to_vec()));
+        }
+        let deadline = sent + cfg.timeout;
+        let calls = round.iter().map(|(kind, keys, value)| {
+            let conn = &conn;
+            async move {
+                let r = conn.call(*kind, keys, value, deadline).await;
+                (*kind, Instant::now(), r)
+            }
+        });
+        for (kind, done, r) in futures::future::join_all(calls).await {
+            completed.fetch_add(1, Ordering::Relaxed);
+            if sent >= w.measure_from {
+                rec.borrow_mut().record(kind, done - sent, r.err());
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use capkv_loadgen::report;
 use capkv_loadgen::run::{self, RunConfig};
+use capkv_loadgen::target::TargetKind;
 use capkv_server::{Config, RunningServer};
 
 fn config(addr: String) -> RunConfig {
@@ -72,6 +73,39 @@ fn closed_open_and_batched_runs_complete_without_errors() {
         report::CSV_HEADER.split(',').count()
     );
     serde_json::to_string(&batched).unwrap();
+}
+
+/// Rounds (redis-benchmark -P's shape): every call of a round shares its send time, so a
+/// run counts whole rounds only; the library and the raw client both run them; a rate is
+/// refused.
+#[test]
+fn rounds_send_whole_rounds_on_both_clients() {
+    let server = RunningServer::start(Config::local_ephemeral()).unwrap();
+    let base = config(server.addr().to_string());
+    run::preload(&base).unwrap();
+    for target in [TargetKind::Capkv, TargetKind::CapkvRaw] {
+        let r = run::run(&RunConfig {
+            target,
+            in_flight: 6,
+            rounds: true,
+            mix_read_percent: 50,
+            ..base.clone()
+        })
+        .unwrap();
+        assert_eq!(r.mode, "rounds");
+        let all = r.all().unwrap();
+        assert!(all.calls > 0);
+        assert_eq!(all.calls % 6, 0, "{} calls are not whole rounds", all.calls);
+        assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+    }
+    let err = run::run(&RunConfig {
+        rounds: true,
+        rate: Some(1_000.0),
+        ..base
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rounds"), "{err}");
 }
 
 #[test]

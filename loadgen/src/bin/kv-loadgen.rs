@@ -141,6 +141,11 @@ struct RunArgs {
     /// Calls in flight per connection (closed loop).
     #[arg(long, default_value_t = 1)]
     in_flight: usize,
+    /// Closed loop in rounds, as redis-benchmark -P: each connection sends its in-flight
+    /// calls together and starts the next round when all have answered (without it, each
+    /// call is replaced as soon as it returns).
+    #[arg(long)]
+    rounds: bool,
     /// Keys per call (batches: getMany/putMany, MGET/MSET).
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -239,6 +244,7 @@ fn main() -> anyhow::Result<()> {
                 addr: a.addr.clone(),
                 connections: a.connections,
                 in_flight: a.in_flight,
+                rounds: a.rounds,
                 batch: a.batch,
                 auto_batch: a.auto_batch,
                 mix_read_percent: a.mix.read_percent,
