@@ -682,7 +682,10 @@ impl Shared {
         started: Instant,
         result: &Result<T, ApiError>,
     ) {
-        let elapsed = started.elapsed();
+        // One clock read ends the call: its latency and the connection's idle clock.
+        let ended = Instant::now();
+        conn.last_active.set(ended);
+        let elapsed = ended - started;
         let code = match result {
             Ok(_) => "ok",
             Err(e) => code_name(e.code),
@@ -732,8 +735,9 @@ struct Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
+        // The idle clock is set when the call ends (`observe`); a call dropped with its
+        // connection needs none.
         self.conn.in_flight.set(self.conn.in_flight.get() - 1);
-        self.conn.last_active.set(Instant::now());
         if let Some(permit) = self.permit.take() {
             let retire = &self.shared.retire;
             if retire.load(Ordering::Acquire) > 0
