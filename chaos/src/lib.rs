@@ -318,6 +318,11 @@ impl Chaos {
     }
 
     /// The faults for one call of `method`; `None` when nothing fires.
+    /// Whether a plan is armed (its rules may all have ended; `decide` says).
+    pub fn is_armed(&self) -> bool {
+        self.armed.load().is_some()
+    }
+
     pub fn decide(&self, method: &str) -> Option<Decision> {
         let guard = self.armed.load();
         let armed = guard.as_ref()?;

@@ -431,9 +431,87 @@ impl Shared {
         F: FnOnce(Call) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
+        let opened = self.open(conn, method, ctx);
+        self.serve_opened(conn, method, opened, work).await
+    }
+
+    /// [`serve`](Self::serve) for work that never waits (reads): the same steps, run to
+    /// the end at once when none of them has to wait, without an async frame per call.
+    /// `Later` when one would (no free in-flight slot, so the call must queue; or a fault
+    /// plan is armed, whose delays and stalls take time): the caller then finishes the
+    /// call with [`serve_opened`](Self::serve_opened), which goes on from where this
+    /// stopped (the rate-limit token already taken is not taken twice).
+    pub fn serve_now<T>(
+        &self,
+        conn: &Conn,
+        method: Method,
+        ctx: capnp::Result<request_context::Reader<'_>>,
+        work: impl FnOnce(Call) -> Result<T, ApiError>,
+    ) -> Served<T> {
+        let mut opened = self.open(conn, method, ctx);
+        if method.faultable() && self.chaos.is_armed() {
+            return Served::Later(opened);
+        }
+        let result = match &opened.meta {
+            Err(e) => Err(e.clone()),
+            Ok(meta) => {
+                let _in_span = opened.span.enter();
+                match self.before_admission(conn, method, meta, opened.started) {
+                    Err(e) => Err(e),
+                    Ok(before) => match self.try_admit(conn, &before.t) {
+                        Err(e) => Err(e),
+                        Ok(Admission::Queue(_counted)) => {
+                            opened.rate_charged = true;
+                            drop(_in_span);
+                            return Served::Later(opened);
+                        }
+                        Ok(Admission::Ready(_slot)) => {
+                            let _in_store = store_span(method).entered();
+                            work(before.call(meta))
+                        }
+                    },
+                }
+            }
+        };
+        self.observe(conn, method, &opened, &result);
+        Served::Now(result)
+    }
+
+    /// Finishes a call [`open`](Self::open)ed here or left `Later` by
+    /// [`serve_now`](Self::serve_now).
+    pub async fn serve_opened<T, F, Fut>(
+        &self,
+        conn: &Conn,
+        method: Method,
+        opened: Opened,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce(Call) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let result = match &opened.meta {
+            Err(e) => Err(e.clone()),
+            Ok(meta) => {
+                self.admit_and_run(conn, method, meta, &opened, work)
+                    .instrument(opened.span.clone())
+                    .await
+            }
+        };
+        // 7. observe
+        self.observe(conn, method, &opened, &result);
+        result
+    }
+
+    /// Step 1: the call's start, its context and its server span.
+    fn open(
+        &self,
+        conn: &Conn,
+        method: Method,
+        ctx: capnp::Result<request_context::Reader<'_>>,
+    ) -> Opened {
         let started = Instant::now();
         conn.last_active.set(started);
-        // 1. context
         let meta = ctx
             .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("bad ctx: {e}")))
             .and_then(CallMeta::read);
@@ -449,41 +527,36 @@ impl Shared {
         if let (Some(p), Ok(m)) = (&parent, &meta) {
             capkv_telemetry::set_remote_parent(&span, p, &m.tracestate);
         }
-        let (meta, result) = match meta {
-            Err(e) => (CallMeta::default(), Err(e)),
-            Ok(meta) => {
-                let r = self
-                    .admit_and_run(conn, method, &meta, started, work)
-                    .instrument(span.clone())
-                    .await;
-                (meta, r)
-            }
-        };
-        // 7. observe
-        self.observe(
-            conn,
-            method,
-            &meta,
-            parent.as_ref(),
-            &span,
+        Opened {
             started,
-            &result,
-        );
-        result
+            meta,
+            parent,
+            span,
+            rate_charged: false,
+        }
     }
 
-    async fn admit_and_run<T, F, Fut>(
+    /// Steps 2 to 4 up to admission: drain, deadline, rate. Never waits.
+    fn before_admission(
         &self,
         conn: &Conn,
         method: Method,
         meta: &CallMeta,
         started: Instant,
-        work: F,
-    ) -> Result<T, ApiError>
-    where
-        F: FnOnce(Call) -> Fut,
-        Fut: Future<Output = Result<T, ApiError>>,
-    {
+    ) -> Result<Before, ApiError> {
+        self.before_admission_charged(conn, method, meta, started, false)
+    }
+
+    /// [`before_admission`](Self::before_admission), skipping the rate limit when this
+    /// call's token was already taken.
+    fn before_admission_charged(
+        &self,
+        conn: &Conn,
+        method: Method,
+        meta: &CallMeta,
+        started: Instant,
+        rate_charged: bool,
+    ) -> Result<Before, ApiError> {
         let t = self.tunables();
         conn.backlog.set_max_bytes(t.max_unsent_reply_bytes);
         // 2. drain
@@ -507,8 +580,10 @@ impl Shared {
             None => t.budgets_ms[method as usize].0,
         };
         let deadline = started + Duration::from_millis(u64::from(budget_ms));
-        // 4. rate, then admission
-        if let (Some((per_s, size)), Some(bucket)) = (t.rate, conn.bucket.borrow().as_ref()) {
+        // 4. rate (admission follows)
+        if let (false, Some((per_s, size)), Some(bucket)) =
+            (rate_charged, t.rate, conn.bucket.borrow().as_ref())
+        {
             if let Err(wait) = bucket.take(per_s, size) {
                 self.reject("rate_limit");
                 let ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
@@ -519,7 +594,29 @@ impl Shared {
                 .with_retry_after_ms(ms));
             }
         }
-        let _slot = self.admit(conn, &t, deadline).await?;
+        Ok(Before {
+            t,
+            deadline,
+            budget_ms,
+        })
+    }
+
+    async fn admit_and_run<T, F, Fut>(
+        &self,
+        conn: &Conn,
+        method: Method,
+        meta: &CallMeta,
+        opened: &Opened,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce(Call) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let before =
+            self.before_admission_charged(conn, method, meta, opened.started, opened.rate_charged)?;
+        let (deadline, budget_ms) = (before.deadline, before.budget_ms);
+        let _slot = self.admit(conn, &before.t, deadline).await?;
         // 5. faults
         let fault = if method.faultable() {
             self.chaos.decide(method.name())
@@ -530,11 +627,7 @@ impl Shared {
             metrics::counter!(m::FAULTS_INJECTED_TOTAL, "method" => method.name()).increment(1);
             tracing::debug!(method = method.name(), fault = ?f, "injecting fault");
         }
-        let call = Call {
-            attempt: meta.attempt,
-            deadline,
-            tunables: Arc::clone(&t),
-        };
+        let call = before.call(meta);
         let faulted_work = async {
             if let Some(f) = &fault {
                 if f.close {
@@ -551,10 +644,7 @@ impl Shared {
                     return Err(ApiError::new(code, "injected fault"));
                 }
             }
-            let store_span = tracing::trace_span!(
-                target: "capkv::store", "store", otel.name = format!("store.{}", method.name()),
-            );
-            let r = work(call).instrument(store_span).await;
+            let r = work(call).instrument(store_span(method)).await;
             if fault.as_ref().is_some_and(|f| f.drop_reply) {
                 return Err(conn.kill_and_forget().await);
             }
@@ -608,22 +698,11 @@ impl Shared {
         }
     }
 
-    async fn admit<'a>(
-        &'a self,
-        conn: &'a Conn,
-        t: &Tunables,
-        deadline: Instant,
-    ) -> Result<Slot<'a>, ApiError> {
-        let overloaded = |reason: &'static str| {
-            self.reject(reason);
-            ApiError::new(
-                ErrorCode::Overloaded,
-                format!("too many calls in flight ({reason})"),
-            )
-            .with_retry_after_ms(OVERLOADED_RETRY_AFTER_MS)
-        };
+    /// Step 4's admission, as far as it goes without waiting: the connection's limit, then
+    /// a free global slot, or the verdict that the call must queue for one.
+    fn try_admit<'a>(&'a self, conn: &'a Conn, t: &Tunables) -> Result<Admission<'a>, ApiError> {
         if conn.in_flight.get() >= t.max_in_flight_per_connection {
-            return Err(overloaded("connection_in_flight"));
+            return Err(self.overloaded("connection_in_flight"));
         }
         // Counted before any wait, so queued calls of one connection meet its limit too.
         conn.in_flight.set(conn.in_flight.get() + 1);
@@ -632,28 +711,60 @@ impl Shared {
             conn,
             permit: None,
         };
-        slot.permit = Some(match self.slots.try_acquire() {
-            Ok(p) => p,
+        match self.slots.try_acquire() {
+            Ok(p) => {
+                slot.permit = Some(p);
+                self.admitted();
+                Ok(Admission::Ready(slot))
+            }
             Err(_) if t.queue_timeout.is_zero() || t.queue_depth == 0 => {
-                return Err(overloaded("in_flight"))
+                Err(self.overloaded("in_flight"))
             }
-            Err(_) => {
-                if self.queued.fetch_add(1, Ordering::AcqRel) >= t.queue_depth {
-                    self.queued.fetch_sub(1, Ordering::AcqRel);
-                    return Err(overloaded("queue_full"));
-                }
-                let until = deadline.min(Instant::now() + t.queue_timeout);
-                let waited = tokio::time::timeout_at(until, self.slots.acquire()).await;
-                self.queued.fetch_sub(1, Ordering::AcqRel);
-                match waited {
-                    Ok(Ok(p)) => p,
-                    _ => return Err(overloaded("queue_timeout")),
-                }
-            }
-        });
+            Err(_) => Ok(Admission::Queue(slot)),
+        }
+    }
+
+    /// Step 4's admission: [`try_admit`](Self::try_admit), then, when every slot is taken,
+    /// a short bounded wait in the queue.
+    async fn admit<'a>(
+        &'a self,
+        conn: &'a Conn,
+        t: &Tunables,
+        deadline: Instant,
+    ) -> Result<Slot<'a>, ApiError> {
+        let mut slot = match self.try_admit(conn, t)? {
+            Admission::Ready(slot) => return Ok(slot),
+            Admission::Queue(slot) => slot,
+        };
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= t.queue_depth {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.overloaded("queue_full"));
+        }
+        let until = deadline.min(Instant::now() + t.queue_timeout);
+        let waited = tokio::time::timeout_at(until, self.slots.acquire()).await;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(p)) => slot.permit = Some(p),
+            _ => return Err(self.overloaded("queue_timeout")),
+        }
+        self.admitted();
+        Ok(slot)
+    }
+
+    /// Counts a call that got its global slot.
+    fn admitted(&self) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.call_metrics.in_flight().increment(1.0);
-        Ok(slot)
+    }
+
+    /// `overloaded`, counted as a rejection for `reason`.
+    fn overloaded(&self, reason: &'static str) -> ApiError {
+        self.reject(reason);
+        ApiError::new(
+            ErrorCode::Overloaded,
+            format!("too many calls in flight ({reason})"),
+        )
+        .with_retry_after_ms(OVERLOADED_RETRY_AFTER_MS)
     }
 
     fn release_global(&self) {
@@ -671,21 +782,28 @@ impl Shared {
         metrics::counter!(m::REJECTIONS_TOTAL, "reason" => reason).increment(1);
     }
 
-    #[allow(clippy::too_many_arguments)] // one call's facts, gathered in one place
+    /// Step 7: the call's metrics, its span's fields and its log line.
     fn observe<T>(
         &self,
         conn: &Conn,
         method: Method,
-        meta: &CallMeta,
-        parent: Option<&TraceParent>,
-        span: &tracing::Span,
-        started: Instant,
+        opened: &Opened,
         result: &Result<T, ApiError>,
     ) {
+        let Opened {
+            started,
+            meta,
+            parent,
+            span,
+            ..
+        } = opened;
+        let default_meta = CallMeta::default();
+        let meta = meta.as_ref().unwrap_or(&default_meta);
+        let parent = parent.as_ref();
         // One clock read ends the call: its latency and the connection's idle clock.
         let ended = Instant::now();
         conn.last_active.set(ended);
-        let elapsed = ended - started;
+        let elapsed = ended - *started;
         let code = match result {
             Ok(_) => "ok",
             Err(e) => code_name(e.code),
@@ -723,6 +841,55 @@ impl Shared {
             _ => {}
         }
     }
+}
+
+/// A call the chain has opened (step 1): when it started, its context, its server span.
+pub struct Opened {
+    started: Instant,
+    meta: Result<CallMeta, ApiError>,
+    parent: Option<TraceParent>,
+    span: tracing::Span,
+    /// The rate limit already took this call's token (a `Later` from `serve_now`).
+    rate_charged: bool,
+}
+
+/// What [`Shared::serve_now`] did: the call's outcome, or nothing yet.
+pub enum Served<T> {
+    Now(Result<T, ApiError>),
+    /// A step must wait: finish with [`Shared::serve_opened`].
+    Later(Opened),
+}
+
+/// What steps 2 to 4 settled before admission.
+struct Before {
+    t: Arc<Tunables>,
+    deadline: Instant,
+    budget_ms: u32,
+}
+
+impl Before {
+    fn call(&self, meta: &CallMeta) -> Call {
+        Call {
+            attempt: meta.attempt,
+            deadline: self.deadline,
+            tunables: Arc::clone(&self.t),
+        }
+    }
+}
+
+/// [`Shared::try_admit`]'s verdict.
+enum Admission<'a> {
+    /// A global slot is held.
+    Ready(Slot<'a>),
+    /// Counted on the connection, but every global slot is taken: the call must queue.
+    Queue(Slot<'a>),
+}
+
+/// Step 6's span: the store work, under the call's span.
+fn store_span(method: Method) -> tracing::Span {
+    tracing::trace_span!(
+        target: "capkv::store", "store", otel.name = format!("store.{}", method.name()),
+    )
 }
 
 /// An admission slot; dropping it (on every path out of a call) gives it back. Without

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use capkv::kv_capnp::{kv_store, session_result, write_session};
 use capkv::{ApiError, ErrorCode};
 
-use super::{handle, store_error, write_entry, WriteSessionImpl};
+use super::{handle, handle_now, store_error, write_entry, Reply, WriteSessionImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
@@ -58,12 +58,12 @@ impl KvStoreImpl {
 }
 
 impl kv_store::Server for KvStoreImpl {
-    async fn get(
+    fn get(
         self: Rc<Self>,
         params: kv_store::GetParams,
-        mut results: kv_store::GetResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+        results: kv_store::GetResults,
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let reply: Reply = handle_now!(
             self,
             params,
             results,
@@ -82,15 +82,16 @@ impl kv_store::Server for KvStoreImpl {
                     Err(e) => e.write(out.init_error()),
                 }
             }
-        )
+        );
+        reply
     }
 
-    async fn scan(
+    fn scan(
         self: Rc<Self>,
         params: kv_store::ScanParams,
-        mut results: kv_store::ScanResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+        results: kv_store::ScanResults,
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let reply: Reply = handle_now!(
             self,
             params,
             results,
@@ -113,7 +114,8 @@ impl kv_store::Server for KvStoreImpl {
                     write_entry(list.reborrow().get(i as u32), e);
                 }
             }
-        )
+        );
+        reply
     }
 
     async fn session(
@@ -165,12 +167,12 @@ impl kv_store::Server for KvStoreImpl {
         )
     }
 
-    async fn get_many(
+    fn get_many(
         self: Rc<Self>,
         params: kv_store::GetManyParams,
-        mut results: kv_store::GetManyResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+        results: kv_store::GetManyResults,
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let reply: Reply = handle_now!(
             self,
             params,
             results,
@@ -212,6 +214,7 @@ impl kv_store::Server for KvStoreImpl {
                     }
                 }
             }
-        )
+        );
+        reply
     }
 }

@@ -79,6 +79,68 @@ macro_rules! handle {
 }
 pub(crate) use handle;
 
+/// What a [`handle_now!`] handler returns: a reply built at once, or the rest of the call.
+pub(crate) type Reply = futures::future::Either<
+    std::future::Ready<Result<(), capnp::Error>>,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capnp::Error>>>>,
+>;
+
+/// [`handle!`] for work that never waits (reads), in a handler returning [`Reply`]: the
+/// chain runs it at once ([`Shared::serve_now`](crate::chain::Shared::serve_now)) and the
+/// reply is built before the handler returns, with no async frame per call (capnp boxes
+/// whatever future a handler returns: an `async fn` handler's is the whole chain's state,
+/// over 1.6 KiB, allocated and moved per call). When a step must wait (a full admission
+/// queue, an armed fault plan) the call goes on in a boxed future, exactly as `handle!`'s.
+macro_rules! handle_now {
+    ($self:ident, $params:ident, $results:ident, $method:expr,
+     |$this:ident, $p:ident, $call:pat_param| $work:expr,
+     $($reply:tt)+) => {{
+        let served = match $params.get() {
+            Ok($p) => {
+                #[allow(unused_variables)]
+                let $this = &$self;
+                $self
+                    .shared
+                    .serve_now(&$self.conn, $method, $p.get_ctx(), |$call| $work)
+            }
+            Err(e) => return futures::future::Either::Left(std::future::ready(Err(e))),
+        };
+        match served {
+            crate::chain::Served::Now(r) => {
+                let mut results = $results;
+                // A closure, so that the reply form's `?` ends the reply, not the handler.
+                #[allow(clippy::redundant_closure_call)]
+                let replied = (|| -> Result<(), capnp::Error> {
+                    #[allow(unused_mut)]
+                    let mut out = results.get().init_result();
+                    crate::rpc::handle!(@reply out, r, $($reply)+);
+                    crate::reply::count_reply!($self.conn, results);
+                    Ok(())
+                })();
+                futures::future::Either::Left(std::future::ready(replied))
+            }
+            crate::chain::Served::Later(opened) => {
+                let mut results = $results;
+                futures::future::Either::Right(Box::pin(async move {
+                    let $p = $params.get()?;
+                    #[allow(unused_variables)]
+                    let $this = &$self;
+                    let r = $self
+                        .shared
+                        .serve_opened(&$self.conn, $method, opened, |$call| async move { $work })
+                        .await;
+                    #[allow(unused_mut)]
+                    let mut out = results.get().init_result();
+                    crate::rpc::handle!(@reply out, r, $($reply)+);
+                    crate::reply::count_reply!($self.conn, results);
+                    Ok(())
+                }))
+            }
+        }
+    }};
+}
+pub(crate) use handle_now;
+
 /// Runs a blocking store operation (compaction, checkpoint) on tokio's blocking pool, so
 /// the worker keeps serving its connections meanwhile.
 async fn off_worker<T: Send + 'static>(
