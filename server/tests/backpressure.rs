@@ -36,19 +36,9 @@ impl Server {
     fn start(envs: &[(&str, &str)]) -> Self {
         let mut envs = envs.to_vec();
         envs.push(("CAPKV_STORAGE__STATS_INTERVAL_MS", "100"));
-        let (proc, addr, metrics_addr, logs) = spawn_kv_server_with_metrics(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--engine",
-                "memory",
-                "--workers",
-                "2",
-                "--log-level",
-                "warn,capkv_server=info",
-            ],
-            &envs,
-        );
+        let mut args = MEMORY_SERVER_ARGS.to_vec();
+        args.extend(["--log-level", "warn,capkv_server=info"]);
+        let (proc, addr, metrics_addr, logs) = spawn_kv_server_with_metrics(&args, &envs);
         Server {
             proc,
             addr,

@@ -8,9 +8,8 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::Proc;
 use std::time::{Duration, Instant};
 
 use capkv_client::{Client, ClientOptions};
@@ -163,7 +162,6 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     // Its content is checked through Prometheus below; right after start it may be empty.
     assert!(status("/metrics").contains("200"), "{}", status("/metrics"));
 
-    let prom_port = common::free_port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
@@ -172,20 +170,19 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
         ),
     )
     .unwrap();
-    let prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .arg("--log.level=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus on PATH (scripts/setup.sh installs the Debian package)");
-    let prometheus = Proc(prometheus);
-
+    let (prometheus, prom_port) = common::spawn_on_free_port(
+        |port| {
+            let mut c = Command::new("prometheus");
+            c.arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("tsdb").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+            c
+        },
+        "Server is ready to receive web requests",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

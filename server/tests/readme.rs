@@ -415,30 +415,15 @@ fn admin_block_runs() {
 fn loadgen_block_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (server, addr) = server(&["--engine", "memory"], &[]);
-    let redis_port = common::free_port();
-    let mut redis = common::Proc(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/setup.sh installs it)"),
+    let (redis, redis_port) = common::spawn_on_free_port(
+        |port| {
+            let mut c = Command::new("redis-server");
+            c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+            c
+        },
+        "Ready to accept connections",
     );
-    // Ready when it says so; a thread keeps reading its log so it never writes to a
-    // closed pipe.
-    let log = std::io::BufReader::new(redis.stdout.take().expect("redis stdout"));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(log).map_while(Result::ok) {
-            if line.contains("Ready to accept connections") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("redis-server ready");
     let envs = HashMap::new();
     let mut ran = 0;
     for line in block_with("kv-loadgen run") {

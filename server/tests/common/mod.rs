@@ -228,14 +228,65 @@ pub async fn delaying_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr
     addr
 }
 
-/// A port free a moment ago on 127.0.0.1, for listeners that take a fixed address (the
-/// metrics listener, Prometheus).
-pub fn free_port() -> u16 {
+/// A port free a moment ago on 127.0.0.1.
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Starts a process that listens on a port it is told and cannot report one it chose
+/// (redis-server, Prometheus), on a port free a moment ago; when it exits before printing
+/// `ready` (another test's connection took the port in between, and it could not bind), on
+/// another, at most five times. Its stdout and stderr are drained by threads for its whole
+/// life, so it never writes into a full or closed pipe.
+pub fn spawn_on_free_port(
+    mut command: impl FnMut(u16) -> std::process::Command,
+    ready: &'static str,
+) -> (Proc, u16) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    fn drain(
+        out: impl Read + Send + 'static,
+        ready: &'static str,
+        tx: std::sync::mpsc::Sender<()>,
+    ) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains(ready) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+    }
+    let mut tried = Vec::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let mut cmd = command(port);
+        let mut child = Proc(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/setup.sh installs it)")),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        drain(child.stdout.take().unwrap(), ready, tx.clone());
+        drain(child.stderr.take().unwrap(), ready, tx);
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => return (child, port),
+            // Both pipes closed: it exited without saying it was ready.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait();
+                tried.push((port, status));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{cmd:?} never printed {ready:?}")
+            }
+        }
+    }
+    panic!("no port worked: {tried:?}")
 }
 
 /// Runs a `!Send` async body to its value on a current-thread runtime inside a `LocalSet`.
@@ -369,20 +420,23 @@ fn spawn_listening(
     (child, listening, rx)
 }
 
-/// A kv-server process on the memory engine with two workers, as the resource tests run it:
-/// `spawn_kv_server` with those arguments first and `args` after them.
+/// How the resource tests run kv-server: the memory engine, two workers, any port.
+pub const MEMORY_SERVER_ARGS: [&str; 6] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--engine",
+    "memory",
+    "--workers",
+    "2",
+];
+
+/// A kv-server process as the resource tests run it: `spawn_kv_server` with
+/// [`MEMORY_SERVER_ARGS`] first and `args` after them.
 pub fn spawn_memory_server(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Proc, String, std::sync::mpsc::Receiver<String>) {
-    let mut all = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--engine",
-        "memory",
-        "--workers",
-        "2",
-    ];
+    let mut all = MEMORY_SERVER_ARGS.to_vec();
     all.extend_from_slice(args);
     spawn_kv_server(&all, envs)
 }
