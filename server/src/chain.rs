@@ -33,6 +33,14 @@
 //! `TRACE` spans (one level check each), and the log line still carries a trace id: the
 //! caller's.
 //!
+//! Two entries, one chain: [`Shared::serve`] runs an async work future; reads, whose work
+//! never waits, go through [`Shared::serve_now`], which runs the same step functions to
+//! the end at once and returns the outcome, with no async frame per call. When a step would
+//! wait (every in-flight slot taken, so the call must queue; or a fault plan armed) it
+//! stops before anything that cannot be repeated and hands the opened call to
+//! [`Shared::serve_opened`], the async path, which goes on from there (a rate-limit token
+//! already taken is not taken again).
+//!
 //! Authentication is not a step here because capkv authenticates by capability: only
 //! `Gateway.open` checks a token, and every data call arrives on a `KvStore` or
 //! `WriteSession` that an authenticated `open` produced.

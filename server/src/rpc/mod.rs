@@ -4,10 +4,12 @@
 //! - [`session`]: `WriteSession`, the writes (idempotent with a key);
 //! - [`admin`]: `Admin`, operator actions.
 //!
-//! Every handler has one shape, written once in `handle!`: read the params, run its work
-//! in the call chain ([`Shared::serve`](crate::chain::Shared::serve): context, deadline,
-//! admission, faults, metrics, trace), write the success or error arm of its result union,
-//! count the reply on the connection's backlog. A handler that returns a capability also
+//! Every handler has one shape, written once in `handle!` (and in `handle_now!` for reads,
+//! whose work never waits: see [`Shared::serve_now`](crate::chain::Shared::serve_now)):
+//! read the params, run its work in the call chain
+//! ([`Shared::serve`](crate::chain::Shared::serve): context, deadline, admission, faults,
+//! metrics, trace), write the success or error arm of its result union, count the reply on
+//! the connection's backlog. A handler that returns a capability also
 //! puts it outside the union (`kvCap`, `adminCap`, `sessionCap`), or a
 //! [`Refused`](crate::refused::Refused) stand-in when the call failed. Nothing
 //! cross-cutting happens here. Handlers return `Err` to capnp-rpc only when the reply itself
