@@ -405,6 +405,11 @@ fn worker(
             Recorder::default()
         }));
         let cfg = Rc::new(cfg);
+        let tally = Tally {
+            w: window,
+            rec: Rc::clone(&recorder),
+            completed: Arc::clone(&completed),
+        };
         let mut tasks = Vec::new();
         match cfg.rate {
             None if cfg.rounds => {
@@ -413,9 +418,7 @@ fn worker(
                         Rc::clone(&cfg),
                         conn,
                         cfg.seed ^ ((c as u64) << 20),
-                        window,
-                        Rc::clone(&recorder),
-                        Arc::clone(&completed),
+                        tally.clone(),
                     )));
                 }
             }
@@ -427,9 +430,7 @@ fn worker(
                             Rc::clone(&cfg),
                             conn.clone(),
                             seed,
-                            window,
-                            Rc::clone(&recorder),
-                            Arc::clone(&completed),
+                            tally.clone(),
                         )));
                     }
                 }
@@ -444,9 +445,7 @@ fn worker(
                     cfg.seed ^ ((part as u64) << 20),
                     interval,
                     offset,
-                    window,
-                    Rc::clone(&recorder),
-                    Arc::clone(&completed),
+                    tally.clone(),
                 )));
             }
         }
@@ -542,47 +541,48 @@ fn next_op(gen: &mut OpGen, batch: usize) -> (OpKind, Vec<Vec<u8>>) {
     (kind, picked.into_iter().map(key).collect())
 }
 
-async fn closed_loop(
-    cfg: Rc<RunConfig>,
-    conn: Conn,
-    seed: u64,
+/// Where a loop's calls are counted: each ended call in `completed` (the progress the
+/// monitor watches), and those sent inside the measured window in `rec`.
+#[derive(Clone)]
+struct Tally {
     w: Window,
     rec: Rc<RefCell<Recorder>>,
     completed: Arc<AtomicU64>,
-) {
+}
+
+impl Tally {
+    /// A call of a closed loop, sent at `sent`, ended at `done`.
+    fn ended(&self, kind: OpKind, sent: Instant, done: Instant, error: Option<&str>) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        if sent >= self.w.measure_from {
+            self.rec.borrow_mut().record(kind, done - sent, error);
+        }
+    }
+}
+
+async fn closed_loop(cfg: Rc<RunConfig>, conn: Conn, seed: u64, tally: Tally) {
     let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
     loop {
         let (kind, keys) = next_op(&mut gen, cfg.batch);
         let sent = Instant::now();
-        if sent >= w.end {
+        if sent >= tally.w.end {
             break;
         }
         let r = conn
             .call(kind, &keys, gen.value(), sent + cfg.timeout)
             .await;
-        let done = Instant::now();
-        completed.fetch_add(1, Ordering::Relaxed);
-        if sent >= w.measure_from {
-            rec.borrow_mut().record(kind, done - sent, r.err());
-        }
+        tally.ended(kind, sent, Instant::now(), r.err());
     }
 }
 
 /// Rounds: `in_flight` calls sent together (polled in one pass, so the client's writer
 /// sends them in one write), the next round when every one has answered.
-async fn closed_rounds(
-    cfg: Rc<RunConfig>,
-    conn: Conn,
-    seed: u64,
-    w: Window,
-    rec: Rc<RefCell<Recorder>>,
-    completed: Arc<AtomicU64>,
-) {
+async fn closed_rounds(cfg: Rc<RunConfig>, conn: Conn, seed: u64, tally: Tally) {
     let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
     let mut round = Vec::with_capacity(cfg.in_flight);
     loop {
         let sent = Instant::now();
-        if sent >= w.end {
+        if sent >= tally.w.end {
             break;
         }
         round.clear();
@@ -599,25 +599,20 @@ async fn closed_rounds(
             }
         });
         for (kind, done, r) in futures::future::join_all(calls).await {
-            completed.fetch_add(1, Ordering::Relaxed);
-            if sent >= w.measure_from {
-                rec.borrow_mut().record(kind, done - sent, r.err());
-            }
+            tally.ended(kind, sent, done, r.err());
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn open_loop(
     cfg: Rc<RunConfig>,
     conns: Vec<Conn>,
     seed: u64,
     interval: Duration,
     offset: Duration,
-    w: Window,
-    rec: Rc<RefCell<Recorder>>,
-    completed: Arc<AtomicU64>,
+    tally: Tally,
 ) {
+    let Tally { w, rec, completed } = tally;
     let mut gen = OpGen::new(seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
     let outstanding: Vec<Rc<Cell<usize>>> = conns.iter().map(|_| Rc::default()).collect();
     let mut calls = Vec::new();
