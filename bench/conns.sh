@@ -15,11 +15,7 @@ secs="${2:-4}"
 counts="${3:-1000 3000}"
 keys=10000
 tmp=$(mktemp -d /var/tmp/capkv-conns.XXXXXX)
-pids=()
-stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    pids=()
-}
+pids=()  # what stop_all (scripts/lib.sh) stops
 trap 'stop_all; rm -rf "$tmp"' EXIT
 # Each connection is a descriptor at both ends.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"

@@ -15,11 +15,7 @@ bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
 secs="${2:-4}"
 counts="${3:-100000 1000000}"
 tmp=$(mktemp -d /var/tmp/capkv-keyspace.XXXXXX)
-pids=()
-stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    pids=()
-}
+pids=()  # what stop_all (scripts/lib.sh) stops
 trap 'stop_all; rm -rf "$tmp"' EXIT
 
 # measure NAME TARGET ADDR PID KEYS: preload, settle, RSS, then GET and PUT; prints a row.

@@ -28,11 +28,7 @@ counts="${3:-100000 10000000}"
 source scripts/setup.sh # db_bench (rocksdb-tools), curl
 # Data goes to disk (/var/tmp), never to a tmpfs /tmp.
 tmp=$(mktemp -d /var/tmp/capkv-scale.XXXXXX)
-pids=()
-stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-    pids=()
-}
+pids=()  # what stop_all (scripts/lib.sh) stops
 trap 'stop_all; rm -rf "$tmp"' EXIT
 
 CACHE_BYTES=$((256 << 20)) # kv-server's default block cache (storage.block_cache_bytes)

@@ -21,6 +21,14 @@ wait_listening() {
 # free_port: prints a TCP port free on 127.0.0.1 now (for servers that take no port 0).
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# stop_all: stops every process whose PID a script added to its array `pids`, by that
+# PID, and waits for each (bench scripts call it between cases and on exit).
+stop_all() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    pids=()
+}
+
 # rss_kib PID: the process's resident set, in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
