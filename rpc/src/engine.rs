@@ -721,10 +721,14 @@ impl Conn {
         let root = m.get_root::<rpc_message::Reader>().map_err(proto)?;
         match root.which() {
             Ok(rpc_message::Which::Call(c)) => {
-                let id = c.map_err(proto)?.get_question_id();
+                let c = c.map_err(proto)?;
+                let id = c.get_question_id();
                 self.admit_answer(id)?;
+                self.answers.insert(id, Answer::running());
+                // Read from the Call already open here, not from the message's root again.
+                let called = self.called(c);
                 // The call takes its message with it (its params are read from it).
-                self.start(id, m);
+                self.start_called(id, m, called);
             }
             Ok(rpc_message::Which::Bootstrap(b)) => {
                 let id = b.map_err(proto)?.get_question_id();
@@ -821,12 +825,24 @@ impl Conn {
         if !self.answers.contains(id) {
             self.answers.insert(id, Answer::running());
         }
-        // The Call is read once here; its params once more, by the handler.
-        let target = call_of(&m).and_then(|c| {
-            let target = self.target(c)?;
-            Ok((target, c.get_interface_id(), c.get_method_id()))
-        });
-        let (target, interface_id, method_id) = match target {
+        let called = call_of(&m).and_then(|c| self.called(c));
+        self.start_called(id, m, called);
+    }
+
+    /// What a Call addresses: its target, interface and method.
+    fn called(&self, c: call::Reader<'_>) -> Result<(Target, u64, u16), capnp::Error> {
+        Ok((self.target(c)?, c.get_interface_id(), c.get_method_id()))
+    }
+
+    /// [`start`](Self::start) of a call whose answer exists and whose address is read
+    /// (`called`): the Call is read once for that; its params once more, by the handler.
+    fn start_called(
+        &mut self,
+        id: u32,
+        m: Incoming,
+        called: Result<(Target, u64, u16), capnp::Error>,
+    ) {
+        let (target, interface_id, method_id) = match called {
             Ok((Target::Wait(on), ..)) => {
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
