@@ -992,16 +992,18 @@ impl Conn {
         let (state, keep) = match (result, built) {
             (Ok(()), Some(built)) => {
                 let (built, exports) = self.write_results(built);
+                if exports.is_empty() && queued.is_empty() {
+                    // The common case (a get, a put): answered `noFinishNeeded`, nothing
+                    // waits on it, so it goes at once.
+                    self.answers.remove(id);
+                    return;
+                }
                 if exports.is_empty() {
-                    // The error is only for calls already pipelined on it (rare: a peer
-                    // that pipelines on a capability-free result); most calls skip it.
-                    let e = if queued.is_empty() {
-                        capnp::Error::failed(String::new())
-                    } else {
-                        capnp::Error::failed(format!(
-                            "call pipelined on question {id}, whose results hold no capability"
-                        ))
-                    };
+                    // Only for the calls already pipelined on it (rare: a peer that
+                    // pipelines on a capability-free result).
+                    let e = capnp::Error::failed(format!(
+                        "call pipelined on question {id}, whose results hold no capability"
+                    ));
                     (AnswerState::Failed(e), false)
                 } else {
                     (
