@@ -105,10 +105,17 @@ pub fn table(r: &RunResult) -> String {
             s.max_rss_bytes as f64 / 1048576.0
         );
     }
+    if let (Some(c), Some(per_call)) = (&r.client, r.client_cpu_us_per_call()) {
+        let _ = writeln!(
+            out,
+            "client (this generator): cpu {:.0}%, {per_call:.2} us per call",
+            c.cpu_percent
+        );
+    }
     out
 }
 
-pub const CSV_HEADER: &str = "target,mode,connections,in_flight,batch,read_percent,keys,dist,value_size,op,calls,ok_per_sec,keys_per_sec,mean_us,p50_us,p90_us,p95_us,p99_us,p999_us,max_us,errors,server_cpu_percent,server_max_rss_bytes";
+pub const CSV_HEADER: &str = "target,mode,connections,in_flight,batch,read_percent,keys,dist,value_size,op,calls,ok_per_sec,keys_per_sec,mean_us,p50_us,p90_us,p95_us,p99_us,p999_us,max_us,errors,server_cpu_percent,server_max_rss_bytes,client_cpu_us_per_call";
 
 /// CSV rows (one per op) for one run, without the header.
 pub fn csv_rows(r: &RunResult) -> String {
@@ -118,7 +125,7 @@ pub fn csv_rows(r: &RunResult) -> String {
         let l = &o.latency;
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{}",
             c.target.name(),
             r.mode,
             c.connections,
@@ -142,6 +149,8 @@ pub fn csv_rows(r: &RunResult) -> String {
             o.error_count(),
             r.server.map_or(String::new(), |s| format!("{:.1}", s.cpu_percent)),
             r.server.map_or(String::new(), |s| s.max_rss_bytes.to_string()),
+            r.client_cpu_us_per_call()
+                .map_or(String::new(), |us| format!("{us:.2}")),
         );
     }
     out
@@ -162,7 +171,7 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
     let l = &a.latency;
     let calls = a.calls.max(1) as f64;
     format!(
-        "| {name} | {target} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} |",
+        "| {name} | {target} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} | {} |",
         a.ok_per_sec,
         r.keys_per_sec,
         ms(l.p50_us),
@@ -176,6 +185,8 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
             "{:.0} MiB",
             s.max_rss_bytes as f64 / 1048576.0
         )),
+        r.client_cpu_us_per_call()
+            .map_or("-".into(), |us| format!("{us:.2} us")),
     )
 }
 
@@ -188,7 +199,7 @@ pub fn markdown_row_redis_benchmark(
     server: Option<crate::procstat::Usage>,
 ) -> String {
     format!(
-        "| {name} | redis-benchmark -P {pipeline} | {:.0} | {:.0} | {} | {} | {} | {} | - | {} | {} |",
+        "| {name} | redis-benchmark -P {pipeline} | {:.0} | {:.0} | {} | {} | {} | {} | - | {} | {} | - |",
         r.rps,
         r.rps,
         ms(r.p50_ms * 1000.0),
@@ -203,4 +214,4 @@ pub fn markdown_row_redis_benchmark(
     )
 }
 
-pub const MARKDOWN_HEADER: &str = "| case | target | calls/s | keys/s | p50 | p95 | p99 | mean | errors | server CPU | server RSS |\n|---|---|---|---|---|---|---|---|---|---|---|";
+pub const MARKDOWN_HEADER: &str = "| case | target | calls/s | keys/s | p50 | p95 | p99 | mean | errors | server CPU | server RSS | client CPU per call |\n|---|---|---|---|---|---|---|---|---|---|---|---|";

@@ -182,6 +182,18 @@ pub struct RunResult {
     pub retries: u64,
     pub send_lag: Option<Latency>,
     pub server: Option<procstat::Usage>,
+    /// This generator's own CPU over the window (every thread of the process): what a call
+    /// costs the client, so a row limited by the client says so.
+    pub client: Option<procstat::Usage>,
+}
+
+impl RunResult {
+    /// The generator's CPU time per successful call over the window, in microseconds.
+    pub fn client_cpu_us_per_call(&self) -> Option<f64> {
+        let client = self.client?;
+        let calls_per_sec = self.all()?.ok_per_sec;
+        (calls_per_sec > 0.0).then(|| client.cpu_percent / 100.0 / calls_per_sec * 1e6)
+    }
 }
 
 impl RunResult {
@@ -295,7 +307,7 @@ pub fn run(cfg: &RunConfig) -> anyhow::Result<RunResult> {
     *window_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(window);
     barrier.wait();
 
-    let server = monitor(cfg, window, &completed);
+    let (server, client) = monitor(cfg, window, &completed);
     let mut merged = if cfg.rate.is_some() {
         Recorder::for_open_loop()
     } else {
@@ -323,15 +335,23 @@ pub fn run(cfg: &RunConfig) -> anyhow::Result<RunResult> {
         send_lag: merged.send_lag.as_ref().map(Latency::of),
         ops,
         server,
+        client,
     })
 }
 
-/// Samples the server and draws progress until the window ends.
-fn monitor(cfg: &RunConfig, w: Window, completed: &AtomicU64) -> Option<procstat::Usage> {
+/// Samples the server and draws progress until the window ends; returns what the server
+/// and this process used over the window.
+fn monitor(
+    cfg: &RunConfig,
+    w: Window,
+    completed: &AtomicU64,
+) -> (Option<procstat::Usage>, Option<procstat::Usage>) {
     let tick = Duration::from_millis(500);
     let wait_until = |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
+    let own_pid = i32::try_from(std::process::id()).ok();
     wait_until(w.measure_from);
     let first = cfg.server_pid.and_then(procstat::sample);
+    let own_first = own_pid.and_then(procstat::sample);
     let mut max_rss = first.map_or(0, |s| s.rss_bytes);
     let mut last_count = completed.load(Ordering::Relaxed);
     let mut last_at = Instant::now();
@@ -359,10 +379,12 @@ fn monitor(cfg: &RunConfig, w: Window, completed: &AtomicU64) -> Option<procstat
         eprintln!();
     }
     let last = cfg.server_pid.and_then(procstat::sample);
-    match (first, last) {
+    let own_last = own_pid.and_then(procstat::sample);
+    let used = |a: Option<procstat::Sample>, b: Option<procstat::Sample>, max_rss| match (a, b) {
         (Some(a), Some(b)) => Some(procstat::usage(&a, &b, max_rss)),
         _ => None,
-    }
+    };
+    (used(first, last, max_rss), used(own_first, own_last, 0))
 }
 
 fn worker(
