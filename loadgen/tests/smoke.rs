@@ -42,12 +42,19 @@ fn closed_open_and_batched_runs_complete_without_errors() {
     assert!(closed.server.is_some(), "server usage sampled");
     // The generator's own CPU per call, for the rows the client limits.
     assert!(closed.client.is_some(), "client usage sampled");
-    let per_call = closed.client_cpu_us_per_call().expect("client CPU per call");
+    let per_call = closed
+        .client_cpu_us_per_call()
+        .expect("client CPU per call");
     assert!(per_call.is_finite() && per_call >= 0.0, "{per_call}");
     let row = report::markdown_row("GET", &closed);
     assert_eq!(
         row.matches('|').count(),
-        report::MARKDOWN_HEADER.lines().next().unwrap().matches('|').count(),
+        report::MARKDOWN_HEADER
+            .lines()
+            .next()
+            .unwrap()
+            .matches('|')
+            .count(),
         "a row has the header's columns: {row}"
     );
     assert!(row.trim_end().ends_with(" us |"), "{row}");
