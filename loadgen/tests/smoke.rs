@@ -70,6 +70,10 @@ fn closed_open_and_batched_runs_complete_without_errors() {
     assert!((300..=700).contains(&all.calls), "{} calls", all.calls);
     assert_eq!(all.error_count(), 0, "{:?}", all.errors);
     assert!(open.send_lag.is_some());
+    assert!(
+        open.client.is_none(),
+        "an open loop's dispatcher spins between due times: no CPU per call"
+    );
 
     let batched = run::run(&RunConfig {
         batch: 8,
