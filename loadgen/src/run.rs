@@ -194,9 +194,7 @@ impl RunResult {
         let calls_per_sec = self.all()?.ok_per_sec;
         (calls_per_sec > 0.0).then(|| client.cpu_percent / 100.0 / calls_per_sec * 1e6)
     }
-}
 
-impl RunResult {
     pub fn all(&self) -> Option<&OpSummary> {
         self.ops.iter().find(|o| o.op == "all")
     }
