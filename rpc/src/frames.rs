@@ -76,7 +76,7 @@ pub struct Frame {
 impl Frame {
     /// Copies the frame at the start of `bytes`, whose size [`frame_size`] gave as `size`
     /// (so its segment table is known to be whole and within bounds).
-    fn copy_from(bytes: &[u8], size: usize) -> Frame {
+    pub(crate) fn copy_from(bytes: &[u8], size: usize) -> Frame {
         let bytes = &bytes[..size];
         let mut words = capnp::Word::allocate_zeroed_vec(size / 8);
         capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(bytes);
@@ -141,6 +141,13 @@ impl capnp::message::ReaderSegments for Frame {
 pub trait FrameSource {
     /// The next frame; `None` once the peer has closed the stream between frames.
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Frame>>>;
+
+    /// Shows `each` the frames already read that later `poll_frame` calls will return, each
+    /// frame once over the source's life, and says how many it showed: how the engine
+    /// warms what calls that arrived together will touch (`engine::Warm`). None by default.
+    fn peek_queued(&mut self, _each: &mut dyn FnMut(&Frame)) -> usize {
+        0
+    }
 }
 
 /// Frames cut from any byte stream by their segment tables, bounded by `max_frame_bytes`
@@ -367,6 +374,8 @@ pub struct GuardedReader<R> {
     /// it holds what one read brought at most: a peer cannot make the server buffer many
     /// checked frames either.
     ready: std::collections::VecDeque<Frame>,
+    /// Frames at the front of `ready` that `peek_queued` has shown.
+    shown: usize,
     /// Bytes of the front frame already read through `AsyncRead`.
     front_pos: usize,
     /// Where socket reads land (zeroed once, when allocated or grown; see
@@ -397,6 +406,7 @@ impl<R: PeerReader> GuardedReader<R> {
             pending: Vec::new(),
             charged: 0,
             ready: std::collections::VecDeque::new(),
+            shown: 0,
             front_pos: 0,
             chunk: Vec::new(),
             deadline: None,
@@ -566,6 +576,7 @@ impl<R: PeerReader> GuardedReader<R> {
     fn pop_front(&mut self) -> Option<Frame> {
         self.front_pos = 0;
         let frame = self.ready.pop_front();
+        self.shown = self.shown.saturating_sub(1);
         if self.ready.is_empty() {
             shrink_idle(&mut self.pending);
             if self.ready.capacity() > IDLE_READY_FRAMES {
@@ -594,6 +605,15 @@ impl<R: PeerReader> FrameSource for GuardedReader<R> {
             return Poll::Pending;
         }
         Poll::Ready(Ok(this.pop_front()))
+    }
+
+    fn peek_queued(&mut self, each: &mut dyn FnMut(&Frame)) -> usize {
+        let unseen = self.ready.len().saturating_sub(self.shown);
+        for frame in self.ready.iter().skip(self.shown) {
+            each(frame);
+        }
+        self.shown = self.ready.len();
+        unseen
     }
 }
 
@@ -922,6 +942,62 @@ mod tests {
             frames.push(f);
         }
         check(frames);
+    }
+
+    /// `peek_queued` shows the frames a read brought beyond the one handed out, each once,
+    /// and those of a later read when they come.
+    #[test]
+    fn queued_frames_are_shown_once_each() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_rt = rt.enter();
+        let finish = |id| framed(|m| m.init_finish().set_question_id(id));
+        let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
+            std::rc::Rc::default();
+        q.borrow_mut()
+            .push_back([finish(1), finish(2), finish(3)].concat());
+        let limits = std::sync::Arc::new(FrameLimits {
+            max_frame_bytes: 1 << 20,
+            frame_timeout: Duration::from_secs(60),
+            reader_options: capkv::Limits::default().request_reader_options(),
+        });
+        let mut r = GuardedReader::new(
+            Chunks(std::rc::Rc::clone(&q)),
+            limits,
+            std::sync::Arc::new(FrameBudget::new(4 << 20)),
+            BreachCell::default(),
+        );
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let id = |f: &Frame| {
+            let m = capnp::message::Reader::new(f, capnp::message::ReaderOptions::new());
+            match m
+                .get_root::<message::Reader<'_>>()
+                .unwrap()
+                .which()
+                .unwrap()
+            {
+                message::Finish(f) => f.unwrap().get_question_id(),
+                _ => panic!("not a Finish"),
+            }
+        };
+        let mut next = |r: &mut GuardedReader<Chunks>| match Pin::new(r).poll_frame(&mut cx) {
+            Poll::Ready(Ok(Some(f))) => id(&f),
+            other => panic!("{:?}", other.map(|r| r.map(|f| f.map(|f| f.len())))),
+        };
+        let mut shown = Vec::new();
+        assert_eq!(next(&mut r), 1);
+        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 2);
+        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 0);
+        assert_eq!(next(&mut r), 2);
+        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 0);
+        assert_eq!(next(&mut r), 3);
+        q.borrow_mut().push_back([finish(4), finish(5)].concat());
+        assert_eq!(next(&mut r), 4);
+        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 1);
+        assert_eq!(shown, [2, 3, 5]);
     }
 
     /// A connection's read buffers start small, grow for a burst, and give the burst's

@@ -585,8 +585,15 @@ where
                 reader_options,
                 ..Default::default()
             };
-            let serve =
-                capkv_rpc::engine::serve(reader, writer, gateway.client.hook, limits, closer);
+            let warm = Box::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
+            let serve = capkv_rpc::engine::serve_warmed(
+                reader,
+                writer,
+                gateway.client.hook,
+                limits,
+                closer,
+                Some(warm),
+            );
             Box::pin(async move { serve.await.map_err(|e| e.to_string()) })
         }
     };

@@ -204,6 +204,10 @@ pub struct SpaceStats {
 /// `sync`, after its WAL is synced); dropping it does not cancel the write.
 pub trait Store: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
+    /// A hint that `keys` are about to be read or written: an engine may start loading
+    /// them (the memory engine prefetches their entries into the CPU cache, all at once).
+    /// Never blocks, never fails; the default does nothing.
+    fn prefetch(&self, _keys: &[&[u8]]) {}
     /// Applies one write, idempotently when `idem` is given (see [`write`](mod@write)).
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome>;
     fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {

@@ -23,8 +23,8 @@
 
 use std::borrow::Borrow;
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -202,10 +202,104 @@ impl Ord for Stored {
     }
 }
 
+/// The hash index: `hashbrown`'s table (what std's `HashSet` is built on) with std's keyed
+/// SipHash, since keys come from the network and a per-process seed keeps collision floods
+/// out. Its own type rather than a `HashSet` for [`Index::prefetch`], a lookup that stops
+/// at the entry's address.
+#[derive(Default)]
+struct Index {
+    table: hashbrown::HashTable<Stored>,
+    hasher: RandomState,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").field("len", &self.len()).finish()
+    }
+}
+
+impl Index {
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Stored> {
+        self.table.find(self.hash(key), |s| s.key() == key)
+    }
+
+    /// Inserts `stored`, replacing the entry of the same key if there is one.
+    fn replace(&mut self, stored: Stored) {
+        let hash = self.hash(stored.key());
+        let Index { table, hasher } = self;
+        match table.entry(
+            hash,
+            |s| s.key() == stored.key(),
+            |s| hasher.hash_one(s.key()),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = stored,
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(stored);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> bool {
+        match self.table.find_entry(self.hash(key), |s| s.key() == key) {
+            Ok(o) => {
+                o.remove();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Starts loading `key`'s entry into the CPU cache without waiting for it. A get of a
+    /// random key among many misses the cache twice, at the table's slot and at the entry
+    /// (about a sixth of the server's CPU at 16 gets in flight, 100k keys); a prefetch
+    /// issued when a call arrives overlaps the second miss with the work before the lookup,
+    /// and with the other prefetches of calls that arrived together. The walk stops at the
+    /// first slot whose 7-bit hash tag matches, without comparing keys (that would wait for
+    /// the entry): one probe in 128 matches a stranger, whose lines are then loaded for
+    /// nothing.
+    fn prefetch(&self, key: &[u8]) {
+        self.prefetch_hashed(self.hash(key));
+    }
+
+    /// [`prefetch`](Self::prefetch) of the key whose [`hash`](Self::hash) is `hash`.
+    fn prefetch_hashed(&self, hash: u64) {
+        let _ = self.table.find(hash, |s| {
+            prefetch_lines(s.0.ptr().cast());
+            true
+        });
+    }
+}
+
+/// Lines of an entry worth loading ahead: its header and key, and a 100-byte value
+/// (the rest of a longer value follows from the hardware's own stride prefetch).
+const PREFETCH_LINES: usize = 3;
+
+/// Asks the CPU to load the cache lines from `p` on. A hint: never faults, never waits.
+#[inline]
+fn prefetch_lines(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    for line in 0..PREFETCH_LINES {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: SSE is part of every x86_64 target; a prefetch reads nothing into the
+        // program and cannot fault, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Every live key and its data.
-    map: HashSet<Stored>,
+    map: Index,
     /// The same entries, ordered (invariant: the same allocations as `map`'s).
     order: BTreeSet<Stored>,
     revision: u64,
@@ -397,6 +491,22 @@ impl Store for MemoryStore {
         Ok(self.read().entry(key, true))
     }
 
+    fn prefetch(&self, keys: &[&[u8]]) {
+        // Under one lock acquisition (each one's atomic would order the loads around it),
+        // hashed first, then looked up back to back: their cache misses overlap.
+        const CHUNK: usize = 16;
+        for chunk in keys.chunks(CHUNK) {
+            let inner = self.read();
+            let mut hashes = [0u64; CHUNK];
+            for (h, key) in hashes.iter_mut().zip(chunk) {
+                *h = inner.map.hash(key);
+            }
+            for &hash in &hashes[..chunk.len()] {
+                inner.map.prefetch_hashed(hash);
+            }
+        }
+    }
+
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
         let mut inner = self.lock_write();
         let Some(idem) = idem else {
@@ -465,6 +575,10 @@ impl Store for MemoryStore {
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
         let inner = self.read();
+        // All the entries' cache misses at once, then the copies.
+        for key in keys {
+            inner.map.prefetch(key);
+        }
         let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
         Ok((entries, inner.revision))
     }
@@ -552,5 +666,44 @@ mod tests {
             "k\\x00: the newest, large value"
         );
         assert_eq!(page.entries[1].value, b"many");
+    }
+
+    /// The hash index finds every key through its growth (rehashing), replacements and
+    /// removals; prefetches of keys present, absent, empty, or more than one chunk of them
+    /// change nothing.
+    #[test]
+    fn the_hash_index_finds_every_key_and_prefetch_changes_nothing() {
+        use futures::executor::block_on as wait;
+        let s = MemoryStore::new();
+        let key = |i: u32| format!("key:{i:08}").into_bytes();
+        for i in 0..5_000 {
+            wait(s.put(&key(i), &i.to_le_bytes(), Condition::None)).unwrap();
+        }
+        for i in (0..5_000).step_by(3) {
+            wait(s.delete(&key(i), Condition::None)).unwrap();
+        }
+        for i in (1..5_000).step_by(3) {
+            // A longer value: a new entry replaces the old one in both indexes.
+            wait(s.put(&key(i), &[1; 40], Condition::None)).unwrap();
+        }
+        let keys: Vec<Vec<u8>> = (0..5_100).map(key).collect();
+        let mut asked: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        asked.push(b"");
+        s.prefetch(&asked);
+        s.prefetch(&[]);
+        assert!(s.read().consistent());
+        assert_eq!(s.read().map.len(), 5_000 - 5_000usize.div_ceil(3));
+        for i in 0..5_100u32 {
+            let got = s.get(&key(i)).unwrap().map(|e| e.value);
+            let want = match i {
+                5_000.. => None,
+                _ if i % 3 == 0 => None,
+                _ if i % 3 == 1 => Some(vec![1; 40]),
+                _ => Some(i.to_le_bytes().to_vec()),
+            };
+            assert_eq!(got, want, "key {i}");
+        }
+        let (many, _) = s.get_many(&asked[..100]).unwrap();
+        assert_eq!(many.iter().filter(|e| e.is_some()).count(), 66);
     }
 }

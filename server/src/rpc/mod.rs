@@ -143,6 +143,82 @@ macro_rules! handle_now {
 }
 pub(crate) use handle_now;
 
+/// Keys shown to the store in one prefetch at most; more are sent in several.
+const WARM_KEYS_MAX: usize = 64;
+/// Longer keys are not prefetched (rare, and not worth copying).
+const WARM_KEY_BYTES_MAX: usize = 256;
+
+/// What the engine shows the calls of each read ([`capkv_rpc::engine::Warm`]): the keys of
+/// `get`, `put` and `delete` are gathered, then prefetched from the store together, so
+/// that the lookups of calls that arrived together overlap their cache misses instead of
+/// taking them one by one (16 gets in flight, 100k keys: a sixth of the server's CPU
+/// waited on them). Params that do not decode are left to the call itself to refuse.
+pub(crate) struct Warm {
+    store: Arc<dyn Store>,
+    /// The gathered keys, end to end (copied: the frames they came in are not ours).
+    keys: std::cell::RefCell<Vec<u8>>,
+    /// Where each gathered key ends in `keys`.
+    ends: std::cell::RefCell<Vec<usize>>,
+}
+
+impl Warm {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            keys: Default::default(),
+            ends: Default::default(),
+        }
+    }
+}
+
+impl capkv_rpc::engine::Warm for Warm {
+    fn call(&self, interface: u64, method: u16, params: capnp::any_pointer::Reader<'_>) {
+        use capkv::kv_capnp::{kv_store, write_session};
+        use capnp::traits::HasTypeId;
+        let key = match (interface, method) {
+            (kv_store::Client::TYPE_ID, 0) => params
+                .get_as::<kv_store::get_params::Reader>()
+                .and_then(|p| p.get_key()),
+            (write_session::Client::TYPE_ID, 0) => params
+                .get_as::<write_session::put_params::Reader>()
+                .and_then(|p| p.get_key()),
+            (write_session::Client::TYPE_ID, 1) => params
+                .get_as::<write_session::delete_params::Reader>()
+                .and_then(|p| p.get_key()),
+            _ => return,
+        };
+        let Ok(key) = key else { return };
+        if key.len() > WARM_KEY_BYTES_MAX {
+            return;
+        }
+        if self.ends.borrow().len() >= WARM_KEYS_MAX {
+            capkv_rpc::engine::Warm::flush(self);
+        }
+        let mut keys = self.keys.borrow_mut();
+        keys.extend_from_slice(key);
+        self.ends.borrow_mut().push(keys.len());
+    }
+
+    fn flush(&self) {
+        let mut keys = self.keys.borrow_mut();
+        let mut ends = self.ends.borrow_mut();
+        let mut slices: [&[u8]; WARM_KEYS_MAX] = [&[]; WARM_KEYS_MAX];
+        let mut start = 0;
+        for (slot, &end) in slices.iter_mut().zip(ends.iter()) {
+            *slot = &keys[start..end];
+            start = end;
+        }
+        self.store
+            .prefetch(&slices[..ends.len().min(WARM_KEYS_MAX)]);
+        keys.clear();
+        ends.clear();
+        // A burst of long keys leaves no lasting buffer on the connection.
+        if keys.capacity() > WARM_KEY_BYTES_MAX * 4 {
+            *keys = Vec::new();
+        }
+    }
+}
+
 /// Runs a blocking store operation (compaction, checkpoint) on tokio's blocking pool, so
 /// the worker keeps serving its connections meanwhile.
 async fn off_worker<T: Send + 'static>(
