@@ -87,6 +87,9 @@ pub struct ReplyBacklog {
     /// When the writer last sent bytes while the connection was paused (a write before
     /// the pause does not matter: a stall is measured from the later of the two).
     last_write: Cell<Instant>,
+    /// The RPC engine counts every message it queues itself ([`ReplyBacklog::count_at_send`]),
+    /// so handlers need not estimate their replies.
+    counted_at_send: Cell<bool>,
 }
 
 impl ReplyBacklog {
@@ -99,7 +102,19 @@ impl ReplyBacklog {
             watcher: Cell::new(None),
             paused_since: Cell::new(None),
             last_write: Cell::new(Instant::now()),
+            counted_at_send: Cell::new(false),
         }
+    }
+
+    /// From now on the bytes are counted where messages are queued for the writer (capkv's
+    /// engine, exactly); handlers skip their estimate ([`ReplyBacklog::counted_at_send`]).
+    pub fn count_at_send(&self) {
+        self.counted_at_send.set(true);
+    }
+
+    /// Whether replies are counted as they are queued (handlers then count nothing).
+    pub fn counted_at_send(&self) -> bool {
+        self.counted_at_send.get()
     }
 
     /// Puts a (reloaded) per-connection bound in force; a raised bound resumes reading.

@@ -508,6 +508,8 @@ struct Conn {
     answers: Answers,
     /// Messages written since the last flush: the replies of one pass leave together.
     outbox: Vec<u8>,
+    /// Where the bytes put in `outbox` are counted until the writer sends them.
+    backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
     /// Calls started in this step, not yet polled: they run once at the end of the step,
     /// and only those that wait join the loop's `FuturesUnordered` (most complete at once:
     /// no task of their own, no wake-up, no extra pass of the loop).
@@ -528,6 +530,17 @@ pub trait Warm {
     fn flush(&self) {}
 }
 
+/// What a server adds to [`serve`]: both optional.
+#[derive(Default)]
+pub struct Hooks {
+    /// Shown the calls of each read before they run (see [`Warm`]).
+    pub warm: Option<Box<dyn Warm>>,
+    /// Counts the bytes of every message the engine queues for the writer (which uncounts
+    /// them as they leave), so the frame layer can stop reading a peer that does not read
+    /// its replies; exact, where a handler could only estimate its reply.
+    pub backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
+}
+
 /// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
 /// closes it. `reader` yields whole frames (the frame layer checked them); `bootstrap` is
 /// what `Bootstrap` returns. Calls still running when it ends are dropped, unanswered.
@@ -542,22 +555,26 @@ where
     R: FrameSource + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
-    serve_warmed(reader, writer, bootstrap, limits, closer, None).await
+    serve_with(reader, writer, bootstrap, limits, closer, Hooks::default()).await
 }
 
-/// [`serve`], showing each call to `warm` as it arrives (see [`Warm`]).
-pub async fn serve_warmed<R, W>(
+/// [`serve`] with a server's [`Hooks`].
+pub async fn serve_with<R, W>(
     mut reader: R,
     writer: W,
     bootstrap: Box<dyn ClientHook>,
     limits: EngineLimits,
     closer: Closer,
-    warm: Option<Box<dyn Warm>>,
+    hooks: Hooks,
 ) -> Result<(), EngineError>
 where
     R: FrameSource + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
+    let Hooks { warm, backlog } = hooks;
+    if let Some(b) = &backlog {
+        b.count_at_send();
+    }
     // Frames still queued in `reader` that `warm` has seen.
     let mut warmed_ahead = 0usize;
     let options = limits.reader_options;
@@ -567,6 +584,7 @@ where
         exports: Exports::default(),
         answers: Answers::default(),
         outbox: Vec::new(),
+        backlog,
         fresh: Vec::new(),
         done_now: Vec::new(),
     };
@@ -771,8 +789,12 @@ impl Conn {
     }
 
     fn send(&mut self, message: &message::Builder<HeapAllocator>) {
+        let before = self.outbox.len();
         // Writing into a Vec cannot fail.
         let _ = capnp::serialize::write_message(&mut self.outbox, message);
+        if let Some(b) = &self.backlog {
+            b.queued(self.outbox.len() - before);
+        }
     }
 
     fn write_abort(&mut self, reason: &str, kind: exception::Type) {
@@ -1335,13 +1357,16 @@ mod tests {
         let batches = vec![first, vec![call(5)], vec![call(6), call(7)]];
         let recorded = Recorded::default();
         tokio::task::LocalSet::new().block_on(&rt, async {
-            serve_warmed(
+            serve_with(
                 Batches(batches.into(), Default::default(), 0),
                 futures::io::sink(),
                 Box::new(ScriptCap::new(1)),
                 EngineLimits::default(),
                 Closer::default(),
-                Some(Box::new(recorded.clone())),
+                Hooks {
+                    warm: Some(Box::new(recorded.clone())),
+                    backlog: None,
+                },
             )
             .await
             .unwrap();

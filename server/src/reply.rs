@@ -13,11 +13,15 @@ pub(crate) fn reply_bytes(size: capnp::MessageSize) -> usize {
 }
 
 /// Counts a handler's reply as unsent on its connection until the writer has sent it (see
-/// `capkv_rpc::backlog`): its encoded size plus the Return header.
+/// `capkv_rpc::backlog`): its encoded size plus the Return header. Only on capnp-rpc's
+/// `RpcSystem`: capkv's engine counts each message exactly as it queues it, which spares
+/// every call a walk of its results.
 macro_rules! count_reply {
     ($conn:expr, $results:ident) => {
-        if let Ok(size) = $results.get().into_reader().total_size() {
-            $conn.backlog.queued(crate::reply::reply_bytes(size));
+        if !$conn.backlog.counted_at_send() {
+            if let Ok(size) = $results.get().into_reader().total_size() {
+                $conn.backlog.queued(crate::reply::reply_bytes(size));
+            }
         }
     };
 }

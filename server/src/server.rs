@@ -586,13 +586,17 @@ where
                 ..Default::default()
             };
             let warm = Box::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
-            let serve = capkv_rpc::engine::serve_warmed(
+            let hooks = capkv_rpc::engine::Hooks {
+                warm: Some(warm),
+                backlog: Some(Rc::clone(&conn.backlog)),
+            };
+            let serve = capkv_rpc::engine::serve_with(
                 reader,
                 writer,
                 gateway.client.hook,
                 limits,
                 closer,
-                Some(warm),
+                hooks,
             );
             Box::pin(async move { serve.await.map_err(|e| e.to_string()) })
         }
