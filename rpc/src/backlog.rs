@@ -5,8 +5,9 @@
 //! pipelines 2,000 gets of a 1 MiB value and never reads took the server past 2 GiB. The
 //! fix follows gRPC's flow control and Redis's output-buffer limit:
 //!
-//! - the server counts each reply's bytes when its handler has built it
-//!   ([`ReplyBacklog::queued`]) and the socket writer uncounts bytes as they leave
+//! - the server counts each reply's bytes when it is built ([`ReplyBacklog::queued`]:
+//!   capkv's engine counts every message exactly as it queues it, and on capnp-rpc's
+//!   `RpcSystem` each handler its estimate) and the socket writer uncounts bytes as they leave
 //!   ([`ReplyBacklog::written`]; `transport::CoalescingWriter`);
 //! - the frame layer hands the RPC system its next message only while the connection's
 //!   unsent bytes are within its bound, and, while the server-wide [`ReplyBudget`] is
