@@ -143,6 +143,10 @@ impl Built {
         {
             let mut ret = message.init_root::<rpc_message::Builder>().init_return();
             ret.set_answer_id(answer_id);
+            // What a Return without capabilities says (a get's, a put's): written now, so
+            // `write_results` touches the message again only when the results hold some.
+            // The cap table stays a null pointer, which every reader takes as empty.
+            ret.set_no_finish_needed(true);
             ret.init_results();
         }
         Self {
@@ -1046,6 +1050,11 @@ impl Conn {
             .map(|hook| self.exports.add(hook.as_ref()))
             .collect();
         let Built { message, cap_table } = &mut built;
+        if cap_table.is_empty() {
+            // Already a capability-free Return (see `Built::new_return`).
+            self.send(&built.message);
+            return (built, exports);
+        }
         if let Ok(root) = message.get_root::<rpc_message::Builder>() {
             if let Ok(rpc_message::Which::Return(Ok(mut ret))) = root.which() {
                 ret.set_no_finish_needed(exports.is_empty());
