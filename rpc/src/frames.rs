@@ -823,7 +823,7 @@ mod tests {
     }
 
     /// A peer whose bytes arrive in the chunks the test pushes; `Pending` in between.
-    struct Chunks(std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>);
+    struct Chunks(Pushed);
 
     impl AsyncRead for Chunks {
         fn poll_read(
@@ -847,6 +847,39 @@ mod tests {
 
     impl PeerReader for Chunks {
         fn try_send(&self, _: &[u8]) {}
+    }
+
+    /// The bytes a test pushes for a [`Chunks`] peer to deliver.
+    type Pushed = std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>;
+
+    /// A guarded reader of what `q` delivers: 1 MiB frames, a minute to complete one, a
+    /// 4 MiB budget.
+    fn guarded(q: &Pushed) -> GuardedReader<Chunks> {
+        let limits = std::sync::Arc::new(FrameLimits {
+            max_frame_bytes: 1 << 20,
+            frame_timeout: Duration::from_secs(60),
+            reader_options: capkv::Limits::default().request_reader_options(),
+        });
+        GuardedReader::new(
+            Chunks(std::rc::Rc::clone(q)),
+            limits,
+            std::sync::Arc::new(FrameBudget::new(4 << 20)),
+            BreachCell::default(),
+        )
+    }
+
+    /// The question id of a frame that carries a Finish.
+    fn finish_id(f: &Frame) -> u32 {
+        let m = capnp::message::Reader::new(f, capnp::message::ReaderOptions::new());
+        match m
+            .get_root::<message::Reader<'_>>()
+            .unwrap()
+            .which()
+            .unwrap()
+        {
+            message::Finish(f) => f.unwrap().get_question_id(),
+            _ => panic!("not a Finish"),
+        }
     }
 
     /// Frames come out whole and in order whatever the reads cut, multi-segment ones
@@ -879,22 +912,7 @@ mod tests {
         let check = |frames: Vec<Frame>| {
             assert_eq!(frames.len(), 3);
             let o = capnp::message::ReaderOptions::new();
-            let ids: Vec<u32> = [&frames[0], &frames[2]]
-                .iter()
-                .map(|f| {
-                    let m = capnp::message::Reader::new(*f, o);
-                    match m
-                        .get_root::<message::Reader<'_>>()
-                        .unwrap()
-                        .which()
-                        .unwrap()
-                    {
-                        message::Finish(f) => f.unwrap().get_question_id(),
-                        _ => panic!("not a Finish"),
-                    }
-                })
-                .collect();
-            assert_eq!(ids, [1, 2]);
+            assert_eq!([finish_id(&frames[0]), finish_id(&frames[2])], [1, 2]);
             let m = capnp::message::Reader::new(&frames[1], o);
             assert!(capnp::message::ReaderSegments::len(&frames[1]) > 1);
             match m
@@ -913,21 +931,10 @@ mod tests {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         // Cut into 7-byte reads: frames and segment tables straddle them.
-        let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
-            std::rc::Rc::new(std::cell::RefCell::new(
-                wire.chunks(7).map(<[u8]>::to_vec).collect(),
-            ));
-        let limits = std::sync::Arc::new(FrameLimits {
-            max_frame_bytes: 1 << 20,
-            frame_timeout: Duration::from_secs(60),
-            reader_options: capkv::Limits::default().request_reader_options(),
-        });
-        let mut guarded = GuardedReader::new(
-            Chunks(q),
-            limits,
-            std::sync::Arc::new(FrameBudget::new(4 << 20)),
-            BreachCell::default(),
-        );
+        let q: Pushed = std::rc::Rc::new(std::cell::RefCell::new(
+            wire.chunks(7).map(<[u8]>::to_vec).collect(),
+        ));
+        let mut guarded = guarded(&q);
         let mut frames = Vec::new();
         while frames.len() < 3 {
             match Pin::new(&mut guarded).poll_frame(&mut cx) {
@@ -954,35 +961,13 @@ mod tests {
             .unwrap();
         let _in_rt = rt.enter();
         let finish = |id| framed(|m| m.init_finish().set_question_id(id));
-        let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
-            std::rc::Rc::default();
+        let q: Pushed = std::rc::Rc::default();
         q.borrow_mut()
             .push_back([finish(1), finish(2), finish(3)].concat());
-        let limits = std::sync::Arc::new(FrameLimits {
-            max_frame_bytes: 1 << 20,
-            frame_timeout: Duration::from_secs(60),
-            reader_options: capkv::Limits::default().request_reader_options(),
-        });
-        let mut r = GuardedReader::new(
-            Chunks(std::rc::Rc::clone(&q)),
-            limits,
-            std::sync::Arc::new(FrameBudget::new(4 << 20)),
-            BreachCell::default(),
-        );
+        let mut r = guarded(&q);
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        let id = |f: &Frame| {
-            let m = capnp::message::Reader::new(f, capnp::message::ReaderOptions::new());
-            match m
-                .get_root::<message::Reader<'_>>()
-                .unwrap()
-                .which()
-                .unwrap()
-            {
-                message::Finish(f) => f.unwrap().get_question_id(),
-                _ => panic!("not a Finish"),
-            }
-        };
+        let id = finish_id;
         let mut next = |r: &mut GuardedReader<Chunks>| match Pin::new(r).poll_frame(&mut cx) {
             Poll::Ready(Ok(Some(f))) => id(&f),
             other => panic!("{:?}", other.map(|r| r.map(|f| f.map(|f| f.len())))),
@@ -1017,19 +1002,8 @@ mod tests {
                 .set_as::<capnp::data::Owned>(&vec![3u8; 200 * 1024][..])
                 .unwrap()
         });
-        let limits = std::sync::Arc::new(FrameLimits {
-            max_frame_bytes: 1 << 20,
-            frame_timeout: Duration::from_secs(60),
-            reader_options: capkv::Limits::default().request_reader_options(),
-        });
-        let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
-            std::rc::Rc::default();
-        let mut r = GuardedReader::new(
-            Chunks(std::rc::Rc::clone(&q)),
-            limits,
-            std::sync::Arc::new(FrameBudget::new(4 << 20)),
-            BreachCell::default(),
-        );
+        let q: Pushed = std::rc::Rc::default();
+        let mut r = guarded(&q);
         assert_eq!(r.chunk.capacity(), 0, "nothing held before the first read");
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -1080,7 +1054,7 @@ mod tests {
             reader_options: capkv::Limits::default().request_reader_options(),
         });
         let budget = std::sync::Arc::new(FrameBudget::new(frame.len() + frame.len() / 2));
-        let reader = |q: &std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>| {
+        let reader = |q: &Pushed| {
             GuardedReader::new(
                 Chunks(std::rc::Rc::clone(q)),
                 std::sync::Arc::clone(&limits),
@@ -1136,8 +1110,7 @@ mod tests {
         let _in_rt = rt.enter();
         let frame = framed(|m| m.init_finish().set_question_id(7));
         let reader = |timeout_ms: u64| {
-            let q: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>> =
-                std::rc::Rc::default();
+            let q: Pushed = std::rc::Rc::default();
             let limits = std::sync::Arc::new(FrameLimits {
                 max_frame_bytes: 1 << 20,
                 frame_timeout: Duration::from_millis(timeout_ms),
