@@ -98,9 +98,12 @@ pub fn table(r: &RunResult) -> String {
     }
     let _ = writeln!(out, "attempts {} retries {}", r.attempts, r.retries);
     if let Some(s) = &r.server {
+        let per_call = r
+            .server_cpu_us_per_call()
+            .map_or(String::new(), |us| format!(", {us:.2} us per call"));
         let _ = writeln!(
             out,
-            "server: cpu {:.0}% rss {:.1} MiB",
+            "server: cpu {:.0}% rss {:.1} MiB{per_call}",
             s.cpu_percent,
             s.max_rss_bytes as f64 / 1048576.0
         );
@@ -115,7 +118,7 @@ pub fn table(r: &RunResult) -> String {
     out
 }
 
-pub const CSV_HEADER: &str = "target,mode,connections,in_flight,batch,read_percent,keys,dist,value_size,op,calls,ok_per_sec,keys_per_sec,mean_us,p50_us,p90_us,p95_us,p99_us,p999_us,max_us,errors,server_cpu_percent,server_max_rss_bytes,client_cpu_us_per_call";
+pub const CSV_HEADER: &str = "target,mode,connections,in_flight,batch,read_percent,keys,dist,value_size,op,calls,ok_per_sec,keys_per_sec,mean_us,p50_us,p90_us,p95_us,p99_us,p999_us,max_us,errors,server_cpu_percent,server_max_rss_bytes,client_cpu_us_per_call,server_cpu_us_per_call";
 
 /// CSV rows (one per op) for one run, without the header.
 pub fn csv_rows(r: &RunResult) -> String {
@@ -125,7 +128,7 @@ pub fn csv_rows(r: &RunResult) -> String {
         let l = &o.latency;
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{}",
             c.target.name(),
             r.mode,
             c.connections,
@@ -151,6 +154,8 @@ pub fn csv_rows(r: &RunResult) -> String {
             r.server.map_or(String::new(), |s| s.max_rss_bytes.to_string()),
             r.client_cpu_us_per_call()
                 .map_or(String::new(), |us| format!("{us:.2}")),
+            r.server_cpu_us_per_call()
+                .map_or(String::new(), |us| format!("{us:.2}")),
         );
     }
     out
@@ -171,7 +176,7 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
     let l = &a.latency;
     let calls = a.calls.max(1) as f64;
     format!(
-        "| {name} | {target} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} | {} |",
+        "| {name} | {target} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} | {} | {} |",
         a.ok_per_sec,
         r.keys_per_sec,
         ms(l.p50_us),
@@ -181,13 +186,17 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
         a.error_count() as f64 / calls * 100.0,
         r.server
             .map_or("-".into(), |s| format!("{:.0}%", s.cpu_percent)),
+        us_or_dash(r.server_cpu_us_per_call()),
         r.server.map_or("-".into(), |s| format!(
             "{:.0} MiB",
             s.max_rss_bytes as f64 / 1048576.0
         )),
-        r.client_cpu_us_per_call()
-            .map_or("-".into(), |us| format!("{us:.2} us")),
+        us_or_dash(r.client_cpu_us_per_call()),
     )
+}
+
+fn us_or_dash(us: Option<f64>) -> String {
+    us.map_or("-".into(), |us| format!("{us:.2} us"))
 }
 
 /// A markdown row ([`MARKDOWN_HEADER`]) for a redis-benchmark run: its requests per
@@ -199,7 +208,7 @@ pub fn markdown_row_redis_benchmark(
     server: Option<crate::procstat::Usage>,
 ) -> String {
     format!(
-        "| {name} | redis-benchmark -P {pipeline} | {:.0} | {:.0} | {} | {} | {} | {} | - | {} | {} | - |",
+        "| {name} | redis-benchmark -P {pipeline} | {:.0} | {:.0} | {} | {} | {} | {} | - | {} | {} | {} | - |",
         r.rps,
         r.rps,
         ms(r.p50_ms * 1000.0),
@@ -207,6 +216,7 @@ pub fn markdown_row_redis_benchmark(
         ms(r.p99_ms * 1000.0),
         ms(r.avg_ms * 1000.0),
         server.map_or("-".into(), |s| format!("{:.0}%", s.cpu_percent)),
+        us_or_dash(server.and_then(|s| crate::run::per_call_us(s, r.rps))),
         server.map_or("-".into(), |s| format!(
             "{:.0} MiB",
             s.max_rss_bytes as f64 / 1048576.0
@@ -214,4 +224,4 @@ pub fn markdown_row_redis_benchmark(
     )
 }
 
-pub const MARKDOWN_HEADER: &str = "| case | target | calls/s | keys/s | p50 | p95 | p99 | mean | errors | server CPU | server RSS | client CPU per call |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
+pub const MARKDOWN_HEADER: &str = "| case | target | calls/s | keys/s | p50 | p95 | p99 | mean | errors | server CPU | server CPU per call | server RSS | client CPU per call |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";

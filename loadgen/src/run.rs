@@ -190,14 +190,23 @@ pub struct RunResult {
 impl RunResult {
     /// The generator's CPU time per successful call over the window, in microseconds.
     pub fn client_cpu_us_per_call(&self) -> Option<f64> {
-        let client = self.client?;
-        let calls_per_sec = self.all()?.ok_per_sec;
-        (calls_per_sec > 0.0).then(|| client.cpu_percent / 100.0 / calls_per_sec * 1e6)
+        per_call_us(self.client?, self.all()?.ok_per_sec)
+    }
+
+    /// The server's CPU time per successful call over the window (user + sys from /proc),
+    /// in microseconds: what the "server CPU per call" compares between servers.
+    pub fn server_cpu_us_per_call(&self) -> Option<f64> {
+        per_call_us(self.server?, self.all()?.ok_per_sec)
     }
 
     pub fn all(&self) -> Option<&OpSummary> {
         self.ops.iter().find(|o| o.op == "all")
     }
+}
+
+/// CPU microseconds per call of a process that was `usage` busy at `calls_per_sec`.
+pub fn per_call_us(usage: procstat::Usage, calls_per_sec: f64) -> Option<f64> {
+    (calls_per_sec > 0.0).then(|| usage.cpu_percent / 100.0 / calls_per_sec * 1e6)
 }
 
 /// Shared timing of one run, fixed once every connection is open.

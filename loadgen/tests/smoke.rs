@@ -46,6 +46,11 @@ fn closed_open_and_batched_runs_complete_without_errors() {
         .client_cpu_us_per_call()
         .expect("client CPU per call");
     assert!(per_call.is_finite() && per_call >= 0.0, "{per_call}");
+    // And the server's, which the results compare between servers.
+    let server_per_call = closed
+        .server_cpu_us_per_call()
+        .expect("server CPU per call");
+    assert!(server_per_call.is_finite() && server_per_call >= 0.0);
     let row = report::markdown_row("GET", &closed);
     assert_eq!(
         row.matches('|').count(),
