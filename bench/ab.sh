@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A/B of two kv-server builds, the way a server change is judged here: alternating pairs
+# (A, B, A, B, ...) seconds apart, with bench/run.sh's pinning (kv-server memory engine, 1
+# worker, on core 1; kv-loadgen --target capkv-raw on core 0), printing each run's rate and
+# the server's CPU per call (user + sys from /proc, divided by calls/s). One run alone
+# means little on a shared VM: read the pairs, and trust a change that wins most of them.
+#
+# Usage: bench/ab.sh BIN_A BIN_B [MIX] [IN_FLIGHT] [PAIRS] [SECONDS]
+#   defaults: get 16 3 5 (100,000 keys, 50 connections, 2 s warm-up per run)
+# e.g. keep the old binary before rebuilding:
+#   cp $CARGO_TARGET_DIR/release/kv-server /var/tmp/kv-server-before
+#   cargo build --release -p capkv-server
+#   bash bench/ab.sh /var/tmp/kv-server-before $CARGO_TARGET_DIR/release/kv-server get 16
+# Bounded: PAIRS x 2 runs of SECONDS each (plus preload and warm-up); every process
+# started is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+[ $# -ge 2 ] || { sed -n '8,9p' "$0" >&2; exit 2; }
+bin_a=$1 bin_b=$2 mix=${3:-get} in_flight=${4:-16} pairs=${5:-3} secs=${6:-5}
+loadgen="${LOADGEN:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release/kv-loadgen}"
+for b in "$bin_a" "$bin_b" "$loadgen"; do
+    [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }
+done
+tmp=$(mktemp -d)
+pids=()  # what stop_all (scripts/lib.sh) stops
+trap 'stop_all; rm -rf "$tmp"' EXIT
+
+# one BIN: one run against a fresh server; sets `rate` (calls/s) and `cpu` (server %).
+one() {
+    local log="$tmp/server.log" pid addr out
+    taskset -c 1 "$1" --engine memory --listen 127.0.0.1:0 --workers 1 --log-format json \
+        2>"$log" &
+    pid=$!
+    pids=("$pid")
+    addr=$(wait_listening "$log" "$pid")
+    out=$(taskset -c 0 "$loadgen" run --target capkv-raw --addr "$addr" -c 50 \
+        --in-flight "$in_flight" --mix "$mix" --keys 100000 --preload --warmup 2s \
+        --duration "${secs}s" --server-pid "$pid")
+    stop_all
+    rate=$(awk '$1 == "all" {print $3}' <<<"$out")
+    cpu=$(awk '$1 == "server:" {print $3 + 0}' <<<"$out")
+}
+
+echo "mix $mix, $in_flight in flight, 50 connections, ${secs}s per run"
+for _ in $(seq "$pairs"); do
+    for b in "$bin_a" "$bin_b"; do
+        one "$b"
+        awk -v n="$b" -v r="${rate:-0}" -v c="${cpu:-0}" 'BEGIN {
+            printf "%-40s %8d/s  cpu %3d%%  %s us/call\n", n, r, c,
+                (r > 0 ? sprintf("%.3f", c / 100 / r * 1e6) : "-") }'
+    done
+done
