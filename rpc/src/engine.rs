@@ -257,23 +257,6 @@ impl ParamsHook for EngineParams {
     }
 }
 
-/// Shows `warm` the call `frame` carries, if it carries one that decodes.
-fn warm_call(frame: &Frame, options: ReaderOptions, warm: &dyn Warm) {
-    let m = message::Reader::new(frame, options);
-    let Ok(root) = m.get_root::<rpc_message::Reader>() else {
-        return;
-    };
-    if let Ok(rpc_message::Which::Call(Ok(c))) = root.which() {
-        if let Ok(params) = c.get_params() {
-            warm.call(
-                c.get_interface_id(),
-                c.get_method_id(),
-                params.get_content(),
-            );
-        }
-    }
-}
-
 fn call_of(m: &Incoming) -> capnp::Result<call::Reader<'_>> {
     match m.get_root::<rpc_message::Reader>()?.which()? {
         rpc_message::Which::Call(c) => c,
@@ -522,23 +505,10 @@ struct Conn {
     done_now: Vec<Done>,
 }
 
-/// Hints the engine gives about Calls as they arrive, before they run, so that a server
-/// can start loading what they will touch (capkv's prefetches the store entries of gets and
-/// puts). The calls that came in one read are all shown, then `flush`ed, when the first of
-/// them is taken: their cache misses can overlap instead of stalling one call at a time.
-/// Must not fail or block; changes nothing a call sees.
-pub trait Warm {
-    /// A call about to run: its interface, method and params.
-    fn call(&self, interface_id: u64, method_id: u16, params: any_pointer::Reader<'_>);
-    /// The calls shown since the last flush are all there are for now.
-    fn flush(&self) {}
-}
-
-/// What a server adds to [`serve`]: both optional.
+/// What a server adds to [`serve`]. (Warming the calls of a read before they run is the
+/// frame layer's: `GuardedReader::with_warm`.)
 #[derive(Default)]
 pub struct Hooks {
-    /// Shown the calls of each read before they run (see [`Warm`]).
-    pub warm: Option<Box<dyn Warm>>,
     /// Counts the bytes of every message the engine queues for the writer (which uncounts
     /// them as they leave), so the frame layer can stop reading a peer that does not read
     /// its replies; exact, where a handler could only estimate its reply.
@@ -575,12 +545,10 @@ where
     R: FrameSource + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
-    let Hooks { warm, backlog } = hooks;
+    let Hooks { backlog } = hooks;
     if let Some(b) = &backlog {
         b.count_at_send();
     }
-    // Frames still queued in `reader` that `warm` has seen.
-    let mut warmed_ahead = 0usize;
     let options = limits.reader_options;
     let mut conn = Conn {
         bootstrap,
@@ -617,28 +585,7 @@ where
             m = std::future::poll_fn(|cx| Pin::new(&mut reader).poll_frame(cx)) => match m {
                 Ok(None) => Ok(false),
                 Err(e) => Err(EngineError::Read(e)),
-                Ok(Some(frame)) => {
-                    if let Some(warm) = warm.as_deref() {
-                        let mut show = |f: &Frame| warm_call(f, options, warm);
-                        // This frame was shown with those read before it, or is shown now.
-                        let shown = match warmed_ahead.checked_sub(1) {
-                            Some(left) => {
-                                warmed_ahead = left;
-                                0
-                            }
-                            None => {
-                                show(&frame);
-                                1
-                            }
-                        };
-                        let ahead = reader.peek_queued(&mut show);
-                        warmed_ahead += ahead;
-                        if shown + ahead > 0 {
-                            warm.flush();
-                        }
-                    }
-                    conn.handle(message::Reader::new(frame, options))
-                }
+                Ok(Some(frame)) => conn.handle(message::Reader::new(frame, options)),
             },
             () = &mut closing => {
                 // As `RpcSystem` does: say why, after the replies already written.
@@ -1288,114 +1235,6 @@ mod tests {
         let mut m = message::Builder::new_default();
         build(m.init_root());
         capnp::serialize::write_message(out, &m).unwrap();
-    }
-
-    /// A frame source that hands out one batch of frames per read, as a socket read that
-    /// brought them together would.
-    struct Batches(
-        std::collections::VecDeque<Vec<Frame>>,
-        std::collections::VecDeque<Frame>,
-        usize,
-    );
-
-    impl FrameSource for Batches {
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<Option<Frame>>> {
-            if self.1.is_empty() {
-                self.1 = self.0.pop_front().unwrap_or_default().into();
-            }
-            self.2 = self.2.saturating_sub(1);
-            std::task::Poll::Ready(Ok(self.1.pop_front()))
-        }
-
-        fn peek_queued(&mut self, each: &mut dyn FnMut(&Frame)) -> usize {
-            let unseen = self.1.len() - self.2;
-            self.1.iter().skip(self.2).for_each(each);
-            self.2 = self.1.len();
-            unseen
-        }
-    }
-
-    /// Records what it is shown: the interface id of each call, and `None` per flush.
-    #[derive(Clone, Default)]
-    struct Recorded(Rc<std::cell::RefCell<Vec<Option<u64>>>>);
-
-    impl Warm for Recorded {
-        fn call(&self, interface_id: u64, _: u16, _: any_pointer::Reader<'_>) {
-            self.0.borrow_mut().push(Some(interface_id));
-        }
-        fn flush(&self) {
-            self.0.borrow_mut().push(None);
-        }
-    }
-
-    /// The calls of one read are all shown to `Warm` when the first is taken, then flushed
-    /// once; each call is shown once; a read of one call is shown and flushed on its own;
-    /// messages that are not calls are shown nothing.
-    #[test]
-    fn calls_read_together_are_warmed_together_once() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let frame = |build: &dyn Fn(rpc_message::Builder<'_>)| {
-            let mut out = Vec::new();
-            queue(&mut out, build);
-            let size = crate::frames::frame_size(&out, out.len()).unwrap().unwrap();
-            Frame::copy_from(&out, size)
-        };
-        let call = |id: u32| {
-            frame(&|m| {
-                let mut c = m.init_call();
-                c.set_question_id(id);
-                // The interface id names the call in the record; method 1 fails at once.
-                c.set_interface_id(u64::from(id));
-                c.set_method_id(1);
-                c.reborrow()
-                    .init_target()
-                    .init_promised_answer()
-                    .set_question_id(0);
-                c.init_params();
-            })
-        };
-        let bootstrap = frame(&|m| m.init_bootstrap().set_question_id(0));
-        let mut first = vec![bootstrap];
-        first.extend((1..=4).map(call));
-        let batches = vec![first, vec![call(5)], vec![call(6), call(7)]];
-        let recorded = Recorded::default();
-        tokio::task::LocalSet::new().block_on(&rt, async {
-            serve_with(
-                Batches(batches.into(), Default::default(), 0),
-                futures::io::sink(),
-                Box::new(ScriptCap::new(1)),
-                EngineLimits::default(),
-                Closer::default(),
-                Hooks {
-                    warm: Some(Box::new(recorded.clone())),
-                    backlog: None,
-                },
-            )
-            .await
-            .unwrap();
-        });
-        let seen = recorded.0.borrow().clone();
-        assert_eq!(
-            seen,
-            [
-                Some(1),
-                Some(2),
-                Some(3),
-                Some(4),
-                None,
-                Some(5),
-                None,
-                Some(6),
-                Some(7),
-                None
-            ]
-        );
     }
 
     /// 16 calls that arrive in one read are answered in at most 2 writes (the bootstrap's

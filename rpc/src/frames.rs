@@ -141,13 +141,19 @@ impl capnp::message::ReaderSegments for Frame {
 pub trait FrameSource {
     /// The next frame; `None` once the peer has closed the stream between frames.
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Frame>>>;
+}
 
-    /// Shows `each` the frames already read that later `poll_frame` calls will return, each
-    /// frame once over the source's life, and says how many it showed: how the engine
-    /// warms what calls that arrived together will touch (`engine::Warm`). None by default.
-    fn peek_queued(&mut self, _each: &mut dyn FnMut(&Frame)) -> usize {
-        0
-    }
+/// Hints the frame layer gives about Calls as they arrive, before they run, so that a
+/// server can start loading what they will touch (capkv's prefetches the store entries of
+/// gets and puts). Every Call a socket read brought is shown as its frame is checked, then
+/// the read is `flush`ed: the calls of one read are shown together, before the first of
+/// them is handed over, so their cache misses can overlap instead of stalling one call at
+/// a time. Must not fail or block; changes nothing a call sees.
+pub trait Warm {
+    /// A call that has arrived: its interface, method and params.
+    fn call(&self, interface_id: u64, method_id: u16, params: capnp::any_pointer::Reader<'_>);
+    /// The calls shown since the last flush are all this read brought.
+    fn flush(&self) {}
 }
 
 /// Frames cut from any byte stream by their segment tables, bounded by `max_frame_bytes`
@@ -374,8 +380,6 @@ pub struct GuardedReader<R> {
     /// it holds what one read brought at most: a peer cannot make the server buffer many
     /// checked frames either.
     ready: std::collections::VecDeque<Frame>,
-    /// Frames at the front of `ready` that `peek_queued` has shown.
-    shown: usize,
     /// Bytes of the front frame already read through `AsyncRead`.
     front_pos: usize,
     /// Where socket reads land (zeroed once, when allocated or grown; see
@@ -390,6 +394,8 @@ pub struct GuardedReader<R> {
     eof: bool,
     /// The connection's unsent replies: over its bound, the next frame waits.
     backlog: Option<std::rc::Rc<crate::backlog::ReplyBacklog>>,
+    /// Shown the calls of each read as they are checked ([`Warm`]).
+    warm: Option<Box<dyn Warm>>,
 }
 
 impl<R: PeerReader> GuardedReader<R> {
@@ -406,7 +412,6 @@ impl<R: PeerReader> GuardedReader<R> {
             pending: Vec::new(),
             charged: 0,
             ready: std::collections::VecDeque::new(),
-            shown: 0,
             front_pos: 0,
             chunk: Vec::new(),
             deadline: None,
@@ -414,7 +419,14 @@ impl<R: PeerReader> GuardedReader<R> {
             breach,
             eof: false,
             backlog: None,
+            warm: None,
         }
+    }
+
+    /// Shows the calls of each read to `warm` as they are checked (see [`Warm`]).
+    pub fn with_warm(mut self, warm: Box<dyn Warm>) -> Self {
+        self.warm = Some(warm);
+        self
     }
 
     /// Holds each next frame back while `backlog` is over its bound (see
@@ -469,7 +481,7 @@ impl<R: PeerReader> GuardedReader<R> {
                 Err(b) => break Err(b),
             };
             let frame = Frame::copy_from(rest, size);
-            match check_message(&frame, self.limits.reader_options) {
+            match check_message_shown(&frame, self.limits.reader_options, self.warm.as_deref()) {
                 Ok(true) => {
                     self.bootstraps += 1;
                     if self.bootstraps > MAX_BOOTSTRAPS {
@@ -485,6 +497,11 @@ impl<R: PeerReader> GuardedReader<R> {
             // and its own charge.
             self.deadline = None;
         };
+        if taken > 0 {
+            if let Some(w) = &self.warm {
+                w.flush();
+            }
+        }
         // One move of the incomplete rest, however many frames came before it.
         self.pending.drain(..taken);
         let held = self.pending.len();
@@ -576,7 +593,6 @@ impl<R: PeerReader> GuardedReader<R> {
     fn pop_front(&mut self) -> Option<Frame> {
         self.front_pos = 0;
         let frame = self.ready.pop_front();
-        self.shown = self.shown.saturating_sub(1);
         if self.ready.is_empty() {
             shrink_idle(&mut self.pending);
             if self.ready.capacity() > IDLE_READY_FRAMES {
@@ -606,15 +622,6 @@ impl<R: PeerReader> FrameSource for GuardedReader<R> {
         }
         Poll::Ready(Ok(this.pop_front()))
     }
-
-    fn peek_queued(&mut self, each: &mut dyn FnMut(&Frame)) -> usize {
-        let unseen = self.ready.len().saturating_sub(self.shown);
-        for frame in self.ready.iter().skip(self.shown) {
-            each(frame);
-        }
-        self.shown = self.ready.len();
-        unseen
-    }
 }
 
 /// Checks one complete frame (see the module docs); `Ok(true)` for a `Bootstrap`. By the
@@ -629,6 +636,16 @@ pub fn check_frame(frame: &[u8], options: capnp::message::ReaderOptions) -> Resu
 
 /// [`check_frame`] of a frame already cut and aligned.
 fn check_message(frame: &Frame, options: capnp::message::ReaderOptions) -> Result<bool, Breach> {
+    check_message_shown(frame, options, None)
+}
+
+/// [`check_message`], showing a Call that passes to `warm`: the one decode of a frame
+/// before the engine's.
+fn check_message_shown(
+    frame: &Frame,
+    options: capnp::message::ReaderOptions,
+    warm: Option<&dyn Warm>,
+) -> Result<bool, Breach> {
     let msg = capnp::message::Reader::new(frame, options);
     let root: message::Reader<'_> = msg.get_root().map_err(|_| Breach::Undecodable)?;
     let cap_table_len = |payload: capnp::Result<capnp_rpc::rpc_capnp::payload::Reader<'_>>| {
@@ -642,6 +659,13 @@ fn check_message(frame: &Frame, options: capnp::message::ReaderOptions) -> Resul
             let c = c.map_err(|_| Breach::Undecodable)?;
             if cap_table_len(c.get_params())? > MAX_CAP_TABLE {
                 return Err(Breach::CapTableTooLong);
+            }
+            if let (Some(w), Ok(params)) = (warm, c.get_params()) {
+                w.call(
+                    c.get_interface_id(),
+                    c.get_method_id(),
+                    params.get_content(),
+                );
             }
         }
         message::Return(r) => {
@@ -951,38 +975,68 @@ mod tests {
         check(frames);
     }
 
-    /// `peek_queued` shows the frames a read brought beyond the one handed out, each once,
-    /// and those of a later read when they come.
+    /// Records what it is shown: the interface id of each call, and `None` per flush.
+    #[derive(Clone, Default)]
+    struct Recorded(std::rc::Rc<std::cell::RefCell<Vec<Option<u64>>>>);
+
+    impl Warm for Recorded {
+        fn call(&self, interface_id: u64, _: u16, _: capnp::any_pointer::Reader<'_>) {
+            self.0.borrow_mut().push(Some(interface_id));
+        }
+        fn flush(&self) {
+            self.0.borrow_mut().push(None);
+        }
+    }
+
+    /// The calls a read brings are all shown to `Warm`, then flushed once, before the first
+    /// of them is handed over; each once; messages that are not calls are shown nothing;
+    /// a call cut across two reads is shown when the read that completes it is checked.
     #[test]
-    fn queued_frames_are_shown_once_each() {
+    fn calls_read_together_are_shown_together_once() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
         let _in_rt = rt.enter();
-        let finish = |id| framed(|m| m.init_finish().set_question_id(id));
+        let call = |id: u32| {
+            framed(|m| {
+                let mut c = m.init_call();
+                c.set_question_id(id);
+                // The interface id names the call in the record.
+                c.set_interface_id(u64::from(id));
+                c.reborrow().init_target().set_imported_cap(0);
+                c.init_params();
+            })
+        };
+        let finish = framed(|m| m.init_finish().set_question_id(9));
         let q: Pushed = std::rc::Rc::default();
-        q.borrow_mut()
-            .push_back([finish(1), finish(2), finish(3)].concat());
-        let mut r = guarded(&q);
+        let recorded = Recorded::default();
+        let mut r = guarded(&q).with_warm(Box::new(recorded.clone()));
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        let id = finish_id;
         let mut next = |r: &mut GuardedReader<Chunks>| match Pin::new(r).poll_frame(&mut cx) {
-            Poll::Ready(Ok(Some(f))) => id(&f),
+            Poll::Ready(Ok(Some(f))) => f,
             other => panic!("{:?}", other.map(|r| r.map(|f| f.map(|f| f.len())))),
         };
-        let mut shown = Vec::new();
-        assert_eq!(next(&mut r), 1);
-        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 2);
-        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 0);
-        assert_eq!(next(&mut r), 2);
-        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 0);
-        assert_eq!(next(&mut r), 3);
-        q.borrow_mut().push_back([finish(4), finish(5)].concat());
-        assert_eq!(next(&mut r), 4);
-        assert_eq!(r.peek_queued(&mut |f| shown.push(id(f))), 1);
-        assert_eq!(shown, [2, 3, 5]);
+        let seen = || recorded.0.borrow().clone();
+        q.borrow_mut()
+            .push_back([call(1), finish.clone(), call(2), call(3)].concat());
+        next(&mut r);
+        assert_eq!(seen(), [Some(1), Some(2), Some(3), None]);
+        for _ in 0..3 {
+            next(&mut r);
+        }
+        assert_eq!(seen().len(), 4, "each call shown once");
+        // Call 4 arrives cut in two: shown once its frame is whole. (Once a frame's size is
+        // known the reader reads only up to its end, so call 5 comes in a read of its own.)
+        let four = call(4);
+        let (head, tail) = four.split_at(four.len() / 2);
+        q.borrow_mut().push_back(head.to_vec());
+        q.borrow_mut().push_back([tail, &call(5)[..]].concat());
+        next(&mut r);
+        assert_eq!(seen()[4..], [Some(4), None]);
+        next(&mut r);
+        assert_eq!(seen()[4..], [Some(4), None, Some(5), None]);
     }
 
     /// A connection's read buffers start small, grow for a burst, and give the burst's

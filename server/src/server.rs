@@ -546,14 +546,16 @@ where
     let tunables = shared.tunables();
     let breach: BreachCell = Rc::default();
     let conn = Rc::new(Conn::new(id, peer, &shared));
-    // A peer that does not read its replies stops being read (see `capkv_rpc::backlog`).
+    // A peer that does not read its replies stops being read (see `capkv_rpc::backlog`);
+    // the calls of each read have their store entries prefetched as they are checked.
     let reader = GuardedReader::new(
         reader,
         Arc::clone(&tunables.frames),
         Arc::clone(&shared.frame_budget),
         Rc::clone(&breach),
     )
-    .with_backlog(Rc::clone(&conn.backlog));
+    .with_backlog(Rc::clone(&conn.backlog))
+    .with_warm(Box::new(crate::rpc::Warm::new(Arc::clone(&shared.store))));
     let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
         writer,
         Some(Rc::clone(&conn.backlog)),
@@ -585,9 +587,7 @@ where
                 reader_options,
                 ..Default::default()
             };
-            let warm = Box::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
             let hooks = capkv_rpc::engine::Hooks {
-                warm: Some(warm),
                 backlog: Some(Rc::clone(&conn.backlog)),
             };
             let serve = capkv_rpc::engine::serve_with(

@@ -148,7 +148,7 @@ const WARM_KEYS_MAX: usize = 64;
 /// Longer keys are not prefetched (rare, and not worth copying).
 const WARM_KEY_BYTES_MAX: usize = 256;
 
-/// What the engine shows the calls of each read ([`capkv_rpc::engine::Warm`]): the keys of
+/// What the frame layer shows the calls of each read ([`capkv_rpc::frames::Warm`]): the keys of
 /// `get`, `put` and `delete` are gathered, then prefetched from the store together, so
 /// that the lookups of calls that arrived together overlap their cache misses instead of
 /// taking them one by one (16 gets in flight, 100k keys: a sixth of the server's CPU
@@ -171,7 +171,7 @@ impl Warm {
     }
 }
 
-impl capkv_rpc::engine::Warm for Warm {
+impl capkv_rpc::frames::Warm for Warm {
     fn call(&self, interface: u64, method: u16, params: capnp::any_pointer::Reader<'_>) {
         use capkv::kv_capnp::{kv_store, write_session};
         use capnp::traits::HasTypeId;
@@ -192,7 +192,7 @@ impl capkv_rpc::engine::Warm for Warm {
             return;
         }
         if self.ends.borrow().len() >= WARM_KEYS_MAX {
-            capkv_rpc::engine::Warm::flush(self);
+            capkv_rpc::frames::Warm::flush(self);
         }
         let mut keys = self.keys.borrow_mut();
         keys.extend_from_slice(key);
