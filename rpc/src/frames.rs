@@ -395,7 +395,7 @@ pub struct GuardedReader<R> {
     /// The connection's unsent replies: over its bound, the next frame waits.
     backlog: Option<std::rc::Rc<crate::backlog::ReplyBacklog>>,
     /// Shown the calls of each read as they are checked ([`Warm`]).
-    warm: Option<Box<dyn Warm>>,
+    warm: Option<std::rc::Rc<dyn Warm>>,
 }
 
 impl<R: PeerReader> GuardedReader<R> {
@@ -423,8 +423,10 @@ impl<R: PeerReader> GuardedReader<R> {
         }
     }
 
-    /// Shows the calls of each read to `warm` as they are checked (see [`Warm`]).
-    pub fn with_warm(mut self, warm: Box<dyn Warm>) -> Self {
+    /// Shows the calls of each read to `warm` as they are checked (see [`Warm`]). One hook
+    /// may serve every connection of a thread: a read's calls are shown and flushed within
+    /// one poll of its reader.
+    pub fn with_warm(mut self, warm: std::rc::Rc<dyn Warm>) -> Self {
         self.warm = Some(warm);
         self
     }
@@ -1011,7 +1013,7 @@ mod tests {
         let finish = framed(|m| m.init_finish().set_question_id(9));
         let q: Pushed = std::rc::Rc::default();
         let recorded = Recorded::default();
-        let mut r = guarded(&q).with_warm(Box::new(recorded.clone()));
+        let mut r = guarded(&q).with_warm(std::rc::Rc::new(recorded.clone()));
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut next = |r: &mut GuardedReader<Chunks>| match Pin::new(r).poll_frame(&mut cx) {

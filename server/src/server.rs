@@ -402,6 +402,7 @@ fn worker_main(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let live: Live = Rc::default();
+        let warm = Rc::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
         while let Some(job) = rx.recv().await {
             let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
             let stream = match tokio::net::TcpStream::from_std(job.stream) {
@@ -418,6 +419,7 @@ fn worker_main(
                 worker: index,
                 shared: Arc::clone(&shared),
                 live: Rc::clone(&live),
+                warm: Rc::clone(&warm),
             };
             match shared.tls.clone() {
                 None => {
@@ -489,6 +491,7 @@ pub fn serve_in_process(shared: Arc<Shared>, stream: tokio::io::DuplexStream) {
         peer: SocketAddr::from(([0, 0, 0, 0], 0)),
         open_guard: ConnCount(open),
         worker: 0,
+        warm: Rc::new(crate::rpc::Warm::new(Arc::clone(&shared.store))),
         shared,
         live: Rc::default(),
     };
@@ -504,6 +507,9 @@ struct ConnStart {
     worker: usize,
     shared: Arc<Shared>,
     live: Live,
+    /// The worker's one prefetch hint, shared by its connections (each read's calls are
+    /// shown and flushed within one poll, so they never interleave): nothing per connection.
+    warm: Rc<crate::rpc::Warm>,
 }
 
 /// The connections a worker serves, by id, with how to end each at shutdown.
@@ -541,6 +547,7 @@ where
         worker,
         shared,
         live,
+        warm,
     } = start;
     // Nothing reaches the RPC system before the frame layer has checked it.
     let tunables = shared.tunables();
@@ -555,7 +562,7 @@ where
         Rc::clone(&breach),
     )
     .with_backlog(Rc::clone(&conn.backlog))
-    .with_warm(Box::new(crate::rpc::Warm::new(Arc::clone(&shared.store))));
+    .with_warm(warm);
     let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
         writer,
         Some(Rc::clone(&conn.backlog)),
