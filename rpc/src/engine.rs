@@ -505,16 +505,6 @@ struct Conn {
     done_now: Vec<Done>,
 }
 
-/// What a server adds to [`serve`]. (Warming the calls of a read before they run is the
-/// frame layer's: `GuardedReader::with_warm`.)
-#[derive(Default)]
-pub struct Hooks {
-    /// Counts the bytes of every message the engine queues for the writer (which uncounts
-    /// them as they leave), so the frame layer can stop reading a peer that does not read
-    /// its replies; exact, where a handler could only estimate its reply.
-    pub backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
-}
-
 /// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
 /// closes it. `reader` yields whole frames (the frame layer checked them); `bootstrap` is
 /// what `Bootstrap` returns. Calls still running when it ends are dropped, unanswered.
@@ -529,23 +519,26 @@ where
     R: FrameSource + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
-    serve_with(reader, writer, bootstrap, limits, closer, Hooks::default()).await
+    serve_with(reader, writer, bootstrap, limits, closer, None).await
 }
 
-/// [`serve`] with a server's [`Hooks`].
+/// [`serve`], counting the bytes of every message it queues for the writer on `backlog`
+/// (which the writer uncounts as they leave), so that the frame layer can stop reading a
+/// peer that does not read its replies: exact, where a handler could only estimate its
+/// reply. (Hints about the calls of a read are the frame layer's:
+/// `GuardedReader::with_warm`.)
 pub async fn serve_with<R, W>(
     mut reader: R,
     writer: W,
     bootstrap: Box<dyn ClientHook>,
     limits: EngineLimits,
     closer: Closer,
-    hooks: Hooks,
+    backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
 ) -> Result<(), EngineError>
 where
     R: FrameSource + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
-    let Hooks { backlog } = hooks;
     if let Some(b) = &backlog {
         b.count_at_send();
     }

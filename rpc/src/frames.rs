@@ -659,10 +659,12 @@ fn check_message_shown(
     match root.which().map_err(|_| Breach::UnsupportedMessage)? {
         message::Call(c) => {
             let c = c.map_err(|_| Breach::Undecodable)?;
-            if cap_table_len(c.get_params())? > MAX_CAP_TABLE {
+            // Read once, for the check and the hint.
+            let params = c.get_params().map_err(|_| Breach::Undecodable)?;
+            if cap_table_len(Ok(params))? > MAX_CAP_TABLE {
                 return Err(Breach::CapTableTooLong);
             }
-            if let (Some(w), Ok(params)) = (warm, c.get_params()) {
+            if let Some(w) = warm {
                 w.call(
                     c.get_interface_id(),
                     c.get_method_id(),

@@ -594,16 +594,13 @@ where
                 reader_options,
                 ..Default::default()
             };
-            let hooks = capkv_rpc::engine::Hooks {
-                backlog: Some(Rc::clone(&conn.backlog)),
-            };
             let serve = capkv_rpc::engine::serve_with(
                 reader,
                 writer,
                 gateway.client.hook,
                 limits,
                 closer,
-                hooks,
+                Some(Rc::clone(&conn.backlog)),
             );
             Box::pin(async move { serve.await.map_err(|e| e.to_string()) })
         }

@@ -212,7 +212,7 @@ impl capkv_rpc::frames::Warm for Warm {
             .prefetch(&slices[..ends.len().min(WARM_KEYS_MAX)]);
         keys.clear();
         ends.clear();
-        // A burst of long keys leaves no lasting buffer on the connection.
+        // A burst of long keys leaves no lasting buffer on the worker.
         if keys.capacity() > WARM_KEY_BYTES_MAX * 4 {
             *keys = Vec::new();
         }
