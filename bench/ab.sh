@@ -2,8 +2,9 @@
 # A/B of two kv-server builds, the way a server change is judged here: alternating pairs
 # (A, B, A, B, ...) seconds apart, with bench/run.sh's pinning (kv-server memory engine, 1
 # worker, on core 1; kv-loadgen --target capkv-raw on core 0), printing each run's rate and
-# the server's CPU per call (user + sys from /proc, divided by calls/s). One run alone
-# means little on a shared VM: read the pairs, and trust a change that wins most of them.
+# the server's CPU per call (user + sys from /proc, divided by calls/s) and the part of it
+# in user space (the kernel's share is mostly loopback TCP, which any server pays). One run
+# alone means little on a shared VM: read the pairs, and trust a change that wins most of them.
 #
 # Usage: bench/ab.sh BIN_A BIN_B [MIX] [IN_FLIGHT] [PAIRS] [SECONDS]
 #   defaults: get 16 3 5 (100,000 keys, 50 connections, 2 s warm-up per run)
@@ -26,7 +27,8 @@ tmp=$(mktemp -d)
 pids=()  # what stop_all (scripts/lib.sh) stops
 trap 'stop_all; rm -rf "$tmp"' EXIT
 
-# one BIN: one run against a fresh server; sets `rate` (calls/s) and `cpu` (server %).
+# one BIN: one run against a fresh server; sets `rate` (calls/s), `cpu` (server %) and
+# `user` (the server's user-space microseconds per call).
 one() {
     local log="$tmp/server.log" pid addr out
     taskset -c 1 "$1" --engine memory --listen 127.0.0.1:0 --workers 1 --log-format json \
@@ -40,14 +42,15 @@ one() {
     stop_all
     rate=$(awk '$1 == "all" {print $3}' <<<"$out")
     cpu=$(awk '$1 == "server:" {print $3 + 0}' <<<"$out")
+    user=$(sed -n 's/^server: .*(\([0-9.]*\) in user space).*/\1/p' <<<"$out")
 }
 
 echo "mix $mix, $in_flight in flight, 50 connections, ${secs}s per run"
 for _ in $(seq "$pairs"); do
     for b in "$bin_a" "$bin_b"; do
         one "$b"
-        awk -v n="$b" -v r="${rate:-0}" -v c="${cpu:-0}" 'BEGIN {
-            printf "%-40s %8d/s  cpu %3d%%  %s us/call\n", n, r, c,
-                (r > 0 ? sprintf("%.3f", c / 100 / r * 1e6) : "-") }'
+        awk -v n="$b" -v r="${rate:-0}" -v c="${cpu:-0}" -v u="${user:--}" 'BEGIN {
+            printf "%-40s %8d/s  cpu %3d%%  %s us/call (%s user)\n", n, r, c,
+                (r > 0 ? sprintf("%.3f", c / 100 / r * 1e6) : "-"), u }'
     done
 done

@@ -9,6 +9,7 @@ use serde::Serialize;
 pub struct Sample {
     at: Instant,
     cpu_ticks: u64,
+    user_ticks: u64,
     pub rss_bytes: u64,
 }
 
@@ -17,6 +18,10 @@ pub struct Sample {
 pub struct Usage {
     /// CPU time over wall time, in percent of one core (200 = two cores busy).
     pub cpu_percent: f64,
+    /// The part of `cpu_percent` spent in user space (the rest is the kernel's, on the
+    /// process's behalf: syscalls, and for a server over loopback much of the TCP path):
+    /// what tells a program's own work from the network's cost it shares with its peers.
+    pub user_percent: f64,
     /// Largest resident set size seen.
     pub max_rss_bytes: u64,
 }
@@ -28,6 +33,7 @@ pub fn sample(pid: i32) -> Option<Sample> {
     Some(Sample {
         at: Instant::now(),
         cpu_ticks: stat.utime + stat.stime,
+        user_ticks: stat.utime,
         rss_bytes: stat.rss * page,
     })
 }
@@ -35,10 +41,10 @@ pub fn sample(pid: i32) -> Option<Sample> {
 /// Usage between two samples, with the largest RSS of `samples`.
 pub fn usage(first: &Sample, last: &Sample, max_rss_bytes: u64) -> Usage {
     let wall = last.at.duration_since(first.at).as_secs_f64().max(1e-9);
-    let cpu =
-        last.cpu_ticks.saturating_sub(first.cpu_ticks) as f64 / procfs::ticks_per_second() as f64;
+    let percent = |ticks: u64| ticks as f64 / procfs::ticks_per_second() as f64 / wall * 100.0;
     Usage {
-        cpu_percent: cpu / wall * 100.0,
+        cpu_percent: percent(last.cpu_ticks.saturating_sub(first.cpu_ticks)),
+        user_percent: percent(last.user_ticks.saturating_sub(first.user_ticks)),
         max_rss_bytes: max_rss_bytes.max(first.rss_bytes).max(last.rss_bytes),
     }
 }
@@ -57,5 +63,6 @@ mod tests {
         let t = super::sample(std::process::id() as i32).unwrap();
         let u = super::usage(&s, &t, 0);
         assert!(u.cpu_percent >= 0.0 && u.max_rss_bytes > 0);
+        assert!(u.user_percent >= 0.0 && u.user_percent <= u.cpu_percent);
     }
 }

@@ -97,23 +97,25 @@ pub fn table(r: &RunResult) -> String {
         );
     }
     let _ = writeln!(out, "attempts {} retries {}", r.attempts, r.retries);
+    let rps = r.all().map_or(0.0, |a| a.ok_per_sec);
     if let Some(s) = &r.server {
-        let per_call = r
-            .server_cpu_us_per_call()
-            .map_or(String::new(), |us| format!(", {us:.2} us per call"));
         let _ = writeln!(
             out,
-            "server: cpu {:.0}% rss {:.1} MiB{per_call}",
+            "server: cpu {:.0}% rss {:.1} MiB{}",
             s.cpu_percent,
-            s.max_rss_bytes as f64 / 1048576.0
+            s.max_rss_bytes as f64 / 1048576.0,
+            per_call_split(*s, rps)
         );
     }
-    if let (Some(c), Some(per_call)) = (&r.client, r.client_cpu_us_per_call()) {
-        let _ = writeln!(
-            out,
-            "client (this generator): cpu {:.0}%, {per_call:.2} us per call",
-            c.cpu_percent
-        );
+    if let Some(c) = &r.client {
+        if rps > 0.0 {
+            let _ = writeln!(
+                out,
+                "client (this generator): cpu {:.0}%{}",
+                c.cpu_percent,
+                per_call_split(*c, rps)
+            );
+        }
     }
     out
 }
@@ -193,6 +195,19 @@ pub fn markdown_row_as(name: &str, target: &str, r: &RunResult) -> String {
         )),
         us_or_dash(r.client_cpu_us_per_call()),
     )
+}
+
+/// ", X us per call (Y in user space)" for a process `usage` busy at `rps` calls/s; empty
+/// without calls. The split matters on loopback: a server's kernel time is mostly the TCP
+/// path its peers pay alike, its user time is its own work.
+fn per_call_split(usage: crate::procstat::Usage, rps: f64) -> String {
+    match (
+        crate::run::per_call_us(usage, rps),
+        crate::run::per_call_user_us(usage, rps),
+    ) {
+        (Some(all), Some(user)) => format!(", {all:.2} us per call ({user:.2} in user space)"),
+        _ => String::new(),
+    }
 }
 
 fn us_or_dash(us: Option<f64>) -> String {

@@ -209,6 +209,11 @@ pub fn per_call_us(usage: procstat::Usage, calls_per_sec: f64) -> Option<f64> {
     (calls_per_sec > 0.0).then(|| usage.cpu_percent / 100.0 / calls_per_sec * 1e6)
 }
 
+/// [`per_call_us`] in user space only.
+pub fn per_call_user_us(usage: procstat::Usage, calls_per_sec: f64) -> Option<f64> {
+    (calls_per_sec > 0.0).then(|| usage.user_percent / 100.0 / calls_per_sec * 1e6)
+}
+
 /// Shared timing of one run, fixed once every connection is open.
 #[derive(Clone, Copy)]
 struct Window {
