@@ -104,7 +104,7 @@ pub struct Closer(Rc<CloserState>);
 
 #[derive(Default)]
 struct CloserState {
-    close: tokio::sync::Notify,
+    close: crate::signal::Signal,
     ended: tokio::sync::Notify,
     is_ended: Cell<bool>,
 }
@@ -112,7 +112,7 @@ struct CloserState {
 impl Closer {
     /// Closes the connection and resolves once its loop has ended.
     pub async fn close(&self) {
-        self.0.close.notify_one();
+        self.0.close.set();
         if !self.0.is_ended.get() {
             self.0.ended.notified().await;
         }
@@ -556,8 +556,8 @@ where
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
     let _ended = EndGuard(closer.clone());
     let closed = Rc::clone(&closer.0);
-    // One registration for the connection's life (a new one per pass took the lock twice).
-    let closing = closed.close.notified();
+    // Polled at every pass of the loop: a flag and a waker, no lock (see `crate::signal`).
+    let closing = closed.close.wait();
     futures::pin_mut!(closing);
     // Writes run beside reading and calls, never in their way: a peer that does not read
     // its replies fills the writer, which must not stop the reads that let the backlog see

@@ -13,6 +13,7 @@
 //! - [`client`]: the same engine's client side, behind capnp's hook traits (generated
 //!   clients and pipelines unchanged; capnp-rpc's `RpcSystem` is its test reference).
 //! - [`local`]: capabilities this process serves, made for the engine to call directly.
+//! - [`signal`]: a stop flag for one thread's tasks, cheaper to poll than tokio's `Notify`.
 //!
 //! It knows nothing of the kv schema.
 
@@ -21,5 +22,6 @@ pub mod client;
 pub mod engine;
 pub mod frames;
 pub mod local;
+pub mod signal;
 pub mod tls;
 pub mod transport;

@@ -141,7 +141,7 @@ pub struct Conn {
     pub peer: SocketAddr,
     in_flight: Cell<usize>,
     /// Notified to drop the connection at once (fault injection), without replies.
-    kill: Notify,
+    kill: capkv_rpc::signal::Signal,
     /// When the last call ended (or the connection opened): the idle timeout's clock.
     last_active: Cell<Instant>,
     /// The rate-limit bucket of the token this connection opened with.
@@ -176,7 +176,7 @@ impl Conn {
             id,
             peer,
             in_flight: Cell::new(0),
-            kill: Notify::new(),
+            kill: capkv_rpc::signal::Signal::default(),
             last_active: Cell::new(Instant::now()),
             bucket: std::cell::RefCell::new(None),
             backlog: Rc::new(capkv_rpc::backlog::ReplyBacklog::new(
@@ -237,7 +237,7 @@ impl Conn {
 
     /// Asks the connection's task to drop the connection now.
     pub fn kill(&self) {
-        self.kill.notify_one();
+        self.kill.set();
     }
 
     /// Kills the connection and waits until its task has dropped it, so that what this call
@@ -254,7 +254,7 @@ impl Conn {
 
     /// Resolves once [`kill`](Conn::kill) was called.
     pub async fn killed(&self) {
-        self.kill.notified().await;
+        self.kill.wait().await;
     }
 }
 
