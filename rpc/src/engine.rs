@@ -751,6 +751,22 @@ impl Conn {
 
     /// Handles one message; `Ok(false)` ends the connection cleanly.
     fn handle(&mut self, m: Incoming) -> Result<bool, EngineError> {
+        if let Some(head) = m.get_segments().head {
+            // A plain call on an imported capability, already read by the frame layer:
+            // what `target` would decide of it, without decoding the Call again.
+            self.admit_answer(head.question_id)?;
+            self.answers.insert(head.question_id, Answer::running());
+            let called = match self.exports.get(head.import_id) {
+                Some(_) => Ok((
+                    Target::Export(head.import_id),
+                    head.interface_id,
+                    head.method_id,
+                )),
+                None => Err(unknown_capability(head.import_id)),
+            };
+            self.start_called(head.question_id, m, called);
+            return Ok(true);
+        }
         let proto = |e: capnp::Error| EngineError::Protocol(e.to_string());
         let root = m.get_root::<rpc_message::Reader>().map_err(proto)?;
         match root.which() {
@@ -930,9 +946,7 @@ impl Conn {
         match c.get_target()?.which()? {
             message_target::ImportedCap(export) => match self.exports.get(export) {
                 Some(_) => Ok(Target::Export(export)),
-                None => Err(capnp::Error::failed(format!(
-                    "call to unknown capability {export}"
-                ))),
+                None => Err(unknown_capability(export)),
             },
             message_target::PromisedAnswer(p) => {
                 let p = p?;
@@ -1130,6 +1144,10 @@ enum Target {
     Export(u32),
     /// Pipelined on this answer, still running.
     Wait(u32),
+}
+
+fn unknown_capability(export: u32) -> capnp::Error {
+    capnp::Error::failed(format!("call to unknown capability {export}"))
 }
 
 fn write_exception(e: &capnp::Error, mut b: exception::Builder<'_>) {

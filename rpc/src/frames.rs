@@ -71,6 +71,32 @@ pub struct Frame {
     first: (u32, u32),
     /// Word ranges of segments after the first: empty, so not allocated, for most frames.
     rest: Vec<(u32, u32)>,
+    /// What the frame layer's check read of the Call this frame holds, when it is a plain
+    /// call on an imported capability; `None` for anything else, and for frames no
+    /// [`GuardedReader`] checked.
+    pub(crate) head: Option<CallHead>,
+}
+
+/// The address of a Call to a capability the peer imported, with the results to the
+/// caller and no capability in its params: all the engine needs to start it, read once by
+/// the frame layer's check so that the engine does not decode the Call again (in capnp's
+/// checked reader each struct pointer costs a bounds and traversal check; the Call's
+/// target and params were a sixteenth of the server's CPU at 16 calls in flight). Any
+/// other Call (pipelined on an answer, results elsewhere, capabilities in params) has no
+/// head and is decoded by the engine, which decides its fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallHead {
+    pub(crate) question_id: u32,
+    pub(crate) import_id: u32,
+    pub(crate) interface_id: u64,
+    pub(crate) method_id: u16,
+}
+
+/// What [`check_message_shown`] found in a frame that passed.
+#[derive(Debug, Default)]
+struct Checked {
+    bootstrap: bool,
+    head: Option<CallHead>,
 }
 
 impl Frame {
@@ -102,7 +128,12 @@ impl Frame {
             }
             start = end;
         }
-        Frame { words, first, rest }
+        Frame {
+            words,
+            first,
+            rest,
+            head: None,
+        }
     }
 
     /// The frame as wire bytes.
@@ -482,15 +513,17 @@ impl<R: PeerReader> GuardedReader<R> {
                 Ok(_) => break Ok(()),
                 Err(b) => break Err(b),
             };
-            let frame = Frame::copy_from(rest, size);
+            let mut frame = Frame::copy_from(rest, size);
             match check_message_shown(&frame, self.limits.reader_options, self.warm.as_deref()) {
-                Ok(true) => {
+                Ok(Checked {
+                    bootstrap: true, ..
+                }) => {
                     self.bootstraps += 1;
                     if self.bootstraps > MAX_BOOTSTRAPS {
                         break Err(Breach::BootstrapFlood);
                     }
                 }
-                Ok(false) => {}
+                Ok(Checked { head, .. }) => frame.head = head,
                 Err(b) => break Err(b),
             }
             self.ready.push_back(frame);
@@ -638,7 +671,7 @@ pub fn check_frame(frame: &[u8], options: capnp::message::ReaderOptions) -> Resu
 
 /// [`check_frame`] of a frame already cut and aligned.
 fn check_message(frame: &Frame, options: capnp::message::ReaderOptions) -> Result<bool, Breach> {
-    check_message_shown(frame, options, None)
+    check_message_shown(frame, options, None).map(|c| c.bootstrap)
 }
 
 /// [`check_message`], showing a Call that passes to `warm`: the one decode of a frame
@@ -647,7 +680,7 @@ fn check_message_shown(
     frame: &Frame,
     options: capnp::message::ReaderOptions,
     warm: Option<&dyn Warm>,
-) -> Result<bool, Breach> {
+) -> Result<Checked, Breach> {
     let msg = capnp::message::Reader::new(frame, options);
     let root: message::Reader<'_> = msg.get_root().map_err(|_| Breach::Undecodable)?;
     let cap_table_len = |payload: capnp::Result<capnp_rpc::rpc_capnp::payload::Reader<'_>>| {
@@ -661,7 +694,8 @@ fn check_message_shown(
             let c = c.map_err(|_| Breach::Undecodable)?;
             // Read once, for the check and the hint.
             let params = c.get_params().map_err(|_| Breach::Undecodable)?;
-            if cap_table_len(Ok(params))? > MAX_CAP_TABLE {
+            let caps = cap_table_len(Ok(params))?;
+            if caps > MAX_CAP_TABLE {
                 return Err(Breach::CapTableTooLong);
             }
             if let Some(w) = warm {
@@ -671,6 +705,10 @@ fn check_message_shown(
                     params.get_content(),
                 );
             }
+            return Ok(Checked {
+                bootstrap: false,
+                head: call_head(c, caps),
+            });
         }
         message::Return(r) => {
             let r = r.map_err(|_| Breach::Undecodable)?;
@@ -680,7 +718,12 @@ fn check_message_shown(
                 }
             }
         }
-        message::Bootstrap(_) => return Ok(true),
+        message::Bootstrap(_) => {
+            return Ok(Checked {
+                bootstrap: true,
+                head: None,
+            })
+        }
         message::Finish(_)
         | message::Resolve(_)
         | message::Release(_)
@@ -688,7 +731,29 @@ fn check_message_shown(
         | message::Abort(_) => {}
         _ => return Err(Breach::UnsupportedMessage),
     }
-    Ok(false)
+    Ok(Checked::default())
+}
+
+/// The [`CallHead`] of Call `c` whose params carry `caps` capabilities, when it has one.
+fn call_head(c: capnp_rpc::rpc_capnp::call::Reader<'_>, caps: u32) -> Option<CallHead> {
+    use capnp_rpc::rpc_capnp::{call, message_target};
+    if caps != 0
+        || !matches!(
+            c.get_send_results_to().which(),
+            Ok(call::send_results_to::Caller(()))
+        )
+    {
+        return None;
+    }
+    match c.get_target().ok()?.which().ok()? {
+        message_target::ImportedCap(import_id) => Some(CallHead {
+            question_id: c.get_question_id(),
+            import_id,
+            interface_id: c.get_interface_id(),
+            method_id: c.get_method_id(),
+        }),
+        message_target::PromisedAnswer(_) => None,
+    }
 }
 
 /// The size of the frame at the start of `buf` (header included), once its segment table
@@ -848,6 +913,64 @@ mod tests {
         unknown[root_data..root_data + 2].copy_from_slice(&99u16.to_le_bytes());
         assert_eq!(check_frame(&unknown, o), Err(Breach::UnsupportedMessage));
         assert_eq!(check_frame(&[1, 2, 3], o), Err(Breach::Undecodable));
+    }
+
+    /// A plain call on an imported capability carries its address to the engine; a call
+    /// the engine must decode itself (pipelined, results elsewhere, capabilities in its
+    /// params) and every other message carry none.
+    #[test]
+    fn the_check_hands_a_plain_call_s_address_to_the_engine() {
+        let o = capkv::Limits::default().request_reader_options();
+        let head = |bytes: Vec<u8>| {
+            let size = frame_size(&bytes, bytes.len()).unwrap().unwrap();
+            check_message_shown(&Frame::copy_from(&bytes, size), o, None)
+                .unwrap()
+                .head
+        };
+        let call = |shape: fn(capnp_rpc::rpc_capnp::call::Builder<'_>)| {
+            framed(|m| {
+                let mut c = m.init_call();
+                c.set_question_id(7);
+                c.set_interface_id(0xabcd);
+                c.set_method_id(3);
+                c.reborrow().init_target().set_imported_cap(5);
+                c.reborrow().init_params();
+                shape(c);
+            })
+        };
+        assert_eq!(
+            head(call(|_| {})),
+            Some(CallHead {
+                question_id: 7,
+                import_id: 5,
+                interface_id: 0xabcd,
+                method_id: 3,
+            })
+        );
+        assert_eq!(
+            head(call(|c| c
+                .init_target()
+                .init_promised_answer()
+                .set_question_id(1))),
+            None
+        );
+        assert_eq!(
+            head(call(|c| c.init_send_results_to().set_yourself(()))),
+            None
+        );
+        assert_eq!(
+            head(call(|c| c
+                .init_params()
+                .init_cap_table(1)
+                .get(0)
+                .set_none(()))),
+            None
+        );
+        assert_eq!(head(framed(|m| m.init_finish().set_question_id(7))), None);
+        assert_eq!(
+            head(framed(|m| m.init_bootstrap().set_question_id(7))),
+            None
+        );
     }
 
     /// A peer whose bytes arrive in the chunks the test pushes; `Pending` in between.
