@@ -587,6 +587,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn writes_complete_at_once(&self) -> bool {
+        true
+    }
+
     fn instance_secret(&self) -> [u8; 32] {
         self.secret
     }
@@ -602,6 +606,58 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The memory engine says its writes complete at once (the server then answers them
+    /// without waiting): every kind of write, keyed or not, failing or not, returns a ready
+    /// outcome.
+    #[test]
+    fn every_write_completes_at_once() {
+        let s = MemoryStore::new();
+        assert!(s.writes_complete_at_once());
+        let keyed = |k: &[u8]| {
+            Some(IdempotencyKey {
+                session: b"s".to_vec(),
+                key: k.to_vec(),
+                expires_at_unix_ms: u64::MAX,
+            })
+        };
+        let put = |k: &[u8], cond| {
+            WriteOp::Put(write::Put {
+                key: k.to_vec(),
+                value: b"v".to_vec(),
+                cond,
+            })
+        };
+        let ops = [
+            (put(b"a", Condition::None), None),
+            (put(b"a", Condition::None), keyed(b"1")),
+            (put(b"a", Condition::None), keyed(b"1")), // a replay
+            (put(b"a", Condition::IfVersion(99)), None), // a failed condition
+            (
+                WriteOp::Increment(write::Increment {
+                    key: b"n".to_vec(),
+                    delta: 1,
+                }),
+                keyed(b"2"),
+            ),
+            (
+                WriteOp::PutMany(write::PutMany {
+                    items: vec![(b"b".to_vec(), b"v".to_vec(), Condition::None)],
+                }),
+                None,
+            ),
+            (
+                WriteOp::Delete(write::Delete {
+                    key: b"a".to_vec(),
+                    cond: Condition::None,
+                }),
+                keyed(b"3"),
+            ),
+        ];
+        for (op, idem) in ops {
+            assert!(s.write(op, idem).now().is_ok(), "a write left pending");
+        }
+    }
 
     /// Every kind of write leaves both indexes holding the same entries (one allocation per
     /// key), and reads, scans and versions see the newest value, small or large.

@@ -65,6 +65,14 @@ impl<T> Pending<T> {
         }
     }
 
+    /// The outcome if it is known already (a ready `Pending`), else the `Pending` back.
+    pub fn now(self) -> Result<Result<T, StoreError>, Self> {
+        match self.state {
+            State::Ready(Some(outcome)) => Ok(outcome),
+            state => Err(Self { state }),
+        }
+    }
+
     /// Blocks the current thread until the outcome is known. Not for async contexts.
     pub fn wait(self) -> Result<T, StoreError> {
         futures::executor::block_on(self)

@@ -8,7 +8,7 @@ use capkv::kv_capnp::write_session;
 use capkv::ApiError;
 use capkv_store::{write, IdempotencyKey, StoreError, Write};
 
-use super::{handle, store_error};
+use super::{handle, handle_now, store_error, Reply};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::session::TOKEN_BYTES;
@@ -43,17 +43,85 @@ impl WriteSessionImpl {
         key: Option<Vec<u8>>,
         idempotency_ttl_ms: u64,
     ) -> Result<W::Outcome, ApiError> {
-        let idem = key.map(|key| IdempotencyKey {
+        let idem = self.idempotency_key(key, idempotency_ttl_ms);
+        written(self.shared.store.apply(w, idem).await)
+    }
+
+    /// [`write`](Self::write) on a store whose writes complete at once
+    /// (`Store::writes_complete_at_once`): the outcome, with nothing to await.
+    pub(super) fn write_now<W: Write>(
+        &self,
+        w: W,
+        key: Option<Vec<u8>>,
+        idempotency_ttl_ms: u64,
+    ) -> Result<W::Outcome, ApiError> {
+        let idem = self.idempotency_key(key, idempotency_ttl_ms);
+        written(
+            self.shared
+                .store
+                .apply(w, idem)
+                .now()
+                .unwrap_or_else(|_waiting| {
+                    // A store breaking its word: the write goes on, its outcome is lost to this
+                    // call (`internal`, which a client treats as unknown).
+                    Err(StoreError::Internal(
+                        "a store whose writes complete at once returned one still pending".into(),
+                    ))
+                }),
+        )
+    }
+
+    fn idempotency_key(&self, key: Option<Vec<u8>>, ttl_ms: u64) -> Option<IdempotencyKey> {
+        key.map(|key| IdempotencyKey {
             session: self.token.to_vec(),
             key,
-            expires_at_unix_ms: write::now_unix_ms().saturating_add(idempotency_ttl_ms),
-        });
-        let r = self.shared.store.apply(w, idem).await;
-        if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
-            metrics::counter!(crate::metrics::IDEMPOTENCY_CONFLICTS_TOTAL).increment(1);
-        }
-        r.map_err(store_error)
+            expires_at_unix_ms: write::now_unix_ms().saturating_add(ttl_ms),
+        })
     }
+}
+
+/// A write's outcome as the contract says it (conflicting idempotency keys counted).
+fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
+    if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
+        metrics::counter!(crate::metrics::IDEMPOTENCY_CONFLICTS_TOTAL).increment(1);
+    }
+    r.map_err(store_error)
+}
+
+/// A handler of a write: `|p, call| op` builds the write and its idempotency key from the
+/// params `p`; it is applied and answered at once, as reads are ([`handle_now!`]), when the
+/// store's writes complete at once (the memory engine), else on [`handle!`]'s async path
+/// (RocksDB: the call waits for its group commit). The reply forms are `handle!`'s.
+macro_rules! handle_write {
+    ($self:ident, $params:ident, $results:ident, $method:expr,
+     |$p:ident, $call:ident| $op:expr, $($reply:tt)+) => {{
+        if $self.shared.store.writes_complete_at_once() {
+            let reply: Reply = handle_now!($self, $params, $results, $method,
+                |this, $p, called| {
+                    let (w, idem) = {
+                        let $call = &called;
+                        $op
+                    };
+                    this.write_now(w, idem, called.tunables.idempotency_ttl_ms)
+                },
+                $($reply)+);
+            reply
+        } else {
+            let later: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capnp::Error>>>> =
+                Box::pin(async move {
+                    handle!($self, $params, $results, $method,
+                        |this, $p, called| {
+                            let (w, idem) = {
+                                let $call = &called;
+                                $op
+                            };
+                            this.write(w, idem, called.tunables.idempotency_ttl_ms).await
+                        },
+                        $($reply)+)
+                });
+            futures::future::Either::Right(later)
+        }
+    }};
 }
 
 impl write_session::Server for WriteSessionImpl {
@@ -84,25 +152,24 @@ impl write_session::Server for WriteSessionImpl {
         )
     }
 
-    async fn put(
+    fn put(
         self: Rc<Self>,
         params: write_session::PutParams,
         mut results: write_session::PutResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        handle_write!(
             self,
             params,
             results,
             Method::Put,
-            |this, p, call| {
+            |p, call| {
                 let limits = &call.tunables.limits;
                 let w = write::Put {
                     key: validate::key(limits, p.get_key())?.to_vec(),
                     value: validate::value(limits, p.get_value())?.to_vec(),
                     cond: validate::condition(p.get_condition())?,
                 };
-                let idem = validate::idempotency_key(p.get_idempotency_key())?;
-                this.write(w, idem, call.tunables.idempotency_ttl_ms).await
+                (w, validate::idempotency_key(p.get_idempotency_key())?)
             },
             ok = |ok, o| {
                 ok.set_version(o.version);
@@ -111,23 +178,22 @@ impl write_session::Server for WriteSessionImpl {
         )
     }
 
-    async fn delete(
+    fn delete(
         self: Rc<Self>,
         params: write_session::DeleteParams,
         mut results: write_session::DeleteResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        handle_write!(
             self,
             params,
             results,
             Method::Delete,
-            |this, p, call| {
+            |p, call| {
                 let w = write::Delete {
                     key: validate::key(&call.tunables.limits, p.get_key())?.to_vec(),
                     cond: validate::condition(p.get_condition())?,
                 };
-                let idem = validate::idempotency_key(p.get_idempotency_key())?;
-                this.write(w, idem, call.tunables.idempotency_ttl_ms).await
+                (w, validate::idempotency_key(p.get_idempotency_key())?)
             },
             ok = |ok, o| {
                 ok.set_existed(o.existed);
