@@ -125,24 +125,23 @@ macro_rules! handle_write {
 }
 
 impl write_session::Server for WriteSessionImpl {
-    async fn increment(
+    fn increment(
         self: Rc<Self>,
         params: write_session::IncrementParams,
         mut results: write_session::IncrementResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        handle_write!(
             self,
             params,
             results,
             Method::Increment,
-            |this, p, call| {
+            |p, call| {
                 let key = validate::key(&call.tunables.limits, p.get_key())?;
-                let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let w = write::Increment {
                     key: key.to_vec(),
                     delta: p.get_delta(),
                 };
-                this.write(w, idem, call.tunables.idempotency_ttl_ms).await
+                (w, validate::idempotency_key(p.get_idempotency_key())?)
             },
             ok = |ok, o| {
                 ok.set_value(o.value);
@@ -202,17 +201,17 @@ impl write_session::Server for WriteSessionImpl {
         )
     }
 
-    async fn put_many(
+    fn put_many(
         self: Rc<Self>,
         params: write_session::PutManyParams,
         mut results: write_session::PutManyResults,
-    ) -> Result<(), capnp::Error> {
-        handle!(
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        handle_write!(
             self,
             params,
             results,
             Method::PutMany,
-            |this, p, call| {
+            |p, call| {
                 let list = p.get_items().map_err(|e| {
                     ApiError::new(
                         capkv::ErrorCode::InvalidArgument,
@@ -228,14 +227,13 @@ impl write_session::Server for WriteSessionImpl {
                     .collect::<Result<Vec<_>, ApiError>>()?;
                 let keys: Vec<&[u8]> = items.iter().map(|i| i.key).collect();
                 validate::distinct_keys(&keys)?;
-                let idem = validate::idempotency_key(p.get_idempotency_key())?;
                 let w = write::PutMany {
                     items: items
                         .iter()
                         .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
                         .collect(),
                 };
-                this.write(w, idem, call.tunables.idempotency_ttl_ms).await
+                (w, validate::idempotency_key(p.get_idempotency_key())?)
             },
             ok = |ok, o| {
                 ok.set_revision(o.revision);
