@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use capkv::kv_capnp::write_session;
 use capkv::ApiError;
-use capkv_store::{write, IdempotencyKey, StoreError, Write};
+use capkv_store::{write, IdempotencyKey, Pending, StoreError, Write};
 
 use super::{handle, handle_now, store_error, Reply};
 use crate::chain::{CapSlot, Conn, Shared};
@@ -36,48 +36,33 @@ impl WriteSessionImpl {
         }
     }
 
-    /// Applies `w`, idempotently when the caller gave a key; answers with `w`'s own outcome.
-    async fn write<W: Write>(
+    /// Starts `w`, idempotently when the caller gave a key (its record kept for
+    /// `idempotency_ttl_ms`).
+    fn apply<W: Write>(
         &self,
         w: W,
         key: Option<Vec<u8>>,
         idempotency_ttl_ms: u64,
-    ) -> Result<W::Outcome, ApiError> {
-        let idem = self.idempotency_key(key, idempotency_ttl_ms);
-        written(self.shared.store.apply(w, idem).await)
-    }
-
-    /// [`write`](Self::write) on a store whose writes complete at once
-    /// (`Store::writes_complete_at_once`): the outcome, with nothing to await.
-    pub(super) fn write_now<W: Write>(
-        &self,
-        w: W,
-        key: Option<Vec<u8>>,
-        idempotency_ttl_ms: u64,
-    ) -> Result<W::Outcome, ApiError> {
-        let idem = self.idempotency_key(key, idempotency_ttl_ms);
-        written(
-            self.shared
-                .store
-                .apply(w, idem)
-                .now()
-                .unwrap_or_else(|_waiting| {
-                    // A store breaking its word: the write goes on, its outcome is lost to this
-                    // call (`internal`, which a client treats as unknown).
-                    Err(StoreError::Internal(
-                        "a store whose writes complete at once returned one still pending".into(),
-                    ))
-                }),
-        )
-    }
-
-    fn idempotency_key(&self, key: Option<Vec<u8>>, ttl_ms: u64) -> Option<IdempotencyKey> {
-        key.map(|key| IdempotencyKey {
+    ) -> Pending<W::Outcome> {
+        let idem = key.map(|key| IdempotencyKey {
             session: self.token.to_vec(),
             key,
-            expires_at_unix_ms: write::now_unix_ms().saturating_add(ttl_ms),
-        })
+            expires_at_unix_ms: write::now_unix_ms().saturating_add(idempotency_ttl_ms),
+        });
+        self.shared.store.apply(w, idem)
     }
+}
+
+/// The outcome of a write on a store whose writes complete at once
+/// (`Store::writes_complete_at_once`), with nothing to await.
+fn at_once<T>(pending: Pending<T>) -> Result<T, StoreError> {
+    pending.now().unwrap_or_else(|_waiting| {
+        // A store breaking its word: the write goes on, its outcome is lost to this call
+        // (`internal`, which a client treats as unknown).
+        Err(StoreError::Internal(
+            "a store whose writes complete at once returned one still pending".into(),
+        ))
+    })
 }
 
 /// A write's outcome as the contract says it (conflicting idempotency keys counted).
@@ -102,7 +87,7 @@ macro_rules! handle_write {
                         let $call = &called;
                         $op
                     };
-                    this.write_now(w, idem, called.tunables.idempotency_ttl_ms)
+                    written(at_once(this.apply(w, idem, called.tunables.idempotency_ttl_ms)))
                 },
                 $($reply)+);
             reply
@@ -115,7 +100,7 @@ macro_rules! handle_write {
                                 let $call = &called;
                                 $op
                             };
-                            this.write(w, idem, called.tunables.idempotency_ttl_ms).await
+                            written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
                         },
                         $($reply)+)
                 });
