@@ -762,7 +762,13 @@ impl Shared {
     /// Counts a call that got its global slot.
     fn admitted(&self) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.call_metrics.in_flight().increment(1.0);
+    }
+
+    /// Sets the gauges that mirror counts the chain keeps anyway (calls in flight), for a
+    /// scrape about to render them: once per scrape instead of a gauge update (a
+    /// compare-and-swap loop on a shared float) at every call's start and end.
+    pub(crate) fn publish_gauges(&self) {
+        self.call_metrics.in_flight().set(self.in_flight() as f64);
     }
 
     /// `overloaded`, counted as a rejection for `reason`.
@@ -876,11 +882,12 @@ struct Before {
 }
 
 impl Before {
-    fn call(&self, meta: &CallMeta) -> Call {
+    /// The call's view, taking the settings over (no second reference to count).
+    fn call(self, meta: &CallMeta) -> Call {
         Call {
             attempt: meta.attempt,
             deadline: self.deadline,
-            tunables: Arc::clone(&self.t),
+            tunables: self.t,
         }
     }
 }
@@ -922,7 +929,6 @@ impl Drop for Slot<'_> {
             {
                 permit.forget();
             }
-            self.shared.call_metrics.in_flight().decrement(1.0);
             self.shared.release_global();
         }
     }

@@ -31,7 +31,10 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 
 fn route(path: &str, handle: &PrometheusHandle, shared: &Shared) -> Response<Full<Bytes>> {
     match path {
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+        "/metrics" => {
+            shared.publish_gauges();
+            reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+        }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match shared.not_ready() {
             None => reply(StatusCode::OK, "text/plain", "ready\n".into()),

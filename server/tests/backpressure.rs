@@ -199,6 +199,8 @@ fn unread_replies_stay_bounded(attackers: usize, bound_bytes: u64, envs: &[(&str
     // trying to drain to such a peer would keep all three).
     server.await_metric("capkv_unsent_reply_bytes 0");
     server.await_metric("capkv_connections_paused 0");
+    // Their calls are gone too (the gauge is set from the chain's count at each scrape).
+    server.await_metric("capkv_in_flight_requests 0");
     let until = Instant::now() + PATIENCE;
     while server.open_fds() > fds_before + 2 {
         assert!(
