@@ -754,16 +754,10 @@ impl Conn {
         if let Some(head) = m.get_segments().head {
             // A plain call on an imported capability, already read by the frame layer:
             // what `target` would decide of it, without decoding the Call again.
-            self.admit_answer(head.question_id)?;
-            self.answers.insert(head.question_id, Answer::running());
-            let called = match self.exports.get(head.import_id) {
-                Some(_) => Ok((
-                    Target::Export(head.import_id),
-                    head.interface_id,
-                    head.method_id,
-                )),
-                None => Err(unknown_capability(head.import_id)),
-            };
+            self.open_answer(head.question_id)?;
+            let called = self
+                .imported(head.import_id)
+                .map(|t| (t, head.interface_id, head.method_id));
             self.start_called(head.question_id, m, called);
             return Ok(true);
         }
@@ -773,8 +767,7 @@ impl Conn {
             Ok(rpc_message::Which::Call(c)) => {
                 let c = c.map_err(proto)?;
                 let id = c.get_question_id();
-                self.admit_answer(id)?;
-                self.answers.insert(id, Answer::running());
+                self.open_answer(id)?;
                 // Read from the Call already open here, not from the message's root again.
                 let called = self.called(c);
                 // The call takes its message with it (its params are read from it).
@@ -843,6 +836,13 @@ impl Conn {
                 self.limits.max_answers
             )));
         }
+        Ok(())
+    }
+
+    /// Admits question `id` and gives it a running answer, for a call about to start.
+    fn open_answer(&mut self, id: u32) -> Result<(), EngineError> {
+        self.admit_answer(id)?;
+        self.answers.insert(id, Answer::running());
         Ok(())
     }
 
@@ -928,6 +928,16 @@ impl Conn {
         self.fresh.push(Running { id, promise, done });
     }
 
+    /// A call's target when it names export `export` (`importedCap`).
+    fn imported(&self, export: u32) -> Result<Target, capnp::Error> {
+        match self.exports.get(export) {
+            Some(_) => Ok(Target::Export(export)),
+            None => Err(capnp::Error::failed(format!(
+                "call to unknown capability {export}"
+            ))),
+        }
+    }
+
     /// The capability a call is addressed to.
     fn target(&self, c: call::Reader<'_>) -> Result<Target, capnp::Error> {
         if !matches!(
@@ -944,10 +954,7 @@ impl Conn {
             ));
         }
         match c.get_target()?.which()? {
-            message_target::ImportedCap(export) => match self.exports.get(export) {
-                Some(_) => Ok(Target::Export(export)),
-                None => Err(unknown_capability(export)),
-            },
+            message_target::ImportedCap(export) => self.imported(export),
             message_target::PromisedAnswer(p) => {
                 let p = p?;
                 let on = p.get_question_id();
@@ -1144,10 +1151,6 @@ enum Target {
     Export(u32),
     /// Pipelined on this answer, still running.
     Wait(u32),
-}
-
-fn unknown_capability(export: u32) -> capnp::Error {
-    capnp::Error::failed(format!("call to unknown capability {export}"))
 }
 
 fn write_exception(e: &capnp::Error, mut b: exception::Builder<'_>) {
