@@ -15,6 +15,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -246,6 +247,11 @@ struct DrawState {
 #[derive(Default)]
 pub struct Chaos {
     armed: ArcSwapOption<Armed>,
+    /// Whether `armed` holds a plan: what every call asks first, so it is one plain atomic
+    /// load instead of an `ArcSwapOption` guard. Changed with `armed` under `changing`, so
+    /// that it always says what `armed` holds once an `arm`, `clear` or disarm returns.
+    is_armed: AtomicBool,
+    changing: Mutex<()>,
 }
 
 impl fmt::Debug for Chaos {
@@ -273,12 +279,16 @@ impl Chaos {
             rng: StdRng::seed_from_u64(plan.seed),
             left: plan.rules.iter().map(|r| r.times).collect(),
         });
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         self.armed
             .store(Some(Arc::new(Armed { plan, ends, state })));
+        self.is_armed.store(true, Ordering::Release);
     }
 
     pub fn clear(&self) {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         self.armed.store(None);
+        self.is_armed.store(false, Ordering::Release);
     }
 
     /// The rules still armed, each `ttl` being the time it has left.
@@ -320,7 +330,7 @@ impl Chaos {
     /// The faults for one call of `method`; `None` when nothing fires.
     /// Whether a plan is armed (its rules may all have ended; `decide` says).
     pub fn is_armed(&self) -> bool {
-        self.armed.load().is_some()
+        self.is_armed.load(Ordering::Acquire)
     }
 
     pub fn decide(&self, method: &str) -> Option<Decision> {
@@ -366,8 +376,12 @@ impl Chaos {
         }
         drop(state);
         if !live {
-            // Every rule has ended: disarm, so later calls pay one atomic load again.
+            // Every rule has ended: disarm (unless a new plan came meanwhile), so later
+            // calls pay one atomic load again.
+            let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
             self.armed.compare_and_swap(&*guard, None::<Arc<Armed>>);
+            self.is_armed
+                .store(self.armed.load().is_some(), Ordering::Release);
         }
         decision
     }

@@ -61,7 +61,7 @@ use capkv_store::Store;
 use capkv_telemetry::TraceParent;
 use sha2::Digest;
 use std::collections::HashMap;
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
@@ -86,13 +86,17 @@ pub struct Shared {
     tunables: ArcSwap<Tunables>,
     pub chaos: Chaos,
     pub sessions: crate::session::SessionTokens,
-    /// Global in-flight slots (`limits.max_in_flight` permits; a reload adds or forgets).
-    slots: Semaphore,
-    /// Calls waiting for a slot.
+    /// Calls waiting for a global in-flight slot.
     queued: AtomicUsize,
-    /// Slots to forget as they are given back (max_in_flight was lowered while in use).
-    retire: AtomicUsize,
+    /// Calls holding a global in-flight slot: taken while below the `max_in_flight` in
+    /// force, given back when the call ends. A counter rather than a semaphore so that
+    /// taking and giving back a slot is one atomic operation each, without the lock a
+    /// semaphore's release takes to look for waiters; a reload's new maximum applies to
+    /// the next call that asks, with nothing to add or forget.
     in_flight: AtomicUsize,
+    /// Woken (one waiter) when a slot is given back while calls wait, and (every waiter)
+    /// when a reload raises the maximum.
+    slot_freed: Notify,
     draining: AtomicBool,
     /// Woken when the last in-flight call finishes (the drain waits on it).
     idle: Notify,
@@ -281,16 +285,14 @@ impl Shared {
             }
         }
         let secret = store.instance_secret();
-        let max_in_flight = config.limits.max_in_flight.min(Semaphore::MAX_PERMITS);
         Self {
             store,
             tunables: ArcSwap::from_pointee(Tunables::new(config, None)),
             chaos,
             sessions: crate::session::SessionTokens::new(secret),
-            slots: Semaphore::new(max_in_flight),
             queued: AtomicUsize::new(0),
-            retire: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            slot_freed: Notify::new(),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
             abandon: AtomicBool::new(false),
@@ -320,28 +322,20 @@ impl Shared {
         self.tunables.load_full()
     }
 
-    /// Puts reloaded settings in force; in-flight slots follow the new maximum.
+    /// Puts reloaded settings in force. A lower `max_in_flight` holds back new calls until
+    /// enough running ones end; a higher one wakes the calls queued for a slot.
     pub(crate) fn set_tunables(&self, new: Tunables) {
-        let old = self.tunables.swap(Arc::new(new));
-        let new_max = self
-            .tunables
-            .load()
-            .max_in_flight
-            .min(Semaphore::MAX_PERMITS);
-        let old_max = old.max_in_flight.min(Semaphore::MAX_PERMITS);
+        let (old_max, new_max) = (self.tunables().max_in_flight, new.max_in_flight);
+        self.tunables.store(Arc::new(new));
+        if new_max < old_max && self.in_flight() > new_max {
+            tracing::info!(
+                in_flight = self.in_flight(),
+                max_in_flight = new_max,
+                "max_in_flight lowered below the calls in flight; new calls wait for them"
+            );
+        }
         if new_max > old_max {
-            self.slots.add_permits(new_max - old_max);
-        } else if new_max < old_max {
-            // Slots held now are forgotten as they come back, if not free now.
-            let mut left = old_max - new_max;
-            left -= self.slots.forget_permits(left);
-            if left > 0 {
-                tracing::info!(
-                    retiring = left,
-                    "max_in_flight lowered; slots in use are retired as their calls end"
-                );
-                self.retire.fetch_add(left, Ordering::AcqRel);
-            }
+            self.slot_freed.notify_waiters();
         }
     }
 
@@ -717,18 +711,39 @@ impl Shared {
         let mut slot = Slot {
             shared: self,
             conn,
-            permit: None,
+            held: false,
         };
-        match self.slots.try_acquire() {
-            Ok(p) => {
-                slot.permit = Some(p);
-                self.admitted();
-                Ok(Admission::Ready(slot))
+        if self.take_slot(t.max_in_flight) {
+            slot.held = true;
+            Ok(Admission::Ready(slot))
+        } else if t.queue_timeout.is_zero() || t.queue_depth == 0 {
+            Err(self.overloaded("in_flight"))
+        } else {
+            Ok(Admission::Queue(slot))
+        }
+    }
+
+    /// Takes a global slot if fewer than `max` are held.
+    fn take_slot(&self, max: usize) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Waits until a global slot is taken, under the maximum in force at each try.
+    async fn wait_slot(&self) {
+        loop {
+            // Registered before trying: a slot given back after the try wakes this call
+            // (`Slot::drop` notifies while `queued` counts it, and it counts it already).
+            let freed = self.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.take_slot(self.tunables.load().max_in_flight) {
+                return;
             }
-            Err(_) if t.queue_timeout.is_zero() || t.queue_depth == 0 => {
-                Err(self.overloaded("in_flight"))
-            }
-            Err(_) => Ok(Admission::Queue(slot)),
+            freed.await;
         }
     }
 
@@ -744,24 +759,18 @@ impl Shared {
             Admission::Ready(slot) => return Ok(slot),
             Admission::Queue(slot) => slot,
         };
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= t.queue_depth {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= t.queue_depth {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(self.overloaded("queue_full"));
         }
         let until = deadline.min(Instant::now() + t.queue_timeout);
-        let waited = tokio::time::timeout_at(until, self.slots.acquire()).await;
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        match waited {
-            Ok(Ok(p)) => slot.permit = Some(p),
-            _ => return Err(self.overloaded("queue_timeout")),
+        let waited = tokio::time::timeout_at(until, self.wait_slot()).await;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        if waited.is_err() {
+            return Err(self.overloaded("queue_timeout"));
         }
-        self.admitted();
+        slot.held = true;
         Ok(slot)
-    }
-
-    /// Counts a call that got its global slot.
-    fn admitted(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Sets the gauges that mirror counts the chain keeps anyway (calls in flight), for a
@@ -782,12 +791,17 @@ impl Shared {
     }
 
     fn release_global(&self) {
-        // Only a drain waits for idle, so only then is it told (a `Notify` takes a lock).
-        // SeqCst here and in `start_draining`/`wait_idle`: either this load sees the drain,
-        // or the drain's first count sees this call gone.
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.draining.load(Ordering::SeqCst)
-        {
+        let before = self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Only a queued call waits for a slot, so only then is one told (a `Notify` takes a
+        // lock). SeqCst with `admit`'s count: either this load sees the queued call, or
+        // that call's first try (after its count) sees this slot free.
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.slot_freed.notify_one();
+        }
+        // Likewise only a drain waits for idle. SeqCst here and in `start_draining` /
+        // `wait_idle`: either this load sees the drain, or the drain's first count sees
+        // this call gone.
+        if before == 1 && self.draining.load(Ordering::SeqCst) {
             self.idle.notify_waiters();
         }
     }
@@ -907,12 +921,13 @@ fn store_span(method: Method) -> tracing::Span {
     )
 }
 
-/// An admission slot; dropping it (on every path out of a call) gives it back. Without
-/// a permit it holds only the connection's count (a refused or queued call).
+/// An admission slot; dropping it (on every path out of a call) gives it back. Unless
+/// `held` it holds only the connection's count (a refused or queued call).
 struct Slot<'a> {
     shared: &'a Shared,
     conn: &'a Conn,
-    permit: Option<SemaphorePermit<'a>>,
+    /// A global slot is held (counted in `Shared::in_flight`).
+    held: bool,
 }
 
 impl Drop for Slot<'_> {
@@ -920,16 +935,80 @@ impl Drop for Slot<'_> {
         // The idle clock is set when the call ends (`observe`); a call dropped with its
         // connection needs none.
         self.conn.in_flight.set(self.conn.in_flight.get() - 1);
-        if let Some(permit) = self.permit.take() {
-            let retire = &self.shared.retire;
-            if retire.load(Ordering::Acquire) > 0
-                && retire
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                    .is_ok()
-            {
-                permit.forget();
-            }
+        if self.held {
             self.shared.release_global();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_in_flight: usize) -> Config {
+        let mut config = Config::local_ephemeral();
+        config.limits.max_in_flight = max_in_flight;
+        config.limits.max_in_flight_per_connection = 8;
+        // Longer than any test: a queued call here is admitted or the test is wrong.
+        config.limits.queue_timeout_ms = 600_000;
+        config
+    }
+
+    /// A missed wake-up would leave a queued call waiting out its queue timeout.
+    async fn within<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("woken")
+    }
+
+    /// The global in-flight slots: one given back goes to a queued call, a reload that
+    /// raises the maximum admits queued calls at once, one that lowers it holds new calls
+    /// back until enough running ones end.
+    #[tokio::test]
+    async fn queued_calls_get_slots_given_back_or_added_by_a_reload() {
+        let shared = Shared::new(&config(1), Arc::new(capkv_store::MemoryStore::new()));
+        let conn = Conn::new(1, "127.0.0.1:1".parse().expect("an address"), &shared);
+        let t = shared.tunables();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let reload = |max| Tunables::new(&config(max), Some(&shared.tunables()));
+
+        let first = shared
+            .admit(&conn, &t, deadline)
+            .await
+            .expect("a free slot");
+        let second = shared.admit(&conn, &t, deadline);
+        tokio::pin!(second);
+        assert!(
+            futures::poll!(second.as_mut()).is_pending(),
+            "no slot: it queues"
+        );
+        drop(first);
+        let second = within(second).await.expect("the slot the first gave back");
+        assert_eq!(shared.in_flight(), 1);
+
+        let third = shared.admit(&conn, &t, deadline);
+        tokio::pin!(third);
+        assert!(futures::poll!(third.as_mut()).is_pending());
+        shared.set_tunables(reload(2));
+        let third = within(third).await.expect("the slot the reload added");
+        assert_eq!(shared.in_flight(), 2);
+
+        shared.set_tunables(reload(1));
+        let t = shared.tunables();
+        drop(second);
+        let fourth = shared.admit(&conn, &t, deadline);
+        tokio::pin!(fourth);
+        assert!(
+            futures::poll!(fourth.as_mut()).is_pending(),
+            "one running call is the lowered maximum"
+        );
+        drop(third);
+        let fourth = within(fourth)
+            .await
+            .expect("a slot under the lowered maximum");
+        assert_eq!(shared.in_flight(), 1);
+        drop(fourth);
+        assert_eq!((shared.in_flight(), conn.in_flight.get()), (0, 0));
+        assert_eq!(shared.queued.load(Ordering::SeqCst), 0);
     }
 }

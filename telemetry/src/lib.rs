@@ -332,7 +332,12 @@ impl TraceParent {
     /// Parses `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`; `None` for anything
     /// else, including all-zero ids (the spec says to ignore such a header).
     pub fn parse(value: &str) -> Option<TraceParent> {
-        let mut parts = value.trim().split('-');
+        let value = value.trim();
+        if value.is_empty() {
+            // The common case, no trace context: decided without splitting.
+            return None;
+        }
+        let mut parts = value.split('-');
         let (version, trace, span, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         let lower_hex = |s: &str, len: usize| {
