@@ -205,9 +205,17 @@ impl CallMeta {
             Some(ms) => b.reborrow().init_deadline().set_budget_ms(ms),
             None => b.reborrow().init_deadline().set_unset(()),
         }
-        b.set_traceparent(self.traceparent.as_str());
-        b.set_tracestate(self.tracestate.as_str());
-        b.set_request_id(self.request_id.as_str());
+        // An empty text is left a null pointer, which every reader takes as empty: the
+        // common case (no trace context) costs no bytes to send and no pointer to follow.
+        if !self.traceparent.is_empty() {
+            b.set_traceparent(self.traceparent.as_str());
+        }
+        if !self.tracestate.is_empty() {
+            b.set_tracestate(self.tracestate.as_str());
+        }
+        if !self.request_id.is_empty() {
+            b.set_request_id(self.request_id.as_str());
+        }
         b.set_attempt(self.attempt);
     }
 
