@@ -1,7 +1,7 @@
 @0xcd35794f751403be;
-# capkv wire contract, API version 3 (2 added Gateway.admin and Admin; 3 added the
+# capkv wire contract, API version 4 (2 added Gateway.admin and Admin; 3 added the
 # capability fields outside the result unions: OpenResult.kvCap, AdminResult.adminCap,
-# SessionResult.sessionCap).
+# SessionResult.sessionCap; 4 added KvStore.watch and Watcher).
 #
 # Compatibility rules: fields and methods are only ever added, never renumbered, renamed in
 # meaning or removed. Enum values keep their numbers forever. A client built against an
@@ -134,6 +134,13 @@ enum ErrorCode {
   # The write was refused before it reached storage; nothing was written. Reads and
   # deletes still work. Not retried automatically: an operator has to free space; try
   # again after `retryAfterMs` at the earliest.
+
+  compacted @21;
+  # A watch asked for events from a revision the server's history no longer holds
+  # (`storage.history_revisions`, `storage.memory_history_events`), or a watcher fell so
+  # far behind that its next events are gone. The result's `oldestRevision` is the oldest
+  # revision a watch can start from now; read the current state (scan) and watch from
+  # there. Not retried automatically.
 }
 
 struct Error {
@@ -359,6 +366,93 @@ interface KvStore {
   resumeSession @4 (ctx :RequestContext, token :Data) -> (result :SessionResult);
   # The session `token` names (from an earlier `session`), on any connection, also after a
   # server restart. A token this server did not issue gets `permissionDenied`.
+
+  watch @5 (ctx :RequestContext, range :WatchRange, startRevision :UInt64)
+      -> (result :WatchResult);
+  # A watcher of the keys in `range`: its `next` returns every change to them, in revision
+  # order, from `startRevision` on (0 = from the next write). A start older than the
+  # server's history gets `compacted`. Pipeline on `result.watcherCap`:
+  # `kv.watch(ctx, r, 0).result.watcherCap.next(ctx, 100, 10000)` is one round trip.
+}
+
+struct WatchRange {
+  # The keys a watcher follows.
+  union {
+    range :group {
+      # A key range [start, end).
+      start @0 :Data;
+      # Inclusive lower bound; empty = the first key.
+      end @1 :Data;
+      # Exclusive upper bound; empty = no upper bound.
+    }
+    prefix @2 :Data;
+    # Every key that starts with these bytes (empty = every key).
+  }
+}
+
+struct WatchResult {
+  union {
+    watcher @0 :Watcher;
+    # The watcher (also in `watcherCap`).
+
+    error @1 :Error;
+    # `compacted` (see `oldestRevision`), `invalidRange`, or a chain rejection.
+  }
+
+  watcherCap @2 :Watcher;
+  # The watcher, outside the union so that every Cap'n Proto implementation can pipeline
+  # on it. On error, a stand-in whose every call answers with `error`.
+
+  revision @3 :UInt64;
+  # The store's revision when the watch started.
+
+  oldestRevision @4 :UInt64;
+  # With `compacted`: the oldest revision a watch can start from now.
+}
+
+interface Watcher {
+  # Changes to a range of keys, pulled at the caller's pace. The server keeps the
+  # watcher's position (the revision it has delivered through), so calls may be pipelined:
+  # several `next` calls in flight return consecutive batches, in the order sent. Release
+  # the capability to stop watching; a watcher costs the server nothing between calls.
+
+  next @0 (ctx :RequestContext, maxEvents :UInt32, waitMs :UInt32) -> (result :WatchEvents);
+  # The events after the last one returned (whole revisions: at most `maxEvents`, 0 =
+  # 100, unless one revision alone has more; at most `limits.max_batch_items`), waiting up
+  # to `waitMs` (at most 60000, and within the call's deadline) for one when there are
+  # none. An empty batch after the wait is not an error: call again.
+}
+
+enum EventKind {
+  put @0;
+  # The key was written (put, increment, an item of a putMany): `entry` is its new value.
+  delete @1;
+  # The key was deleted: `entry` holds its key and, as `modRevision`, the delete's revision.
+}
+
+struct Event {
+  kind @0 :EventKind;
+  entry @1 :Entry;
+}
+
+struct WatchEvents {
+  # Result of `Watcher.next`.
+  union {
+    ok :group {
+      events @0 :List(Event);
+      # In revision order (write order within one revision).
+
+      revision @1 :UInt64;
+      # The revision the watcher has read through: every change in its range up to it has
+      # been returned. A reconnecting client watches again from `revision + 1`.
+    }
+    error @2 :Error;
+    # `compacted` (see `oldestRevision`), `tooManyItems`, `invalidArgument`, or a chain
+    # rejection.
+  }
+
+  oldestRevision @3 :UInt64;
+  # With `compacted`: the oldest revision a watch can start from now.
 }
 
 struct GetManyResult {

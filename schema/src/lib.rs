@@ -17,14 +17,14 @@ capnp::generated_code!(pub mod kv_capnp);
 pub use kv_capnp::ErrorCode;
 
 /// Version of the wire contract in `schema/kv.capnp`. Bump when methods or fields are added.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 /// The longest `requestId` the server keeps; longer ones are cut, not rejected, because an
 /// id is a debugging aid and should never make a call fail.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Every error code, in schema order. Used for exhaustive tests and docs.
-pub const ALL_CODES: [ErrorCode; 21] = [
+pub const ALL_CODES: [ErrorCode; 22] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::NotFound,
@@ -46,6 +46,7 @@ pub const ALL_CODES: [ErrorCode; 21] = [
     ErrorCode::NotAnInteger,
     ErrorCode::TooManyCapabilities,
     ErrorCode::StorageFull,
+    ErrorCode::Compacted,
 ];
 
 /// Stable snake_case name of a code (logs, metric labels, JSON output).
@@ -72,6 +73,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::NotAnInteger => "not_an_integer",
         ErrorCode::TooManyCapabilities => "too_many_capabilities",
         ErrorCode::StorageFull => "storage_full",
+        ErrorCode::Compacted => "compacted",
     }
 }
 
@@ -99,6 +101,9 @@ pub struct ApiError {
     /// have been sent (the connection broke mid-call): the call's outcome is unknown, so a
     /// write must not be blindly retried. Never on the wire.
     pub outcome_unknown: bool,
+    /// With `compacted`: the oldest revision a watch can start from now (0 otherwise). On
+    /// the wire beside the `Error`, in the result (`WatchResult`, `WatchEvents`).
+    pub oldest_revision: u64,
 }
 
 impl ApiError {
@@ -108,6 +113,7 @@ impl ApiError {
             message: message.into(),
             retry_after_ms: 0,
             outcome_unknown: false,
+            oldest_revision: 0,
         }
     }
 
@@ -135,16 +141,15 @@ impl ApiError {
         let retry_after_ms = r.get_retry_after_ms();
         match r.get_code() {
             Ok(code) => Self {
-                code,
-                message,
                 retry_after_ms,
-                outcome_unknown: false,
+                ..Self::new(code, message)
             },
             Err(capnp::NotInSchema(n)) => Self {
-                code: ErrorCode::Internal,
-                message: format!("unknown error code {n}: {message}"),
                 retry_after_ms,
-                outcome_unknown: false,
+                ..Self::new(
+                    ErrorCode::Internal,
+                    format!("unknown error code {n}: {message}"),
+                )
             },
         }
     }

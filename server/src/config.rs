@@ -268,6 +268,10 @@ pub struct StorageConfig {
     pub reserve_bytes: u64,
     /// How often free space is measured (also after every write that failed for space).
     pub space_check_interval_ms: u64,
+    /// Revisions whose events the RocksDB engine keeps for watchers (`KvStore.watch`).
+    pub history_revisions: u64,
+    /// Events the memory engine keeps for watchers (its oldest revisions go first).
+    pub memory_history_events: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -376,6 +380,8 @@ impl Default for StorageConfig {
             min_free_bytes: r.space.min_free_bytes,
             reserve_bytes: r.space.reserve_bytes,
             space_check_interval_ms: r.space.check_interval.as_millis() as u64,
+            history_revisions: r.history_revisions,
+            memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
         }
     }
 }
@@ -395,6 +401,14 @@ impl Default for DeadlinesConfig {
             methods: [
                 ("compact".to_string(), compact),
                 ("checkpoint".to_string(), compact),
+                // A watcher's `next` may wait up to a minute for a change (`waitMs`).
+                (
+                    "watch_next".to_string(),
+                    MethodDeadline {
+                        default_ms: Some(65_000),
+                        max_ms: Some(65_000),
+                    },
+                ),
             ]
             .into_iter()
             .collect(),
@@ -556,6 +570,12 @@ impl Config {
         if st.space_check_interval_ms == 0 || st.space_check_interval_ms > 60_000 {
             return fail("storage.space_check_interval_ms must be in 1..=60000");
         }
+        if st.history_revisions == 0 || st.history_revisions > 1_000_000_000 {
+            return fail("storage.history_revisions must be in 1..=1000000000");
+        }
+        if st.memory_history_events == 0 || st.memory_history_events > 100_000_000 {
+            return fail("storage.memory_history_events must be in 1..=100000000");
+        }
         if self.idempotency.ttl_s == 0 || self.idempotency.ttl_s > 30 * 24 * 3600 {
             return fail("idempotency.ttl_s must be in 1..=2592000 (30 days)");
         }
@@ -633,6 +653,7 @@ impl Config {
                 reserve_bytes: st.reserve_bytes,
                 check_interval: std::time::Duration::from_millis(st.space_check_interval_ms),
             },
+            history_revisions: st.history_revisions,
         }
     }
 

@@ -28,10 +28,12 @@ pub enum Method {
     Compact,
     ReloadConfig,
     Checkpoint,
+    Watch,
+    WatchNext,
 }
 
 impl Method {
-    pub const ALL: [Method; 19] = [
+    pub const ALL: [Method; 21] = [
         Method::Health,
         Method::Version,
         Method::Open,
@@ -51,6 +53,8 @@ impl Method {
         Method::Compact,
         Method::ReloadConfig,
         Method::Checkpoint,
+        Method::Watch,
+        Method::WatchNext,
     ];
 
     pub fn from_name(name: &str) -> Option<Method> {
@@ -75,6 +79,8 @@ impl Method {
                 | Method::PutMany
                 | Method::Increment
                 | Method::ResumeSession
+                | Method::Watch
+                | Method::WatchNext
         )
     }
 
@@ -99,6 +105,8 @@ impl Method {
             Method::Compact => "compact",
             Method::ReloadConfig => "reload_config",
             Method::Checkpoint => "checkpoint",
+            Method::Watch => "watch",
+            Method::WatchNext => "watch_next",
         }
     }
 

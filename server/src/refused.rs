@@ -19,7 +19,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capkv::kv_capnp::{admin, kv_store, write_session};
+use capkv::kv_capnp::{admin, kv_store, watcher, write_session};
 use capkv::ApiError;
 
 use crate::chain::{CapSlot, Conn, Shared};
@@ -119,6 +119,23 @@ macro_rules! refuse_session {
 }
 
 impl kv_store::Server for Refused {
+    async fn watch(
+        self: Rc<Self>,
+        params: kv_store::WatchParams,
+        mut results: kv_store::WatchResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let e = self.answer(Method::Watch, p.get_ctx()).await;
+        let mut out = results.get().init_result();
+        e.write(out.reborrow().init_error());
+        // As `refuse_session!`: another stand-in to pipeline on (none at capacity).
+        if let Some((shared, conn)) = &self.chain {
+            out.set_watcher_cap(Refused::client(shared, conn, e));
+            count_reply!(conn, results);
+        }
+        Ok(())
+    }
+
     async fn get(
         self: Rc<Self>,
         params: kv_store::GetParams,
@@ -157,6 +174,16 @@ impl kv_store::Server for Refused {
         mut results: kv_store::ResumeSessionResults,
     ) -> Result<(), capnp::Error> {
         refuse_session!(self, params, results, Method::ResumeSession)
+    }
+}
+
+impl watcher::Server for Refused {
+    async fn next(
+        self: Rc<Self>,
+        params: watcher::NextParams,
+        mut results: watcher::NextResults,
+    ) -> Result<(), capnp::Error> {
+        refuse!(self, params, results, Method::WatchNext)
     }
 }
 

@@ -126,7 +126,9 @@ impl Server {
     /// Opens the store and binds the listener. Must be called inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let store: Arc<dyn capkv_store::Store> = match config.engine {
-            Engine::Memory => Arc::new(capkv_store::MemoryStore::new()),
+            Engine::Memory => Arc::new(capkv_store::MemoryStore::with_history(
+                config.storage.memory_history_events,
+            )),
             // Opening replays the WAL: blocking, but only once, before anything is served.
             // On a disk too full to recover, reads are served read-only until there is room.
             Engine::Rocksdb => capkv_store_rocks::open_or_read_only(config.rocks_options())?,

@@ -218,3 +218,71 @@ pub fn idempotency_key(
     }
     Ok((!k.is_empty()).then(|| k.to_vec()))
 }
+
+/// A checked watch range.
+pub fn watch_range(
+    limits: &Limits,
+    r: capnp::Result<capkv::kv_capnp::watch_range::Reader<'_>>,
+) -> Result<capkv_store::KeyRange, ApiError> {
+    use capkv::kv_capnp::watch_range;
+    let r = r.map_err(|e| bad("range", e))?;
+    let bound_max = limits.max_key_bytes + 1;
+    let bound =
+        |what: &str, b: capnp::Result<capnp::data::Reader<'_>>| -> Result<Vec<u8>, ApiError> {
+            let b = b.map_err(|e| bad(what, e))?;
+            if b.len() > bound_max {
+                return Err(ApiError::new(
+                    ErrorCode::KeyTooLarge,
+                    format!(
+                        "watch {what} is {} bytes; the limit is {bound_max}",
+                        b.len()
+                    ),
+                ));
+            }
+            Ok(b.to_vec())
+        };
+    match r.which() {
+        Ok(watch_range::Which::Range(g)) => {
+            let start = bound("start", g.get_start())?;
+            let end = bound("end", g.get_end())?;
+            let end = (!end.is_empty()).then_some(end);
+            if end.as_ref().is_some_and(|end| *end <= start) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRange,
+                    "watch start is not before end",
+                ));
+            }
+            Ok(capkv_store::KeyRange { start, end })
+        }
+        Ok(watch_range::Which::Prefix(p)) => {
+            Ok(capkv_store::KeyRange::prefix(&bound("prefix", p)?))
+        }
+        Err(capnp::NotInSchema(n)) => Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("unknown range kind {n}"),
+        )),
+    }
+}
+
+/// Events one `Watcher.next` may return: `0` = the default (100), at most
+/// `max_batch_items`; and bytes, as a scan page's.
+pub fn watch_page(limits: &Limits, max_events: u32) -> Result<capkv_store::PageLimits, ApiError> {
+    const DEFAULT_EVENTS: u32 = 100;
+    let events = match max_events {
+        0 => DEFAULT_EVENTS.min(limits.max_batch_items),
+        n if n > limits.max_batch_items => {
+            return Err(ApiError::new(
+                ErrorCode::TooManyItems,
+                format!(
+                    "maxEvents {n} is above the limit of {}",
+                    limits.max_batch_items
+                ),
+            ))
+        }
+        n => n,
+    };
+    Ok(capkv_store::PageLimits {
+        events: events as usize,
+        bytes: limits.max_scan_bytes,
+    })
+}

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use capkv::{CallMeta, ErrorCode};
 use capkv_store::{
-    Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp,
-    WriteOutcome,
+    Changes, Entry, EventPage, IdempotencyKey, KeyRange, MemoryStore, PageLimits, Pending,
+    ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
 use common::*;
 
@@ -79,6 +79,17 @@ impl Store for RecordingExpiries {
     }
     fn revision(&self) -> Result<u64, StoreError> {
         self.inner.revision()
+    }
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        self.inner.events(range, after, max)
+    }
+    fn changes(&self) -> &Changes {
+        self.inner.changes()
     }
     fn engine_name(&self) -> &'static str {
         "recording-expiries"
@@ -185,6 +196,17 @@ impl Store for FailingGets {
     }
     fn revision(&self) -> Result<u64, StoreError> {
         self.0.revision()
+    }
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        self.0.events(range, after, max)
+    }
+    fn changes(&self) -> &Changes {
+        self.0.changes()
     }
     fn engine_name(&self) -> &'static str {
         "failing-gets"

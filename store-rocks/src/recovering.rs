@@ -17,8 +17,8 @@ use arc_swap::ArcSwap;
 
 use crate::rocks::{OpenError, RocksOptions, RocksStore};
 use capkv_store::{
-    Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp,
-    WriteOutcome,
+    Changes, Entry, EventPage, IdempotencyKey, KeyRange, PageLimits, Pending, ScanPage,
+    ScanRequest, Store, StoreError, StoreStats, WriteOp, WriteOutcome,
 };
 
 /// The RocksDB engine at `opts.path`: read-write, or read-only until a full disk has room
@@ -41,6 +41,8 @@ pub fn open_or_read_only(opts: RocksOptions) -> Result<Arc<dyn Store>, OpenError
 /// A store that is read-only until its reopen thread swaps a read-write one in.
 struct Recovering {
     current: Arc<ArcSwap<RocksStore>>,
+    /// Every instance's, so that watchers waiting on it see writes after the reopen.
+    changes: Arc<Changes>,
     /// Dropping it stops the reopen thread.
     stop: Option<mpsc::Sender<()>>,
     reopener: Option<JoinHandle<()>>,
@@ -48,6 +50,8 @@ struct Recovering {
 
 impl Recovering {
     fn start(read_only: RocksStore, opts: RocksOptions) -> Result<Self, OpenError> {
+        let changes = read_only.changes_shared();
+        let shared_changes = Arc::clone(&changes);
         let current = Arc::new(ArcSwap::from_pointee(read_only));
         let (stop, stopped) = mpsc::channel::<()>();
         let swap_into = Arc::clone(&current);
@@ -64,7 +68,7 @@ impl Recovering {
                 if space.is_low() {
                     continue;
                 }
-                match RocksStore::open(opts.clone()) {
+                match RocksStore::open_with_changes(opts.clone(), Arc::clone(&changes)) {
                     Ok(rw) => {
                         swap_into.store(Arc::new(rw));
                         tracing::info!(
@@ -85,6 +89,7 @@ impl Recovering {
             .map_err(OpenError::Thread)?;
         Ok(Self {
             current,
+            changes: shared_changes,
             stop: Some(stop),
             reopener: Some(reopener),
         })
@@ -121,6 +126,19 @@ impl Store for Recovering {
 
     fn revision(&self) -> Result<u64, StoreError> {
         self.current.load().revision()
+    }
+
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        self.current.load().events(range, after, max)
+    }
+
+    fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     fn engine_name(&self) -> &'static str {

@@ -6,6 +6,12 @@
 //!   the two can never disagree); `format` → u64 BE, the layout version of this file.
 //! - `idempotency`: record key → `[expires_at_unix_ms u64 BE][payload]`. A compaction filter
 //!   drops records whose expiry has passed, so they cost nothing once compacted away.
+//! - `history`: the watch history (see `capkv_store::history`), `[revision u64 BE][index
+//!   u32 BE]` → `[kind u8: 1 put, 0 delete][version u64 BE][key length u32 BE][key][value]`,
+//!   written in the same WriteBatch as the write whose events they are. The committer keeps
+//!   the latest `history_revisions` revisions: past that (and a tenth more, so that trimming
+//!   is one range delete per many commits) it deletes the older ones in the batch of a
+//!   commit, with `meta`'s `history_compacted`, the revision through which history is gone.
 //!
 //! Writes: every write is sent, over a bounded queue, to one committer thread. The
 //! committer takes what is queued (up to `group_commit_max_writes`, waiting at most
@@ -40,23 +46,30 @@ use rocksdb::{
 };
 
 use crate::space::{SpaceGuard, SpaceOptions};
+use capkv_store::history;
 use capkv_store::write::{self, incremented, now_unix_ms, recordable, Record};
 use capkv_store::Completer;
 use capkv_store::{
-    BatchOutcome, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending, PutOutcome,
-    ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp, WriteOutcome,
+    BatchOutcome, Changes, DeleteOutcome, Entry, Event, EventPage, IdempotencyKey,
+    IncrementOutcome, KeyRange, PageLimits, Pending, PutOutcome, ScanPage, ScanRequest, Store,
+    StoreError, StoreStats, WriteOp, WriteOutcome,
 };
 
 const CF_DATA: &str = "data";
 const CF_META: &str = "meta";
 const CF_IDEMPOTENCY: &str = "idempotency";
+const CF_HISTORY: &str = "history";
 const KEY_REVISION: &[u8] = b"revision";
 const KEY_FORMAT: &[u8] = b"format";
 const KEY_SECRET: &[u8] = b"instance_secret";
+const KEY_HISTORY_COMPACTED: &[u8] = b"history_compacted";
 /// Layout version written by this build; bump it when the encoding above changes.
 const FORMAT_VERSION: u64 = 1;
 /// Bytes before the value in a `data` record.
 const HEADER_BYTES: usize = 16;
+/// Revisions of watch history kept by default: at a few thousand writes a second, minutes
+/// of it, for watchers that reconnect; on disk, about its writes' own size.
+pub const DEFAULT_HISTORY_REVISIONS: u64 = 1_000_000;
 
 /// How to open and run the engine. [`RocksOptions::new`] gives the production defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +91,8 @@ pub struct RocksOptions {
     pub block_cache_bytes: usize,
     /// Free-space watermark, reserve file and how often space is measured.
     pub space: SpaceOptions,
+    /// Revisions whose events the watch history keeps (at least 1).
+    pub history_revisions: u64,
 }
 
 impl RocksOptions {
@@ -91,6 +106,7 @@ impl RocksOptions {
             compaction_interval_s: 6 * 3600,
             block_cache_bytes: 256 << 20,
             space: SpaceOptions::default(),
+            history_revisions: DEFAULT_HISTORY_REVISIONS,
         }
     }
 
@@ -108,6 +124,11 @@ impl RocksOptions {
         if self.write_queue_depth == 0 || self.write_queue_depth > 1_000_000 {
             return Err(OpenError::Options(
                 "write_queue_depth must be in 1..=1000000".into(),
+            ));
+        }
+        if self.history_revisions == 0 {
+            return Err(OpenError::Options(
+                "history_revisions must be at least 1".into(),
             ));
         }
         if self.space.check_interval.is_zero() {
@@ -174,6 +195,8 @@ struct Counters {
     queued: AtomicU64,
     /// Writes answered from an idempotency record.
     replays: AtomicU64,
+    /// The revision through which the watch history is gone.
+    history_compacted: AtomicU64,
     /// Failpoint: the next commit fails as RocksDB's write would (tests only).
     #[cfg(test)]
     fail_next_commit: std::sync::atomic::AtomicBool,
@@ -198,6 +221,11 @@ pub struct RocksStore {
     sync: bool,
     path: PathBuf,
     secret: [u8; 32],
+    /// Published by the committer after each commit (shared with a `Recovering` wrapper,
+    /// so that watchers keep waiting on one across a reopen).
+    changes: Arc<Changes>,
+    /// Opened read-only from files without a history column family.
+    no_history: bool,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -220,7 +248,10 @@ fn expired_record_filter(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
 /// Reads the `meta` records an open needs: checks the layout version and returns the
 /// revision and the instance secret. `writable`: a new database gets its version and a
 /// fresh secret written; read-only, a missing one is corruption.
-fn read_meta(db: &DB, path: &Path, writable: bool) -> Result<(u64, [u8; 32]), OpenError> {
+/// What `meta` says: the revision, the instance secret and the revision through which the
+/// watch history is gone (for files from before the history, the revision at this open:
+/// their history starts now).
+fn read_meta(db: &DB, path: &Path, writable: bool) -> Result<(u64, [u8; 32], u64), OpenError> {
     let shown = path.display().to_string();
     let corrupt = |detail: String| OpenError::Corrupt {
         path: shown.clone(),
@@ -260,7 +291,15 @@ fn read_meta(db: &DB, path: &Path, writable: bool) -> Result<(u64, [u8; 32]), Op
         Ok(None) => return Err(corrupt("instance secret missing".into())),
         Err(e) => return Err(OpenError::from_rocks(path, e)),
     };
-    Ok((revision, secret))
+    let history_compacted = match read_u64(db, meta, KEY_HISTORY_COMPACTED).map_err(corrupt)? {
+        Some(r) => r,
+        None if writable => {
+            put_synced(KEY_HISTORY_COMPACTED, &revision.to_be_bytes())?;
+            revision
+        }
+        None => revision,
+    };
+    Ok((revision, secret, history_compacted))
 }
 
 fn read_u64(db: &DB, cf: &ColumnFamily, key: &[u8]) -> Result<Option<u64>, String> {
@@ -280,6 +319,12 @@ fn read_u64(db: &DB, cf: &ColumnFamily, key: &[u8]) -> Result<Option<u64>, Strin
 impl RocksStore {
     /// Opens (creating if needed) the database at `opts.path` and starts its threads.
     pub fn open(opts: RocksOptions) -> Result<Self, OpenError> {
+        Self::open_with_changes(opts, Arc::default())
+    }
+
+    /// [`open`](Self::open), publishing its revisions to `changes` (which watchers of an
+    /// earlier instance of the same data may be waiting on).
+    pub fn open_with_changes(opts: RocksOptions, changes: Arc<Changes>) -> Result<Self, OpenError> {
         opts.validate()?;
         let path = opts.path.clone();
         let shown = path.display().to_string();
@@ -324,15 +369,20 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_DATA, data_opts),
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_IDEMPOTENCY, idem_opts),
+            ColumnFamilyDescriptor::new(CF_HISTORY, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_opts, &path, cfs)
             .map_err(|e| OpenError::from_rocks(&path, e))?;
         let db = Arc::new(db);
 
-        let (revision, secret) = read_meta(&db, &path, true)?;
+        let (revision, secret, history_compacted) = read_meta(&db, &path, true)?;
 
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
+        counters
+            .history_compacted
+            .store(history_compacted, Ordering::Release);
+        changes.publish(revision);
         let (tx, rx) = mpsc::sync_channel(opts.write_queue_depth);
         let committer = Committer {
             db: Arc::clone(&db),
@@ -343,6 +393,9 @@ impl RocksStore {
             max_writes: opts.group_commit_max_writes,
             max_wait: Duration::from_micros(opts.group_commit_max_wait_us),
             space: Arc::clone(&space),
+            changes: Arc::clone(&changes),
+            history_revisions: opts.history_revisions,
+            history_compacted,
         };
         let committer = std::thread::Builder::new()
             .name("capkv-committer".into())
@@ -381,6 +434,8 @@ impl RocksStore {
             sync: opts.sync,
             path,
             secret,
+            changes,
+            no_history: false,
         })
     }
 
@@ -394,16 +449,29 @@ impl RocksStore {
         let path = opts.path.clone();
         let shown = path.display().to_string();
         let space = Arc::new(SpaceGuard::new(&path, opts.space.clone()));
-        let db = DB::open_cf_for_read_only(
-            &Options::default(),
-            &path,
-            [CF_DATA, CF_META, CF_IDEMPOTENCY],
-            false,
-        )
-        .map_err(|e| OpenError::from_rocks(&path, e))?;
-        let (revision, secret) = read_meta(&db, &path, false)?;
+        let mut cfs = vec![CF_DATA, CF_META, CF_IDEMPOTENCY];
+        // Files written before the watch history have none to open.
+        let no_history = !DB::list_cf(&Options::default(), &path)
+            .map_err(|e| OpenError::from_rocks(&path, e))?
+            .iter()
+            .any(|cf| cf == CF_HISTORY);
+        if !no_history {
+            cfs.push(CF_HISTORY);
+        }
+        let db = DB::open_cf_for_read_only(&Options::default(), &path, cfs, false)
+            .map_err(|e| OpenError::from_rocks(&path, e))?;
+        let (revision, secret, history_compacted) = read_meta(&db, &path, false)?;
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
+        counters.history_compacted.store(
+            if no_history {
+                revision
+            } else {
+                history_compacted
+            },
+            Ordering::Release,
+        );
+        let changes = Arc::new(Changes::new(revision));
         tracing::warn!(path = %shown, revision, "rocksdb opened read-only");
         Ok(Self {
             db: Arc::new(db),
@@ -420,7 +488,14 @@ impl RocksStore {
             sync: opts.sync,
             path,
             secret,
+            changes,
+            no_history,
         })
+    }
+
+    /// What watchers wait on, to share with a later instance of the same data.
+    pub(crate) fn changes_shared(&self) -> Arc<Changes> {
+        Arc::clone(&self.changes)
     }
 
     /// The free-space state of this store's disk.
@@ -474,12 +549,17 @@ impl RocksStore {
     }
 
     fn snapshot_revision(&self, ro: &ReadOptions) -> Result<u64, StoreError> {
+        self.snapshot_meta(ro, KEY_REVISION).map(|r| r.unwrap_or(0))
+    }
+
+    /// A `meta` counter as of `ro`'s snapshot.
+    fn snapshot_meta(&self, ro: &ReadOptions, key: &[u8]) -> Result<Option<u64>, StoreError> {
         let meta = self.cf(CF_META)?;
-        match self.db.get_pinned_cf_opt(meta, KEY_REVISION, ro) {
-            Ok(None) => Ok(0),
+        match self.db.get_pinned_cf_opt(meta, key, ro) {
+            Ok(None) => Ok(None),
             Ok(Some(v)) => <[u8; 8]>::try_from(&v[..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Internal("revision record is not 8 bytes".into())),
+                .map(|b| Some(u64::from_be_bytes(b)))
+                .map_err(|_| StoreError::Internal("meta counter is not 8 bytes".into())),
             Err(e) => Err(read_error(e)),
         }
     }
@@ -583,6 +663,52 @@ fn entry(key: &[u8], record: &[u8], with_value: bool) -> Result<Entry, StoreErro
     })
 }
 
+/// A history record's key: its revision, then its place in the revision.
+fn history_key(revision: u64, index: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&revision.to_be_bytes());
+    k[8..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// A history record's value (see the module docs).
+fn history_value(into: &mut Vec<u8>, key: &[u8], value: &[u8], version: Option<u64>) {
+    into.clear();
+    into.push(u8::from(version.is_some()));
+    into.extend_from_slice(&version.unwrap_or(0).to_be_bytes());
+    into.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    into.extend_from_slice(key);
+    into.extend_from_slice(value);
+}
+
+/// A history record as `history::page` takes it: its revision, and its event when its key
+/// is in `range` (decoded only then).
+fn decode_event(k: &[u8], v: &[u8], range: &KeyRange) -> Result<(u64, Option<Event>), StoreError> {
+    let bad = || StoreError::Internal("malformed history record".into());
+    let revision = u64::from_be_bytes(k.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let kind = *v.first().ok_or_else(bad)?;
+    let version = u64::from_be_bytes(v.get(1..9).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let key_len = u32::from_be_bytes(
+        v.get(9..13)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
+    let key = v.get(13..13 + key_len).ok_or_else(bad)?;
+    if !range.contains(key) {
+        return Ok((revision, None));
+    }
+    let value = &v[13 + key_len..];
+    Ok((
+        revision,
+        Some(match kind {
+            1 => Event::put(key, value, version, revision),
+            0 => Event::delete(key, revision),
+            _ => return Err(bad()),
+        }),
+    ))
+}
+
 impl Store for RocksStore {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         match self.db.get_pinned_cf(self.cf(CF_DATA)?, key) {
@@ -664,6 +790,49 @@ impl Store for RocksStore {
 
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(self.counters.revision.load(Ordering::Acquire))
+    }
+
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        let snapshot = self.db.snapshot();
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snapshot);
+        let head = self.snapshot_revision(&ro)?;
+        let compacted = if self.no_history {
+            head
+        } else {
+            self.snapshot_meta(&ro, KEY_HISTORY_COMPACTED)?
+                .unwrap_or(head)
+        };
+        if after < compacted {
+            return Err(StoreError::Compacted {
+                oldest_revision: compacted + 1,
+            });
+        }
+        if self.no_history {
+            return history::page(std::iter::empty(), after, max, head);
+        }
+        let mut iter_ro = ReadOptions::default();
+        iter_ro.set_snapshot(&snapshot);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_HISTORY)?, iter_ro);
+        it.seek(history_key(after.saturating_add(1), 0));
+        let events = std::iter::from_fn(|| {
+            let (k, v) = (it.key()?, it.value()?);
+            let item = decode_event(k, v, range);
+            it.next();
+            Some(item)
+        });
+        let page = history::page(events, after, max, head)?;
+        it.status().map_err(read_error)?;
+        Ok(page)
+    }
+
+    fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     fn engine_name(&self) -> &'static str {
@@ -772,6 +941,11 @@ struct Committer {
     max_wait: Duration,
     /// Told when a commit fails for space.
     space: Arc<SpaceGuard>,
+    /// Told each committed revision, for watchers.
+    changes: Arc<Changes>,
+    /// Revisions of history kept, and the revision through which it is gone.
+    history_revisions: u64,
+    history_compacted: u64,
 }
 
 /// One commit group being decided: its batch, and what the writes decided so far changed,
@@ -784,6 +958,9 @@ struct Group {
     records: HashMap<Vec<u8>, Record>,
     revision: u64,
     record: Vec<u8>,
+    /// The next history record's place within the group's current revision.
+    event_index: u32,
+    event_revision: u64,
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
@@ -858,8 +1035,32 @@ impl Committer {
         g.record.extend_from_slice(&g.revision.to_be_bytes());
         g.record.extend_from_slice(value);
         g.batch.put_cf(data, key, &g.record);
+        self.event(g, key, value, Some(version))?;
         g.latest
             .insert(key.to_vec(), Some((version, value.to_vec())));
+        Ok(())
+    }
+
+    /// Adds the history record of a change at the group's current revision (`version`
+    /// `None`: a delete).
+    fn event(
+        &self,
+        g: &mut Group,
+        key: &[u8],
+        value: &[u8],
+        version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if g.event_revision != g.revision {
+            g.event_revision = g.revision;
+            g.event_index = 0;
+        }
+        history_value(&mut g.record, key, value, version);
+        g.batch.put_cf(
+            cf(&self.db, CF_HISTORY)?,
+            history_key(g.revision, g.event_index),
+            &g.record,
+        );
+        g.event_index += 1;
         Ok(())
     }
 
@@ -892,6 +1093,7 @@ impl Committer {
                 if current.is_some() {
                     g.revision += 1;
                     g.batch.delete_cf(cf(&self.db, CF_DATA)?, key);
+                    self.event(g, key, &[], None)?;
                     g.latest.insert(key.clone(), None);
                 }
                 Ok(WriteOutcome::Delete(DeleteOutcome {
@@ -983,6 +1185,8 @@ impl Committer {
             records: HashMap::new(),
             revision: self.revision,
             record: Vec::new(),
+            event_index: 0,
+            event_revision: 0,
         };
         let count = ops.len() as u64;
         let decided: Vec<(Op, Result<WriteOutcome, StoreError>)> = ops
@@ -993,10 +1197,24 @@ impl Committer {
             })
             .collect();
         let mut failure = None;
+        // History older than the window goes in this batch, once it is a tenth past it.
+        let trim_to = g
+            .revision
+            .checked_sub(self.history_revisions)
+            .filter(|&to| to > self.history_compacted + self.history_revisions / 10);
         if !g.batch.is_empty() {
             let written = cf(&self.db, CF_META).and_then(|meta| {
                 if g.revision != self.revision {
                     g.batch.put_cf(meta, KEY_REVISION, g.revision.to_be_bytes());
+                }
+                if let Some(to) = trim_to {
+                    g.batch.delete_range_cf(
+                        cf(&self.db, CF_HISTORY)?,
+                        history_key(0, 0),
+                        history_key(to + 1, 0),
+                    );
+                    g.batch
+                        .put_cf(meta, KEY_HISTORY_COMPACTED, to.to_be_bytes());
                 }
                 #[cfg(test)]
                 if self.counters.fail_next_commit.swap(false, Ordering::AcqRel) {
@@ -1012,6 +1230,11 @@ impl Committer {
                 Ok(()) => {
                     self.revision = g.revision;
                     self.counters.revision.store(g.revision, Ordering::Release);
+                    if let Some(to) = trim_to {
+                        self.history_compacted = to;
+                        self.counters.history_compacted.store(to, Ordering::Release);
+                    }
+                    self.changes.publish(g.revision);
                     self.counters.commit_groups.fetch_add(1, Ordering::Relaxed);
                     self.counters.commits.fetch_add(count, Ordering::Relaxed);
                     if self.sync {
@@ -1055,7 +1278,7 @@ fn write_error(e: rocksdb::Error, space: &SpaceGuard) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capkv_store::Condition;
+    use capkv_store::{Condition, EventKind};
 
     fn open(dir: &Path) -> RocksStore {
         let mut o = RocksOptions::new(dir);
@@ -1243,5 +1466,64 @@ mod tests {
 
     fn open_with(o: RocksOptions) -> RocksStore {
         RocksStore::open(o).unwrap()
+    }
+
+    /// The history keeps its window of revisions across commits and reopens: older ones go
+    /// in whole trims, a read from before them is `Compacted` with the oldest revision a
+    /// watch can start at, and events after a reopen continue the same sequence.
+    #[test]
+    fn history_keeps_its_window_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || {
+            let mut o = RocksOptions::new(dir.path());
+            o.compaction_interval_s = 0;
+            o.history_revisions = 10;
+            o
+        };
+        let all = KeyRange::default();
+        {
+            let s = open_with(opts());
+            for i in 0..11u8 {
+                s.put(&[b'k', i], b"v", Condition::None).wait().unwrap();
+            }
+            // 11 revisions, window 10: not yet a tenth past it (trims go 1 at a time here,
+            // since a tenth of 10 is 1: the first trim comes at revision 12).
+            assert_eq!(
+                s.events(&all, 0, PageLimits::events(100))
+                    .unwrap()
+                    .events
+                    .len(),
+                11
+            );
+            s.put(b"k", b"v", Condition::None).wait().unwrap(); // 12: history after 2
+            assert_eq!(
+                s.events(&all, 1, PageLimits::events(100)),
+                Err(StoreError::Compacted { oldest_revision: 3 })
+            );
+            let page = s.events(&all, 2, PageLimits::events(100)).unwrap();
+            assert_eq!((page.events.len(), page.through), (10, 12));
+            assert_eq!(page.events[0].revision(), 3);
+        }
+        let s = open_with(opts());
+        assert_eq!(
+            s.events(&all, 0, PageLimits::events(100)),
+            Err(StoreError::Compacted { oldest_revision: 3 }),
+            "the trim is durable"
+        );
+        s.delete(b"k", Condition::None).wait().unwrap(); // 13
+        let page = s.events(&all, 11, PageLimits::events(100)).unwrap();
+        let got: Vec<_> = page
+            .events
+            .iter()
+            .map(|e| (e.kind, e.entry.key.clone(), e.revision()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (EventKind::Put, b"k".to_vec(), 12),
+                (EventKind::Delete, b"k".to_vec(), 13)
+            ]
+        );
+        assert_eq!(s.changes().revision(), 13, "published, also after a reopen");
     }
 }

@@ -1,7 +1,8 @@
 //! The conformance suite against the RocksDB engine, each case in its own temp directory.
 
 use capkv_store::{
-    Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
+    Changes, Entry, EventPage, IdempotencyKey, KeyRange, PageLimits, Pending, ScanPage,
+    ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
 use capkv_store_rocks::{RocksOptions, RocksStore};
 
@@ -37,6 +38,17 @@ impl Store for TempRocks {
     }
     fn revision(&self) -> Result<u64, StoreError> {
         self.store.revision()
+    }
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        self.store.events(range, after, max)
+    }
+    fn changes(&self) -> &Changes {
+        self.store.changes()
     }
     fn engine_name(&self) -> &'static str {
         self.store.engine_name()

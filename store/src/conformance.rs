@@ -13,7 +13,10 @@
 
 use std::sync::Arc;
 
-use crate::{write, Condition, IdempotencyKey, PutItem, ScanRequest, Store, StoreError, WriteOp};
+use crate::{
+    history::PageLimits, write, Condition, Event, EventKind, IdempotencyKey, KeyRange, PutItem,
+    ScanRequest, Store, StoreError, WriteOp,
+};
 
 fn far_future() -> u64 {
     u64::MAX / 2
@@ -450,6 +453,117 @@ pub fn concurrent_duplicates_write_once(make: &dyn Fn() -> Arc<dyn Store>) {
     assert_eq!(s.revision().unwrap(), 1);
 }
 
+/// Every read of the history after `after`, paged `max_events` at a time, to the head.
+fn all_events(s: &dyn Store, range: &KeyRange, after: u64, max_events: usize) -> Vec<Event> {
+    let head = s.revision().unwrap();
+    let (mut events, mut at) = (Vec::new(), after);
+    for _ in 0..=head {
+        let page = s.events(range, at, PageLimits::events(max_events)).unwrap();
+        assert!(page.through >= at, "a page never goes back");
+        assert!(page
+            .events
+            .iter()
+            .all(|e| e.revision() > at && e.revision() <= page.through));
+        events.extend(page.events);
+        if page.through == at {
+            break;
+        }
+        at = page.through;
+    }
+    assert_eq!(at, head, "paging reaches the head");
+    events
+}
+
+/// The history holds one event per change, at the change's revision, in order: puts and
+/// increments with their new entry, each item of a batch at the batch's one revision, a
+/// delete of a key that existed; failed conditions and deletes of missing keys add none.
+/// A range sees exactly its keys' events; pages of any size add up to the whole.
+pub fn history_replays_every_change_in_order(s: &dyn Store) {
+    assert_eq!(s.changes().revision(), 0);
+    assert!(all_events(s, &KeyRange::default(), 0, 10).is_empty());
+    s.put(b"a/1", b"v1", Condition::None).wait().unwrap();
+    let items = [
+        PutItem {
+            key: b"a/2",
+            value: b"v2",
+            cond: Condition::None,
+        },
+        PutItem {
+            key: b"b/1",
+            value: b"v3",
+            cond: Condition::None,
+        },
+    ];
+    s.put_many(&items).wait().unwrap();
+    let failed = s.put(b"a/1", b"no", Condition::IfAbsent).wait();
+    assert!(matches!(failed, Err(StoreError::ConditionFailed { .. })));
+    s.delete(b"missing", Condition::None).wait().unwrap();
+    s.write(inc(b"a/n", 5), None).wait().unwrap();
+    s.delete(b"a/1", Condition::None).wait().unwrap();
+    s.put(b"a/2", b"v4", Condition::None).wait().unwrap();
+    assert_eq!(s.revision().unwrap(), 5);
+    assert_eq!(s.changes().revision(), 5, "every write is published");
+
+    let short = |e: &Event| {
+        (
+            e.kind,
+            String::from_utf8_lossy(&e.entry.key).into_owned(),
+            String::from_utf8_lossy(&e.entry.value).into_owned(),
+            e.entry.version,
+            e.revision(),
+        )
+    };
+    let put = |k: &str, v: &str, version, rev| (EventKind::Put, k.into(), v.into(), version, rev);
+    let all: Vec<_> = all_events(s, &KeyRange::default(), 0, 1000)
+        .iter()
+        .map(short)
+        .collect();
+    assert_eq!(
+        all,
+        vec![
+            put("a/1", "v1", 1, 1),
+            put("a/2", "v2", 1, 2),
+            put("b/1", "v3", 1, 2),
+            put("a/n", "5", 1, 3),
+            (EventKind::Delete, "a/1".into(), String::new(), 0, 4),
+            put("a/2", "v4", 2, 5),
+        ]
+    );
+    for max in 1..4 {
+        let paged: Vec<_> = all_events(s, &KeyRange::default(), 0, max)
+            .iter()
+            .map(short)
+            .collect();
+        assert_eq!(paged, all, "pages of {max}");
+    }
+    let from_3: Vec<_> = all_events(s, &KeyRange::default(), 3, 1000)
+        .iter()
+        .map(short)
+        .collect();
+    assert_eq!(from_3, all[4..].to_vec(), "after revision 3");
+    let prefix_a: Vec<_> = all_events(s, &KeyRange::prefix(b"a/"), 0, 1)
+        .iter()
+        .map(short)
+        .collect();
+    let want: Vec<_> = all
+        .iter()
+        .filter(|e| e.1.starts_with("a/"))
+        .cloned()
+        .collect();
+    assert_eq!(prefix_a, want);
+    let b_range = KeyRange {
+        start: b"b".to_vec(),
+        end: Some(b"c".to_vec()),
+    };
+    let b: Vec<_> = all_events(s, &b_range, 0, 1).iter().map(short).collect();
+    assert_eq!(b, vec![put("b/1", "v3", 1, 2)]);
+    // A start past the head waits there.
+    let page = s
+        .events(&KeyRange::default(), 9, PageLimits::events(10))
+        .unwrap();
+    assert_eq!((page.events.len(), page.through), (0, 9));
+}
+
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -459,7 +573,7 @@ macro_rules! conformance_tests {
             binary_keys_and_values, delete_missing_changes_nothing, conditions,
             scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes,
             batches_are_atomic_with_one_revision, increments, idempotent_replays,
-            expired_records_are_forgotten);
+            expired_records_are_forgotten, history_replays_every_change_in_order);
         #[test]
         fn concurrent_writers() {
             $crate::conformance::concurrent_writers(&|| {

@@ -10,6 +10,8 @@
 //!   take them as one [`WriteOp`] enum (their commit queues hold every kind).
 //! - [`Pending`]: what a write returns, a future of its outcome, so that a server can have
 //!   many writes waiting on one group commit without blocking its threads.
+//! - [`history`]: the events writes produce, kept for a window, which watchers read in
+//!   revision order ([`Store::events`]), and [`Changes`], what they wait on.
 //! - [`conformance`]: the behaviour every engine must show, written once and run against
 //!   each engine from `tests/`.
 //!
@@ -25,10 +27,12 @@
 //! The engine does not validate sizes: the server's limits do that before any work.
 
 pub mod conformance;
+pub mod history;
 pub mod memory;
 mod pending;
 pub mod write;
 
+pub use history::{Changes, Event, EventKind, EventPage, KeyRange, PageLimits};
 pub use memory::MemoryStore;
 pub use pending::{Completer, Pending};
 pub use write::{IdempotencyKey, IncrementOutcome, Write, WriteOp, WriteOutcome};
@@ -149,6 +153,10 @@ pub enum StoreError {
     /// or on an engine without files); the message is safe to show the caller.
     #[error("{0}")]
     Invalid(String),
+    /// The history no longer holds every revision after the one asked for; a watch can
+    /// start at `oldest_revision` at the earliest (see [`history`]).
+    #[error("history compacted: the oldest revision still available is {oldest_revision}")]
+    Compacted { oldest_revision: u64 },
     /// An unexpected failure (corruption, a bug). The message is for logs, not clients.
     #[error("storage failure: {0}")]
     Internal(String),
@@ -246,6 +254,17 @@ pub trait Store: Send + Sync {
     }
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;
+    /// The events of the revisions after `after` for keys in `range`, in revision order,
+    /// as one [`history::page`] within `max` (whole revisions); or
+    /// [`StoreError::Compacted`] when some revision after `after` is no longer kept.
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError>;
+    /// The revision watchers wait on (published once a write is visible to `events`).
+    fn changes(&self) -> &Changes;
     /// A short engine name for logs and `--print-config`.
     fn engine_name(&self) -> &'static str;
     /// Engine statistics (cheap: a few property reads).

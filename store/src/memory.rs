@@ -28,6 +28,7 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::history::{self, Changes, Event, EventPage, KeyRange, PageLimits};
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::{
     BatchOutcome, Condition, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending,
@@ -36,6 +37,74 @@ use crate::{
 
 /// Idempotency records kept before expired ones are swept on the next insert.
 const RECORD_SWEEP_AT: usize = 100_000;
+
+/// History events kept by default (see [`MemoryStore::with_history`]).
+pub const DEFAULT_HISTORY_EVENTS: usize = 100_000;
+
+/// The watch history: the events of every revision after `compacted`, oldest first, at
+/// most `max_events` of them (then the oldest revisions go, whole).
+#[derive(Debug, Default)]
+struct Ring {
+    events: std::collections::VecDeque<Recorded>,
+    compacted: u64,
+    max_events: usize,
+}
+
+/// One event as the ring keeps it: its key and value in one allocation (a write pays one
+/// for its history, not two).
+#[derive(Debug)]
+struct Recorded {
+    /// `None` for a delete.
+    version: Option<u64>,
+    revision: u64,
+    key_len: u32,
+    bytes: Box<[u8]>,
+}
+
+impl Recorded {
+    fn new(key: &[u8], value: &[u8], version: Option<u64>, revision: u64) -> Self {
+        let mut bytes = Vec::with_capacity(key.len() + value.len());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
+        Self {
+            version,
+            revision,
+            key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
+            bytes: bytes.into_boxed_slice(),
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.bytes[..self.key_len as usize]
+    }
+
+    fn event(&self) -> Event {
+        let (key, value) = self.bytes.split_at(self.key_len as usize);
+        match self.version {
+            Some(version) => Event::put(key, value, version, self.revision),
+            None => Event::delete(key, self.revision),
+        }
+    }
+}
+
+impl Ring {
+    fn push(&mut self, recorded: Recorded) {
+        self.events.push_back(recorded);
+    }
+
+    /// Drops the oldest revisions, whole, until at most `max_events` are kept.
+    fn trim(&mut self) {
+        while self.events.len() > self.max_events {
+            let Some(oldest) = self.events.front().map(|e| e.revision) else {
+                break;
+            };
+            while self.events.front().is_some_and(|e| e.revision == oldest) {
+                self.events.pop_front();
+            }
+            self.compacted = oldest;
+        }
+    }
+}
 
 /// What a key's allocation holds before its bytes.
 #[derive(Debug)]
@@ -313,6 +382,8 @@ struct Inner {
     revision: u64,
     /// Idempotency records by record key (see [`crate::write`]).
     records: HashMap<Vec<u8>, Record>,
+    /// Every change's event, for watchers (see [`crate::history`]).
+    history: Ring,
 }
 
 impl Inner {
@@ -325,8 +396,10 @@ impl Inner {
     }
 
     /// Sets `key`'s value: in place when the key exists with a value of the same length,
-    /// else as a new entry in both indexes.
+    /// else as a new entry in both indexes. Its event joins the history.
     fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
+        self.history
+            .push(Recorded::new(key, value, Some(version), mod_revision));
         if let Some(s) = self.map.get(key) {
             if s.overwrite(value, version, mod_revision) {
                 return;
@@ -361,6 +434,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: RwLock<Inner>,
+    changes: Changes,
     /// Lives and dies with the data, like everything here.
     secret: [u8; 32],
     /// Writes answered from an idempotency record.
@@ -369,17 +443,31 @@ pub struct MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self {
-            inner: RwLock::default(),
-            secret: rand::random(),
-            replays: Default::default(),
-        }
+        Self::with_history(DEFAULT_HISTORY_EVENTS)
     }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store whose watch history keeps the events of the latest revisions, at most
+    /// `max_events` of them (at least 1).
+    pub fn with_history(max_events: usize) -> Self {
+        let inner = Inner {
+            history: Ring {
+                max_events: max_events.max(1),
+                ..Ring::default()
+            },
+            ..Inner::default()
+        };
+        Self {
+            inner: RwLock::new(inner),
+            changes: Changes::new(0),
+            secret: rand::random(),
+            replays: Default::default(),
+        }
     }
 
     // A poisoned lock means a panic happened while holding it; every critical section
@@ -429,6 +517,8 @@ fn delete_locked(
     let existed = inner.remove(key);
     if existed {
         inner.revision += 1;
+        let revision = inner.revision;
+        inner.history.push(Recorded::new(key, &[], None, revision));
     }
     Ok(DeleteOutcome {
         existed,
@@ -494,21 +584,16 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
-        Ok(self.read().entry(key, true))
-    }
-
-    fn prefetch(&self, keys: &[&[u8]]) {
-        if !keys.is_empty() {
-            self.read().map.prefetch(keys);
-        }
-    }
-
-    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
-        let mut inner = self.lock_write();
+impl MemoryStore {
+    /// A write under the lock, idempotently when `idem` is given.
+    fn write_locked(
+        &self,
+        inner: &mut Inner,
+        op: WriteOp,
+        idem: Option<IdempotencyKey>,
+    ) -> Result<WriteOutcome, StoreError> {
         let Some(idem) = idem else {
-            return Pending::ready(self.apply(&mut inner, &op));
+            return self.apply(inner, &op);
         };
         let now = now_unix_ms();
         let record_key = idem.record_key();
@@ -517,10 +602,10 @@ impl Store for MemoryStore {
             if r.expires_at_unix_ms > now {
                 self.replays
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Pending::ready(r.replay(&fingerprint));
+                return r.replay(&fingerprint);
             }
         }
-        let outcome = self.apply(&mut inner, &op);
+        let outcome = self.apply(inner, &op);
         if recordable(&outcome) {
             if inner.records.len() >= RECORD_SWEEP_AT {
                 inner.records.retain(|_, r| r.expires_at_unix_ms > now);
@@ -534,7 +619,60 @@ impl Store for MemoryStore {
                 },
             );
         }
+        outcome
+    }
+}
+
+impl Store for MemoryStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        Ok(self.read().entry(key, true))
+    }
+
+    fn prefetch(&self, keys: &[&[u8]]) {
+        if !keys.is_empty() {
+            self.read().map.prefetch(keys);
+        }
+    }
+
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        let mut inner = self.lock_write();
+        let before = inner.revision;
+        let outcome = self.write_locked(&mut inner, op, idem);
+        if inner.revision != before {
+            inner.history.trim();
+            let revision = inner.revision;
+            // Visible to readers once the lock is released; a watcher woken before that
+            // waits on the lock to read it.
+            drop(inner);
+            self.changes.publish(revision);
+        }
         Pending::ready(outcome)
+    }
+
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        let inner = self.read();
+        let ring = &inner.history;
+        if after < ring.compacted {
+            return Err(StoreError::Compacted {
+                oldest_revision: ring.compacted + 1,
+            });
+        }
+        let start = ring.events.partition_point(|e| e.revision <= after);
+        // Filtered before copying: a watcher pays for the events of its own range.
+        let history = ring
+            .events
+            .range(start..)
+            .map(|e| Ok((e.revision, range.contains(e.key()).then(|| e.event()))));
+        history::page(history, after, max, inner.revision)
+    }
+
+    fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
@@ -757,5 +895,56 @@ mod tests {
         }
         let (many, _) = s.get_many(&asked[..100]).unwrap();
         assert_eq!(many.iter().filter(|e| e.is_some()).count(), 66);
+    }
+
+    /// The ring keeps at most its events, dropping the oldest revisions whole; a read from
+    /// before them is `Compacted` with the oldest revision a watch can start at.
+    #[test]
+    fn history_keeps_a_window_of_whole_revisions() {
+        use futures::executor::block_on as wait;
+        let s = MemoryStore::with_history(3);
+        let all = KeyRange::default();
+        wait(s.put(b"a", b"1", Condition::None)).unwrap(); // 1
+        let items = [
+            PutItem {
+                key: b"b",
+                value: b"2",
+                cond: Condition::None,
+            },
+            PutItem {
+                key: b"c",
+                value: b"2",
+                cond: Condition::None,
+            },
+        ];
+        wait(s.put_many(&items)).unwrap(); // 2 (two events)
+        assert_eq!(
+            s.events(&all, 0, PageLimits::events(10))
+                .unwrap()
+                .events
+                .len(),
+            3
+        );
+        wait(s.put(b"d", b"3", Condition::None)).unwrap(); // 3: revision 1 goes
+        assert_eq!(
+            s.events(&all, 0, PageLimits::events(10)),
+            Err(StoreError::Compacted { oldest_revision: 2 })
+        );
+        assert_eq!(
+            s.events(&all, 1, PageLimits::events(10))
+                .unwrap()
+                .events
+                .len(),
+            3
+        );
+        wait(s.put(b"e", b"4", Condition::None)).unwrap(); // 4: revision 2 goes, whole
+        assert_eq!(
+            s.events(&all, 1, PageLimits::events(10)),
+            Err(StoreError::Compacted { oldest_revision: 3 })
+        );
+        let page = s.events(&all, 2, PageLimits::events(10)).unwrap();
+        assert_eq!(page.events.len(), 2);
+        assert_eq!(page.through, 4);
+        assert_eq!(s.read().history.events.len(), 2);
     }
 }

@@ -4,10 +4,10 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capkv::kv_capnp::{kv_store, session_result, write_session};
+use capkv::kv_capnp::{kv_store, session_result, watch_result, watcher, write_session};
 use capkv::{ApiError, ErrorCode};
 
-use super::{handle, handle_now, store_error, write_entry, Reply, WriteSessionImpl};
+use super::{handle, handle_now, store_error, write_entry, Reply, WatcherImpl, WriteSessionImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
@@ -57,7 +57,71 @@ impl KvStoreImpl {
     }
 }
 
+impl KvStoreImpl {
+    /// A `watch` result: the watcher (outside the union too) and the revision it started
+    /// at, or the error and a stand-in.
+    fn write_watcher(
+        &self,
+        mut out: watch_result::Builder<'_>,
+        r: Result<(WatcherImpl, u64), ApiError>,
+    ) {
+        match r {
+            Ok((w, revision)) => {
+                let w: watcher::Client = capkv_rpc::local::new_client(w);
+                out.set_watcher(w.clone());
+                out.set_watcher_cap(w);
+                out.set_revision(revision);
+            }
+            Err(e) => {
+                out.set_oldest_revision(e.oldest_revision);
+                e.write(out.reborrow().init_error());
+                out.set_watcher_cap(Refused::client(&self.shared, &self.conn, e));
+            }
+        }
+    }
+}
+
 impl kv_store::Server for KvStoreImpl {
+    async fn watch(
+        self: Rc<Self>,
+        params: kv_store::WatchParams,
+        mut results: kv_store::WatchResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Watch,
+            |this, p, call| {
+                let range = validate::watch_range(&call.tunables.limits, p.get_range())?;
+                let store = &this.shared.store;
+                let head = store.revision().map_err(store_error)?;
+                // Start 0: from the next write. Otherwise the events from the start on.
+                let after = p.get_start_revision().saturating_sub(1);
+                let after = if p.get_start_revision() == 0 {
+                    head
+                } else {
+                    after
+                };
+                // A start the history no longer holds fails here, not at the first `next`.
+                store
+                    .events(&range, after, capkv_store::PageLimits::events(1))
+                    .map_err(store_error)?;
+                let max = call.tunables.max_capabilities_per_connection;
+                let slot = this.conn.cap_slot(&this.shared, max)?;
+                let w = WatcherImpl::new(
+                    Arc::clone(&this.shared),
+                    Rc::clone(&this.conn),
+                    range,
+                    after,
+                    slot,
+                );
+                Ok((w, head))
+            },
+            with = |out, r| self.write_watcher(out, r)
+        )
+    }
+
     fn get(
         self: Rc<Self>,
         params: kv_store::GetParams,

@@ -2,6 +2,7 @@
 //! - [`gateway`]: `Gateway`, the bootstrap (health, version, `open`, `admin`);
 //! - [`kv`]: `KvStore`, reads and the way to a write session;
 //! - [`session`]: `WriteSession`, the writes (idempotent with a key);
+//! - [`watch`]: `Watcher`, a range's changes in revision order;
 //! - [`admin`]: `Admin`, operator actions.
 //!
 //! Every handler has one shape, written once in `handle!` (and in `handle_now!` for reads,
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod gateway;
 pub mod kv;
 pub mod session;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -30,6 +32,7 @@ pub use admin::AdminImpl;
 pub use gateway::GatewayImpl;
 pub use kv::KvStoreImpl;
 pub use session::WriteSessionImpl;
+pub use watch::WatcherImpl;
 
 /// The shape of every handler. `work` runs inside the chain with the method's params (`p`),
 /// the handler (`this`) and the [`Call`](crate::chain::Call); its `Ok` is written by the
@@ -263,6 +266,16 @@ fn store_error(e: StoreError) -> ApiError {
             "value is not a decimal 64-bit integer, or the result would overflow",
         ),
         StoreError::Invalid(detail) => ApiError::new(ErrorCode::InvalidArgument, detail),
+        StoreError::Compacted { oldest_revision } => ApiError {
+            oldest_revision,
+            ..ApiError::new(
+                ErrorCode::Compacted,
+                format!(
+                    "the history no longer holds those revisions: the oldest a watch can \
+                     start from is {oldest_revision}"
+                ),
+            )
+        },
         StoreError::Busy(detail) => {
             tracing::warn!(error = %detail, "store busy");
             ApiError::new(ErrorCode::Overloaded, "storage write queue is full")

@@ -1,0 +1,231 @@
+//! `KvStore.watch` and `Watcher.next` over the wire, driven by a plain capnp-rpc client:
+//! a watch from a past revision replays exactly the writes after it, a waiting `next`
+//! wakes on the next write, pipelined `next` calls return consecutive pages, a start older
+//! than the history (or a watcher that fell behind it) gets `compacted` with the oldest
+//! revision still available, and bad inputs get their codes.
+
+mod common;
+
+use capkv::kv_capnp::{kv_store, watch_events, watch_result, watcher, EventKind};
+use capkv::{ApiError, CallMeta, ErrorCode};
+use common::*;
+
+/// The data capability, by pipelining on `open`.
+async fn kv(addr: std::net::SocketAddr) -> kv_store::Client {
+    let gw = raw_gateway(addr).await;
+    let mut open = gw.open_request();
+    CallMeta::default().write(open.get().init_ctx());
+    open.send().pipeline.get_result().get_kv_cap()
+}
+
+/// A `watch` request of `prefix` from `start`, sent.
+fn watch(
+    kv: &kv_store::Client,
+    prefix: &[u8],
+    start: u64,
+) -> capnp::capability::RemotePromise<kv_store::watch_results::Owned> {
+    let mut req = kv.watch_request();
+    CallMeta::default().write(req.get().init_ctx());
+    req.get().init_range().set_prefix(prefix);
+    req.get().set_start_revision(start);
+    req.send()
+}
+
+/// A `next` request on `w`, sent.
+fn next(
+    w: &watcher::Client,
+    max_events: u32,
+    wait_ms: u32,
+) -> capnp::capability::RemotePromise<watcher::next_results::Owned> {
+    let mut req = w.next_request();
+    CallMeta::default().write(req.get().init_ctx());
+    req.get().set_max_events(max_events);
+    req.get().set_wait_ms(wait_ms);
+    req.send()
+}
+
+/// A page as (kind, key, value, revision) and the revision read through; or the error and
+/// its `oldestRevision`.
+type Page = Result<(Vec<(EventKind, String, String, u64)>, u64), (ApiError, u64)>;
+
+async fn page(p: capnp::capability::RemotePromise<watcher::next_results::Owned>) -> Page {
+    let resp = p.promise.await.expect("next answered");
+    let result = resp.get().unwrap().get_result().unwrap();
+    match result.which().unwrap() {
+        watch_events::Which::Ok(ok) => {
+            let events = ok
+                .get_events()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let entry = e.get_entry().unwrap();
+                    (
+                        e.get_kind().unwrap(),
+                        String::from_utf8_lossy(entry.get_key().unwrap()).into_owned(),
+                        String::from_utf8_lossy(entry.get_value().unwrap()).into_owned(),
+                        entry.get_mod_revision(),
+                    )
+                })
+                .collect();
+            Ok((events, ok.get_revision()))
+        }
+        watch_events::Which::Error(e) => {
+            Err((ApiError::read(e.unwrap()), result.get_oldest_revision()))
+        }
+    }
+}
+
+fn put(k: &str, v: &str, rev: u64) -> (EventKind, String, String, u64) {
+    (EventKind::Put, k.into(), v.into(), rev)
+}
+
+#[test]
+fn a_watch_replays_the_writes_after_its_start_then_waits_for_the_next() {
+    let server = start(test_config());
+    let addr = server.addr();
+    local(async move {
+        let c = client(addr).await;
+        c.put(b"a/1", b"x").await.unwrap(); // 1
+        c.put(b"a/2", b"y").await.unwrap(); // 2
+        c.put(b"b/1", b"z").await.unwrap(); // 3
+        c.delete(b"a/1").await.unwrap(); // 4
+        let kv = kv(addr).await;
+        // Watch and first `next` in one round trip, pipelined on `watcherCap`.
+        let w = watch(&kv, b"a/", 2).pipeline.get_result().get_watcher_cap();
+        let (events, through) = page(next(&w, 10, 0)).await.unwrap();
+        assert_eq!(
+            events,
+            vec![
+                put("a/2", "y", 2),
+                (EventKind::Delete, "a/1".into(), String::new(), 4)
+            ]
+        );
+        assert_eq!(through, 4);
+        // A waiting `next` answers with the next write in its range (and not with one
+        // outside it).
+        let waiting = next(&w, 10, 30_000);
+        c.put(b"b/2", b"outside").await.unwrap(); // 5
+        c.put(b"a/3", b"w").await.unwrap(); // 6
+        let (events, through) = page(waiting).await.unwrap();
+        assert_eq!(events, vec![put("a/3", "w", 6)]);
+        assert_eq!(through, 6);
+        // Nothing new: an empty page at once.
+        let (events, through) = page(next(&w, 10, 0)).await.unwrap();
+        assert!(events.is_empty());
+        assert_eq!(through, 6);
+
+        // From 0: only what comes after the watch.
+        let sent = watch(&kv, b"", 0);
+        let w0 = sent.pipeline.get_result().get_watcher_cap();
+        let resp = sent.promise.await.unwrap();
+        assert_eq!(resp.get().unwrap().get_result().unwrap().get_revision(), 6);
+        c.put(b"c", b"later").await.unwrap(); // 7
+        let (events, _) = page(next(&w0, 10, 30_000)).await.unwrap();
+        assert_eq!(events, vec![put("c", "later", 7)]);
+    });
+}
+
+#[test]
+fn pipelined_nexts_return_consecutive_pages() {
+    let server = start(test_config());
+    let addr = server.addr();
+    local(async move {
+        let c = client(addr).await;
+        for i in 0..10 {
+            c.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+        }
+        let kv = kv(addr).await;
+        let w = watch(&kv, b"k", 1).pipeline.get_result().get_watcher_cap();
+        let pages: Vec<_> = (0..3).map(|_| next(&w, 4, 0)).collect();
+        let mut revisions = Vec::new();
+        for (p, want) in pages.into_iter().zip([4, 4, 2]) {
+            let (events, through) = page(p).await.unwrap();
+            assert_eq!(events.len(), want);
+            assert_eq!(through, events.last().unwrap().3);
+            revisions.extend(events.iter().map(|e| e.3));
+        }
+        assert_eq!(
+            revisions,
+            (1..=10).collect::<Vec<u64>>(),
+            "no gap, no duplicate"
+        );
+    });
+}
+
+#[test]
+fn a_start_or_a_watcher_behind_the_history_is_compacted() {
+    let mut config = test_config();
+    config.storage.memory_history_events = 2;
+    let server = start(config);
+    let addr = server.addr();
+    local(async move {
+        let c = client(addr).await;
+        for i in 0..5 {
+            c.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+        }
+        let kv = kv(addr).await;
+        // History holds revisions 4 and 5.
+        let sent = watch(&kv, b"", 1);
+        let w = sent.pipeline.get_result().get_watcher_cap();
+        let resp = sent.promise.await.unwrap();
+        let result = resp.get().unwrap().get_result().unwrap();
+        let watch_result::Which::Error(e) = result.which().unwrap() else {
+            panic!("a start before the history is refused");
+        };
+        assert_eq!(ApiError::read(e.unwrap()).code, ErrorCode::Compacted);
+        assert_eq!(result.get_oldest_revision(), 4);
+        // The call pipelined on the stand-in learns the same.
+        let (e, _) = page(next(&w, 10, 0)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Compacted);
+        let (events, _) = page(next(
+            &watch(&kv, b"", 4).pipeline.get_result().get_watcher_cap(),
+            10,
+            0,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(events.len(), 2, "the oldest revision offered works");
+
+        // A watcher that falls behind the window: `compacted`, never a silent gap.
+        let w = watch(&kv, b"", 0).pipeline.get_result().get_watcher_cap();
+        assert!(page(next(&w, 10, 0)).await.unwrap().0.is_empty());
+        for i in 0..3 {
+            c.put(format!("late{i}").as_bytes(), b"v").await.unwrap(); // 6, 7, 8
+        }
+        let (e, oldest) = page(next(&w, 10, 0)).await.unwrap_err();
+        assert_eq!((e.code, oldest), (ErrorCode::Compacted, 7));
+    });
+}
+
+#[test]
+fn bad_watch_inputs_get_their_codes() {
+    let server = start(test_config());
+    let addr = server.addr();
+    local(async move {
+        let kv = kv(addr).await;
+        let w = watch(&kv, b"", 0).pipeline.get_result().get_watcher_cap();
+        let code = |p: Page| p.unwrap_err().0.code;
+        assert_eq!(
+            code(page(next(&w, 100_000, 0)).await),
+            ErrorCode::TooManyItems
+        );
+        assert_eq!(
+            code(page(next(&w, 1, 60_001)).await),
+            ErrorCode::InvalidArgument
+        );
+        // The watcher still works after refused calls.
+        assert!(page(next(&w, 0, 0)).await.is_ok());
+
+        let mut req = kv.watch_request();
+        CallMeta::default().write(req.get().init_ctx());
+        let mut range = req.get().init_range().init_range();
+        range.set_start(b"m");
+        range.set_end(b"a");
+        let resp = req.send().promise.await.unwrap();
+        let result = resp.get().unwrap().get_result().unwrap();
+        let watch_result::Which::Error(e) = result.which().unwrap() else {
+            panic!("start after end is refused");
+        };
+        assert_eq!(ApiError::read(e.unwrap()).code, ErrorCode::InvalidRange);
+    });
+}
