@@ -161,6 +161,26 @@ pub enum Command {
         #[arg(long)]
         keys_only: bool,
     },
+    /// Print every change to keys by prefix or range, one line (or JSON object) per
+    /// event, as they happen, until interrupted (or COUNT events). Across reconnects it
+    /// goes on where it stopped, with no event twice or missed.
+    Watch {
+        /// Keys starting with P.
+        #[arg(long, value_name = "P", conflicts_with_all = ["start", "end"])]
+        prefix: Option<OsString>,
+        /// First key (inclusive).
+        #[arg(long, value_name = "K")]
+        start: Option<OsString>,
+        /// End key (exclusive).
+        #[arg(long, value_name = "K")]
+        end: Option<OsString>,
+        /// First revision to show (0 = from the next write).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        from: u64,
+        /// Stop after this many events.
+        #[arg(long, value_name = "COUNT")]
+        count: Option<u64>,
+    },
     /// Add DELTA (default 1) to the integer under KEY, like Redis INCRBY.
     Incr {
         key: OsString,
@@ -285,6 +305,45 @@ fn read_value(
     read.map(|_| buf)
 }
 
+/// How long one watch page waits for a change before asking again.
+const WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `watch`: pages of events, printed as they come, until interrupted or `count` events.
+async fn watch(
+    client: &Client,
+    bounds: ScanBounds,
+    from: u64,
+    count: Option<u64>,
+    p: &mut Printer<'_>,
+) -> u8 {
+    let mut w = client.watch(bounds, from);
+    let mut left = count.unwrap_or(u64::MAX);
+    while left > 0 {
+        let page = tokio::select! {
+            page = w.next(WATCH_WAIT) => page,
+            _ = tokio::signal::ctrl_c() => return EXIT_OK,
+        };
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => return p.error(&e),
+        };
+        for e in page
+            .events
+            .iter()
+            .take(usize::try_from(left).unwrap_or(usize::MAX))
+        {
+            if p.json {
+                p.value(output::event_json(e));
+            } else {
+                p.text(&output::event_human(e));
+            }
+            left -= 1;
+        }
+        let _ = p.out.flush();
+    }
+    EXIT_OK
+}
+
 /// Runs one command and prints its result; returns the exit code. `stdin_ok` says
 /// whether `put` may read its value from stdin (not when stdin carries commands).
 pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_ok: bool) -> u8 {
@@ -393,6 +452,22 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                 }
                 Err(e) => p.error(&e),
             }
+        }
+        Command::Watch {
+            prefix,
+            start,
+            end,
+            from,
+            count,
+        } => {
+            let bounds = match prefix {
+                Some(pfx) => ScanBounds::Prefix(bytes(pfx)),
+                None => ScanBounds::Range {
+                    start: start.as_ref().map(bytes).unwrap_or_default(),
+                    end: end.as_ref().map(bytes).unwrap_or_default(),
+                },
+            };
+            watch(client, bounds, *from, *count, p).await
         }
         Command::Incr { key, delta } => {
             let (client, idem) = client.for_one_write();

@@ -245,6 +245,94 @@ impl Default for ScanOptions {
     }
 }
 
+/// What happened to a key (see [`Watch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change a [`Watch`] delivers: a put's new entry, or a delete's key (with the
+/// delete's revision as `mod_revision`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEvent {
+    pub kind: EventKind,
+    pub entry: Entry,
+}
+
+/// One page of a [`Watch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchPage {
+    /// In revision order.
+    pub events: Vec<WatchEvent>,
+    /// Every change in the range up to this revision has been delivered.
+    pub revision: u64,
+}
+
+/// The changes to a range of keys, in revision order, across reconnects: the client keeps
+/// the first revision not yet delivered, and when the connection is lost (or a call fails)
+/// it watches again from there on the next call, so nothing is delivered twice or skipped.
+/// A gap the server can no longer fill (its history is shorter) is `compacted`, whose
+/// `oldest_revision` says where a new watch can start. Made by [`Client::watch`].
+pub struct Watch {
+    client: Client,
+    id: u64,
+    bounds: Arc<ScanBounds>,
+    /// The first revision not yet delivered; 0 until the first page (from the next write).
+    from: u64,
+}
+
+/// Events asked per [`Watch::next`] page.
+const WATCH_PAGE_EVENTS: u32 = 100;
+/// Time on top of a page's wait that its call may take (the round trip, a slow server).
+const WATCH_CALL_SLACK: Duration = Duration::from_secs(5);
+
+impl Watch {
+    /// The next page: the changes after the last page, waiting up to `wait` (at most 60 s)
+    /// for one; possibly empty when none came.
+    pub async fn next(&mut self, wait: Duration) -> Result<WatchPage, ApiError> {
+        let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        let data = (self.id, Arc::clone(&self.bounds), self.from, wait_ms);
+        let page = self
+            .client
+            .with_timeout(wait + WATCH_CALL_SLACK)
+            .call(
+                "watch_next",
+                // Safe to repeat: a failed call forgets its watcher, and the retry watches
+                // again from the first revision not delivered.
+                Safety::Idempotent,
+                data,
+                |c, d, spec| async move {
+                    let (id, bounds, from, wait_ms) = &*d;
+                    c.watch_next(*id, bounds, *from, (WATCH_PAGE_EVENTS, *wait_ms), spec)
+                        .await
+                },
+            )
+            .await?;
+        self.from = page.revision + 1;
+        Ok(page)
+    }
+
+    /// The first revision not yet delivered (0 before the first page).
+    pub fn next_revision(&self) -> u64 {
+        self.from
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Releases the server's watcher; if the queue is full it goes with the connection.
+        let id = self.id;
+        let _ = self.client.jobs.try_send(Box::new(move |c| {
+            c.forget_watcher(id);
+            async {}.boxed_local()
+        }));
+    }
+}
+
+/// Ids of [`Watch`]es, unique in the process.
+static WATCH_IDS: AtomicU64 = AtomicU64::new(1);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanPage {
     pub entries: Vec<Entry>,
@@ -666,6 +754,17 @@ impl Client {
 
     pub async fn delete(&self, key: &[u8]) -> Result<DeleteOutcome, ApiError> {
         self.delete_if(key, Condition::None).await
+    }
+
+    /// A watch of the keys in `bounds` from revision `from` (0: from the next write); its
+    /// [`Watch::next`] pages deliver the changes.
+    pub fn watch(&self, bounds: ScanBounds, from: u64) -> Watch {
+        Watch {
+            client: self.clone(),
+            id: WATCH_IDS.fetch_add(1, Ordering::Relaxed),
+            bounds: Arc::new(bounds),
+            from,
+        }
     }
 
     pub async fn delete_if(&self, key: &[u8], cond: Condition) -> Result<DeleteOutcome, ApiError> {

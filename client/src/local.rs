@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
 
-use capkv::kv_capnp::{admin, gateway, kv_store, write_session};
+use capkv::kv_capnp::{admin, gateway, kv_store, watcher, write_session};
 use capkv::{ApiError, CallMeta, ErrorCode};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::LocalBoxFuture;
@@ -24,8 +24,9 @@ use crate::wire::{
     SharedOutcome,
 };
 use crate::{
-    BatchOutcome, ClientEngine, ClientOptions, Condition, DeleteOutcome, Entry, FaultsInfo, Health,
-    IncrementOutcome, PutOutcome, ScanBounds, ScanOptions, ScanPage, VersionInfo,
+    BatchOutcome, ClientEngine, ClientOptions, Condition, DeleteOutcome, Entry, EventKind,
+    FaultsInfo, Health, IncrementOutcome, PutOutcome, ScanBounds, ScanOptions, ScanPage,
+    VersionInfo, WatchEvent, WatchPage,
 };
 
 /// The write session of a connection: the pipelined capability, how the call that made it
@@ -55,6 +56,10 @@ pub struct LocalClient {
     ended: Rc<RefCell<Option<ApiError>>>,
     /// Auto-batching of concurrent gets; `None` when off.
     batcher: Option<Rc<GetBatcher>>,
+    /// The server-side watcher of each [`Watch`](crate::Watch) on this connection, by the
+    /// watch's id. A new connection starts without: each watch makes its watcher again
+    /// where it stopped.
+    watchers: RefCell<std::collections::HashMap<u64, watcher::Client>>,
 }
 
 /// The shape of every Admin call: `Gateway.admin(token)` pipelined with the call, its
@@ -203,6 +208,7 @@ impl LocalClient {
             alive,
             ended,
             batcher: GetBatcher::new(options),
+            watchers: RefCell::default(),
         })
     }
 
@@ -351,6 +357,96 @@ impl LocalClient {
             self.explain(r, &self.opened).await
         })
         .await
+    }
+
+    /// The next page of watch `id` over `bounds`: on this connection's watcher of it, or
+    /// on a new one from revision `from` (0: from the next write) pipelined with the call,
+    /// one round trip. Any failure forgets the watcher (the server may have moved it past
+    /// a page this side never got): the next call makes a new one from `from`.
+    pub async fn watch_next(
+        &self,
+        id: u64,
+        bounds: &ScanBounds,
+        from: u64,
+        (max_events, wait_ms): (u32, u32),
+        deadline: impl Into<CallSpec>,
+    ) -> Result<WatchPage, ApiError> {
+        let r = self
+            .run(deadline, |meta| async move {
+                let w = self.watcher(id, bounds, from, &meta);
+                let mut req = w.next_request();
+                meta.write(req.get().init_ctx());
+                req.get().set_max_events(max_events);
+                req.get().set_wait_ms(wait_ms);
+                let resp = req.send().promise.await.map_err(capnp_err)?;
+                let result = resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?;
+                use capkv::kv_capnp::watch_events::Which;
+                match result.which() {
+                    Ok(Which::Ok(ok)) => {
+                        let list = ok.get_events().map_err(capnp_err)?;
+                        let events = list
+                            .iter()
+                            .map(|e| {
+                                Ok(WatchEvent {
+                                    kind: match e.get_kind() {
+                                        Ok(capkv::kv_capnp::EventKind::Put) => EventKind::Put,
+                                        Ok(capkv::kv_capnp::EventKind::Delete) => EventKind::Delete,
+                                        Err(capnp::NotInSchema(n)) => {
+                                            return Err(ApiError::new(
+                                                ErrorCode::Internal,
+                                                format!("unknown event kind {n}"),
+                                            ))
+                                        }
+                                    },
+                                    entry: read_entry(e.get_entry().map_err(capnp_err)?)?,
+                                })
+                            })
+                            .collect::<Result<_, _>>()?;
+                        Ok(WatchPage {
+                            events,
+                            revision: ok.get_revision(),
+                        })
+                    }
+                    Ok(Which::Error(e)) => Err(ApiError {
+                        oldest_revision: result.get_oldest_revision(),
+                        ..read_error(e)
+                    }),
+                    Err(e) => Err(capnp_err(e.into())),
+                }
+            })
+            .await;
+        if r.is_err() {
+            self.forget_watcher(id);
+        }
+        r
+    }
+
+    /// This connection's watcher of watch `id`, made (pipelined) when there is none.
+    fn watcher(&self, id: u64, bounds: &ScanBounds, from: u64, meta: &CallMeta) -> watcher::Client {
+        if let Some(w) = self.watchers.borrow().get(&id) {
+            return w.clone();
+        }
+        let mut req = self.kv.watch_request();
+        meta.write(req.get().init_ctx());
+        match bounds {
+            ScanBounds::Range { start, end } => {
+                let mut g = req.get().init_range().init_range();
+                g.set_start(start);
+                g.set_end(end);
+            }
+            ScanBounds::Prefix(p) => req.get().init_range().set_prefix(p),
+        }
+        req.get().set_start_revision(from);
+        // The answer itself is not needed: a failed watch fails the pipelined `next` on
+        // its stand-in with the same error.
+        let w = req.send().pipeline.get_result().get_watcher_cap();
+        self.watchers.borrow_mut().insert(id, w.clone());
+        w
+    }
+
+    /// Drops this connection's watcher of watch `id` (the server's is released).
+    pub fn forget_watcher(&self, id: u64) {
+        self.watchers.borrow_mut().remove(&id);
     }
 
     pub async fn put(

@@ -11,7 +11,10 @@
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use crate::{ApiError, DeleteOutcome, Entry, Health, PutOutcome, ScanPage, VersionInfo};
+use crate::{
+    ApiError, DeleteOutcome, Entry, EventKind, Health, PutOutcome, ScanPage, VersionInfo,
+    WatchEvent,
+};
 
 /// Bytes for people: UTF-8 verbatim, anything else escaped.
 pub fn human_bytes(b: &[u8]) -> String {
@@ -92,6 +95,36 @@ pub fn health_json(h: &Health) -> Value {
 
 pub fn version_json(v: &VersionInfo) -> Value {
     json!({"service": v.service, "api_version": v.api_version})
+}
+
+/// A watch event as one JSON object: `kind`, then the entry's fields (a delete has no
+/// value and version 0; its `mod_revision` is the delete's revision).
+pub fn event_json(e: &WatchEvent) -> Value {
+    let mut v = entry_json(&e.entry, e.kind == EventKind::Put);
+    v["kind"] = Value::from(match e.kind {
+        EventKind::Put => "put",
+        EventKind::Delete => "delete",
+    });
+    v
+}
+
+/// A watch event as one line: `put KEY VALUE version=V revision=R` or
+/// `delete KEY revision=R`.
+pub fn event_human(e: &WatchEvent) -> String {
+    match e.kind {
+        EventKind::Put => format!(
+            "put {} {} version={} revision={}",
+            human_bytes(&e.entry.key),
+            human_bytes(&e.entry.value),
+            e.entry.version,
+            e.entry.mod_revision
+        ),
+        EventKind::Delete => format!(
+            "delete {} revision={}",
+            human_bytes(&e.entry.key),
+            e.entry.mod_revision
+        ),
+    }
 }
 
 pub fn scan_human(p: &ScanPage, with_values: bool) -> String {

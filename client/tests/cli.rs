@@ -315,3 +315,39 @@ fn a_peer_that_is_not_capnp_is_named_as_such() {
         assert!(err.contains(first_line), "{err}");
     }
 }
+
+/// `watch` prints one line per event from `--from` on, in order, in both forms.
+#[test]
+fn watch_prints_each_change_from_a_revision() {
+    let s = server();
+    let addr = s.addr().to_string();
+    run(&addr, &["put", "app/a", "1"], None); // 1
+    run(&addr, &["put", "other", "x"], None); // 2
+    run(&addr, &["put", "app/b", "2"], None); // 3
+    run(&addr, &["delete", "app/a"], None); // 4
+    let o = run(
+        &addr,
+        &["watch", "--prefix", "app/", "--from", "1", "--count", "3"],
+        None,
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        stdout(&o),
+        "put app/a 1 version=1 revision=1\nput app/b 2 version=1 revision=3\n\
+         delete app/a revision=4\n"
+    );
+    let o = run(
+        &addr,
+        &["--json", "watch", "--from", "2", "--count", "1"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            v["kind"].as_str(),
+            v["key"].as_str(),
+            v["mod_revision"].as_u64()
+        ),
+        (Some("put"), Some("other"), Some(2))
+    );
+}
