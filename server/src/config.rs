@@ -272,6 +272,8 @@ pub struct StorageConfig {
     pub history_revisions: u64,
     /// Events the memory engine keeps for watchers (its oldest revisions go first).
     pub memory_history_events: usize,
+    /// Bytes of keys and values the memory engine's history keeps, at most.
+    pub memory_history_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -382,6 +384,7 @@ impl Default for StorageConfig {
             space_check_interval_ms: r.space.check_interval.as_millis() as u64,
             history_revisions: r.history_revisions,
             memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
+            memory_history_bytes: capkv_store::memory::DEFAULT_HISTORY_BYTES,
         }
     }
 }
@@ -575,6 +578,9 @@ impl Config {
         }
         if st.memory_history_events == 0 || st.memory_history_events > 100_000_000 {
             return fail("storage.memory_history_events must be in 1..=100000000");
+        }
+        if st.memory_history_bytes == 0 || st.memory_history_bytes > 1 << 40 {
+            return fail("storage.memory_history_bytes must be in 1..=1099511627776");
         }
         if self.idempotency.ttl_s == 0 || self.idempotency.ttl_s > 30 * 24 * 3600 {
             return fail("idempotency.ttl_s must be in 1..=2592000 (30 days)");

@@ -128,6 +128,7 @@ impl Server {
         let store: Arc<dyn capkv_store::Store> = match config.engine {
             Engine::Memory => Arc::new(capkv_store::MemoryStore::with_history(
                 config.storage.memory_history_events,
+                config.storage.memory_history_bytes,
             )),
             // Opening replays the WAL: blocking, but only once, before anything is served.
             // On a disk too full to recover, reads are served read-only until there is room.

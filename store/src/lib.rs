@@ -30,6 +30,7 @@ pub mod conformance;
 pub mod history;
 pub mod memory;
 mod pending;
+mod ring;
 pub mod write;
 
 pub use history::{Changes, Event, EventKind, EventPage, KeyRange, PageLimits};

@@ -28,7 +28,8 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::history::{self, Changes, Event, EventPage, KeyRange, PageLimits};
+use crate::history::{self, Changes, EventPage, KeyRange, PageLimits};
+use crate::ring::Ring;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::{
     BatchOutcome, Condition, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending,
@@ -40,71 +41,8 @@ const RECORD_SWEEP_AT: usize = 100_000;
 
 /// History events kept by default (see [`MemoryStore::with_history`]).
 pub const DEFAULT_HISTORY_EVENTS: usize = 100_000;
-
-/// The watch history: the events of every revision after `compacted`, oldest first, at
-/// most `max_events` of them (then the oldest revisions go, whole).
-#[derive(Debug, Default)]
-struct Ring {
-    events: std::collections::VecDeque<Recorded>,
-    compacted: u64,
-    max_events: usize,
-}
-
-/// One event as the ring keeps it: its key and value in one allocation (a write pays one
-/// for its history, not two).
-#[derive(Debug)]
-struct Recorded {
-    /// `None` for a delete.
-    version: Option<u64>,
-    revision: u64,
-    key_len: u32,
-    bytes: Box<[u8]>,
-}
-
-impl Recorded {
-    fn new(key: &[u8], value: &[u8], version: Option<u64>, revision: u64) -> Self {
-        let mut bytes = Vec::with_capacity(key.len() + value.len());
-        bytes.extend_from_slice(key);
-        bytes.extend_from_slice(value);
-        Self {
-            version,
-            revision,
-            key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
-            bytes: bytes.into_boxed_slice(),
-        }
-    }
-
-    fn key(&self) -> &[u8] {
-        &self.bytes[..self.key_len as usize]
-    }
-
-    fn event(&self) -> Event {
-        let (key, value) = self.bytes.split_at(self.key_len as usize);
-        match self.version {
-            Some(version) => Event::put(key, value, version, self.revision),
-            None => Event::delete(key, self.revision),
-        }
-    }
-}
-
-impl Ring {
-    fn push(&mut self, recorded: Recorded) {
-        self.events.push_back(recorded);
-    }
-
-    /// Drops the oldest revisions, whole, until at most `max_events` are kept.
-    fn trim(&mut self) {
-        while self.events.len() > self.max_events {
-            let Some(oldest) = self.events.front().map(|e| e.revision) else {
-                break;
-            };
-            while self.events.front().is_some_and(|e| e.revision == oldest) {
-                self.events.pop_front();
-            }
-            self.compacted = oldest;
-        }
-    }
-}
+/// Bytes of keys and values the history keeps by default.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
 
 /// What a key's allocation holds before its bytes.
 #[derive(Debug)]
@@ -398,8 +336,7 @@ impl Inner {
     /// Sets `key`'s value: in place when the key exists with a value of the same length,
     /// else as a new entry in both indexes. Its event joins the history.
     fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
-        self.history
-            .push(Recorded::new(key, value, Some(version), mod_revision));
+        self.history.push(key, value, Some(version), mod_revision);
         if let Some(s) = self.map.get(key) {
             if s.overwrite(value, version, mod_revision) {
                 return;
@@ -443,7 +380,7 @@ pub struct MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self::with_history(DEFAULT_HISTORY_EVENTS)
+        Self::with_history(DEFAULT_HISTORY_EVENTS, DEFAULT_HISTORY_BYTES)
     }
 }
 
@@ -453,13 +390,10 @@ impl MemoryStore {
     }
 
     /// A store whose watch history keeps the events of the latest revisions, at most
-    /// `max_events` of them (at least 1).
-    pub fn with_history(max_events: usize) -> Self {
+    /// `max_events` of them and `max_bytes` of their keys and values (each at least 1).
+    pub fn with_history(max_events: usize, max_bytes: usize) -> Self {
         let inner = Inner {
-            history: Ring {
-                max_events: max_events.max(1),
-                ..Ring::default()
-            },
+            history: Ring::new(max_events, max_bytes),
             ..Inner::default()
         };
         Self {
@@ -518,7 +452,7 @@ fn delete_locked(
     if existed {
         inner.revision += 1;
         let revision = inner.revision;
-        inner.history.push(Recorded::new(key, &[], None, revision));
+        inner.history.push(key, &[], None, revision);
     }
     Ok(DeleteOutcome {
         existed,
@@ -657,17 +591,12 @@ impl Store for MemoryStore {
     ) -> Result<EventPage, StoreError> {
         let inner = self.read();
         let ring = &inner.history;
-        if after < ring.compacted {
+        if after < ring.compacted() {
             return Err(StoreError::Compacted {
-                oldest_revision: ring.compacted + 1,
+                oldest_revision: ring.compacted() + 1,
             });
         }
-        let start = ring.events.partition_point(|e| e.revision <= after);
-        // Filtered before copying: a watcher pays for the events of its own range.
-        let history = ring
-            .events
-            .range(start..)
-            .map(|e| Ok((e.revision, range.contains(e.key()).then(|| e.event()))));
+        let history = ring.after(after, range).map(Ok);
         history::page(history, after, max, inner.revision)
     }
 
@@ -902,7 +831,7 @@ mod tests {
     #[test]
     fn history_keeps_a_window_of_whole_revisions() {
         use futures::executor::block_on as wait;
-        let s = MemoryStore::with_history(3);
+        let s = MemoryStore::with_history(3, usize::MAX);
         let all = KeyRange::default();
         wait(s.put(b"a", b"1", Condition::None)).unwrap(); // 1
         let items = [
@@ -945,6 +874,6 @@ mod tests {
         let page = s.events(&all, 2, PageLimits::events(10)).unwrap();
         assert_eq!(page.events.len(), 2);
         assert_eq!(page.through, 4);
-        assert_eq!(s.read().history.events.len(), 2);
+        assert_eq!(s.read().history.len().0, 2);
     }
 }

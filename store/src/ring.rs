@@ -1,0 +1,180 @@
+//! The memory engine's watch history: the events of the latest revisions, in two rings, one
+//! of fixed-size records and one of their keys' and values' bytes end to end.
+//!
+//! Why bytes in a ring and not an allocation per event: the oldest event leaves when a new
+//! one comes, and freeing an allocation made a hundred thousand writes ago touches memory
+//! long gone from the CPU's caches (a put paid ~0.15 µs for it at 16 puts in flight);
+//! dropping bytes from the front of a ring only moves an index, and appending writes
+//! memory in order, which the CPU streams.
+//!
+//! Bounded twice: at most `max_events` events and `max_bytes` bytes of keys and values
+//! (then the oldest revisions go, whole), so large values cannot make a history of a
+//! hundred thousand events cost a hundred gigabytes.
+
+use std::collections::VecDeque;
+
+use crate::history::{Event, KeyRange};
+
+/// One event's fixed part; its key then its value are `key_len + value_len` bytes of
+/// [`Ring::bytes`], from `start` (counted from the ring's creation).
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    revision: u64,
+    /// `None` for a delete.
+    version: Option<u64>,
+    start: u64,
+    key_len: u32,
+    value_len: u32,
+}
+
+impl Record {
+    fn len(&self) -> u64 {
+        u64::from(self.key_len) + u64::from(self.value_len)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Ring {
+    records: VecDeque<Record>,
+    bytes: VecDeque<u8>,
+    /// Where `bytes[0]` is, counted from the ring's creation.
+    bytes_start: u64,
+    /// Every revision up to this one is gone (0: none yet).
+    compacted: u64,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+impl Ring {
+    pub(crate) fn new(max_events: usize, max_bytes: usize) -> Self {
+        Self {
+            max_events: max_events.max(1),
+            max_bytes: max_bytes.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Appends a change at `revision` (`version` `None`: a delete). Call [`trim`](Self::trim)
+    /// once the revision is complete.
+    pub(crate) fn push(&mut self, key: &[u8], value: &[u8], version: Option<u64>, revision: u64) {
+        self.records.push_back(Record {
+            revision,
+            version,
+            start: self.bytes_start + self.bytes.len() as u64,
+            // Keys and values are bounded far below 4 GiB by the contract's limits.
+            key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
+            value_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+        });
+        self.bytes.extend(key);
+        self.bytes.extend(value);
+    }
+
+    /// Drops the oldest revisions, whole, until both bounds hold.
+    pub(crate) fn trim(&mut self) {
+        while self.records.len() > self.max_events || self.bytes.len() > self.max_bytes {
+            let Some(oldest) = self.records.front().map(|r| r.revision) else {
+                break;
+            };
+            let mut dropped = 0u64;
+            while let Some(r) = self.records.front().filter(|r| r.revision == oldest) {
+                dropped += r.len();
+                self.records.pop_front();
+            }
+            // `u8` has nothing to drop: this moves the ring's head.
+            self.bytes.drain(..dropped as usize);
+            self.bytes_start += dropped;
+            self.compacted = oldest;
+        }
+    }
+
+    /// The revision through which events are gone.
+    pub(crate) fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
+    /// The events after revision `after`, as `history::page` takes them: each with its
+    /// revision, decoded only when its key is in `range`.
+    pub(crate) fn after<'a>(
+        &'a self,
+        after: u64,
+        range: &'a KeyRange,
+    ) -> impl Iterator<Item = (u64, Option<Event>)> + 'a {
+        let first = self.records.partition_point(|r| r.revision <= after);
+        self.records.range(first..).map(move |r| {
+            let at = (r.start - self.bytes_start) as usize;
+            let key: Vec<u8> = self
+                .bytes
+                .range(at..at + r.key_len as usize)
+                .copied()
+                .collect();
+            if !range.contains(&key) {
+                return (r.revision, None);
+            }
+            let event = match r.version {
+                Some(version) => {
+                    let from = at + r.key_len as usize;
+                    let value: Vec<u8> = self
+                        .bytes
+                        .range(from..from + r.value_len as usize)
+                        .copied()
+                        .collect();
+                    Event::put(&key, &value, version, r.revision)
+                }
+                None => Event::delete(&key, r.revision),
+            };
+            (r.revision, Some(event))
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> (usize, usize) {
+        (self.records.len(), self.bytes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both bounds drop whole revisions; what stays reads back exactly, across the
+    /// bytes ring's wrap-around.
+    #[test]
+    fn both_bounds_drop_whole_revisions_and_the_rest_reads_back() {
+        let mut r = Ring::new(4, 20);
+        let all = KeyRange::default();
+        for rev in 1..=50u64 {
+            let value = vec![rev as u8; (rev % 4) as usize];
+            r.push(format!("k{rev}").as_bytes(), &value, Some(1), rev);
+            if rev % 5 == 0 {
+                r.push(b"gone", &[], None, rev);
+            }
+            r.trim();
+            let (events, bytes) = r.len();
+            assert!(
+                events <= 4 && bytes <= 20,
+                "bounds hold at {rev}: {events}, {bytes}"
+            );
+        }
+        let kept: Vec<_> = r
+            .after(r.compacted(), &all)
+            .map(|(_, e)| e.unwrap())
+            .collect();
+        assert!(!kept.is_empty());
+        assert_eq!(kept.last().unwrap().revision(), 50);
+        for e in &kept {
+            let rev = e.revision();
+            if e.entry.key == b"gone" {
+                assert_eq!(rev % 5, 0);
+                continue;
+            }
+            assert_eq!(e.entry.key, format!("k{rev}").into_bytes());
+            assert_eq!(e.entry.value, vec![rev as u8; (rev % 4) as usize]);
+        }
+        assert!(kept.first().unwrap().revision() > r.compacted());
+        let only: Vec<_> = r
+            .after(0, &KeyRange::prefix(b"gone"))
+            .filter_map(|(_, e)| e)
+            .collect();
+        assert!(only.iter().all(|e| e.entry.key == b"gone"));
+    }
+}
