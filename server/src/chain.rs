@@ -49,7 +49,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,6 +118,43 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The per-call series' handles.
     call_metrics: crate::metrics::CallMetrics,
+    /// Watchers alive and how far behind they are, for the metrics.
+    pub watch_stats: WatchStats,
+}
+
+/// Watchers alive, and the sum of their positions (the revision each has read through):
+/// with the store's revision, how many revisions of changes they have yet to pull.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    watchers: AtomicU64,
+    positions: AtomicU64,
+}
+
+impl WatchStats {
+    pub fn opened(&self, position: u64) {
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        self.positions.fetch_add(position, Ordering::Relaxed);
+    }
+
+    pub fn moved(&self, from: u64, to: u64) {
+        self.positions
+            .fetch_add(to.wrapping_sub(from), Ordering::Relaxed);
+    }
+
+    pub fn closed(&self, position: u64) {
+        self.watchers.fetch_sub(1, Ordering::Relaxed);
+        self.positions.fetch_sub(position, Ordering::Relaxed);
+    }
+
+    pub fn watchers(&self) -> u64 {
+        self.watchers.load(Ordering::Relaxed)
+    }
+
+    /// Revisions the watchers have yet to read through, summed, at store revision `head`
+    /// (a watcher of a future revision counts nothing).
+    pub fn lag_revisions(&self, head: u64) -> u64 {
+        (self.watchers() * head).saturating_sub(self.positions.load(Ordering::Relaxed))
+    }
 }
 
 /// Why a server is not ready (see [`Shared::not_ready`]).
@@ -309,6 +346,7 @@ impl Shared {
             capabilities_held: Arc::default(),
             tls: None,
             call_metrics: crate::metrics::CallMetrics::new(Method::ALL.len()),
+            watch_stats: WatchStats::default(),
         }
     }
 

@@ -19,6 +19,9 @@ pub const UNSENT_REPLY_BYTES: &str = "capkv_unsent_reply_bytes";
 pub const CONNECTIONS_PAUSED: &str = "capkv_connections_paused";
 pub const CONNECTION_PAUSES_TOTAL: &str = "capkv_connection_pauses_total";
 pub const CAPABILITIES_HELD: &str = "capkv_capabilities_held";
+pub const WATCHERS: &str = "capkv_watchers";
+pub const WATCH_LAG_REVISIONS: &str = "capkv_watch_lag_revisions";
+pub const WATCH_EVENTS_TOTAL: &str = "capkv_watch_events_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "capkv_config_reloads_total";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "capkv_connections_closed_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
@@ -260,6 +263,15 @@ pub fn install_recorder(
     metrics::describe_gauge!(
         CAPABILITIES_HELD,
         "Capabilities (stores, sessions, admin, stand-ins) the server holds for its peers."
+    );
+    metrics::describe_gauge!(WATCHERS, "Watchers alive (KvStore.watch).");
+    metrics::describe_gauge!(
+        WATCH_LAG_REVISIONS,
+        "Revisions of changes the watchers have yet to pull, summed over watchers."
+    );
+    metrics::describe_counter!(
+        WATCH_EVENTS_TOTAL,
+        "Events delivered to watchers (Watcher.next)."
     );
     Ok(handle)
 }

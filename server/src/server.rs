@@ -265,6 +265,10 @@ impl Server {
                     metrics::gauge!(m::CONNECTIONS_PAUSED).set(replies.paused_connections() as f64);
                     metrics::counter!(m::CONNECTION_PAUSES_TOTAL).absolute(replies.pauses());
                     metrics::gauge!(m::CAPABILITIES_HELD).set(shared.capabilities_held() as f64);
+                    let watch = &shared.watch_stats;
+                    metrics::gauge!(m::WATCHERS).set(watch.watchers() as f64);
+                    let head = shared.store.changes().revision();
+                    metrics::gauge!(m::WATCH_LAG_REVISIONS).set(watch.lag_revisions(head) as f64);
                     let waits = shared.frame_budget.waits();
                     if waits > frame_waits_seen {
                         metrics::counter!(m::FRAME_BUDGET_WAITS_TOTAL).absolute(waits);

@@ -328,3 +328,88 @@ fn a_watch_resumes_after_the_server_is_killed_with_no_gap_or_duplicate() {
             .all(|p| p[0].entry.mod_revision < p[1].entry.mod_revision));
     });
 }
+
+/// The server counts its watchers and how far behind they are, and forgets a watcher
+/// when its capability is released.
+#[test]
+fn watchers_are_counted_with_their_lag_and_released() {
+    local(async move {
+        let (gw, shared) = in_process_gateway(&test_config());
+        let mut open = gw.open_request();
+        CallMeta::default().write(open.get().init_ctx());
+        let kv = open.send().pipeline.get_result().get_kv_cap();
+        let ws: Vec<_> = (0..3)
+            .map(|_| watch(&kv, b"", 1).pipeline.get_result().get_watcher_cap())
+            .collect();
+        // Each at revision 0 (started before any write).
+        for w in &ws {
+            page(next(w, 10, 0)).await.unwrap();
+        }
+        assert_eq!(shared.watch_stats.watchers(), 3);
+        assert_eq!(shared.watch_stats.lag_revisions(5), 15);
+        drop(ws);
+        // The releases reach the server before the answer to a later call.
+        let mut h = kv.get_request();
+        CallMeta::default().write(h.get().init_ctx());
+        h.get().set_key(b"k");
+        h.send().promise.await.unwrap();
+        assert_eq!(shared.watch_stats.watchers(), 0);
+        assert_eq!(shared.watch_stats.lag_revisions(5), 0);
+    });
+}
+
+/// A thousand watchers that stop pulling cost the server nothing more as a writer goes on
+/// at full speed: the history keeps its bounds, and watchers hold no events of their own.
+/// Measured as the server's RSS after 20,000 writes of 1 KiB and after 40,000.
+#[test]
+fn idle_watchers_and_a_fast_writer_keep_memory_bounded() {
+    const WATCHERS: usize = 1_000;
+    let (server, addr, _logs) = spawn_memory_server(
+        &[],
+        &[
+            ("CAPKV_STORAGE__MEMORY_HISTORY_EVENTS", "10000"),
+            ("CAPKV_STORAGE__MEMORY_HISTORY_BYTES", "4194304"),
+        ],
+    );
+    let pid = server.0.id();
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    local(async move {
+        let kv = kv(addr).await;
+        let ws: Vec<_> = (0..WATCHERS)
+            .map(|_| watch(&kv, b"", 0).pipeline.get_result().get_watcher_cap())
+            .collect();
+        for w in &ws {
+            page(next(w, 10, 0)).await.unwrap();
+        }
+        let c = client(addr).await;
+        let value = vec![7u8; 1024];
+        let write = |round: usize| {
+            let items: Vec<_> = (0..100)
+                .map(|i| {
+                    (
+                        format!("k{i}").into_bytes(),
+                        value.clone(),
+                        capkv_client::Condition::None,
+                    )
+                })
+                .collect();
+            let c = c.clone();
+            async move {
+                for _ in 0..round {
+                    c.put_many(items.clone()).await.unwrap();
+                }
+            }
+        };
+        write(200).await; // 20,000 writes
+        let at_half = proc_status_bytes(pid, "VmRSS:");
+        write(200).await; // 40,000
+        let at_end = proc_status_bytes(pid, "VmRSS:");
+        assert!(
+            at_end <= at_half + (8 << 20),
+            "RSS grew from {at_half} to {at_end} bytes"
+        );
+        // Every watcher is still there, and far behind: its next call says so.
+        let (e, _) = page(next(&ws[0], 10, 0)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Compacted);
+    });
+}

@@ -564,6 +564,100 @@ pub fn history_replays_every_change_in_order(s: &dyn Store) {
     assert_eq!((page.events.len(), page.through), (0, 9));
 }
 
+/// Writers on several threads, and 100 watchers of overlapping ranges reading while they
+/// write: every watcher sees exactly the history's events of its range, in the one order
+/// the history has, with no gap and no duplicate.
+pub fn concurrent_watchers_see_one_order(make: &dyn Fn() -> Arc<dyn Store>) {
+    const WRITERS: usize = 4;
+    const WRITES: usize = 150;
+    const WATCHERS: usize = 100;
+    const READERS: usize = 4;
+    let s = make();
+    let ranges = [
+        KeyRange::default(),
+        KeyRange::prefix(b"p0/"),
+        KeyRange::prefix(b"p1/"),
+        KeyRange {
+            start: b"p1/".to_vec(),
+            end: Some(b"p3/".to_vec()),
+        },
+        KeyRange::prefix(b"p3/1"),
+    ];
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (s, done) = (Arc::clone(&s), Arc::clone(&done));
+            std::thread::spawn(move || {
+                for i in 0..WRITES {
+                    let key = format!("p{}/{}", (w + i) % 4, i % 20).into_bytes();
+                    match i % 5 {
+                        0 => drop(s.delete(&key, Condition::None).wait()),
+                        1 => {
+                            let other = format!("p{w}/x{i}").into_bytes();
+                            let items = [
+                                PutItem {
+                                    key: &key,
+                                    value: b"m",
+                                    cond: Condition::None,
+                                },
+                                PutItem {
+                                    key: &other,
+                                    value: b"m",
+                                    cond: Condition::None,
+                                },
+                            ];
+                            s.put_many(&items).wait().unwrap();
+                        }
+                        _ => drop(s.put(&key, &[w as u8; 3], Condition::None).wait().unwrap()),
+                    }
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    // Each reader thread drives a share of the watchers, a page of at most 7 at a time.
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (s, done, ranges) = (Arc::clone(&s), Arc::clone(&done), ranges.clone());
+            std::thread::spawn(move || {
+                let mine: Vec<usize> = (0..WATCHERS).filter(|w| w % READERS == r).collect();
+                let mut seen: Vec<(usize, Vec<Event>, u64)> =
+                    mine.iter().map(|&w| (w, Vec::new(), 0)).collect();
+                // Bounded: each round moves every watcher to the head or by a page.
+                for _ in 0..100_000 {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst) == WRITERS;
+                    let head = s.revision().unwrap();
+                    for (w, events, at) in seen.iter_mut() {
+                        let page = s
+                            .events(&ranges[*w % ranges.len()], *at, PageLimits::events(7))
+                            .unwrap();
+                        events.extend(page.events);
+                        *at = page.through;
+                    }
+                    if finished && seen.iter().all(|(_, _, at)| *at >= head) {
+                        return seen;
+                    }
+                }
+                panic!("watchers did not reach the head");
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let all = all_events(s.as_ref(), &KeyRange::default(), 0, 1000);
+    for reader in readers {
+        for (w, events, _) in reader.join().unwrap() {
+            let range = &ranges[w % ranges.len()];
+            let want: Vec<&Event> = all
+                .iter()
+                .filter(|e| range.contains(&e.entry.key))
+                .collect();
+            assert_eq!(events.iter().collect::<Vec<_>>(), want, "watcher {w}");
+        }
+    }
+}
+
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -584,6 +678,13 @@ macro_rules! conformance_tests {
         #[test]
         fn concurrent_duplicates_write_once() {
             $crate::conformance::concurrent_duplicates_write_once(&|| {
+                let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
+                s
+            });
+        }
+        #[test]
+        fn concurrent_watchers_see_one_order() {
+            $crate::conformance::concurrent_watchers_see_one_order(&|| {
                 let s: ::std::sync::Arc<dyn $crate::Store> = ::std::sync::Arc::new($make);
                 s
             });

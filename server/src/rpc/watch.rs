@@ -53,6 +53,7 @@ impl WatcherImpl {
         after: u64,
         slot: CapSlot,
     ) -> Self {
+        shared.watch_stats.opened(after);
         Self {
             shared,
             conn,
@@ -70,8 +71,18 @@ impl WatcherImpl {
             .store
             .events(&self.range, self.position.get(), max)
             .map_err(store_error)?;
+        self.shared
+            .watch_stats
+            .moved(self.position.get(), page.through);
         self.position.set(page.through);
+        metrics::counter!(crate::metrics::WATCH_EVENTS_TOTAL).increment(page.events.len() as u64);
         Ok(page)
+    }
+}
+
+impl Drop for WatcherImpl {
+    fn drop(&mut self) {
+        self.shared.watch_stats.closed(self.position.get());
     }
 }
 
