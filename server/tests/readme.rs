@@ -181,6 +181,7 @@ const BLOCK_MARKERS: &[&str] = &[
     "bash scripts/run.sh",
     "kv-client health",
     "--idempotency-key",
+    "kv-client watch",
     "admin faults set",
     "kv-loadgen run",
 ];
@@ -209,6 +210,7 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
         "promtool test rules",
     ),
     (".ci/run", ".ci/run", "scripts/test.sh"),
+    ("kv-client watch", "client/tests/cli.rs", "&[\"watch\", \"--prefix\""),
     // bench/run.sh runs it; CI runs bench/run.sh (checked in `loadgen_block_runs`).
     ("kv-loadgen matrix", "bench/run.sh", "/kv-loadgen\" matrix"),
     (
@@ -342,6 +344,24 @@ fn calling_it_block_runs() {
     assert_eq!(a.trim_end(), "1");
     let k3 = ok("$B/kv-client get k3", dir.path(), &envs);
     assert!(k3.contains("not really a jpeg"), "{k3}");
+}
+
+/// The watch block: every line's comment is its exact output, on a fresh server.
+#[test]
+fn watch_block_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = server(&["--engine", "memory"], &[]);
+    let envs = HashMap::from([("CAPKV_ADDR".to_string(), addr)]);
+    let mut ran = 0;
+    for line in block_with("kv-client watch") {
+        if line.cmd.starts_with("B=") {
+            continue;
+        }
+        let stdout = ok(&line.cmd, dir.path(), &envs);
+        assert_eq!(stdout.trim_end(), line.comment, "{}", line.cmd);
+        ran += 1;
+    }
+    assert_eq!(ran, 4);
 }
 
 #[test]
