@@ -124,7 +124,23 @@ async def main():
     check(code(shown) == "ok" and shown.ok.rules == 0, "pipelined admin -> showFaults")
     check(trips == 1, f"admin -> showFaults is one round trip (took {trips})")
 
-    # 5. Wrong tokens: the pipelined calls fail with the refusal's code; so does open.
+    # 5. open -> watch -> next from revision 1: one round trip, and it returns the write
+    # made above (a put event with its entry).
+    async def open_watch_next(gw):
+        store = gw.open(ctx=ctx(), token=TOKEN).result.kvCap
+        watcher = store.watch(ctx=ctx(), range={"prefix": b"py-"}, startRevision=1)
+        return (await watcher.result.watcherCap.next(ctx=ctx(), maxEvents=10, waitMs=0)).result
+
+    page, trips = await round_trips(open_watch_next)
+    check(code(page) == "ok", "pipelined open -> watch -> next succeeds")
+    check(
+        [(str(e.kind), e.entry.key, e.entry.value) for e in page.ok.events]
+        == [("put", b"py-key", b"py-value")],
+        "the watch replays the put from revision 1",
+    )
+    check(trips == 1, f"open -> watch -> next is one round trip (took {trips})")
+
+    # 6. Wrong tokens: the pipelined calls fail with the refusal's code; so does open.
     gw = direct.gateway
     bad_open = gw.open(ctx=ctx(), token="wrong-token")
     bad_get = bad_open.result.kvCap.get(ctx=ctx(), key=b"py-key")
