@@ -225,3 +225,20 @@ fn raw_mode_runs_against_both_rpc_engines() {
         );
     }
 }
+
+/// A short watch fan-out: every watcher gets every put once, in order.
+#[test]
+fn a_watch_fanout_delivers_every_put_to_every_watcher() {
+    let server = RunningServer::start(Config::local_ephemeral()).unwrap();
+    let cfg = capkv_loadgen::fanout::FanoutConfig {
+        addr: server.addr().to_string(),
+        watchers: 20,
+        connections: 3,
+        duration: Duration::from_millis(300),
+        value_size: 16,
+    };
+    let r = capkv_loadgen::fanout::run(&cfg).unwrap();
+    assert_eq!(r.anomalies, 0);
+    assert!(r.puts_per_s > 0.0 && r.events_per_s > 0.0);
+    assert!(capkv_loadgen::fanout::report(&cfg, &r).contains("events delivered/s"));
+}

@@ -210,7 +210,11 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
         "promtool test rules",
     ),
     (".ci/run", ".ci/run", "scripts/test.sh"),
-    ("kv-client watch", "client/tests/cli.rs", "&[\"watch\", \"--prefix\""),
+    (
+        "kv-client watch",
+        "client/tests/cli.rs",
+        "&[\"watch\", \"--prefix\"",
+    ),
     // bench/run.sh runs it; CI runs bench/run.sh (checked in `loadgen_block_runs`).
     ("kv-loadgen matrix", "bench/run.sh", "/kv-loadgen\" matrix"),
     (

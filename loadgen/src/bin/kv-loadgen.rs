@@ -38,6 +38,28 @@ enum Command {
     RpcFloor(RpcFloorArgs),
     /// Plots durable-put results (bench/durable.sh's CSV) as SVG.
     PlotDurable(PlotDurableArgs),
+    /// One writer putting to a prefix as fast as it can, many watchers of that prefix:
+    /// events delivered per second and put-to-delivery latency.
+    WatchFanout(WatchFanoutArgs),
+}
+
+#[derive(Args, Debug)]
+struct WatchFanoutArgs {
+    /// The capkv server.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// Watchers of the writer's prefix.
+    #[arg(long, default_value_t = 1_000)]
+    watchers: usize,
+    /// Connections the watchers share.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// How long the writer writes (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Bytes per value (at least 8: each carries its send time).
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
 }
 
 #[derive(Args, Debug)]
@@ -295,6 +317,22 @@ fn main() -> anyhow::Result<()> {
                 // The line kv-server prints, so scripts find the address the same way.
                 eprintln!(r#"{{"message":"listening","addr":"{addr}"}}"#);
             })?;
+        }
+        Command::WatchFanout(a) => {
+            let cfg = capkv_loadgen::fanout::FanoutConfig {
+                addr: a.addr,
+                watchers: a.watchers,
+                connections: a.connections,
+                duration: a.duration,
+                value_size: a.value_size,
+            };
+            let r = capkv_loadgen::fanout::run(&cfg)?;
+            print!("{}", capkv_loadgen::fanout::report(&cfg, &r));
+            anyhow::ensure!(
+                r.anomalies == 0,
+                "{} events missed or repeated",
+                r.anomalies
+            );
         }
         Command::PlotDurable(a) => {
             let p = a.plot.to().context("--plot DIR: where to write the plot")?;
