@@ -1,7 +1,8 @@
 @0xcd35794f751403be;
 # capkv wire contract, API version 4 (2 added Gateway.admin and Admin; 3 added the
 # capability fields outside the result unions: OpenResult.kvCap, AdminResult.adminCap,
-# SessionResult.sessionCap; 4 added KvStore.watch and Watcher).
+# SessionResult.sessionCap; 4 added KvStore.watch and Watcher, leases: WriteSession.grantLease
+# and lease, Lease, put's lease and ttlMs).
 #
 # Compatibility rules: fields and methods are only ever added, never renumbered, renamed in
 # meaning or removed. Enum values keep their numbers forever. A client built against an
@@ -141,6 +142,11 @@ enum ErrorCode {
   # far behind that its next events are gone. The result's `oldestRevision` is the oldest
   # revision a watch can start from now; read the current state (scan) and watch from
   # there. Not retried automatically.
+
+  leaseNotFound @22;
+  # The lease named (a put's `lease`, `WriteSession.lease`, or a `Lease` capability's) does
+  # not exist: never granted, revoked, or expired (its keys are gone with it). Nothing was
+  # written. Not retried automatically: grant a new lease.
 }
 
 struct Error {
@@ -567,9 +573,13 @@ interface WriteSession {
   # even when its first attempt's outcome is unknown.
 
   put @0 (ctx :RequestContext, key :Data, value :Data, condition :Condition,
-          idempotencyKey :Data)
+          idempotencyKey :Data, lease :UInt64, ttlMs :UInt64)
       -> (result :PutResult);
-  # Stores `value` under `key` if `condition` holds.
+  # Stores `value` under `key` if `condition` holds. With `lease` (non-zero) the key lives
+  # by that lease: it is deleted when the lease expires or is revoked. With `ttlMs` (non-zero)
+  # it gets a lease of its own with that TTL, granted by the same write (Redis's `SET ... PX`;
+  # the result names the lease). Without either, a key attached to a lease is detached (as
+  # etcd's put). Not both.
 
   delete @1 (ctx :RequestContext, key :Data, condition :Condition, idempotencyKey :Data)
       -> (result :DeleteResult);
@@ -586,6 +596,17 @@ interface WriteSession {
 
   increment @3 (ctx :RequestContext, key :Data, delta :Int64, idempotencyKey :Data)
       -> (result :IncrementResult);
+  # (An increment leaves the key's lease as it is, as Redis's INCR keeps a TTL.)
+
+  grantLease @4 (ctx :RequestContext, ttlMs :UInt64, idempotencyKey :Data)
+      -> (result :LeaseResult);
+  # A lease of `ttlMs` (1 to 2592000000, 30 days): keys put with it are deleted, at one
+  # revision, when it expires (not kept alive for its TTL) or is revoked. Leases survive a
+  # server restart with their full TTL again (as etcd's). Pipeline on `result.leaseCap`.
+
+  lease @5 (ctx :RequestContext, id :UInt64) -> (result :LeaseResult);
+  # The capability of lease `id` (from a `grantLease` on any connection), to keep it alive,
+  # read its time to live or revoke it; `leaseNotFound` when it does not exist.
   # Adds `delta` to the key's value read as a decimal 64-bit integer (absent = 0) and
   # stores the result as decimal text, like Redis INCRBY. A value that is not such an
   # integer, or an overflow, gets `notAnInteger`.
@@ -635,6 +656,8 @@ struct PutResult {
       # The key's new version.
       revision @1 :UInt64;
       # The store revision of this write.
+      lease @3 :UInt64;
+      # The lease the key lives by now (0: none); with `ttlMs`, the lease granted for it.
     }
     error @2 :Error;
     # Why the call failed (see ErrorCode for the codes it may carry).
@@ -652,5 +675,68 @@ struct DeleteResult {
     }
     error @2 :Error;
     # Why the call failed (see ErrorCode for the codes it may carry).
+  }
+}
+
+interface Lease {
+  # One lease: keys attached to it live while it is kept alive.
+
+  keepAlive @0 (ctx :RequestContext) -> (result :LeaseInfoResult);
+  # Renews the lease to its full TTL. Call it well within the TTL (a third of it is usual).
+
+  timeToLive @1 (ctx :RequestContext) -> (result :LeaseInfoResult);
+  # The lease as it is now, without renewing it.
+
+  revoke @2 (ctx :RequestContext, idempotencyKey :Data) -> (result :RevokeResult);
+  # Ends the lease now: its keys are deleted at one new revision.
+}
+
+struct LeaseResult {
+  # Result of `WriteSession.grantLease` and `WriteSession.lease`.
+  union {
+    lease @0 :Lease;
+    # The lease (also in `leaseCap`).
+
+    error @1 :Error;
+    # `leaseNotFound`, `invalidArgument` (a TTL out of range), or a chain rejection.
+  }
+
+  leaseCap @2 :Lease;
+  # The lease, outside the union so that every Cap'n Proto implementation can pipeline on
+  # it. On error, a stand-in whose every call answers with `error`.
+
+  id @3 :UInt64;
+  # The lease's id (non-zero), what a put's `lease` names.
+
+  ttlMs @4 :UInt64;
+  # Its TTL.
+}
+
+struct LeaseInfoResult {
+  # Result of `Lease.keepAlive` and `Lease.timeToLive`.
+  union {
+    ok :group {
+      id @0 :UInt64;
+      ttlMs @1 :UInt64;
+      remainingMs @2 :UInt64;
+      # Until it expires unless kept alive.
+      keys @3 :UInt64;
+      # Keys attached to it.
+    }
+    error @4 :Error;
+    # `leaseNotFound` (expired or revoked), or a chain rejection.
+  }
+}
+
+struct RevokeResult {
+  # Result of `Lease.revoke`.
+  union {
+    ok :group {
+      deleted @0 :UInt64;
+      # Keys deleted with the lease.
+      revision @1 :UInt64;
+      # The store revision after it (the deletes' revision when there were any).
+    }
+    error @2 :Error;
   }
 }

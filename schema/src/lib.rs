@@ -24,7 +24,7 @@ pub const API_VERSION: u32 = 4;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Every error code, in schema order. Used for exhaustive tests and docs.
-pub const ALL_CODES: [ErrorCode; 22] = [
+pub const ALL_CODES: [ErrorCode; 23] = [
     ErrorCode::Internal,
     ErrorCode::InvalidArgument,
     ErrorCode::NotFound,
@@ -47,6 +47,7 @@ pub const ALL_CODES: [ErrorCode; 22] = [
     ErrorCode::TooManyCapabilities,
     ErrorCode::StorageFull,
     ErrorCode::Compacted,
+    ErrorCode::LeaseNotFound,
 ];
 
 /// Stable snake_case name of a code (logs, metric labels, JSON output).
@@ -74,6 +75,7 @@ pub fn code_name(code: ErrorCode) -> &'static str {
         ErrorCode::TooManyCapabilities => "too_many_capabilities",
         ErrorCode::StorageFull => "storage_full",
         ErrorCode::Compacted => "compacted",
+        ErrorCode::LeaseNotFound => "lease_not_found",
     }
 }
 

@@ -11,7 +11,8 @@
 //! - [`tunables`]: the reloadable settings ([`tunables::Tunables`]), the per-token rate
 //!   limit, and the configuration a reload starts from.
 //! - [`rpc`]: the handlers, one module per capability (`Gateway`, `KvStore`,
-//!   `WriteSession`, `Admin`), each in one shape (`rpc::handle!`).
+//!   `WriteSession`, `Admin`, `Watcher`, `Lease`), each in one shape (`rpc::handle!`).
+//! - [`lease`]: the reaper that revokes leases past their TTL.
 //!   Every connection reads through `capkv_rpc::frames::GuardedReader` (the frame layer).
 //! - [`refused`]: the stand-in capability a refused `open`/`admin`/`session` returns for
 //!   pipelined calls, each answered with the refusal's error.
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod chain;
 pub mod config;
 pub mod http;
+pub mod lease;
 pub mod logging;
 pub mod method;
 pub mod metrics;

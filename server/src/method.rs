@@ -30,10 +30,15 @@ pub enum Method {
     Checkpoint,
     Watch,
     WatchNext,
+    GrantLease,
+    Lease,
+    LeaseKeepAlive,
+    LeaseTimeToLive,
+    LeaseRevoke,
 }
 
 impl Method {
-    pub const ALL: [Method; 21] = [
+    pub const ALL: [Method; 26] = [
         Method::Health,
         Method::Version,
         Method::Open,
@@ -55,6 +60,11 @@ impl Method {
         Method::Checkpoint,
         Method::Watch,
         Method::WatchNext,
+        Method::GrantLease,
+        Method::Lease,
+        Method::LeaseKeepAlive,
+        Method::LeaseTimeToLive,
+        Method::LeaseRevoke,
     ];
 
     pub fn from_name(name: &str) -> Option<Method> {
@@ -81,6 +91,11 @@ impl Method {
                 | Method::ResumeSession
                 | Method::Watch
                 | Method::WatchNext
+                | Method::GrantLease
+                | Method::Lease
+                | Method::LeaseKeepAlive
+                | Method::LeaseTimeToLive
+                | Method::LeaseRevoke
         )
     }
 
@@ -107,6 +122,11 @@ impl Method {
             Method::Checkpoint => "checkpoint",
             Method::Watch => "watch",
             Method::WatchNext => "watch_next",
+            Method::GrantLease => "grant_lease",
+            Method::Lease => "lease",
+            Method::LeaseKeepAlive => "lease_keep_alive",
+            Method::LeaseTimeToLive => "lease_time_to_live",
+            Method::LeaseRevoke => "lease_revoke",
         }
     }
 
@@ -114,7 +134,12 @@ impl Method {
     pub fn changes_data(self) -> bool {
         matches!(
             self,
-            Method::Put | Method::Delete | Method::PutMany | Method::Increment
+            Method::Put
+                | Method::Delete
+                | Method::PutMany
+                | Method::Increment
+                | Method::GrantLease
+                | Method::LeaseRevoke
         )
     }
 

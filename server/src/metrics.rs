@@ -22,6 +22,8 @@ pub const CAPABILITIES_HELD: &str = "capkv_capabilities_held";
 pub const WATCHERS: &str = "capkv_watchers";
 pub const WATCH_LAG_REVISIONS: &str = "capkv_watch_lag_revisions";
 pub const WATCH_EVENTS_TOTAL: &str = "capkv_watch_events_total";
+pub const LEASES: &str = "capkv_leases";
+pub const LEASES_EXPIRED_TOTAL: &str = "capkv_leases_expired_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "capkv_config_reloads_total";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "capkv_connections_closed_total";
 pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
@@ -268,6 +270,11 @@ pub fn install_recorder(
     metrics::describe_gauge!(
         WATCH_LAG_REVISIONS,
         "Revisions of changes the watchers have yet to pull, summed over watchers."
+    );
+    metrics::describe_gauge!(LEASES, "Leases alive.");
+    metrics::describe_counter!(
+        LEASES_EXPIRED_TOTAL,
+        "Leases revoked by the reaper because they were not kept alive for their TTL."
     );
     metrics::describe_counter!(
         WATCH_EVENTS_TOTAL,

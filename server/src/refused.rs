@@ -19,7 +19,7 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capkv::kv_capnp::{admin, kv_store, watcher, write_session};
+use capkv::kv_capnp::{admin, kv_store, lease, watcher, write_session};
 use capkv::ApiError;
 
 use crate::chain::{CapSlot, Conn, Shared};
@@ -98,20 +98,21 @@ macro_rules! refuse {
     }};
 }
 
-/// A stand-in method that returns a session: the error, and another stand-in to pipeline on.
-macro_rules! refuse_session {
-    ($self:ident, $params:ident, $results:ident, $method:expr) => {{
+/// A stand-in method that returns a capability (`set_cap` sets its `...Cap` field): the
+/// error, and another stand-in to pipeline on.
+macro_rules! refuse_with_cap {
+    ($self:ident, $params:ident, $results:ident, $method:expr, $set_cap:ident) => {{
         let p = $params.get()?;
         let e = $self.answer($method, p.get_ctx()).await;
         let mut out = $results.get().init_result();
         e.write(out.reborrow().init_error());
         match &$self.chain {
             Some((shared, conn)) => {
-                out.set_session_cap(Refused::client(shared, conn, e));
+                out.$set_cap(Refused::client(shared, conn, e));
                 count_reply!(conn, $results);
             }
-            // The at-capacity stand-in makes no more capabilities: `sessionCap` stays
-            // null, and calls pipelined on it fail with an exception.
+            // The at-capacity stand-in makes no more capabilities: the `...Cap` field
+            // stays null, and calls pipelined on it fail with an exception.
             None => {}
         }
         Ok(())
@@ -124,16 +125,7 @@ impl kv_store::Server for Refused {
         params: kv_store::WatchParams,
         mut results: kv_store::WatchResults,
     ) -> Result<(), capnp::Error> {
-        let p = params.get()?;
-        let e = self.answer(Method::Watch, p.get_ctx()).await;
-        let mut out = results.get().init_result();
-        e.write(out.reborrow().init_error());
-        // As `refuse_session!`: another stand-in to pipeline on (none at capacity).
-        if let Some((shared, conn)) = &self.chain {
-            out.set_watcher_cap(Refused::client(shared, conn, e));
-            count_reply!(conn, results);
-        }
-        Ok(())
+        refuse_with_cap!(self, params, results, Method::Watch, set_watcher_cap)
     }
 
     async fn get(
@@ -165,7 +157,7 @@ impl kv_store::Server for Refused {
         params: kv_store::SessionParams,
         mut results: kv_store::SessionResults,
     ) -> Result<(), capnp::Error> {
-        refuse_session!(self, params, results, Method::Session)
+        refuse_with_cap!(self, params, results, Method::Session, set_session_cap)
     }
 
     async fn resume_session(
@@ -173,7 +165,13 @@ impl kv_store::Server for Refused {
         params: kv_store::ResumeSessionParams,
         mut results: kv_store::ResumeSessionResults,
     ) -> Result<(), capnp::Error> {
-        refuse_session!(self, params, results, Method::ResumeSession)
+        refuse_with_cap!(
+            self,
+            params,
+            results,
+            Method::ResumeSession,
+            set_session_cap
+        )
     }
 }
 
@@ -218,6 +216,48 @@ impl write_session::Server for Refused {
         mut results: write_session::IncrementResults,
     ) -> Result<(), capnp::Error> {
         refuse!(self, params, results, Method::Increment)
+    }
+
+    async fn grant_lease(
+        self: Rc<Self>,
+        params: write_session::GrantLeaseParams,
+        mut results: write_session::GrantLeaseResults,
+    ) -> Result<(), capnp::Error> {
+        refuse_with_cap!(self, params, results, Method::GrantLease, set_lease_cap)
+    }
+
+    async fn lease(
+        self: Rc<Self>,
+        params: write_session::LeaseParams,
+        mut results: write_session::LeaseResults,
+    ) -> Result<(), capnp::Error> {
+        refuse_with_cap!(self, params, results, Method::Lease, set_lease_cap)
+    }
+}
+
+impl lease::Server for Refused {
+    async fn keep_alive(
+        self: Rc<Self>,
+        params: lease::KeepAliveParams,
+        mut results: lease::KeepAliveResults,
+    ) -> Result<(), capnp::Error> {
+        refuse!(self, params, results, Method::LeaseKeepAlive)
+    }
+
+    async fn time_to_live(
+        self: Rc<Self>,
+        params: lease::TimeToLiveParams,
+        mut results: lease::TimeToLiveResults,
+    ) -> Result<(), capnp::Error> {
+        refuse!(self, params, results, Method::LeaseTimeToLive)
+    }
+
+    async fn revoke(
+        self: Rc<Self>,
+        params: lease::RevokeParams,
+        mut results: lease::RevokeResults,
+    ) -> Result<(), capnp::Error> {
+        refuse!(self, params, results, Method::LeaseRevoke)
     }
 }
 

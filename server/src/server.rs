@@ -269,6 +269,7 @@ impl Server {
                     metrics::gauge!(m::WATCHERS).set(watch.watchers() as f64);
                     let head = shared.store.changes().revision();
                     metrics::gauge!(m::WATCH_LAG_REVISIONS).set(watch.lag_revisions(head) as f64);
+                    metrics::gauge!(m::LEASES).set(shared.store.lease_clock().0 as f64);
                     let waits = shared.frame_budget.waits();
                     if waits > frame_waits_seen {
                         metrics::counter!(m::FRAME_BUDGET_WAITS_TOTAL).absolute(waits);
@@ -286,6 +287,8 @@ impl Server {
                 }
             })
         };
+
+        let reaper = tokio::spawn(crate::lease::reap(Arc::clone(&shared.store)));
 
         let open = Arc::new(AtomicUsize::new(0));
         let refusal = capkv_rpc::frames::abort_frame(
@@ -345,6 +348,7 @@ impl Server {
 
         drop(listener);
         stats.abort();
+        reaper.abort();
         shared.start_draining();
         // Reloadable: the value in force now, not the one at start.
         let drain_timeout_ms = shared.reload.current().shutdown.drain_timeout_ms;

@@ -286,3 +286,31 @@ pub fn watch_page(limits: &Limits, max_events: u32) -> Result<capkv_store::PageL
         bytes: limits.max_scan_bytes,
     })
 }
+
+/// A lease TTL: 1 ms to 30 days.
+pub fn lease_ttl_ms(ttl_ms: u64) -> Result<u64, ApiError> {
+    let max = capkv_store::lease::MAX_LEASE_TTL_MS;
+    if ttl_ms == 0 || ttl_ms > max {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("a lease TTL must be 1 to {max} ms, not {ttl_ms}"),
+        ));
+    }
+    Ok(ttl_ms)
+}
+
+/// What a put's `lease` and `ttlMs` ask: a lease, a TTL of its own, or neither (not both).
+pub fn attach(lease: u64, ttl_ms: u64) -> Result<capkv_store::write::Attach, ApiError> {
+    use capkv_store::write::Attach;
+    match (lease, ttl_ms) {
+        (0, 0) => Ok(Attach::None),
+        (id, 0) => Ok(Attach::Lease(id)),
+        (0, ttl) => Ok(Attach::NewLease {
+            ttl_ms: lease_ttl_ms(ttl)?,
+        }),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "a put takes a lease or a TTL, not both",
+        )),
+    }
+}

@@ -91,6 +91,15 @@ impl Store for RecordingExpiries {
     fn changes(&self) -> &Changes {
         self.inner.changes()
     }
+    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.inner.lease_keep_alive(id)
+    }
+    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.inner.lease_info(id)
+    }
+    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
+        self.inner.lease_clock()
+    }
     fn engine_name(&self) -> &'static str {
         "recording-expiries"
     }
@@ -207,6 +216,15 @@ impl Store for FailingGets {
     }
     fn changes(&self) -> &Changes {
         self.0.changes()
+    }
+    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.0.lease_keep_alive(id)
+    }
+    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.0.lease_info(id)
+    }
+    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
+        self.0.lease_clock()
     }
     fn engine_name(&self) -> &'static str {
         "failing-gets"

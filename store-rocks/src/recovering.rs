@@ -141,6 +141,18 @@ impl Store for Recovering {
         &self.changes
     }
 
+    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.current.load().lease_keep_alive(id)
+    }
+
+    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.current.load().lease_info(id)
+    }
+
+    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
+        self.current.load().lease_clock()
+    }
+
     fn engine_name(&self) -> &'static str {
         self.current.load().engine_name()
     }

@@ -12,6 +12,9 @@
 //!   the latest `history_revisions` revisions: past that (and a tenth more, so that trimming
 //!   is one range delete per many commits) it deletes the older ones in the batch of a
 //!   commit, with `meta`'s `history_compacted`, the revision through which history is gone.
+//! - `leases`: lease id u64 BE → TTL ms u64 BE; `lease_keys`: `[lease id u64 BE][key]` →
+//!   empty, each key's lease (see `capkv_store::lease`). Written by the writes that grant,
+//!   attach, detach and revoke; loaded at open, when every lease starts its full TTL again.
 //!
 //! Writes: every write is sent, over a bounded queue, to one committer thread. The
 //! committer takes what is queued (up to `group_commit_max_writes`, waiting at most
@@ -47,7 +50,9 @@ use rocksdb::{
 
 use crate::space::{SpaceGuard, SpaceOptions};
 use capkv_store::history;
+use capkv_store::lease::{LeaseInfo, Leases};
 use capkv_store::write::{self, incremented, now_unix_ms, recordable, Record};
+use capkv_store::write::{Attach, LeaseGranted, RevokeOutcome};
 use capkv_store::Completer;
 use capkv_store::{
     BatchOutcome, Changes, DeleteOutcome, Entry, Event, EventPage, IdempotencyKey,
@@ -59,6 +64,8 @@ const CF_DATA: &str = "data";
 const CF_META: &str = "meta";
 const CF_IDEMPOTENCY: &str = "idempotency";
 const CF_HISTORY: &str = "history";
+const CF_LEASES: &str = "leases";
+const CF_LEASE_KEYS: &str = "lease_keys";
 const KEY_REVISION: &[u8] = b"revision";
 const KEY_FORMAT: &[u8] = b"format";
 const KEY_SECRET: &[u8] = b"instance_secret";
@@ -226,6 +233,8 @@ pub struct RocksStore {
     changes: Arc<Changes>,
     /// Opened read-only from files without a history column family.
     no_history: bool,
+    /// Lease state, shared with the committer (which changes it with the writes).
+    leases: Arc<std::sync::Mutex<Leases>>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -370,12 +379,20 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_IDEMPOTENCY, idem_opts),
             ColumnFamilyDescriptor::new(CF_HISTORY, Options::default()),
+            ColumnFamilyDescriptor::new(CF_LEASES, Options::default()),
+            ColumnFamilyDescriptor::new(CF_LEASE_KEYS, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_opts, &path, cfs)
             .map_err(|e| OpenError::from_rocks(&path, e))?;
         let db = Arc::new(db);
 
         let (revision, secret, history_compacted) = read_meta(&db, &path, true)?;
+        let leases = Arc::new(std::sync::Mutex::new(load_leases(&db).map_err(
+            |detail| OpenError::Corrupt {
+                path: shown.clone(),
+                detail,
+            },
+        )?));
 
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
@@ -396,6 +413,7 @@ impl RocksStore {
             changes: Arc::clone(&changes),
             history_revisions: opts.history_revisions,
             history_compacted,
+            leases: Arc::clone(&leases),
         };
         let committer = std::thread::Builder::new()
             .name("capkv-committer".into())
@@ -436,6 +454,7 @@ impl RocksStore {
             secret,
             changes,
             no_history: false,
+            leases,
         })
     }
 
@@ -450,13 +469,14 @@ impl RocksStore {
         let shown = path.display().to_string();
         let space = Arc::new(SpaceGuard::new(&path, opts.space.clone()));
         let mut cfs = vec![CF_DATA, CF_META, CF_IDEMPOTENCY];
-        // Files written before the watch history have none to open.
+        // Files written before the watch history (and leases, which came with it) have
+        // none to open.
         let no_history = !DB::list_cf(&Options::default(), &path)
             .map_err(|e| OpenError::from_rocks(&path, e))?
             .iter()
             .any(|cf| cf == CF_HISTORY);
         if !no_history {
-            cfs.push(CF_HISTORY);
+            cfs.extend([CF_HISTORY, CF_LEASES, CF_LEASE_KEYS]);
         }
         let db = DB::open_cf_for_read_only(&Options::default(), &path, cfs, false)
             .map_err(|e| OpenError::from_rocks(&path, e))?;
@@ -472,6 +492,16 @@ impl RocksStore {
             Ordering::Release,
         );
         let changes = Arc::new(Changes::new(revision));
+        // Files from before leases have none.
+        let leases = if no_history {
+            Leases::default()
+        } else {
+            load_leases(&db).map_err(|detail| OpenError::Corrupt {
+                path: shown.clone(),
+                detail,
+            })?
+        };
+        let leases = Arc::new(std::sync::Mutex::new(leases));
         tracing::warn!(path = %shown, revision, "rocksdb opened read-only");
         Ok(Self {
             db: Arc::new(db),
@@ -490,6 +520,7 @@ impl RocksStore {
             secret,
             changes,
             no_history,
+            leases,
         })
     }
 
@@ -663,6 +694,43 @@ fn entry(key: &[u8], record: &[u8], with_value: bool) -> Result<Entry, StoreErro
     })
 }
 
+/// Every lease and its keys as `leases` and `lease_keys` hold them, each with its full TTL
+/// from now (see `capkv_store::lease`).
+fn load_leases(db: &DB) -> Result<Leases, String> {
+    let mut leases = Leases::default();
+    let now = Instant::now();
+    let cf_of = |name| {
+        db.cf_handle(name)
+            .ok_or_else(|| format!("column family `{name}` missing"))
+    };
+    let word = |b: &[u8]| -> Result<u64, String> {
+        b.get(..8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| "malformed lease record".to_string())
+    };
+    for item in db.iterator_cf(cf_of(CF_LEASES)?, rocksdb::IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.into_string())?;
+        leases.insert(word(&k)?, word(&v)?, now);
+    }
+    for item in db.iterator_cf(cf_of(CF_LEASE_KEYS)?, rocksdb::IteratorMode::Start) {
+        let (k, _) = item.map_err(|e| e.into_string())?;
+        let id = word(&k)?;
+        if leases.contains(id) {
+            leases.attach(&k[8..], Some(id));
+        }
+    }
+    Ok(leases)
+}
+
+/// A `lease_keys` record's key.
+fn lease_key(id: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
 /// A history record's key: its revision, then its place in the revision.
 fn history_key(revision: u64, index: u32) -> [u8; 12] {
     let mut k = [0u8; 12];
@@ -719,8 +787,12 @@ impl Store for RocksStore {
     }
 
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
-        // Deletes free space (after compaction): they go on when space is low.
-        if !matches!(op, WriteOp::Delete(_)) {
+        // Deletes free space (after compaction): they go on when space is low, and so do
+        // revokes and expiries, which only delete.
+        if !matches!(
+            op,
+            WriteOp::Delete(_) | WriteOp::RevokeLease(_) | WriteOp::ExpireLeases(_)
+        ) {
             if let Err(e) = self.space.admit_write() {
                 return Pending::ready(Err(e));
             }
@@ -835,6 +907,23 @@ impl Store for RocksStore {
         &self.changes
     }
 
+    fn lease_keep_alive(&self, id: u64) -> Result<LeaseInfo, StoreError> {
+        lock(&self.leases)
+            .keep_alive(id, Instant::now())
+            .ok_or(StoreError::LeaseNotFound { id })
+    }
+
+    fn lease_info(&self, id: u64) -> Result<LeaseInfo, StoreError> {
+        lock(&self.leases)
+            .info(id, Instant::now())
+            .ok_or(StoreError::LeaseNotFound { id })
+    }
+
+    fn lease_clock(&self) -> (usize, Option<Instant>) {
+        let leases = lock(&self.leases);
+        (leases.len(), leases.next_deadline())
+    }
+
     fn engine_name(&self) -> &'static str {
         "rocksdb"
     }
@@ -946,6 +1035,9 @@ struct Committer {
     /// Revisions of history kept, and the revision through which it is gone.
     history_revisions: u64,
     history_compacted: u64,
+    /// Lease state, changed here with the writes that change it (and reloaded from disk
+    /// when a commit fails, so that it never holds what was not written).
+    leases: Arc<std::sync::Mutex<Leases>>,
 }
 
 /// One commit group being decided: its batch, and what the writes decided so far changed,
@@ -962,6 +1054,15 @@ struct Group {
     event_index: u32,
     event_revision: u64,
 }
+
+/// The lease state. A poisoned lock only means a panic elsewhere mid-change; the committer
+/// reloads the state from disk after any failed commit, so go on with what is there.
+fn lock(leases: &std::sync::Mutex<Leases>) -> std::sync::MutexGuard<'_, Leases> {
+    leases.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Most leases one `ExpireLeases` revokes (the reaper sends another for the rest).
+const EXPIRE_BATCH: usize = 1_000;
 
 fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a ColumnFamily, StoreError> {
     db.cf_handle(name)
@@ -1066,7 +1167,17 @@ impl Committer {
 
     fn apply(&self, g: &mut Group, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
         match op {
-            WriteOp::Put(write::Put { key, value, cond }) => {
+            WriteOp::Put(write::Put {
+                key,
+                value,
+                cond,
+                attach,
+            }) => {
+                if let Attach::Lease(id) = attach {
+                    if !lock(&self.leases).contains(*id) {
+                        return Err(StoreError::LeaseNotFound { id: *id });
+                    }
+                }
                 let current = self.version(g, key)?;
                 if !cond.holds(current) {
                     return Err(StoreError::ConditionFailed {
@@ -1077,9 +1188,16 @@ impl Committer {
                 g.revision += 1;
                 let version = current.unwrap_or(0) + 1;
                 self.put(g, key, value, version)?;
+                let lease = match *attach {
+                    Attach::None => None,
+                    Attach::Lease(id) => Some(id),
+                    Attach::NewLease { ttl_ms } => Some(self.grant(g, ttl_ms)?),
+                };
+                self.attach(g, key, lease)?;
                 Ok(WriteOutcome::Put(PutOutcome {
                     version,
                     revision: g.revision,
+                    lease: lease.unwrap_or(0),
                 }))
             }
             WriteOp::Delete(write::Delete { key, cond }) => {
@@ -1095,6 +1213,7 @@ impl Committer {
                     g.batch.delete_cf(cf(&self.db, CF_DATA)?, key);
                     self.event(g, key, &[], None)?;
                     g.latest.insert(key.clone(), None);
+                    self.attach(g, key, None)?;
                 }
                 Ok(WriteOutcome::Delete(DeleteOutcome {
                     existed: current.is_some(),
@@ -1116,11 +1235,29 @@ impl Committer {
                 g.revision += 1;
                 for ((key, value, _), &version) in items.iter().zip(&versions) {
                     self.put(g, key, value, version)?;
+                    self.attach(g, key, None)?;
                 }
                 Ok(WriteOutcome::PutMany(BatchOutcome {
                     versions,
                     revision: g.revision,
                 }))
+            }
+            WriteOp::GrantLease(write::GrantLease { ttl_ms }) => {
+                let id = self.grant(g, *ttl_ms)?;
+                Ok(WriteOutcome::GrantLease(LeaseGranted {
+                    id,
+                    ttl_ms: *ttl_ms,
+                }))
+            }
+            WriteOp::RevokeLease(write::RevokeLease { id }) => {
+                self.revoke(g, *id).map(WriteOutcome::RevokeLease)
+            }
+            WriteOp::ExpireLeases(write::ExpireLeases) => {
+                let expired = lock(&self.leases).expired(Instant::now(), EXPIRE_BATCH);
+                for &id in &expired {
+                    self.revoke(g, id)?;
+                }
+                Ok(WriteOutcome::ExpireLeases(expired.len() as u64))
             }
             WriteOp::Increment(write::Increment { key, delta }) => {
                 let current = self.current(g, key)?;
@@ -1135,6 +1272,68 @@ impl Committer {
                 }))
             }
         }
+    }
+
+    /// Grants a lease of `ttl_ms` in this group; returns its id.
+    fn grant(&self, g: &mut Group, ttl_ms: u64) -> Result<u64, StoreError> {
+        let mut leases = lock(&self.leases);
+        let id = leases.new_id();
+        leases.insert(id, ttl_ms, Instant::now());
+        g.batch.put_cf(
+            cf(&self.db, CF_LEASES)?,
+            id.to_be_bytes(),
+            ttl_ms.to_be_bytes(),
+        );
+        Ok(id)
+    }
+
+    /// Leaves `key` attached to `lease` (`None`: to none), on disk as in memory.
+    fn attach(&self, g: &mut Group, key: &[u8], lease: Option<u64>) -> Result<(), StoreError> {
+        let mut leases = lock(&self.leases);
+        // Without leases nothing is attached, and nothing will be.
+        if lease.is_none() && leases.is_empty() {
+            return Ok(());
+        }
+        let before = leases.attach(key, lease);
+        if before != lease {
+            let keys = cf(&self.db, CF_LEASE_KEYS)?;
+            if let Some(b) = before {
+                g.batch.delete_cf(keys, lease_key(b, key));
+            }
+            if let Some(l) = lease {
+                g.batch.put_cf(keys, lease_key(l, key), []);
+            }
+        }
+        Ok(())
+    }
+
+    /// Revokes lease `id` in this group: its keys deleted at one new revision.
+    fn revoke(&self, g: &mut Group, id: u64) -> Result<RevokeOutcome, StoreError> {
+        let keys = lock(&self.leases)
+            .remove(id)
+            .ok_or(StoreError::LeaseNotFound { id })?;
+        g.batch
+            .delete_cf(cf(&self.db, CF_LEASES)?, id.to_be_bytes());
+        let lease_keys = cf(&self.db, CF_LEASE_KEYS)?;
+        for key in &keys {
+            g.batch.delete_cf(lease_keys, lease_key(id, key));
+        }
+        let mut deleted = 0;
+        if !keys.is_empty() {
+            g.revision += 1;
+            for key in keys {
+                if self.version(g, &key)?.is_some() {
+                    g.batch.delete_cf(cf(&self.db, CF_DATA)?, &key);
+                    self.event(g, &key, &[], None)?;
+                    g.latest.insert(key, None);
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(RevokeOutcome {
+            deleted,
+            revision: g.revision,
+        })
     }
 
     /// The live record under `record_key`: the group's own, else the database's.
@@ -1241,7 +1440,17 @@ impl Committer {
                         self.counters.wal_syncs.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Err(e) => failure = Some(e),
+                Err(e) => {
+                    // The group's lease changes were made in memory as it was decided:
+                    // take the state back to what is on disk.
+                    match load_leases(&self.db) {
+                        Ok(on_disk) => *lock(&self.leases) = on_disk,
+                        Err(detail) => {
+                            tracing::error!(error = %detail, "reloading leases after a failed commit")
+                        }
+                    }
+                    failure = Some(e)
+                }
             }
         }
         for (op, r) in decided {
@@ -1466,6 +1675,58 @@ mod tests {
 
     fn open_with(o: RocksOptions) -> RocksStore {
         RocksStore::open(o).unwrap()
+    }
+
+    /// Leases and their keys survive a reopen, each with its full TTL again; revoking one
+    /// after the reopen takes its keys.
+    #[test]
+    fn leases_and_their_keys_survive_reopen() {
+        use capkv_store::write::{Attach, GrantLease, RevokeLease};
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let s = open(dir.path());
+            let store: &dyn Store = &s;
+            let id = store
+                .apply(GrantLease { ttl_ms: 60_000 }, None)
+                .wait()
+                .unwrap()
+                .id;
+            for k in [&b"x"[..], b"y"] {
+                store
+                    .apply(
+                        write::Put {
+                            key: k.to_vec(),
+                            value: b"v".to_vec(),
+                            cond: Condition::None,
+                            attach: Attach::Lease(id),
+                        },
+                        None,
+                    )
+                    .wait()
+                    .unwrap();
+            }
+            store.delete(b"y", Condition::None).wait().unwrap();
+            id
+        };
+        let s = open(dir.path());
+        let store: &dyn Store = &s;
+        let info = store.lease_info(id).unwrap();
+        assert_eq!(
+            (info.ttl_ms, info.keys),
+            (60_000, 1),
+            "y was deleted, so detached"
+        );
+        assert!(info.remaining_ms > 50_000, "a full TTL again");
+        let revoked = store.apply(RevokeLease { id }, None).wait().unwrap();
+        assert_eq!(revoked.deleted, 1);
+        assert_eq!(store.get(b"x").unwrap(), None);
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(
+            (&s as &dyn Store).lease_info(id),
+            Err(StoreError::LeaseNotFound { id }),
+            "the revoke is durable"
+        );
     }
 
     /// The history keeps its window of revisions across commits and reopens: older ones go

@@ -50,6 +50,15 @@ impl Store for TempRocks {
     fn changes(&self) -> &Changes {
         self.store.changes()
     }
+    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.store.lease_keep_alive(id)
+    }
+    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
+        self.store.lease_info(id)
+    }
+    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
+        self.store.lease_clock()
+    }
     fn engine_name(&self) -> &'static str {
         self.store.engine_name()
     }

@@ -403,6 +403,7 @@ pub fn idempotent_replays(s: &dyn Store) {
             key: b"c".to_vec(),
             value: b"x".to_vec(),
             cond: Condition::IfVersion(3),
+            ..write::Put::default()
         })
     };
     let failed = s.write(cas(), idem("s1", "cas", far_future())).wait();
@@ -658,6 +659,110 @@ pub fn concurrent_watchers_see_one_order(make: &dyn Fn() -> Arc<dyn Store>) {
     }
 }
 
+/// A put with a lease attaches its key, a put without detaches it, an increment keeps it;
+/// revoking a lease deletes its keys at one new revision (watchers see the deletes); an
+/// unknown lease fails the put and writes nothing; a put with a TTL grants a lease of its
+/// own; a lease past its TTL is revoked by `ExpireLeases`.
+pub fn leases_take_their_keys(s: &dyn Store) {
+    use crate::write::{Attach, ExpireLeases, GrantLease, RevokeLease};
+    let grant = |ttl_ms| match s.write(GrantLease { ttl_ms }.into(), None).wait() {
+        Ok(crate::WriteOutcome::GrantLease(g)) => g.id,
+        other => panic!("grant: {other:?}"),
+    };
+    let put = |key: &[u8], attach| {
+        s.apply(
+            write::Put {
+                key: key.to_vec(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+                attach,
+            },
+            None,
+        )
+        .wait()
+    };
+    let long = grant(600_000);
+    assert_ne!(long, 0);
+    assert_eq!(put(b"a/1", Attach::Lease(long)).unwrap().lease, long);
+    put(b"a/2", Attach::Lease(long)).unwrap();
+    put(b"a/3", Attach::Lease(long)).unwrap();
+    assert_eq!(put(b"a/3", Attach::None).unwrap().lease, 0, "detached");
+    assert_eq!(
+        put(b"b", Attach::Lease(long ^ 1)),
+        Err(StoreError::LeaseNotFound { id: long ^ 1 })
+    );
+    assert_eq!(
+        s.get(b"b").unwrap(),
+        None,
+        "an unknown lease writes nothing"
+    );
+    assert_eq!(s.lease_info(long).unwrap().keys, 2);
+    assert!(s.lease_keep_alive(long).unwrap().remaining_ms > 0);
+
+    let before = s.revision().unwrap();
+    let revoked = s.apply(RevokeLease { id: long }, None).wait().unwrap();
+    assert_eq!((revoked.deleted, revoked.revision), (2, before + 1));
+    assert_eq!(s.get(b"a/1").unwrap(), None);
+    assert!(s.get(b"a/3").unwrap().is_some(), "detached keys stay");
+    let events = all_events(s, &KeyRange::default(), before, 100);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.kind, e.entry.key.clone(), e.revision()))
+            .collect::<Vec<_>>(),
+        vec![
+            (EventKind::Delete, b"a/1".to_vec(), before + 1),
+            (EventKind::Delete, b"a/2".to_vec(), before + 1)
+        ]
+    );
+    assert_eq!(
+        s.apply(RevokeLease { id: long }, None).wait(),
+        Err(StoreError::LeaseNotFound { id: long })
+    );
+    assert_eq!(
+        s.lease_info(long),
+        Err(StoreError::LeaseNotFound { id: long })
+    );
+
+    // An increment keeps the lease; a batch detaches.
+    let kept = grant(600_000);
+    put(b"n", Attach::Lease(kept)).unwrap();
+    s.write(inc(b"n", 1), None).wait().unwrap_err(); // "v" is not an integer
+    s.apply(
+        write::Put {
+            key: b"n".to_vec(),
+            value: b"1".to_vec(),
+            cond: Condition::None,
+            attach: Attach::Lease(kept),
+        },
+        None,
+    )
+    .wait()
+    .unwrap();
+    s.write(inc(b"n", 1), None).wait().unwrap();
+    assert_eq!(s.lease_info(kept).unwrap().keys, 1);
+    let items = [PutItem {
+        key: b"n",
+        value: b"9",
+        cond: Condition::None,
+    }];
+    s.put_many(&items).wait().unwrap();
+    assert_eq!(s.lease_info(kept).unwrap().keys, 0);
+
+    // A TTL of its own; past it, the reaper's ExpireLeases takes the key.
+    let ttl = put(b"t/1", Attach::NewLease { ttl_ms: 0 }).unwrap().lease;
+    assert_ne!(ttl, 0);
+    let (alive, next) = s.lease_clock();
+    assert!(alive >= 2 && next.is_some());
+    assert_eq!(s.apply(ExpireLeases, None).wait(), Ok(1));
+    assert_eq!(s.get(b"t/1").unwrap(), None);
+    assert_eq!(
+        s.lease_info(ttl),
+        Err(StoreError::LeaseNotFound { id: ttl })
+    );
+    assert!(s.lease_info(kept).is_ok(), "a live lease does not expire");
+}
+
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -667,7 +772,8 @@ macro_rules! conformance_tests {
             binary_keys_and_values, delete_missing_changes_nothing, conditions,
             scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes,
             batches_are_atomic_with_one_revision, increments, idempotent_replays,
-            expired_records_are_forgotten, history_replays_every_change_in_order);
+            expired_records_are_forgotten, history_replays_every_change_in_order,
+            leases_take_their_keys);
         #[test]
         fn concurrent_writers() {
             $crate::conformance::concurrent_writers(&|| {

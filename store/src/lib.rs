@@ -28,12 +28,14 @@
 
 pub mod conformance;
 pub mod history;
+pub mod lease;
 pub mod memory;
 mod pending;
 mod ring;
 pub mod write;
 
 pub use history::{Changes, Event, EventKind, EventPage, KeyRange, PageLimits};
+pub use lease::LeaseInfo;
 pub use memory::MemoryStore;
 pub use pending::{Completer, Pending};
 pub use write::{IdempotencyKey, IncrementOutcome, Write, WriteOp, WriteOutcome};
@@ -75,6 +77,8 @@ impl Condition {
 pub struct PutOutcome {
     pub version: u64,
     pub revision: u64,
+    /// The lease the key is attached to now (0: none).
+    pub lease: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +158,9 @@ pub enum StoreError {
     /// or on an engine without files); the message is safe to show the caller.
     #[error("{0}")]
     Invalid(String),
+    /// The lease named does not exist (never granted, expired or revoked).
+    #[error("lease {id:x} not found")]
+    LeaseNotFound { id: u64 },
     /// The history no longer holds every revision after the one asked for; a watch can
     /// start at `oldest_revision` at the earliest (see [`history`]).
     #[error("history compacted: the oldest revision still available is {oldest_revision}")]
@@ -231,6 +238,7 @@ pub trait Store: Send + Sync {
             key: key.to_vec(),
             value: value.to_vec(),
             cond,
+            attach: write::Attach::None,
         };
         typed(w, |op| self.write(op, None))
     }
@@ -255,6 +263,13 @@ pub trait Store: Send + Sync {
     }
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;
+    /// Renews lease `id` to its full TTL ([`lease`]); not a write: deadlines live in memory.
+    fn lease_keep_alive(&self, id: u64) -> Result<LeaseInfo, StoreError>;
+    /// Lease `id` as it is now.
+    fn lease_info(&self, id: u64) -> Result<LeaseInfo, StoreError>;
+    /// Leases alive, and the earliest deadline among them (when the server's reaper should
+    /// send the next `ExpireLeases`).
+    fn lease_clock(&self) -> (usize, Option<std::time::Instant>);
     /// The events of the revisions after `after` for keys in `range`, in revision order,
     /// as one [`history::page`] within `max` (whole revisions); or
     /// [`StoreError::Compacted`] when some revision after `after` is no longer kept.

@@ -29,12 +29,15 @@ use std::ops::Bound;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::history::{self, Changes, EventPage, KeyRange, PageLimits};
+use crate::lease::{LeaseInfo, Leases};
 use crate::ring::Ring;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
+use crate::write::{Attach, LeaseGranted, RevokeOutcome};
 use crate::{
     BatchOutcome, Condition, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending,
     PutItem, PutOutcome, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
+use std::time::Instant;
 
 /// Idempotency records kept before expired ones are swept on the next insert.
 const RECORD_SWEEP_AT: usize = 100_000;
@@ -322,6 +325,8 @@ struct Inner {
     records: HashMap<Vec<u8>, Record>,
     /// Every change's event, for watchers (see [`crate::history`]).
     history: Ring,
+    /// Leases and the keys attached to them (see [`crate::lease`]).
+    leases: Leases,
 }
 
 impl Inner {
@@ -421,7 +426,13 @@ fn put_locked(
     key: &[u8],
     value: &[u8],
     cond: Condition,
+    attach: Attach,
 ) -> Result<PutOutcome, StoreError> {
+    if let Attach::Lease(id) = attach {
+        if !inner.leases.contains(id) {
+            return Err(StoreError::LeaseNotFound { id });
+        }
+    }
     let current = inner.version(key);
     if !cond.holds(current) {
         return Err(StoreError::ConditionFailed {
@@ -433,8 +444,52 @@ fn put_locked(
     let revision = inner.revision;
     let version = current.unwrap_or(0) + 1;
     inner.insert(key, value, version, revision);
-    Ok(PutOutcome { version, revision })
+    let lease = match attach {
+        Attach::None => None,
+        Attach::Lease(id) => Some(id),
+        Attach::NewLease { ttl_ms } => {
+            let id = inner.leases.new_id();
+            inner.leases.insert(id, ttl_ms, Instant::now());
+            Some(id)
+        }
+    };
+    // Without leases a put has no attachment to change.
+    if lease.is_some() || !inner.leases.is_empty() {
+        inner.leases.attach(key, lease);
+    }
+    Ok(PutOutcome {
+        version,
+        revision,
+        lease: lease.unwrap_or(0),
+    })
 }
+
+/// Revokes lease `id`: its keys are deleted at one new revision (none when it has none).
+fn revoke_locked(inner: &mut Inner, id: u64) -> Result<RevokeOutcome, StoreError> {
+    let keys = inner
+        .leases
+        .remove(id)
+        .ok_or(StoreError::LeaseNotFound { id })?;
+    if keys.is_empty() {
+        return Ok(RevokeOutcome {
+            deleted: 0,
+            revision: inner.revision,
+        });
+    }
+    inner.revision += 1;
+    let revision = inner.revision;
+    let mut deleted = 0;
+    for key in keys {
+        if inner.remove(&key) {
+            inner.history.push(&key, &[], None, revision);
+            deleted += 1;
+        }
+    }
+    Ok(RevokeOutcome { deleted, revision })
+}
+
+/// Most leases one `ExpireLeases` revokes (the reaper sends another for the rest).
+const EXPIRE_BATCH: usize = 1_000;
 
 fn delete_locked(
     inner: &mut Inner,
@@ -453,6 +508,9 @@ fn delete_locked(
         inner.revision += 1;
         let revision = inner.revision;
         inner.history.push(key, &[], None, revision);
+        if !inner.leases.is_empty() {
+            inner.leases.attach(key, None);
+        }
     }
     Ok(DeleteOutcome {
         existed,
@@ -477,6 +535,9 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
     let revision = inner.revision;
     for (item, &version) in items.iter().zip(&versions) {
         inner.insert(item.key, item.value, version, revision);
+        if !inner.leases.is_empty() {
+            inner.leases.attach(item.key, None);
+        }
     }
     Ok(BatchOutcome { versions, revision })
 }
@@ -484,8 +545,29 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
 impl MemoryStore {
     fn apply(&self, inner: &mut Inner, op: &WriteOp) -> Result<WriteOutcome, StoreError> {
         match op {
-            WriteOp::Put(write::Put { key, value, cond }) => {
-                put_locked(inner, key, value, *cond).map(WriteOutcome::Put)
+            WriteOp::Put(write::Put {
+                key,
+                value,
+                cond,
+                attach,
+            }) => put_locked(inner, key, value, *cond, *attach).map(WriteOutcome::Put),
+            WriteOp::GrantLease(write::GrantLease { ttl_ms }) => {
+                let id = inner.leases.new_id();
+                inner.leases.insert(id, *ttl_ms, Instant::now());
+                Ok(WriteOutcome::GrantLease(LeaseGranted {
+                    id,
+                    ttl_ms: *ttl_ms,
+                }))
+            }
+            WriteOp::RevokeLease(write::RevokeLease { id }) => {
+                revoke_locked(inner, *id).map(WriteOutcome::RevokeLease)
+            }
+            WriteOp::ExpireLeases(write::ExpireLeases) => {
+                let expired = inner.leases.expired(Instant::now(), EXPIRE_BATCH);
+                for &id in &expired {
+                    revoke_locked(inner, id)?;
+                }
+                Ok(WriteOutcome::ExpireLeases(expired.len() as u64))
             }
             WriteOp::Delete(write::Delete { key, cond }) => {
                 delete_locked(inner, key, *cond).map(WriteOutcome::Delete)
@@ -604,6 +686,25 @@ impl Store for MemoryStore {
         &self.changes
     }
 
+    fn lease_keep_alive(&self, id: u64) -> Result<LeaseInfo, StoreError> {
+        self.lock_write()
+            .leases
+            .keep_alive(id, Instant::now())
+            .ok_or(StoreError::LeaseNotFound { id })
+    }
+
+    fn lease_info(&self, id: u64) -> Result<LeaseInfo, StoreError> {
+        self.read()
+            .leases
+            .info(id, Instant::now())
+            .ok_or(StoreError::LeaseNotFound { id })
+    }
+
+    fn lease_clock(&self) -> (usize, Option<Instant>) {
+        let inner = self.read();
+        (inner.leases.len(), inner.leases.next_deadline())
+    }
+
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
         let inner = self.read();
         let upper = match &req.end {
@@ -693,6 +794,7 @@ mod tests {
                 key: k.to_vec(),
                 value: b"v".to_vec(),
                 cond,
+                ..write::Put::default()
             })
         };
         let ops = [

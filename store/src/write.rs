@@ -20,13 +20,46 @@ use sha2::{Digest, Sha256};
 
 use crate::{BatchOutcome, Condition, DeleteOutcome, PutOutcome, StoreError};
 
+pub use crate::lease::LeaseInfo;
+
 /// Puts `value` under `key` when `cond` holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Put {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub cond: Condition,
+    /// The lease the key lives by afterwards (see [`crate::lease`]).
+    pub attach: Attach,
 }
+
+/// The lease a put leaves its key attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Attach {
+    /// None: a key attached to a lease is detached (as etcd's put without a lease).
+    #[default]
+    None,
+    /// This live lease ([`StoreError::LeaseNotFound`] otherwise).
+    Lease(u64),
+    /// A lease of its own with this TTL, granted by the same write (Redis's `SET ... PX`).
+    NewLease { ttl_ms: u64 },
+}
+
+/// Grants a lease of `ttl_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantLease {
+    pub ttl_ms: u64,
+}
+
+/// Revokes lease `id`: its keys are deleted at one new revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokeLease {
+    pub id: u64,
+}
+
+/// Revokes every lease past its deadline (the server's reaper sends it), each lease's keys
+/// at a revision of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpireLeases;
 
 /// Deletes `key` when `cond` holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +88,25 @@ pub enum WriteOp {
     Delete(Delete),
     PutMany(PutMany),
     Increment(Increment),
+    GrantLease(GrantLease),
+    RevokeLease(RevokeLease),
+    ExpireLeases(ExpireLeases),
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseGranted {
+    pub id: u64,
+    pub ttl_ms: u64,
+}
+
+/// What a revoke did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    /// Keys deleted.
+    pub deleted: u64,
+    /// The store revision after it (new when keys were deleted).
+    pub revision: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +124,10 @@ pub enum WriteOutcome {
     Delete(DeleteOutcome),
     PutMany(BatchOutcome),
     Increment(IncrementOutcome),
+    GrantLease(LeaseGranted),
+    RevokeLease(RevokeOutcome),
+    /// How many leases expired.
+    ExpireLeases(u64),
 }
 
 /// A write of one kind, and the outcome that kind has. Callers hand a `Put` to
@@ -112,6 +168,9 @@ write_kinds! {
     Delete => DeleteOutcome,
     PutMany => BatchOutcome,
     Increment => IncrementOutcome,
+    GrantLease => LeaseGranted,
+    RevokeLease => RevokeOutcome,
+    ExpireLeases => u64,
 }
 
 /// Makes a write idempotent within a session.
@@ -157,11 +216,24 @@ impl WriteOp {
                 key,
                 value,
                 cond: c,
+                attach,
             }) => {
                 h.update(b"put");
                 bytes(&mut h, key);
                 bytes(&mut h, value);
                 cond(&mut h, c);
+                // Nothing for no lease: fingerprints recorded before leases still match.
+                match attach {
+                    Attach::None => {}
+                    Attach::Lease(id) => {
+                        h.update(b"lease");
+                        h.update(id.to_be_bytes());
+                    }
+                    Attach::NewLease { ttl_ms } => {
+                        h.update(b"ttl");
+                        h.update(ttl_ms.to_be_bytes());
+                    }
+                }
             }
             WriteOp::Delete(Delete { key, cond: c }) => {
                 h.update(b"delete");
@@ -182,6 +254,15 @@ impl WriteOp {
                 bytes(&mut h, key);
                 h.update(delta.to_be_bytes());
             }
+            WriteOp::GrantLease(GrantLease { ttl_ms }) => {
+                h.update(b"grant_lease");
+                h.update(ttl_ms.to_be_bytes());
+            }
+            WriteOp::RevokeLease(RevokeLease { id }) => {
+                h.update(b"revoke_lease");
+                h.update(id.to_be_bytes());
+            }
+            WriteOp::ExpireLeases(ExpireLeases) => h.update(b"expire_leases"),
         }
         let digest = h.finalize();
         let mut out = [0u8; 16];
@@ -214,7 +295,10 @@ pub fn incremented(current: Option<&[u8]>, delta: i64) -> Result<i64, StoreError
 pub fn recordable(outcome: &Result<WriteOutcome, StoreError>) -> bool {
     matches!(
         outcome,
-        Ok(_) | Err(StoreError::ConditionFailed { .. }) | Err(StoreError::NotAnInteger)
+        Ok(_)
+            | Err(StoreError::ConditionFailed { .. })
+            | Err(StoreError::NotAnInteger)
+            | Err(StoreError::LeaseNotFound { .. })
     )
 }
 
@@ -244,9 +328,30 @@ impl Record {
                 .for_each(|v| b.extend_from_slice(&v.to_be_bytes()))
         };
         match &self.outcome {
-            Ok(WriteOutcome::Put(o)) => {
+            // A put without a lease as before leases (tag 0), so old records still read.
+            Ok(WriteOutcome::Put(o)) if o.lease == 0 => {
                 b.push(0);
                 u64s(&mut b, &[o.version, o.revision]);
+            }
+            Ok(WriteOutcome::Put(o)) => {
+                b.push(4);
+                u64s(&mut b, &[o.version, o.revision, o.lease]);
+            }
+            Ok(WriteOutcome::GrantLease(o)) => {
+                b.push(5);
+                u64s(&mut b, &[o.id, o.ttl_ms]);
+            }
+            Ok(WriteOutcome::RevokeLease(o)) => {
+                b.push(6);
+                u64s(&mut b, &[o.deleted, o.revision]);
+            }
+            Ok(WriteOutcome::ExpireLeases(n)) => {
+                b.push(7);
+                u64s(&mut b, &[*n]);
+            }
+            Err(StoreError::LeaseNotFound { id }) => {
+                b.push(12);
+                u64s(&mut b, &[*id]);
             }
             Ok(WriteOutcome::Delete(o)) => {
                 b.push(1);
@@ -303,7 +408,23 @@ impl Record {
             0 => Ok(WriteOutcome::Put(PutOutcome {
                 version: word(0)?,
                 revision: word(1)?,
+                lease: 0,
             })),
+            4 => Ok(WriteOutcome::Put(PutOutcome {
+                version: word(0)?,
+                revision: word(1)?,
+                lease: word(2)?,
+            })),
+            5 => Ok(WriteOutcome::GrantLease(LeaseGranted {
+                id: word(0)?,
+                ttl_ms: word(1)?,
+            })),
+            6 => Ok(WriteOutcome::RevokeLease(RevokeOutcome {
+                deleted: word(0)?,
+                revision: word(1)?,
+            })),
+            7 => Ok(WriteOutcome::ExpireLeases(word(0)?)),
+            12 => Err(StoreError::LeaseNotFound { id: word(0)? }),
             1 => Ok(WriteOutcome::Delete(DeleteOutcome {
                 existed: word(0)? != 0,
                 revision: word(1)?,
@@ -342,13 +463,30 @@ impl Record {
 mod tests {
     use super::*;
 
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
     #[test]
     fn records_round_trip() {
         let outcomes = [
             Ok(WriteOutcome::Put(PutOutcome {
                 version: 3,
                 revision: 9,
+                lease: 0,
             })),
+            Ok(WriteOutcome::Put(PutOutcome {
+                version: 3,
+                revision: 9,
+                lease: 77,
+            })),
+            Ok(WriteOutcome::GrantLease(LeaseGranted { id: 5, ttl_ms: 9 })),
+            Ok(WriteOutcome::RevokeLease(RevokeOutcome {
+                deleted: 2,
+                revision: 11,
+            })),
+            Ok(WriteOutcome::ExpireLeases(3)),
+            Err(StoreError::LeaseNotFound { id: 42 }),
             Ok(WriteOutcome::Delete(DeleteOutcome {
                 existed: true,
                 revision: 4,
@@ -390,9 +528,23 @@ mod tests {
                 key: b"k".to_vec(),
                 value: v.to_vec(),
                 cond: Condition::None,
+                attach: Attach::None,
             })
         };
         assert_eq!(put(b"a").fingerprint(), put(b"a").fingerprint());
+        // A put without a lease hashes as it did before leases (records outlive upgrades).
+        assert_eq!(
+            hex(&put(b"a").fingerprint()),
+            "246ea55eb5f7ea2a168dfd3bac6ec8c7",
+            "the fingerprint of a put without a lease changed"
+        );
+        let leased = WriteOp::from(Put {
+            key: b"k".to_vec(),
+            value: b"a".to_vec(),
+            cond: Condition::None,
+            attach: Attach::Lease(1),
+        });
+        assert_ne!(leased.fingerprint(), put(b"a").fingerprint());
         assert_ne!(put(b"a").fingerprint(), put(b"b").fingerprint());
         let inc = |d| {
             WriteOp::from(Increment {

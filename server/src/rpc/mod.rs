@@ -3,6 +3,7 @@
 //! - [`kv`]: `KvStore`, reads and the way to a write session;
 //! - [`session`]: `WriteSession`, the writes (idempotent with a key);
 //! - [`watch`]: `Watcher`, a range's changes in revision order;
+//! - [`lease`]: `Lease`, keep-alive, time to live and revoke of one lease;
 //! - [`admin`]: `Admin`, operator actions.
 //!
 //! Every handler has one shape, written once in `handle!` (and in `handle_now!` for reads,
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod gateway;
 pub mod kv;
+pub mod lease;
 pub mod session;
 pub mod watch;
 
@@ -31,6 +33,7 @@ use capkv_store::{Entry, Store, StoreError};
 pub use admin::AdminImpl;
 pub use gateway::GatewayImpl;
 pub use kv::KvStoreImpl;
+pub use lease::LeaseImpl;
 pub use session::WriteSessionImpl;
 pub use watch::WatcherImpl;
 
@@ -266,6 +269,10 @@ fn store_error(e: StoreError) -> ApiError {
             "value is not a decimal 64-bit integer, or the result would overflow",
         ),
         StoreError::Invalid(detail) => ApiError::new(ErrorCode::InvalidArgument, detail),
+        StoreError::LeaseNotFound { id } => ApiError::new(
+            ErrorCode::LeaseNotFound,
+            format!("lease {id:x} not found (never granted, expired or revoked)"),
+        ),
         StoreError::Compacted { oldest_revision } => ApiError {
             oldest_revision,
             ..ApiError::new(

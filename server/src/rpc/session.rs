@@ -4,13 +4,14 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capkv::kv_capnp::write_session;
+use capkv::kv_capnp::{lease, lease_result, write_session};
 use capkv::ApiError;
 use capkv_store::{write, IdempotencyKey, Pending, StoreError, Write};
 
-use super::{handle, handle_now, store_error, Reply};
+use super::{handle, handle_now, store_error, LeaseImpl, Reply};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
+use crate::refused::Refused;
 use crate::session::TOKEN_BYTES;
 use crate::validate;
 
@@ -36,9 +37,40 @@ impl WriteSessionImpl {
         }
     }
 
+    /// A `grantLease` or `lease` result: the lease's capability (outside the union too),
+    /// id and TTL, or the error and a stand-in.
+    fn write_lease(
+        self: &Rc<Self>,
+        mut out: lease_result::Builder<'_>,
+        r: Result<(u64, u64, CapSlot), ApiError>,
+    ) {
+        match r {
+            Ok((id, ttl_ms, slot)) => {
+                let l: lease::Client =
+                    capkv_rpc::local::new_client(LeaseImpl::new(Rc::clone(self), id, slot));
+                out.set_lease(l.clone());
+                out.set_lease_cap(l);
+                out.set_id(id);
+                out.set_ttl_ms(ttl_ms);
+            }
+            Err(e) => {
+                e.write(out.reborrow().init_error());
+                out.set_lease_cap(Refused::client(&self.shared, &self.conn, e));
+            }
+        }
+    }
+
+    pub(super) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(super) fn conn(&self) -> &Rc<Conn> {
+        &self.conn
+    }
+
     /// Starts `w`, idempotently when the caller gave a key (its record kept for
     /// `idempotency_ttl_ms`).
-    fn apply<W: Write>(
+    pub(super) fn apply<W: Write>(
         &self,
         w: W,
         key: Option<Vec<u8>>,
@@ -55,7 +87,7 @@ impl WriteSessionImpl {
 
 /// The outcome of a write on a store whose writes complete at once
 /// (`Store::writes_complete_at_once`), with nothing to await.
-fn at_once<T>(pending: Pending<T>) -> Result<T, StoreError> {
+pub(super) fn at_once<T>(pending: Pending<T>) -> Result<T, StoreError> {
     pending.now().unwrap_or_else(|_waiting| {
         // A store breaking its word: the write goes on, its outcome is lost to this call
         // (`internal`, which a client treats as unknown).
@@ -66,7 +98,7 @@ fn at_once<T>(pending: Pending<T>) -> Result<T, StoreError> {
 }
 
 /// A write's outcome as the contract says it (conflicting idempotency keys counted).
-fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
+pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
     if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
         metrics::counter!(crate::metrics::IDEMPOTENCY_CONFLICTS_TOTAL).increment(1);
     }
@@ -108,8 +140,61 @@ macro_rules! handle_write {
         }
     }};
 }
+pub(crate) use handle_write;
 
 impl write_session::Server for WriteSessionImpl {
+    async fn grant_lease(
+        self: Rc<Self>,
+        params: write_session::GrantLeaseParams,
+        mut results: write_session::GrantLeaseResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::GrantLease,
+            |this, p, call| {
+                let ttl_ms = validate::lease_ttl_ms(p.get_ttl_ms())?;
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                let max = call.tunables.max_capabilities_per_connection;
+                let slot = this.conn.cap_slot(&this.shared, max)?;
+                let granted = written(
+                    this.apply(
+                        write::GrantLease { ttl_ms },
+                        idem,
+                        call.tunables.idempotency_ttl_ms,
+                    )
+                    .await,
+                )?;
+                Ok((granted.id, granted.ttl_ms, slot))
+            },
+            with = |out, r| self.write_lease(out, r)
+        )
+    }
+
+    async fn lease(
+        self: Rc<Self>,
+        params: write_session::LeaseParams,
+        mut results: write_session::LeaseResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Lease,
+            |this, p, call| {
+                let info = this
+                    .shared
+                    .store
+                    .lease_info(p.get_id())
+                    .map_err(store_error)?;
+                let max = call.tunables.max_capabilities_per_connection;
+                Ok((info.id, info.ttl_ms, this.conn.cap_slot(&this.shared, max)?))
+            },
+            with = |out, r| self.write_lease(out, r)
+        )
+    }
+
     fn increment(
         self: Rc<Self>,
         params: write_session::IncrementParams,
@@ -152,12 +237,14 @@ impl write_session::Server for WriteSessionImpl {
                     key: validate::key(limits, p.get_key())?.to_vec(),
                     value: validate::value(limits, p.get_value())?.to_vec(),
                     cond: validate::condition(p.get_condition())?,
+                    attach: validate::attach(p.get_lease(), p.get_ttl_ms())?,
                 };
                 (w, validate::idempotency_key(p.get_idempotency_key())?)
             },
             ok = |ok, o| {
                 ok.set_version(o.version);
                 ok.set_revision(o.revision);
+                ok.set_lease(o.lease);
             }
         )
     }
