@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 use crate::output;
-use crate::{ApiError, Client, Condition, ErrorCode, ScanBounds, ScanOptions};
+use crate::{ApiError, Client, Condition, ErrorCode, KeyLease, ScanBounds, ScanOptions};
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_NOT_FOUND: u8 = 1;
@@ -132,6 +132,12 @@ pub enum Command {
         /// Only if the key does not exist.
         #[arg(long, conflicts_with = "if_version")]
         if_absent: bool,
+        /// The key lives by lease ID (hex, from `lease grant`): deleted when it ends.
+        #[arg(long, value_name = "ID", value_parser = parse_lease_id)]
+        lease: Option<u64>,
+        /// The key lives for this long (e.g. 30s) unless put again: a lease of its own.
+        #[arg(long, value_name = "D", conflicts_with = "lease", value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
     },
     /// Delete KEY.
     Delete {
@@ -181,6 +187,12 @@ pub enum Command {
         #[arg(long, value_name = "COUNT")]
         count: Option<u64>,
     },
+    /// Leases: keys put with one (`put --lease ID`) are deleted when it expires or is
+    /// revoked.
+    Lease {
+        #[command(subcommand)]
+        action: LeaseAction,
+    },
     /// Add DELTA (default 1) to the integer under KEY, like Redis INCRBY.
     Incr {
         key: OsString,
@@ -224,6 +236,40 @@ pub enum AdminAction {
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// Grant a lease of TTL (e.g. 10s); prints its id.
+    Grant {
+        #[arg(value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Keep lease ID alive, renewing it every third of its TTL until interrupted (or once).
+    Keepalive {
+        #[arg(value_parser = parse_lease_id)]
+        id: u64,
+        /// Renew once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Revoke lease ID now: its keys are deleted.
+    Revoke {
+        #[arg(value_parser = parse_lease_id)]
+        id: u64,
+    },
+    /// Time left on lease ID, and its keys.
+    Ttl {
+        #[arg(value_parser = parse_lease_id)]
+        id: u64,
+    },
+}
+
+fn parse_lease_id(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .ok()
+        .filter(|&id| id != 0)
+        .ok_or_else(|| "expected a lease id in hex (from `lease grant`)".to_string())
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 pub enum FaultsAction {
     /// Arm PLAN, e.g. 'seed=7; get fail=unavailable p=0.3; * latency=300ms for=1m'.
     /// Rules: METHOD ACTION [p=P] [for=D] [times=N]; ACTION: fail=CODE, latency=D[+-J], stall,
@@ -236,7 +282,9 @@ pub enum FaultsAction {
 }
 
 /// Names of the commands, for the shell's completion and help.
-pub const COMMAND_NAMES: [&str; 7] = ["get", "put", "delete", "scan", "health", "version", "admin"];
+pub const COMMAND_NAMES: [&str; 10] = [
+    "get", "put", "delete", "scan", "watch", "incr", "lease", "health", "version", "admin",
+];
 
 fn bytes(s: &OsString) -> Vec<u8> {
     s.clone().into_vec()
@@ -305,6 +353,82 @@ fn read_value(
     read.map(|_| buf)
 }
 
+/// `lease ...`: grant, keep alive, revoke, or show a lease.
+async fn lease(client: &Client, action: &LeaseAction, p: &mut Printer<'_>) -> u8 {
+    let status = |p: &mut Printer<'_>, s: &crate::LeaseStatus, verb: &str| {
+        if p.json {
+            p.value(serde_json::json!({
+                "id": format!("{:x}", s.id), "ttl_ms": s.ttl_ms,
+                "remaining_ms": s.remaining_ms, "keys": s.keys,
+            }));
+        } else {
+            p.text(&format!(
+                "lease {:x} {verb}: {} ms left of {} ms, {} keys",
+                s.id, s.remaining_ms, s.ttl_ms, s.keys
+            ));
+        }
+    };
+    match action {
+        LeaseAction::Grant { ttl } => {
+            let (client, idem) = client.for_one_write();
+            match client.grant_lease(*ttl).await {
+                Ok(g) if p.json => {
+                    let v = serde_json::json!({"id": format!("{:x}", g.id), "ttl_ms": g.ttl_ms});
+                    p.value(with_key(&client, v, idem).await);
+                    EXIT_OK
+                }
+                Ok(g) => {
+                    p.text(&format!("{:x}", g.id));
+                    EXIT_OK
+                }
+                Err(e) => p.error(&e),
+            }
+        }
+        LeaseAction::Ttl { id } => match client.lease_time_to_live(*id).await {
+            Ok(s) => {
+                status(p, &s, "alive");
+                EXIT_OK
+            }
+            Err(e) => p.error(&e),
+        },
+        LeaseAction::Revoke { id } => {
+            let (client, idem) = client.for_one_write();
+            match client.revoke_lease(*id).await {
+                Ok(o) if p.json => {
+                    let v = serde_json::json!({"deleted": o.deleted, "revision": o.revision});
+                    p.value(with_key(&client, v, idem).await);
+                    EXIT_OK
+                }
+                Ok(o) => {
+                    p.text(&format!(
+                        "revoked: {} keys deleted, revision={}",
+                        o.deleted, o.revision
+                    ));
+                    EXIT_OK
+                }
+                Err(e) => p.error(&e),
+            }
+        }
+        LeaseAction::Keepalive { id, once } => loop {
+            let s = match client.keep_alive(*id).await {
+                Ok(s) => s,
+                Err(e) => return p.error(&e),
+            };
+            status(p, &s, "kept alive");
+            let _ = p.out.flush();
+            if *once {
+                return EXIT_OK;
+            }
+            // A third of the TTL, as etcd's client does; at least 10 ms.
+            let every = std::time::Duration::from_millis((s.ttl_ms / 3).max(10));
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = tokio::signal::ctrl_c() => return EXIT_OK,
+            }
+        },
+    }
+}
+
 /// How long one watch page waits for a change before asking again.
 const WATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -366,6 +490,8 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             file,
             if_version,
             if_absent,
+            lease,
+            ttl,
         } => {
             let value = match read_value(value, file, stdin_ok) {
                 Ok(v) => v,
@@ -376,10 +502,25 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                 (None, true) => Condition::IfAbsent,
                 (None, false) => Condition::None,
             };
+            let lease = match (lease, ttl) {
+                (Some(id), _) => KeyLease::Lease(*id),
+                (None, Some(ttl)) => KeyLease::Ttl(*ttl),
+                (None, None) => KeyLease::None,
+            };
             let (client, idem) = client.for_one_write();
-            match client.put_if(&bytes(key), &value, cond).await {
+            match client
+                .put_with_lease(&bytes(key), &value, cond, lease)
+                .await
+            {
                 Ok(o) if p.json => {
                     p.value(with_key(&client, output::put_json(&o), idem).await);
+                    EXIT_OK
+                }
+                Ok(o) if o.lease != 0 => {
+                    p.text(&format!(
+                        "OK version={} revision={} lease={:x}",
+                        o.version, o.revision, o.lease
+                    ));
                     EXIT_OK
                 }
                 Ok(o) => {
@@ -469,6 +610,7 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             };
             watch(client, bounds, *from, *count, p).await
         }
+        Command::Lease { action } => lease(client, action, p).await,
         Command::Incr { key, delta } => {
             let (client, idem) = client.for_one_write();
             match client.increment(&bytes(key), *delta).await {

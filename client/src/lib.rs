@@ -196,6 +196,45 @@ pub enum Condition {
 pub struct PutOutcome {
     pub version: u64,
     pub revision: u64,
+    /// The lease the key lives by now (0: none).
+    pub lease: u64,
+}
+
+/// The lease a put leaves its key attached to (see [`Client::put_with_lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyLease {
+    /// None: a key attached to a lease is detached (as etcd's put).
+    #[default]
+    None,
+    /// This lease, by id.
+    Lease(u64),
+    /// A lease of its own with this TTL, granted by the same write (Redis's `SET ... PX`).
+    Ttl(Duration),
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub id: u64,
+    pub ttl_ms: u64,
+}
+
+/// A lease as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseStatus {
+    pub id: u64,
+    pub ttl_ms: u64,
+    /// Until it expires, unless kept alive.
+    pub remaining_ms: u64,
+    /// Keys attached to it.
+    pub keys: u64,
+}
+
+/// What a revoke did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    pub deleted: u64,
+    pub revision: u64,
 }
 
 /// Outcome of an atomic `put_many`.
@@ -714,15 +753,72 @@ impl Client {
         value: &[u8],
         cond: Condition,
     ) -> Result<PutOutcome, ApiError> {
-        let data = (key.to_vec(), value.to_vec(), cond);
+        self.put_with_lease(key, value, cond, KeyLease::None).await
+    }
+
+    /// A put whose key lives by `lease` (see [`KeyLease`]).
+    pub async fn put_with_lease(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        lease: KeyLease,
+    ) -> Result<PutOutcome, ApiError> {
+        let data = (key.to_vec(), value.to_vec(), cond, lease);
         self.call(
             "put",
             Safety::NotIdempotent,
             data,
             |c, data, d| async move {
-                let (key, value, cond) = &*data;
-                c.put(key, value, *cond, d).await
+                let (key, value, cond, lease) = &*data;
+                c.put_with_lease(key, value, *cond, *lease, d).await
             },
+        )
+        .await
+    }
+
+    /// A lease of `ttl`: keys put with it go when it expires (not kept alive for its TTL)
+    /// or is revoked.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<LeaseGrant, ApiError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.call(
+            "grant_lease",
+            Safety::NotIdempotent,
+            ttl_ms,
+            |c, ttl_ms, d| async move { c.grant_lease(*ttl_ms, d).await },
+        )
+        .await
+    }
+
+    /// Renews lease `id` to its full TTL.
+    pub async fn keep_alive(&self, id: u64) -> Result<LeaseStatus, ApiError> {
+        self.call(
+            "lease_keep_alive",
+            Safety::Idempotent,
+            id,
+            |c, id, d| async move { c.lease_status(*id, true, d).await },
+        )
+        .await
+    }
+
+    /// Lease `id` as it is now (not renewed).
+    pub async fn lease_time_to_live(&self, id: u64) -> Result<LeaseStatus, ApiError> {
+        self.call(
+            "lease_time_to_live",
+            Safety::Idempotent,
+            id,
+            |c, id, d| async move { c.lease_status(*id, false, d).await },
+        )
+        .await
+    }
+
+    /// Ends lease `id` now: its keys are deleted at one revision.
+    pub async fn revoke_lease(&self, id: u64) -> Result<RevokeOutcome, ApiError> {
+        self.call(
+            "lease_revoke",
+            Safety::NotIdempotent,
+            id,
+            |c, id, d| async move { c.revoke_lease(*id, d).await },
         )
         .await
     }

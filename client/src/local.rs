@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
 
-use capkv::kv_capnp::{admin, gateway, kv_store, watcher, write_session};
+use capkv::kv_capnp::{admin, gateway, kv_store, lease, watcher, write_session};
 use capkv::{ApiError, CallMeta, ErrorCode};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::LocalBoxFuture;
@@ -25,8 +25,8 @@ use crate::wire::{
 };
 use crate::{
     BatchOutcome, ClientEngine, ClientOptions, Condition, DeleteOutcome, Entry, EventKind,
-    FaultsInfo, Health, IncrementOutcome, PutOutcome, ScanBounds, ScanOptions, ScanPage,
-    VersionInfo, WatchEvent, WatchPage,
+    FaultsInfo, Health, IncrementOutcome, KeyLease, LeaseGrant, LeaseStatus, PutOutcome,
+    RevokeOutcome, ScanBounds, ScanOptions, ScanPage, VersionInfo, WatchEvent, WatchPage,
 };
 
 /// The write session of a connection: the pipelined capability, how the call that made it
@@ -456,6 +456,19 @@ impl LocalClient {
         cond: Condition,
         deadline: impl Into<CallSpec>,
     ) -> Result<PutOutcome, ApiError> {
+        self.put_with_lease(key, value, cond, KeyLease::None, deadline)
+            .await
+    }
+
+    /// A put whose key lives by `lease`.
+    pub async fn put_with_lease(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        lease: KeyLease,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<PutOutcome, ApiError> {
         let spec = deadline.into();
         self.run(spec, |meta| async move {
             let (session, outcome) = self.write_session(&meta, &spec).await?;
@@ -467,9 +480,125 @@ impl LocalClient {
             req.get().set_key(key);
             req.get().set_value(value);
             write_condition(req.get().init_condition(), cond);
+            match lease {
+                KeyLease::None => {}
+                KeyLease::Lease(id) => req.get().set_lease(id),
+                KeyLease::Ttl(ttl) => req
+                    .get()
+                    .set_ttl_ms(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            }
             let r = async {
                 decode_result!(req.send().promise, put_result, Ok(ok) => Ok(PutOutcome {
                     version: ok.get_version(),
+                    revision: ok.get_revision(),
+                    lease: ok.get_lease(),
+                }))
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// A lease of `ttl_ms`, through the write session (keyed like a write).
+    pub async fn grant_lease(
+        &self,
+        ttl_ms: u64,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<LeaseGrant, ApiError> {
+        let spec = deadline.into();
+        self.run(spec, |meta| async move {
+            let (session, outcome) = self.write_session(&meta, &spec).await?;
+            let mut req = session.grant_lease_request();
+            meta.write(req.get().init_ctx());
+            if let Some(k) = &spec.idempotency_key {
+                req.get().set_idempotency_key(k);
+            }
+            req.get().set_ttl_ms(ttl_ms);
+            let r = async {
+                let resp = req.send().promise.await.map_err(capnp_err)?;
+                let result = resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?;
+                use capkv::kv_capnp::lease_result::Which;
+                match result.which() {
+                    Ok(Which::Lease(_)) => Ok(LeaseGrant {
+                        id: result.get_id(),
+                        ttl_ms: result.get_ttl_ms(),
+                    }),
+                    Ok(Which::Error(e)) => Err(read_error(e)),
+                    Err(e) => Err(capnp_err(e.into())),
+                }
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// The capability of lease `id`, pipelined on the write session (no round trip).
+    fn lease_cap(&self, id: u64, meta: &CallMeta) -> (lease::Client, SharedOutcome) {
+        let (session, outcome) = self.session(meta);
+        let mut req = session.lease_request();
+        meta.write(req.get().init_ctx());
+        req.get().set_id(id);
+        (req.send().pipeline.get_result().get_lease_cap(), outcome)
+    }
+
+    /// Lease `id` now, renewed first when `renew` (a keep-alive): one round trip.
+    pub async fn lease_status(
+        &self,
+        id: u64,
+        renew: bool,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<LeaseStatus, ApiError> {
+        self.run(deadline, |meta| async move {
+            let (lease, outcome) = self.lease_cap(id, &meta);
+            macro_rules! status {
+                ($req:ident) => {{
+                    meta.write($req.get().init_ctx());
+                    decode_result!($req.send().promise, lease_info_result, Ok(ok) => Ok(LeaseStatus {
+                        id: ok.get_id(),
+                        ttl_ms: ok.get_ttl_ms(),
+                        remaining_ms: ok.get_remaining_ms(),
+                        keys: ok.get_keys(),
+                    }))
+                }};
+            }
+            let r = async {
+                if renew {
+                    let mut req = lease.keep_alive_request();
+                    status!(req)
+                } else {
+                    let mut req = lease.time_to_live_request();
+                    status!(req)
+                }
+            }
+            .await;
+            self.explain(r, &outcome).await
+        })
+        .await
+    }
+
+    /// Revokes lease `id` (keyed like a write): one round trip.
+    pub async fn revoke_lease(
+        &self,
+        id: u64,
+        deadline: impl Into<CallSpec>,
+    ) -> Result<RevokeOutcome, ApiError> {
+        let spec = deadline.into();
+        self.run(spec, |meta| async move {
+            let (session, outcome) = self.write_session(&meta, &spec).await?;
+            let mut req = session.lease_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_id(id);
+            let lease = req.send().pipeline.get_result().get_lease_cap();
+            let mut req = lease.revoke_request();
+            meta.write(req.get().init_ctx());
+            if let Some(k) = &spec.idempotency_key {
+                req.get().set_idempotency_key(k);
+            }
+            let r = async {
+                decode_result!(req.send().promise, revoke_result, Ok(ok) => Ok(RevokeOutcome {
+                    deleted: ok.get_deleted(),
                     revision: ok.get_revision(),
                 }))
             }

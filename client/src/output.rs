@@ -69,7 +69,11 @@ pub fn error_json(e: &ApiError) -> Value {
 }
 
 pub fn put_json(o: &PutOutcome) -> Value {
-    json!({"version": o.version, "revision": o.revision})
+    let mut v = json!({"version": o.version, "revision": o.revision});
+    if o.lease != 0 {
+        v["lease"] = Value::from(format!("{:x}", o.lease));
+    }
+    v
 }
 
 pub fn delete_json(o: &DeleteOutcome) -> Value {

@@ -351,3 +351,35 @@ fn watch_prints_each_change_from_a_revision() {
         (Some("put"), Some("other"), Some(2))
     );
 }
+
+/// `lease grant | ttl | keepalive --once | revoke`, and `put --lease` / `put --ttl`.
+#[test]
+fn leases_from_the_command_line() {
+    let s = server();
+    let addr = s.addr().to_string();
+    let o = run(&addr, &["lease", "grant", "60s"], None);
+    assert!(o.status.success(), "{o:?}");
+    let id = stdout(&o).trim().to_string();
+    assert!(u64::from_str_radix(&id, 16).is_ok(), "a hex id: {id}");
+    let o = run(&addr, &["put", "member/a", "up", "--lease", &id], None);
+    assert_eq!(stdout(&o), format!("OK version=1 revision=1 lease={id}\n"));
+    let o = run(&addr, &["lease", "ttl", &id], None);
+    let line = stdout(&o);
+    assert!(line.starts_with(&format!("lease {id} alive: ")), "{line}");
+    assert!(line.ends_with("ms left of 60000 ms, 1 keys\n"), "{line}");
+    let o = run(&addr, &["lease", "keepalive", &id, "--once"], None);
+    assert!(stdout(&o).contains("kept alive"), "{o:?}");
+    let o = run(&addr, &["lease", "revoke", &id], None);
+    assert_eq!(stdout(&o), "revoked: 1 keys deleted, revision=2\n");
+    let o = run(&addr, &["get", "member/a"], None);
+    assert_eq!(o.status.code(), Some(1), "gone with its lease");
+    let o = run(&addr, &["--json", "lease", "ttl", &id], None);
+    assert_eq!(o.status.code(), Some(4));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "lease_not_found");
+    let o = run(&addr, &["--json", "put", "session", "x", "--ttl", "30s"], None);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["lease"].as_str().is_some_and(|l| !l.is_empty()), "{v}");
+    let o = run(&addr, &["lease", "ttl", "zz"], None);
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+}

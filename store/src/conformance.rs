@@ -761,6 +761,32 @@ pub fn leases_take_their_keys(s: &dyn Store) {
         Err(StoreError::LeaseNotFound { id: ttl })
     );
     assert!(s.lease_info(kept).is_ok(), "a live lease does not expire");
+
+    // Keyed, a put with a TTL and a revoke have one effect however often they are sent.
+    let ttl_put = || {
+        s.apply(
+            write::Put {
+                key: b"once".to_vec(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+                attach: Attach::NewLease { ttl_ms: 600_000 },
+            },
+            idem("s", "ttl-put", far_future()),
+        )
+        .wait()
+        .unwrap()
+    };
+    let (leases_before, _) = s.lease_clock();
+    let first = ttl_put();
+    assert_eq!(ttl_put(), first, "the replay answers the first outcome");
+    assert_eq!(s.lease_clock().0, leases_before + 1, "one lease, not two");
+    let revoke = || {
+        s.apply(RevokeLease { id: first.lease }, idem("s", "revoke", far_future()))
+            .wait()
+    };
+    let revoked = revoke().unwrap();
+    assert_eq!(revoked.deleted, 1);
+    assert_eq!(revoke(), Ok(revoked), "the replay, not leaseNotFound");
 }
 
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
