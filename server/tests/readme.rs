@@ -182,6 +182,7 @@ const BLOCK_MARKERS: &[&str] = &[
     "kv-client health",
     "--idempotency-key",
     "kv-client watch",
+    "lease grant",
     "admin faults set",
     "kv-loadgen run",
 ];
@@ -366,6 +367,45 @@ fn watch_block_runs() {
         ran += 1;
     }
     assert_eq!(ran, 4);
+}
+
+/// The lease block, in order, with the granted id in `$ID` as the shell would have it.
+#[test]
+fn lease_block_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = server(&["--engine", "memory"], &[]);
+    let mut envs = HashMap::from([("CAPKV_ADDR".to_string(), addr)]);
+    let mut ran = 0;
+    for line in block_with("lease grant") {
+        if line.cmd.starts_with("B=") {
+            continue;
+        }
+        if let Some(inner) = line.cmd.strip_prefix("ID=$(") {
+            let id = ok(inner.trim_end_matches(')'), dir.path(), &envs);
+            assert!(u64::from_str_radix(id.trim(), 16).is_ok(), "{id}");
+            envs.insert("ID".to_string(), id.trim().to_string());
+            ran += 1;
+            continue;
+        }
+        let out = ok(&line.cmd, dir.path(), &envs);
+        let id = &envs["ID"];
+        let example = "694d7f2a1b3c4d5e";
+        let shown = line.comment.replace(example, id);
+        match line.cmd.split_whitespace().nth(1) {
+            Some("put") if line.cmd.contains("--lease") => assert_eq!(out.trim_end(), shown),
+            Some("put") => assert!(out.starts_with("OK version=1 revision=3 lease="), "{out}"),
+            Some("lease") if line.cmd.contains(" ttl ") => {
+                assert!(out.starts_with(&format!("lease {id} alive: ")), "{out}");
+                assert!(out.trim_end().ends_with("of 10000 ms, 1 keys"), "{out}");
+            }
+            Some("lease") if line.cmd.contains(" revoke ") => {
+                assert_eq!(out.trim_end(), shown)
+            }
+            _ => assert!(out.contains("kept alive"), "{out}"),
+        }
+        ran += 1;
+    }
+    assert_eq!(ran, 6);
 }
 
 #[test]
