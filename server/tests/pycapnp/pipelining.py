@@ -140,7 +140,23 @@ async def main():
     )
     check(trips == 1, f"open -> watch -> next is one round trip (took {trips})")
 
-    # 6. Wrong tokens: the pipelined calls fail with the refusal's code; so does open.
+    # 6. open -> session -> grantLease -> timeToLive: one round trip; a put with the lease.
+    async def open_grant_ttl(gw):
+        session_call = gw.open(ctx=ctx(), token=TOKEN).result.kvCap.session(ctx=ctx())
+        session = session_call.result.sessionCap
+        grant = session.grantLease(ctx=ctx(), ttlMs=60000)
+        ttl = grant.result.leaseCap.timeToLive(ctx=ctx())
+        granted, ttl = await asyncio.gather(grant, ttl)
+        put = await session.put(ctx=ctx(), key=b"py-leased", value=b"v", lease=granted.result.id)
+        return granted.result, ttl.result, put.result
+
+    (granted, ttl, put), trips = await round_trips(open_grant_ttl)
+    check(code(granted) == "ok" or granted.which() == "lease", "grantLease succeeds")
+    check(ttl.which() == "ok" and ttl.ok.ttlMs == 60000, "timeToLive pipelined on leaseCap")
+    check(trips <= 2, f"grant -> timeToLive, then a put: two round trips (took {trips})")
+    check(code(put) == "ok" and put.ok.lease == granted.id, "a put attaches its key to the lease")
+
+    # 7. Wrong tokens: the pipelined calls fail with the refusal's code; so does open.
     gw = direct.gateway
     bad_open = gw.open(ctx=ctx(), token="wrong-token")
     bad_get = bad_open.result.kvCap.get(ctx=ctx(), key=b"py-key")
