@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Watch fan-out: one writer putting to a prefix as fast as one call at a time allows, and 1,
 # 100 and 1,000 watchers of that prefix (kv-loadgen watch-fanout): puts/s, events delivered
-# per second (summed over watchers) and put-to-delivery latency. bench/run.sh's pinning:
-# kv-server (memory engine, 1 worker) on core 1, kv-loadgen on core 0.
+# per second (summed over watchers) and put-to-delivery latency. Then lease churn
+# (kv-loadgen lease-churn): leases of 1 s granted, each with one key, left to expire.
+# bench/run.sh's pinning: kv-server (memory engine, 1 worker) on core 1, kv-loadgen on core 0.
 #
 # Usage: bash bench/watch.sh [SECONDS]   (default 10 per case)
 # Bounded: three runs of SECONDS; every process started is stopped by its PID.
@@ -25,3 +26,5 @@ for watchers in 1 100 1000; do
     taskset -c 0 "$bin/kv-loadgen" watch-fanout --addr "$addr" --watchers "$watchers" \
         --connections 10 --duration "${secs}s"
 done
+taskset -c 0 "$bin/kv-loadgen" lease-churn --addr "$addr" --connections 10 --in-flight 4 \
+    --ttl 1s --duration "${secs}s"

@@ -377,7 +377,11 @@ fn leases_from_the_command_line() {
     assert_eq!(o.status.code(), Some(4));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["error"]["code"], "lease_not_found");
-    let o = run(&addr, &["--json", "put", "session", "x", "--ttl", "30s"], None);
+    let o = run(
+        &addr,
+        &["--json", "put", "session", "x", "--ttl", "30s"],
+        None,
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["lease"].as_str().is_some_and(|l| !l.is_empty()), "{v}");
     let o = run(&addr, &["lease", "ttl", "zz"], None);

@@ -16,9 +16,11 @@
 //! - [`redis_bench`]: `redis-benchmark` runs interleaved with the matrix's cases.
 //! - [`floor`]: `kv-loadgen rpc-floor`, a bare server answering `get` at once on either RPC
 //!   engine: what the RPC runtime alone costs per call.
+//! - [`churn`]: `kv-loadgen lease-churn`, leases granted, attached and left to expire.
 //! - [`fanout`]: `kv-loadgen watch-fanout`, one writer and many watchers of its prefix:
 //!   events delivered per second and the put-to-delivery latency.
 
+pub mod churn;
 pub mod fanout;
 pub mod floor;
 pub mod matrix;

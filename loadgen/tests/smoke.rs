@@ -242,3 +242,19 @@ fn a_watch_fanout_delivers_every_put_to_every_watcher() {
     assert!(r.puts_per_s > 0.0 && r.events_per_s > 0.0);
     assert!(capkv_loadgen::fanout::report(&cfg, &r).contains("events delivered/s"));
 }
+
+/// A short lease churn: cycles complete, and every key expires with its lease.
+#[test]
+fn a_lease_churn_leaves_no_key_behind() {
+    let server = RunningServer::start(Config::local_ephemeral()).unwrap();
+    let cfg = capkv_loadgen::churn::ChurnConfig {
+        addr: server.addr().to_string(),
+        connections: 2,
+        in_flight: 2,
+        ttl: Duration::from_millis(200),
+        duration: Duration::from_millis(300),
+    };
+    let r = capkv_loadgen::churn::run(&cfg).unwrap();
+    assert!(r.cycles_per_s > 0.0);
+    assert_eq!(r.left, 0, "every key expired with its lease");
+}

@@ -781,8 +781,11 @@ pub fn leases_take_their_keys(s: &dyn Store) {
     assert_eq!(ttl_put(), first, "the replay answers the first outcome");
     assert_eq!(s.lease_clock().0, leases_before + 1, "one lease, not two");
     let revoke = || {
-        s.apply(RevokeLease { id: first.lease }, idem("s", "revoke", far_future()))
-            .wait()
+        s.apply(
+            RevokeLease { id: first.lease },
+            idem("s", "revoke", far_future()),
+        )
+        .wait()
     };
     let revoked = revoke().unwrap();
     assert_eq!(revoked.deleted, 1);

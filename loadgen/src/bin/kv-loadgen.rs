@@ -41,6 +41,26 @@ enum Command {
     /// One writer putting to a prefix as fast as it can, many watchers of that prefix:
     /// events delivered per second and put-to-delivery latency.
     WatchFanout(WatchFanoutArgs),
+    /// Leases granted, each with one key put on it, never kept alive: cycles per second,
+    /// and whether every key expired one TTL and a second later.
+    LeaseChurn(LeaseChurnArgs),
+}
+
+#[derive(Args, Debug)]
+struct LeaseChurnArgs {
+    /// The capkv server.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// Grant-and-put loops per connection.
+    #[arg(long, default_value_t = 4)]
+    in_flight: usize,
+    /// Each lease's TTL.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +353,18 @@ fn main() -> anyhow::Result<()> {
                 "{} events missed or repeated",
                 r.anomalies
             );
+        }
+        Command::LeaseChurn(a) => {
+            let cfg = capkv_loadgen::churn::ChurnConfig {
+                addr: a.addr,
+                connections: a.connections,
+                in_flight: a.in_flight,
+                ttl: a.ttl,
+                duration: a.duration,
+            };
+            let r = capkv_loadgen::churn::run(&cfg)?;
+            print!("{}", capkv_loadgen::churn::report(&cfg, &r));
+            anyhow::ensure!(r.left == 0, "{} keys outlived their leases", r.left);
         }
         Command::PlotDurable(a) => {
             let p = a.plot.to().context("--plot DIR: where to write the plot")?;
