@@ -44,6 +44,10 @@ struct Lease {
 pub struct Leases {
     by_id: HashMap<u64, Lease>,
     by_key: HashMap<Vec<u8>, u64>,
+    /// Every lease by deadline, so that the reaper's questions (what has expired, when is
+    /// the next deadline) cost a walk of the expired ones, not of every lease, under the
+    /// store's lock.
+    by_deadline: BTreeSet<(Instant, u64)>,
 }
 
 impl Leases {
@@ -59,14 +63,19 @@ impl Leases {
 
     /// Adds lease `id` (granted now, or found at open) with its full TTL from `now`.
     pub fn insert(&mut self, id: u64, ttl_ms: u64, now: Instant) {
-        self.by_id.insert(
+        let deadline = now + Duration::from_millis(ttl_ms);
+        let old = self.by_id.insert(
             id,
             Lease {
                 ttl_ms,
-                deadline: now + Duration::from_millis(ttl_ms),
+                deadline,
                 keys: BTreeSet::new(),
             },
         );
+        if let Some(old) = old {
+            self.by_deadline.remove(&(old.deadline, id));
+        }
+        self.by_deadline.insert((deadline, id));
     }
 
     pub fn contains(&self, id: u64) -> bool {
@@ -94,7 +103,9 @@ impl Leases {
     /// Renews lease `id` to its full TTL from `now`.
     pub fn keep_alive(&mut self, id: u64, now: Instant) -> Option<LeaseInfo> {
         let l = self.by_id.get_mut(&id)?;
+        self.by_deadline.remove(&(l.deadline, id));
         l.deadline = now + Duration::from_millis(l.ttl_ms);
+        self.by_deadline.insert((l.deadline, id));
         self.info(id, now)
     }
 
@@ -124,6 +135,7 @@ impl Leases {
     /// Removes lease `id`; returns its keys, in order, now detached.
     pub fn remove(&mut self, id: u64) -> Option<Vec<Vec<u8>>> {
         let lease = self.by_id.remove(&id)?;
+        self.by_deadline.remove(&(lease.deadline, id));
         for key in &lease.keys {
             self.by_key.remove(key);
         }
@@ -132,17 +144,17 @@ impl Leases {
 
     /// Leases past their deadline at `now`, at most `limit`.
     pub fn expired(&self, now: Instant, limit: usize) -> Vec<u64> {
-        self.by_id
+        self.by_deadline
             .iter()
-            .filter(|(_, l)| l.deadline <= now)
-            .map(|(&id, _)| id)
+            .take_while(|(deadline, _)| *deadline <= now)
+            .map(|&(_, id)| id)
             .take(limit)
             .collect()
     }
 
     /// The earliest deadline of any lease.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.by_id.values().map(|l| l.deadline).min()
+        self.by_deadline.first().map(|&(deadline, _)| deadline)
     }
 }
 
@@ -174,5 +186,6 @@ mod tests {
         assert_eq!(l.of_key(b"k1"), None);
         assert_eq!(l.of_key(b"k2"), Some(b));
         assert_eq!(l.remove(a), None);
+        assert_eq!(l.by_deadline.len(), l.len(), "one deadline entry per lease");
     }
 }
