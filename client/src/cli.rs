@@ -148,15 +148,8 @@ pub enum Command {
     },
     /// List keys in order, by prefix or range.
     Scan {
-        /// Keys starting with P.
-        #[arg(long, value_name = "P", conflicts_with_all = ["start", "end"])]
-        prefix: Option<OsString>,
-        /// First key (inclusive).
-        #[arg(long, value_name = "K")]
-        start: Option<OsString>,
-        /// End key (exclusive).
-        #[arg(long, value_name = "K")]
-        end: Option<OsString>,
+        #[command(flatten)]
+        range: RangeArgs,
         /// Page size (0 = the server's default).
         #[arg(long, value_name = "N", default_value_t = 0)]
         limit: u32,
@@ -171,15 +164,8 @@ pub enum Command {
     /// event, as they happen, until interrupted (or COUNT events). Across reconnects it
     /// goes on where it stopped, with no event twice or missed.
     Watch {
-        /// Keys starting with P.
-        #[arg(long, value_name = "P", conflicts_with_all = ["start", "end"])]
-        prefix: Option<OsString>,
-        /// First key (inclusive).
-        #[arg(long, value_name = "K")]
-        start: Option<OsString>,
-        /// End key (exclusive).
-        #[arg(long, value_name = "K")]
-        end: Option<OsString>,
+        #[command(flatten)]
+        range: RangeArgs,
         /// First revision to show (0 = from the next write).
         #[arg(long, value_name = "N", default_value_t = 0)]
         from: u64,
@@ -233,6 +219,32 @@ pub enum AdminAction {
     /// Write a checkpoint (backup) of the server's store into DIR, a path on the server's
     /// machine that must not exist yet; start a server on DIR to restore it.
     Checkpoint { dir: String },
+}
+
+/// The keys a `scan` or `watch` covers: a prefix, or a range.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RangeArgs {
+    /// Keys starting with P.
+    #[arg(long, value_name = "P", conflicts_with_all = ["start", "end"])]
+    prefix: Option<OsString>,
+    /// First key (inclusive).
+    #[arg(long, value_name = "K")]
+    start: Option<OsString>,
+    /// End key (exclusive).
+    #[arg(long, value_name = "K")]
+    end: Option<OsString>,
+}
+
+impl RangeArgs {
+    fn bounds(&self) -> ScanBounds {
+        match &self.prefix {
+            Some(pfx) => ScanBounds::Prefix(bytes(pfx)),
+            None => ScanBounds::Range {
+                start: self.start.as_ref().map(bytes).unwrap_or_default(),
+                end: self.end.as_ref().map(bytes).unwrap_or_default(),
+            },
+        }
+    }
 }
 
 #[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
@@ -552,9 +564,7 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
             }
         }
         Command::Scan {
-            prefix,
-            start,
-            end,
+            range,
             limit,
             cursor,
             keys_only,
@@ -569,15 +579,8 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                     ))
                 }
             };
-            let bounds = match prefix {
-                Some(pfx) => ScanBounds::Prefix(bytes(pfx)),
-                None => ScanBounds::Range {
-                    start: start.as_ref().map(bytes).unwrap_or_default(),
-                    end: end.as_ref().map(bytes).unwrap_or_default(),
-                },
-            };
             let opts = ScanOptions {
-                bounds,
+                bounds: range.bounds(),
                 limit: *limit,
                 cursor,
                 keys_only: *keys_only,
@@ -594,21 +597,8 @@ pub async fn execute(client: &Client, cmd: &Command, p: &mut Printer<'_>, stdin_
                 Err(e) => p.error(&e),
             }
         }
-        Command::Watch {
-            prefix,
-            start,
-            end,
-            from,
-            count,
-        } => {
-            let bounds = match prefix {
-                Some(pfx) => ScanBounds::Prefix(bytes(pfx)),
-                None => ScanBounds::Range {
-                    start: start.as_ref().map(bytes).unwrap_or_default(),
-                    end: end.as_ref().map(bytes).unwrap_or_default(),
-                },
-            };
-            watch(client, bounds, *from, *count, p).await
+        Command::Watch { range, from, count } => {
+            watch(client, range.bounds(), *from, *count, p).await
         }
         Command::Lease { action } => lease(client, action, p).await,
         Command::Incr { key, delta } => {

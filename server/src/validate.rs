@@ -110,25 +110,35 @@ pub fn condition(c: capnp::Result<condition::Reader<'_>>) -> Result<Condition, A
     }
 }
 
+/// A range bound (`start`, `end`, a prefix or a cursor) of a `call` (`scan`, `watch`): at
+/// most one byte longer than a key (a cursor is "last key + 0x00").
+fn bound(
+    limits: &Limits,
+    call: &str,
+    what: &str,
+    b: capnp::Result<capnp::data::Reader<'_>>,
+) -> Result<Vec<u8>, ApiError> {
+    let b = b.map_err(|e| bad(what, e))?;
+    let bound_max = limits.max_key_bytes + 1;
+    if b.len() > bound_max {
+        return Err(ApiError::new(
+            ErrorCode::KeyTooLarge,
+            format!(
+                "{call} {what} is {} bytes; the limit is {bound_max}",
+                b.len()
+            ),
+        ));
+    }
+    Ok(b.to_vec())
+}
+
 /// A checked scan: the store request and whether a cursor moved its start.
 pub fn scan(
     limits: &Limits,
     r: capnp::Result<scan_range::Reader<'_>>,
 ) -> Result<ScanRequest, ApiError> {
     let r = r.map_err(|e| bad("range", e))?;
-    // A bound may be one byte longer than a key: a cursor is "last key + 0x00".
-    let bound_max = limits.max_key_bytes + 1;
-    let bound =
-        |what: &str, b: capnp::Result<capnp::data::Reader<'_>>| -> Result<Vec<u8>, ApiError> {
-            let b = b.map_err(|e| bad(what, e))?;
-            if b.len() > bound_max {
-                return Err(ApiError::new(
-                    ErrorCode::KeyTooLarge,
-                    format!("scan {what} is {} bytes; the limit is {bound_max}", b.len()),
-                ));
-            }
-            Ok(b.to_vec())
-        };
+    let bound = |what: &str, b| bound(limits, "scan", what, b);
     let (start, end) = match r.which() {
         Ok(scan_range::Which::Range(g)) => {
             let start = bound("start", g.get_start())?;
@@ -226,21 +236,7 @@ pub fn watch_range(
 ) -> Result<capkv_store::KeyRange, ApiError> {
     use capkv::kv_capnp::watch_range;
     let r = r.map_err(|e| bad("range", e))?;
-    let bound_max = limits.max_key_bytes + 1;
-    let bound =
-        |what: &str, b: capnp::Result<capnp::data::Reader<'_>>| -> Result<Vec<u8>, ApiError> {
-            let b = b.map_err(|e| bad(what, e))?;
-            if b.len() > bound_max {
-                return Err(ApiError::new(
-                    ErrorCode::KeyTooLarge,
-                    format!(
-                        "watch {what} is {} bytes; the limit is {bound_max}",
-                        b.len()
-                    ),
-                ));
-            }
-            Ok(b.to_vec())
-        };
+    let bound = |what: &str, b| bound(limits, "watch", what, b);
     match r.which() {
         Ok(watch_range::Which::Range(g)) => {
             let start = bound("start", g.get_start())?;

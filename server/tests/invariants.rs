@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use capkv::{CallMeta, ErrorCode};
 use capkv_store::{
-    Changes, Entry, EventPage, IdempotencyKey, KeyRange, MemoryStore, PageLimits, Pending,
-    ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
+    Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp,
+    WriteOutcome,
 };
 use common::*;
 
@@ -80,26 +80,7 @@ impl Store for RecordingExpiries {
     fn revision(&self) -> Result<u64, StoreError> {
         self.inner.revision()
     }
-    fn events(
-        &self,
-        range: &KeyRange,
-        after: u64,
-        max: PageLimits,
-    ) -> Result<EventPage, StoreError> {
-        self.inner.events(range, after, max)
-    }
-    fn changes(&self) -> &Changes {
-        self.inner.changes()
-    }
-    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
-        self.inner.lease_keep_alive(id)
-    }
-    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
-        self.inner.lease_info(id)
-    }
-    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
-        self.inner.lease_clock()
-    }
+    capkv_store::forward_history_and_leases!(inner);
     fn engine_name(&self) -> &'static str {
         "recording-expiries"
     }
@@ -206,26 +187,7 @@ impl Store for FailingGets {
     fn revision(&self) -> Result<u64, StoreError> {
         self.0.revision()
     }
-    fn events(
-        &self,
-        range: &KeyRange,
-        after: u64,
-        max: PageLimits,
-    ) -> Result<EventPage, StoreError> {
-        self.0.events(range, after, max)
-    }
-    fn changes(&self) -> &Changes {
-        self.0.changes()
-    }
-    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
-        self.0.lease_keep_alive(id)
-    }
-    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
-        self.0.lease_info(id)
-    }
-    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
-        self.0.lease_clock()
-    }
+    capkv_store::forward_history_and_leases!(0);
     fn engine_name(&self) -> &'static str {
         "failing-gets"
     }

@@ -1,8 +1,7 @@
 //! The conformance suite against the RocksDB engine, each case in its own temp directory.
 
 use capkv_store::{
-    Changes, Entry, EventPage, IdempotencyKey, KeyRange, PageLimits, Pending, ScanPage,
-    ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
+    Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
 use capkv_store_rocks::{RocksOptions, RocksStore};
 
@@ -39,26 +38,7 @@ impl Store for TempRocks {
     fn revision(&self) -> Result<u64, StoreError> {
         self.store.revision()
     }
-    fn events(
-        &self,
-        range: &KeyRange,
-        after: u64,
-        max: PageLimits,
-    ) -> Result<EventPage, StoreError> {
-        self.store.events(range, after, max)
-    }
-    fn changes(&self) -> &Changes {
-        self.store.changes()
-    }
-    fn lease_keep_alive(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
-        self.store.lease_keep_alive(id)
-    }
-    fn lease_info(&self, id: u64) -> Result<capkv_store::LeaseInfo, StoreError> {
-        self.store.lease_info(id)
-    }
-    fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
-        self.store.lease_clock()
-    }
+    capkv_store::forward_history_and_leases!(store);
     fn engine_name(&self) -> &'static str {
         self.store.engine_name()
     }

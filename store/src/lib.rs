@@ -312,6 +312,34 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// The [`Store`] methods of history and leases, each forwarded to the store in `self.$field`:
+/// for wrappers of a store that change some other method (tests, mostly).
+#[macro_export]
+macro_rules! forward_history_and_leases {
+    ($field:tt) => {
+        fn events(
+            &self,
+            range: &$crate::KeyRange,
+            after: u64,
+            max: $crate::PageLimits,
+        ) -> Result<$crate::EventPage, $crate::StoreError> {
+            self.$field.events(range, after, max)
+        }
+        fn changes(&self) -> &$crate::Changes {
+            self.$field.changes()
+        }
+        fn lease_keep_alive(&self, id: u64) -> Result<$crate::LeaseInfo, $crate::StoreError> {
+            self.$field.lease_keep_alive(id)
+        }
+        fn lease_info(&self, id: u64) -> Result<$crate::LeaseInfo, $crate::StoreError> {
+            self.$field.lease_info(id)
+        }
+        fn lease_clock(&self) -> (usize, Option<std::time::Instant>) {
+            self.$field.lease_clock()
+        }
+    };
+}
+
 impl dyn Store + '_ {
     /// Applies a write of one kind, idempotently when `idem` is given, and answers with
     /// that kind's outcome (`Put` → [`PutOutcome`], ...): what the server's handlers call.
