@@ -271,20 +271,8 @@ fn keep_alives_keep_the_keys() {
 #[test]
 fn leases_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().to_string_lossy().to_string();
-    let args = [
-        "--engine",
-        "rocksdb",
-        "--listen",
-        "127.0.0.1:0",
-        "--log-level",
-        "warn,capkv_server=info",
-        "--data-dir",
-        &data,
-    ];
-    let envs = [("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0")];
     let id = {
-        let (_server, addr, _logs) = spawn_kv_server(&args, &envs);
+        let (_server, addr) = spawn_rocks_server(dir.path());
         let addr = addr.parse().unwrap();
         local_result(async move {
             let (_, s) = session(addr).await;
@@ -293,7 +281,7 @@ fn leases_survive_a_restart() {
             id
         })
     };
-    let (_server, addr, _logs) = spawn_kv_server(&args, &envs);
+    let (_server, addr) = spawn_rocks_server(dir.path());
     let addr = addr.parse().unwrap();
     local(async move {
         let (kv, s) = session(addr).await;

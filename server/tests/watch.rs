@@ -251,25 +251,6 @@ async fn switchable_proxy(
     addr
 }
 
-/// A RocksDB kv-server on `data_dir`, on a free port.
-fn rocks_server(data_dir: &std::path::Path) -> (Proc, String) {
-    let dir = data_dir.to_string_lossy();
-    let (child, addr, _logs) = spawn_kv_server(
-        &[
-            "--engine",
-            "rocksdb",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn,capkv_server=info",
-            "--data-dir",
-            &dir,
-        ],
-        &[("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0")],
-    );
-    (child, addr)
-}
-
 /// Every event of `w` until `n` have come (bounded: each page waits at most a second, and
 /// a few hundred pages are far more than `n` events need).
 async fn collect(w: &mut capkv_client::Watch, n: usize, into: &mut Vec<capkv_client::WatchEvent>) {
@@ -291,7 +272,7 @@ async fn collect(w: &mut capkv_client::Watch, n: usize, into: &mut Vec<capkv_cli
 #[test]
 fn a_watch_resumes_after_the_server_is_killed_with_no_gap_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut first, addr) = rocks_server(dir.path());
+    let (mut first, addr) = spawn_rocks_server(dir.path());
     let upstream = std::sync::Arc::new(std::sync::Mutex::new(addr));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -312,7 +293,7 @@ fn a_watch_resumes_after_the_server_is_killed_with_no_gap_or_duplicate() {
 
         first.0.kill().unwrap(); // SIGKILL
         first.0.wait().unwrap();
-        let (_second, addr) = rocks_server(dir.path());
+        let (_second, addr) = spawn_rocks_server(dir.path());
         *upstream.lock().unwrap() = addr;
         for i in 100..200 {
             c.put(key(i).as_bytes(), b"v").await.unwrap();

@@ -430,6 +430,26 @@ pub const MEMORY_SERVER_ARGS: [&str; 6] = [
     "2",
 ];
 
+/// A kv-server on the RocksDB engine in `data_dir`, on a free loopback port, without
+/// scheduled compaction: (process, address).
+pub fn spawn_rocks_server(data_dir: &std::path::Path) -> (Proc, String) {
+    let dir = data_dir.to_string_lossy();
+    let (child, addr, _logs) = spawn_kv_server(
+        &[
+            "--engine",
+            "rocksdb",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn,capkv_server=info",
+            "--data-dir",
+            &dir,
+        ],
+        &[("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0")],
+    );
+    (child, addr)
+}
+
 /// A kv-server process as the resource tests run it: `spawn_kv_server` with
 /// [`MEMORY_SERVER_ARGS`] first and `args` after them.
 pub fn spawn_memory_server(
