@@ -37,8 +37,10 @@ mib() { echo $(( $1 / 1048576 )); }
 on_disk() {
     local total sst wal reserve
     total=$(du -sb "$1" | cut -f1)
-    sst=$(find "$1" -name '*.sst' -printf '%s\n' | awk '{s+=$1} END {print s+0}')
-    wal=$(find "$1" -name '*.log' -printf '%s\n' | awk '{s+=$1} END {print s+0}')
+    # printf %.0f: awk prints sums past 2^31 in exponent form (and %d clamps them), which
+    # $(( )) cannot read.
+    sst=$(find "$1" -name '*.sst' -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s}')
+    wal=$(find "$1" -name '*.log' -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s}')
     reserve=""
     [ -f "$1/capkv.reserve" ] && reserve=" + $(mib "$(stat -c %s "$1/capkv.reserve")") reserve"
     echo "$(mib "$total") MiB ($(mib "$sst") SST + $(mib "$wal") WAL$reserve)"

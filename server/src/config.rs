@@ -270,6 +270,8 @@ pub struct StorageConfig {
     pub space_check_interval_ms: u64,
     /// Revisions whose events the RocksDB engine keeps for watchers (`KvStore.watch`).
     pub history_revisions: u64,
+    /// Events the RocksDB engine's history keeps at most, however large the batches.
+    pub history_events: u64,
     /// Events the memory engine keeps for watchers (its oldest revisions go first).
     pub memory_history_events: usize,
     /// Bytes of keys and values the memory engine's history keeps, at most.
@@ -383,6 +385,7 @@ impl Default for StorageConfig {
             reserve_bytes: r.space.reserve_bytes,
             space_check_interval_ms: r.space.check_interval.as_millis() as u64,
             history_revisions: r.history_revisions,
+            history_events: r.history_events,
             memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
             memory_history_bytes: capkv_store::memory::DEFAULT_HISTORY_BYTES,
         }
@@ -576,6 +579,9 @@ impl Config {
         if st.history_revisions == 0 || st.history_revisions > 1_000_000_000 {
             return fail("storage.history_revisions must be in 1..=1000000000");
         }
+        if st.history_events == 0 || st.history_events > 1_000_000_000 {
+            return fail("storage.history_events must be in 1..=1000000000");
+        }
         if st.memory_history_events == 0 || st.memory_history_events > 100_000_000 {
             return fail("storage.memory_history_events must be in 1..=100000000");
         }
@@ -660,6 +666,7 @@ impl Config {
                 check_interval: std::time::Duration::from_millis(st.space_check_interval_ms),
             },
             history_revisions: st.history_revisions,
+            history_events: st.history_events,
         }
     }
 

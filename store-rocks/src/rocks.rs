@@ -9,9 +9,12 @@
 //! - `history`: the watch history (see `capkv_store::history`), `[revision u64 BE][index
 //!   u32 BE]` → `[kind u8: 1 put, 0 delete][version u64 BE][key length u32 BE][key][value]`,
 //!   written in the same WriteBatch as the write whose events they are. The committer keeps
-//!   the latest `history_revisions` revisions: past that (and a tenth more, so that trimming
-//!   is one range delete per many commits) it deletes the older ones in the batch of a
-//!   commit, with `meta`'s `history_compacted`, the revision through which history is gone.
+//!   the latest `history_revisions` revisions and at most `history_events` events (a batch
+//!   of a thousand puts is one revision of a thousand events): past either (and a tenth
+//!   more, so that trimming is one range delete per many commits) it deletes the oldest
+//!   revisions, whole, in the batch of a commit, with `meta`'s `history_compacted`, the
+//!   revision through which history is gone. It counts events per kept revision in memory
+//!   (rebuilt from the keys of `history` at open).
 //! - `leases`: lease id u64 BE → TTL ms u64 BE; `lease_keys`: `[lease id u64 BE][key]` →
 //!   empty, each key's lease (see `capkv_store::lease`). Written by the writes that grant,
 //!   attach, detach and revoke; loaded at open, when every lease starts its full TTL again.
@@ -77,6 +80,9 @@ const HEADER_BYTES: usize = 16;
 /// Revisions of watch history kept by default: at a few thousand writes a second, minutes
 /// of it, for watchers that reconnect; on disk, about its writes' own size.
 pub const DEFAULT_HISTORY_REVISIONS: u64 = 1_000_000;
+/// Events of watch history kept by default: about a hundred-odd megabytes on disk with
+/// 100-byte values, however large the batches.
+pub const DEFAULT_HISTORY_EVENTS: u64 = 1_000_000;
 
 /// How to open and run the engine. [`RocksOptions::new`] gives the production defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +106,8 @@ pub struct RocksOptions {
     pub space: SpaceOptions,
     /// Revisions whose events the watch history keeps (at least 1).
     pub history_revisions: u64,
+    /// Events the watch history keeps at most (at least 1), whatever the revisions.
+    pub history_events: u64,
 }
 
 impl RocksOptions {
@@ -114,6 +122,7 @@ impl RocksOptions {
             block_cache_bytes: 256 << 20,
             space: SpaceOptions::default(),
             history_revisions: DEFAULT_HISTORY_REVISIONS,
+            history_events: DEFAULT_HISTORY_EVENTS,
         }
     }
 
@@ -131,6 +140,11 @@ impl RocksOptions {
         if self.write_queue_depth == 0 || self.write_queue_depth > 1_000_000 {
             return Err(OpenError::Options(
                 "write_queue_depth must be in 1..=1000000".into(),
+            ));
+        }
+        if self.history_events == 0 {
+            return Err(OpenError::Options(
+                "history_events must be at least 1".into(),
             ));
         }
         if self.history_revisions == 0 {
@@ -412,6 +426,11 @@ impl RocksStore {
             space: Arc::clone(&space),
             changes: Arc::clone(&changes),
             history_revisions: opts.history_revisions,
+            history_events_max: opts.history_events,
+            history_index: history_index(&db).map_err(|detail| OpenError::Corrupt {
+                path: shown.clone(),
+                detail,
+            })?,
             history_compacted,
             leases: Arc::clone(&leases),
         };
@@ -1035,6 +1054,9 @@ struct Committer {
     /// Revisions of history kept, and the revision through which it is gone.
     history_revisions: u64,
     history_compacted: u64,
+    /// Most events kept, and how many each kept revision has, oldest first.
+    history_events_max: u64,
+    history_index: HistoryIndex,
     /// Lease state, changed here with the writes that change it (and reloaded from disk
     /// when a commit fails, so that it never holds what was not written).
     leases: Arc<std::sync::Mutex<Leases>>,
@@ -1053,6 +1075,76 @@ struct Group {
     /// The next history record's place within the group's current revision.
     event_index: u32,
     event_revision: u64,
+    /// Events the group wrote, per revision, in order.
+    events: Vec<(u64, u64)>,
+}
+
+/// The events of each revision the history keeps, oldest first, and their sum.
+#[derive(Debug, Default)]
+struct HistoryIndex {
+    revisions: std::collections::VecDeque<(u64, u64)>,
+    events: u64,
+}
+
+impl HistoryIndex {
+    fn push(&mut self, revision: u64, events: u64) {
+        match self.revisions.back_mut() {
+            Some((r, n)) if *r == revision => *n += events,
+            _ => self.revisions.push_back((revision, events)),
+        }
+        self.events += events;
+    }
+
+    /// Forgets the revisions up to `to` (trimmed).
+    fn trim(&mut self, to: u64) {
+        while let Some(&(r, n)) = self.revisions.front() {
+            if r > to {
+                break;
+            }
+            self.revisions.pop_front();
+            self.events -= n;
+        }
+    }
+
+    /// The revision to trim through so that, with `adding` more events, at most `max` stay;
+    /// `None` until they pass `max` by a tenth.
+    fn trim_for(&self, adding: u64, max: u64) -> Option<u64> {
+        let total = self.events + adding;
+        if total <= max + max / 10 {
+            return None;
+        }
+        let mut over = total - max;
+        let mut to = None;
+        for &(r, n) in &self.revisions {
+            if over == 0 {
+                break;
+            }
+            to = Some(r);
+            over = over.saturating_sub(n);
+        }
+        to
+    }
+}
+
+/// The history index of the events on disk (the keys of `history`).
+fn history_index(db: &DB) -> Result<HistoryIndex, String> {
+    let cf = db
+        .cf_handle(CF_HISTORY)
+        .ok_or_else(|| format!("column family `{CF_HISTORY}` missing"))?;
+    let mut index = HistoryIndex::default();
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek_to_first();
+    while let Some(k) = it.key() {
+        let revision = k
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| "malformed history key".to_string())?;
+        index.push(revision, 1);
+        it.next();
+    }
+    it.status().map_err(|e| e.into_string())?;
+    Ok(index)
 }
 
 /// The lease state. A poisoned lock only means a panic elsewhere mid-change; the committer
@@ -1154,6 +1246,10 @@ impl Committer {
         if g.event_revision != g.revision {
             g.event_revision = g.revision;
             g.event_index = 0;
+            g.events.push((g.revision, 0));
+        }
+        if let Some((_, n)) = g.events.last_mut() {
+            *n += 1;
         }
         history_value(&mut g.record, key, value, version);
         g.batch.put_cf(
@@ -1386,6 +1482,7 @@ impl Committer {
             record: Vec::new(),
             event_index: 0,
             event_revision: 0,
+            events: Vec::new(),
         };
         let count = ops.len() as u64;
         let decided: Vec<(Op, Result<WriteOutcome, StoreError>)> = ops
@@ -1396,11 +1493,15 @@ impl Committer {
             })
             .collect();
         let mut failure = None;
-        // History older than the window goes in this batch, once it is a tenth past it.
-        let trim_to = g
+        // History older than the window goes in this batch, once it is a tenth past it: in
+        // revisions, or in events.
+        let by_revisions = g
             .revision
             .checked_sub(self.history_revisions)
             .filter(|&to| to > self.history_compacted + self.history_revisions / 10);
+        let adding: u64 = g.events.iter().map(|&(_, n)| n).sum();
+        let by_events = self.history_index.trim_for(adding, self.history_events_max);
+        let trim_to = by_revisions.max(by_events);
         if !g.batch.is_empty() {
             let written = cf(&self.db, CF_META).and_then(|meta| {
                 if g.revision != self.revision {
@@ -1432,6 +1533,10 @@ impl Committer {
                     if let Some(to) = trim_to {
                         self.history_compacted = to;
                         self.counters.history_compacted.store(to, Ordering::Release);
+                        self.history_index.trim(to);
+                    }
+                    for &(revision, n) in &g.events {
+                        self.history_index.push(revision, n);
                     }
                     self.changes.publish(g.revision);
                     self.counters.commit_groups.fetch_add(1, Ordering::Relaxed);
@@ -1487,7 +1592,7 @@ fn write_error(e: rocksdb::Error, space: &SpaceGuard) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capkv_store::{Condition, EventKind};
+    use capkv_store::{Condition, EventKind, PutItem};
 
     fn open(dir: &Path) -> RocksStore {
         let mut o = RocksOptions::new(dir);
@@ -1726,6 +1831,56 @@ mod tests {
             (&s as &dyn Store).lease_info(id),
             Err(StoreError::LeaseNotFound { id }),
             "the revoke is durable"
+        );
+    }
+
+    /// A batch is one revision of many events: the history's event bound trims the oldest
+    /// revisions, whole, however few they are, and the count survives a reopen.
+    #[test]
+    fn history_keeps_at_most_its_events_however_large_the_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || {
+            let mut o = RocksOptions::new(dir.path());
+            o.compaction_interval_s = 0;
+            o.history_events = 100;
+            o
+        };
+        let all = KeyRange::default();
+        let batch = |s: &RocksStore, round: u8| {
+            let keys: Vec<Vec<u8>> = (0..40u8).map(|i| vec![round, i]).collect();
+            let items: Vec<_> = keys
+                .iter()
+                .map(|k| PutItem {
+                    key: k,
+                    value: b"v",
+                    cond: Condition::None,
+                })
+                .collect();
+            s.put_many(&items).wait().unwrap();
+        };
+        {
+            let s = open_with(opts());
+            for round in 0..3 {
+                batch(&s, round); // revisions 1..=3, 40 events each
+            }
+            // 120 events: past 100 by more than a tenth, so revision 1 went.
+            assert_eq!(
+                s.events(&all, 0, PageLimits::events(1000)),
+                Err(StoreError::Compacted { oldest_revision: 2 })
+            );
+            assert_eq!(
+                s.events(&all, 1, PageLimits::events(1000))
+                    .unwrap()
+                    .events
+                    .len(),
+                80
+            );
+        }
+        let s = open_with(opts());
+        batch(&s, 3); // 4: 120 again, counted from disk at open
+        assert_eq!(
+            s.events(&all, 1, PageLimits::events(1000)),
+            Err(StoreError::Compacted { oldest_revision: 3 })
         );
     }
 
