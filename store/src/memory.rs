@@ -42,10 +42,13 @@ use std::time::Instant;
 /// Idempotency records kept before expired ones are swept on the next insert.
 const RECORD_SWEEP_AT: usize = 100_000;
 
-/// History events kept by default (see [`MemoryStore::with_history`]).
-pub const DEFAULT_HISTORY_EVENTS: usize = 100_000;
+/// History events kept by default (see [`MemoryStore::with_history`]): a fixed ~2 MiB with
+/// 100-byte values. The memory engine is for development and tests; its history is a
+/// fixed cost that a keyspace of 100,000 keys would otherwise double (100,000 events took
+/// ~24 MiB).
+pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
 /// Bytes of keys and values the history keeps by default.
-pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
+pub const DEFAULT_HISTORY_BYTES: usize = 8 << 20;
 
 /// What a key's allocation holds before its bytes.
 #[derive(Debug)]
