@@ -100,6 +100,9 @@ pub struct Shared {
     draining: AtomicBool,
     /// Woken when the last in-flight call finishes (the drain waits on it).
     idle: Notify,
+    /// Woken (every waiter) when the drain starts: what work waiting outside the chain (a
+    /// watcher's `next`) listens to, to answer at once.
+    drain_started: Notify,
     /// Set, and waiters woken, when the drain timeout ends the calls still running.
     abandon: AtomicBool,
     abandon_notify: Notify,
@@ -332,6 +335,7 @@ impl Shared {
             slot_freed: Notify::new(),
             draining: AtomicBool::new(false),
             idle: Notify::new(),
+            drain_started: Notify::new(),
             abandon: AtomicBool::new(false),
             abandon_notify: Notify::new(),
             buckets: std::sync::Mutex::new(HashMap::new()),
@@ -409,6 +413,21 @@ impl Shared {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.notify_waiters();
+    }
+
+    /// Resolves once the drain has started (at once if it has).
+    pub async fn draining(&self) {
+        loop {
+            // Registered before checking, so a start in between is not missed.
+            let started = self.drain_started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            if self.is_draining() {
+                return;
+            }
+            started.await;
+        }
     }
 
     /// Ends every call still running that does not change data, with `unavailable`

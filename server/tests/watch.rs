@@ -394,3 +394,29 @@ fn idle_watchers_and_a_fast_writer_keep_memory_bounded() {
         assert_eq!(e.code, ErrorCode::Compacted);
     });
 }
+
+/// A drain answers a `next` waiting for changes at once (it holds no admission slot, so the
+/// drain would not wait for it, and the close at its end would cut it off instead).
+#[test]
+fn a_drain_answers_a_waiting_next_at_once() {
+    local(async move {
+        let (gw, shared) = in_process_gateway(&test_config());
+        let mut open = gw.open_request();
+        CallMeta::default().write(open.get().init_ctx());
+        let kv = open.send().pipeline.get_result().get_kv_cap();
+        let w = watch(&kv, b"", 0).pipeline.get_result().get_watcher_cap();
+        page(next(&w, 10, 0)).await.unwrap();
+        let waiting = next(&w, 10, 60_000);
+        // Calls start in the order they came: once a later one is answered, the `next`
+        // is in its wait.
+        let mut get = kv.get_request();
+        CallMeta::default().write(get.get().init_ctx());
+        get.get().set_key(b"k");
+        get.send().promise.await.unwrap();
+        shared.start_draining();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), page(waiting))
+            .await
+            .expect("answered at the drain, not after its 60 s wait");
+        assert!(answered.unwrap().0.is_empty());
+    });
+}

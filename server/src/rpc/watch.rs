@@ -8,8 +8,8 @@
 //! `next` reads a page after the position through the call chain like any read. When the
 //! page is empty and the caller asked to wait, the wait happens after the chain, holding no
 //! admission slot (a thousand idle watchers must not fill the in-flight limit), until the
-//! store publishes a revision past the position, `waitMs` passes, or the call's deadline
-//! comes near; then it reads once more and answers, possibly with an empty page. Calls on
+//! store publishes a revision past the position, `waitMs` passes, the call's deadline comes
+//! near, or the server starts draining; then it answers, possibly with an empty page. Calls on
 //! one watcher take turns in the order they came, so pipelined `next` calls return
 //! consecutive pages.
 
@@ -130,6 +130,10 @@ impl watcher::Server for WatcherImpl {
                 let until = (now + wait).min(deadline - margin);
                 let deadline = tokio::time::sleep_until(until);
                 tokio::pin!(deadline);
+                // A drain answers at once: the caller's next `next` is refused, and it
+                // watches again elsewhere from where this page leaves it.
+                let drain = self.shared.draining();
+                tokio::pin!(drain);
                 let mut page = page;
                 // Writes outside the range wake it too: it reads, and waits on while the
                 // page is empty. Bounded by `until`.
@@ -141,6 +145,7 @@ impl watcher::Server for WatcherImpl {
                             other => break other,
                         },
                         () = &mut deadline => break Ok(page),
+                        () = &mut drain => break Ok(page),
                     }
                 }
             }
