@@ -1372,9 +1372,7 @@ impl Committer {
 
     /// Grants a lease of `ttl_ms` in this group; returns its id.
     fn grant(&self, g: &mut Group, ttl_ms: u64) -> Result<u64, StoreError> {
-        let mut leases = lock(&self.leases);
-        let id = leases.new_id();
-        leases.insert(id, ttl_ms, Instant::now());
+        let id = lock(&self.leases).grant(ttl_ms, Instant::now());
         g.batch.put_cf(
             cf(&self.db, CF_LEASES)?,
             id.to_be_bytes(),
@@ -1385,12 +1383,7 @@ impl Committer {
 
     /// Leaves `key` attached to `lease` (`None`: to none), on disk as in memory.
     fn attach(&self, g: &mut Group, key: &[u8], lease: Option<u64>) -> Result<(), StoreError> {
-        let mut leases = lock(&self.leases);
-        // Without leases nothing is attached, and nothing will be.
-        if lease.is_none() && leases.is_empty() {
-            return Ok(());
-        }
-        let before = leases.attach(key, lease);
+        let before = lock(&self.leases).attach(key, lease);
         if before != lease {
             let keys = cf(&self.db, CF_LEASE_KEYS)?;
             if let Some(b) = before {

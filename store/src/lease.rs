@@ -51,8 +51,14 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// A new lease id: random, non-zero, not in use.
-    pub fn new_id(&self) -> u64 {
+    /// Grants a lease of `ttl_ms` from `now`: a new id, random, non-zero, not in use.
+    pub fn grant(&mut self, ttl_ms: u64, now: Instant) -> u64 {
+        let id = self.new_id();
+        self.insert(id, ttl_ms, now);
+        id
+    }
+
+    fn new_id(&self) -> u64 {
         loop {
             let id: u64 = rand::random();
             if id != 0 && !self.by_id.contains_key(&id) {
@@ -117,6 +123,11 @@ impl Leases {
     /// Attaches `key` to lease `id` (`None`: detaches it); returns the lease it was
     /// attached to before. `id` must be a live lease.
     pub fn attach(&mut self, key: &[u8], id: Option<u64>) -> Option<u64> {
+        // The common case, a write without leases around: nothing to detach, and no
+        // hashing of the key to learn it.
+        if id.is_none() && self.by_key.is_empty() {
+            return None;
+        }
         let before = match id {
             Some(id) => self.by_key.insert(key.to_vec(), id),
             None => self.by_key.remove(key),
@@ -166,9 +177,7 @@ mod tests {
     fn keys_move_between_leases_and_go_with_theirs() {
         let now = Instant::now();
         let mut l = Leases::default();
-        let (a, b) = (l.new_id(), l.new_id());
-        l.insert(a, 1_000, now);
-        l.insert(b, 5_000, now);
+        let (a, b) = (l.grant(1_000, now), l.grant(5_000, now));
         assert_eq!(l.attach(b"k1", Some(a)), None);
         assert_eq!(l.attach(b"k2", Some(a)), None);
         assert_eq!(l.attach(b"k2", Some(b)), Some(a), "moved");

@@ -450,16 +450,9 @@ fn put_locked(
     let lease = match attach {
         Attach::None => None,
         Attach::Lease(id) => Some(id),
-        Attach::NewLease { ttl_ms } => {
-            let id = inner.leases.new_id();
-            inner.leases.insert(id, ttl_ms, Instant::now());
-            Some(id)
-        }
+        Attach::NewLease { ttl_ms } => Some(inner.leases.grant(ttl_ms, Instant::now())),
     };
-    // Without leases a put has no attachment to change.
-    if lease.is_some() || !inner.leases.is_empty() {
-        inner.leases.attach(key, lease);
-    }
+    inner.leases.attach(key, lease);
     Ok(PutOutcome {
         version,
         revision,
@@ -511,9 +504,7 @@ fn delete_locked(
         inner.revision += 1;
         let revision = inner.revision;
         inner.history.push(key, &[], None, revision);
-        if !inner.leases.is_empty() {
-            inner.leases.attach(key, None);
-        }
+        inner.leases.attach(key, None);
     }
     Ok(DeleteOutcome {
         existed,
@@ -538,9 +529,7 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
     let revision = inner.revision;
     for (item, &version) in items.iter().zip(&versions) {
         inner.insert(item.key, item.value, version, revision);
-        if !inner.leases.is_empty() {
-            inner.leases.attach(item.key, None);
-        }
+        inner.leases.attach(item.key, None);
     }
     Ok(BatchOutcome { versions, revision })
 }
@@ -555,10 +544,8 @@ impl MemoryStore {
                 attach,
             }) => put_locked(inner, key, value, *cond, *attach).map(WriteOutcome::Put),
             WriteOp::GrantLease(write::GrantLease { ttl_ms }) => {
-                let id = inner.leases.new_id();
-                inner.leases.insert(id, *ttl_ms, Instant::now());
                 Ok(WriteOutcome::GrantLease(LeaseGranted {
-                    id,
+                    id: inner.leases.grant(*ttl_ms, Instant::now()),
                     ttl_ms: *ttl_ms,
                 }))
             }
