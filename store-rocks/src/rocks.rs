@@ -216,8 +216,6 @@ struct Counters {
     queued: AtomicU64,
     /// Writes answered from an idempotency record.
     replays: AtomicU64,
-    /// The revision through which the watch history is gone.
-    history_compacted: AtomicU64,
     /// Failpoint: the next commit fails as RocksDB's write would (tests only).
     #[cfg(test)]
     fail_next_commit: std::sync::atomic::AtomicBool,
@@ -269,11 +267,10 @@ fn expired_record_filter(_level: u32, _key: &[u8], value: &[u8]) -> Decision {
 }
 
 /// Reads the `meta` records an open needs: checks the layout version and returns the
-/// revision and the instance secret. `writable`: a new database gets its version and a
-/// fresh secret written; read-only, a missing one is corruption.
-/// What `meta` says: the revision, the instance secret and the revision through which the
-/// watch history is gone (for files from before the history, the revision at this open:
-/// their history starts now).
+/// revision, the instance secret and the revision through which the watch history is gone
+/// (for files from before the history, the revision at this open: their history starts
+/// now). `writable`: a new database gets its version, a fresh secret and that revision
+/// written; read-only, a missing version or secret is corruption.
 fn read_meta(db: &DB, path: &Path, writable: bool) -> Result<(u64, [u8; 32], u64), OpenError> {
     let shown = path.display().to_string();
     let corrupt = |detail: String| OpenError::Corrupt {
@@ -410,9 +407,6 @@ impl RocksStore {
 
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
-        counters
-            .history_compacted
-            .store(history_compacted, Ordering::Release);
         changes.publish(revision);
         let (tx, rx) = mpsc::sync_channel(opts.write_queue_depth);
         let committer = Committer {
@@ -499,17 +493,10 @@ impl RocksStore {
         }
         let db = DB::open_cf_for_read_only(&Options::default(), &path, cfs, false)
             .map_err(|e| OpenError::from_rocks(&path, e))?;
-        let (revision, secret, history_compacted) = read_meta(&db, &path, false)?;
+        // Reads of the history take its compacted revision from `meta` in their snapshot.
+        let (revision, secret, _) = read_meta(&db, &path, false)?;
         let counters = Arc::new(Counters::default());
         counters.revision.store(revision, Ordering::Release);
-        counters.history_compacted.store(
-            if no_history {
-                revision
-            } else {
-                history_compacted
-            },
-            Ordering::Release,
-        );
         let changes = Arc::new(Changes::new(revision));
         // Files from before leases have none.
         let leases = if no_history {
@@ -1525,7 +1512,6 @@ impl Committer {
                     self.counters.revision.store(g.revision, Ordering::Release);
                     if let Some(to) = trim_to {
                         self.history_compacted = to;
-                        self.counters.history_compacted.store(to, Ordering::Release);
                         self.history_index.trim(to);
                     }
                     for &(revision, n) in &g.events {
