@@ -302,6 +302,21 @@ impl Conn {
     }
 }
 
+/// Resolves once `done` holds, asked again each time `notify` wakes its waiters. Interest
+/// is registered before each ask, so a notification between the ask and the wait is not
+/// missed.
+async fn until(notify: &Notify, mut done: impl FnMut() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// What a handler's work gets to know about its call.
 pub struct Call {
     pub attempt: u32,
@@ -418,16 +433,7 @@ impl Shared {
 
     /// Resolves once the drain has started (at once if it has).
     pub async fn draining(&self) {
-        loop {
-            // Registered before checking, so a start in between is not missed.
-            let started = self.drain_started.notified();
-            tokio::pin!(started);
-            started.as_mut().enable();
-            if self.is_draining() {
-                return;
-            }
-            started.await;
-        }
+        until(&self.drain_started, || self.is_draining()).await
     }
 
     /// Ends every call still running that does not change data, with `unavailable`
@@ -438,16 +444,10 @@ impl Shared {
     }
 
     async fn abandoned(&self) {
-        loop {
-            // Register before checking, so a notification in between is not missed.
-            let notified = self.abandon_notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.abandon.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        until(&self.abandon_notify, || {
+            self.abandon.load(Ordering::Acquire)
+        })
+        .await
     }
 
     pub fn in_flight(&self) -> usize {
@@ -461,20 +461,10 @@ impl Shared {
             self.is_draining(),
             "wait_idle outside a drain would never wake"
         );
-        let give_up = Instant::now() + timeout;
-        loop {
-            // Register interest before checking, so a call that finishes in between still
-            // wakes us (Notify::notify_waiters only wakes registered waiters).
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let n = self.in_flight.load(Ordering::SeqCst);
-            if n == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(give_up, notified).await.is_err() {
-                return self.in_flight();
-            }
+        let idle = until(&self.idle, || self.in_flight.load(Ordering::SeqCst) == 0);
+        match tokio::time::timeout(timeout, idle).await {
+            Ok(()) => 0,
+            Err(_) => self.in_flight(),
         }
     }
 
@@ -791,17 +781,12 @@ impl Shared {
 
     /// Waits until a global slot is taken, under the maximum in force at each try.
     async fn wait_slot(&self) {
-        loop {
-            // Registered before trying: a slot given back after the try wakes this call
-            // (`Slot::drop` notifies while `queued` counts it, and it counts it already).
-            let freed = self.slot_freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if self.take_slot(self.tunables.load().max_in_flight) {
-                return;
-            }
-            freed.await;
-        }
+        // A slot given back after a try wakes this call: `Slot::drop` notifies while
+        // `queued` counts it, and it counts it already.
+        until(&self.slot_freed, || {
+            self.take_slot(self.tunables.load().max_in_flight)
+        })
+        .await
     }
 
     /// Step 4's admission: [`try_admit`](Self::try_admit), then, when every slot is taken,
