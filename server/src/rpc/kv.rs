@@ -97,11 +97,9 @@ impl kv_store::Server for KvStoreImpl {
                 let store = &this.shared.store;
                 let head = store.revision().map_err(store_error)?;
                 // Start 0: from the next write. Otherwise the events from the start on.
-                let after = p.get_start_revision().saturating_sub(1);
-                let after = if p.get_start_revision() == 0 {
-                    head
-                } else {
-                    after
+                let after = match p.get_start_revision() {
+                    0 => head,
+                    start => start - 1,
                 };
                 // A start the history no longer holds fails here, not at the first `next`.
                 store
