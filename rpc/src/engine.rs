@@ -47,6 +47,7 @@ use futures::stream::FuturesUnordered;
 use futures::{AsyncWrite, StreamExt};
 
 use crate::frames::{Frame, FrameSource};
+use crate::local::{Direct, Now};
 
 #[doc(hidden)]
 pub mod script;
@@ -266,6 +267,8 @@ fn call_of(m: &Incoming) -> capnp::Result<call::Reader<'_>> {
 
 struct Export {
     hook: Box<dyn ClientHook>,
+    /// Its object's synchronous methods, when it has some ([`crate::local::Direct`]).
+    direct: Option<Rc<dyn Direct>>,
     refs: u32,
 }
 
@@ -291,6 +294,7 @@ impl Exports {
         }
         let export = Export {
             hook: hook.add_ref(),
+            direct: crate::local::direct_of(hook),
             refs: 1,
         };
         let id = match self.free.pop() {
@@ -310,6 +314,13 @@ impl Exports {
     fn get(&self, id: u32) -> Option<&dyn ClientHook> {
         match self.slots.get(id as usize) {
             Some(Some(e)) => Some(e.hook.as_ref()),
+            _ => None,
+        }
+    }
+
+    fn direct(&self, id: u32) -> Option<Rc<dyn Direct>> {
+        match self.slots.get(id as usize) {
+            Some(Some(e)) => e.direct.clone(),
             _ => None,
         }
     }
@@ -503,7 +514,14 @@ struct Conn {
     fresh: Vec<Running>,
     /// Calls of this step that completed at once (kept for its capacity).
     done_now: Vec<Done>,
+    /// The first segment of every Return a direct call builds: most fit, so answering one
+    /// allocates no segment (see [`Conn::call_direct`]).
+    scratch: Vec<capnp::Word>,
 }
+
+/// Words of a connection's scratch segment: a get's or a put's Return with a key and a
+/// value of a few hundred bytes. A larger Return goes on in a heap segment of its own.
+const SCRATCH_WORDS: usize = 96;
 
 /// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
 /// closes it. `reader` yields whole frames (the frame layer checked them); `bootstrap` is
@@ -552,6 +570,7 @@ where
         backlog,
         fresh: Vec::new(),
         done_now: Vec::new(),
+        scratch: Vec::new(),
     };
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
     let _ended = EndGuard(closer.clone());
@@ -733,6 +752,10 @@ impl Conn {
     }
 
     fn send(&mut self, message: &message::Builder<HeapAllocator>) {
+        self.send_built(message)
+    }
+
+    fn send_built<A: message::Allocator>(&mut self, message: &message::Builder<A>) {
         let before = self.outbox.len();
         // Writing into a Vec cannot fail.
         let _ = capnp::serialize::write_message(&mut self.outbox, message);
@@ -909,6 +932,16 @@ impl Conn {
                 return;
             }
         };
+        let mut deferred = None;
+        if let Target::Export(export) = &target {
+            if let Some(direct) = self.exports.direct(*export) {
+                match self.call_direct(id, direct, interface_id, method_id, &m) {
+                    Now::Done(_) => return,
+                    Now::Defer(d) => deferred = Some(d),
+                    Now::Elsewhere => {}
+                }
+            }
+        }
         let done = Rc::new(Cell::new(None));
         let results = EngineResults {
             built: Some(Built::new_return(id)),
@@ -921,11 +954,65 @@ impl Conn {
             Target::Cap(hook) => Some(hook.as_ref()),
             Target::Wait(_) => None,
         };
-        let promise = match hook {
-            Some(hook) => hook.call(interface_id, method_id, params, Box::new(results)),
-            None => Promise::err(capnp::Error::failed("call to an unknown capability".into())),
+        let promise = match (deferred, hook) {
+            (Some(d), _) => d(params, Box::new(results)),
+            (None, Some(hook)) => hook.call(interface_id, method_id, params, Box::new(results)),
+            (None, None) => {
+                Promise::err(capnp::Error::failed("call to an unknown capability".into()))
+            }
         };
         self.fresh.push(Running { id, promise, done });
+    }
+
+    /// The direct path: a call to an object that answers it at once ([`Direct`]) is run
+    /// here, its Return built in the connection's scratch segment and queued, its answer
+    /// dropped, with none of the hook path's boxes (params, results, promise, the cell its
+    /// results come back in) and no poll. A call it does not serve (`Elsewhere`), or that
+    /// must wait (`Defer`), goes on down the hook path; neither wrote anything.
+    fn call_direct(
+        &mut self,
+        id: u32,
+        direct: Rc<dyn Direct>,
+        interface_id: u64,
+        method_id: u16,
+        m: &Incoming,
+    ) -> Now {
+        let params = match call_of(m).and_then(|c| Ok(c.get_params()?.get_content())) {
+            Ok(p) => p,
+            // The hook path reads the params again and fails that call alike.
+            Err(_) => return Now::Elsewhere,
+        };
+        // Out of the connection while the message borrows it (restored below).
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if scratch.len() != SCRATCH_WORDS {
+            scratch = capnp::Word::allocate_zeroed_vec(SCRATCH_WORDS);
+        }
+        let now = {
+            let mut alloc = message::ScratchSpaceHeapAllocator::new(
+                capnp::Word::words_to_bytes_mut(&mut scratch),
+            );
+            let mut message = message::Builder::new(&mut alloc);
+            let mut ret = message.init_root::<rpc_message::Builder>().init_return();
+            ret.set_answer_id(id);
+            // As `Built::new_return`: results without capabilities (the only kind this
+            // path writes) need no Finish.
+            ret.set_no_finish_needed(true);
+            let results = ret.init_results().get_content();
+            let now = direct.call_now(interface_id, method_id, params, results);
+            if let Now::Done(Ok(())) = now {
+                self.send_built(&message);
+                self.answers.remove(id);
+            }
+            now
+        };
+        self.scratch = scratch;
+        match now {
+            Now::Done(Err(e)) => {
+                self.settle(id, Err(e), None);
+                Now::Done(Ok(()))
+            }
+            other => other,
+        }
     }
 
     /// A call's target when it names export `export` (`importedCap`).
@@ -1216,6 +1303,178 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert!(a.get_mut(0).is_some() && a.get_mut(DENSE_IDS - 1).is_some());
         assert!(a.consistent());
+    }
+
+    /// A KvStore whose `get` is served both ways, telling in its value which way ran: the
+    /// direct path (`Direct`), the rest of a deferred direct call, or the hook path
+    /// (`getMany`, which the direct path leaves to it).
+    struct TwoWays;
+
+    fn answer_get(mut results: capkv::kv_capnp::kv_store::get_results::Builder<'_>, value: &str) {
+        let mut e = results.reborrow().init_result().init_ok();
+        e.set_value(value.as_bytes());
+    }
+
+    impl capkv::kv_capnp::kv_store::Server for TwoWays {
+        async fn get(
+            self: Rc<Self>,
+            _: capkv::kv_capnp::kv_store::GetParams,
+            mut results: capkv::kv_capnp::kv_store::GetResults,
+        ) -> Result<(), capnp::Error> {
+            answer_get(results.get(), "hook");
+            Ok(())
+        }
+        async fn get_many(
+            self: Rc<Self>,
+            _: capkv::kv_capnp::kv_store::GetManyParams,
+            mut results: capkv::kv_capnp::kv_store::GetManyResults,
+        ) -> Result<(), capnp::Error> {
+            results.get().init_result().init_ok().set_revision(7);
+            Ok(())
+        }
+    }
+
+    impl Direct for TwoWays {
+        fn call_now(
+            self: Rc<Self>,
+            _interface_id: u64,
+            method_id: u16,
+            params: any_pointer::Reader<'_>,
+            results: any_pointer::Builder<'_>,
+        ) -> Now {
+            use capkv::kv_capnp::kv_store;
+            if method_id != 0 {
+                return Now::Elsewhere;
+            }
+            let key = params
+                .get_as::<kv_store::get_params::Reader>()
+                .and_then(|p| p.get_key())
+                .unwrap_or_default()
+                .to_vec();
+            match &key[..] {
+                b"defer" => Now::Defer(Box::new(|_params, results| {
+                    let mut results =
+                        capnp::capability::Results::<kv_store::get_results::Owned>::new(results);
+                    Promise::from_future(async move {
+                        tokio::task::yield_now().await;
+                        answer_get(results.get(), "deferred");
+                        Ok(())
+                    })
+                })),
+                b"fail" => Now::Done(Err(capnp::Error::failed("refused directly".into()))),
+                _ => {
+                    answer_get(results.get_as().unwrap(), "direct");
+                    Now::Done(Ok(()))
+                }
+            }
+        }
+    }
+
+    /// Calls on an export whose object is [`Direct`] are answered by it at once; what it
+    /// defers finishes on the hook path's params and results; what it leaves (`Elsewhere`)
+    /// reaches the hook; a direct failure is the call's exception. And the registry holds
+    /// the object only while it lives.
+    #[test]
+    fn a_direct_object_answers_at_once_defers_or_leaves_the_call_to_its_hook() {
+        use capkv::kv_capnp::kv_store;
+        use capnp::traits::HasTypeId;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let before = crate::local::direct_registry_len();
+            let cap: kv_store::Client = crate::local::new_direct_client(TwoWays);
+            assert_eq!(crate::local::direct_registry_len(), before + 1);
+            let mut input = Vec::new();
+            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+            let calls: [(u32, u16, &str); 4] =
+                [(1, 0, "a"), (2, 0, "defer"), (3, 3, "a"), (4, 0, "fail")];
+            for (id, method, key) in calls {
+                queue(&mut input, |m| {
+                    let mut c = m.init_call();
+                    c.set_question_id(id);
+                    c.set_interface_id(kv_store::Client::TYPE_ID);
+                    c.set_method_id(method);
+                    // The bootstrap's Return exports the capability as id 0.
+                    c.reborrow().init_target().set_imported_cap(0);
+                    let mut p = c
+                        .init_params()
+                        .init_content()
+                        .init_as::<kv_store::get_params::Builder>();
+                    p.set_key(key.as_bytes());
+                });
+            }
+            let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let writer = Counting(Rc::new(Cell::new(0)), Rc::clone(&bytes));
+            serve(
+                crate::frames::ByteFrames::new(futures::io::Cursor::new(input), 1 << 20),
+                writer,
+                cap.client.hook,
+                EngineLimits::default(),
+                Closer::default(),
+            )
+            .await
+            .unwrap();
+            let mut seen = std::collections::BTreeMap::new();
+            let mut read = &bytes.borrow()[..];
+            while !read.is_empty() {
+                let m =
+                    capnp::serialize::read_message_from_flat_slice(&mut read, ReaderOptions::new())
+                        .unwrap();
+                let root = m.get_root::<rpc_message::Reader>().unwrap();
+                let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
+                    panic!("not a Return");
+                };
+                let what = match ret.which().unwrap() {
+                    return_::Which::Results(p) if ret.get_answer_id() == 3 => {
+                        let r = p
+                            .unwrap()
+                            .get_content()
+                            .get_as::<kv_store::get_many_results::Reader>()
+                            .unwrap();
+                        match r.get_result().unwrap().which().unwrap() {
+                            capkv::kv_capnp::get_many_result::Which::Ok(ok) => {
+                                format!("revision {}", ok.get_revision())
+                            }
+                            _ => "error".into(),
+                        }
+                    }
+                    return_::Which::Results(p) if ret.get_answer_id() > 0 => {
+                        let r = p
+                            .unwrap()
+                            .get_content()
+                            .get_as::<kv_store::get_results::Reader>()
+                            .unwrap();
+                        match r.get_result().unwrap().which().unwrap() {
+                            capkv::kv_capnp::get_result::Which::Ok(e) => {
+                                String::from_utf8(e.unwrap().get_value().unwrap().to_vec()).unwrap()
+                            }
+                            _ => "error".into(),
+                        }
+                    }
+                    return_::Which::Results(_) => "bootstrap".into(),
+                    return_::Which::Exception(e) => {
+                        e.unwrap().get_reason().unwrap().to_string().unwrap()
+                    }
+                    _ => "other".into(),
+                };
+                seen.insert(ret.get_answer_id(), what);
+            }
+            let seen: Vec<(u32, &str)> = seen.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(
+                seen,
+                [
+                    (0, "bootstrap"),
+                    (1, "direct"),
+                    (2, "deferred"),
+                    (3, "revision 7"),
+                    (4, "refused directly"),
+                ]
+            );
+        });
+        // The connection and the client are gone: so is the registry's entry.
+        assert_eq!(crate::local::direct_registry_len(), 0);
     }
 
     /// Counts the writes that reach the "socket".

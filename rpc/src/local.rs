@@ -8,12 +8,113 @@
 //! method, and the engines (capkv's and the capnp-rpc reference) only call a capability
 //! when a message asks them to. Calls made from this process (`new_call`, tests) go through
 //! a capnp-rpc local client of the same object, which keeps that deferral.
+//!
+//! [`new_direct_client`] is the same client for an object that also answers its hottest
+//! methods synchronously ([`Direct`]): capkv's engine calls those without the hook, its
+//! boxed params, results and promise (see `engine`'s direct path), and falls back to the
+//! hook for everything else. The engine finds an object's [`Direct`] by the address the
+//! hook names (`get_ptr`) in a registry of this thread's direct objects, once, when it
+//! exports the capability.
 
-use std::rc::Rc;
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
 
 use capnp::capability::{FromClientHook, FromServer, Params, Promise, Results, Server};
 use capnp::private::capability::{ClientHook, ParamsHook, ResultsHook};
 use capnp::{any_pointer, MessageSize};
+
+/// The rest of a direct call that has to wait: given the call's params and results as the
+/// hook path has them, the promise that finishes it (see [`Now::Defer`]).
+pub type Deferred =
+    Box<dyn FnOnce(Box<dyn ParamsHook>, Box<dyn ResultsHook>) -> Promise<(), capnp::Error>>;
+
+/// What a [`Direct`] call did.
+pub enum Now {
+    /// Answered: the results are written (or the call failed with this error).
+    Done(capnp::Result<()>),
+    /// Started, and must wait (an admission queue, a fault plan): the engine goes on with
+    /// the hook path's params and results. Nothing was written to the results.
+    Defer(Deferred),
+    /// Not a method this path serves: the engine calls the hook, as if asked nothing.
+    Elsewhere,
+}
+
+/// An object that answers some of its methods at once, without a boxed future per call.
+///
+/// The engine calls it only for calls with no capability in their params, and only for
+/// methods whose results hold no capability: the results builder has no cap table.
+pub trait Direct {
+    fn call_now(
+        self: Rc<Self>,
+        interface_id: u64,
+        method_id: u16,
+        params: any_pointer::Reader<'_>,
+        results: any_pointer::Builder<'_>,
+    ) -> Now;
+}
+
+/// This thread's direct objects by address. Weak: an entry never keeps its object alive;
+/// dead entries are swept when the registry has doubled since the last sweep, so it stays
+/// within twice the live objects (plus a constant).
+#[derive(Default)]
+struct Registry {
+    by_ptr: rustc_hash::FxHashMap<usize, Weak<dyn Direct>>,
+    sweep_at_len: usize,
+}
+
+/// Entries a registry holds before its first sweep.
+const REGISTRY_FIRST_SWEEP: usize = 64;
+
+thread_local! {
+    static DIRECT: RefCell<Registry> = RefCell::default();
+}
+
+/// A client of `server`, as [`new_client`] makes one, whose [`Direct`] methods the engine
+/// calls at once.
+pub fn new_direct_client<C, S>(server: S) -> C
+where
+    C: FromServer<S> + 'static,
+    S: Direct + 'static,
+{
+    let server = Rc::new(server);
+    let ptr = Rc::as_ptr(&server) as *const () as usize;
+    let direct: Rc<dyn Direct> = server.clone();
+    DIRECT.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.by_ptr.len() >= r.sweep_at_len.max(REGISTRY_FIRST_SWEEP) {
+            r.by_ptr.retain(|_, w| w.strong_count() > 0);
+            r.sweep_at_len = r.by_ptr.len() * 2;
+        }
+        // An address reused after its object died replaces the dead entry.
+        r.by_ptr.insert(ptr, Rc::downgrade(&direct));
+    });
+    from_rc(server)
+}
+
+/// The [`Direct`] behind `hook`, when it is a live direct object of this thread.
+pub(crate) fn direct_of(hook: &dyn ClientHook) -> Option<Rc<dyn Direct>> {
+    if hook.get_brand() != 0 {
+        return None;
+    }
+    DIRECT.with(|r| {
+        r.borrow()
+            .by_ptr
+            .get(&hook.get_ptr())
+            .and_then(Weak::upgrade)
+    })
+}
+
+/// Live entries of this thread's registry (tests).
+#[doc(hidden)]
+pub fn direct_registry_len() -> usize {
+    DIRECT.with(|r| {
+        r.borrow()
+            .by_ptr
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    })
+}
 
 /// A client of `server`, as `capnp_rpc::new_client` makes one, called directly.
 pub fn new_client<C, S>(server: S) -> C
@@ -21,7 +122,14 @@ where
     C: FromServer<S> + 'static,
     S: 'static,
 {
-    let server = Rc::new(server);
+    from_rc(Rc::new(server))
+}
+
+fn from_rc<C, S>(server: Rc<S>) -> C
+where
+    C: FromServer<S> + 'static,
+    S: 'static,
+{
     FromClientHook::new(Box::new(Local::<C, S> {
         dispatch: C::from_server(Rc::clone(&server)),
         server,

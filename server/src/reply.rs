@@ -18,8 +18,12 @@ pub(crate) fn reply_bytes(size: capnp::MessageSize) -> usize {
 /// every call a walk of its results.
 macro_rules! count_reply {
     ($conn:expr, $results:ident) => {
+        crate::reply::count_reply!(@built $conn, ($results.get()))
+    };
+    // A results builder already in hand.
+    (@built $conn:expr, $built:expr) => {
         if !$conn.backlog.counted_at_send() {
-            if let Ok(size) = $results.get().into_reader().total_size() {
+            if let Ok(size) = $built.reborrow_as_reader().total_size() {
                 $conn.backlog.queued(crate::reply::reply_bytes(size));
             }
         }

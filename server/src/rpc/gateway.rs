@@ -109,11 +109,9 @@ impl gateway::Server for GatewayImpl {
             with = |out, r| {
                 match r {
                     Ok(slot) => {
-                        let kv: kv_store::Client = capkv_rpc::local::new_client(KvStoreImpl::new(
-                            Arc::clone(&self.shared),
-                            Rc::clone(&self.conn),
-                            slot,
-                        ));
+                        let kv: kv_store::Client = capkv_rpc::local::new_direct_client(
+                            KvStoreImpl::new(Arc::clone(&self.shared), Rc::clone(&self.conn), slot),
+                        );
                         out.set_kv(kv.clone());
                         out.set_kv_cap(kv);
                     }

@@ -7,7 +7,11 @@ use std::sync::Arc;
 use capkv::kv_capnp::{kv_store, session_result, watch_result, watcher, write_session};
 use capkv::{ApiError, ErrorCode};
 
-use super::{handle, handle_now, store_error, write_entry, Reply, WatcherImpl, WriteSessionImpl};
+use capkv_rpc::local::Now;
+
+use super::{
+    direct, handle, now, reply_of, store_error, write_entry, WatcherImpl, WriteSessionImpl,
+};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
@@ -39,7 +43,7 @@ impl KvStoreImpl {
         match r {
             Ok((token, slot)) => {
                 let session: write_session::Client =
-                    capkv_rpc::local::new_client(WriteSessionImpl::new(
+                    capkv_rpc::local::new_direct_client(WriteSessionImpl::new(
                         Arc::clone(&self.shared),
                         Rc::clone(&self.conn),
                         token,
@@ -123,61 +127,19 @@ impl kv_store::Server for KvStoreImpl {
     fn get(
         self: Rc<Self>,
         params: kv_store::GetParams,
-        results: kv_store::GetResults,
+        mut results: kv_store::GetResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        let reply: Reply = handle_now!(
-            self,
-            params,
-            results,
-            Method::Get,
-            |this, p, call| {
-                let key = validate::key(&call.tunables.limits, p.get_key())?;
-                this.shared
-                    .store
-                    .get(key)
-                    .map_err(store_error)?
-                    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "key not found"))
-            },
-            with = |out, r| {
-                match r {
-                    Ok(e) => write_entry(out.init_ok(), &e),
-                    Err(e) => e.write(out.init_error()),
-                }
-            }
-        );
-        reply
+        let now = self.get_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
     }
 
     fn scan(
         self: Rc<Self>,
         params: kv_store::ScanParams,
-        results: kv_store::ScanResults,
+        mut results: kv_store::ScanResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        let reply: Reply = handle_now!(
-            self,
-            params,
-            results,
-            Method::Scan,
-            |this, p, call| {
-                let req = validate::scan(&call.tunables.limits, p.get_range())?;
-                this.shared.store.scan(&req).map_err(store_error)
-            },
-            ok = |ok, page| {
-                ok.set_revision(page.revision);
-                if page.more {
-                    if let Some(last) = page.entries.last() {
-                        ok.set_next_cursor(&validate::next_cursor(&last.key));
-                    }
-                }
-                let len = u32::try_from(page.entries.len())
-                    .map_err(|_| capnp::Error::failed("scan page too long".into()))?;
-                let mut list = ok.init_entries(len);
-                for (i, e) in page.entries.iter().enumerate() {
-                    write_entry(list.reborrow().get(i as u32), e);
-                }
-            }
-        );
-        reply
+        let now = self.scan_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
     }
 
     async fn session(
@@ -232,12 +194,90 @@ impl kv_store::Server for KvStoreImpl {
     fn get_many(
         self: Rc<Self>,
         params: kv_store::GetManyParams,
-        results: kv_store::GetManyResults,
+        mut results: kv_store::GetManyResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        let reply: Reply = handle_now!(
+        let now = self.get_many_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
+    }
+}
+
+direct!(KvStoreImpl, kv_store::Client, { 0 => get_now, 1 => scan_now, 3 => get_many_now });
+
+/// The cores of the methods served at once ([`now!`]), for both paths.
+impl KvStoreImpl {
+    fn get_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<kv_store::get_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<kv_store::get_results::Builder<'r>>,
+    ) -> Now {
+        now!(
             self,
             params,
             results,
+            kv_store::get_params::Owned,
+            kv_store::get_results::Owned,
+            Method::Get,
+            |this, p, call| {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
+                this.shared
+                    .store
+                    .get(key)
+                    .map_err(store_error)?
+                    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "key not found"))
+            },
+            with = |out, r| {
+                match r {
+                    Ok(e) => write_entry(out.init_ok(), &e),
+                    Err(e) => e.write(out.init_error()),
+                }
+            }
+        )
+    }
+
+    fn scan_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<kv_store::scan_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<kv_store::scan_results::Builder<'r>>,
+    ) -> Now {
+        now!(
+            self,
+            params,
+            results,
+            kv_store::scan_params::Owned,
+            kv_store::scan_results::Owned,
+            Method::Scan,
+            |this, p, call| {
+                let req = validate::scan(&call.tunables.limits, p.get_range())?;
+                this.shared.store.scan(&req).map_err(store_error)
+            },
+            ok = |ok, page| {
+                ok.set_revision(page.revision);
+                if page.more {
+                    if let Some(last) = page.entries.last() {
+                        ok.set_next_cursor(&validate::next_cursor(&last.key));
+                    }
+                }
+                let len = u32::try_from(page.entries.len())
+                    .map_err(|_| capnp::Error::failed("scan page too long".into()))?;
+                let mut list = ok.init_entries(len);
+                for (i, e) in page.entries.iter().enumerate() {
+                    write_entry(list.reborrow().get(i as u32), e);
+                }
+            }
+        )
+    }
+
+    fn get_many_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<kv_store::get_many_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<kv_store::get_many_results::Builder<'r>>,
+    ) -> Now {
+        now!(
+            self,
+            params,
+            results,
+            kv_store::get_many_params::Owned,
+            kv_store::get_many_results::Owned,
             Method::GetMany,
             |this, p, call| {
                 let list = p.get_keys().map_err(|e| {
@@ -276,7 +316,6 @@ impl kv_store::Server for KvStoreImpl {
                     }
                 }
             }
-        );
-        reply
+        )
     }
 }

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use capkv::kv_capnp::lease;
 
-use super::session::{at_once, handle_write, written};
-use super::{handle, handle_now, store_error, Reply, WriteSessionImpl};
+use capkv_rpc::local::Now;
+
+use super::session::{at_once, write_now, written};
+use super::{direct, handle, now, reply_of, store_error, WriteSessionImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::validate;
@@ -37,7 +39,7 @@ impl LeaseImpl {
         }
     }
 
-    /// What `handle_write!` applies through (the session's idempotency scope).
+    /// What `write_now!` applies through (the session's idempotency scope).
     fn apply<W: capkv_store::Write>(
         &self,
         w: W,
@@ -62,38 +64,19 @@ impl lease::Server for LeaseImpl {
     fn keep_alive(
         self: Rc<Self>,
         params: lease::KeepAliveParams,
-        results: lease::KeepAliveResults,
+        mut results: lease::KeepAliveResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        let reply: Reply = handle_now!(
-            self,
-            params,
-            results,
-            Method::LeaseKeepAlive,
-            |this, _p, _call| {
-                this.shared
-                    .store
-                    .lease_keep_alive(this.id)
-                    .map_err(store_error)
-            },
-            ok = |ok, info| { lease_info!(ok, info) }
-        );
-        reply
+        let now = self.keep_alive_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
     }
 
     fn time_to_live(
         self: Rc<Self>,
         params: lease::TimeToLiveParams,
-        results: lease::TimeToLiveResults,
+        mut results: lease::TimeToLiveResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        let reply: Reply = handle_now!(
-            self,
-            params,
-            results,
-            Method::LeaseTimeToLive,
-            |this, _p, _call| this.shared.store.lease_info(this.id).map_err(store_error),
-            ok = |ok, info| { lease_info!(ok, info) }
-        );
-        reply
+        let now = self.time_to_live_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
     }
 
     fn revoke(
@@ -101,11 +84,27 @@ impl lease::Server for LeaseImpl {
         params: lease::RevokeParams,
         mut results: lease::RevokeResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let now = self.revoke_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
+    }
+}
+
+direct!(LeaseImpl, lease::Client, { 0 => keep_alive_now, 1 => time_to_live_now, 2 => revoke_now });
+
+/// The cores of the methods served at once ([`now!`]), for both paths.
+impl LeaseImpl {
+    fn revoke_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<lease::revoke_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<lease::revoke_results::Builder<'r>>,
+    ) -> Now {
         let id = self.id;
-        handle_write!(
+        write_now!(
             self,
             params,
             results,
+            lease::revoke_params::Owned,
+            lease::revoke_results::Owned,
             Method::LeaseRevoke,
             |p, _call| {
                 let w = capkv_store::write::RevokeLease { id };
@@ -115,6 +114,45 @@ impl lease::Server for LeaseImpl {
                 ok.set_deleted(o.deleted);
                 ok.set_revision(o.revision);
             }
+        )
+    }
+
+    fn keep_alive_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<lease::keep_alive_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<lease::keep_alive_results::Builder<'r>>,
+    ) -> Now {
+        now!(
+            self,
+            params,
+            results,
+            lease::keep_alive_params::Owned,
+            lease::keep_alive_results::Owned,
+            Method::LeaseKeepAlive,
+            |this, _p, _call| {
+                this.shared
+                    .store
+                    .lease_keep_alive(this.id)
+                    .map_err(store_error)
+            },
+            ok = |ok, info| { lease_info!(ok, info) }
+        )
+    }
+
+    fn time_to_live_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<lease::time_to_live_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<lease::time_to_live_results::Builder<'r>>,
+    ) -> Now {
+        now!(
+            self,
+            params,
+            results,
+            lease::time_to_live_params::Owned,
+            lease::time_to_live_results::Owned,
+            Method::LeaseTimeToLive,
+            |this, _p, _call| this.shared.store.lease_info(this.id).map_err(store_error),
+            ok = |ok, info| { lease_info!(ok, info) }
         )
     }
 }

@@ -6,8 +6,8 @@
 //! - [`lease`]: `Lease`, keep-alive, time to live and revoke of one lease;
 //! - [`admin`]: `Admin`, operator actions.
 //!
-//! Every handler has one shape, written once in `handle!` (and in `handle_now!` for reads,
-//! whose work never waits: see [`Shared::serve_now`](crate::chain::Shared::serve_now)):
+//! Every handler has one shape, written once in `handle!` (and in `now!` for reads and
+//! at-once writes, whose work never waits: see [`Shared::serve_now`](crate::chain::Shared::serve_now)):
 //! read the params, run its work in the call chain
 //! ([`Shared::serve`](crate::chain::Shared::serve): context, deadline, admission, faults,
 //! metrics, trace), write the success or error arm of its result union, count the reply on
@@ -28,7 +28,9 @@ use std::sync::Arc;
 
 use capkv::kv_capnp::entry;
 use capkv::{ApiError, ErrorCode};
+use capkv_rpc::local::Now;
 use capkv_store::{Entry, Store, StoreError};
+use capnp::capability::Promise;
 
 pub use admin::AdminImpl;
 pub use gateway::GatewayImpl;
@@ -87,67 +89,129 @@ macro_rules! handle {
 }
 pub(crate) use handle;
 
-/// What a [`handle_now!`] handler returns: a reply built at once, or the rest of the call.
+/// What a handler of a [`now!`] method returns to the hook path: the reply built at once,
+/// or the rest of the call.
 pub(crate) type Reply = futures::future::Either<
     std::future::Ready<Result<(), capnp::Error>>,
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capnp::Error>>>>,
+    Promise<(), capnp::Error>,
 >;
 
-/// [`handle!`] for work that never waits (reads), in a handler returning [`Reply`]: the
-/// chain runs it at once ([`Shared::serve_now`](crate::chain::Shared::serve_now)) and the
-/// reply is built before the handler returns, with no async frame per call (capnp boxes
-/// whatever future a handler returns: an `async fn` handler's is the whole chain's state,
-/// over 1.6 KiB, allocated and moved per call). When a step must wait (a full admission
-/// queue, an armed fault plan) the call goes on in a boxed future, exactly as `handle!`'s.
-macro_rules! handle_now {
-    ($self:ident, $params:ident, $results:ident, $method:expr,
+/// The hook path's handler of a [`now!`] method: `now` is what the method's core did with
+/// the params and results of `params` and `results`; a call that must wait goes on with
+/// their hooks.
+pub(crate) fn reply_of<P, R: capnp::traits::Owned>(
+    now: Now,
+    params: capnp::capability::Params<P>,
+    results: capnp::capability::Results<R>,
+) -> Reply {
+    use futures::future::Either;
+    match now {
+        Now::Done(r) => Either::Left(std::future::ready(r)),
+        Now::Defer(rest) => Either::Right(rest(params.hook, results.hook)),
+        // A core never says it: every method it serves is its own.
+        Now::Elsewhere => Either::Left(std::future::ready(Err(capnp::Error::failed(
+            "method not served here".into(),
+        )))),
+    }
+}
+
+/// The core of a method whose work never waits (reads; writes to a store whose writes
+/// complete at once): [`handle!`]'s shape, run by the chain at once
+/// ([`Shared::serve_now`](crate::chain::Shared::serve_now)), the reply built before it
+/// returns, with no future per call. It serves both paths into a handler: capkv's engine
+/// calls it directly ([`Direct`]) with the params and results of the message itself, and
+/// the hook path (`kv_store::Server` and the like, which capnp-rpc's `RpcSystem` calls too)
+/// through [`reply_of`]. When a step must wait (a full admission queue, an armed fault
+/// plan) the rest of the call is deferred: it goes on in a future, exactly as `handle!`'s,
+/// with the hooks of the hook path.
+///
+/// `$params` is the params reader (a `capnp::Result`), `$results` a closure that gives the
+/// results builder, `$P` and `$R` their `Owned` types. Evaluates to a [`Now`].
+macro_rules! now {
+    ($self:ident, $params:expr, $results:expr, $P:ty, $R:ty, $method:expr,
      |$this:ident, $p:ident, $call:pat_param| $work:expr,
      $($reply:tt)+) => {{
-        let served = match $params.get() {
+        match $params {
+            Err(e) => capkv_rpc::local::Now::Done(Err(e)),
             Ok($p) => {
                 #[allow(unused_variables)]
-                let $this = &$self;
-                $self
+                let $this = $self;
+                let served = $self
                     .shared
-                    .serve_now(&$self.conn, $method, $p.get_ctx(), |$call| $work)
-            }
-            Err(e) => return futures::future::Either::Left(std::future::ready(Err(e))),
-        };
-        match served {
-            crate::chain::Served::Now(r) => {
-                let mut results = $results;
-                // A closure, so that the reply form's `?` ends the reply, not the handler.
-                #[allow(clippy::redundant_closure_call)]
-                let replied = (|| -> Result<(), capnp::Error> {
-                    #[allow(unused_mut)]
-                    let mut out = results.get().init_result();
-                    crate::rpc::handle!(@reply out, r, $($reply)+);
-                    crate::reply::count_reply!($self.conn, results);
-                    Ok(())
-                })();
-                futures::future::Either::Left(std::future::ready(replied))
-            }
-            crate::chain::Served::Later(opened) => {
-                let mut results = $results;
-                futures::future::Either::Right(Box::pin(async move {
-                    let $p = $params.get()?;
-                    #[allow(unused_variables)]
-                    let $this = &$self;
-                    let r = $self
-                        .shared
-                        .serve_opened(&$self.conn, $method, opened, |$call| async move { $work })
-                        .await;
-                    #[allow(unused_mut)]
-                    let mut out = results.get().init_result();
-                    crate::rpc::handle!(@reply out, r, $($reply)+);
-                    crate::reply::count_reply!($self.conn, results);
-                    Ok(())
-                }))
+                    .serve_now(&$self.conn, $method, $p.get_ctx(), |$call| $work);
+                match served {
+                    crate::chain::Served::Now(r) => {
+                        let results = $results;
+                        // A closure, so that the reply form's `?` ends the reply only.
+                        #[allow(clippy::redundant_closure_call)]
+                        let replied = (|| -> Result<(), capnp::Error> {
+                            let mut built = results()?;
+                            {
+                                #[allow(unused_mut)]
+                                let mut out = built.reborrow().init_result();
+                                crate::rpc::handle!(@reply out, r, $($reply)+);
+                            }
+                            crate::reply::count_reply!(@built $self.conn, built);
+                            Ok(())
+                        })();
+                        capkv_rpc::local::Now::Done(replied)
+                    }
+                    crate::chain::Served::Later(opened) => {
+                        let owner = std::rc::Rc::clone($self);
+                        capkv_rpc::local::Now::Defer(Box::new(move |params, results| {
+                            let params = capnp::capability::Params::<$P>::new(params);
+                            let mut results = capnp::capability::Results::<$R>::new(results);
+                            capnp::capability::Promise::from_future(async move {
+                                let $p = params.get()?;
+                                #[allow(unused_variables)]
+                                let $this = &owner;
+                                let r = owner
+                                    .shared
+                                    .serve_opened(&owner.conn, $method, opened, |$call| async move { $work })
+                                    .await;
+                                let mut built = results.get();
+                                {
+                                    #[allow(unused_mut)]
+                                    let mut out = built.reborrow().init_result();
+                                    crate::rpc::handle!(@reply out, r, $($reply)+);
+                                }
+                                crate::reply::count_reply!(@built owner.conn, built);
+                                Ok(())
+                            })
+                        }))
+                    }
+                }
             }
         }
     }};
 }
-pub(crate) use handle_now;
+pub(crate) use now;
+
+/// Serves methods of `$ty` (a capability of interface `$client`) on capkv's engine's
+/// direct path ([`Direct`]): each schema ordinal (`get @0`) goes to its [`now!`] core, the
+/// same the hook path's handler runs; every other method goes down the hook path.
+macro_rules! direct {
+    ($ty:ty, $client:ty, { $($ordinal:literal => $core:ident),* $(,)? }) => {
+        impl capkv_rpc::local::Direct for $ty {
+            fn call_now(
+                self: std::rc::Rc<Self>,
+                interface_id: u64,
+                method_id: u16,
+                params: capnp::any_pointer::Reader<'_>,
+                results: capnp::any_pointer::Builder<'_>,
+            ) -> capkv_rpc::local::Now {
+                if interface_id != <$client as capnp::traits::HasTypeId>::TYPE_ID {
+                    return capkv_rpc::local::Now::Elsewhere;
+                }
+                match method_id {
+                    $($ordinal => self.$core(params.get_as(), move || results.get_as()),)*
+                    _ => capkv_rpc::local::Now::Elsewhere,
+                }
+            }
+        }
+    };
+}
+pub(crate) use direct;
 
 /// Keys shown to the store in one prefetch at most; more are sent in several.
 const WARM_KEYS_MAX: usize = 64;

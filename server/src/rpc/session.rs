@@ -8,7 +8,9 @@ use capkv::kv_capnp::{lease, lease_result, write_session};
 use capkv::ApiError;
 use capkv_store::{write, IdempotencyKey, Pending, StoreError, Write};
 
-use super::{handle, handle_now, store_error, LeaseImpl, Reply};
+use capkv_rpc::local::Now;
+
+use super::{direct, handle, now, reply_of, store_error, LeaseImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
@@ -47,7 +49,7 @@ impl WriteSessionImpl {
         match r {
             Ok((id, ttl_ms, slot)) => {
                 let l: lease::Client =
-                    capkv_rpc::local::new_client(LeaseImpl::new(Rc::clone(self), id, slot));
+                    capkv_rpc::local::new_direct_client(LeaseImpl::new(Rc::clone(self), id, slot));
                 out.set_lease(l.clone());
                 out.set_lease_cap(l);
                 out.set_id(id);
@@ -105,15 +107,16 @@ pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
     r.map_err(store_error)
 }
 
-/// A handler of a write: `|p, call| op` builds the write and its idempotency key from the
-/// params `p`; it is applied and answered at once, as reads are ([`handle_now!`]), when the
-/// store's writes complete at once (the memory engine), else on [`handle!`]'s async path
-/// (RocksDB: the call waits for its group commit). The reply forms are `handle!`'s.
-macro_rules! handle_write {
-    ($self:ident, $params:ident, $results:ident, $method:expr,
+/// The core of a write ([`now!`]'s shape): `|p, call| op` builds the write and its
+/// idempotency key from the params `p`. It is applied and answered at once, as reads are,
+/// when the store's writes complete at once (the memory engine); else (RocksDB: the call
+/// waits for its group commit) the whole call is deferred to [`handle!`]'s async path. The
+/// reply forms are `handle!`'s.
+macro_rules! write_now {
+    ($self:ident, $params:ident, $results:ident, $P:ty, $R:ty, $method:expr,
      |$p:ident, $call:ident| $op:expr, $($reply:tt)+) => {{
         if $self.shared.store.writes_complete_at_once() {
-            let reply: Reply = handle_now!($self, $params, $results, $method,
+            now!($self, $params, $results, $P, $R, $method,
                 |this, $p, called| {
                     let (w, idem) = {
                         let $call = &called;
@@ -121,12 +124,16 @@ macro_rules! handle_write {
                     };
                     written(at_once(this.apply(w, idem, called.tunables.idempotency_ttl_ms)))
                 },
-                $($reply)+);
-            reply
+                $($reply)+)
         } else {
-            let later: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), capnp::Error>>>> =
-                Box::pin(async move {
-                    handle!($self, $params, $results, $method,
+            // Read again on the async path, from the hooks.
+            let _ = ($params, $results);
+            let owner = Rc::clone($self);
+            Now::Defer(Box::new(move |params, results| {
+                let params = capnp::capability::Params::<$P>::new(params);
+                let mut results = capnp::capability::Results::<$R>::new(results);
+                capnp::capability::Promise::from_future(async move {
+                    handle!(owner, params, results, $method,
                         |this, $p, called| {
                             let (w, idem) = {
                                 let $call = &called;
@@ -135,12 +142,12 @@ macro_rules! handle_write {
                             written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
                         },
                         $($reply)+)
-                });
-            futures::future::Either::Right(later)
+                })
+            }))
         }
     }};
 }
-pub(crate) use handle_write;
+pub(crate) use write_now;
 
 impl write_session::Server for WriteSessionImpl {
     async fn grant_lease(
@@ -200,10 +207,58 @@ impl write_session::Server for WriteSessionImpl {
         params: write_session::IncrementParams,
         mut results: write_session::IncrementResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        handle_write!(
+        let now = self.increment_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
+    }
+
+    fn put(
+        self: Rc<Self>,
+        params: write_session::PutParams,
+        mut results: write_session::PutResults,
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let now = self.put_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
+    }
+
+    fn delete(
+        self: Rc<Self>,
+        params: write_session::DeleteParams,
+        mut results: write_session::DeleteResults,
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let now = self.delete_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
+    }
+
+    fn put_many(
+        self: Rc<Self>,
+        params: write_session::PutManyParams,
+        mut results: write_session::PutManyResults,
+    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        let now = self.put_many_now(params.get(), || Ok(results.get()));
+        reply_of(now, params, results)
+    }
+}
+
+direct!(WriteSessionImpl, write_session::Client, {
+    0 => put_now,
+    1 => delete_now,
+    2 => put_many_now,
+    3 => increment_now,
+});
+
+/// The cores of the methods served at once ([`now!`]), for both paths.
+impl WriteSessionImpl {
+    fn increment_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<write_session::increment_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<write_session::increment_results::Builder<'r>>,
+    ) -> Now {
+        write_now!(
             self,
             params,
             results,
+            write_session::increment_params::Owned,
+            write_session::increment_results::Owned,
             Method::Increment,
             |p, call| {
                 let key = validate::key(&call.tunables.limits, p.get_key())?;
@@ -221,15 +276,17 @@ impl write_session::Server for WriteSessionImpl {
         )
     }
 
-    fn put(
-        self: Rc<Self>,
-        params: write_session::PutParams,
-        mut results: write_session::PutResults,
-    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        handle_write!(
+    fn put_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<write_session::put_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<write_session::put_results::Builder<'r>>,
+    ) -> Now {
+        write_now!(
             self,
             params,
             results,
+            write_session::put_params::Owned,
+            write_session::put_results::Owned,
             Method::Put,
             |p, call| {
                 let limits = &call.tunables.limits;
@@ -249,15 +306,17 @@ impl write_session::Server for WriteSessionImpl {
         )
     }
 
-    fn delete(
-        self: Rc<Self>,
-        params: write_session::DeleteParams,
-        mut results: write_session::DeleteResults,
-    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        handle_write!(
+    fn delete_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<write_session::delete_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<write_session::delete_results::Builder<'r>>,
+    ) -> Now {
+        write_now!(
             self,
             params,
             results,
+            write_session::delete_params::Owned,
+            write_session::delete_results::Owned,
             Method::Delete,
             |p, call| {
                 let w = write::Delete {
@@ -273,15 +332,17 @@ impl write_session::Server for WriteSessionImpl {
         )
     }
 
-    fn put_many(
-        self: Rc<Self>,
-        params: write_session::PutManyParams,
-        mut results: write_session::PutManyResults,
-    ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
-        handle_write!(
+    fn put_many_now<'r>(
+        self: &Rc<Self>,
+        params: capnp::Result<write_session::put_many_params::Reader<'_>>,
+        results: impl FnOnce() -> capnp::Result<write_session::put_many_results::Builder<'r>>,
+    ) -> Now {
+        write_now!(
             self,
             params,
             results,
+            write_session::put_many_params::Owned,
+            write_session::put_many_results::Owned,
             Method::PutMany,
             |p, call| {
                 let list = p.get_items().map_err(|e| {
