@@ -77,8 +77,14 @@ where
     S: Direct + 'static,
 {
     let server = Rc::new(server);
-    let ptr = Rc::as_ptr(&server) as *const () as usize;
     let direct: Rc<dyn Direct> = server.clone();
+    register(Rc::as_ptr(&server) as *const () as usize, &direct);
+    from_rc(server)
+}
+
+/// Registers `direct` as the object of hooks whose `get_ptr` is `ptr`, for as long as it
+/// lives.
+pub(crate) fn register(ptr: usize, direct: &Rc<dyn Direct>) {
     DIRECT.with(|r| {
         let mut r = r.borrow_mut();
         if r.by_ptr.len() >= r.sweep_at_len.max(REGISTRY_FIRST_SWEEP) {
@@ -86,9 +92,8 @@ where
             r.sweep_at_len = r.by_ptr.len() * 2;
         }
         // An address reused after its object died replaces the dead entry.
-        r.by_ptr.insert(ptr, Rc::downgrade(&direct));
+        r.by_ptr.insert(ptr, Rc::downgrade(direct));
     });
-    from_rc(server)
 }
 
 /// The [`Direct`] behind `hook`, when it is a live direct object of this thread.

@@ -13,20 +13,59 @@ use capnp::private::capability::{ClientHook, ParamsHook, ResultsHook};
 use capnp_rpc::rpc_capnp::message as rpc_message;
 
 use super::{serve, Closer, EngineLimits};
+use crate::local::{Direct, Now};
 
 /// A capability whose methods answer with a new capability (0), an error (1), or nothing
-/// after a yield (2, so that calls overlap). Its `get_ptr` is its id.
+/// after a yield (2, so that calls overlap); methods 3 to 5 it answers on the engine's
+/// direct path ([`ScriptDirect`]) when called as an export, and as 0 to 2 when pipelined.
+/// Its `get_ptr` is its id.
 pub(crate) struct ScriptCap {
     id: usize,
     next_id: Rc<Cell<usize>>,
+    /// Its direct object, registered under its id while a hook of it lives.
+    direct: Rc<dyn Direct>,
 }
 
 impl ScriptCap {
     /// Capability `id`; those it makes are numbered from `id + 1`.
     pub(crate) fn new(id: usize) -> Self {
+        Self::numbered(id, Rc::new(Cell::new(id + 1)))
+    }
+
+    fn numbered(id: usize, next_id: Rc<Cell<usize>>) -> Self {
+        let direct: Rc<dyn Direct> = Rc::new(ScriptDirect);
+        crate::local::register(id, &direct);
         Self {
             id,
-            next_id: Rc::new(Cell::new(id + 1)),
+            next_id,
+            direct,
+        }
+    }
+}
+
+/// The direct path of a [`ScriptCap`]: answers at once (3), fails at once (4), defers to
+/// a result after a yield (5), and leaves every other method to the hook.
+struct ScriptDirect;
+
+impl Direct for ScriptDirect {
+    fn call_now(
+        self: Rc<Self>,
+        _interface_id: u64,
+        method_id: u16,
+        _params: capnp::any_pointer::Reader<'_>,
+        _results: capnp::any_pointer::Builder<'_>,
+    ) -> Now {
+        match method_id {
+            3 => Now::Done(Ok(())),
+            4 => Now::Done(Err(capnp::Error::failed("scripted direct failure".into()))),
+            5 => Now::Defer(Box::new(|_params, results| {
+                Promise::from_future(async move {
+                    tokio::task::yield_now().await;
+                    drop(results);
+                    Ok(())
+                })
+            })),
+            _ => Now::Elsewhere,
         }
     }
 }
@@ -36,6 +75,7 @@ impl ClientHook for ScriptCap {
         Box::new(ScriptCap {
             id: self.id,
             next_id: Rc::clone(&self.next_id),
+            direct: Rc::clone(&self.direct),
         })
     }
     fn new_call(
@@ -58,10 +98,7 @@ impl ClientHook for ScriptCap {
             0 => {
                 let id = self.next_id.get();
                 self.next_id.set(id + 1);
-                let cap = Box::new(ScriptCap {
-                    id,
-                    next_id: Rc::clone(&self.next_id),
-                });
+                let cap = Box::new(ScriptCap::numbered(id, Rc::clone(&self.next_id)));
                 match results.get() {
                     Ok(mut content) => {
                         // A struct with two pointers, the same capability in both.
@@ -140,7 +177,7 @@ pub fn messages(input: &[u8]) -> Vec<u8> {
                 let mut c = root.init_call();
                 c.set_question_id(a % 8);
                 c.set_interface_id(1);
-                c.set_method_id(u16::from(b % 3));
+                c.set_method_id(u16::from(b % 6));
                 let t = c.reborrow().init_target();
                 if kind % 9 == 1 {
                     t.init_promised_answer().set_question_id(u32::from(b) % 8);
