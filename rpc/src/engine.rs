@@ -318,6 +318,12 @@ impl Exports {
         }
     }
 
+    /// The export of `hook`'s object, if it is exported.
+    fn id_of(&self, hook: &dyn ClientHook) -> Option<u32> {
+        let id = *self.by_ptr.get(&hook.get_ptr())?;
+        self.get(id).map(|_| id)
+    }
+
     fn direct(&self, id: u32) -> Option<Rc<dyn Direct>> {
         match self.slots.get(id as usize) {
             Some(Some(e)) => e.direct.clone(),
@@ -1072,7 +1078,16 @@ impl Conn {
                     Some(AnswerState::Failed(e)) => Err(e.clone()),
                     Some(AnswerState::Returned { built, .. }) => {
                         let hook = built.content()?.get_pipelined_cap(ops)?;
-                        Ok(Target::Cap(hook))
+                        // Every capability of a Return is exported with it: calling the
+                        // export is calling the same object, through the table's own
+                        // reference and on the direct path when it has one. A client that
+                        // keeps addressing a capability through the answer it came in
+                        // (capkv's own does, for `open(t).kv`) costs what one calling the
+                        // import does.
+                        Ok(match self.exports.id_of(hook.as_ref()) {
+                            Some(export) => Target::Export(export),
+                            None => Target::Cap(hook),
+                        })
                     }
                 }
             }
@@ -1388,16 +1403,30 @@ mod tests {
             assert_eq!(crate::local::direct_registry_len(), before + 1);
             let mut input = Vec::new();
             queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
-            let calls: [(u32, u16, &str); 4] =
-                [(1, 0, "a"), (2, 0, "defer"), (3, 3, "a"), (4, 0, "fail")];
-            for (id, method, key) in calls {
+            // (question, method, key, pipelined on the bootstrap's answer)
+            let calls: [(u32, u16, &str, bool); 5] = [
+                (1, 0, "a", false),
+                (2, 0, "defer", false),
+                (3, 3, "a", false),
+                (4, 0, "fail", false),
+                (5, 0, "a", true),
+            ];
+            for (id, method, key, pipelined) in calls {
                 queue(&mut input, |m| {
                     let mut c = m.init_call();
                     c.set_question_id(id);
                     c.set_interface_id(kv_store::Client::TYPE_ID);
                     c.set_method_id(method);
-                    // The bootstrap's Return exports the capability as id 0.
-                    c.reborrow().init_target().set_imported_cap(0);
+                    // The bootstrap's Return exports the capability as id 0; a call
+                    // through the answer reaches the same export, so the direct path too.
+                    if pipelined {
+                        c.reborrow()
+                            .init_target()
+                            .init_promised_answer()
+                            .set_question_id(0);
+                    } else {
+                        c.reborrow().init_target().set_imported_cap(0);
+                    }
                     let mut p = c
                         .init_params()
                         .init_content()
@@ -1470,6 +1499,7 @@ mod tests {
                     (2, "deferred"),
                     (3, "revision 7"),
                     (4, "refused directly"),
+                    (5, "direct"),
                 ]
             );
         });
