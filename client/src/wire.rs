@@ -77,7 +77,10 @@ pub(crate) fn call_meta(spec: &CallSpec) -> Result<CallMeta, ApiError> {
     }
     Ok(CallMeta {
         budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
-        request_id: format!("c{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
+        request_id: compact_str::format_compact!(
+            "c{}",
+            REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+        ),
         attempt: spec.attempt,
         traceparent: spec.traceparent.map(|t| t.to_string()).unwrap_or_default(),
         ..CallMeta::default()

@@ -201,7 +201,8 @@ pub struct CallMeta {
     pub budget_ms: Option<u32>,
     pub traceparent: String,
     pub tracestate: String,
-    pub request_id: String,
+    /// Inline up to 24 bytes (no allocation per call for the ids clients make).
+    pub request_id: compact_str::CompactString,
     /// 1-based attempt number.
     pub attempt: u32,
 }
@@ -242,14 +243,16 @@ impl CallMeta {
                 .map(str::to_owned)
                 .ok_or_else(|| bad(what))
         };
-        let mut request_id = text(r.get_request_id(), "requestId")?;
-        if request_id.len() > MAX_REQUEST_ID_BYTES {
-            let mut cut = MAX_REQUEST_ID_BYTES;
-            while !request_id.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            request_id.truncate(cut);
+        let request_id = r
+            .get_request_id()
+            .ok()
+            .and_then(|t| t.to_str().ok())
+            .ok_or_else(|| bad("requestId"))?;
+        let mut cut = request_id.len().min(MAX_REQUEST_ID_BYTES);
+        while !request_id.is_char_boundary(cut) {
+            cut -= 1;
         }
+        let request_id = compact_str::CompactString::from(&request_id[..cut]);
         Ok(Self {
             budget_ms,
             traceparent: text(r.get_traceparent(), "traceparent")?,
