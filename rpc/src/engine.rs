@@ -1320,6 +1320,24 @@ mod tests {
         assert!(a.consistent());
     }
 
+    /// Runs `f` to completion on a current-thread runtime's `LocalSet`, as a worker does.
+    fn on_local_set<F: Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
+    /// The messages in `bytes`, as the engine wrote them.
+    fn written(mut bytes: &[u8]) -> Vec<message::Reader<capnp::serialize::OwnedSegments>> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            out.push(capnp::serialize::read_message(&mut bytes, ReaderOptions::new()).unwrap());
+        }
+        out
+    }
+
     /// A KvStore whose `get` is served both ways, telling in its value which way ran: the
     /// direct path (`Direct`), the rest of a deferred direct call, or the hook path
     /// (`getMany`, which the direct path leaves to it).
@@ -1393,11 +1411,7 @@ mod tests {
     fn a_direct_object_answers_at_once_defers_or_leaves_the_call_to_its_hook() {
         use capkv::kv_capnp::kv_store;
         use capnp::traits::HasTypeId;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, async {
+        on_local_set(async {
             let before = crate::local::direct_registry_len();
             let cap: kv_store::Client = crate::local::new_direct_client(TwoWays);
             assert_eq!(crate::local::direct_registry_len(), before + 1);
@@ -1446,11 +1460,7 @@ mod tests {
             .await
             .unwrap();
             let mut seen = std::collections::BTreeMap::new();
-            let mut read = &bytes.borrow()[..];
-            while !read.is_empty() {
-                let m =
-                    capnp::serialize::read_message_from_flat_slice(&mut read, ReaderOptions::new())
-                        .unwrap();
+            for m in written(&bytes.borrow()) {
                 let root = m.get_root::<rpc_message::Reader>().unwrap();
                 let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
                     panic!("not a Return");
@@ -1545,11 +1555,7 @@ mod tests {
     /// the coalescing writer sends what one pass wrote at once.
     #[test]
     fn sixteen_calls_in_one_packet_leave_in_at_most_two_writes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, async {
+        on_local_set(async {
             let mut input = Vec::new();
             queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
             for id in 1..=16 {
@@ -1583,17 +1589,12 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             assert!(writes.get() <= 2, "{} writes", writes.get());
-            let mut answered = 0;
-            let mut read = &bytes.borrow()[..];
-            while !read.is_empty() {
-                let m =
-                    capnp::serialize::read_message_from_flat_slice(&mut read, ReaderOptions::new())
-                        .unwrap();
+            let written = written(&bytes.borrow());
+            for m in &written {
                 let root = m.get_root::<rpc_message::Reader>().unwrap();
                 assert!(matches!(root.which(), Ok(rpc_message::Which::Return(_))));
-                answered += 1;
             }
-            assert_eq!(answered, 17);
+            assert_eq!(written.len(), 17);
         });
     }
 }
