@@ -14,6 +14,12 @@
 //!   and results hooks here read the incoming message in place and build the Return message
 //!   directly. Capabilities a handler puts in its results are exported from the Return's
 //!   cap table. The engine knows nothing of the kv schema or the store.
+//! - The direct path: an export whose object answers some methods at once
+//!   ([`crate::local::Direct`], made by [`crate::local::new_direct_client`]) gets a plain
+//!   call on it, or one pipelined on an answer that has returned it, through
+//!   `Direct::call_now` with the message's params reader and a results builder over the
+//!   connection's scratch segment; the Return is queued at once (`Conn::call_direct`). What it
+//!   defers or does not serve goes down the hook path.
 //! - Tables: `answers` by question id (a call running, returned with capabilities that
 //!   later calls may pipeline on, or failed), `exports` by export id with reference counts
 //!   (one per pointer a Return carried; `Release` takes them back).

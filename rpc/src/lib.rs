@@ -12,7 +12,8 @@
 //!   wire, capnp-rpc's `RpcSystem` as its test reference).
 //! - [`client`]: the same engine's client side, behind capnp's hook traits (generated
 //!   clients and pipelines unchanged; capnp-rpc's `RpcSystem` is its test reference).
-//! - [`local`]: capabilities this process serves, made for the engine to call directly.
+//! - [`local`]: capabilities this process serves, made for the engine to call directly, and
+//!   the `Direct` trait through which the engine answers their hottest methods at once.
 //! - [`signal`]: a stop flag for one thread's tasks, cheaper to poll than tokio's `Notify`.
 //!
 //! It knows nothing of the kv schema.
