@@ -147,15 +147,7 @@ impl Built {
     fn new_return(answer_id: u32) -> Self {
         // Most results are a few words: start small, grow on demand.
         let mut message = message::Builder::new(HeapAllocator::new().first_segment_words(32));
-        {
-            let mut ret = message.init_root::<rpc_message::Builder>().init_return();
-            ret.set_answer_id(answer_id);
-            // What a Return without capabilities says (a get's, a put's): written now, so
-            // `write_results` touches the message again only when the results hold some.
-            // The cap table stays a null pointer, which every reader takes as empty.
-            ret.set_no_finish_needed(true);
-            ret.init_results();
-        }
+        init_return(&mut message, answer_id);
         Self {
             message,
             cap_table: Vec::new(),
@@ -182,6 +174,20 @@ impl Built {
         content.imbue(&self.cap_table);
         Ok(content)
     }
+}
+
+/// Makes `message` a Return for `answer_id` with empty results, and gives the results to
+/// fill. It says what a Return without capabilities says (a get's, a put's) from the start,
+/// so that `write_results` touches the message again only when the results hold some: no
+/// Finish needed, and the cap table a null pointer, which every reader takes as empty.
+fn init_return<A: message::Allocator>(
+    message: &mut message::Builder<A>,
+    answer_id: u32,
+) -> any_pointer::Builder<'_> {
+    let mut ret = message.init_root::<rpc_message::Builder>().init_return();
+    ret.set_answer_id(answer_id);
+    ret.set_no_finish_needed(true);
+    ret.init_results().get_content()
 }
 
 /// The results of a Return message (whose capabilities the caller imbues): how the engine
@@ -763,11 +769,7 @@ impl Conn {
             && self.answers.len() <= self.limits.max_answers
     }
 
-    fn send(&mut self, message: &message::Builder<HeapAllocator>) {
-        self.send_built(message)
-    }
-
-    fn send_built<A: message::Allocator>(&mut self, message: &message::Builder<A>) {
+    fn send<A: message::Allocator>(&mut self, message: &message::Builder<A>) {
         let before = self.outbox.len();
         // Writing into a Vec cannot fail.
         let _ = capnp::serialize::write_message(&mut self.outbox, message);
@@ -1004,15 +1006,11 @@ impl Conn {
                 capnp::Word::words_to_bytes_mut(&mut scratch),
             );
             let mut message = message::Builder::new(&mut alloc);
-            let mut ret = message.init_root::<rpc_message::Builder>().init_return();
-            ret.set_answer_id(id);
-            // As `Built::new_return`: results without capabilities (the only kind this
-            // path writes) need no Finish.
-            ret.set_no_finish_needed(true);
-            let results = ret.init_results().get_content();
+            // Results without capabilities, the only kind this path writes.
+            let results = init_return(&mut message, id);
             let now = direct.call_now(interface_id, method_id, params, results);
             if let Now::Done(Ok(())) = now {
-                self.send_built(&message);
+                self.send(&message);
                 self.answers.remove(id);
             }
             now
