@@ -237,17 +237,11 @@ impl CallMeta {
             Ok(Which::BudgetMs(ms)) => Some(ms),
             Err(_) => return Err(bad("deadline")),
         };
-        let text = |t: capnp::Result<capnp::text::Reader<'_>>, what: &str| {
-            t.ok()
-                .and_then(|t| t.to_str().ok())
-                .map(str::to_owned)
-                .ok_or_else(|| bad(what))
-        };
-        let request_id = r
-            .get_request_id()
-            .ok()
-            .and_then(|t| t.to_str().ok())
-            .ok_or_else(|| bad("requestId"))?;
+        fn text(t: capnp::Result<capnp::text::Reader<'_>>) -> Option<&str> {
+            t.ok()?.to_str().ok()
+        }
+        let owned = |t, what: &str| text(t).map(str::to_owned).ok_or_else(|| bad(what));
+        let request_id = text(r.get_request_id()).ok_or_else(|| bad("requestId"))?;
         let mut cut = request_id.len().min(MAX_REQUEST_ID_BYTES);
         while !request_id.is_char_boundary(cut) {
             cut -= 1;
@@ -255,8 +249,8 @@ impl CallMeta {
         let request_id = compact_str::CompactString::from(&request_id[..cut]);
         Ok(Self {
             budget_ms,
-            traceparent: text(r.get_traceparent(), "traceparent")?,
-            tracestate: text(r.get_tracestate(), "tracestate")?,
+            traceparent: owned(r.get_traceparent(), "traceparent")?,
+            tracestate: owned(r.get_tracestate(), "tracestate")?,
             request_id,
             attempt: r.get_attempt().max(1),
         })
