@@ -1008,7 +1008,10 @@ impl Conn {
             let mut message = message::Builder::new(&mut alloc);
             // Results without capabilities, the only kind this path writes.
             let results = init_return(&mut message, id);
-            let now = direct.call_now(interface_id, method_id, params, results);
+            let arrived = m.get_segments().arrived;
+            let now = crate::local::with_arrival(arrived, || {
+                direct.call_now(interface_id, method_id, params, results)
+            });
             if let Now::Done(Ok(())) = now {
                 self.send(&message);
                 self.answers.remove(id);

@@ -75,6 +75,9 @@ pub struct Frame {
     /// call on an imported capability; `None` for anything else, and for frames no
     /// [`GuardedReader`] checked.
     pub(crate) head: Option<CallHead>,
+    /// When the read that completed it returned (one clock read per read; `None` for
+    /// frames no [`GuardedReader`] cut): see [`crate::local::arrived`].
+    pub(crate) arrived: Option<Instant>,
 }
 
 /// The address of a Call to a capability the peer imported, with the results to the
@@ -93,7 +96,7 @@ pub(crate) struct CallHead {
 }
 
 /// What [`check_message_shown`] found in a frame that passed.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Checked {
     bootstrap: bool,
     head: Option<CallHead>,
@@ -133,6 +136,7 @@ impl Frame {
             first,
             rest,
             head: None,
+            arrived: None,
         }
     }
 
@@ -506,6 +510,7 @@ impl<R: PeerReader> GuardedReader<R> {
     /// Moves every complete frame at the front of `pending` to `ready`, checking each.
     fn take_frames(&mut self) -> Result<(), Breach> {
         let mut taken = 0;
+        let mut arrived = None;
         let result = loop {
             let rest = &self.pending[taken..];
             let size = match frame_size(rest, self.limits.max_frame_bytes) {
@@ -514,6 +519,7 @@ impl<R: PeerReader> GuardedReader<R> {
                 Err(b) => break Err(b),
             };
             let mut frame = Frame::copy_from(rest, size);
+            frame.arrived = Some(*arrived.get_or_insert_with(Instant::now));
             match check_message_shown(&frame, self.limits.reader_options, self.warm.as_deref()) {
                 Ok(Checked {
                     bootstrap: true, ..
@@ -675,8 +681,76 @@ fn check_message(frame: &Frame, options: capnp::message::ReaderOptions) -> Resul
 }
 
 /// [`check_message`], showing a Call that passes to `warm`: the one decode of a frame
-/// before the engine's.
+/// before the engine's. A plain Call is checked from its skeleton (`crate::skeleton`),
+/// anything else by capnp's reader; both decide alike (asserted in debug builds).
 fn check_message_shown(
+    frame: &Frame,
+    options: capnp::message::ReaderOptions,
+    warm: Option<&dyn Warm>,
+) -> Result<Checked, Breach> {
+    if let Some(checked) = check_plain_call(frame, options, warm) {
+        debug_assert_eq!(
+            Ok(&checked),
+            check_decoded(frame, options, None).as_ref(),
+            "the skeleton's check and capnp's decided differently"
+        );
+        return Ok(checked);
+    }
+    check_decoded(frame, options, warm)
+}
+
+/// The check of a single-segment Call of the plain shape (`crate::skeleton`): it decodes,
+/// carries no capability, and is shown to `warm`. `None` for any other frame.
+fn check_plain_call(
+    frame: &Frame,
+    options: capnp::message::ReaderOptions,
+    warm: Option<&dyn Warm>,
+) -> Option<Checked> {
+    if !frame.rest.is_empty() {
+        return None;
+    }
+    let segment = capnp::message::ReaderSegments::get_segment(frame, 0)?;
+    let s = crate::skeleton::read(segment)?;
+    if let Some(w) = warm {
+        // The params read from their own pointer: a segment view starting there (its
+        // pointers are relative, so they lead where they did). Only a hint: params this
+        // view cannot read are left to the call itself.
+        let view = ContentView(segment.get(s.content_at * 8..)?);
+        let reader = capnp::message::Reader::new(view, options);
+        if let Ok(params) = reader.get_root::<capnp::any_pointer::Reader<'_>>() {
+            w.call(s.interface_id, s.method_id, params);
+        }
+    }
+    let head = match (s.to_caller, s.imported) {
+        (true, Some(import_id)) => Some(CallHead {
+            question_id: s.question_id,
+            import_id,
+            interface_id: s.interface_id,
+            method_id: s.method_id,
+        }),
+        _ => None,
+    };
+    Some(Checked {
+        bootstrap: false,
+        head,
+    })
+}
+
+/// One segment from a Call's params pointer on: `Warm` reads the params through it.
+struct ContentView<'a>(&'a [u8]);
+
+impl capnp::message::ReaderSegments for ContentView<'_> {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        (idx == 0).then_some(self.0)
+    }
+
+    fn len(&self) -> usize {
+        1
+    }
+}
+
+/// [`check_message_shown`] by capnp's reader: every message kind and shape.
+fn check_decoded(
     frame: &Frame,
     options: capnp::message::ReaderOptions,
     warm: Option<&dyn Warm>,
@@ -1148,10 +1222,15 @@ mod tests {
         let seen = || recorded.0.borrow().clone();
         q.borrow_mut()
             .push_back([call(1), finish.clone(), call(2), call(3)].concat());
-        next(&mut r);
+        let first = next(&mut r).arrived;
         assert_eq!(seen(), [Some(1), Some(2), Some(3), None]);
+        assert!(first.is_some());
         for _ in 0..3 {
-            next(&mut r);
+            assert_eq!(
+                next(&mut r).arrived,
+                first,
+                "one arrival for the frames of a read"
+            );
         }
         assert_eq!(seen().len(), 4, "each call shown once");
         // Call 4 arrives cut in two: shown once its frame is whole. (Once a frame's size is

@@ -14,6 +14,8 @@
 //!   clients and pipelines unchanged; capnp-rpc's `RpcSystem` is its test reference).
 //! - [`local`]: capabilities this process serves, made for the engine to call directly, and
 //!   the `Direct` trait through which the engine answers their hottest methods at once.
+//! - `skeleton`: a Call's fixed fields read by hand (the frame layer's check of a plain
+//!   Call, without capnp's checked reader), for exactly the messages capnp reads alike.
 //! - [`signal`]: a stop flag for one thread's tasks, cheaper to poll than tokio's `Notify`.
 //!
 //! It knows nothing of the kv schema.
@@ -24,5 +26,6 @@ pub mod engine;
 pub mod frames;
 pub mod local;
 pub mod signal;
+mod skeleton;
 pub mod tls;
 pub mod transport;

@@ -16,12 +16,13 @@
 //! hook names (`get_ptr`) in a registry of this thread's direct objects, once, when it
 //! exports the capability.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 
 use capnp::capability::{FromClientHook, FromServer, Params, Promise, Results, Server};
 use capnp::private::capability::{ClientHook, ParamsHook, ResultsHook};
 use capnp::{any_pointer, MessageSize};
+use tokio::time::Instant;
 
 /// The rest of a direct call that has to wait: given the call's params and results as the
 /// hook path has them, the promise that finishes it (see [`Now::Defer`]).
@@ -67,6 +68,30 @@ const REGISTRY_FIRST_SWEEP: usize = 64;
 
 thread_local! {
     static DIRECT: RefCell<Registry> = RefCell::default();
+    /// See [`arrived`].
+    static ARRIVED: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// When the message of the call a [`Direct`] object is answering arrived (the read that
+/// brought it off the socket), while the engine's direct path runs `call_now`; `None`
+/// anywhere else. What a server takes as the call's start (its latency and its deadline's
+/// base) instead of reading the clock again: the calls of one read share one clock read,
+/// and the time they queued behind each other in the read counts in their latency.
+pub fn arrived() -> Option<Instant> {
+    ARRIVED.with(Cell::get)
+}
+
+/// Runs `f` with [`arrived`] giving `at` (and `None` again after).
+pub(crate) fn with_arrival<T>(at: Option<Instant>, f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ARRIVED.with(|a| a.set(None));
+        }
+    }
+    ARRIVED.with(|a| a.set(at));
+    let _reset = Reset;
+    f()
 }
 
 /// A client of `server`, as [`new_client`] makes one, whose [`Direct`] methods the engine
@@ -208,5 +233,27 @@ where
 
     fn when_resolved(&self) -> Promise<(), capnp::Error> {
         Promise::ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The arrival is there for the call it is set around, and only for it.
+    #[test]
+    fn an_arrival_is_seen_only_inside_its_call() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_rt = rt.enter();
+        let at = tokio::time::Instant::now();
+        assert_eq!(super::arrived(), None);
+        assert_eq!(super::with_arrival(Some(at), super::arrived), Some(at));
+        assert_eq!(super::arrived(), None);
+        let panicked = std::panic::catch_unwind(|| {
+            super::with_arrival(Some(at), || panic!("a handler's bug"));
+        });
+        assert!(panicked.is_err());
+        assert_eq!(super::arrived(), None, "reset on unwind too");
     }
 }

@@ -1,0 +1,287 @@
+//! The skeleton of a `Call` read by hand: `Message` → `Call` → `Payload`, the few fixed
+//! fields the frame layer's check and the engine's head need, without capnp's checked
+//! reader.
+//!
+//! Why: every Call a server receives passes the frame layer's check, and capnp's reader pays
+//! for each struct pointer it follows with several calls (bounds, far pointers, the read
+//! limit) behind a trait object: the check's walk of a Call was about a fifteenth of the
+//! server's CPU at 16 gets in flight. The skeleton sits at fixed places in `rpc.capnp`'s
+//! layout, so it is read here in a few word loads.
+//!
+//! Exactness: [`read`] answers only for the plain shape every Cap'n Proto implementation
+//! writes (one segment, near struct pointers within it, sections at least as large as the
+//! fields read, a null or empty params cap table). Anything else — a far pointer, a short
+//! section, a null pointer capnp would read as a default, a non-empty cap table — gives
+//! `None` and the caller reads the message with capnp as before. So for every message it
+//! accepts, it reads what capnp reads, and the checks built on it decide as capnp's would
+//! (debug builds assert this for every frame the frame layer checks: `frames` tests and
+//! the fuzz target run both).
+
+/// What [`read`] found in a Call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Skeleton {
+    pub(crate) question_id: u32,
+    pub(crate) interface_id: u64,
+    pub(crate) method_id: u16,
+    /// `sendResultsTo` is `caller`.
+    pub(crate) to_caller: bool,
+    /// The import the Call targets (`importedCap`); `None` for `promisedAnswer`.
+    pub(crate) imported: Option<u32>,
+    /// Where `params.content`'s pointer is: its word index in the segment.
+    pub(crate) content_at: usize,
+}
+
+/// `Message`'s union tag for `call` (`rpc.capnp`).
+const MESSAGE_CALL: u16 = 2;
+
+/// The skeleton of the Call in `segment` (a single-segment message's words, as bytes), or
+/// `None` when it is not a Call or not of the plain shape (see the module docs).
+pub(crate) fn read(segment: &[u8]) -> Option<Skeleton> {
+    let words = Words(segment);
+    // Message: data word 0 holds the union tag; pointer 0 the Call.
+    let message = words.struct_at(0)?;
+    if message.data < 1 || message.ptrs < 1 || words.get(message.start)? as u16 != MESSAGE_CALL {
+        return None;
+    }
+    // Call: questionId (u32 @0), methodId (u16 @2), sendResultsTo's tag (u16 @3),
+    // interfaceId (u64 @1): two data words; pointers target (0) and params (1).
+    let call = words.struct_at(message.pointer(0))?;
+    if call.data < 2 || call.ptrs < 2 {
+        return None;
+    }
+    let head = words.get(call.start)?;
+    let send_results_to = (head >> 48) as u16;
+    // MessageTarget: importedCap (u32 @0), union tag (u16 @2).
+    let target = words.struct_at(call.pointer(0))?;
+    if target.data < 1 {
+        return None;
+    }
+    let target_word = words.get(target.start)?;
+    let imported = match (target_word >> 32) as u16 {
+        0 => Some(target_word as u32),
+        1 => None,
+        _ => return None,
+    };
+    // Payload: content (pointer 0), capTable (pointer 1).
+    let payload = words.struct_at(call.pointer(1))?;
+    if payload.ptrs < 2 || !words.empty_struct_list(payload.pointer(1))? {
+        return None;
+    }
+    Some(Skeleton {
+        question_id: head as u32,
+        interface_id: words.get(call.start + 1)?,
+        method_id: (head >> 32) as u16,
+        to_caller: send_results_to == 0,
+        imported,
+        content_at: payload.pointer(0),
+    })
+}
+
+/// A struct's place: its first data word, and its section sizes in words.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    start: usize,
+    data: usize,
+    ptrs: usize,
+}
+
+impl Place {
+    /// The word index of pointer `i` (within the section: callers check `i < ptrs`).
+    fn pointer(&self, i: usize) -> usize {
+        self.start + self.data + i
+    }
+}
+
+/// A segment's words, every read bounds-checked.
+struct Words<'a>(&'a [u8]);
+
+impl Words<'_> {
+    fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+
+    fn get(&self, i: usize) -> Option<u64> {
+        let b = self
+            .0
+            .get(i.checked_mul(8)?..i.checked_add(1)?.checked_mul(8)?)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// The struct a near struct pointer at word `at` points to, within the segment. `None`
+    /// for a null pointer (capnp would read a default), any other kind, or out of bounds.
+    fn struct_at(&self, at: usize) -> Option<Place> {
+        let p = self.get(at)?;
+        if p == 0 || p & 3 != 0 {
+            return None;
+        }
+        // Offset in words from the end of the pointer: the upper 30 bits of the low half,
+        // signed.
+        let offset = i64::from((p as u32 as i32) >> 2);
+        let start = usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()?;
+        let data = usize::from((p >> 32) as u16);
+        let ptrs = usize::from((p >> 48) as u16);
+        let end = start.checked_add(data)?.checked_add(ptrs)?;
+        (end <= self.len()).then_some(Place { start, data, ptrs })
+    }
+
+    /// Whether the pointer at `at` is a null or empty struct list as capnp would read
+    /// one: null, or a composite list of no words whose tag (in bounds) counts no
+    /// element. `None` for anything else.
+    fn empty_struct_list(&self, at: usize) -> Option<bool> {
+        let p = self.get(at)?;
+        if p == 0 {
+            return Some(true);
+        }
+        // List pointer, composite element size (7), zero words.
+        if p & 3 != 1 || (p >> 32) & 7 != 7 || p >> 35 != 0 {
+            return None;
+        }
+        let offset = i64::from((p as u32 as i32) >> 2);
+        let tag_at = usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()?;
+        let tag = self.get(tag_at)?;
+        // The tag is a struct pointer whose offset field counts the elements.
+        (tag & 3 == 0 && (tag as u32) >> 2 == 0).then_some(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capnp::message;
+    use capnp_rpc::rpc_capnp::{call, message as rpc_message, message_target};
+
+    /// What fills in a Call.
+    type Shape = dyn Fn(call::Builder<'_>);
+
+    /// A Call's words as one segment, built by capnp: `shape` fills it in.
+    fn call_words(shape: impl FnOnce(call::Builder<'_>)) -> Vec<u8> {
+        let mut m = message::Builder::new_default();
+        shape(m.init_root::<rpc_message::Builder>().init_call());
+        let segments = m.get_segments_for_output();
+        assert_eq!(segments.len(), 1);
+        segments[0].to_vec()
+    }
+
+    fn plain(mut c: call::Builder<'_>) {
+        c.set_question_id(7);
+        c.set_interface_id(0xdead_beef_0123_4567);
+        c.set_method_id(3);
+        c.reborrow().init_target().set_imported_cap(5);
+        let mut p = c.init_params();
+        p.reborrow()
+            .get_content()
+            .set_as::<capnp::text::Owned>("k")
+            .unwrap();
+        p.init_cap_table(0);
+    }
+
+    /// What capnp reads of the same fields: the reference.
+    fn by_capnp(segment: &[u8]) -> Option<Skeleton> {
+        let words = capnp::Word::allocate_zeroed_vec(segment.len() / 8);
+        let mut words = words;
+        capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(segment);
+        let segs = [capnp::Word::words_to_bytes(&words)];
+        let m = message::Reader::new(
+            message::SegmentArray::new(&segs),
+            message::ReaderOptions::new(),
+        );
+        let root = m.get_root::<rpc_message::Reader<'_>>().ok()?;
+        let rpc_message::Call(c) = root.which().ok()? else {
+            return None;
+        };
+        let c = c.ok()?;
+        let params = c.get_params().ok()?;
+        let caps = params.get_cap_table().ok()?.len();
+        let imported = match c.get_target().ok()?.which().ok()? {
+            message_target::ImportedCap(id) => Some(id),
+            message_target::PromisedAnswer(_) => None,
+        };
+        (caps == 0).then_some(Skeleton {
+            question_id: c.get_question_id(),
+            interface_id: c.get_interface_id(),
+            method_id: c.get_method_id(),
+            to_caller: matches!(
+                c.get_send_results_to().which(),
+                Ok(call::send_results_to::Caller(()))
+            ),
+            imported,
+            content_at: 0,
+        })
+    }
+
+    fn without_place(s: Skeleton) -> Skeleton {
+        Skeleton { content_at: 0, ..s }
+    }
+
+    #[test]
+    fn reads_what_capnp_reads_of_plain_calls() {
+        let shapes: Vec<Box<Shape>> = vec![
+            Box::new(plain),
+            Box::new(|mut c| {
+                plain(c.reborrow());
+                c.init_target().init_promised_answer().set_question_id(2);
+            }),
+            Box::new(|mut c| {
+                plain(c.reborrow());
+                c.get_send_results_to().set_yourself(());
+            }),
+            // A null cap table reads as an empty one.
+            Box::new(|mut c| {
+                c.set_question_id(1);
+                c.reborrow().init_target().set_imported_cap(0);
+                c.init_params();
+            }),
+        ];
+        for shape in shapes {
+            let words = call_words(shape);
+            let s = read(&words).expect("a plain call");
+            assert_eq!(Some(without_place(s)), by_capnp(&words));
+        }
+    }
+
+    #[test]
+    fn leaves_other_shapes_to_capnp() {
+        // A capability in the params.
+        let words = call_words(|mut c| {
+            plain(c.reborrow());
+            c.init_params()
+                .init_cap_table(1)
+                .get(0)
+                .set_sender_hosted(1);
+        });
+        assert_eq!(read(&words), None);
+        // No params pointer (capnp would read a default).
+        let words = call_words(|mut c| {
+            c.reborrow().init_target().set_imported_cap(1);
+        });
+        assert_eq!(read(&words), None);
+        // Not a Call.
+        let mut m = message::Builder::new_default();
+        m.init_root::<rpc_message::Builder>()
+            .init_finish()
+            .set_question_id(1);
+        assert_eq!(read(m.get_segments_for_output()[0]), None);
+        // Nothing at all, and a torn word.
+        assert_eq!(read(&[]), None);
+        assert_eq!(read(&[0; 5]), None);
+    }
+
+    #[test]
+    fn on_damaged_calls_it_reads_what_capnp_reads_or_nothing() {
+        // Every byte of a plain call, set to values that move pointers, sizes and tags:
+        // whenever the skeleton reads the damaged call at all, capnp reads the same.
+        let words = call_words(plain);
+        let mut read_some = 0;
+        for i in 0..words.len() {
+            for v in [0u8, 1, 2, 3, 0x7f, 0x80, 0xfe, 0xff] {
+                let mut damaged = words.clone();
+                damaged[i] = v;
+                if let Some(s) = read(&damaged) {
+                    read_some += 1;
+                    assert_eq!(Some(without_place(s)), by_capnp(&damaged), "byte {i} = {v}");
+                }
+            }
+        }
+        assert!(read_some > 0);
+    }
+}
