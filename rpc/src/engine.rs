@@ -190,6 +190,63 @@ fn init_return<A: message::Allocator>(
     ret.init_results().get_content()
 }
 
+/// The words before a direct call's results in its Return message: the segment table of
+/// one segment, then `Message` → `Return` → `Payload` (see [`direct_return`]).
+struct DirectReturn {
+    header: [u8; 8 + 8 * DIRECT_RETURN_WORDS],
+}
+
+/// Words of [`DirectReturn`]'s message before the results: the root pointer, `Message`
+/// (one data word, one pointer), `Return` (two data words, one pointer), `Payload`'s two
+/// pointers (content, cap table).
+const DIRECT_RETURN_WORDS: usize = 8;
+
+/// The header of answer `answer_id`'s Return whose results are the root of `segment` (a
+/// one-segment message's words), or `None` when that root is not a near struct pointer
+/// (the caller then builds the Return with capnp). The results' words follow the header
+/// as they are, all but the root pointer, which becomes the payload's content pointer
+/// (one word further from them: the cap table's pointer sits between).
+fn direct_return(answer_id: u32, segment: &[u8]) -> Option<DirectReturn> {
+    /// A near struct pointer to the word after it, with the sections' sizes in words.
+    const fn struct_here(data: u64, ptrs: u64) -> u64 {
+        data << 32 | ptrs << 48
+    }
+    /// `Message`'s union tag for `return` (`rpc.capnp`).
+    const RETURN: u64 = 3;
+    /// `Return.noFinishNeeded`: bit 33 of its first data word.
+    const NO_FINISH_NEEDED: u64 = 1 << 33;
+    let root = u64::from_le_bytes(segment.get(..8)?.try_into().ok()?);
+    if root == 0 || root & 3 != 0 {
+        return None;
+    }
+    let offset = ((root as u32 as i32) >> 2).checked_add(1)?;
+    // It must still fit the pointer's 30 signed bits.
+    if offset >= 1 << 29 {
+        return None;
+    }
+    let words = u32::try_from(DIRECT_RETURN_WORDS + segment.len() / 8 - 1).ok()?;
+    let content = (root & !0xffff_ffff) | u64::from((offset as u32) << 2);
+    let message = [
+        struct_here(1, 1),
+        RETURN,
+        struct_here(2, 1),
+        // answerId, `releaseParamCaps` left at its default (true), the union at `results`.
+        u64::from(answer_id) | NO_FINISH_NEEDED,
+        0,
+        struct_here(0, 2),
+        content,
+        // The cap table: null, which every reader takes as empty.
+        0,
+    ];
+    let mut header = [0u8; 8 + 8 * DIRECT_RETURN_WORDS];
+    // The segment table: one segment (count minus one), then its size in words.
+    header[4..8].copy_from_slice(&words.to_le_bytes());
+    for (i, w) in message.iter().enumerate() {
+        header[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
+    }
+    Some(DirectReturn { header })
+}
+
 /// The results of a Return message (whose capabilities the caller imbues): how the engine
 /// reads its own answers for pipelined calls and the client reads the server's.
 pub(crate) fn results_content(
@@ -1005,18 +1062,28 @@ impl Conn {
             let mut alloc = message::ScratchSpaceHeapAllocator::new(
                 capnp::Word::words_to_bytes_mut(&mut scratch),
             );
+            // The results alone, as the root of their own message: the Return around them
+            // is a fixed header (`queue_direct_return`). Results without capabilities, the
+            // only kind this path writes.
             let mut message = message::Builder::new(&mut alloc);
-            // Results without capabilities, the only kind this path writes.
-            let results = init_return(&mut message, id);
+            let results = message.get_root::<any_pointer::Builder<'_>>();
             let arrived = m.get_segments().arrived;
-            let now = crate::local::with_arrival(arrived, || {
-                direct.call_now(interface_id, method_id, params, results)
-            });
-            if let Now::Done(Ok(())) = now {
-                self.send(&message);
-                self.answers.remove(id);
+            let now = match results {
+                Ok(results) => crate::local::with_arrival(arrived, || {
+                    direct.call_now(interface_id, method_id, params, results)
+                }),
+                Err(_) => Now::Elsewhere,
+            };
+            match now {
+                Now::Done(Ok(())) => match self.queue_direct_return(id, &message) {
+                    Ok(()) => {
+                        self.answers.remove(id);
+                        Now::Done(Ok(()))
+                    }
+                    Err(e) => Now::Done(Err(e)),
+                },
+                other => other,
             }
-            now
         };
         self.scratch = scratch;
         match now {
@@ -1026,6 +1093,35 @@ impl Conn {
             }
             other => other,
         }
+    }
+
+    /// Queues the Return of answer `id` whose results are the root of `results` (a
+    /// direct call's): a fixed header, then the results' words as they are. The header says
+    /// what [`init_return`] says (results, `noFinishNeeded`, a null cap table), so the bytes
+    /// are the ones capnp would build, without building the four structs again per call.
+    /// Results that spilled past one segment (a large value) are copied into a Return
+    /// built by capnp instead.
+    fn queue_direct_return<A: message::Allocator>(
+        &mut self,
+        id: u32,
+        results: &message::Builder<A>,
+    ) -> capnp::Result<()> {
+        let segments = results.get_segments_for_output();
+        if let [segment] = &segments[..] {
+            if let Some(bytes) = direct_return(id, segment) {
+                let before = self.outbox.len();
+                self.outbox.extend_from_slice(&bytes.header);
+                self.outbox.extend_from_slice(&segment[8..]);
+                if let Some(b) = &self.backlog {
+                    b.queued(self.outbox.len() - before);
+                }
+                return Ok(());
+            }
+        }
+        let mut m = message::Builder::new_default();
+        init_return(&mut m, id).set_as(results.get_root_as_reader::<any_pointer::Reader<'_>>()?)?;
+        self.send(&m);
+        Ok(())
     }
 
     /// A call's target when it names export `export` (`importedCap`).
@@ -1402,6 +1498,11 @@ mod tests {
                     })
                 })),
                 b"fail" => Now::Done(Err(capnp::Error::failed("refused directly".into()))),
+                // Past the scratch segment: the Return is built by capnp around a copy.
+                b"large" => {
+                    answer_get(results.get_as().unwrap(), &"x".repeat(4000));
+                    Now::Done(Ok(()))
+                }
                 _ => {
                     answer_get(results.get_as().unwrap(), "direct");
                     Now::Done(Ok(()))
@@ -1425,12 +1526,13 @@ mod tests {
             let mut input = Vec::new();
             queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
             // (question, method, key, pipelined on the bootstrap's answer)
-            let calls: [(u32, u16, &str, bool); 5] = [
+            let calls: [(u32, u16, &str, bool); 6] = [
                 (1, 0, "a", false),
                 (2, 0, "defer", false),
                 (3, 3, "a", false),
                 (4, 0, "fail", false),
                 (5, 0, "a", true),
+                (6, 0, "large", false),
             ];
             for (id, method, key, pipelined) in calls {
                 queue(&mut input, |m| {
@@ -1492,9 +1594,17 @@ mod tests {
                             .get_content()
                             .get_as::<kv_store::get_results::Reader>()
                             .unwrap();
+                        // What a Return without capabilities says (the direct path's
+                        // header too).
+                        assert!(ret.get_no_finish_needed() && ret.get_release_param_caps());
                         match r.get_result().unwrap().which().unwrap() {
                             capkv::kv_capnp::get_result::Which::Ok(e) => {
-                                String::from_utf8(e.unwrap().get_value().unwrap().to_vec()).unwrap()
+                                let v = e.unwrap().get_value().unwrap();
+                                if v.len() > 100 && v.iter().all(|&b| b == b'x') {
+                                    format!("{} x", v.len())
+                                } else {
+                                    String::from_utf8(v.to_vec()).unwrap()
+                                }
                             }
                             _ => "error".into(),
                         }
@@ -1517,11 +1627,75 @@ mod tests {
                     (3, "revision 7"),
                     (4, "refused directly"),
                     (5, "direct"),
+                    (6, "4000 x"),
                 ]
             );
         });
         // The connection and the client are gone: so is the registry's entry.
         assert_eq!(crate::local::direct_registry_len(), 0);
+    }
+
+    /// A direct call's Return, header and results' words, reads as the Return capnp
+    /// builds around the same results (for results of every size one segment holds).
+    #[test]
+    fn a_direct_return_reads_as_the_one_capnp_builds() {
+        use capkv::kv_capnp::kv_store;
+        for len in [0, 1, 7, 8, 9, 100, 500, 700] {
+            let value = vec![b'v'; len];
+            let mut scratch = capnp::Word::allocate_zeroed_vec(SCRATCH_WORDS);
+            let mut alloc = message::ScratchSpaceHeapAllocator::new(
+                capnp::Word::words_to_bytes_mut(&mut scratch),
+            );
+            let mut results = message::Builder::new(&mut alloc);
+            {
+                let r = results
+                    .get_root::<any_pointer::Builder<'_>>()
+                    .unwrap()
+                    .init_as::<kv_store::get_results::Builder<'_>>();
+                let mut e = r.init_result().init_ok();
+                e.set_key(b"key");
+                e.set_value(&value);
+                e.set_version(len as u64 + 1);
+            }
+            let segments = results.get_segments_for_output();
+            let [segment] = &segments[..] else {
+                assert!(len > 500, "{len} bytes should fit the scratch segment");
+                continue;
+            };
+            let header = direct_return(41, segment).expect("a struct root").header;
+            let bytes = [&header[..], &segment[8..]].concat();
+            let m = capnp::serialize::read_message_from_flat_slice(
+                &mut &bytes[..],
+                ReaderOptions::new(),
+            )
+            .unwrap();
+            let root = m.get_root::<rpc_message::Reader<'_>>().unwrap();
+            let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
+                panic!("not a Return");
+            };
+            assert_eq!(ret.get_answer_id(), 41);
+            assert!(ret.get_no_finish_needed() && ret.get_release_param_caps());
+            let Ok(return_::Which::Results(Ok(payload))) = ret.which() else {
+                panic!("not results");
+            };
+            assert_eq!(payload.get_cap_table().unwrap().len(), 0);
+            let r = payload
+                .get_content()
+                .get_as::<kv_store::get_results::Reader<'_>>()
+                .unwrap();
+            let Ok(capkv::kv_capnp::get_result::Which::Ok(Ok(e))) = r.get_result().unwrap().which()
+            else {
+                panic!("not an entry");
+            };
+            assert_eq!(
+                (
+                    e.get_key().unwrap(),
+                    e.get_value().unwrap(),
+                    e.get_version()
+                ),
+                (&b"key"[..], &value[..], len as u64 + 1)
+            );
+        }
     }
 
     /// Counts the writes that reach the "socket".
