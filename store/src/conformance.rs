@@ -68,6 +68,26 @@ pub fn put_then_get(s: &dyn Store) {
     assert_eq!((e.version, e.mod_revision), (1, 1));
 }
 
+/// `get_into` reads what `get` reads, into a buffer it clears first.
+pub fn get_into_reads_what_get_reads(s: &dyn Store) {
+    let mut value = b"left over".to_vec();
+    assert_eq!(s.get_into(b"k", &mut value).unwrap(), None);
+    assert!(value.is_empty());
+    s.put(b"k", b"v1", Condition::None).wait().unwrap();
+    s.put(b"k", b"longer value", Condition::None)
+        .wait()
+        .unwrap();
+    s.put(b"other", b"x", Condition::None).wait().unwrap();
+    let e = s.get(b"k").unwrap().unwrap();
+    let found = s.get_into(b"k", &mut value).unwrap().unwrap();
+    assert_eq!(value, e.value);
+    assert_eq!(
+        (found.version, found.mod_revision),
+        (e.version, e.mod_revision)
+    );
+    assert_eq!((found.version, found.mod_revision), (2, 2));
+}
+
 pub fn versions_and_revisions_advance(s: &dyn Store) {
     s.put(b"a", b"1", Condition::None).wait().unwrap();
     s.put(b"b", b"1", Condition::None).wait().unwrap();
@@ -797,7 +817,8 @@ pub fn leases_take_their_keys(s: &dyn Store) {
 macro_rules! conformance_tests {
     ($make:expr) => {
         $crate::conformance_tests!(@cases $make;
-            get_missing_is_none, put_then_get, versions_and_revisions_advance,
+            get_missing_is_none, put_then_get, get_into_reads_what_get_reads,
+            versions_and_revisions_advance,
             binary_keys_and_values, delete_missing_changes_nothing, conditions,
             scan_is_ordered_and_bounded, scan_pages_by_limit_and_bytes,
             batches_are_atomic_with_one_revision, increments, idempotent_replays,

@@ -50,6 +50,13 @@ pub struct Entry {
     pub mod_revision: u64,
 }
 
+/// What [`Store::get_into`] read of an entry besides its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub version: u64,
+    pub mod_revision: u64,
+}
+
 /// Precondition of a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Condition {
@@ -220,6 +227,19 @@ pub struct SpaceStats {
 /// `sync`, after its WAL is synced); dropping it does not cancel the write.
 pub trait Store: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError>;
+    /// [`get`](Self::get) for the caller that has the key and a buffer: the value is
+    /// written into `value` (cleared first), so that serving a get allocates nothing (the
+    /// memory engine copies it once, under its lock). Default: by `get`.
+    fn get_into(&self, key: &[u8], value: &mut Vec<u8>) -> Result<Option<Found>, StoreError> {
+        value.clear();
+        Ok(self.get(key)?.map(|e| {
+            value.extend_from_slice(&e.value);
+            Found {
+                version: e.version,
+                mod_revision: e.mod_revision,
+            }
+        }))
+    }
     /// A hint that `keys` are about to be read or written: an engine may start loading
     /// them (the memory engine prefetches their entries into the CPU cache, all at once).
     /// Never blocks, never fails; the default does nothing.

@@ -34,8 +34,8 @@ use crate::ring::Ring;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::write::{Attach, LeaseGranted, RevokeOutcome};
 use crate::{
-    BatchOutcome, Condition, DeleteOutcome, Entry, IdempotencyKey, IncrementOutcome, Pending,
-    PutItem, PutOutcome, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
+    BatchOutcome, Condition, DeleteOutcome, Entry, Found, IdempotencyKey, IncrementOutcome,
+    Pending, PutItem, PutOutcome, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
 use std::time::Instant;
 
@@ -632,6 +632,18 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         Ok(self.read().entry(key, true))
+    }
+
+    fn get_into(&self, key: &[u8], value: &mut Vec<u8>) -> Result<Option<Found>, StoreError> {
+        value.clear();
+        let inner = self.read();
+        Ok(inner.map.get(key).map(|s| {
+            value.extend_from_slice(s.value());
+            Found {
+                version: s.version(),
+                mod_revision: s.meta().mod_revision.get(),
+            }
+        }))
     }
 
     fn prefetch(&self, keys: &[&[u8]]) {

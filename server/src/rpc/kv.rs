@@ -1,6 +1,7 @@
 //! `KvStore`: reads, and the way to a write session; exists only behind a successful
 //! `Gateway.open`.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -22,7 +23,13 @@ pub struct KvStoreImpl {
     shared: Arc<Shared>,
     conn: Rc<Conn>,
     _slot: CapSlot,
+    /// A get's value, between the store and the reply (see `get_now`): empty while a
+    /// get holds it, so a second get at the same time (one deferred) takes a new one.
+    value_buf: Cell<Vec<u8>>,
 }
+
+/// A get's value buffer is kept for the next get only up to this capacity.
+const VALUE_BUF_KEPT_BYTES: usize = 16 * 1024;
 
 impl KvStoreImpl {
     pub(super) fn new(shared: Arc<Shared>, conn: Rc<Conn>, slot: CapSlot) -> Self {
@@ -30,6 +37,7 @@ impl KvStoreImpl {
             shared,
             conn,
             _slot: slot,
+            value_buf: Cell::default(),
         }
     }
 
@@ -227,15 +235,28 @@ impl KvStoreImpl {
             Method::Get,
             |this, p, call| {
                 let key = validate::key(&call.tunables.limits, p.get_key())?;
-                this.shared
-                    .store
-                    .get(key)
-                    .map_err(store_error)?
-                    .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "key not found"))
+                // The value is read into this capability's spare buffer, and the key
+                // answered is the one asked for: no allocation per get.
+                let mut value = this.value_buf.take();
+                match this.shared.store.get_into(key, &mut value) {
+                    Ok(Some(found)) => Ok((key, value, found)),
+                    Ok(None) => Err(ApiError::new(ErrorCode::NotFound, "key not found")),
+                    Err(e) => Err(store_error(e)),
+                }
             },
             with = |out, r| {
                 match r {
-                    Ok(e) => write_entry(out.init_ok(), &e),
+                    Ok((key, value, found)) => {
+                        let mut e = out.init_ok();
+                        e.set_key(key);
+                        e.set_value(&value);
+                        e.set_version(found.version);
+                        e.set_mod_revision(found.mod_revision);
+                        // Kept for the next get, unless a large value made it large.
+                        if value.capacity() <= VALUE_BUF_KEPT_BYTES {
+                            this.value_buf.set(value);
+                        }
+                    }
                     Err(e) => e.write(out.init_error()),
                 }
             }
