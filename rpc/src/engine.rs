@@ -680,7 +680,10 @@ where
                 Ok(false)
             }
         };
-        conn.run_fresh(&mut calls).await;
+        // Most steps start nothing on the hook path (no future to build for them).
+        if !conn.fresh.is_empty() {
+            conn.run_fresh(&mut calls).await;
+        }
         // Checked after every step in debug builds (tests, the fuzz target).
         debug_assert!(conn.consistent(), "engine tables inconsistent");
         match step {
@@ -848,7 +851,7 @@ impl Conn {
         if let Some(head) = m.get_segments().head {
             // A plain call on an imported capability, already read by the frame layer:
             // what `target` would decide of it, without decoding the Call again.
-            self.open_answer(head.question_id)?;
+            self.admit_answer(head.question_id)?;
             let called = self
                 .imported(head.import_id)
                 .map(|t| (t, head.interface_id, head.method_id));
@@ -861,7 +864,7 @@ impl Conn {
             Ok(rpc_message::Which::Call(c)) => {
                 let c = c.map_err(proto)?;
                 let id = c.get_question_id();
-                self.open_answer(id)?;
+                self.admit_answer(id)?;
                 // Read from the Call already open here, not from the message's root again.
                 let called = self.called(c);
                 // The call takes its message with it (its params are read from it).
@@ -933,11 +936,13 @@ impl Conn {
         Ok(())
     }
 
-    /// Admits question `id` and gives it a running answer, for a call about to start.
-    fn open_answer(&mut self, id: u32) -> Result<(), EngineError> {
-        self.admit_answer(id)?;
-        self.answers.insert(id, Answer::running());
-        Ok(())
+    /// Gives question `id` a running answer unless it has one: every call has one from
+    /// its start to its Return, except a direct call answered at once, which never needs
+    /// one (its id was admitted, and is free again as soon as it returns).
+    fn ensure_answer(&mut self, id: u32) {
+        if !self.answers.contains(id) {
+            self.answers.insert(id, Answer::running());
+        }
     }
 
     fn bootstrap(&mut self, id: u32) -> Result<(), EngineError> {
@@ -966,9 +971,7 @@ impl Conn {
     /// Starts (or queues, or fails) the call `m` whose question id `id` is admitted. Its
     /// answer may exist already (made when it was queued, with calls queued on it).
     fn start(&mut self, id: u32, m: Incoming) {
-        if !self.answers.contains(id) {
-            self.answers.insert(id, Answer::running());
-        }
+        self.ensure_answer(id);
         let called = call_of(&m).and_then(|c| self.called(c));
         self.start_called(id, m, called);
     }
@@ -988,6 +991,7 @@ impl Conn {
     ) {
         let (target, interface_id, method_id) = match called {
             Ok((Target::Wait(on), ..)) => {
+                self.ensure_answer(id);
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
                     ..
@@ -999,6 +1003,7 @@ impl Conn {
             }
             Ok(called) => called,
             Err(e) => {
+                self.ensure_answer(id);
                 self.settle(id, Err(e), None);
                 return;
             }
@@ -1013,6 +1018,7 @@ impl Conn {
                 }
             }
         }
+        self.ensure_answer(id);
         let done = Rc::new(Cell::new(None));
         let results = EngineResults {
             built: Some(Built::new_return(id)),
@@ -1077,7 +1083,15 @@ impl Conn {
             match now {
                 Now::Done(Ok(())) => match self.queue_direct_return(id, &message) {
                     Ok(()) => {
-                        self.answers.remove(id);
+                        // Answered without a capability. A call that started from a queue
+                        // has an answer, which calls may have been pipelined on meanwhile.
+                        if let Some(Answer {
+                            state: AnswerState::Running { queued },
+                            ..
+                        }) = self.answers.remove(id)
+                        {
+                            self.fail_pipelined(id, queued);
+                        }
                         Now::Done(Ok(()))
                     }
                     Err(e) => Now::Done(Err(e)),
@@ -1088,6 +1102,7 @@ impl Conn {
         self.scratch = scratch;
         match now {
             Now::Done(Err(e)) => {
+                self.ensure_answer(id);
                 self.settle(id, Err(e), None);
                 Now::Done(Ok(()))
             }
@@ -1254,30 +1269,19 @@ impl Conn {
             }) => (std::mem::take(queued), *finished, *release_on_return),
             _ => return,
         };
-        let (state, keep) = match (result, built) {
+        let state = match (result, built) {
             (Ok(()), Some(built)) => {
                 let (built, exports) = self.write_results(built);
-                if exports.is_empty() && queued.is_empty() {
-                    // The common case (a get, a put): answered `noFinishNeeded`, nothing
-                    // waits on it, so it goes at once.
+                if exports.is_empty() {
+                    // The common case (a get, a put): answered `noFinishNeeded`, so it
+                    // goes at once; calls pipelined on it meanwhile fail.
                     self.answers.remove(id);
+                    self.fail_pipelined(id, queued);
                     return;
                 }
-                if exports.is_empty() {
-                    // Only for the calls already pipelined on it (rare: a peer that
-                    // pipelines on a capability-free result).
-                    let e = capnp::Error::failed(format!(
-                        "call pipelined on question {id}, whose results hold no capability"
-                    ));
-                    (AnswerState::Failed(e), false)
-                } else {
-                    (
-                        AnswerState::Returned {
-                            built: Box::new(built),
-                            exports,
-                        },
-                        true,
-                    )
+                AnswerState::Returned {
+                    built: Box::new(built),
+                    exports,
                 }
             }
             (result, _) => {
@@ -1285,7 +1289,7 @@ impl Conn {
                     capnp::Error::failed("the call ended without results".into())
                 });
                 self.return_error(id, &e);
-                (AnswerState::Failed(e), true)
+                AnswerState::Failed(e)
             }
         };
         self.answers.insert(
@@ -1302,7 +1306,8 @@ impl Conn {
                 self.start(qid, m);
             }
         }
-        if !keep || finished {
+        // Kept for pipelined calls and the peer's Finish, unless that came already.
+        if finished {
             if let Some(Answer {
                 state: AnswerState::Returned { exports, .. },
                 ..
@@ -1316,6 +1321,33 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// The calls `queued` on answer `id`, which returned results without a capability
+    /// (and is gone): each fails, that call only (rare: a peer that pipelines on a
+    /// capability-free result).
+    fn fail_pipelined(&mut self, id: u32, queued: Vec<Incoming>) {
+        if queued.is_empty() {
+            return;
+        }
+        let e = capnp::Error::failed(format!(
+            "call pipelined on question {id}, whose results hold no capability"
+        ));
+        // Failed while they start (they fail on it), then gone as the Return said.
+        self.answers.insert(
+            id,
+            Answer {
+                state: AnswerState::Failed(e),
+                finished: false,
+                release_on_return: false,
+            },
+        );
+        for m in queued {
+            if let Ok(qid) = call_of(&m).map(|c| c.get_question_id()) {
+                self.start(qid, m);
+            }
+        }
+        self.answers.remove(id);
     }
 
     fn finish(&mut self, id: u32, release: bool) -> Result<(), EngineError> {
@@ -1633,6 +1665,73 @@ mod tests {
         });
         // The connection and the client are gone: so is the registry's entry.
         assert_eq!(crate::local::direct_registry_len(), 0);
+    }
+
+    /// A call pipelined on the answer of a call that was itself queued and then answered
+    /// on the direct path (results without a capability) fails: it is answered, not lost.
+    #[test]
+    fn a_call_pipelined_on_a_direct_answer_without_capabilities_fails() {
+        on_local_set(async {
+            let mut input = Vec::new();
+            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+            // (question, method, target: the import, or the answer pipelined on). Method 2
+            // answers a capability after a yield; 3 is answered on the direct path.
+            let calls: [(u32, u16, Option<u32>); 3] =
+                [(1, 2, None), (2, 3, Some(1)), (3, 0, Some(2))];
+            for (id, method, on) in calls {
+                queue(&mut input, |m| {
+                    let mut c = m.init_call();
+                    c.set_question_id(id);
+                    c.set_interface_id(1);
+                    c.set_method_id(method);
+                    match on {
+                        Some(q) => c
+                            .reborrow()
+                            .init_target()
+                            .init_promised_answer()
+                            .set_question_id(q),
+                        None => c.reborrow().init_target().set_imported_cap(0),
+                    }
+                    c.init_params();
+                });
+            }
+            // Messages that change nothing (a Finish for no question), one a step, while
+            // call 1 yields: the input ends only after it has returned.
+            for _ in 0..8 {
+                queue(&mut input, |m| m.init_finish().set_question_id(99));
+            }
+            let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
+            serve(
+                crate::frames::ByteFrames::new(futures::io::Cursor::new(input), 1 << 20),
+                Counting(Rc::new(Cell::new(0)), Rc::clone(&bytes)),
+                Box::new(script::ScriptCap::new(0)),
+                EngineLimits::default(),
+                Closer::default(),
+            )
+            .await
+            .unwrap();
+            let mut returned = std::collections::BTreeMap::new();
+            for m in written(&bytes.borrow()) {
+                let root = m.get_root::<rpc_message::Reader>().unwrap();
+                let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
+                    continue;
+                };
+                let what = match ret.which().unwrap() {
+                    return_::Which::Results(_) => "results".to_string(),
+                    return_::Which::Exception(e) => {
+                        e.unwrap().get_reason().unwrap().to_string().unwrap()
+                    }
+                    _ => "other".into(),
+                };
+                returned.insert(ret.get_answer_id(), what);
+            }
+            assert_eq!(returned.len(), 4, "{returned:?}");
+            assert_eq!(returned[&2], "results");
+            assert_eq!(
+                returned[&3],
+                "call pipelined on question 2, whose results hold no capability"
+            );
+        });
     }
 
     /// A direct call's Return, header and results' words, reads as the Return capnp

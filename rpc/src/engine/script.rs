@@ -15,8 +15,9 @@ use capnp_rpc::rpc_capnp::message as rpc_message;
 use super::{serve, Closer, EngineLimits};
 use crate::local::{Direct, Now};
 
-/// A capability whose methods answer with a new capability (0), an error (1), or nothing
-/// after a yield (2, so that calls overlap); methods 3 to 5 it answers on the engine's
+/// A capability whose methods answer with a new capability (0), an error (1), or a new
+/// capability after yields (2, so that calls overlap and queue on answers that return
+/// capabilities later); methods 3 to 5 it answers on the engine's
 /// direct path ([`ScriptDirect`]) when called as an export, and as 0 to 2 when pipelined.
 /// Its `get_ptr` is its id.
 pub(crate) struct ScriptCap {
@@ -94,26 +95,26 @@ impl ClientHook for ScriptCap {
         mut results: Box<dyn ResultsHook>,
     ) -> Promise<(), capnp::Error> {
         let _ = params.get();
+        let next_id = Rc::clone(&self.next_id);
+        // The results: a new capability.
+        let answer = move |results: &mut Box<dyn ResultsHook>| {
+            let id = next_id.get();
+            next_id.set(id + 1);
+            let cap = Box::new(ScriptCap::numbered(id, Rc::clone(&next_id)));
+            results
+                .get()
+                .map(|mut content| content.set_as_capability(cap))
+        };
         match method_id % 3 {
-            0 => {
-                let id = self.next_id.get();
-                self.next_id.set(id + 1);
-                let cap = Box::new(ScriptCap::numbered(id, Rc::clone(&self.next_id)));
-                match results.get() {
-                    Ok(mut content) => {
-                        // A struct with two pointers, the same capability in both.
-                        let mut s = content.reborrow().init_as::<capnp::any_pointer::Builder>();
-                        s.set_as_capability(cap);
-                    }
-                    Err(e) => return Promise::err(e),
-                }
-                Promise::ok(())
-            }
+            0 => Promise::from(answer(&mut results)),
             1 => Promise::err(capnp::Error::failed("scripted failure".into())),
+            // A few yields: the connection handles a message between two, so the calls
+            // that follow it arrive while it still runs.
             _ => Promise::from_future(async move {
-                tokio::task::yield_now().await;
-                drop(results);
-                Ok(())
+                for _ in 0..4 {
+                    bounce().await;
+                }
+                answer(&mut results)
             }),
         }
     }
@@ -132,6 +133,24 @@ impl ClientHook for ScriptCap {
     fn when_resolved(&self) -> Promise<(), capnp::Error> {
         Promise::ok(())
     }
+}
+
+/// Pending once, waking itself at once: what a call that waits looks like to the
+/// connection, which goes on with its other work before polling it again. (Not
+/// `tokio::task::yield_now`, whose wake-up waits until the runtime is idle, so that a
+/// connection with input always ready would never see it.)
+async fn bounce() {
+    let mut bounced = false;
+    std::future::poll_fn(|cx| {
+        if bounced {
+            std::task::Poll::Ready(())
+        } else {
+            bounced = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Never used: the engine makes no outgoing calls.
