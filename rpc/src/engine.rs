@@ -18,7 +18,8 @@
 //!   ([`crate::local::Direct`], made by [`crate::local::new_direct_client`]) gets a plain
 //!   call on it, or one pipelined on an answer that has returned it, through
 //!   `Direct::call_now` with the message's params reader and a results builder over the
-//!   connection's scratch segment; the Return is queued at once (`Conn::call_direct`). What it
+//!   connection's scratch segment; the Return (a fixed header before the results' words) is
+//!   queued at once, and the call never takes an answer slot (`Conn::call_direct`). What it
 //!   defers or does not serve goes down the hook path.
 //! - Tables: `answers` by question id (a call running, returned with capabilities that
 //!   later calls may pipeline on, or failed), `exports` by export id with reference counts
@@ -594,8 +595,9 @@ struct Conn {
     scratch: Vec<capnp::Word>,
 }
 
-/// Words of a connection's scratch segment: a get's or a put's Return with a key and a
-/// value of a few hundred bytes. A larger Return goes on in a heap segment of its own.
+/// Words of a connection's scratch segment: a get's or a put's results with a key and a
+/// value of a few hundred bytes. Larger results go on in a heap segment of their own (and
+/// their Return is built by capnp around a copy).
 const SCRATCH_WORDS: usize = 96;
 
 /// Serves one connection until the peer hangs up, aborts, breaks the protocol, or `closer`
@@ -1042,8 +1044,8 @@ impl Conn {
     }
 
     /// The direct path: a call to an object that answers it at once ([`Direct`]) is run
-    /// here, its Return built in the connection's scratch segment and queued, its answer
-    /// dropped, with none of the hook path's boxes (params, results, promise, the cell its
+    /// here, its results built in the connection's scratch segment and queued behind a
+    /// fixed Return header, without an answer slot, with none of the hook path's boxes (params, results, promise, the cell its
     /// results come back in) and no poll. A call it does not serve (`Elsewhere`), or that
     /// must wait (`Defer`), goes on down the hook path; neither wrote anything.
     fn call_direct(
