@@ -1056,7 +1056,30 @@ impl Conn {
         method_id: u16,
         m: &Incoming,
     ) -> Now {
-        let params = match call_of(m).and_then(|c| Ok(c.get_params()?.get_content())) {
+        // The params through a view from their pointer when the frame layer found that it
+        // reads them exactly (`Frame::params_at`), else from the message's root.
+        let frame = m.get_segments();
+        let view = frame.params_at.and_then(|at| {
+            let segment = capnp::message::ReaderSegments::get_segment(frame, 0)?;
+            let bytes = segment.get(at as usize * 8..)?;
+            Some(message::Reader::new(
+                crate::frames::ContentView(bytes),
+                self.limits.reader_options,
+            ))
+        });
+        let from_root = || call_of(m).and_then(|c| Ok(c.get_params()?.get_content()));
+        let params = match &view {
+            Some(view) => view.get_root::<any_pointer::Reader<'_>>(),
+            None => from_root(),
+        };
+        // Both ways read the same tree (what the frame layer's walk promised).
+        debug_assert!(
+            view.is_none()
+                || params.as_ref().map(|p| p.target_size().ok()).ok()
+                    == from_root().map(|p| p.target_size().ok()).ok(),
+            "the params read through a view and from the root differ"
+        );
+        let params = match params {
             Ok(p) => p,
             // The hook path reads the params again and fails that call alike.
             Err(_) => return Now::Elsewhere,
@@ -1083,7 +1106,7 @@ impl Conn {
                 Err(_) => Now::Elsewhere,
             };
             match now {
-                Now::Done(Ok(())) => match self.queue_direct_return(id, &message) {
+                Now::Done(Ok(())) => match self.queue_direct_return(id, message) {
                     Ok(()) => {
                         // Answered without a capability. A call that started from a queue
                         // has an answer, which calls may have been pipelined on meanwhile.
@@ -1117,11 +1140,12 @@ impl Conn {
     /// what [`init_return`] says (results, `noFinishNeeded`, a null cap table), so the bytes
     /// are the ones capnp would build, without building the four structs again per call.
     /// Results that spilled past one segment (a large value) are copied into a Return
-    /// built by capnp instead.
+    /// built by capnp instead, in one segment of their size, and freed before it is
+    /// queued (so a large value is held twice at most, as when it was built in place).
     fn queue_direct_return<A: message::Allocator>(
         &mut self,
         id: u32,
-        results: &message::Builder<A>,
+        results: message::Builder<A>,
     ) -> capnp::Result<()> {
         let segments = results.get_segments_for_output();
         if let [segment] = &segments[..] {
@@ -1135,8 +1159,12 @@ impl Conn {
                 return Ok(());
             }
         }
-        let mut m = message::Builder::new_default();
+        let words = results.size_in_words() + DIRECT_RETURN_WORDS;
+        let mut m = message::Builder::new(
+            HeapAllocator::new().first_segment_words(u32::try_from(words).unwrap_or(u32::MAX)),
+        );
         init_return(&mut m, id).set_as(results.get_root_as_reader::<any_pointer::Reader<'_>>()?)?;
+        drop(results);
         self.send(&m);
         Ok(())
     }

@@ -78,6 +78,11 @@ pub struct Frame {
     /// When the read that completed it returned (one clock read per read; `None` for
     /// frames no [`GuardedReader`] cut): see [`crate::local::arrived`].
     pub(crate) arrived: Option<Instant>,
+    /// Where the Call's params pointer is (its word in the one segment) when everything
+    /// under it can be read through a view starting there exactly as through the root
+    /// (`skeleton::plain_subtree`): the engine's direct path then reads the params without
+    /// walking Message, Call and Payload again. `None` otherwise.
+    pub(crate) params_at: Option<u32>,
 }
 
 /// The address of a Call to a capability the peer imported, with the results to the
@@ -100,6 +105,8 @@ pub(crate) struct CallHead {
 struct Checked {
     bootstrap: bool,
     head: Option<CallHead>,
+    /// See [`Frame::params_at`].
+    params_at: Option<u32>,
 }
 
 impl Frame {
@@ -137,6 +144,7 @@ impl Frame {
             rest,
             head: None,
             arrived: None,
+            params_at: None,
         }
     }
 
@@ -529,7 +537,12 @@ impl<R: PeerReader> GuardedReader<R> {
                         break Err(Breach::BootstrapFlood);
                     }
                 }
-                Ok(Checked { head, .. }) => frame.head = head,
+                Ok(Checked {
+                    head, params_at, ..
+                }) => {
+                    frame.head = head;
+                    frame.params_at = params_at;
+                }
                 Err(b) => break Err(b),
             }
             self.ready.push_back(frame);
@@ -690,8 +703,11 @@ fn check_message_shown(
 ) -> Result<Checked, Breach> {
     if let Some(checked) = check_plain_call(frame, options, warm) {
         debug_assert_eq!(
-            Ok(&checked),
-            check_decoded(frame, options, None).as_ref(),
+            Ok(Checked {
+                params_at: None,
+                ..checked
+            }),
+            check_decoded(frame, options, None),
             "the skeleton's check and capnp's decided differently"
         );
         return Ok(checked);
@@ -711,6 +727,9 @@ fn check_plain_call(
     }
     let segment = capnp::message::ReaderSegments::get_segment(frame, 0)?;
     let s = crate::skeleton::read(segment)?;
+    let params_at = crate::skeleton::plain_subtree(segment, s.content_at)
+        .then(|| u32::try_from(s.content_at).ok())
+        .flatten();
     if let Some(w) = warm {
         // The params read from their own pointer: a segment view starting there (its
         // pointers are relative, so they lead where they did). Only a hint: params this
@@ -733,11 +752,14 @@ fn check_plain_call(
     Some(Checked {
         bootstrap: false,
         head,
+        params_at,
     })
 }
 
-/// One segment from a Call's params pointer on: `Warm` reads the params through it.
-struct ContentView<'a>(&'a [u8]);
+/// One segment from a Call's params pointer on: `Warm` reads the params through it, and
+/// the engine's direct path when the frame says it reads them exactly
+/// ([`Frame::params_at`]).
+pub(crate) struct ContentView<'a>(pub(crate) &'a [u8]);
 
 impl capnp::message::ReaderSegments for ContentView<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
@@ -782,6 +804,7 @@ fn check_decoded(
             return Ok(Checked {
                 bootstrap: false,
                 head: call_head(c, caps),
+                params_at: None,
             });
         }
         message::Return(r) => {
@@ -796,6 +819,7 @@ fn check_decoded(
             return Ok(Checked {
                 bootstrap: true,
                 head: None,
+                params_at: None,
             })
         }
         message::Finish(_)

@@ -77,6 +77,48 @@ pub(crate) fn read(segment: &[u8]) -> Option<Skeleton> {
     })
 }
 
+/// Levels a plain subtree may have ([`plain_subtree`]): far below capnp's nesting limit
+/// (64) minus the levels above a Call's params, so that neither read meets it.
+const MAX_DEPTH: u32 = 32;
+/// Pointers a plain subtree may hold: a call's params have a handful.
+const MAX_POINTERS: usize = 256;
+
+/// Whether everything capnp could read from the pointer at word `at` of `segment` lies in
+/// the segment from `at` on, reached through near pointers only, at most [`MAX_DEPTH`]
+/// levels deep, with no more words read than the segment holds (no amplification). Then a
+/// view of the segment that starts at `at` (its word 0 that pointer) reads exactly what the
+/// whole message reads there: every pointer resolves relative to itself, to the same bytes,
+/// and no read limit is met in either. A far pointer (whose target is absolute), a target
+/// before `at`, anything out of bounds or malformed: `false`, and the caller reads from
+/// the message's root.
+pub(crate) fn plain_subtree(segment: &[u8], at: usize) -> bool {
+    let words = Words(segment);
+    let mut budget = Budget {
+        pointers: MAX_POINTERS,
+        words: words.len(),
+    };
+    words.plain(at, at, MAX_DEPTH, &mut budget)
+}
+
+/// What a [`plain_subtree`] walk may still visit.
+struct Budget {
+    pointers: usize,
+    words: usize,
+}
+
+impl Budget {
+    /// Charges `n` words read; `false` past the budget.
+    fn charge(&mut self, n: usize) -> bool {
+        match self.words.checked_sub(n) {
+            Some(left) => {
+                self.words = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// A struct's place: its first data word, and its section sizes in words.
 #[derive(Debug, Clone, Copy)]
 struct Place {
@@ -122,6 +164,82 @@ impl Words<'_> {
         let ptrs = usize::from((p >> 48) as u16);
         let end = start.checked_add(data)?.checked_add(ptrs)?;
         (end <= self.len()).then_some(Place { start, data, ptrs })
+    }
+
+    /// The walk of [`plain_subtree`] from the pointer at `at`, whose targets must not start
+    /// before word `floor`.
+    fn plain(&self, at: usize, floor: usize, depth: u32, budget: &mut Budget) -> bool {
+        let Some(p) = self.get(at) else {
+            return false;
+        };
+        if p == 0 {
+            return true;
+        }
+        if depth == 0 || budget.pointers == 0 {
+            return false;
+        }
+        budget.pointers -= 1;
+        let start = || -> Option<usize> {
+            let offset = i64::from((p as u32 as i32) >> 2);
+            let start = usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()?;
+            (start >= floor).then_some(start)
+        };
+        match p & 3 {
+            // A struct: its pointers in turn.
+            0 => {
+                let Some(s) = self.struct_at(at).filter(|s| s.start >= floor) else {
+                    return false;
+                };
+                budget.charge(s.data + s.ptrs)
+                    && (0..s.ptrs).all(|i| self.plain(s.pointer(i), floor, depth - 1, budget))
+            }
+            // A list: its bounds, then the pointers it holds.
+            1 => {
+                let Some(start) = start() else {
+                    return false;
+                };
+                let size = (p >> 32) & 7;
+                let count = usize::try_from(p >> 35).unwrap_or(usize::MAX);
+                match size {
+                    // Void elements read no words; capnp charges them as reads.
+                    0 => budget.charge(count),
+                    // Bits, bytes, 16-, 32-, 64-bit elements: data only.
+                    1..=5 => {
+                        let bits = [0, 1, 8, 16, 32, 64][size as usize];
+                        let words = count.saturating_mul(bits).div_ceil(64);
+                        start.saturating_add(words) <= self.len() && budget.charge(words)
+                    }
+                    // Pointers.
+                    6 => {
+                        start.saturating_add(count) <= self.len()
+                            && budget.charge(count)
+                            && (0..count).all(|i| self.plain(start + i, floor, depth - 1, budget))
+                    }
+                    // Structs, after a tag that says how many and how large.
+                    _ => {
+                        let word_count = count;
+                        let Some(tag) = self.get(start) else {
+                            return false;
+                        };
+                        let elements = ((tag as u32) >> 2) as usize;
+                        let data = usize::from((tag >> 32) as u16);
+                        let ptrs = usize::from((tag >> 48) as u16);
+                        let fits = tag & 3 == 0
+                            && start.saturating_add(1).saturating_add(word_count) <= self.len()
+                            && elements.saturating_mul(data + ptrs) <= word_count
+                            && budget.charge(word_count.max(elements));
+                        fits && (0..elements).all(|e| {
+                            let first = start + 1 + e * (data + ptrs) + data;
+                            (0..ptrs).all(|i| self.plain(first + i, floor, depth - 1, budget))
+                        })
+                    }
+                }
+            }
+            // A capability (index only, no target); anything else of this kind is malformed.
+            3 => (p as u32) >> 2 == 0,
+            // A far pointer: its target is absolute, so a view would read elsewhere.
+            _ => false,
+        }
     }
 
     /// Whether the pointer at `at` is a null or empty struct list as capnp would read
@@ -264,6 +382,124 @@ mod tests {
         // Nothing at all, and a torn word.
         assert_eq!(read(&[]), None);
         assert_eq!(read(&[0; 5]), None);
+    }
+
+    /// A get's call as capkv's clients send it: a context with texts, and a key.
+    fn get_call(mut c: call::Builder<'_>) {
+        use capkv::kv_capnp::kv_store;
+        c.set_question_id(3);
+        c.set_interface_id(7);
+        c.reborrow().init_target().set_imported_cap(1);
+        let mut p = c.init_params();
+        p.reborrow().init_cap_table(0);
+        let mut g = p
+            .init_content()
+            .init_as::<kv_store::get_params::Builder<'_>>();
+        g.set_key(b"key:000000012345");
+        let mut ctx = g.init_ctx();
+        ctx.reborrow().init_deadline().set_budget_ms(250);
+        ctx.set_request_id("req-7");
+        ctx.set_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        ctx.set_attempt(2);
+    }
+
+    /// What a get's params read as, errors included (as "err"), through `params`.
+    fn get_params_read(params: capnp::Result<capnp::any_pointer::Reader<'_>>) -> String {
+        use capkv::kv_capnp::{kv_store, request_context};
+        let Ok(g) = params.and_then(|p| p.get_as::<kv_store::get_params::Reader<'_>>()) else {
+            return "err".into();
+        };
+        let text = |t: capnp::Result<capnp::text::Reader<'_>>| match t {
+            Ok(t) => format!("{:?}", t.as_bytes()),
+            Err(_) => "err".into(),
+        };
+        let key = match g.get_key() {
+            Ok(k) => format!("{k:?}"),
+            Err(_) => "err".into(),
+        };
+        let ctx = match g.get_ctx() {
+            Ok(c) => format!(
+                "{:?} {} {} {} {}",
+                match c.get_deadline().which() {
+                    Ok(request_context::deadline::Unset(())) => Some(0),
+                    Ok(request_context::deadline::BudgetMs(ms)) => Some(ms),
+                    Err(_) => None,
+                },
+                text(c.get_traceparent()),
+                text(c.get_tracestate()),
+                text(c.get_request_id()),
+                c.get_attempt()
+            ),
+            Err(_) => "err".into(),
+        };
+        format!("{key} | {ctx}")
+    }
+
+    /// The params of `segment`'s Call read from the root, and through a view from their
+    /// pointer.
+    fn both_reads(segment: &[u8], at: usize) -> (String, String) {
+        let mut words = capnp::Word::allocate_zeroed_vec(segment.len() / 8);
+        capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(segment);
+        let bytes = capnp::Word::words_to_bytes(&words);
+        let segs = [bytes];
+        let whole = message::Reader::new(
+            message::SegmentArray::new(&segs),
+            message::ReaderOptions::new(),
+        );
+        let from_root =
+            get_params_read(whole.get_root::<rpc_message::Reader<'_>>().and_then(|m| {
+                match m.which()? {
+                    rpc_message::Call(c) => Ok(c?.get_params()?.get_content()),
+                    _ => Err(capnp::Error::failed("not a call".into())),
+                }
+            }));
+        let view = [&bytes[at * 8..]];
+        let view = message::Reader::new(
+            message::SegmentArray::new(&view),
+            message::ReaderOptions::new(),
+        );
+        (from_root, get_params_read(view.get_root()))
+    }
+
+    #[test]
+    fn a_plain_subtree_reads_alike_through_a_view() {
+        let words = call_words(get_call);
+        let s = read(&words).expect("a plain call");
+        assert!(plain_subtree(&words, s.content_at));
+        let (from_root, through_view) = both_reads(&words, s.content_at);
+        assert!(
+            from_root.contains("250") && from_root.contains("2"),
+            "{from_root}"
+        );
+        assert_eq!(from_root, through_view);
+        // A far pointer where the params are: not plain (its target is absolute).
+        let mut far = words.clone();
+        far[s.content_at * 8..s.content_at * 8 + 8].copy_from_slice(&2u64.to_le_bytes());
+        assert!(!plain_subtree(&far, s.content_at));
+    }
+
+    #[test]
+    fn on_damaged_params_a_plain_subtree_reads_as_from_the_root() {
+        // Every byte of a get's call, set to values that move pointers, sizes, kinds and
+        // counts: whenever the walk calls the params plain, the view reads what the root
+        // reads, errors included.
+        let words = call_words(get_call);
+        let s = read(&words).expect("a plain call");
+        let mut plain = 0;
+        for i in 0..words.len() {
+            for v in [0u8, 1, 2, 3, 4, 6, 7, 0x7f, 0x80, 0xfe, 0xff] {
+                let mut damaged = words.clone();
+                damaged[i] = v;
+                let Some(d) = read(&damaged) else { continue };
+                if plain_subtree(&damaged, d.content_at) {
+                    plain += 1;
+                    let (from_root, through_view) = both_reads(&damaged, d.content_at);
+                    assert_eq!(from_root, through_view, "byte {i} = {v}");
+                }
+            }
+        }
+        assert!(plain > words.len(), "{plain}");
+        let _ = s;
     }
 
     #[test]
