@@ -1494,6 +1494,22 @@ mod tests {
         tokio::task::LocalSet::new().block_on(&rt, f)
     }
 
+    /// Serves the messages `input` holds to `bootstrap` until the input ends; what the
+    /// engine wrote.
+    async fn serve_all(input: Vec<u8>, bootstrap: Box<dyn ClientHook>) -> Vec<u8> {
+        let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
+        serve(
+            crate::frames::ByteFrames::new(futures::io::Cursor::new(input), 1 << 20),
+            Counting(Rc::new(Cell::new(0)), Rc::clone(&bytes)),
+            bootstrap,
+            EngineLimits::default(),
+            Closer::default(),
+        )
+        .await
+        .unwrap();
+        bytes.take()
+    }
+
     /// The messages in `bytes`, as the engine wrote them.
     fn written(mut bytes: &[u8]) -> Vec<message::Reader<capnp::serialize::OwnedSegments>> {
         let mut out = Vec::new();
@@ -1619,19 +1635,9 @@ mod tests {
                     p.set_key(key.as_bytes());
                 });
             }
-            let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
-            let writer = Counting(Rc::new(Cell::new(0)), Rc::clone(&bytes));
-            serve(
-                crate::frames::ByteFrames::new(futures::io::Cursor::new(input), 1 << 20),
-                writer,
-                cap.client.hook,
-                EngineLimits::default(),
-                Closer::default(),
-            )
-            .await
-            .unwrap();
+            let bytes = serve_all(input, cap.client.hook).await;
             let mut seen = std::collections::BTreeMap::new();
-            for m in written(&bytes.borrow()) {
+            for m in written(&bytes) {
                 let root = m.get_root::<rpc_message::Reader>().unwrap();
                 let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
                     panic!("not a Return");
@@ -1730,18 +1736,9 @@ mod tests {
             for _ in 0..8 {
                 queue(&mut input, |m| m.init_finish().set_question_id(99));
             }
-            let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
-            serve(
-                crate::frames::ByteFrames::new(futures::io::Cursor::new(input), 1 << 20),
-                Counting(Rc::new(Cell::new(0)), Rc::clone(&bytes)),
-                Box::new(script::ScriptCap::new(0)),
-                EngineLimits::default(),
-                Closer::default(),
-            )
-            .await
-            .unwrap();
+            let bytes = serve_all(input, Box::new(script::ScriptCap::new(0))).await;
             let mut returned = std::collections::BTreeMap::new();
-            for m in written(&bytes.borrow()) {
+            for m in written(&bytes) {
                 let root = m.get_root::<rpc_message::Reader>().unwrap();
                 let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
                     continue;
