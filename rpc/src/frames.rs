@@ -727,9 +727,28 @@ fn check_plain_call(
     }
     let segment = capnp::message::ReaderSegments::get_segment(frame, 0)?;
     let s = crate::skeleton::read(segment)?;
-    let params_at = crate::skeleton::plain_subtree(segment, s.content_at)
+    let params_at = crate::skeleton::plain_subtree(segment, s.content_at, options.nesting_limit)
         .then(|| u32::try_from(s.content_at).ok())
         .flatten();
+    // What the walk promised: the params read alike through a view and from the root.
+    #[cfg(debug_assertions)]
+    if let Some(at) = params_at {
+        let view = capnp::message::Reader::new(ContentView(&segment[at as usize * 8..]), options);
+        let whole = capnp::message::Reader::new(frame, options);
+        let size =
+            |p: capnp::Result<capnp::any_pointer::Reader<'_>>| p.and_then(|p| p.target_size()).ok();
+        let from_root = whole
+            .get_root::<message::Reader<'_>>()
+            .and_then(|m| match m.which() {
+                Ok(message::Call(c)) => Ok(c?.get_params()?.get_content()),
+                _ => Err(capnp::Error::failed("not a call".into())),
+            });
+        debug_assert_eq!(
+            size(view.get_root()),
+            size(from_root),
+            "a plain subtree read otherwise"
+        );
+    }
     if let Some(w) = warm {
         // The params read from their own pointer: a segment view starting there (its
         // pointers are relative, so they lead where they did). Only a hint: params this

@@ -77,27 +77,30 @@ pub(crate) fn read(segment: &[u8]) -> Option<Skeleton> {
     })
 }
 
-/// Levels a plain subtree may have ([`plain_subtree`]): far below capnp's nesting limit
-/// (64) minus the levels above a Call's params, so that neither read meets it.
-const MAX_DEPTH: u32 = 32;
+/// Levels between a reader's nesting limit and the deepest a plain subtree may go
+/// ([`plain_subtree`]): the levels above a Call's params in the message (Message, Call,
+/// Payload) and one to spare, so that neither read meets the limit.
+const DEPTH_MARGIN: i32 = 5;
 /// Pointers a plain subtree may hold: a call's params have a handful.
 const MAX_POINTERS: usize = 256;
 
 /// Whether everything capnp could read from the pointer at word `at` of `segment` lies in
-/// the segment from `at` on, reached through near pointers only, at most [`MAX_DEPTH`]
-/// levels deep, with no more words read than the segment holds (no amplification). Then a
+/// the segment from `at` on, reached through near pointers only, [`DEPTH_MARGIN`] levels
+/// short of `nesting_limit` (the readers' own) at most, with no more words read than the
+/// segment holds (no amplification). Then a
 /// view of the segment that starts at `at` (its word 0 that pointer) reads exactly what the
 /// whole message reads there: every pointer resolves relative to itself, to the same bytes,
 /// and no read limit is met in either. A far pointer (whose target is absolute), a target
 /// before `at`, anything out of bounds or malformed: `false`, and the caller reads from
 /// the message's root.
-pub(crate) fn plain_subtree(segment: &[u8], at: usize) -> bool {
+pub(crate) fn plain_subtree(segment: &[u8], at: usize, nesting_limit: i32) -> bool {
     let words = Words(segment);
     let mut budget = Budget {
         pointers: MAX_POINTERS,
         words: words.len(),
     };
-    words.plain(at, at, MAX_DEPTH, &mut budget)
+    let depth = u32::try_from(nesting_limit.saturating_sub(DEPTH_MARGIN)).unwrap_or(0);
+    words.plain(at, at, depth, &mut budget)
 }
 
 /// What a [`plain_subtree`] walk may still visit.
@@ -442,10 +445,9 @@ mod tests {
         capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(segment);
         let bytes = capnp::Word::words_to_bytes(&words);
         let segs = [bytes];
-        let whole = message::Reader::new(
-            message::SegmentArray::new(&segs),
-            message::ReaderOptions::new(),
-        );
+        let mut options = message::ReaderOptions::new();
+        options.nesting_limit(16);
+        let whole = message::Reader::new(message::SegmentArray::new(&segs), options);
         let from_root =
             get_params_read(whole.get_root::<rpc_message::Reader<'_>>().and_then(|m| {
                 match m.which()? {
@@ -454,10 +456,7 @@ mod tests {
                 }
             }));
         let view = [&bytes[at * 8..]];
-        let view = message::Reader::new(
-            message::SegmentArray::new(&view),
-            message::ReaderOptions::new(),
-        );
+        let view = message::Reader::new(message::SegmentArray::new(&view), options);
         (from_root, get_params_read(view.get_root()))
     }
 
@@ -465,7 +464,9 @@ mod tests {
     fn a_plain_subtree_reads_alike_through_a_view() {
         let words = call_words(get_call);
         let s = read(&words).expect("a plain call");
-        assert!(plain_subtree(&words, s.content_at));
+        assert!(plain_subtree(&words, s.content_at, 16));
+        // Deeper than the readers' nesting limit allows with room to spare: not plain.
+        assert!(!plain_subtree(&words, s.content_at, 7));
         let (from_root, through_view) = both_reads(&words, s.content_at);
         assert!(
             from_root.contains("250") && from_root.contains("2"),
@@ -475,7 +476,7 @@ mod tests {
         // A far pointer where the params are: not plain (its target is absolute).
         let mut far = words.clone();
         far[s.content_at * 8..s.content_at * 8 + 8].copy_from_slice(&2u64.to_le_bytes());
-        assert!(!plain_subtree(&far, s.content_at));
+        assert!(!plain_subtree(&far, s.content_at, 16));
     }
 
     #[test]
@@ -491,7 +492,7 @@ mod tests {
                 let mut damaged = words.clone();
                 damaged[i] = v;
                 let Some(d) = read(&damaged) else { continue };
-                if plain_subtree(&damaged, d.content_at) {
+                if plain_subtree(&damaged, d.content_at, 16) {
                     plain += 1;
                     let (from_root, through_view) = both_reads(&damaged, d.content_at);
                     assert_eq!(from_root, through_view, "byte {i} = {v}");
