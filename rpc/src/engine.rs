@@ -191,23 +191,18 @@ fn init_return<A: message::Allocator>(
     ret.init_results().get_content()
 }
 
-/// The words before a direct call's results in its Return message: the segment table of
-/// one segment, then `Message` → `Return` → `Payload` (see [`direct_return`]).
-struct DirectReturn {
-    header: [u8; 8 + 8 * DIRECT_RETURN_WORDS],
-}
-
-/// Words of [`DirectReturn`]'s message before the results: the root pointer, `Message`
+/// Words of a direct Return's message before the results: the root pointer, `Message`
 /// (one data word, one pointer), `Return` (two data words, one pointer), `Payload`'s two
 /// pointers (content, cap table).
 const DIRECT_RETURN_WORDS: usize = 8;
 
-/// The header of answer `answer_id`'s Return whose results are the root of `segment` (a
-/// one-segment message's words), or `None` when that root is not a near struct pointer
+/// The header (the segment table of one segment, then `Message`, `Return` and `Payload`)
+/// of answer `answer_id`'s Return whose results are the root of `segment` (a one-segment
+/// message's words), or `None` when that root is not a near struct pointer
 /// (the caller then builds the Return with capnp). The results' words follow the header
 /// as they are, all but the root pointer, which becomes the payload's content pointer
 /// (one word further from them: the cap table's pointer sits between).
-fn direct_return(answer_id: u32, segment: &[u8]) -> Option<DirectReturn> {
+fn direct_return(answer_id: u32, segment: &[u8]) -> Option<[u8; 8 + 8 * DIRECT_RETURN_WORDS]> {
     /// A near struct pointer to the word after it, with the sections' sizes in words.
     const fn struct_here(data: u64, ptrs: u64) -> u64 {
         data << 32 | ptrs << 48
@@ -245,7 +240,7 @@ fn direct_return(answer_id: u32, segment: &[u8]) -> Option<DirectReturn> {
     for (i, w) in message.iter().enumerate() {
         header[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
     }
-    Some(DirectReturn { header })
+    Some(header)
 }
 
 /// The results of a Return message (whose capabilities the caller imbues): how the engine
@@ -324,7 +319,7 @@ struct EngineParams(Incoming);
 impl ParamsHook for EngineParams {
     fn get(&self) -> capnp::Result<any_pointer::Reader<'_>> {
         // No cap table: params with capabilities are refused before the call starts.
-        Ok(call_of(&self.0)?.get_params()?.get_content())
+        crate::frames::call_params(&self.0)
     }
 }
 
@@ -1061,22 +1056,16 @@ impl Conn {
         let frame = m.get_segments();
         let view = frame.params_at.and_then(|at| {
             let segment = capnp::message::ReaderSegments::get_segment(frame, 0)?;
-            let bytes = segment.get(at as usize * 8..)?;
-            Some(message::Reader::new(
-                crate::frames::ContentView(bytes),
-                self.limits.reader_options,
-            ))
+            crate::frames::content_view(segment, at as usize, self.limits.reader_options)
         });
-        let from_root = || call_of(m).and_then(|c| Ok(c.get_params()?.get_content()));
         let params = match &view {
             Some(view) => view.get_root::<any_pointer::Reader<'_>>(),
-            None => from_root(),
+            None => crate::frames::call_params(m),
         };
         // Both ways read the same tree (what the frame layer's walk promised).
         debug_assert!(
-            view.is_none()
-                || params.as_ref().map(|p| p.target_size().ok()).ok()
-                    == from_root().map(|p| p.target_size().ok()).ok(),
+            view.as_ref()
+                .is_none_or(|v| crate::frames::reads_alike(v, m)),
             "the params read through a view and from the root differ"
         );
         let params = match params {
@@ -1098,7 +1087,7 @@ impl Conn {
             // only kind this path writes.
             let mut message = message::Builder::new(&mut alloc);
             let results = message.get_root::<any_pointer::Builder<'_>>();
-            let arrived = m.get_segments().arrived;
+            let arrived = frame.arrived;
             let now = match results {
                 Ok(results) => crate::local::with_arrival(arrived, || {
                     direct.call_now(interface_id, method_id, params, results)
@@ -1149,9 +1138,9 @@ impl Conn {
     ) -> capnp::Result<()> {
         let segments = results.get_segments_for_output();
         if let [segment] = &segments[..] {
-            if let Some(bytes) = direct_return(id, segment) {
+            if let Some(header) = direct_return(id, segment) {
                 let before = self.outbox.len();
-                self.outbox.extend_from_slice(&bytes.header);
+                self.outbox.extend_from_slice(&header);
                 self.outbox.extend_from_slice(&segment[8..]);
                 if let Some(b) = &self.backlog {
                     b.queued(self.outbox.len() - before);
@@ -1330,12 +1319,7 @@ impl Conn {
                 release_on_return: release,
             },
         );
-        for m in queued {
-            let qid = call_of(&m).map(|c| c.get_question_id());
-            if let Ok(qid) = qid {
-                self.start(qid, m);
-            }
-        }
+        self.start_queued(queued);
         // Kept for pipelined calls and the peer's Finish, unless that came already.
         if finished {
             if let Some(Answer {
@@ -1372,12 +1356,17 @@ impl Conn {
                 release_on_return: false,
             },
         );
+        self.start_queued(queued);
+        self.answers.remove(id);
+    }
+
+    /// Starts the calls that were queued on an answer, in the order they came.
+    fn start_queued(&mut self, queued: Vec<Incoming>) {
         for m in queued {
             if let Ok(qid) = call_of(&m).map(|c| c.get_question_id()) {
                 self.start(qid, m);
             }
         }
-        self.answers.remove(id);
     }
 
     fn finish(&mut self, id: u32, release: bool) -> Result<(), EngineError> {
@@ -1788,7 +1777,7 @@ mod tests {
                 assert!(len > 500, "{len} bytes should fit the scratch segment");
                 continue;
             };
-            let header = direct_return(41, segment).expect("a struct root").header;
+            let header = direct_return(41, segment).expect("a struct root");
             let bytes = [&header[..], &segment[8..]].concat();
             let m = capnp::serialize::read_message_from_flat_slice(
                 &mut &bytes[..],

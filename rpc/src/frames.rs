@@ -730,32 +730,17 @@ fn check_plain_call(
     let params_at = crate::skeleton::plain_subtree(segment, s.content_at, options.nesting_limit)
         .then(|| u32::try_from(s.content_at).ok())
         .flatten();
-    // What the walk promised: the params read alike through a view and from the root.
-    #[cfg(debug_assertions)]
-    if let Some(at) = params_at {
-        let view = capnp::message::Reader::new(ContentView(&segment[at as usize * 8..]), options);
-        let whole = capnp::message::Reader::new(frame, options);
-        let size =
-            |p: capnp::Result<capnp::any_pointer::Reader<'_>>| p.and_then(|p| p.target_size()).ok();
-        let from_root = whole
-            .get_root::<message::Reader<'_>>()
-            .and_then(|m| match m.which() {
-                Ok(message::Call(c)) => Ok(c?.get_params()?.get_content()),
-                _ => Err(capnp::Error::failed("not a call".into())),
-            });
-        debug_assert_eq!(
-            size(view.get_root()),
-            size(from_root),
-            "a plain subtree read otherwise"
-        );
-    }
+    // The params from their own pointer: a segment view starting there (its pointers are
+    // relative, so they lead where they did).
+    let view = content_view(segment, s.content_at, options)?;
+    // What the walk promised: the params read alike through the view and from the root.
+    debug_assert!(
+        params_at.is_none() || reads_alike(&view, &capnp::message::Reader::new(frame, options)),
+        "a plain subtree read otherwise"
+    );
     if let Some(w) = warm {
-        // The params read from their own pointer: a segment view starting there (its
-        // pointers are relative, so they lead where they did). Only a hint: params this
-        // view cannot read are left to the call itself.
-        let view = ContentView(segment.get(s.content_at * 8..)?);
-        let reader = capnp::message::Reader::new(view, options);
-        if let Ok(params) = reader.get_root::<capnp::any_pointer::Reader<'_>>() {
+        // Only a hint: params this view cannot read are left to the call itself.
+        if let Ok(params) = view.get_root::<capnp::any_pointer::Reader<'_>>() {
             w.call(s.interface_id, s.method_id, params);
         }
     }
@@ -778,7 +763,38 @@ fn check_plain_call(
 /// One segment from a Call's params pointer on: `Warm` reads the params through it, and
 /// the engine's direct path when the frame says it reads them exactly
 /// ([`Frame::params_at`]).
-pub(crate) struct ContentView<'a>(pub(crate) &'a [u8]);
+pub(crate) struct ContentView<'a>(&'a [u8]);
+
+/// A reader whose root is the pointer at word `at` of `segment` (a [`ContentView`]).
+pub(crate) fn content_view(
+    segment: &[u8],
+    at: usize,
+    options: capnp::message::ReaderOptions,
+) -> Option<capnp::message::Reader<ContentView<'_>>> {
+    let bytes = segment.get(at.checked_mul(8)?..)?;
+    Some(capnp::message::Reader::new(ContentView(bytes), options))
+}
+
+/// A Call's params, read from the message's root: Message, Call, Payload, content.
+pub(crate) fn call_params<S: capnp::message::ReaderSegments>(
+    m: &capnp::message::Reader<S>,
+) -> capnp::Result<capnp::any_pointer::Reader<'_>> {
+    match m.get_root::<message::Reader<'_>>()?.which()? {
+        message::Call(c) => Ok(c?.get_params()?.get_content()),
+        _ => Err(capnp::Error::failed("not a Call".into())),
+    }
+}
+
+/// Whether `view`'s root and the params of the Call in `m` read as the same tree (same
+/// size, or the same step failing): the debug builds' check of `skeleton::plain_subtree`.
+pub(crate) fn reads_alike<S: capnp::message::ReaderSegments>(
+    view: &capnp::message::Reader<ContentView<'_>>,
+    m: &capnp::message::Reader<S>,
+) -> bool {
+    let size =
+        |p: capnp::Result<capnp::any_pointer::Reader<'_>>| p.map(|p| p.target_size().ok()).ok();
+    size(view.get_root()) == size(call_params(m))
+}
 
 impl capnp::message::ReaderSegments for ContentView<'_> {
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {

@@ -241,11 +241,6 @@ mod tests {
     /// The arrival is there for the call it is set around, and only for it.
     #[test]
     fn an_arrival_is_seen_only_inside_its_call() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let _in_rt = rt.enter();
         let at = tokio::time::Instant::now();
         assert_eq!(super::arrived(), None);
         assert_eq!(super::with_arrival(Some(at), super::arrived), Some(at));

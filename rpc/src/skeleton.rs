@@ -448,15 +448,8 @@ mod tests {
         let mut options = message::ReaderOptions::new();
         options.nesting_limit(16);
         let whole = message::Reader::new(message::SegmentArray::new(&segs), options);
-        let from_root =
-            get_params_read(whole.get_root::<rpc_message::Reader<'_>>().and_then(|m| {
-                match m.which()? {
-                    rpc_message::Call(c) => Ok(c?.get_params()?.get_content()),
-                    _ => Err(capnp::Error::failed("not a call".into())),
-                }
-            }));
-        let view = [&bytes[at * 8..]];
-        let view = message::Reader::new(message::SegmentArray::new(&view), options);
+        let from_root = get_params_read(crate::frames::call_params(&whole));
+        let view = crate::frames::content_view(bytes, at, options).expect("within the segment");
         (from_root, get_params_read(view.get_root()))
     }
 
