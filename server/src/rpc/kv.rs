@@ -11,7 +11,8 @@ use capkv::{ApiError, ErrorCode};
 use capkv_rpc::local::Now;
 
 use super::{
-    direct, handle, now, reply_of, store_error, write_entry, WatcherImpl, WriteSessionImpl,
+    direct, handle, now, reply_of, store_error, write_entry, write_entry_parts, WatcherImpl,
+    WriteSessionImpl,
 };
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
@@ -247,11 +248,7 @@ impl KvStoreImpl {
             with = |out, r| {
                 match r {
                     Ok((key, value, found)) => {
-                        let mut e = out.init_ok();
-                        e.set_key(key);
-                        e.set_value(&value);
-                        e.set_version(found.version);
-                        e.set_mod_revision(found.mod_revision);
+                        write_entry_parts(out.init_ok(), key, &value, found);
                         // Kept for the next get, unless a large value made it large.
                         if value.capacity() <= VALUE_BUF_KEPT_BYTES {
                             this.value_buf.set(value);

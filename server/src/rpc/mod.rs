@@ -29,7 +29,7 @@ use std::sync::Arc;
 use capkv::kv_capnp::entry;
 use capkv::{ApiError, ErrorCode};
 use capkv_rpc::local::Now;
-use capkv_store::{Entry, Store, StoreError};
+use capkv_store::{Entry, Found, Store, StoreError};
 use capnp::capability::Promise;
 
 pub use admin::AdminImpl;
@@ -371,9 +371,18 @@ fn store_error(e: StoreError) -> ApiError {
     }
 }
 
-fn write_entry(mut b: entry::Builder<'_>, e: &Entry) {
-    b.set_key(&e.key);
-    b.set_value(&e.value);
-    b.set_version(e.version);
-    b.set_mod_revision(e.mod_revision);
+fn write_entry(b: entry::Builder<'_>, e: &Entry) {
+    let found = Found {
+        version: e.version,
+        mod_revision: e.mod_revision,
+    };
+    write_entry_parts(b, &e.key, &e.value, found);
+}
+
+/// [`write_entry`] from its parts (a get's reply: the key asked for, the value read).
+fn write_entry_parts(mut b: entry::Builder<'_>, key: &[u8], value: &[u8], found: Found) {
+    b.set_key(key);
+    b.set_value(value);
+    b.set_version(found.version);
+    b.set_mod_revision(found.mod_revision);
 }
