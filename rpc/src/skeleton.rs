@@ -122,6 +122,14 @@ impl Budget {
     }
 }
 
+/// Where the near struct or list pointer `p` at word `at` points: its offset in words
+/// from the end of the pointer is the upper 30 bits of its low half, signed. `None` before
+/// the segment's start.
+fn target(at: usize, p: u64) -> Option<usize> {
+    let offset = i64::from((p as u32 as i32) >> 2);
+    usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()
+}
+
 /// A struct's place: its first data word, and its section sizes in words.
 #[derive(Debug, Clone, Copy)]
 struct Place {
@@ -159,10 +167,7 @@ impl Words<'_> {
         if p == 0 || p & 3 != 0 {
             return None;
         }
-        // Offset in words from the end of the pointer: the upper 30 bits of the low half,
-        // signed.
-        let offset = i64::from((p as u32 as i32) >> 2);
-        let start = usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()?;
+        let start = target(at, p)?;
         let data = usize::from((p >> 32) as u16);
         let ptrs = usize::from((p >> 48) as u16);
         let end = start.checked_add(data)?.checked_add(ptrs)?;
@@ -182,11 +187,7 @@ impl Words<'_> {
             return false;
         }
         budget.pointers -= 1;
-        let start = || -> Option<usize> {
-            let offset = i64::from((p as u32 as i32) >> 2);
-            let start = usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()?;
-            (start >= floor).then_some(start)
-        };
+        let start = || target(at, p).filter(|&start| start >= floor);
         match p & 3 {
             // A struct: its pointers in turn.
             0 => {
@@ -257,9 +258,7 @@ impl Words<'_> {
         if p & 3 != 1 || (p >> 32) & 7 != 7 || p >> 35 != 0 {
             return None;
         }
-        let offset = i64::from((p as u32 as i32) >> 2);
-        let tag_at = usize::try_from(i64::try_from(at).ok()? + 1 + offset).ok()?;
-        let tag = self.get(tag_at)?;
+        let tag = self.get(target(at, p)?)?;
         // The tag is a struct pointer whose offset field counts the elements.
         (tag & 3 == 0 && (tag as u32) >> 2 == 0).then_some(true)
     }
