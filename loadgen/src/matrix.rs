@@ -74,7 +74,7 @@ fn redis_benchmark_row(
     redis: &Target,
     r: &RunResult,
     base: &RunConfig,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, redis_bench::BenchResult)> {
     let (host, port) = redis
         .addr
         .rsplit_once(':')
@@ -100,13 +100,17 @@ fn redis_benchmark_row(
         redis.pid,
     )?;
     eprintln!("redis-benchmark {bench:?}: {result:?}");
-    Ok(report::markdown_row_redis_benchmark(
-        case.name,
-        bench.pipeline,
-        &result,
-        usage,
-    ))
+    let row = report::markdown_row_redis_benchmark(case.name, bench.pipeline, &result, usage);
+    Ok((row, result))
 }
+
+/// Why the wire table exists, printed above it.
+const WIRE_NOTE: &str = "redis-benchmark times a request from its write to the read that \
+    brings the reply; kv-loadgen's rows above time a call from the moment the generator issues \
+    it to the moment it sees the answer, which adds the generator's own scheduling on both ends \
+    (about half the cycle when the generator's core is saturated). The raw client also records \
+    redis-benchmark's measure, so the cases with one call in flight per connection compare on \
+    one definition here (same runs as above).";
 
 /// How the comparison table is made, printed above it.
 const SAME_MOMENT: &str = "Each case runs on capkv, then on Redis through the same generator, \
@@ -325,6 +329,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
         "\n## capkv and Redis, same generator, closed loop\n\n{SAME_MOMENT}\n\n{}",
         report::MARKDOWN_HEADER
     );
+    let mut wire_rows = Vec::new();
     for case in comparison_cases(m.connections) {
         let mut spectra: Vec<(&'static str, Vec<crate::stats::SpectrumPoint>)> = Vec::new();
         for t in &targets {
@@ -362,8 +367,28 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             if let Some(all) = r.all() {
                 spectra.push((t.label, all.spectrum.clone()));
             }
+            let one_in_flight = case.in_flight == 1 && case.batch == 1;
+            if let (true, Some(all)) = (one_in_flight && t.label == RAW_LABEL, r.all()) {
+                if let Some(wire) = &all.wire {
+                    wire_rows.push(report::markdown_row_wire(
+                        case.name,
+                        t.label,
+                        all.ok_per_sec,
+                        wire,
+                    ));
+                }
+            }
             if t.kind == TargetKind::Redis && with_redis_benchmark {
-                let _ = writeln!(md, "{}", redis_benchmark_row(&case, t, &r, b)?);
+                let (row, bench) = redis_benchmark_row(&case, t, &r, b)?;
+                let _ = writeln!(md, "{row}");
+                if one_in_flight {
+                    wire_rows.push(report::markdown_row_wire(
+                        case.name,
+                        "redis-benchmark -P 1",
+                        bench.rps,
+                        &bench.latency(),
+                    ));
+                }
             }
             results.push((case.name.to_string(), r));
         }
@@ -378,6 +403,15 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 plot::spectrum_svg(&title, &p.caption, &series),
             )?;
         }
+    }
+
+    if !wire_rows.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## One call in flight: latency as redis-benchmark measures it\n\n{WIRE_NOTE}\n\n{}\n{}",
+            report::WIRE_HEADER,
+            wire_rows.join("\n")
+        );
     }
 
     let _ = writeln!(

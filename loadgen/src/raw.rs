@@ -13,12 +13,19 @@
 //!
 //! Per call the client allocates only the message it encodes: callers wait in a slab of
 //! slots by question id (no channel per call), and the outbox and read buffer are reused.
+//!
+//! Each call also reports its *wire latency*: from the moment the writer hands the write
+//! that carries it to the kernel to the moment the reader has the read that brought its
+//! Return. That is how redis-benchmark times its requests (start when its write handler
+//! writes, end when its read handler reads), so the two can be compared on one definition;
+//! the caller's own latency adds the generator's scheduling on both ends.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use capkv::kv_capnp::{gateway, kv_store, write_session};
 use capkv::CallMeta;
@@ -74,6 +81,10 @@ struct Slot {
     waker: Option<Waker>,
     /// The caller stopped waiting (its future was dropped): the id is freed on the Return.
     abandoned: bool,
+    /// When the write carrying the call went to the kernel.
+    written: Option<Instant>,
+    /// From `written` to the read that brought the Return.
+    wire: Option<Duration>,
 }
 
 /// One raw connection.
@@ -85,6 +96,8 @@ pub struct RawConn {
     room: RefCell<Vec<Waker>>,
     /// Callers by question id (`FIRST_CALL` is index 0); free ids to reuse.
     slots: RefCell<Vec<Option<Slot>>>,
+    /// Calls encoded into the outbox since the writer last took it: stamped when it writes.
+    unwritten: RefCell<Vec<u32>>,
     free: RefCell<Vec<u32>>,
     kv: Cell<Target>,
     session: Cell<Target>,
@@ -102,6 +115,7 @@ impl RawConn {
             writer: RefCell::new(None),
             room: RefCell::new(Vec::new()),
             slots: RefCell::new(Vec::new()),
+            unwritten: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             kv: Cell::new(Target::Promised(OPEN, &KV_CAP)),
             session: Cell::new(Target::Promised(SESSION, &SESSION_CAP)),
@@ -137,21 +151,22 @@ impl RawConn {
         Ok(conn)
     }
 
-    /// One get or put of one key.
+    /// One get or put of one key; with its wire latency when it was answered.
     pub async fn call(
         &self,
         kind: OpKind,
         keys: &[Vec<u8>],
         value: &[u8],
-    ) -> Result<(), ErrorCode> {
+    ) -> (Result<(), ErrorCode>, Option<Duration>) {
         let [key] = keys else {
-            return Err("raw_mode_single_keys_only");
+            return (Err("raw_mode_single_keys_only"), None);
         };
         std::future::poll_fn(|cx| self.poll_room(cx)).await;
         if self.dead.get() {
-            return Err("transport");
+            return (Err("transport"), None);
         }
         let id = self.take_id(kind);
+        self.unwritten.borrow_mut().push(id);
         encode(&mut self.outbox.borrow_mut(), |m| match kind {
             OpKind::Get => {
                 let mut c = call(m, id, self.kv.get(), kv_id(), KV_GET);
@@ -176,18 +191,19 @@ impl RawConn {
             }
         });
         self.wake_writer();
-        let reply = WaitReply {
+        let (reply, wire) = WaitReply {
             conn: self,
             id,
             done: false,
         }
         .await;
-        match reply {
+        let result = match reply {
             Reply::Ok => Ok(()),
             Reply::Error(code) => Err(code),
             Reply::Exception if self.dead.get() => Err("transport"),
             Reply::Exception => Err("exception"),
-        }
+        };
+        (result, wire)
     }
 
     /// Ready while the outbox has room (or the connection is dead).
@@ -211,6 +227,8 @@ impl RawConn {
             reply: None,
             waker: None,
             abandoned: false,
+            written: None,
+            wire: None,
         });
         let mut slots = self.slots.borrow_mut();
         match self.free.borrow_mut().pop() {
@@ -230,8 +248,26 @@ impl RawConn {
         self.free.borrow_mut().push(id);
     }
 
-    /// A Return for `id`: its caller's slot gets the reply; a Finish goes out if owed.
-    fn answer(&self, id: u32, no_finish_needed: bool, reply: impl FnOnce(OpKind) -> Reply) {
+    /// The writer is handing the outbox to the kernel at `now`: the calls in it were
+    /// written then.
+    fn stamp_written(&self, now: Instant) {
+        let mut slots = self.slots.borrow_mut();
+        for id in self.unwritten.borrow_mut().drain(..) {
+            if let Some(Some(slot)) = slots.get_mut((id - FIRST_CALL) as usize) {
+                slot.written = Some(now);
+            }
+        }
+    }
+
+    /// A Return for `id`, read at `read_at`: its caller's slot gets the reply; a Finish
+    /// goes out if owed.
+    fn answer(
+        &self,
+        id: u32,
+        read_at: Instant,
+        no_finish_needed: bool,
+        reply: impl FnOnce(OpKind) -> Reply,
+    ) {
         if id < FIRST_CALL {
             return;
         }
@@ -241,6 +277,7 @@ impl RawConn {
                 return;
             };
             slot.reply = Some(reply(slot.kind));
+            slot.wire = slot.written.map(|w| read_at.saturating_duration_since(w));
             if let Some(w) = slot.waker.take() {
                 w.wake();
             }
@@ -283,16 +320,16 @@ struct WaitReply<'a> {
 }
 
 impl Future for WaitReply<'_> {
-    type Output = Reply;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+    type Output = (Reply, Option<Duration>);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let index = (self.id - FIRST_CALL) as usize;
         let reply = {
             let mut slots = self.conn.slots.borrow_mut();
             let Some(Some(slot)) = slots.get_mut(index) else {
-                return Poll::Ready(Reply::Exception);
+                return Poll::Ready((Reply::Exception, None));
             };
             match slot.reply.take() {
-                Some(r) => r,
+                Some(r) => (r, slot.wire),
                 None => {
                     slot.waker = Some(cx.waker().clone());
                     return Poll::Pending;
@@ -348,6 +385,7 @@ async fn write_outbox(conn: Rc<RawConn>, mut w: tokio::net::tcp::OwnedWriteHalf)
         for waker in conn.room.borrow_mut().drain(..) {
             waker.wake();
         }
+        conn.stamp_written(Instant::now());
         if w.write_all(&sending).await.is_err() {
             conn.fail_all();
             return;
@@ -366,13 +404,18 @@ async fn read_replies(conn: Rc<RawConn>, r: tokio::net::tcp::OwnedReadHalf) {
         };
         match root.which() {
             Ok(rpc_message::Which::Return(Ok(ret))) => {
+                // The read that brought this message returned just before it was parsed
+                // (the buffered reader parses what one read brought without waiting).
+                let read_at = Instant::now();
                 let id = ret.get_answer_id();
                 match id {
                     OPEN => resolve(&conn.kv, ret),
                     SESSION => resolve(&conn.session, ret),
-                    _ => conn.answer(id, ret.get_no_finish_needed(), |kind| match ret.which() {
-                        Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
-                        _ => Reply::Exception,
+                    _ => conn.answer(id, read_at, ret.get_no_finish_needed(), |kind| {
+                        match ret.which() {
+                            Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
+                            _ => Reply::Exception,
+                        }
                     }),
                 }
             }

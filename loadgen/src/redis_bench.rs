@@ -36,6 +36,19 @@ pub struct BenchResult {
     pub p99_ms: f64,
 }
 
+impl BenchResult {
+    /// Its latency figures (redis-benchmark reports no p90, p99.9 or maximum here: zero).
+    pub fn latency(&self) -> crate::stats::Latency {
+        crate::stats::Latency {
+            mean_us: self.avg_ms * 1000.0,
+            p50_us: self.p50_ms * 1000.0,
+            p95_us: self.p95_ms * 1000.0,
+            p99_us: self.p99_ms * 1000.0,
+            ..Default::default()
+        }
+    }
+}
+
 /// Whether `redis-benchmark` can be run here.
 pub fn available() -> bool {
     Command::new("redis-benchmark")

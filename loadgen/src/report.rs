@@ -87,6 +87,16 @@ pub fn table(r: &RunResult) -> String {
             r.keys_per_sec, r.config.batch
         );
     }
+    if let Some(l) = r.all().and_then(|a| a.wire) {
+        let _ = writeln!(
+            out,
+            "wire (the call's write to its reply's read, as redis-benchmark times): mean {} p50 {} p99 {} max {}",
+            ms(l.mean_us),
+            ms(l.p50_us),
+            ms(l.p99_us),
+            ms(l.max_us)
+        );
+    }
     if let Some(l) = &r.send_lag {
         let _ = writeln!(
             out,
@@ -236,6 +246,22 @@ pub fn markdown_row_redis_benchmark(
             "{:.0} MiB",
             s.max_rss_bytes as f64 / 1048576.0
         )),
+    )
+}
+
+/// The header of [`markdown_row_wire`] rows.
+pub const WIRE_HEADER: &str =
+    "| case | target | calls/s | p50 | p95 | p99 | mean |\n|---|---|---|---|---|---|---|";
+
+/// A row of the wire-latency table: `l` is a latency measured from the call's write to
+/// its reply's read (the raw client's wire latency, or redis-benchmark's own figures).
+pub fn markdown_row_wire(name: &str, target: &str, rps: f64, l: &crate::stats::Latency) -> String {
+    format!(
+        "| {name} | {target} | {rps:.0} | {} | {} | {} | {} |",
+        ms(l.p50_us),
+        ms(l.p95_us),
+        ms(l.p99_us),
+        ms(l.mean_us)
     )
 }
 

@@ -588,11 +588,22 @@ struct Tally {
 }
 
 impl Tally {
-    /// A call of a closed loop, sent at `sent`, ended at `done`.
-    fn ended(&self, kind: OpKind, sent: Instant, done: Instant, error: Option<&str>) {
+    /// A call of a closed loop, sent at `sent`, ended at `done`, with its wire latency
+    /// if the target measured one.
+    fn ended(
+        &self,
+        kind: OpKind,
+        sent: Instant,
+        done: Instant,
+        (result, wire): (Result<(), &str>, Option<Duration>),
+    ) {
         self.completed.fetch_add(1, Ordering::Relaxed);
         if sent >= self.w.measure_from {
-            self.rec.borrow_mut().record(kind, done - sent, error);
+            let mut rec = self.rec.borrow_mut();
+            rec.record(kind, done - sent, result.err());
+            if let (Ok(()), Some(wire)) = (result, wire) {
+                rec.record_wire(kind, wire);
+            }
         }
     }
 }
@@ -606,9 +617,9 @@ async fn closed_loop(cfg: Rc<RunConfig>, conn: Conn, seed: u64, tally: Tally) {
             break;
         }
         let r = conn
-            .call(kind, &keys, gen.value(), sent + cfg.timeout)
+            .call_timed(kind, &keys, gen.value(), sent + cfg.timeout)
             .await;
-        tally.ended(kind, sent, Instant::now(), r.err());
+        tally.ended(kind, sent, Instant::now(), r);
     }
 }
 
@@ -631,12 +642,12 @@ async fn closed_rounds(cfg: Rc<RunConfig>, conn: Conn, seed: u64, tally: Tally) 
         let calls = round.iter().map(|(kind, keys, value)| {
             let conn = &conn;
             async move {
-                let r = conn.call(*kind, keys, value, deadline).await;
+                let r = conn.call_timed(*kind, keys, value, deadline).await;
                 (*kind, Instant::now(), r)
             }
         });
         for (kind, done, r) in futures::future::join_all(calls).await {
-            tally.ended(kind, sent, done, r.err());
+            tally.ended(kind, sent, done, r);
         }
     }
 }

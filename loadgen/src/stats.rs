@@ -29,6 +29,10 @@ pub struct OpStats {
     /// Failed calls (any code).
     pub error_latency: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
+    /// Successful calls' wire latency, where the target measures one (the raw client: from
+    /// the write carrying the call to the read bringing its reply, as redis-benchmark
+    /// times its requests); empty otherwise.
+    pub wire: Histogram<u64>,
 }
 
 impl Default for OpStats {
@@ -36,6 +40,7 @@ impl Default for OpStats {
         Self {
             latency: histogram(),
             error_latency: histogram(),
+            wire: histogram(),
             errors: BTreeMap::new(),
         }
     }
@@ -46,6 +51,7 @@ impl OpStats {
         // Same bounds on both sides, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.error_latency.add(&other.error_latency);
+        let _ = self.wire.add(&other.wire);
         for (code, n) in &other.errors {
             *self.errors.entry(code.clone()).or_default() += n;
         }
@@ -95,6 +101,14 @@ impl Recorder {
                 *op.errors.entry(code.to_string()).or_default() += 1;
             }
         }
+    }
+
+    /// A successful call's wire latency (see [`OpStats::wire`]).
+    pub fn record_wire(&mut self, kind: OpKind, wire: Duration) {
+        let _ = self
+            .op(kind)
+            .wire
+            .record((wire.as_nanos() as u64).clamp(1, MAX_LATENCY_NS));
     }
 
     /// A due call the load generator itself could not send (its connection's backlog was
@@ -206,6 +220,8 @@ pub struct OpSummary {
     pub error_latency: Option<Latency>,
     /// The successful calls' latency percentile spectrum (for plots).
     pub spectrum: Vec<SpectrumPoint>,
+    /// Their wire latency, when the target measured it (see [`OpStats::wire`]).
+    pub wire: Option<Latency>,
 }
 
 impl OpSummary {
@@ -219,6 +235,7 @@ impl OpSummary {
             latency: Latency::of(&s.latency),
             error_latency: (!s.error_latency.is_empty()).then(|| Latency::of(&s.error_latency)),
             spectrum: spectrum(&s.latency),
+            wire: (!s.wire.is_empty()).then(|| Latency::of(&s.wire)),
         }
     }
 

@@ -127,6 +127,31 @@ impl Conn {
         value: &[u8],
         deadline: Instant,
     ) -> Result<(), ErrorCode> {
+        self.call_timed(kind, keys, value, deadline).await.0
+    }
+
+    /// [`Conn::call`], with the call's wire latency where the target measures one (the
+    /// raw client: from its write to the read of its reply, as redis-benchmark times).
+    pub async fn call_timed(
+        &self,
+        kind: OpKind,
+        keys: &[Vec<u8>],
+        value: &[u8],
+        deadline: Instant,
+    ) -> (Result<(), ErrorCode>, Option<std::time::Duration>) {
+        if let Conn::Raw(c) = self {
+            return c.call(kind, keys, value).await;
+        }
+        (self.call_untimed(kind, keys, value, deadline).await, None)
+    }
+
+    async fn call_untimed(
+        &self,
+        kind: OpKind,
+        keys: &[Vec<u8>],
+        value: &[u8],
+        deadline: Instant,
+    ) -> Result<(), ErrorCode> {
         match self {
             Conn::Capkv(c) => {
                 let r = match (kind, keys) {
@@ -145,7 +170,7 @@ impl Conn {
                 };
                 r.map_err(|e| capkv::code_name(e.code))
             }
-            Conn::Raw(c) => c.call(kind, keys, value).await,
+            Conn::Raw(c) => c.call(kind, keys, value).await.0,
             Conn::Redis(c) => {
                 let mut c = c.clone();
                 let r: redis::RedisResult<()> = match (kind, keys) {

@@ -124,6 +124,8 @@ fn rounds_send_whole_rounds_on_both_clients() {
         assert!(all.calls > 0);
         assert_eq!(all.calls % 6, 0, "{} calls are not whole rounds", all.calls);
         assert_eq!(all.error_count(), 0, "{:?}", all.errors);
+        // Only the raw client sees its own writes and reads, so only it times the wire.
+        assert_eq!(all.wire.is_some(), target == TargetKind::CapkvRaw);
     }
     let err = run::run(&RunConfig {
         rounds: true,
@@ -213,6 +215,15 @@ fn raw_mode_runs_against_both_rpc_engines() {
         assert!(all.calls > 0, "{engine:?}");
         assert_eq!(all.error_count(), 0, "{engine:?}: {:?}", all.errors);
         assert!(result.ops.iter().any(|o| o.op == "put"), "{engine:?}");
+        // Every call's wire time (its write to its reply's read) lies inside the time its
+        // caller waited, so its mean and maximum do too.
+        let wire = all.wire.expect("the raw client times the wire");
+        assert!(wire.mean_us > 0.0, "{engine:?}: {wire:?}");
+        assert!(
+            wire.mean_us <= all.latency.mean_us && wire.max_us <= all.latency.max_us,
+            "{engine:?}: wire {wire:?} against the caller's {:?}",
+            all.latency
+        );
 
         let batched = run::run(&RunConfig { batch: 2, ..raw }).unwrap();
         let all = batched.all().unwrap();
