@@ -90,10 +90,12 @@ pub fn table(r: &RunResult) -> String {
     if let Some(l) = r.all().and_then(|a| a.wire) {
         let _ = writeln!(
             out,
-            "wire (the call's write to its reply's read, as redis-benchmark times): mean {} p50 {} p99 {} max {}",
+            "wire (the call's write to its reply's read, as redis-benchmark times): mean {} p50 {} p90 {} p99 {} p99.9 {} max {}",
             ms(l.mean_us),
             ms(l.p50_us),
+            ms(l.p90_us),
             ms(l.p99_us),
+            ms(l.p999_us),
             ms(l.max_us)
         );
     }
