@@ -6,7 +6,8 @@
 //!   open loop (fixed arrival rate, latency from the intended send time); preload.
 //! - [`target`]: the servers a run can drive: capkv through `LocalClient`, capkv raw
 //!   ([`raw`]: the protocol hand-encoded, no client RPC runtime), Redis through the `redis`
-//!   crate.
+//!   crate, Redis raw ([`raw_redis`]: RESP hand-encoded, the same client shape as capkv
+//!   raw); both raw clients share `pipe` (outbox, writer, callers by id, wire stamps).
 //! - [`stats`]: HdrHistogram latencies per operation, error counts by code, summaries.
 //! - [`procstat`]: server CPU and RSS from /proc.
 //! - [`report`]: table, CSV, JSON and markdown output.
@@ -24,9 +25,11 @@ pub mod churn;
 pub mod fanout;
 pub mod floor;
 pub mod matrix;
+mod pipe;
 pub mod plot;
 pub mod procstat;
 pub mod raw;
+pub mod raw_redis;
 pub mod redis_bench;
 pub mod report;
 pub mod run;

@@ -108,9 +108,9 @@ fn redis_benchmark_row(
 const WIRE_NOTE: &str = "redis-benchmark times a request from its write to the read that \
     brings the reply; kv-loadgen's rows above time a call from the moment the generator issues \
     it to the moment it sees the answer, which adds the generator's own scheduling on both ends \
-    (about half the cycle when the generator's core is saturated). The raw client also records \
-    redis-benchmark's measure, so the cases with one call in flight per connection compare on \
-    one definition here (same runs as above).";
+    (about half the cycle when the generator's core is saturated). The raw clients (capkv's and \
+    its Redis twin) also record redis-benchmark's measure, so the cases with one call in flight \
+    per connection compare on one definition here (same runs as above).";
 
 /// How the comparison table is made, printed above it.
 const SAME_MOMENT: &str = "Each case runs on capkv, then on Redis through the same generator, \
@@ -123,6 +123,8 @@ pub const FLOOR_LABEL: &str = "capnp-rpc floor";
 pub const ENGINE_FLOOR_LABEL: &str = "capkv-engine floor, raw";
 /// The label of capkv's rows driven by the raw client.
 pub const RAW_LABEL: &str = "capkv raw";
+/// The label of Redis's rows driven by the raw client's twin.
+pub const RAW_REDIS_LABEL: &str = "redis raw";
 
 /// A server the comparison cases run against.
 struct Target {
@@ -149,7 +151,7 @@ impl Target {
     /// single keys, without the client library's auto-batching.
     fn runs(&self, case: &Case) -> bool {
         (!self.gets_only || case.read_percent == 100)
-            && (self.kind != TargetKind::CapkvRaw || (case.batch == 1 && case.auto_batch == 0))
+            && (!self.kind.is_raw() || (case.batch == 1 && case.auto_batch == 0))
             && (!self.reference_client || REFERENCE_CLIENT_CASES.contains(&case.name))
     }
 }
@@ -303,6 +305,18 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
             reference_client: false,
         });
     }
+    if let Some(addr) = &m.redis_addr {
+        // Redis through a client of the raw capkv client's shape: the two servers compared
+        // with the same client work and the same timing, wire latency included.
+        targets.push(Target {
+            label: RAW_REDIS_LABEL,
+            kind: TargetKind::RedisRaw,
+            addr: addr.clone(),
+            pid: m.redis_pid,
+            gets_only: false,
+            reference_client: false,
+        });
+    }
     if let Some(addr) = &m.floor_addr {
         targets.push(Target {
             label: FLOOR_LABEL,
@@ -354,11 +368,7 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 },
                 ..b.clone()
             };
-            if case.name == "GET c=1"
-                && t.kind != TargetKind::CapkvRaw
-                && !t.gets_only
-                && !t.reference_client
-            {
+            if case.name == "GET c=1" && !t.kind.is_raw() && !t.gets_only && !t.reference_client {
                 run::preload(&cfg)?;
             }
             let r = run::run(&cfg)?;
@@ -368,7 +378,8 @@ pub fn run_matrix(m: &MatrixConfig) -> anyhow::Result<(String, Vec<(String, RunR
                 spectra.push((t.label, all.spectrum.clone()));
             }
             let one_in_flight = case.in_flight == 1 && case.batch == 1;
-            if let (true, Some(all)) = (one_in_flight && t.label == RAW_LABEL, r.all()) {
+            let raw_row = t.label == RAW_LABEL || t.label == RAW_REDIS_LABEL;
+            if let (true, Some(all)) = (one_in_flight && raw_row, r.all()) {
                 if let Some(wire) = &all.wire {
                     wire_rows.push(report::markdown_row_wire(
                         case.name,

@@ -20,20 +20,17 @@
 //! writes, end when its read handler reads), so the two can be compared on one definition;
 //! the caller's own latency adds the generator's scheduling on both ends.
 
-use std::cell::{Cell, RefCell};
-use std::future::Future;
-use std::pin::Pin;
+use std::cell::Cell;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use capkv::kv_capnp::{gateway, kv_store, write_session};
 use capkv::CallMeta;
 use capnp::message;
 use capnp_rpc::rpc_capnp::{cap_descriptor, message as rpc_message, return_};
-use tokio::io::AsyncWriteExt;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
+use crate::pipe::{Pipe, Reply};
 use crate::target::ErrorCode;
 use crate::workload::OpKind;
 
@@ -52,20 +49,6 @@ const KV_CAP: [u16; 2] = [0, 1];
 /// `SessionResults.result` (0), then `SessionResult.sessionCap` (pointer 2: union, token).
 const SESSION_CAP: [u16; 2] = [0, 2];
 
-/// Outbox bytes past which a caller waits for the writer (bounds a connection's buffer).
-const MAX_OUTBOX_BYTES: usize = 256 * 1024;
-
-/// What a call's Return said.
-#[derive(Clone, Copy)]
-enum Reply {
-    /// The result union's success arm (a missing key is a success, as in Redis).
-    Ok,
-    /// Its error arm, by code name.
-    Error(ErrorCode),
-    /// An RPC exception, or the connection ended.
-    Exception,
-}
-
 /// Where calls of one kind go: the answer that will carry the capability, or the
 /// capability itself once that answer has returned.
 #[derive(Clone, Copy)]
@@ -74,34 +57,11 @@ enum Target {
     Imported(u32),
 }
 
-/// A caller waiting for its Return.
-struct Slot {
-    kind: OpKind,
-    reply: Option<Reply>,
-    waker: Option<Waker>,
-    /// The caller stopped waiting (its future was dropped): the id is freed on the Return.
-    abandoned: bool,
-    /// When the write carrying the call went to the kernel.
-    written: Option<Instant>,
-    /// From `written` to the read that brought the Return.
-    wire: Option<Duration>,
-}
-
 /// One raw connection.
 pub struct RawConn {
-    /// Messages encoded since the writer last ran.
-    outbox: RefCell<Vec<u8>>,
-    /// The writer task, parked while the outbox is empty; or a caller waiting for room.
-    writer: RefCell<Option<Waker>>,
-    room: RefCell<Vec<Waker>>,
-    /// Callers by question id (`FIRST_CALL` is index 0); free ids to reuse.
-    slots: RefCell<Vec<Option<Slot>>>,
-    /// Calls encoded into the outbox since the writer last took it: stamped when it writes.
-    unwritten: RefCell<Vec<u32>>,
-    free: RefCell<Vec<u32>>,
+    pipe: Rc<Pipe>,
     kv: Cell<Target>,
     session: Cell<Target>,
-    dead: Cell<bool>,
 }
 
 impl RawConn {
@@ -111,20 +71,13 @@ impl RawConn {
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
         let conn = Rc::new(RawConn {
-            outbox: RefCell::new(Vec::with_capacity(4096)),
-            writer: RefCell::new(None),
-            room: RefCell::new(Vec::new()),
-            slots: RefCell::new(Vec::new()),
-            unwritten: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
+            pipe: Rc::new(Pipe::new(FIRST_CALL)),
             kv: Cell::new(Target::Promised(OPEN, &KV_CAP)),
             session: Cell::new(Target::Promised(SESSION, &SESSION_CAP)),
-            dead: Cell::new(false),
         });
-        {
-            let mut out = conn.outbox.borrow_mut();
-            encode(&mut out, |m| m.init_bootstrap().set_question_id(BOOTSTRAP));
-            encode(&mut out, |m| {
+        conn.pipe.send(|out| {
+            encode(out, |m| m.init_bootstrap().set_question_id(BOOTSTRAP));
+            encode(out, |m| {
                 let target = Target::Promised(BOOTSTRAP, &[]);
                 let mut c = call(m, OPEN, target, gateway_id(), GATEWAY_OPEN);
                 let mut p = c
@@ -135,7 +88,7 @@ impl RawConn {
                 ctx().write(p.reborrow().init_ctx());
                 p.set_token(token);
             });
-            encode(&mut out, |m| {
+            encode(out, |m| {
                 let target = Target::Promised(OPEN, &KV_CAP);
                 let mut c = call(m, SESSION, target, kv_id(), KV_SESSION);
                 let mut p = c
@@ -145,8 +98,8 @@ impl RawConn {
                     .init_as::<kv_store::session_params::Builder>();
                 ctx().write(p.reborrow().init_ctx());
             });
-        }
-        tokio::task::spawn_local(write_outbox(Rc::clone(&conn), w));
+        });
+        tokio::task::spawn_local(crate::pipe::write_outbox(Rc::clone(&conn.pipe), w));
         tokio::task::spawn_local(read_replies(Rc::clone(&conn), r));
         Ok(conn)
     }
@@ -161,236 +114,32 @@ impl RawConn {
         let [key] = keys else {
             return (Err("raw_mode_single_keys_only"), None);
         };
-        std::future::poll_fn(|cx| self.poll_room(cx)).await;
-        if self.dead.get() {
-            return (Err("transport"), None);
-        }
-        let id = self.take_id(kind);
-        self.unwritten.borrow_mut().push(id);
-        encode(&mut self.outbox.borrow_mut(), |m| match kind {
-            OpKind::Get => {
-                let mut c = call(m, id, self.kv.get(), kv_id(), KV_GET);
-                let mut p = c
-                    .reborrow()
-                    .init_params()
-                    .get_content()
-                    .init_as::<kv_store::get_params::Builder>();
-                ctx().write(p.reborrow().init_ctx());
-                p.set_key(key);
-            }
-            OpKind::Put => {
-                let mut c = call(m, id, self.session.get(), session_id(), SESSION_PUT);
-                let mut p = c
-                    .reborrow()
-                    .init_params()
-                    .get_content()
-                    .init_as::<write_session::put_params::Builder>();
-                ctx().write(p.reborrow().init_ctx());
-                p.set_key(key);
-                p.set_value(value);
-            }
-        });
-        self.wake_writer();
-        let (reply, wire) = WaitReply {
-            conn: self,
-            id,
-            done: false,
-        }
-        .await;
-        let result = match reply {
-            Reply::Ok => Ok(()),
-            Reply::Error(code) => Err(code),
-            Reply::Exception if self.dead.get() => Err("transport"),
-            Reply::Exception => Err("exception"),
-        };
-        (result, wire)
-    }
-
-    /// Ready while the outbox has room (or the connection is dead).
-    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.dead.get() || self.outbox.borrow().len() < MAX_OUTBOX_BYTES {
-            return Poll::Ready(());
-        }
-        self.room.borrow_mut().push(cx.waker().clone());
-        Poll::Pending
-    }
-
-    fn wake_writer(&self) {
-        if let Some(w) = self.writer.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    fn take_id(&self, kind: OpKind) -> u32 {
-        let slot = Some(Slot {
-            kind,
-            reply: None,
-            waker: None,
-            abandoned: false,
-            written: None,
-            wire: None,
-        });
-        let mut slots = self.slots.borrow_mut();
-        match self.free.borrow_mut().pop() {
-            Some(id) => {
-                slots[(id - FIRST_CALL) as usize] = slot;
-                id
-            }
-            None => {
-                slots.push(slot);
-                FIRST_CALL + slots.len() as u32 - 1
-            }
-        }
-    }
-
-    fn free_id(&self, id: u32) {
-        self.slots.borrow_mut()[(id - FIRST_CALL) as usize] = None;
-        self.free.borrow_mut().push(id);
-    }
-
-    /// The writer is handing the outbox to the kernel at `now`: the calls in it were
-    /// written then.
-    fn stamp_written(&self, now: Instant) {
-        let mut slots = self.slots.borrow_mut();
-        for id in self.unwritten.borrow_mut().drain(..) {
-            if let Some(Some(slot)) = slots.get_mut((id - FIRST_CALL) as usize) {
-                slot.written = Some(now);
-            }
-        }
-    }
-
-    /// A Return for `id`, read at `read_at`: its caller's slot gets the reply; a Finish
-    /// goes out if owed.
-    fn answer(
-        &self,
-        id: u32,
-        read_at: Instant,
-        no_finish_needed: bool,
-        reply: impl FnOnce(OpKind) -> Reply,
-    ) {
-        if id < FIRST_CALL {
-            return;
-        }
-        let abandoned = {
-            let mut slots = self.slots.borrow_mut();
-            let Some(Some(slot)) = slots.get_mut((id - FIRST_CALL) as usize) else {
-                return;
-            };
-            slot.reply = Some(reply(slot.kind));
-            slot.wire = slot.written.map(|w| read_at.saturating_duration_since(w));
-            if let Some(w) = slot.waker.take() {
-                w.wake();
-            }
-            slot.abandoned
-        };
-        if !no_finish_needed {
-            encode(&mut self.outbox.borrow_mut(), |m| {
-                let mut f = m.init_finish();
-                f.set_question_id(id);
-                f.set_release_result_caps(false);
-            });
-            self.wake_writer();
-        }
-        if abandoned {
-            self.free_id(id);
-        }
-    }
-
-    /// The connection ended: every caller gets an exception.
-    fn fail_all(&self) {
-        self.dead.set(true);
-        for slot in self.slots.borrow_mut().iter_mut().flatten() {
-            slot.reply.get_or_insert(Reply::Exception);
-            if let Some(w) = slot.waker.take() {
-                w.wake();
-            }
-        }
-        for w in self.room.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-}
-
-/// A caller's wait for the reply in its slot; frees the id when done, or marks it
-/// abandoned when dropped first (the reader frees it on the Return).
-struct WaitReply<'a> {
-    conn: &'a RawConn,
-    id: u32,
-    done: bool,
-}
-
-impl Future for WaitReply<'_> {
-    type Output = (Reply, Option<Duration>);
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let index = (self.id - FIRST_CALL) as usize;
-        let reply = {
-            let mut slots = self.conn.slots.borrow_mut();
-            let Some(Some(slot)) = slots.get_mut(index) else {
-                return Poll::Ready((Reply::Exception, None));
-            };
-            match slot.reply.take() {
-                Some(r) => (r, slot.wire),
-                None => {
-                    slot.waker = Some(cx.waker().clone());
-                    return Poll::Pending;
+        let message = |out: &mut Vec<u8>, id: u32| {
+            encode(out, |m| match kind {
+                OpKind::Get => {
+                    let mut c = call(m, id, self.kv.get(), kv_id(), KV_GET);
+                    let mut p = c
+                        .reborrow()
+                        .init_params()
+                        .get_content()
+                        .init_as::<kv_store::get_params::Builder>();
+                    ctx().write(p.reborrow().init_ctx());
+                    p.set_key(key);
                 }
-            }
-        };
-        self.done = true;
-        self.conn.free_id(self.id);
-        Poll::Ready(reply)
-    }
-}
-
-impl Drop for WaitReply<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let answered = {
-            let mut slots = self.conn.slots.borrow_mut();
-            match slots.get_mut((self.id - FIRST_CALL) as usize) {
-                Some(Some(slot)) => {
-                    slot.abandoned = true;
-                    slot.waker = None;
-                    slot.reply.is_some() || self.conn.dead.get()
+                OpKind::Put => {
+                    let mut c = call(m, id, self.session.get(), session_id(), SESSION_PUT);
+                    let mut p = c
+                        .reborrow()
+                        .init_params()
+                        .get_content()
+                        .init_as::<write_session::put_params::Builder>();
+                    ctx().write(p.reborrow().init_ctx());
+                    p.set_key(key);
+                    p.set_value(value);
                 }
-                _ => false,
-            }
+            })
         };
-        if answered {
-            self.conn.free_id(self.id);
-        }
-    }
-}
-
-/// Sends what the outbox holds, whenever it holds something, until the connection ends.
-async fn write_outbox(conn: Rc<RawConn>, mut w: tokio::net::tcp::OwnedWriteHalf) {
-    let mut sending = Vec::with_capacity(4096);
-    loop {
-        std::future::poll_fn(|cx| {
-            if conn.dead.get() || !conn.outbox.borrow().is_empty() {
-                return Poll::Ready(());
-            }
-            *conn.writer.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        if conn.dead.get() {
-            return;
-        }
-        // Once more behind the tasks already ready: their calls join this write.
-        tokio::task::yield_now().await;
-        std::mem::swap(&mut *conn.outbox.borrow_mut(), &mut sending);
-        for waker in conn.room.borrow_mut().drain(..) {
-            waker.wake();
-        }
-        conn.stamp_written(Instant::now());
-        if w.write_all(&sending).await.is_err() {
-            conn.fail_all();
-            return;
-        }
-        sending.clear();
+        self.pipe.call(kind, message).await
     }
 }
 
@@ -411,20 +160,28 @@ async fn read_replies(conn: Rc<RawConn>, r: tokio::net::tcp::OwnedReadHalf) {
                 match id {
                     OPEN => resolve(&conn.kv, ret),
                     SESSION => resolve(&conn.session, ret),
-                    _ => conn.answer(id, read_at, ret.get_no_finish_needed(), |kind| {
-                        match ret.which() {
+                    _ => {
+                        let known = conn.pipe.answer(id, read_at, |kind| match ret.which() {
                             Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
                             _ => Reply::Exception,
+                        });
+                        if known && !ret.get_no_finish_needed() {
+                            conn.pipe.send(|out| {
+                                encode(out, |m| {
+                                    let mut f = m.init_finish();
+                                    f.set_question_id(id);
+                                    f.set_release_result_caps(false);
+                                })
+                            });
                         }
-                    }),
+                    }
                 }
             }
             Ok(rpc_message::Which::Abort(_)) | Err(_) => break,
             _ => {}
         }
     }
-    conn.fail_all();
-    conn.wake_writer();
+    conn.pipe.fail_all();
 }
 
 /// `open`'s or `session`'s Return: later calls go straight to the capability it carries.

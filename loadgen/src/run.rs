@@ -231,12 +231,9 @@ pub fn preload(cfg: &RunConfig) -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        // Setup, not measured: the raw target preloads through the client library, which
+        // Setup, not measured: a raw target preloads through its client library, which
         // has batches.
-        let target = match cfg.target {
-            TargetKind::CapkvRaw => TargetKind::Capkv,
-            other => other,
-        };
+        let target = cfg.target.library();
         let conn = Conn::open(target, &cfg.addr, &options(cfg)).await?;
         // Every key gets a value of the generator's pool in turn: consecutive keys differ.
         let mut values = OpGen::new(cfg.seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);

@@ -1,7 +1,8 @@
 //! The servers a run can drive, behind one small enum: capkv (through the client library's
 //! [`LocalClient`], on the worker's own `LocalSet`), capkv without a client RPC runtime
-//! ([`crate::raw`]) and Redis (the `redis` crate), so all see the same schedule, keys and
-//! values.
+//! ([`crate::raw`]), Redis (the `redis` crate) and Redis without a client library
+//! ([`crate::raw_redis`], the raw capkv client's twin), so all see the same schedule, keys
+//! and values.
 
 use std::rc::Rc;
 use std::str::FromStr;
@@ -20,6 +21,9 @@ pub enum TargetKind {
     #[serde(rename = "capkv-raw")]
     CapkvRaw,
     Redis,
+    /// Redis's protocol hand-encoded, no client library (`crate::raw_redis`).
+    #[serde(rename = "redis-raw")]
+    RedisRaw,
 }
 
 impl FromStr for TargetKind {
@@ -29,8 +33,9 @@ impl FromStr for TargetKind {
             "capkv" => Ok(TargetKind::Capkv),
             "capkv-raw" => Ok(TargetKind::CapkvRaw),
             "redis" => Ok(TargetKind::Redis),
+            "redis-raw" => Ok(TargetKind::RedisRaw),
             _ => Err(format!(
-                "target must be capkv, capkv-raw or redis, not {s:?}"
+                "target must be capkv, capkv-raw, redis or redis-raw, not {s:?}"
             )),
         }
     }
@@ -42,6 +47,21 @@ impl TargetKind {
             TargetKind::Capkv => "capkv",
             TargetKind::CapkvRaw => "capkv-raw",
             TargetKind::Redis => "redis",
+            TargetKind::RedisRaw => "redis-raw",
+        }
+    }
+
+    /// The hand-encoded targets (one key per call; setup goes through the library twin).
+    pub fn is_raw(self) -> bool {
+        matches!(self, TargetKind::CapkvRaw | TargetKind::RedisRaw)
+    }
+
+    /// The library twin of a raw target (itself otherwise): what loads its keys.
+    pub fn library(self) -> TargetKind {
+        match self {
+            TargetKind::CapkvRaw => TargetKind::Capkv,
+            TargetKind::RedisRaw => TargetKind::Redis,
+            other => other,
         }
     }
 }
@@ -52,6 +72,7 @@ pub enum Conn {
     Capkv(Rc<LocalClient>),
     Raw(Rc<crate::raw::RawConn>),
     Redis(redis::aio::MultiplexedConnection),
+    RedisRaw(Rc<crate::raw_redis::RawRedisConn>),
 }
 
 /// Why a call failed, as a stable short code (the capkv code names; `redis_error` and
@@ -80,6 +101,11 @@ impl Conn {
                 let client = redis::Client::open(format!("redis://{addr}/"))?;
                 Conn::Redis(client.get_multiplexed_async_connection().await?)
             }
+            TargetKind::RedisRaw => Conn::RedisRaw(
+                crate::raw_redis::RawRedisConn::connect(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connect to redis at {addr}: {e}"))?,
+            ),
         })
     }
 
@@ -103,7 +129,7 @@ impl Conn {
                     .map(drop)
                     .map_err(|e| capkv::code_name(e.code))
             }
-            Conn::Raw(_) => Err("raw_mode_single_keys_only"),
+            Conn::Raw(_) | Conn::RedisRaw(_) => Err("raw_mode_single_keys_only"),
             Conn::Redis(c) => {
                 let pairs: Vec<(&[u8], &[u8])> =
                     items.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
@@ -139,8 +165,10 @@ impl Conn {
         value: &[u8],
         deadline: Instant,
     ) -> (Result<(), ErrorCode>, Option<std::time::Duration>) {
-        if let Conn::Raw(c) = self {
-            return c.call(kind, keys, value).await;
+        match self {
+            Conn::Raw(c) => return c.call(kind, keys, value).await,
+            Conn::RedisRaw(c) => return c.call(kind, keys, value).await,
+            _ => {}
         }
         (self.call_untimed(kind, keys, value, deadline).await, None)
     }
@@ -171,6 +199,7 @@ impl Conn {
                 r.map_err(|e| capkv::code_name(e.code))
             }
             Conn::Raw(c) => c.call(kind, keys, value).await.0,
+            Conn::RedisRaw(c) => c.call(kind, keys, value).await.0,
             Conn::Redis(c) => {
                 let mut c = c.clone();
                 let r: redis::RedisResult<()> = match (kind, keys) {
