@@ -553,6 +553,9 @@ impl Pacer {
 /// and a fair comparison sends Redis the same keys).
 fn next_op(gen: &mut OpGen, batch: usize) -> (OpKind, Vec<Vec<u8>>) {
     let kind = gen.kind();
+    if batch == 1 {
+        return (kind, vec![key(gen.key_index())]);
+    }
     let mut picked: Vec<u64> = Vec::with_capacity(batch);
     // Bounded: with keys >= batch (checked in validate) a skewed distribution can still
     // repeat keys; after enough tries, take the next unused index instead.

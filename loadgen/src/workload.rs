@@ -86,7 +86,15 @@ impl fmt::Display for KeyDist {
 
 /// The key for index `i`: the same shape as redis-benchmark's `key:__rand_int__`.
 pub fn key(i: u64) -> Vec<u8> {
-    format!("key:{i:012}").into_bytes()
+    // `format!("key:{i:012}")` without `fmt`: the generator makes one or more per call.
+    const WIDTH: usize = 12;
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(i).as_bytes();
+    let mut k = Vec::with_capacity(4 + WIDTH.max(digits.len()));
+    k.extend_from_slice(b"key:");
+    k.resize(4 + WIDTH.saturating_sub(digits.len()), b'0');
+    k.extend_from_slice(digits);
+    k
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,5 +215,9 @@ mod tests {
         let hot = (0..10_000).filter(|_| g.key_index() < 100).count();
         assert!(hot > 3_000, "{hot} of 10000 hit the 100 hottest keys");
         assert_eq!(key(42), b"key:000000000042");
+        assert_eq!(key(0), b"key:000000000000");
+        // Past twelve digits the key grows, as `{:012}` does.
+        assert_eq!(key(u64::MAX), format!("key:{:012}", u64::MAX).into_bytes());
+        assert_eq!(key(999_999_999_999), b"key:999999999999");
     }
 }
