@@ -244,7 +244,7 @@ async fn send_alone(
 ) {
     batcher.count(0, gets.len() as u64);
     futures::future::join_all(gets.into_iter().map(|g| async move {
-        let r = within(g.deadline, |meta| get_one(kv, opened, &g.key, meta)).await;
+        let r = within(g.deadline, |meta| get_one(kv, None, opened, &g.key, meta)).await;
         let _ = g.reply.send(r);
     }))
     .await;

@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use capkv::kv_capnp::{admin, gateway, kv_store, lease, watcher, write_session};
 use capkv::{ApiError, CallMeta, ErrorCode};
+use capkv_rpc::client::DirectCap;
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
@@ -19,9 +20,9 @@ use tokio::time::Instant;
 
 use crate::batch::GetBatcher;
 use crate::wire::{
-    capnp_err, deadline_exceeded, decode_result, get_one, origin_failure, read_entry, read_error,
-    read_faults, read_text, too_many, wire_get_many, within, write_condition, CallSpec,
-    SharedOutcome,
+    call_words, capnp_err, deadline_exceeded, decode_result, decode_results, get_one,
+    origin_failure, read_entry, read_error, read_faults, read_text, too_many, wire_get_many,
+    within, write_condition, CallSpec, SharedOutcome, GATEWAY_ID, GATEWAY_OPEN, OPEN_KV_CAP,
 };
 use crate::{
     BatchOutcome, ClientEngine, ClientOptions, Condition, DeleteOutcome, Entry, EventKind,
@@ -42,6 +43,9 @@ pub struct LocalClient {
     gateway: gateway::Client,
     /// Promised by the pipelined `open`; usable before `open` returns.
     kv: kv_store::Client,
+    /// The same capability on capkv's engine, for gets made without capnp's hook objects
+    /// (`None` on capnp-rpc's `RpcSystem`, the reference engine).
+    kv_direct: Option<DirectCap>,
     /// How `open` ended; consulted when a call on `kv` fails, to report the real reason
     /// (e.g. `unauthenticated`) instead of "broken capability".
     opened: SharedOutcome,
@@ -94,8 +98,9 @@ struct Started {
 }
 
 impl Started {
-    /// Starts the runtime over `stream` on the current `LocalSet`; returns the bootstrap.
-    fn run<S>(self, stream: S) -> gateway::Client
+    /// Starts the runtime over `stream` on the current `LocalSet`; returns the bootstrap,
+    /// and on capkv's engine the same capability for direct calls.
+    fn run<S>(self, stream: S) -> (gateway::Client, Option<DirectCap>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     {
@@ -105,28 +110,32 @@ impl Started {
             alive,
             ended,
         } = self;
-        let (gateway, connection): (gateway::Client, LocalBoxFuture<'static, _>) = match engine {
-            ClientEngine::Capkv => {
-                let limits = capkv_rpc::client::ClientLimits {
-                    reader_options,
-                    ..Default::default()
-                };
-                let (hook, driver) = capkv_rpc::client::connect(stream, limits);
-                (
-                    capnp::capability::FromClientHook::new(hook),
-                    driver.boxed_local(),
-                )
-            }
-            ClientEngine::CapnpRpc => {
-                let side = rpc_twoparty_capnp::Side::Client;
-                let network = capkv_rpc::transport::vat_network_over(stream, side, reader_options);
-                let mut rpc = RpcSystem::new(Box::new(network), None);
-                (
-                    rpc.bootstrap(rpc_twoparty_capnp::Side::Server),
-                    rpc.boxed_local(),
-                )
-            }
-        };
+        let (gateway, direct, connection): (gateway::Client, _, LocalBoxFuture<'static, _>) =
+            match engine {
+                ClientEngine::Capkv => {
+                    let limits = capkv_rpc::client::ClientLimits {
+                        reader_options,
+                        ..Default::default()
+                    };
+                    let (bootstrap, driver) = capkv_rpc::client::connect_direct(stream, limits);
+                    (
+                        capnp::capability::FromClientHook::new(bootstrap.hook()),
+                        Some(bootstrap),
+                        driver.boxed_local(),
+                    )
+                }
+                ClientEngine::CapnpRpc => {
+                    let side = rpc_twoparty_capnp::Side::Client;
+                    let network =
+                        capkv_rpc::transport::vat_network_over(stream, side, reader_options);
+                    let mut rpc = RpcSystem::new(Box::new(network), None);
+                    (
+                        rpc.bootstrap(rpc_twoparty_capnp::Side::Server),
+                        None,
+                        rpc.boxed_local(),
+                    )
+                }
+            };
         tokio::task::spawn_local(async move {
             // Calls on a dead connection fail with `disconnected`, reported as
             // `unavailable`; the reason is only worth a debug line, and is kept for calls
@@ -137,7 +146,7 @@ impl Started {
             }
             alive.set(false);
         });
-        gateway
+        (gateway, direct)
     }
 }
 
@@ -164,7 +173,7 @@ impl LocalClient {
             alive: Rc::clone(&alive),
             ended: Rc::clone(&ended),
         };
-        let gateway =
+        let (gateway, bootstrap) =
             match &options.tls {
                 None => started.run(stream),
                 Some(tls) => {
@@ -189,18 +198,50 @@ impl LocalClient {
                     started.run(stream)
                 }
             };
-        let mut req = gateway.open_request();
-        CallMeta::default().write(req.get().init_ctx());
-        req.get().set_token(options.token.as_str());
-        let sent = req.send();
-        let kv = sent.pipeline.get_result().get_kv_cap();
-        let resp = sent.promise;
-        let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
-            .boxed_local()
-            .shared();
+        let (kv, kv_direct, opened) = match bootstrap {
+            // capkv's engine: `open` made directly, so that `kv` is a capability gets can
+            // be called on directly too (pipelined on the same question).
+            Some(bootstrap) => {
+                let token = options.token.as_str();
+                let open = bootstrap.call(GATEWAY_ID, GATEWAY_OPEN, call_words(token.len()), |p| {
+                    let mut p = p.init_as::<gateway::open_params::Builder>();
+                    CallMeta::default().write(p.reborrow().init_ctx());
+                    p.set_token(token);
+                    Ok(())
+                });
+                let kv_direct = open.pipelined(&OPEN_KV_CAP);
+                let kv: kv_store::Client = capnp::capability::FromClientHook::new(kv_direct.hook());
+                let opened = async move {
+                    let reply = open.await.map_err(capnp_err)?;
+                    decode_results!(
+                        reply
+                            .results()
+                            .and_then(|c| c.get_as::<gateway::open_results::Reader>()),
+                        open_result,
+                        Kv(_) => Ok(())
+                    )
+                }
+                .boxed_local()
+                .shared();
+                (kv, Some(kv_direct), opened)
+            }
+            None => {
+                let mut req = gateway.open_request();
+                CallMeta::default().write(req.get().init_ctx());
+                req.get().set_token(options.token.as_str());
+                let sent = req.send();
+                let kv = sent.pipeline.get_result().get_kv_cap();
+                let resp = sent.promise;
+                let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
+                    .boxed_local()
+                    .shared();
+                (kv, None, opened)
+            }
+        };
         Ok(LocalClient {
             gateway,
             kv,
+            kv_direct,
             opened,
             session: RefCell::new(None),
             session_token: Rc::default(),
@@ -302,8 +343,10 @@ impl LocalClient {
                 };
             }
         }
-        self.run(spec, |meta| get_one(&self.kv, &self.opened, key, meta))
-            .await
+        self.run(spec, |meta| {
+            get_one(&self.kv, self.kv_direct.as_ref(), &self.opened, key, meta)
+        })
+        .await
     }
 
     /// Several keys in one call; `None` for each missing key, in `keys` order.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use capkv::kv_capnp::{condition, kv_store};
 use capkv::{ApiError, CallMeta, ErrorCode};
+use capkv_rpc::client::DirectCap;
 use futures::future::{LocalBoxFuture, Shared};
 use tokio::time::Instant;
 
@@ -40,15 +41,13 @@ pub(crate) type SharedOutcome = Shared<LocalBoxFuture<'static, Result<(), ApiErr
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
-/// Awaits a response and decodes its result union: the success arm `$arm($v)` through
-/// `$ok`, the error arm into an [`ApiError`]. Every call of the contract has this shape;
-/// only the union module and the success arm differ.
-macro_rules! decode_result {
-    ($response:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
-        let resp = $response.await.map_err(capnp_err)?;
+/// Decodes a call's results (`capnp::Result` of its results reader): the result union's
+/// success arm `$arm($v)` through `$ok`, the error arm into an [`ApiError`]. Every call of
+/// the contract has this shape; only the union module and the success arm differ.
+macro_rules! decode_results {
+    ($results:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
         use capkv::kv_capnp::$module::Which;
-        match resp
-            .get()
+        match $results
             .and_then(|r| r.get_result())
             .map_err(capnp_err)?
             .which()
@@ -57,6 +56,15 @@ macro_rules! decode_result {
             Ok(Which::Error(e)) => Err(read_error(e)),
             Err(e) => Err(capnp_err(e.into())),
         }
+    }};
+}
+pub(crate) use decode_results;
+
+/// Awaits a response and decodes its result union (see [`decode_results`]).
+macro_rules! decode_result {
+    ($response:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
+        let resp = $response.await.map_err(capnp_err)?;
+        decode_results!(resp.get(), $module, $arm($v) => $ok)
     }};
 }
 pub(crate) use decode_result;
@@ -108,23 +116,69 @@ where
 /// One `get` on the wire, its failure explained by `opened`; a missing key is `None`.
 pub(crate) async fn get_one(
     kv: &kv_store::Client,
+    direct: Option<&DirectCap>,
     opened: &SharedOutcome,
     key: &[u8],
     meta: CallMeta,
 ) -> Result<Option<Entry>, ApiError> {
-    let mut req = kv.get_request();
-    meta.write(req.get().init_ctx());
-    req.get().set_key(key);
-    let r = async {
-        decode_result!(req.send().promise, get_result,
-            Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
-    }
-    .await;
+    let r = match direct {
+        // capkv's engine: the call without capnp's hook objects.
+        Some(kv) => {
+            async {
+                let call = kv.call(KV_STORE_ID, KV_GET, call_words(key.len()), |p| {
+                    let mut p = p.init_as::<kv_store::get_params::Builder>();
+                    meta.write(p.reborrow().init_ctx());
+                    p.set_key(key);
+                    Ok(())
+                });
+                let reply = call.await.map_err(capnp_err)?;
+                decode_results!(
+                    reply
+                        .results()
+                        .and_then(|c| c.get_as::<kv_store::get_results::Reader>()),
+                    get_result,
+                    Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?))
+                )
+            }
+            .await
+        }
+        None => {
+            let mut req = kv.get_request();
+            meta.write(req.get().init_ctx());
+            req.get().set_key(key);
+            async {
+                decode_result!(req.send().promise, get_result,
+                    Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
+            }
+            .await
+        }
+    };
     match r {
         Err(e) if e.code == ErrorCode::NotFound => Ok(None),
         Err(e) => Err(origin_failure(opened).await.unwrap_or(e)),
         ok => ok,
     }
+}
+
+/// `KvStore`'s interface id, for calls made on capkv's engine directly.
+pub(crate) const KV_STORE_ID: u64 = <kv_store::Client as capnp::traits::HasTypeId>::TYPE_ID;
+/// `KvStore.get`'s method number (its ordinal in `schema/kv.capnp`).
+pub(crate) const KV_GET: u16 = 0;
+
+/// `Gateway`'s interface id and `open`'s method number, for the direct `open`.
+pub(crate) const GATEWAY_ID: u64 =
+    <capkv::kv_capnp::gateway::Client as capnp::traits::HasTypeId>::TYPE_ID;
+pub(crate) const GATEWAY_OPEN: u16 = 2;
+/// Where `open`'s results hold the `KvStore`: `OpenResults.result` (pointer 0), then
+/// `OpenResult.kvCap` (pointer 1, after the union's).
+pub(crate) const OPEN_KV_CAP: [u16; 2] = [0, 1];
+
+/// Words for one segment holding a direct call of a few fields, a context and `bytes` of
+/// keys and values: a message that fits one segment is read on the server's fast path.
+pub(crate) fn call_words(bytes: usize) -> u32 {
+    u32::try_from(bytes / 8)
+        .unwrap_or(u32::MAX)
+        .saturating_add(48)
 }
 
 /// One `getMany` on the wire: `None` for each missing key, in `keys` order.

@@ -286,7 +286,8 @@ where
     use futures::AsyncReadExt;
     use tokio_util::compat::TokioAsyncReadCompatExt;
     let (reader, writer) = stream.compat().split();
-    connect_halves(reader, writer, limits)
+    let (bootstrap, driver) = connect_direct_halves(reader, writer, limits);
+    (bootstrap.hook(), driver)
 }
 
 /// [`connect`] over a read and a write half.
@@ -298,6 +299,34 @@ pub fn connect_halves<R, W>(
     Box<dyn ClientHook>,
     impl Future<Output = Result<(), capnp::Error>>,
 )
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let (bootstrap, driver) = connect_direct_halves(reader, writer, limits);
+    (bootstrap.hook(), driver)
+}
+
+/// [`connect`], with the bootstrap capability as a [`DirectCap`].
+pub fn connect_direct<S>(
+    stream: S,
+    limits: ClientLimits,
+) -> (DirectCap, impl Future<Output = Result<(), capnp::Error>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    use futures::AsyncReadExt;
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    let (reader, writer) = stream.compat().split();
+    connect_direct_halves(reader, writer, limits)
+}
+
+/// [`connect_direct`] over a read and a write half.
+pub fn connect_direct_halves<R, W>(
+    reader: R,
+    writer: W,
+    limits: ClientLimits,
+) -> (DirectCap, impl Future<Output = Result<(), capnp::Error>>)
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
@@ -328,19 +357,16 @@ where
             }
         })
     };
-    let hook: Box<dyn ClientHook> = match bootstrap {
-        Ok(id) => Box::new(Cap {
-            state: Rc::clone(&state),
-            target: Target::Promised(id, Rc::from(Vec::new())),
-        }),
-        Err(e) => broken_cap(e),
-    };
+    let cap = DirectCap(bootstrap.map(|id| Cap {
+        state: Rc::clone(&state),
+        target: Target::Promised(id, Rc::from(Vec::new())),
+    }));
     let max_frame_bytes = frame_bound(&limits.reader_options);
     let frames = ByteFrames::new(
         futures::io::BufReader::with_capacity(64 * 1024, crate::transport::PeerCheck::new(reader)),
         max_frame_bytes,
     );
-    (hook, drive(state, frames, writer))
+    (cap, drive(state, frames, writer))
 }
 
 /// The largest reply frame the reader options can decode, with room for the header.
@@ -686,8 +712,36 @@ impl Drop for Cap {
     }
 }
 
-impl ClientHook for Cap {
-    fn add_ref(&self) -> Box<dyn ClientHook> {
+impl Cap {
+    /// Writes a Call's address: `method_id` of `interface_id` on this capability.
+    fn address(
+        &self,
+        mut call: capnp_rpc::rpc_capnp::call::Builder<'_>,
+        interface_id: u64,
+        method_id: u16,
+    ) {
+        call.set_interface_id(interface_id);
+        call.set_method_id(method_id);
+        let mut target = call.init_target();
+        match &self.target {
+            Target::Import(id) => target.set_imported_cap(*id),
+            Target::Promised(id, ops) => {
+                let mut p = target.init_promised_answer();
+                p.set_question_id(*id);
+                let mut t = p.init_transform(ops.len() as u32);
+                for (i, op) in ops.iter().enumerate() {
+                    let mut o = t.reborrow().get(i as u32);
+                    match op {
+                        PipelineOp::Noop => o.set_noop(()),
+                        PipelineOp::GetPointerField(f) => o.set_get_pointer_field(*f),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Another handle of the same capability (one more reference).
+    fn clone_ref(&self) -> Cap {
         {
             let mut s = self.state.borrow_mut();
             match &self.target {
@@ -699,10 +753,16 @@ impl ClientHook for Cap {
                 Target::Promised(id, _) => s.add_ref(*id),
             }
         }
-        Box::new(Cap {
+        Cap {
             state: Rc::clone(&self.state),
             target: self.target.clone(),
-        })
+        }
+    }
+}
+
+impl ClientHook for Cap {
+    fn add_ref(&self) -> Box<dyn ClientHook> {
+        Box::new(self.clone_ref())
     }
 
     fn new_call(
@@ -716,24 +776,7 @@ impl ClientHook for Cap {
         let mut message = message::Builder::new(HeapAllocator::new().first_segment_words(words));
         {
             let mut call = message.init_root::<rpc_message::Builder>().init_call();
-            call.set_interface_id(interface_id);
-            call.set_method_id(method_id);
-            let mut target = call.reborrow().init_target();
-            match &self.target {
-                Target::Import(id) => target.set_imported_cap(*id),
-                Target::Promised(id, ops) => {
-                    let mut p = target.init_promised_answer();
-                    p.set_question_id(*id);
-                    let mut t = p.init_transform(ops.len() as u32);
-                    for (i, op) in ops.iter().enumerate() {
-                        let mut o = t.reborrow().get(i as u32);
-                        match op {
-                            PipelineOp::Noop => o.set_noop(()),
-                            PipelineOp::GetPointerField(f) => o.set_get_pointer_field(*f),
-                        }
-                    }
-                }
-            }
+            self.address(call.reborrow(), interface_id, method_id);
             call.init_params();
         }
         Request::new(Box::new(CallRequest {
@@ -867,11 +910,11 @@ impl RequestHook for CallRequest {
         };
         drop(cap);
         RemotePromise {
-            promise: Promise::from_future(ResponseFuture {
+            promise: Promise::from_future(ResponseFuture(ReplyFuture {
                 state: Rc::clone(&state),
                 id,
                 done: false,
-            }),
+            })),
             pipeline: any_pointer::Pipeline::new(Box::new(QuestionPipeline { state, id })),
         }
     }
@@ -891,16 +934,16 @@ impl RequestHook for CallRequest {
     }
 }
 
-/// The caller's side of a question: ready when its Return came.
-struct ResponseFuture {
+/// The caller's side of a question: ready with its Return.
+struct ReplyFuture {
     state: Shared,
     id: u32,
     /// The Return was taken (the question's reference given back).
     done: bool,
 }
 
-impl Future for ResponseFuture {
-    type Output = Result<Response<any_pointer::Owned>, capnp::Error>;
+impl Future for ReplyFuture {
+    type Output = Result<Reply, capnp::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -927,14 +970,26 @@ impl Future for ResponseFuture {
         };
         drop(dropped);
         match taken {
-            Answer::Ready(Ok(reply)) => Poll::Ready(Ok(Response::new(Box::new(reply)))),
-            Answer::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Answer::Ready(r) => Poll::Ready(r),
             _ => Poll::Ready(Err(capnp::Error::failed("response already taken".into()))),
         }
     }
 }
 
-impl Drop for ResponseFuture {
+/// The hook path's response promise: the Return as capnp's `Response`.
+struct ResponseFuture(ReplyFuture);
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<any_pointer::Owned>, capnp::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map(|reply| Response::new(Box::new(reply))))
+    }
+}
+
+impl Drop for ReplyFuture {
     fn drop(&mut self) {
         if self.done {
             wake_if_last(&self.state);
@@ -968,6 +1023,118 @@ impl ResponseHook for Reply {
         let mut content = crate::engine::results_content(root)?;
         content.imbue(&self.caps);
         Ok(content)
+    }
+}
+
+/// A capability of this engine's connection, called without capnp's hook objects:
+/// [`DirectCap::call`] writes a Call into the connection's outbox and its future yields the
+/// Return, read in place: no boxed request, promise, pipeline or response per call (the
+/// hook path allocates each). The same capability as a capnp hook ([`DirectCap::hook`])
+/// serves everything else; both keep the same question and import counts.
+pub struct DirectCap(Result<Cap, capnp::Error>);
+
+impl DirectCap {
+    /// The same capability as a capnp hook, for generated clients (one more reference).
+    pub fn hook(&self) -> Box<dyn ClientHook> {
+        match &self.0 {
+            Ok(cap) => Box::new(cap.clone_ref()),
+            Err(e) => broken_cap(e.clone()),
+        }
+    }
+
+    /// Calls `method_id` of `interface_id` on this capability, its params written by
+    /// `params` into the Call's params (no capabilities: this client sends none);
+    /// `size_words` sizes the message's one segment.
+    pub fn call(
+        &self,
+        interface_id: u64,
+        method_id: u16,
+        size_words: u32,
+        params: impl FnOnce(any_pointer::Builder<'_>) -> capnp::Result<()>,
+    ) -> DirectCall {
+        let cap = match &self.0 {
+            Ok(cap) => cap,
+            Err(e) => return DirectCall(Err(Some(e.clone()))),
+        };
+        let state = &cap.state;
+        let id = match state.borrow_mut().new_question() {
+            Ok(id) => id,
+            Err(e) => return DirectCall(Err(Some(e))),
+        };
+        let mut message =
+            message::Builder::new(HeapAllocator::new().first_segment_words(size_words.max(16)));
+        let built = {
+            let mut call = message.init_root::<rpc_message::Builder>().init_call();
+            call.set_question_id(id);
+            cap.address(call.reborrow(), interface_id, method_id);
+            params(call.init_params().get_content())
+        };
+        let mut s = state.borrow_mut();
+        if let Err(e) = built {
+            let dropped = s.free_question(id);
+            drop(s);
+            drop(dropped);
+            return DirectCall(Err(Some(e)));
+        }
+        s.send(&message);
+        // The call's future holds the one reference; `pipelined` adds others.
+        if let Some(q) = s.question(id) {
+            q.refs = 1;
+        }
+        DirectCall(Ok(ReplyFuture {
+            state: Rc::clone(state),
+            id,
+            done: false,
+        }))
+    }
+}
+
+/// A call made through [`DirectCap::call`]: resolves to its Return.
+pub struct DirectCall(Result<ReplyFuture, Option<capnp::Error>>);
+
+impl DirectCall {
+    /// The capability its results will hold at the path of pointer fields `fields`, usable
+    /// at once: calls on it are pipelined on this question (`promisedAnswer`).
+    pub fn pipelined(&self, fields: &[u16]) -> DirectCap {
+        match &self.0 {
+            Ok(f) => {
+                f.state.borrow_mut().add_ref(f.id);
+                let ops: Vec<PipelineOp> = fields
+                    .iter()
+                    .map(|&f| PipelineOp::GetPointerField(f))
+                    .collect();
+                DirectCap(Ok(Cap {
+                    state: Rc::clone(&f.state),
+                    target: Target::Promised(f.id, Rc::from(ops)),
+                }))
+            }
+            Err(e) => DirectCap(Err(e.clone().unwrap_or_else(|| {
+                capnp::Error::failed("the call's result was already taken".into())
+            }))),
+        }
+    }
+}
+
+impl Future for DirectCall {
+    type Output = Result<DirectReply, capnp::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Ok(f) => Pin::new(f).poll(cx).map(|r| r.map(DirectReply)),
+            Err(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| {
+                capnp::Error::failed("the call's result was already taken".into())
+            }))),
+        }
+    }
+}
+
+/// A Return's message, read in place.
+pub struct DirectReply(Reply);
+
+impl DirectReply {
+    /// The results' content (`Payload.content`).
+    pub fn results(&self) -> capnp::Result<any_pointer::Reader<'_>> {
+        self.0.get()
     }
 }
 

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use capkv::kv_capnp::{gateway, kv_store};
-use capkv_rpc::client::{self, ClientLimits};
+use capkv_rpc::client::{self, ClientLimits, DirectCap};
 use capnp::capability::FromClientHook;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -126,8 +126,9 @@ struct Conn {
     server: tokio::task::JoinHandle<()>,
 }
 
-/// A server of `kind` and capkv's client over an in-memory stream (inside a `LocalSet`).
-fn connect(kind: Server) -> Conn {
+/// A server of `kind` over an in-memory stream (inside a `LocalSet`): the client's end,
+/// the server's live objects, the server's task.
+fn start_server(kind: Server) -> (tokio::io::DuplexStream, Alive, tokio::task::JoinHandle<()>) {
     let (client_end, server_end) = tokio::io::duplex(1 << 20);
     let alive = Alive::default();
     let gateway: gateway::Client = capkv_rpc::local::new_client(TestGateway {
@@ -158,6 +159,12 @@ fn connect(kind: Server) -> Conn {
             .await;
         }),
     };
+    (client_end, alive, server)
+}
+
+/// A server of `kind` and capkv's client over an in-memory stream (inside a `LocalSet`).
+fn connect(kind: Server) -> Conn {
+    let (client_end, alive, server) = start_server(kind);
     let (cr, cw) = tokio::io::split(client_end);
     let writes = Rc::new(Cell::new(0));
     let (hook, driver) = client::connect_halves(
@@ -591,4 +598,107 @@ fn no_server_message_sequence_panics_the_client() {
             server.abort();
         });
     }
+}
+
+/// A server of `kind` and capkv's client, its bootstrap as a direct capability.
+fn connect_direct(
+    kind: Server,
+) -> (
+    DirectCap,
+    Alive,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<Result<(), capnp::Error>>,
+) {
+    let (client_end, alive, server) = start_server(kind);
+    let (cr, cw) = tokio::io::split(client_end);
+    let (bootstrap, driver) =
+        client::connect_direct_halves(cr.compat(), cw.compat_write(), ClientLimits::default());
+    (bootstrap, alive, server, tokio::task::spawn_local(driver))
+}
+
+const GATEWAY_ID: u64 = <gateway::Client as capnp::traits::HasTypeId>::TYPE_ID;
+const KV_ID: u64 = <kv_store::Client as capnp::traits::HasTypeId>::TYPE_ID;
+
+/// `open(token)` made directly, and the `KvStore` pipelined on it.
+fn open_direct(bootstrap: &DirectCap, token: &str) -> (client::DirectCall, DirectCap) {
+    let call = bootstrap.call(GATEWAY_ID, 2, 32, |p| {
+        p.init_as::<gateway::open_params::Builder>()
+            .set_token(token);
+        Ok(())
+    });
+    let kv = call.pipelined(&[0, 1]);
+    (call, kv)
+}
+
+async fn get_direct(kv: &DirectCap, key: &[u8]) -> Result<Vec<u8>, capnp::Error> {
+    let reply = kv
+        .call(KV_ID, 0, 32, |p| {
+            p.init_as::<kv_store::get_params::Builder>().set_key(key);
+            Ok(())
+        })
+        .await?;
+    let results = reply.results()?.get_as::<kv_store::get_results::Reader>()?;
+    match results.get_result()?.which()? {
+        capkv::kv_capnp::get_result::Ok(e) => Ok(e?.get_value()?.to_vec()),
+        capkv::kv_capnp::get_result::Error(_) => Err(capnp::Error::failed("error arm".into())),
+    }
+}
+
+/// Direct calls (no capnp hook objects) and hook calls on the same capability share the
+/// connection: pipelined gets are answered, in flight together; an exception fails that
+/// call only; calls on a failed `open` fail; a direct call given up before its answer
+/// leaves nothing; every capability dropped is released on the server, and the
+/// connection ends once nothing holds it.
+#[test]
+fn direct_calls_share_the_connection_with_hook_calls() {
+    run(|kind| async move {
+        let (bootstrap, alive, server, driver) = connect_direct(kind);
+        let (open, kv) = open_direct(&bootstrap, "t");
+        let hooked: kv_store::Client = kv_store::Client::new(kv.hook());
+        let (a, b, c) = futures::join!(
+            get_direct(&kv, b"a"),
+            get(&hooked, b"b"),
+            get_direct(&kv, b"c")
+        );
+        assert_eq!(
+            (a.unwrap(), b.unwrap(), c.unwrap()),
+            (b"a".to_vec(), b"b".to_vec(), b"c".to_vec()),
+            "{kind:?}"
+        );
+        let reply = open.await.unwrap();
+        assert!(reply.results().is_ok(), "{kind:?}");
+        drop(reply);
+        let e = get_direct(&kv, b"boom").await.unwrap_err();
+        assert!(e.to_string().contains("boom"), "{kind:?}: {e}");
+        assert_eq!(get_direct(&kv, b"k").await.unwrap(), b"k", "{kind:?}");
+        // Given up before its answer: its question goes when the Return comes.
+        drop(kv.call(KV_ID, 0, 32, |p| {
+            p.init_as::<kv_store::get_params::Builder>()
+                .set_key(b"slow");
+            Ok(())
+        }));
+        assert_eq!(
+            get_direct(&kv, b"after").await.unwrap(),
+            b"after",
+            "{kind:?}"
+        );
+        // A failed open fails the calls pipelined on it.
+        let (bad, bad_kv) = open_direct(&bootstrap, "bad");
+        assert!(get_direct(&bad_kv, b"k").await.is_err(), "{kind:?}");
+        assert!(bad.await.is_err(), "{kind:?}");
+        drop(bad_kv);
+        assert_eq!(alive.0.get(), 1, "{kind:?}");
+        drop(hooked);
+        drop(kv);
+        assert!(
+            until(|| alive.0.get() == 0).await,
+            "{kind:?}: kv not released"
+        );
+        drop(bootstrap);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver)
+            .await
+            .expect("the connection did not end");
+        assert!(ended.unwrap().is_ok(), "{kind:?}");
+        server.abort();
+    });
 }
