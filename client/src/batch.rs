@@ -31,6 +31,7 @@ use std::rc::Rc;
 
 use capkv::kv_capnp::kv_store;
 use capkv::{ApiError, ErrorCode};
+use capkv_rpc::client::DirectCap;
 use futures::channel::oneshot;
 use tokio::time::Instant;
 
@@ -87,6 +88,7 @@ impl GetBatcher {
         key: Vec<u8>,
         deadline: Instant,
         kv: &kv_store::Client,
+        direct: Option<&Rc<DirectCap>>,
         opened: &SharedOutcome,
     ) -> oneshot::Receiver<Reply> {
         self.count(1, 0);
@@ -107,7 +109,15 @@ impl GetBatcher {
                 gets.push(waiting);
                 let batch: Batch = Rc::new(RefCell::new(gets));
                 *open = Some(Rc::clone(&batch));
-                tokio::task::spawn_local(flush(Rc::clone(self), batch, kv.clone(), opened.clone()));
+                tokio::task::spawn_local(flush(
+                    Rc::clone(self),
+                    batch,
+                    Kv {
+                        client: kv.clone(),
+                        direct: direct.cloned(),
+                    },
+                    opened.clone(),
+                ));
             }
         }
         answer
@@ -141,7 +151,14 @@ fn failed_for_one_key(code: ErrorCode) -> bool {
 
 /// The flush task of `batch`: lets the tick's other gets join, seals the batch, sends it
 /// and answers every caller.
-async fn flush(batcher: Rc<GetBatcher>, batch: Batch, kv: kv_store::Client, opened: SharedOutcome) {
+/// The `KvStore` a flush calls: its generated client and, on capkv's engine, the same
+/// capability for direct calls.
+struct Kv {
+    client: kv_store::Client,
+    direct: Option<Rc<DirectCap>>,
+}
+
+async fn flush(batcher: Rc<GetBatcher>, batch: Batch, kv: Kv, opened: SharedOutcome) {
     tokio::task::yield_now().await;
     {
         let mut open = batcher.open.borrow_mut();
@@ -164,7 +181,7 @@ async fn flush(batcher: Rc<GetBatcher>, batch: Batch, kv: kv_store::Client, open
     batcher.count(0, 1);
     let (kv_ref, keys_ref) = (&kv, &keys);
     let result = within(deadline, |meta| async move {
-        wire_get_many(kv_ref, keys_ref, &meta).await
+        wire_get_many(&kv_ref.client, kv_ref.direct.as_deref(), keys_ref, &meta).await
     })
     .await;
     match result {
@@ -236,15 +253,13 @@ fn answer_all(gets: Vec<Waiting>, e: &ApiError) {
 }
 
 /// Sends each get as its own `get` call (concurrently) and answers its caller.
-async fn send_alone(
-    batcher: &GetBatcher,
-    gets: Vec<Waiting>,
-    kv: &kv_store::Client,
-    opened: &SharedOutcome,
-) {
+async fn send_alone(batcher: &GetBatcher, gets: Vec<Waiting>, kv: &Kv, opened: &SharedOutcome) {
     batcher.count(0, gets.len() as u64);
     futures::future::join_all(gets.into_iter().map(|g| async move {
-        let r = within(g.deadline, |meta| get_one(kv, None, opened, &g.key, meta)).await;
+        let r = within(g.deadline, |meta| {
+            get_one(&kv.client, kv.direct.as_deref(), opened, &g.key, meta)
+        })
+        .await;
         let _ = g.reply.send(r);
     }))
     .await;

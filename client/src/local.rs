@@ -22,7 +22,8 @@ use crate::batch::GetBatcher;
 use crate::wire::{
     call_words, capnp_err, deadline_exceeded, decode_result, decode_results, get_one,
     origin_failure, read_entry, read_error, read_faults, read_text, too_many, wire_get_many,
-    within, write_condition, CallSpec, SharedOutcome, GATEWAY_ID, GATEWAY_OPEN, OPEN_KV_CAP,
+    within, write_condition, CallSpec, SharedOutcome, GATEWAY_ID, GATEWAY_OPEN, KV_RESUME_SESSION,
+    KV_SESSION, KV_STORE_ID, OPEN_KV_CAP, SESSION_CAP, SESSION_PUT, WRITE_SESSION_ID,
 };
 use crate::{
     BatchOutcome, ClientEngine, ClientOptions, Condition, DeleteOutcome, Entry, EventKind,
@@ -34,6 +35,8 @@ use crate::{
 /// ended, and the token it resumed (if it was a `resumeSession`).
 struct CachedSession {
     cap: write_session::Client,
+    /// The same session on capkv's engine, for puts made directly.
+    direct: Option<Rc<DirectCap>>,
     outcome: SharedOutcome,
     resumed: Option<Vec<u8>>,
 }
@@ -45,7 +48,7 @@ pub struct LocalClient {
     kv: kv_store::Client,
     /// The same capability on capkv's engine, for gets made without capnp's hook objects
     /// (`None` on capnp-rpc's `RpcSystem`, the reference engine).
-    kv_direct: Option<DirectCap>,
+    kv_direct: Option<Rc<DirectCap>>,
     /// How `open` ended; consulted when a call on `kv` fails, to report the real reason
     /// (e.g. `unauthenticated`) instead of "broken capability".
     opened: SharedOutcome,
@@ -223,7 +226,7 @@ impl LocalClient {
                 }
                 .boxed_local()
                 .shared();
-                (kv, Some(kv_direct), opened)
+                (kv, Some(Rc::new(kv_direct)), opened)
             }
             None => {
                 let mut req = gateway.open_request();
@@ -332,7 +335,13 @@ impl LocalClient {
                 if spec.deadline <= Instant::now() {
                     return Err(deadline_exceeded());
                 }
-                let reply = batcher.enqueue(key.to_vec(), spec.deadline, &self.kv, &self.opened);
+                let reply = batcher.enqueue(
+                    key.to_vec(),
+                    spec.deadline,
+                    &self.kv,
+                    self.kv_direct.as_ref(),
+                    &self.opened,
+                );
                 // No timer here: the batch keeps this get's deadline (see crate::batch).
                 return match reply.await {
                     Ok(r) => r,
@@ -344,7 +353,7 @@ impl LocalClient {
             }
         }
         self.run(spec, |meta| {
-            get_one(&self.kv, self.kv_direct.as_ref(), &self.opened, key, meta)
+            get_one(&self.kv, self.kv_direct.as_deref(), &self.opened, key, meta)
         })
         .await
     }
@@ -356,7 +365,7 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<Vec<Option<Entry>>, ApiError> {
         self.run(deadline, |meta| async move {
-            let r = wire_get_many(&self.kv, keys, &meta).await;
+            let r = wire_get_many(&self.kv, self.kv_direct.as_deref(), keys, &meta).await;
             self.explain(r, &self.opened).await
         })
         .await
@@ -515,29 +524,56 @@ impl LocalClient {
         let spec = deadline.into();
         self.run(spec, |meta| async move {
             let (session, outcome) = self.write_session(&meta, &spec).await?;
-            let mut req = session.put_request();
-            meta.write(req.get().init_ctx());
-            if let Some(k) = &spec.idempotency_key {
-                req.get().set_idempotency_key(k);
-            }
-            req.get().set_key(key);
-            req.get().set_value(value);
-            write_condition(req.get().init_condition(), cond);
-            match lease {
-                KeyLease::None => {}
-                KeyLease::Lease(id) => req.get().set_lease(id),
-                KeyLease::Ttl(ttl) => req
-                    .get()
-                    .set_ttl_ms(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
-            }
-            let r = async {
-                decode_result!(req.send().promise, put_result, Ok(ok) => Ok(PutOutcome {
-                    version: ok.get_version(),
-                    revision: ok.get_revision(),
-                    lease: ok.get_lease(),
-                }))
-            }
-            .await;
+            let fill = |mut p: write_session::put_params::Builder<'_>| {
+                meta.write(p.reborrow().init_ctx());
+                if let Some(k) = &spec.idempotency_key {
+                    p.set_idempotency_key(k);
+                }
+                p.set_key(key);
+                p.set_value(value);
+                write_condition(p.reborrow().init_condition(), cond);
+                match lease {
+                    KeyLease::None => {}
+                    KeyLease::Lease(id) => p.set_lease(id),
+                    KeyLease::Ttl(ttl) => {
+                        p.set_ttl_ms(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                    }
+                }
+            };
+            let outcome_of = |ok: capkv::kv_capnp::put_result::ok::Reader<'_>| PutOutcome {
+                version: ok.get_version(),
+                revision: ok.get_revision(),
+                lease: ok.get_lease(),
+            };
+            let r = match self.direct_session(&outcome) {
+                // capkv's engine: the put without capnp's hook objects.
+                Some(direct) => {
+                    async {
+                        let words = call_words(key.len() + value.len());
+                        let call = direct.call(WRITE_SESSION_ID, SESSION_PUT, words, |p| {
+                            fill(p.init_as());
+                            Ok(())
+                        });
+                        let reply = call.await.map_err(capnp_err)?;
+                        decode_results!(
+                            reply
+                                .results()
+                                .and_then(|c| c.get_as::<write_session::put_results::Reader>()),
+                            put_result,
+                            Ok(ok) => Ok(outcome_of(ok))
+                        )
+                    }
+                    .await
+                }
+                None => {
+                    let mut req = session.put_request();
+                    fill(req.get());
+                    async {
+                        decode_result!(req.send().promise, put_result, Ok(ok) => Ok(outcome_of(ok)))
+                    }
+                    .await
+                }
+            };
             self.explain(r, &outcome).await
         })
         .await
@@ -849,40 +885,87 @@ impl LocalClient {
             return (c.cap.clone(), c.outcome.clone());
         }
         // `session` and `resumeSession` answer with the same SessionResult struct.
+        fn token_of(
+            result: capnp::Result<capkv::kv_capnp::session_result::Reader<'_>>,
+        ) -> Result<Vec<u8>, ApiError> {
+            let result = result.map_err(capnp_err)?;
+            use capkv::kv_capnp::session_result::Which;
+            match result.which() {
+                Ok(Which::Session(_)) => Ok(result.get_token().map_err(capnp_err)?.to_vec()),
+                Ok(Which::Error(e)) => Err(read_error(e)),
+                Err(e) => Err(capnp_err(e.into())),
+            }
+        }
         macro_rules! session_token {
             ($resp:expr) => {
                 async move {
                     let resp = $resp.await.map_err(capnp_err)?;
-                    let result = resp.get().and_then(|r| r.get_result()).map_err(capnp_err)?;
-                    use capkv::kv_capnp::session_result::Which;
-                    match result.which() {
-                        Ok(Which::Session(_)) => {
-                            Ok(result.get_token().map_err(capnp_err)?.to_vec())
-                        }
-                        Ok(Which::Error(e)) => Err(read_error(e)),
-                        Err(e) => Err(capnp_err(e.into())),
-                    }
+                    token_of(resp.get().and_then(|r| r.get_result()))
                 }
                 .boxed_local()
             };
         }
         let resumed = self.resume.borrow_mut().take();
-        let (token, session): (LocalBoxFuture<'static, Result<Vec<u8>, ApiError>>, _) =
-            match &resumed {
-                Some(token) => {
+        type Token = LocalBoxFuture<'static, Result<Vec<u8>, ApiError>>;
+        let (token, session, direct): (Token, write_session::Client, _) =
+            match (&self.kv_direct, &resumed) {
+                // capkv's engine: made directly, so that puts can be too.
+                (Some(kv), resumed) => {
+                    let words = call_words(resumed.as_ref().map_or(0, Vec::len));
+                    let method = if resumed.is_some() {
+                        KV_RESUME_SESSION
+                    } else {
+                        KV_SESSION
+                    };
+                    let call = kv.call(KV_STORE_ID, method, words, |p| {
+                        match resumed {
+                            Some(token) => {
+                                let mut p = p.init_as::<kv_store::resume_session_params::Builder>();
+                                meta.write(p.reborrow().init_ctx());
+                                p.set_token(token);
+                            }
+                            None => {
+                                let p = p.init_as::<kv_store::session_params::Builder>();
+                                meta.write(p.init_ctx());
+                            }
+                        }
+                        Ok(())
+                    });
+                    let direct = call.pipelined(&SESSION_CAP);
+                    let session = capnp::capability::FromClientHook::new(direct.hook());
+                    let resuming = resumed.is_some();
+                    let token = async move {
+                        let reply = call.await.map_err(capnp_err)?;
+                        let results = reply.results();
+                        if resuming {
+                            token_of(results.and_then(|c| {
+                                c.get_as::<kv_store::resume_session_results::Reader>()?
+                                    .get_result()
+                            }))
+                        } else {
+                            token_of(results.and_then(|c| {
+                                c.get_as::<kv_store::session_results::Reader>()?
+                                    .get_result()
+                            }))
+                        }
+                    }
+                    .boxed_local();
+                    (token, session, Some(Rc::new(direct)))
+                }
+                (None, Some(token)) => {
                     let mut req = self.kv.resume_session_request();
                     meta.write(req.get().init_ctx());
                     req.get().set_token(token);
                     let sent = req.send();
                     let session = sent.pipeline.get_result().get_session_cap();
-                    (session_token!(sent.promise), session)
+                    (session_token!(sent.promise), session, None)
                 }
-                None => {
+                (None, None) => {
                     let mut req = self.kv.session_request();
                     meta.write(req.get().init_ctx());
                     let sent = req.send();
                     let session = sent.pipeline.get_result().get_session_cap();
-                    (session_token!(sent.promise), session)
+                    (session_token!(sent.promise), session, None)
                 }
             };
         let opened = self.opened.clone();
@@ -898,10 +981,19 @@ impl LocalClient {
         tokio::task::spawn_local(outcome.clone().map(|_| ()));
         *self.session.borrow_mut() = Some(CachedSession {
             cap: session.clone(),
+            direct,
             outcome: outcome.clone(),
             resumed,
         });
         (session, outcome)
+    }
+
+    /// The direct handle of the session `outcome` belongs to, while it is the cached one
+    /// (a session forgotten meanwhile is reached through its hook only).
+    fn direct_session(&self, outcome: &SharedOutcome) -> Option<Rc<DirectCap>> {
+        let cached = self.session.borrow();
+        let c = cached.as_ref().filter(|c| c.outcome.ptr_eq(outcome))?;
+        c.direct.clone()
     }
 
     /// A call on a pipelined capability whose origin (the call that promised it) failed is

@@ -162,8 +162,9 @@ pub(crate) async fn get_one(
 
 /// `KvStore`'s interface id, for calls made on capkv's engine directly.
 pub(crate) const KV_STORE_ID: u64 = <kv_store::Client as capnp::traits::HasTypeId>::TYPE_ID;
-/// `KvStore.get`'s method number (its ordinal in `schema/kv.capnp`).
+/// `KvStore.get`'s and `getMany`'s method numbers (their ordinals in `schema/kv.capnp`).
 pub(crate) const KV_GET: u16 = 0;
+pub(crate) const KV_GET_MANY: u16 = 3;
 
 /// `Gateway`'s interface id and `open`'s method number, for the direct `open`.
 pub(crate) const GATEWAY_ID: u64 =
@@ -172,6 +173,17 @@ pub(crate) const GATEWAY_OPEN: u16 = 2;
 /// Where `open`'s results hold the `KvStore`: `OpenResults.result` (pointer 0), then
 /// `OpenResult.kvCap` (pointer 1, after the union's).
 pub(crate) const OPEN_KV_CAP: [u16; 2] = [0, 1];
+
+/// `KvStore.session` and `KvStore.resumeSession`.
+pub(crate) const KV_SESSION: u16 = 2;
+pub(crate) const KV_RESUME_SESSION: u16 = 4;
+/// Where both answers hold the `WriteSession`: `SessionResults.result` (pointer 0), then
+/// `SessionResult.sessionCap` (pointer 2: after the union's and the token).
+pub(crate) const SESSION_CAP: [u16; 2] = [0, 2];
+/// `WriteSession`'s interface id and `put`'s method number.
+pub(crate) const WRITE_SESSION_ID: u64 =
+    <capkv::kv_capnp::write_session::Client as capnp::traits::HasTypeId>::TYPE_ID;
+pub(crate) const SESSION_PUT: u16 = 0;
 
 /// Words for one segment holding a direct call of a few fields, a context and `bytes` of
 /// keys and values: a message that fits one segment is read on the server's fast path.
@@ -184,17 +196,19 @@ pub(crate) fn call_words(bytes: usize) -> u32 {
 /// One `getMany` on the wire: `None` for each missing key, in `keys` order.
 pub(crate) async fn wire_get_many<K: AsRef<[u8]>>(
     kv: &kv_store::Client,
+    direct: Option<&DirectCap>,
     keys: &[K],
     meta: &CallMeta,
 ) -> Result<Vec<Option<Entry>>, ApiError> {
-    let mut req = kv.get_many_request();
-    meta.write(req.get().init_ctx());
     let n = u32::try_from(keys.len()).map_err(|_| too_many(keys.len()))?;
-    let mut list = req.get().init_keys(n);
-    for (i, k) in keys.iter().enumerate() {
-        list.set(i as u32, k.as_ref());
-    }
-    decode_result!(req.send().promise, get_many_result, Ok(ok) => {
+    let fill = |mut p: kv_store::get_many_params::Builder<'_>| {
+        meta.write(p.reborrow().init_ctx());
+        let mut list = p.init_keys(n);
+        for (i, k) in keys.iter().enumerate() {
+            list.set(i as u32, k.as_ref());
+        }
+    };
+    let items = |ok: capkv::kv_capnp::get_many_result::ok::Reader<'_>| {
         use capkv::kv_capnp::get_item::Which as Item;
         let items = ok.get_items().map_err(capnp_err)?;
         items
@@ -205,7 +219,31 @@ pub(crate) async fn wire_get_many<K: AsRef<[u8]>>(
                 Err(e) => Err(capnp_err(e.into())),
             })
             .collect()
-    })
+    };
+    match direct {
+        // capkv's engine: the call without capnp's hook objects.
+        Some(kv) => {
+            // Each key: its bytes and a list element pointer.
+            let bytes: usize = keys.iter().map(|k| k.as_ref().len() + 16).sum();
+            let call = kv.call(KV_STORE_ID, KV_GET_MANY, call_words(bytes), |p| {
+                fill(p.init_as());
+                Ok(())
+            });
+            let reply = call.await.map_err(capnp_err)?;
+            decode_results!(
+                reply
+                    .results()
+                    .and_then(|c| c.get_as::<kv_store::get_many_results::Reader>()),
+                get_many_result,
+                Ok(ok) => items(ok)
+            )
+        }
+        None => {
+            let mut req = kv.get_many_request();
+            fill(req.get());
+            decode_result!(req.send().promise, get_many_result, Ok(ok) => items(ok))
+        }
+    }
 }
 
 pub(crate) fn capnp_err(e: capnp::Error) -> ApiError {
