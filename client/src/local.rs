@@ -20,10 +20,11 @@ use tokio::time::Instant;
 
 use crate::batch::GetBatcher;
 use crate::wire::{
-    call_words, capnp_err, deadline_exceeded, decode_result, decode_results, get_one,
-    origin_failure, read_entry, read_error, read_faults, read_text, too_many, wire_get_many,
-    within, write_condition, CallSpec, SharedOutcome, GATEWAY_ID, GATEWAY_OPEN, KV_RESUME_SESSION,
-    KV_SESSION, KV_STORE_ID, OPEN_KV_CAP, SESSION_CAP, SESSION_PUT, WRITE_SESSION_ID,
+    call_words, capnp_err, deadline_exceeded, decode_result, decode_results, direct_result,
+    get_one, origin_failure, read_entry, read_error, read_faults, read_text, too_many,
+    wire_get_many, within, write_condition, CallSpec, SharedOutcome, GATEWAY_ID, GATEWAY_OPEN,
+    KV_RESUME_SESSION, KV_SESSION, KV_STORE_ID, OPEN_KV_CAP, SESSION_CAP, SESSION_PUT,
+    WRITE_SESSION_ID,
 };
 use crate::{
     BatchOutcome, ClientEngine, ClientOptions, Condition, DeleteOutcome, Entry, EventKind,
@@ -550,18 +551,10 @@ impl LocalClient {
                 Some(direct) => {
                     async {
                         let words = call_words(key.len() + value.len());
-                        let call = direct.call(WRITE_SESSION_ID, SESSION_PUT, words, |p| {
-                            fill(p.init_as());
-                            Ok(())
-                        });
-                        let reply = call.await.map_err(capnp_err)?;
-                        decode_results!(
-                            reply
-                                .results()
-                                .and_then(|c| c.get_as::<write_session::put_results::Reader>()),
-                            put_result,
-                            Ok(ok) => Ok(outcome_of(ok))
-                        )
+                        direct_result!(direct, WRITE_SESSION_ID, SESSION_PUT, words,
+                            write_session::put_params::Builder => fill,
+                            write_session::put_results::Reader, put_result,
+                            Ok(ok) => Ok(outcome_of(ok)))
                     }
                     .await
                 }

@@ -60,6 +60,26 @@ macro_rules! decode_results {
 }
 pub(crate) use decode_results;
 
+/// A call made directly on capkv's engine (a [`DirectCap`]): its params (the generated
+/// builder `$params`) written by `$fill`, its results (the reader `$results`) decoded as
+/// [`decode_results`] does.
+macro_rules! direct_result {
+    ($cap:expr, $interface:expr, $method:expr, $words:expr,
+     $params:ty => $fill:expr, $results:ty, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
+        let call = $cap.call($interface, $method, $words, |p| {
+            ($fill)(p.init_as::<$params>());
+            Ok(())
+        });
+        let reply = call.await.map_err(capnp_err)?;
+        decode_results!(
+            reply.results().and_then(|c| c.get_as::<$results>()),
+            $module,
+            $arm($v) => $ok
+        )
+    }};
+}
+pub(crate) use direct_result;
+
 /// Awaits a response and decodes its result union (see [`decode_results`]).
 macro_rules! decode_result {
     ($response:expr, $module:ident, $arm:ident($v:pat) => $ok:expr) => {{
@@ -124,21 +144,15 @@ pub(crate) async fn get_one(
     let r = match direct {
         // capkv's engine: the call without capnp's hook objects.
         Some(kv) => {
+            let fill = |mut p: kv_store::get_params::Builder<'_>| {
+                meta.write(p.reborrow().init_ctx());
+                p.set_key(key);
+            };
             async {
-                let call = kv.call(KV_STORE_ID, KV_GET, call_words(key.len()), |p| {
-                    let mut p = p.init_as::<kv_store::get_params::Builder>();
-                    meta.write(p.reborrow().init_ctx());
-                    p.set_key(key);
-                    Ok(())
-                });
-                let reply = call.await.map_err(capnp_err)?;
-                decode_results!(
-                    reply
-                        .results()
-                        .and_then(|c| c.get_as::<kv_store::get_results::Reader>()),
-                    get_result,
-                    Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?))
-                )
+                direct_result!(kv, KV_STORE_ID, KV_GET, call_words(key.len()),
+                    kv_store::get_params::Builder => fill,
+                    kv_store::get_results::Reader, get_result,
+                    Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))
             }
             .await
         }
@@ -225,18 +239,9 @@ pub(crate) async fn wire_get_many<K: AsRef<[u8]>>(
         Some(kv) => {
             // Each key: its bytes and a list element pointer.
             let bytes: usize = keys.iter().map(|k| k.as_ref().len() + 16).sum();
-            let call = kv.call(KV_STORE_ID, KV_GET_MANY, call_words(bytes), |p| {
-                fill(p.init_as());
-                Ok(())
-            });
-            let reply = call.await.map_err(capnp_err)?;
-            decode_results!(
-                reply
-                    .results()
-                    .and_then(|c| c.get_as::<kv_store::get_many_results::Reader>()),
-                get_many_result,
-                Ok(ok) => items(ok)
-            )
+            direct_result!(kv, KV_STORE_ID, KV_GET_MANY, call_words(bytes),
+                kv_store::get_many_params::Builder => fill,
+                kv_store::get_many_results::Reader, get_many_result, Ok(ok) => items(ok))
         }
         None => {
             let mut req = kv.get_many_request();

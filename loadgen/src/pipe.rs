@@ -85,20 +85,35 @@ impl Pipe {
         self.wake_writer();
     }
 
-    /// One request of `kind`, encoded by `encode` under the id it is given, then its reply
-    /// and wire latency. Waits first while the outbox is full.
+    /// Starts the connection's writer on `w` and its reader, `read` (inside a `LocalSet`).
+    pub(crate) fn start(
+        self: &Rc<Self>,
+        w: tokio::net::tcp::OwnedWriteHalf,
+        read: impl Future<Output = ()> + 'static,
+    ) {
+        tokio::task::spawn_local(write_outbox(Rc::clone(self), w));
+        tokio::task::spawn_local(read);
+    }
+
+    /// One request of `kind` on the one key of `keys` (raw clients send no batches),
+    /// encoded by `encode` under the id it is given, then its reply and wire latency.
+    /// Waits first while the outbox is full.
     pub(crate) async fn call(
         &self,
         kind: OpKind,
-        encode: impl FnOnce(&mut Vec<u8>, u32),
+        keys: &[Vec<u8>],
+        encode: impl FnOnce(&mut Vec<u8>, u32, &[u8]),
     ) -> (Result<(), ErrorCode>, Option<Duration>) {
+        let [key] = keys else {
+            return (Err("raw_mode_single_keys_only"), None);
+        };
         std::future::poll_fn(|cx| self.poll_room(cx)).await;
         if self.dead.get() {
             return (Err("transport"), None);
         }
         let id = self.take_id(kind);
         self.unwritten.borrow_mut().push(id);
-        self.send(|out| encode(out, id));
+        self.send(|out| encode(out, id, key));
         let (reply, wire) = WaitReply {
             pipe: self,
             id,
@@ -270,7 +285,7 @@ impl Drop for WaitReply<'_> {
 }
 
 /// Sends what the outbox holds, whenever it holds something, until the connection ends.
-pub(crate) async fn write_outbox(pipe: Rc<Pipe>, mut w: tokio::net::tcp::OwnedWriteHalf) {
+async fn write_outbox(pipe: Rc<Pipe>, mut w: tokio::net::tcp::OwnedWriteHalf) {
     let mut sending = Vec::with_capacity(4096);
     loop {
         std::future::poll_fn(|cx| {

@@ -99,8 +99,7 @@ impl RawConn {
                 ctx().write(p.reborrow().init_ctx());
             });
         });
-        tokio::task::spawn_local(crate::pipe::write_outbox(Rc::clone(&conn.pipe), w));
-        tokio::task::spawn_local(read_replies(Rc::clone(&conn), r));
+        conn.pipe.start(w, read_replies(Rc::clone(&conn), r));
         Ok(conn)
     }
 
@@ -111,10 +110,7 @@ impl RawConn {
         keys: &[Vec<u8>],
         value: &[u8],
     ) -> (Result<(), ErrorCode>, Option<Duration>) {
-        let [key] = keys else {
-            return (Err("raw_mode_single_keys_only"), None);
-        };
-        let message = |out: &mut Vec<u8>, id: u32| {
+        let message = |out: &mut Vec<u8>, id: u32, key: &[u8]| {
             encode(out, |m| match kind {
                 OpKind::Get => {
                     let mut c = call(m, id, self.kv.get(), kv_id(), KV_GET);
@@ -139,7 +135,7 @@ impl RawConn {
                 }
             })
         };
-        self.pipe.call(kind, message).await
+        self.pipe.call(kind, keys, message).await
     }
 }
 

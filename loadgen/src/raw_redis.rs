@@ -42,8 +42,7 @@ impl RawRedisConn {
             pipe: Rc::new(Pipe::new(0)),
             order: RefCell::new(VecDeque::new()),
         });
-        tokio::task::spawn_local(crate::pipe::write_outbox(Rc::clone(&conn.pipe), w));
-        tokio::task::spawn_local(read_replies(Rc::clone(&conn), r));
+        conn.pipe.start(w, read_replies(Rc::clone(&conn), r));
         Ok(conn)
     }
 
@@ -54,17 +53,14 @@ impl RawRedisConn {
         keys: &[Vec<u8>],
         value: &[u8],
     ) -> (Result<(), ErrorCode>, Option<Duration>) {
-        let [key] = keys else {
-            return (Err("raw_mode_single_keys_only"), None);
-        };
-        let message = |out: &mut Vec<u8>, id: u32| {
+        let message = |out: &mut Vec<u8>, id: u32, key: &[u8]| {
             match kind {
                 OpKind::Get => command(out, &[b"GET", key]),
                 OpKind::Put => command(out, &[b"SET", key, value]),
             }
             self.order.borrow_mut().push_back(id);
         };
-        self.pipe.call(kind, message).await
+        self.pipe.call(kind, keys, message).await
     }
 }
 
