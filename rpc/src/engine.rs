@@ -1064,8 +1064,16 @@ impl Conn {
         };
         // Both ways read the same tree (what the frame layer's walk promised).
         debug_assert!(
-            view.as_ref()
-                .is_none_or(|v| crate::frames::reads_alike(v, m)),
+            frame.params_at.is_none_or(|at| {
+                capnp::message::ReaderSegments::get_segment(frame, 0).is_some_and(|segment| {
+                    crate::frames::reads_alike(
+                        segment,
+                        at as usize,
+                        frame,
+                        self.limits.reader_options,
+                    )
+                })
+            }),
             "the params read through a view and from the root differ"
         );
         let params = match params {

@@ -735,7 +735,7 @@ fn check_plain_call(
     let view = content_view(segment, s.content_at, options)?;
     // What the walk promised: the params read alike through the view and from the root.
     debug_assert!(
-        params_at.is_none() || reads_alike(&view, &capnp::message::Reader::new(frame, options)),
+        params_at.is_none() || reads_alike(segment, s.content_at, frame, options),
         "a plain subtree read otherwise"
     );
     if let Some(w) = warm {
@@ -785,15 +785,24 @@ pub(crate) fn call_params<S: capnp::message::ReaderSegments>(
     }
 }
 
-/// Whether `view`'s root and the params of the Call in `m` read as the same tree (same
-/// size, or the same step failing): the debug builds' check of `skeleton::plain_subtree`.
+/// Whether the params read through a view at word `at` of `segment` and from the root of
+/// `segments` (the whole message) read as the same tree (same size, or the same step
+/// failing): the debug builds' check of `skeleton::plain_subtree`. Both readers are its
+/// own: every read counts against its reader's traversal limit, and the check must not
+/// spend the budget of the readers the call is then served from (a value near the limit
+/// would fail its second read).
 pub(crate) fn reads_alike<S: capnp::message::ReaderSegments>(
-    view: &capnp::message::Reader<ContentView<'_>>,
-    m: &capnp::message::Reader<S>,
+    segment: &[u8],
+    at: usize,
+    segments: S,
+    options: capnp::message::ReaderOptions,
 ) -> bool {
     let size =
         |p: capnp::Result<capnp::any_pointer::Reader<'_>>| p.map(|p| p.target_size().ok()).ok();
-    size(view.get_root()) == size(call_params(m))
+    let Some(view) = content_view(segment, at, options) else {
+        return false;
+    };
+    size(view.get_root()) == size(call_params(&capnp::message::Reader::new(segments, options)))
 }
 
 impl capnp::message::ReaderSegments for ContentView<'_> {
