@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use capkv::kv_capnp::{admin, gateway, kv_store, lease, watcher, write_session};
 use capkv::{ApiError, CallMeta, ErrorCode};
-use capkv_rpc::client::DirectCap;
+use capkv_rpc::client::{DirectCap, DirectReply};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
@@ -34,10 +34,24 @@ use crate::{
 
 /// The write session of a connection: the pipelined capability, how the call that made it
 /// ended, and the token it resumed (if it was a `resumeSession`).
+/// A capability on capkv's engine for direct calls: pipelined on the call that promised it
+/// until that call returns, then the import it returned (`DirectCap::resolve`), which the
+/// server reads on its fast path. Empty on capnp-rpc's `RpcSystem`.
+type DirectSlot = Rc<RefCell<Option<Rc<DirectCap>>>>;
+
+/// Puts into `slot` what its capability resolves to, once `reply` (of the call that
+/// promised it) came.
+fn resolve_into(slot: &DirectSlot, reply: &DirectReply) {
+    let resolved = slot.borrow().as_ref().and_then(|d| d.resolve(reply));
+    if let Some(r) = resolved {
+        *slot.borrow_mut() = Some(Rc::new(r));
+    }
+}
+
 struct CachedSession {
     cap: write_session::Client,
     /// The same session on capkv's engine, for puts made directly.
-    direct: Option<Rc<DirectCap>>,
+    direct: DirectSlot,
     outcome: SharedOutcome,
     resumed: Option<Vec<u8>>,
 }
@@ -48,8 +62,8 @@ pub struct LocalClient {
     /// Promised by the pipelined `open`; usable before `open` returns.
     kv: kv_store::Client,
     /// The same capability on capkv's engine, for gets made without capnp's hook objects
-    /// (`None` on capnp-rpc's `RpcSystem`, the reference engine).
-    kv_direct: Option<Rc<DirectCap>>,
+    /// (empty on capnp-rpc's `RpcSystem`, the reference engine).
+    kv_direct: DirectSlot,
     /// How `open` ended; consulted when a call on `kv` fails, to report the real reason
     /// (e.g. `unauthenticated`) instead of "broken capability".
     opened: SharedOutcome,
@@ -215,19 +229,25 @@ impl LocalClient {
                 });
                 let kv_direct = open.pipelined(&OPEN_KV_CAP);
                 let kv: kv_store::Client = capnp::capability::FromClientHook::new(kv_direct.hook());
+                let slot: DirectSlot = Rc::new(RefCell::new(Some(Rc::new(kv_direct))));
+                let resolving = Rc::clone(&slot);
                 let opened = async move {
                     let reply = open.await.map_err(capnp_err)?;
-                    decode_results!(
+                    let r = decode_results!(
                         reply
                             .results()
                             .and_then(|c| c.get_as::<gateway::open_results::Reader>()),
                         open_result,
                         Kv(_) => Ok(())
-                    )
+                    );
+                    resolve_into(&resolving, &reply);
+                    r
                 }
                 .boxed_local()
                 .shared();
-                (kv, Some(Rc::new(kv_direct)), opened)
+                // Resolve as soon as `open` returns, not when a call first fails.
+                tokio::task::spawn_local(opened.clone().map(|_| ()));
+                (kv, slot, opened)
             }
             None => {
                 let mut req = gateway.open_request();
@@ -239,7 +259,7 @@ impl LocalClient {
                 let opened = async move { decode_result!(resp, open_result, Kv(_) => Ok(())) }
                     .boxed_local()
                     .shared();
-                (kv, None, opened)
+                (kv, DirectSlot::default(), opened)
             }
         };
         Ok(LocalClient {
@@ -336,11 +356,12 @@ impl LocalClient {
                 if spec.deadline <= Instant::now() {
                     return Err(deadline_exceeded());
                 }
+                let direct = self.kv_direct.borrow().clone();
                 let reply = batcher.enqueue(
                     key.to_vec(),
                     spec.deadline,
                     &self.kv,
-                    self.kv_direct.as_ref(),
+                    direct.as_ref(),
                     &self.opened,
                 );
                 // No timer here: the batch keeps this get's deadline (see crate::batch).
@@ -353,8 +374,9 @@ impl LocalClient {
                 };
             }
         }
+        let direct = self.kv_direct.borrow().clone();
         self.run(spec, |meta| {
-            get_one(&self.kv, self.kv_direct.as_deref(), &self.opened, key, meta)
+            get_one(&self.kv, direct.as_deref(), &self.opened, key, meta)
         })
         .await
     }
@@ -366,7 +388,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<Vec<Option<Entry>>, ApiError> {
         self.run(deadline, |meta| async move {
-            let r = wire_get_many(&self.kv, self.kv_direct.as_deref(), keys, &meta).await;
+            let direct = self.kv_direct.borrow().clone();
+            let r = wire_get_many(&self.kv, direct.as_deref(), keys, &meta).await;
             self.explain(r, &self.opened).await
         })
         .await
@@ -901,7 +924,7 @@ impl LocalClient {
         let resumed = self.resume.borrow_mut().take();
         type Token = LocalBoxFuture<'static, Result<Vec<u8>, ApiError>>;
         let (token, session, direct): (Token, write_session::Client, _) =
-            match (&self.kv_direct, &resumed) {
+            match (self.kv_direct.borrow().clone(), &resumed) {
                 // capkv's engine: made directly, so that puts can be too.
                 (Some(kv), resumed) => {
                     let words = call_words(resumed.as_ref().map_or(0, Vec::len));
@@ -926,11 +949,13 @@ impl LocalClient {
                     });
                     let direct = call.pipelined(&SESSION_CAP);
                     let session = capnp::capability::FromClientHook::new(direct.hook());
+                    let slot: DirectSlot = Rc::new(RefCell::new(Some(Rc::new(direct))));
+                    let resolving = Rc::clone(&slot);
                     let resuming = resumed.is_some();
                     let token = async move {
                         let reply = call.await.map_err(capnp_err)?;
                         let results = reply.results();
-                        if resuming {
+                        let token = if resuming {
                             token_of(results.and_then(|c| {
                                 c.get_as::<kv_store::resume_session_results::Reader>()?
                                     .get_result()
@@ -940,10 +965,12 @@ impl LocalClient {
                                 c.get_as::<kv_store::session_results::Reader>()?
                                     .get_result()
                             }))
-                        }
+                        };
+                        resolve_into(&resolving, &reply);
+                        token
                     }
                     .boxed_local();
-                    (token, session, Some(Rc::new(direct)))
+                    (token, session, slot)
                 }
                 (None, Some(token)) => {
                     let mut req = self.kv.resume_session_request();
@@ -951,14 +978,14 @@ impl LocalClient {
                     req.get().set_token(token);
                     let sent = req.send();
                     let session = sent.pipeline.get_result().get_session_cap();
-                    (session_token!(sent.promise), session, None)
+                    (session_token!(sent.promise), session, DirectSlot::default())
                 }
                 (None, None) => {
                     let mut req = self.kv.session_request();
                     meta.write(req.get().init_ctx());
                     let sent = req.send();
                     let session = sent.pipeline.get_result().get_session_cap();
-                    (session_token!(sent.promise), session, None)
+                    (session_token!(sent.promise), session, DirectSlot::default())
                 }
             };
         let opened = self.opened.clone();
@@ -986,7 +1013,8 @@ impl LocalClient {
     fn direct_session(&self, outcome: &SharedOutcome) -> Option<Rc<DirectCap>> {
         let cached = self.session.borrow();
         let c = cached.as_ref().filter(|c| c.outcome.ptr_eq(outcome))?;
-        c.direct.clone()
+        let direct = c.direct.borrow().clone();
+        direct
     }
 
     /// A call on a pipelined capability whose origin (the call that promised it) failed is

@@ -76,6 +76,9 @@ impl Default for ClientLimits {
 struct Reply {
     message: message::Reader<Frame>,
     caps: Vec<Option<Box<dyn ClientHook>>>,
+    /// For each cap table entry, its import id when the server hosts it itself
+    /// (`senderHosted`): what a pipelined capability may resolve to (`DirectCap::resolve`).
+    hosted: Vec<Option<u32>>,
 }
 
 enum Answer {
@@ -559,8 +562,14 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
                     // its import through the state this function holds borrowed.
                     let table = p?.get_cap_table()?;
                     let mut imports = Vec::with_capacity(table.len() as usize);
+                    let mut hosted = Vec::with_capacity(table.len() as usize);
                     for d in table.iter() {
-                        imports.push(match d.which()? {
+                        let which = d.which()?;
+                        hosted.push(match which {
+                            cap_descriptor::SenderHosted(i) => Some(i),
+                            _ => None,
+                        });
+                        imports.push(match which {
                             cap_descriptor::None(()) => None,
                             cap_descriptor::SenderHosted(i) | cap_descriptor::SenderPromise(i) => {
                                 Some(Some(i))
@@ -588,7 +597,11 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
                     if let Some(q) = s.question(id) {
                         q.imported = true;
                     }
-                    Ok(Reply { message: m, caps })
+                    Ok(Reply {
+                        message: m,
+                        caps,
+                        hosted,
+                    })
                 }
                 return_::Which::Exception(e) => Err(remote_exception(e?)),
                 return_::Which::Canceled(()) => {
@@ -1042,6 +1055,30 @@ impl DirectCap {
         }
     }
 
+    /// This capability, pipelined on the question `reply` answers, as the import the
+    /// server returned there, when it hosts it itself (`senderHosted`): later calls then go
+    /// to `importedCap`, which the server reads on its fast path. Order is kept: the
+    /// server delivered every call made on the answer to that same object in the order
+    /// received, and the import is already settled (a `senderPromise` would need an
+    /// embargo, so it is not resolved). `None` when it does not apply.
+    pub fn resolve(&self, reply: &DirectReply) -> Option<DirectCap> {
+        let cap = self.0.as_ref().ok()?;
+        let Target::Promised(question, ops) = &cap.target else {
+            return None;
+        };
+        if *question != reply.question {
+            return None;
+        }
+        let id = reply.hosted_at(ops)?;
+        // One more local handle of the import the reply's capabilities hold (so it is
+        // still counted): released with the others when the last goes.
+        cap.state.borrow_mut().imports.get_mut(&id)?.local += 1;
+        Some(DirectCap(Ok(Cap {
+            state: Rc::clone(&cap.state),
+            target: Target::Import(id),
+        })))
+    }
+
     /// Calls `method_id` of `interface_id` on this capability, its params written by
     /// `params` into the Call's params (no capabilities: this client sends none);
     /// `size_words` sizes the message's one segment.
@@ -1120,7 +1157,12 @@ impl Future for DirectCall {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
-            Ok(f) => Pin::new(f).poll(cx).map(|r| r.map(DirectReply)),
+            Ok(f) => {
+                let question = f.id;
+                Pin::new(f)
+                    .poll(cx)
+                    .map(|r| r.map(|reply| DirectReply { reply, question }))
+            }
             Err(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| {
                 capnp::Error::failed("the call's result was already taken".into())
             }))),
@@ -1129,12 +1171,79 @@ impl Future for DirectCall {
 }
 
 /// A Return's message, read in place.
-pub struct DirectReply(Reply);
+pub struct DirectReply {
+    reply: Reply,
+    /// The question it answers.
+    question: u32,
+}
 
 impl DirectReply {
     /// The results' content (`Payload.content`).
     pub fn results(&self) -> capnp::Result<any_pointer::Reader<'_>> {
-        self.0.get()
+        self.reply.get()
+    }
+
+    /// The import a path of pointer fields in the results leads to, when the server hosts
+    /// it itself: found by capnp's own pipelined walk over a cap table of stand-ins that
+    /// only say which import they are.
+    fn hosted_at(&self, ops: &[PipelineOp]) -> Option<u32> {
+        let table: Vec<Option<Box<dyn ClientHook>>> = self
+            .reply
+            .hosted
+            .iter()
+            .map(|&id| Some(Box::new(ImportIndex(id)) as Box<dyn ClientHook>))
+            .collect();
+        let root = self.reply.message.get_root::<rpc_message::Reader>().ok()?;
+        let mut content = crate::engine::results_content(root).ok()?;
+        content.imbue(&table);
+        let hook = content.get_pipelined_cap(ops).ok()?;
+        u32::try_from(hook.get_ptr()).ok()
+    }
+}
+
+/// A stand-in capability for `DirectReply::hosted_at`'s walk: `get_ptr` is the import id it
+/// stands for (`usize::MAX` for none); nothing is ever called on it.
+struct ImportIndex(Option<u32>);
+
+impl ClientHook for ImportIndex {
+    fn add_ref(&self) -> Box<dyn ClientHook> {
+        Box::new(ImportIndex(self.0))
+    }
+    fn new_call(
+        &self,
+        interface_id: u64,
+        method_id: u16,
+        size_hint: Option<MessageSize>,
+    ) -> Request<any_pointer::Owned, any_pointer::Owned> {
+        broken_cap(capnp::Error::failed("a stand-in, not a capability".into())).new_call(
+            interface_id,
+            method_id,
+            size_hint,
+        )
+    }
+    fn call(
+        &self,
+        _interface_id: u64,
+        _method_id: u16,
+        _params: Box<dyn ParamsHook>,
+        _results: Box<dyn ResultsHook>,
+    ) -> Promise<(), capnp::Error> {
+        Promise::err(capnp::Error::failed("a stand-in, not a capability".into()))
+    }
+    fn get_brand(&self) -> usize {
+        0
+    }
+    fn get_ptr(&self) -> usize {
+        self.0.map_or(usize::MAX, |id| id as usize)
+    }
+    fn get_resolved(&self) -> Option<Box<dyn ClientHook>> {
+        None
+    }
+    fn when_more_resolved(&self) -> Option<Promise<Box<dyn ClientHook>, capnp::Error>> {
+        None
+    }
+    fn when_resolved(&self) -> Promise<(), capnp::Error> {
+        Promise::ok(())
     }
 }
 

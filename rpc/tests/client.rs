@@ -702,3 +702,51 @@ fn direct_calls_share_the_connection_with_hook_calls() {
         server.abort();
     });
 }
+
+/// A capability pipelined on `open` resolves, once `open` returned, to the import the
+/// server hosts: calls on it then address the import, before and after the pipelined
+/// handle goes, and everything is released in the end; a reply of another question does
+/// not resolve it.
+#[test]
+fn a_pipelined_direct_capability_resolves_to_its_import() {
+    run(|kind| async move {
+        let (bootstrap, alive, server, driver) = connect_direct(kind);
+        let (open, kv) = open_direct(&bootstrap, "t");
+        assert_eq!(get_direct(&kv, b"a").await.unwrap(), b"a", "{kind:?}");
+        let reply = open.await.unwrap();
+        let imported = kv.resolve(&reply).expect("kvCap is hosted by the server");
+        assert!(
+            bootstrap.resolve(&reply).is_none(),
+            "{kind:?}: not pipelined on open"
+        );
+        let (other, other_kv) = open_direct(&bootstrap, "t");
+        let other_reply = other.await.unwrap();
+        assert!(
+            kv.resolve(&other_reply).is_none(),
+            "{kind:?}: another question"
+        );
+        drop((other_reply, other_kv));
+        assert!(
+            until(|| alive.0.get() == 1).await,
+            "{kind:?}: the other kv stays"
+        );
+        drop(reply);
+        assert_eq!(get_direct(&imported, b"b").await.unwrap(), b"b", "{kind:?}");
+        drop(kv);
+        assert_eq!(get_direct(&imported, b"c").await.unwrap(), b"c", "{kind:?}");
+        let hooked = kv_store::Client::new(imported.hook());
+        assert_eq!(get(&hooked, b"d").await.unwrap(), b"d", "{kind:?}");
+        assert_eq!(alive.0.get(), 1, "{kind:?}");
+        drop((hooked, imported));
+        assert!(
+            until(|| alive.0.get() == 0).await,
+            "{kind:?}: kv not released"
+        );
+        drop(bootstrap);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver)
+            .await
+            .expect("the connection did not end");
+        assert!(ended.unwrap().is_ok(), "{kind:?}");
+        server.abort();
+    });
+}
