@@ -32,6 +32,7 @@ pub mod lease;
 pub mod memory;
 mod pending;
 mod ring;
+mod sorted;
 pub mod write;
 
 pub use history::{Changes, Event, EventKind, EventPage, KeyRange, PageLimits};

@@ -1,5 +1,5 @@
-//! The in-memory engine: a hash set for point reads plus an ordered set for scans, both
-//! holding the same entries, under one `RwLock`.
+//! The in-memory engine: a hash set for point reads plus an ordered index for scans
+//! (`Sorted`, see [`crate::sorted`]), both holding the same entries, under one `RwLock`.
 //!
 //! Why two indexes: point reads dominate a key-value workload, and a `BTreeMap` lookup in
 //! 100k keys walks ~7 nodes with dozens of key comparisons (about 6% of the server's CPU
@@ -8,11 +8,14 @@
 //! Why one allocation per key, shared by both (`Stored`, a thin reference-counted pointer
 //! to its version, revision, key and value): a read of a random key among 100k misses the
 //! CPU cache at each place it touches, so the key and value sit together; and memory per
-//! key is what a large keyspace costs. With the key copied into the ordered index and a
-//! 40-byte entry in the hash table, 1M keys of 100 bytes took 271 bytes each of RSS
-//! against Redis's 210 (bench/keyspace.sh); an 8-byte pointer in each index and the key
-//! stored once brought that to 234 (the rest is the allocator's size class for a 154-byte
-//! entry and the two indexes' own nodes). An overwrite with a
+//! key is what a large keyspace costs. Measured with 1M keys of 100 bytes
+//! (bench/keyspace.sh, RSS per key; Redis 210 in the same runs): key copied into a
+//! `BTreeMap` and a 40-byte hash entry, 271; an 8-byte pointer in each index and the key
+//! stored once, 239; the entry's own 32-byte header instead of `triomphe::ThinArc`'s (the
+//! entry drops from the allocator's 192-byte size class to 160) and chunks of 256 pointers
+//! instead of a `BTreeSet` (8 bytes a key against ~20), 194. What is left: 160 for the
+//! entry, ~19 for the hash table (2^21 slots of 9 bytes at 1M keys), ~8 for the order,
+//! and the fixed history and idempotency records. An overwrite with a
 //! value of the same length rewrites the entry in place (see `Stored`); any other puts a
 //! new entry in both indexes.
 //!
@@ -21,16 +24,21 @@
 //! no critical section awaits or does I/O, they are all short map operations, so readers
 //! on different workers run in parallel and writers wait only for microseconds.
 
+use std::alloc::{self, Layout};
 use std::borrow::Borrow;
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::mem::{align_of, size_of};
 use std::ops::Bound;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::history::{self, Changes, EventPage, KeyRange, PageLimits};
 use crate::lease::{LeaseInfo, Leases};
 use crate::ring::Ring;
+use crate::sorted::Sorted;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::write::{Attach, LeaseGranted, RevokeOutcome};
 use crate::{
@@ -50,18 +58,27 @@ pub const DEFAULT_HISTORY_EVENTS: usize = 10_000;
 /// Bytes of keys and values the history keeps by default.
 pub const DEFAULT_HISTORY_BYTES: usize = 8 << 20;
 
-/// What a key's allocation holds before its bytes.
-#[derive(Debug)]
-struct Meta {
+/// What a key's allocation holds before its bytes. `repr(C)`, and its size (32) is a
+/// multiple of its alignment, so the bytes start right after it.
+#[repr(C)]
+struct Header {
     version: Cell<u64>,
     mod_revision: Cell<u64>,
-    /// Keys are bounded far below 4 GiB by the contract's limits.
+    /// Handles to the allocation: one per index that holds it.
+    refs: AtomicU32,
+    /// Keys and values are bounded far below 4 GiB by the contract's limits, and the
+    /// engine refuses longer ones ([`Stored::fits`]).
     key_len: u32,
+    value_len: u32,
 }
 
-/// One live key: its metadata, then its bytes followed by its value's, in one allocation
+/// One live key: its header, then its bytes followed by its value's, in one allocation
 /// both indexes point to (see the module docs). Hashes, compares and orders as its key, so
 /// both sets are looked up by `&[u8]`.
+///
+/// Its own allocation rather than `triomphe::ThinArc`: with a 16-byte key and a 100-byte
+/// value, ThinArc's header (count, then the header with its length) made the entry one
+/// allocator size class larger (192 bytes instead of 160), 32 bytes a key.
 ///
 /// An overwrite with a value of the same length rewrites the value and metadata in place
 /// (no allocation, and neither index changes: a replaced entry would have to be found again
@@ -70,70 +87,122 @@ struct Meta {
 /// only inside `Inner`, which only the store's `RwLock` hands out. Readers hold `&Inner`
 /// (no writer meanwhile); [`Stored::overwrite`] is called only with `&mut Inner` held, so
 /// no read of the same entry, on any thread, overlaps it. The key bytes are never written.
-struct Stored(triomphe::ThinArc<Meta, Cell<u8>>);
+struct Stored(NonNull<Header>);
 
-// SAFETY: see the type's docs. Every mutation of the `Cell`s happens while the caller holds
-// `&mut Inner` (the store's write lock), which excludes every other access to the entry.
+// SAFETY: see the type's docs. Every write to the header's `Cell`s and to the value bytes
+// happens while the caller holds `&mut Inner` (the store's write lock), which excludes
+// every other access to the entry; the count is atomic.
 unsafe impl Send for Stored {}
 // SAFETY: as above; shared access (`&Inner`, the read lock) never mutates.
 unsafe impl Sync for Stored {}
 
 impl Clone for Stored {
     fn clone(&self) -> Self {
-        Stored(self.0.clone())
+        // As `Arc` does: a new handle is made from an existing one, so no ordering is needed.
+        self.header().refs.fetch_add(1, AtomicOrdering::Relaxed);
+        Stored(self.0)
+    }
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        if self.header().refs.fetch_sub(1, AtomicOrdering::Release) != 1 {
+            return;
+        }
+        // Every other handle's uses happen before the memory goes (as in `Arc`).
+        std::sync::atomic::fence(AtomicOrdering::Acquire);
+        let layout = Self::layout(self.bytes().len());
+        // SAFETY: the last handle is going; the allocation was made by `new` with this
+        // layout (the lengths never change).
+        unsafe { alloc::dealloc(self.0.as_ptr().cast::<u8>(), layout) }
     }
 }
 
 impl Stored {
-    fn new(key: &[u8], value: &[u8], version: u64, mod_revision: u64) -> Self {
-        let meta = Meta {
-            version: Cell::new(version),
-            mod_revision: Cell::new(mod_revision),
-            key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
-        };
-        let bytes = key.iter().chain(value).map(|&b| Cell::new(b));
-        let bytes = ExactLen {
-            items: bytes,
-            left: key.len() + value.len(),
-        };
-        Stored(triomphe::ThinArc::from_header_and_iter(meta, bytes))
+    /// Whether an entry can hold `key` and `value` (lengths below 4 GiB).
+    fn fits(key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if u32::try_from(key.len()).is_err() || u32::try_from(value.len()).is_err() {
+            return Err(StoreError::Invalid(
+                "the memory engine stores keys and values shorter than 4 GiB".into(),
+            ));
+        }
+        Ok(())
     }
 
-    fn meta(&self) -> &Meta {
-        &self.0.header.header
+    fn layout(bytes: usize) -> Layout {
+        match Layout::from_size_align(size_of::<Header>() + bytes, align_of::<Header>()) {
+            Ok(layout) => layout,
+            // `bytes` is two u32 lengths at most (`fits`): far below isize::MAX.
+            Err(_) => unreachable!("an entry of {bytes} bytes"),
+        }
+    }
+
+    /// An entry holding `key` and `value`; callers check [`fits`](Self::fits) first.
+    fn new(key: &[u8], value: &[u8], version: u64, mod_revision: u64) -> Self {
+        let layout = Self::layout(key.len() + value.len());
+        // SAFETY: the layout is not zero-sized (it holds the header).
+        let raw = unsafe { alloc::alloc(layout) }.cast::<Header>();
+        let Some(header) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: the allocation holds a header and then `key.len() + value.len()` bytes;
+        // it is new, so nothing else refers to it.
+        unsafe {
+            header.as_ptr().write(Header {
+                version: Cell::new(version),
+                mod_revision: Cell::new(mod_revision),
+                refs: AtomicU32::new(1),
+                key_len: key.len() as u32,
+                value_len: value.len() as u32,
+            });
+            let bytes = header.as_ptr().add(1).cast::<u8>();
+            ptr::copy_nonoverlapping(key.as_ptr(), bytes, key.len());
+            ptr::copy_nonoverlapping(value.as_ptr(), bytes.add(key.len()), value.len());
+        }
+        Stored(header)
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the allocation lives while any handle does; the header is initialised.
+        unsafe { self.0.as_ref() }
     }
 
     fn version(&self) -> u64 {
-        self.meta().version.get()
+        self.header().version.get()
     }
 
     fn bytes(&self) -> &[u8] {
-        let cells: &[Cell<u8>] = &self.0.slice;
-        // SAFETY: `Cell<u8>` has `u8`'s layout; no write to these cells can happen while
-        // the returned borrow lives (see the type's docs: writes need `&mut Inner`).
-        unsafe { &*(cells as *const [Cell<u8>] as *const [u8]) }
+        let h = self.header();
+        let len = h.key_len as usize + h.value_len as usize;
+        // SAFETY: `len` initialised bytes follow the header (see `new`); no write to them
+        // can happen while the returned borrow lives (see the type's docs: writes need
+        // `&mut Inner`).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().add(1).cast::<u8>(), len) }
     }
 
     fn key(&self) -> &[u8] {
-        &self.bytes()[..self.meta().key_len as usize]
+        &self.bytes()[..self.header().key_len as usize]
     }
 
     fn value(&self) -> &[u8] {
-        &self.bytes()[self.meta().key_len as usize..]
+        &self.bytes()[self.header().key_len as usize..]
     }
 
     /// Rewrites the value and metadata in place when `value` has the current value's
     /// length; `false` (nothing changed) otherwise. Callers hold `&mut Inner`.
     fn overwrite(&self, value: &[u8], version: u64, mod_revision: u64) -> bool {
-        let cells = &self.0.slice[self.meta().key_len as usize..];
-        if cells.len() != value.len() {
+        let h = self.header();
+        if h.value_len as usize != value.len() {
             return false;
         }
-        for (cell, &b) in cells.iter().zip(value) {
-            cell.set(b);
+        // SAFETY: the value's bytes lie inside the allocation, after the key; the caller
+        // holds `&mut Inner`, so no borrow of them (`bytes`) is alive on any thread.
+        unsafe {
+            let at = self.0.as_ptr().add(1).cast::<u8>().add(h.key_len as usize);
+            ptr::copy_nonoverlapping(value.as_ptr(), at, value.len());
         }
-        self.meta().version.set(version);
-        self.meta().mod_revision.set(mod_revision);
+        h.version.set(version);
+        h.mod_revision.set(mod_revision);
         true
     }
 
@@ -146,36 +215,15 @@ impl Stored {
                 Vec::new()
             },
             version: self.version(),
-            mod_revision: self.meta().mod_revision.get(),
+            mod_revision: self.header().mod_revision.get(),
         }
     }
 }
 
-/// An iterator that says its length (what `ThinArc` sizes its one allocation by; a chain
-/// of two slices does not say it).
-struct ExactLen<I> {
-    items: I,
-    left: usize,
-}
-
-impl<I: Iterator> Iterator for ExactLen<I> {
-    type Item = I::Item;
-    fn next(&mut self) -> Option<I::Item> {
-        let item = self.items.next()?;
-        self.left = self.left.saturating_sub(1);
-        Some(item)
-    }
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.left, Some(self.left))
-    }
-}
-
-impl<I: Iterator> ExactSizeIterator for ExactLen<I> {}
-
 impl std::fmt::Debug for Stored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stored")
-            .field("key_len", &self.meta().key_len)
+            .field("key_len", &self.header().key_len)
             .field("value_len", &self.value().len())
             .field("version", &self.version())
             .finish()
@@ -291,7 +339,7 @@ impl Index {
             }
             for &hash in &hashes[..chunk.len()] {
                 let _ = self.table.find(hash, |s| {
-                    prefetch_lines(s.0.ptr().cast());
+                    prefetch_lines(s.0.as_ptr().cast_const().cast());
                     true
                 });
             }
@@ -322,7 +370,7 @@ struct Inner {
     /// Every live key and its data.
     map: Index,
     /// The same entries, ordered (invariant: the same allocations as `map`'s).
-    order: BTreeSet<Stored>,
+    order: Sorted<Stored>,
     revision: u64,
     /// Idempotency records by record key (see [`crate::write`]).
     records: HashMap<Vec<u8>, Record>,
@@ -370,7 +418,7 @@ impl Inner {
             && self.order.iter().all(|s| {
                 self.map
                     .get(s.key())
-                    .is_some_and(|m| std::ptr::eq(m.0.ptr(), s.0.ptr()))
+                    .is_some_and(|m| std::ptr::eq(m.0.as_ptr(), s.0.as_ptr()))
             })
     }
 }
@@ -436,6 +484,7 @@ fn put_locked(
             return Err(StoreError::LeaseNotFound { id });
         }
     }
+    Stored::fits(key, value)?;
     let current = inner.version(key);
     if !cond.holds(current) {
         return Err(StoreError::ConditionFailed {
@@ -516,6 +565,7 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
     // Check every condition before touching anything: all or nothing.
     let mut versions = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
+        Stored::fits(item.key, item.value)?;
         let current = inner.version(item.key);
         if !item.cond.holds(current) {
             return Err(StoreError::ConditionFailed {
@@ -641,7 +691,7 @@ impl Store for MemoryStore {
             value.extend_from_slice(s.value());
             Found {
                 version: s.version(),
-                mod_revision: s.meta().mod_revision.get(),
+                mod_revision: s.header().mod_revision.get(),
             }
         }))
     }
@@ -721,9 +771,7 @@ impl Store for MemoryStore {
                 });
             }
         }
-        let mut range = inner
-            .order
-            .range::<[u8], _>((Bound::Included(req.start.as_slice()), upper));
+        let mut range = inner.order.range(req.start.as_slice(), upper);
         let mut page = ScanPage {
             revision: inner.revision,
             ..ScanPage::default()
@@ -776,6 +824,20 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_a_32_byte_header_then_its_bytes() {
+        // The header's size decides the entry's allocator size class (see `Stored`).
+        assert_eq!(size_of::<Header>(), 32);
+        let s = Stored::new(b"key", b"value", 3, 9);
+        assert_eq!((s.key(), s.value(), s.version()), (&b"key"[..], &b"value"[..], 3));
+        let t = s.clone();
+        assert!(s.overwrite(b"VALUE", 4, 10));
+        assert!(!s.overwrite(b"longer value", 5, 11));
+        drop(s);
+        assert_eq!((t.value(), t.version()), (&b"VALUE"[..], 4));
+        assert_eq!(t.header().mod_revision.get(), 10);
+    }
 
     /// The memory engine says its writes complete at once (the server then answers them
     /// without waiting): every kind of write, keyed or not, failing or not, returns a ready
@@ -857,7 +919,7 @@ mod tests {
         ];
         wait(s.put_many(&items)).unwrap();
         // Same length: rewritten in place (the same allocation in both indexes).
-        let at = |s: &MemoryStore, k: &[u8]| s.read().map.get(k).map(|e| e.0.ptr());
+        let at = |s: &MemoryStore, k: &[u8]| s.read().map.get(k).map(|e| e.0.as_ptr());
         let before = at(&s, &[b'k', 5]);
         wait(s.put(&[b'k', 5], &[9; 100], Condition::None)).unwrap();
         assert_eq!(at(&s, &[b'k', 5]), before);
