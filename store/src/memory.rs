@@ -830,7 +830,10 @@ mod tests {
         // The header's size decides the entry's allocator size class (see `Stored`).
         assert_eq!(size_of::<Header>(), 32);
         let s = Stored::new(b"key", b"value", 3, 9);
-        assert_eq!((s.key(), s.value(), s.version()), (&b"key"[..], &b"value"[..], 3));
+        assert_eq!(
+            (s.key(), s.value(), s.version()),
+            (&b"key"[..], &b"value"[..], 3)
+        );
         let t = s.clone();
         assert!(s.overwrite(b"VALUE", 4, 10));
         assert!(!s.overwrite(b"longer value", 5, 11));
