@@ -671,6 +671,11 @@ fn direct_calls_share_the_connection_with_hook_calls() {
         let e = get_direct(&kv, b"boom").await.unwrap_err();
         assert!(e.to_string().contains("boom"), "{kind:?}: {e}");
         assert_eq!(get_direct(&kv, b"k").await.unwrap(), b"k", "{kind:?}");
+        // Keys past the call's first segment (the message grows a second one), then small.
+        for len in [4_000, 1_500, 2] {
+            let key = vec![b'x'; len];
+            assert_eq!(get_direct(&kv, &key).await.unwrap(), key, "{kind:?} {len}");
+        }
         // Given up before its answer: its question goes when the Return comes.
         drop(kv.call(KV_ID, 0, 32, |p| {
             p.init_as::<kv_store::get_params::Builder>()
