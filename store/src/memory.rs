@@ -155,11 +155,17 @@ impl Stored {
                 key_len: key.len() as u32,
                 value_len: value.len() as u32,
             });
-            let bytes = header.as_ptr().add(1).cast::<u8>();
+            let bytes = Self::bytes_at(header);
             ptr::copy_nonoverlapping(key.as_ptr(), bytes, key.len());
             ptr::copy_nonoverlapping(value.as_ptr(), bytes.add(key.len()), value.len());
         }
         Stored(header)
+    }
+
+    /// Where an entry's bytes start: right after its header (see [`Header`]).
+    fn bytes_at(header: NonNull<Header>) -> *mut u8 {
+        // In bounds of the allocation: it holds the header, then the bytes.
+        header.as_ptr().wrapping_add(1).cast::<u8>()
     }
 
     fn header(&self) -> &Header {
@@ -177,7 +183,7 @@ impl Stored {
         // SAFETY: `len` initialised bytes follow the header (see `new`); no write to them
         // can happen while the returned borrow lives (see the type's docs: writes need
         // `&mut Inner`).
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().add(1).cast::<u8>(), len) }
+        unsafe { std::slice::from_raw_parts(Self::bytes_at(self.0), len) }
     }
 
     fn key(&self) -> &[u8] {
@@ -198,7 +204,7 @@ impl Stored {
         // SAFETY: the value's bytes lie inside the allocation, after the key; the caller
         // holds `&mut Inner`, so no borrow of them (`bytes`) is alive on any thread.
         unsafe {
-            let at = self.0.as_ptr().add(1).cast::<u8>().add(h.key_len as usize);
+            let at = Self::bytes_at(self.0).add(h.key_len as usize);
             ptr::copy_nonoverlapping(value.as_ptr(), at, value.len());
         }
         h.version.set(version);

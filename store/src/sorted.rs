@@ -23,22 +23,18 @@ pub(crate) const CHUNK: usize = 256;
 pub(crate) struct Sorted<T> {
     /// Never an empty chunk; every chunk's keys come before the next chunk's.
     chunks: Vec<Vec<T>>,
-    len: usize,
 }
 
 impl<T> Default for Sorted<T> {
     fn default() -> Self {
-        Self {
-            chunks: Vec::new(),
-            len: 0,
-        }
+        Self { chunks: Vec::new() }
     }
 }
 
 impl<T: Borrow<[u8]>> Sorted<T> {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.chunks.iter().map(Vec::len).sum()
     }
 
     /// The chunk where `key` is or would go: the first whose last key is not below it,
@@ -58,7 +54,6 @@ impl<T: Borrow<[u8]>> Sorted<T> {
             let mut chunk = Vec::with_capacity(CHUNK);
             chunk.push(item);
             self.chunks.push(chunk);
-            self.len = 1;
             return None;
         };
         let chunks_len = self.chunks.len();
@@ -67,9 +62,8 @@ impl<T: Borrow<[u8]>> Sorted<T> {
             Ok(at) => return Some(std::mem::replace(&mut chunk[at], item)),
             Err(at) => at,
         };
-        self.len += 1;
         if chunk.len() < CHUNK {
-            chunk.push_at(at, item);
+            chunk.insert(at, item);
             return None;
         }
         // Full. At the very end of the index (a load in ascending order), start a new chunk
@@ -83,9 +77,9 @@ impl<T: Borrow<[u8]>> Sorted<T> {
         let mut right = Vec::with_capacity(CHUNK);
         right.extend(chunk.drain(CHUNK / 2..));
         if at <= CHUNK / 2 {
-            chunk.push_at(at, item);
+            chunk.insert(at, item);
         } else {
-            right.push_at(at - CHUNK / 2, item);
+            right.insert(at - CHUNK / 2, item);
         }
         self.chunks.insert(ci + 1, right);
         None
@@ -97,7 +91,6 @@ impl<T: Borrow<[u8]>> Sorted<T> {
         let chunk = &mut self.chunks[ci];
         let at = chunk.binary_search_by(|t| t.borrow().cmp(key)).ok()?;
         let item = chunk.remove(at);
-        self.len -= 1;
         if chunk.is_empty() {
             self.chunks.remove(ci);
         } else if chunk.len() < CHUNK / 4 {
@@ -144,17 +137,6 @@ impl<T: Borrow<[u8]>> Sorted<T> {
                 Bound::Excluded(end) => <T as Borrow<[u8]>>::borrow(t) < end,
                 Bound::Unbounded => true,
             })
-    }
-}
-
-/// `Vec::insert` under a name that does not read as a map's insert.
-trait PushAt<T> {
-    fn push_at(&mut self, at: usize, item: T);
-}
-
-impl<T> PushAt<T> for Vec<T> {
-    fn push_at(&mut self, at: usize, item: T) {
-        self.insert(at, item);
     }
 }
 
