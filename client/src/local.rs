@@ -32,8 +32,6 @@ use crate::{
     RevokeOutcome, ScanBounds, ScanOptions, ScanPage, VersionInfo, WatchEvent, WatchPage,
 };
 
-/// The write session of a connection: the pipelined capability, how the call that made it
-/// ended, and the token it resumed (if it was a `resumeSession`).
 /// A capability on capkv's engine for direct calls: pipelined on the call that promised it
 /// until that call returns, then the import it returned (`DirectCap::resolve`), which the
 /// server reads on its fast path. Empty on capnp-rpc's `RpcSystem`.
@@ -48,6 +46,8 @@ fn resolve_into(slot: &DirectSlot, reply: &DirectReply) {
     }
 }
 
+/// The write session of a connection: the pipelined capability, how the call that made it
+/// ended, and the token it resumed (if it was a `resumeSession`).
 struct CachedSession {
     cap: write_session::Client,
     /// The same session on capkv's engine, for puts made directly.

@@ -141,13 +141,13 @@ pub(crate) async fn get_one(
     key: &[u8],
     meta: CallMeta,
 ) -> Result<Option<Entry>, ApiError> {
+    let fill = |mut p: kv_store::get_params::Builder<'_>| {
+        meta.write(p.reborrow().init_ctx());
+        p.set_key(key);
+    };
     let r = match direct {
         // capkv's engine: the call without capnp's hook objects.
         Some(kv) => {
-            let fill = |mut p: kv_store::get_params::Builder<'_>| {
-                meta.write(p.reborrow().init_ctx());
-                p.set_key(key);
-            };
             async {
                 direct_result!(kv, KV_STORE_ID, KV_GET, call_words(key.len()),
                     kv_store::get_params::Builder => fill,
@@ -158,8 +158,7 @@ pub(crate) async fn get_one(
         }
         None => {
             let mut req = kv.get_request();
-            meta.write(req.get().init_ctx());
-            req.get().set_key(key);
+            fill(req.get());
             async {
                 decode_result!(req.send().promise, get_result,
                     Ok(e) => Ok(Some(read_entry(e.map_err(capnp_err)?)?)))

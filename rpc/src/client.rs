@@ -1129,6 +1129,11 @@ impl DirectCap {
 /// A call made through [`DirectCap::call`]: resolves to its Return.
 pub struct DirectCall(Result<ReplyFuture, Option<capnp::Error>>);
 
+/// A failed [`DirectCall`]'s error, once its future has taken it.
+fn result_taken() -> capnp::Error {
+    capnp::Error::failed("the call's result was already taken".into())
+}
+
 impl DirectCall {
     /// The capability its results will hold at the path of pointer fields `fields`, usable
     /// at once: calls on it are pipelined on this question (`promisedAnswer`).
@@ -1145,9 +1150,7 @@ impl DirectCall {
                     target: Target::Promised(f.id, Rc::from(ops)),
                 }))
             }
-            Err(e) => DirectCap(Err(e.clone().unwrap_or_else(|| {
-                capnp::Error::failed("the call's result was already taken".into())
-            }))),
+            Err(e) => DirectCap(Err(e.clone().unwrap_or_else(result_taken))),
         }
     }
 }
@@ -1163,9 +1166,7 @@ impl Future for DirectCall {
                     .poll(cx)
                     .map(|r| r.map(|reply| DirectReply { reply, question }))
             }
-            Err(e) => Poll::Ready(Err(e.take().unwrap_or_else(|| {
-                capnp::Error::failed("the call's result was already taken".into())
-            }))),
+            Err(e) => Poll::Ready(Err(e.take().unwrap_or_else(result_taken))),
         }
     }
 }

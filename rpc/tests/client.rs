@@ -402,11 +402,7 @@ fn a_connection_nobody_holds_ends() {
         assert_eq!(get(&kv, b"k").await.unwrap(), b"k");
         drop(kv);
         drop(c.gateway);
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), c.driver)
-            .await
-            .expect("the connection did not end");
-        assert!(ended.unwrap().is_ok(), "{kind:?}");
-        c.server.abort();
+        ends_cleanly(kind, c.driver, c.server).await;
     });
 }
 
@@ -601,6 +597,20 @@ fn no_server_message_sequence_panics_the_client() {
 }
 
 /// A server of `kind` and capkv's client, its bootstrap as a direct capability.
+/// With every capability gone, the connection's future ends, without error (then the
+/// server task is stopped).
+async fn ends_cleanly(
+    kind: Server,
+    driver: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    server: tokio::task::JoinHandle<()>,
+) {
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver)
+        .await
+        .expect("the connection did not end");
+    assert!(ended.unwrap().is_ok(), "{kind:?}");
+    server.abort();
+}
+
 fn connect_direct(
     kind: Server,
 ) -> (
@@ -700,11 +710,7 @@ fn direct_calls_share_the_connection_with_hook_calls() {
             "{kind:?}: kv not released"
         );
         drop(bootstrap);
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver)
-            .await
-            .expect("the connection did not end");
-        assert!(ended.unwrap().is_ok(), "{kind:?}");
-        server.abort();
+        ends_cleanly(kind, driver, server).await;
     });
 }
 
@@ -748,10 +754,6 @@ fn a_pipelined_direct_capability_resolves_to_its_import() {
             "{kind:?}: kv not released"
         );
         drop(bootstrap);
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), driver)
-            .await
-            .expect("the connection did not end");
-        assert!(ended.unwrap().is_ok(), "{kind:?}");
-        server.abort();
+        ends_cleanly(kind, driver, server).await;
     });
 }
