@@ -25,6 +25,11 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # kv-server's /metrics with curl.
 command -v db_bench >/dev/null 2>&1 || need_apt+=(rocksdb-tools)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# The etcd engine: etcd-client's build generates its gRPC code with protoc; its tests and
+# scripts run loopback clusters of Debian's etcd (3.4; production notes name 3.5+).
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 
 if ((${#need_apt[@]})); then

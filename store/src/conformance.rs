@@ -8,6 +8,9 @@
 //! capkv_store::conformance_tests!(capkv_store::MemoryStore::new());
 //! ```
 //!
+//! An engine whose leases expire on another clock (etcd's) runs
+//! `conformance_tests!(shared: ...)`: every case but `leases_expire_by_the_reaper`.
+//!
 //! Panicking asserts are the point here: this module is test code shipped in the library
 //! so that every engine crate can reuse it.
 
@@ -684,7 +687,7 @@ pub fn concurrent_watchers_see_one_order(make: &dyn Fn() -> Arc<dyn Store>) {
 /// unknown lease fails the put and writes nothing; a put with a TTL grants a lease of its
 /// own; a lease past its TTL is revoked by `ExpireLeases`.
 pub fn leases_take_their_keys(s: &dyn Store) {
-    use crate::write::{Attach, ExpireLeases, GrantLease, RevokeLease};
+    use crate::write::{Attach, GrantLease, RevokeLease};
     let grant = |ttl_ms| match s.write(GrantLease { ttl_ms }.into(), None).wait() {
         Ok(crate::WriteOutcome::GrantLease(g)) => g.id,
         other => panic!("grant: {other:?}"),
@@ -769,19 +772,6 @@ pub fn leases_take_their_keys(s: &dyn Store) {
     s.put_many(&items).wait().unwrap();
     assert_eq!(s.lease_info(kept).unwrap().keys, 0);
 
-    // A TTL of its own; past it, the reaper's ExpireLeases takes the key.
-    let ttl = put(b"t/1", Attach::NewLease { ttl_ms: 0 }).unwrap().lease;
-    assert_ne!(ttl, 0);
-    let (alive, next) = s.lease_clock();
-    assert!(alive >= 2 && next.is_some());
-    assert_eq!(s.apply(ExpireLeases, None).wait(), Ok(1));
-    assert_eq!(s.get(b"t/1").unwrap(), None);
-    assert_eq!(
-        s.lease_info(ttl),
-        Err(StoreError::LeaseNotFound { id: ttl })
-    );
-    assert!(s.lease_info(kept).is_ok(), "a live lease does not expire");
-
     // Keyed, a put with a TTL and a revoke have one effect however often they are sent.
     let ttl_put = || {
         s.apply(
@@ -796,10 +786,14 @@ pub fn leases_take_their_keys(s: &dyn Store) {
         .wait()
         .unwrap()
     };
-    let (leases_before, _) = s.lease_clock();
     let first = ttl_put();
-    assert_eq!(ttl_put(), first, "the replay answers the first outcome");
-    assert_eq!(s.lease_clock().0, leases_before + 1, "one lease, not two");
+    assert_ne!(first.lease, 0, "a lease of its own");
+    assert_eq!(
+        ttl_put(),
+        first,
+        "the replay answers the first outcome: one lease, not two"
+    );
+    assert_eq!(s.lease_info(first.lease).unwrap().keys, 1);
     let revoke = || {
         s.apply(
             RevokeLease { id: first.lease },
@@ -812,10 +806,60 @@ pub fn leases_take_their_keys(s: &dyn Store) {
     assert_eq!(revoke(), Ok(revoked), "the replay, not leaseNotFound");
 }
 
+/// Engines that keep lease deadlines themselves (the local ones; etcd expires leases on
+/// its own clock): `lease_clock` counts the leases and names the next deadline, a put's
+/// own lease of TTL 0 is past it at once, and the reaper's `ExpireLeases` takes its key
+/// and leaves live leases alone. A keyed put's own lease is granted once.
+pub fn leases_expire_by_the_reaper(s: &dyn Store) {
+    use crate::write::{Attach, ExpireLeases, GrantLease};
+    let put = |key: &[u8], attach, idem| {
+        s.apply(
+            write::Put {
+                key: key.to_vec(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+                attach,
+            },
+            idem,
+        )
+        .wait()
+        .unwrap()
+        .lease
+    };
+    let live = match s.write(GrantLease { ttl_ms: 600_000 }.into(), None).wait() {
+        Ok(crate::WriteOutcome::GrantLease(g)) => g.id,
+        other => panic!("grant: {other:?}"),
+    };
+    let ttl = put(b"t/1", Attach::NewLease { ttl_ms: 0 }, None);
+    assert_ne!(ttl, 0);
+    let (alive, next) = s.lease_clock();
+    assert!(alive == 2 && next.is_some());
+    assert_eq!(s.apply(ExpireLeases, None).wait(), Ok(1));
+    assert_eq!(s.get(b"t/1").unwrap(), None);
+    assert_eq!(
+        s.lease_info(ttl),
+        Err(StoreError::LeaseNotFound { id: ttl })
+    );
+    assert!(s.lease_info(live).is_ok(), "a live lease does not expire");
+
+    let keyed = || {
+        put(
+            b"once",
+            Attach::NewLease { ttl_ms: 600_000 },
+            idem("s", "k", far_future()),
+        )
+    };
+    let first = keyed();
+    assert_eq!(keyed(), first);
+    assert_eq!(s.lease_clock().0, 2, "one lease, not two");
+}
+
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
 #[macro_export]
 macro_rules! conformance_tests {
-    ($make:expr) => {
+    // The cases of every engine, including those that expire leases on a clock of their
+    // own (etcd): all but `leases_expire_by_the_reaper`.
+    (shared: $make:expr) => {
         $crate::conformance_tests!(@cases $make;
             get_missing_is_none, put_then_get, get_into_reads_what_get_reads,
             versions_and_revisions_advance,
@@ -853,6 +897,10 @@ macro_rules! conformance_tests {
             });
         }
     };
+    ($make:expr) => {
+        $crate::conformance_tests!(shared: $make);
+        $crate::conformance_tests!(@cases $make; leases_expire_by_the_reaper);
+    };
     (@cases $make:expr; $($case:ident),*) => {
         $(
             #[test]
@@ -862,4 +910,81 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+/// A store with something that must outlive it (its temp directory, the etcd cluster it
+/// runs on): dropped after the store. Every [`Store`] method goes to the store.
+pub struct Guarded<S, G> {
+    // Field order is drop order.
+    pub store: S,
+    pub guard: G,
+}
+
+impl<S: Store, G: Send + Sync> Store for Guarded<S, G> {
+    fn get(&self, key: &[u8]) -> Result<Option<crate::Entry>, StoreError> {
+        self.store.get(key)
+    }
+    fn get_into(
+        &self,
+        key: &[u8],
+        value: &mut Vec<u8>,
+    ) -> Result<Option<crate::Found>, StoreError> {
+        self.store.get_into(key, value)
+    }
+    fn write(
+        &self,
+        op: WriteOp,
+        idem: Option<IdempotencyKey>,
+    ) -> crate::Pending<crate::WriteOutcome> {
+        self.store.write(op, idem)
+    }
+    fn writes_complete_at_once(&self) -> bool {
+        self.store.writes_complete_at_once()
+    }
+    fn scan(&self, req: &ScanRequest) -> Result<crate::ScanPage, StoreError> {
+        self.store.scan(req)
+    }
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<crate::Entry>>, u64), StoreError> {
+        self.store.get_many(keys)
+    }
+    fn reads_complete_at_once(&self) -> bool {
+        self.store.reads_complete_at_once()
+    }
+    fn get_async(&self, key: &[u8]) -> crate::Pending<Option<crate::Entry>> {
+        self.store.get_async(key)
+    }
+    fn scan_async(&self, req: &ScanRequest) -> crate::Pending<crate::ScanPage> {
+        self.store.scan_async(req)
+    }
+    fn get_many_async(&self, keys: &[&[u8]]) -> crate::Pending<(Vec<Option<crate::Entry>>, u64)> {
+        self.store.get_many_async(keys)
+    }
+    fn lease_keep_alive_async(&self, id: u64) -> crate::Pending<crate::LeaseInfo> {
+        self.store.lease_keep_alive_async(id)
+    }
+    fn lease_info_async(&self, id: u64) -> crate::Pending<crate::LeaseInfo> {
+        self.store.lease_info_async(id)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.store.revision()
+    }
+    crate::forward_history_and_leases!(store);
+    fn engine_name(&self) -> &'static str {
+        self.store.engine_name()
+    }
+    fn stats(&self) -> crate::StoreStats {
+        self.store.stats()
+    }
+    fn instance_secret(&self) -> [u8; 32] {
+        self.store.instance_secret()
+    }
+    fn write_refusal(&self) -> Option<String> {
+        self.store.write_refusal()
+    }
+    fn compact(&self) -> Result<(), StoreError> {
+        self.store.compact()
+    }
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StoreError> {
+        self.store.checkpoint(dir)
+    }
 }

@@ -31,7 +31,7 @@ pub mod history;
 pub mod lease;
 pub mod memory;
 mod pending;
-mod ring;
+pub mod ring;
 mod sorted;
 pub mod write;
 
@@ -281,6 +281,35 @@ pub trait Store: Send + Sync {
             .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
             .collect();
         typed(write::PutMany { items }, |op| self.write(op, None))
+    }
+    /// Whether reads are answered on the calling thread at once (memory or block-cache
+    /// lookups: the local engines, the default). An engine that reads over the network
+    /// (etcd) says false: the server then reads through the `_async` forms below, so that
+    /// no worker thread ever blocks on a network read, and its synchronous reads, which
+    /// block the caller, are left to tools and tests.
+    fn reads_complete_at_once(&self) -> bool {
+        true
+    }
+    /// [`get`](Self::get) as a [`Pending`]; the default answers at once.
+    fn get_async(&self, key: &[u8]) -> Pending<Option<Entry>> {
+        Pending::ready(self.get(key))
+    }
+    /// [`scan`](Self::scan) as a [`Pending`]; the default answers at once.
+    fn scan_async(&self, req: &ScanRequest) -> Pending<ScanPage> {
+        Pending::ready(self.scan(req))
+    }
+    /// [`get_many`](Self::get_many) as a [`Pending`]; the default answers at once.
+    fn get_many_async(&self, keys: &[&[u8]]) -> Pending<(Vec<Option<Entry>>, u64)> {
+        Pending::ready(self.get_many(keys))
+    }
+    /// [`lease_keep_alive`](Self::lease_keep_alive) as a [`Pending`]; the default answers
+    /// at once.
+    fn lease_keep_alive_async(&self, id: u64) -> Pending<LeaseInfo> {
+        Pending::ready(self.lease_keep_alive(id))
+    }
+    /// [`lease_info`](Self::lease_info) as a [`Pending`]; the default answers at once.
+    fn lease_info_async(&self, id: u64) -> Pending<LeaseInfo> {
+        Pending::ready(self.lease_info(id))
     }
     /// The current store revision.
     fn revision(&self) -> Result<u64, StoreError>;

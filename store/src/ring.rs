@@ -1,4 +1,4 @@
-//! The memory engine's watch history: the events of the latest revisions, in two rings, one
+//! A watch history in memory (the memory engine's, and the etcd engine's window of etcd's): the events of the latest revisions, in two rings, one
 //! of fixed-size records and one of their keys' and values' bytes end to end.
 //!
 //! Why bytes in a ring and not an allocation per event: the oldest event leaves when a new
@@ -34,7 +34,7 @@ impl Record {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Ring {
+pub struct Ring {
     records: VecDeque<Record>,
     bytes: VecDeque<u8>,
     /// Where `bytes[0]` is, counted from the ring's creation.
@@ -46,7 +46,7 @@ pub(crate) struct Ring {
 }
 
 impl Ring {
-    pub(crate) fn new(max_events: usize, max_bytes: usize) -> Self {
+    pub fn new(max_events: usize, max_bytes: usize) -> Self {
         Self {
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
@@ -56,7 +56,7 @@ impl Ring {
 
     /// Appends a change at `revision` (`version` `None`: a delete). Call [`trim`](Self::trim)
     /// once the revision is complete.
-    pub(crate) fn push(&mut self, key: &[u8], value: &[u8], version: Option<u64>, revision: u64) {
+    pub fn push(&mut self, key: &[u8], value: &[u8], version: Option<u64>, revision: u64) {
         self.records.push_back(Record {
             revision,
             version,
@@ -70,7 +70,7 @@ impl Ring {
     }
 
     /// Drops the oldest revisions, whole, until both bounds hold.
-    pub(crate) fn trim(&mut self) {
+    pub fn trim(&mut self) {
         while self.records.len() > self.max_events || self.bytes.len() > self.max_bytes {
             let Some(oldest) = self.records.front().map(|r| r.revision) else {
                 break;
@@ -87,14 +87,24 @@ impl Ring {
         }
     }
 
+    /// Starts the history after `revision`: what came before is gone (an engine whose
+    /// history begins later than its data, as the etcd engine's at a gateway's start).
+    pub fn forget_through(&mut self, revision: u64) {
+        let first = self.records.partition_point(|r| r.revision <= revision);
+        let dropped: u64 = self.records.drain(..first).map(|r| r.len()).sum();
+        self.bytes.drain(..dropped as usize);
+        self.bytes_start += dropped;
+        self.compacted = self.compacted.max(revision);
+    }
+
     /// The revision through which events are gone.
-    pub(crate) fn compacted(&self) -> u64 {
+    pub fn compacted(&self) -> u64 {
         self.compacted
     }
 
     /// The events after revision `after`, as `history::page` takes them: each with its
     /// revision, decoded only when its key is in `range`.
-    pub(crate) fn after<'a>(
+    pub fn after<'a>(
         &'a self,
         after: u64,
         range: &'a KeyRange,
