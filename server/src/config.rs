@@ -43,6 +43,8 @@ impl fmt::Debug for Secret {
 pub enum Engine {
     Memory,
     Rocksdb,
+    /// An etcd cluster (`storage.etcd`): kv-servers as stateless gateways over it.
+    Etcd,
 }
 
 impl Engine {
@@ -50,6 +52,7 @@ impl Engine {
         match self {
             Engine::Memory => "memory",
             Engine::Rocksdb => "rocksdb",
+            Engine::Etcd => "etcd",
         }
     }
 }
@@ -276,6 +279,55 @@ pub struct StorageConfig {
     pub memory_history_events: usize,
     /// Bytes of keys and values the memory engine's history keeps, at most.
     pub memory_history_bytes: usize,
+    /// The etcd engine (`engine = "etcd"`).
+    pub etcd: EtcdConfig,
+}
+
+/// Where the etcd engine's cluster is (`storage.etcd`). The history a gateway keeps for
+/// watchers is `memory_history_events` / `memory_history_bytes`; `history_revisions` is
+/// what `Admin.compact` leaves of etcd's own history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the members, e.g. `["http://10.0.0.1:2379", ...]`.
+    pub endpoints: Vec<String>,
+    /// Prefix of every key capkv writes; stores sharing a cluster need different ones.
+    pub prefix: String,
+    /// etcd's own authentication, when the cluster has it on.
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// CA that signed the members' certificates (then endpoints are `https://`), and this
+    /// gateway's client certificate and key when the members require one.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Longest one request to etcd may take; past it the call is `unavailable`.
+    pub request_timeout_ms: u64,
+    /// The cluster's `--max-txn-ops` and `--max-request-bytes` (etcd does not report
+    /// them): capkv's limits are checked against them at start.
+    pub max_txn_ops: usize,
+    pub max_request_bytes: usize,
+    /// Idempotency records expiring within the same this-many seconds share one lease.
+    pub record_lease_bucket_s: u64,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        let o = capkv_store_etcd::EtcdOptions::new(Vec::new());
+        Self {
+            endpoints: Vec::new(),
+            prefix: String::from_utf8_lossy(&o.prefix).into_owned(),
+            user: None,
+            password: None,
+            ca: None,
+            cert: None,
+            key: None,
+            request_timeout_ms: o.request_timeout.as_millis() as u64,
+            max_txn_ops: o.max_txn_ops,
+            max_request_bytes: o.max_request_bytes,
+            record_lease_bucket_s: o.record_lease_bucket_s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -388,6 +440,7 @@ impl Default for StorageConfig {
             history_events: r.history_events,
             memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
             memory_history_bytes: capkv_store::memory::DEFAULT_HISTORY_BYTES,
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -453,6 +506,7 @@ pub struct FlagOverrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    pub etcd_endpoints: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -514,6 +568,7 @@ impl Config {
         flag!("tls.cert", flags.tls_cert);
         flag!("tls.key", flags.tls_key);
         flag!("tls.client_ca", flags.tls_client_ca);
+        flag!("storage.etcd.endpoints", flags.etcd_endpoints);
         let config: Config = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         config.validate()?;
         Ok(config)
@@ -587,6 +642,9 @@ impl Config {
         }
         if st.memory_history_bytes == 0 || st.memory_history_bytes > 1 << 40 {
             return fail("storage.memory_history_bytes must be in 1..=1099511627776");
+        }
+        if self.engine == Engine::Etcd {
+            self.validate_etcd()?;
         }
         if self.idempotency.ttl_s == 0 || self.idempotency.ttl_s > 30 * 24 * 3600 {
             return fail("idempotency.ttl_s must be in 1..=2592000 (30 days)");
@@ -670,6 +728,63 @@ impl Config {
         }
     }
 
+    fn validate_etcd(&self) -> Result<(), ConfigError> {
+        let e = &self.storage.etcd;
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        if e.endpoints.is_empty() {
+            return fail(
+                "engine = \"etcd\" needs storage.etcd.endpoints (e.g. --etcd-endpoints \
+                 http://127.0.0.1:2379)"
+                    .into(),
+            );
+        }
+        if e.prefix.is_empty() {
+            return fail("storage.etcd.prefix must not be empty".into());
+        }
+        if e.request_timeout_ms == 0 || e.request_timeout_ms > 600_000 {
+            return fail("storage.etcd.request_timeout_ms must be in 1..=600000".into());
+        }
+        if e.user.is_some() != e.password.is_some() {
+            return fail("storage.etcd.user and storage.etcd.password go together".into());
+        }
+        if e.cert.is_some() != e.key.is_some() || (e.cert.is_some() && e.ca.is_none()) {
+            return fail("storage.etcd.cert and key go together, and need storage.etcd.ca".into());
+        }
+        let l = &self.limits;
+        self.etcd_options()
+            .check_limits(
+                l.max_batch_items as usize,
+                l.max_key_bytes,
+                l.max_value_bytes,
+            )
+            .or_else(fail)
+    }
+
+    /// The etcd engine's options from `storage.etcd` (and the history sizes).
+    pub fn etcd_options(&self) -> capkv_store_etcd::EtcdOptions {
+        let st = &self.storage;
+        let e = &st.etcd;
+        let mut o = capkv_store_etcd::EtcdOptions::new(e.endpoints.clone());
+        o.prefix = e.prefix.clone().into_bytes();
+        o.user = e
+            .user
+            .clone()
+            .zip(e.password.as_ref().map(|p| p.expose().to_string()));
+        o.tls = e.ca.clone().map(|ca| capkv_store_etcd::EtcdTls {
+            ca,
+            cert: e.cert.clone(),
+            key: e.key.clone(),
+        });
+        o.request_timeout = std::time::Duration::from_millis(e.request_timeout_ms);
+        o.history_events = st.memory_history_events;
+        o.history_bytes = st.memory_history_bytes;
+        o.compact_keep_revisions = st.history_revisions;
+        o.record_lease_bucket_s = e.record_lease_bucket_s;
+        o.max_txn_ops = e.max_txn_ops;
+        o.max_request_bytes = e.max_request_bytes;
+        o
+    }
+
     /// A method's (default, max) budget in milliseconds.
     pub fn budget_ms(&self, method: crate::method::Method) -> (u32, u32) {
         let d = &self.deadlines;
@@ -710,6 +825,9 @@ impl Config {
         }
         if shown.admin.token.is_some() {
             shown.admin.token = Some(Secret::new("<redacted>"));
+        }
+        if shown.storage.etcd.password.is_some() {
+            shown.storage.etcd.password = Some(Secret::new("<redacted>"));
         }
         // Serializing a plain struct of strings and numbers cannot fail; fall back to Debug
         // (which redacts too) rather than panic if it ever does.

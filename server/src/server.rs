@@ -89,6 +89,8 @@ pub enum ServerError {
     },
     #[error("cannot open the storage engine")]
     Storage(#[from] capkv_store_rocks::OpenError),
+    #[error("cannot open the etcd engine")]
+    Etcd(#[from] capkv_store_etcd::OpenError),
     #[error("cannot start worker thread: {0}")]
     Worker(std::io::Error),
     #[error(transparent)]
@@ -133,6 +135,8 @@ impl Server {
             // Opening replays the WAL: blocking, but only once, before anything is served.
             // On a disk too full to recover, reads are served read-only until there is room.
             Engine::Rocksdb => capkv_store_rocks::open_or_read_only(config.rocks_options())?,
+            // Connects and reads the store's secret and history start: blocking, once.
+            Engine::Etcd => Arc::new(capkv_store_etcd::EtcdStore::open(config.etcd_options())?),
         };
         Self::bind_with_store(config, store).await
     }

@@ -53,6 +53,10 @@ struct Args {
     /// Mutual TLS: the CA whose certificates clients must present (PEM).
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// With --engine etcd: the cluster's client URLs, comma-separated
+    /// (`storage.etcd.endpoints`).
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
     /// Development only: allow the Admin capability without an admin token.
     #[arg(long)]
     dev_admin: bool,
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,
+        etcd_endpoints: args.etcd_endpoints,
     };
     let config = match Config::load(args.config.as_deref(), &flags) {
         Ok(c) => c,

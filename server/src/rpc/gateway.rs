@@ -109,9 +109,15 @@ impl gateway::Server for GatewayImpl {
             with = |out, r| {
                 match r {
                     Ok(slot) => {
-                        let kv: kv_store::Client = capkv_rpc::local::new_direct_client(
-                            KvStoreImpl::new(Arc::clone(&self.shared), Rc::clone(&self.conn), slot),
-                        );
+                        let kv =
+                            KvStoreImpl::new(Arc::clone(&self.shared), Rc::clone(&self.conn), slot);
+                        // Its direct methods are reads at once: not on a store whose reads
+                        // wait (etcd), where the hook path's handlers await them.
+                        let kv: kv_store::Client = if self.shared.store.reads_complete_at_once() {
+                            capkv_rpc::local::new_direct_client(kv)
+                        } else {
+                            capkv_rpc::local::new_client(kv)
+                        };
                         out.set_kv(kv.clone());
                         out.set_kv_cap(kv);
                     }

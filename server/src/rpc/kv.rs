@@ -5,20 +5,23 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use capkv::kv_capnp::{kv_store, session_result, watch_result, watcher, write_session};
+use capkv::kv_capnp::{
+    get_many_result, kv_store, scan_result, session_result, watch_result, watcher, write_session,
+};
 use capkv::{ApiError, ErrorCode};
 
 use capkv_rpc::local::Now;
 
 use super::{
-    direct, handle, now, reply_of, store_error, write_entry, write_entry_parts, WatcherImpl,
-    WriteSessionImpl,
+    direct, handle, now, reply_of, store_error, waiting, write_entry, write_entry_parts,
+    WatcherImpl, WriteSessionImpl,
 };
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
 use crate::session::TOKEN_BYTES;
 use crate::validate;
+use capkv_store::Entry;
 
 pub struct KvStoreImpl {
     shared: Arc<Shared>,
@@ -146,6 +149,9 @@ impl kv_store::Server for KvStoreImpl {
         params: kv_store::GetParams,
         mut results: kv_store::GetResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        if !self.shared.store.reads_complete_at_once() {
+            return waiting(self.get_waiting(params, results));
+        }
         let now = self.get_now(params.get(), || Ok(results.get()));
         reply_of(now, params, results)
     }
@@ -155,6 +161,9 @@ impl kv_store::Server for KvStoreImpl {
         params: kv_store::ScanParams,
         mut results: kv_store::ScanResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        if !self.shared.store.reads_complete_at_once() {
+            return waiting(self.scan_waiting(params, results));
+        }
         let now = self.scan_now(params.get(), || Ok(results.get()));
         reply_of(now, params, results)
     }
@@ -213,6 +222,9 @@ impl kv_store::Server for KvStoreImpl {
         params: kv_store::GetManyParams,
         mut results: kv_store::GetManyResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        if !self.shared.store.reads_complete_at_once() {
+            return waiting(self.get_many_waiting(params, results));
+        }
         let now = self.get_many_now(params.get(), || Ok(results.get()));
         reply_of(now, params, results)
     }
@@ -241,7 +253,7 @@ impl KvStoreImpl {
                 let mut value = this.value_buf.take();
                 match this.shared.store.get_into(key, &mut value) {
                     Ok(Some(found)) => Ok((key, value, found)),
-                    Ok(None) => Err(ApiError::new(ErrorCode::NotFound, "key not found")),
+                    Ok(None) => Err(not_found()),
                     Err(e) => Err(store_error(e)),
                 }
             },
@@ -276,20 +288,7 @@ impl KvStoreImpl {
                 let req = validate::scan(&call.tunables.limits, p.get_range())?;
                 this.shared.store.scan(&req).map_err(store_error)
             },
-            ok = |ok, page| {
-                ok.set_revision(page.revision);
-                if page.more {
-                    if let Some(last) = page.entries.last() {
-                        ok.set_next_cursor(&validate::next_cursor(&last.key));
-                    }
-                }
-                let len = u32::try_from(page.entries.len())
-                    .map_err(|_| capnp::Error::failed("scan page too long".into()))?;
-                let mut list = ok.init_entries(len);
-                for (i, e) in page.entries.iter().enumerate() {
-                    write_entry(list.reborrow().get(i as u32), e);
-                }
-            }
+            ok = |ok, page| { write_scan_page(ok, &page)? }
         )
     }
 
@@ -306,42 +305,151 @@ impl KvStoreImpl {
             kv_store::get_many_results::Owned,
             Method::GetMany,
             |this, p, call| {
-                let list = p.get_keys().map_err(|e| {
-                    ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}"))
-                })?;
                 let limits = &call.tunables.limits;
-                validate::batch_len(limits, list.len())?;
-                let keys = list
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| validate::key(limits, k).map_err(validate::at_item(i)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let (items, revision) = this.shared.store.get_many(&keys).map_err(store_error)?;
-                let payload: usize = items
-                    .iter()
-                    .flatten()
-                    .map(|e| e.key.len() + e.value.len())
-                    .sum();
-                let max = limits.max_response_payload_bytes();
-                if payload > max {
-                    return Err(ApiError::new(
-                        ErrorCode::ResponseTooLarge,
-                        format!("the answer holds {payload} bytes of keys and values; the limit is {max}"),
-                    ));
-                }
-                Ok((items, revision))
+                let keys = get_many_keys(limits, &p)?;
+                let read = this.shared.store.get_many(&keys).map_err(store_error)?;
+                answer_fits(limits, read)
             },
-            ok = |ok, (items, revision)| {
-                ok.set_revision(revision);
-                let mut list = ok.init_items(items.len() as u32);
-                for (i, item) in items.iter().enumerate() {
-                    let mut b = list.reborrow().get(i as u32);
-                    match item {
-                        Some(e) => write_entry(b.init_found(), e),
-                        None => b.set_not_found(()),
-                    }
-                }
-            }
+            ok = |ok, (items, revision)| { write_get_many(ok, &items, revision) }
         )
     }
+}
+
+/// The cores of the reads on a store whose reads wait ([`waiting`]): the same work and
+/// replies as the `now!` cores, awaiting the store's `_async` reads inside the chain.
+impl KvStoreImpl {
+    async fn get_waiting(
+        self: Rc<Self>,
+        params: kv_store::GetParams,
+        mut results: kv_store::GetResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Get,
+            |this, p, call| {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
+                let entry = this.shared.store.get_async(key).await;
+                entry.map_err(store_error)?.ok_or_else(not_found)
+            },
+            ok = |ok, e| { write_entry(ok, &e) }
+        )
+    }
+
+    async fn scan_waiting(
+        self: Rc<Self>,
+        params: kv_store::ScanParams,
+        mut results: kv_store::ScanResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::Scan,
+            |this, p, call| {
+                let req = validate::scan(&call.tunables.limits, p.get_range())?;
+                this.shared
+                    .store
+                    .scan_async(&req)
+                    .await
+                    .map_err(store_error)
+            },
+            ok = |ok, page| { write_scan_page(ok, &page)? }
+        )
+    }
+
+    async fn get_many_waiting(
+        self: Rc<Self>,
+        params: kv_store::GetManyParams,
+        mut results: kv_store::GetManyResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::GetMany,
+            |this, p, call| {
+                let limits = &call.tunables.limits;
+                let keys = get_many_keys(limits, &p)?;
+                let read = this.shared.store.get_many_async(&keys).await;
+                answer_fits(limits, read.map_err(store_error)?)
+            },
+            ok = |ok, (items, revision)| { write_get_many(ok, &items, revision) }
+        )
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "key not found")
+}
+
+/// A `getMany`'s keys, each within the limits.
+fn get_many_keys<'a>(
+    limits: &capkv::Limits,
+    p: &kv_store::get_many_params::Reader<'a>,
+) -> Result<Vec<&'a [u8]>, ApiError> {
+    let list = p
+        .get_keys()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("cannot read keys: {e}")))?;
+    validate::batch_len(limits, list.len())?;
+    list.iter()
+        .enumerate()
+        .map(|(i, k)| validate::key(limits, k).map_err(validate::at_item(i)))
+        .collect()
+}
+
+/// A `getMany`'s answer, when its keys and values fit one response.
+fn answer_fits(
+    limits: &capkv::Limits,
+    (items, revision): (Vec<Option<Entry>>, u64),
+) -> Result<(Vec<Option<Entry>>, u64), ApiError> {
+    let payload: usize = items
+        .iter()
+        .flatten()
+        .map(|e| e.key.len() + e.value.len())
+        .sum();
+    let max = limits.max_response_payload_bytes();
+    if payload > max {
+        return Err(ApiError::new(
+            ErrorCode::ResponseTooLarge,
+            format!("the answer holds {payload} bytes of keys and values; the limit is {max}"),
+        ));
+    }
+    Ok((items, revision))
+}
+
+fn write_get_many(
+    mut ok: get_many_result::ok::Builder<'_>,
+    items: &[Option<Entry>],
+    revision: u64,
+) {
+    ok.set_revision(revision);
+    let mut list = ok.init_items(items.len() as u32);
+    for (i, item) in items.iter().enumerate() {
+        let mut b = list.reborrow().get(i as u32);
+        match item {
+            Some(e) => write_entry(b.init_found(), e),
+            None => b.set_not_found(()),
+        }
+    }
+}
+
+fn write_scan_page(
+    mut ok: scan_result::ok::Builder<'_>,
+    page: &capkv_store::ScanPage,
+) -> capnp::Result<()> {
+    ok.set_revision(page.revision);
+    if page.more {
+        if let Some(last) = page.entries.last() {
+            ok.set_next_cursor(&validate::next_cursor(&last.key));
+        }
+    }
+    let len = u32::try_from(page.entries.len())
+        .map_err(|_| capnp::Error::failed("scan page too long".into()))?;
+    let mut list = ok.init_entries(len);
+    for (i, e) in page.entries.iter().enumerate() {
+        write_entry(list.reborrow().get(i as u32), e);
+    }
+    Ok(())
 }

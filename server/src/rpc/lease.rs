@@ -14,7 +14,7 @@ use capkv::kv_capnp::lease;
 use capkv_rpc::local::Now;
 
 use super::session::{at_once, write_now, written};
-use super::{direct, handle, now, reply_of, store_error, WriteSessionImpl};
+use super::{direct, handle, now, reply_of, store_error, waiting, WriteSessionImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::validate;
@@ -66,6 +66,9 @@ impl lease::Server for LeaseImpl {
         params: lease::KeepAliveParams,
         mut results: lease::KeepAliveResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        if !self.shared.store.reads_complete_at_once() {
+            return waiting(self.keep_alive_waiting(params, results));
+        }
         let now = self.keep_alive_now(params.get(), || Ok(results.get()));
         reply_of(now, params, results)
     }
@@ -75,6 +78,9 @@ impl lease::Server for LeaseImpl {
         params: lease::TimeToLiveParams,
         mut results: lease::TimeToLiveResults,
     ) -> impl std::future::Future<Output = Result<(), capnp::Error>> + 'static {
+        if !self.shared.store.reads_complete_at_once() {
+            return waiting(self.time_to_live_waiting(params, results));
+        }
         let now = self.time_to_live_now(params.get(), || Ok(results.get()));
         reply_of(now, params, results)
     }
@@ -152,6 +158,46 @@ impl LeaseImpl {
             lease::time_to_live_results::Owned,
             Method::LeaseTimeToLive,
             |this, _p, _call| this.shared.store.lease_info(this.id).map_err(store_error),
+            ok = |ok, info| { lease_info!(ok, info) }
+        )
+    }
+}
+
+/// The keep-alive and time to live on a store whose reads wait (etcd keeps the deadlines):
+/// awaited inside the chain ([`waiting`](super::waiting)).
+impl LeaseImpl {
+    async fn keep_alive_waiting(
+        self: Rc<Self>,
+        params: lease::KeepAliveParams,
+        mut results: lease::KeepAliveResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::LeaseKeepAlive,
+            |this, _p, _call| {
+                let info = this.shared.store.lease_keep_alive_async(this.id).await;
+                info.map_err(store_error)
+            },
+            ok = |ok, info| { lease_info!(ok, info) }
+        )
+    }
+
+    async fn time_to_live_waiting(
+        self: Rc<Self>,
+        params: lease::TimeToLiveParams,
+        mut results: lease::TimeToLiveResults,
+    ) -> Result<(), capnp::Error> {
+        handle!(
+            self,
+            params,
+            results,
+            Method::LeaseTimeToLive,
+            |this, _p, _call| {
+                let info = this.shared.store.lease_info_async(this.id).await;
+                info.map_err(store_error)
+            },
             ok = |ok, info| { lease_info!(ok, info) }
         )
     }

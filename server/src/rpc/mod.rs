@@ -68,6 +68,7 @@ macro_rules! handle {
     (@reply $out:ident, $r:ident, ok = |$ok:ident, $v:pat_param| $body:block) => {
         match $r {
             Ok($v) => {
+                #[allow(unused_mut)]
                 let mut $ok = $out.init_ok();
                 $body
             }
@@ -113,6 +114,16 @@ pub(crate) fn reply_of<P, R: capnp::traits::Owned>(
             "method not served here".into(),
         )))),
     }
+}
+
+/// The hook path's handler of a read on a store whose reads wait (etcd:
+/// [`Store::reads_complete_at_once`] is false): the call goes on in `rest`, which awaits
+/// the store's `_async` read inside the chain ([`handle!`]), instead of the method's
+/// [`now!`] core, which would block the worker on the network.
+pub(crate) fn waiting(
+    rest: impl std::future::Future<Output = Result<(), capnp::Error>> + 'static,
+) -> Reply {
+    futures::future::Either::Right(Promise::from_future(rest))
 }
 
 /// The core of a method whose work never waits (reads; writes to a store whose writes

@@ -48,8 +48,14 @@ impl WriteSessionImpl {
     ) {
         match r {
             Ok((id, ttl_ms, slot)) => {
-                let l: lease::Client =
-                    capkv_rpc::local::new_direct_client(LeaseImpl::new(Rc::clone(self), id, slot));
+                let l = LeaseImpl::new(Rc::clone(self), id, slot);
+                // Its direct methods read the store at once: not on a store whose reads
+                // wait (etcd), where the hook path's handlers await them.
+                let l: lease::Client = if self.shared.store.reads_complete_at_once() {
+                    capkv_rpc::local::new_direct_client(l)
+                } else {
+                    capkv_rpc::local::new_client(l)
+                };
                 out.set_lease(l.clone());
                 out.set_lease_cap(l);
                 out.set_id(id);
@@ -193,7 +199,8 @@ impl write_session::Server for WriteSessionImpl {
                 let info = this
                     .shared
                     .store
-                    .lease_info(p.get_id())
+                    .lease_info_async(p.get_id())
+                    .await
                     .map_err(store_error)?;
                 let max = call.tunables.max_capabilities_per_connection;
                 Ok((info.id, info.ttl_ms, this.conn.cap_slot(&this.shared, max)?))
