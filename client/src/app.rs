@@ -17,11 +17,10 @@ fn cli_tls(cli: &Cli) -> Result<Option<crate::ClientTls>, capkv::ApiError> {
         cert: cert.clone(),
         key: key.clone(),
     };
-    // Default name: the host part of host:port (IPv6 in brackets).
-    let host = cli
-        .addr
-        .rsplit_once(':')
-        .map_or(cli.addr.as_str(), |(h, _)| h);
+    // Default name: the host part of host:port (IPv6 in brackets), of the first address
+    // when several gateways are named (their certificates name one service).
+    let first = crate::addresses(&cli.addr)[0];
+    let host = first.rsplit_once(':').map_or(first, |(h, _)| h);
     let name = cli.tls_server_name.clone().unwrap_or_else(|| {
         host.trim_start_matches('[')
             .trim_end_matches(']')

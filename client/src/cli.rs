@@ -36,7 +36,8 @@ under key_base64 / value_base64.";
 #[derive(Parser, Debug)]
 #[command(name = "kv-client", version, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
-    /// Server address.
+    /// Server address; several gateways of one service comma-separated (`a:7070,b:7070`):
+    /// the first that answers serves, the next ones take over when it is lost.
     #[arg(long, env = "CAPKV_ADDR", default_value = "127.0.0.1:7070")]
     pub addr: String,
     /// Bearer token for servers that require one.

@@ -448,8 +448,58 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Resolves `addr` and opens a TCP connection with `TCP_NODELAY` (small messages must
-/// never wait for Nagle), within the connect timeout.
+/// The addresses of `addr`: one, or several separated by commas (gateways of one service,
+/// e.g. kv-servers over one etcd cluster: any of them serves any call and session).
+pub(crate) fn addresses(addr: &str) -> Vec<&str> {
+    let list: Vec<&str> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if list.is_empty() {
+        vec![addr]
+    } else {
+        list
+    }
+}
+
+/// Connects to the first of `addr`'s addresses ([`addresses`]) that answers, trying them
+/// in turn from the one at `start` (wrapping), each within the connect timeout; returns
+/// the stream and which address it reached. When none answers, the error is the last
+/// one's, naming every address tried.
+pub(crate) async fn tcp_connect_from(
+    addr: &str,
+    start: usize,
+    options: &ClientOptions,
+) -> Result<(tokio::net::TcpStream, usize), ApiError> {
+    let list = addresses(addr);
+    let mut last = None;
+    for i in 0..list.len() {
+        let at = (start + i) % list.len();
+        match tcp_connect(list[at], options).await {
+            Ok(stream) => return Ok((stream, at)),
+            Err(e) => {
+                tracing::debug!(addr = list[at], error = %e, "cannot connect");
+                last = Some(e);
+            }
+        }
+    }
+    let e = last.unwrap_or_else(|| ApiError::new(ErrorCode::InvalidArgument, "no address"));
+    if list.len() == 1 {
+        return Err(e);
+    }
+    Err(ApiError::new(
+        e.code,
+        format!(
+            "cannot connect to any of {}: {}",
+            list.join(", "),
+            e.message
+        ),
+    ))
+}
+
+/// Resolves `addr` (one address) and opens a TCP connection with `TCP_NODELAY` (small
+/// messages must never wait for Nagle), within the connect timeout.
 pub(crate) async fn tcp_connect(
     addr: &str,
     options: &ClientOptions,
@@ -487,10 +537,13 @@ pub(crate) async fn tcp_connect(
 }
 
 impl Client {
-    /// Connects to `addr` and sends `open(token)` without waiting for it.
+    /// Connects to `addr` and sends `open(token)` without waiting for it. `addr` may name
+    /// several gateways of one service, comma-separated (`a:7070,b:7070`): the first that
+    /// answers is used, and when its connection is lost the next ones are tried in turn,
+    /// the write session resumed there.
     pub async fn connect(addr: &str, options: ClientOptions) -> Result<Client, ApiError> {
-        let stream = tcp_connect(addr, &options)
-            .await?
+        let (stream, at) = tcp_connect_from(addr, 0, &options).await?;
+        let stream = stream
             .into_std()
             .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()))?;
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
@@ -504,7 +557,9 @@ impl Client {
         let thread_not_sent = Arc::clone(&not_sent);
         std::thread::Builder::new()
             .name("capkv-client".into())
-            .spawn(move || connection_thread(addr, stream, options, rx, ready_tx, thread_not_sent))
+            .spawn(move || {
+                connection_thread(addr, at, stream, options, rx, ready_tx, thread_not_sent)
+            })
             .map_err(|e| ApiError::new(ErrorCode::Internal, format!("cannot start thread: {e}")))?;
         ready_rx
             .await
@@ -948,6 +1003,7 @@ const RECONNECT_INTERVAL: Duration = Duration::from_millis(50);
 
 fn connection_thread(
     addr: String,
+    mut at: usize,
     stream: std::net::TcpStream,
     options: ClientOptions,
     mut jobs: mpsc::Receiver<Job>,
@@ -1005,14 +1061,18 @@ fn connection_thread(
                     drop_unsent(job, None);
                     continue;
                 }
-                match LocalClient::connect(&addr, &options).await {
-                    Ok(c) => {
+                // With several addresses, the next one first: the one that failed is
+                // likely still down, and any gateway serves the same data and session.
+                match LocalClient::connect_from(&addr, at + 1, &options).await {
+                    Ok((c, reached)) => {
                         // Continue the same write session, so that the idempotency keys
                         // of writes retried across the reconnect keep their meaning.
                         if let Some(token) = conn.token_to_resume() {
                             c.resume_with(token);
                         }
-                        tracing::info!(%addr, "reconnected");
+                        at = reached;
+                        let to = addresses(&addr)[reached];
+                        tracing::info!(addr = to, "reconnected");
                         last_failed_reconnect = None;
                         conn = Rc::new(c);
                     }

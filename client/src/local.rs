@@ -171,9 +171,20 @@ impl Started {
 impl LocalClient {
     /// Connects to `addr` and sends `open(token)` without waiting for it. Must be called
     /// inside a `LocalSet`: the connection's `RpcSystem` is spawned on it.
+    /// `addr` may name several gateways, comma-separated: the first that answers is used.
     pub async fn connect(addr: &str, options: &ClientOptions) -> Result<LocalClient, ApiError> {
-        let stream = crate::tcp_connect(addr, options).await?;
-        Self::over(stream, options).await
+        Ok(Self::connect_from(addr, 0, options).await?.0)
+    }
+
+    /// [`connect`](Self::connect), trying `addr`'s addresses from the one at `start`
+    /// (wrapping); also says which one it reached.
+    pub async fn connect_from(
+        addr: &str,
+        start: usize,
+        options: &ClientOptions,
+    ) -> Result<(LocalClient, usize), ApiError> {
+        let (stream, at) = crate::tcp_connect_from(addr, start, options).await?;
+        Ok((Self::over(stream, options).await?, at))
     }
 
     /// Starts the RPC system over an open stream (inside a `LocalSet`), after the TLS
