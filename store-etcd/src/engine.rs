@@ -10,7 +10,8 @@
 //! here (condition, increment, versions); commit one transaction whose compares say that
 //! nothing read has changed (`mod_revision` equal, 0 for absent) and whose operations are
 //! the write and its record. A lost race is read and evaluated again, at most
-//! [`WRITE_ATTEMPTS`] times. A record's outcome is written without revisions, which are
+//! [`WRITE_ATTEMPTS`] times. A put without a record (no idempotency key) and without a
+//! lease of its own needs no read: one transaction, its condition the compare. A record's outcome is written without revisions, which are
 //! the record's own `mod_revision` (it is written in the same transaction as the write).
 
 use std::collections::BTreeMap;
@@ -24,8 +25,8 @@ use capkv_store::lease::LeaseInfo;
 use capkv_store::ring::Ring;
 use capkv_store::write::{self, now_unix_ms, recordable, Attach, Record};
 use capkv_store::{
-    BatchOutcome, Changes, DeleteOutcome, Entry, EventPage, IdempotencyKey, KeyRange, PageLimits,
-    Pending, PutOutcome, ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp,
+    BatchOutcome, Changes, Condition, DeleteOutcome, Entry, EventPage, IdempotencyKey, KeyRange,
+    PageLimits, Pending, PutOutcome, ScanPage, ScanRequest, Store, StoreError, StoreStats, WriteOp,
     WriteOutcome,
 };
 use etcd_client::{
@@ -496,6 +497,13 @@ impl Inner {
             // etcd expires leases itself, on its leader's clock.
             return Ok(WriteOutcome::ExpireLeases(0));
         }
+        if idem.is_none() {
+            if let WriteOp::Put(p) = &op {
+                if !matches!(p.attach, Attach::NewLease { .. }) {
+                    return self.put_once(p).await;
+                }
+            }
+        }
         let record = idem.map(|k| {
             let key = self.keys.record(&k.record_key());
             RecordPlan {
@@ -617,6 +625,63 @@ impl Inner {
         Err(StoreError::Busy(format!(
             "a write lost {WRITE_ATTEMPTS} races in a row for the keys it reads"
         )))
+    }
+
+    /// A put without a record or a lease of its own, in one round trip: its condition as
+    /// the transaction's compare, its version from the previous entry etcd returns, the
+    /// current version (for a failed condition) from the failure branch's read.
+    async fn put_once(&self, p: &write::Put) -> Result<WriteOutcome, StoreError> {
+        let key = self.keys.data(&p.key);
+        let lease = match p.attach {
+            Attach::Lease(id) => i64::try_from(id).map_err(|_| StoreError::LeaseNotFound { id })?,
+            _ => 0,
+        };
+        let mut opts = PutOptions::new().with_prev_key();
+        if lease != 0 {
+            opts = opts.with_lease(lease);
+        }
+        // etcd's version of an absent key is 0, as capkv's conditions read it.
+        let compares: Vec<Compare> = match p.cond {
+            Condition::None => Vec::new(),
+            Condition::IfAbsent => vec![Compare::version(key.clone(), CompareOp::Equal, 0)],
+            Condition::IfVersion(v) => {
+                let v = i64::try_from(v).unwrap_or(i64::MAX);
+                vec![Compare::version(key.clone(), CompareOp::Equal, v)]
+            }
+        };
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([TxnOp::put(key.clone(), p.value.clone(), Some(opts))])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = match self.txn(txn).await {
+            Err(StoreError::LeaseNotFound { .. }) => {
+                return Err(StoreError::LeaseNotFound { id: lease as u64 })
+            }
+            r => r?,
+        };
+        if !resp.succeeded() {
+            let current = single_get(&resp)?.map(|kv| kv.version().max(0) as u64);
+            return Err(StoreError::ConditionFailed {
+                index: 0,
+                current_version: current,
+            });
+        }
+        let revision = header_revision(&resp)?;
+        let previous = match resp.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Put(put)) => put.prev_key().map(|kv| kv.version().max(0) as u64),
+            _ => {
+                return Err(StoreError::Internal(
+                    "etcd answered a put with another kind of response".into(),
+                ))
+            }
+        };
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.seen(revision).await;
+        Ok(WriteOutcome::Put(PutOutcome {
+            version: previous.map_or(1, |v| v + 1),
+            revision: to_capkv(revision, self.epoch),
+            lease: lease as u64,
+        }))
     }
 
     /// Evaluates `op` against what was read: its operations and its outcome (revisions
