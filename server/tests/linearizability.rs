@@ -1,6 +1,6 @@
 //! Contention: 16 clients race get / put / conditional put / delete on 5 keys across the
 //! server's workers; the history (invoke and return times, outcomes) is checked for
-//! per-key linearizability, on both engines.
+//! per-key linearizability, on every engine (etcd's while its members are killed).
 //!
 //! The checker uses the store's own witness: every write returns the global revision it
 //! was committed at, so the linearization order of writes is known, and a read names the
@@ -19,6 +19,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use capkv_client::{Client, ClientOptions, Condition};
@@ -72,7 +73,7 @@ async fn run_client(addr: String, id: usize, seed: u64) -> Vec<Op> {
         let roll = rng.random_range(0..100);
         let invoke = Instant::now();
         let outcome = if roll < 40 {
-            let e = c.get(&k).await.expect("get");
+            let e = settle("get", || c.get(&k)).await;
             if let Some(e) = &e {
                 seen_version.insert(key, e.version);
             }
@@ -84,7 +85,16 @@ async fn run_client(addr: String, id: usize, seed: u64) -> Vec<Op> {
             } else {
                 Condition::IfVersion(*seen_version.get(&key).unwrap_or(&0))
             };
-            match c.put_if(&k, &value, cond).await {
+            // One idempotency key for every try: a put retried after an unknown outcome
+            // is answered by its record, never applied twice.
+            let (once, _) = c.for_one_write();
+            let put = settle_or(
+                "put",
+                || once.put_if(&k, &value, cond),
+                |e| e.code == capkv::ErrorCode::ConditionFailed,
+            )
+            .await;
+            match put {
                 Ok(o) => Outcome::Put {
                     value,
                     version: o.version,
@@ -95,7 +105,8 @@ async fn run_client(addr: String, id: usize, seed: u64) -> Vec<Op> {
                 Err(e) => panic!("put: {e}"),
             }
         } else {
-            let o = c.delete(&k).await.expect("delete");
+            let (once, _) = c.for_one_write();
+            let o = settle("delete", || once.delete(&k)).await;
             Outcome::Delete {
                 existed: o.existed,
                 revision: o.revision,
@@ -109,6 +120,42 @@ async fn run_client(addr: String, id: usize, seed: u64) -> Vec<Op> {
         });
     }
     ops
+}
+
+/// The call's answer, sent again while it fails (only while a test kills what serves it:
+/// an `unavailable` after the client's own retries; at most 200 tries, 50 ms apart).
+async fn settle<T, F, Fut>(what: &str, call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, capkv::ApiError>>,
+{
+    match settle_or(what, call, |_| false).await {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+/// [`settle`], but an error `is_answer` says is the outcome ends the tries.
+async fn settle_or<T, F, Fut>(
+    what: &str,
+    mut call: F,
+    is_answer: impl Fn(&capkv::ApiError) -> bool,
+) -> Result<T, capkv::ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, capkv::ApiError>>,
+{
+    for _ in 0..200 {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if is_answer(&e) => return Err(e),
+            Err(e) if e.code == capkv::ErrorCode::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+    panic!("{what}: no answer in 200 tries");
 }
 
 /// Returns every violation found in one key's history.
@@ -251,6 +298,12 @@ fn check_key(ops: &[Op]) -> Vec<String> {
 }
 
 fn contention(config: Config) {
+    contention_with(config, |_| {});
+}
+
+/// [`contention`] while `faults` runs on a thread of its own, told by its flag when the
+/// clients are done.
+fn contention_with(config: Config, faults: impl FnOnce(&AtomicBool) + Send) {
     let server = common::start(config);
     let addr = server.addr().to_string();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -258,15 +311,21 @@ fn contention(config: Config) {
         .enable_all()
         .build()
         .unwrap();
-    let history: Vec<Op> = rt.block_on(async {
-        let tasks: Vec<_> = (0..CLIENTS)
-            .map(|id| tokio::spawn(run_client(addr.clone(), id, 1000 + id as u64)))
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all
+    let done = AtomicBool::new(false);
+    let history: Vec<Op> = std::thread::scope(|scope| {
+        scope.spawn(|| faults(&done));
+        let history = rt.block_on(async {
+            let tasks: Vec<_> = (0..CLIENTS)
+                .map(|id| tokio::spawn(run_client(addr.clone(), id, 1000 + id as u64)))
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        });
+        done.store(true, Ordering::Release);
+        history
     });
     assert_eq!(history.len(), CLIENTS * OPS_PER_CLIENT);
     let mut violations = Vec::new();
@@ -303,6 +362,43 @@ fn rocksdb_engine_is_linearizable_under_contention() {
         data_dir: dir.path().to_path_buf(),
         ..common::test_config()
     });
+}
+
+/// On a gateway over a 3-member etcd cluster whose leader, then a follower, is killed
+/// (SIGKILL) and restarted, over and over, while the clients run.
+#[test]
+fn etcd_engine_is_linearizable_while_members_are_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = std::sync::Mutex::new(
+        capkv_store_etcd::cluster::Cluster::start(dir.path(), 3).expect("etcd cluster"),
+    );
+    let mut config = common::test_config();
+    config.engine = Engine::Etcd;
+    config.storage.etcd.endpoints = cluster.lock().unwrap().endpoints();
+    config.limits.max_batch_items = 127;
+    let rounds = std::sync::atomic::AtomicUsize::new(0);
+    contention_with(config, |done| {
+        // Bounded: 20 rounds at most, each a kill and a restart.
+        for round in 0..20 {
+            if done.load(Ordering::Acquire) {
+                break;
+            }
+            let mut c = cluster.lock().unwrap();
+            let victim = match round % 2 {
+                0 => c.leader().unwrap_or(0),
+                _ => (0..3).find(|&i| Some(i) != c.leader()).unwrap_or(1),
+            };
+            c.kill(victim);
+            std::thread::sleep(Duration::from_millis(300));
+            c.restart(victim).expect("restart a member");
+            rounds.fetch_add(1, Ordering::AcqRel);
+            drop(c);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let rounds = rounds.load(Ordering::Acquire);
+    eprintln!("{rounds} members killed and restarted meanwhile");
+    assert!(rounds >= 1, "a member was killed meanwhile");
 }
 
 #[test]
