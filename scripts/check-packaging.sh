@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for profile in "" monitoring; do
+for profile in "" monitoring ha; do
     docker-compose -f compose.yaml ${profile:+--profile "$profile"} config -q
 done
 

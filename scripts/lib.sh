@@ -53,3 +53,42 @@ build_bins() {
     esac
     BIN_DIR="$CARGO_TARGET_DIR/$profile"
 }
+
+# start_etcd_cluster DIR: starts a 3-member etcd cluster (Debian's etcd-server) on free
+# loopback ports with its data and logs under DIR, adds the members' PIDs to the array
+# `pids` (stop_all stops them), waits (at most 30 s) until every member is healthy, and
+# sets ETCD_ENDPOINTS to the members' client URLs, comma-separated.
+start_etcd_cluster() {
+    local dir="$1" i initial="" client=() peer=()
+    mkdir -p "$dir"
+    for i in 0 1 2; do
+        client[i]=$(free_port)
+        peer[i]=$(free_port)
+        initial+="${initial:+,}m$i=http://127.0.0.1:${peer[i]}"
+    done
+    for i in 0 1 2; do
+        etcd --name "m$i" --data-dir "$dir/m$i" \
+            --listen-client-urls "http://127.0.0.1:${client[i]}" \
+            --advertise-client-urls "http://127.0.0.1:${client[i]}" \
+            --listen-peer-urls "http://127.0.0.1:${peer[i]}" \
+            --initial-advertise-peer-urls "http://127.0.0.1:${peer[i]}" \
+            --initial-cluster "$initial" --initial-cluster-state new \
+            --initial-cluster-token "capkv-$$" --log-level warn --logger zap \
+            >"$dir/m$i.log" 2>&1 &
+        pids+=($!)
+    done
+    ETCD_ENDPOINTS=""
+    for i in 0 1 2; do
+        ETCD_ENDPOINTS+="${ETCD_ENDPOINTS:+,}http://127.0.0.1:${client[i]}"
+        local ok=""
+        for _ in $(seq 300); do
+            if curl -fsS "http://127.0.0.1:${client[i]}/health" 2>/dev/null | grep -q '"health":"true"'; then
+                ok=1
+                break
+            fi
+            sleep 0.1
+        done
+        [ -n "$ok" ] || { cat "$dir/m$i.log" >&2; return 1; }
+    done
+    export ETCD_ENDPOINTS
+}
