@@ -81,6 +81,10 @@ pub struct RunConfig {
     /// says otherwise; the matrix also runs a few cases on capnp-rpc's, the before).
     #[serde(skip)]
     pub client_engine: ClientEngine,
+    /// Keys per batch of the preload (etcd takes at most 128 operations a transaction:
+    /// capkv on etcd and the etcd target need 127 or fewer).
+    #[serde(skip)]
+    pub preload_batch: u64,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -116,6 +120,7 @@ impl Default for RunConfig {
             max_outstanding: 1024,
             progress: false,
             client_engine: ClientEngine::from_env(),
+            preload_batch: 500,
         }
     }
 }
@@ -222,9 +227,10 @@ struct Window {
     end: Instant,
 }
 
-/// Loads every key once (batches of 500, a few in flight) so that reads find values.
+/// Loads every key once (batches of `preload_batch`, a few in flight) so that reads find
+/// values.
 pub fn preload(cfg: &RunConfig) -> anyhow::Result<()> {
-    const BATCH: u64 = 500;
+    let batch = cfg.preload_batch.max(1);
     const IN_FLIGHT: u64 = 4;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -238,10 +244,10 @@ pub fn preload(cfg: &RunConfig) -> anyhow::Result<()> {
         // Every key gets a value of the generator's pool in turn: consecutive keys differ.
         let mut values = OpGen::new(cfg.seed, cfg.mix(), cfg.keys, cfg.dist, cfg.value_size);
         let pool: Vec<Vec<u8>> = (0..VALUE_POOL).map(|_| values.value().to_vec()).collect();
-        let batches: Vec<u64> = (0..cfg.keys.div_ceil(BATCH)).collect();
+        let batches: Vec<u64> = (0..cfg.keys.div_ceil(batch)).collect();
         for group in batches.chunks(IN_FLIGHT as usize) {
             let calls = group.iter().map(|b| {
-                let items: Vec<(Vec<u8>, &[u8])> = (b * BATCH..((b + 1) * BATCH).min(cfg.keys))
+                let items: Vec<(Vec<u8>, &[u8])> = (b * batch..((b + 1) * batch).min(cfg.keys))
                     .map(|i| (key(i), pool[i as usize % pool.len()].as_slice()))
                     .collect();
                 let conn = conn.clone();

@@ -1,8 +1,9 @@
 //! The servers a run can drive, behind one small enum: capkv (through the client library's
 //! [`LocalClient`], on the worker's own `LocalSet`), capkv without a client RPC runtime
 //! ([`crate::raw`]), Redis (the `redis` crate) and Redis without a client library
-//! ([`crate::raw_redis`], the raw capkv client's twin), so all see the same schedule, keys
-//! and values.
+//! ([`crate::raw_redis`], the raw capkv client's twin), and etcd (the `etcd-client` crate:
+//! what capkv's etcd engine is measured against, gateway against etcd driven directly),
+//! so all see the same schedule, keys and values.
 
 use std::rc::Rc;
 use std::str::FromStr;
@@ -24,6 +25,8 @@ pub enum TargetKind {
     /// Redis's protocol hand-encoded, no client library (`crate::raw_redis`).
     #[serde(rename = "redis-raw")]
     RedisRaw,
+    /// etcd's KV API, the same calls capkv's etcd engine makes for a get and a put.
+    Etcd,
 }
 
 impl FromStr for TargetKind {
@@ -34,8 +37,9 @@ impl FromStr for TargetKind {
             "capkv-raw" => Ok(TargetKind::CapkvRaw),
             "redis" => Ok(TargetKind::Redis),
             "redis-raw" => Ok(TargetKind::RedisRaw),
+            "etcd" => Ok(TargetKind::Etcd),
             _ => Err(format!(
-                "target must be capkv, capkv-raw, redis or redis-raw, not {s:?}"
+                "target must be capkv, capkv-raw, redis, redis-raw or etcd, not {s:?}"
             )),
         }
     }
@@ -48,6 +52,7 @@ impl TargetKind {
             TargetKind::CapkvRaw => "capkv-raw",
             TargetKind::Redis => "redis",
             TargetKind::RedisRaw => "redis-raw",
+            TargetKind::Etcd => "etcd",
         }
     }
 
@@ -73,6 +78,7 @@ pub enum Conn {
     Raw(Rc<crate::raw::RawConn>),
     Redis(redis::aio::MultiplexedConnection),
     RedisRaw(Rc<crate::raw_redis::RawRedisConn>),
+    Etcd(Box<etcd_client::KvClient>),
 }
 
 /// Why a call failed, as a stable short code (the capkv code names; `redis_error` and
@@ -106,6 +112,13 @@ impl Conn {
                     .await
                     .map_err(|e| anyhow::anyhow!("connect to redis at {addr}: {e}"))?,
             ),
+            TargetKind::Etcd => {
+                let endpoints: Vec<&str> = addr.split(',').collect();
+                let client = etcd_client::Client::connect(&endpoints, None)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connect to etcd at {addr}: {e}"))?;
+                Conn::Etcd(Box::new(client.kv_client()))
+            }
         })
     }
 
@@ -130,6 +143,14 @@ impl Conn {
                     .map_err(|e| capkv::code_name(e.code))
             }
             Conn::Raw(_) | Conn::RedisRaw(_) => Err("raw_mode_single_keys_only"),
+            Conn::Etcd(c) => {
+                let ops: Vec<etcd_client::TxnOp> = items
+                    .iter()
+                    .map(|(k, v)| etcd_client::TxnOp::put(k.clone(), v.to_vec(), None))
+                    .collect();
+                let txn = etcd_client::Txn::new().and_then(ops);
+                c.clone().txn(txn).await.map(drop).map_err(etcd_error)
+            }
             Conn::Redis(c) => {
                 let pairs: Vec<(&[u8], &[u8])> =
                     items.iter().map(|(k, v)| (k.as_slice(), *v)).collect();
@@ -200,6 +221,27 @@ impl Conn {
             }
             Conn::Raw(c) => c.call(kind, keys, value).await.0,
             Conn::RedisRaw(c) => c.call(kind, keys, value).await.0,
+            Conn::Etcd(c) => {
+                use etcd_client::{Txn, TxnOp};
+                let mut c = c.clone();
+                let r = match (kind, keys) {
+                    (OpKind::Get, [k]) => c.get(k.clone(), None).await.map(drop),
+                    (OpKind::Put, [k]) => c.put(k.clone(), value.to_vec(), None).await.map(drop),
+                    (OpKind::Get, ks) => {
+                        let ops: Vec<TxnOp> =
+                            ks.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+                        c.txn(Txn::new().and_then(ops)).await.map(drop)
+                    }
+                    (OpKind::Put, ks) => {
+                        let ops: Vec<TxnOp> = ks
+                            .iter()
+                            .map(|k| TxnOp::put(k.clone(), value.to_vec(), None))
+                            .collect();
+                        c.txn(Txn::new().and_then(ops)).await.map(drop)
+                    }
+                };
+                r.map_err(etcd_error)
+            }
             Conn::Redis(c) => {
                 let mut c = c.clone();
                 let r: redis::RedisResult<()> = match (kind, keys) {
@@ -221,5 +263,13 @@ impl Conn {
                 })
             }
         }
+    }
+}
+
+/// An etcd failure as a short code: the connection's, or etcd's own answer.
+fn etcd_error(e: etcd_client::Error) -> ErrorCode {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => "transport",
+        _ => "etcd_error",
     }
 }

@@ -59,6 +59,11 @@ pub(crate) struct Inner {
     secret: [u8; 32],
     pub(crate) history: Mutex<History>,
     pub(crate) changes: Changes,
+    /// Writes waiting for the feed to apply their revision, by that revision (capkv's):
+    /// each woken once, by the feed's pass that applies it (not every waiter at every
+    /// revision, as [`Changes`] wakes its watchers: at 50 writes in flight that was most
+    /// of the engine thread's time).
+    pub(crate) waiters: Mutex<BTreeMap<u64, Vec<tokio::sync::oneshot::Sender<()>>>>,
     pub(crate) request_timeout: Duration,
     compact_keep_revisions: u64,
     record_lease_bucket_ms: u64,
@@ -255,6 +260,7 @@ impl Inner {
                 applied: start,
             }),
             changes: Changes::new(start),
+            waiters: Mutex::new(BTreeMap::new()),
             request_timeout: opts.request_timeout,
             compact_keep_revisions: opts.compact_keep_revisions,
             record_lease_bucket_ms: opts.record_lease_bucket_s.max(1) * 1000,
@@ -640,6 +646,25 @@ impl Inner {
         if lease != 0 {
             opts = opts.with_lease(lease);
         }
+        if p.cond == Condition::None {
+            // A plain put, not a transaction: etcd 3.4 serves half as many one-put
+            // transactions as puts (50 writers, bench/etcd.sh's cluster, same minutes).
+            let mut kv = self.client.kv_client();
+            let resp = match self
+                .timed("a put", kv.put(key, p.value.clone(), Some(opts)))
+                .await
+            {
+                Err(StoreError::LeaseNotFound { .. }) => {
+                    return Err(StoreError::LeaseNotFound { id: lease as u64 })
+                }
+                r => r?,
+            };
+            let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
+                StoreError::Internal("etcd answered a put without a header".into())
+            })?;
+            let previous = resp.prev_key().map(|kv| kv.version().max(0) as u64);
+            return Ok(self.put_done(revision, previous, lease).await);
+        }
         // etcd's version of an absent key is 0, as capkv's conditions read it.
         let compares: Vec<Compare> = match p.cond {
             Condition::None => Vec::new(),
@@ -675,13 +700,18 @@ impl Inner {
                 ))
             }
         };
+        Ok(self.put_done(revision, previous, lease).await)
+    }
+
+    /// A committed put's outcome, once the feed has it: `previous` the version before it.
+    async fn put_done(&self, revision: i64, previous: Option<u64>, lease: i64) -> WriteOutcome {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.seen(revision).await;
-        Ok(WriteOutcome::Put(PutOutcome {
+        WriteOutcome::Put(PutOutcome {
             version: previous.map_or(1, |v| v + 1),
             revision: to_capkv(revision, self.epoch),
             lease: lease as u64,
-        }))
+        })
     }
 
     /// Evaluates `op` against what was read: its operations and its outcome (revisions
@@ -841,12 +871,18 @@ impl Inner {
     /// that a write is in this gateway's history and revision once it is answered.
     async fn seen(&self, revision: i64) {
         let at = to_capkv(revision, self.epoch);
-        let waited = tokio::time::timeout(
-            self.request_timeout,
-            self.changes.wait_past(at.saturating_sub(1)),
-        )
-        .await;
-        if waited.is_err() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut waiters = lock(&self.waiters);
+            // Under the waiters' lock: the feed takes it after it has moved `applied`,
+            // so either this sees the revision applied or the feed sees this waiter.
+            if lock(&self.history).applied >= at {
+                return;
+            }
+            waiters.entry(at).or_default().push(tx);
+        }
+        let waited = tokio::time::timeout(self.request_timeout, rx).await;
+        if !matches!(waited, Ok(Ok(()))) {
             tracing::warn!(
                 revision = at,
                 "the etcd history feed has not seen a committed write yet"

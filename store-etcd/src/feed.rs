@@ -126,5 +126,14 @@ fn apply(inner: &Inner, resp: &WatchResponse, next: i64) -> i64 {
     h.applied = h.applied.max(applied);
     drop(h);
     inner.changes.publish(applied);
+    // The writes waiting for a revision applied now (after `applied` moved: see `seen`).
+    let done = {
+        let mut waiters = lock(&inner.waiters);
+        let later = waiters.split_off(&(applied + 1));
+        std::mem::replace(&mut *waiters, later)
+    };
+    for tx in done.into_values().flatten() {
+        let _ = tx.send(());
+    }
     through + 1
 }

@@ -171,12 +171,16 @@ struct Common {
 struct RunArgs {
     #[command(flatten)]
     common: Common,
-    /// capkv or redis.
+    /// capkv, capkv-raw, redis, redis-raw or etcd.
     #[arg(long, default_value = "capkv")]
     target: TargetKind,
-    /// Server address.
+    /// Server address (etcd: the members' client URLs, comma-separated).
     #[arg(long, default_value = "127.0.0.1:7070")]
     addr: String,
+    /// Keys per batch of --preload (127 or fewer for capkv on etcd and the etcd target:
+    /// etcd's transactions hold at most 128 operations).
+    #[arg(long, default_value_t = 500)]
+    preload_batch: u64,
     /// Connections.
     #[arg(long, short = 'c', default_value_t = 50)]
     connections: usize,
@@ -292,6 +296,7 @@ fn main() -> anyhow::Result<()> {
                 mix_read_percent: a.mix.read_percent,
                 server_pid: a.server_pid,
                 max_outstanding: a.max_outstanding,
+                preload_batch: a.preload_batch,
                 ..base(&a.common)
             };
             if a.preload {
