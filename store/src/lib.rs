@@ -3,8 +3,10 @@
 //! - [`Store`]: what the server needs from an engine. Plain Rust types only: no engine type
 //!   (and no wire type) appears in it, so engines can be swapped and tested alike.
 //! - [`memory::MemoryStore`]: an ordered, concurrency-safe in-memory engine (dev, tests).
-//! - The durable engine (RocksDB) is the crate `capkv-store-rocks`, beside this one: this
-//!   crate links no engine, so what needs only the trait escapes RocksDB's C++ build.
+//! - The durable engine (RocksDB) is the crate `capkv-store-rocks`, beside this one, and
+//!   the replicated one (an etcd cluster) `capkv-store-etcd`: this crate links no engine,
+//!   so what needs only the trait escapes RocksDB's C++ build and etcd's gRPC client.
+//! - [`ring`]: a watch history in memory (the memory engine's, and each etcd gateway's).
 //! - [`write`](mod@write): writes as values, one type per kind (`write::Put`, ...) with its outcome
 //!   type; `store.apply(write::Put { .. }, idem)` answers with a [`PutOutcome`]. Engines
 //!   take them as one [`WriteOp`] enum (their commit queues hold every kind).
@@ -223,7 +225,9 @@ pub struct SpaceStats {
 /// The storage contract. Implementations are shared by all server workers, hence
 /// `Send + Sync`, and must make every method atomic with respect to the others.
 ///
-/// Reads are synchronous: they are memory or block-cache lookups. Writes return a
+/// Reads are synchronous for the local engines (memory or block-cache lookups); an engine
+/// that reads over the network says so ([`reads_complete_at_once`](Store::reads_complete_at_once))
+/// and the server uses its `_async` reads. Writes return a
 /// [`Pending`], resolved once the write is durable as configured (for RocksDB with
 /// `sync`, after its WAL is synced); dropping it does not cancel the write.
 pub trait Store: Send + Sync {
