@@ -37,6 +37,8 @@ pub enum ClusterError {
 struct Member {
     client: SocketAddr,
     peer: SocketAddr,
+    /// Plain HTTP `/health` and `/metrics`, whatever the client URLs speak.
+    metrics: SocketAddr,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -46,14 +48,33 @@ pub struct Cluster {
     members: Vec<Member>,
     initial: String,
     token: String,
+    tls: Option<ClusterTls>,
+}
+
+/// TLS on the members' client URLs (PEM files): their certificate and key, and the CA
+/// whose client certificates they require.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 impl Cluster {
     /// Starts `size` members with their data under `dir` and waits until each is healthy.
     pub fn start(dir: &Path, size: usize) -> Result<Self, ClusterError> {
+        Self::start_with(dir, size, None)
+    }
+
+    /// [`start`](Self::start), the client URLs `https://` with `tls` when given.
+    pub fn start_with(
+        dir: &Path,
+        size: usize,
+        tls: Option<ClusterTls>,
+    ) -> Result<Self, ClusterError> {
         let mut last = None;
         for attempt in 0..START_ATTEMPTS {
-            match Self::start_once(&dir.join(format!("attempt-{attempt}")), size) {
+            match Self::start_once(&dir.join(format!("attempt-{attempt}")), size, tls.clone()) {
                 Ok(c) => return Ok(c),
                 Err(e @ ClusterError::Spawn(_)) => return Err(e),
                 Err(e) => last = Some(e),
@@ -62,9 +83,9 @@ impl Cluster {
         Err(last.unwrap_or_else(|| ClusterError::Io(std::io::Error::other("no attempt"))))
     }
 
-    fn start_once(dir: &Path, size: usize) -> Result<Self, ClusterError> {
+    fn start_once(dir: &Path, size: usize, tls: Option<ClusterTls>) -> Result<Self, ClusterError> {
         // Hold every listener until all ports are known, so no two members get the same.
-        let listeners = (0..size * 2)
+        let listeners = (0..size * 3)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<Vec<_>, _>>()?;
         let addrs = listeners
@@ -74,8 +95,9 @@ impl Cluster {
         drop(listeners);
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
-                client: addrs[2 * i],
-                peer: addrs[2 * i + 1],
+                client: addrs[3 * i],
+                peer: addrs[3 * i + 1],
+                metrics: addrs[3 * i + 2],
                 dir: dir.join(format!("m{i}")),
                 child: None,
             })
@@ -90,6 +112,7 @@ impl Cluster {
             members,
             initial,
             token: format!("capkv-{}", rand::random::<u32>()),
+            tls,
         };
         std::fs::create_dir_all(dir)?;
         for i in 0..size {
@@ -108,9 +131,20 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(m.dir.with_extension("log"))?;
-        let client = format!("http://{}", m.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}", m.client);
         let peer = format!("http://{}", m.peer);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(m.dir.join("data"))
@@ -121,6 +155,7 @@ impl Cluster {
             .args(["--initial-cluster", &self.initial])
             .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", "new"])
+            .args(["--listen-metrics-urls", &format!("http://{}", m.metrics)])
             // Loopback: elections in a tenth of a second, not a second.
             .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
             .args(["--log-level", "warn", "--logger", "zap"])
@@ -139,7 +174,7 @@ impl Cluster {
         let deadline = Instant::now() + READY_TIMEOUT;
         // Bounded by the deadline; each probe is a short HTTP exchange.
         while Instant::now() < deadline {
-            if health(m.client).unwrap_or(false) {
+            if health(m.metrics).unwrap_or(false) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -151,11 +186,13 @@ impl Cluster {
         })
     }
 
-    /// Every member's client URL (`http://127.0.0.1:port`), in member order.
+    /// Every member's client URL (`http://127.0.0.1:port`, `https://` with TLS), in
+    /// member order.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{scheme}://{}", m.client))
             .collect()
     }
 
@@ -183,7 +220,7 @@ impl Cluster {
     pub fn leader(&self) -> Option<usize> {
         (0..self.members.len()).find(|&i| {
             self.members[i].child.is_some()
-                && http_get(self.members[i].client, "/metrics")
+                && http_get(self.members[i].metrics, "/metrics")
                     .map(|body| body.lines().any(|l| l == "etcd_server_is_leader 1"))
                     .unwrap_or(false)
         })
