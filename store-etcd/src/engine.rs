@@ -415,12 +415,15 @@ impl Inner {
         if resp.ttl() < 0 {
             return Ok(None);
         }
-        let keys: Vec<Vec<u8>> = resp
+        let mut keys: Vec<Vec<u8>> = resp
             .keys()
             .iter()
             .filter(|k| self.keys.user(k).is_some())
             .cloned()
             .collect();
+        // etcd lists them in no set order; a revoke deletes them in key order, as the
+        // local engines do (its events within the revision follow it).
+        keys.sort_unstable();
         let info = LeaseInfo {
             id,
             ttl_ms: resp.granted_ttl().max(0) as u64 * 1000,
@@ -663,7 +666,9 @@ impl Inner {
                 StoreError::Internal("etcd answered a put without a header".into())
             })?;
             let previous = resp.prev_key().map(|kv| kv.version().max(0) as u64);
-            return Ok(self.put_done(revision, previous, lease).await);
+            return Ok(self
+                .put_done(&p.key, &p.value, revision, previous, lease)
+                .await);
         }
         // etcd's version of an absent key is 0, as capkv's conditions read it.
         let compares: Vec<Compare> = match p.cond {
@@ -700,18 +705,62 @@ impl Inner {
                 ))
             }
         };
-        Ok(self.put_done(revision, previous, lease).await)
+        Ok(self
+            .put_done(&p.key, &p.value, revision, previous, lease)
+            .await)
     }
 
-    /// A committed put's outcome, once the feed has it: `previous` the version before it.
-    async fn put_done(&self, revision: i64, previous: Option<u64>, lease: i64) -> WriteOutcome {
+    /// A committed put's outcome, once the history has it: `previous` the version before
+    /// it.
+    async fn put_done(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        revision: i64,
+        previous: Option<u64>,
+        lease: i64,
+    ) -> WriteOutcome {
         self.commits.fetch_add(1, Ordering::Relaxed);
-        self.seen(revision).await;
+        let version = previous.map_or(1, |v| v + 1);
+        let at = to_capkv(revision, self.epoch);
+        // The revision is this put alone: when the history holds every one before it, the
+        // put's event goes in now (the feed skips it when etcd's watch brings it), so the
+        // answer does not wait for the watch. Otherwise the feed fills the gap first.
+        let applied_now = {
+            let mut h = lock(&self.history);
+            if h.applied + 1 == at {
+                h.ring.push(key, value, Some(version), at);
+                h.ring.trim();
+                h.applied = at;
+                true
+            } else {
+                false
+            }
+        };
+        if applied_now {
+            self.applied_through(at);
+        } else {
+            self.seen(revision).await;
+        }
         WriteOutcome::Put(PutOutcome {
-            version: previous.map_or(1, |v| v + 1),
-            revision: to_capkv(revision, self.epoch),
+            version,
+            revision: at,
             lease: lease as u64,
         })
+    }
+
+    /// The history holds every revision through `at` now: watchers and the writes waiting
+    /// for it are told.
+    pub(crate) fn applied_through(&self, at: u64) {
+        self.changes.publish(at);
+        let done = {
+            let mut waiters = lock(&self.waiters);
+            let later = waiters.split_off(&(at + 1));
+            std::mem::replace(&mut *waiters, later)
+        };
+        for tx in done.into_values().flatten() {
+            let _ = tx.send(());
+        }
     }
 
     /// Evaluates `op` against what was read: its operations and its outcome (revisions

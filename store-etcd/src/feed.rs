@@ -1,6 +1,7 @@
 //! The history feed: one etcd watch over the store's whole prefix, from where the
 //! gateway's history starts, applying each revision to the ring watchers read and
-//! publishing it ([`capkv_store::Changes`]). Records' and the secret's changes advance the
+//! publishing it ([`capkv_store::Changes`]); revisions the gateway applied itself (its own
+//! puts, when nothing before them was missing) are skipped. Records' and the secret's changes advance the
 //! revision without entering the ring. A broken watch (a member killed, a network
 //! failure) is made again from the next revision wanted, so nothing is skipped or applied
 //! twice; a revision etcd has compacted away meanwhile becomes the start of the history
@@ -106,8 +107,9 @@ fn apply(inner: &Inner, resp: &WatchResponse, next: i64) -> i64 {
     for e in events {
         let Some(kv) = e.kv() else { continue };
         let revision = kv.mod_revision();
-        // A watch made again may repeat what was applied.
-        if revision < next {
+        // A watch made again may repeat what was applied, and this gateway's own puts are
+        // applied when they commit (`put_done`).
+        if revision < next || to_capkv(revision, inner.epoch) <= h.applied {
             continue;
         }
         let Some(key) = inner.keys.user(kv.key()) else {
@@ -125,15 +127,7 @@ fn apply(inner: &Inner, resp: &WatchResponse, next: i64) -> i64 {
     let applied = to_capkv(through, inner.epoch);
     h.applied = h.applied.max(applied);
     drop(h);
-    inner.changes.publish(applied);
-    // The writes waiting for a revision applied now (after `applied` moved: see `seen`).
-    let done = {
-        let mut waiters = lock(&inner.waiters);
-        let later = waiters.split_off(&(applied + 1));
-        std::mem::replace(&mut *waiters, later)
-    };
-    for tx in done.into_values().flatten() {
-        let _ = tx.send(());
-    }
+    // After `applied` moved (see `seen`).
+    inner.applied_through(applied);
     through + 1
 }
