@@ -423,6 +423,10 @@ pub struct Client {
     idempotent_writes: bool,
     /// A caller-chosen key for the writes of this handle (see `with_idempotency_key`).
     fixed_key: Option<[u8; 16]>,
+    /// Several gateways were named: a call answered `unavailable` moves the connection to
+    /// the next (a gateway that cannot reach its store, or one draining, hands its clients
+    /// to another), and the call's retry goes there.
+    failover: bool,
 }
 
 #[derive(Debug, Default)]
@@ -552,6 +556,7 @@ impl Client {
         let retry = options.retry.clone();
         let budget = RetryBudget::new(&retry);
         let idempotent_writes = options.idempotent_writes;
+        let failover = addresses(addr).len() > 1;
         let addr = addr.to_string();
         let not_sent = NotSentReason::default();
         let thread_not_sent = Arc::clone(&not_sent);
@@ -573,6 +578,7 @@ impl Client {
             counters: Arc::default(),
             idempotent_writes,
             fixed_key: None,
+            failover,
         })
     }
 
@@ -725,9 +731,14 @@ impl Client {
         Fut: Future<Output = Result<T, ApiError>> + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let failover = self.failover;
         let job: Job = Box::new(move |conn| {
             async move {
-                let _ = tx.send(g(conn).await);
+                let r = g(Rc::clone(&conn)).await;
+                if failover && matches!(&r, Err(e) if e.code == ErrorCode::Unavailable) {
+                    conn.retire();
+                }
+                let _ = tx.send(r);
             }
             .boxed_local()
         });

@@ -309,6 +309,12 @@ impl LocalClient {
         self.alive.get()
     }
 
+    /// Stops taking calls on this connection (calls already on it finish): the client's
+    /// connection thread connects again, to the next of several gateways, at the next call.
+    pub fn retire(&self) {
+        self.alive.set(false);
+    }
+
     /// Why the connection ended, when it ended with an error.
     pub fn end_reason(&self) -> Option<ApiError> {
         self.ended.borrow().clone()

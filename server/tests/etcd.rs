@@ -4,7 +4,8 @@
 //!
 //! What holds: any gateway serves any data, session and idempotency key (a keyed write
 //! retried on another gateway is answered by the first one's record); watches see other
-//! gateways' writes; leases are etcd's; a start whose limits do not fit etcd's is refused
+//! gateways' writes; leases are etcd's; a client leaves a gateway that answers
+//! `unavailable` for the next one it names; a start whose limits do not fit etcd's is refused
 //! with the setting to change; and under load through two gateways, with the etcd leader,
 //! then a follower, then a gateway killed by SIGKILL, no acknowledged write is lost and no
 //! keyed increment counts twice.
@@ -36,7 +37,12 @@ fn etcd() -> Etcd {
 
 /// A kv-server gateway over `etcd`: (process, address).
 fn gateway(etcd: &Etcd) -> (Proc, String) {
-    let endpoints = etcd.cluster.endpoints().join(",");
+    gateway_over(&etcd.cluster.endpoints())
+}
+
+/// A gateway that knows only these members of the cluster.
+fn gateway_over(endpoints: &[String]) -> (Proc, String) {
+    let endpoints = endpoints.join(",");
     let (proc, addr, _logs) = spawn_kv_server(
         &[
             "--engine",
@@ -191,6 +197,42 @@ fn a_keyed_write_retried_on_another_gateway_has_one_effect() {
             reused.unwrap_err().code,
             capkv::ErrorCode::IdempotencyKeyReused
         );
+    });
+}
+
+/// A gateway that cannot reach etcd answers `unavailable`; a client that names another
+/// gateway too moves there, resumes its session, and its calls go on.
+#[test]
+fn a_gateway_cut_off_from_etcd_hands_its_clients_to_another() {
+    let mut etcd = etcd();
+    let endpoints = etcd.cluster.endpoints();
+    // The first gateway's only member is a follower, so that losing it is not also an
+    // election, which would make the other gateway `unavailable` for a moment too.
+    let leader = etcd.cluster.leader().expect("a leader");
+    let lone = (0..3).find(|&i| i != leader).expect("a follower");
+    let others: Vec<String> = (0..3)
+        .filter(|&i| i != lone)
+        .map(|i| endpoints[i].clone())
+        .collect();
+    let (_g1, a1) = gateway_over(&endpoints[lone..=lone]);
+    let (_g2, a2) = gateway_over(&others);
+    let rt = runtime();
+    let c = rt.block_on(connect(&format!("{a1},{a2}")));
+    let before = rt
+        .block_on(c.increment(b"n", 1))
+        .expect("through the first gateway");
+    assert_eq!(before.value, 1);
+    // The first gateway's only member goes; the cluster keeps its majority and leader.
+    etcd.cluster.kill(lone);
+    rt.block_on(async {
+        for i in 0..10 {
+            let key = format!("after/{i}").into_bytes();
+            c.put(&key, b"v")
+                .await
+                .expect("carried on through the other gateway");
+        }
+        let n = c.increment(b"n", 1).await.expect("increment");
+        assert_eq!(n.value, 2);
     });
 }
 
