@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capkv_store::history::{self, prefix_end};
+use capkv_store::history::prefix_end;
 use capkv_store::lease::LeaseInfo;
 use capkv_store::ring::Ring;
 use capkv_store::write::{self, now_unix_ms, recordable, Attach, Record};
@@ -1152,12 +1152,7 @@ impl Store for EtcdStore {
         max: PageLimits,
     ) -> Result<EventPage, StoreError> {
         let h = lock(&self.inner.history);
-        if after < h.ring.compacted() {
-            return Err(StoreError::Compacted {
-                oldest_revision: h.ring.compacted() + 1,
-            });
-        }
-        history::page(h.ring.after(after, range).map(Ok), after, max, h.applied)
+        h.ring.page(range, after, max, h.applied)
     }
     fn changes(&self) -> &Changes {
         &self.inner.changes

@@ -35,7 +35,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::history::{self, Changes, EventPage, KeyRange, PageLimits};
+use crate::history::{Changes, EventPage, KeyRange, PageLimits};
 use crate::lease::{LeaseInfo, Leases};
 use crate::ring::Ring;
 use crate::sorted::Sorted;
@@ -730,14 +730,7 @@ impl Store for MemoryStore {
         max: PageLimits,
     ) -> Result<EventPage, StoreError> {
         let inner = self.read();
-        let ring = &inner.history;
-        if after < ring.compacted() {
-            return Err(StoreError::Compacted {
-                oldest_revision: ring.compacted() + 1,
-            });
-        }
-        let history = ring.after(after, range).map(Ok);
-        history::page(history, after, max, inner.revision)
+        inner.history.page(range, after, max, inner.revision)
     }
 
     fn changes(&self) -> &Changes {

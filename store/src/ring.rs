@@ -13,7 +13,8 @@
 
 use std::collections::VecDeque;
 
-use crate::history::{Event, KeyRange};
+use crate::history::{self, Event, EventPage, KeyRange, PageLimits};
+use crate::StoreError;
 
 /// One event's fixed part; its key then its value are `key_len + value_len` bytes of
 /// [`Ring::bytes`], from `start` (counted from the ring's creation).
@@ -95,6 +96,23 @@ impl Ring {
         self.bytes.drain(..dropped as usize);
         self.bytes_start += dropped;
         self.compacted = self.compacted.max(revision);
+    }
+
+    /// One read of this history ([`history::page`]) after `after`, `head` the revision it
+    /// holds through; [`StoreError::Compacted`] when a revision after `after` is gone.
+    pub fn page(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+        head: u64,
+    ) -> Result<EventPage, StoreError> {
+        if after < self.compacted {
+            return Err(StoreError::Compacted {
+                oldest_revision: self.compacted + 1,
+            });
+        }
+        history::page(self.after(after, range).map(Ok), after, max, head)
     }
 
     /// The revision through which events are gone.
