@@ -166,7 +166,9 @@ pub fn scan(
             ))
         }
     };
-    let cursor = bound("cursor", r.get_cursor())?;
+    let raw = r.get_cursor().map_err(|e| bad("cursor", e))?;
+    let (revision, cursor) = split_cursor(raw);
+    let cursor = bound("cursor", Ok(cursor))?;
     let start = if cursor.is_empty() {
         start
     } else {
@@ -198,12 +200,36 @@ pub fn scan(
         limit: limit as usize,
         max_bytes: limits.max_scan_bytes,
         keys_only: r.get_keys_only(),
+        revision,
     })
 }
 
-/// The cursor that resumes right after `last_key`: its immediate successor in byte order.
-pub fn next_cursor(last_key: &[u8]) -> Vec<u8> {
-    let mut c = Vec::with_capacity(last_key.len() + 1);
+/// What starts a cursor that also pins the scan's revision: then the revision (8 bytes,
+/// big endian), then the key to resume at. Sent only by a server whose engine reads the
+/// past ([`capkv_store::Store::scans_pin_revision`]); other cursors are the key alone.
+const PINNED_CURSOR: &[u8] = b"\xffcapkv-revision\x00";
+
+/// A cursor's pinned revision, if it has one, and the key it resumes at.
+fn split_cursor(cursor: &[u8]) -> (Option<u64>, &[u8]) {
+    match cursor.strip_prefix(PINNED_CURSOR) {
+        Some(rest) if rest.len() >= 8 => {
+            let (revision, key) = rest.split_at(8);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(revision);
+            (Some(u64::from_be_bytes(b)), key)
+        }
+        _ => (None, cursor),
+    }
+}
+
+/// The cursor that resumes right after `last_key` (its immediate successor in byte
+/// order), pinned to `revision` when given.
+pub fn next_cursor(last_key: &[u8], revision: Option<u64>) -> Vec<u8> {
+    let mut c = Vec::with_capacity(PINNED_CURSOR.len() + 8 + last_key.len() + 1);
+    if let Some(revision) = revision {
+        c.extend_from_slice(PINNED_CURSOR);
+        c.extend_from_slice(&revision.to_be_bytes());
+    }
     c.extend_from_slice(last_key);
     c.push(0);
     c
@@ -308,5 +334,22 @@ pub fn attach(lease: u64, ttl_ms: u64) -> Result<capkv_store::write::Attach, Api
             ErrorCode::InvalidArgument,
             "a put takes a lease or a TTL, not both",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pinned cursor gives back its revision and key; a plain one is the key alone, even
+    /// when the key is binary.
+    #[test]
+    fn cursors_round_trip() {
+        let pinned = next_cursor(b"k\xff\x00", Some(42));
+        assert_eq!(split_cursor(&pinned), (Some(42), &b"k\xff\x00\x00"[..]));
+        let plain = next_cursor(b"\xffcapkv", None);
+        assert_eq!(split_cursor(&plain), (None, &b"\xffcapkv\x00"[..]));
+        // A magic too short to hold a revision is a key.
+        assert_eq!(split_cursor(PINNED_CURSOR), (None, PINNED_CURSOR));
     }
 }

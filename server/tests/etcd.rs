@@ -163,6 +163,46 @@ fn two_gateways_serve_one_store() {
     });
 }
 
+/// A scan's pages over etcd are all read at its first page's revision (the cursor carries
+/// it), so writes between pages, through another gateway too, do not tear the scan.
+#[test]
+fn a_scan_reads_every_page_at_its_first_revision() {
+    let etcd = etcd();
+    let (_g1, a1) = gateway(&etcd);
+    let (_g2, a2) = gateway(&etcd);
+    runtime().block_on(async {
+        let (c1, c2) = (connect(&a1).await, connect(&a2).await);
+        for i in 0..6 {
+            c1.put(format!("s/{i}").as_bytes(), b"old")
+                .await
+                .expect("put");
+        }
+        let opts = |cursor: Vec<u8>| ScanOptions {
+            bounds: ScanBounds::Prefix(b"s/".to_vec()),
+            cursor,
+            limit: 3,
+            ..ScanOptions::default()
+        };
+        let first = c1.scan(opts(Vec::new())).await.expect("first page");
+        let cursor = first.next_cursor.clone().expect("more");
+        c2.put(b"s/4", b"new").await.expect("overwrite");
+        c2.delete(b"s/5").await.expect("delete");
+        let second = c1.scan(opts(cursor)).await.expect("second page");
+        assert_eq!(second.revision, first.revision);
+        let seen: Vec<(Vec<u8>, Vec<u8>)> = second
+            .entries
+            .into_iter()
+            .map(|e| (e.key, e.value))
+            .collect();
+        assert_eq!(
+            seen,
+            (3..6)
+                .map(|i| (format!("s/{i}").into_bytes(), b"old".to_vec()))
+                .collect::<Vec<_>>()
+        );
+    });
+}
+
 /// The same idempotency key, in the same session resumed on another gateway, is answered
 /// by the record the first gateway wrote: one effect.
 #[test]

@@ -343,6 +343,14 @@ impl Inner {
         };
         let limit = i64::try_from(req.limit.max(1)).unwrap_or(i64::MAX);
         let mut opts = GetOptions::new().with_range(end).with_limit(limit);
+        // A later page of a scan reads where its first page did.
+        let pinned = req.revision;
+        if let Some(r) = pinned {
+            let at = self
+                .epoch
+                .saturating_add(i64::try_from(r).unwrap_or(i64::MAX));
+            opts = opts.with_revision(at);
+        }
         if req.keys_only {
             opts = opts.with_keys_only();
         }
@@ -357,7 +365,7 @@ impl Inner {
         let mut page = ScanPage {
             entries: Vec::new(),
             more: resp.more(),
-            revision: to_capkv(revision, self.epoch),
+            revision: pinned.unwrap_or_else(|| to_capkv(revision, self.epoch)),
         };
         let mut bytes = 0usize;
         let kvs = resp.kvs();
@@ -1072,6 +1080,9 @@ fn etcd_error(e: etcd_client::Error) -> StoreError {
                 Code::OutOfRange if msg.contains("compacted") => {
                     StoreError::Compacted { oldest_revision: 0 }
                 }
+                Code::OutOfRange if msg.contains("future revision") => StoreError::Invalid(
+                    "the scan's cursor names a revision the store has not reached".into(),
+                ),
                 Code::ResourceExhausted if msg.contains("space exceeded") => {
                     StoreError::StorageFull(msg.to_string())
                 }
@@ -1120,6 +1131,10 @@ impl Store for EtcdStore {
     }
     fn reads_complete_at_once(&self) -> bool {
         false
+    }
+    /// etcd reads the past until it is compacted.
+    fn scans_pin_revision(&self) -> bool {
+        true
     }
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
         self.spawn(move |i| Box::pin(async move { i.write(op, idem).await }))

@@ -48,6 +48,7 @@ fn scan_all(s: &dyn Store, start: &[u8], end: Option<&[u8]>) -> Vec<Vec<u8>> {
             limit: 1_000_000,
             max_bytes: usize::MAX,
             keys_only: true,
+            revision: None,
         })
         .unwrap();
     assert!(!page.more);
@@ -207,6 +208,7 @@ pub fn scan_pages_by_limit_and_bytes(s: &dyn Store) {
         limit: 4,
         max_bytes: usize::MAX,
         keys_only: false,
+        revision: None,
     };
     let p = s.scan(&req).unwrap();
     assert_eq!(p.entries.len(), 4);
@@ -949,6 +951,9 @@ impl<S: Store, G: Send + Sync> Store for Guarded<S, G> {
     }
     fn reads_complete_at_once(&self) -> bool {
         self.store.reads_complete_at_once()
+    }
+    fn scans_pin_revision(&self) -> bool {
+        self.store.scans_pin_revision()
     }
     fn get_async(&self, key: &[u8]) -> crate::Pending<Option<crate::Entry>> {
         self.store.get_async(key)

@@ -110,6 +110,10 @@ pub struct ScanRequest {
     /// Always at least one entry is returned when one exists, so a scan makes progress.
     pub max_bytes: usize,
     pub keys_only: bool,
+    /// Read the range as it was at this store revision (a later page of a scan whose
+    /// first page was read there). Only engines that can read the past honour it
+    /// ([`Store::scans_pin_revision`]); the others read the latest state.
+    pub revision: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -275,6 +279,13 @@ pub trait Store: Send + Sync {
         typed(w, |op| self.write(op, None))
     }
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError>;
+    /// Whether [`scan`](Self::scan) honours [`ScanRequest::revision`], so that the pages of
+    /// one scan can all be read at its first page's revision (etcd keeps the past until
+    /// it is compacted: a page whose revision is gone is [`StoreError::Compacted`]).
+    /// Default: false, every page reads the latest state.
+    fn scans_pin_revision(&self) -> bool {
+        false
+    }
     /// Reads several keys at one revision; returns them in `keys` order, and the revision.
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError>;
     /// Applies `items` atomically as one write. Keys must be distinct (callers check);

@@ -944,6 +944,7 @@ mod tests {
                 limit: 1000,
                 max_bytes: usize::MAX,
                 keys_only: false,
+                revision: None,
             })
             .unwrap();
         assert_eq!(page.entries.len(), 50);

@@ -288,7 +288,7 @@ impl KvStoreImpl {
                 let req = validate::scan(&call.tunables.limits, p.get_range())?;
                 this.shared.store.scan(&req).map_err(store_error)
             },
-            ok = |ok, page| { write_scan_page(ok, &page)? }
+            ok = |ok, page| { write_scan_page(ok, &page, this.shared.store.scans_pin_revision())? }
         )
     }
 
@@ -355,7 +355,7 @@ impl KvStoreImpl {
                     .await
                     .map_err(store_error)
             },
-            ok = |ok, page| { write_scan_page(ok, &page)? }
+            ok = |ok, page| { write_scan_page(ok, &page, this.shared.store.scans_pin_revision())? }
         )
     }
 
@@ -435,14 +435,17 @@ fn write_get_many(
     }
 }
 
+/// A scan page's `ok` group; `pin`: its cursor pins the page's revision for the next.
 fn write_scan_page(
     mut ok: scan_result::ok::Builder<'_>,
     page: &capkv_store::ScanPage,
+    pin: bool,
 ) -> capnp::Result<()> {
     ok.set_revision(page.revision);
     if page.more {
         if let Some(last) = page.entries.last() {
-            ok.set_next_cursor(&validate::next_cursor(&last.key));
+            let revision = pin.then_some(page.revision);
+            ok.set_next_cursor(&validate::next_cursor(&last.key, revision));
         }
     }
     let len = u32::try_from(page.entries.len())
