@@ -55,5 +55,10 @@ done
 for plot in spectrum-get-c-50 spectrum-put-c-50 open-loop durable; do
     grep -q "<svg" "$work/plots/$plot.svg" || { echo "missing plot: $plot.svg" >&2; exit 1; }
 done
+echo "== bench/etcd.sh (debug profile, 1 s runs: checks the script, not the speed)"
+bash bench/etcd.sh "$CARGO_TARGET_DIR/debug" 1 1 >"$work/etcd.md"
+for want in "| GET c=1 | etcd (direct) |" "| PUT c=50 | capkv on etcd |" "| capkv on RocksDB (one node) |"; do
+    grep -qF "$want" "$work/etcd.md" || { cat "$work/etcd.md"; echo "missing: $want" >&2; exit 1; }
+done
 
 echo "== all checks passed in $(( $(date +%s) - start )) s"
