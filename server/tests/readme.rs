@@ -216,6 +216,12 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
         "client/tests/cli.rs",
         "&[\"watch\", \"--prefix\"",
     ),
+    // bench/etcd.sh runs it; CI runs bench/etcd.sh (scripts/test.sh).
+    (
+        "kv-loadgen --target etcd",
+        "bench/etcd.sh",
+        "run --target etcd --addr",
+    ),
     // bench/run.sh runs it; CI runs bench/run.sh (checked in `loadgen_block_runs`).
     ("kv-loadgen matrix", "bench/run.sh", "/kv-loadgen\" matrix"),
     (
