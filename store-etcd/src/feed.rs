@@ -116,6 +116,8 @@ fn apply(inner: &Inner, resp: &WatchResponse, next: i64) -> i64 {
             continue;
         };
         let at = to_capkv(revision, inner.epoch);
+        // etcd v3 has two kinds of event; etcd-client panics on any other, which only a
+        // server speaking another protocol version could send.
         match e.event_type() {
             EventType::Put => h
                 .ring
