@@ -689,23 +689,9 @@ pub fn concurrent_watchers_see_one_order(make: &dyn Fn() -> Arc<dyn Store>) {
 /// unknown lease fails the put and writes nothing; a put with a TTL grants a lease of its
 /// own; a lease past its TTL is revoked by `ExpireLeases`.
 pub fn leases_take_their_keys(s: &dyn Store) {
-    use crate::write::{Attach, GrantLease, RevokeLease};
-    let grant = |ttl_ms| match s.write(GrantLease { ttl_ms }.into(), None).wait() {
-        Ok(crate::WriteOutcome::GrantLease(g)) => g.id,
-        other => panic!("grant: {other:?}"),
-    };
-    let put = |key: &[u8], attach| {
-        s.apply(
-            write::Put {
-                key: key.to_vec(),
-                value: b"v".to_vec(),
-                cond: Condition::None,
-                attach,
-            },
-            None,
-        )
-        .wait()
-    };
+    use crate::write::{Attach, RevokeLease};
+    let grant = |ttl_ms| grant_lease(s, ttl_ms);
+    let put = |key: &[u8], attach| put_attached(s, key, attach, None);
     let long = grant(600_000);
     assert_ne!(long, 0);
     assert_eq!(put(b"a/1", Attach::Lease(long)).unwrap().lease, long);
@@ -776,17 +762,8 @@ pub fn leases_take_their_keys(s: &dyn Store) {
 
     // Keyed, a put with a TTL and a revoke have one effect however often they are sent.
     let ttl_put = || {
-        s.apply(
-            write::Put {
-                key: b"once".to_vec(),
-                value: b"v".to_vec(),
-                cond: Condition::None,
-                attach: Attach::NewLease { ttl_ms: 600_000 },
-            },
-            idem("s", "ttl-put", far_future()),
-        )
-        .wait()
-        .unwrap()
+        let attach = Attach::NewLease { ttl_ms: 600_000 };
+        put_attached(s, b"once", attach, idem("s", "ttl-put", far_future())).unwrap()
     };
     let first = ttl_put();
     assert_ne!(first.lease, 0, "a lease of its own");
@@ -813,25 +790,9 @@ pub fn leases_take_their_keys(s: &dyn Store) {
 /// own lease of TTL 0 is past it at once, and the reaper's `ExpireLeases` takes its key
 /// and leaves live leases alone. A keyed put's own lease is granted once.
 pub fn leases_expire_by_the_reaper(s: &dyn Store) {
-    use crate::write::{Attach, ExpireLeases, GrantLease};
-    let put = |key: &[u8], attach, idem| {
-        s.apply(
-            write::Put {
-                key: key.to_vec(),
-                value: b"v".to_vec(),
-                cond: Condition::None,
-                attach,
-            },
-            idem,
-        )
-        .wait()
-        .unwrap()
-        .lease
-    };
-    let live = match s.write(GrantLease { ttl_ms: 600_000 }.into(), None).wait() {
-        Ok(crate::WriteOutcome::GrantLease(g)) => g.id,
-        other => panic!("grant: {other:?}"),
-    };
+    use crate::write::{Attach, ExpireLeases};
+    let put = |key: &[u8], attach, idem| put_attached(s, key, attach, idem).unwrap().lease;
+    let live = grant_lease(s, 600_000);
     let ttl = put(b"t/1", Attach::NewLease { ttl_ms: 0 }, None);
     assert_ne!(ttl, 0);
     let (alive, next) = s.lease_clock();
@@ -854,6 +815,30 @@ pub fn leases_expire_by_the_reaper(s: &dyn Store) {
     let first = keyed();
     assert_eq!(keyed(), first);
     assert_eq!(s.lease_clock().0, 2, "one lease, not two");
+}
+
+/// A lease of `ttl_ms` granted on `s`: its id.
+fn grant_lease(s: &dyn Store, ttl_ms: u64) -> u64 {
+    match s.write(write::GrantLease { ttl_ms }.into(), None).wait() {
+        Ok(crate::WriteOutcome::GrantLease(g)) => g.id,
+        other => panic!("grant: {other:?}"),
+    }
+}
+
+/// A put of `v` under `key`, its key attached as `attach`, keyed by `idem`.
+fn put_attached(
+    s: &dyn Store,
+    key: &[u8],
+    attach: write::Attach,
+    idem: Option<IdempotencyKey>,
+) -> Result<crate::PutOutcome, StoreError> {
+    let w = write::Put {
+        key: key.to_vec(),
+        value: b"v".to_vec(),
+        cond: Condition::None,
+        attach,
+    };
+    s.apply(w, idem).wait()
 }
 
 /// Expands to one `#[test]` per conformance case for the engine `$make` builds.
