@@ -11,8 +11,9 @@
 //! nothing read has changed (`mod_revision` equal, 0 for absent) and whose operations are
 //! the write and its record. A lost race is read and evaluated again, at most
 //! [`WRITE_ATTEMPTS`] times. A put without a record (no idempotency key) and without a
-//! lease of its own needs no read: one transaction, its condition the compare. A record's outcome is written without revisions, which are
-//! the record's own `mod_revision` (it is written in the same transaction as the write).
+//! lease of its own needs no read: a plain put, or with a condition one transaction whose
+//! compare it is. A record's outcome is written without revisions, which are the record's
+//! own `mod_revision` (it is written in the same transaction as the write).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -31,7 +32,7 @@ use capkv_store::{
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, LeaseGrantOptions,
-    LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    LeaseTimeToLiveOptions, PutOptions, ResponseHeader, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use sha2::{Digest, Sha256};
 
@@ -233,7 +234,7 @@ impl Inner {
             .await
             .map_err(|_| etcd("no answer to the store's first read".into()))?
             .map_err(|e| etcd(e.to_string()))?;
-        let head = header_revision(&resp).map_err(|e| etcd(e.to_string()))?;
+        let head = header_revision(resp.header()).map_err(|e| etcd(e.to_string()))?;
         let (epoch, secret) = if resp.succeeded() {
             (head, fresh)
         } else {
@@ -311,7 +312,7 @@ impl Inner {
             } else {
                 kv.value().to_vec()
             },
-            version: kv.version().max(0) as u64,
+            version: version_of(kv),
             mod_revision: to_capkv(kv.mod_revision(), self.epoch),
         })
     }
@@ -358,10 +359,7 @@ impl Inner {
         let resp = self
             .timed("a scan", kv.get(self.keys.data(&req.start), Some(opts)))
             .await?;
-        let revision = resp
-            .header()
-            .map(|h| h.revision())
-            .ok_or_else(|| StoreError::Internal("etcd answered a range without a header".into()))?;
+        let revision = header_revision(resp.header())?;
         let mut page = ScanPage {
             entries: Vec::new(),
             more: resp.more(),
@@ -387,7 +385,7 @@ impl Inner {
     async fn read(&self, keys: &[Vec<u8>]) -> Result<(i64, Vec<Option<KeyValue>>), StoreError> {
         let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
         let resp = self.txn(Txn::new().and_then(ops)).await?;
-        let revision = header_revision(&resp)?;
+        let revision = header_revision(resp.header())?;
         let kvs = resp
             .op_responses()
             .into_iter()
@@ -434,8 +432,8 @@ impl Inner {
         keys.sort_unstable();
         let info = LeaseInfo {
             id,
-            ttl_ms: resp.granted_ttl().max(0) as u64 * 1000,
-            remaining_ms: resp.ttl().max(0) as u64 * 1000,
+            ttl_ms: secs_to_ms(resp.granted_ttl()),
+            remaining_ms: secs_to_ms(resp.ttl()),
             keys: keys.len() as u64,
         };
         Ok(Some((info, keys)))
@@ -467,13 +465,13 @@ impl Inner {
         let mut leases = self.client.lease_client();
         let opts = id.map(|id| LeaseGrantOptions::new().with_id(id));
         match leases.grant(ttl_s, opts).await {
-            Ok(g) => Ok((g.id(), g.ttl().max(0) as u64 * 1000)),
+            Ok(g) => Ok((g.id(), secs_to_ms(g.ttl()))),
             // Granted before, by an earlier attempt of the same keyed write.
             Err(etcd_client::Error::GRpcStatus(s))
                 if id.is_some() && s.message().contains("lease already exists") =>
             {
                 let id = id.unwrap_or_default();
-                Ok((id, ttl_s as u64 * 1000))
+                Ok((id, secs_to_ms(ttl_s)))
             }
             Err(e) => Err(etcd_error(e)),
         }
@@ -571,7 +569,9 @@ impl Inner {
                 .plan(&op, &kvs[..n], revoke, derived, &mut granted, missing_lease)
                 .await?;
             let recorded = record.as_ref().filter(|_| recordable(&plan.outcome));
-            if plan.ops.is_empty() && recorded.is_none() && plan.revoke.is_none() {
+            // The lease a revoke ends once its keys' deletes are committed.
+            let revoked = revoke.and_then(|id| i64::try_from(id).ok());
+            if plan.ops.is_empty() && recorded.is_none() && revoked.is_none() {
                 let at = to_capkv(revision, self.epoch);
                 return plan.outcome.map(|o| at_revision(o, at));
             }
@@ -584,7 +584,7 @@ impl Inner {
                     Compare::mod_revision(k.clone(), CompareOp::Equal, seen)
                 })
                 .collect();
-            if let Some(id) = revoke.and_then(|id| i64::try_from(id).ok()) {
+            if let Some(id) = revoked {
                 // Each key still attached to the lease being revoked.
                 compares.extend(
                     keys[..n]
@@ -606,12 +606,12 @@ impl Inner {
             }
             match self.txn(Txn::new().when(compares).and_then(ops)).await {
                 Ok(resp) if resp.succeeded() => {
-                    let revision = header_revision(&resp)?;
+                    let revision = header_revision(resp.header())?;
                     if changes {
                         self.commits.fetch_add(1, Ordering::Relaxed);
                         self.seen(revision).await;
                     }
-                    if let Some(id) = plan.revoke {
+                    if let Some(id) = revoked {
                         // Its keys are gone with the transaction; this ends the lease.
                         let mut leases = self.client.lease_client();
                         if let Err(e) = self.timed("a revoke", leases.revoke(id)).await {
@@ -657,56 +657,38 @@ impl Inner {
         if lease != 0 {
             opts = opts.with_lease(lease);
         }
-        if p.cond == Condition::None {
-            // A plain put, not a transaction: etcd 3.4 serves half as many one-put
-            // transactions as puts (50 writers, bench/etcd.sh's cluster, same minutes).
-            let mut kv = self.client.kv_client();
-            let resp = match self
-                .timed("a put", kv.put(key, p.value.clone(), Some(opts)))
-                .await
-            {
-                Err(StoreError::LeaseNotFound { .. }) => {
-                    return Err(StoreError::LeaseNotFound { id: lease as u64 })
-                }
-                r => r?,
-            };
-            let revision = resp.header().map(|h| h.revision()).ok_or_else(|| {
-                StoreError::Internal("etcd answered a put without a header".into())
-            })?;
-            let previous = resp.prev_key().map(|kv| kv.version().max(0) as u64);
-            return Ok(self
-                .put_done(&p.key, &p.value, revision, previous, lease)
-                .await);
-        }
         // etcd's version of an absent key is 0, as capkv's conditions read it.
-        let compares: Vec<Compare> = match p.cond {
-            Condition::None => Vec::new(),
-            Condition::IfAbsent => vec![Compare::version(key.clone(), CompareOp::Equal, 0)],
-            Condition::IfVersion(v) => {
-                let v = i64::try_from(v).unwrap_or(i64::MAX);
-                vec![Compare::version(key.clone(), CompareOp::Equal, v)]
+        let expected = match p.cond {
+            Condition::IfVersion(v) => i64::try_from(v).unwrap_or(i64::MAX),
+            Condition::IfAbsent => 0,
+            Condition::None => {
+                // A plain put, not a transaction: etcd 3.4 serves half as many one-put
+                // transactions as puts (50 writers, bench/etcd.sh's cluster, same minutes).
+                let mut kv = self.client.kv_client();
+                let put = kv.put(key, p.value.clone(), Some(opts));
+                let resp = naming_lease(self.timed("a put", put).await, lease as u64)?;
+                let revision = header_revision(resp.header())?;
+                let previous = resp.prev_key().map(version_of);
+                return Ok(self
+                    .put_done(&p.key, &p.value, revision, previous, lease)
+                    .await);
             }
         };
         let txn = Txn::new()
-            .when(compares)
+            .when([Compare::version(key.clone(), CompareOp::Equal, expected)])
             .and_then([TxnOp::put(key.clone(), p.value.clone(), Some(opts))])
             .or_else([TxnOp::get(key, None)]);
-        let resp = match self.txn(txn).await {
-            Err(StoreError::LeaseNotFound { .. }) => {
-                return Err(StoreError::LeaseNotFound { id: lease as u64 })
-            }
-            r => r?,
-        };
+        let resp = naming_lease(self.txn(txn).await, lease as u64)?;
         if !resp.succeeded() {
-            let current = single_get(&resp)?.map(|kv| kv.version().max(0) as u64);
+            let current = single_get(&resp)?.map(|kv| version_of(&kv));
             return Err(StoreError::ConditionFailed {
                 index: 0,
                 current_version: current,
             });
         }
-        let revision = header_revision(&resp)?;
+        let revision = header_revision(resp.header())?;
         let previous = match resp.op_responses().into_iter().next() {
-            Some(TxnOpResponse::Put(put)) => put.prev_key().map(|kv| kv.version().max(0) as u64),
+            Some(TxnOpResponse::Put(put)) => put.prev_key().map(version_of),
             _ => {
                 return Err(StoreError::Internal(
                     "etcd answered a put with another kind of response".into(),
@@ -729,7 +711,7 @@ impl Inner {
         lease: i64,
     ) -> WriteOutcome {
         self.commits.fetch_add(1, Ordering::Relaxed);
-        let version = previous.map_or(1, |v| v + 1);
+        let version = next_version(previous);
         let at = to_capkv(revision, self.epoch);
         // The revision is this put alone: when the history holds every one before it, the
         // put's event goes in now (the feed skips it when etcd's watch brings it), so the
@@ -782,12 +764,7 @@ impl Inner {
         granted: &mut Option<(i64, u64)>,
         missing_lease: bool,
     ) -> Result<Plan, StoreError> {
-        let version = |i: usize| {
-            current
-                .get(i)
-                .and_then(|kv| kv.as_ref())
-                .map(|kv| kv.version().max(0) as u64)
-        };
+        let version = |i: usize| current.get(i).and_then(|kv| kv.as_ref()).map(version_of);
         let failed = |index, current_version| {
             Plan::outcome(Err(StoreError::ConditionFailed {
                 index,
@@ -823,11 +800,10 @@ impl Inner {
                         Some(opts),
                     )],
                     outcome: Ok(WriteOutcome::Put(PutOutcome {
-                        version: version(0).map_or(1, |v| v + 1),
+                        version: next_version(version(0)),
                         revision: 0,
                         lease: lease as u64,
                     })),
-                    revoke: None,
                 }
             }
             WriteOp::Delete(d) => {
@@ -845,7 +821,6 @@ impl Inner {
                         existed,
                         revision: 0,
                     })),
-                    revoke: None,
                 }
             }
             WriteOp::PutMany(m) => {
@@ -865,11 +840,10 @@ impl Inner {
                         .collect(),
                     outcome: Ok(WriteOutcome::PutMany(BatchOutcome {
                         versions: (0..m.items.len())
-                            .map(|i| version(i).map_or(1, |v| v + 1))
+                            .map(|i| next_version(version(i)))
                             .collect(),
                         revision: 0,
                     })),
-                    revoke: None,
                 }
             }
             WriteOp::Increment(inc) => {
@@ -889,10 +863,9 @@ impl Inner {
                     )],
                     outcome: Ok(WriteOutcome::Increment(write::IncrementOutcome {
                         value,
-                        version: version(0).map_or(1, |v| v + 1),
+                        version: next_version(version(0)),
                         revision: 0,
                     })),
-                    revoke: None,
                 }
             }
             WriteOp::GrantLease(g) => {
@@ -907,7 +880,7 @@ impl Inner {
             }
             WriteOp::RevokeLease(r) => match revoke {
                 None => Plan::outcome(Err(StoreError::LeaseNotFound { id: r.id })),
-                Some(id) => Plan {
+                Some(_) => Plan {
                     ops: current
                         .iter()
                         .flatten()
@@ -917,7 +890,6 @@ impl Inner {
                         deleted: current.iter().flatten().count() as u64,
                         revision: 0,
                     })),
-                    revoke: i64::try_from(id).ok(),
                 },
             },
             WriteOp::ExpireLeases(_) => Plan::outcome(Ok(WriteOutcome::ExpireLeases(0))),
@@ -997,8 +969,6 @@ struct RecordPlan {
 struct Plan {
     ops: Vec<TxnOp>,
     outcome: Result<WriteOutcome, StoreError>,
-    /// A lease to revoke once its keys' deletes are committed.
-    revoke: Option<i64>,
 }
 
 impl Plan {
@@ -1006,7 +976,6 @@ impl Plan {
         Self {
             ops: Vec::new(),
             outcome,
-            revoke: None,
         }
     }
 }
@@ -1044,10 +1013,34 @@ pub(crate) fn to_capkv(revision: i64, epoch: i64) -> u64 {
     revision.saturating_sub(epoch).max(0) as u64
 }
 
-fn header_revision(resp: &TxnResponse) -> Result<i64, StoreError> {
-    resp.header()
-        .map(|h| h.revision())
+/// The store revision an answer of etcd's was given at.
+fn header_revision(header: Option<&ResponseHeader>) -> Result<i64, StoreError> {
+    header
+        .map(ResponseHeader::revision)
         .ok_or_else(|| StoreError::Internal("etcd answered without a header".into()))
+}
+
+/// An entry's version, as capkv counts them (etcd's, never negative).
+pub(crate) fn version_of(kv: &KeyValue) -> u64 {
+    kv.version().max(0) as u64
+}
+
+/// etcd's lease seconds as capkv's milliseconds (never negative).
+fn secs_to_ms(seconds: i64) -> u64 {
+    (seconds.max(0) as u64).saturating_mul(1000)
+}
+
+/// The version a put gives a key whose version is `current` (`None`: absent).
+fn next_version(current: Option<u64>) -> u64 {
+    current.map_or(1, |v| v + 1)
+}
+
+/// A failure naming the lease `id` where etcd said only that some lease was missing.
+fn naming_lease<T>(r: Result<T, StoreError>, id: u64) -> Result<T, StoreError> {
+    match r {
+        Err(StoreError::LeaseNotFound { .. }) => Err(StoreError::LeaseNotFound { id }),
+        r => r,
+    }
 }
 
 /// The entry of a transaction whose only operation was one get.

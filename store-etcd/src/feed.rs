@@ -1,8 +1,8 @@
 //! The history feed: one etcd watch over the store's whole prefix, from where the
 //! gateway's history starts, applying each revision to the ring watchers read and
 //! publishing it ([`capkv_store::Changes`]); revisions the gateway applied itself (its own
-//! puts, when nothing before them was missing) are skipped. Records' and the secret's changes advance the
-//! revision without entering the ring. A broken watch (a member killed, a network
+//! puts, when nothing before them was missing) are skipped. Records' and the secret's
+//! changes advance the revision without entering the ring. A broken watch (a member killed, a network
 //! failure) is made again from the next revision wanted, so nothing is skipped or applied
 //! twice; a revision etcd has compacted away meanwhile becomes the start of the history
 //! (watchers behind it get `compacted`).
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchResponse};
 
-use crate::engine::{lock, to_capkv, Inner};
+use crate::engine::{lock, to_capkv, version_of, Inner};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -106,22 +106,19 @@ fn apply(inner: &Inner, resp: &WatchResponse, next: i64) -> i64 {
     let mut h = lock(&inner.history);
     for e in events {
         let Some(kv) = e.kv() else { continue };
-        let revision = kv.mod_revision();
+        let at = to_capkv(kv.mod_revision(), inner.epoch);
         // A watch made again may repeat what was applied, and this gateway's own puts are
         // applied when they commit (`put_done`).
-        if revision < next || to_capkv(revision, inner.epoch) <= h.applied {
+        if at <= h.applied {
             continue;
         }
         let Some(key) = inner.keys.user(kv.key()) else {
             continue;
         };
-        let at = to_capkv(revision, inner.epoch);
         // etcd v3 has two kinds of event; etcd-client panics on any other, which only a
         // server speaking another protocol version could send.
         match e.event_type() {
-            EventType::Put => h
-                .ring
-                .push(key, kv.value(), Some(kv.version().max(0) as u64), at),
+            EventType::Put => h.ring.push(key, kv.value(), Some(version_of(kv)), at),
             EventType::Delete => h.ring.push(key, &[], None, at),
         }
     }
