@@ -543,8 +543,8 @@ pub(crate) async fn tcp_connect(
 impl Client {
     /// Connects to `addr` and sends `open(token)` without waiting for it. `addr` may name
     /// several gateways of one service, comma-separated (`a:7070,b:7070`): the first that
-    /// answers is used, and when its connection is lost the next ones are tried in turn,
-    /// the write session resumed there.
+    /// answers is used, and when its connection is lost, or a call is answered
+    /// `unavailable`, the next ones are tried in turn, the write session resumed there.
     pub async fn connect(addr: &str, options: ClientOptions) -> Result<Client, ApiError> {
         let (stream, at) = tcp_connect_from(addr, 0, &options).await?;
         let stream = stream

@@ -80,30 +80,6 @@ async fn connect(addr: &str) -> Client {
     Client::connect(addr, options).await.expect("connect")
 }
 
-/// Every key and value in the store, by paging through a full scan.
-async fn read_all(client: &Client) -> HashMap<Vec<u8>, (Vec<u8>, u64)> {
-    let mut all = HashMap::new();
-    let mut cursor = Vec::new();
-    for _ in 0..10_000 {
-        let page = client
-            .scan(ScanOptions {
-                cursor: cursor.clone(),
-                limit: 1000,
-                ..ScanOptions::default()
-            })
-            .await
-            .expect("scan");
-        for e in page.entries {
-            all.insert(e.key, (e.value, e.version));
-        }
-        match page.next_cursor {
-            Some(next) => cursor = next,
-            None => return all,
-        }
-    }
-    panic!("scan did not finish in 10,000 pages");
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -261,7 +237,9 @@ fn verify_after_restart(
     out: &TrialOutcome,
 ) -> (usize, usize) {
     let server = ServerProcess::start(dir);
-    let stored = rt.block_on(async { read_all(&connect(&server.addr).await).await });
+    let stored = rt.block_on(async {
+        common::read_all(&connect(&server.addr).await, ScanOptions::default().bounds).await
+    });
     let mut lost = 0;
     for (key, value) in &out.acked {
         match stored.get(key) {

@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,26 +412,7 @@ fn faults_under_load_lose_nothing_and_count_once() {
         .collect();
     rt.block_on(async {
         let c = connect(&a2).await;
-        let mut stored = HashMap::new();
-        let mut cursor = Vec::new();
-        for _ in 0..1000 {
-            let page = c
-                .scan(ScanOptions {
-                    bounds: ScanBounds::Prefix(b"put/".to_vec()),
-                    cursor: cursor.clone(),
-                    limit: 1000,
-                    ..ScanOptions::default()
-                })
-                .await
-                .expect("scan");
-            for e in page.entries {
-                stored.insert(e.key, e.value);
-            }
-            match page.next_cursor {
-                Some(next) => cursor = next,
-                None => break,
-            }
-        }
+        let stored = common::read_all(&c, ScanBounds::Prefix(b"put/".to_vec())).await;
         let mut total_acked = 0;
         for (counter, acked_puts, incs, _) in &results {
             total_acked += acked_puts.len();

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use capkv::kv_capnp::gateway;
-use capkv_client::{Client, ClientOptions};
+use capkv_client::{Client, ClientOptions, ScanBounds, ScanOptions};
 use capkv_server::{Config, RunningServer};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,6 +40,34 @@ pub fn test_config() -> Config {
 
 pub fn start(config: Config) -> RunningServer {
     RunningServer::start(config).expect("server starts")
+}
+
+/// Every key under `bounds` with its value and version, by paging through a scan.
+pub async fn read_all(
+    client: &Client,
+    bounds: ScanBounds,
+) -> std::collections::HashMap<Vec<u8>, (Vec<u8>, u64)> {
+    let mut all = std::collections::HashMap::new();
+    let mut cursor = Vec::new();
+    for _ in 0..10_000 {
+        let page = client
+            .scan(ScanOptions {
+                bounds: bounds.clone(),
+                cursor: cursor.clone(),
+                limit: 1000,
+                ..ScanOptions::default()
+            })
+            .await
+            .expect("scan");
+        for e in page.entries {
+            all.insert(e.key, (e.value, e.version));
+        }
+        match page.next_cursor {
+            Some(next) => cursor = next,
+            None => return all,
+        }
+    }
+    panic!("scan did not finish in 10,000 pages");
 }
 
 pub async fn client(addr: SocketAddr) -> Client {
