@@ -179,8 +179,9 @@ fn seed_big(addr: &str) {
 }
 
 /// `attackers` connections each pipeline 2,000 gets of a 1 MiB value and never read; the
-/// server's peak RSS grows by less than 64 MiB plus `bound_bytes`, the canary keeps being
-/// served, and every attacking connection is closed as a slow reader.
+/// server's peak RSS grows by less than 64 MiB plus `bound_bytes` plus one reply per
+/// connection, the canary keeps being served, and every attacking connection is closed as
+/// a slow reader.
 fn unread_replies_stay_bounded(attackers: usize, bound_bytes: u64, envs: &[(&str, &str)]) {
     let server = Server::start(envs);
     seed_big(&server.addr);
@@ -190,6 +191,7 @@ fn unread_replies_stay_bounded(attackers: usize, bound_bytes: u64, envs: &[(&str
     let canary = canary(server.addr.clone(), Arc::clone(&stop));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let proxy = rt.block_on(blackhole_proxy(server.addr.clone()));
+    let attackers_n = attackers;
     let attackers: Vec<_> = (0..attackers)
         .map(|_| attacker(proxy.clone(), 2_000, Arc::clone(&stop)))
         .collect();
@@ -222,10 +224,17 @@ fn unread_replies_stay_bounded(attackers: usize, bound_bytes: u64, envs: &[(&str
         before / MIB,
         peak / MIB
     );
+    // The design's bound (see `capkv_rpc::backlog`): the budget, plus one reply per
+    // connection (a connection with nothing unsent may take a call while the budget is
+    // spent, so that none starves), plus 64 MiB for the allocator and the test's own
+    // traffic. Twenty attackers measured 86-96 MiB of growth against a bound of 96 MiB
+    // before the per-connection term was written here, which failed a CI run.
+    let bound = 64 * MIB + bound_bytes + attackers_n as u64 * BIG as u64;
     assert!(
-        growth < 64 * MIB + bound_bytes,
-        "the server grew by {} MiB",
-        growth / MIB
+        growth < bound,
+        "the server grew by {} MiB (bound {} MiB)",
+        growth / MIB,
+        bound / MIB
     );
     assert!(served > 0, "the canary was never served");
     assert_eq!(failed, 0, "the canary's calls failed");
