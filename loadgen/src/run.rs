@@ -85,6 +85,8 @@ pub struct RunConfig {
     /// capkv on etcd and the etcd target need 127 or fewer).
     #[serde(skip)]
     pub preload_batch: u64,
+    /// capkv: each measured write carries a fresh idempotency key (the preload's do not).
+    pub idempotent: bool,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -121,6 +123,7 @@ impl Default for RunConfig {
             progress: false,
             client_engine: ClientEngine::from_env(),
             preload_batch: 500,
+            idempotent: false,
         }
     }
 }
@@ -167,6 +170,10 @@ impl RunConfig {
             "keys must be at least the batch size"
         );
         anyhow::ensure!(!self.duration.is_zero(), "duration must be > 0");
+        anyhow::ensure!(
+            !self.idempotent || self.target == TargetKind::Capkv,
+            "--idempotent is for the capkv target (its client library makes the keys)"
+        );
         if let Some(r) = self.rate {
             anyhow::ensure!(r > 0.0 && r <= 10_000_000.0, "rate must be in (0, 1e7]");
         }
@@ -270,6 +277,7 @@ fn options(cfg: &RunConfig) -> ClientOptions {
         timeout: cfg.timeout,
         auto_batch_keys: cfg.auto_batch,
         rpc_engine: cfg.client_engine,
+        idempotent_writes: cfg.idempotent,
         ..ClientOptions::default()
     }
 }

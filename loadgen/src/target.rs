@@ -8,7 +8,7 @@
 use std::rc::Rc;
 use std::str::FromStr;
 
-use capkv_client::{ClientOptions, Condition, LocalClient};
+use capkv_client::{CallSpec, ClientOptions, Condition, LocalClient};
 use redis::AsyncCommands;
 use tokio::time::Instant;
 
@@ -74,7 +74,8 @@ impl TargetKind {
 /// One connection to the target.
 #[derive(Clone)]
 pub enum Conn {
-    Capkv(Rc<LocalClient>),
+    /// With whether its writes carry idempotency keys (`RunConfig::idempotent`).
+    Capkv(Rc<LocalClient>, bool),
     Raw(Rc<crate::raw::RawConn>),
     Redis(redis::aio::MultiplexedConnection),
     RedisRaw(Rc<crate::raw_redis::RawRedisConn>),
@@ -93,11 +94,14 @@ impl Conn {
         options: &ClientOptions,
     ) -> anyhow::Result<Conn> {
         Ok(match kind {
-            TargetKind::Capkv => Conn::Capkv(Rc::new(
-                LocalClient::connect(addr, options)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("connect to capkv at {addr}: {e}"))?,
-            )),
+            TargetKind::Capkv => Conn::Capkv(
+                Rc::new(
+                    LocalClient::connect(addr, options)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("connect to capkv at {addr}: {e}"))?,
+                ),
+                options.idempotent_writes,
+            ),
             TargetKind::CapkvRaw => Conn::Raw(
                 crate::raw::RawConn::connect(addr, &options.token)
                     .await
@@ -132,7 +136,7 @@ impl Conn {
         deadline: Instant,
     ) -> Result<(), ErrorCode> {
         match self {
-            Conn::Capkv(c) => {
+            Conn::Capkv(c, _) => {
                 let items: Vec<_> = items
                     .iter()
                     .map(|(k, v)| (k.clone(), v.to_vec(), Condition::None))
@@ -202,19 +206,22 @@ impl Conn {
         deadline: Instant,
     ) -> Result<(), ErrorCode> {
         match self {
-            Conn::Capkv(c) => {
+            Conn::Capkv(c, keyed) => {
+                // A fresh key per write, as `Client` makes one per logical write.
+                let write = CallSpec {
+                    idempotency_key: keyed.then(rand::random),
+                    ..CallSpec::from(deadline)
+                };
                 let r = match (kind, keys) {
                     (OpKind::Get, [k]) => c.get(k, deadline).await.map(drop),
                     (OpKind::Get, ks) => c.get_many(ks, deadline).await.map(drop),
-                    (OpKind::Put, [k]) => {
-                        c.put(k, value, Condition::None, deadline).await.map(drop)
-                    }
+                    (OpKind::Put, [k]) => c.put(k, value, Condition::None, write).await.map(drop),
                     (OpKind::Put, ks) => {
                         let items: Vec<_> = ks
                             .iter()
                             .map(|k| (k.clone(), value.to_vec(), Condition::None))
                             .collect();
-                        c.put_many(&items, deadline).await.map(drop)
+                        c.put_many(&items, write).await.map(drop)
                     }
                 };
                 r.map_err(|e| capkv::code_name(e.code))

@@ -181,6 +181,11 @@ struct RunArgs {
     /// etcd's transactions hold at most 128 operations).
     #[arg(long, default_value_t = 500)]
     preload_batch: u64,
+    /// capkv: every write carries a fresh idempotency key, as the client library's
+    /// `Client` makes them by default (the server records each write's outcome, so that a
+    /// retry cannot apply it twice): what exactly-once writes cost.
+    #[arg(long)]
+    idempotent: bool,
     /// Connections.
     #[arg(long, short = 'c', default_value_t = 50)]
     connections: usize,
@@ -297,6 +302,7 @@ fn main() -> anyhow::Result<()> {
                 server_pid: a.server_pid,
                 max_outstanding: a.max_outstanding,
                 preload_batch: a.preload_batch,
+                idempotent: a.idempotent,
                 ..base(&a.common)
             };
             if a.preload {
