@@ -38,6 +38,14 @@ use sha2::{Digest, Sha256};
 
 use crate::{EtcdOptions, OpenError};
 
+/// How a read sees etcd: through the leader (etcd's default: it sees every write
+/// acknowledged before it), or as one member has applied so far (no round to the leader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consistency {
+    Linearizable,
+    Serializable,
+}
+
 /// Times a write is read, evaluated and committed before it gives up as `busy` (each
 /// retry means another writer changed a key it read in between).
 const WRITE_ATTEMPTS: usize = 64;
@@ -329,7 +337,7 @@ impl Inner {
 
     async fn get_many(&self, keys: Vec<Vec<u8>>) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
         let keys: Vec<Vec<u8>> = keys.iter().map(|k| self.keys.data(k)).collect();
-        let (revision, kvs) = self.read(&keys).await?;
+        let (revision, kvs) = self.read(&keys, Consistency::Linearizable).await?;
         let entries = kvs
             .iter()
             .map(|kv| kv.as_ref().and_then(|kv| self.entry(kv, false)))
@@ -382,8 +390,19 @@ impl Inner {
     }
 
     /// `keys` (etcd keys) at one revision: the revision and each key's entry.
-    async fn read(&self, keys: &[Vec<u8>]) -> Result<(i64, Vec<Option<KeyValue>>), StoreError> {
-        let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+    async fn read(
+        &self,
+        keys: &[Vec<u8>],
+        consistency: Consistency,
+    ) -> Result<(i64, Vec<Option<KeyValue>>), StoreError> {
+        let opts = match consistency {
+            Consistency::Linearizable => None,
+            Consistency::Serializable => Some(GetOptions::new().with_serializable()),
+        };
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| TxnOp::get(k.clone(), opts.clone()))
+            .collect();
         let resp = self.txn(Txn::new().and_then(ops)).await?;
         let revision = header_revision(resp.header())?;
         let kvs = resp
@@ -531,6 +550,11 @@ impl Inner {
         let derived = record.as_ref().map(|r| r.lease_id);
         let mut granted = None;
         let mut missing_lease = false;
+        // The first read is the member's own state, without asking the leader (etcd's
+        // serializable read: no ReadIndex round): the transaction compares everything it
+        // read, so a stale read can only lose the race, and the next attempt reads through
+        // the leader. An answer given without a transaction needs a linearizable read.
+        let mut consistency = Consistency::Serializable;
         for _ in 0..WRITE_ATTEMPTS {
             // What the write depends on: its keys (a revoke's are its lease's), its record.
             let mut revoke = None;
@@ -555,7 +579,7 @@ impl Inner {
             let (revision, kvs) = if keys.is_empty() {
                 (0, Vec::new())
             } else {
-                self.read(&keys).await?
+                self.read(&keys, consistency).await?
             };
             if let (Some(r), Some(Some(kv))) = (&record, kvs.get(n)) {
                 let rec = Record::decode(kv.value())?;
@@ -572,6 +596,10 @@ impl Inner {
             // The lease a revoke ends once its keys' deletes are committed.
             let revoked = revoke.and_then(|id| i64::try_from(id).ok());
             if plan.ops.is_empty() && recorded.is_none() && revoked.is_none() {
+                if consistency == Consistency::Serializable && !keys.is_empty() {
+                    consistency = Consistency::Linearizable;
+                    continue;
+                }
                 let at = to_capkv(revision, self.epoch);
                 return plan.outcome.map(|o| at_revision(o, at));
             }
@@ -621,8 +649,12 @@ impl Inner {
                     let at = to_capkv(revision, self.epoch);
                     return plan.outcome.map(|o| at_revision(o, at));
                 }
-                // Another write changed what this one read: read and evaluate again.
-                Ok(_) => continue,
+                // Another write changed what this one read (or the read was stale): read
+                // through the leader and evaluate again.
+                Ok(_) => {
+                    consistency = Consistency::Linearizable;
+                    continue;
+                }
                 Err(StoreError::LeaseNotFound { .. }) => {
                     // The caller's lease, or a record's: which one is told apart here.
                     if let WriteOp::Put(write::Put {
