@@ -46,6 +46,10 @@ enum Consistency {
     Serializable,
 }
 
+/// The version a put's record holds when the put wrote it in its own transaction, before
+/// etcd told the version (see `put_keyed`): never a key's version, which starts at 1.
+const VERSION_UNRECORDED: u64 = 0;
+
 /// Times a write is read, evaluated and committed before it gives up as `busy` (each
 /// retry means another writer changed a key it read in between).
 const WRITE_ATTEMPTS: usize = 64;
@@ -547,6 +551,11 @@ impl Inner {
                 fingerprint: op.fingerprint(),
             }
         });
+        if let (Some(r), WriteOp::Put(p)) = (&record, &op) {
+            if let Some(done) = self.put_keyed(p, r).await? {
+                return Ok(done);
+            }
+        }
         let derived = record.as_ref().map(|r| r.lease_id);
         let mut granted = None;
         let mut missing_lease = false;
@@ -582,11 +591,8 @@ impl Inner {
                 self.read(&keys, consistency).await?
             };
             if let (Some(r), Some(Some(kv))) = (&record, kvs.get(n)) {
-                let rec = Record::decode(kv.value())?;
-                if rec.expires_at_unix_ms > now_unix_ms() {
-                    self.replays.fetch_add(1, Ordering::Relaxed);
-                    let at = to_capkv(kv.mod_revision(), self.epoch);
-                    return rec.replay(&r.fingerprint).map(|o| at_revision(o, at));
+                if let Some(replayed) = self.replay(r, kv, &op).await? {
+                    return replayed;
                 }
             }
             let plan = self
@@ -674,6 +680,129 @@ impl Inner {
         Err(StoreError::Busy(format!(
             "a write lost {WRITE_ATTEMPTS} races in a row for the keys it reads"
         )))
+    }
+
+    /// A write answered from its record `kv`, when the record has not expired (`None`: it
+    /// has, and the write is made again). A put recorded by [`Self::put_keyed`] gets its
+    /// version here.
+    async fn replay(
+        &self,
+        r: &RecordPlan,
+        kv: &KeyValue,
+        op: &WriteOp,
+    ) -> Result<Option<Result<WriteOutcome, StoreError>>, StoreError> {
+        let rec = Record::decode(kv.value())?;
+        if rec.expires_at_unix_ms <= now_unix_ms() {
+            return Ok(None);
+        }
+        self.replays.fetch_add(1, Ordering::Relaxed);
+        let at = to_capkv(kv.mod_revision(), self.epoch);
+        let outcome = match rec.replay(&r.fingerprint) {
+            Ok(WriteOutcome::Put(o)) if o.version == VERSION_UNRECORDED => {
+                let WriteOp::Put(p) = op else {
+                    return Err(StoreError::Internal(
+                        "a put's record answers a write that is not a put".into(),
+                    ));
+                };
+                let version = self.version_at(&p.key, kv.mod_revision()).await?;
+                Ok(WriteOutcome::Put(PutOutcome { version, ..o }))
+            }
+            other => other,
+        };
+        Ok(Some(outcome.map(|o| at_revision(o, at))))
+    }
+
+    /// The version `key` (a user key) had at etcd revision `at`, when it was put then:
+    /// read in the past, or from its present if it has not changed since. 0 when neither
+    /// can tell (etcd has compacted that revision and the key changed since): versions
+    /// start at 1, so a client can tell it from a real one.
+    async fn version_at(&self, key: &[u8], at: i64) -> Result<u64, StoreError> {
+        let key = self.keys.data(key);
+        let mut kv = self.client.kv_client();
+        let past = GetOptions::new().with_revision(at);
+        let resp = match self.timed("a read", kv.get(key.clone(), Some(past))).await {
+            Err(StoreError::Compacted { .. }) => self.timed("a read", kv.get(key, None)).await?,
+            other => other?,
+        };
+        Ok(resp
+            .kvs()
+            .first()
+            .filter(|kv| kv.mod_revision() == at)
+            .map_or(0, version_of))
+    }
+
+    /// An unconditional keyed put in one transaction, without reading first: if its record
+    /// is absent, the put and the record; otherwise the record is read and replayed. The
+    /// record cannot hold the put's version (etcd tells it only with the answer), so it
+    /// says [`VERSION_UNRECORDED`] and a replay reads it ([`Self::version_at`]). `None`:
+    /// the general path takes the write (a condition, a lease of its own, an expired
+    /// record, a record lease gone).
+    async fn put_keyed(
+        &self,
+        p: &write::Put,
+        r: &RecordPlan,
+    ) -> Result<Option<WriteOutcome>, StoreError> {
+        let lease = match p.attach {
+            _ if p.cond != Condition::None => return Ok(None),
+            Attach::None => 0,
+            Attach::Lease(id) => i64::try_from(id).map_err(|_| StoreError::LeaseNotFound { id })?,
+            Attach::NewLease { .. } => return Ok(None),
+        };
+        let record_lease = self.record_lease(r.expires_at_unix_ms).await?;
+        let rec = Record {
+            expires_at_unix_ms: r.expires_at_unix_ms,
+            fingerprint: r.fingerprint,
+            outcome: Ok(WriteOutcome::Put(PutOutcome {
+                version: VERSION_UNRECORDED,
+                revision: 0,
+                lease: lease as u64,
+            })),
+        };
+        let mut opts = PutOptions::new().with_prev_key();
+        if lease != 0 {
+            opts = opts.with_lease(lease);
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(r.key.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(self.keys.data(&p.key), p.value.clone(), Some(opts)),
+                TxnOp::put(
+                    r.key.clone(),
+                    rec.encode(),
+                    Some(PutOptions::new().with_lease(record_lease)),
+                ),
+            ])
+            .or_else([TxnOp::get(r.key.clone(), None)]);
+        let resp = match self.txn(txn).await {
+            Ok(resp) => resp,
+            // The caller's lease or the record's: the general path tells them apart.
+            Err(StoreError::LeaseNotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !resp.succeeded() {
+            let Some(kv) = single_get(&resp)? else {
+                // Gone since (expired): the general path writes it again.
+                return Ok(None);
+            };
+            let op = WriteOp::Put(p.clone());
+            return match self.replay(r, &kv, &op).await? {
+                Some(replayed) => replayed.map(Some),
+                None => Ok(None),
+            };
+        }
+        let revision = header_revision(resp.header())?;
+        let previous = match resp.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Put(put)) => put.prev_key().map(version_of),
+            _ => {
+                return Err(StoreError::Internal(
+                    "etcd answered a put with another kind of response".into(),
+                ))
+            }
+        };
+        Ok(Some(
+            self.put_done(&p.key, &p.value, revision, previous, lease)
+                .await,
+        ))
     }
 
     /// A put without a record or a lease of its own, in one round trip: its condition as

@@ -1,0 +1,80 @@
+//! Keyed unconditional puts on etcd are one transaction (the put and its record, no read
+//! first), so their record cannot hold the version etcd gives the put; a replay reads it
+//! back at the record's revision. These cases pin what a replay answers when the key has
+//! changed since, when etcd has compacted that revision, and when the key is reused.
+
+use capkv_store::write::{self, now_unix_ms, Attach, IdempotencyKey};
+use capkv_store::{Condition, PutOutcome, Store, StoreError, WriteOp, WriteOutcome};
+use capkv_store_etcd::cluster::Cluster;
+use capkv_store_etcd::{EtcdOptions, EtcdStore};
+
+fn keyed(key: &[u8]) -> IdempotencyKey {
+    IdempotencyKey {
+        session: b"session-1".to_vec(),
+        key: key.to_vec(),
+        expires_at_unix_ms: now_unix_ms() + 60_000,
+    }
+}
+
+fn put(store: &EtcdStore, value: &[u8], idem: Option<IdempotencyKey>) -> PutOutcome {
+    put_result(store, value, idem).expect("put")
+}
+
+fn put_result(
+    store: &EtcdStore,
+    value: &[u8],
+    idem: Option<IdempotencyKey>,
+) -> Result<PutOutcome, StoreError> {
+    let op = WriteOp::Put(write::Put {
+        key: b"k".to_vec(),
+        value: value.to_vec(),
+        cond: Condition::None,
+        attach: Attach::None,
+    });
+    match store.write(op, idem).wait()? {
+        WriteOutcome::Put(o) => Ok(o),
+        other => panic!("a put answered {other:?}"),
+    }
+}
+
+#[test]
+fn a_replay_answers_the_recorded_put_even_after_the_key_changed_or_was_compacted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(dir.path(), 1).expect("etcd");
+    let mut opts = EtcdOptions::new(cluster.endpoints());
+    opts.compact_keep_revisions = 0;
+    let store = EtcdStore::open(opts).expect("open");
+
+    put(&store, b"v1", None);
+    let first = put(&store, b"v2", Some(keyed(b"w1")));
+    assert_eq!(first.version, 2, "the version etcd gave the put");
+
+    // Unchanged since: read from the key's present.
+    assert_eq!(put(&store, b"v2", Some(keyed(b"w1"))), first);
+    // Changed since: read at the record's revision.
+    put(&store, b"v3", None);
+    assert_eq!(put(&store, b"v2", Some(keyed(b"w1"))), first);
+    assert_eq!(store.stats().idempotent_replays, 2);
+    // The key is reused for another write: refused, whatever path takes it.
+    assert!(matches!(
+        put_result(&store, b"other", Some(keyed(b"w1"))),
+        Err(StoreError::IdempotencyKeyReused)
+    ));
+
+    // Compacted past the put's revision and changed since: the revision is still known,
+    // the version no longer (0: never a version of a present key).
+    store.compact().expect("compact");
+    let replay = put(&store, b"v2", Some(keyed(b"w1")));
+    assert_eq!(
+        replay,
+        PutOutcome {
+            version: 0,
+            ..first
+        }
+    );
+    // A new key writes again, with its version.
+    let second = put(&store, b"v4", Some(keyed(b"w2")));
+    assert_eq!(second.version, 4);
+    assert!(second.revision > first.revision);
+    assert_eq!(store.get(b"k").expect("get").expect("present").value, b"v4");
+}
