@@ -6,14 +6,17 @@
 //! Versions are etcd's per-key versions, which follow capkv's rule (1 after a key's first
 //! put, reset by a delete).
 //!
-//! One write: read the keys it depends on (and its record) at one revision; evaluate it
-//! here (condition, increment, versions); commit one transaction whose compares say that
-//! nothing read has changed (`mod_revision` equal, 0 for absent) and whose operations are
-//! the write and its record. A lost race is read and evaluated again, at most
-//! [`WRITE_ATTEMPTS`] times. A put without a record (no idempotency key) and without a
-//! lease of its own needs no read: a plain put, or with a condition one transaction whose
-//! compare it is. A record's outcome is written without revisions, which are the record's
-//! own `mod_revision` (it is written in the same transaction as the write).
+//! One write: read the keys it depends on (and its record) at one revision (first from
+//! the nearest member, serializable); evaluate it here (condition, increment, versions);
+//! commit one transaction whose compares say that nothing read has changed (`mod_revision`
+//! equal, 0 for absent) and whose operations are the write and its record. A lost race (or
+//! a stale read) is read through the leader and evaluated again, at most
+//! [`WRITE_ATTEMPTS`] times. A put without a lease of its own needs no read: without a
+//! record a plain put, or with a condition one transaction whose compare it is; with a
+//! record and no condition one transaction whose compare is the record's absence
+//! (`put_keyed`). A record's outcome is written without revisions, which are the record's
+//! own `mod_revision` (it is written in the same transaction as the write); a keyed put's
+//! also without its version, read back at that revision on replay.
 
 use std::collections::BTreeMap;
 use std::future::Future;

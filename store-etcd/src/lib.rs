@@ -7,7 +7,8 @@
 //!   the records of one expiry bucket, the session-token secret at `<prefix>m/secret`
 //!   (created once; its create revision is revision 0 of the store). Every write is read,
 //!   evaluated here, then committed by one transaction that compares what was read (etcd's
-//!   software transactional memory pattern), retried when another writer got in between.
+//!   software transactional memory pattern), retried when another writer got in between;
+//!   unconditional puts, keyed or not, skip the read (one request each).
 //!   Reads are futures on the engine's own runtime ([`Store::reads_complete_at_once`] is
 //!   false), so the server never blocks a worker on the network.
 //! - `feed.rs`: one etcd watch over the whole prefix, from the store's start, feeding the
