@@ -1061,11 +1061,16 @@ struct Committer {
 #[derive(Default)]
 struct VersionCache {
     map: HashMap<Vec<u8>, Option<u64>>,
+    /// What the entries hold, counted as their keys plus [`VERSION_CACHE_ENTRY_BYTES`].
+    bytes: usize,
 }
 
-/// Keys the version cache holds before it starts again empty: a few MiB, and a working
-/// set larger than this (uniform keys over millions) only pays an insert per write.
-const VERSION_CACHE_KEYS: usize = 1 << 16;
+/// Bytes the version cache may hold: 300k-odd entries of short keys. Past it, half the
+/// entries go (every other one in the map's hash order: about a random half), so a working
+/// set somewhat larger than the cache still mostly hits.
+const VERSION_CACHE_BYTES: usize = 24 << 20;
+/// What one entry costs beside its key's bytes: the map's slot and the key's allocation.
+const VERSION_CACHE_ENTRY_BYTES: usize = 64;
 
 impl VersionCache {
     fn get(&self, key: &[u8]) -> Option<Option<u64>> {
@@ -1073,10 +1078,27 @@ impl VersionCache {
     }
 
     fn insert(&mut self, key: Vec<u8>, version: Option<u64>) {
-        if self.map.len() >= VERSION_CACHE_KEYS && !self.map.contains_key(&key) {
-            self.map.clear();
+        let cost = key.len() + VERSION_CACHE_ENTRY_BYTES;
+        if self.bytes + cost > VERSION_CACHE_BYTES && !self.map.contains_key(&key) {
+            let mut keep = false;
+            self.map.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+            self.bytes = self
+                .map
+                .keys()
+                .map(|k| k.len() + VERSION_CACHE_ENTRY_BYTES)
+                .sum();
         }
-        self.map.insert(key, version);
+        if self.map.insert(key, version).is_none() {
+            self.bytes += cost;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
     }
 }
 
@@ -1568,7 +1590,7 @@ impl Committer {
                 Err(e) => {
                     // Not needed for correctness (only commits update it), but a failed
                     // write may leave the database in a state worth reading afresh.
-                    self.versions.borrow_mut().map.clear();
+                    self.versions.borrow_mut().clear();
                     // The group's lease changes were made in memory as it was decided:
                     // take the state back to what is on disk.
                     match load_leases(&self.db) {
@@ -1659,6 +1681,23 @@ mod tests {
         assert_eq!(s.revision().unwrap(), 1);
     }
 
+    #[test]
+    fn the_version_cache_stays_within_its_bytes_and_keeps_what_it_keeps_exact() {
+        let mut c = VersionCache::default();
+        let key = |i: u32| format!("key-{i:08}").into_bytes();
+        let n = 2 * (VERSION_CACHE_BYTES / (16 + VERSION_CACHE_ENTRY_BYTES)) as u32;
+        for i in 0..n {
+            c.insert(key(i), Some(u64::from(i)));
+            assert!(c.bytes <= VERSION_CACHE_BYTES);
+        }
+        assert!(c.map.len() > 1000, "it keeps most of what fits");
+        assert!(c.map.iter().all(|(k, v)| key(v.unwrap() as u32) == *k));
+        // Overwriting an entry costs nothing more.
+        let before = c.bytes;
+        c.insert(key(n - 1), None);
+        assert_eq!((c.bytes, c.get(&key(n - 1))), (before, Some(None)));
+    }
+
     /// The committer's version cache (`VersionCache`) never answers a version the
     /// database does not hold: across groups, past a failed commit, past its bound, and
     /// after a delete.
@@ -1674,10 +1713,10 @@ mod tests {
         assert!(s.put(b"k", b"v", Condition::None).wait().is_err());
         assert_eq!(version(b"k"), 3);
         // More keys than the cache holds: it starts again, from the database.
-        let fill: Vec<Vec<u8>> = (0..=VERSION_CACHE_KEYS)
+        let fill: Vec<Vec<u8>> = (0..=VERSION_CACHE_BYTES / VERSION_CACHE_ENTRY_BYTES)
             .map(|i| format!("fill{i}").into_bytes())
             .collect();
-        for chunk in fill.chunks(4096) {
+        for chunk in fill.chunks(8192) {
             let items: Vec<PutItem<'_>> = chunk
                 .iter()
                 .map(|k| PutItem {
