@@ -10,9 +10,8 @@ use capkv_loadgen::report;
 use capkv_loadgen::run::{self, RunConfig};
 use capkv_loadgen::target::TargetKind;
 use capkv_server::{Config, RunningServer};
-use capkv_store::{
-    Entry, IdempotencyKey, Pending, ScanPage, ScanRequest, StoreError, WriteOp, WriteOutcome,
-};
+use capkv_store::conformance::Tapped;
+use capkv_store::{IdempotencyKey, WriteOp};
 
 fn config(addr: String) -> RunConfig {
     RunConfig {
@@ -275,62 +274,24 @@ fn a_lease_churn_leaves_no_key_behind() {
     assert_eq!(r.left, 0, "every key expired with its lease");
 }
 
-/// A memory store counting the writes that carry an idempotency key and those that do not.
-struct CountingKeys {
-    inner: capkv_store::memory::MemoryStore,
-    keyed: AtomicU64,
-    unkeyed: AtomicU64,
-}
-
-impl capkv_store::Store for CountingKeys {
-    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
-        self.inner.get(key)
-    }
-    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
-        let count = if idem.is_some() {
-            &self.keyed
-        } else {
-            &self.unkeyed
-        };
-        count.fetch_add(1, Ordering::Relaxed);
-        self.inner.write(op, idem)
-    }
-    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
-        self.inner.scan(req)
-    }
-    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
-        self.inner.get_many(keys)
-    }
-    fn revision(&self) -> Result<u64, StoreError> {
-        self.inner.revision()
-    }
-    capkv_store::forward_history_and_leases!(inner);
-    fn engine_name(&self) -> &'static str {
-        "counting-keys"
-    }
-    fn instance_secret(&self) -> [u8; 32] {
-        self.inner.instance_secret()
-    }
-}
-
 #[test]
 fn idempotent_runs_key_every_measured_write_and_only_those() {
-    let store = Arc::new(CountingKeys {
-        inner: capkv_store::memory::MemoryStore::new(),
-        keyed: AtomicU64::new(0),
-        unkeyed: AtomicU64::new(0),
+    // Writes seen with an idempotency key, and without.
+    let keyed = Arc::new(AtomicU64::new(0));
+    let unkeyed = Arc::new(AtomicU64::new(0));
+    let (k, u) = (Arc::clone(&keyed), Arc::clone(&unkeyed));
+    let store = Tapped::new(move |_: &WriteOp, idem: Option<&IdempotencyKey>| {
+        let count = if idem.is_some() { &k } else { &u };
+        count.fetch_add(1, Ordering::Relaxed);
     });
-    let server = RunningServer::start_with_store(
-        Config::local_ephemeral(),
-        Arc::clone(&store) as Arc<dyn capkv_store::Store>,
-    )
-    .unwrap();
+    let server =
+        RunningServer::start_with_store(Config::local_ephemeral(), Arc::new(store)).unwrap();
     let base = config(server.addr().to_string());
     run::preload(&base).unwrap();
-    let preloaded = store.unkeyed.load(Ordering::Relaxed);
+    let preloaded = unkeyed.load(Ordering::Relaxed);
     assert!(preloaded > 0, "the preload writes");
     assert_eq!(
-        store.keyed.load(Ordering::Relaxed),
+        keyed.load(Ordering::Relaxed),
         0,
         "the preload writes unkeyed"
     );
@@ -345,9 +306,9 @@ fn idempotent_runs_key_every_measured_write_and_only_those() {
         let all = r.all().unwrap();
         assert_eq!(all.error_count(), 0, "{:?}", all.errors);
     }
-    assert!(store.keyed.load(Ordering::Relaxed) > 0, "keyed writes");
+    assert!(keyed.load(Ordering::Relaxed) > 0, "keyed writes");
     assert_eq!(
-        store.unkeyed.load(Ordering::Relaxed),
+        unkeyed.load(Ordering::Relaxed),
         preloaded,
         "every measured write carried a key"
     );

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use capkv::{CallMeta, ErrorCode};
+use capkv_store::conformance::Tapped;
 use capkv_store::{
     Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store, StoreError, WriteOp,
     WriteOutcome,
@@ -54,41 +55,6 @@ fn handlers_read_the_tunables_the_chain_loaded() {
     );
 }
 
-/// The memory engine, recording the idempotency expiry of every write it is given.
-#[derive(Default)]
-struct RecordingExpiries {
-    inner: MemoryStore,
-    expiries: Mutex<Vec<u64>>,
-}
-
-impl Store for RecordingExpiries {
-    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
-        self.inner.get(key)
-    }
-    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
-        if let Some(k) = &idem {
-            self.expiries.lock().unwrap().push(k.expires_at_unix_ms);
-        }
-        self.inner.write(op, idem)
-    }
-    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
-        self.inner.scan(req)
-    }
-    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
-        self.inner.get_many(keys)
-    }
-    fn revision(&self) -> Result<u64, StoreError> {
-        self.inner.revision()
-    }
-    capkv_store::forward_history_and_leases!(inner);
-    fn engine_name(&self) -> &'static str {
-        "recording-expiries"
-    }
-    fn instance_secret(&self) -> [u8; 32] {
-        self.inner.instance_secret()
-    }
-}
-
 #[test]
 fn a_reload_during_a_write_does_not_change_the_settings_it_runs_with() {
     const HOUR_S: u64 = 3600;
@@ -100,7 +66,15 @@ fn a_reload_during_a_write_does_not_change_the_settings_it_runs_with() {
     tokio::task::LocalSet::new().block_on(&rt, async {
         let mut config = test_config();
         config.idempotency.ttl_s = HOUR_S;
-        let store = Arc::new(RecordingExpiries::default());
+        let expiries: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let seen = Arc::clone(&expiries);
+        let store = Arc::new(Tapped::new(
+            move |_: &WriteOp, idem: Option<&IdempotencyKey>| {
+                if let Some(k) = idem {
+                    seen.lock().unwrap().push(k.expires_at_unix_ms);
+                }
+            },
+        ));
         let (gw, shared) = in_process_gateway_over(&config, store.clone());
         let plan = capkv_server::method::parse_fault_plan("put latency=30s").unwrap();
         shared.chaos.arm(plan);
@@ -139,17 +113,14 @@ fn a_reload_during_a_write_does_not_change_the_settings_it_runs_with() {
             tokio::task::yield_now().await;
         }
         assert_eq!(shared.in_flight(), 1, "the put is in the chain");
-        assert!(
-            store.expiries.lock().unwrap().is_empty(),
-            "not executed yet"
-        );
+        assert!(expiries.lock().unwrap().is_empty(), "not executed yet");
         // A reload that would refuse this value and shorten its idempotency record.
         let mut smaller = config.clone();
         smaller.limits.max_value_bytes = 16;
         smaller.idempotency.ttl_s = 1;
         shared.apply_config(smaller).expect("reload");
         assert_eq!(code_of!(first.await.unwrap(), put_result), None);
-        let expiry = store.expiries.lock().unwrap()[0];
+        let expiry = expiries.lock().unwrap()[0];
         let now = capkv_store::write::now_unix_ms();
         assert!(
             expiry > now + HOUR_S * 1000 / 2,

@@ -793,15 +793,7 @@ impl Inner {
                 None => Ok(None),
             };
         }
-        let revision = header_revision(resp.header())?;
-        let previous = match resp.op_responses().into_iter().next() {
-            Some(TxnOpResponse::Put(put)) => put.prev_key().map(version_of),
-            _ => {
-                return Err(StoreError::Internal(
-                    "etcd answered a put with another kind of response".into(),
-                ))
-            }
-        };
+        let (revision, previous) = committed_put(&resp)?;
         Ok(Some(
             self.put_done(&p.key, &p.value, revision, previous, lease)
                 .await,
@@ -850,15 +842,7 @@ impl Inner {
                 current_version: current,
             });
         }
-        let revision = header_revision(resp.header())?;
-        let previous = match resp.op_responses().into_iter().next() {
-            Some(TxnOpResponse::Put(put)) => put.prev_key().map(version_of),
-            _ => {
-                return Err(StoreError::Internal(
-                    "etcd answered a put with another kind of response".into(),
-                ))
-            }
-        };
+        let (revision, previous) = committed_put(&resp)?;
         Ok(self
             .put_done(&p.key, &p.value, revision, previous, lease)
             .await)
@@ -1204,6 +1188,18 @@ fn naming_lease<T>(r: Result<T, StoreError>, id: u64) -> Result<T, StoreError> {
     match r {
         Err(StoreError::LeaseNotFound { .. }) => Err(StoreError::LeaseNotFound { id }),
         r => r,
+    }
+}
+
+/// The revision of a committed transaction whose first operation was a put, and the
+/// version the key had before it (`prev_kv`; `None`: absent).
+fn committed_put(resp: &TxnResponse) -> Result<(i64, Option<u64>), StoreError> {
+    let revision = header_revision(resp.header())?;
+    match resp.op_responses().into_iter().next() {
+        Some(TxnOpResponse::Put(put)) => Ok((revision, put.prev_key().map(version_of))),
+        _ => Err(StoreError::Internal(
+            "etcd answered a put with another kind of response".into(),
+        )),
     }
 }
 

@@ -1639,6 +1639,19 @@ mod tests {
     use super::*;
     use capkv_store::{Condition, EventKind, PutItem};
 
+    /// One batch putting `v` under each of `keys`.
+    fn put_all(s: &RocksStore, keys: &[Vec<u8>]) {
+        let items: Vec<PutItem<'_>> = keys
+            .iter()
+            .map(|k| PutItem {
+                key: k,
+                value: b"v",
+                cond: Condition::None,
+            })
+            .collect();
+        s.put_many(&items).wait().unwrap();
+    }
+
     fn open(dir: &Path) -> RocksStore {
         let mut o = RocksOptions::new(dir);
         o.compaction_interval_s = 0;
@@ -1717,15 +1730,7 @@ mod tests {
             .map(|i| format!("fill{i}").into_bytes())
             .collect();
         for chunk in fill.chunks(8192) {
-            let items: Vec<PutItem<'_>> = chunk
-                .iter()
-                .map(|k| PutItem {
-                    key: k,
-                    value: b"v",
-                    cond: Condition::None,
-                })
-                .collect();
-            s.put_many(&items).wait().unwrap();
+            put_all(&s, chunk);
         }
         assert_eq!(version(b"k"), 4);
         assert_eq!(version(b"fill0"), 2);
@@ -1947,15 +1952,7 @@ mod tests {
         let all = KeyRange::default();
         let batch = |s: &RocksStore, round: u8| {
             let keys: Vec<Vec<u8>> = (0..40u8).map(|i| vec![round, i]).collect();
-            let items: Vec<_> = keys
-                .iter()
-                .map(|k| PutItem {
-                    key: k,
-                    value: b"v",
-                    cond: Condition::None,
-                })
-                .collect();
-            s.put_many(&items).wait().unwrap();
+            put_all(s, &keys);
         };
         {
             let s = open_with(opts());

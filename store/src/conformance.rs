@@ -978,3 +978,55 @@ impl<S: Store, G: Send + Sync> Store for Guarded<S, G> {
         self.store.checkpoint(dir)
     }
 }
+
+/// The memory engine, showing `tap` every write it is given before applying it: for tests
+/// of what reaches a store (which writes carry idempotency keys, with what expiry).
+pub struct Tapped<F> {
+    store: crate::memory::MemoryStore,
+    tap: F,
+}
+
+impl<F> Tapped<F>
+where
+    F: Fn(&WriteOp, Option<&IdempotencyKey>) + Send + Sync,
+{
+    pub fn new(tap: F) -> Self {
+        Self {
+            store: crate::memory::MemoryStore::new(),
+            tap,
+        }
+    }
+}
+
+impl<F> Store for Tapped<F>
+where
+    F: Fn(&WriteOp, Option<&IdempotencyKey>) + Send + Sync,
+{
+    fn get(&self, key: &[u8]) -> Result<Option<crate::Entry>, StoreError> {
+        self.store.get(key)
+    }
+    fn write(
+        &self,
+        op: WriteOp,
+        idem: Option<IdempotencyKey>,
+    ) -> crate::Pending<crate::WriteOutcome> {
+        (self.tap)(&op, idem.as_ref());
+        self.store.write(op, idem)
+    }
+    fn scan(&self, req: &ScanRequest) -> Result<crate::ScanPage, StoreError> {
+        self.store.scan(req)
+    }
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<crate::Entry>>, u64), StoreError> {
+        self.store.get_many(keys)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.store.revision()
+    }
+    crate::forward_history_and_leases!(store);
+    fn engine_name(&self) -> &'static str {
+        "tapped-memory"
+    }
+    fn instance_secret(&self) -> [u8; 32] {
+        self.store.instance_secret()
+    }
+}
