@@ -2,7 +2,8 @@
 # Durable puts, one back-to-back run with the same load generator: capkv on RocksDB with the
 # WAL synced before each acknowledgement, group commit on (default) and off
 # (storage.group_commit_max_writes=1), against redis-server with `appendfsync always`.
-# 1 and 50 writers (connections, one call in flight each), 100-byte values, 100k keys.
+# 1 and 50 writers (connections, one call in flight each), 100-byte values, 100k keys; and
+# capkv's 50 writers again with an idempotency key per put (`Client`'s default).
 # Prints a markdown table on stdout; with DURABLE_CSV=FILE also writes the rows as
 # `target,writers,puts_per_sec,p99_ms` (what `kv-loadgen plot-durable` reads).
 # Usage: bench/durable.sh [BIN_DIR] [SECONDS] [WARMUP_SECONDS]
@@ -40,8 +41,9 @@ start_redis() {
 csv="${DURABLE_CSV:-}"
 [ -z "$csv" ] || echo "target,writers,puts_per_sec,p99_ms" >"$csv"
 
-run() { # $1 = case name, $2 = target, $3 = connections, $4 = series label (default: target)
-    taskset -c 0 "$bin/kv-loadgen" run --target "$2" --addr "$addr" --server-pid "$pid" \
+run() { # $1 = case name, $2 = target, $3 = connections, $4 = series label (default: target),
+        # $5... more kv-loadgen flags
+    taskset -c 0 "$bin/kv-loadgen" run "${@:5}" --target "$2" --addr "$addr" --server-pid "$pid" \
         --mix put -c "$3" --keys 100000 --value-size 100 --warmup "${warmup}s" --duration "${secs}s" \
         --csv "$tmp/run.csv" >/dev/null
     if [ -n "$csv" ]; then
@@ -59,6 +61,9 @@ echo "|---|---|---|---|---|---|---|---|"
 start_capkv 1024
 run "sync, group commit on, 1 writer" capkv 1
 run "sync, group commit on, 50 writers" capkv 50
+# As capkv's `Client` writes by default: each put with an idempotency key, its record
+# committed in the same batch.
+run "sync, group commit on, keyed, 50 writers" capkv 50 "capkv (keyed)" --idempotent
 stop
 start_capkv 1
 run "sync, group commit off, 1 writer" capkv 1 "capkv (group commit off)"
