@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Many connections, one call in flight each: kv-server (capkv's RPC engine, memory engine,
 # 1 worker) against redis-server, both on core 1, the generator on core 0. For each count:
-# GET throughput (kv-loadgen --target capkv-raw against kv-loadgen --target redis, the same
-# generator, then redis-benchmark, Redis's own client) and the server's RSS per connection:
+# GET throughput (kv-loadgen --target capkv-raw against kv-loadgen --target redis-raw, the
+# same client work, and --target redis, the redis crate, then redis-benchmark, Redis's own
+# client) and the server's RSS per connection:
 # (largest RSS while the connections are open - RSS before they opened) / connections.
 # Prints a markdown table on stdout.
 # Usage: bench/conns.sh [BIN_DIR] [SECONDS] [COUNTS]   (COUNTS default "1000 3000")
@@ -79,6 +80,15 @@ for n in $counts; do
     ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
     cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
     echo "| $n | redis | kv-loadgen | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    # The same client work as capkv's row: the raw client's RESP twin.
+    before=$(rss_kib "$redis_pid")
+    out=$(with_rss "$redis_pid" taskset -c 0 "$bin/kv-loadgen" run --target redis-raw \
+        --addr "127.0.0.1:$port" --server-pid "$redis_pid" -c "$n" --in-flight 1 --mix get \
+        --keys "$keys" --warmup 1s --duration "${secs}s")
+    max=$(cat "$tmp/max")
+    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
+    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
+    echo "| $n | redis | kv-loadgen (raw) | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
     if command -v redis-benchmark >/dev/null 2>&1; then
         requests=$(( ${ok%.*} * secs )); [ "$requests" -ge 10000 ] || requests=10000
         before=$(rss_kib "$redis_pid")

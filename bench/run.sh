@@ -117,7 +117,8 @@ fi
     echo "## Many connections (bench/conns.sh): one call in flight each"
     echo
     echo "kv-server (memory, 1 worker) and redis-server on core 1, the generator on core 0; RSS per connection"
-    echo "is (largest RSS while the connections are open - RSS before) / connections."
+    echo "is (largest RSS while the connections are open - RSS before) / connections. Rows \"kv-loadgen (raw)\" are the"
+    echo "same client work on both servers (capkv's raw client, its RESP twin)."
     echo
     cat "$tmp/conns.md"
     echo
