@@ -559,6 +559,10 @@ impl Inner {
                 return Ok(done);
             }
         }
+        let put_key = match &op {
+            WriteOp::Put(p) => Some(p.key.as_slice()),
+            _ => None,
+        };
         let derived = record.as_ref().map(|r| r.lease_id);
         let mut granted = None;
         let mut missing_lease = false;
@@ -594,7 +598,7 @@ impl Inner {
                 self.read(&keys, consistency).await?
             };
             if let (Some(r), Some(Some(kv))) = (&record, kvs.get(n)) {
-                if let Some(replayed) = self.replay(r, kv, &op).await? {
+                if let Some(replayed) = self.replay(r, kv, put_key).await? {
                     return replayed;
                 }
             }
@@ -687,12 +691,12 @@ impl Inner {
 
     /// A write answered from its record `kv`, when the record has not expired (`None`: it
     /// has, and the write is made again). A put recorded by [`Self::put_keyed`] gets its
-    /// version here.
+    /// version here, read under `put_key` (the key of the write, when it is a put).
     async fn replay(
         &self,
         r: &RecordPlan,
         kv: &KeyValue,
-        op: &WriteOp,
+        put_key: Option<&[u8]>,
     ) -> Result<Option<Result<WriteOutcome, StoreError>>, StoreError> {
         let rec = Record::decode(kv.value())?;
         if rec.expires_at_unix_ms <= now_unix_ms() {
@@ -702,12 +706,12 @@ impl Inner {
         let at = to_capkv(kv.mod_revision(), self.epoch);
         let outcome = match rec.replay(&r.fingerprint) {
             Ok(WriteOutcome::Put(o)) if o.version == VERSION_UNRECORDED => {
-                let WriteOp::Put(p) = op else {
+                let Some(key) = put_key else {
                     return Err(StoreError::Internal(
                         "a put's record answers a write that is not a put".into(),
                     ));
                 };
-                let version = self.version_at(&p.key, kv.mod_revision()).await?;
+                let version = self.version_at(key, kv.mod_revision()).await?;
                 Ok(WriteOutcome::Put(PutOutcome { version, ..o }))
             }
             other => other,
@@ -745,12 +749,10 @@ impl Inner {
         p: &write::Put,
         r: &RecordPlan,
     ) -> Result<Option<WriteOutcome>, StoreError> {
-        let lease = match p.attach {
-            _ if p.cond != Condition::None => return Ok(None),
-            Attach::None => 0,
-            Attach::Lease(id) => i64::try_from(id).map_err(|_| StoreError::LeaseNotFound { id })?,
-            Attach::NewLease { .. } => return Ok(None),
-        };
+        if p.cond != Condition::None || matches!(p.attach, Attach::NewLease { .. }) {
+            return Ok(None);
+        }
+        let (lease, opts) = put_options(p)?;
         let record_lease = self.record_lease(r.expires_at_unix_ms).await?;
         let rec = Record {
             expires_at_unix_ms: r.expires_at_unix_ms,
@@ -761,10 +763,6 @@ impl Inner {
                 lease: lease as u64,
             })),
         };
-        let mut opts = PutOptions::new().with_prev_key();
-        if lease != 0 {
-            opts = opts.with_lease(lease);
-        }
         let txn = Txn::new()
             .when([Compare::create_revision(r.key.clone(), CompareOp::Equal, 0)])
             .and_then([
@@ -787,8 +785,7 @@ impl Inner {
                 // Gone since (expired): the general path writes it again.
                 return Ok(None);
             };
-            let op = WriteOp::Put(p.clone());
-            return match self.replay(r, &kv, &op).await? {
+            return match self.replay(r, &kv, Some(&p.key)).await? {
                 Some(replayed) => replayed.map(Some),
                 None => Ok(None),
             };
@@ -805,14 +802,7 @@ impl Inner {
     /// current version (for a failed condition) from the failure branch's read.
     async fn put_once(&self, p: &write::Put) -> Result<WriteOutcome, StoreError> {
         let key = self.keys.data(&p.key);
-        let lease = match p.attach {
-            Attach::Lease(id) => i64::try_from(id).map_err(|_| StoreError::LeaseNotFound { id })?,
-            _ => 0,
-        };
-        let mut opts = PutOptions::new().with_prev_key();
-        if lease != 0 {
-            opts = opts.with_lease(lease);
-        }
+        let (lease, opts) = put_options(p)?;
         // etcd's version of an absent key is 0, as capkv's conditions read it.
         let expected = match p.cond {
             Condition::IfVersion(v) => i64::try_from(v).unwrap_or(i64::MAX),
@@ -1181,6 +1171,20 @@ fn secs_to_ms(seconds: i64) -> u64 {
 /// The version a put gives a key whose version is `current` (`None`: absent).
 fn next_version(current: Option<u64>) -> u64 {
     current.map_or(1, |v| v + 1)
+}
+
+/// The lease a put without a lease of its own leaves its key on (0: none; an existing
+/// lease, `Attach::Lease`), and its options: that lease, and `prev_kv` for its version.
+fn put_options(p: &write::Put) -> Result<(i64, PutOptions), StoreError> {
+    let lease = match p.attach {
+        Attach::Lease(id) => i64::try_from(id).map_err(|_| StoreError::LeaseNotFound { id })?,
+        Attach::None | Attach::NewLease { .. } => 0,
+    };
+    let mut opts = PutOptions::new().with_prev_key();
+    if lease != 0 {
+        opts = opts.with_lease(lease);
+    }
+    Ok((lease, opts))
 }
 
 /// A failure naming the lease `id` where etcd said only that some lease was missing.
