@@ -43,6 +43,19 @@ with_rss() {
     cat "$tmp/out"
 }
 per_conn() { python3 -c "print(f'{max($2 - $1, 0) / $3:.1f}')"; }
+# One table row: kv-loadgen's GET run over $1 connections against the server PID $4 at $5,
+# with target $6; $2 and $3 are the row's server and client labels. Leaves the GET/s in `ok`.
+loadgen_row() {
+    local n=$1 server=$2 client=$3 pid=$4 addr=$5 target=$6 before max out p99 cpu
+    before=$(rss_kib "$pid")
+    out=$(with_rss "$pid" taskset -c 0 "$bin/kv-loadgen" run --target "$target" --addr "$addr" \
+        --server-pid "$pid" -c "$n" --in-flight 1 --mix get --keys "$keys" \
+        --warmup 1s --duration "${secs}s")
+    max=$(cat "$tmp/max")
+    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
+    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
+    echo "| $n | $server | $client | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+}
 
 echo "| connections | server | client | GET/s | p99 | server CPU | RSS before | RSS with connections | RSS per connection |"
 echo "|---|---|---|---|---|---|---|---|---|"
@@ -54,14 +67,7 @@ for n in $counts; do
     addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
     taskset -c 0 "$bin/kv-loadgen" run --addr "$addr" -c 1 --mix put --keys "$keys" --preload \
         --warmup 0s --duration 100ms >/dev/null
-    before=$(rss_kib "$kv_pid")
-    out=$(with_rss "$kv_pid" taskset -c 0 "$bin/kv-loadgen" run --target capkv-raw --addr "$addr" \
-        --server-pid "$kv_pid" -c "$n" --in-flight 1 --mix get --keys "$keys" \
-        --warmup 1s --duration "${secs}s")
-    max=$(cat "$tmp/max")
-    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
-    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
-    echo "| $n | capkv | kv-loadgen (raw) | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    loadgen_row "$n" capkv "kv-loadgen (raw)" "$kv_pid" "$addr" capkv-raw
     stop_all
 
     # Redis
@@ -72,25 +78,12 @@ for n in $counts; do
     wait_redis "$port" || true
     taskset -c 0 "$bin/kv-loadgen" run --target redis --addr "127.0.0.1:$port" -c 1 --mix put \
         --keys "$keys" --preload --warmup 0s --duration 100ms >/dev/null
-    before=$(rss_kib "$redis_pid")
-    out=$(with_rss "$redis_pid" taskset -c 0 "$bin/kv-loadgen" run --target redis \
-        --addr "127.0.0.1:$port" --server-pid "$redis_pid" -c "$n" --in-flight 1 --mix get \
-        --keys "$keys" --warmup 1s --duration "${secs}s")
-    max=$(cat "$tmp/max")
-    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
-    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
-    echo "| $n | redis | kv-loadgen | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    loadgen_row "$n" redis kv-loadgen "$redis_pid" "127.0.0.1:$port" redis
+    redis_ok=$ok
     # The same client work as capkv's row: the raw client's RESP twin.
-    before=$(rss_kib "$redis_pid")
-    out=$(with_rss "$redis_pid" taskset -c 0 "$bin/kv-loadgen" run --target redis-raw \
-        --addr "127.0.0.1:$port" --server-pid "$redis_pid" -c "$n" --in-flight 1 --mix get \
-        --keys "$keys" --warmup 1s --duration "${secs}s")
-    max=$(cat "$tmp/max")
-    ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
-    cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
-    echo "| $n | redis | kv-loadgen (raw) | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    loadgen_row "$n" redis "kv-loadgen (raw)" "$redis_pid" "127.0.0.1:$port" redis-raw
     if command -v redis-benchmark >/dev/null 2>&1; then
-        requests=$(( ${ok%.*} * secs )); [ "$requests" -ge 10000 ] || requests=10000
+        requests=$(( ${redis_ok%.*} * secs )); [ "$requests" -ge 10000 ] || requests=10000
         before=$(rss_kib "$redis_pid")
         out=$(with_rss "$redis_pid" taskset -c 0 redis-benchmark -p "$port" -c "$n" -n "$requests" \
             -r "$keys" -d 100 -t get --csv)
