@@ -1048,16 +1048,16 @@ struct Committer {
     /// Lease state, changed here with the writes that change it (and reloaded from disk
     /// when a commit fails, so that it never holds what was not written).
     leases: Arc<std::sync::Mutex<Leases>>,
-    /// Versions of keys this committer read or committed lately (see [`VersionCache`]).
+    /// Versions of keys this committer committed lately (see [`VersionCache`]).
     versions: std::cell::RefCell<VersionCache>,
 }
 
-/// The committed versions of keys the committer has seen lately (`None`: absent). A put's
+/// The versions of keys the committer has committed lately (`None`: deleted). A put's
 /// version lookup was the committer's costliest step: a memtable search past every version
 /// of every key written since the last flush (~17% of the server's samples, durable puts
 /// from 50 writers over 10k keys). The committer is the only writer of `data`, so what it
-/// read or committed is what the database holds until its next commit, which updates the
-/// cache on success and empties it on failure.
+/// committed is what the database holds until its next commit, which updates the cache on
+/// success and empties it on failure.
 #[derive(Default)]
 struct VersionCache {
     map: HashMap<Vec<u8>, Option<u64>>,
@@ -1257,13 +1257,13 @@ impl Committer {
         if let Some(v) = self.versions.borrow().get(key) {
             return Ok(v);
         }
-        let version = match self.db.get_pinned_cf(cf(&self.db, CF_DATA)?, key) {
-            Ok(Some(rec)) => decode(&rec).map(|(version, _, _)| Some(version))?,
-            Ok(None) => None,
-            Err(e) => return Err(read_error(e)),
-        };
-        self.versions.borrow_mut().insert(key.to_vec(), version);
-        Ok(version)
+        // Not cached here: a write that reads a version commits the key, which caches it
+        // (a second copy of the key per miss otherwise).
+        match self.db.get_pinned_cf(cf(&self.db, CF_DATA)?, key) {
+            Ok(Some(rec)) => decode(&rec).map(|(version, _, _)| Some(version)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(read_error(e)),
+        }
     }
 
     fn put(&self, g: &mut Group, key: &[u8], value: &[u8], version: u64) -> Result<(), StoreError> {
