@@ -207,21 +207,22 @@ impl Conn {
     ) -> Result<(), ErrorCode> {
         match self {
             Conn::Capkv(c, keyed) => {
-                // A fresh key per write, as `Client` makes one per logical write.
-                let write = CallSpec {
+                // A fresh key per write, as `Client` makes one per logical write (made for
+                // writes only: gets share the generator's core).
+                let write = || CallSpec {
                     idempotency_key: keyed.then(rand::random),
                     ..CallSpec::from(deadline)
                 };
                 let r = match (kind, keys) {
                     (OpKind::Get, [k]) => c.get(k, deadline).await.map(drop),
                     (OpKind::Get, ks) => c.get_many(ks, deadline).await.map(drop),
-                    (OpKind::Put, [k]) => c.put(k, value, Condition::None, write).await.map(drop),
+                    (OpKind::Put, [k]) => c.put(k, value, Condition::None, write()).await.map(drop),
                     (OpKind::Put, ks) => {
                         let items: Vec<_> = ks
                             .iter()
                             .map(|k| (k.clone(), value.to_vec(), Condition::None))
                             .collect();
-                        c.put_many(&items, write).await.map(drop)
+                        c.put_many(&items, write()).await.map(drop)
                     }
                 };
                 r.map_err(|e| capkv::code_name(e.code))
