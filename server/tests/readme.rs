@@ -525,7 +525,7 @@ fn loadgen_block_runs() {
         assert!(stdout.contains("p99"), "{cmd}: a result table\n{stdout}");
         ran += 1;
     }
-    assert_eq!(ran, 9);
+    assert_eq!(ran, 10);
     let csv = std::fs::read_to_string(dir.path().join("steps.csv")).expect("--csv file");
     assert!(csv.lines().count() >= 4, "{csv}");
     drop((server, redis));
