@@ -3,8 +3,8 @@
 //! (`--engine capkv`, capkv's own, or `--engine capnp-rpc`, capnp-rpc's `RpcSystem`).
 //!
 //! Why: it has no store, no limits, no admission, no deadlines, no metrics, no logs and no
-//! frame checks, only the RPC engine over capkv's transport (buffered reads, coalesced
-//! writes) on one current-thread runtime, as a kv-server worker has. Driven by kv-loadgen,
+//! frame checks, only the RPC engine over capkv's transport (buffered reads; one write per
+//! pass on capkv's engine, the coalescing writer under `RpcSystem`) on one current-thread runtime, as a kv-server worker has. Driven by kv-loadgen,
 //! it measures what the engine itself lets one core do per call on this machine: the
 //! ceiling of any server built on it, and the anchor that tells capkv's own costs from the
 //! runtime's (bench/run.sh runs both engines' floors beside the TCP floor).
@@ -173,7 +173,8 @@ pub fn serve(
                         std::sync::Arc::clone(&frame_budget),
                         capkv_rpc::frames::BreachCell::default(),
                     );
-                    let writer = capkv_rpc::transport::CoalescingWriter::new(writer.compat_write());
+                    // The engine writes each pass's replies itself, as kv-server's does.
+                    let writer = writer.compat_write();
                     let limits = capkv_rpc::engine::EngineLimits {
                         reader_options: options,
                         ..Default::default()

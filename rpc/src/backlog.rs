@@ -8,7 +8,8 @@
 //! - the server counts each reply's bytes when it is built ([`ReplyBacklog::queued`]:
 //!   capkv's engine counts every message exactly as it queues it, and on capnp-rpc's
 //!   `RpcSystem` each handler its estimate) and the socket writer uncounts bytes as they leave
-//!   ([`ReplyBacklog::written`]; `transport::CoalescingWriter`);
+//!   ([`ReplyBacklog::written`]: capkv's engine's writer, or `transport::CoalescingWriter`
+//!   under `RpcSystem`);
 //! - the frame layer hands the RPC system its next message only while the connection's
 //!   unsent bytes are within its bound, and, while the server-wide [`ReplyBudget`] is
 //!   exhausted, only to connections with nothing unsent ([`ReplyBacklog::poll_room`]).

@@ -1,7 +1,8 @@
 //! capkv's byte stream under Cap'n Proto RPC, for the server and the client.
 //!
 //! - [`transport`]: the two-party network over a TCP (or TLS) stream: buffered reads and a
-//!   coalescing writer, so both sides frame and flush alike.
+//!   coalescing writer, for capnp-rpc's `RpcSystem` (which flushes after every message);
+//!   capkv's engines write each pass's messages themselves.
 //! - [`frames`]: the server's frame layer: what a peer sends is a whole, checked message
 //!   (declared size, budget, timeout, kind, cap table) before the RPC system sees it. Its
 //!   own crate, so the fuzz target builds without the storage engine or the server.

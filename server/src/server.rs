@@ -578,19 +578,24 @@ where
     )
     .with_backlog(Rc::clone(&conn.backlog))
     .with_warm(warm);
-    let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
-        writer,
-        Some(Rc::clone(&conn.backlog)),
-    );
-    let stop_writer = writer.abort_handle();
     let gateway: gateway::Client =
         capkv_rpc::local::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
     let reader_options = tunables.limits.request_reader_options();
     // Both engines speak the same protocol over the same checked stream; capnp-rpc's
     // `RpcSystem` is the reference capkv's own is tested against, and the way back.
+    // The writer's flush task, where there is one: capkv's engine writes from its own
+    // loop (a pass's replies in one write), so ending its future ends its writes.
+    let mut stop_writer: Option<tokio::task::AbortHandle> = None;
     let rpc: futures::future::LocalBoxFuture<'static, Result<(), String>> = match shared.rpc_engine
     {
         RpcEngine::CapnpRpc => {
+            // capnp-rpc flushes after every message: the coalescing writer turns that into
+            // one write per scheduler tick, with a flush task of its own.
+            let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
+                writer,
+                Some(Rc::clone(&conn.backlog)),
+            );
+            stop_writer = Some(writer.abort_handle());
             let network = twoparty::VatNetwork::new(
                 reader,
                 writer,
@@ -622,30 +627,41 @@ where
     };
     tokio::task::spawn_local(async move {
         tracing::debug!(conn = id, %peer, worker, "connection opened");
+        // What else ends a connection, polled only when it woke (not at every call).
+        let side = capkv_rpc::signal::WhenWoken::new(async {
+            tokio::select! {
+                () = conn.killed() => SideEnd::Killed,
+                () = idle_expired(&shared, &conn) => SideEnd::Idle,
+                () = conn.backlog.stalled(|| shared.tunables().slow_reader_timeout) => SideEnd::SlowReader,
+            }
+        });
         let mut slow_reader = false;
         tokio::select! {
+            biased;
             r = rpc => if let Err(e) = r {
                 // Peers hanging up is normal; a protocol error is worth a line.
                 tracing::debug!(conn = id, %peer, error = %e, "connection ended with error");
             },
-            // Dropping the RPC engine closes the socket and drops its calls unanswered.
-            () = conn.killed() => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
-            () = idle_expired(&shared, &conn) => {
-                metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
-                tracing::info!(conn = id, %peer, "connection closed: idle timeout");
-            }
-            // Dropping the RPC engine also drops the replies queued for a peer that does
-            // not read them: their memory comes back.
-            () = conn.backlog.stalled(|| shared.tunables().slow_reader_timeout) => {
-                slow_reader = true;
-                metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "slow_reader").increment(1);
-                tracing::warn!(
-                    conn = id, %peer,
-                    unsent_reply_bytes = conn.backlog.unsent_bytes(),
-                    timeout_ms = shared.tunables().slow_reader_timeout.as_millis() as u64,
-                    "connection closed: slow reader (replies not read within the timeout)"
-                );
-            }
+            end = side => match end {
+                // Dropping the RPC engine closes the socket and drops its calls unanswered.
+                SideEnd::Killed => tracing::info!(conn = id, %peer, "connection closed by an injected fault"),
+                SideEnd::Idle => {
+                    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "idle").increment(1);
+                    tracing::info!(conn = id, %peer, "connection closed: idle timeout");
+                }
+                // Dropping the RPC engine also drops the replies queued for a peer that does
+                // not read them: their memory comes back.
+                SideEnd::SlowReader => {
+                    slow_reader = true;
+                    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => "slow_reader").increment(1);
+                    tracing::warn!(
+                        conn = id, %peer,
+                        unsent_reply_bytes = conn.backlog.unsent_bytes(),
+                        timeout_ms = shared.tunables().slow_reader_timeout.as_millis() as u64,
+                        "connection closed: slow reader (replies not read within the timeout)"
+                    );
+                }
+            },
         }
         if let Some(b) = breach.get() {
             metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => b.label()).increment(1);
@@ -655,18 +671,30 @@ where
         // dropped at once (it would never drain); any other gets a bounded grace period,
         // so that no socket outlives its connection slot for long.
         conn.backlog.close();
-        if slow_reader {
-            stop_writer.abort();
-        } else if !stop_writer.is_finished() {
-            tokio::task::spawn_local(async move {
-                tokio::time::sleep(WRITER_DRAIN_GRACE).await;
+        if let Some(stop_writer) = stop_writer {
+            if slow_reader {
                 stop_writer.abort();
-            });
+            } else if !stop_writer.is_finished() {
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(WRITER_DRAIN_GRACE).await;
+                    stop_writer.abort();
+                });
+            }
         }
         live.borrow_mut().remove(&id);
         drop(open_guard);
         tracing::debug!(conn = id, %peer, "connection closed");
     });
+}
+
+/// Why a connection ended other than by its RPC loop ending.
+enum SideEnd {
+    /// An injected fault killed it.
+    Killed,
+    /// No call for the idle timeout.
+    Idle,
+    /// Its peer did not read its replies within the slow-reader timeout.
+    SlowReader,
 }
 
 /// Resolves when `conn` has had no call in flight for the idle timeout in force (checked

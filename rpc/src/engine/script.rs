@@ -261,7 +261,7 @@ pub fn run(input: &[u8]) {
             ..EngineLimits::default()
         };
         let _ = serve(
-            crate::frames::ByteFrames::new(futures::io::Cursor::new(wire), 1 << 20),
+            crate::frames::ByteFrames::new(Trickle::new(wire), 1 << 20),
             futures::io::sink(),
             bootstrap,
             limits,
@@ -269,6 +269,42 @@ pub fn run(input: &[u8]) {
         )
         .await;
     });
+}
+
+/// The input as a peer on a slow link sends it: a few bytes a read, the connection's
+/// loop yielding between reads, so that calls which wait end between messages (and calls
+/// pipelined on them queue, or not) instead of the whole input arriving in one pass.
+struct Trickle {
+    input: std::io::Cursor<Vec<u8>>,
+    turn: bool,
+}
+
+impl Trickle {
+    /// Bytes a read gives at most: partial frames too.
+    const CHUNK_BYTES: usize = 48;
+
+    fn new(input: Vec<u8>) -> Self {
+        Self {
+            input: std::io::Cursor::new(input),
+            turn: false,
+        }
+    }
+}
+
+impl futures::io::AsyncRead for Trickle {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.turn = !self.turn;
+        if self.turn {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        let n = buf.len().min(Self::CHUNK_BYTES);
+        std::task::Poll::Ready(std::io::Read::read(&mut self.input, &mut buf[..n]))
+    }
 }
 
 #[cfg(test)]
