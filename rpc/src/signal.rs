@@ -107,7 +107,10 @@ impl<F: Future> Future for WhenWoken<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        if !self.flag.woken.swap(false, Ordering::Acquire) {
+        // A plain load first: the flag is almost always clear.
+        if !self.flag.woken.load(Ordering::Relaxed)
+            || !self.flag.woken.swap(false, Ordering::Acquire)
+        {
             return Poll::Pending;
         }
         // Stored before `inner` runs: a wake from inside its poll finds the task.

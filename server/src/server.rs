@@ -586,6 +586,8 @@ where
     // The writer's flush task, where there is one: capkv's engine writes from its own
     // loop (a pass's replies in one write), so ending its future ends its writes.
     let mut stop_writer: Option<tokio::task::AbortHandle> = None;
+    // Boxed: inline, the task would be sized for the larger (capnp-rpc's) engine's future
+    // whichever runs (+4 KiB of RSS a connection, measured).
     let rpc: futures::future::LocalBoxFuture<'static, Result<(), String>> = match shared.rpc_engine
     {
         RpcEngine::CapnpRpc => {
