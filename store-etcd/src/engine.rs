@@ -554,10 +554,18 @@ impl Inner {
                 fingerprint: op.fingerprint(),
             }
         });
-        if let (Some(r), WriteOp::Put(p)) = (&record, &op) {
-            if let Some(done) = self.put_keyed(p, r).await? {
-                return Ok(done);
+        match (&record, &op) {
+            (Some(r), WriteOp::Put(p)) => {
+                if let Some(done) = self.put_keyed(p, r).await? {
+                    return Ok(done);
+                }
             }
+            (Some(r), WriteOp::Delete(d)) => {
+                if let Some(done) = self.delete_keyed(d, r).await? {
+                    return Ok(done);
+                }
+            }
+            _ => {}
         }
         let put_key = match &op {
             WriteOp::Put(p) => Some(p.key.as_slice()),
@@ -795,6 +803,80 @@ impl Inner {
             self.put_done(&p.key, &p.value, revision, previous, lease)
                 .await,
         ))
+    }
+
+    /// An unconditional keyed delete in one transaction, without reading first: if its
+    /// record is absent, a nested transaction deletes the key if it exists and records
+    /// which it did (each branch puts the record its outcome needs); otherwise the record
+    /// is read and replayed. `None`: the general path takes the write (a condition, an
+    /// expired record, a record lease gone).
+    async fn delete_keyed(
+        &self,
+        d: &write::Delete,
+        r: &RecordPlan,
+    ) -> Result<Option<WriteOutcome>, StoreError> {
+        if d.cond != Condition::None {
+            return Ok(None);
+        }
+        let record_lease = self.record_lease(r.expires_at_unix_ms).await?;
+        let put_record = |existed| {
+            let rec = Record {
+                expires_at_unix_ms: r.expires_at_unix_ms,
+                fingerprint: r.fingerprint,
+                outcome: Ok(WriteOutcome::Delete(DeleteOutcome {
+                    existed,
+                    revision: 0,
+                })),
+            };
+            TxnOp::put(
+                r.key.clone(),
+                rec.encode(),
+                Some(PutOptions::new().with_lease(record_lease)),
+            )
+        };
+        let key = self.keys.data(&d.key);
+        // etcd takes the same key put in both branches of one transaction: they exclude
+        // each other.
+        let delete = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::delete(key, None), put_record(true)])
+            .or_else([put_record(false)]);
+        let txn = Txn::new()
+            .when([Compare::create_revision(r.key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::txn(delete)])
+            .or_else([TxnOp::get(r.key.clone(), None)]);
+        let resp = match self.txn(txn).await {
+            Ok(resp) => resp,
+            // The record's lease: the general path renews it.
+            Err(StoreError::LeaseNotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !resp.succeeded() {
+            let Some(kv) = single_get(&resp)? else {
+                // Gone since (expired): the general path writes it again.
+                return Ok(None);
+            };
+            return match self.replay(r, &kv, None).await? {
+                Some(replayed) => replayed.map(Some),
+                None => Ok(None),
+            };
+        }
+        let existed = match resp.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Txn(inner)) => inner.succeeded(),
+            _ => {
+                return Err(StoreError::Internal(
+                    "etcd answered a nested transaction with another kind of response".into(),
+                ))
+            }
+        };
+        // The delete, or the record alone: a revision either way, in the history first.
+        let revision = header_revision(resp.header())?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.seen(revision).await;
+        Ok(Some(WriteOutcome::Delete(DeleteOutcome {
+            existed,
+            revision: to_capkv(revision, self.epoch),
+        })))
     }
 
     /// A put without a record or a lease of its own, in one round trip: its condition as

@@ -8,7 +8,8 @@
 //!   (created once; its create revision is revision 0 of the store). Every write is read,
 //!   evaluated here, then committed by one transaction that compares what was read (etcd's
 //!   software transactional memory pattern), retried when another writer got in between;
-//!   unconditional puts, keyed or not, skip the read (one request each).
+//!   unconditional puts, keyed or not, and unconditional keyed deletes skip the read (one
+//!   request each).
 //!   Reads are futures on the engine's own runtime ([`capkv_store::Store::reads_complete_at_once`] is
 //!   false), so the server never blocks a worker on the network.
 //! - `feed.rs`: one etcd watch over the whole prefix, from the store's start, feeding the
