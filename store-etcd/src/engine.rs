@@ -771,37 +771,55 @@ impl Inner {
                 lease: lease as u64,
             })),
         };
-        let txn = Txn::new()
-            .when([Compare::create_revision(r.key.clone(), CompareOp::Equal, 0)])
-            .and_then([
-                TxnOp::put(self.keys.data(&p.key), p.value.clone(), Some(opts)),
-                TxnOp::put(
-                    r.key.clone(),
-                    rec.encode(),
-                    Some(PutOptions::new().with_lease(record_lease)),
-                ),
-            ])
-            .or_else([TxnOp::get(r.key.clone(), None)]);
-        let resp = match self.txn(txn).await {
-            Ok(resp) => resp,
-            // The caller's lease or the record's: the general path tells them apart.
-            Err(StoreError::LeaseNotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
+        let ops = vec![
+            TxnOp::put(self.keys.data(&p.key), p.value.clone(), Some(opts)),
+            TxnOp::put(
+                r.key.clone(),
+                rec.encode(),
+                Some(PutOptions::new().with_lease(record_lease)),
+            ),
+        ];
+        let resp = match self.if_unrecorded(r, ops, Some(&p.key)).await? {
+            Unrecorded::Committed(resp) => resp,
+            Unrecorded::Answered(done) => return Ok(done),
         };
-        if !resp.succeeded() {
-            let Some(kv) = single_get(&resp)? else {
-                // Gone since (expired): the general path writes it again.
-                return Ok(None);
-            };
-            return match self.replay(r, &kv, Some(&p.key)).await? {
-                Some(replayed) => replayed.map(Some),
-                None => Ok(None),
-            };
-        }
         let (revision, previous) = committed_put(&resp)?;
         Ok(Some(
             self.put_done(&p.key, &p.value, revision, previous, lease)
                 .await,
+        ))
+    }
+
+    /// A keyed write's one transaction: `ops` if `r`'s record is absent, else the record,
+    /// read and replayed (`put_key`: the write's key, when it is a put).
+    async fn if_unrecorded(
+        &self,
+        r: &RecordPlan,
+        ops: Vec<TxnOp>,
+        put_key: Option<&[u8]>,
+    ) -> Result<Unrecorded, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(r.key.clone(), CompareOp::Equal, 0)])
+            .and_then(ops)
+            .or_else([TxnOp::get(r.key.clone(), None)]);
+        let resp = match self.txn(txn).await {
+            Ok(resp) => resp,
+            // The caller's lease or the record's: the general path tells them apart.
+            Err(StoreError::LeaseNotFound { .. }) => return Ok(Unrecorded::Answered(None)),
+            Err(e) => return Err(e),
+        };
+        if resp.succeeded() {
+            return Ok(Unrecorded::Committed(resp));
+        }
+        let Some(kv) = single_get(&resp)? else {
+            // Gone since (expired): the general path writes it again.
+            return Ok(Unrecorded::Answered(None));
+        };
+        Ok(Unrecorded::Answered(
+            match self.replay(r, &kv, put_key).await? {
+                Some(replayed) => Some(replayed?),
+                None => None,
+            },
         ))
     }
 
@@ -841,26 +859,13 @@ impl Inner {
             .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
             .and_then([TxnOp::delete(key, None), put_record(true)])
             .or_else([put_record(false)]);
-        let txn = Txn::new()
-            .when([Compare::create_revision(r.key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::txn(delete)])
-            .or_else([TxnOp::get(r.key.clone(), None)]);
-        let resp = match self.txn(txn).await {
-            Ok(resp) => resp,
-            // The record's lease: the general path renews it.
-            Err(StoreError::LeaseNotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
+        let resp = match self
+            .if_unrecorded(r, vec![TxnOp::txn(delete)], None)
+            .await?
+        {
+            Unrecorded::Committed(resp) => resp,
+            Unrecorded::Answered(done) => return Ok(done),
         };
-        if !resp.succeeded() {
-            let Some(kv) = single_get(&resp)? else {
-                // Gone since (expired): the general path writes it again.
-                return Ok(None);
-            };
-            return match self.replay(r, &kv, None).await? {
-                Some(replayed) => replayed.map(Some),
-                None => Ok(None),
-            };
-        }
         let existed = match resp.op_responses().into_iter().next() {
             Some(TxnOpResponse::Txn(inner)) => inner.succeeded(),
             _ => {
@@ -1275,6 +1280,14 @@ fn naming_lease<T>(r: Result<T, StoreError>, id: u64) -> Result<T, StoreError> {
         Err(StoreError::LeaseNotFound { .. }) => Err(StoreError::LeaseNotFound { id }),
         r => r,
     }
+}
+
+/// What [`Inner::if_unrecorded`]'s transaction came to.
+enum Unrecorded {
+    /// The record was absent: the write's operations ran.
+    Committed(TxnResponse),
+    /// The record's replay, or `None`: the general path takes the write.
+    Answered(Option<WriteOutcome>),
 }
 
 /// The revision of a committed transaction whose first operation was a put, and the
