@@ -614,6 +614,9 @@ where
             live.borrow_mut().insert(id, Hangup::Engine(closer.clone()));
             let limits = capkv_rpc::engine::EngineLimits {
                 reader_options,
+                // The engine writes its last bytes itself, for as long as the other
+                // engine's writer may.
+                finish_timeout: WRITER_DRAIN_GRACE,
                 ..Default::default()
             };
             let serve = capkv_rpc::engine::serve_with(

@@ -250,7 +250,11 @@ pub fn messages(input: &[u8]) -> Vec<u8> {
 /// Serves the messages `input` describes to completion; panics only if the engine does
 /// (its tables are checked after every step in debug builds).
 pub fn run(input: &[u8]) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+    // Timers: the engine bounds its last write with one.
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
         return;
     };
     let wire = messages(input);
