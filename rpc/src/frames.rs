@@ -52,12 +52,16 @@ const MAX_SEGMENT_TABLE_BYTES: usize = 4096;
 /// Frames up to this size are not charged to the budget: they never wait, and one
 /// connection holds at most one of them partially.
 const SMALL_FRAME_BYTES: usize = 64 * 1024;
-/// Bytes read from the socket per read call, at most; a connection starts with
-/// [`FIRST_CHUNK_BYTES`] and doubles its read buffer each time a read fills it, so an idle
-/// or one-call-at-a-time connection holds a small buffer and a busy one reads in large
-/// chunks.
+/// Bytes read from the socket per read call, at most.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
-const FIRST_CHUNK_BYTES: usize = 1024;
+
+thread_local! {
+    /// What every reader of this thread reads the socket into, then copies what came into
+    /// its own `pending` bytes at once: one warm buffer per worker instead of one per
+    /// connection (each held 1-16 KiB for its whole life, and with 1,000 connections taking
+    /// turns every read landed in a cold one).
+    static READ_CHUNK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
 /// Frame slots an idle reader keeps (a burst of small frames from one read may need more;
 /// they are given back once it has been handed over).
 const IDLE_READY_FRAMES: usize = 64;
@@ -427,7 +431,6 @@ pub struct GuardedReader<R> {
     front_pos: usize,
     /// Where socket reads land (zeroed once, when allocated or grown; see
     /// [`READ_CHUNK_BYTES`]). Empty until the first read.
-    chunk: Vec<u8>,
     /// When the frame being received must be complete. Armed only when the socket runs dry
     /// with a frame incomplete: a message that arrives whole (nearly every one) never
     /// touches the timer, whose registration cost a wake-up syscall per message.
@@ -456,7 +459,6 @@ impl<R: PeerReader> GuardedReader<R> {
             charged: 0,
             ready: std::collections::VecDeque::new(),
             front_pos: 0,
-            chunk: Vec::new(),
             deadline: None,
             bootstraps: 0,
             breach,
@@ -592,12 +594,9 @@ impl<R: PeerReader> GuardedReader<R> {
                 Ok(s) => s,
                 Err(b) => return Poll::Ready(Err(self.fail(b))),
             };
-            if self.chunk.is_empty() {
-                self.chunk = vec![0; FIRST_CHUNK_BYTES];
-            }
             let want = match size {
-                Some(total) => (total - self.pending.len().min(total)).clamp(1, self.chunk.len()),
-                None => self.chunk.len(),
+                Some(total) => (total - self.pending.len().min(total)).clamp(1, READ_CHUNK_BYTES),
+                None => READ_CHUNK_BYTES,
             };
             let large = size.is_some_and(|t| t > SMALL_FRAME_BYTES);
             if large && self.pending.len() + want > self.charged {
@@ -612,7 +611,18 @@ impl<R: PeerReader> GuardedReader<R> {
                 }
                 self.charged += need;
             }
-            let n = match Pin::new(&mut self.inner).poll_read(cx, &mut self.chunk[..want]) {
+            // Taken out while read into (put back below; a reader polled in between, which
+            // nothing here does, would find none and make its own).
+            let mut chunk = READ_CHUNK.take();
+            if chunk.len() < READ_CHUNK_BYTES {
+                chunk = vec![0; READ_CHUNK_BYTES];
+            }
+            let read = Pin::new(&mut self.inner).poll_read(cx, &mut chunk[..want]);
+            if let Poll::Ready(Ok(n)) = read {
+                self.pending.extend_from_slice(&chunk[..n]);
+            }
+            READ_CHUNK.set(chunk);
+            let n = match read {
                 Poll::Pending => return self.pending_within_deadline(cx),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(n)) => n,
@@ -622,11 +632,6 @@ impl<R: PeerReader> GuardedReader<R> {
                 self.eof = true;
                 self.drop_pending();
                 continue;
-            }
-            self.pending.extend_from_slice(&self.chunk[..n]);
-            if n == self.chunk.len() && n < READ_CHUNK_BYTES {
-                // More was waiting, likely: read more at a time from now on.
-                self.chunk = vec![0; (n * 2).min(READ_CHUNK_BYTES)];
             }
             if let Err(b) = self.take_frames() {
                 return Poll::Ready(Err(self.fail(b)));
@@ -1313,8 +1318,9 @@ mod tests {
         assert_eq!(seen()[4..], [Some(4), None, Some(5), None]);
     }
 
-    /// A connection's read buffers start small, grow for a burst, and give the burst's
-    /// memory back once it has been handed over.
+    /// A connection holds no read buffer before its first read, and gives a burst's
+    /// memory back once the burst has been handed over (the socket is read into the
+    /// thread's one chunk).
     #[test]
     fn read_buffers_grow_with_use_and_shrink_back() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1332,7 +1338,11 @@ mod tests {
         });
         let q: Pushed = std::rc::Rc::default();
         let mut r = guarded(&q);
-        assert_eq!(r.chunk.capacity(), 0, "nothing held before the first read");
+        assert_eq!(
+            r.pending.capacity(),
+            0,
+            "nothing held before the first read"
+        );
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut out = vec![0u8; 1 << 20];
@@ -1347,10 +1357,8 @@ mod tests {
         };
         q.borrow_mut().push_back(small.clone());
         read_all(&mut r, small.len());
-        assert_eq!(r.chunk.len(), FIRST_CHUNK_BYTES);
         q.borrow_mut().push_back(large.clone());
         read_all(&mut r, large.len());
-        assert_eq!(r.chunk.len(), READ_CHUNK_BYTES, "reads grew for the burst");
         assert!(r.ready.is_empty() && r.ready.capacity() <= IDLE_READY_FRAMES);
         assert!(
             r.pending.capacity() <= crate::transport::IDLE_BUFFER_BYTES,
