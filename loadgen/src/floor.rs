@@ -4,10 +4,11 @@
 //!
 //! Why: it has no store, no limits, no admission, no deadlines, no metrics, no logs and no
 //! frame checks, only the RPC engine over capkv's transport (buffered reads; one write per
-//! pass on capkv's engine, the coalescing writer under `RpcSystem`) on one current-thread runtime, as a kv-server worker has. Driven by kv-loadgen,
-//! it measures what the engine itself lets one core do per call on this machine: the
-//! ceiling of any server built on it, and the anchor that tells capkv's own costs from the
-//! runtime's (bench/run.sh runs both engines' floors beside the TCP floor).
+//! pass on capkv's engine, the coalescing writer under `RpcSystem`) on one current-thread
+//! runtime, as a kv-server worker has. Driven by kv-loadgen, it measures what the engine
+//! itself lets one core do per call on this machine: the ceiling of any server built on
+//! it, and the anchor that tells capkv's own costs from the runtime's (bench/run.sh runs
+//! both engines' floors beside the TCP floor).
 //!
 //! Only `Gateway.open` (any token), `KvStore.get` and `KvStore.getMany` are served;
 //! everything else answers capnp-rpc's `unimplemented`. Not a server to deploy: it listens where it is told

@@ -582,14 +582,13 @@ where
         capkv_rpc::local::new_client(GatewayImpl::new(Arc::clone(&shared), Rc::clone(&conn)));
     let reader_options = tunables.limits.request_reader_options();
     // Both engines speak the same protocol over the same checked stream; capnp-rpc's
-    // `RpcSystem` is the reference capkv's own is tested against, and the way back.
-    // The writer's flush task, where there is one: capkv's engine writes from its own
-    // loop (a pass's replies in one write), so ending its future ends its writes.
-    let mut stop_writer: Option<tokio::task::AbortHandle> = None;
-    // Boxed: inline, the task would be sized for the larger (capnp-rpc's) engine's future
-    // whichever runs (+4 KiB of RSS a connection, measured).
-    let rpc: futures::future::LocalBoxFuture<'static, Result<(), String>> = match shared.rpc_engine
-    {
+    // `RpcSystem` is the reference capkv's own is tested against, and the way back. Each
+    // gives its future, boxed (inline, the task would be sized for the larger, capnp-rpc's,
+    // whichever runs: +4 KiB of RSS a connection, measured), and its writer's flush task
+    // where there is one (capkv's engine writes from its own loop, a pass's replies in one
+    // write, so ending its future ends its writes).
+    type Rpc = futures::future::LocalBoxFuture<'static, Result<(), String>>;
+    let (rpc, stop_writer): (Rpc, Option<tokio::task::AbortHandle>) = match shared.rpc_engine {
         RpcEngine::CapnpRpc => {
             // capnp-rpc flushes after every message: the coalescing writer turns that into
             // one write per scheduler tick, with a flush task of its own.
@@ -597,7 +596,7 @@ where
                 writer,
                 Some(Rc::clone(&conn.backlog)),
             );
-            stop_writer = Some(writer.abort_handle());
+            let stop_writer = writer.abort_handle();
             let network = twoparty::VatNetwork::new(
                 reader,
                 writer,
@@ -607,7 +606,10 @@ where
             let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
             live.borrow_mut()
                 .insert(id, Hangup::RpcSystem(rpc.get_disconnector()));
-            Box::pin(async move { rpc.await.map_err(|e| e.to_string()) })
+            (
+                Box::pin(async move { rpc.await.map_err(|e| e.to_string()) }),
+                Some(stop_writer),
+            )
         }
         RpcEngine::Capkv => {
             let closer = capkv_rpc::engine::Closer::default();
@@ -627,7 +629,10 @@ where
                 closer,
                 Some(Rc::clone(&conn.backlog)),
             );
-            Box::pin(async move { serve.await.map_err(|e| e.to_string()) })
+            (
+                Box::pin(async move { serve.await.map_err(|e| e.to_string()) }),
+                None,
+            )
         }
     };
     tokio::task::spawn_local(async move {

@@ -9,9 +9,9 @@
 //!   evaluated here, then committed by one transaction that compares what was read (etcd's
 //!   software transactional memory pattern), retried when another writer got in between;
 //!   unconditional puts, keyed or not, and unconditional keyed deletes skip the read (one
-//!   request each).
-//!   Reads are futures on the engine's own runtime ([`capkv_store::Store::reads_complete_at_once`] is
-//!   false), so the server never blocks a worker on the network.
+//!   request each). Reads are futures on the engine's own runtime
+//!   ([`capkv_store::Store::reads_complete_at_once`] is false), so the server never blocks
+//!   a worker on the network.
 //! - `feed.rs`: one etcd watch over the whole prefix, from the store's start, feeding the
 //!   window of history watchers read ([`capkv_store::ring::Ring`]) and the published
 //!   revision; a write answers once the feed has seen it, so a gateway's watchers and its
