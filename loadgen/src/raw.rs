@@ -28,7 +28,6 @@ use capkv::kv_capnp::{gateway, kv_store, write_session};
 use capkv::CallMeta;
 use capnp::message;
 use capnp_rpc::rpc_capnp::{cap_descriptor, message as rpc_message, return_};
-use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::pipe::{Pipe, Reply};
 use crate::target::ErrorCode;
@@ -140,44 +139,96 @@ impl RawConn {
 }
 
 /// Reads Returns until the connection ends; then fails every caller still waiting.
-async fn read_replies(conn: Rc<RawConn>, r: tokio::net::tcp::OwnedReadHalf) {
-    let mut r = futures::io::BufReader::with_capacity(64 * 1024, r.compat());
+async fn read_replies(conn: Rc<RawConn>, mut r: tokio::net::tcp::OwnedReadHalf) {
+    use tokio::io::AsyncReadExt;
     let options = capkv::response_reader_options(&capkv::Limits::default());
-    while let Ok(Some(m)) = capnp_futures::serialize::try_read_message(&mut r, options).await {
-        let Ok(root) = m.get_root::<rpc_message::Reader>() else {
-            break;
-        };
-        match root.which() {
-            Ok(rpc_message::Which::Return(Ok(ret))) => {
-                // The read that brought this message returned just before it was parsed
-                // (the buffered reader parses what one read brought without waiting).
-                let read_at = Instant::now();
-                let id = ret.get_answer_id();
-                match id {
-                    OPEN => resolve(&conn.kv, ret),
-                    SESSION => resolve(&conn.session, ret),
-                    _ => {
-                        let known = conn.pipe.answer(id, read_at, |kind| match ret.which() {
-                            Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
-                            _ => Reply::Exception,
+    // Room for the RPC envelope around the largest results.
+    let max_frame_bytes = capkv::Limits::default().max_response_bytes() + 64 * 1024;
+    // Words, so that every frame starts 8-byte aligned and is read in place (frames are
+    // whole words long, and the bytes left after a read's frames move to the start).
+    let mut buf: Vec<capnp::Word> = capnp::Word::allocate_zeroed_vec(READ_BUFFER_BYTES / 8);
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() * 8 {
+            // A frame longer than the buffer (bounded by `frame_size`'s limit).
+            buf.resize(buf.len() * 2, capnp::word(0, 0, 0, 0, 0, 0, 0, 0));
+        }
+        let bytes = capnp::Word::words_to_bytes_mut(&mut buf);
+        match r.read(&mut bytes[filled..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => filled += n,
+        }
+        // The read that brought these messages returned just before they are parsed.
+        let read_at = Instant::now();
+        let mut at = 0;
+        loop {
+            let size = match capkv_rpc::frames::frame_size(&bytes[at..filled], max_frame_bytes) {
+                Ok(Some(size)) if size <= filled - at => size,
+                Ok(_) => break,
+                Err(_) => {
+                    conn.pipe.fail_all();
+                    return;
+                }
+            };
+            let mut frame = &bytes[at..at + size];
+            at += size;
+            let Ok(m) =
+                capnp::serialize::read_message_from_flat_slice_no_alloc(&mut frame, options)
+            else {
+                conn.pipe.fail_all();
+                return;
+            };
+            if !on_message(&conn, &m, read_at) {
+                conn.pipe.fail_all();
+                return;
+            }
+        }
+        bytes.copy_within(at..filled, 0);
+        filled -= at;
+    }
+    conn.pipe.fail_all();
+}
+
+/// Bytes of a connection's read buffer (grown for a frame that does not fit).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Hands one message from the server to whoever waits for it; false when the connection
+/// must end (an Abort, or a message that does not read as one).
+fn on_message<S: capnp::message::ReaderSegments>(
+    conn: &RawConn,
+    m: &capnp::message::Reader<S>,
+    read_at: Instant,
+) -> bool {
+    let Ok(root) = m.get_root::<rpc_message::Reader>() else {
+        return false;
+    };
+    match root.which() {
+        Ok(rpc_message::Which::Return(Ok(ret))) => {
+            let id = ret.get_answer_id();
+            match id {
+                OPEN => resolve(&conn.kv, ret),
+                SESSION => resolve(&conn.session, ret),
+                _ => {
+                    let known = conn.pipe.answer(id, read_at, |kind| match ret.which() {
+                        Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
+                        _ => Reply::Exception,
+                    });
+                    if known && !ret.get_no_finish_needed() {
+                        conn.pipe.send(|out| {
+                            encode(out, |m| {
+                                let mut f = m.init_finish();
+                                f.set_question_id(id);
+                                f.set_release_result_caps(false);
+                            })
                         });
-                        if known && !ret.get_no_finish_needed() {
-                            conn.pipe.send(|out| {
-                                encode(out, |m| {
-                                    let mut f = m.init_finish();
-                                    f.set_question_id(id);
-                                    f.set_release_result_caps(false);
-                                })
-                            });
-                        }
                     }
                 }
             }
-            Ok(rpc_message::Which::Abort(_)) | Err(_) => break,
-            _ => {}
+            true
         }
+        Ok(rpc_message::Which::Abort(_)) | Err(_) => false,
+        _ => true,
     }
-    conn.pipe.fail_all();
 }
 
 /// `open`'s or `session`'s Return: later calls go straight to the capability it carries.
@@ -239,10 +290,30 @@ fn decode(kind: OpKind, content: capnp::any_pointer::Reader<'_>) -> Reply {
 }
 
 fn encode(out: &mut Vec<u8>, build: impl FnOnce(rpc_message::Builder<'_>)) {
-    let mut m = message::Builder::new(message::HeapAllocator::new().first_segment_words(64));
-    build(m.init_root());
-    // Writing into a Vec cannot fail.
-    let _ = capnp::serialize::write_message(out, &m);
+    let mut scratch = SCRATCH.take();
+    if scratch.len() != SCRATCH_WORDS {
+        scratch = capnp::Word::allocate_zeroed_vec(SCRATCH_WORDS);
+    }
+    {
+        // capnp zeroes what it used of the scratch when the builder drops: reusable.
+        let mut alloc =
+            message::ScratchSpaceHeapAllocator::new(capnp::Word::words_to_bytes_mut(&mut scratch));
+        let mut m = message::Builder::new(&mut alloc);
+        build(m.init_root());
+        // Writing into a Vec cannot fail.
+        let _ = capnp::serialize::write_message(out, &m);
+    }
+    SCRATCH.set(scratch);
+}
+
+/// Words of the scratch segment: a call with a key and a value of a few hundred bytes
+/// (a longer one goes on in a heap segment of its own).
+const SCRATCH_WORDS: usize = 128;
+
+thread_local! {
+    /// The segment every call encoded on this thread is built in: no allocation per call
+    /// (as redis-raw formats its commands straight into the outbox).
+    static SCRATCH: std::cell::Cell<Vec<capnp::Word>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A Call of `method` on `interface`, addressed to `target`.
