@@ -670,6 +670,10 @@ where
     // one write at its end, from this future (no flush task to wake, no second copy).
     let mut writer = Writer::with_backlog(writer, conn.backlog.clone());
     let ended = std::future::poll_fn(|cx| {
+        // What a turn touches beside this future, asked for at once (see `crate::hint`).
+        reader.prefetch();
+        conn.prefetch(&writer);
+        crate::hint::prefetch(Rc::as_ptr(&closed));
         for _ in 0..MAX_PASSES_PER_POLL {
             match conn.pass(&mut reader, &mut calls, &mut writer, closing.as_mut(), cx) {
                 Poll::Ready(ended) => return Poll::Ready(ended),
@@ -798,6 +802,17 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 }
 
 impl Conn {
+    /// Asks for the cache lines of this connection's tables and buffers (see
+    /// `crate::hint`): its exports (every call names one), its outbox and reply counter.
+    fn prefetch<W>(&self, writer: &Writer<W>) {
+        crate::hint::prefetch(self.exports.slots.as_ptr());
+        crate::hint::prefetch(self.outbox.as_ptr());
+        crate::hint::prefetch(writer.buf.as_ptr());
+        if let Some(b) = &self.backlog {
+            crate::hint::prefetch(Rc::as_ptr(b));
+        }
+    }
+
     /// Polls the calls started in this step once each, in the order they started (E-order);
     /// settles those that completed, which may start calls pipelined on them, polled in turn.
     /// Bounded: every call is started once, and only calls already queued start here.

@@ -188,6 +188,10 @@ impl capnp::message::ReaderSegments for Frame {
 pub trait FrameSource {
     /// The next frame; `None` once the peer has closed the stream between frames.
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Frame>>>;
+
+    /// Asks for the cache lines the next `poll_frame` touches outside the source itself
+    /// (see [`crate::hint`]); the engine calls it at the start of a connection's turn.
+    fn prefetch(&self) {}
 }
 
 /// Hints the frame layer gives about Calls as they arrive, before they run, so that a
@@ -680,6 +684,13 @@ impl<R: PeerReader> FrameSource for GuardedReader<R> {
             return Poll::Pending;
         }
         Poll::Ready(Ok(this.pop_front()))
+    }
+
+    fn prefetch(&self) {
+        crate::hint::prefetch(self.pending.as_ptr());
+        if let Some(b) = &self.backlog {
+            crate::hint::prefetch(std::rc::Rc::as_ptr(b));
+        }
     }
 }
 

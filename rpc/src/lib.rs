@@ -25,6 +25,7 @@ pub mod backlog;
 pub mod client;
 pub mod engine;
 pub mod frames;
+pub mod hint;
 pub mod local;
 pub mod signal;
 mod skeleton;

@@ -103,6 +103,14 @@ impl<F: Future> WhenWoken<F> {
     }
 }
 
+impl<F> WhenWoken<F> {
+    /// Where the flag each poll reads lives, for a prefetch (see [`crate::hint`]) ahead of
+    /// the poll.
+    pub fn flag_ptr(&self) -> *const u8 {
+        Arc::as_ptr(&self.flag).cast()
+    }
+}
+
 impl<F: Future> Future for WhenWoken<F> {
     type Output = F::Output;
 

@@ -646,6 +646,17 @@ where
             }
         });
         let mut slow_reader = false;
+        // This connection's cold state, asked for at once at the start of each turn
+        // (see `capkv_rpc::hint`), before the engine reaches it one miss at a time.
+        let (flag, conn_at) = (side.flag_ptr(), Rc::as_ptr(&conn).cast::<u8>());
+        let mut rpc = rpc;
+        let rpc = std::future::poll_fn(move |cx| {
+            capkv_rpc::hint::prefetch(flag);
+            for line in 0..std::mem::size_of::<Conn>().div_ceil(64) {
+                capkv_rpc::hint::prefetch(conn_at.wrapping_add(line * 64));
+            }
+            rpc.as_mut().poll(cx)
+        });
         tokio::select! {
             biased;
             r = rpc => if let Err(e) = r {

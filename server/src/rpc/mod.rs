@@ -226,6 +226,10 @@ pub(crate) use direct;
 
 /// Keys shown to the store in one prefetch at most; more are sent in several.
 const WARM_KEYS_MAX: usize = 64;
+
+/// Keys handed to one `Store::prefetch` (see `Warm::flush`): 16 calls in flight take one.
+const WARM_KEYS_PER_PREFETCH: usize = 16;
+
 /// Longer keys are not prefetched (rare, and not worth copying).
 const WARM_KEY_BYTES_MAX: usize = 256;
 
@@ -283,14 +287,17 @@ impl capkv_rpc::frames::Warm for Warm {
     fn flush(&self) {
         let mut keys = self.keys.borrow_mut();
         let mut ends = self.ends.borrow_mut();
-        let mut slices: [&[u8]; WARM_KEYS_MAX] = [&[]; WARM_KEYS_MAX];
+        // A few keys at a time: their misses still overlap, and a read of one call (the
+        // usual case with many connections) does not set up room for the most.
+        let mut slices: [&[u8]; WARM_KEYS_PER_PREFETCH] = [&[]; WARM_KEYS_PER_PREFETCH];
         let mut start = 0;
-        for (slot, &end) in slices.iter_mut().zip(ends.iter()) {
-            *slot = &keys[start..end];
-            start = end;
+        for chunk in ends.chunks(WARM_KEYS_PER_PREFETCH) {
+            for (slot, &end) in slices.iter_mut().zip(chunk) {
+                *slot = &keys[start..end];
+                start = end;
+            }
+            self.store.prefetch(&slices[..chunk.len()]);
         }
-        self.store
-            .prefetch(&slices[..ends.len().min(WARM_KEYS_MAX)]);
         keys.clear();
         ends.clear();
         // A burst of long keys leaves no lasting buffer on the worker.
