@@ -582,7 +582,8 @@ struct Conn {
     limits: EngineLimits,
     exports: Exports,
     answers: Answers,
-    /// Messages written since the last flush: the replies of one pass leave together.
+    /// Messages of the running pass: the worker thread's [`OUTBOX`] while a pass runs
+    /// (empty, without capacity, between passes); the replies of one pass leave together.
     outbox: Vec<u8>,
     /// Where the bytes put in `outbox` are counted until the writer sends them.
     backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
@@ -601,7 +602,17 @@ struct Conn {
 /// is built by capnp around a copy).
 const SCRATCH_WORDS: usize = 96;
 
+/// Bytes of outbox a worker thread keeps between passes (more came from one large reply).
+const OUTBOX_BYTES_KEPT: usize = 256 * 1024;
+
 thread_local! {
+    /// Where every pass on this thread builds its messages (taken by the pass, given back
+    /// empty): the bytes a connection sends are written from a buffer already in cache,
+    /// and a connection keeps no write buffer of its own unless its socket is full (with
+    /// 1,000 connections taking turns, writing each one's replies into its own buffer
+    /// missed the cache on every call).
+    static OUTBOX: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+
     /// The first segment of every Return a direct call builds on this thread: most fit, so
     /// answering one allocates no segment (see [`Conn::call_direct`]). One per thread, not
     /// per connection: its bytes are copied into the outbox before the next call can start,
@@ -667,12 +678,13 @@ where
     // Writes run beside reading and calls, never in their way: a peer that does not read
     // its replies fills the socket, which must not stop the reads that let the backlog see
     // it pause (and close it). The writer is the socket itself: a pass's replies leave in
-    // one write at its end, from this future (no flush task to wake, no second copy).
+    // one write at its end, from this future (no flush task to wake), straight from the
+    // thread's outbox (copied into the writer's own buffer only when the socket is full).
     let mut writer = Writer::with_backlog(writer, conn.backlog.clone());
     let ended = std::future::poll_fn(|cx| {
         // What a turn touches beside this future, asked for at once (see `crate::hint`).
         reader.prefetch();
-        conn.prefetch(&writer);
+        conn.prefetch();
         crate::hint::prefetch(Rc::as_ptr(&closed));
         for _ in 0..MAX_PASSES_PER_POLL {
             match conn.pass(&mut reader, &mut calls, &mut writer, closing.as_mut(), cx) {
@@ -714,6 +726,8 @@ pub(crate) struct Writer<W> {
     pos: usize,
     /// Told about every byte that reaches the socket (server connections).
     backlog: Option<Rc<crate::backlog::ReplyBacklog>>,
+    /// Everything was written but the stream's flush has not completed (TLS).
+    flush_due: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
@@ -727,12 +741,63 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             buf: Vec::new(),
             pos: 0,
             backlog,
+            flush_due: false,
         }
     }
 
     /// A write is running.
     pub(crate) fn busy(&self) -> bool {
-        !self.buf.is_empty()
+        !self.buf.is_empty() || self.flush_due
+    }
+
+    /// Writes `bytes` to the stream now, while no write runs: what the stream does not take
+    /// at once is copied into the writer's own buffer and written by `poll_written` (so a
+    /// caller's buffer is free again when this returns). `Ready(Ok)` when all of it left.
+    pub(crate) fn send_now(
+        &mut self,
+        bytes: &[u8],
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        debug_assert!(!self.busy(), "send_now while a write runs");
+        let Some(w) = self.w.as_mut() else {
+            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        };
+        let mut at = 0;
+        let r = loop {
+            if at == bytes.len() {
+                match Pin::new(&mut *w).poll_flush(cx) {
+                    Poll::Pending => {
+                        self.flush_due = true;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(r) => break r,
+                }
+            }
+            match Pin::new(&mut *w).poll_write(cx, &bytes[at..]) {
+                Poll::Pending => {
+                    self.append(&bytes[at..]);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(0)) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    at += n;
+                    if let Some(b) = &self.backlog {
+                        b.written(n);
+                    }
+                }
+                Poll::Ready(Err(e)) => break Err(e),
+            }
+        };
+        if r.is_err() {
+            self.w = None;
+        }
+        Poll::Ready(r)
+    }
+
+    /// Queues `bytes` after what is being written.
+    pub(crate) fn append(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Starts writing what `outbox` holds, if nothing is being written.
@@ -750,7 +815,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
-        let (Some(w), false) = (self.w.as_mut(), self.buf.is_empty()) else {
+        let busy = self.busy();
+        let (Some(w), true) = (self.w.as_mut(), busy) else {
             return Poll::Pending;
         };
         let r = loop {
@@ -775,6 +841,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         if r.is_err() {
             self.w = None;
         }
+        self.flush_due = false;
         self.buf.clear();
         self.pos = 0;
         // Bounded: a buffer that grew for one large reply does not stay that large.
@@ -790,11 +857,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
     /// Ends the running write, then writes what is left.
     async fn finish(mut self, outbox: &mut Vec<u8>) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
+        if self.busy() {
             self.written().await?;
         }
         self.start(outbox);
-        if !self.buf.is_empty() {
+        if self.busy() {
             self.written().await?;
         }
         Ok(())
@@ -803,11 +870,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
 impl Conn {
     /// Asks for the cache lines of this connection's tables and buffers (see
-    /// `crate::hint`): its exports (every call names one), its outbox and reply counter.
-    fn prefetch<W>(&self, writer: &Writer<W>) {
+    /// `crate::hint`): its exports (every call names one) and its reply counter.
+    fn prefetch(&self) {
         crate::hint::prefetch(self.exports.slots.as_ptr());
-        crate::hint::prefetch(self.outbox.as_ptr());
-        crate::hint::prefetch(writer.buf.as_ptr());
         if let Some(b) = &self.backlog {
             crate::hint::prefetch(Rc::as_ptr(b));
         }
@@ -839,17 +904,79 @@ impl Conn {
         }
     }
 
-    /// One pass of the connection loop: the calls that ended (their Returns, and the calls
-    /// waiting on them, before more work comes in), then every whole message already
-    /// buffered (at most [`MAX_FRAMES_PER_PASS`]), each call started polled once at the end
-    /// of its message's step, then one write of what the pass produced. `Ready` when the
-    /// connection ends; sets `progressed` when anything moved (the loop passes again: a
-    /// write may have let a paused reader go on).
+    /// One pass of the connection loop (see [`Conn::pass_inner`]), its messages built in the
+    /// worker thread's outbox ([`OUTBOX`]) and written from there: only what the socket
+    /// does not take at once is copied into the connection's own write buffer.
     fn pass<R: FrameSource + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
         reader: &mut R,
         calls: &mut FuturesUnordered<Running>,
         writer: &mut Writer<W>,
+        closing: Pin<&mut impl Future<Output = ()>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), EngineError>> {
+        debug_assert!(self.outbox.is_empty(), "a pass began with bytes left unsent");
+        self.outbox = OUTBOX.take();
+        let r = match self.pass_inner(reader, calls, closing, cx) {
+            Poll::Pending => self.write_out(writer, cx),
+            ended => {
+                // The connection ends: its last messages go to the writer's buffer, which
+                // `serve_with` finishes.
+                writer.append(&self.outbox);
+                ended
+            }
+        };
+        let mut outbox = std::mem::take(&mut self.outbox);
+        outbox.clear();
+        // Bounded: a pass that built a large reply does not leave the thread holding it.
+        if outbox.capacity() > OUTBOX_BYTES_KEPT {
+            outbox = Vec::new();
+        }
+        OUTBOX.set(outbox);
+        r
+    }
+
+    /// Writes what the pass produced: straight from the outbox while no write runs, else
+    /// after the running write. `Pending` while the connection goes on.
+    fn write_out<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut Writer<W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), EngineError>> {
+        loop {
+            if writer.busy() {
+                match writer.poll_written(cx) {
+                    Poll::Ready(Ok(())) => self.progressed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(EngineError::Write(e))),
+                    Poll::Pending => {
+                        writer.append(&self.outbox);
+                        return Poll::Pending;
+                    }
+                }
+            } else if self.outbox.is_empty() {
+                return Poll::Pending;
+            } else {
+                let sent = writer.send_now(&self.outbox, cx);
+                self.outbox.clear();
+                match sent {
+                    Poll::Ready(Ok(())) => self.progressed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(EngineError::Write(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+    }
+
+    /// One pass of the connection loop: the calls that ended (their Returns, and the calls
+    /// waiting on them, before more work comes in), then every whole message already
+    /// buffered (at most [`MAX_FRAMES_PER_PASS`]), each call started polled once at the end
+    /// of its message's step; [`Conn::pass`] then writes what it produced. `Ready` when the
+    /// connection ends; sets `progressed` when anything moved (the loop passes again: a
+    /// write may have let a paused reader go on).
+    fn pass_inner<R: FrameSource + Unpin>(
+        &mut self,
+        reader: &mut R,
+        calls: &mut FuturesUnordered<Running>,
         closing: Pin<&mut impl Future<Output = ()>>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), EngineError>> {
@@ -898,15 +1025,7 @@ impl Conn {
                 }
             }
         }
-        // The outbox becomes the write buffer whenever no write runs.
-        loop {
-            writer.start(&mut self.outbox);
-            match writer.poll_written(cx) {
-                Poll::Ready(Ok(())) => self.progressed = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(EngineError::Write(e))),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        Poll::Pending
     }
 
     /// The tables' invariants (see `Exports::consistent`), and answers within their bound.
