@@ -915,7 +915,10 @@ impl Conn {
         closing: Pin<&mut impl Future<Output = ()>>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), EngineError>> {
-        debug_assert!(self.outbox.is_empty(), "a pass began with bytes left unsent");
+        debug_assert!(
+            self.outbox.is_empty(),
+            "a pass began with bytes left unsent"
+        );
         self.outbox = OUTBOX.take();
         let r = match self.pass_inner(reader, calls, closing, cx) {
             Poll::Pending => self.write_out(writer, cx),

@@ -38,8 +38,6 @@ use capnp_rpc::rpc_capnp::message;
 use futures::io::AsyncRead;
 use tokio::time::{Instant, Sleep};
 
-use crate::transport::shrink_idle;
-
 /// Most entries a cap table of a client message may have. capkv's calls carry no
 /// capabilities at all; a few leave room for pipelined promises.
 pub const MAX_CAP_TABLE: u32 = 16;
@@ -56,15 +54,25 @@ const SMALL_FRAME_BYTES: usize = 64 * 1024;
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
 thread_local! {
-    /// What every reader of this thread reads the socket into, then copies what came into
-    /// its own `pending` bytes at once: one warm buffer per worker instead of one per
-    /// connection (each held 1-16 KiB for its whole life, and with 1,000 connections taking
-    /// turns every read landed in a cold one).
+    /// What every reader of this thread reads the socket into; whole frames are cut from
+    /// it where they lie, and only an incomplete one is copied into the reader's own
+    /// `pending` bytes: one warm buffer per worker instead of one per connection (each held
+    /// 1-16 KiB for its whole life, and with 1,000 connections taking turns every read
+    /// landed in a cold one).
     static READ_CHUNK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
-/// Frame slots an idle reader keeps (a burst of small frames from one read may need more;
-/// they are given back once it has been handed over).
-const IDLE_READY_FRAMES: usize = 64;
+
+/// Frame slots the thread keeps for its readers (a burst of small frames from one read may
+/// need more; those are freed once handed over).
+const SPARE_READY_FRAMES: usize = 64;
+
+thread_local! {
+    /// The frame slots of the thread's readers: a reader takes them for the frames of a
+    /// read and gives them back once it has handed them over, so the slots are warm (a
+    /// connection's own would be cold by its next turn).
+    static SPARE_READY: std::cell::Cell<std::collections::VecDeque<Frame>> =
+        const { std::cell::Cell::new(std::collections::VecDeque::new()) };
+}
 
 /// One whole message as it came off the wire (segment table and segments), copied once into
 /// 8-byte-aligned memory so that capnp reads it in place: a [`capnp::message::Reader`] over a
@@ -521,12 +529,13 @@ impl<R: PeerReader> GuardedReader<R> {
         self.deadline = None;
     }
 
-    /// Moves every complete frame at the front of `pending` to `ready`, checking each.
-    fn take_frames(&mut self) -> Result<(), Breach> {
+    /// Moves every complete frame at the front of `bytes` to `ready`, checking each;
+    /// returns how many bytes they took (the rest is an incomplete frame, if anything).
+    fn cut_frames(&mut self, bytes: &[u8]) -> (usize, Result<(), Breach>) {
         let mut taken = 0;
         let mut arrived = None;
         let result = loop {
-            let rest = &self.pending[taken..];
+            let rest = &bytes[taken..];
             let size = match frame_size(rest, self.limits.max_frame_bytes) {
                 Ok(Some(size)) if rest.len() >= size => size,
                 Ok(_) => break Ok(()),
@@ -551,6 +560,9 @@ impl<R: PeerReader> GuardedReader<R> {
                 }
                 Err(b) => break Err(b),
             }
+            if self.ready.capacity() == 0 {
+                self.ready = SPARE_READY.take();
+            }
             self.ready.push_back(frame);
             taken += size;
             // The next frame (if any) starts its own clock (when the socket next runs dry)
@@ -562,6 +574,24 @@ impl<R: PeerReader> GuardedReader<R> {
                 w.flush();
             }
         }
+        (taken, result)
+    }
+
+    /// Takes the bytes a read brought: whole frames are cut from them where they lie
+    /// (the thread's chunk, when nothing of an earlier frame waits), and only the
+    /// incomplete rest is kept in `pending`.
+    fn take_read(&mut self, read: &[u8]) -> Result<(), Breach> {
+        let (taken, result) = if self.pending.is_empty() {
+            let (taken, result) = self.cut_frames(read);
+            self.pending.extend_from_slice(&read[taken..]);
+            (0, result)
+        } else {
+            self.pending.extend_from_slice(read);
+            let pending = std::mem::take(&mut self.pending);
+            let (taken, result) = self.cut_frames(&pending);
+            self.pending = pending;
+            (taken, result)
+        };
         // One move of the incomplete rest, however many frames came before it.
         self.pending.drain(..taken);
         let held = self.pending.len();
@@ -622,23 +652,23 @@ impl<R: PeerReader> GuardedReader<R> {
                 chunk = vec![0; READ_CHUNK_BYTES];
             }
             let read = Pin::new(&mut self.inner).poll_read(cx, &mut chunk[..want]);
-            if let Poll::Ready(Ok(n)) = read {
-                self.pending.extend_from_slice(&chunk[..n]);
-            }
+            let taken = match read {
+                Poll::Ready(Ok(n)) if n > 0 => Some(self.take_read(&chunk[..n])),
+                _ => None,
+            };
             READ_CHUNK.set(chunk);
-            let n = match read {
+            if let Some(Err(b)) = taken {
+                return Poll::Ready(Err(self.fail(b)));
+            }
+            match read {
                 Poll::Pending => return self.pending_within_deadline(cx),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(n)) => n,
-            };
-            if n == 0 {
-                // A peer closing mid-frame just ends the connection.
-                self.eof = true;
-                self.drop_pending();
-                continue;
-            }
-            if let Err(b) = self.take_frames() {
-                return Poll::Ready(Err(self.fail(b)));
+                Poll::Ready(Ok(0)) => {
+                    // A peer closing mid-frame just ends the connection.
+                    self.eof = true;
+                    self.drop_pending();
+                }
+                Poll::Ready(Ok(_)) => {}
             }
         }
     }
@@ -657,9 +687,15 @@ impl<R: PeerReader> GuardedReader<R> {
         self.front_pos = 0;
         let frame = self.ready.pop_front();
         if self.ready.is_empty() {
-            shrink_idle(&mut self.pending);
-            if self.ready.capacity() > IDLE_READY_FRAMES {
-                self.ready = std::collections::VecDeque::new();
+            // Whole frames are cut from the thread's chunk: a connection holds bytes of its
+            // own only for a frame that has not all arrived. Nor does it keep frame slots
+            // between reads: they go back to the thread (see [`SPARE_READY`]).
+            if self.pending.is_empty() {
+                self.pending = Vec::new();
+            }
+            let slots = std::mem::take(&mut self.ready);
+            if slots.capacity() <= SPARE_READY_FRAMES {
+                SPARE_READY.set(slots);
             }
         }
         frame
@@ -687,7 +723,6 @@ impl<R: PeerReader> FrameSource for GuardedReader<R> {
     }
 
     fn prefetch(&self) {
-        crate::hint::prefetch(self.pending.as_ptr());
         if let Some(b) = &self.backlog {
             crate::hint::prefetch(std::rc::Rc::as_ptr(b));
         }
@@ -1370,7 +1405,7 @@ mod tests {
         read_all(&mut r, small.len());
         q.borrow_mut().push_back(large.clone());
         read_all(&mut r, large.len());
-        assert!(r.ready.is_empty() && r.ready.capacity() <= IDLE_READY_FRAMES);
+        assert!(r.ready.is_empty() && r.ready.capacity() == 0);
         assert!(
             r.pending.capacity() <= crate::transport::IDLE_BUFFER_BYTES,
             "{}",
