@@ -9,7 +9,9 @@
 //! whatever the outbox holds when it runs (the calls of one scheduler tick leave in one
 //! write); one reader task hands each `Return` to its caller's slot by answer id, decoding
 //! only the result union's arm. A `Finish` follows every Return not marked `noFinishNeeded`,
-//! so question ids are reused against both of the server's RPC engines.
+//! so question ids are reused against both of the server's RPC engines, and `open`'s and
+//! `session`'s (with the bootstrap's) once their capabilities are imported, so the server
+//! keeps no answer for the connection, as with a Cap'n Proto client.
 //!
 //! Per call the client allocates only the message it encodes: callers wait in a slab of
 //! slots by question id (no channel per call), and the outbox and read buffer are reused.
@@ -36,7 +38,8 @@ use crate::workload::OpKind;
 const BOOTSTRAP: u32 = 0;
 const OPEN: u32 = 1;
 const SESSION: u32 = 2;
-/// The first question id of ordinary calls (0-2 stay live for the connection's life).
+/// The first question id of ordinary calls (0-2 are finished once `open` and `session`
+/// have returned their capabilities).
 const FIRST_CALL: u32 = 3;
 
 const GATEWAY_OPEN: u16 = 2;
@@ -206,21 +209,30 @@ fn on_message<S: capnp::message::ReaderSegments>(
         Ok(rpc_message::Which::Return(Ok(ret))) => {
             let id = ret.get_answer_id();
             match id {
-                OPEN => resolve(&conn.kv, ret),
-                SESSION => resolve(&conn.session, ret),
+                // Once a capability resolves, its answer is finished, keeping the
+                // capability (as a Cap'n Proto client does once it holds the import): the
+                // server then keeps no answers for this connection. The bootstrap answer
+                // goes with `open`'s, which was its only use.
+                OPEN => {
+                    if resolve(&conn.kv, ret) {
+                        conn.pipe.send(|out| {
+                            finish(out, BOOTSTRAP);
+                            finish(out, OPEN);
+                        });
+                    }
+                }
+                SESSION => {
+                    if resolve(&conn.session, ret) {
+                        conn.pipe.send(|out| finish(out, SESSION));
+                    }
+                }
                 _ => {
                     let known = conn.pipe.answer(id, read_at, |kind| match ret.which() {
                         Ok(return_::Which::Results(Ok(p))) => decode(kind, p.get_content()),
                         _ => Reply::Exception,
                     });
                     if known && !ret.get_no_finish_needed() {
-                        conn.pipe.send(|out| {
-                            encode(out, |m| {
-                                let mut f = m.init_finish();
-                                f.set_question_id(id);
-                                f.set_release_result_caps(false);
-                            })
-                        });
+                        conn.pipe.send(|out| finish(out, id));
                     }
                 }
             }
@@ -231,27 +243,39 @@ fn on_message<S: capnp::message::ReaderSegments>(
     }
 }
 
-/// `open`'s or `session`'s Return: later calls go straight to the capability it carries.
+/// A `Finish` of question `id` that keeps the capabilities its results carried.
+fn finish(out: &mut Vec<u8>, id: u32) {
+    encode(out, |m| {
+        let mut f = m.init_finish();
+        f.set_question_id(id);
+        f.set_release_result_caps(false);
+    })
+}
+
+/// `open`'s or `session`'s Return: later calls go straight to the capability it carries
+/// (true), when it carries one.
 /// Their results hold one capability (in the union's arm and again outside it, for
 /// pipelining: one export, two pointers); anything else (an error with a stand-in) keeps
 /// the calls pipelined on the answer, which answers them.
-fn resolve(target: &Cell<Target>, ret: return_::Reader<'_>) {
+fn resolve(target: &Cell<Target>, ret: return_::Reader<'_>) -> bool {
     let Ok(return_::Which::Results(Ok(payload))) = ret.which() else {
-        return;
+        return false;
     };
     let Ok(table) = payload.get_cap_table() else {
-        return;
+        return false;
     };
     let mut ids = table.iter().map(|d| match d.which() {
         Ok(cap_descriptor::SenderHosted(id)) => Some(id),
         _ => None,
     });
     let Some(Some(first)) = ids.next() else {
-        return;
+        return false;
     };
-    if ids.all(|id| id == Some(first)) {
-        target.set(Target::Imported(first));
+    if !ids.all(|id| id == Some(first)) {
+        return false;
     }
+    target.set(Target::Imported(first));
+    true
 }
 
 /// The result union's arm of a get's or put's results.

@@ -702,8 +702,13 @@ where
     // within the finish timeout.
     drop(calls);
     // Failed or timed out: the peer is gone, or does not read; nothing more to tell it.
-    let finish = writer.finish(&mut conn.outbox);
-    let _ = tokio::time::timeout(conn.limits.finish_timeout, finish).await;
+    // Boxed: only an ending connection needs room for its last write and its timer, not
+    // every connection's future for its whole life.
+    let finish = Box::pin(tokio::time::timeout(
+        conn.limits.finish_timeout,
+        writer.finish(&mut conn.outbox),
+    ));
+    let _ = finish.await;
     ended
 }
 
@@ -1653,6 +1658,22 @@ mod tests {
     use super::*;
 
     use script::ScriptCap;
+
+    /// What one connection's loop costs in memory, for the server's own reader and socket:
+    /// every connection holds this future for its life (1,232 bytes before its ending was
+    /// boxed; a server with thousands of connections pays it thousands of times).
+    #[test]
+    fn a_connection_loop_stays_small() {
+        fn size_of_future<A, B, C, D, E, G, F>(_: impl FnOnce(A, B, C, D, E, G) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        type Reader = crate::frames::GuardedReader<
+            tokio_util::compat::Compat<tokio::net::tcp::OwnedReadHalf>,
+        >;
+        type Socket = tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf>;
+        let bytes = size_of_future(serve_with::<Reader, Socket>);
+        assert!(bytes <= 1024, "serve_with's future is {bytes} bytes");
+    }
 
     #[test]
     fn the_same_object_twice_is_one_export_released_by_its_count() {
