@@ -20,3 +20,11 @@ pub fn prefetch<T: ?Sized>(p: *const T) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
+
+/// [`prefetch`] of every cache line of the `len` bytes at `p`.
+#[inline(always)]
+pub fn prefetch_bytes(p: *const u8, len: usize) {
+    for offset in (0..len).step_by(64) {
+        prefetch(p.wrapping_add(offset));
+    }
+}

@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -590,8 +591,8 @@ where
     // more a connection for capkv's engine), and its writer's flush task
     // where there is one (capkv's engine writes from its own loop, a pass's replies in one
     // write, so ending its future ends its writes).
-    type Rpc = futures::future::LocalBoxFuture<'static, Result<(), String>>;
-    let (rpc, stop_writer): (Rpc, Option<tokio::task::AbortHandle>) = match shared.rpc_engine {
+    type Rpc = dyn Future<Output = Result<(), String>>;
+    let (rpc, stop_writer): (Pin<Box<Rpc>>, Option<tokio::task::AbortHandle>) = match shared.rpc_engine {
         RpcEngine::CapnpRpc => {
             // capnp-rpc flushes after every message: the coalescing writer turns that into
             // one write per scheduler tick, with a flush task of its own.
@@ -645,13 +646,15 @@ where
         let mut slow_reader = false;
         // This connection's cold state, asked for at once at the start of each turn
         // (see `capkv_rpc::hint`), before the engine reaches it one miss at a time.
+        // The engine's own state (its boxed future, under a kilobyte) is asked for whole:
+        // its fields are read one after the other, each line a miss otherwise.
         let (flag, conn_at) = (side.flag_ptr(), Rc::as_ptr(&conn).cast::<u8>());
+        let (rpc_at, rpc_len) = ((&*rpc as *const Rpc).cast::<u8>(), std::mem::size_of_val(&*rpc));
         let mut rpc = rpc;
         let rpc = std::future::poll_fn(move |cx| {
             capkv_rpc::hint::prefetch(flag);
-            for line in 0..std::mem::size_of::<Conn>().div_ceil(64) {
-                capkv_rpc::hint::prefetch(conn_at.wrapping_add(line * 64));
-            }
+            capkv_rpc::hint::prefetch_bytes(conn_at, std::mem::size_of::<Conn>());
+            capkv_rpc::hint::prefetch_bytes(rpc_at, rpc_len);
             rpc.as_mut().poll(cx)
         });
         tokio::select! {
