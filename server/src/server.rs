@@ -592,47 +592,48 @@ where
     // where there is one (capkv's engine writes from its own loop, a pass's replies in one
     // write, so ending its future ends its writes).
     type Rpc = dyn Future<Output = Result<(), String>>;
-    let (rpc, stop_writer): (Pin<Box<Rpc>>, Option<tokio::task::AbortHandle>) = match shared.rpc_engine {
-        RpcEngine::CapnpRpc => {
-            // capnp-rpc flushes after every message: the coalescing writer turns that into
-            // one write per scheduler tick, with a flush task of its own.
-            let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
-                writer,
-                Some(Rc::clone(&conn.backlog)),
-            );
-            let stop_writer = writer.abort_handle();
-            let network = twoparty::VatNetwork::new(
-                reader,
-                writer,
-                rpc_twoparty_capnp::Side::Server,
-                reader_options,
-            );
-            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
-            live.borrow_mut()
-                .insert(id, Hangup::RpcSystem(rpc.get_disconnector()));
-            (Box::pin(rpc.map_err(|e| e.to_string())), Some(stop_writer))
-        }
-        RpcEngine::Capkv => {
-            let closer = capkv_rpc::engine::Closer::default();
-            live.borrow_mut().insert(id, Hangup::Engine(closer.clone()));
-            let limits = capkv_rpc::engine::EngineLimits {
-                reader_options,
-                // The engine writes its last bytes itself, for as long as the other
-                // engine's writer may.
-                finish_timeout: WRITER_DRAIN_GRACE,
-                ..Default::default()
-            };
-            let serve = capkv_rpc::engine::serve_with(
-                reader,
-                writer,
-                gateway.client.hook,
-                limits,
-                closer,
-                Some(Rc::clone(&conn.backlog)),
-            );
-            (Box::pin(serve.map_err(|e| e.to_string())), None)
-        }
-    };
+    let (rpc, stop_writer): (Pin<Box<Rpc>>, Option<tokio::task::AbortHandle>) =
+        match shared.rpc_engine {
+            RpcEngine::CapnpRpc => {
+                // capnp-rpc flushes after every message: the coalescing writer turns that into
+                // one write per scheduler tick, with a flush task of its own.
+                let writer = capkv_rpc::transport::CoalescingWriter::with_backlog(
+                    writer,
+                    Some(Rc::clone(&conn.backlog)),
+                );
+                let stop_writer = writer.abort_handle();
+                let network = twoparty::VatNetwork::new(
+                    reader,
+                    writer,
+                    rpc_twoparty_capnp::Side::Server,
+                    reader_options,
+                );
+                let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+                live.borrow_mut()
+                    .insert(id, Hangup::RpcSystem(rpc.get_disconnector()));
+                (Box::pin(rpc.map_err(|e| e.to_string())), Some(stop_writer))
+            }
+            RpcEngine::Capkv => {
+                let closer = capkv_rpc::engine::Closer::default();
+                live.borrow_mut().insert(id, Hangup::Engine(closer.clone()));
+                let limits = capkv_rpc::engine::EngineLimits {
+                    reader_options,
+                    // The engine writes its last bytes itself, for as long as the other
+                    // engine's writer may.
+                    finish_timeout: WRITER_DRAIN_GRACE,
+                    ..Default::default()
+                };
+                let serve = capkv_rpc::engine::serve_with(
+                    reader,
+                    writer,
+                    gateway.client.hook,
+                    limits,
+                    closer,
+                    Some(Rc::clone(&conn.backlog)),
+                );
+                (Box::pin(serve.map_err(|e| e.to_string())), None)
+            }
+        };
     tokio::task::spawn_local(async move {
         tracing::debug!(conn = id, %peer, worker, "connection opened");
         // What else ends a connection, polled only when it woke (not at every call).
@@ -649,7 +650,10 @@ where
         // The engine's own state (its boxed future, under a kilobyte) is asked for whole:
         // its fields are read one after the other, each line a miss otherwise.
         let (flag, conn_at) = (side.flag_ptr(), Rc::as_ptr(&conn).cast::<u8>());
-        let (rpc_at, rpc_len) = ((&*rpc as *const Rpc).cast::<u8>(), std::mem::size_of_val(&*rpc));
+        let (rpc_at, rpc_len) = (
+            (&*rpc as *const Rpc).cast::<u8>(),
+            std::mem::size_of_val(&*rpc),
+        );
         let mut rpc = rpc;
         let rpc = std::future::poll_fn(move |cx| {
             capkv_rpc::hint::prefetch(flag);
