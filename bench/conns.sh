@@ -5,6 +5,9 @@
 # same client work, and --target redis, the redis crate, then redis-benchmark, Redis's own
 # client) and the server's RSS per connection:
 # (largest RSS while the connections are open - RSS before they opened) / connections.
+# With thousands of connections the generator's one core is busy (column "generator CPU"):
+# then GET/s measures the generator as much as the server, and "server CPU per call"
+# (user + system, from /proc) is what compares the servers.
 # Prints a markdown table on stdout.
 # Usage: bench/conns.sh [BIN_DIR] [SECONDS] [COUNTS]   (COUNTS default "1000 3000")
 # Every process started is stopped by its PID.
@@ -54,11 +57,13 @@ loadgen_row() {
     max=$(cat "$tmp/max")
     ok=$(awk '$1 == "get" {print $3}' <<<"$out"); p99=$(awk '$1 == "get" {print $7}' <<<"$out")
     cpu=$(sed -n 's/^server: cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
-    echo "| $n | $server | $client | $ok | $p99 | ${cpu}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+    per_call=$(sed -n 's/^server: .*, \([0-9.]*\) us per call.*/\1/p' <<<"$out")
+    gen=$(sed -n 's/^client (this generator): cpu \([0-9.]*\)%.*/\1/p' <<<"$out")
+    echo "| $n | $server | $client | $ok | $p99 | ${cpu}% | ${per_call} us | ${gen}% | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
 }
 
-echo "| connections | server | client | GET/s | p99 | server CPU | RSS before | RSS with connections | RSS per connection |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| connections | server | client | GET/s | p99 | server CPU | server CPU per call | generator CPU | RSS before | RSS with connections | RSS per connection |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for n in $counts; do
     # capkv
     taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
@@ -90,7 +95,7 @@ for n in $counts; do
         max=$(cat "$tmp/max")
         # Redis 7 --csv: "test","rps","avg_latency_ms","min","p50","p95","p99","max"
         rps=$(awk -F'"' 'NR == 2 {print $4}' <<<"$out"); p99=$(awk -F'"' 'NR == 2 {print $14}' <<<"$out")
-        echo "| $n | redis | redis-benchmark | $rps | ${p99} ms | | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
+        echo "| $n | redis | redis-benchmark | $rps | ${p99} ms | | | | $((before / 1024)) MiB | $((max / 1024)) MiB | $(per_conn "$before" "$max" "$n") KiB |"
     fi
     stop_all
 done
