@@ -18,6 +18,7 @@
 //! - `skeleton`: a Call's fixed fields read by hand (the frame layer's check of a plain
 //!   Call, without capnp's checked reader), for exactly the messages capnp reads alike.
 //! - [`signal`]: a stop flag for one thread's tasks, cheaper to poll than tokio's `Notify`.
+//! - [`hint`]: cache prefetches of a connection's scattered state at the start of its turn.
 //!
 //! It knows nothing of the kv schema.
 
