@@ -119,9 +119,22 @@ struct State {
     questions: Vec<Option<Question>>,
     free: Vec<u32>,
     live_questions: usize,
+    /// Questions whose Return has not come: a call made when it is the only one leaves at
+    /// once ([`State::send`]).
+    unanswered: usize,
+    /// Most questions unanswered at once since `unanswered` was last 0, and in the busy
+    /// stretch before that: a connection whose calls come in bursts (16 in flight) keeps
+    /// writing each burst in one write, rather than its first call alone and then the rest.
+    peak: usize,
+    last_peak: usize,
     imports: BTreeMap<u32, Import>,
     /// Messages not yet handed to the writer.
     outbox: Vec<u8>,
+    /// The socket's write side. Here rather than in the connection's future so that a call
+    /// made while nothing else is outstanding leaves at once ([`State::send`]).
+    writer: Writer<Box<dyn AsyncWrite + Unpin>>,
+    /// A write made by [`State::send`] failed: the connection's future ends with it.
+    write_failed: Option<std::io::Error>,
     /// The connection future, parked.
     driver: Option<Waker>,
     /// Why the connection ended; every later call fails with it.
@@ -145,10 +158,34 @@ impl State {
         let was_empty = self.outbox.is_empty();
         // Writing into a Vec cannot fail.
         let _ = capnp::serialize::write_message(&mut self.outbox, m);
-        if was_empty {
-            if let Some(w) = &self.driver {
-                w.wake_by_ref();
+        if !was_empty {
+            return;
+        }
+        // The only call outstanding, nothing queued or being written: it leaves now,
+        // rather than after the connection's future has been woken and polled (at one call
+        // at a time, that poll is on every round trip). Calls made together on a busy
+        // connection still leave together, in one write of the outbox.
+        let alone = self.unanswered <= 1 && self.last_peak <= 1;
+        if alone && !self.writer.busy() && self.write_failed.is_none() {
+            if let Some(driver) = self.driver.clone() {
+                // What the socket does not take now is the writer's to finish: the
+                // connection's future is the one woken when it can go on.
+                let mut cx = Context::from_waker(&driver);
+                let sent = self.writer.send_now(&self.outbox, &mut cx);
+                self.outbox.clear();
+                match sent {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Pending => driver.wake_by_ref(),
+                    Poll::Ready(Err(e)) => {
+                        self.write_failed = Some(e);
+                        driver.wake_by_ref();
+                    }
+                }
+                return;
             }
+        }
+        if let Some(w) = &self.driver {
+            w.wake_by_ref();
         }
     }
 
@@ -178,6 +215,8 @@ impl State {
             imported: false,
         };
         self.live_questions += 1;
+        self.unanswered += 1;
+        self.peak = self.peak.max(self.unanswered);
         Ok(match self.free.pop() {
             Some(id) => {
                 self.questions[id as usize] = Some(q);
@@ -225,10 +264,21 @@ impl State {
         }
     }
 
+    /// A question's Return came (or it will never come).
+    fn answered(&mut self) {
+        self.unanswered = self.unanswered.saturating_sub(1);
+        if self.unanswered == 0 {
+            self.last_peak = std::mem::take(&mut self.peak);
+        }
+    }
+
     fn free_question(&mut self, id: u32) -> Option<Answer> {
         let q = self.questions.get_mut(id as usize)?.take()?;
         self.free.push(id);
         self.live_questions -= 1;
+        if !q.returned {
+            self.answered();
+        }
         Some(q.answer)
     }
 
@@ -339,8 +389,13 @@ where
         questions: Vec::new(),
         free: Vec::new(),
         live_questions: 0,
+        unanswered: 0,
+        peak: 0,
+        last_peak: 0,
         imports: BTreeMap::new(),
         outbox: Vec::new(),
+        writer: Writer::new(Box::new(writer)),
+        write_failed: None,
         driver: None,
         broken: None,
     }));
@@ -369,7 +424,7 @@ where
         futures::io::BufReader::with_capacity(64 * 1024, crate::transport::PeerCheck::new(reader)),
         max_frame_bytes,
     );
-    (cap, drive(state, frames, writer))
+    (cap, drive(state, frames))
 }
 
 /// The largest reply frame the reader options can decode, with room for the header.
@@ -380,17 +435,11 @@ fn frame_bound(options: &ReaderOptions) -> usize {
 }
 
 /// The connection's future: reads and handles replies, writes the outbox.
-async fn drive<R, W>(
-    state: Shared,
-    mut frames: ByteFrames<R>,
-    writer: W,
-) -> Result<(), capnp::Error>
+async fn drive<R>(state: Shared, mut frames: ByteFrames<R>) -> Result<(), capnp::Error>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
     let options = state.borrow().limits.reader_options;
-    let mut writer = Writer::new(writer);
     let ended = std::future::poll_fn(|cx| {
         state.borrow_mut().driver = Some(cx.waker().clone());
         if let Poll::Ready(end) = read_pass(&state, &mut frames, options, cx) {
@@ -398,8 +447,18 @@ where
         }
         // Write: the outbox becomes the write buffer when no write runs.
         loop {
-            writer.start(&mut state.borrow_mut().outbox);
-            match writer.poll_written(cx) {
+            let written = {
+                let mut s = state.borrow_mut();
+                match s.write_failed.take() {
+                    Some(e) => Poll::Ready(Err(e)),
+                    None => {
+                        let State { writer, outbox, .. } = &mut *s;
+                        writer.start(outbox);
+                        writer.poll_written(cx)
+                    }
+                }
+            };
+            match written {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => {
                     // A server that refuses or ends a connection says why (an Abort) and
@@ -419,7 +478,7 @@ where
         // Every capability and question gone, nothing left to write: the connection is
         // no longer used by anyone.
         let s = state.borrow();
-        if Rc::strong_count(&state) == 1 && s.outbox.is_empty() && !writer.busy() {
+        if Rc::strong_count(&state) == 1 && s.outbox.is_empty() && !s.writer.busy() {
             return Poll::Ready(Ok(()));
         }
         Poll::Pending
@@ -435,6 +494,9 @@ where
         s.broken = Some(error.clone());
         s.driver = None;
         s.outbox.clear();
+        // The socket's write side goes with the connection's future, as it did when the
+        // future owned it (handles may keep the state for a while).
+        s.writer.close();
         for q in s.questions.iter_mut().flatten() {
             if let Answer::Waiting(w) = &mut q.answer {
                 if let Some(w) = w.take() {
@@ -444,6 +506,7 @@ where
                 q.returned = true;
             }
         }
+        s.unanswered = 0;
     }
     ended
 }
@@ -537,7 +600,9 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
                 Some(q) if !q.returned => {
                     q.returned = true;
                     q.no_finish_needed = no_finish;
-                    q.unwanted
+                    let unwanted = q.unwanted;
+                    s.answered();
+                    unwanted
                 }
                 _ => {
                     return Err(capnp::Error::failed(format!(
@@ -660,6 +725,7 @@ fn handle(state: &Shared, m: message::Reader<Frame>) -> Result<(), capnp::Error>
                         if let Answer::Waiting(Some(w)) = old {
                             w.wake();
                         }
+                        s.answered();
                     }
                 }
                 // As after a Return: a question nobody holds any more goes now.

@@ -750,6 +750,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
     }
 
+    /// Drops the stream (closing it) and anything unsent.
+    pub(crate) fn close(&mut self) {
+        self.w = None;
+        self.buf = Vec::new();
+        self.pos = 0;
+        self.flush_due = false;
+    }
+
     /// A write is running.
     pub(crate) fn busy(&self) -> bool {
         !self.buf.is_empty() || self.flush_due

@@ -757,3 +757,72 @@ fn a_pipelined_direct_capability_resolves_to_its_import() {
         ends_cleanly(kind, driver, server).await;
     });
 }
+
+/// A call made while no other waits for its answer leaves at once, without the
+/// connection's future being polled again (one task poll fewer on every round trip at one
+/// call at a time); a second call made while the first waits is queued for the future,
+/// so that calls made together leave together.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_made_alone_leaves_before_the_connection_runs_again() {
+    use capnp_rpc::rpc_capnp::message as rpc_message;
+    use futures::FutureExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
+    let (cr, cw) = tokio::io::split(client_end);
+    let (bootstrap, driver) =
+        client::connect_direct_halves(cr.compat(), cw.compat_write(), ClientLimits::default());
+    let mut driver = Box::pin(driver);
+    let mut buf = vec![0u8; 1 << 16];
+    // The first poll sends the Bootstrap.
+    assert!(futures::poll!(driver.as_mut()).is_pending());
+    let n = server_end.read(&mut buf).await.unwrap();
+    assert!(n > 0, "the bootstrap left");
+    // The server answers it with a capability; the client reads the Return.
+    let mut m = capnp::message::Builder::new_default();
+    {
+        let mut ret = m.init_root::<rpc_message::Builder>().init_return();
+        ret.set_answer_id(0);
+        let mut payload = ret.init_results();
+        // The capability pointer, index 0 of the cap table below.
+        let mut caps = Vec::new();
+        let mut content = payload.reborrow().get_content();
+        capnp::traits::ImbueMut::imbue_mut(&mut content, &mut caps);
+        content.set_as_capability(
+            capnp_rpc::new_client::<gateway::Client, _>(NoGateway)
+                .client
+                .hook,
+        );
+        payload.init_cap_table(1).get(0).set_sender_hosted(0);
+    }
+    let mut bytes = Vec::new();
+    capnp::serialize::write_message(&mut bytes, &m).unwrap();
+    server_end.write_all(&bytes).await.unwrap();
+    for _ in 0..100 {
+        assert!(futures::poll!(driver.as_mut()).is_pending());
+        tokio::task::yield_now().await;
+    }
+    // Alone: the Call is on the wire with no further poll of the connection's future.
+    let first = bootstrap.call(GATEWAY_ID, 2, 32, |p| {
+        p.init_as::<gateway::open_params::Builder>().set_token("t");
+        Ok(())
+    });
+    let n = server_end
+        .read(&mut buf)
+        .now_or_never()
+        .expect("the call left at once")
+        .unwrap();
+    assert!(n > 0);
+    // The first still waits: the second waits for the connection's future.
+    let second = bootstrap.call(GATEWAY_ID, 2, 32, |p| {
+        p.init_as::<gateway::open_params::Builder>().set_token("t");
+        Ok(())
+    });
+    assert!(server_end.read(&mut buf).now_or_never().is_none());
+    assert!(futures::poll!(driver.as_mut()).is_pending());
+    assert!(server_end.read(&mut buf).await.unwrap() > 0);
+    drop((first, second));
+}
+
+/// A gateway that is never called (it only stands for the bootstrap's capability).
+struct NoGateway;
+impl gateway::Server for NoGateway {}
