@@ -53,7 +53,7 @@ const SESSION_CAP: [u16; 2] = [0, 2];
 
 /// Where calls of one kind go: the answer that will carry the capability, or the
 /// capability itself once that answer has returned.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
     Promised(u32, &'static [u16]),
     Imported(u32),
@@ -64,6 +64,92 @@ pub struct RawConn {
     pipe: Rc<Pipe>,
     kv: Cell<Target>,
     session: Cell<Target>,
+    /// The last get and the last put encoded, each a template for the next of its shape
+    /// (see [`Template`]).
+    templates: std::cell::RefCell<[Option<Template>; 2]>,
+}
+
+/// A call encoded once, with where its question id, its key and its value lie: the next
+/// call of the same kind, target and sizes is these bytes with those patched (as
+/// redis-benchmark formats its commands once), not a message built again.
+struct Template {
+    kind: OpKind,
+    target: Target,
+    bytes: Vec<u8>,
+    id_at: usize,
+    key: std::ops::Range<usize>,
+    value: std::ops::Range<usize>,
+}
+
+impl Template {
+    fn fits(&self, kind: OpKind, target: Target, key: &[u8], value: &[u8]) -> bool {
+        self.kind == kind
+            && self.target == target
+            && self.key.len() == key.len()
+            && self.value.len() == value_of(kind, value).len()
+    }
+
+    fn write(&self, out: &mut Vec<u8>, id: u32, key: &[u8], value: &[u8]) {
+        let at = out.len();
+        out.extend_from_slice(&self.bytes);
+        let m = &mut out[at..];
+        m[self.id_at..self.id_at + 4].copy_from_slice(&id.to_le_bytes());
+        m[self.key.clone()].copy_from_slice(key);
+        m[self.value.clone()].copy_from_slice(value_of(self.kind, value));
+    }
+
+    /// Encodes the call twice, with ids, keys and values differing in every byte, and
+    /// finds each by where the two differ: exactly those bytes, or no template.
+    fn make(
+        kind: OpKind,
+        target: Target,
+        key_len: usize,
+        value_len: usize,
+        encode: impl Fn(&mut Vec<u8>, u32, &[u8], &[u8]),
+    ) -> Option<Template> {
+        let (id_a, id_b) = (0x1111_1111u32, 0x2222_2222u32);
+        let (key_a, key_b) = (vec![0xa1; key_len], vec![0x5e; key_len]);
+        let (value_a, value_b) = (vec![0xb2; value_len], vec![0x4d; value_len]);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode(&mut a, id_a, &key_a, &value_a);
+        encode(&mut b, id_b, &key_b, &value_b);
+        if a.len() != b.len() {
+            return None;
+        }
+        let find = |pattern: &[u8]| -> Option<std::ops::Range<usize>> {
+            if pattern.is_empty() {
+                return Some(0..0);
+            }
+            let at = a.windows(pattern.len()).position(|w| w == pattern)?;
+            Some(at..at + pattern.len())
+        };
+        let id = find(&id_a.to_le_bytes())?;
+        let (key, value) = (find(&key_a)?, find(&value_a)?);
+        let mut expected: Vec<usize> = id.clone().chain(key.clone()).chain(value.clone()).collect();
+        let count = expected.len();
+        expected.sort_unstable();
+        expected.dedup();
+        let differ: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+        if expected.len() != count || differ != expected {
+            return None;
+        }
+        Some(Template {
+            kind,
+            target,
+            bytes: a,
+            id_at: id.start,
+            key,
+            value,
+        })
+    }
+}
+
+/// The value a call of `kind` carries: a get's none.
+fn value_of(kind: OpKind, value: &[u8]) -> &[u8] {
+    match kind {
+        OpKind::Get => &[],
+        OpKind::Put => value,
+    }
 }
 
 impl RawConn {
@@ -76,6 +162,7 @@ impl RawConn {
             pipe: Rc::new(Pipe::new(FIRST_CALL)),
             kv: Cell::new(Target::Promised(OPEN, &KV_CAP)),
             session: Cell::new(Target::Promised(SESSION, &SESSION_CAP)),
+            templates: std::cell::RefCell::new([None, None]),
         });
         conn.pipe.send(|out| {
             encode(out, |m| m.init_bootstrap().set_question_id(BOOTSTRAP));
@@ -112,30 +199,27 @@ impl RawConn {
         keys: &[Vec<u8>],
         value: &[u8],
     ) -> (Result<(), ErrorCode>, Option<Duration>) {
+        let target = match kind {
+            OpKind::Get => self.kv.get(),
+            OpKind::Put => self.session.get(),
+        };
+        let build = |out: &mut Vec<u8>, id: u32, key: &[u8], value: &[u8]| {
+            encode_call(out, kind, target, id, key, value)
+        };
         let message = |out: &mut Vec<u8>, id: u32, key: &[u8]| {
-            encode(out, |m| match kind {
-                OpKind::Get => {
-                    let mut c = call(m, id, self.kv.get(), kv_id(), KV_GET);
-                    let mut p = c
-                        .reborrow()
-                        .init_params()
-                        .get_content()
-                        .init_as::<kv_store::get_params::Builder>();
-                    ctx().write(p.reborrow().init_ctx());
-                    p.set_key(key);
-                }
-                OpKind::Put => {
-                    let mut c = call(m, id, self.session.get(), session_id(), SESSION_PUT);
-                    let mut p = c
-                        .reborrow()
-                        .init_params()
-                        .get_content()
-                        .init_as::<write_session::put_params::Builder>();
-                    ctx().write(p.reborrow().init_ctx());
-                    p.set_key(key);
-                    p.set_value(value);
-                }
-            })
+            let mut templates = self.templates.borrow_mut();
+            let template = &mut templates[kind as usize];
+            if !template
+                .as_ref()
+                .is_some_and(|t| t.fits(kind, target, key, value))
+            {
+                let value_len = value_of(kind, value).len();
+                *template = Template::make(kind, target, key.len(), value_len, build);
+            }
+            match template.as_ref() {
+                Some(t) => t.write(out, id, key, value),
+                None => build(out, id, key, value),
+            }
         };
         self.pipe.call(kind, keys, message).await
     }
@@ -241,6 +325,33 @@ fn on_message<S: capnp::message::ReaderSegments>(
         Ok(rpc_message::Which::Abort(_)) | Err(_) => false,
         _ => true,
     }
+}
+
+/// A get's or a put's Call, as a Cap'n Proto client would send it.
+fn encode_call(out: &mut Vec<u8>, kind: OpKind, target: Target, id: u32, key: &[u8], value: &[u8]) {
+    encode(out, |m| match kind {
+        OpKind::Get => {
+            let mut c = call(m, id, target, kv_id(), KV_GET);
+            let mut p = c
+                .reborrow()
+                .init_params()
+                .get_content()
+                .init_as::<kv_store::get_params::Builder>();
+            ctx().write(p.reborrow().init_ctx());
+            p.set_key(key);
+        }
+        OpKind::Put => {
+            let mut c = call(m, id, target, session_id(), SESSION_PUT);
+            let mut p = c
+                .reborrow()
+                .init_params()
+                .get_content()
+                .init_as::<write_session::put_params::Builder>();
+            ctx().write(p.reborrow().init_ctx());
+            p.set_key(key);
+            p.set_value(value);
+        }
+    })
 }
 
 /// A `Finish` of question `id` that keeps the capabilities its results carried.
@@ -383,4 +494,40 @@ fn kv_id() -> u64 {
 
 fn session_id() -> u64 {
     <write_session::Client as capnp::traits::HasTypeId>::TYPE_ID
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call written from a template is, byte for byte, the call built for it; a shape
+    /// it does not fit is told apart.
+    #[test]
+    fn a_template_writes_the_call_it_stands_for() {
+        let cases = [
+            (OpKind::Get, Target::Imported(3)),
+            (OpKind::Get, Target::Promised(OPEN, &KV_CAP)),
+            (OpKind::Put, Target::Imported(4)),
+            (OpKind::Put, Target::Promised(SESSION, &SESSION_CAP)),
+        ];
+        for (kind, target) in cases {
+            let build = |out: &mut Vec<u8>, id: u32, key: &[u8], value: &[u8]| {
+                encode_call(out, kind, target, id, key, value)
+            };
+            let t = Template::make(kind, target, 16, value_of(kind, &[7; 100]).len(), build)
+                .expect("a template");
+            for (id, key, value) in [
+                (3u32, [b'k'; 16], [1u8; 100]),
+                (70_000, *b"key:000000001234", [0xaa; 100]),
+            ] {
+                let (mut from_template, mut built) = (vec![9u8], vec![9u8]);
+                t.write(&mut from_template, id, &key, &value);
+                build(&mut built, id, &key, &value);
+                assert_eq!(from_template, built, "{kind:?}");
+                assert!(t.fits(kind, target, &key, &value));
+            }
+            assert!(!t.fits(kind, target, &[0; 15], &[0; 100]));
+            assert!(!t.fits(kind, Target::Imported(99), &[0; 16], &[0; 100]));
+        }
+    }
 }
