@@ -64,17 +64,25 @@ pub struct RawConn {
     pipe: Rc<Pipe>,
     kv: Cell<Target>,
     session: Cell<Target>,
-    /// The last get and the last put encoded, each a template for the next of its shape
-    /// (see [`Template`]).
+    /// The shape of the last get and of the last put encoded, each a template for the next
+    /// of that shape (see [`Template`]).
     templates: std::cell::RefCell<[Option<Template>; 2]>,
 }
 
-/// A call encoded once, with where its question id, its key and its value lie: the next
-/// call of the same kind, target and sizes is these bytes with those patched (as
-/// redis-benchmark formats its commands once), not a message built again.
+/// A call shape (kind, target, key and value sizes) encoded once, with where its question
+/// id, its key and its value lie: the next call of that shape is these bytes with those
+/// patched (as redis-benchmark formats its commands once), not a message built again. A
+/// shape that cannot be patched so is remembered too, and built each time.
 struct Template {
     kind: OpKind,
     target: Target,
+    key_len: usize,
+    value_len: usize,
+    patch: Option<Patch>,
+}
+
+/// The encoded call and where to write each call's own id, key and value.
+struct Patch {
     bytes: Vec<u8>,
     id_at: usize,
     key: std::ops::Range<usize>,
@@ -85,28 +93,57 @@ impl Template {
     fn fits(&self, kind: OpKind, target: Target, key: &[u8], value: &[u8]) -> bool {
         self.kind == kind
             && self.target == target
-            && self.key.len() == key.len()
-            && self.value.len() == value_of(kind, value).len()
+            && self.key_len == key.len()
+            && self.value_len == value_of(kind, value).len()
     }
 
-    fn write(&self, out: &mut Vec<u8>, id: u32, key: &[u8], value: &[u8]) {
+    /// Writes the call: patched from the template, or built by `encode` when the shape
+    /// has none.
+    fn write(
+        &self,
+        out: &mut Vec<u8>,
+        id: u32,
+        key: &[u8],
+        value: &[u8],
+        encode: impl Fn(&mut Vec<u8>, u32, &[u8], &[u8]),
+    ) {
+        let Some(p) = &self.patch else {
+            return encode(out, id, key, value);
+        };
         let at = out.len();
-        out.extend_from_slice(&self.bytes);
+        out.extend_from_slice(&p.bytes);
         let m = &mut out[at..];
-        m[self.id_at..self.id_at + 4].copy_from_slice(&id.to_le_bytes());
-        m[self.key.clone()].copy_from_slice(key);
-        m[self.value.clone()].copy_from_slice(value_of(self.kind, value));
+        m[p.id_at..p.id_at + 4].copy_from_slice(&id.to_le_bytes());
+        m[p.key.clone()].copy_from_slice(key);
+        m[p.value.clone()].copy_from_slice(value_of(self.kind, value));
     }
 
-    /// Encodes the call twice, with ids, keys and values differing in every byte, and
-    /// finds each by where the two differ: exactly those bytes, or no template.
+    /// The template of a shape: the call encoded twice, with ids, keys and values
+    /// differing in every byte, each found by where the two differ (exactly those bytes,
+    /// or no patch).
     fn make(
         kind: OpKind,
         target: Target,
         key_len: usize,
         value_len: usize,
         encode: impl Fn(&mut Vec<u8>, u32, &[u8], &[u8]),
-    ) -> Option<Template> {
+    ) -> Template {
+        Template {
+            kind,
+            target,
+            key_len,
+            value_len,
+            patch: Patch::find(key_len, value_len, encode),
+        }
+    }
+}
+
+impl Patch {
+    fn find(
+        key_len: usize,
+        value_len: usize,
+        encode: impl Fn(&mut Vec<u8>, u32, &[u8], &[u8]),
+    ) -> Option<Patch> {
         let (id_a, id_b) = (0x1111_1111u32, 0x2222_2222u32);
         let (key_a, key_b) = (vec![0xa1; key_len], vec![0x5e; key_len]);
         let (value_a, value_b) = (vec![0xb2; value_len], vec![0x4d; value_len]);
@@ -133,9 +170,7 @@ impl Template {
         if expected.len() != count || differ != expected {
             return None;
         }
-        Some(Template {
-            kind,
-            target,
+        Some(Patch {
             bytes: a,
             id_at: id.start,
             key,
@@ -209,17 +244,14 @@ impl RawConn {
         let message = |out: &mut Vec<u8>, id: u32, key: &[u8]| {
             let mut templates = self.templates.borrow_mut();
             let template = &mut templates[kind as usize];
-            if !template
-                .as_ref()
-                .is_some_and(|t| t.fits(kind, target, key, value))
-            {
-                let value_len = value_of(kind, value).len();
-                *template = Template::make(kind, target, key.len(), value_len, build);
-            }
-            match template.as_ref() {
-                Some(t) => t.write(out, id, key, value),
-                None => build(out, id, key, value),
-            }
+            let t = match template {
+                Some(t) if t.fits(kind, target, key, value) => t,
+                _ => {
+                    let value_len = value_of(kind, value).len();
+                    template.insert(Template::make(kind, target, key.len(), value_len, build))
+                }
+            };
+            t.write(out, id, key, value, build);
         };
         self.pipe.call(kind, keys, message).await
     }
@@ -514,14 +546,17 @@ mod tests {
             let build = |out: &mut Vec<u8>, id: u32, key: &[u8], value: &[u8]| {
                 encode_call(out, kind, target, id, key, value)
             };
-            let t = Template::make(kind, target, 16, value_of(kind, &[7; 100]).len(), build)
-                .expect("a template");
+            let t = Template::make(kind, target, 16, value_of(kind, &[7; 100]).len(), build);
+            assert!(
+                t.patch.is_some(),
+                "{kind:?}: a call of this shape is patched"
+            );
             for (id, key, value) in [
                 (3u32, [b'k'; 16], [1u8; 100]),
                 (70_000, *b"key:000000001234", [0xaa; 100]),
             ] {
                 let (mut from_template, mut built) = (vec![9u8], vec![9u8]);
-                t.write(&mut from_template, id, &key, &value);
+                t.write(&mut from_template, id, &key, &value, build);
                 build(&mut built, id, &key, &value);
                 assert_eq!(from_template, built, "{kind:?}");
                 assert!(t.fits(kind, target, &key, &value));
@@ -529,5 +564,16 @@ mod tests {
             assert!(!t.fits(kind, target, &[0; 15], &[0; 100]));
             assert!(!t.fits(kind, Target::Imported(99), &[0; 16], &[0; 100]));
         }
+        // A call whose bytes differ elsewhere too has no patch: it is built each time.
+        let odd = |out: &mut Vec<u8>, id: u32, key: &[u8], value: &[u8]| {
+            encode_call(out, OpKind::Put, Target::Imported(4), id, key, value);
+            out.push(id as u8 ^ key[0]);
+        };
+        let t = Template::make(OpKind::Put, Target::Imported(4), 16, 100, odd);
+        assert!(t.patch.is_none());
+        let (mut written, mut built) = (Vec::new(), Vec::new());
+        t.write(&mut written, 5, &[3; 16], &[4; 100], odd);
+        odd(&mut built, 5, &[3; 16], &[4; 100]);
+        assert_eq!(written, built);
     }
 }
