@@ -307,11 +307,16 @@ impl Inner {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.request_timeout, f).await {
             Ok(r) => r.map_err(etcd_error),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd did not answer {what} within {:?}",
-                self.request_timeout
-            ))),
+            Err(_) => Err(self.unanswered(what)),
         }
+    }
+
+    /// `what` got no answer within the request timeout.
+    fn unanswered(&self, what: &str) -> StoreError {
+        StoreError::Unavailable(format!(
+            "etcd did not answer {what} within {:?}",
+            self.request_timeout
+        ))
     }
 
     /// [`Inner::timed`], made again when it failed without reaching etcd (its connection
@@ -338,10 +343,7 @@ impl Inner {
                 Err(_) => break,
             }
         }
-        Err(StoreError::Unavailable(format!(
-            "etcd did not answer {what} within {:?}",
-            self.request_timeout
-        )))
+        Err(self.unanswered(what))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
