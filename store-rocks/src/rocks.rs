@@ -75,6 +75,8 @@ const KEY_SECRET: &[u8] = b"instance_secret";
 const KEY_HISTORY_COMPACTED: &[u8] = b"history_compacted";
 /// Layout version written by this build; bump it when the encoding above changes.
 const FORMAT_VERSION: u64 = 1;
+/// The idempotency records' memtable bloom filter, as a share of the write buffer.
+const RECORDS_MEMTABLE_BLOOM_RATIO: f64 = 0.1;
 /// Bytes before the value in a `data` record.
 const HEADER_BYTES: usize = 16;
 /// Revisions of watch history kept by default: at a few thousand writes a second, minutes
@@ -384,6 +386,15 @@ impl RocksStore {
         // bloom filter answers that without reading each file's index (once records have
         // left the memtable, on any run longer than a few minutes), from the same cache.
         idem_opts.set_block_based_table_factory(&table);
+        // ... and before that, in the memtable: a whole-key bloom filter there answers the
+        // usual miss without a skiplist search through every record written since the last
+        // flush (that search was ~10% of a keyed durable put's server CPU). 10% of the
+        // write buffer: ~100 bits a record at 64 MiB of ~120-byte records. Measured, 50
+        // keyed writers over 100k keys: server user CPU per put lower in 9 of 9 A/B rounds
+        // (e.g. 17.2 against 18.8 us), puts/s 0.98-1.09x. Without whole-key filtering a
+        // memtable bloom serves only prefix seeks, which capkv never makes.
+        idem_opts.set_memtable_prefix_bloom_ratio(RECORDS_MEMTABLE_BLOOM_RATIO);
+        idem_opts.set_memtable_whole_key_filtering(true);
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_DATA, data_opts),
@@ -1841,6 +1852,51 @@ mod tests {
         s.compact().unwrap();
         assert!(!s.has_record(b"old"));
         assert!(s.has_record(b"new"));
+    }
+
+    /// The records' memtable bloom filter is set, and set for whole keys: as RocksDB wrote
+    /// the options it opened with (without whole-key filtering the filter would serve no
+    /// lookup capkv makes, and cost every insert).
+    #[test]
+    fn the_records_memtable_answers_misses_from_a_whole_key_bloom_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        drop(s);
+        let options = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .max_by_key(|e| e.file_name())
+            .expect("RocksDB writes an OPTIONS file");
+        let text = std::fs::read_to_string(options.path()).unwrap();
+        let section = text
+            .split("[CFOptions \"")
+            .find(|s| s.starts_with(&format!("{CF_IDEMPOTENCY}\"")))
+            .expect("the records family's options");
+        let setting = |name: &str| {
+            section
+                .lines()
+                .map(str::trim)
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            setting("memtable_whole_key_filtering").as_deref(),
+            Some("true")
+        );
+        let ratio: f64 = setting("memtable_prefix_bloom_size_ratio")
+            .and_then(|v| v.parse().ok())
+            .expect("a bloom ratio");
+        assert!(
+            (ratio - RECORDS_MEMTABLE_BLOOM_RATIO).abs() < 1e-9,
+            "{ratio}"
+        );
+        // The data family keeps none: its lookups are hits, served from the version cache.
+        let data = text
+            .split("[CFOptions \"")
+            .find(|s| s.starts_with(&format!("{CF_DATA}\"")))
+            .expect("the data family's options");
+        assert!(data.contains("memtable_whole_key_filtering=false"));
     }
 
     #[test]
