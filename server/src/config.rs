@@ -258,6 +258,10 @@ pub struct StorageConfig {
     pub group_commit_max_wait_us: u64,
     /// Writes waiting for the committer; past it writes get `overloaded`.
     pub write_queue_depth: usize,
+    /// WAL bytes past which the oldest WAL file's memtables are flushed so it can retire.
+    pub max_total_wal_bytes: u64,
+    /// Retired WAL files kept to be written over by new ones (cheaper syncs); 0 = none.
+    pub wal_recycle_files: usize,
     /// Full compaction every this many seconds; 0 = off.
     pub compaction_interval_s: u64,
     pub block_cache_bytes: usize,
@@ -430,6 +434,8 @@ impl Default for StorageConfig {
             group_commit_max_writes: r.group_commit_max_writes,
             group_commit_max_wait_us: r.group_commit_max_wait_us,
             write_queue_depth: r.write_queue_depth,
+            max_total_wal_bytes: r.max_total_wal_bytes,
+            wal_recycle_files: r.wal_recycle_files,
             compaction_interval_s: r.compaction_interval_s,
             block_cache_bytes: r.block_cache_bytes,
             stats_interval_ms: 5_000,
@@ -628,6 +634,18 @@ impl Config {
         if st.write_queue_depth == 0 || st.write_queue_depth > 1_000_000 {
             return fail("storage.write_queue_depth must be in 1..=1000000");
         }
+        if st.max_total_wal_bytes < capkv_store_rocks::MIN_TOTAL_WAL_BYTES {
+            return fail(&format!(
+                "storage.max_total_wal_bytes must be at least {}",
+                capkv_store_rocks::MIN_TOTAL_WAL_BYTES
+            ));
+        }
+        if st.wal_recycle_files > capkv_store_rocks::MAX_WAL_RECYCLE_FILES {
+            return fail(&format!(
+                "storage.wal_recycle_files must be at most {}",
+                capkv_store_rocks::MAX_WAL_RECYCLE_FILES
+            ));
+        }
         if st.space_check_interval_ms == 0 || st.space_check_interval_ms > 60_000 {
             return fail("storage.space_check_interval_ms must be in 1..=60000");
         }
@@ -725,6 +743,8 @@ impl Config {
             },
             history_revisions: st.history_revisions,
             history_events: st.history_events,
+            max_total_wal_bytes: st.max_total_wal_bytes,
+            wal_recycle_files: st.wal_recycle_files,
         }
     }
 
@@ -888,6 +908,22 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("deadlines.default_ms"), "{e}");
+            for (toml, named) in [
+                (
+                    "[storage]\nmax_total_wal_bytes = 1000\n",
+                    "storage.max_total_wal_bytes",
+                ),
+                (
+                    "[storage]\nwal_recycle_files = 17\n",
+                    "storage.wal_recycle_files",
+                ),
+            ] {
+                jail.create_file("wal.toml", toml)?;
+                let e = Config::load(Some(Path::new("wal.toml")), &FlagOverrides::default())
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(named), "{e}");
+            }
             let missing = Config::load(Some(Path::new("nope.toml")), &FlagOverrides::default());
             assert!(missing.is_err());
             Ok(())

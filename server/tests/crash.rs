@@ -35,6 +35,11 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// [`start`](Self::start) with more environment (configuration) for the server.
+    fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Self {
         let data_dir = data_dir.to_string_lossy();
         let drain_timeout_ms = DRAIN_TIMEOUT_MS.to_string();
         let (child, addr, _logs) = common::spawn_kv_server(
@@ -53,7 +58,11 @@ impl ServerProcess {
             &[
                 ("CAPKV_STORAGE__COMPACTION_INTERVAL_S", "0"),
                 ("CAPKV_SHUTDOWN__DRAIN_TIMEOUT_MS", &drain_timeout_ms),
-            ],
+            ]
+            .iter()
+            .chain(env)
+            .copied()
+            .collect::<Vec<_>>(),
         );
         Self { child, addr }
     }
@@ -233,10 +242,11 @@ fn write_until_stopped(
 fn verify_after_restart(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
+    env: &[(&str, &str)],
     trial: usize,
     out: &TrialOutcome,
 ) -> (usize, usize) {
-    let server = ServerProcess::start(dir);
+    let server = ServerProcess::start_with(dir, env);
     let stored = rt.block_on(async {
         common::read_all(&connect(&server.addr).await, ScanOptions::default().bounds).await
     });
@@ -278,20 +288,45 @@ fn verify_after_restart(
 
 #[test]
 fn sigkill_loses_no_acknowledged_write() {
+    sigkill_trials(TRIALS, &[], |_| {});
+}
+
+/// The same with the smallest WAL bound, so that WAL files retire within each trial and
+/// new ones are written over them (`storage.wal_recycle_files`): recovery must stop where
+/// a recycled file's new records end, and not replay what it held before.
+#[test]
+fn sigkill_loses_no_acknowledged_write_in_recycled_wal_files() {
+    let env = [
+        ("CAPKV_STORAGE__MAX_TOTAL_WAL_BYTES", "1048576"),
+        ("CAPKV_STORAGE__WAL_RECYCLE_FILES", "2"),
+    ];
+    sigkill_trials(2, &env, |dir| {
+        assert!(
+            common::rocksdb_log_mentions(dir, "to recycle list"),
+            "no WAL file was recycled: the trial did not test recycling"
+        );
+    });
+}
+
+/// `trials` times: writers on a fresh server (`env` added to its configuration), SIGKILL
+/// at a random count of acknowledged writes, a restart, and every acknowledged write
+/// checked; `after` then looks at the data directory.
+fn sigkill_trials(trials: usize, env: &[(&str, &str)], after: impl Fn(&Path)) {
     let mut rng = rand::rng();
     let rt = runtime();
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         let kill_at = rng.random_range(MIN_ACKED..MAX_KILL_AT);
         let dir = tempfile::tempdir().unwrap();
-        let mut server = ServerProcess::start(dir.path());
+        let mut server = ServerProcess::start_with(dir.path(), env);
         let out = write_until_stopped(&rt, trial, &mut server, kill_at, MAX_KILL_AT, Stop::Kill9);
-        let (stored, unknown_written) = verify_after_restart(&rt, dir.path(), trial, &out);
+        let (stored, unknown_written) = verify_after_restart(&rt, dir.path(), env, trial, &out);
         eprintln!(
             "trial {trial}: killed at {kill_at} acks; acked {}, lost 0, stored {stored}, \
              unknown outcome {} ({unknown_written} of them written)",
             out.acked.len(),
             out.unknown.len(),
         );
+        after(dir.path());
     }
 }
 
@@ -321,7 +356,7 @@ fn sigterm_under_load_answers_every_call_and_loses_nothing() {
         for e in &out.errors {
             assert_eq!(e.code, capkv::ErrorCode::Unavailable, "trial {trial}: {e}");
         }
-        let (stored, unknown_written) = verify_after_restart(&rt, dir.path(), trial, &out);
+        let (stored, unknown_written) = verify_after_restart(&rt, dir.path(), &[], trial, &out);
         eprintln!(
             "trial {trial}: SIGTERM at {term_at} acks, exit 0 after {:?}; acked {}, lost 0, \
              stored {stored}; writers' last errors: {:?} ({unknown_written} in-flight writes stored)",

@@ -14,5 +14,5 @@ pub mod rocks;
 pub mod space;
 
 pub use recovering::open_or_read_only;
-pub use rocks::{OpenError, RocksOptions, RocksStore};
+pub use rocks::{OpenError, RocksOptions, RocksStore, MAX_WAL_RECYCLE_FILES, MIN_TOTAL_WAL_BYTES};
 pub use space::{SpaceGuard, SpaceOptions};

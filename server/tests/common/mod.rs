@@ -531,3 +531,16 @@ pub fn listening_line(
 pub fn listening_addr(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Option<String> {
     listening_line(lines).map(|l| l.addr)
 }
+
+/// Whether any of RocksDB's own log files in `dir` (`LOG`, `LOG.old.*`) holds `needle`.
+pub fn rocksdb_log_mentions(dir: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_dir(dir)
+        .expect("read the data directory")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("LOG"))
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains(needle)
+        })
+}
