@@ -400,10 +400,11 @@ impl RocksStore {
         // file's inode too (on this VM's ext4, a file growing by 350 bytes a sync took
         // 4-5k syncs a second, one already full-sized 6-8k). It starts once WAL files
         // retire (after `max_total_wal_bytes` of WAL): four kept cover the WAL files a
-        // 256 MiB bound holds with 64 MiB memtables. Measured with a 64 MiB bound and a
-        // 20 s warm-up, 50 durable writers over 100k keys: 1.11-1.17x puts/s against the
-        // same bound without recycling (3 A/B rounds), one writer 1.05-1.06x; that bound
-        // itself added ~1 ms to the p99 (more flushes), so the default stays at 256 MiB.
+        // 256 MiB bound holds with 64 MiB memtables. Measured after a 40 s warm-up, 50
+        // durable writers over 100k keys: 1.04-1.38x puts/s against no recycling (4 A/B
+        // rounds, same binary), server CPU per put equal or lower in each; one writer
+        // 0.90-1.23x (noise). A 64 MiB bound starts it sooner but added ~1 ms to the p99
+        // at 50 writers (more flushes), so the bound stays at 256 MiB.
         db_opts.set_recycle_log_file_num(opts.wal_recycle_files);
 
         let cache = Cache::new_lru_cache(opts.block_cache_bytes);
