@@ -167,6 +167,11 @@ impl Leases {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.by_deadline.first().map(|&(deadline, _)| deadline)
     }
+
+    /// Every lease: its id, TTL and keys (what a snapshot of the logged engine writes).
+    pub(crate) fn each(&self) -> impl Iterator<Item = (u64, u64, &BTreeSet<Vec<u8>>)> {
+        self.by_id.iter().map(|(&id, l)| (id, l.ttl_ms, &l.keys))
+    }
 }
 
 #[cfg(test)]

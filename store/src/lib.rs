@@ -3,6 +3,8 @@
 //! - [`Store`]: what the server needs from an engine. Plain Rust types only: no engine type
 //!   (and no wire type) appears in it, so engines can be swapped and tested alike.
 //! - [`memory::MemoryStore`]: an ordered, concurrency-safe in-memory engine (dev, tests).
+//! - [`logged::LoggedStore`]: the memory engine made durable by a write-ahead log of each
+//!   write group's effects, with snapshots (data that fits in memory, at Redis's cost).
 //! - The durable engine (RocksDB) is the crate `capkv-store-rocks`, beside this one, and
 //!   the replicated one (an etcd cluster) `capkv-store-etcd`: this crate links no engine,
 //!   so what needs only the trait escapes RocksDB's C++ build and etcd's gRPC client.
@@ -31,6 +33,7 @@
 pub mod conformance;
 pub mod history;
 pub mod lease;
+pub mod logged;
 pub mod memory;
 mod pending;
 pub mod ring;

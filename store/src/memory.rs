@@ -39,6 +39,7 @@ use crate::history::{Changes, EventPage, KeyRange, PageLimits};
 use crate::lease::{LeaseInfo, Leases};
 use crate::ring::Ring;
 use crate::sorted::Sorted;
+use crate::logged::effects;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::write::{Attach, LeaseGranted, RevokeOutcome};
 use crate::{
@@ -384,6 +385,21 @@ struct Inner {
     history: Ring,
     /// Leases and the keys attached to them (see [`crate::lease`]).
     leases: Leases,
+    /// The logged engine's capture of a group's effects and what they hid (see
+    /// [`crate::logged`]); `None` for the volatile engine, which pays one branch for it.
+    log: Option<Box<Capture>>,
+}
+
+/// What the group being committed changed, kept while its log record is written and synced.
+#[derive(Debug, Default)]
+pub(crate) struct Capture {
+    /// The group's effects, encoded as the log stores them ([`crate::logged::effects`]).
+    pub(crate) effects: Vec<u8>,
+    /// Each key the group changed, as it was before (`None`: absent). Reads answer from
+    /// here while the group is not durable, so nothing a crash could take back is seen.
+    pre: std::collections::BTreeMap<Vec<u8>, Option<Stored>>,
+    /// The revision before the group: what reads report while it is in flight.
+    durable: u64,
 }
 
 impl Inner {
@@ -391,17 +407,94 @@ impl Inner {
         self.map.get(key).map(Stored::version)
     }
 
+    /// The entry of `key` that reads may see: the latest, except while a logged group is
+    /// in flight, when a key it changed reads as it was before the group.
+    fn visible(&self, key: &[u8]) -> Option<&Stored> {
+        match self.log.as_deref().filter(|l| !l.pre.is_empty()) {
+            Some(log) => match log.pre.get(key) {
+                Some(before) => before.as_ref(),
+                None => self.map.get(key),
+            },
+            None => self.map.get(key),
+        }
+    }
+
+    /// The revision reads report: the latest, or the one before a logged group in flight.
+    fn head(&self) -> u64 {
+        match self.log.as_deref() {
+            Some(log) if !log.pre.is_empty() => log.durable,
+            _ => self.revision,
+        }
+    }
+
+    /// The visible entries from `start` up to `upper`, in key order: the ordered index,
+    /// with the keys a logged group in flight changed read as they were before it (keys it
+    /// deleted come back from the pre-images, keys it created are left out).
+    fn visible_range<'a>(
+        &'a self,
+        start: &'a [u8],
+        upper: Bound<&'a [u8]>,
+    ) -> Box<dyn Iterator<Item = &'a Stored> + 'a> {
+        let Some(log) = self.log.as_deref().filter(|l| !l.pre.is_empty()) else {
+            return Box::new(self.order.range(start, upper));
+        };
+        let mut hidden = log
+            .pre
+            .range::<[u8], _>((Bound::Included(start), upper))
+            .filter_map(|(k, before)| before.as_ref().filter(|_| self.map.get(k).is_none()))
+            .peekable();
+        let mut live = self
+            .order
+            .range(start, upper)
+            .filter_map(move |s| match log.pre.get(s.key()) {
+                Some(before) => before.as_ref(),
+                None => Some(s),
+            })
+            .peekable();
+        Box::new(std::iter::from_fn(move || {
+            match (live.peek(), hidden.peek()) {
+                (Some(l), Some(h)) if h.key() < l.key() => hidden.next(),
+                (Some(_), _) => live.next(),
+                (None, _) => hidden.next(),
+            }
+        }))
+    }
+
+    /// Notes `key`'s state before the group's first change of it (logged engine only).
+    fn note_before(&mut self, key: &[u8]) {
+        if let Some(log) = self.log.as_deref_mut() {
+            if !log.pre.contains_key(key) {
+                log.pre.insert(key.to_vec(), self.map.get(key).cloned());
+            }
+        }
+    }
+
     fn entry(&self, key: &[u8], with_value: bool) -> Option<Entry> {
-        self.map.get(key).map(|s| s.entry(with_value))
+        self.visible(key).map(|s| s.entry(with_value))
     }
 
     /// Sets `key`'s value: in place when the key exists with a value of the same length,
     /// else as a new entry in both indexes. Its event joins the history.
     fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
         self.history.push(key, value, Some(version), mod_revision);
-        if let Some(s) = self.map.get(key) {
-            if s.overwrite(value, version, mod_revision) {
-                return;
+        if self.log.is_some() {
+            self.note_before(key);
+            if let Some(log) = self.log.as_deref_mut() {
+                effects::put(&mut log.effects, key, value, version, mod_revision);
+            }
+        }
+        self.set(key, value, version, mod_revision);
+    }
+
+    /// Sets `key`'s entry, without history or log (what [`Self::insert`] and a replay share).
+    fn set(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
+        // A logged group in flight keeps the entry it replaces as its pre-image, so the
+        // entry is never rewritten in place while logging.
+        if self.log.is_none() {
+            if let Some(s) = self.map.get(key) {
+                if s.overwrite(value, version, mod_revision) {
+                    return;
+                }
             }
         }
         let stored = Stored::new(key, value, version, mod_revision);
@@ -409,12 +502,49 @@ impl Inner {
         self.order.replace(stored);
     }
 
-    fn remove(&mut self, key: &[u8]) -> bool {
-        let existed = self.map.remove(key);
-        if existed {
-            self.order.remove(key);
+    /// Deletes `key` at `revision`, with its event; whether it existed.
+    fn remove(&mut self, key: &[u8], revision: u64) -> bool {
+        if self.map.get(key).is_none() {
+            return false;
         }
-        existed
+        self.note_before(key);
+        if let Some(log) = self.log.as_deref_mut() {
+            effects::delete(&mut log.effects, key, revision);
+        }
+        self.map.remove(key);
+        self.order.remove(key);
+        self.history.push(key, &[], None, revision);
+        true
+    }
+
+    fn grant(&mut self, ttl_ms: u64) -> u64 {
+        let id = self.leases.grant(ttl_ms, Instant::now());
+        if let Some(log) = self.log.as_deref_mut() {
+            effects::grant(&mut log.effects, id, ttl_ms);
+        }
+        id
+    }
+
+    fn attach(&mut self, key: &[u8], lease: Option<u64>) {
+        let before = self.leases.attach(key, lease);
+        if let Some(log) = self.log.as_deref_mut().filter(|_| before != lease) {
+            effects::attach(&mut log.effects, key, lease.unwrap_or(0));
+        }
+    }
+
+    fn revoke_lease(&mut self, id: u64) -> Option<Vec<Vec<u8>>> {
+        let keys = self.leases.remove(id)?;
+        if let Some(log) = self.log.as_deref_mut() {
+            effects::revoke(&mut log.effects, id);
+        }
+        Some(keys)
+    }
+
+    fn insert_record(&mut self, record_key: Vec<u8>, record: Record) {
+        if let Some(log) = self.log.as_deref_mut() {
+            effects::record(&mut log.effects, &record_key, &record);
+        }
+        self.records.insert(record_key, record);
     }
 
     /// Both indexes hold the same entries (the same allocations).
@@ -505,9 +635,9 @@ fn put_locked(
     let lease = match attach {
         Attach::None => None,
         Attach::Lease(id) => Some(id),
-        Attach::NewLease { ttl_ms } => Some(inner.leases.grant(ttl_ms, Instant::now())),
+        Attach::NewLease { ttl_ms } => Some(inner.grant(ttl_ms)),
     };
-    inner.leases.attach(key, lease);
+    inner.attach(key, lease);
     Ok(PutOutcome {
         version,
         revision,
@@ -518,8 +648,7 @@ fn put_locked(
 /// Revokes lease `id`: its keys are deleted at one new revision (none when it has none).
 fn revoke_locked(inner: &mut Inner, id: u64) -> Result<RevokeOutcome, StoreError> {
     let keys = inner
-        .leases
-        .remove(id)
+        .revoke_lease(id)
         .ok_or(StoreError::LeaseNotFound { id })?;
     if keys.is_empty() {
         return Ok(RevokeOutcome {
@@ -531,8 +660,7 @@ fn revoke_locked(inner: &mut Inner, id: u64) -> Result<RevokeOutcome, StoreError
     let revision = inner.revision;
     let mut deleted = 0;
     for key in keys {
-        if inner.remove(&key) {
-            inner.history.push(&key, &[], None, revision);
+        if inner.remove(&key, revision) {
             deleted += 1;
         }
     }
@@ -554,12 +682,10 @@ fn delete_locked(
             current_version: current,
         });
     }
-    let existed = inner.remove(key);
+    let existed = inner.remove(key, inner.revision + 1);
     if existed {
         inner.revision += 1;
-        let revision = inner.revision;
-        inner.history.push(key, &[], None, revision);
-        inner.leases.attach(key, None);
+        inner.attach(key, None);
     }
     Ok(DeleteOutcome {
         existed,
@@ -585,7 +711,7 @@ fn put_many_locked(inner: &mut Inner, items: &[PutItem<'_>]) -> Result<BatchOutc
     let revision = inner.revision;
     for (item, &version) in items.iter().zip(&versions) {
         inner.insert(item.key, item.value, version, revision);
-        inner.leases.attach(item.key, None);
+        inner.attach(item.key, None);
     }
     Ok(BatchOutcome { versions, revision })
 }
@@ -601,7 +727,7 @@ impl MemoryStore {
             }) => put_locked(inner, key, value, *cond, *attach).map(WriteOutcome::Put),
             WriteOp::GrantLease(write::GrantLease { ttl_ms }) => {
                 Ok(WriteOutcome::GrantLease(LeaseGranted {
-                    id: inner.leases.grant(*ttl_ms, Instant::now()),
+                    id: inner.grant(*ttl_ms),
                     ttl_ms: *ttl_ms,
                 }))
             }
@@ -672,7 +798,7 @@ impl MemoryStore {
             if inner.records.len() >= RECORD_SWEEP_AT {
                 inner.records.retain(|_, r| r.expires_at_unix_ms > now);
             }
-            inner.records.insert(
+            inner.insert_record(
                 record_key,
                 Record {
                     expires_at_unix_ms: idem.expires_at_unix_ms,
@@ -685,6 +811,214 @@ impl MemoryStore {
     }
 }
 
+/// A group being applied by the logged engine's committer, under the write lock.
+pub(crate) struct Applying<'a> {
+    store: &'a MemoryStore,
+    inner: RwLockWriteGuard<'a, Inner>,
+}
+
+impl Applying<'_> {
+    pub(crate) fn write(
+        &mut self,
+        op: WriteOp,
+        idem: Option<IdempotencyKey>,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.store.write_locked(&mut self.inner, op, idem)
+    }
+
+    /// Releases the lock: the group's effects (empty when it changed nothing) and the
+    /// revision after it. Reads see the state before the group until [`MemoryStore::end_group`].
+    pub(crate) fn done(mut self) -> (Vec<u8>, u64) {
+        let revision = self.inner.revision;
+        let effects = self
+            .inner
+            .log
+            .as_deref_mut()
+            .map(|l| std::mem::take(&mut l.effects))
+            .unwrap_or_default();
+        (effects, revision)
+    }
+}
+
+/// Effects past this size are not kept for the next group's capture.
+const KEEP_EFFECTS_BYTES: usize = 1 << 20;
+
+impl MemoryStore {
+    /// The logged engine's state: every group's effects captured, reads kept to what is
+    /// durable (see [`crate::logged`]).
+    pub(crate) fn logging(max_events: usize, max_bytes: usize, secret: [u8; 32]) -> Self {
+        let s = Self::with_history(max_events, max_bytes);
+        s.lock_write().log = Some(Box::default());
+        Self { secret, ..s }
+    }
+
+    /// Starts applying a group (the committer; nothing else writes a logged store).
+    pub(crate) fn begin_group(&self) -> Applying<'_> {
+        let mut inner = self.lock_write();
+        let revision = inner.revision;
+        if let Some(log) = inner.log.as_deref_mut() {
+            log.durable = revision;
+            log.effects.clear();
+        }
+        Applying { store: self, inner }
+    }
+
+    /// The group applied last is durable: reads see it, watchers hear of it. `effects` is
+    /// the buffer [`Applying::done`] gave, back for the next group.
+    pub(crate) fn end_group(&self, mut effects: Vec<u8>) {
+        let mut inner = self.lock_write();
+        let revision = inner.revision;
+        let Some(log) = inner.log.as_deref_mut() else {
+            return;
+        };
+        let changed = revision != log.durable;
+        log.durable = revision;
+        // The pre-images go here, under the lock, so no reader holds one.
+        log.pre.clear();
+        if effects.capacity() <= KEEP_EFFECTS_BYTES {
+            effects.clear();
+            log.effects = effects;
+        }
+        if changed {
+            inner.history.trim();
+            drop(inner);
+            self.changes.publish(revision);
+        }
+    }
+
+    /// Applies logged effects as they are (recovery), at group `revision`; with their
+    /// watch events when `history` (the log's records, not a snapshot's).
+    pub(crate) fn replay(&self, effects: &[u8], revision: u64, history: bool) -> Result<(), String> {
+        use crate::logged::effects::Effect;
+        let mut inner = self.lock_write();
+        let log = inner.log.take();
+        let now = Instant::now();
+        let now_ms = now_unix_ms();
+        let mut result = Ok(());
+        for effect in crate::logged::effects::decode(effects) {
+            let effect = match effect {
+                Ok(e) => e,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            match effect {
+                Effect::Put {
+                    key,
+                    value,
+                    version,
+                    mod_revision,
+                } => {
+                    if let Err(e) = Stored::fits(key, value) {
+                        result = Err(e.to_string());
+                        break;
+                    }
+                    if history {
+                        inner.history.push(key, value, Some(version), mod_revision);
+                    }
+                    inner.set(key, value, version, mod_revision);
+                    inner.revision = inner.revision.max(mod_revision);
+                }
+                Effect::Delete { key, revision } => {
+                    if inner.map.remove(key) {
+                        inner.order.remove(key);
+                    }
+                    if history {
+                        inner.history.push(key, &[], None, revision);
+                    }
+                    inner.revision = inner.revision.max(revision);
+                }
+                Effect::Grant { id, ttl_ms } => inner.leases.insert(id, ttl_ms, now),
+                Effect::Revoke { id } => {
+                    inner.leases.remove(id);
+                }
+                Effect::Attach { key, lease } => {
+                    // A lease revoked later in the log is gone already when a snapshot
+                    // replays the attach; the revoke's deletes follow.
+                    let lease = Some(lease).filter(|&l| l != 0 && inner.leases.contains(l));
+                    inner.leases.attach(key, lease);
+                }
+                Effect::Record { key, record } => {
+                    match Record::decode(record) {
+                        Ok(r) if r.expires_at_unix_ms > now_ms => {
+                            inner.records.insert(key.to_vec(), r);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            result = Err(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        inner.revision = inner.revision.max(revision);
+        if history {
+            inner.history.trim();
+        }
+        inner.log = log;
+        result
+    }
+
+    /// Recovery is over: the history starts after `snapshot_revision` (what a snapshot
+    /// held has no events), and watchers start from the recovered revision.
+    pub(crate) fn recovered(&self, snapshot_revision: u64) {
+        let mut inner = self.lock_write();
+        inner.history.forget_through(snapshot_revision);
+        inner.history.trim();
+        let revision = inner.revision;
+        if let Some(log) = inner.log.as_deref_mut() {
+            log.durable = revision;
+        }
+        drop(inner);
+        self.changes.publish(revision);
+    }
+
+    /// The revision, leases and unexpired idempotency records, as effects. Taken by the
+    /// committer between groups, when all of it is durable.
+    pub(crate) fn snapshot_head(&self, out: &mut Vec<u8>) -> u64 {
+        let inner = self.read();
+        for (id, ttl_ms, keys) in inner.leases.each() {
+            effects::grant(out, id, ttl_ms);
+            for key in keys {
+                effects::attach(out, key, id);
+            }
+        }
+        let now = now_unix_ms();
+        for (key, record) in inner.records.iter() {
+            if record.expires_at_unix_ms > now {
+                effects::record(out, key, record);
+            }
+        }
+        inner.revision
+    }
+
+    /// Up to `max` durable entries after `after` (from the first when `None`), as put
+    /// effects; the last key written when more may follow.
+    pub(crate) fn snapshot_keys(
+        &self,
+        after: Option<&[u8]>,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        let inner = self.read();
+        let start = after.unwrap_or(&[]);
+        let mut n = 0;
+        for s in inner.visible_range(start, Bound::Unbounded) {
+            if after == Some(s.key()) {
+                continue;
+            }
+            crate::logged::effects::put(out, s.key(), s.value(), s.version(), s.header().mod_revision.get());
+            n += 1;
+            if n >= max {
+                return Some(s.key().to_vec());
+            }
+        }
+        None
+    }
+}
+
 impl Store for MemoryStore {
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
         Ok(self.read().entry(key, true))
@@ -693,7 +1027,7 @@ impl Store for MemoryStore {
     fn get_into(&self, key: &[u8], value: &mut Vec<u8>) -> Result<Option<Found>, StoreError> {
         value.clear();
         let inner = self.read();
-        Ok(inner.map.get(key).map(|s| {
+        Ok(inner.visible(key).map(|s| {
             value.extend_from_slice(s.value());
             Found {
                 version: s.version(),
@@ -730,7 +1064,22 @@ impl Store for MemoryStore {
         max: PageLimits,
     ) -> Result<EventPage, StoreError> {
         let inner = self.read();
-        inner.history.page(range, after, max, inner.revision)
+        let head = inner.head();
+        if head == inner.revision {
+            return inner.history.page(range, after, max, head);
+        }
+        // A logged group in flight: its events are not durable yet, so the page stops
+        // before them.
+        if after < inner.history.compacted() {
+            return Err(StoreError::Compacted {
+                oldest_revision: inner.history.compacted() + 1,
+            });
+        }
+        let durable = inner
+            .history
+            .after(after, range)
+            .take_while(|(revision, _)| *revision <= head);
+        crate::history::page(durable.map(Ok), after, max, head)
     }
 
     fn changes(&self) -> &Changes {
@@ -765,14 +1114,14 @@ impl Store for MemoryStore {
         if let Some(end) = &req.end {
             if end.as_slice() <= req.start.as_slice() {
                 return Ok(ScanPage {
-                    revision: inner.revision,
+                    revision: inner.head(),
                     ..ScanPage::default()
                 });
             }
         }
-        let mut range = inner.order.range(req.start.as_slice(), upper);
+        let mut range = inner.visible_range(req.start.as_slice(), upper);
         let mut page = ScanPage {
-            revision: inner.revision,
+            revision: inner.head(),
             ..ScanPage::default()
         };
         let mut bytes = 0usize;
@@ -793,11 +1142,11 @@ impl Store for MemoryStore {
         // All the entries' cache misses at once, then the copies.
         inner.map.prefetch(keys);
         let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
-        Ok((entries, inner.revision))
+        Ok((entries, inner.head()))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {
-        Ok(self.read().revision)
+        Ok(self.read().head())
     }
 
     fn engine_name(&self) -> &'static str {

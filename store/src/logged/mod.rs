@@ -1,0 +1,691 @@
+//! The logged memory engine: the memory engine's state, made durable by a log of each
+//! write group's effects, synced before any write of the group is answered (Redis's AOF
+//! with `appendfsync always`, without its fork and with group commit).
+//!
+//! - [`LoggedStore`]: the engine. Reads go to the memory state from the caller's thread, as
+//!   with `--engine memory`. Writes go over a bounded queue to one committer thread, which
+//!   takes what is queued (up to `group_commit_max_writes`), applies it to the state under
+//!   one write lock while capturing its effects, writes the effects as one record, syncs it,
+//!   and only then lets reads see the group and answers its writes.
+//! - Visibility: while a group is applied but not durable, each key it changed reads as it
+//!   was before (its pre-image, kept by the state), and the store's revision, scans and
+//!   watch pages stop before it. A read never sees what a crash could take back.
+//! - A log that cannot be written or synced fails the group's writes, and the store takes
+//!   no further writes (`unavailable`) while reads go on from what is durable; a restart
+//!   recovers from the log. There is no undoing a group in memory, and a failed `fsync`
+//!   leaves the file's state unknown (PostgreSQL's rule), so carrying on would risk
+//!   answering writes that are not on disk.
+//! - [`effects`]: the record's contents. [`files`]: segments, records, snapshots.
+//! - Snapshots: once the log since the last snapshot outgrows `max(snapshot_min_log_bytes,
+//!   the last snapshot's size)`, the committer starts a new segment and a thread writes
+//!   the state as of that segment's start: leases and idempotency records (taken by the
+//!   committer between groups, when all are durable), then the keys in chunks under short
+//!   read locks, each key as durable. Writes go on meanwhile; a key written after the
+//!   segment started is in the log too, and replaying it over the snapshot sets it again
+//!   (effects are absolute). Then the segments before go.
+//! - Recovery: the newest snapshot, then every segment from its own on, each record checked;
+//!   the log ends at the first record that does not hold in the last segment (a torn write
+//!   that was never acknowledged: an acknowledged one was synced whole), and its bytes are
+//!   zeroed. A bad record in any earlier segment is corruption: the open fails.
+//! - Space: a segment is made (zero-filled) in the background before it is needed; when
+//!   the current one is nearly full and the next could not be made, writes are refused
+//!   with `storage full` before they touch the state.
+
+pub(crate) mod effects;
+mod files;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::history::{Changes, EventPage, KeyRange, PageLimits};
+use crate::memory::MemoryStore;
+use crate::{
+    Completer, Entry, Found, IdempotencyKey, LeaseInfo, Pending, ScanPage, ScanRequest, Store,
+    StoreError, StoreStats, WriteOp, WriteOutcome,
+};
+
+/// Smallest segment allowed (a test can use this; production wants tens of MiB).
+pub const MIN_SEGMENT_BYTES: u64 = 64 << 10;
+/// Keys per chunk of a snapshot: one short read lock each.
+const SNAPSHOT_CHUNK_KEYS: usize = 1_024;
+/// A group stops taking writes past this many bytes of keys and values (a tenth of a
+/// segment at most), so that a record fits a segment.
+const GROUP_BYTES_PER_SEGMENT: u64 = 10;
+/// How often an idle committer looks for work of its own (a snapshot asked for).
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+
+/// How the logged engine is set up.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub dir: PathBuf,
+    /// Size of each log segment.
+    pub segment_bytes: u64,
+    /// The log may grow to this before the first snapshot (later: the last snapshot's size,
+    /// if larger).
+    pub snapshot_min_log_bytes: u64,
+    pub group_commit_max_writes: usize,
+    pub write_queue_depth: usize,
+    pub history_events: usize,
+    pub history_bytes: usize,
+}
+
+impl LogOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            snapshot_min_log_bytes: 256 << 20,
+            group_commit_max_writes: 1_024,
+            write_queue_depth: 65_536,
+            history_events: crate::memory::DEFAULT_HISTORY_EVENTS,
+            history_bytes: crate::memory::DEFAULT_HISTORY_BYTES,
+        }
+    }
+
+    fn validate(&self) -> Result<(), LogError> {
+        let bad = |m: String| Err(LogError::Invalid(m));
+        if self.segment_bytes < MIN_SEGMENT_BYTES || self.segment_bytes > u32::MAX as u64 {
+            return bad(format!(
+                "log segment_bytes must be {MIN_SEGMENT_BYTES}..={}, not {}",
+                u32::MAX,
+                self.segment_bytes
+            ));
+        }
+        if self.snapshot_min_log_bytes < self.segment_bytes {
+            return bad("log snapshot_min_log_bytes must be at least segment_bytes".into());
+        }
+        if self.group_commit_max_writes == 0 || self.write_queue_depth == 0 {
+            return bad("group_commit_max_writes and write_queue_depth must be at least 1".into());
+        }
+        if self.history_events == 0 || self.history_bytes == 0 {
+            return bad("history_events and history_bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("invalid log options: {0}")]
+    Invalid(String),
+    #[error("log directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("log directory {0} is in use by another process")]
+    Locked(PathBuf),
+    #[error("the log in {path} is damaged: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    syncs: AtomicU64,
+    groups: AtomicU64,
+    commits: AtomicU64,
+    queued: AtomicU64,
+    log_bytes: AtomicU64,
+}
+
+/// See the module's documentation.
+pub struct LoggedStore {
+    mem: Arc<MemoryStore>,
+    writes: Option<SyncSender<Op>>,
+    committer: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+    /// Set when the log failed: writes are refused until a restart.
+    failed: Arc<AtomicBool>,
+    /// Asks the committer for a snapshot at its next group (`compact`).
+    snapshot_now: Arc<AtomicBool>,
+    /// Held while open (`LOCK`).
+    _lock: File,
+}
+
+impl std::fmt::Debug for LoggedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggedStore").finish_non_exhaustive()
+    }
+}
+
+struct Op {
+    op: WriteOp,
+    idem: Option<IdempotencyKey>,
+    done: Completer<WriteOutcome>,
+}
+
+impl Op {
+    /// Bytes of keys and values, roughly what the op adds to a group record.
+    fn weight(&self) -> u64 {
+        let kv = match &self.op {
+            WriteOp::Put(p) => p.key.len() + p.value.len(),
+            WriteOp::Delete(d) => d.key.len(),
+            WriteOp::PutMany(m) => m.items.iter().map(|(k, v, _)| k.len() + v.len()).sum(),
+            WriteOp::Increment(i) => i.key.len() + 20,
+            _ => 0,
+        };
+        (kv + 64) as u64
+    }
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The instance secret, made once and kept in `secret`.
+fn secret(dir: &Path) -> Result<[u8; 32], LogError> {
+    let path = dir.join("secret");
+    match fs::read(&path) {
+        Ok(b) => b.try_into().map_err(|_| LogError::Corrupt {
+            path: path.clone(),
+            detail: "the secret is not 32 bytes".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let s: [u8; 32] = rand::random();
+            let tmp = dir.join("secret.tmp");
+            let write = || -> std::io::Result<()> {
+                let mut f = File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &s)?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)?;
+                files::sync_dir(dir)
+            };
+            write().map_err(io_error(&path))?;
+            Ok(s)
+        }
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}
+
+impl LoggedStore {
+    /// Opens (or creates) the log in `opts.dir` and recovers the state it holds.
+    pub fn open(opts: LogOptions) -> Result<Self, LogError> {
+        opts.validate()?;
+        let dir = opts.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(LogError::Locked(dir));
+        }
+        let secret = secret(&dir)?;
+        let mem = Arc::new(MemoryStore::logging(
+            opts.history_events,
+            opts.history_bytes,
+            secret,
+        ));
+        let corrupt = |detail: String| LogError::Corrupt {
+            path: dir.clone(),
+            detail,
+        };
+        for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
+            let path = entry.map_err(io_error(&dir))?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                fs::remove_file(&path).map_err(io_error(&path))?;
+            }
+        }
+        // The newest snapshot, then the segments from its own on.
+        let snapshots = files::numbered(&dir, "snapshot-").map_err(io_error(&dir))?;
+        let mut base = None;
+        let mut snapshot_bytes = 0;
+        if let Some(&seq) = snapshots.last() {
+            let path = files::snapshot_path(&dir, seq);
+            snapshot_bytes = fs::metadata(&path).map_err(io_error(&path))?.len();
+            let mut revision = None;
+            files::read_snapshot(&path, |kind, payload| match kind {
+                files::FRAME_HEADER => {
+                    let r = payload
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                        .ok_or("a short snapshot header")?;
+                    revision = Some(r);
+                    Ok(())
+                }
+                files::FRAME_EFFECTS => mem.replay(payload, revision.unwrap_or(0), false),
+                other => Err(format!("unknown snapshot frame kind {other}")),
+            })
+            .map_err(corrupt)?;
+            base = Some((seq, revision.unwrap_or(0)));
+        }
+        let segments: Vec<u64> = files::numbered(&dir, "log-")
+            .map_err(io_error(&dir))?
+            .into_iter()
+            .filter(|&s| base.is_none_or(|(b, _)| s >= b))
+            .collect();
+        if let Some((b, _)) = base {
+            if segments.first().is_some_and(|&s| s != b) {
+                return Err(corrupt(format!("segment {b} (the snapshot's) is missing")));
+            }
+        }
+        let mut end = None;
+        let mut log_bytes = 0u64;
+        for (i, &seq) in segments.iter().enumerate() {
+            if i > 0 && segments[i - 1] + 1 != seq {
+                return Err(corrupt(format!("segment {} is missing", segments[i - 1] + 1)));
+            }
+            let path = files::segment_path(&dir, seq);
+            let buf = fs::read(&path).map_err(io_error(&path))?;
+            log_bytes += buf.len() as u64;
+            let (records, at, why) = files::records(seq, &buf);
+            for r in &records {
+                mem.replay(r.effects, r.revision, true)
+                    .map_err(|e| corrupt(format!("segment {seq}: {e}")))?;
+            }
+            let last = i + 1 == segments.len();
+            match why {
+                Some(why) if !last => return Err(corrupt(format!("segment {seq}: {why}"))),
+                Some(why) => {
+                    tracing::warn!(segment = seq, offset = at, reason = %why,
+                        "the log ends in a torn record (never acknowledged); it is dropped");
+                }
+                None => {}
+            }
+            if last {
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_error(&path))?;
+                files::zero_tail(&file, &buf, at).map_err(io_error(&path))?;
+                end = Some((seq, at as u64));
+            }
+        }
+        mem.recovered(base.map_or(0, |(_, r)| r));
+        let writer = match end {
+            Some((seq, at)) => files::Writer::resume(&dir, seq, at, opts.segment_bytes),
+            None => files::Writer::create(&dir, base.map_or(1, |(b, _)| b), opts.segment_bytes),
+        }
+        .map_err(io_error(&dir))?;
+        let counters = Arc::new(Counters::default());
+        counters
+            .log_bytes
+            .store(files::disk_bytes(&dir), Ordering::Relaxed);
+        let failed = Arc::new(AtomicBool::new(false));
+        let snapshot_now = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::sync_channel(opts.write_queue_depth);
+        let committer = Committer {
+            mem: Arc::clone(&mem),
+            rx,
+            writer,
+            opts: opts.clone(),
+            counters: Arc::clone(&counters),
+            failed: Arc::clone(&failed),
+            snapshot_now: Arc::clone(&snapshot_now),
+            since_snapshot_bytes: log_bytes,
+            snapshot_bytes: Arc::new(AtomicU64::new(snapshot_bytes)),
+            snapshot: None,
+            outcomes: Vec::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("capkv-log".into())
+            .spawn(move || committer.run())
+            .map_err(io_error(&dir))?;
+        tracing::info!(dir = %dir.display(), revision = mem.revision().unwrap_or(0),
+            segments = segments.len(), "log recovered");
+        Ok(Self {
+            mem,
+            writes: Some(tx),
+            committer: Some(handle),
+            counters,
+            failed,
+            snapshot_now,
+            _lock: lock,
+        })
+    }
+
+    fn submit(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        if self.failed.load(Ordering::Acquire) {
+            return Pending::ready(Err(failed_error()));
+        }
+        let Some(tx) = &self.writes else {
+            return Pending::ready(Err(StoreError::Unavailable("storage is closed".into())));
+        };
+        let (done, pending) = Pending::channel();
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        match tx.try_send(Op { op, idem, done }) {
+            Ok(()) => pending,
+            Err(e) => {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                Pending::ready(Err(match e {
+                    TrySendError::Full(_) => {
+                        StoreError::Busy("the write queue is full; retry shortly".into())
+                    }
+                    TrySendError::Disconnected(_) => {
+                        StoreError::Unavailable("storage is closed".into())
+                    }
+                }))
+            }
+        }
+    }
+}
+
+fn failed_error() -> StoreError {
+    StoreError::Unavailable(
+        "the write-ahead log failed; writes are refused until the server restarts".into(),
+    )
+}
+
+impl Drop for LoggedStore {
+    fn drop(&mut self) {
+        // The committer drains what is queued, then ends when the queue closes.
+        self.writes = None;
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Committer {
+    mem: Arc<MemoryStore>,
+    rx: Receiver<Op>,
+    writer: files::Writer,
+    opts: LogOptions,
+    counters: Arc<Counters>,
+    failed: Arc<AtomicBool>,
+    snapshot_now: Arc<AtomicBool>,
+    /// Log bytes written since the last snapshot started.
+    since_snapshot_bytes: u64,
+    /// The size of the last snapshot written.
+    snapshot_bytes: Arc<AtomicU64>,
+    snapshot: Option<JoinHandle<()>>,
+    outcomes: Vec<Result<WriteOutcome, StoreError>>,
+}
+
+impl Committer {
+    fn run(mut self) {
+        let mut group: Vec<Op> = Vec::new();
+        loop {
+            let first = match self.rx.recv_timeout(IDLE_CHECK) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Idle: a snapshot `compact` asked for need not wait for a write.
+                    self.maybe_snapshot();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let budget = self.opts.segment_bytes / GROUP_BYTES_PER_SEGMENT;
+            let mut bytes = first.weight();
+            group.push(first);
+            while group.len() < self.opts.group_commit_max_writes && bytes < budget {
+                match self.rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.weight();
+                        group.push(op);
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.counters
+                .queued
+                .fetch_sub(group.len() as u64, Ordering::Relaxed);
+            self.commit(&mut group, bytes);
+            group.clear();
+            self.maybe_snapshot();
+        }
+        if let Some(h) = self.snapshot.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn commit(&mut self, group: &mut Vec<Op>, bytes: u64) {
+        if self.failed.load(Ordering::Acquire) {
+            group
+                .drain(..)
+                .for_each(|op| op.done.complete(Err(failed_error())));
+            return;
+        }
+        // Refused before the state is touched: the group might not fit what is left of
+        // this segment, and the next one could not be made (a full disk).
+        if self.writer.room() < bytes.saturating_mul(2) && !self.writer.next_ready() {
+            group.drain(..).for_each(|op| {
+                op.done.complete(Err(StoreError::StorageFull(
+                    "the disk is full: the log's next segment cannot be made".into(),
+                )))
+            });
+            return;
+        }
+        let mut applying = self.mem.begin_group();
+        self.outcomes.clear();
+        for op in group.iter_mut() {
+            let write = std::mem::replace(&mut op.op, WriteOp::ExpireLeases(crate::write::ExpireLeases));
+            let idem = op.idem.take();
+            self.outcomes.push(applying.write(write, idem));
+        }
+        let (effects, revision) = applying.done();
+        if !effects.is_empty() {
+            let logged = self
+                .writer
+                .append(revision, &effects)
+                .and_then(|()| self.writer.sync());
+            if let Err(e) = logged {
+                tracing::error!(error = %e, revision,
+                    "the write-ahead log could not be written or synced: writes are refused until a restart");
+                self.failed.store(true, Ordering::Release);
+                // The group stays hidden from reads (its pre-images are kept).
+                group
+                    .drain(..)
+                    .for_each(|op| op.done.complete(Err(failed_error())));
+                return;
+            }
+            let record = (effects.len() + 16) as u64;
+            self.since_snapshot_bytes += record;
+            self.counters.log_bytes.fetch_add(record, Ordering::Relaxed);
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        self.mem.end_group(effects);
+        self.counters.groups.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .commits
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        for (op, outcome) in group.drain(..).zip(self.outcomes.drain(..)) {
+            op.done.complete(outcome);
+        }
+    }
+
+    /// Starts a snapshot when the log has outgrown the last one (or `compact` asked).
+    fn maybe_snapshot(&mut self) {
+        if self.snapshot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if let Some(h) = self.snapshot.take() {
+            let _ = h.join();
+        }
+        let threshold = self
+            .opts
+            .snapshot_min_log_bytes
+            .max(self.snapshot_bytes.load(Ordering::Relaxed));
+        let asked = self.snapshot_now.swap(false, Ordering::AcqRel);
+        if !asked && self.since_snapshot_bytes < threshold {
+            return;
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        // Between groups: everything applied is durable. The snapshot is of the state as
+        // of the new segment's start.
+        if let Err(e) = self.writer.roll(0) {
+            tracing::warn!(error = %e, "could not start a log segment for a snapshot");
+            return;
+        }
+        self.since_snapshot_bytes = 0;
+        let seq = self.writer.seq();
+        let mut head = Vec::new();
+        let revision = self.mem.snapshot_head(&mut head);
+        let mem = Arc::clone(&self.mem);
+        let dir = self.opts.dir.clone();
+        let sizes = Arc::clone(&self.snapshot_bytes);
+        let log_bytes = Arc::clone(&self.counters);
+        let spawned = std::thread::Builder::new()
+            .name("capkv-snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                match write_snapshot(&mem, &dir, seq, revision, &head) {
+                    Ok(bytes) => {
+                        sizes.store(bytes, Ordering::Relaxed);
+                        log_bytes
+                            .log_bytes
+                            .store(files::disk_bytes(&dir), Ordering::Relaxed);
+                        tracing::info!(seq, revision, bytes,
+                            elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
+                    }
+                    Err(e) => tracing::warn!(error = %e, seq, "snapshot failed; the log is kept whole"),
+                }
+            });
+        match spawned {
+            Ok(h) => self.snapshot = Some(h),
+            Err(e) => tracing::warn!(error = %e, "could not start the snapshot thread"),
+        }
+    }
+}
+
+/// Writes `snapshot-<seq>`: the header, `head` (leases and records), every key as durable;
+/// then removes the segments before `seq` and older snapshots. Its size in bytes.
+fn write_snapshot(
+    mem: &MemoryStore,
+    dir: &Path,
+    seq: u64,
+    revision: u64,
+    head: &[u8],
+) -> std::io::Result<u64> {
+    let mut w = files::SnapshotWriter::create(dir, seq)?;
+    let mut bytes = 0u64;
+    let mut body = || -> std::io::Result<()> {
+        w.frame(files::FRAME_HEADER, &revision.to_le_bytes())?;
+        w.frame(files::FRAME_EFFECTS, head)?;
+        bytes += head.len() as u64;
+        let mut chunk = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            chunk.clear();
+            let next = mem.snapshot_keys(after.as_deref(), SNAPSHOT_CHUNK_KEYS, &mut chunk);
+            if !chunk.is_empty() {
+                w.frame(files::FRAME_EFFECTS, &chunk)?;
+                bytes += chunk.len() as u64;
+            }
+            match next {
+                Some(last) => after = Some(last),
+                None => return Ok(()),
+            }
+        }
+    };
+    if let Err(e) = body() {
+        w.abandon();
+        return Err(e);
+    }
+    w.finish()?;
+    for old in files::numbered(dir, "log-")?.into_iter().filter(|&s| s < seq) {
+        fs::remove_file(files::segment_path(dir, old))?;
+    }
+    for old in files::numbered(dir, "snapshot-")?.into_iter().filter(|&s| s < seq) {
+        fs::remove_file(files::snapshot_path(dir, old))?;
+    }
+    files::sync_dir(dir)?;
+    Ok(bytes)
+}
+
+impl Store for LoggedStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        self.mem.get(key)
+    }
+
+    fn get_into(&self, key: &[u8], value: &mut Vec<u8>) -> Result<Option<Found>, StoreError> {
+        self.mem.get_into(key, value)
+    }
+
+    fn prefetch(&self, keys: &[&[u8]]) {
+        self.mem.prefetch(keys)
+    }
+
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        self.submit(op, idem)
+    }
+
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
+        self.mem.scan(req)
+    }
+
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        self.mem.get_many(keys)
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.mem.revision()
+    }
+
+    fn lease_keep_alive(&self, id: u64) -> Result<LeaseInfo, StoreError> {
+        self.mem.lease_keep_alive(id)
+    }
+
+    fn lease_info(&self, id: u64) -> Result<LeaseInfo, StoreError> {
+        self.mem.lease_info(id)
+    }
+
+    fn lease_clock(&self) -> (usize, Option<Instant>) {
+        self.mem.lease_clock()
+    }
+
+    fn events(
+        &self,
+        range: &KeyRange,
+        after: u64,
+        max: PageLimits,
+    ) -> Result<EventPage, StoreError> {
+        self.mem.events(range, after, max)
+    }
+
+    fn changes(&self) -> &Changes {
+        self.mem.changes()
+    }
+
+    fn engine_name(&self) -> &'static str {
+        "memory-log"
+    }
+
+    fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        StoreStats {
+            live_data_bytes: c.log_bytes.load(Ordering::Relaxed),
+            wal_syncs: c.syncs.load(Ordering::Relaxed),
+            commit_groups: c.groups.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            write_queue_len: c.queued.load(Ordering::Relaxed),
+            idempotent_replays: self.mem.stats().idempotent_replays,
+            ..StoreStats::default()
+        }
+    }
+
+    fn instance_secret(&self) -> [u8; 32] {
+        self.mem.instance_secret()
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        self.failed
+            .load(Ordering::Acquire)
+            .then(|| failed_error().to_string())
+    }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        self.snapshot_now.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Shared by tests: the last snapshot's number, if any.
+#[cfg(test)]
+fn snapshots(dir: &Path) -> Vec<u64> {
+    files::numbered(dir, "snapshot-").unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,327 @@
+use super::*;
+use crate::write::{self, Attach};
+use crate::{Condition, MemoryStore};
+
+fn small(dir: &Path) -> LogOptions {
+    let mut o = LogOptions::new(dir);
+    o.segment_bytes = MIN_SEGMENT_BYTES;
+    o.snapshot_min_log_bytes = 1 << 30;
+    o
+}
+
+fn put(s: &dyn Store, k: &[u8], v: &[u8]) {
+    s.put(k, v, Condition::None).wait().unwrap();
+}
+
+/// Everything a reader can see: every entry, the revision, the history's events.
+fn state(s: &dyn Store) -> (Vec<Entry>, u64) {
+    let page = s
+        .scan(&ScanRequest {
+            limit: usize::MAX,
+            max_bytes: usize::MAX,
+            ..ScanRequest::default()
+        })
+        .unwrap();
+    (page.entries, s.revision().unwrap())
+}
+
+/// A mix of every kind of write, `rounds` times.
+fn workload(s: &dyn Store, rounds: u32) {
+    for i in 0..rounds {
+        let k = format!("k{:04}", i % 37).into_bytes();
+        put(s, &k, format!("value {i:0>120}").as_bytes());
+        if i % 5 == 0 {
+            s.delete(format!("k{:04}", (i + 3) % 37).as_bytes(), Condition::None)
+                .wait()
+                .unwrap();
+        }
+        if i % 7 == 0 {
+            s.apply(
+                write::PutMany {
+                    items: vec![
+                        (b"batch-a".to_vec(), i.to_string().into_bytes(), Condition::None),
+                        (b"batch-b".to_vec(), vec![0, 1, 2], Condition::None),
+                    ],
+                },
+                None,
+            )
+            .wait()
+            .unwrap();
+        }
+        if i % 11 == 0 {
+            s.apply(
+                write::Increment {
+                    key: b"counter".to_vec(),
+                    delta: 3,
+                },
+                None,
+            )
+            .wait()
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_kind_of_write_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (before, lease, keep) = {
+        let store = LoggedStore::open(small(dir.path())).unwrap();
+        let s: &dyn Store = &store;
+        workload(s, 500);
+        let lease = s
+            .apply(
+                write::Put {
+                    key: b"leased".to_vec(),
+                    value: b"v".to_vec(),
+                    cond: Condition::None,
+                    attach: Attach::NewLease { ttl_ms: 60_000 },
+                },
+                None,
+            )
+            .wait()
+            .unwrap()
+            .lease;
+        let gone = s
+            .apply(write::GrantLease { ttl_ms: 60_000 }, None)
+            .wait()
+            .unwrap()
+            .id;
+        s.apply(
+            write::Put {
+                key: b"revoked".to_vec(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+                attach: Attach::Lease(gone),
+            },
+            None,
+        )
+        .wait()
+        .unwrap();
+        s.apply(write::RevokeLease { id: gone }, None)
+            .wait()
+            .unwrap();
+        let idem = IdempotencyKey {
+            session: b"s".to_vec(),
+            key: b"once".to_vec(),
+            expires_at_unix_ms: crate::write::now_unix_ms() + 60_000,
+        };
+        let keep = s
+            .apply(
+                write::Increment {
+                    key: b"once".to_vec(),
+                    delta: 5,
+                },
+                Some(idem),
+            )
+            .wait()
+            .unwrap();
+        assert!(s.stats().wal_syncs > 0);
+        (state(s), lease, keep)
+    };
+    let store = LoggedStore::open(small(dir.path())).unwrap();
+    let s: &dyn Store = &store;
+    assert_eq!(state(s), before);
+    assert!(
+        files::numbered(dir.path(), "log-").unwrap().len() > 1,
+        "the workload crossed segments"
+    );
+    assert_eq!(s.lease_info(lease).unwrap().keys, 1);
+    assert_eq!(s.get(b"revoked").unwrap(), None);
+    // The idempotency record came back: the same write is answered, not applied again.
+    let again = s
+        .apply(
+            write::Increment {
+                key: b"once".to_vec(),
+                delta: 5,
+            },
+            Some(IdempotencyKey {
+                session: b"s".to_vec(),
+                key: b"once".to_vec(),
+                expires_at_unix_ms: crate::write::now_unix_ms() + 60_000,
+            }),
+        )
+        .wait()
+        .unwrap();
+    assert_eq!(again, keep);
+    assert_eq!(s.get(b"once").unwrap().unwrap().value, b"5");
+    // History after a reopen: the log's events are there to watch.
+    let page = s
+        .events(&KeyRange::prefix(b""), 0, PageLimits::events(100_000))
+        .unwrap();
+    assert!(!page.events.is_empty());
+}
+
+#[test]
+fn a_torn_last_record_is_dropped_at_every_byte_and_writing_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let s = LoggedStore::open(small(dir.path())).unwrap();
+        workload(&s, 40);
+        let before = state(&s);
+        put(&s, b"last", &[9u8; 300]);
+        before
+    };
+    let seq = *files::numbered(dir.path(), "log-").unwrap().last().unwrap();
+    let path = files::segment_path(dir.path(), seq);
+    let whole = fs::read(&path).unwrap();
+    let (records, end, _) = files::records(seq, &whole);
+    let last_start = end - (records.last().unwrap().effects.len() + 16);
+    // Every cut of the last record (the bytes from the cut on, garbage).
+    for cut in (last_start..end).step_by(7).chain([end - 1]) {
+        let mut torn = whole.clone();
+        torn[cut..end].iter_mut().for_each(|b| *b = 0x5A);
+        fs::write(&path, &torn).unwrap();
+        {
+            let s = LoggedStore::open(small(dir.path())).unwrap();
+            assert_eq!(state(&s), before, "cut at {cut}");
+            put(&s, b"after", b"x");
+        }
+        let s = LoggedStore::open(small(dir.path())).unwrap();
+        assert_eq!(
+            s.get(b"after").unwrap().map(|e| e.value),
+            Some(b"x".to_vec()),
+            "a write after the torn record survives (cut at {cut})"
+        );
+        assert_eq!(s.get(b"last").unwrap(), None);
+    }
+}
+
+#[test]
+fn a_bad_record_before_the_last_segment_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = LoggedStore::open(small(dir.path())).unwrap();
+        workload(&s, 600);
+    }
+    let segs = files::numbered(dir.path(), "log-").unwrap();
+    assert!(segs.len() >= 2);
+    let path = files::segment_path(dir.path(), segs[0]);
+    let mut b = fs::read(&path).unwrap();
+    b[40] ^= 0xFF;
+    fs::write(&path, &b).unwrap();
+    match LoggedStore::open(small(dir.path())) {
+        Err(LogError::Corrupt { detail, .. }) => assert!(detail.contains("segment"), "{detail}"),
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = LoggedStore::open(small(dir.path())).unwrap();
+    assert!(matches!(
+        LoggedStore::open(small(dir.path())),
+        Err(LogError::Locked(_))
+    ));
+}
+
+#[test]
+fn bad_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = small(dir.path());
+    o.segment_bytes = 1_000;
+    assert!(matches!(LoggedStore::open(o), Err(LogError::Invalid(_))));
+}
+
+#[test]
+fn a_snapshot_taken_under_writes_replaces_the_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = {
+        let s = Arc::new(LoggedStore::open(small(dir.path())).unwrap());
+        workload(s.as_ref(), 800);
+        for i in 0..2_000u32 {
+            put(s.as_ref(), format!("bulk{i:05}").as_bytes(), &[1u8; 64]);
+        }
+        let segs_before = files::numbered(dir.path(), "log-").unwrap();
+        assert!(segs_before.len() > 3);
+        s.compact().unwrap();
+        // Writes go on while the snapshot is written.
+        let writer = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || workload(s.as_ref(), 300))
+        };
+        let mut waited = 0;
+        while snapshots(dir.path()).is_empty() {
+            assert!(waited < 1_000, "no snapshot after 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        writer.join().unwrap();
+        state(s.as_ref())
+    };
+    let snap = snapshots(dir.path());
+    assert_eq!(snap.len(), 1);
+    let segs = files::numbered(dir.path(), "log-").unwrap();
+    assert!(segs.iter().all(|&s| s >= snap[0]), "{segs:?} before {snap:?}");
+    let s = LoggedStore::open(small(dir.path())).unwrap();
+    assert_eq!(state(&s), live);
+    // The history starts at the snapshot: a watch from before is told it is compacted.
+    assert!(matches!(
+        s.events(&KeyRange::prefix(b""), 0, PageLimits::events(100_000)),
+        Err(StoreError::Compacted { .. })
+    ));
+}
+
+/// A group applied but not synced is invisible: keys it changed read as before (including
+/// keys it deleted, in scans), the revision and watch pages stop before it.
+#[test]
+fn reads_see_a_group_only_once_it_is_durable() {
+    let m = MemoryStore::logging(100, 1 << 20, [0; 32]);
+    let mut g = m.begin_group();
+    for k in [&b"a"[..], b"b", b"c"] {
+        g.write(
+            WriteOp::Put(write::Put {
+                key: k.to_vec(),
+                value: b"old".to_vec(),
+                ..Default::default()
+            }),
+            None,
+        )
+        .unwrap();
+    }
+    let (effects, _) = g.done();
+    m.end_group(effects);
+    let durable = state(&m);
+    let mut g = m.begin_group();
+    g.write(
+        WriteOp::Put(write::Put {
+            key: b"a".to_vec(),
+            value: b"new".to_vec(),
+            ..Default::default()
+        }),
+        None,
+    )
+    .unwrap();
+    g.write(
+        WriteOp::Delete(write::Delete {
+            key: b"b".to_vec(),
+            cond: Condition::None,
+        }),
+        None,
+    )
+    .unwrap();
+    g.write(
+        WriteOp::Put(write::Put {
+            key: b"0-new".to_vec(),
+            value: b"x".to_vec(),
+            ..Default::default()
+        }),
+        None,
+    )
+    .unwrap();
+    let (effects, revision) = g.done();
+    assert_eq!(state(&m), durable, "in flight: nothing of the group shows");
+    assert_eq!(m.get(b"a").unwrap().unwrap().value, b"old");
+    assert!(m.get(b"b").unwrap().is_some());
+    assert_eq!(m.get(b"0-new").unwrap(), None);
+    let (many, r) = m.get_many(&[b"a", b"b"]).unwrap();
+    assert_eq!((many[0].as_ref().unwrap().value.as_slice(), r), (&b"old"[..], durable.1));
+    let page = m.events(&KeyRange::prefix(b""), 0, PageLimits::events(100_000)).unwrap();
+    assert!(page.events.iter().all(|e| e.entry.mod_revision <= durable.1));
+    m.end_group(effects);
+    let (entries, rev) = state(&m);
+    assert_eq!(rev, revision);
+    let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
+    assert_eq!(keys, vec![&b"0-new"[..], b"a", b"c"]);
+}
