@@ -45,6 +45,11 @@ pub enum Engine {
     Rocksdb,
     /// An etcd cluster (`storage.etcd`): kv-servers as stateless gateways over it.
     Etcd,
+    /// The memory engine made durable by a write-ahead log with group commit and snapshots
+    /// (`capkv_store::logged`), in `data_dir`: data that fits in memory, at Redis's cost.
+    #[serde(rename = "memory-log")]
+    #[value(name = "memory-log")]
+    MemoryLog,
 }
 
 impl Engine {
@@ -53,6 +58,7 @@ impl Engine {
             Engine::Memory => "memory",
             Engine::Rocksdb => "rocksdb",
             Engine::Etcd => "etcd",
+            Engine::MemoryLog => "memory-log",
         }
     }
 }
@@ -279,6 +285,11 @@ pub struct StorageConfig {
     pub history_revisions: u64,
     /// Events the RocksDB engine's history keeps at most, however large the batches.
     pub history_events: u64,
+    /// Size of each segment of the `memory-log` engine's log (made whole before use).
+    pub log_segment_bytes: u64,
+    /// Log bytes past which the `memory-log` engine writes a snapshot (or the last
+    /// snapshot's size, if larger) and drops the segments before it.
+    pub log_snapshot_min_bytes: u64,
     /// Events the memory engine keeps for watchers (its oldest revisions go first).
     pub memory_history_events: usize,
     /// Bytes of keys and values the memory engine's history keeps, at most.
@@ -429,6 +440,7 @@ impl Default for LimitsConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         let r = capkv_store_rocks::RocksOptions::new("");
+        let l = capkv_store::logged::LogOptions::new("");
         Self {
             sync: r.sync,
             group_commit_max_writes: r.group_commit_max_writes,
@@ -444,6 +456,8 @@ impl Default for StorageConfig {
             space_check_interval_ms: r.space.check_interval.as_millis() as u64,
             history_revisions: r.history_revisions,
             history_events: r.history_events,
+            log_segment_bytes: l.segment_bytes,
+            log_snapshot_min_bytes: l.snapshot_min_log_bytes,
             memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
             memory_history_bytes: capkv_store::memory::DEFAULT_HISTORY_BYTES,
             etcd: EtcdConfig::default(),
@@ -634,6 +648,19 @@ impl Config {
         if st.write_queue_depth == 0 || st.write_queue_depth > 1_000_000 {
             return fail("storage.write_queue_depth must be in 1..=1000000");
         }
+        let seg = capkv_store::logged::MIN_SEGMENT_BYTES..=u32::MAX as u64;
+        if !seg.contains(&st.log_segment_bytes) {
+            return fail(&format!(
+                "storage.log_segment_bytes must be in {}..={}",
+                seg.start(),
+                seg.end()
+            ));
+        }
+        if st.log_snapshot_min_bytes < st.log_segment_bytes {
+            return fail(
+                "storage.log_snapshot_min_bytes must be at least storage.log_segment_bytes",
+            );
+        }
         if st.max_total_wal_bytes < capkv_store_rocks::MIN_TOTAL_WAL_BYTES {
             return fail(&format!(
                 "storage.max_total_wal_bytes must be at least {}",
@@ -781,6 +808,18 @@ impl Config {
     }
 
     /// The etcd engine's options from `storage.etcd` (and the history sizes).
+    pub fn log_options(&self) -> capkv_store::logged::LogOptions {
+        let st = &self.storage;
+        let mut o = capkv_store::logged::LogOptions::new(self.data_dir.clone());
+        o.segment_bytes = st.log_segment_bytes;
+        o.snapshot_min_log_bytes = st.log_snapshot_min_bytes;
+        o.group_commit_max_writes = st.group_commit_max_writes;
+        o.write_queue_depth = st.write_queue_depth;
+        o.history_events = st.memory_history_events;
+        o.history_bytes = st.memory_history_bytes;
+        o
+    }
+
     pub fn etcd_options(&self) -> capkv_store_etcd::EtcdOptions {
         let st = &self.storage;
         let e = &st.etcd;

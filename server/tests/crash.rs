@@ -1,4 +1,5 @@
-//! Durability of the RocksDB engine, through the real binary:
+//! Durability of the durable engines (RocksDB; the memory engine with its log), through
+//! the real binary:
 //! - a clean restart keeps keys, values, versions and the revision;
 //! - SIGKILL while 8 clients write with sync on loses no acknowledged write and invents no
 //!   value, over 5 trials, each killed at a random moment after ≥ 10,000 acknowledged keys;
@@ -40,12 +41,17 @@ impl ServerProcess {
 
     /// [`start`](Self::start) with more environment (configuration) for the server.
     fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_engine(data_dir, "rocksdb", env)
+    }
+
+    /// [`start_with`](Self::start_with) on `engine`.
+    fn start_engine(data_dir: &Path, engine: &str, env: &[(&str, &str)]) -> Self {
         let data_dir = data_dir.to_string_lossy();
         let drain_timeout_ms = DRAIN_TIMEOUT_MS.to_string();
         let (child, addr, _logs) = common::spawn_kv_server(
             &[
                 "--engine",
-                "rocksdb",
+                engine,
                 "--listen",
                 "127.0.0.1:0",
                 "--workers",
@@ -242,11 +248,11 @@ fn write_until_stopped(
 fn verify_after_restart(
     rt: &tokio::runtime::Runtime,
     dir: &Path,
-    env: &[(&str, &str)],
+    (engine, env): (&str, &[(&str, &str)]),
     trial: usize,
     out: &TrialOutcome,
 ) -> (usize, usize) {
-    let server = ServerProcess::start_with(dir, env);
+    let server = ServerProcess::start_engine(dir, engine, env);
     let stored = rt.block_on(async {
         common::read_all(&connect(&server.addr).await, ScanOptions::default().bounds).await
     });
@@ -288,7 +294,28 @@ fn verify_after_restart(
 
 #[test]
 fn sigkill_loses_no_acknowledged_write() {
-    sigkill_trials(TRIALS, &[], |_| {});
+    sigkill_trials(TRIALS, ("rocksdb", &[]), |_| {});
+}
+
+/// The memory engine with its log, with small segments and snapshots, so that each trial
+/// crosses segments and writes snapshots while the writers run: recovery from a snapshot
+/// and the segments after it, ending at a record the kill tore.
+#[test]
+fn sigkill_loses_no_acknowledged_write_on_the_memory_log_engine() {
+    let env = [
+        ("CAPKV_STORAGE__LOG_SEGMENT_BYTES", "262144"),
+        ("CAPKV_STORAGE__LOG_SNAPSHOT_MIN_BYTES", "524288"),
+    ];
+    sigkill_trials(TRIALS, ("memory-log", &env), |dir| {
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("snapshot-")),
+            "no snapshot was written: the trial did not test recovery from one ({names:?})"
+        );
+    });
 }
 
 /// The same with the smallest WAL bound, so that WAL files retire within each trial and
@@ -300,7 +327,7 @@ fn sigkill_loses_no_acknowledged_write_in_recycled_wal_files() {
         ("CAPKV_STORAGE__MAX_TOTAL_WAL_BYTES", "1048576"),
         ("CAPKV_STORAGE__WAL_RECYCLE_FILES", "2"),
     ];
-    sigkill_trials(2, &env, |dir| {
+    sigkill_trials(2, ("rocksdb", &env), |dir| {
         assert!(
             common::rocksdb_log_mentions(dir, "to recycle list"),
             "no WAL file was recycled: the trial did not test recycling"
@@ -311,15 +338,16 @@ fn sigkill_loses_no_acknowledged_write_in_recycled_wal_files() {
 /// `trials` times: writers on a fresh server (`env` added to its configuration), SIGKILL
 /// at a random count of acknowledged writes, a restart, and every acknowledged write
 /// checked; `after` then looks at the data directory.
-fn sigkill_trials(trials: usize, env: &[(&str, &str)], after: impl Fn(&Path)) {
+fn sigkill_trials(trials: usize, (engine, env): (&str, &[(&str, &str)]), after: impl Fn(&Path)) {
     let mut rng = rand::rng();
     let rt = runtime();
     for trial in 0..trials {
         let kill_at = rng.random_range(MIN_ACKED..MAX_KILL_AT);
         let dir = tempfile::tempdir().unwrap();
-        let mut server = ServerProcess::start_with(dir.path(), env);
+        let mut server = ServerProcess::start_engine(dir.path(), engine, env);
         let out = write_until_stopped(&rt, trial, &mut server, kill_at, MAX_KILL_AT, Stop::Kill9);
-        let (stored, unknown_written) = verify_after_restart(&rt, dir.path(), env, trial, &out);
+        let (stored, unknown_written) =
+            verify_after_restart(&rt, dir.path(), (engine, env), trial, &out);
         eprintln!(
             "trial {trial}: killed at {kill_at} acks; acked {}, lost 0, stored {stored}, \
              unknown outcome {} ({unknown_written} of them written)",
@@ -356,7 +384,8 @@ fn sigterm_under_load_answers_every_call_and_loses_nothing() {
         for e in &out.errors {
             assert_eq!(e.code, capkv::ErrorCode::Unavailable, "trial {trial}: {e}");
         }
-        let (stored, unknown_written) = verify_after_restart(&rt, dir.path(), &[], trial, &out);
+        let (stored, unknown_written) =
+            verify_after_restart(&rt, dir.path(), ("rocksdb", &[]), trial, &out);
         eprintln!(
             "trial {trial}: SIGTERM at {term_at} acks, exit 0 after {:?}; acked {}, lost 0, \
              stored {stored}; writers' last errors: {:?} ({unknown_written} in-flight writes stored)",

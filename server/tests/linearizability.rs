@@ -364,6 +364,16 @@ fn rocksdb_engine_is_linearizable_under_contention() {
     });
 }
 
+#[test]
+fn memory_log_engine_is_linearizable_under_contention() {
+    let dir = tempfile::tempdir().unwrap();
+    contention(Config {
+        engine: Engine::MemoryLog,
+        data_dir: dir.path().to_path_buf(),
+        ..common::test_config()
+    });
+}
+
 /// On a gateway over a 3-member etcd cluster whose leader, then a follower, is killed
 /// (SIGKILL) and restarted, over and over, while the clients run.
 #[test]

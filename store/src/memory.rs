@@ -37,9 +37,9 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::history::{Changes, EventPage, KeyRange, PageLimits};
 use crate::lease::{LeaseInfo, Leases};
+use crate::logged::effects;
 use crate::ring::Ring;
 use crate::sorted::Sorted;
-use crate::logged::effects;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
 use crate::write::{Attach, LeaseGranted, RevokeOutcome};
 use crate::{
@@ -888,7 +888,12 @@ impl MemoryStore {
 
     /// Applies logged effects as they are (recovery), at group `revision`; with their
     /// watch events when `history` (the log's records, not a snapshot's).
-    pub(crate) fn replay(&self, effects: &[u8], revision: u64, history: bool) -> Result<(), String> {
+    pub(crate) fn replay(
+        &self,
+        effects: &[u8],
+        revision: u64,
+        history: bool,
+    ) -> Result<(), String> {
         use crate::logged::effects::Effect;
         let mut inner = self.lock_write();
         let log = inner.log.take();
@@ -939,18 +944,16 @@ impl MemoryStore {
                     let lease = Some(lease).filter(|&l| l != 0 && inner.leases.contains(l));
                     inner.leases.attach(key, lease);
                 }
-                Effect::Record { key, record } => {
-                    match Record::decode(record) {
-                        Ok(r) if r.expires_at_unix_ms > now_ms => {
-                            inner.records.insert(key.to_vec(), r);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            result = Err(e.to_string());
-                            break;
-                        }
+                Effect::Record { key, record } => match Record::decode(record) {
+                    Ok(r) if r.expires_at_unix_ms > now_ms => {
+                        inner.records.insert(key.to_vec(), r);
                     }
-                }
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e.to_string());
+                        break;
+                    }
+                },
             }
         }
         inner.revision = inner.revision.max(revision);
@@ -1009,7 +1012,13 @@ impl MemoryStore {
             if after == Some(s.key()) {
                 continue;
             }
-            crate::logged::effects::put(out, s.key(), s.value(), s.version(), s.header().mod_revision.get());
+            crate::logged::effects::put(
+                out,
+                s.key(),
+                s.value(),
+                s.version(),
+                s.header().mod_revision.get(),
+            );
             n += 1;
             if n >= max {
                 return Some(s.key().to_vec());

@@ -49,7 +49,10 @@ pub(crate) fn numbered(dir: &Path, prefix: &str) -> io::Result<Vec<u64>> {
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(seq) = name.strip_prefix(prefix).and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(seq) = name
+            .strip_prefix(prefix)
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             seqs.push(seq);
         }
     }
@@ -104,11 +107,22 @@ pub(crate) fn records(seq: u64, buf: &[u8]) -> (Vec<Found<'_>>, usize, Option<St
         }
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let start = at + RECORD_HEADER_BYTES;
-        let Some(body) = buf.get(start..start + len).filter(|_| len >= REVISION_BYTES) else {
-            return (found, at, Some(format!("a record at {at} runs past the segment")));
+        let Some(body) = buf
+            .get(start..start + len)
+            .filter(|_| len >= REVISION_BYTES)
+        else {
+            return (
+                found,
+                at,
+                Some(format!("a record at {at} runs past the segment")),
+            );
         };
         if checksum(seq, body) != crc {
-            return (found, at, Some(format!("the record at {at} fails its checksum")));
+            return (
+                found,
+                at,
+                Some(format!("the record at {at} fails its checksum")),
+            );
         }
         let (revision, effects) = body.split_at(REVISION_BYTES);
         found.push(Found {
@@ -171,7 +185,12 @@ enum Next {
 
 impl Writer {
     /// Writes on at `offset` of segment `seq`, which exists.
-    pub(crate) fn resume(dir: &Path, seq: u64, offset: u64, segment_bytes: u64) -> io::Result<Self> {
+    pub(crate) fn resume(
+        dir: &Path,
+        seq: u64,
+        offset: u64,
+        segment_bytes: u64,
+    ) -> io::Result<Self> {
         let path = segment_path(dir, seq);
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let size = file.metadata()?.len();
@@ -250,8 +269,9 @@ impl Writer {
         if whole > self.room() {
             self.roll(whole)?;
         }
-        let len32 = u32::try_from(len)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a group record over 4 GiB"))?;
+        let len32 = u32::try_from(len).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "a group record over 4 GiB")
+        })?;
         self.buf.clear();
         self.buf.extend_from_slice(&len32.to_le_bytes());
         self.buf.extend_from_slice(&[0; 4]);
@@ -433,7 +453,13 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, vec![(FRAME_HEADER, b"h".to_vec()), (FRAME_EFFECTS, b"e".to_vec())]);
+        assert_eq!(
+            seen,
+            vec![
+                (FRAME_HEADER, b"h".to_vec()),
+                (FRAME_EFFECTS, b"e".to_vec())
+            ]
+        );
         let whole = fs::read(&path).unwrap();
         fs::write(&path, &whole[..whole.len() - 9]).unwrap();
         assert!(read_snapshot(&path, |_, _| Ok(())).is_err());

@@ -213,6 +213,12 @@ impl LoggedStore {
         opts.validate()?;
         let dir = opts.dir.clone();
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        if dir.join("CURRENT").exists() {
+            return Err(LogError::Invalid(format!(
+                "{} holds a RocksDB database (engine = \"rocksdb\"), not a log",
+                dir.display()
+            )));
+        }
         let lock_path = dir.join("LOCK");
         let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
         if lock.try_lock().is_err() {
@@ -272,7 +278,10 @@ impl LoggedStore {
         let mut log_bytes = 0u64;
         for (i, &seq) in segments.iter().enumerate() {
             if i > 0 && segments[i - 1] + 1 != seq {
-                return Err(corrupt(format!("segment {} is missing", segments[i - 1] + 1)));
+                return Err(corrupt(format!(
+                    "segment {} is missing",
+                    segments[i - 1] + 1
+                )));
             }
             let path = files::segment_path(&dir, seq);
             let buf = fs::read(&path).map_err(io_error(&path))?;
@@ -369,6 +378,12 @@ impl LoggedStore {
     }
 }
 
+/// Whether `dir` holds a log of this engine (so that another engine does not start an
+/// empty store over it).
+pub fn holds_a_log(dir: &Path) -> bool {
+    dir.join("secret").exists() && files::numbered(dir, "log-").is_ok_and(|s| !s.is_empty())
+}
+
 fn failed_error() -> StoreError {
     StoreError::Unavailable(
         "the write-ahead log failed; writes are refused until the server restarts".into(),
@@ -458,7 +473,10 @@ impl Committer {
         let mut applying = self.mem.begin_group();
         self.outcomes.clear();
         for op in group.iter_mut() {
-            let write = std::mem::replace(&mut op.op, WriteOp::ExpireLeases(crate::write::ExpireLeases));
+            let write = std::mem::replace(
+                &mut op.op,
+                WriteOp::ExpireLeases(crate::write::ExpireLeases),
+            );
             let idem = op.idem.take();
             self.outcomes.push(applying.write(write, idem));
         }
@@ -536,10 +554,17 @@ impl Committer {
                         log_bytes
                             .log_bytes
                             .store(files::disk_bytes(&dir), Ordering::Relaxed);
-                        tracing::info!(seq, revision, bytes,
-                            elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written");
+                        tracing::info!(
+                            seq,
+                            revision,
+                            bytes,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "snapshot written"
+                        );
                     }
-                    Err(e) => tracing::warn!(error = %e, seq, "snapshot failed; the log is kept whole"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, seq, "snapshot failed; the log is kept whole")
+                    }
                 }
             });
         match spawned {
@@ -584,10 +609,16 @@ fn write_snapshot(
         return Err(e);
     }
     w.finish()?;
-    for old in files::numbered(dir, "log-")?.into_iter().filter(|&s| s < seq) {
+    for old in files::numbered(dir, "log-")?
+        .into_iter()
+        .filter(|&s| s < seq)
+    {
         fs::remove_file(files::segment_path(dir, old))?;
     }
-    for old in files::numbered(dir, "snapshot-")?.into_iter().filter(|&s| s < seq) {
+    for old in files::numbered(dir, "snapshot-")?
+        .into_iter()
+        .filter(|&s| s < seq)
+    {
         fs::remove_file(files::snapshot_path(dir, old))?;
     }
     files::sync_dir(dir)?;

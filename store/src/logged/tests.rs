@@ -39,7 +39,11 @@ fn workload(s: &dyn Store, rounds: u32) {
             s.apply(
                 write::PutMany {
                     items: vec![
-                        (b"batch-a".to_vec(), i.to_string().into_bytes(), Condition::None),
+                        (
+                            b"batch-a".to_vec(),
+                            i.to_string().into_bytes(),
+                            Condition::None,
+                        ),
                         (b"batch-b".to_vec(), vec![0, 1, 2], Condition::None),
                     ],
                 },
@@ -253,7 +257,10 @@ fn a_snapshot_taken_under_writes_replaces_the_old_segments() {
     let snap = snapshots(dir.path());
     assert_eq!(snap.len(), 1);
     let segs = files::numbered(dir.path(), "log-").unwrap();
-    assert!(segs.iter().all(|&s| s >= snap[0]), "{segs:?} before {snap:?}");
+    assert!(
+        segs.iter().all(|&s| s >= snap[0]),
+        "{segs:?} before {snap:?}"
+    );
     let s = LoggedStore::open(small(dir.path())).unwrap();
     assert_eq!(state(&s), live);
     // The history starts at the snapshot: a watch from before is told it is compacted.
@@ -316,9 +323,17 @@ fn reads_see_a_group_only_once_it_is_durable() {
     assert!(m.get(b"b").unwrap().is_some());
     assert_eq!(m.get(b"0-new").unwrap(), None);
     let (many, r) = m.get_many(&[b"a", b"b"]).unwrap();
-    assert_eq!((many[0].as_ref().unwrap().value.as_slice(), r), (&b"old"[..], durable.1));
-    let page = m.events(&KeyRange::prefix(b""), 0, PageLimits::events(100_000)).unwrap();
-    assert!(page.events.iter().all(|e| e.entry.mod_revision <= durable.1));
+    assert_eq!(
+        (many[0].as_ref().unwrap().value.as_slice(), r),
+        (&b"old"[..], durable.1)
+    );
+    let page = m
+        .events(&KeyRange::prefix(b""), 0, PageLimits::events(100_000))
+        .unwrap();
+    assert!(page
+        .events
+        .iter()
+        .all(|e| e.entry.mod_revision <= durable.1));
     m.end_group(effects);
     let (entries, rev) = state(&m);
     assert_eq!(rev, revision);
