@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Durable puts, one back-to-back run with the same load generator: capkv on RocksDB with the
 # WAL synced before each acknowledgement, group commit on (default) and off
-# (storage.group_commit_max_writes=1), against redis-server with `appendfsync always`.
+# (storage.group_commit_max_writes=1), capkv's memory-log engine (its log synced before each
+# acknowledgement, group commit on), against redis-server with `appendfsync always`.
 # 1 and 50 writers (connections, one call in flight each), 100-byte values, 100k keys; and
 # capkv's 50 writers again with an idempotency key per put (`Client`'s default).
 # Prints a markdown table on stdout; with DURABLE_CSV=FILE also writes the rows as
@@ -20,9 +21,9 @@ pid=""
 stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
 trap 'stop; rm -rf "$tmp"' EXIT
 
-start_capkv() { # $1 = group_commit_max_writes
+start_capkv() { # $1 = group_commit_max_writes, $2 = engine (default rocksdb)
     rm -rf "$tmp/data"
-    CAPKV_STORAGE__GROUP_COMMIT_MAX_WRITES="$1" taskset -c 1 "$bin/kv-server" --engine rocksdb \
+    CAPKV_STORAGE__GROUP_COMMIT_MAX_WRITES="$1" taskset -c 1 "$bin/kv-server" --engine "${2:-rocksdb}" \
         --data-dir "$tmp/data" --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
     pid=$!
     addr=$(wait_listening "$tmp/kv.log" "$pid") || exit 1
@@ -68,6 +69,13 @@ stop
 start_capkv 1
 run "sync, group commit off, 1 writer" capkv 1 "capkv (group commit off)"
 run "sync, group commit off, 50 writers" capkv 50 "capkv (group commit off)"
+stop
+# The memory engine with its write-ahead log (`--engine memory-log`): Redis's design, with
+# group commit.
+start_capkv 1024 memory-log
+run "memory-log, 1 writer" capkv 1 "capkv memory-log"
+run "memory-log, 50 writers" capkv 50 "capkv memory-log"
+run "memory-log, keyed, 50 writers" capkv 50 "capkv memory-log (keyed)" --idempotent
 stop
 start_redis
 run "appendfsync always, 1 writer" redis 1
