@@ -290,6 +290,9 @@ pub struct StorageConfig {
     /// Log bytes past which the `memory-log` engine writes a snapshot (or the last
     /// snapshot's size, if larger) and drops the segments before it.
     pub log_snapshot_min_bytes: u64,
+    /// The longest a `memory-log` write waits for the end of its worker's pass (its run
+    /// through every ready connection) before its group is committed anyway.
+    pub log_group_wait_max_us: u64,
     /// Events the memory engine keeps for watchers (its oldest revisions go first).
     pub memory_history_events: usize,
     /// Bytes of keys and values the memory engine's history keeps, at most.
@@ -458,6 +461,7 @@ impl Default for StorageConfig {
             history_events: r.history_events,
             log_segment_bytes: l.segment_bytes,
             log_snapshot_min_bytes: l.snapshot_min_log_bytes,
+            log_group_wait_max_us: l.group_wait_max_us,
             memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
             memory_history_bytes: capkv_store::memory::DEFAULT_HISTORY_BYTES,
             etcd: EtcdConfig::default(),
@@ -656,6 +660,9 @@ impl Config {
                 seg.end()
             ));
         }
+        if st.log_group_wait_max_us > 100_000 {
+            return fail("storage.log_group_wait_max_us must be at most 100000");
+        }
         if st.log_snapshot_min_bytes < st.log_segment_bytes {
             return fail(
                 "storage.log_snapshot_min_bytes must be at least storage.log_segment_bytes",
@@ -814,6 +821,7 @@ impl Config {
         o.segment_bytes = st.log_segment_bytes;
         o.snapshot_min_log_bytes = st.log_snapshot_min_bytes;
         o.group_commit_max_writes = st.group_commit_max_writes;
+        o.group_wait_max_us = st.log_group_wait_max_us;
         o.write_queue_depth = st.write_queue_depth;
         o.history_events = st.memory_history_events;
         o.history_bytes = st.memory_history_bytes;

@@ -419,8 +419,12 @@ fn worker_main(
     shared: Arc<Shared>,
     ready: mpsc::Sender<()>,
 ) {
+    // The store hears when this worker has run through its ready connections (a write
+    // engine may group what the pass submitted into one commit).
+    let idle_store = Arc::clone(&shared.store);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(move || idle_store.worker_idle())
         .build()
     {
         Ok(rt) => rt,
@@ -429,6 +433,7 @@ fn worker_main(
             return;
         }
     };
+    shared.store.worker_started();
     // Outside any runtime on this thread: a blocking send is allowed here.
     let _ = ready.blocking_send(());
     drop(ready);

@@ -265,6 +265,13 @@ pub trait Store: Send + Sync {
     fn writes_complete_at_once(&self) -> bool {
         false
     }
+    /// Called once by each server worker thread before it serves: the thread will call
+    /// [`worker_idle`](Self::worker_idle) whenever it runs out of ready work, so an engine
+    /// may defer committing the writes it submits until then (the memory-log engine groups
+    /// a worker's pass into one sync).
+    fn worker_started(&self) {}
+    /// The calling worker has run through its ready work and is about to wait for I/O.
+    fn worker_idle(&self) {}
     fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
         let w = write::Put {
             key: key.to_vec(),

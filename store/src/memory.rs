@@ -481,10 +481,23 @@ impl Inner {
     /// else as a new entry in both indexes. Its event joins the history.
     fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
         self.history.push(key, value, Some(version), mod_revision);
-        if self.log.is_some() {
-            self.note_before(key);
-            if let Some(log) = self.log.as_deref_mut() {
-                effects::put(&mut log.effects, key, value, version, mod_revision);
+        let Inner { map, log, .. } = self;
+        if let Some(log) = log.as_deref_mut() {
+            effects::put(&mut log.effects, key, value, version, mod_revision);
+            if !log.pre.contains_key(key) {
+                let current = map.get(key);
+                // An entry about to be rewritten in place (same value length) is copied;
+                // one about to be replaced is kept as it is.
+                let before = match current {
+                    Some(s) if s.value().len() == value.len() => Some(Stored::new(
+                        s.key(),
+                        s.value(),
+                        s.version(),
+                        s.header().mod_revision.get(),
+                    )),
+                    other => other.cloned(),
+                };
+                log.pre.insert(key.to_vec(), before);
             }
         }
         self.set(key, value, version, mod_revision);
@@ -492,13 +505,9 @@ impl Inner {
 
     /// Sets `key`'s entry, without history or log (what [`Self::insert`] and a replay share).
     fn set(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
-        // A logged group in flight keeps the entry it replaces as its pre-image, so the
-        // entry is never rewritten in place while logging.
-        if self.log.is_none() {
-            if let Some(s) = self.map.get(key) {
-                if s.overwrite(value, version, mod_revision) {
-                    return;
-                }
+        if let Some(s) = self.map.get(key) {
+            if s.overwrite(value, version, mod_revision) {
+                return;
             }
         }
         let stored = Stored::new(key, value, version, mod_revision);

@@ -37,7 +37,7 @@ mod files;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -69,6 +69,10 @@ pub struct LogOptions {
     /// if larger).
     pub snapshot_min_log_bytes: u64,
     pub group_commit_max_writes: usize,
+    /// The longest a write queued by a server worker waits for the end of that worker's
+    /// pass (its run through every ready connection) before its group is committed anyway
+    /// (see [`Wake`]).
+    pub group_wait_max_us: u64,
     pub write_queue_depth: usize,
     pub history_events: usize,
     pub history_bytes: usize,
@@ -81,7 +85,8 @@ impl LogOptions {
             segment_bytes: 64 << 20,
             snapshot_min_log_bytes: 256 << 20,
             group_commit_max_writes: 1_024,
-            write_queue_depth: 65_536,
+            group_wait_max_us: 500,
+            write_queue_depth: 16_384,
             history_events: crate::memory::DEFAULT_HISTORY_EVENTS,
             history_bytes: crate::memory::DEFAULT_HISTORY_BYTES,
         }
@@ -101,6 +106,9 @@ impl LogOptions {
         }
         if self.group_commit_max_writes == 0 || self.write_queue_depth == 0 {
             return bad("group_commit_max_writes and write_queue_depth must be at least 1".into());
+        }
+        if self.group_wait_max_us > 100_000 {
+            return bad("group_wait_max_us must be at most 100000".into());
         }
         if self.history_events == 0 || self.history_bytes == 0 {
             return bad("history_events and history_bytes must be at least 1".into());
@@ -135,6 +143,28 @@ struct Counters {
     log_bytes: AtomicU64,
 }
 
+/// When the committer takes a group. A write submitted from a server worker does not wake
+/// it: the worker calls [`Store::worker_idle`] when it has run through every ready
+/// connection and is about to wait for I/O, and that wakes it, once, for everything the
+/// pass submitted (as Redis syncs once per pass of its event loop). Under load a pass
+/// gathers the writes of many connections into one group, one sync; under light load
+/// passes are short and nothing waits. A write from any other thread (the lease reaper,
+/// an embedding program) wakes the committer at once.
+#[derive(Debug, Default)]
+struct Wake {
+    /// Set with an unpark when the committer should take what is queued now.
+    go: AtomicBool,
+    /// Writes submitted by a worker since its last `worker_idle`.
+    deferred: AtomicU64,
+    /// The store is being dropped: the committer drains the queue and ends.
+    closed: AtomicBool,
+}
+
+thread_local! {
+    /// Whether this thread is a server worker that calls [`Store::worker_idle`].
+    static PASSES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// See the module's documentation.
 pub struct LoggedStore {
     mem: Arc<MemoryStore>,
@@ -147,6 +177,16 @@ pub struct LoggedStore {
     snapshot_now: Arc<AtomicBool>,
     /// Held while open (`LOCK`).
     _lock: File,
+    wake: Arc<Wake>,
+    /// The committer's thread, to unpark.
+    committer_thread: std::thread::Thread,
+}
+
+impl LoggedStore {
+    fn go(&self) {
+        self.wake.go.store(true, Ordering::Release);
+        self.committer_thread.unpark();
+    }
 }
 
 impl std::fmt::Debug for LoggedStore {
@@ -322,6 +362,7 @@ impl LoggedStore {
         let failed = Arc::new(AtomicBool::new(false));
         let snapshot_now = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::sync_channel(opts.write_queue_depth);
+        let wake = Arc::new(Wake::default());
         let committer = Committer {
             mem: Arc::clone(&mem),
             rx,
@@ -334,6 +375,7 @@ impl LoggedStore {
             snapshot_bytes: Arc::new(AtomicU64::new(snapshot_bytes)),
             snapshot: None,
             outcomes: Vec::new(),
+            wake: Arc::clone(&wake),
         };
         let handle = std::thread::Builder::new()
             .name("capkv-log".into())
@@ -341,10 +383,13 @@ impl LoggedStore {
             .map_err(io_error(&dir))?;
         tracing::info!(dir = %dir.display(), revision = mem.revision().unwrap_or(0),
             segments = segments.len(), "log recovered");
+        let committer_thread = handle.thread().clone();
         Ok(Self {
             mem,
             writes: Some(tx),
             committer: Some(handle),
+            wake,
+            committer_thread,
             counters,
             failed,
             snapshot_now,
@@ -362,7 +407,14 @@ impl LoggedStore {
         let (done, pending) = Pending::channel();
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(Op { op, idem, done }) {
-            Ok(()) => pending,
+            Ok(()) => {
+                if PASSES.with(|p| p.get()) {
+                    self.wake.deferred.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.go();
+                }
+                pending
+            }
             Err(e) => {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
                 Pending::ready(Err(match e {
@@ -392,8 +444,10 @@ fn failed_error() -> StoreError {
 
 impl Drop for LoggedStore {
     fn drop(&mut self) {
-        // The committer drains what is queued, then ends when the queue closes.
+        // The committer drains what is queued, then ends.
         self.writes = None;
+        self.wake.closed.store(true, Ordering::Release);
+        self.go();
         if let Some(h) = self.committer.take() {
             let _ = h.join();
         }
@@ -414,24 +468,31 @@ struct Committer {
     snapshot_bytes: Arc<AtomicU64>,
     snapshot: Option<JoinHandle<()>>,
     outcomes: Vec<Result<WriteOutcome, StoreError>>,
+    wake: Arc<Wake>,
 }
 
 impl Committer {
     fn run(mut self) {
         let mut group: Vec<Op> = Vec::new();
+        let pass_wait = Duration::from_micros(self.opts.group_wait_max_us);
         loop {
-            let first = match self.rx.recv_timeout(IDLE_CHECK) {
-                Ok(op) => op,
-                Err(RecvTimeoutError::Timeout) => {
-                    // Idle: a snapshot `compact` asked for need not wait for a write.
-                    self.maybe_snapshot();
-                    continue;
+            if self.counters.queued.load(Ordering::Acquire) == 0 {
+                if self.wake.closed.load(Ordering::Acquire) {
+                    break;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
+                std::thread::park_timeout(IDLE_CHECK);
+                // Idle: a snapshot `compact` asked for need not wait for a write.
+                self.maybe_snapshot();
+                continue;
+            }
+            // Writes are queued. Unless a worker has said its pass is over (or a thread
+            // that is not a worker wrote), wait for that, at most `group_wait_max_us`.
+            if !self.wake.go.swap(false, Ordering::AcqRel) {
+                std::thread::park_timeout(pass_wait);
+                self.wake.go.store(false, Ordering::Release);
+            }
             let budget = self.opts.segment_bytes / GROUP_BYTES_PER_SEGMENT;
-            let mut bytes = first.weight();
-            group.push(first);
+            let mut bytes = 0;
             while group.len() < self.opts.group_commit_max_writes && bytes < budget {
                 match self.rx.try_recv() {
                     Ok(op) => {
@@ -441,9 +502,15 @@ impl Committer {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
+            if group.is_empty() {
+                // Counted but not yet in the queue (a submit between its count and its
+                // send): the next look finds it.
+                std::thread::yield_now();
+                continue;
+            }
             self.counters
                 .queued
-                .fetch_sub(group.len() as u64, Ordering::Relaxed);
+                .fetch_sub(group.len() as u64, Ordering::AcqRel);
             self.commit(&mut group, bytes);
             group.clear();
             self.maybe_snapshot();
@@ -708,7 +775,18 @@ impl Store for LoggedStore {
 
     fn compact(&self) -> Result<(), StoreError> {
         self.snapshot_now.store(true, Ordering::Release);
+        self.committer_thread.unpark();
         Ok(())
+    }
+
+    fn worker_started(&self) {
+        PASSES.with(|p| p.set(true));
+    }
+
+    fn worker_idle(&self) {
+        if self.wake.deferred.swap(0, Ordering::AcqRel) > 0 {
+            self.go();
+        }
     }
 }
 
