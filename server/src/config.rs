@@ -964,6 +964,18 @@ mod tests {
                     "[storage]\nwal_recycle_files = 17\n",
                     "storage.wal_recycle_files",
                 ),
+                (
+                    "[storage]\nlog_segment_bytes = 1000\n",
+                    "storage.log_segment_bytes",
+                ),
+                (
+                    "[storage]\nlog_segment_bytes = 1048576\nlog_snapshot_min_bytes = 65536\n",
+                    "storage.log_snapshot_min_bytes",
+                ),
+                (
+                    "[storage]\nlog_group_wait_max_us = 100001\n",
+                    "storage.log_group_wait_max_us",
+                ),
             ] {
                 jail.create_file("wal.toml", toml)?;
                 let e = Config::load(Some(Path::new("wal.toml")), &FlagOverrides::default())

@@ -20,25 +20,42 @@ pub async fn reload_on_sighup(shared: std::sync::Arc<crate::chain::Shared>) -> s
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT, after arming the second-signal exit.
-pub async fn shutdown_requested() -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(
-        signal = name,
-        "shutdown requested; a second signal exits at once"
-    );
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        tracing::warn!("second signal: exiting without draining");
-        std::process::exit(FORCED_EXIT_CODE);
-    });
-    Ok(())
+/// SIGTERM and SIGINT, caught from the moment [`install`](Self::install) returns: a server
+/// installs it before it binds, so a signal sent as soon as it says `listening` drains it
+/// (installed lazily, at the first poll of the shutdown future, a SIGTERM right after
+/// `listening` killed the process without a drain).
+pub struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    /// Must be called inside a tokio runtime.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the first SIGTERM or SIGINT, after arming the second-signal exit.
+    pub async fn requested(mut self) {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            signal = name,
+            "shutdown requested; a second signal exits at once"
+        );
+        let Self { mut term, mut int } = self;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            tracing::warn!("second signal: exiting without draining");
+            std::process::exit(FORCED_EXIT_CODE);
+        });
+    }
 }

@@ -107,6 +107,46 @@ fn storage_that_cannot_open_is_a_clear_error() {
     assert!(err.contains("cannot open the storage engine"), "{err}");
 }
 
+/// The memory-log engine and RocksDB never start over each other's files, and a log
+/// directory held by a running server is refused.
+#[test]
+fn an_engine_refuses_another_engine_s_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let (mut first, _) = spawn_server(&[
+        "--engine",
+        "memory-log",
+        "--data-dir",
+        log.to_str().unwrap(),
+    ]);
+    let out = common::kv_server(&["--engine", "memory-log", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("in use by another process"), "{err}");
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    let err = failed_start(&log);
+    assert!(err.contains("start with --engine memory-log"), "{err}");
+
+    let rocks = dir.path().join("rocks");
+    let (mut first, _) =
+        spawn_server(&["--engine", "rocksdb", "--data-dir", rocks.to_str().unwrap()]);
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    let out = common::kv_server(&["--engine", "memory-log", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&rocks)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("holds a RocksDB database"), "{err}");
+}
+
 #[test]
 fn port_in_use_is_a_clear_error() {
     let (mut first, addr) = spawn_server(&[]);

@@ -1210,13 +1210,15 @@ mod tests {
                 key: i.to_le_bytes().to_vec(),
                 expires_at_unix_ms: far,
             };
-            let _ = s.write(
+            s.write(
                 WriteOp::Delete(write::Delete {
                     key: b"k".to_vec(),
                     cond: Condition::None,
                 }),
                 Some(idem),
-            );
+            )
+            .wait()
+            .unwrap();
         }
         let inner = s.read();
         assert_eq!(inner.records.len(), RECORD_SWEEP_AT + 1);

@@ -118,6 +118,8 @@ fn run(config: Config, (file, flags): (Option<PathBuf>, FlagOverrides)) -> anyho
         .enable_all()
         .build()?;
     rt.block_on(async {
+        // Before anything listens: a SIGTERM sent once `listening` is logged must drain.
+        let signals = capkv_server::signals::Shutdown::install();
         let server = capkv_server::Server::bind(config).await?;
         // Reloads read the same sources as the start: file, environment, flags.
         let shared = server.shared();
@@ -128,8 +130,9 @@ fn run(config: Config, (file, flags): (Option<PathBuf>, FlagOverrides)) -> anyho
             }
         });
         let shutdown = async {
-            if let Err(e) = capkv_server::signals::shutdown_requested().await {
-                tracing::error!(error = %e, "cannot install signal handlers; stopping");
+            match signals {
+                Ok(signals) => signals.requested().await,
+                Err(e) => tracing::error!(error = %e, "cannot install signal handlers; stopping"),
             }
         };
         server.run(shutdown).await?;

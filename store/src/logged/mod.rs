@@ -141,6 +141,9 @@ struct Counters {
     commits: AtomicU64,
     queued: AtomicU64,
     log_bytes: AtomicU64,
+    /// Tests: the next syncs fail.
+    #[cfg(test)]
+    fail_syncs: AtomicBool,
 }
 
 /// When the committer takes a group. A write submitted from a server worker does not wake
@@ -176,7 +179,7 @@ pub struct LoggedStore {
     /// Asks the committer for a snapshot at its next group (`compact`).
     snapshot_now: Arc<AtomicBool>,
     /// Held while open (`LOCK`).
-    _lock: File,
+    _lock: nix::fcntl::Flock<File>,
     wake: Arc<Wake>,
     /// The committer's thread, to unpark.
     committer_thread: std::thread::Thread,
@@ -261,9 +264,8 @@ impl LoggedStore {
         }
         let lock_path = dir.join("LOCK");
         let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
-        if lock.try_lock().is_err() {
-            return Err(LogError::Locked(dir));
-        }
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| LogError::Locked(dir.clone()))?;
         let secret = secret(&dir)?;
         let mem = Arc::new(MemoryStore::logging(
             opts.history_events,
@@ -553,6 +555,14 @@ impl Committer {
                 .writer
                 .append(revision, &effects)
                 .and_then(|()| self.writer.sync());
+            #[cfg(test)]
+            let logged =
+                logged.and_then(
+                    |()| match self.counters.fail_syncs.load(Ordering::Acquire) {
+                        true => Err(std::io::Error::other("injected sync failure")),
+                        false => Ok(()),
+                    },
+                );
             if let Err(e) = logged {
                 tracing::error!(error = %e, revision,
                     "the write-ahead log could not be written or synced: writes are refused until a restart");

@@ -340,3 +340,47 @@ fn reads_see_a_group_only_once_it_is_durable() {
     let keys: Vec<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
     assert_eq!(keys, vec![&b"0-new"[..], b"a", b"c"]);
 }
+
+/// A log that cannot be synced: the group's writes fail, every later write is refused
+/// (`write_refusal` says why), and reads keep to what was durable before (the failed
+/// group stays hidden).
+#[test]
+fn a_failed_sync_refuses_writes_and_hides_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LoggedStore::open(small(dir.path())).unwrap();
+    let s: &dyn Store = &store;
+    put(s, b"a", b"durable");
+    assert!(s.write_refusal().is_none());
+    store.counters.fail_syncs.store(true, Ordering::Release);
+    let failed = s.put(b"a", b"lost?", Condition::None).wait();
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
+    assert_eq!(s.get(b"a").unwrap().unwrap().value, b"durable");
+    assert_eq!(s.revision().unwrap(), 1);
+    store.counters.fail_syncs.store(false, Ordering::Release);
+    let refused = s.put(b"b", b"x", Condition::None).wait();
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(s.write_refusal().is_some());
+    assert_eq!(s.get(b"b").unwrap(), None);
+}
+
+/// The engine refuses a RocksDB directory, and a RocksDB server refuses a log's (tested
+/// in the server); `holds_a_log` tells them apart.
+#[test]
+fn a_rocksdb_directory_is_refused_and_a_log_is_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!holds_a_log(dir.path()));
+    drop(LoggedStore::open(small(dir.path())).unwrap());
+    assert!(holds_a_log(dir.path()));
+    let rocks = tempfile::tempdir().unwrap();
+    fs::write(rocks.path().join("CURRENT"), b"MANIFEST-000001\n").unwrap();
+    assert!(matches!(
+        LoggedStore::open(small(rocks.path())),
+        Err(LogError::Invalid(_))
+    ));
+}
