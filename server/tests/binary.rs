@@ -30,6 +30,12 @@ fn spawn_server(extra: &[&str]) -> (Proc, SocketAddr) {
 }
 
 /// Waits for the child to exit, bounded; kills it (by PID) if it does not.
+/// SIGTERM by PID, and a clean exit within 20 s.
+fn terminate(child: &mut Child) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
+}
+
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -98,8 +104,7 @@ fn storage_that_cannot_open_is_a_clear_error() {
         spawn_server(&["--engine", "rocksdb", "--data-dir", data.to_str().unwrap()]);
     let err = failed_start(&data);
     assert!(err.contains("in use by another process"), "{err}");
-    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    terminate(&mut first);
 
     // Files RocksDB cannot make sense of.
     std::fs::write(data.join("CURRENT"), b"MANIFEST-999999\n").unwrap();
@@ -127,16 +132,14 @@ fn an_engine_refuses_another_engine_s_directory() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("in use by another process"), "{err}");
-    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    terminate(&mut first);
     let err = failed_start(&log);
     assert!(err.contains("start with --engine memory-log"), "{err}");
 
     let rocks = dir.path().join("rocks");
     let (mut first, _) =
         spawn_server(&["--engine", "rocksdb", "--data-dir", rocks.to_str().unwrap()]);
-    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    terminate(&mut first);
     let out = common::kv_server(&["--engine", "memory-log", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&rocks)
@@ -156,8 +159,7 @@ fn port_in_use_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
-    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_exit(&mut first, Duration::from_secs(20)).success());
+    terminate(&mut first);
 }
 
 #[test]

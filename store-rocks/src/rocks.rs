@@ -40,7 +40,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -601,14 +601,7 @@ impl RocksStore {
             Ok(()) => pending,
             Err(e) => {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                Pending::ready(Err(match e {
-                    TrySendError::Full(_) => {
-                        StoreError::Busy("the write queue is full; retry shortly".into())
-                    }
-                    TrySendError::Disconnected(_) => {
-                        StoreError::Unavailable("storage is closed".into())
-                    }
-                }))
+                Pending::ready(Err(capkv_store::queue_refusal(&e)))
             }
         }
     }

@@ -415,6 +415,19 @@ macro_rules! forward_history_and_leases {
     };
 }
 
+/// What a write refused by a full or closed commit queue gets (every engine with a
+/// committer thread says it alike).
+pub fn queue_refusal<T>(e: &std::sync::mpsc::TrySendError<T>) -> StoreError {
+    match e {
+        std::sync::mpsc::TrySendError::Full(_) => {
+            StoreError::Busy("the write queue is full; retry shortly".into())
+        }
+        std::sync::mpsc::TrySendError::Disconnected(_) => {
+            StoreError::Unavailable("storage is closed".into())
+        }
+    }
+}
+
 impl dyn Store + '_ {
     /// Applies a write of one kind, idempotently when `idem` is given, and answers with
     /// that kind's outcome (`Put` → [`PutOutcome`], ...): what the server's handlers call.

@@ -37,16 +37,15 @@ mod files;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::history::{Changes, EventPage, KeyRange, PageLimits};
 use crate::memory::MemoryStore;
 use crate::{
-    Completer, Entry, Found, IdempotencyKey, LeaseInfo, Pending, ScanPage, ScanRequest, Store,
-    StoreError, StoreStats, WriteOp, WriteOutcome,
+    Completer, Entry, Found, IdempotencyKey, Pending, ScanPage, ScanRequest, Store, StoreError,
+    StoreStats, WriteOp, WriteOutcome,
 };
 
 /// Smallest segment allowed (a test can use this; production wants tens of MiB).
@@ -419,14 +418,7 @@ impl LoggedStore {
             }
             Err(e) => {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                Pending::ready(Err(match e {
-                    TrySendError::Full(_) => {
-                        StoreError::Busy("the write queue is full; retry shortly".into())
-                    }
-                    TrySendError::Disconnected(_) => {
-                        StoreError::Unavailable("storage is closed".into())
-                    }
-                }))
+                Pending::ready(Err(crate::queue_refusal(&e)))
             }
         }
     }
@@ -731,30 +723,7 @@ impl Store for LoggedStore {
         self.mem.revision()
     }
 
-    fn lease_keep_alive(&self, id: u64) -> Result<LeaseInfo, StoreError> {
-        self.mem.lease_keep_alive(id)
-    }
-
-    fn lease_info(&self, id: u64) -> Result<LeaseInfo, StoreError> {
-        self.mem.lease_info(id)
-    }
-
-    fn lease_clock(&self) -> (usize, Option<Instant>) {
-        self.mem.lease_clock()
-    }
-
-    fn events(
-        &self,
-        range: &KeyRange,
-        after: u64,
-        max: PageLimits,
-    ) -> Result<EventPage, StoreError> {
-        self.mem.events(range, after, max)
-    }
-
-    fn changes(&self) -> &Changes {
-        self.mem.changes()
-    }
+    crate::forward_history_and_leases!(mem);
 
     fn engine_name(&self) -> &'static str {
         "memory-log"

@@ -1,4 +1,5 @@
 use super::*;
+use crate::history::{KeyRange, PageLimits};
 use crate::write::{self, Attach};
 use crate::{Condition, MemoryStore};
 
