@@ -293,6 +293,8 @@ pub struct StorageConfig {
     /// The longest a `memory-log` write waits for the end of its worker's pass (its run
     /// through every ready connection) before its group is committed anyway.
     pub log_group_wait_max_us: u64,
+    /// Idempotency records the memory engines keep at most (the oldest go first).
+    pub memory_max_records: usize,
     /// Events the memory engine keeps for watchers (its oldest revisions go first).
     pub memory_history_events: usize,
     /// Bytes of keys and values the memory engine's history keeps, at most.
@@ -462,6 +464,7 @@ impl Default for StorageConfig {
             log_segment_bytes: l.segment_bytes,
             log_snapshot_min_bytes: l.snapshot_min_log_bytes,
             log_group_wait_max_us: l.group_wait_max_us,
+            memory_max_records: capkv_store::records::DEFAULT_MAX_RECORDS,
             memory_history_events: capkv_store::memory::DEFAULT_HISTORY_EVENTS,
             memory_history_bytes: capkv_store::memory::DEFAULT_HISTORY_BYTES,
             etcd: EtcdConfig::default(),
@@ -660,6 +663,9 @@ impl Config {
                 seg.end()
             ));
         }
+        if st.memory_max_records == 0 {
+            return fail("storage.memory_max_records must be at least 1");
+        }
         if st.log_group_wait_max_us > 100_000 {
             return fail("storage.log_group_wait_max_us must be at most 100000");
         }
@@ -825,6 +831,7 @@ impl Config {
         o.write_queue_depth = st.write_queue_depth;
         o.history_events = st.memory_history_events;
         o.history_bytes = st.memory_history_bytes;
+        o.max_records = st.memory_max_records;
         o
     }
 
@@ -975,6 +982,10 @@ mod tests {
                 (
                     "[storage]\nlog_group_wait_max_us = 100001\n",
                     "storage.log_group_wait_max_us",
+                ),
+                (
+                    "[storage]\nmemory_max_records = 0\n",
+                    "storage.memory_max_records",
                 ),
             ] {
                 jail.create_file("wal.toml", toml)?;

@@ -30,6 +30,7 @@ pub const DEADLINE_EXCEEDED_TOTAL: &str = "capkv_deadline_exceeded_total";
 pub const FAULTS_INJECTED_TOTAL: &str = "capkv_faults_injected_total";
 pub const IDEMPOTENCY_CONFLICTS_TOTAL: &str = "capkv_idempotency_key_conflicts_total";
 pub const STORE_IDEMPOTENT_REPLAYS: &str = "capkv_store_idempotent_replays";
+pub const STORE_RECORDS_EVICTED: &str = "capkv_store_idempotency_records_evicted";
 pub const STORE_LIVE_DATA_BYTES: &str = "capkv_store_live_data_bytes";
 pub const STORE_PENDING_COMPACTION_BYTES: &str = "capkv_store_pending_compaction_bytes";
 pub const STORE_MEMTABLE_BYTES: &str = "capkv_store_memtable_bytes";
@@ -113,6 +114,7 @@ pub fn record_store_stats(st: &capkv_store::StoreStats) {
         (STORE_DELAYED_WRITE_RATE, st.delayed_write_rate),
         (STORE_WRITE_QUEUE, st.write_queue_len),
         (STORE_IDEMPOTENT_REPLAYS, st.idempotent_replays),
+        (STORE_RECORDS_EVICTED, st.records_evicted),
     ];
     for (name, value) in pairs {
         metrics::gauge!(name).set(value as f64);
@@ -225,6 +227,10 @@ pub fn install_recorder(
     metrics::describe_gauge!(
         STORE_IDEMPOTENT_REPLAYS,
         "Writes answered from an idempotency record (not written again) since open."
+    );
+    metrics::describe_gauge!(
+        STORE_RECORDS_EVICTED,
+        "Idempotency records a memory engine dropped for room before they expired, since open."
     );
     metrics::describe_counter!(
         FAULTS_INJECTED_TOTAL,

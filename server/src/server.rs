@@ -134,10 +134,14 @@ impl Server {
     /// Opens the store and binds the listener. Must be called inside a tokio runtime.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let store: Arc<dyn capkv_store::Store> = match config.engine {
-            Engine::Memory => Arc::new(capkv_store::MemoryStore::with_history(
-                config.storage.memory_history_events,
-                config.storage.memory_history_bytes,
-            )),
+            Engine::Memory => {
+                let m = capkv_store::MemoryStore::with_history(
+                    config.storage.memory_history_events,
+                    config.storage.memory_history_bytes,
+                );
+                m.set_max_records(config.storage.memory_max_records);
+                Arc::new(m)
+            }
             // Opening replays the WAL: blocking, but only once, before anything is served.
             // On a disk too full to recover, reads are served read-only until there is room.
             Engine::Rocksdb => {

@@ -1000,6 +1000,7 @@ impl Store for RocksStore {
             delayed_write_rate: int("rocksdb.actual-delayed-write-rate"),
             write_queue_len: c.queued.load(Ordering::Relaxed),
             idempotent_replays: c.replays.load(Ordering::Relaxed),
+            records_evicted: 0,
             space: Some(capkv_store::SpaceStats {
                 free_bytes: self.space.free_bytes(),
                 low: self.space.is_low() || self.read_only,

@@ -36,6 +36,7 @@ pub mod lease;
 pub mod logged;
 pub mod memory;
 mod pending;
+pub mod records;
 pub mod ring;
 mod sorted;
 pub mod write;
@@ -210,6 +211,9 @@ pub struct StoreStats {
     pub write_queue_len: u64,
     /// Writes answered from an idempotency record since open (nothing written again).
     pub idempotent_replays: u64,
+    /// Idempotency records a memory engine dropped for room (`storage.memory_max_records`)
+    /// before they expired, since open.
+    pub records_evicted: u64,
     /// Free-space state, for engines that keep files.
     pub space: Option<SpaceStats>,
 }

@@ -27,7 +27,6 @@
 use std::alloc::{self, Layout};
 use std::borrow::Borrow;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::mem::{align_of, size_of};
 use std::ops::Bound;
@@ -38,6 +37,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::history::{Changes, EventPage, KeyRange, PageLimits};
 use crate::lease::{LeaseInfo, Leases};
 use crate::logged::effects;
+use crate::records::Records;
 use crate::ring::Ring;
 use crate::sorted::Sorted;
 use crate::write::{self, incremented, now_unix_ms, recordable, Record};
@@ -47,11 +47,6 @@ use crate::{
     Pending, PutItem, PutOutcome, ScanPage, ScanRequest, Store, StoreError, WriteOp, WriteOutcome,
 };
 use std::time::Instant;
-
-/// Idempotency records kept before expired ones are first swept on an insert; after a
-/// sweep, the next comes when the records have doubled (so a sweep that frees little is
-/// not repeated at every insert: each costs a walk of every record).
-const RECORD_SWEEP_AT: usize = 100_000;
 
 /// History events kept by default (see [`MemoryStore::with_history`]): a fixed ~2 MiB with
 /// 100-byte values. The memory engine is for development and tests; its history is a
@@ -381,10 +376,8 @@ struct Inner {
     /// The same entries, ordered (invariant: the same allocations as `map`'s).
     order: Sorted<Stored>,
     revision: u64,
-    /// Idempotency records by record key (see [`crate::write`]).
-    records: HashMap<Vec<u8>, Record>,
-    /// The record count at which expired records are swept next.
-    records_sweep_at: usize,
+    /// Idempotency records by record key, bounded (see [`crate::records`]).
+    records: Records,
     /// Every change's event, for watchers (see [`crate::history`]).
     history: Ring,
     /// Leases and the keys attached to them (see [`crate::lease`]).
@@ -553,11 +546,11 @@ impl Inner {
         Some(keys)
     }
 
-    fn insert_record(&mut self, record_key: Vec<u8>, record: Record) {
+    fn insert_record(&mut self, record_key: Vec<u8>, record: Record, now_unix_ms: u64) {
         if let Some(log) = self.log.as_deref_mut() {
             effects::record(&mut log.effects, &record_key, &record);
         }
-        self.records.insert(record_key, record);
+        self.records.insert(record_key, record, now_unix_ms);
     }
 
     /// Both indexes hold the same entries (the same allocations).
@@ -599,7 +592,6 @@ impl MemoryStore {
     pub fn with_history(max_events: usize, max_bytes: usize) -> Self {
         let inner = Inner {
             history: Ring::new(max_events, max_bytes),
-            records_sweep_at: RECORD_SWEEP_AT,
             ..Inner::default()
         };
         Self {
@@ -608,6 +600,12 @@ impl MemoryStore {
             secret: rand::random(),
             replays: Default::default(),
         }
+    }
+
+    /// Keeps at most `max` idempotency records (the oldest go first; see
+    /// [`crate::records`]).
+    pub fn set_max_records(&self, max: usize) {
+        self.lock_write().records.set_max(max);
     }
 
     // A poisoned lock means a panic happened while holding it; every critical section
@@ -809,10 +807,6 @@ impl MemoryStore {
         }
         let outcome = self.apply(inner, &op);
         if recordable(&outcome) {
-            if inner.records.len() >= inner.records_sweep_at {
-                inner.records.retain(|_, r| r.expires_at_unix_ms > now);
-                inner.records_sweep_at = RECORD_SWEEP_AT.max(2 * inner.records.len());
-            }
             inner.insert_record(
                 record_key,
                 Record {
@@ -820,6 +814,7 @@ impl MemoryStore {
                     fingerprint,
                     outcome: outcome.clone(),
                 },
+                now,
             );
         }
         outcome
@@ -961,7 +956,7 @@ impl MemoryStore {
                 }
                 Effect::Record { key, record } => match Record::decode(record) {
                     Ok(r) if r.expires_at_unix_ms > now_ms => {
-                        inner.records.insert(key.to_vec(), r);
+                        inner.records.insert(key.to_vec(), r, now_ms);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -1188,6 +1183,7 @@ impl Store for MemoryStore {
     fn stats(&self) -> crate::StoreStats {
         crate::StoreStats {
             idempotent_replays: self.replays.load(std::sync::atomic::Ordering::Relaxed),
+            records_evicted: self.read().records.evicted(),
             ..crate::StoreStats::default()
         }
     }
@@ -1196,34 +1192,6 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A sweep that frees nothing moves the next one to twice the records: without that,
-    /// every keyed write past RECORD_SWEEP_AT walked every record (keyed puts at 50
-    /// writers fell from ~60k/s to ~10k/s once 100k records were live).
-    #[test]
-    fn a_sweep_that_frees_nothing_is_not_repeated_at_each_insert() {
-        let s = MemoryStore::new();
-        let far = now_unix_ms() + 3_600_000;
-        for i in 0..=RECORD_SWEEP_AT {
-            let idem = IdempotencyKey {
-                session: b"s".to_vec(),
-                key: i.to_le_bytes().to_vec(),
-                expires_at_unix_ms: far,
-            };
-            s.write(
-                WriteOp::Delete(write::Delete {
-                    key: b"k".to_vec(),
-                    cond: Condition::None,
-                }),
-                Some(idem),
-            )
-            .wait()
-            .unwrap();
-        }
-        let inner = s.read();
-        assert_eq!(inner.records.len(), RECORD_SWEEP_AT + 1);
-        assert_eq!(inner.records_sweep_at, 2 * RECORD_SWEEP_AT);
-    }
 
     #[test]
     fn an_entry_is_a_32_byte_header_then_its_bytes() {

@@ -75,6 +75,8 @@ pub struct LogOptions {
     pub write_queue_depth: usize,
     pub history_events: usize,
     pub history_bytes: usize,
+    /// Idempotency records kept at most (see [`crate::records`]).
+    pub max_records: usize,
 }
 
 impl LogOptions {
@@ -88,6 +90,7 @@ impl LogOptions {
             write_queue_depth: 16_384,
             history_events: crate::memory::DEFAULT_HISTORY_EVENTS,
             history_bytes: crate::memory::DEFAULT_HISTORY_BYTES,
+            max_records: crate::records::DEFAULT_MAX_RECORDS,
         }
     }
 
@@ -160,6 +163,10 @@ struct Wake {
     deferred: AtomicU64,
     /// The store is being dropped: the committer drains the queue and ends.
     closed: AtomicBool,
+    /// The committer is parked with nothing queued (a worker's first write then unparks it,
+    /// so that the write waits at most `group_wait_max_us` however long the worker stays
+    /// busy; an unpark at any other time would end its wait for the pass early).
+    idle: AtomicBool,
 }
 
 thread_local! {
@@ -271,6 +278,7 @@ impl LoggedStore {
             opts.history_bytes,
             secret,
         ));
+        mem.set_max_records(opts.max_records);
         let corrupt = |detail: String| LogError::Corrupt {
             path: dir.clone(),
             detail,
@@ -406,11 +414,17 @@ impl LoggedStore {
             return Pending::ready(Err(StoreError::Unavailable("storage is closed".into())));
         };
         let (done, pending) = Pending::channel();
-        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        let queued_before = self.counters.queued.fetch_add(1, Ordering::SeqCst);
         match tx.try_send(Op { op, idem, done }) {
             Ok(()) => {
                 if PASSES.with(|p| p.get()) {
                     self.wake.deferred.fetch_add(1, Ordering::Relaxed);
+                    if queued_before == 0 && self.wake.idle.load(Ordering::SeqCst) {
+                        // The committer may be parked idle: it now waits for this
+                        // worker's pass to end, at most `group_wait_max_us`, however
+                        // long the worker stays busy.
+                        self.committer_thread.unpark();
+                    }
                 } else {
                     self.go();
                 }
@@ -474,7 +488,11 @@ impl Committer {
                 if self.wake.closed.load(Ordering::Acquire) {
                     break;
                 }
-                std::thread::park_timeout(IDLE_CHECK);
+                self.wake.idle.store(true, Ordering::SeqCst);
+                if self.counters.queued.load(Ordering::SeqCst) == 0 {
+                    std::thread::park_timeout(IDLE_CHECK);
+                }
+                self.wake.idle.store(false, Ordering::SeqCst);
                 // Idle: a snapshot `compact` asked for need not wait for a write.
                 self.maybe_snapshot();
                 continue;
@@ -738,6 +756,7 @@ impl Store for LoggedStore {
             commits: c.commits.load(Ordering::Relaxed),
             write_queue_len: c.queued.load(Ordering::Relaxed),
             idempotent_replays: self.mem.stats().idempotent_replays,
+            records_evicted: self.mem.stats().records_evicted,
             ..StoreStats::default()
         }
     }
