@@ -1,6 +1,6 @@
-//! Backups: `Admin.checkpoint` writes a RocksDB checkpoint that a fresh server opens with
-//! every key (values, versions and the revision), while the source keeps serving; bad
-//! directories and engines without files are refused clearly.
+//! Backups: `Admin.checkpoint` writes a checkpoint (RocksDB's; memory-log's snapshot and
+//! log) that a fresh server opens with every key (values, versions and the revision), while
+//! the source keeps serving; bad directories and engines without files are refused clearly.
 
 mod common;
 
@@ -10,9 +10,9 @@ use capkv_server::Config;
 
 const ADMIN: &str = "backup-admin";
 
-fn rocks_config(dir: &std::path::Path) -> Config {
+fn engine_config(engine: Engine, dir: &std::path::Path) -> Config {
     let mut c = common::test_config();
-    c.engine = Engine::Rocksdb;
+    c.engine = engine;
     c.data_dir = dir.to_path_buf();
     c.admin.token = Some(Secret::new(ADMIN));
     c
@@ -20,10 +20,19 @@ fn rocks_config(dir: &std::path::Path) -> Config {
 
 #[test]
 fn a_checkpoint_restores_into_a_fresh_data_dir_with_every_key() {
+    checkpoint_restores(Engine::Rocksdb);
+}
+
+#[test]
+fn a_memory_log_checkpoint_restores_into_a_fresh_data_dir_with_every_key() {
+    checkpoint_restores(Engine::MemoryLog);
+}
+
+fn checkpoint_restores(engine: Engine) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let backup = tmp.path().join("backup");
-    let server = common::start(rocks_config(&data));
+    let server = common::start(engine_config(engine, &data));
     let addr = server.addr();
     let backup_dir = backup.to_string_lossy().to_string();
     let written = common::local_result(async {
@@ -56,7 +65,7 @@ fn a_checkpoint_restores_into_a_fresh_data_dir_with_every_key() {
     });
     server.stop().unwrap();
 
-    let restored = common::start(rocks_config(&backup));
+    let restored = common::start(engine_config(engine, &backup));
     common::local_result(async {
         let c = common::client(restored.addr()).await;
         for (i, (k, v)) in written.iter().enumerate() {

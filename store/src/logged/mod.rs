@@ -55,6 +55,8 @@ const SNAPSHOT_CHUNK_KEYS: usize = 1_024;
 /// A group stops taking writes past this many bytes of keys and values (a tenth of a
 /// segment at most), so that a record fits a segment.
 const GROUP_BYTES_PER_SEGMENT: u64 = 10;
+/// How long a checkpoint waits for the committer to finish its group and start a segment.
+const CHECKPOINT_HEAD_WAIT: Duration = Duration::from_secs(30);
 /// How often an idle committer looks for work of its own (a snapshot asked for).
 const IDLE_CHECK: Duration = Duration::from_millis(200);
 
@@ -155,7 +157,7 @@ struct Counters {
 /// gathers the writes of many connections into one group, one sync; under light load
 /// passes are short and nothing waits. A write from any other thread (the lease reaper,
 /// an embedding program) wakes the committer at once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Wake {
     /// Set with an unpark when the committer should take what is queued now.
     go: AtomicBool,
@@ -167,6 +169,29 @@ struct Wake {
     /// so that the write waits at most `group_wait_max_us` however long the worker stays
     /// busy; an unpark at any other time would end its wait for the pass early).
     idle: AtomicBool,
+    /// A checkpoint waiting for the committer to start a segment and hand it the state
+    /// the log after that segment's start replays over (see `LoggedStore::checkpoint`).
+    checkpoint: std::sync::Mutex<Option<SyncSender<Result<Head, String>>>>,
+    /// Segments from this one on are kept even when a snapshot makes them unneeded (a
+    /// checkpoint is copying them); `u64::MAX` when none is pinned.
+    keep_from: AtomicU64,
+}
+
+/// Where a snapshot starts: its segment, the revision then, and the leases and records as
+/// effects.
+type Head = (u64, u64, Vec<u8>);
+
+impl Default for Wake {
+    fn default() -> Self {
+        Self {
+            go: AtomicBool::new(false),
+            deferred: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            checkpoint: std::sync::Mutex::new(None),
+            keep_from: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 thread_local! {
@@ -189,6 +214,7 @@ pub struct LoggedStore {
     wake: Arc<Wake>,
     /// The committer's thread, to unpark.
     committer_thread: std::thread::Thread,
+    dir: PathBuf,
 }
 
 impl LoggedStore {
@@ -399,6 +425,7 @@ impl LoggedStore {
             committer: Some(handle),
             wake,
             committer_thread,
+            dir: opts.dir.clone(),
             counters,
             failed,
             snapshot_now,
@@ -484,6 +511,7 @@ impl Committer {
         let mut group: Vec<Op> = Vec::new();
         let pass_wait = Duration::from_micros(self.opts.group_wait_max_us);
         loop {
+            self.serve_checkpoint();
             if self.counters.queued.load(Ordering::Acquire) == 0 {
                 if self.wake.closed.load(Ordering::Acquire) {
                     break;
@@ -598,6 +626,35 @@ impl Committer {
         }
     }
 
+    /// Starts a new segment and takes the state a snapshot from its start needs. Between
+    /// groups: everything applied is durable, so the head is too.
+    fn head(&mut self) -> std::io::Result<Head> {
+        self.writer.roll(0)?;
+        let seq = self.writer.seq();
+        let mut head = Vec::new();
+        let revision = self.mem.snapshot_head(&mut head);
+        Ok((seq, revision, head))
+    }
+
+    /// Answers a checkpoint waiting for a head, if one is.
+    fn serve_checkpoint(&mut self) {
+        let waiting = self
+            .wake
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tx) = waiting {
+            let head = if self.failed.load(Ordering::Acquire) {
+                Err("the write-ahead log failed; restart the server first".to_string())
+            } else {
+                self.head()
+                    .map_err(|e| format!("starting a log segment: {e}"))
+            };
+            let _ = tx.send(head);
+        }
+    }
+
     /// Starts a snapshot when the log has outgrown the last one (or `compact` asked).
     fn maybe_snapshot(&mut self) {
         if self.snapshot.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -617,16 +674,15 @@ impl Committer {
         if self.failed.load(Ordering::Acquire) {
             return;
         }
-        // Between groups: everything applied is durable. The snapshot is of the state as
-        // of the new segment's start.
-        if let Err(e) = self.writer.roll(0) {
-            tracing::warn!(error = %e, "could not start a log segment for a snapshot");
-            return;
-        }
+        let (seq, revision, head) = match self.head() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a log segment for a snapshot");
+                return;
+            }
+        };
         self.since_snapshot_bytes = 0;
-        let seq = self.writer.seq();
-        let mut head = Vec::new();
-        let revision = self.mem.snapshot_head(&mut head);
+        let keep_from = Arc::clone(&self.wake);
         let mem = Arc::clone(&self.mem);
         let dir = self.opts.dir.clone();
         let sizes = Arc::clone(&self.snapshot_bytes);
@@ -635,7 +691,12 @@ impl Committer {
             .name("capkv-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                match write_snapshot(&mem, &dir, seq, revision, &head) {
+                let written = write_snapshot(&mem, &dir, seq, revision, &head).and_then(|bytes| {
+                    let keep = keep_from.keep_from.load(Ordering::SeqCst);
+                    prune(&dir, seq.min(keep))?;
+                    Ok(bytes)
+                });
+                match written {
                     Ok(bytes) => {
                         sizes.store(bytes, Ordering::Relaxed);
                         log_bytes
@@ -661,8 +722,8 @@ impl Committer {
     }
 }
 
-/// Writes `snapshot-<seq>`: the header, `head` (leases and records), every key as durable;
-/// then removes the segments before `seq` and older snapshots. Its size in bytes.
+/// Writes `snapshot-<seq>` into `dir`: the header, `head` (leases and records), every key as
+/// durable. Its size in bytes.
 fn write_snapshot(
     mem: &MemoryStore,
     dir: &Path,
@@ -696,20 +757,24 @@ fn write_snapshot(
         return Err(e);
     }
     w.finish()?;
+    Ok(bytes)
+}
+
+/// Removes the segments before `seq` and the snapshots before the newest.
+fn prune(dir: &Path, seq: u64) -> std::io::Result<()> {
     for old in files::numbered(dir, "log-")?
         .into_iter()
         .filter(|&s| s < seq)
     {
         fs::remove_file(files::segment_path(dir, old))?;
     }
-    for old in files::numbered(dir, "snapshot-")?
-        .into_iter()
-        .filter(|&s| s < seq)
-    {
-        fs::remove_file(files::snapshot_path(dir, old))?;
+    let snapshots = files::numbered(dir, "snapshot-")?;
+    if let Some(&newest) = snapshots.last() {
+        for old in snapshots.into_iter().filter(|&s| s < newest) {
+            fs::remove_file(files::snapshot_path(dir, old))?;
+        }
     }
-    files::sync_dir(dir)?;
-    Ok(bytes)
+    files::sync_dir(dir)
 }
 
 impl Store for LoggedStore {
@@ -777,14 +842,67 @@ impl Store for LoggedStore {
         Ok(())
     }
 
-    fn checkpoint(&self, _dir: &Path) -> Result<(), StoreError> {
-        // Not yet: a consistent copy needs a snapshot and the log written while it was
-        // taken, up to a point the committer names (see the closing notes).
-        Err(StoreError::Invalid(
-            "the memory-log engine cannot checkpoint a running server yet: stop it and copy \
-             its data directory (snapshot-* and log-* files) instead"
-                .into(),
-        ))
+    /// A snapshot written into `dir`, then the log from the snapshot's segment copied up
+    /// to its last whole record: the copy opens to the state at the end of that log, with
+    /// writes going on meanwhile (the snapshot's keys, read as durable at different times,
+    /// are all set again by the log after them, as in recovery).
+    fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        if dir.exists() {
+            return Err(StoreError::Invalid(format!(
+                "checkpoint directory {} already exists",
+                dir.display()
+            )));
+        }
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Invalid(format!(
+                "checkpoint into {} failed: {what}: {e}",
+                dir.display()
+            ))
+        };
+        // No snapshot of the live log may drop a segment the copy still needs.
+        self.wake.keep_from.store(0, Ordering::SeqCst);
+        struct Unpin<'a>(&'a AtomicU64);
+        impl Drop for Unpin<'_> {
+            fn drop(&mut self) {
+                self.0.store(u64::MAX, Ordering::SeqCst);
+            }
+        }
+        let _unpin = Unpin(&self.wake.keep_from);
+        let (tx, rx) = mpsc::sync_channel(1);
+        *self
+            .wake
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.committer_thread.unpark();
+        let (seq, revision, head) = rx
+            .recv_timeout(CHECKPOINT_HEAD_WAIT)
+            .map_err(|e| failed("waiting for the committer", &e))?
+            .map_err(|e| failed("the log", &e))?;
+        let live = self.dir.as_path();
+        let copy = || -> std::io::Result<()> {
+            fs::create_dir_all(dir)?;
+            let secret = dir.join("secret");
+            fs::copy(live.join("secret"), &secret)?;
+            File::open(&secret)?.sync_all()?;
+            write_snapshot(&self.mem, dir, seq, revision, &head)?;
+            // A segment listed with a later one after it was whole before that one began.
+            for s in files::numbered(live, "log-")?
+                .into_iter()
+                .filter(|&s| s >= seq)
+            {
+                let buf = fs::read(files::segment_path(live, s))?;
+                let (_, end, _) = files::records(s, &buf);
+                let mut f = File::create(files::segment_path(dir, s))?;
+                std::io::Write::write_all(&mut f, &buf[..end])?;
+                f.sync_all()?;
+            }
+            files::sync_dir(dir)
+        };
+        copy().map_err(|e| {
+            tracing::warn!(error = %e, dir = %dir.display(), "checkpoint failed");
+            failed("copying", &e)
+        })
     }
 
     fn worker_started(&self) {

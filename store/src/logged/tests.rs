@@ -385,3 +385,72 @@ fn a_rocksdb_directory_is_refused_and_a_log_is_recognised() {
         Err(LogError::Invalid(_))
     ));
 }
+
+/// A checkpoint taken while batches are written opens to a state the store went through:
+/// everything written before it, each batch whole, nothing written after it returned.
+#[test]
+fn a_checkpoint_under_writes_opens_to_a_consistent_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy");
+    let live = dir.path().join("live");
+    let store = Arc::new(LoggedStore::open(small(&live)).unwrap());
+    let s: &dyn Store = store.as_ref();
+    workload(s, 400);
+    let before = state(s);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let s: &dyn Store = store.as_ref();
+            // Bounded: at most 20,000 batches, ended early by `stop`.
+            for i in 0..20_000u32 {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let v = i.to_string().into_bytes();
+                s.apply(
+                    write::PutMany {
+                        items: vec![
+                            (b"pair-a".to_vec(), v.clone(), Condition::None),
+                            (b"pair-b".to_vec(), v, Condition::None),
+                        ],
+                    },
+                    None,
+                )
+                .wait()
+                .unwrap();
+            }
+        })
+    };
+    // Let the writer get going, then a checkpoint while it runs.
+    while s.get(b"pair-a").unwrap().is_none() {
+        std::thread::yield_now();
+    }
+    s.checkpoint(&copy).unwrap();
+    stop.store(true, Ordering::Release);
+    writer.join().unwrap();
+    put(s, b"after", b"x");
+    let e = s.checkpoint(&copy).unwrap_err();
+    assert!(
+        matches!(e, StoreError::Invalid(ref m) if m.contains("already exists")),
+        "{e:?}"
+    );
+    drop(store);
+
+    let restored = LoggedStore::open(small(&copy)).unwrap();
+    let r: &dyn Store = &restored;
+    let (a, b) = (
+        r.get(b"pair-a").unwrap().unwrap(),
+        r.get(b"pair-b").unwrap().unwrap(),
+    );
+    assert_eq!(a.value, b.value, "a batch is whole in the copy");
+    assert_eq!(a.mod_revision, b.mod_revision);
+    assert_eq!(r.get(b"after").unwrap(), None, "later writes are not in it");
+    for e in &before.0 {
+        assert_eq!(r.get(&e.key).unwrap().as_ref(), Some(e), "{:?}", e.key);
+    }
+    assert_eq!(r.instance_secret(), {
+        let live = LoggedStore::open(small(&live)).unwrap();
+        live.instance_secret()
+    });
+}
