@@ -820,7 +820,7 @@ impl Config {
             .or_else(fail)
     }
 
-    /// The etcd engine's options from `storage.etcd` (and the history sizes).
+    /// The memory-log engine's options (`storage.log_*`, the memory engines' bounds).
     pub fn log_options(&self) -> capkv_store::logged::LogOptions {
         let st = &self.storage;
         let mut o = capkv_store::logged::LogOptions::new(self.data_dir.clone());
@@ -835,6 +835,7 @@ impl Config {
         o
     }
 
+    /// The etcd engine's options from `storage.etcd` (and the history sizes).
     pub fn etcd_options(&self) -> capkv_store_etcd::EtcdOptions {
         let st = &self.storage;
         let e = &st.etcd;

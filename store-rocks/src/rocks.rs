@@ -1017,12 +1017,7 @@ impl Store for RocksStore {
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
-        if dir.exists() {
-            return Err(StoreError::Invalid(format!(
-                "checkpoint directory {} already exists",
-                dir.display()
-            )));
-        }
+        capkv_store::checkpoint_target_is_free(dir)?;
         // Hard links where it can (same filesystem), copies otherwise; every column family,
         // so the copy has the data, the revision, the instance secret and the idempotency
         // records, consistent with each other.

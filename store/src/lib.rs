@@ -419,6 +419,17 @@ macro_rules! forward_history_and_leases {
     };
 }
 
+/// A checkpoint goes into a directory that does not exist yet (every engine says it alike).
+pub fn checkpoint_target_is_free(dir: &std::path::Path) -> Result<(), StoreError> {
+    if dir.exists() {
+        return Err(StoreError::Invalid(format!(
+            "checkpoint directory {} already exists",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// What a write refused by a full or closed commit queue gets (every engine with a
 /// committer thread says it alike).
 pub fn queue_refusal<T>(e: &std::sync::mpsc::TrySendError<T>) -> StoreError {

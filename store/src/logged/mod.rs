@@ -847,12 +847,7 @@ impl Store for LoggedStore {
     /// writes going on meanwhile (the snapshot's keys, read as durable at different times,
     /// are all set again by the log after them, as in recovery).
     fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
-        if dir.exists() {
-            return Err(StoreError::Invalid(format!(
-                "checkpoint directory {} already exists",
-                dir.display()
-            )));
-        }
+        crate::checkpoint_target_is_free(dir)?;
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             StoreError::Invalid(format!(
                 "checkpoint into {} failed: {what}: {e}",
