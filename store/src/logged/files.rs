@@ -172,6 +172,9 @@ pub(crate) struct Writer {
     segment_bytes: u64,
     next: Next,
     buf: Vec<u8>,
+    /// Tests: while set, making the next segment fails (a full disk).
+    #[cfg(test)]
+    pub(crate) fail_prepare: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The next segment (`next.tmp`).
@@ -203,6 +206,8 @@ impl Writer {
             segment_bytes,
             next: Next::Ready,
             buf: Vec::new(),
+            #[cfg(test)]
+            fail_prepare: None,
         };
         w.prepare_next();
         Ok(w)
@@ -224,24 +229,26 @@ impl Writer {
         self.size.saturating_sub(self.offset)
     }
 
-    /// Whether the next segment is ready, or being made and not known to have failed. A
-    /// failed one is tried again at most once a second (space may have been freed).
-    pub(crate) fn next_ready(&mut self) -> bool {
-        if let Next::Preparing(h) = &self.next {
-            if h.is_finished() {
-                self.next = match std::mem::replace(&mut self.next, Next::Ready) {
-                    Next::Preparing(h) => Self::joined(h),
-                    other => other,
-                };
-            }
+    /// Whether the next segment is made, waiting for one being made. One that could not be
+    /// made is tried again in the background at most once a second (space may have been
+    /// freed), and is not ready until such a try has ended well: a group applied in the
+    /// belief that a segment will be there must find it, or the log fails.
+    pub(crate) fn next_is_ready(&mut self) -> bool {
+        if matches!(self.next, Next::Preparing(_)) {
+            self.next = match std::mem::replace(&mut self.next, Next::Ready) {
+                Next::Preparing(h) => Self::joined(h),
+                other => other,
+            };
         }
         match self.next {
-            Next::Failed(at) if at.elapsed() >= RETRY_PREPARE => {
-                self.prepare_next();
-                true
+            Next::Ready => true,
+            Next::Failed(at) => {
+                if at.elapsed() >= RETRY_PREPARE {
+                    self.prepare_next();
+                }
+                false
             }
-            Next::Failed(_) => false,
-            _ => true,
+            Next::Preparing(_) => false,
         }
     }
 
@@ -257,6 +264,15 @@ impl Writer {
     }
 
     fn prepare_next(&mut self) {
+        #[cfg(test)]
+        if self
+            .fail_prepare
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            self.next = Next::Failed(Instant::now());
+            return;
+        }
         let path = self.dir.join(NEXT);
         let bytes = self.segment_bytes;
         self.next = Next::Preparing(std::thread::spawn(move || zero_filled(&path, bytes)));
@@ -307,14 +323,36 @@ impl Writer {
         } else {
             // A record larger than a segment gets a segment of its own size.
             let bytes = need.max(self.segment_bytes);
+            #[cfg(test)]
+            if self
+                .fail_prepare
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                return Err(io::Error::other("injected: no room for a segment"));
+            }
             if let Err(e) = zero_filled(&path, bytes) {
                 let _ = fs::remove_file(&path);
                 return Err(e);
             }
         }
-        sync_dir(&self.dir)?;
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        self.size = file.metadata()?.len();
+        // From here the new segment exists: if it cannot be used, it goes again, so that a
+        // log whose writer stayed on this segment never has a later one after it (recovery
+        // would take this segment's torn end for corruption).
+        let opened = sync_dir(&self.dir).and_then(|()| {
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        });
+        let (file, size) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                let _ = sync_dir(&self.dir);
+                return Err(e);
+            }
+        };
+        self.size = size;
         self.file = file;
         self.seq = seq;
         self.offset = 0;

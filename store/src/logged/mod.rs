@@ -148,6 +148,9 @@ struct Counters {
     /// Tests: the next syncs fail.
     #[cfg(test)]
     fail_syncs: AtomicBool,
+    /// Tests: making the next segment fails.
+    #[cfg(test)]
+    fail_prepare: Arc<AtomicBool>,
 }
 
 /// When the committer takes a group. A write submitted from a server worker does not wake
@@ -215,6 +218,8 @@ pub struct LoggedStore {
     /// The committer's thread, to unpark.
     committer_thread: std::thread::Thread,
     dir: PathBuf,
+    /// One checkpoint at a time (the committer's hand-over and the segment pin are single).
+    checkpointing: std::sync::Mutex<()>,
 }
 
 impl LoggedStore {
@@ -299,6 +304,7 @@ impl LoggedStore {
         let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|_| LogError::Locked(dir.clone()))?;
         let secret = secret(&dir)?;
+        let checkpointing = std::sync::Mutex::new(());
         let mem = Arc::new(MemoryStore::logging(
             opts.history_events,
             opts.history_bytes,
@@ -344,10 +350,18 @@ impl LoggedStore {
             .into_iter()
             .filter(|&s| base.is_none_or(|(b, _)| s >= b))
             .collect();
-        if let Some((b, _)) = base {
-            if segments.first().is_some_and(|&s| s != b) {
+        // A snapshot's own segment is made before the snapshot; without a snapshot the log
+        // starts at segment 1 (segments go only once a snapshot covers them).
+        match (base, segments.first()) {
+            (Some((b, _)), first) if first != Some(&b) => {
                 return Err(corrupt(format!("segment {b} (the snapshot's) is missing")));
             }
+            (None, Some(&first)) if first != 1 => {
+                return Err(corrupt(format!(
+                    "the log starts at segment {first} and there is no snapshot"
+                )));
+            }
+            _ => {}
         }
         let mut end = None;
         let mut log_bytes = 0u64;
@@ -360,13 +374,22 @@ impl LoggedStore {
             }
             let path = files::segment_path(&dir, seq);
             let buf = fs::read(&path).map_err(io_error(&path))?;
-            log_bytes += buf.len() as u64;
             let (records, at, why) = files::records(seq, &buf);
             for r in &records {
                 mem.replay(r.effects, r.revision, true)
                     .map_err(|e| corrupt(format!("segment {seq}: {e}")))?;
             }
-            let last = i + 1 == segments.len();
+            let mut last = i + 1 == segments.len();
+            if why.is_some() && !last && later_segments_are_empty(&dir, &segments[i + 1..])? {
+                // A segment started after this one (a snapshot's, a checkpoint's) before
+                // the crash, with nothing in it: this one's torn end is still the log's.
+                for &later in &segments[i + 1..] {
+                    let path = files::segment_path(&dir, later);
+                    fs::remove_file(&path).map_err(io_error(&path))?;
+                }
+                files::sync_dir(&dir).map_err(io_error(&dir))?;
+                last = true;
+            }
             match why {
                 Some(why) if !last => return Err(corrupt(format!("segment {seq}: {why}"))),
                 Some(why) => {
@@ -375,6 +398,7 @@ impl LoggedStore {
                 }
                 None => {}
             }
+            log_bytes += at as u64;
             if last {
                 let file = fs::OpenOptions::new()
                     .write(true)
@@ -382,6 +406,8 @@ impl LoggedStore {
                     .map_err(io_error(&path))?;
                 files::zero_tail(&file, &buf, at).map_err(io_error(&path))?;
                 end = Some((seq, at as u64));
+                // The log ends here (later segments, if any, were empty and are gone).
+                break;
             }
         }
         mem.recovered(base.map_or(0, |(_, r)| r));
@@ -391,6 +417,12 @@ impl LoggedStore {
         }
         .map_err(io_error(&dir))?;
         let counters = Arc::new(Counters::default());
+        #[cfg(test)]
+        let writer = {
+            let mut writer = writer;
+            writer.fail_prepare = Some(Arc::clone(&counters.fail_prepare));
+            writer
+        };
         counters
             .log_bytes
             .store(files::disk_bytes(&dir), Ordering::Relaxed);
@@ -426,6 +458,7 @@ impl LoggedStore {
             wake,
             committer_thread,
             dir: opts.dir.clone(),
+            checkpointing,
             counters,
             failed,
             snapshot_now,
@@ -569,7 +602,7 @@ impl Committer {
         }
         // Refused before the state is touched: the group might not fit what is left of
         // this segment, and the next one could not be made (a full disk).
-        if self.writer.room() < bytes.saturating_mul(2) && !self.writer.next_ready() {
+        if self.writer.room() < bytes.saturating_mul(2) && !self.writer.next_is_ready() {
             group.drain(..).for_each(|op| {
                 op.done.complete(Err(StoreError::StorageFull(
                     "the disk is full: the log's next segment cannot be made".into(),
@@ -691,10 +724,11 @@ impl Committer {
             .name("capkv-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                let written = write_snapshot(&mem, &dir, seq, revision, &head).and_then(|bytes| {
+                let written = write_snapshot(&mem, &dir, seq, revision, &head).inspect(|_| {
                     let keep = keep_from.keep_from.load(Ordering::SeqCst);
-                    prune(&dir, seq.min(keep))?;
-                    Ok(bytes)
+                    if let Err(e) = prune(&dir, seq.min(keep)) {
+                        tracing::warn!(error = %e, seq, "removing what the snapshot replaced failed; tried again after the next");
+                    }
                 });
                 match written {
                     Ok(bytes) => {
@@ -758,6 +792,18 @@ fn write_snapshot(
     }
     w.finish()?;
     Ok(bytes)
+}
+
+/// Whether every segment in `seqs` holds no record (made, never written).
+fn later_segments_are_empty(dir: &Path, seqs: &[u64]) -> Result<bool, LogError> {
+    for &s in seqs {
+        let path = files::segment_path(dir, s);
+        let buf = fs::read(&path).map_err(io_error(&path))?;
+        if !files::records(s, &buf).0.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Removes the segments before `seq` and the snapshots before the newest.
@@ -847,6 +893,7 @@ impl Store for LoggedStore {
     /// writes going on meanwhile (the snapshot's keys, read as durable at different times,
     /// are all set again by the log after them, as in recovery).
     fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
         crate::checkpoint_target_is_free(dir)?;
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             StoreError::Invalid(format!(
@@ -882,10 +929,20 @@ impl Store for LoggedStore {
             File::open(&secret)?.sync_all()?;
             write_snapshot(&self.mem, dir, seq, revision, &head)?;
             // A segment listed with a later one after it was whole before that one began.
-            for s in files::numbered(live, "log-")?
+            let segments: Vec<u64> = files::numbered(live, "log-")?
                 .into_iter()
                 .filter(|&s| s >= seq)
-            {
+                .collect();
+            let contiguous = segments
+                .iter()
+                .enumerate()
+                .all(|(i, &s)| s == seq + i as u64);
+            if segments.first() != Some(&seq) || !contiguous {
+                return Err(std::io::Error::other(format!(
+                    "the live log's segments from {seq} are not all there: {segments:?}"
+                )));
+            }
+            for s in segments {
                 let buf = fs::read(files::segment_path(live, s))?;
                 let (_, end, _) = files::records(s, &buf);
                 let mut f = File::create(files::segment_path(dir, s))?;

@@ -454,3 +454,97 @@ fn a_checkpoint_under_writes_opens_to_a_consistent_state() {
         live.instance_secret()
     });
 }
+
+/// A disk too full for the next segment: writes that might not fit what is left of this
+/// one are refused with `storageFull` before they touch anything, the store never goes
+/// into its failed state (which needs a restart), and writes resume once a segment can be
+/// made again.
+#[test]
+fn a_full_disk_refuses_writes_until_a_segment_can_be_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LoggedStore::open(small(dir.path())).unwrap();
+    let s: &dyn Store = &store;
+    store.counters.fail_prepare.store(true, Ordering::SeqCst);
+    let value = [7u8; 1_000];
+    let mut refused = 0;
+    // Bounded: at most 1,000 writes of 1 KB, for 3.5 s once refusals start (the failed
+    // segment is tried again each second: three tries, each of which must not let a write
+    // through that would need the segment; with one try the write still fits).
+    let mut refusing_since = None::<Instant>;
+    for i in 0..1_000u32 {
+        match s
+            .put(format!("k{i}").as_bytes(), &value, Condition::None)
+            .wait()
+        {
+            Ok(_) => {}
+            Err(StoreError::StorageFull(_)) => {
+                refused += 1;
+                refusing_since.get_or_insert_with(Instant::now);
+            }
+            Err(e) => panic!("write {i}: {e:?}"),
+        }
+        match refusing_since {
+            Some(t) if t.elapsed() >= Duration::from_millis(3_500) => break,
+            Some(_) => std::thread::sleep(Duration::from_millis(10)),
+            None => {}
+        }
+    }
+    assert!(refused > 0, "the segment filled without a refusal");
+    assert!(
+        s.write_refusal().is_none(),
+        "a full disk must not fail the log"
+    );
+    store.counters.fail_prepare.store(false, Ordering::SeqCst);
+    let mut resumed = false;
+    // Bounded: at most 5 s for the next try (once a second) to make a segment.
+    for _ in 0..500 {
+        if s.put(b"after", b"room again", Condition::None)
+            .wait()
+            .is_ok()
+        {
+            resumed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        resumed,
+        "writes did not resume once a segment could be made"
+    );
+    let before = state(s);
+    drop(store);
+    let reopened = LoggedStore::open(small(dir.path())).unwrap();
+    assert_eq!(state(&reopened), before);
+}
+
+/// A crash after a segment was started for a snapshot (or a checkpoint), with a torn record
+/// at the end of the one before: the log ends at the torn record, the empty later segment
+/// goes, and the store opens.
+#[test]
+fn a_torn_record_before_an_empty_later_segment_still_ends_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let s = LoggedStore::open(small(dir.path())).unwrap();
+        workload(&s, 40);
+        let before = state(&s);
+        put(&s, b"last", &[9u8; 300]);
+        before
+    };
+    let seq = *files::numbered(dir.path(), "log-").unwrap().last().unwrap();
+    let path = files::segment_path(dir.path(), seq);
+    let mut buf = fs::read(&path).unwrap();
+    let (records, end, _) = files::records(seq, &buf);
+    let last_start = end - (records.last().unwrap().effects.len() + 16);
+    buf[last_start + 20..end].iter_mut().for_each(|b| *b = 0x5A);
+    fs::write(&path, &buf).unwrap();
+    files::zero_filled(&files::segment_path(dir.path(), seq + 1), MIN_SEGMENT_BYTES).unwrap();
+    let s = LoggedStore::open(small(dir.path())).unwrap();
+    assert_eq!(state(&s), before);
+    put(&s, b"after", b"x");
+    drop(s);
+    let s = LoggedStore::open(small(dir.path())).unwrap();
+    assert_eq!(
+        s.get(b"after").unwrap().map(|e| e.value),
+        Some(b"x".to_vec())
+    );
+}
