@@ -26,10 +26,17 @@
 //! - Recovery: the newest snapshot, then every segment from its own on, each record checked;
 //!   the log ends at the first record that does not hold in the last segment (a torn write
 //!   that was never acknowledged: an acknowledged one was synced whole), and its bytes are
-//!   zeroed. A bad record in any earlier segment is corruption: the open fails.
+//!   zeroed; also in an earlier segment when every later one is empty (a segment started
+//!   for a snapshot just before a crash), and those go. A bad record anywhere else, a
+//!   missing segment, or a log without a snapshot that does not start at segment 1 is
+//!   corruption: the open fails.
+//! - Checkpoints (`Admin.checkpoint`), one at a time: the committer starts a segment and
+//!   hands over the leases and records; a snapshot goes into the new directory, then the live
+//!   log from that segment up to its last whole record (pinned against pruning meanwhile).
 //! - Space: a segment is made (zero-filled) in the background before it is needed; when
-//!   the current one is nearly full and the next could not be made, writes are refused
-//!   with `storage full` before they touch the state.
+//!   the current one is nearly full, a group waits for that making to end and is refused
+//!   with `storage full`, before it touches the state, unless it worked (tried again once a
+//!   second).
 
 pub(crate) mod effects;
 mod files;
