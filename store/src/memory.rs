@@ -397,6 +397,9 @@ pub(crate) struct Capture {
     pre: std::collections::BTreeMap<Vec<u8>, Option<Stored>>,
     /// The revision before the group: what reads report while it is in flight.
     durable: u64,
+    /// Each lease the group granted (`None`: it did not exist) or revoked (as it was, and
+    /// when), so that lease reads answer as before the group too.
+    leases_before: Vec<(u64, Option<LeaseInfo>, Instant)>,
 }
 
 impl Inner {
@@ -524,11 +527,31 @@ impl Inner {
     }
 
     fn grant(&mut self, ttl_ms: u64) -> u64 {
-        let id = self.leases.grant(ttl_ms, Instant::now());
+        let now = Instant::now();
+        let id = self.leases.grant(ttl_ms, now);
         if let Some(log) = self.log.as_deref_mut() {
             effects::grant(&mut log.effects, id, ttl_ms);
+            log.leases_before.push((id, None, now));
         }
         id
+    }
+
+    /// Lease `id` as reads may see it: as before a logged group in flight that granted or
+    /// revoked it, else as it is.
+    fn lease_visible(&self, id: u64, now: Instant) -> Option<LeaseInfo> {
+        let before = self
+            .log
+            .as_deref()
+            .and_then(|l| l.leases_before.iter().find(|(i, _, _)| *i == id));
+        match before {
+            Some((_, info, at)) => info.map(|i| LeaseInfo {
+                remaining_ms: i
+                    .remaining_ms
+                    .saturating_sub(now.saturating_duration_since(*at).as_millis() as u64),
+                ..i
+            }),
+            None => self.leases.info(id, now),
+        }
     }
 
     fn attach(&mut self, key: &[u8], lease: Option<u64>) {
@@ -539,9 +562,12 @@ impl Inner {
     }
 
     fn revoke_lease(&mut self, id: u64) -> Option<Vec<Vec<u8>>> {
+        let now = Instant::now();
+        let info = self.leases.info(id, now);
         let keys = self.leases.remove(id)?;
         if let Some(log) = self.log.as_deref_mut() {
             effects::revoke(&mut log.effects, id);
+            log.leases_before.push((id, info, now));
         }
         Some(keys)
     }
@@ -885,6 +911,7 @@ impl MemoryStore {
         log.durable = revision;
         // The pre-images go here, under the lock, so no reader holds one.
         log.pre.clear();
+        log.leases_before.clear();
         if effects.capacity() <= KEEP_EFFECTS_BYTES {
             effects.clear();
             log.effects = effects;
@@ -1106,16 +1133,32 @@ impl Store for MemoryStore {
     }
 
     fn lease_keep_alive(&self, id: u64) -> Result<LeaseInfo, StoreError> {
-        self.lock_write()
+        let mut inner = self.lock_write();
+        let now = Instant::now();
+        // A lease a logged group in flight granted is not there yet; one it revoked is
+        // still there, and kept alive until the revoke is durable.
+        if let Some(before) = inner.log.as_deref().and_then(|l| {
+            l.leases_before
+                .iter()
+                .find(|(i, _, _)| *i == id)
+                .map(|(_, info, _)| *info)
+        }) {
+            return before
+                .map(|i| LeaseInfo {
+                    remaining_ms: i.ttl_ms,
+                    ..i
+                })
+                .ok_or(StoreError::LeaseNotFound { id });
+        }
+        inner
             .leases
-            .keep_alive(id, Instant::now())
+            .keep_alive(id, now)
             .ok_or(StoreError::LeaseNotFound { id })
     }
 
     fn lease_info(&self, id: u64) -> Result<LeaseInfo, StoreError> {
         self.read()
-            .leases
-            .info(id, Instant::now())
+            .lease_visible(id, Instant::now())
             .ok_or(StoreError::LeaseNotFound { id })
     }
 

@@ -548,3 +548,48 @@ fn a_torn_record_before_an_empty_later_segment_still_ends_the_log() {
         Some(b"x".to_vec())
     );
 }
+
+/// Lease reads answer as before a group in flight too: a lease it grants is not there yet,
+/// one it revokes still is (and can be kept alive) until the group is durable.
+#[test]
+fn lease_reads_see_a_group_only_once_it_is_durable() {
+    let m = MemoryStore::logging(100, 1 << 20, [0; 32]);
+    let s: &dyn Store = &m;
+    let mut g = m.begin_group();
+    let old = match g.write(
+        WriteOp::GrantLease(write::GrantLease { ttl_ms: 60_000 }),
+        None,
+    ) {
+        Ok(WriteOutcome::GrantLease(l)) => l.id,
+        other => panic!("{other:?}"),
+    };
+    let (effects, _) = g.done();
+    m.end_group(effects);
+    let mut g = m.begin_group();
+    let new = match g.write(
+        WriteOp::GrantLease(write::GrantLease { ttl_ms: 5_000 }),
+        None,
+    ) {
+        Ok(WriteOutcome::GrantLease(l)) => l.id,
+        other => panic!("{other:?}"),
+    };
+    g.write(WriteOp::RevokeLease(write::RevokeLease { id: old }), None)
+        .unwrap();
+    let (effects, _) = g.done();
+    assert!(matches!(
+        s.lease_info(new),
+        Err(StoreError::LeaseNotFound { .. })
+    ));
+    assert!(matches!(
+        s.lease_keep_alive(new),
+        Err(StoreError::LeaseNotFound { .. })
+    ));
+    assert_eq!(s.lease_info(old).unwrap().ttl_ms, 60_000);
+    assert_eq!(s.lease_keep_alive(old).unwrap().remaining_ms, 60_000);
+    m.end_group(effects);
+    assert_eq!(s.lease_info(new).unwrap().ttl_ms, 5_000);
+    assert!(matches!(
+        s.lease_info(old),
+        Err(StoreError::LeaseNotFound { .. })
+    ));
+}
