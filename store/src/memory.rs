@@ -461,12 +461,24 @@ impl Inner {
     }
 
     /// Notes `key`'s state before the group's first change of it (logged engine only).
-    fn note_before(&mut self, key: &[u8]) {
-        if let Some(log) = self.log.as_deref_mut() {
-            if !log.pre.contains_key(key) {
-                log.pre.insert(key.to_vec(), self.map.get(key).cloned());
-            }
-        }
+    /// `rewrite_len`: the length of the value about to be set, if one is; an entry that
+    /// will be rewritten in place (same value length, see `Stored::overwrite`) is copied,
+    /// one about to be replaced or removed is kept as it is.
+    fn note_before(&mut self, key: &[u8], rewrite_len: Option<usize>) {
+        let Inner { map, log, .. } = self;
+        let Some(log) = log.as_deref_mut().filter(|l| !l.pre.contains_key(key)) else {
+            return;
+        };
+        let before = match map.get(key) {
+            Some(s) if Some(s.value().len()) == rewrite_len => Some(Stored::new(
+                s.key(),
+                s.value(),
+                s.version(),
+                s.header().mod_revision.get(),
+            )),
+            other => other.cloned(),
+        };
+        log.pre.insert(key.to_vec(), before);
     }
 
     fn entry(&self, key: &[u8], with_value: bool) -> Option<Entry> {
@@ -477,24 +489,9 @@ impl Inner {
     /// else as a new entry in both indexes. Its event joins the history.
     fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
         self.history.push(key, value, Some(version), mod_revision);
-        let Inner { map, log, .. } = self;
-        if let Some(log) = log.as_deref_mut() {
+        self.note_before(key, Some(value.len()));
+        if let Some(log) = self.log.as_deref_mut() {
             effects::put(&mut log.effects, key, value, version, mod_revision);
-            if !log.pre.contains_key(key) {
-                let current = map.get(key);
-                // An entry about to be rewritten in place (same value length) is copied;
-                // one about to be replaced is kept as it is.
-                let before = match current {
-                    Some(s) if s.value().len() == value.len() => Some(Stored::new(
-                        s.key(),
-                        s.value(),
-                        s.version(),
-                        s.header().mod_revision.get(),
-                    )),
-                    other => other.cloned(),
-                };
-                log.pre.insert(key.to_vec(), before);
-            }
         }
         self.set(key, value, version, mod_revision);
     }
@@ -516,14 +513,23 @@ impl Inner {
         if self.map.get(key).is_none() {
             return false;
         }
-        self.note_before(key);
+        self.note_before(key, None);
         if let Some(log) = self.log.as_deref_mut() {
             effects::delete(&mut log.effects, key, revision);
         }
-        self.map.remove(key);
-        self.order.remove(key);
+        self.unset(key);
         self.history.push(key, &[], None, revision);
         true
+    }
+
+    /// Removes `key`'s entry from both indexes, without history or log (what
+    /// [`Self::remove`] and a replay share); whether it was there.
+    fn unset(&mut self, key: &[u8]) -> bool {
+        let existed = self.map.remove(key);
+        if existed {
+            self.order.remove(key);
+        }
+        existed
     }
 
     fn grant(&mut self, ttl_ms: u64) -> u64 {
@@ -536,18 +542,25 @@ impl Inner {
         id
     }
 
+    /// Lease `id` as a logged group in flight found it, when the group granted (`None`) or
+    /// revoked it, with when.
+    fn lease_before(&self, id: u64) -> Option<(Option<LeaseInfo>, Instant)> {
+        self.log.as_deref().and_then(|l| {
+            l.leases_before
+                .iter()
+                .find(|(i, _, _)| *i == id)
+                .map(|&(_, info, at)| (info, at))
+        })
+    }
+
     /// Lease `id` as reads may see it: as before a logged group in flight that granted or
     /// revoked it, else as it is.
     fn lease_visible(&self, id: u64, now: Instant) -> Option<LeaseInfo> {
-        let before = self
-            .log
-            .as_deref()
-            .and_then(|l| l.leases_before.iter().find(|(i, _, _)| *i == id));
-        match before {
-            Some((_, info, at)) => info.map(|i| LeaseInfo {
+        match self.lease_before(id) {
+            Some((info, at)) => info.map(|i| LeaseInfo {
                 remaining_ms: i
                     .remaining_ms
-                    .saturating_sub(now.saturating_duration_since(*at).as_millis() as u64),
+                    .saturating_sub(now.saturating_duration_since(at).as_millis() as u64),
                 ..i
             }),
             None => self.leases.info(id, now),
@@ -956,16 +969,16 @@ impl MemoryStore {
                         result = Err(e.to_string());
                         break;
                     }
+                    // The log is taken out above: `insert` is `set` with the event.
                     if history {
-                        inner.history.push(key, value, Some(version), mod_revision);
+                        inner.insert(key, value, version, mod_revision);
+                    } else {
+                        inner.set(key, value, version, mod_revision);
                     }
-                    inner.set(key, value, version, mod_revision);
                     inner.revision = inner.revision.max(mod_revision);
                 }
                 Effect::Delete { key, revision } => {
-                    if inner.map.remove(key) {
-                        inner.order.remove(key);
-                    }
+                    inner.unset(key);
                     if history {
                         inner.history.push(key, &[], None, revision);
                     }
@@ -1110,22 +1123,9 @@ impl Store for MemoryStore {
         max: PageLimits,
     ) -> Result<EventPage, StoreError> {
         let inner = self.read();
-        let head = inner.head();
-        if head == inner.revision {
-            return inner.history.page(range, after, max, head);
-        }
-        // A logged group in flight: its events are not durable yet, so the page stops
+        // A logged group in flight: its events are not durable yet, and the page stops
         // before them.
-        if after < inner.history.compacted() {
-            return Err(StoreError::Compacted {
-                oldest_revision: inner.history.compacted() + 1,
-            });
-        }
-        let durable = inner
-            .history
-            .after(after, range)
-            .take_while(|(revision, _)| *revision <= head);
-        crate::history::page(durable.map(Ok), after, max, head)
+        inner.history.page(range, after, max, inner.head())
     }
 
     fn changes(&self) -> &Changes {
@@ -1137,12 +1137,7 @@ impl Store for MemoryStore {
         let now = Instant::now();
         // A lease a logged group in flight granted is not there yet; one it revoked is
         // still there, and kept alive until the revoke is durable.
-        if let Some(before) = inner.log.as_deref().and_then(|l| {
-            l.leases_before
-                .iter()
-                .find(|(i, _, _)| *i == id)
-                .map(|(_, info, _)| *info)
-        }) {
+        if let Some((before, _)) = inner.lease_before(id) {
             return before
                 .map(|i| LeaseInfo {
                     remaining_ms: i.ttl_ms,

@@ -98,8 +98,9 @@ impl Ring {
         self.compacted = self.compacted.max(revision);
     }
 
-    /// One read of this history ([`history::page`]) after `after`, `head` the revision it
-    /// holds through; [`StoreError::Compacted`] when a revision after `after` is gone.
+    /// One read of this history ([`history::page`]) after `after`, through `head`: events
+    /// of later revisions are not read (the memory-log engine's group in flight, not durable
+    /// yet); [`StoreError::Compacted`] when a revision after `after` is gone.
     pub fn page(
         &self,
         range: &KeyRange,
@@ -112,7 +113,10 @@ impl Ring {
                 oldest_revision: self.compacted + 1,
             });
         }
-        history::page(self.after(after, range).map(Ok), after, max, head)
+        let through_head = self
+            .after(after, range)
+            .take_while(|(revision, _)| *revision <= head);
+        history::page(through_head.map(Ok), after, max, head)
     }
 
     /// The revision through which events are gone.

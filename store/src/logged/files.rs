@@ -81,6 +81,15 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A record's or a snapshot frame's first 8 bytes: `[length u32][crc32c u32]`.
+fn length_and_checksum(header: [u8; 8]) -> (usize, u32) {
+    let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
+    (
+        u32::from_le_bytes([l0, l1, l2, l3]) as usize,
+        u32::from_le_bytes([c0, c1, c2, c3]),
+    )
+}
+
 fn checksum(seq: u64, body: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&seq.to_le_bytes()), body)
 }
@@ -98,14 +107,16 @@ pub(crate) fn records(seq: u64, buf: &[u8]) -> (Vec<Found<'_>>, usize, Option<St
     let mut found = Vec::new();
     let mut at = 0usize;
     loop {
-        let Some(header) = buf.get(at..at + RECORD_HEADER_BYTES) else {
+        let Some(header) = buf
+            .get(at..at + RECORD_HEADER_BYTES)
+            .and_then(|h| <[u8; RECORD_HEADER_BYTES]>::try_from(h).ok())
+        else {
             return (found, at, None);
         };
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let (len, crc) = length_and_checksum(header);
         if len == 0 {
             return (found, at, None);
         }
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let start = at + RECORD_HEADER_BYTES;
         let Some(body) = buf
             .get(start..start + len)
@@ -416,8 +427,7 @@ pub(crate) fn read_snapshot(
         let mut header = [0u8; 8];
         r.read_exact(&mut header)
             .map_err(|e| format!("{}: ends without its end frame ({e})", path.display()))?;
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let (len, crc) = length_and_checksum(header);
         if len == 0 {
             return Err(format!("{}: a frame of length 0", path.display()));
         }

@@ -167,7 +167,7 @@ struct Counters {
 /// gathers the writes of many connections into one group, one sync; under light load
 /// passes are short and nothing waits. A write from any other thread (the lease reaper,
 /// an embedding program) wakes the committer at once.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Wake {
     /// Set with an unpark when the committer should take what is queued now.
     go: AtomicBool,
@@ -182,27 +182,14 @@ struct Wake {
     /// A checkpoint waiting for the committer to start a segment and hand it the state
     /// the log after that segment's start replays over (see `LoggedStore::checkpoint`).
     checkpoint: std::sync::Mutex<Option<SyncSender<Result<Head, String>>>>,
-    /// Segments from this one on are kept even when a snapshot makes them unneeded (a
-    /// checkpoint is copying them); `u64::MAX` when none is pinned.
-    keep_from: AtomicU64,
+    /// A checkpoint is copying segments: a snapshot of the live log keeps every segment
+    /// (it still drops older snapshots).
+    pinned: AtomicBool,
 }
 
 /// Where a snapshot starts: its segment, the revision then, and the leases and records as
 /// effects.
 type Head = (u64, u64, Vec<u8>);
-
-impl Default for Wake {
-    fn default() -> Self {
-        Self {
-            go: AtomicBool::new(false),
-            deferred: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            idle: AtomicBool::new(false),
-            checkpoint: std::sync::Mutex::new(None),
-            keep_from: AtomicU64::new(u64::MAX),
-        }
-    }
-}
 
 thread_local! {
     /// Whether this thread is a server worker that calls [`Store::worker_idle`].
@@ -722,7 +709,7 @@ impl Committer {
             }
         };
         self.since_snapshot_bytes = 0;
-        let keep_from = Arc::clone(&self.wake);
+        let wake = Arc::clone(&self.wake);
         let mem = Arc::clone(&self.mem);
         let dir = self.opts.dir.clone();
         let sizes = Arc::clone(&self.snapshot_bytes);
@@ -732,8 +719,11 @@ impl Committer {
             .spawn(move || {
                 let started = Instant::now();
                 let written = write_snapshot(&mem, &dir, seq, revision, &head).inspect(|_| {
-                    let keep = keep_from.keep_from.load(Ordering::SeqCst);
-                    if let Err(e) = prune(&dir, seq.min(keep)) {
+                    let keep_from = match wake.pinned.load(Ordering::SeqCst) {
+                        true => 0,
+                        false => seq,
+                    };
+                    if let Err(e) = prune(&dir, keep_from) {
                         tracing::warn!(error = %e, seq, "removing what the snapshot replaced failed; tried again after the next");
                     }
                 });
@@ -867,14 +857,15 @@ impl Store for LoggedStore {
 
     fn stats(&self) -> StoreStats {
         let c = &self.counters;
+        let mem = self.mem.stats();
         StoreStats {
             live_data_bytes: c.log_bytes.load(Ordering::Relaxed),
             wal_syncs: c.syncs.load(Ordering::Relaxed),
             commit_groups: c.groups.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             write_queue_len: c.queued.load(Ordering::Relaxed),
-            idempotent_replays: self.mem.stats().idempotent_replays,
-            records_evicted: self.mem.stats().records_evicted,
+            idempotent_replays: mem.idempotent_replays,
+            records_evicted: mem.records_evicted,
             ..StoreStats::default()
         }
     }
@@ -909,14 +900,14 @@ impl Store for LoggedStore {
             ))
         };
         // No snapshot of the live log may drop a segment the copy still needs.
-        self.wake.keep_from.store(0, Ordering::SeqCst);
-        struct Unpin<'a>(&'a AtomicU64);
+        self.wake.pinned.store(true, Ordering::SeqCst);
+        struct Unpin<'a>(&'a AtomicBool);
         impl Drop for Unpin<'_> {
             fn drop(&mut self) {
-                self.0.store(u64::MAX, Ordering::SeqCst);
+                self.0.store(false, Ordering::SeqCst);
             }
         }
-        let _unpin = Unpin(&self.wake.keep_from);
+        let _unpin = Unpin(&self.wake.pinned);
         let (tx, rx) = mpsc::sync_channel(1);
         *self
             .wake

@@ -157,21 +157,52 @@ fn every_kind_of_write_survives_a_reopen() {
     assert!(!page.events.is_empty());
 }
 
-#[test]
-fn a_torn_last_record_is_dropped_at_every_byte_and_writing_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
+/// A log whose last record is one put: the state before it, the last segment's number,
+/// path and bytes, and where its last record starts and ends.
+struct LastRecord {
+    before: (Vec<Entry>, u64),
+    seq: u64,
+    path: PathBuf,
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+fn log_with_a_last_put(dir: &Path) -> LastRecord {
     let before = {
-        let s = LoggedStore::open(small(dir.path())).unwrap();
+        let s = LoggedStore::open(small(dir)).unwrap();
         workload(&s, 40);
         let before = state(&s);
         put(&s, b"last", &[9u8; 300]);
         before
     };
-    let seq = *files::numbered(dir.path(), "log-").unwrap().last().unwrap();
-    let path = files::segment_path(dir.path(), seq);
-    let whole = fs::read(&path).unwrap();
-    let (records, end, _) = files::records(seq, &whole);
-    let last_start = end - (records.last().unwrap().effects.len() + 16);
+    let seq = *files::numbered(dir, "log-").unwrap().last().unwrap();
+    let path = files::segment_path(dir, seq);
+    let bytes = fs::read(&path).unwrap();
+    let (records, end, _) = files::records(seq, &bytes);
+    // A record: 8 bytes of length and checksum, 8 of revision, the effects.
+    let start = end - (records.last().unwrap().effects.len() + 16);
+    LastRecord {
+        before,
+        seq,
+        path,
+        bytes,
+        start,
+        end,
+    }
+}
+
+#[test]
+fn a_torn_last_record_is_dropped_at_every_byte_and_writing_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let LastRecord {
+        before,
+        path,
+        bytes: whole,
+        start: last_start,
+        end,
+        ..
+    } = log_with_a_last_put(dir.path());
     // Every cut of the last record (the bytes from the cut on, garbage).
     for cut in (last_start..end).step_by(7).chain([end - 1]) {
         let mut torn = whole.clone();
@@ -523,18 +554,14 @@ fn a_full_disk_refuses_writes_until_a_segment_can_be_made() {
 #[test]
 fn a_torn_record_before_an_empty_later_segment_still_ends_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let before = {
-        let s = LoggedStore::open(small(dir.path())).unwrap();
-        workload(&s, 40);
-        let before = state(&s);
-        put(&s, b"last", &[9u8; 300]);
-        before
-    };
-    let seq = *files::numbered(dir.path(), "log-").unwrap().last().unwrap();
-    let path = files::segment_path(dir.path(), seq);
-    let mut buf = fs::read(&path).unwrap();
-    let (records, end, _) = files::records(seq, &buf);
-    let last_start = end - (records.last().unwrap().effects.len() + 16);
+    let LastRecord {
+        before,
+        seq,
+        path,
+        bytes: mut buf,
+        start: last_start,
+        end,
+    } = log_with_a_last_put(dir.path());
     buf[last_start + 20..end].iter_mut().for_each(|b| *b = 0x5A);
     fs::write(&path, &buf).unwrap();
     files::zero_filled(&files::segment_path(dir.path(), seq + 1), MIN_SEGMENT_BYTES).unwrap();
