@@ -93,8 +93,6 @@ pub enum ServerError {
     Storage(#[from] capkv_store_rocks::OpenError),
     #[error("cannot open the etcd engine")]
     Etcd(#[from] capkv_store_etcd::OpenError),
-    #[error("{0}")]
-    WrongEngine(String),
     #[error("cannot open the memory-log engine")]
     Log(#[from] capkv_store::logged::LogError),
     #[error("cannot start worker thread: {0}")]
@@ -144,15 +142,7 @@ impl Server {
             }
             // Opening replays the WAL: blocking, but only once, before anything is served.
             // On a disk too full to recover, reads are served read-only until there is room.
-            Engine::Rocksdb => {
-                if capkv_store::logged::holds_a_log(&config.data_dir) {
-                    return Err(ServerError::WrongEngine(format!(
-                        "{} holds a memory-log engine's log; start with --engine memory-log",
-                        config.data_dir.display()
-                    )));
-                }
-                capkv_store_rocks::open_or_read_only(config.rocks_options())?
-            }
+            Engine::Rocksdb => capkv_store_rocks::open_or_read_only(config.rocks_options())?,
             // Connects and reads the store's secret and history start: blocking, once.
             Engine::Etcd => Arc::new(capkv_store_etcd::EtcdStore::open(config.etcd_options())?),
             // Replays the log: blocking, once, before anything is served.

@@ -203,6 +203,8 @@ pub enum OpenError {
         found: u64,
         expected: u64,
     },
+    #[error("data directory {path} holds a memory-log engine's log; start with --engine memory-log, or choose another data directory")]
+    WrongEngine { path: String },
     #[error("invalid storage options: {0}")]
     Options(String),
     #[error("cannot start a storage thread: {0}")]
@@ -376,6 +378,10 @@ impl RocksStore {
                 path: shown,
                 detail: "it exists and is not a directory".into(),
             });
+        }
+        // An empty store opened over another engine's files would look like lost data.
+        if capkv_store::logged::holds_a_log(&path) {
+            return Err(OpenError::WrongEngine { path: shown });
         }
         std::fs::create_dir_all(&path).map_err(|e| OpenError::Io {
             path: shown.clone(),
@@ -1926,6 +1932,23 @@ mod tests {
         }
         let e = RocksStore::open(RocksOptions::new(dir.path())).unwrap_err();
         assert!(matches!(e, OpenError::Format { found: 99, .. }), "{e}");
+    }
+
+    /// An embedder opening RocksDB over a memory-log directory is stopped, as the server
+    /// is: an empty database there would hide every logged write.
+    #[test]
+    fn a_memory_log_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(
+            capkv_store::logged::LoggedStore::open(capkv_store::logged::LogOptions::new(
+                dir.path(),
+            ))
+            .unwrap(),
+        );
+        let e = RocksStore::open(RocksOptions::new(dir.path())).unwrap_err();
+        assert!(matches!(e, OpenError::WrongEngine { .. }), "{e}");
+        assert!(e.to_string().contains("--engine memory-log"), "{e}");
+        assert!(!dir.path().join("CURRENT").exists());
     }
 
     #[test]

@@ -401,8 +401,8 @@ fn a_failed_sync_refuses_writes_and_hides_the_group() {
     assert_eq!(s.get(b"b").unwrap(), None);
 }
 
-/// The engine refuses a RocksDB directory, and a RocksDB server refuses a log's (tested
-/// in the server); `holds_a_log` tells them apart.
+/// The engine refuses a RocksDB directory, and RocksDB refuses a log's (tested in
+/// capkv-store-rocks); `holds_a_log` tells them apart.
 #[test]
 fn a_rocksdb_directory_is_refused_and_a_log_is_recognised() {
     let dir = tempfile::tempdir().unwrap();
