@@ -57,7 +57,7 @@ use futures::stream::FuturesUnordered;
 use futures::{AsyncWrite, StreamExt};
 
 use crate::frames::{Frame, FrameSource};
-use crate::local::{Direct, Now};
+use crate::local::{Direct, Now, Waiting};
 
 #[doc(hidden)]
 pub mod script;
@@ -554,25 +554,53 @@ struct Answer {
     release_on_return: bool,
 }
 
-/// A call running: its question id, the handler's promise, and where its results message
-/// lands when the handler drops it. A future of its own (not an `async` block) so that
-/// starting a call boxes nothing beyond what the handler's promise already is.
+/// A call running: its question id and its work. A future of its own (not an `async`
+/// block) so that starting a call boxes nothing beyond what its work already is.
 struct Running {
     id: u32,
-    promise: Promise<(), capnp::Error>,
-    done: Rc<Cell<Option<Built>>>,
+    work: Work,
 }
 
-/// What a call ending hands back to the loop.
-type Done = (u32, Result<(), capnp::Error>, Rc<Cell<Option<Built>>>);
+enum Work {
+    /// The hook path: the handler's promise, and where its results message lands when the
+    /// handler drops it.
+    Hook {
+        promise: Promise<(), capnp::Error>,
+        done: Rc<Cell<Option<Built>>>,
+    },
+    /// A direct call that waits ([`Now::Wait`]); taken when it is ready.
+    Wait(Option<Pin<Box<dyn Waiting>>>),
+}
+
+/// What a call ending hands back to the loop: its question id and how it ended.
+type Done = (u32, Ended);
+
+enum Ended {
+    Hook(Result<(), capnp::Error>, Rc<Cell<Option<Built>>>),
+    /// Ready to write its results ([`Conn::answer_waiting`]).
+    Wait(Pin<Box<dyn Waiting>>),
+}
 
 impl Future for Running {
     type Output = Done;
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Done> {
         let this = self.get_mut();
-        Pin::new(&mut this.promise)
-            .poll(cx)
-            .map(|r| (this.id, r, Rc::clone(&this.done)))
+        match &mut this.work {
+            Work::Hook { promise, done } => Pin::new(promise)
+                .poll(cx)
+                .map(|r| (this.id, Ended::Hook(r, Rc::clone(done)))),
+            Work::Wait(waiting) => match waiting {
+                Some(w) => match w.as_mut().poll_ready(cx) {
+                    Poll::Ready(()) => match waiting.take() {
+                        Some(w) => Poll::Ready((this.id, Ended::Wait(w))),
+                        None => Poll::Pending,
+                    },
+                    Poll::Pending => Poll::Pending,
+                },
+                // Polled after it ended: never, as `FuturesUnordered` drops what it yielded.
+                None => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -905,8 +933,8 @@ impl Conn {
                 }
             }
             self.fresh = fresh;
-            for (id, result, cell) in done.drain(..) {
-                self.settle(id, result, cell.take());
+            for (id, ended) in done.drain(..) {
+                self.ended(id, ended);
             }
             self.done_now = done;
         }
@@ -1005,10 +1033,10 @@ impl Conn {
         // Most connections have no call waiting: an empty set is not polled (its poll
         // registers the waker, atomics and all).
         while !calls.is_empty() {
-            let Poll::Ready(Some((id, result, done))) = calls.poll_next_unpin(cx) else {
+            let Poll::Ready(Some((id, ended))) = calls.poll_next_unpin(cx) else {
                 break;
             };
-            self.settle(id, result, done.take());
+            self.ended(id, ended);
             self.progressed = true;
         }
         if !self.fresh.is_empty() {
@@ -1236,6 +1264,16 @@ impl Conn {
                 match self.call_direct(id, direct, interface_id, method_id, &m) {
                     Now::Done(_) => return,
                     Now::Defer(d) => deferred = Some(d),
+                    Now::Wait(w) => {
+                        // An answer while it waits: calls pipelined on it queue there, and
+                        // a Finish finds it.
+                        self.ensure_answer(id);
+                        self.fresh.push(Running {
+                            id,
+                            work: Work::Wait(Some(w)),
+                        });
+                        return;
+                    }
                     Now::Elsewhere => {}
                 }
             }
@@ -1260,7 +1298,10 @@ impl Conn {
                 Promise::err(capnp::Error::failed("call to an unknown capability".into()))
             }
         };
-        self.fresh.push(Running { id, promise, done });
+        self.fresh.push(Running {
+            id,
+            work: Work::Hook { promise, done },
+        });
     }
 
     /// The direct path: a call to an object that answers it at once ([`Direct`]) is run
@@ -1306,6 +1347,33 @@ impl Conn {
             // The hook path reads the params again and fails that call alike.
             Err(_) => return Now::Elsewhere,
         };
+        let arrived = frame.arrived;
+        self.direct_results(id, |results| {
+            crate::local::with_arrival(arrived, || {
+                direct.call_now(interface_id, method_id, params, results)
+            })
+        })
+    }
+
+    /// Answers a waiting direct call ([`Now::Wait`]) that is ready, as the direct path
+    /// answers.
+    fn answer_waiting(&mut self, id: u32, mut waiting: Pin<Box<dyn Waiting>>) {
+        let now = self.direct_results(id, |results| Now::Done(waiting.as_mut().answer(results)));
+        debug_assert!(
+            matches!(now, Now::Done(Ok(()))),
+            "a waiting call answered twice"
+        );
+    }
+
+    /// Has `write` write a direct call's results, built in the connection's scratch
+    /// segment, and queues them behind a fixed Return header; settles the call with its
+    /// error if it failed. What `write` says it did, but a failure, which is answered here
+    /// (`Done(Ok)`).
+    fn direct_results(
+        &mut self,
+        id: u32,
+        write: impl FnOnce(any_pointer::Builder<'_>) -> Now,
+    ) -> Now {
         // Taken out while the message borrows it (put back below; a call that somehow came
         // in between would find none and make its own).
         let mut scratch = SCRATCH.take();
@@ -1320,19 +1388,16 @@ impl Conn {
             // is a fixed header (`queue_direct_return`). Results without capabilities, the
             // only kind this path writes.
             let mut message = message::Builder::new(&mut alloc);
-            let results = message.get_root::<any_pointer::Builder<'_>>();
-            let arrived = frame.arrived;
-            let now = match results {
-                Ok(results) => crate::local::with_arrival(arrived, || {
-                    direct.call_now(interface_id, method_id, params, results)
-                }),
+            let now = match message.get_root::<any_pointer::Builder<'_>>() {
+                Ok(results) => write(results),
                 Err(_) => Now::Elsewhere,
             };
             match now {
                 Now::Done(Ok(())) => match self.queue_direct_return(id, message) {
                     Ok(()) => {
-                        // Answered without a capability. A call that started from a queue
-                        // has an answer, which calls may have been pipelined on meanwhile.
+                        // Answered without a capability. A call that started from a queue,
+                        // or waited, has an answer, which calls may have been pipelined on
+                        // meanwhile.
                         if let Some(Answer {
                             state: AnswerState::Running { queued },
                             ..
@@ -1355,6 +1420,14 @@ impl Conn {
                 Now::Done(Ok(()))
             }
             other => other,
+        }
+    }
+
+    /// Settles a call that ended.
+    fn ended(&mut self, id: u32, ended: Ended) {
+        match ended {
+            Ended::Hook(result, done) => self.settle(id, result, done.take()),
+            Ended::Wait(waiting) => self.answer_waiting(id, waiting),
         }
     }
 
@@ -1846,6 +1919,14 @@ mod tests {
                         Ok(())
                     })
                 })),
+                b"wait" => Now::Wait(Box::pin(YieldThen {
+                    yielded: false,
+                    fail: false,
+                })),
+                b"waitfail" => Now::Wait(Box::pin(YieldThen {
+                    yielded: false,
+                    fail: true,
+                })),
                 b"fail" => Now::Done(Err(capnp::Error::failed("refused directly".into()))),
                 // Past the scratch segment: the Return is built by capnp around a copy.
                 b"large" => {
@@ -1858,6 +1939,120 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A waiting direct call ([`Now::Wait`]): ready after one yield, then answers (or fails).
+    struct YieldThen {
+        yielded: bool,
+        fail: bool,
+    }
+
+    impl crate::local::Waiting for YieldThen {
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            if std::mem::replace(&mut self.yielded, true) {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+
+        fn answer(self: Pin<&mut Self>, results: any_pointer::Builder<'_>) -> capnp::Result<()> {
+            assert!(self.yielded, "answered before it was ready");
+            if self.fail {
+                return Err(capnp::Error::failed("waited and failed".into()));
+            }
+            answer_get(results.get_as()?, "waited");
+            Ok(())
+        }
+    }
+
+    /// A direct call that waits is answered once ready, after calls that came later and
+    /// did not wait; a call pipelined on it waits for it and then fails (its results hold
+    /// no capability); a Finish sent while it waits does not lose its answer; a failure is
+    /// the call's exception; nothing is left in the tables.
+    #[test]
+    fn a_waiting_direct_call_is_answered_once_ready() {
+        use capkv::kv_capnp::kv_store;
+        use capnp::traits::HasTypeId;
+        on_local_set(async {
+            let cap: kv_store::Client = crate::local::new_direct_client(TwoWays);
+            let mut input = Vec::new();
+            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+            // (question, key, pipelined on this answer)
+            let calls: [(u32, &str, Option<u32>); 4] = [
+                (1, "wait", None),
+                (2, "a", Some(1)),
+                (3, "waitfail", None),
+                (4, "a", None),
+            ];
+            for (id, key, on) in calls {
+                queue(&mut input, |m| {
+                    let mut c = m.init_call();
+                    c.set_question_id(id);
+                    c.set_interface_id(kv_store::Client::TYPE_ID);
+                    c.set_method_id(0);
+                    match on {
+                        Some(q) => c
+                            .reborrow()
+                            .init_target()
+                            .init_promised_answer()
+                            .set_question_id(q),
+                        None => c.reborrow().init_target().set_imported_cap(0),
+                    }
+                    c.init_params()
+                        .init_content()
+                        .init_as::<kv_store::get_params::Builder>()
+                        .set_key(key.as_bytes());
+                });
+            }
+            // Question 1 finished while it waits.
+            queue(&mut input, |m| m.init_finish().set_question_id(1));
+            let bytes = serve_all(input, cap.client.hook, 5).await;
+            let mut order = Vec::new();
+            for m in written(&bytes) {
+                let root = m.get_root::<rpc_message::Reader>().unwrap();
+                let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
+                    continue;
+                };
+                let what = match ret.which().unwrap() {
+                    return_::Which::Results(_) if ret.get_answer_id() == 0 => "bootstrap".into(),
+                    return_::Which::Results(p) => {
+                        assert!(ret.get_no_finish_needed());
+                        let r = p
+                            .unwrap()
+                            .get_content()
+                            .get_as::<kv_store::get_results::Reader>()
+                            .unwrap();
+                        match r.get_result().unwrap().which().unwrap() {
+                            capkv::kv_capnp::get_result::Which::Ok(e) => {
+                                String::from_utf8(e.unwrap().get_value().unwrap().to_vec()).unwrap()
+                            }
+                            _ => "error".into(),
+                        }
+                    }
+                    return_::Which::Exception(e) => {
+                        e.unwrap().get_reason().unwrap().to_string().unwrap()
+                    }
+                    _ => "other".into(),
+                };
+                order.push((ret.get_answer_id(), what));
+            }
+            let order: Vec<(u32, &str)> = order.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(
+                order,
+                [
+                    (0, "bootstrap"),
+                    (4, "direct"),
+                    (1, "waited"),
+                    (
+                        2,
+                        "call pipelined on question 1, whose results hold no capability"
+                    ),
+                    (3, "waited and failed"),
+                ]
+            );
+        });
     }
 
     /// Calls on an export whose object is [`Direct`] are answered by it at once; what it

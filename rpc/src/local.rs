@@ -17,7 +17,9 @@
 //! exports the capability.
 
 use std::cell::{Cell, RefCell};
+use std::pin::Pin;
 use std::rc::{Rc, Weak};
+use std::task::{Context, Poll};
 
 use capnp::capability::{FromClientHook, FromServer, Params, Promise, Results, Server};
 use capnp::private::capability::{ClientHook, ParamsHook, ResultsHook};
@@ -36,8 +38,23 @@ pub enum Now {
     /// Started, and must wait (an admission queue, a fault plan): the engine goes on with
     /// the hook path's params and results. Nothing was written to the results.
     Defer(Deferred),
+    /// Started, and waits for something outside the engine (a write's commit): the engine
+    /// keeps it with the call's answer and has it write its results once it is ready.
+    /// Nothing was written to the results.
+    Wait(Pin<Box<dyn Waiting>>),
     /// Not a method this path serves: the engine calls the hook, as if asked nothing.
     Elsewhere,
+}
+
+/// The rest of a direct call that waits ([`Now::Wait`]): its only box. The engine polls it
+/// with its connection and, once it is ready, has it write its results into a message of
+/// the engine's as a direct call's are (no hook, no boxed params, results or promise, no
+/// results message of its own while it waits). Dropped unanswered when its connection ends.
+pub trait Waiting {
+    /// Ready once [`answer`](Self::answer) can write the results.
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()>;
+    /// Writes the results (called once, after `poll_ready` was ready), or fails the call.
+    fn answer(self: Pin<&mut Self>, results: any_pointer::Builder<'_>) -> capnp::Result<()>;
 }
 
 /// An object that answers some of its methods at once, without a boxed future per call.

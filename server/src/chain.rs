@@ -57,7 +57,7 @@ use arc_swap::ArcSwap;
 use capkv::kv_capnp::request_context;
 use capkv::{code_name, ApiError, CallMeta, ErrorCode};
 use capkv_chaos::Chaos;
-use capkv_store::Store;
+use capkv_store::{Pending, Store, StoreError};
 use capkv_telemetry::TraceParent;
 use sha2::Digest;
 use std::collections::HashMap;
@@ -732,21 +732,76 @@ impl Shared {
         };
         match outcome {
             Ok(r) => r,
-            Err(_) => {
-                // Dropping the work future here is what stops the work.
-                metrics::counter!(m::DEADLINE_EXCEEDED_TOTAL, "method" => method.name())
-                    .increment(1);
-                tracing::debug!(
-                    method = method.name(),
-                    budget_ms,
-                    "deadline exceeded; work stopped"
-                );
-                Err(ApiError::new(
-                    ErrorCode::DeadlineExceeded,
-                    format!("deadline of {budget_ms} ms exceeded"),
-                ))
-            }
+            // Dropping the work future here is what stops the work.
+            Err(_) => Err(deadline_exceeded(method, budget_ms)),
         }
+    }
+
+    /// [`serve_now`](Self::serve_now) for a write whose outcome may come later (a store
+    /// that commits in groups): the same steps, run at once; `work` submits the write.
+    /// When the store answers at once, or a step refuses the call, it is answered now;
+    /// when a step must wait it is `Later`, as from `serve_now`; else the call waits for
+    /// its outcome in a [`WaitingWrite`], with its admission slot, under its deadline,
+    /// without an async frame, a boxed future or a hook. `map` turns the store's outcome
+    /// into the call's.
+    pub fn serve_write<O>(
+        self: &Arc<Self>,
+        conn: &Rc<Conn>,
+        method: Method,
+        ctx: capnp::Result<request_context::Reader<'_>>,
+        work: impl FnOnce(Call) -> Result<Pending<O>, ApiError>,
+        map: fn(Result<O, StoreError>) -> Result<O, ApiError>,
+    ) -> Begun<O> {
+        let mut opened = self.open(conn, method, ctx);
+        if method.faultable() && self.chaos.is_armed() {
+            return Begun::Later(opened);
+        }
+        let result = match &opened.meta {
+            Err(e) => Err(e.clone()),
+            Ok(meta) => {
+                let _in_span = opened.span.enter();
+                match self.before_admission(conn, method, meta, opened.started) {
+                    Err(e) => Err(e),
+                    Ok(before) => match self.try_admit(conn, &before.t) {
+                        Err(e) => Err(e),
+                        Ok(Admission::Queue(_counted)) => {
+                            opened.rate_charged = true;
+                            drop(_in_span);
+                            return Begun::Later(opened);
+                        }
+                        Ok(Admission::Ready(slot)) => {
+                            let (deadline, budget_ms) = (before.deadline, before.budget_ms);
+                            let submitted = {
+                                let _in_store = store_span(method).entered();
+                                work(before.call(meta))
+                            };
+                            match submitted.map(Pending::now) {
+                                Err(e) => Err(e),
+                                Ok(Ok(outcome)) => map(outcome),
+                                Ok(Err(pending)) => {
+                                    drop(_in_span);
+                                    return Begun::Waiting(WaitingWrite {
+                                        pending,
+                                        map,
+                                        admitted: Some(slot.keep()),
+                                        conn: Rc::clone(conn),
+                                        shared: Arc::clone(self),
+                                        opened,
+                                        method,
+                                        deadline,
+                                        budget_ms,
+                                        timer: None,
+                                        result: None,
+                                    });
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+        };
+        self.observe(conn, method, &opened, &result);
+        Begun::Now(result)
     }
 
     /// Step 4's admission, as far as it goes without waiting: the connection's limit, then
@@ -976,12 +1031,128 @@ struct Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        // The idle clock is set when the call ends (`observe`); a call dropped with its
-        // connection needs none.
-        self.conn.in_flight.set(self.conn.in_flight.get() - 1);
-        if self.held {
-            self.shared.release_global();
+        give_back(self.shared, self.conn, self.held);
+    }
+}
+
+impl Slot<'_> {
+    /// Ends the borrow, not the admission: whether a global slot is held, for an owner
+    /// that gives it back itself ([`WaitingWrite`], a call that outlives the borrow).
+    fn keep(self) -> bool {
+        let held = self.held;
+        std::mem::forget(self);
+        held
+    }
+}
+
+/// Ends an admission: the connection's count, and the global slot if one was held.
+fn give_back(shared: &Shared, conn: &Conn, held: bool) {
+    // The idle clock is set when the call ends (`observe`); a call dropped with its
+    // connection needs none.
+    conn.in_flight.set(conn.in_flight.get() - 1);
+    if held {
+        shared.release_global();
+    }
+}
+
+/// Step 6's end when past the deadline: counted, logged, and the call's error.
+fn deadline_exceeded(method: Method, budget_ms: u32) -> ApiError {
+    metrics::counter!(m::DEADLINE_EXCEEDED_TOTAL, "method" => method.name()).increment(1);
+    tracing::debug!(
+        method = method.name(),
+        budget_ms,
+        "deadline exceeded; work stopped"
+    );
+    ApiError::new(
+        ErrorCode::DeadlineExceeded,
+        format!("deadline of {budget_ms} ms exceeded"),
+    )
+}
+
+/// What [`Shared::serve_write`] did with a write.
+pub enum Begun<O> {
+    /// Answered: the store answered at once, or a step refused the call.
+    Now(Result<O, ApiError>),
+    /// A step must wait: finish with [`Shared::serve_opened`].
+    Later(Opened),
+    /// Submitted: the outcome comes from the store.
+    Waiting(WaitingWrite<O>),
+}
+
+/// A write submitted by [`Shared::serve_write`], waiting for its outcome: steps 6 and 7
+/// of the chain as a poll, not an async frame. A write is never abandoned (its outcome
+/// would be unknown); past its deadline the call ends with `deadlineExceeded` while the
+/// write goes on, as on the async path. Dropped with its connection: the write stands.
+pub struct WaitingWrite<O> {
+    pending: Pending<O>,
+    map: fn(Result<O, StoreError>) -> Result<O, ApiError>,
+    /// The admission (whether a global slot is held), given back when the outcome is
+    /// known or the call is dropped.
+    admitted: Option<bool>,
+    conn: Rc<Conn>,
+    shared: Arc<Shared>,
+    opened: Opened,
+    method: Method,
+    deadline: Instant,
+    budget_ms: u32,
+    /// Made at the first wait: a write answered by then needs none.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    result: Option<Result<O, ApiError>>,
+}
+
+impl<O> WaitingWrite<O> {
+    /// Ready once the outcome (or the deadline) is in: then [`take`](Self::take) it.
+    pub fn poll_outcome(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::task::Poll;
+        if self.result.is_some() {
+            return Poll::Ready(());
         }
+        if let Poll::Ready(outcome) = std::pin::Pin::new(&mut self.pending).poll(cx) {
+            self.result = Some((self.map)(outcome));
+            self.give_back();
+            return Poll::Ready(());
+        }
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.result = Some(Err(deadline_exceeded(self.method, self.budget_ms)));
+            self.give_back();
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// The call's outcome, observed (step 7). Once, after `poll_outcome` was ready.
+    pub fn take(&mut self) -> Result<O, ApiError> {
+        self.give_back();
+        let result = self.result.take().unwrap_or_else(|| {
+            Err(ApiError::new(
+                ErrorCode::Internal,
+                "a write's outcome was taken twice",
+            ))
+        });
+        self.shared
+            .observe(&self.conn, self.method, &self.opened, &result);
+        result
+    }
+
+    /// The connection the call came on.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    fn give_back(&mut self) {
+        if let Some(held) = self.admitted.take() {
+            give_back(&self.shared, &self.conn, held);
+        }
+    }
+}
+
+impl<O> Drop for WaitingWrite<O> {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 

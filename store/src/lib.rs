@@ -456,5 +456,5 @@ fn typed<W: Write>(
     w: W,
     write: impl FnOnce(WriteOp) -> Pending<WriteOutcome>,
 ) -> Pending<W::Outcome> {
-    write(w.into()).map(W::outcome)
+    write(w.into()).map_write(W::outcome)
 }

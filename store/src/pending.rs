@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 
 use futures::channel::oneshot;
 
+use crate::write::WriteOutcome;
 use crate::StoreError;
 
 /// A write's outcome: ready at once (memory engine) or delivered by a committer thread.
@@ -20,6 +21,11 @@ pub struct Pending<T> {
 enum State<T> {
     Ready(Option<Result<T, StoreError>>),
     Waiting(oneshot::Receiver<Result<T, StoreError>>),
+    /// A write's outcome of one kind ([`Pending::map_write`]): no box.
+    Write(
+        oneshot::Receiver<Result<WriteOutcome, StoreError>>,
+        fn(WriteOutcome) -> Result<T, StoreError>,
+    ),
     Mapped(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>),
 }
 
@@ -79,6 +85,32 @@ impl<T> Pending<T> {
     }
 }
 
+impl Pending<WriteOutcome> {
+    /// [`map`](Pending::map) for a write's outcome taken out as its kind's (`Put` →
+    /// `PutOutcome`, ...): a function, not a closure, so a waiting outcome needs no box.
+    pub fn map_write<T>(self, f: fn(WriteOutcome) -> Result<T, StoreError>) -> Pending<T>
+    where
+        T: Send + 'static,
+    {
+        match self.state {
+            State::Ready(Some(r)) => Pending::ready(r.and_then(f)),
+            State::Waiting(rx) => Pending {
+                state: State::Write(rx, f),
+            },
+            state => Pending { state }.map(f),
+        }
+    }
+}
+
+/// A completer's message, or what it means that none came.
+fn received<T>(r: Result<Result<T, StoreError>, oneshot::Canceled>) -> Result<T, StoreError> {
+    r.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(
+            "storage closed before the write's outcome was known".into(),
+        ))
+    })
+}
+
 // No field is ever pinned structurally: the ready value is moved out, the receiver is Unpin.
 impl<T> Unpin for Pending<T> {}
 
@@ -92,13 +124,8 @@ impl<T> Future for Pending<T> {
                     "write outcome polled after completion".into(),
                 ))
             })),
-            State::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
-                r.unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable(
-                        "storage closed before the write's outcome was known".into(),
-                    ))
-                })
-            }),
+            State::Waiting(rx) => Pin::new(rx).poll(cx).map(received),
+            State::Write(rx, f) => Pin::new(rx).poll(cx).map(|r| received(r).and_then(*f)),
             State::Mapped(f) => f.as_mut().poll(cx),
         }
     }
@@ -109,6 +136,7 @@ impl<T> std::fmt::Debug for Pending<T> {
         f.write_str(match self.state {
             State::Ready(_) => "Pending::Ready",
             State::Waiting(_) => "Pending::Waiting",
+            State::Write(..) => "Pending::Write",
             State::Mapped(_) => "Pending::Mapped",
         })
     }

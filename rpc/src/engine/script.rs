@@ -17,7 +17,7 @@ use crate::local::{Direct, Now};
 
 /// A capability whose methods answer with a new capability (0), an error (1), or a new
 /// capability after yields (2, so that calls overlap and queue on answers that return
-/// capabilities later); methods 3 to 5 it answers on the engine's
+/// capabilities later); methods 3 to 6 it answers on the engine's
 /// direct path ([`ScriptDirect`]) when called as an export, and as 0 to 2 when pipelined.
 /// Its `get_ptr` is its id.
 pub(crate) struct ScriptCap {
@@ -34,7 +34,7 @@ impl ScriptCap {
     }
 
     fn numbered(id: usize, next_id: Rc<Cell<usize>>) -> Self {
-        let direct: Rc<dyn Direct> = Rc::new(ScriptDirect);
+        let direct: Rc<dyn Direct> = Rc::new(ScriptDirect::default());
         crate::local::register(id, &direct);
         Self {
             id,
@@ -45,8 +45,13 @@ impl ScriptCap {
 }
 
 /// The direct path of a [`ScriptCap`]: answers at once (3), fails at once (4), defers to
-/// a result after a yield (5), and leaves every other method to the hook.
-struct ScriptDirect;
+/// a result after a yield (5), waits a yield and then answers or fails, by turns
+/// (6: [`Now::Wait`]), and leaves every other method to the hook.
+#[derive(Default)]
+struct ScriptDirect {
+    /// Waiting calls made so far (every other one fails).
+    waits: Cell<usize>,
+}
 
 impl Direct for ScriptDirect {
     fn call_now(
@@ -66,8 +71,46 @@ impl Direct for ScriptDirect {
                     Ok(())
                 })
             })),
+            6 => {
+                let fail = self.waits.get() % 2 == 1;
+                self.waits.set(self.waits.get() + 1);
+                Now::Wait(Box::pin(Waits {
+                    yielded: false,
+                    fail,
+                }))
+            }
             _ => Now::Elsewhere,
         }
+    }
+}
+
+/// A waiting direct call of [`ScriptDirect`]: ready after one yield.
+struct Waits {
+    yielded: bool,
+    fail: bool,
+}
+
+impl crate::local::Waiting for Waits {
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if std::mem::replace(&mut self.yielded, true) {
+            std::task::Poll::Ready(())
+        } else {
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+
+    fn answer(
+        self: std::pin::Pin<&mut Self>,
+        _results: capnp::any_pointer::Builder<'_>,
+    ) -> capnp::Result<()> {
+        if self.fail {
+            return Err(capnp::Error::failed("scripted waiting failure".into()));
+        }
+        Ok(())
     }
 }
 
@@ -196,7 +239,7 @@ pub fn messages(input: &[u8]) -> Vec<u8> {
                 let mut c = root.init_call();
                 c.set_question_id(a % 8);
                 c.set_interface_id(1);
-                c.set_method_id(u16::from(b % 6));
+                c.set_method_id(u16::from(b % 7));
                 let t = c.reborrow().init_target();
                 if kind % 9 == 1 {
                     t.init_promised_answer().set_question_id(u32::from(b) % 8);

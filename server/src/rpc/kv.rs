@@ -60,15 +60,9 @@ impl KvStoreImpl {
                     token,
                     slot,
                 );
-                // Its direct methods are all writes: on a store whose writes wait for a
-                // commit (RocksDB) each would only defer to the hook path, after the engine
-                // had read its params and begun its Return for nothing.
-                let session: write_session::Client = if self.shared.store.writes_complete_at_once()
-                {
-                    capkv_rpc::local::new_direct_client(session)
-                } else {
-                    capkv_rpc::local::new_client(session)
-                };
+                // Its direct methods are all writes: answered at once on the memory
+                // engine, else waiting in the engine for their commit (`Now::Wait`).
+                let session: write_session::Client = capkv_rpc::local::new_direct_client(session);
                 out.set_session(session.clone());
                 out.set_session_cap(session);
                 out.set_token(&token);

@@ -109,11 +109,74 @@ pub(crate) fn reply_of<P, R: capnp::traits::Owned>(
     match now {
         Now::Done(r) => Either::Left(std::future::ready(r)),
         Now::Defer(rest) => Either::Right(rest(params.hook, results.hook)),
+        Now::Wait(mut waiting) => {
+            let mut hook = results.hook;
+            Either::Right(Promise::from_future(async move {
+                std::future::poll_fn(|cx| waiting.as_mut().poll_ready(cx)).await;
+                waiting.as_mut().answer(hook.get()?)
+            }))
+        }
         // A core never says it: every method it serves is its own.
         Now::Elsewhere => Either::Left(std::future::ready(Err(capnp::Error::failed(
             "method not served here".into(),
         )))),
     }
+}
+
+/// A write waiting for its outcome ([`WaitingWrite`]) as the engine's waiting direct call:
+/// once the outcome is in, `reply` writes it into the call's results (the reply forms of
+/// [`handle!`], on the connection the call came on).
+pub(crate) fn waiting_reply<O, F>(
+    write: crate::chain::WaitingWrite<O>,
+    reply: F,
+) -> std::pin::Pin<Box<dyn capkv_rpc::local::Waiting>>
+where
+    O: Unpin + 'static,
+    F: FnOnce(
+            capnp::any_pointer::Builder<'_>,
+            Result<O, capkv::ApiError>,
+            &crate::chain::Conn,
+        ) -> capnp::Result<()>
+        + Unpin
+        + 'static,
+{
+    struct WaitingReply<O, F> {
+        write: crate::chain::WaitingWrite<O>,
+        reply: Option<F>,
+    }
+    impl<O, F> capkv_rpc::local::Waiting for WaitingReply<O, F>
+    where
+        O: Unpin,
+        F: FnOnce(
+                capnp::any_pointer::Builder<'_>,
+                Result<O, capkv::ApiError>,
+                &crate::chain::Conn,
+            ) -> capnp::Result<()>
+            + Unpin,
+    {
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            self.get_mut().write.poll_outcome(cx)
+        }
+
+        fn answer(
+            self: std::pin::Pin<&mut Self>,
+            results: capnp::any_pointer::Builder<'_>,
+        ) -> capnp::Result<()> {
+            let this = self.get_mut();
+            let result = this.write.take();
+            match this.reply.take() {
+                Some(reply) => reply(results, result, this.write.conn()),
+                None => Err(capnp::Error::failed("a waiting call answered twice".into())),
+            }
+        }
+    }
+    Box::pin(WaitingReply {
+        write,
+        reply: Some(reply),
+    })
 }
 
 /// The hook path's handler of a read on a store whose reads wait (etcd:
@@ -152,48 +215,57 @@ macro_rules! now {
                     .serve_now(&$self.conn, $method, $p.get_ctx(), |$call| $work);
                 match served {
                     crate::chain::Served::Now(r) => {
-                        let results = $results;
-                        // A closure, so that the reply form's `?` ends the reply only.
-                        #[allow(clippy::redundant_closure_call)]
-                        let replied = (|| -> Result<(), capnp::Error> {
-                            let mut built = results()?;
-                            {
-                                #[allow(unused_mut)]
-                                let mut out = built.reborrow().init_result();
-                                crate::rpc::handle!(@reply out, r, $($reply)+);
-                            }
-                            crate::reply::count_reply!(@built $self.conn, built);
-                            Ok(())
-                        })();
-                        capkv_rpc::local::Now::Done(replied)
+                        crate::rpc::now!(@reply $self, $results, r, $($reply)+)
                     }
-                    crate::chain::Served::Later(opened) => {
-                        let owner = std::rc::Rc::clone($self);
-                        capkv_rpc::local::Now::Defer(Box::new(move |params, results| {
-                            let params = capnp::capability::Params::<$P>::new(params);
-                            let mut results = capnp::capability::Results::<$R>::new(results);
-                            capnp::capability::Promise::from_future(async move {
-                                let $p = params.get()?;
-                                #[allow(unused_variables)]
-                                let $this = &owner;
-                                let r = owner
-                                    .shared
-                                    .serve_opened(&owner.conn, $method, opened, |$call| async move { $work })
-                                    .await;
-                                let mut built = results.get();
-                                {
-                                    #[allow(unused_mut)]
-                                    let mut out = built.reborrow().init_result();
-                                    crate::rpc::handle!(@reply out, r, $($reply)+);
-                                }
-                                crate::reply::count_reply!(@built owner.conn, built);
-                                Ok(())
-                            })
-                        }))
-                    }
+                    crate::chain::Served::Later(opened) => crate::rpc::now!(@later
+                        $self, $P, $R, $method, opened, |$this, $p, $call| $work, $($reply)+),
                 }
             }
         }
+    }};
+    // The reply, built now into the results `$results` gives.
+    (@reply $self:ident, $results:expr, $r:ident, $($reply:tt)+) => {{
+        let results = $results;
+        // A closure, so that the reply form's `?` ends the reply only.
+        #[allow(clippy::redundant_closure_call)]
+        let replied = (|| -> Result<(), capnp::Error> {
+            let mut built = results()?;
+            {
+                #[allow(unused_mut)]
+                let mut out = built.reborrow().init_result();
+                crate::rpc::handle!(@reply out, $r, $($reply)+);
+            }
+            crate::reply::count_reply!(@built $self.conn, built);
+            Ok(())
+        })();
+        capkv_rpc::local::Now::Done(replied)
+    }};
+    // The rest of a call a step of the chain left `Later`: a future on the hook path's
+    // params and results, `$work` awaited in it.
+    (@later $self:ident, $P:ty, $R:ty, $method:expr, $opened:ident,
+     |$this:ident, $p:ident, $call:pat_param| $work:expr, $($reply:tt)+) => {{
+        let owner = std::rc::Rc::clone($self);
+        capkv_rpc::local::Now::Defer(Box::new(move |params, results| {
+            let params = capnp::capability::Params::<$P>::new(params);
+            let mut results = capnp::capability::Results::<$R>::new(results);
+            capnp::capability::Promise::from_future(async move {
+                let $p = params.get()?;
+                #[allow(unused_variables)]
+                let $this = &owner;
+                let r = owner
+                    .shared
+                    .serve_opened(&owner.conn, $method, $opened, |$call| async move { $work })
+                    .await;
+                let mut built = results.get();
+                {
+                    #[allow(unused_mut)]
+                    let mut out = built.reborrow().init_result();
+                    crate::rpc::handle!(@reply out, r, $($reply)+);
+                }
+                crate::reply::count_reply!(@built owner.conn, built);
+                Ok(())
+            })
+        }))
     }};
 }
 pub(crate) use now;

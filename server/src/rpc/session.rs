@@ -115,9 +115,12 @@ pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
 
 /// The core of a write ([`now!`]'s shape): `|p, call| op` builds the write and its
 /// idempotency key from the params `p`. It is applied and answered at once, as reads are,
-/// when the store's writes complete at once (the memory engine); else (RocksDB: the call
-/// waits for its group commit) the whole call is deferred to [`handle!`]'s async path. The
-/// reply forms are `handle!`'s.
+/// when the store's writes complete at once (the memory engine); else (RocksDB,
+/// memory-log: the call waits for its group commit) the chain runs at once up to the
+/// write's submission ([`Shared::serve_write`](crate::chain::Shared::serve_write)) and
+/// the call waits for its outcome in the engine ([`Now::Wait`], one box), unless the store
+/// answers at once or a step of the chain must wait (then the rest of the call is a
+/// future, as in [`now!`]). The reply forms are `handle!`'s.
 macro_rules! write_now {
     ($self:ident, $params:ident, $results:ident, $P:ty, $R:ty, $method:expr,
      |$p:ident, $call:ident| $op:expr, $($reply:tt)+) => {{
@@ -132,24 +135,54 @@ macro_rules! write_now {
                 },
                 $($reply)+)
         } else {
-            // Read again on the async path, from the hooks.
-            let _ = ($params, $results);
-            let owner = Rc::clone($self);
-            Now::Defer(Box::new(move |params, results| {
-                let params = capnp::capability::Params::<$P>::new(params);
-                let mut results = capnp::capability::Results::<$R>::new(results);
-                capnp::capability::Promise::from_future(async move {
-                    handle!(owner, params, results, $method,
-                        |this, $p, called| {
+            match $params {
+                Err(e) => Now::Done(Err(e)),
+                Ok($p) => {
+                    let this = $self;
+                    let begun = $self.shared.serve_write(
+                        &$self.conn,
+                        $method,
+                        $p.get_ctx(),
+                        |called| {
                             let (w, idem) = {
                                 let $call = &called;
                                 $op
                             };
-                            written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
+                            Ok(this.apply(w, idem, called.tunables.idempotency_ttl_ms))
                         },
-                        $($reply)+)
-                })
-            }))
+                        written,
+                    );
+                    match begun {
+                        crate::chain::Begun::Now(r) => {
+                            crate::rpc::now!(@reply $self, $results, r, $($reply)+)
+                        }
+                        crate::chain::Begun::Later(opened) => crate::rpc::now!(@later
+                            $self, $P, $R, $method, opened,
+                            |this, $p, called| {
+                                let (w, idem) = {
+                                    let $call = &called;
+                                    $op
+                                };
+                                written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
+                            },
+                            $($reply)+),
+                        crate::chain::Begun::Waiting(waiting) => Now::Wait(crate::rpc::waiting_reply(
+                            waiting,
+                            |results: capnp::any_pointer::Builder<'_>, r, conn: &crate::chain::Conn| {
+                                let mut built: <$R as capnp::traits::Owned>::Builder<'_> =
+                                    results.get_as()?;
+                                {
+                                    #[allow(unused_mut)]
+                                    let mut out = built.reborrow().init_result();
+                                    crate::rpc::handle!(@reply out, r, $($reply)+);
+                                }
+                                crate::reply::count_reply!(@built conn, built);
+                                Ok(())
+                            },
+                        )),
+                    }
+                }
+            }
         }
     }};
 }

@@ -1,0 +1,172 @@
+//! Writes to a store that answers later (a group commit: RocksDB, memory-log) wait for
+//! their outcome in the RPC engine (`Now::Wait`, or a future on capnp-rpc's hook path):
+//! the call is answered with the outcome when it comes, holds its admission slot until
+//! then, and past its deadline ends with `deadlineExceeded` while the write goes on.
+//! Driven through a store whose commits the test releases by hand.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capkv::ErrorCode;
+use capkv_client::{Client, ClientOptions, RetryPolicy};
+use capkv_store::{
+    Completer, Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store,
+    StoreError, WriteOp, WriteOutcome,
+};
+use tokio::time::Instant;
+
+/// A write held back: where its outcome goes, and the outcome.
+type Held = (Completer<WriteOutcome>, Result<WriteOutcome, StoreError>);
+
+/// The memory engine, whose writes are applied at once but answered only when the test
+/// releases them (as a committer answers a group after its sync).
+#[derive(Default)]
+struct HeldCommits {
+    inner: MemoryStore,
+    held: Mutex<Vec<Held>>,
+}
+
+impl HeldCommits {
+    fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    fn release(&self) {
+        for (done, outcome) in self.held.lock().unwrap().drain(..) {
+            done.complete(outcome);
+        }
+    }
+}
+
+impl Store for HeldCommits {
+    fn get(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        self.inner.get(key)
+    }
+    fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
+        let outcome = self.inner.write(op, idem).wait();
+        let (done, pending) = Pending::channel();
+        self.held.lock().unwrap().push((done, outcome));
+        pending
+    }
+    fn writes_complete_at_once(&self) -> bool {
+        false
+    }
+    fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
+        self.inner.scan(req)
+    }
+    fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        self.inner.get_many(keys)
+    }
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.inner.revision()
+    }
+    capkv_store::forward_history_and_leases!(inner);
+    fn engine_name(&self) -> &'static str {
+        "held-commits"
+    }
+    fn instance_secret(&self) -> [u8; 32] {
+        self.inner.instance_secret()
+    }
+}
+
+async fn client(addr: std::net::SocketAddr) -> Client {
+    let options = ClientOptions {
+        timeout: Duration::from_secs(10),
+        retry: RetryPolicy::none(),
+        ..ClientOptions::default()
+    };
+    Client::connect(&addr.to_string(), options)
+        .await
+        .expect("connect")
+}
+
+/// Polls `done` every millisecond until it holds, for at most 10 s.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[test]
+fn a_write_waiting_for_its_commit_is_answered_with_its_outcome() {
+    let store = Arc::new(HeldCommits::default());
+    let server =
+        capkv_server::RunningServer::start_with_store(common::test_config(), store.clone())
+            .expect("server starts");
+    let shared = server.shared();
+    let addr = server.addr();
+    common::local(async move {
+        let c = client(addr).await;
+        let put = tokio::task::spawn_local({
+            let c = c.clone();
+            async move { c.put(b"k", b"v1").await }
+        });
+        until("the put's commit", || store.held() == 1).await;
+        // Waiting: admitted, not answered; the connection serves other calls meanwhile.
+        assert_eq!(shared.in_flight(), 1);
+        assert_eq!(c.get(b"k").await.unwrap().unwrap().value, b"v1");
+        assert!(!put.is_finished());
+        store.release();
+        let written = put.await.unwrap().expect("the put's outcome");
+        assert_eq!(written.version, 1);
+        until("the slot back", || shared.in_flight() == 0).await;
+        // A batch and a delete wait and answer the same way.
+        let batch = tokio::task::spawn_local({
+            let c = c.clone();
+            async move {
+                c.put_many(vec![(b"a".to_vec(), b"1".to_vec(), Default::default())])
+                    .await
+            }
+        });
+        let delete = tokio::task::spawn_local({
+            let c = c.clone();
+            async move { c.delete(b"k").await }
+        });
+        until("both commits", || store.held() == 2).await;
+        store.release();
+        batch.await.unwrap().expect("the batch's outcome");
+        assert!(delete.await.unwrap().expect("the delete's outcome").existed);
+        assert_eq!(c.get(b"k").await.unwrap(), None);
+    });
+}
+
+#[test]
+fn a_write_waiting_past_its_deadline_ends_with_deadline_exceeded_and_goes_on() {
+    let store = Arc::new(HeldCommits::default());
+    let server =
+        capkv_server::RunningServer::start_with_store(common::test_config(), store.clone())
+            .expect("server starts");
+    let shared = server.shared();
+    let addr = server.addr();
+    common::local(async move {
+        let c = client(addr).await;
+        let e = c
+            .with_timeout(Duration::from_millis(100))
+            .put(b"slow", b"v")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::DeadlineExceeded, "{e}");
+        // The server's own deadline ends the call and gives its slot back, while the
+        // commit is still held.
+        until("the slot back", || shared.in_flight() == 0).await;
+        assert_eq!(store.held(), 1);
+        // The outcome arriving after the call ended goes nowhere, harmlessly; the
+        // connection goes on.
+        store.release();
+        assert_eq!(c.get(b"slow").await.unwrap().unwrap().value, b"v");
+        let next = tokio::task::spawn_local({
+            let c = c.clone();
+            async move { c.put(b"slow", b"v2").await }
+        });
+        until("the second put's commit", || store.held() == 1).await;
+        store.release();
+        assert_eq!(next.await.unwrap().expect("second put").version, 2);
+    });
+}
