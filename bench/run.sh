@@ -130,7 +130,7 @@ fi
     echo
     cat "$tmp/keyspace.md"
     echo
-    echo "## Durable puts (bench/durable.sh): RocksDB, WAL synced before every acknowledgement"
+    echo "## Durable puts (bench/durable.sh): RocksDB (WAL) and memory-log (log) synced before every acknowledgement"
     echo
     echo "Same loadgen for both; redis-server with \`--appendonly yes --appendfsync always\`."
     echo
