@@ -1941,6 +1941,30 @@ mod tests {
         }
     }
 
+    /// Starts a Call `id` of `method` on export 0 (`on: None`) or pipelined on the answer
+    /// to question `on`; its params are left to the caller.
+    fn init_call_on(
+        m: rpc_message::Builder<'_>,
+        id: u32,
+        interface_id: u64,
+        method: u16,
+        on: Option<u32>,
+    ) -> call::Builder<'_> {
+        let mut c = m.init_call();
+        c.set_question_id(id);
+        c.set_interface_id(interface_id);
+        c.set_method_id(method);
+        match on {
+            Some(q) => c
+                .reborrow()
+                .init_target()
+                .init_promised_answer()
+                .set_question_id(q),
+            None => c.reborrow().init_target().set_imported_cap(0),
+        }
+        c
+    }
+
     /// A waiting direct call ([`Now::Wait`]): ready after one yield, then answers (or fails).
     struct YieldThen {
         yielded: bool,
@@ -1970,7 +1994,7 @@ mod tests {
     /// A direct call that waits is answered once ready, after calls that came later and
     /// did not wait; a call pipelined on it waits for it and then fails (its results hold
     /// no capability); a Finish sent while it waits does not lose its answer; a failure is
-    /// the call's exception; nothing is left in the tables.
+    /// the call's exception.
     #[test]
     fn a_waiting_direct_call_is_answered_once_ready() {
         use capkv::kv_capnp::kv_store;
@@ -1988,19 +2012,8 @@ mod tests {
             ];
             for (id, key, on) in calls {
                 queue(&mut input, |m| {
-                    let mut c = m.init_call();
-                    c.set_question_id(id);
-                    c.set_interface_id(kv_store::Client::TYPE_ID);
-                    c.set_method_id(0);
-                    match on {
-                        Some(q) => c
-                            .reborrow()
-                            .init_target()
-                            .init_promised_answer()
-                            .set_question_id(q),
-                        None => c.reborrow().init_target().set_imported_cap(0),
-                    }
-                    c.init_params()
+                    init_call_on(m, id, kv_store::Client::TYPE_ID, 0, on)
+                        .init_params()
                         .init_content()
                         .init_as::<kv_store::get_params::Builder>()
                         .set_key(key.as_bytes());
@@ -2080,25 +2093,14 @@ mod tests {
             ];
             for (id, method, key, pipelined) in calls {
                 queue(&mut input, |m| {
-                    let mut c = m.init_call();
-                    c.set_question_id(id);
-                    c.set_interface_id(kv_store::Client::TYPE_ID);
-                    c.set_method_id(method);
                     // The bootstrap's Return exports the capability as id 0; a call
                     // through the answer reaches the same export, so the direct path too.
-                    if pipelined {
-                        c.reborrow()
-                            .init_target()
-                            .init_promised_answer()
-                            .set_question_id(0);
-                    } else {
-                        c.reborrow().init_target().set_imported_cap(0);
-                    }
-                    let mut p = c
+                    let on = pipelined.then_some(0);
+                    init_call_on(m, id, kv_store::Client::TYPE_ID, method, on)
                         .init_params()
                         .init_content()
-                        .init_as::<kv_store::get_params::Builder>();
-                    p.set_key(key.as_bytes());
+                        .init_as::<kv_store::get_params::Builder>()
+                        .set_key(key.as_bytes());
                 });
             }
             let bytes = serve_all(input, cap.client.hook, 7).await;
@@ -2182,19 +2184,7 @@ mod tests {
                 [(1, 2, None), (2, 3, Some(1)), (3, 0, Some(2))];
             for (id, method, on) in calls {
                 queue(&mut input, |m| {
-                    let mut c = m.init_call();
-                    c.set_question_id(id);
-                    c.set_interface_id(1);
-                    c.set_method_id(method);
-                    match on {
-                        Some(q) => c
-                            .reborrow()
-                            .init_target()
-                            .init_promised_answer()
-                            .set_question_id(q),
-                        None => c.reborrow().init_target().set_imported_cap(0),
-                    }
-                    c.init_params();
+                    init_call_on(m, id, 1, method, on).init_params();
                 });
             }
             let bytes = serve_all(input, Box::new(script::ScriptCap::new(0)), 4).await;

@@ -497,11 +497,37 @@ impl Shared {
         ctx: capnp::Result<request_context::Reader<'_>>,
         work: impl FnOnce(Call) -> Result<T, ApiError>,
     ) -> Served<T> {
+        let (opened, result) = match self.admit_now(conn, method, ctx, |before, meta, _slot| {
+            let _in_store = store_span(method).entered();
+            work(before.call(meta))
+        }) {
+            Admitted::Later(opened) => return Served::Later(opened),
+            Admitted::Ran(opened, result) => (opened, result),
+            Admitted::Refused(opened, e) => (opened, Err(e)),
+        };
+        self.observe(conn, method, &opened, &result);
+        Served::Now(result)
+    }
+
+    /// Steps 1 to 4 at once, for [`serve_now`](Self::serve_now) and
+    /// [`serve_write`](Self::serve_write): `run` gets the call's settings, context and
+    /// admission slot, in its span. `Later` when a step would wait (no free in-flight
+    /// slot, so the call must queue; or a fault plan is armed, whose delays and stalls
+    /// take time): the caller then finishes the call with
+    /// [`serve_opened`](Self::serve_opened), which goes on from where this stopped (the
+    /// rate-limit token already taken is not taken twice).
+    fn admit_now<'a, R>(
+        &'a self,
+        conn: &'a Conn,
+        method: Method,
+        ctx: capnp::Result<request_context::Reader<'_>>,
+        run: impl FnOnce(Before, &CallMeta, Slot<'a>) -> R,
+    ) -> Admitted<R> {
         let mut opened = self.open(conn, method, ctx);
         if method.faultable() && self.chaos.is_armed() {
-            return Served::Later(opened);
+            return Admitted::Later(opened);
         }
-        let result = match &opened.meta {
+        let ran = match &opened.meta {
             Err(e) => Err(e.clone()),
             Ok(meta) => {
                 let _in_span = opened.span.enter();
@@ -512,18 +538,17 @@ impl Shared {
                         Ok(Admission::Queue(_counted)) => {
                             opened.rate_charged = true;
                             drop(_in_span);
-                            return Served::Later(opened);
+                            return Admitted::Later(opened);
                         }
-                        Ok(Admission::Ready(_slot)) => {
-                            let _in_store = store_span(method).entered();
-                            work(before.call(meta))
-                        }
+                        Ok(Admission::Ready(slot)) => Ok(run(before, meta, slot)),
                     },
                 }
             }
         };
-        self.observe(conn, method, &opened, &result);
-        Served::Now(result)
+        match ran {
+            Ok(r) => Admitted::Ran(opened, r),
+            Err(e) => Admitted::Refused(opened, e),
+        }
     }
 
     /// Finishes a call [`open`](Self::open)ed here or left `Later` by
@@ -752,52 +777,37 @@ impl Shared {
         work: impl FnOnce(Call) -> Result<Pending<O>, ApiError>,
         map: fn(Result<O, StoreError>) -> Result<O, ApiError>,
     ) -> Begun<O> {
-        let mut opened = self.open(conn, method, ctx);
-        if method.faultable() && self.chaos.is_armed() {
-            return Begun::Later(opened);
-        }
-        let result = match &opened.meta {
-            Err(e) => Err(e.clone()),
-            Ok(meta) => {
-                let _in_span = opened.span.enter();
-                match self.before_admission(conn, method, meta, opened.started) {
-                    Err(e) => Err(e),
-                    Ok(before) => match self.try_admit(conn, &before.t) {
-                        Err(e) => Err(e),
-                        Ok(Admission::Queue(_counted)) => {
-                            opened.rate_charged = true;
-                            drop(_in_span);
-                            return Begun::Later(opened);
-                        }
-                        Ok(Admission::Ready(slot)) => {
-                            let (deadline, budget_ms) = (before.deadline, before.budget_ms);
-                            let submitted = {
-                                let _in_store = store_span(method).entered();
-                                work(before.call(meta))
-                            };
-                            match submitted.map(Pending::now) {
-                                Err(e) => Err(e),
-                                Ok(Ok(outcome)) => map(outcome),
-                                Ok(Err(pending)) => {
-                                    drop(_in_span);
-                                    return Begun::Waiting(WaitingWrite {
-                                        pending,
-                                        map,
-                                        admitted: Some(slot.keep()),
-                                        conn: Rc::clone(conn),
-                                        shared: Arc::clone(self),
-                                        opened,
-                                        method,
-                                        deadline,
-                                        budget_ms,
-                                        timer: None,
-                                        result: None,
-                                    });
-                                }
-                            }
-                        }
-                    },
-                }
+        let admitted = self.admit_now(conn, method, ctx, |before, meta, slot| {
+            let (deadline, budget_ms) = (before.deadline, before.budget_ms);
+            let submitted = {
+                let _in_store = store_span(method).entered();
+                work(before.call(meta))
+            };
+            match submitted.map(Pending::now) {
+                Err(e) => Err(e),
+                Ok(Ok(outcome)) => Ok(Ok(map(outcome))),
+                // The admission goes on with the call (`WaitingWrite` gives it back).
+                Ok(Err(pending)) => Ok(Err((pending, slot.keep(), deadline, budget_ms))),
+            }
+        });
+        let (opened, result) = match admitted {
+            Admitted::Later(opened) => return Begun::Later(opened),
+            Admitted::Refused(opened, e) | Admitted::Ran(opened, Err(e)) => (opened, Err(e)),
+            Admitted::Ran(opened, Ok(Ok(result))) => (opened, result),
+            Admitted::Ran(opened, Ok(Err((pending, held, deadline, budget_ms)))) => {
+                return Begun::Waiting(WaitingWrite {
+                    pending,
+                    map,
+                    admitted: Some(held),
+                    conn: Rc::clone(conn),
+                    shared: Arc::clone(self),
+                    opened,
+                    method,
+                    deadline,
+                    budget_ms,
+                    timer: None,
+                    result: None,
+                });
             }
         };
         self.observe(conn, method, &opened, &result);
@@ -1067,6 +1077,14 @@ fn deadline_exceeded(method: Method, budget_ms: u32) -> ApiError {
         ErrorCode::DeadlineExceeded,
         format!("deadline of {budget_ms} ms exceeded"),
     )
+}
+
+/// How [`Shared::admit_now`] left a call: to go on later, run (with what `run` gave), or
+/// refused by a step.
+enum Admitted<R> {
+    Later(Opened),
+    Ran(Opened, R),
+    Refused(Opened, ApiError),
 }
 
 /// What [`Shared::serve_write`] did with a write.

@@ -15,18 +15,6 @@ use capkv_client::{Client, ClientOptions, RetryPolicy};
 /// Bound on every wait here; generous for a loaded CI machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A client that does not retry, so each refusal is seen as it is.
-async fn plain_client(addr: std::net::SocketAddr) -> Client {
-    let options = ClientOptions {
-        timeout: Duration::from_secs(10),
-        retry: RetryPolicy::none(),
-        ..ClientOptions::default()
-    };
-    Client::connect(&addr.to_string(), options)
-        .await
-        .expect("connect")
-}
-
 #[test]
 fn a_full_server_queues_calls_briefly_then_refuses() {
     let mut config = common::test_config();
@@ -40,9 +28,9 @@ fn a_full_server_queues_calls_briefly_then_refuses() {
     let shared = server.shared();
     common::local(async move {
         let (a, b, c) = (
-            plain_client(addr).await,
-            plain_client(addr).await,
-            plain_client(addr).await,
+            common::plain_client(addr).await,
+            common::plain_client(addr).await,
+            common::plain_client(addr).await,
         );
         // Make sure each connection is open (open is not delayed) before the race.
         for cl in [&a, &b, &c] {
@@ -102,7 +90,10 @@ fn a_queued_call_is_served_when_a_slot_frees() {
     let server = common::start(config);
     let addr = server.addr();
     common::local(async move {
-        let (a, b) = (plain_client(addr).await, plain_client(addr).await);
+        let (a, b) = (
+            common::plain_client(addr).await,
+            common::plain_client(addr).await,
+        );
         a.put(b"k", b"v").await.unwrap();
         b.put(b"k", b"v").await.unwrap();
         let first = tokio::task::spawn_local(async move { a.get(b"k").await });
@@ -311,7 +302,7 @@ fn the_drain_timeout_ends_a_stalled_read_with_a_clear_error() {
     let (put_done, put_done_rx) = std::sync::mpsc::channel();
     let client = std::thread::spawn(move || {
         common::local_result(async move {
-            let c = plain_client(addr).await;
+            let c = common::plain_client(addr).await;
             c.put(b"k", b"v").await.expect("puts are not stalled");
             let _ = put_done.send(());
             c.get(b"k").await

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capkv::ErrorCode;
-use capkv_client::{Client, ClientOptions, RetryPolicy};
 use capkv_store::{
     Completer, Entry, IdempotencyKey, MemoryStore, Pending, ScanPage, ScanRequest, Store,
     StoreError, WriteOp, WriteOutcome,
@@ -71,15 +70,13 @@ impl Store for HeldCommits {
     }
 }
 
-async fn client(addr: std::net::SocketAddr) -> Client {
-    let options = ClientOptions {
-        timeout: Duration::from_secs(10),
-        retry: RetryPolicy::none(),
-        ..ClientOptions::default()
-    };
-    Client::connect(&addr.to_string(), options)
-        .await
-        .expect("connect")
+/// A server over a [`HeldCommits`] store.
+fn held_server() -> (Arc<HeldCommits>, capkv_server::RunningServer) {
+    let store = Arc::new(HeldCommits::default());
+    let server =
+        capkv_server::RunningServer::start_with_store(common::test_config(), store.clone())
+            .expect("server starts");
+    (store, server)
 }
 
 /// Polls `done` every millisecond until it holds, for at most 10 s.
@@ -96,14 +93,11 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_write_waiting_for_its_commit_is_answered_with_its_outcome() {
-    let store = Arc::new(HeldCommits::default());
-    let server =
-        capkv_server::RunningServer::start_with_store(common::test_config(), store.clone())
-            .expect("server starts");
+    let (store, server) = held_server();
     let shared = server.shared();
     let addr = server.addr();
     common::local(async move {
-        let c = client(addr).await;
+        let c = common::plain_client(addr).await;
         let put = tokio::task::spawn_local({
             let c = c.clone();
             async move { c.put(b"k", b"v1").await }
@@ -139,14 +133,11 @@ fn a_write_waiting_for_its_commit_is_answered_with_its_outcome() {
 
 #[test]
 fn a_write_waiting_past_its_deadline_ends_with_deadline_exceeded_and_goes_on() {
-    let store = Arc::new(HeldCommits::default());
-    let server =
-        capkv_server::RunningServer::start_with_store(common::test_config(), store.clone())
-            .expect("server starts");
+    let (store, server) = held_server();
     let shared = server.shared();
     let addr = server.addr();
     common::local(async move {
-        let c = client(addr).await;
+        let c = common::plain_client(addr).await;
         let e = c
             .with_timeout(Duration::from_millis(100))
             .put(b"slow", b"v")

@@ -74,6 +74,18 @@ pub async fn client(addr: SocketAddr) -> Client {
     client_with(addr, "").await
 }
 
+/// A client that does not retry, so each refusal or deadline is seen as it is.
+pub async fn plain_client(addr: SocketAddr) -> Client {
+    let options = ClientOptions {
+        timeout: Duration::from_secs(10),
+        retry: capkv_client::RetryPolicy::none(),
+        ..ClientOptions::default()
+    };
+    Client::connect(&addr.to_string(), options)
+        .await
+        .expect("connect")
+}
+
 pub async fn client_with(addr: SocketAddr, token: &str) -> Client {
     let options = ClientOptions {
         token: token.to_string(),
