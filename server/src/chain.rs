@@ -779,24 +779,24 @@ impl Shared {
     ) -> Begun<O> {
         let admitted = self.admit_now(conn, method, ctx, |before, meta, slot| {
             let (deadline, budget_ms) = (before.deadline, before.budget_ms);
-            let submitted = {
-                let _in_store = store_span(method).entered();
-                work(before.call(meta))
-            };
+            let store = store_span(method);
+            let submitted = store.in_scope(|| work(before.call(meta)));
             match submitted.map(Pending::now) {
                 Err(e) => Err(e),
                 Ok(Ok(outcome)) => Ok(Ok(map(outcome))),
-                // The admission goes on with the call (`WaitingWrite` gives it back).
-                Ok(Err(pending)) => Ok(Err((pending, slot.keep(), deadline, budget_ms))),
+                // The admission goes on with the call (`WaitingWrite` gives it back), and
+                // so does the store span, which ends with the wait, as on the async path.
+                Ok(Err(pending)) => Ok(Err((pending, slot.keep(), store, deadline, budget_ms))),
             }
         });
         let (opened, result) = match admitted {
             Admitted::Later(opened) => return Begun::Later(opened),
             Admitted::Refused(opened, e) | Admitted::Ran(opened, Err(e)) => (opened, Err(e)),
             Admitted::Ran(opened, Ok(Ok(result))) => (opened, result),
-            Admitted::Ran(opened, Ok(Err((pending, held, deadline, budget_ms)))) => {
+            Admitted::Ran(opened, Ok(Err((pending, held, store, deadline, budget_ms)))) => {
                 return Begun::Waiting(WaitingWrite {
                     pending,
+                    store,
                     map,
                     admitted: Some(held),
                     conn: Rc::clone(conn),
@@ -1103,6 +1103,8 @@ pub enum Begun<O> {
 /// write goes on, as on the async path. Dropped with its connection: the write stands.
 pub struct WaitingWrite<O> {
     pending: Pending<O>,
+    /// Step 6's span: open until the outcome is taken, so that it covers the wait.
+    store: tracing::Span,
     map: fn(Result<O, StoreError>) -> Result<O, ApiError>,
     /// The admission (whether a global slot is held), given back when the outcome is
     /// known or the call is dropped.
@@ -1151,6 +1153,8 @@ impl<O> WaitingWrite<O> {
                 "a write's outcome was taken twice",
             ))
         });
+        // The store span ends before the call's, as the async path's does.
+        self.store = tracing::Span::none();
         self.shared
             .observe(&self.conn, self.method, &self.opened, &result);
         result

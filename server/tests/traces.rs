@@ -139,16 +139,29 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn a_call_is_one_trace_from_client_attempts_to_server_and_store() {
+    one_trace_per_call(&["--engine", "memory"]);
+}
+
+/// The same on a store whose writes wait for a group commit: the put waits in the RPC
+/// engine (`Now::Wait`), its server and store spans as on the memory engine's.
+#[test]
+fn a_write_waiting_for_its_commit_is_one_trace_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("log");
+    one_trace_per_call(&[
+        "--engine",
+        "memory-log",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+}
+
+fn one_trace_per_call(engine: &[&str]) {
     let (_rt, endpoint, spans) = start_receiver();
+    let mut args = vec!["--listen", "127.0.0.1:0", "--workers", "1"];
+    args.extend_from_slice(engine);
     let (server, addr, log_rx) = common::spawn_kv_server(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--engine",
-            "memory",
-            "--workers",
-            "1",
-        ],
+        &args,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
