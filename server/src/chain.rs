@@ -777,13 +777,16 @@ impl Shared {
         work: impl FnOnce(Call) -> Result<Pending<O>, ApiError>,
         map: fn(Result<O, StoreError>) -> Result<O, ApiError>,
     ) -> Begun<O> {
+        // A call that waits here is never abandoned (`WaitingWrite`): writes only.
+        debug_assert!(method.changes_data(), "{} is not a write", method.name());
         let admitted = self.admit_now(conn, method, ctx, |before, meta, slot| {
             let (deadline, budget_ms) = (before.deadline, before.budget_ms);
             let store = store_span(method);
             let submitted = store.in_scope(|| work(before.call(meta)));
             match submitted.map(Pending::now) {
                 Err(e) => Err(e),
-                Ok(Ok(outcome)) => Ok(Ok(map(outcome))),
+                // `map` logs what it handles: in the store span, as on the async path.
+                Ok(Ok(outcome)) => Ok(Ok(store.in_scope(|| map(outcome)))),
                 // The admission goes on with the call (`WaitingWrite` gives it back), and
                 // so does the store span, which ends with the wait, as on the async path.
                 Ok(Err(pending)) => Ok(Err((pending, slot.keep(), store, deadline, budget_ms))),
@@ -1128,7 +1131,8 @@ impl<O> WaitingWrite<O> {
             return Poll::Ready(());
         }
         if let Poll::Ready(outcome) = std::pin::Pin::new(&mut self.pending).poll(cx) {
-            self.result = Some((self.map)(outcome));
+            // `map` logs a store failure where it is handled: in the call's spans.
+            self.result = Some(self.store.in_scope(|| (self.map)(outcome)));
             self.give_back();
             return Poll::Ready(());
         }
@@ -1137,7 +1141,11 @@ impl<O> WaitingWrite<O> {
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if timer.as_mut().poll(cx).is_ready() {
-            self.result = Some(Err(deadline_exceeded(self.method, self.budget_ms)));
+            let exceeded = self
+                .opened
+                .span
+                .in_scope(|| deadline_exceeded(self.method, self.budget_ms));
+            self.result = Some(Err(exceeded));
             self.give_back();
             return Poll::Ready(());
         }
