@@ -175,3 +175,53 @@ fn a_write_waiting_past_its_deadline_ends_with_deadline_exceeded_and_goes_on() {
         assert!(next.await.unwrap().expect("the delete's outcome").existed);
     });
 }
+
+/// A drain waits for a write waiting for its commit: the write is answered with its
+/// outcome, then the server stops.
+#[test]
+fn a_drain_waits_for_a_write_waiting_for_its_commit() {
+    let (store, server) = held_server(None);
+    let shared = server.shared();
+    let addr = server.addr();
+    common::local(async move {
+        let c = common::plain_client(addr).await;
+        let put = tokio::task::spawn_local({
+            let c = c.clone();
+            async move { c.put(b"k", b"v").await }
+        });
+        until("the put's commit", || store.held() == 1).await;
+        let stopping = std::thread::spawn(move || server.stop());
+        until("the drain", || shared.is_draining()).await;
+        store.release();
+        assert_eq!(put.await.unwrap().expect("the put's outcome").version, 1);
+        stopping
+            .join()
+            .expect("the stopping thread")
+            .expect("a clean stop");
+        assert_eq!(shared.in_flight(), 0);
+    });
+}
+
+/// A connection that goes while its write waits gives the write's admission back; the
+/// write goes on, and its outcome arriving later goes nowhere.
+#[test]
+fn a_connection_gone_while_its_write_waits_leaves_nothing_held() {
+    let (store, server) = held_server(None);
+    let shared = server.shared();
+    let addr = server.addr();
+    common::local(async move {
+        let c = common::plain_client(addr).await;
+        let put = tokio::task::spawn_local({
+            let c = c.clone();
+            async move { c.put(b"k", b"v").await }
+        });
+        until("the put's commit", || store.held() == 1).await;
+        assert_eq!(shared.in_flight(), 1);
+        put.abort();
+        drop(c);
+        until("the slot back", || shared.in_flight() == 0).await;
+        store.release();
+        let c = common::plain_client(addr).await;
+        assert_eq!(c.get(b"k").await.unwrap().unwrap().value, b"v");
+    });
+}
