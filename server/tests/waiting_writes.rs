@@ -102,6 +102,23 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Puts `value` under `key` from a task of its own, and returns once the store holds its
+/// commit.
+async fn held_put(
+    c: &capkv_client::Client,
+    store: &HeldCommits,
+    key: &'static [u8],
+    value: &'static [u8],
+) -> tokio::task::JoinHandle<Result<capkv_client::PutOutcome, capkv::ApiError>> {
+    let held = store.held();
+    let put = tokio::task::spawn_local({
+        let c = c.clone();
+        async move { c.put(key, value).await }
+    });
+    until("the put's commit", || store.held() == held + 1).await;
+    put
+}
+
 #[test]
 fn a_write_waiting_for_its_commit_is_answered_with_its_outcome() {
     let (store, server) = held_server(None);
@@ -109,11 +126,7 @@ fn a_write_waiting_for_its_commit_is_answered_with_its_outcome() {
     let addr = server.addr();
     common::local(async move {
         let c = common::plain_client(addr).await;
-        let put = tokio::task::spawn_local({
-            let c = c.clone();
-            async move { c.put(b"k", b"v1").await }
-        });
-        until("the put's commit", || store.held() == 1).await;
+        let put = held_put(&c, &store, b"k", b"v1").await;
         // Waiting: admitted, not answered; the connection serves other calls meanwhile.
         assert_eq!(shared.in_flight(), 1);
         assert_eq!(c.get(b"k").await.unwrap().unwrap().value, b"v1");
@@ -185,11 +198,7 @@ fn a_drain_waits_for_a_write_waiting_for_its_commit() {
     let addr = server.addr();
     common::local(async move {
         let c = common::plain_client(addr).await;
-        let put = tokio::task::spawn_local({
-            let c = c.clone();
-            async move { c.put(b"k", b"v").await }
-        });
-        until("the put's commit", || store.held() == 1).await;
+        let put = held_put(&c, &store, b"k", b"v").await;
         let stopping = std::thread::spawn(move || server.stop());
         until("the drain", || shared.is_draining()).await;
         store.release();
@@ -211,11 +220,7 @@ fn a_connection_gone_while_its_write_waits_leaves_nothing_held() {
     let addr = server.addr();
     common::local(async move {
         let c = common::plain_client(addr).await;
-        let put = tokio::task::spawn_local({
-            let c = c.clone();
-            async move { c.put(b"k", b"v").await }
-        });
-        until("the put's commit", || store.held() == 1).await;
+        let put = held_put(&c, &store, b"k", b"v").await;
         assert_eq!(shared.in_flight(), 1);
         put.abort();
         drop(c);
