@@ -274,13 +274,17 @@ impl Writer {
         }
     }
 
-    fn prepare_next(&mut self) {
-        #[cfg(test)]
-        if self
-            .fail_prepare
+    /// Tests: whether making a segment is to fail now (a full disk).
+    #[cfg(test)]
+    fn making_fails(&self) -> bool {
+        self.fail_prepare
             .as_ref()
             .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
-        {
+    }
+
+    fn prepare_next(&mut self) {
+        #[cfg(test)]
+        if self.making_fails() {
             self.next = Next::Failed(Instant::now());
             return;
         }
@@ -335,11 +339,7 @@ impl Writer {
             // A record larger than a segment gets a segment of its own size.
             let bytes = need.max(self.segment_bytes);
             #[cfg(test)]
-            if self
-                .fail_prepare
-                .as_ref()
-                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
-            {
+            if self.making_fails() {
                 return Err(io::Error::other("injected: no room for a segment"));
             }
             if let Err(e) = zero_filled(&path, bytes) {

@@ -576,6 +576,14 @@ fn a_torn_record_before_an_empty_later_segment_still_ends_the_log() {
     );
 }
 
+/// Grants a lease of `ttl_ms` in the group `g`; its id.
+fn grant_in(g: &mut crate::memory::Applying<'_>, ttl_ms: u64) -> u64 {
+    match g.write(WriteOp::GrantLease(write::GrantLease { ttl_ms }), None) {
+        Ok(WriteOutcome::GrantLease(l)) => l.id,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Lease reads answer as before a group in flight too: a lease it grants is not there yet,
 /// one it revokes still is (and can be kept alive) until the group is durable.
 #[test]
@@ -583,23 +591,11 @@ fn lease_reads_see_a_group_only_once_it_is_durable() {
     let m = MemoryStore::logging(100, 1 << 20, [0; 32]);
     let s: &dyn Store = &m;
     let mut g = m.begin_group();
-    let old = match g.write(
-        WriteOp::GrantLease(write::GrantLease { ttl_ms: 60_000 }),
-        None,
-    ) {
-        Ok(WriteOutcome::GrantLease(l)) => l.id,
-        other => panic!("{other:?}"),
-    };
+    let old = grant_in(&mut g, 60_000);
     let (effects, _) = g.done();
     m.end_group(effects);
     let mut g = m.begin_group();
-    let new = match g.write(
-        WriteOp::GrantLease(write::GrantLease { ttl_ms: 5_000 }),
-        None,
-    ) {
-        Ok(WriteOutcome::GrantLease(l)) => l.id,
-        other => panic!("{other:?}"),
-    };
+    let new = grant_in(&mut g, 5_000);
     g.write(WriteOp::RevokeLease(write::RevokeLease { id: old }), None)
         .unwrap();
     let (effects, _) = g.done();
