@@ -49,9 +49,6 @@ impl Store for HeldCommits {
         self.held.lock().unwrap().push((done, outcome));
         pending
     }
-    fn writes_complete_at_once(&self) -> bool {
-        false
-    }
     fn scan(&self, req: &ScanRequest) -> Result<ScanPage, StoreError> {
         self.inner.scan(req)
     }

@@ -925,9 +925,6 @@ impl<S: Store, G: Send + Sync> Store for Guarded<S, G> {
     ) -> crate::Pending<crate::WriteOutcome> {
         self.store.write(op, idem)
     }
-    fn writes_complete_at_once(&self) -> bool {
-        self.store.writes_complete_at_once()
-    }
     fn scan(&self, req: &ScanRequest) -> Result<crate::ScanPage, StoreError> {
         self.store.scan(req)
     }

@@ -262,13 +262,6 @@ pub trait Store: Send + Sync {
     fn prefetch(&self, _keys: &[&[u8]]) {}
     /// Applies one write, idempotently when `idem` is given (see [`write`](mod@write)).
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome>;
-    /// Whether every [`Pending`] this store's writes return is ready by the time `write`
-    /// returns (the memory engine: a write applies under its lock, with no commit to wait
-    /// for). The server then answers writes as it answers reads, at once, without an async
-    /// frame per call. Default: false, writes may wait.
-    fn writes_complete_at_once(&self) -> bool {
-        false
-    }
     /// Called once by each server worker thread before it serves: the thread will call
     /// [`worker_idle`](Self::worker_idle) whenever it runs out of ready work, so an engine
     /// may defer committing the writes it submits until then (the memory-log engine groups

@@ -1210,10 +1210,6 @@ impl Store for MemoryStore {
         "memory"
     }
 
-    fn writes_complete_at_once(&self) -> bool {
-        true
-    }
-
     fn instance_secret(&self) -> [u8; 32] {
         self.secret
     }
@@ -1248,13 +1244,12 @@ mod tests {
         assert_eq!(t.header().mod_revision.get(), 10);
     }
 
-    /// The memory engine says its writes complete at once (the server then answers them
-    /// without waiting): every kind of write, keyed or not, failing or not, returns a ready
-    /// outcome.
+    /// Every kind of write on the memory engine, keyed or not, failing or not, returns a
+    /// ready outcome: the server answers it at once, as a read (never waiting in the RPC
+    /// engine for a commit).
     #[test]
     fn every_write_completes_at_once() {
         let s = MemoryStore::new();
-        assert!(s.writes_complete_at_once());
         let keyed = |k: &[u8]| {
             Some(IdempotencyKey {
                 session: b"s".to_vec(),

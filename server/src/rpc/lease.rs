@@ -13,7 +13,7 @@ use capkv::kv_capnp::lease;
 
 use capkv_rpc::local::Now;
 
-use super::session::{at_once, write_now, written};
+use super::session::{write_now, written};
 use super::{direct, handle, now, reply_of, store_error, waiting, WriteSessionImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;

@@ -10,7 +10,7 @@ use capkv_store::{write, IdempotencyKey, Pending, StoreError, Write};
 
 use capkv_rpc::local::Now;
 
-use super::{direct, handle, now, reply_of, store_error, LeaseImpl};
+use super::{direct, handle, reply_of, store_error, LeaseImpl};
 use crate::chain::{CapSlot, Conn, Shared};
 use crate::method::Method;
 use crate::refused::Refused;
@@ -93,18 +93,6 @@ impl WriteSessionImpl {
     }
 }
 
-/// The outcome of a write on a store whose writes complete at once
-/// (`Store::writes_complete_at_once`), with nothing to await.
-pub(super) fn at_once<T>(pending: Pending<T>) -> Result<T, StoreError> {
-    pending.now().unwrap_or_else(|_waiting| {
-        // A store breaking its word: the write goes on, its outcome is lost to this call
-        // (`internal`, which a client treats as unknown).
-        Err(StoreError::Internal(
-            "a store whose writes complete at once returned one still pending".into(),
-        ))
-    })
-}
-
 /// A write's outcome as the contract says it (conflicting idempotency keys counted).
 pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
     if matches!(r, Err(StoreError::IdempotencyKeyReused)) {
@@ -114,73 +102,60 @@ pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
 }
 
 /// The core of a write ([`now!`]'s shape): `|p, call| op` builds the write and its
-/// idempotency key from the params `p`. It is applied and answered at once, as reads are,
-/// when the store's writes complete at once (the memory engine); else (RocksDB,
-/// memory-log: the call waits for its group commit) the chain runs at once up to the
-/// write's submission ([`Shared::serve_write`](crate::chain::Shared::serve_write)) and
-/// the call waits for its outcome in the engine ([`Now::Wait`], one box), unless the store
-/// answers at once or a step of the chain must wait (then the rest of the call is a
-/// future, as in [`now!`]). The reply forms are `handle!`'s.
+/// idempotency key from the params `p`. The chain runs at once up to the write's
+/// submission ([`Shared::serve_write`](crate::chain::Shared::serve_write)); a write the
+/// store answers at once (the memory engine's, every time) is answered at once, as reads
+/// are; one that waits for a group commit (RocksDB, memory-log, etcd) waits for its
+/// outcome in the engine ([`Now::Wait`], one box); when a step of the chain must wait, the
+/// rest of the call is a future, as in [`now!`]. The reply forms are `handle!`'s.
 macro_rules! write_now {
     ($self:ident, $params:ident, $results:ident, $P:ty, $R:ty, $method:expr,
      |$p:ident, $call:ident| $op:expr, $($reply:tt)+) => {{
-        if $self.shared.store.writes_complete_at_once() {
-            now!($self, $params, $results, $P, $R, $method,
-                |this, $p, called| {
-                    let (w, idem) = {
-                        let $call = &called;
-                        $op
-                    };
-                    written(at_once(this.apply(w, idem, called.tunables.idempotency_ttl_ms)))
-                },
-                $($reply)+)
-        } else {
-            match $params {
-                Err(e) => Now::Done(Err(e)),
-                Ok($p) => {
-                    let this = $self;
-                    let begun = $self.shared.serve_write(
-                        &$self.conn,
-                        $method,
-                        $p.get_ctx(),
-                        |called| {
+        match $params {
+            Err(e) => Now::Done(Err(e)),
+            Ok($p) => {
+                let this = $self;
+                let begun = $self.shared.serve_write(
+                    &$self.conn,
+                    $method,
+                    $p.get_ctx(),
+                    |called| {
+                        let (w, idem) = {
+                            let $call = &called;
+                            $op
+                        };
+                        Ok(this.apply(w, idem, called.tunables.idempotency_ttl_ms))
+                    },
+                    written,
+                );
+                match begun {
+                    crate::chain::Begun::Now(r) => {
+                        crate::rpc::now!(@reply $self, $results, r, $($reply)+)
+                    }
+                    crate::chain::Begun::Later(opened) => crate::rpc::now!(@later
+                        $self, $P, $R, $method, opened,
+                        |this, $p, called| {
                             let (w, idem) = {
                                 let $call = &called;
                                 $op
                             };
-                            Ok(this.apply(w, idem, called.tunables.idempotency_ttl_ms))
+                            written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
                         },
-                        written,
-                    );
-                    match begun {
-                        crate::chain::Begun::Now(r) => {
-                            crate::rpc::now!(@reply $self, $results, r, $($reply)+)
-                        }
-                        crate::chain::Begun::Later(opened) => crate::rpc::now!(@later
-                            $self, $P, $R, $method, opened,
-                            |this, $p, called| {
-                                let (w, idem) = {
-                                    let $call = &called;
-                                    $op
-                                };
-                                written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
-                            },
-                            $($reply)+),
-                        crate::chain::Begun::Waiting(waiting) => Now::Wait(crate::rpc::waiting_reply(
-                            waiting,
-                            |results: capnp::any_pointer::Builder<'_>, r, conn: &crate::chain::Conn| {
-                                let mut built: <$R as capnp::traits::Owned>::Builder<'_> =
-                                    results.get_as()?;
-                                {
-                                    #[allow(unused_mut)]
-                                    let mut out = built.reborrow().init_result();
-                                    crate::rpc::handle!(@reply out, r, $($reply)+);
-                                }
-                                crate::reply::count_reply!(@built conn, built);
-                                Ok(())
-                            },
-                        )),
-                    }
+                        $($reply)+),
+                    crate::chain::Begun::Waiting(waiting) => Now::Wait(crate::rpc::waiting_reply(
+                        waiting,
+                        |results: capnp::any_pointer::Builder<'_>, r, conn: &crate::chain::Conn| {
+                            let mut built: <$R as capnp::traits::Owned>::Builder<'_> =
+                                results.get_as()?;
+                            {
+                                #[allow(unused_mut)]
+                                let mut out = built.reborrow().init_result();
+                                crate::rpc::handle!(@reply out, r, $($reply)+);
+                            }
+                            crate::reply::count_reply!(@built conn, built);
+                            Ok(())
+                        },
+                    )),
                 }
             }
         }
