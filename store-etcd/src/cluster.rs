@@ -5,18 +5,29 @@
 //! Ports: etcd must be told every member's peer address before any of them starts, so a
 //! member cannot listen on port 0 and report back; free ports are found by binding port 0
 //! and letting go, and a start that loses that race (another process took the port) is
-//! tried again on new ports.
+//! tried again on new ports. Within one process (parallel tests) no port is handed to two
+//! running clusters ([`TAKEN_PORTS`]): the member that lost its port would die while the
+//! other cluster's member answered its health check, leaving a cluster one member short
+//! whose requests to that member are refused.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a member or the cluster may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Starts tried on fresh ports before giving up.
 const START_ATTEMPTS: usize = 3;
+/// Ports bound beyond those wanted before giving up on finding ones not [`TAKEN_PORTS`].
+const SPARE_BINDS: usize = 64;
+
+/// The ports of members of this process's running clusters (taken out when a cluster is
+/// dropped). A port the kernel hands out again before its member has bound it is skipped.
+static TAKEN_PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -32,6 +43,16 @@ pub enum ClusterError {
         timeout: Duration,
         log: String,
     },
+    #[error("etcd member {member} exited while starting ({status}); its log: {log}")]
+    Exited {
+        member: usize,
+        status: ExitStatus,
+        log: String,
+    },
+    #[error("etcd member {member} is healthy but does not accept on its client port {addr}")]
+    NotListening { member: usize, addr: SocketAddr },
+    #[error("no {wanted} free loopback ports found in {binds} binds")]
+    NoPorts { wanted: usize, binds: usize },
 }
 
 struct Member {
@@ -84,15 +105,7 @@ impl Cluster {
     }
 
     fn start_once(dir: &Path, size: usize, tls: Option<ClusterTls>) -> Result<Self, ClusterError> {
-        // Hold every listener until all ports are known, so no two members get the same.
-        let listeners = (0..size * 3)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let addrs = listeners
-            .iter()
-            .map(TcpListener::local_addr)
-            .collect::<Result<Vec<_>, _>>()?;
-        drop(listeners);
+        let addrs = take_ports(size * 3)?;
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 client: addrs[3 * i],
@@ -108,6 +121,7 @@ impl Cluster {
             .map(|(i, m)| format!("m{i}=http://{}", m.peer))
             .collect::<Vec<_>>()
             .join(",");
+        // Made before anything can fail: its drop gives the ports back.
         let mut cluster = Cluster {
             members,
             initial,
@@ -121,7 +135,32 @@ impl Cluster {
         for i in 0..size {
             cluster.wait_healthy(i)?;
         }
+        // A member that lost a port to another process may die after the others elected a
+        // leader, or another process's etcd may have answered its health check: every one
+        // must still run and accept on its client port.
+        for i in 0..size {
+            cluster.check_running(i)?;
+            let addr = cluster.members[i].client;
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                .map_err(|_| ClusterError::NotListening { member: i, addr })?;
+        }
         Ok(cluster)
+    }
+
+    /// An error if member `i`'s process has exited.
+    fn check_running(&mut self, i: usize) -> Result<(), ClusterError> {
+        let m = &mut self.members[i];
+        let Some(child) = m.child.as_mut() else {
+            return Ok(());
+        };
+        match child.try_wait()? {
+            None => Ok(()),
+            Some(status) => Err(ClusterError::Exited {
+                member: i,
+                status,
+                log: std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default(),
+            }),
+        }
     }
 
     fn spawn(&mut self, i: usize) -> Result<(), ClusterError> {
@@ -169,16 +208,18 @@ impl Cluster {
     }
 
     /// Waits until member `i` answers `/health` with `"health":"true"` (it has a leader).
-    pub fn wait_healthy(&self, i: usize) -> Result<(), ClusterError> {
-        let m = &self.members[i];
+    /// An error at once if its process exits meanwhile (a port taken, say).
+    pub fn wait_healthy(&mut self, i: usize) -> Result<(), ClusterError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         // Bounded by the deadline; each probe is a short HTTP exchange.
         while Instant::now() < deadline {
-            if health(m.metrics).unwrap_or(false) {
+            self.check_running(i)?;
+            if health(self.members[i].metrics).unwrap_or(false) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let m = &self.members[i];
         Err(ClusterError::NotReady {
             member: i,
             timeout: READY_TIMEOUT,
@@ -232,7 +273,41 @@ impl Drop for Cluster {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+        let mut taken = TAKEN_PORTS.lock().unwrap_or_else(PoisonError::into_inner);
+        for m in &self.members {
+            for addr in [m.client, m.peer, m.metrics] {
+                taken.remove(&addr.port());
+            }
+        }
     }
+}
+
+/// `count` loopback addresses on ports free now and not taken by this process's clusters,
+/// marked taken. Every listener is held until all are chosen, so no two are the same.
+fn take_ports(count: usize) -> Result<Vec<SocketAddr>, ClusterError> {
+    let mut taken = TAKEN_PORTS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut held = Vec::with_capacity(count);
+    let mut chosen = Vec::with_capacity(count);
+    let binds = count + SPARE_BINDS;
+    for _ in 0..binds {
+        if chosen.len() == count {
+            break;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        if !taken.contains(&addr.port()) {
+            chosen.push(addr);
+        }
+        held.push(listener);
+    }
+    if chosen.len() < count {
+        return Err(ClusterError::NoPorts {
+            wanted: count,
+            binds,
+        });
+    }
+    taken.extend(chosen.iter().map(SocketAddr::port));
+    Ok(chosen)
 }
 
 fn health(addr: SocketAddr) -> std::io::Result<bool> {
@@ -248,4 +323,46 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut body = Vec::new();
     s.take(4 << 20).read_to_end(&mut body)?;
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken(port: u16) -> bool {
+        TAKEN_PORTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&port)
+    }
+
+    #[test]
+    fn ports_are_not_handed_to_two_running_clusters() {
+        let first = take_ports(9).expect("ports");
+        let second = take_ports(9).expect("ports");
+        let mut all: Vec<u16> = first.iter().chain(&second).map(SocketAddr::port).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 18, "two starts share no port");
+        assert!(all.iter().all(|&p| taken(p)));
+        // A cluster's drop gives its ports back (here one that never started its members).
+        let members = first
+            .chunks(3)
+            .map(|a| Member {
+                client: a[0],
+                peer: a[1],
+                metrics: a[2],
+                dir: PathBuf::new(),
+                child: None,
+            })
+            .collect();
+        drop(Cluster {
+            members,
+            initial: String::new(),
+            token: String::new(),
+            tls: None,
+        });
+        assert!(first.iter().all(|a| !taken(a.port())));
+        assert!(second.iter().all(|a| taken(a.port())));
+    }
 }
