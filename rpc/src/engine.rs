@@ -1927,14 +1927,9 @@ mod tests {
                         Ok(())
                     })
                 })),
-                b"wait" => Now::Wait(Box::pin(YieldThen {
-                    yielded: false,
-                    fail: false,
-                })),
-                b"waitfail" => Now::Wait(Box::pin(YieldThen {
-                    yielded: false,
-                    fail: true,
-                })),
+                b"wait" => YieldThen::new(false, false),
+                b"waitfail" => YieldThen::new(true, false),
+                b"waitlarge" => YieldThen::new(false, true),
                 b"fail" => Now::Done(Err(capnp::Error::failed("refused directly".into()))),
                 // Past the scratch segment: the Return is built by capnp around a copy.
                 b"large" => {
@@ -1973,10 +1968,22 @@ mod tests {
         c
     }
 
-    /// A waiting direct call ([`Now::Wait`]): ready after one yield, then answers (or fails).
+    /// A waiting direct call ([`Now::Wait`]): ready after one yield, then answers (past the
+    /// scratch segment when `large`) or fails.
     struct YieldThen {
         yielded: bool,
         fail: bool,
+        large: bool,
+    }
+
+    impl YieldThen {
+        fn new(fail: bool, large: bool) -> Now {
+            Now::Wait(Box::pin(YieldThen {
+                yielded: false,
+                fail,
+                large,
+            }))
+        }
     }
 
     impl crate::local::Waiting for YieldThen {
@@ -1994,15 +2001,21 @@ mod tests {
             if self.fail {
                 return Err(capnp::Error::failed("waited and failed".into()));
             }
-            answer_get(results.get_as()?, "waited");
+            let value = if self.large {
+                "w".repeat(4000)
+            } else {
+                "waited".into()
+            };
+            answer_get(results.get_as()?, &value);
             Ok(())
         }
     }
 
     /// A direct call that waits is answered once ready, after calls that came later and
     /// did not wait; a call pipelined on it waits for it and then fails (its results hold
-    /// no capability); a Finish sent while it waits does not lose its answer; a failure is
-    /// the call's exception, and the exception of the calls pipelined on it.
+    /// no capability); a Finish sent while it waits does not lose its answer (nor its
+    /// failure); a failure is the call's exception, and the exception of the calls pipelined
+    /// on it; results past the scratch segment leave whole.
     #[test]
     fn a_waiting_direct_call_is_answered_once_ready() {
         use capkv::kv_capnp::kv_store;
@@ -2012,12 +2025,13 @@ mod tests {
             let mut input = Vec::new();
             queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
             // (question, key, pipelined on this answer)
-            let calls: [(u32, &str, Option<u32>); 5] = [
+            let calls: [(u32, &str, Option<u32>); 6] = [
                 (1, "wait", None),
                 (2, "a", Some(1)),
                 (3, "waitfail", None),
                 (4, "a", None),
                 (5, "a", Some(3)),
+                (6, "waitlarge", None),
             ];
             for (id, key, on) in calls {
                 queue(&mut input, |m| {
@@ -2028,9 +2042,10 @@ mod tests {
                         .set_key(key.as_bytes());
                 });
             }
-            // Question 1 finished while it waits.
+            // Questions 1 and 3 finished while they wait (3 then fails).
             queue(&mut input, |m| m.init_finish().set_question_id(1));
-            let bytes = serve_all(input, cap.client.hook, 6).await;
+            queue(&mut input, |m| m.init_finish().set_question_id(3));
+            let bytes = serve_all(input, cap.client.hook, 7).await;
             let mut order = Vec::new();
             for m in written(&bytes) {
                 let root = m.get_root::<rpc_message::Reader>().unwrap();
@@ -2073,6 +2088,7 @@ mod tests {
                     ),
                     (3, "waited and failed"),
                     (5, "waited and failed"),
+                    (6, "w".repeat(4000).as_str()),
                 ]
             );
         });
