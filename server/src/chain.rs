@@ -808,6 +808,7 @@ impl Shared {
                     method,
                     deadline,
                     budget_ms,
+                    watch: None,
                     timer: None,
                     result: None,
                 });
@@ -1118,7 +1119,9 @@ pub struct WaitingWrite<O> {
     method: Method,
     deadline: Instant,
     budget_ms: u32,
-    /// Made at the first wait: a write answered by then needs none.
+    /// Made at the first wait (a write answered by then needs none): the worker's
+    /// sweeper watching the deadline ([`crate::deadlines`]), or else a timer of its own.
+    watch: Option<crate::deadlines::Watch>,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     result: Option<Result<O, ApiError>>,
 }
@@ -1133,14 +1136,32 @@ impl<O> WaitingWrite<O> {
         if let Poll::Ready(outcome) = std::pin::Pin::new(&mut self.pending).poll(cx) {
             // `map` logs a store failure where it is handled: in the call's spans.
             self.result = Some(self.store.in_scope(|| (self.map)(outcome)));
+            // Leaves the sweeper's queue now, not when the call is dropped.
+            self.watch = None;
             self.give_back();
             return Poll::Ready(());
         }
         let deadline = self.deadline;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.as_mut().poll(cx).is_ready() {
+        let passed = match (&self.watch, &mut self.timer) {
+            (Some(watch), _) => {
+                watch.set_waker(cx.waker());
+                Instant::now() >= deadline
+            }
+            (None, Some(timer)) => timer.as_mut().poll(cx).is_ready(),
+            (None, None) => match crate::deadlines::watch(deadline, cx.waker()) {
+                Some(watch) => {
+                    self.watch = Some(watch);
+                    Instant::now() >= deadline
+                }
+                None => self
+                    .timer
+                    .insert(Box::pin(tokio::time::sleep_until(deadline)))
+                    .as_mut()
+                    .poll(cx)
+                    .is_ready(),
+            },
+        };
+        if passed {
             let exceeded = self
                 .opened
                 .span

@@ -8,6 +8,8 @@
 //!   deadline, rate, admission, faults, work, observe), written once; the connection
 //!   ([`chain::Conn`]) and the state all workers share ([`chain::Shared`]).
 //! - [`method`]: the methods as the chain, logs and config name them; fault plans.
+//! - [`deadlines`]: one timer per worker for the deadlines of writes waiting for their
+//!   commit.
 //! - [`tunables`]: the reloadable settings ([`tunables::Tunables`]), the per-token rate
 //!   limit, and the configuration a reload starts from.
 //! - [`rpc`]: the handlers, one module per capability (`Gateway`, `KvStore`,
@@ -27,6 +29,7 @@
 pub mod auth;
 pub mod chain;
 pub mod config;
+pub mod deadlines;
 pub mod http;
 pub mod lease;
 pub mod logging;

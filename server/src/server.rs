@@ -433,6 +433,8 @@ fn worker_main(
     drop(ready);
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // The deadlines of this worker's waiting writes, on one timer.
+        tokio::task::spawn_local(crate::deadlines::run());
         let live: Live = Rc::default();
         let warm = Rc::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
         while let Some(job) = rx.recv().await {
