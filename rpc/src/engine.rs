@@ -1927,9 +1927,9 @@ mod tests {
                         Ok(())
                     })
                 })),
-                b"wait" => YieldThen::new(false, false),
-                b"waitfail" => YieldThen::new(true, false),
-                b"waitlarge" => YieldThen::new(false, true),
+                b"wait" => YieldThen::waiting(false, false),
+                b"waitfail" => YieldThen::waiting(true, false),
+                b"waitlarge" => YieldThen::waiting(false, true),
                 b"fail" => Now::Done(Err(capnp::Error::failed("refused directly".into()))),
                 // Past the scratch segment: the Return is built by capnp around a copy.
                 b"large" => {
@@ -1977,7 +1977,7 @@ mod tests {
     }
 
     impl YieldThen {
-        fn new(fail: bool, large: bool) -> Now {
+        fn waiting(fail: bool, large: bool) -> Now {
             Now::Wait(Box::pin(YieldThen {
                 yielded: false,
                 fail,
