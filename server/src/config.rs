@@ -268,6 +268,9 @@ pub struct StorageConfig {
     pub max_total_wal_bytes: u64,
     /// Retired WAL files kept to be written over by new ones (cheaper syncs); 0 = none.
     pub wal_recycle_files: usize,
+    /// Run the committer thread (RocksDB, memory-log) as batch work (Linux
+    /// `SCHED_BATCH`): woken, it does not preempt the worker on its core.
+    pub committer_sched_batch: bool,
     /// Full compaction every this many seconds; 0 = off.
     pub compaction_interval_s: u64,
     pub block_cache_bytes: usize,
@@ -453,6 +456,7 @@ impl Default for StorageConfig {
             write_queue_depth: r.write_queue_depth,
             max_total_wal_bytes: r.max_total_wal_bytes,
             wal_recycle_files: r.wal_recycle_files,
+            committer_sched_batch: r.committer_sched_batch,
             compaction_interval_s: r.compaction_interval_s,
             block_cache_bytes: r.block_cache_bytes,
             stats_interval_ms: 5_000,
@@ -785,6 +789,7 @@ impl Config {
             history_events: st.history_events,
             max_total_wal_bytes: st.max_total_wal_bytes,
             wal_recycle_files: st.wal_recycle_files,
+            committer_sched_batch: st.committer_sched_batch,
         }
     }
 
@@ -832,6 +837,7 @@ impl Config {
         o.history_events = st.memory_history_events;
         o.history_bytes = st.memory_history_bytes;
         o.max_records = st.memory_max_records;
+        o.committer_sched_batch = st.committer_sched_batch;
         o
     }
 

@@ -119,6 +119,9 @@ pub struct RocksOptions {
     pub max_total_wal_bytes: u64,
     /// Retired WAL files kept to be written over by new ones; 0 = none (see `open`).
     pub wal_recycle_files: usize,
+    /// Run the committer as batch work, which does not preempt a worker when woken (see
+    /// [`capkv_store::committer::yield_to_workers`]).
+    pub committer_sched_batch: bool,
 }
 
 impl RocksOptions {
@@ -136,6 +139,7 @@ impl RocksOptions {
             history_events: DEFAULT_HISTORY_EVENTS,
             max_total_wal_bytes: 256 << 20,
             wal_recycle_files: 4,
+            committer_sched_batch: true,
         }
     }
 
@@ -480,9 +484,13 @@ impl RocksStore {
             leases: Arc::clone(&leases),
             versions: Default::default(),
         };
+        let batch = opts.committer_sched_batch;
         let committer = std::thread::Builder::new()
             .name("capkv-committer".into())
-            .spawn(move || committer.run())
+            .spawn(move || {
+                capkv_store::committer::start_committer_thread(batch);
+                committer.run()
+            })
             .map_err(OpenError::Thread)?;
 
         let (stop_compactor, compactor) = if opts.compaction_interval_s > 0 {

@@ -16,6 +16,7 @@
 //!   many writes waiting on one group commit without blocking its threads.
 //! - [`history`]: the events writes produce, kept for a window, which watchers read in
 //!   revision order ([`Store::events`]), and [`Changes`], what they wait on.
+//! - [`committer`]: the scheduling policy of the engines' committer threads.
 //! - [`conformance`]: the behaviour every engine must show, written once and run against
 //!   each engine from `tests/`.
 //!
@@ -30,6 +31,7 @@
 //!
 //! The engine does not validate sizes: the server's limits do that before any work.
 
+pub mod committer;
 pub mod conformance;
 pub mod history;
 pub mod lease;

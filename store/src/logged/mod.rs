@@ -86,6 +86,9 @@ pub struct LogOptions {
     pub history_bytes: usize,
     /// Idempotency records kept at most (see [`crate::records`]).
     pub max_records: usize,
+    /// Run the committer as batch work, which does not preempt a worker when woken (see
+    /// [`crate::committer::yield_to_workers`]).
+    pub committer_sched_batch: bool,
 }
 
 impl LogOptions {
@@ -100,6 +103,7 @@ impl LogOptions {
             history_events: crate::memory::DEFAULT_HISTORY_EVENTS,
             history_bytes: crate::memory::DEFAULT_HISTORY_BYTES,
             max_records: crate::records::DEFAULT_MAX_RECORDS,
+            committer_sched_batch: true,
         }
     }
 
@@ -438,9 +442,13 @@ impl LoggedStore {
             outcomes: Vec::new(),
             wake: Arc::clone(&wake),
         };
+        let batch = opts.committer_sched_batch;
         let handle = std::thread::Builder::new()
             .name("capkv-log".into())
-            .spawn(move || committer.run())
+            .spawn(move || {
+                crate::committer::start_committer_thread(batch);
+                committer.run()
+            })
             .map_err(io_error(&dir))?;
         tracing::info!(dir = %dir.display(), revision = mem.revision().unwrap_or(0),
             segments = segments.len(), "log recovered");
