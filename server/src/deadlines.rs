@@ -14,9 +14,10 @@
 //! Deadlines of one method and budget arrive in order, so the queue is ordered by deadline
 //! and the one timer waits for its front. A deadline earlier than the queue's last, or a
 //! write polled on a thread that runs no sweeper (tests, the capnp-rpc reference), gets
-//! `None` and times itself as before. The queue holds at most the writes watched within
-//! one budget (a write leaves it by its outcome or its deadline), cancelled ones until
-//! those in front of them leave.
+//! `None` and times itself as before. The queue holds the writes watched since its oldest
+//! live entry (a write leaves it by its outcome or its deadline; cancelled ones wait for
+//! those in front of them), at most [`MAX_QUEUED`]: past that, writes time themselves too
+//! (one write stuck for its whole budget while others complete cannot grow it further).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -39,6 +40,9 @@ struct Sweeper {
     armed: Option<Instant>,
 }
 
+/// Entries a worker's queue holds at most (32 bytes each).
+pub const MAX_QUEUED: usize = 1 << 16;
+
 thread_local! {
     static SWEEPER: RefCell<Option<Sweeper>> = const { RefCell::new(None) };
 }
@@ -56,7 +60,7 @@ pub fn watch(deadline: Instant, waker: &Waker) -> Option<Watch> {
     SWEEPER.with(|s| {
         let mut guard = s.borrow_mut();
         let s = guard.as_mut()?;
-        if s.queue.back().is_some_and(|(last, _)| deadline < *last) {
+        if s.queue.len() >= MAX_QUEUED || s.queue.back().is_some_and(|(last, _)| deadline < *last) {
             return None;
         }
         s.queue.push_back((deadline, Some(waker.clone())));
@@ -264,6 +268,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(6)).await;
             assert_eq!(fourth.0.load(Ordering::SeqCst), 1);
             drop(d);
+            // A full queue (its front live, the rest cancelled) takes no more.
+            let far = Instant::now() + Duration::from_secs(60);
+            let (_, w5) = counter();
+            let front = watch(far, &w5).expect("watched");
+            for _ in 1..MAX_QUEUED {
+                drop(watch(far, &w5).expect("watched"));
+            }
+            assert_eq!(queued(), MAX_QUEUED);
+            assert!(watch(far, &w5).is_none(), "full: its own timer");
+            drop(front);
+            assert_eq!(queued(), 0, "the front gone, the cancelled rest with it");
             sweeper.abort();
             let _ = sweeper.await;
             assert!(watch(Instant::now(), &w4).is_none(), "the sweeper ended");
