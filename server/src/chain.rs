@@ -454,6 +454,11 @@ impl Shared {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// Calls waiting in the admission queue for an in-flight slot.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
     /// Resolves when no call is in flight, or after `timeout`; returns how many calls were
     /// still in flight then. Only while draining (calls ending notify only then).
     pub async fn wait_idle(&self, timeout: Duration) -> usize {

@@ -69,8 +69,15 @@ impl Store for HeldCommits {
 
 /// A server over a [`HeldCommits`] store, a put's budget capped at `put_max_ms` if given.
 fn held_server(put_max_ms: Option<u32>) -> (Arc<HeldCommits>, capkv_server::RunningServer) {
+    held_server_with(put_max_ms, common::test_config())
+}
+
+/// [`held_server`] with `config`.
+fn held_server_with(
+    put_max_ms: Option<u32>,
+    mut config: capkv_server::Config,
+) -> (Arc<HeldCommits>, capkv_server::RunningServer) {
     let store = Arc::new(HeldCommits::default());
-    let mut config = common::test_config();
     config.deadlines.methods.insert(
         "put".into(),
         capkv_server::config::MethodDeadline {
@@ -225,5 +232,48 @@ fn a_connection_gone_while_its_write_waits_leaves_nothing_held() {
         store.release();
         let c = common::plain_client(addr).await;
         assert_eq!(c.get(b"k").await.unwrap().unwrap().value, b"v");
+    });
+}
+
+/// Admission and fault plans hold for writes that wait (they take the chain's async path):
+/// a put queued for admission behind a held write gets the slot when that write's outcome
+/// comes, then waits for its own commit; an injected failure answers a put before it
+/// reaches the store; injected latency delays it, then it waits as any other.
+#[test]
+fn admission_and_faults_hold_for_writes_that_wait() {
+    const ADMIN: &str = "admin-secret";
+    let mut config = common::test_config();
+    config.limits.max_in_flight = 1;
+    config.limits.queue_timeout_ms = 10_000;
+    config.admin.token = Some(capkv_server::config::Secret::new(ADMIN));
+    let (store, server) = held_server_with(None, config);
+    let shared = server.shared();
+    let addr = server.addr();
+    common::local(async move {
+        let c = common::plain_client(addr).await;
+        let first = held_put(&c, &store, b"a", b"1").await;
+        let second = tokio::task::spawn_local({
+            let c = c.clone();
+            async move { c.put(b"b", b"2").await }
+        });
+        until("the second put queued", || shared.queued() == 1).await;
+        assert_eq!(store.held(), 1, "a queued put has not reached the store");
+        store.release();
+        assert_eq!(first.await.unwrap().expect("the first put").version, 1);
+        until("the second put's commit", || store.held() == 1).await;
+        assert_eq!((shared.queued(), shared.in_flight()), (0, 1));
+        store.release();
+        second.await.unwrap().expect("the second put");
+        until("the slot back", || shared.in_flight() == 0).await;
+
+        c.set_faults(ADMIN, "put fail=unavailable").await.unwrap();
+        let e = c.put(b"c", b"3").await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+        assert_eq!(store.held(), 0, "refused before the store");
+        c.set_faults(ADMIN, "put latency=20ms").await.unwrap();
+        let delayed = held_put(&c, &store, b"c", b"3").await;
+        store.release();
+        assert_eq!(delayed.await.unwrap().expect("the delayed put").version, 1);
+        until("the slot back", || shared.in_flight() == 0).await;
     });
 }
