@@ -1147,24 +1147,20 @@ impl<O> WaitingWrite<O> {
             return Poll::Ready(());
         }
         let deadline = self.deadline;
-        let passed = match (&self.watch, &mut self.timer) {
-            (Some(watch), _) => {
-                watch.set_waker(cx.waker());
-                Instant::now() >= deadline
-            }
-            (None, Some(timer)) => timer.as_mut().poll(cx).is_ready(),
-            (None, None) => match crate::deadlines::watch(deadline, cx.waker()) {
-                Some(watch) => {
-                    self.watch = Some(watch);
-                    Instant::now() >= deadline
+        match &self.watch {
+            Some(watch) => watch.set_waker(cx.waker()),
+            None if self.timer.is_none() => {
+                self.watch = crate::deadlines::watch(deadline, cx.waker());
+                if self.watch.is_none() {
+                    self.timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
                 }
-                None => self
-                    .timer
-                    .insert(Box::pin(tokio::time::sleep_until(deadline)))
-                    .as_mut()
-                    .poll(cx)
-                    .is_ready(),
-            },
+            }
+            None => {}
+        }
+        let passed = match &mut self.timer {
+            Some(timer) => timer.as_mut().poll(cx).is_ready(),
+            // Watched: the sweeper wakes this call once the deadline has passed.
+            None => Instant::now() >= deadline,
         };
         if passed {
             let exceeded = self

@@ -64,6 +64,13 @@ struct Member {
     child: Option<Child>,
 }
 
+impl Member {
+    /// What the member's process wrote (empty if unreadable), for an error that names it.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
 /// A running cluster. Dropping it kills every member it started.
 pub struct Cluster {
     members: Vec<Member>,
@@ -158,7 +165,7 @@ impl Cluster {
             Some(status) => Err(ClusterError::Exited {
                 member: i,
                 status,
-                log: std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default(),
+                log: m.log(),
             }),
         }
     }
@@ -223,7 +230,7 @@ impl Cluster {
         Err(ClusterError::NotReady {
             member: i,
             timeout: READY_TIMEOUT,
-            log: std::fs::read_to_string(m.dir.with_extension("log")).unwrap_or_default(),
+            log: m.log(),
         })
     }
 
