@@ -269,7 +269,8 @@ pub struct StorageConfig {
     /// Retired WAL files kept to be written over by new ones (cheaper syncs); 0 = none.
     pub wal_recycle_files: usize,
     /// Run the committer thread (RocksDB, memory-log) as batch work (Linux
-    /// `SCHED_BATCH`): woken, it does not preempt the worker on its core.
+    /// `SCHED_BATCH`): woken, it does not preempt the worker on its core. Off by default:
+    /// woken while every core is busy, it then waits for a time slice.
     pub committer_sched_batch: bool,
     /// Full compaction every this many seconds; 0 = off.
     pub compaction_interval_s: u64,

@@ -120,7 +120,7 @@ pub struct RocksOptions {
     /// Retired WAL files kept to be written over by new ones; 0 = none (see `open`).
     pub wal_recycle_files: usize,
     /// Run the committer as batch work, which does not preempt a worker when woken (see
-    /// [`capkv_store::committer::yield_to_workers`]).
+    /// [`capkv_store::committer::yield_to_workers`]; off by default).
     pub committer_sched_batch: bool,
 }
 
@@ -139,7 +139,7 @@ impl RocksOptions {
             history_events: DEFAULT_HISTORY_EVENTS,
             max_total_wal_bytes: 256 << 20,
             wal_recycle_files: 4,
-            committer_sched_batch: true,
+            committer_sched_batch: false,
         }
     }
 

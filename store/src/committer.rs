@@ -9,6 +9,10 @@
 /// again before the worker's pass ended). Measured with `perf` (`/tmp/csw3.sh`, memory-log,
 /// 50 writers): context switches a put 0.257 -> 0.155 (Redis `appendfsync always`: 0.153).
 ///
+/// Opt-in (`storage.committer_sched_batch`, off by default): a committer woken while every
+/// core is busy then waits for a time slice (milliseconds) before it commits; threads
+/// spinning on the store starved it in the conformance suite.
+///
 /// Errors (another kernel, a sandbox that forbids it) leave the thread as it was: the
 /// engine works the same, with more switches.
 pub fn yield_to_workers() -> std::io::Result<()> {

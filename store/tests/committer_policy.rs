@@ -1,5 +1,6 @@
-//! The memory-log engine's committer thread runs as batch work unless told not to (its own
-//! test binary: it finds the thread by name, and no other store may run beside it).
+//! The memory-log engine's committer thread runs as batch work when told to, and not
+//! otherwise (its own test binary: it finds the thread by name, and no other store may run
+//! beside it).
 
 #![cfg(target_os = "linux")]
 

@@ -87,7 +87,7 @@ pub struct LogOptions {
     /// Idempotency records kept at most (see [`crate::records`]).
     pub max_records: usize,
     /// Run the committer as batch work, which does not preempt a worker when woken (see
-    /// [`crate::committer::yield_to_workers`]).
+    /// [`crate::committer::yield_to_workers`]; off by default).
     pub committer_sched_batch: bool,
 }
 
@@ -103,7 +103,7 @@ impl LogOptions {
             history_events: crate::memory::DEFAULT_HISTORY_EVENTS,
             history_bytes: crate::memory::DEFAULT_HISTORY_BYTES,
             max_records: crate::records::DEFAULT_MAX_RECORDS,
-            committer_sched_batch: true,
+            committer_sched_batch: false,
         }
     }
 
