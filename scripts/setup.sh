@@ -28,6 +28,10 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The etcd engine: etcd-client's build generates its gRPC code with protoc; its tests and
 # scripts run loopback clusters of Debian's etcd (3.4; production notes name 3.5+).
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, imported by etcd's protos)
+# come from libprotobuf-dev, only a recommendation of protobuf-compiler: without it
+# (--no-install-recommends, below) etcd-client's build fails on a fresh machine.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
