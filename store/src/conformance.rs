@@ -649,22 +649,32 @@ pub fn concurrent_watchers_see_one_order(make: &dyn Fn() -> Arc<dyn Store>) {
                 let mine: Vec<usize> = (0..WATCHERS).filter(|w| w % READERS == r).collect();
                 let mut seen: Vec<(usize, Vec<Event>, u64)> =
                     mine.iter().map(|&w| (w, Vec::new(), 0)).collect();
-                // Bounded: each round moves every watcher to the head or by a page.
-                for _ in 0..100_000 {
+                // Bounded in time, not in rounds: while the writers wait on their commits
+                // the readers have nothing to read, and a durable engine's committer may
+                // get a core only between their time slices (a round count ran out on a
+                // busy machine before 600 synced writes did). A round that moves no
+                // watcher yields the core.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+                while std::time::Instant::now() < deadline {
                     let finished = done.load(std::sync::atomic::Ordering::SeqCst) == WRITERS;
                     let head = s.revision().unwrap();
+                    let mut moved = false;
                     for (w, events, at) in seen.iter_mut() {
                         let page = s
                             .events(&ranges[*w % ranges.len()], *at, PageLimits::events(7))
                             .unwrap();
+                        moved |= page.through != *at;
                         events.extend(page.events);
                         *at = page.through;
                     }
                     if finished && seen.iter().all(|(_, _, at)| *at >= head) {
                         return seen;
                     }
+                    if !moved {
+                        std::thread::yield_now();
+                    }
                 }
-                panic!("watchers did not reach the head");
+                panic!("watchers did not reach the head within 120 s");
             })
         })
         .collect();
