@@ -6,8 +6,9 @@
 /// runs on its core, usually the worker that woke it, but runs when that one waits or its
 /// time slice ends. Without it, on a core shared with a worker, each wake of the committer
 /// cost two context switches more (the worker preempted at once, the committer parking
-/// again before the worker's pass ended). Measured with `perf` (`/tmp/csw3.sh`, memory-log,
-/// 50 writers): context switches a put 0.257 -> 0.155 (Redis `appendfsync always`: 0.153).
+/// again before the worker's pass ended). Measured with
+/// `perf record -e raw_syscalls:sys_enter -e sched:sched_switch -p PID` (memory-log, 50
+/// writers): context switches a put 0.257 -> 0.155 (Redis `appendfsync always`: 0.153).
 ///
 /// Opt-in (`storage.committer_sched_batch`, off by default): a committer woken while every
 /// core is busy then waits for a time slice (milliseconds) before it commits, which a
