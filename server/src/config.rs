@@ -270,8 +270,8 @@ pub struct StorageConfig {
     pub wal_recycle_files: usize,
     /// Run the committer thread (RocksDB, memory-log) as batch work (Linux
     /// `SCHED_BATCH`): woken, it does not preempt the worker on its core. Off by default:
-    /// woken while every core is busy, it then waits for a time slice (24 ms here:
-    /// `bench/commit-latency.sh`).
+    /// woken while every core is busy, it then waits for a time slice (24 ms a commit in
+    /// `bench/commit-latency.sh`'s runs of 2026-12-06).
     pub committer_sched_batch: bool,
     /// Full compaction every this many seconds; 0 = off.
     pub compaction_interval_s: u64,
