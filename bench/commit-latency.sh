@@ -4,9 +4,9 @@
 # default) takes GETs from 50 connections (kv-loadgen --target capkv-raw, one call in flight
 # each: enough to keep its core busy) and, at the same time, durable puts from WRITERS
 # connections (default 10); the option off then on, ROUNDS times (default 2), each case a
-# fresh server on 100k preloaded keys. Prints a markdown table: puts/s and their p50/p99,
-# gets/s, Bounded (each case SECONDS + 3 s); every process started
-# is stopped by its PID.
+# fresh server on 100k preloaded keys. Prints a markdown table: puts/s and gets/s, each with
+# its p50 and p99. Bounded (each case SECONDS + 3 s); every process started is stopped by
+# its PID.
 # Usage: bench/commit-latency.sh [BIN_DIR] [SECONDS] [ENGINE] [WRITERS] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +20,14 @@ tmp=$(mktemp -d /var/tmp/capkv-commit-latency.XXXXXX)
 pids=() # what stop_all (scripts/lib.sh) stops
 trap 'stop_all; rm -rf "$tmp"' EXIT
 
-# row CSV: "puts/s | p50 | p99" from a kv-loadgen CSV (10 op, 12 ok_per_sec, 15 p50, 18 p99 in us).
-row() { awk -F, 'NR > 1 && $10 == "put" {printf "%.0f | %.2f ms | %.2f ms", $12, $15 / 1000, $18 / 1000}' "$1"; }
+# row CSV OP: "calls/s | p50 | p99" of OP from a kv-loadgen CSV (10 op, 12 ok_per_sec, 15 p50,
+# 18 p99 in us).
+row() {
+    awk -F, -v op="$2" 'NR > 1 && $10 == op {printf "%.0f | %.2f ms | %.2f ms", $12, $15 / 1000, $18 / 1000}' "$1"
+}
 
-echo "| committer_sched_batch | round | puts/s ($writers writers) | put p50 | put p99 | gets/s (50 readers) | get p99 |"
-echo "|---|---|---|---|---|---|---|"
+echo "| committer_sched_batch | round | puts/s ($writers writers) | put p50 | put p99 | gets/s (50 readers) | get p50 | get p99 |"
+echo "|---|---|---|---|---|---|---|---|"
 for round in $(seq "$rounds"); do
     for batch in false true; do
         rm -rf "$tmp/data"
@@ -38,11 +41,11 @@ for round in $(seq "$rounds"); do
         taskset -c 0 "$bin/kv-loadgen" run --target capkv-raw --addr "$addr" -c 50 --mix get \
             --keys 100000 --warmup 1s --duration "$((secs + 2))s" --csv "$tmp/get.csv" >/dev/null &
         readers=$!
+        pids+=("$readers")
         taskset -c 0 "$bin/kv-loadgen" run --target capkv-raw --addr "$addr" -c "$writers" --mix put \
             --keys 100000 --warmup 2s --duration "${secs}s" --csv "$tmp/put.csv" >/dev/null
         wait "$readers"
-        gets=$(awk -F, 'NR > 1 && $10 == "get" {printf "%.0f | %.2f ms", $12, $18 / 1000}' "$tmp/get.csv")
-        echo "| $batch | $round | $(row "$tmp/put.csv") | $gets |"
+        echo "| $batch | $round | $(row "$tmp/put.csv" put) | $(row "$tmp/get.csv" get) |"
         stop_all
     done
 done
