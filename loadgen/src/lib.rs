@@ -15,6 +15,8 @@
 //!   offered rate, durable puts.
 //! - [`matrix`]: the standard comparison matrix and its results file.
 //! - [`redis_bench`]: `redis-benchmark` runs interleaved with the matrix's cases.
+//! - [`versus`]: `kv-loadgen versus`, capkv (raw client) against redis-benchmark in
+//!   alternating rounds, judged by the median of each round's ratios.
 //! - [`floor`]: `kv-loadgen rpc-floor`, a bare server answering `get` at once on either RPC
 //!   engine: what the RPC runtime alone costs per call.
 //! - [`churn`]: `kv-loadgen lease-churn`, leases granted, attached and left to expire.
@@ -35,4 +37,5 @@ pub mod report;
 pub mod run;
 pub mod stats;
 pub mod target;
+pub mod versus;
 pub mod workload;

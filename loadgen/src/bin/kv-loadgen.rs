@@ -9,6 +9,7 @@ use capkv_loadgen::plot;
 use capkv_loadgen::report;
 use capkv_loadgen::run::{self, RunConfig};
 use capkv_loadgen::target::TargetKind;
+use capkv_loadgen::versus;
 use capkv_loadgen::workload::{KeyDist, Mix};
 use clap::{Args, Parser, Subcommand};
 
@@ -32,6 +33,9 @@ enum Command {
     Run(RunArgs),
     /// The standard comparison matrix; writes a markdown results file.
     Matrix(MatrixArgs),
+    /// capkv through the raw client against Redis through redis-benchmark, case by case
+    /// in alternating rounds, with the median of each round's ratios (markdown on stdout).
+    Versus(VersusArgs),
     /// A bare server answering every get and getMany with fixed entries at once, on capkv's
     /// RPC engine or capnp-rpc's: what the RPC runtime alone costs per call (a benchmark
     /// anchor; serves until stopped).
@@ -113,6 +117,30 @@ impl PlotArgs {
                 .unwrap_or_else(matrix::default_caption),
         })
     }
+}
+
+#[derive(Args, Debug)]
+struct VersusArgs {
+    #[command(flatten)]
+    common: Common,
+    /// capkv address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    addr: String,
+    /// capkv server PID (CPU per call).
+    #[arg(long)]
+    server_pid: Option<i32>,
+    /// Redis address (host:port).
+    #[arg(long)]
+    redis_addr: String,
+    /// Redis server PID (CPU per call).
+    #[arg(long)]
+    redis_pid: Option<i32>,
+    #[arg(short = 'c', long, default_value_t = 50)]
+    connections: usize,
+    /// Rounds, each running every case once on each server (each server goes first in
+    /// every other round: an even count evens the order out).
+    #[arg(long, default_value_t = 6)]
+    repeat: usize,
 }
 
 #[derive(Args, Debug)]
@@ -390,6 +418,22 @@ fn main() -> anyhow::Result<()> {
                     &targets,
                 ),
             )?;
+        }
+        Command::Versus(a) => {
+            let mut base = base(&a.common);
+            // Shorter runs than the matrix's: many rounds say more than long runs here.
+            base.warmup = a.common.warmup.unwrap_or(Duration::from_secs(1));
+            base.duration = a.common.duration.unwrap_or(Duration::from_secs(4));
+            let md = versus::run_versus(&versus::VersusConfig {
+                base,
+                capkv_addr: a.addr.clone(),
+                capkv_pid: a.server_pid,
+                redis_addr: a.redis_addr.clone(),
+                redis_pid: a.redis_pid,
+                connections: a.connections,
+                rounds: a.repeat,
+            })?;
+            println!("{md}");
         }
         Command::Matrix(a) => {
             let m = MatrixConfig {

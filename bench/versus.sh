@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# capkv against Redis the way the server-side engine's bars are stated (issue "capkv's own
+# Cap'n Proto RPC engine, server side"): kv-server driven by kv-loadgen's raw client, Redis
+# by redis-benchmark, GET and PUT at 50 connections with 1 and 16 calls in flight, in
+# ROUNDS alternating rounds (`kv-loadgen versus`), so that this VM's drift of tens of percent
+# within minutes cannot decide a ratio near 1.0 by itself. Prints markdown on stdout: the
+# median ratio of calls/s, p99 (both timed from a request's write to its reply's read) and
+# server CPU per call, with the rounds capkv was ahead in, then every round's figures.
+# Usage: bench/versus.sh [BIN_DIR] [ROUNDS] [SECONDS] [KEYS]
+#   defaults: release build, 6 rounds of 4 s runs (1 s warm-up) on 100,000 keys (an even
+#   count: each server goes first in half of them).
+# kv-server (memory engine, 1 worker) and redis-server are pinned to core 1, kv-loadgen and
+# the redis-benchmark it starts to core 0; every process started is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+bin="${1:-${CARGO_TARGET_DIR:-/var/tmp/capkv-target}/release}"
+rounds="${2:-6}"
+secs="${3:-4}"
+keys="${4:-100000}"
+tmp=$(mktemp -d /var/tmp/capkv-versus.XXXXXX)
+pids=()  # what stop_all (scripts/lib.sh) stops
+trap 'stop_all; rm -rf "$tmp"' EXIT
+
+taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
+    --log-format json 2>"$tmp/kv.log" &
+kv_pid=$!; pids+=("$kv_pid")
+addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+port=$(free_port)
+taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+redis_pid=$!; pids+=("$redis_pid")
+wait_redis "$port" || exit 1
+
+warmup=1s
+[ "$secs" = 0 ] && warmup=0s  # BENCH_QUICK's check of the script: a moment per case
+taskset -c 0 "$bin/kv-loadgen" versus --addr "$addr" --server-pid "$kv_pid" \
+    --redis-addr "127.0.0.1:$port" --redis-pid "$redis_pid" --repeat "$rounds" \
+    --keys "$keys" --warmup "$warmup" --duration "$( [ "$secs" = 0 ] && echo 300ms || echo "${secs}s")"
