@@ -15,6 +15,8 @@ echo "== cargo test"
 cargo test --locked --workspace
 # The server and client tests again on capnp-rpc's RpcSystem, the reference the default
 # engine (capkv_rpc::engine) is held to, and the way back (rpc_engine = "capnp-rpc").
+echo "== benchmarks, each run once (criterion's test mode: they work, not how fast)"
+cargo test --locked -p capkv-store --bench memory
 echo "== cargo test on capnp-rpc's RpcSystem (server and client tests)"
 CAPKV_RPC_ENGINE=capnp-rpc cargo test --locked -p capkv-server -p capkv-client
 echo "== monitoring (promtool)"
