@@ -224,6 +224,18 @@ const INLINE_ELSEWHERE: &[(&str, &str, &str)] = &[
     ),
     // bench/run.sh runs it; CI runs bench/run.sh (checked in `loadgen_block_runs`).
     ("kv-loadgen matrix", "bench/run.sh", "/kv-loadgen\" matrix"),
+    // CI runs the benchmark once, in criterion's test mode.
+    (
+        "cargo bench -p capkv-store --bench memory",
+        "scripts/test.sh",
+        "cargo test --locked -p capkv-store --bench memory",
+    ),
+    // bench/run.sh runs bench/versus.sh (in CI with BENCH_QUICK=1).
+    (
+        "kv-loadgen versus",
+        "bench/versus.sh",
+        "/kv-loadgen\" versus",
+    ),
     (
         "kv-loadgen rpc-floor",
         "bench/run.sh",
