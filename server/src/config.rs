@@ -300,7 +300,8 @@ pub struct StorageConfig {
     pub log_group_wait_max_us: u64,
     /// Idempotency records the memory engines keep at most (the oldest go first).
     pub memory_max_records: usize,
-    /// Events the memory engine keeps for watchers (its oldest revisions go first).
+    /// Events the memory engine keeps for watchers, at most (its oldest revisions go
+    /// first, in runs of 64 or a sixteenth of this, whichever is less: see `Ring::trim`).
     pub memory_history_events: usize,
     /// Bytes of keys and values the memory engine's history keeps, at most.
     pub memory_history_bytes: usize,

@@ -289,12 +289,18 @@ impl Index {
     }
 
     fn get(&self, key: &[u8]) -> Option<&Stored> {
-        self.table.find(self.hash(key), |s| s.key() == key)
+        self.find(self.hash(key), key)
     }
 
-    /// Inserts `stored`, replacing the entry of the same key if there is one.
-    fn replace(&mut self, stored: Stored) {
-        let hash = self.hash(stored.key());
+    /// [`Self::get`] with the key's hash already taken (a put takes it once for its
+    /// version check and its write: SipHash is a tenth of a get's work on a 16-byte key).
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Stored> {
+        self.table.find(hash, |s| s.key() == key)
+    }
+
+    /// Inserts `stored` (whose key hashes to `hash`), replacing the entry of the same key
+    /// if there is one.
+    fn replace(&mut self, hash: u64, stored: Stored) {
         let Index { table, hasher } = self;
         match table.entry(
             hash,
@@ -488,23 +494,41 @@ impl Inner {
     /// Sets `key`'s value: in place when the key exists with a value of the same length,
     /// else as a new entry in both indexes. Its event joins the history.
     fn insert(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
+        let hash = self.map.hash(key);
+        self.insert_hashed(hash, key, value, version, mod_revision);
+    }
+
+    /// [`Self::insert`] of a key whose hash the caller has taken.
+    fn insert_hashed(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+        mod_revision: u64,
+    ) {
         self.history.push(key, value, Some(version), mod_revision);
         self.note_before(key, Some(value.len()));
         if let Some(log) = self.log.as_deref_mut() {
             effects::put(&mut log.effects, key, value, version, mod_revision);
         }
-        self.set(key, value, version, mod_revision);
+        self.set_hashed(hash, key, value, version, mod_revision);
     }
 
     /// Sets `key`'s entry, without history or log (what [`Self::insert`] and a replay share).
     fn set(&mut self, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
-        if let Some(s) = self.map.get(key) {
+        let hash = self.map.hash(key);
+        self.set_hashed(hash, key, value, version, mod_revision);
+    }
+
+    fn set_hashed(&mut self, hash: u64, key: &[u8], value: &[u8], version: u64, mod_revision: u64) {
+        if let Some(s) = self.map.find(hash, key) {
             if s.overwrite(value, version, mod_revision) {
                 return;
             }
         }
         let stored = Stored::new(key, value, version, mod_revision);
-        self.map.replace(stored.clone());
+        self.map.replace(hash, stored.clone());
         self.order.replace(stored);
     }
 
@@ -647,6 +671,23 @@ impl MemoryStore {
         self.lock_write().records.set_max(max);
     }
 
+    /// Runs `write` under the write lock; a write that made a revision has its history
+    /// trimmed and its revision published once the lock is released.
+    fn writing<T>(&self, write: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut inner = self.lock_write();
+        let before = inner.revision;
+        let outcome = write(&mut inner);
+        if inner.revision != before {
+            inner.history.trim();
+            let revision = inner.revision;
+            // Visible to readers once the lock is released; a watcher woken before that
+            // waits on the lock to read it.
+            drop(inner);
+            self.changes.publish(revision);
+        }
+        outcome
+    }
+
     // A poisoned lock means a panic happened while holding it; every critical section
     // below leaves the map consistent at each step, so the data is still valid and we
     // keep serving rather than turning one bug into a dead server.
@@ -672,7 +713,8 @@ fn put_locked(
         }
     }
     Stored::fits(key, value)?;
-    let current = inner.version(key);
+    let hash = inner.map.hash(key);
+    let current = inner.map.find(hash, key).map(Stored::version);
     if !cond.holds(current) {
         return Err(StoreError::ConditionFailed {
             index: 0,
@@ -682,7 +724,7 @@ fn put_locked(
     inner.revision += 1;
     let revision = inner.revision;
     let version = current.unwrap_or(0) + 1;
-    inner.insert(key, value, version, revision);
+    inner.insert_hashed(hash, key, value, version, revision);
     let lease = match attach {
         Attach::None => None,
         Attach::Lease(id) => Some(id),
@@ -1102,18 +1144,17 @@ impl Store for MemoryStore {
     }
 
     fn write(&self, op: WriteOp, idem: Option<IdempotencyKey>) -> Pending<WriteOutcome> {
-        let mut inner = self.lock_write();
-        let before = inner.revision;
-        let outcome = self.write_locked(&mut inner, op, idem);
-        if inner.revision != before {
-            inner.history.trim();
-            let revision = inner.revision;
-            // Visible to readers once the lock is released; a watcher woken before that
-            // waits on the lock to read it.
-            drop(inner);
-            self.changes.publish(revision);
-        }
-        Pending::ready(outcome)
+        Pending::ready(self.writing(|inner| self.write_locked(inner, op, idem)))
+    }
+
+    // A put or delete with nothing to record (the server's usual write) reads its key and
+    // value where the caller has them: no `WriteOp` to build, copy into and drop.
+    fn put(&self, key: &[u8], value: &[u8], cond: Condition) -> Pending<PutOutcome> {
+        Pending::ready(self.writing(|inner| put_locked(inner, key, value, cond, Attach::None)))
+    }
+
+    fn delete(&self, key: &[u8], cond: Condition) -> Pending<DeleteOutcome> {
+        Pending::ready(self.writing(|inner| delete_locked(inner, key, cond)))
     }
 
     fn events(

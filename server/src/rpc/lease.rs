@@ -112,9 +112,10 @@ impl LeaseImpl {
             lease::revoke_params::Owned,
             lease::revoke_results::Owned,
             Method::LeaseRevoke,
-            |p, _call| {
+            |this, p, call| {
                 let w = capkv_store::write::RevokeLease { id };
-                (w, validate::idempotency_key(p.get_idempotency_key())?)
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                Ok(this.apply(w, idem, call.tunables.idempotency_ttl_ms))
             },
             ok = |ok, o| {
                 ok.set_deleted(o.deleted);

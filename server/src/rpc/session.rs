@@ -101,8 +101,9 @@ pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
     r.map_err(store_error)
 }
 
-/// The core of a write ([`now!`]'s shape): `|p, call| op` builds the write and its
-/// idempotency key from the params `p`. The chain runs at once up to the write's
+/// The core of a write ([`now!`]'s shape): `|this, p, call| submit` reads the params `p`
+/// and submits the write (`this.apply(write, idempotency key, ttl)`, or a shortcut of the
+/// store's), giving its `Pending` outcome. The chain runs at once up to the write's
 /// submission ([`Shared::serve_write`](crate::chain::Shared::serve_write)); a write the
 /// store answers at once (the memory engine's, every time) is answered at once, as reads
 /// are; one that waits for a group commit (RocksDB, memory-log, etcd) waits for its
@@ -110,21 +111,18 @@ pub(super) fn written<T>(r: Result<T, StoreError>) -> Result<T, ApiError> {
 /// rest of the call is a future, as in [`now!`]. The reply forms are `handle!`'s.
 macro_rules! write_now {
     ($self:ident, $params:ident, $results:ident, $P:ty, $R:ty, $method:expr,
-     |$p:ident, $call:ident| $op:expr, $($reply:tt)+) => {{
+     |$this:ident, $p:ident, $call:ident| $submit:expr, $($reply:tt)+) => {{
         match $params {
             Err(e) => Now::Done(Err(e)),
             Ok($p) => {
-                let this = $self;
+                let $this = $self;
                 let begun = $self.shared.serve_write(
                     &$self.conn,
                     $method,
                     $p.get_ctx(),
                     |called| {
-                        let (w, idem) = {
-                            let $call = &called;
-                            $op
-                        };
-                        Ok(this.apply(w, idem, called.tunables.idempotency_ttl_ms))
+                        let $call = &called;
+                        $submit
                     },
                     written,
                 );
@@ -134,12 +132,12 @@ macro_rules! write_now {
                     }
                     crate::chain::Begun::Later(opened) => crate::rpc::now!(@later
                         $self, $P, $R, $method, opened,
-                        |this, $p, called| {
-                            let (w, idem) = {
+                        |$this, $p, called| {
+                            let pending = {
                                 let $call = &called;
-                                $op
-                            };
-                            written(this.apply(w, idem, called.tunables.idempotency_ttl_ms).await)
+                                $submit
+                            }?;
+                            written(pending.await)
                         },
                         $($reply)+),
                     crate::chain::Begun::Waiting(waiting) => Now::Wait(crate::rpc::waiting_reply(
@@ -275,13 +273,14 @@ impl WriteSessionImpl {
             write_session::increment_params::Owned,
             write_session::increment_results::Owned,
             Method::Increment,
-            |p, call| {
+            |this, p, call| {
                 let key = validate::key(&call.tunables.limits, p.get_key())?;
                 let w = write::Increment {
                     key: key.to_vec(),
                     delta: p.get_delta(),
                 };
-                (w, validate::idempotency_key(p.get_idempotency_key())?)
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                Ok(this.apply(w, idem, call.tunables.idempotency_ttl_ms))
             },
             ok = |ok, o| {
                 ok.set_value(o.value);
@@ -303,15 +302,29 @@ impl WriteSessionImpl {
             write_session::put_params::Owned,
             write_session::put_results::Owned,
             Method::Put,
-            |p, call| {
+            |this, p, call| {
                 let limits = &call.tunables.limits;
-                let w = write::Put {
-                    key: validate::key(limits, p.get_key())?.to_vec(),
-                    value: validate::value(limits, p.get_value())?.to_vec(),
-                    cond: validate::condition(p.get_condition())?,
-                    attach: validate::attach(p.get_lease(), p.get_ttl_ms())?,
-                };
-                (w, validate::idempotency_key(p.get_idempotency_key())?)
+                let key = validate::key(limits, p.get_key())?;
+                let value = validate::value(limits, p.get_value())?;
+                let cond = validate::condition(p.get_condition())?;
+                let attach = validate::attach(p.get_lease(), p.get_ttl_ms())?;
+                match validate::idempotency_key(p.get_idempotency_key())? {
+                    // Nothing to record and no lease: the store may take key and value
+                    // where they lie in the message (the memory engine copies them once,
+                    // into the entry; no write to build and drop).
+                    None if attach == write::Attach::None => {
+                        Ok(this.shared.store.put(key, value, cond))
+                    }
+                    idem => {
+                        let w = write::Put {
+                            key: key.to_vec(),
+                            value: value.to_vec(),
+                            cond,
+                            attach,
+                        };
+                        Ok(this.apply(w, idem, call.tunables.idempotency_ttl_ms))
+                    }
+                }
             },
             ok = |ok, o| {
                 ok.set_version(o.version);
@@ -333,12 +346,20 @@ impl WriteSessionImpl {
             write_session::delete_params::Owned,
             write_session::delete_results::Owned,
             Method::Delete,
-            |p, call| {
-                let w = write::Delete {
-                    key: validate::key(&call.tunables.limits, p.get_key())?.to_vec(),
-                    cond: validate::condition(p.get_condition())?,
-                };
-                (w, validate::idempotency_key(p.get_idempotency_key())?)
+            |this, p, call| {
+                let key = validate::key(&call.tunables.limits, p.get_key())?;
+                let cond = validate::condition(p.get_condition())?;
+                match validate::idempotency_key(p.get_idempotency_key())? {
+                    // As a put's: nothing to record, the key read where it lies.
+                    None => Ok(this.shared.store.delete(key, cond)),
+                    idem => {
+                        let w = write::Delete {
+                            key: key.to_vec(),
+                            cond,
+                        };
+                        Ok(this.apply(w, idem, call.tunables.idempotency_ttl_ms))
+                    }
+                }
             },
             ok = |ok, o| {
                 ok.set_existed(o.existed);
@@ -359,7 +380,7 @@ impl WriteSessionImpl {
             write_session::put_many_params::Owned,
             write_session::put_many_results::Owned,
             Method::PutMany,
-            |p, call| {
+            |this, p, call| {
                 let list = p.get_items().map_err(|e| {
                     ApiError::new(
                         capkv::ErrorCode::InvalidArgument,
@@ -381,7 +402,8 @@ impl WriteSessionImpl {
                         .map(|i| (i.key.to_vec(), i.value.to_vec(), i.cond))
                         .collect(),
                 };
-                (w, validate::idempotency_key(p.get_idempotency_key())?)
+                let idem = validate::idempotency_key(p.get_idempotency_key())?;
+                Ok(this.apply(w, idem, call.tunables.idempotency_ttl_ms))
             },
             ok = |ok, o| {
                 ok.set_revision(o.revision);
