@@ -85,7 +85,13 @@ impl Ring {
         if self.records.len() <= self.max_events && self.bytes.len() <= self.max_bytes {
             return;
         }
-        let keep_events = self.max_events - (self.max_events / 16).min(TRIM_RUN_EVENTS);
+        // Only a trim for the event bound drops a run; one for the byte bound drops what
+        // takes the bytes back under it, as before.
+        let keep_events = if self.records.len() > self.max_events {
+            self.max_events - (self.max_events / 16).min(TRIM_RUN_EVENTS)
+        } else {
+            self.max_events
+        };
         let mut dropped = 0u64;
         while self.records.len() > keep_events
             || self.bytes.len() as u64 - dropped > self.max_bytes as u64
@@ -257,5 +263,16 @@ mod tests {
             }
             assert_eq!(r.len().0, kept, "bound {max}");
         }
+        // A trim for the byte bound alone drops what takes the bytes back under it, no run.
+        let mut r = Ring::new(160, 155 * 9);
+        for rev in 1..=155u64 {
+            r.push(&rev.to_be_bytes(), b"v", Some(1), rev);
+            r.trim();
+        }
+        assert_eq!(r.len(), (155, 155 * 9));
+        r.push(&156u64.to_be_bytes(), b"vvvvvvvvvv", Some(1), 156);
+        r.trim();
+        assert_eq!(r.len(), (154, 153 * 9 + 18));
+        assert_eq!(r.compacted(), 2);
     }
 }
