@@ -32,8 +32,9 @@ taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly
 redis_pid=$!; pids+=("$redis_pid")
 wait_redis "$port" || exit 1
 
-warmup=1s
-[ "$secs" = 0 ] && warmup=0s  # BENCH_QUICK's check of the script: a moment per case
+warmup=1s duration="${secs}s"
+# SECONDS 0 is BENCH_QUICK's check of the script: a moment per case.
+[ "$secs" = 0 ] && warmup=0s duration=300ms
 taskset -c 0 "$bin/kv-loadgen" versus --addr "$addr" --server-pid "$kv_pid" \
     --redis-addr "127.0.0.1:$port" --redis-pid "$redis_pid" --repeat "$rounds" \
-    --keys "$keys" --warmup "$warmup" --duration "$( [ "$secs" = 0 ] && echo 300ms || echo "${secs}s")"
+    --keys "$keys" --warmup "$warmup" --duration "$duration"

@@ -75,11 +75,6 @@ fn redis_benchmark_row(
     r: &RunResult,
     base: &RunConfig,
 ) -> anyhow::Result<(String, redis_bench::BenchResult)> {
-    let (host, port) = redis
-        .addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .with_context(|| format!("redis address {} has no port", redis.addr))?;
     let bench = redis_bench::BenchCase {
         test: if case.read_percent == 100 {
             "get"
@@ -89,12 +84,11 @@ fn redis_benchmark_row(
         clients: case.connections,
         pipeline: case.in_flight.max(case.batch),
     };
-    let requests = (r.keys_per_sec * base.duration.as_secs_f64()).clamp(1_000.0, 20_000_000.0);
     let (result, usage) = redis_bench::run(
-        host,
-        port,
+        &redis.addr,
         bench,
-        requests as u64,
+        r.keys_per_sec,
+        base.duration,
         base.keys,
         base.value_size,
         redis.pid,

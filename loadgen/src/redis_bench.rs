@@ -11,6 +11,7 @@
 //! key format) and values of the same size.
 
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -57,17 +58,24 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Runs `case` with `requests` requests against `host:port`; with `server_pid`, also
-/// the server's CPU and RSS over the run.
+/// Runs `case` against the Redis at `addr` (`host:port`) for about `duration`: as many
+/// requests as `expected_per_sec` would answer in it (at least 1,000, at most 20 million),
+/// since redis-benchmark counts requests, not time. With `server_pid`, also the server's
+/// CPU and RSS over the run.
 pub fn run(
-    host: &str,
-    port: u16,
+    addr: &str,
     case: BenchCase,
-    requests: u64,
+    expected_per_sec: f64,
+    duration: Duration,
     keys: u64,
     value_size: usize,
     server_pid: Option<i32>,
 ) -> anyhow::Result<(BenchResult, Option<procstat::Usage>)> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("redis address {addr} has no port"))?;
+    let requests = (expected_per_sec * duration.as_secs_f64()).clamp(1_000.0, 20_000_000.0) as u64;
     let before = server_pid.and_then(procstat::sample);
     let out = Command::new("redis-benchmark")
         .args(["-h", host, "-p", &port.to_string()])

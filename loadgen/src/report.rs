@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use crate::run::RunResult;
 use crate::target::TargetKind;
 
-fn ms(us: f64) -> String {
+/// A latency given in microseconds, as the tables show it (`850us`, `1.25ms`).
+pub(crate) fn ms(us: f64) -> String {
     if us >= 1000.0 {
         format!("{:.2}ms", us / 1000.0)
     } else {

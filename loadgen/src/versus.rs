@@ -19,6 +19,7 @@ use std::fmt::Write as _;
 use anyhow::Context;
 
 use crate::redis_bench::{self, BenchCase};
+use crate::report;
 use crate::run::{self, RunConfig};
 use crate::target::TargetKind;
 
@@ -169,14 +170,6 @@ pub fn summary(cases: &[(&str, Vec<Pair>)]) -> String {
     md
 }
 
-fn us(v: f64) -> String {
-    if v >= 1000.0 {
-        format!("{:.2}ms", v / 1000.0)
-    } else {
-        format!("{v:.0}us")
-    }
-}
-
 fn cpu(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.2} us"))
 }
@@ -188,8 +181,8 @@ fn round_row(round: usize, name: &str, p: &Pair) -> String {
         p.capkv.calls_per_sec,
         p.redis.calls_per_sec,
         p.rate_ratio(),
-        us(p.capkv.p99_us),
-        us(p.redis.p99_us),
+        report::ms(p.capkv.p99_us),
+        report::ms(p.redis.p99_us),
         cpu(p.capkv.cpu_us_per_call),
         cpu(p.redis.cpu_us_per_call),
     )
@@ -233,22 +226,16 @@ fn run_capkv(v: &VersusConfig, case: &Case) -> anyhow::Result<Side> {
 /// One run of `case` on Redis through redis-benchmark, sized to last about as long as a
 /// capkv run at `expected` calls/s.
 fn run_redis(v: &VersusConfig, case: &Case, expected: f64) -> anyhow::Result<Side> {
-    let (host, port) = v
-        .redis_addr
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .with_context(|| format!("redis address {} has no port", v.redis_addr))?;
-    let requests = (expected * v.base.duration.as_secs_f64()).clamp(1_000.0, 20_000_000.0);
     let bench = BenchCase {
         test: if case.get { "get" } else { "set" },
         clients: v.connections,
         pipeline: case.in_flight,
     };
     let (r, usage) = redis_bench::run(
-        host,
-        port,
+        &v.redis_addr,
         bench,
-        requests as u64,
+        expected,
+        v.base.duration,
         v.base.keys,
         v.base.value_size,
         v.redis_pid,
