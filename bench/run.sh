@@ -63,10 +63,29 @@ taskset -c 0 "$bin/kv-loadgen" matrix --plot "$plots" --plot-caption "$caption" 
 kill "$kv_pid" "$redis_pid" "$floor_pid" "$efloor_pid"
 wait "$kv_pid" "$redis_pid" "$floor_pid" "$efloor_pid" 2>/dev/null || true; pids=()
 
+# capped_conns "ROUNDS SECONDS KEYS" "COUNTS": bench/versus.sh's one-call-in-flight cases at
+# each connection count, Redis driven by the same client work, both servers held to half a
+# core (with thousands of connections the generator's core is the limit otherwise).
+capped_conns() {
+    local n
+    : >"$tmp/capped.md"
+    if ! cpu_cap_available; then
+        echo "(skipped: no writable cgroup cpu controller here; run as root)" >"$tmp/capped.md"
+        return
+    fi
+    for n in $2; do
+        # $1 unquoted on purpose: ROUNDS SECONDS KEYS are three arguments.
+        SERVER_CPU_PCT=50 bash bench/versus.sh "$bin" $1 -c "$n" --cases get1,put1 \
+            --redis-client raw >>"$tmp/capped.md"
+        echo >>"$tmp/capped.md"
+    done
+}
+
 if [ "$quick" = 1 ]; then
     bash bench/versus.sh "$bin" 2 0 1000 >"$tmp/versus.md"
     bash bench/engines.sh "$bin" 1 1 >"$tmp/engines.md"
     bash bench/conns.sh "$bin" 1 50 >"$tmp/conns.md"
+    capped_conns "2 0 1000" "50"
     bash bench/keyspace.sh "$bin" 1 10000 >"$tmp/keyspace.md"
     DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" 1 0 >"$tmp/durable.md"
     bash bench/scale.sh "$bin" 1 10000 >"$tmp/scale.md"
@@ -74,6 +93,7 @@ else
     bash bench/versus.sh "$bin" >"$tmp/versus.md"
     bash bench/engines.sh "$bin" >"$tmp/engines.md"
     bash bench/conns.sh "$bin" >"$tmp/conns.md"
+    capped_conns "6 4 10000" "1000 3000"
     bash bench/keyspace.sh "$bin" >"$tmp/keyspace.md"
     DURABLE_CSV="$tmp/durable.csv" bash bench/durable.sh "$bin" >"$tmp/durable.md"
     bash bench/scale.sh "$bin" >"$tmp/scale.md"
@@ -134,6 +154,15 @@ fi
     echo
     cat "$tmp/conns.md"
     echo
+    echo "### Server-bound: each server held to half a core (bench/versus.sh, SERVER_CPU_PCT=50)"
+    echo
+    echo "Above, thousands of connections keep the generator's one core busy (its CPU column), so calls/s"
+    echo "there measure the generator as much as the server. Here each server is held to 50% of its core by a"
+    echo "cgroup cpu limit (10 ms period), so that the server is the limit again and calls/s compare the"
+    echo "servers' capacity: capkv driven by the raw client, Redis by its RESP twin (the same client work),"
+    echo "in alternating rounds."
+    echo
+    cat "$tmp/capped.md"
     echo "## What a keyspace costs (bench/keyspace.sh): memory engine against Redis"
     echo
     echo "Same keys and 100-byte values, preloaded; RSS per key is (RSS with the keys, after a short GET run"

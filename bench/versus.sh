@@ -6,9 +6,14 @@
 # within minutes cannot decide a ratio near 1.0 by itself. Prints markdown on stdout: the
 # median ratio of calls/s, p99 (both timed from a request's write to its reply's read) and
 # server CPU per call, with the rounds capkv was ahead in, then every round's figures.
-# Usage: bench/versus.sh [BIN_DIR] [ROUNDS] [SECONDS] [KEYS]
+# Usage: bench/versus.sh [BIN_DIR] [ROUNDS] [SECONDS] [KEYS] [VERSUS_ARGS...]
 #   defaults: release build, 6 rounds of 4 s runs (1 s warm-up) on 100,000 keys (an even
-#   count: each server goes first in half of them).
+#   count: each server goes first in half of them). VERSUS_ARGS go to `kv-loadgen versus`,
+#   e.g. `-c 3000 --cases get1 --redis-client raw` (thousands of connections, Redis driven
+#   by the same client work as capkv). SERVER_CPU_PCT=N in the environment holds each
+#   server to N% of its core (`cap_cpu`, scripts/lib.sh): with thousands of connections the
+#   generator's core, not the server's, limits calls/s; a server held to half a core is the
+#   limit again, and calls/s compare the servers' capacity.
 # kv-server (memory engine, 1 worker) and redis-server are pinned to core 1, kv-loadgen and
 # the redis-benchmark it starts to core 0; every process started is stopped by its PID.
 set -euo pipefail
@@ -20,7 +25,10 @@ secs="${3:-4}"
 keys="${4:-100000}"
 tmp=$(mktemp -d /var/tmp/capkv-versus.XXXXXX)
 pids=()  # what stop_all (scripts/lib.sh) stops
-trap 'stop_all; rm -rf "$tmp"' EXIT
+trap 'stop_all; uncap_cpu_all; rm -rf "$tmp"' EXIT
+extra=("${@:5}")
+# Each connection is a descriptor at both ends.
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
     --log-format json 2>"$tmp/kv.log" &
@@ -28,13 +36,19 @@ kv_pid=$!; pids+=("$kv_pid")
 addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
 port=$(free_port)
 taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-    --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+    --maxclients 10000 --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
 redis_pid=$!; pids+=("$redis_pid")
 wait_redis "$port" || exit 1
+
+if [ -n "${SERVER_CPU_PCT:-}" ]; then
+    cap_cpu "$kv_pid" "$SERVER_CPU_PCT" && cap_cpu "$redis_pid" "$SERVER_CPU_PCT" || exit 1
+    echo "Each server held to ${SERVER_CPU_PCT}% of its core (a cgroup cpu limit, 10 ms period)."
+    echo
+fi
 
 warmup=1s duration="${secs}s"
 # SECONDS 0 is BENCH_QUICK's check of the script: a moment per case.
 [ "$secs" = 0 ] && warmup=0s duration=300ms
 taskset -c 0 "$bin/kv-loadgen" versus --addr "$addr" --server-pid "$kv_pid" \
     --redis-addr "127.0.0.1:$port" --redis-pid "$redis_pid" --repeat "$rounds" \
-    --keys "$keys" --warmup "$warmup" --duration "$duration"
+    --keys "$keys" --warmup "$warmup" --duration "$duration" "${extra[@]}"

@@ -29,6 +29,50 @@ stop_all() {
     pids=()
 }
 
+# cap_cpu PID PCT: limits process PID (all its threads) to PCT percent of one core, in a
+# cgroup of its own (cgroup v2's cpu.max, else v1's cpu controller), refilled every 10 ms so
+# that the cap is smooth at the scale of calls. Why: with thousands of connections one
+# generator core cannot saturate one server core, so calls/s would measure the generator;
+# a server held to part of a core is the limit again, and calls/s its capacity. Needs root;
+# fails (status 1, a line on stderr) where no cpu controller can be written. The cgroup is
+# removed by uncap_cpu_all once the process is gone.
+capped_groups=()
+cap_cpu() {
+    local pid=$1 pct=$2 period=10000 dir tid
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        dir=/sys/fs/cgroup/capkv-bench-$pid
+        grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null ||
+            echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+        mkdir -p "$dir" 2>/dev/null && echo "$((period * pct / 100)) $period" >"$dir/cpu.max" 2>/dev/null &&
+            echo "$pid" >"$dir/cgroup.procs" 2>/dev/null ||
+            { echo "cap_cpu: cannot write a cgroup v2 cpu limit under /sys/fs/cgroup" >&2; return 1; }
+    elif [ -d /sys/fs/cgroup/cpu ]; then
+        dir=/sys/fs/cgroup/cpu/capkv-bench-$pid
+        mkdir -p "$dir" 2>/dev/null && echo "$period" >"$dir/cpu.cfs_period_us" &&
+            echo "$((period * pct / 100))" >"$dir/cpu.cfs_quota_us" ||
+            { echo "cap_cpu: cannot write a cgroup v1 cpu limit under /sys/fs/cgroup/cpu" >&2; return 1; }
+        for tid in $(ls "/proc/$pid/task"); do echo "$tid" >"$dir/tasks" 2>/dev/null || true; done
+    else
+        echo "cap_cpu: no cgroup cpu controller on this machine" >&2
+        return 1
+    fi
+    capped_groups+=("$dir")
+}
+# cpu_cap_available: whether cap_cpu can work here (a writable cgroup cpu controller).
+cpu_cap_available() {
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        grep -qw cpu /sys/fs/cgroup/cgroup.controllers && [ -w /sys/fs/cgroup ]
+    else
+        [ -d /sys/fs/cgroup/cpu ] && [ -w /sys/fs/cgroup/cpu ]
+    fi
+}
+# uncap_cpu_all: removes the cgroups cap_cpu made (after their processes have ended).
+uncap_cpu_all() {
+    local d
+    for d in "${capped_groups[@]}"; do rmdir "$d" 2>/dev/null || true; done
+    capped_groups=()
+}
+
 # rss_kib PID: the process's resident set, in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 

@@ -37,12 +37,29 @@ pub struct VersusConfig {
     pub connections: usize,
     /// Rounds: each runs every case once on each server.
     pub rounds: usize,
+    /// How Redis is driven.
+    pub redis_client: RedisClient,
+    /// The cases run, by [`Case::key`]; empty runs all of them.
+    pub cases: Vec<String>,
+}
+
+/// Redis's side of a `versus` run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisClient {
+    /// redis-benchmark, Redis's own client: the bars are stated against it.
+    Benchmark,
+    /// kv-loadgen's raw Redis client (`--target redis-raw`): the same client work as capkv's
+    /// raw client, so the ratio is the servers' alone (with thousands of connections the
+    /// generator's core is the limit, and redis-benchmark's costs differ from kv-loadgen's).
+    Raw,
 }
 
 /// One case, in both clients' terms.
 #[derive(Debug, Clone, Copy)]
 struct Case {
     name: &'static str,
+    /// What `--cases` calls it.
+    key: &'static str,
     in_flight: usize,
     /// capkv's calls leave in rounds of `in_flight`, as redis-benchmark -P sends them.
     rounds: bool,
@@ -54,36 +71,42 @@ struct Case {
 const CASES: [Case; 6] = [
     Case {
         name: "GET, 1 in flight",
+        key: "get1",
         in_flight: 1,
         rounds: false,
         get: true,
     },
     Case {
         name: "PUT, 1 in flight",
+        key: "put1",
         in_flight: 1,
         rounds: false,
         get: false,
     },
     Case {
         name: "GET, 16 in flight",
+        key: "get16",
         in_flight: 16,
         rounds: false,
         get: true,
     },
     Case {
         name: "PUT, 16 in flight",
+        key: "put16",
         in_flight: 16,
         rounds: false,
         get: false,
     },
     Case {
         name: "GET, 16 in rounds",
+        key: "get16r",
         in_flight: 16,
         rounds: true,
         get: true,
     },
     Case {
         name: "PUT, 16 in rounds",
+        key: "put16r",
         in_flight: 16,
         rounds: true,
         get: false,
@@ -195,10 +218,22 @@ fn measured(cpu_us_per_call: Option<f64>) -> Option<f64> {
 
 /// One run of `case` on capkv through the raw client.
 fn run_capkv(v: &VersusConfig, case: &Case) -> anyhow::Result<Side> {
+    run_raw(v, case, TargetKind::CapkvRaw, &v.capkv_addr, v.capkv_pid)
+}
+
+/// One run of `case` through one of kv-loadgen's raw clients (`target`), on the server at
+/// `addr`.
+fn run_raw(
+    v: &VersusConfig,
+    case: &Case,
+    target: TargetKind,
+    addr: &str,
+    pid: Option<i32>,
+) -> anyhow::Result<Side> {
     let cfg = RunConfig {
-        target: TargetKind::CapkvRaw,
-        addr: v.capkv_addr.clone(),
-        server_pid: v.capkv_pid,
+        target,
+        addr: addr.to_string(),
+        server_pid: pid,
         connections: v.connections,
         in_flight: case.in_flight,
         rounds: case.rounds,
@@ -212,7 +247,7 @@ fn run_capkv(v: &VersusConfig, case: &Case) -> anyhow::Result<Side> {
     let all = r.all().context("a run without results")?;
     anyhow::ensure!(
         all.errors.is_empty(),
-        "capkv answered {} with errors: {:?}",
+        "{target:?} answered {} with errors: {:?}",
         case.name,
         all.errors
     );
@@ -226,6 +261,9 @@ fn run_capkv(v: &VersusConfig, case: &Case) -> anyhow::Result<Side> {
 /// One run of `case` on Redis through redis-benchmark, sized to last about as long as a
 /// capkv run at `expected` calls/s.
 fn run_redis(v: &VersusConfig, case: &Case, expected: f64) -> anyhow::Result<Side> {
+    if v.redis_client == RedisClient::Raw {
+        return run_raw(v, case, TargetKind::RedisRaw, &v.redis_addr, v.redis_pid);
+    }
     let bench = BenchCase {
         test: if case.get { "get" } else { "set" },
         clients: v.connections,
@@ -247,12 +285,29 @@ fn run_redis(v: &VersusConfig, case: &Case, expected: f64) -> anyhow::Result<Sid
     })
 }
 
+/// The cases named in `keys` (every case when empty), in [`CASES`]' order.
+fn chosen(keys: &[String]) -> anyhow::Result<Vec<Case>> {
+    if let Some(unknown) = keys
+        .iter()
+        .find(|k| !CASES.iter().any(|c| c.key == k.as_str()))
+    {
+        let known: Vec<&str> = CASES.iter().map(|c| c.key).collect();
+        anyhow::bail!("no case {unknown:?}; the cases are {}", known.join(", "));
+    }
+    Ok(CASES
+        .iter()
+        .filter(|c| keys.is_empty() || keys.iter().any(|k| k == c.key))
+        .copied()
+        .collect())
+}
+
 /// Preloads both servers, runs the rounds (progress on stderr) and returns the markdown:
 /// every round's rows, then the summary.
 pub fn run_versus(v: &VersusConfig) -> anyhow::Result<String> {
     anyhow::ensure!(v.rounds > 0, "--repeat must be at least 1");
+    let cases = chosen(&v.cases)?;
     anyhow::ensure!(
-        redis_bench::available(),
+        v.redis_client == RedisClient::Raw || redis_bench::available(),
         "redis-benchmark is not on PATH (apt-get install -y redis-tools)"
     );
     for (target, addr) in [
@@ -266,9 +321,9 @@ pub fn run_versus(v: &VersusConfig) -> anyhow::Result<String> {
         })?;
     }
     let mut rows = Vec::new();
-    let mut pairs: Vec<(&str, Vec<Pair>)> = CASES.iter().map(|c| (c.name, Vec::new())).collect();
+    let mut pairs: Vec<(&str, Vec<Pair>)> = cases.iter().map(|c| (c.name, Vec::new())).collect();
     for round in 1..=v.rounds {
-        for (case, (_, done)) in CASES.iter().zip(pairs.iter_mut()) {
+        for (case, (_, done)) in cases.iter().zip(pairs.iter_mut()) {
             // Every other round Redis goes first; its run is sized by capkv's last rate.
             let pair = match (round % 2 == 0, done.last()) {
                 (true, Some(last)) => {
@@ -288,8 +343,12 @@ pub fn run_versus(v: &VersusConfig) -> anyhow::Result<String> {
             done.push(pair);
         }
     }
+    let redis_client = match v.redis_client {
+        RedisClient::Benchmark => "redis-benchmark",
+        RedisClient::Raw => "kv-loadgen's raw Redis client",
+    };
     let mut md = format!(
-        "Rounds: {}; {} connections; {} keys, {}-byte values; capkv runs: {} s warm-up, {} s measured.\n\n",
+        "Rounds: {}; {} connections; Redis driven by {redis_client}; {} keys, {}-byte values; capkv runs: {} s warm-up, {} s measured.\n\n",
         v.rounds,
         v.connections,
         v.base.keys,
@@ -299,7 +358,7 @@ pub fn run_versus(v: &VersusConfig) -> anyhow::Result<String> {
     );
     md.push_str(&summary(&pairs));
     md.push_str(
-        "\n| round | case | capkv raw calls/s | redis-benchmark calls/s | ratio | capkv p99 (wire) | redis-benchmark p99 | capkv CPU per call | Redis CPU per call |\n|---|---|---|---|---|---|---|---|---|\n",
+        "\n| round | case | capkv raw calls/s | Redis calls/s | ratio | capkv p99 (wire) | Redis p99 | capkv CPU per call | Redis CPU per call |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         md.push_str(&row);
@@ -322,6 +381,19 @@ mod tests {
             capkv: side(capkv),
             redis: side(redis),
         }
+    }
+
+    #[test]
+    fn cases_are_chosen_by_key_in_their_order_and_an_unknown_one_is_refused() {
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let names = |cs: Vec<Case>| cs.iter().map(|c| c.key).collect::<Vec<_>>();
+        assert_eq!(chosen(&[]).map(names).unwrap().len(), CASES.len());
+        assert_eq!(
+            chosen(&keys(&["put16r", "get1"])).map(names).unwrap(),
+            ["get1", "put16r"]
+        );
+        let e = chosen(&keys(&["get1", "get2"])).unwrap_err().to_string();
+        assert!(e.contains("\"get2\"") && e.contains("get16r"), "{e}");
     }
 
     #[test]

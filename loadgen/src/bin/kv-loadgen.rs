@@ -141,6 +141,14 @@ struct VersusArgs {
     /// every other round: an even count evens the order out).
     #[arg(long, default_value_t = 6)]
     repeat: usize,
+    /// How Redis is driven: redis-benchmark, or kv-loadgen's raw Redis client (the same
+    /// client work as capkv's side).
+    #[arg(long, value_enum, default_value = "benchmark")]
+    redis_client: versus::RedisClient,
+    /// The cases to run (default all): get1, put1, get16, put16, get16r, put16r (16 in
+    /// flight; r: in rounds, as redis-benchmark -P sends them).
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -432,6 +440,8 @@ fn main() -> anyhow::Result<()> {
                 redis_pid: a.redis_pid,
                 connections: a.connections,
                 rounds: a.repeat,
+                redis_client: a.redis_client,
+                cases: a.cases.clone(),
             })?;
             println!("{md}");
         }
