@@ -11,7 +11,8 @@
 #   CONNECTIONS and KEYS in the environment change those (CONNECTIONS=3000 KEYS=10000 is
 #   bench/conns.sh's case); SERVER_CPU_PCT=N holds the server to N% of its core (see
 #   `cap_cpu` in scripts/lib.sh: with thousands of connections the generator's core is
-#   the limit otherwise). Ends with the median over pairs of B's CPU per call over A's.
+#   the limit otherwise). Ends with the median over pairs of B's CPU per call over A's, and
+#   of its user-space part (the server's own code) over A's.
 # e.g. keep the old binary before rebuilding:
 #   cp $CARGO_TARGET_DIR/release/kv-server /var/tmp/kv-server-before
 #   cargo build --release -p capkv-server
@@ -21,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-[ $# -ge 2 ] || { sed -n '8,14p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '9,15p' "$0" >&2; exit 2; }
 bin_a=$1 bin_b=$2 mix=${3:-get} in_flight=${4:-16} pairs=${5:-3} secs=${6:-5}
 conns=${CONNECTIONS:-50} keys=${KEYS:-100000}
 # Each connection is a descriptor at both ends.
@@ -55,18 +56,26 @@ one() {
 }
 
 echo "mix $mix, $in_flight in flight, $conns connections, $keys keys, ${secs}s per run${SERVER_CPU_PCT:+, server held to $SERVER_CPU_PCT% of a core}"
-ratios=()
+ratios=() user_ratios=()
 for _ in $(seq "$pairs"); do
-    per_call=()
+    per_call=() user_per_call=()
     for b in "$bin_a" "$bin_b"; do
         one "$b"
         awk -v n="$b" -v r="${rate:-0}" -v c="${cpu:-0}" -v u="${user:--}" 'BEGIN {
             printf "%-40s %8d/s  cpu %3d%%  %s us/call (%s user)\n", n, r, c,
                 (r > 0 ? sprintf("%.3f", c / 100 / r * 1e6) : "-"), u }'
         per_call+=("$(awk -v r="${rate:-0}" -v c="${cpu:-0}" 'BEGIN { print (r > 0 ? c / r : 0) }')")
+        user_per_call+=("${user:-0}")
     done
     ratios+=("$(awk -v a="${per_call[0]}" -v b="${per_call[1]}" 'BEGIN { print (a > 0 ? b / a : 0) }')")
+    user_ratios+=("$(awk -v a="${user_per_call[0]}" -v b="${user_per_call[1]}" 'BEGIN { print (a > 0 ? b / a : 0) }')")
 done
-printf '%s\n' "${ratios[@]}" | sort -g | awk '{ v[NR] = $1; if ($1 < 1) lower++ } END {
-    m = (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)
-    printf "B/A server CPU per call: median %.3f over %d pairs, B lower in %d\n", m, NR, lower }'
+# median_line LABEL RATIO...: the median of the ratios and how many are below 1.
+median_line() {
+    local label=$1; shift
+    printf '%s\n' "$@" | sort -g | awk -v label="$label" '{ v[NR] = $1; if ($1 < 1) lower++ } END {
+        m = (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)
+        printf "B/A %s: median %.3f over %d pairs, B lower in %d\n", label, m, NR, lower }'
+}
+median_line "server CPU per call" "${ratios[@]}"
+median_line "its user-space part" "${user_ratios[@]}"

@@ -211,6 +211,12 @@ impl RunResult {
         per_call_us(self.server?, self.all()?.ok_per_sec)
     }
 
+    /// [`RunResult::server_cpu_us_per_call`] in user space only: the server's own code,
+    /// without the kernel's share (mostly loopback TCP, which any server pays).
+    pub fn server_user_us_per_call(&self) -> Option<f64> {
+        per_call_user_us(self.server?, self.all()?.ok_per_sec)
+    }
+
     pub fn all(&self) -> Option<&OpSummary> {
         self.ops.iter().find(|o| o.op == "all")
     }

@@ -120,6 +120,9 @@ pub struct Side {
     pub p99_us: f64,
     /// `None` when the server's PID was not given, or the run too short to measure it.
     pub cpu_us_per_call: Option<f64>,
+    /// The part of it in user space: the server's own code, without the kernel's share,
+    /// which moves with how the server's work is batched as much as with the server.
+    pub user_us_per_call: Option<f64>,
 }
 
 /// capkv's and Redis's figures for one case in one round.
@@ -143,6 +146,11 @@ impl Pair {
     /// capkv's server CPU per call over Redis's: below 1 is ahead.
     pub fn cpu_ratio(&self) -> Option<f64> {
         Some(self.capkv.cpu_us_per_call? / self.redis.cpu_us_per_call?)
+    }
+
+    /// capkv's server CPU per call in user space over Redis's: below 1 is ahead.
+    pub fn user_ratio(&self) -> Option<f64> {
+        Some(self.capkv.user_us_per_call? / self.redis.user_us_per_call?)
     }
 }
 
@@ -176,25 +184,32 @@ fn summary_cell(ratios: &[f64], ahead: impl Fn(f64) -> bool) -> String {
 /// was ahead on it.
 pub fn summary(cases: &[(&str, Vec<Pair>)]) -> String {
     let mut md = String::from(
-        "| case | calls/s, capkv / Redis: median (rounds >= 1) | p99, capkv / Redis: median (rounds <= 1) | server CPU per call, capkv / Redis: median (rounds <= 1) |\n|---|---|---|---|\n",
+        "| case | calls/s, capkv / Redis: median (rounds >= 1) | p99, capkv / Redis: median (rounds <= 1) | server CPU per call, capkv / Redis: median (rounds <= 1) | its user-space part, capkv / Redis: median (rounds <= 1) |\n|---|---|---|---|---|\n",
     );
     for (name, pairs) in cases {
         let rate: Vec<f64> = pairs.iter().map(Pair::rate_ratio).collect();
         let p99: Vec<f64> = pairs.iter().map(Pair::p99_ratio).collect();
         let cpu: Vec<f64> = pairs.iter().filter_map(Pair::cpu_ratio).collect();
+        let user: Vec<f64> = pairs.iter().filter_map(Pair::user_ratio).collect();
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} |",
             summary_cell(&rate, |r| r >= 1.0),
             summary_cell(&p99, |r| r <= 1.0),
             summary_cell(&cpu, |r| r <= 1.0),
+            summary_cell(&user, |r| r <= 1.0),
         );
     }
     md
 }
 
-fn cpu(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.2} us"))
+/// CPU per call, with its user-space part in brackets.
+fn cpu(side: &Side) -> String {
+    match (side.cpu_us_per_call, side.user_us_per_call) {
+        (None, _) => "-".into(),
+        (Some(all), None) => format!("{all:.2} us"),
+        (Some(all), Some(user)) => format!("{all:.2} us ({user:.2})"),
+    }
 }
 
 /// One round's row of a case.
@@ -206,8 +221,8 @@ fn round_row(round: usize, name: &str, p: &Pair) -> String {
         p.rate_ratio(),
         report::ms(p.capkv.p99_us),
         report::ms(p.redis.p99_us),
-        cpu(p.capkv.cpu_us_per_call),
-        cpu(p.redis.cpu_us_per_call),
+        cpu(&p.capkv),
+        cpu(&p.redis),
     )
 }
 
@@ -255,6 +270,7 @@ fn run_raw(
         calls_per_sec: all.ok_per_sec,
         p99_us: all.wire.as_ref().unwrap_or(&all.latency).p99_us,
         cpu_us_per_call: measured(r.server_cpu_us_per_call()),
+        user_us_per_call: measured(r.server_user_us_per_call()),
     })
 }
 
@@ -282,6 +298,7 @@ fn run_redis(v: &VersusConfig, case: &Case, expected: f64) -> anyhow::Result<Sid
         calls_per_sec: r.rps,
         p99_us: r.p99_ms * 1000.0,
         cpu_us_per_call: measured(usage.and_then(|u| run::per_call_us(u, r.rps))),
+        user_us_per_call: measured(usage.and_then(|u| run::per_call_user_us(u, r.rps))),
     })
 }
 
@@ -358,7 +375,7 @@ pub fn run_versus(v: &VersusConfig) -> anyhow::Result<String> {
     );
     md.push_str(&summary(&pairs));
     md.push_str(
-        "\n| round | case | capkv raw calls/s | Redis calls/s | ratio | capkv p99 (wire) | Redis p99 | capkv CPU per call | Redis CPU per call |\n|---|---|---|---|---|---|---|---|---|\n",
+        "\n| round | case | capkv raw calls/s | Redis calls/s | ratio | capkv p99 (wire) | Redis p99 | capkv CPU per call (user) | Redis CPU per call (user) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         md.push_str(&row);
@@ -376,6 +393,7 @@ mod tests {
             calls_per_sec,
             p99_us,
             cpu_us_per_call: Some(cpu),
+            user_us_per_call: Some(cpu / 4.0),
         };
         Pair {
             capkv: side(capkv),
@@ -416,7 +434,7 @@ mod tests {
         let row = md.lines().nth(2).unwrap();
         assert_eq!(
             row,
-            "| GET | 1.10x (2 of 3) | 1.00x (2 of 3) | 0.90x (2 of 3) |"
+            "| GET | 1.10x (2 of 3) | 1.00x (2 of 3) | 0.90x (2 of 3) | 0.90x (2 of 3) |"
         );
     }
 
@@ -424,8 +442,10 @@ mod tests {
     fn a_server_without_a_pid_has_no_cpu_ratio() {
         let mut p = pair((1.0, 1.0, 1.0), (1.0, 1.0, 1.0));
         p.redis.cpu_us_per_call = None;
+        p.redis.user_us_per_call = None;
         assert_eq!(p.cpu_ratio(), None);
         let md = summary(&[("GET", vec![p])]);
-        assert!(md.lines().nth(2).unwrap().ends_with("| - |"));
+        assert!(md.lines().nth(2).unwrap().ends_with("| - | - |"));
+        assert!(round_row(1, "GET", &p).ends_with("| 1.00 us (0.25) | - |"));
     }
 }
