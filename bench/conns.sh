@@ -77,10 +77,7 @@ for n in $counts; do
 
     # Redis
     port=$(free_port)
-    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-        --maxclients 10000 --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-    redis_pid=$!; pids+=("$redis_pid")
-    wait_redis "$port" || true
+    start_redis "$port" "$tmp/redis.log" || true
     taskset -c 0 "$bin/kv-loadgen" run --target redis --addr "127.0.0.1:$port" -c 1 --mix put \
         --keys "$keys" --preload --warmup 0s --duration 100ms >/dev/null
     loadgen_row "$n" redis kv-loadgen "$redis_pid" "127.0.0.1:$port" redis

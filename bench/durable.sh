@@ -29,14 +29,14 @@ start_capkv() { # $1 = group_commit_max_writes, $2 = engine (default rocksdb)
     addr=$(wait_listening "$tmp/kv.log" "$pid") || exit 1
 }
 
-start_redis() {
+start_durable_redis() {
     rm -rf "$tmp/redis"; mkdir -p "$tmp/redis"
     port=$(free_port)
-    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --dir "$tmp/redis" --save '' \
-        --appendonly yes --appendfsync always --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-    pid=$!
+    pids=()
+    start_redis "$port" "$tmp/redis.log" --dir "$tmp/redis" --appendonly yes \
+        --appendfsync always || true
+    pid=$redis_pid
     addr="127.0.0.1:$port"
-    wait_redis "$port" || true
 }
 
 csv="${DURABLE_CSV:-}"
@@ -77,7 +77,7 @@ run "memory-log, 1 writer" capkv 1 "capkv memory-log"
 run "memory-log, 50 writers" capkv 50 "capkv memory-log"
 run "memory-log, keyed, 50 writers" capkv 50 "capkv memory-log (keyed)" --idempotent
 stop
-start_redis
+start_durable_redis
 run "appendfsync always, 1 writer" redis 1
 run "appendfsync always, 50 writers" redis 50
 stop

@@ -48,10 +48,7 @@ for n in $counts; do
     stop_all
 
     port=$(free_port)
-    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-        --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-    redis_pid=$!; pids+=("$redis_pid")
-    wait_redis "$port" || true
+    start_redis "$port" "$tmp/redis.log" || true
     measure "redis" redis "127.0.0.1:$port" "$redis_pid" "$n"
     stop_all
 done

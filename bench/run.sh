@@ -47,10 +47,7 @@ efloor_pid=$!; pids+=("$efloor_pid")
 efloor_addr=$(wait_listening "$tmp/efloor.log" "$efloor_pid" 100) || exit 1
 
 redis_port=$(free_port)
-taskset -c 1 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-    --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-redis_pid=$!; pids+=("$redis_pid")
-wait_redis "$redis_port" || true
+start_redis "$redis_port" "$tmp/redis.log" || true
 
 started=$(date -Is)
 caption="$started, commit $(git rev-parse --short HEAD), $(nproc) cores, ${CAPKV_PROFILE:-release} build; servers pinned to core 1, kv-loadgen to core 0, 1 thread; 100-byte values"

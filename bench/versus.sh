@@ -35,10 +35,7 @@ taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
 kv_pid=$!; pids+=("$kv_pid")
 addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
 port=$(free_port)
-taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-    --maxclients 10000 --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-redis_pid=$!; pids+=("$redis_pid")
-wait_redis "$port" || exit 1
+start_redis "$port" "$tmp/redis.log" || exit 1
 
 if [ -n "${SERVER_CPU_PCT:-}" ]; then
     cap_cpu "$kv_pid" "$SERVER_CPU_PCT" && cap_cpu "$redis_pid" "$SERVER_CPU_PCT" || exit 1

@@ -82,6 +82,21 @@ wait_redis() {
     return 1
 }
 
+# start_redis PORT LOG [FLAG...]: redis-server on 127.0.0.1:PORT pinned to core 1, as every
+# benchmark runs it (no snapshots, no append-only file, 10,000 clients, warnings to LOG);
+# FLAGs follow and win (e.g. `--appendonly yes --appendfsync always --dir D`). Sets
+# redis_pid, adds it to `pids` (what stop_all stops), and waits until it answers (status 1
+# if it never does).
+start_redis() {
+    local port=$1 log=$2
+    shift 2
+    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+        --maxclients 10000 --daemonize no --loglevel warning "$@" >"$log" 2>&1 &
+    redis_pid=$!
+    pids+=("$redis_pid")
+    wait_redis "$port"
+}
+
 # build_bins: builds the workspace's binaries in the profile $CAPKV_PROFILE (release by
 # default; CI passes debug, which its tests have already built) and sets BIN_DIR. Always
 # the whole workspace: building single packages unifies dependency features differently
