@@ -264,11 +264,14 @@ fn a_gateway_cut_off_from_etcd_hands_its_clients_to_another() {
     // The first gateway's only member goes; the cluster keeps its majority and leader.
     etcd.cluster.kill(lone);
     rt.block_on(async {
+        // Each put is sent again (bounded) if it fails: under CI's load the surviving pair
+        // can hold an election of its own (seen once: "storage is unavailable" from the
+        // second gateway), which is not what this test is about. A client that never left
+        // the first gateway still fails every try, and the test with it.
+        let mut errors = Vec::new();
         for i in 0..10 {
             let key = format!("after/{i}").into_bytes();
-            c.put(&key, b"v")
-                .await
-                .expect("carried on through the other gateway");
+            settle(&mut errors, || c.put(&key, b"v")).await;
         }
         let n = c.increment(b"n", 1).await.expect("increment");
         assert_eq!(n.value, 2);
