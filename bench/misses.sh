@@ -9,7 +9,7 @@
 # VM timed A/B pairs cannot see a few percent; counted misses do not move from run to run.
 # (The simulation ignores prefetch hints and the kernel: it counts lines touched, not time.)
 # Usage: bench/misses.sh [BIN_DIR] [CONNECTIONS] [SHORT] [LONG]   (defaults: release, 1000, 3, 7)
-# Needs valgrind (apt-get install -y valgrind). Prints a markdown table on stdout; every
+# SERVERS="capkv" in the environment skips Redis. Needs valgrind (apt-get install -y valgrind). Prints a markdown table on stdout; every
 # process started is stopped by its PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ one() {
 
 echo "| server | gets counted | instructions per get | L1 misses per get (read + write) | 2 MiB misses per get (read + write) |"
 echo "|---|---|---|---|---|"
-for server in capkv redis; do
+for server in ${SERVERS:-capkv redis}; do
     a=$(one "$server" "$short")
     b=$(one "$server" "$long")
     python3 - "$server" "$a" "$b" <<'PY'

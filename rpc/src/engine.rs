@@ -623,6 +623,11 @@ struct Conn {
     done_now: Vec<Done>,
     /// The last pass of the loop moved something (see [`Conn::pass`]).
     progressed: bool,
+    /// When the closing signal was last polled: this thread's count of signals set then
+    /// ([`crate::signal::sets_on_this_thread`]) and the waker it registered. Until either
+    /// changes it cannot have become ready, and is not polled again: with thousands of
+    /// connections its state is one more cold cache line a call.
+    closing_seen: Option<(u64, std::task::Waker)>,
 }
 
 /// Words of the scratch segment: a get's or a put's results with a key and a value of a
@@ -696,6 +701,7 @@ where
         fresh: Vec::new(),
         done_now: Vec::new(),
         progressed: false,
+        closing_seen: None,
     };
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
     let _ended = EndGuard(closer.clone());
@@ -713,7 +719,6 @@ where
         // What a turn touches beside this future, asked for at once (see `crate::hint`).
         reader.prefetch();
         conn.prefetch();
-        crate::hint::prefetch(Rc::as_ptr(&closed));
         for _ in 0..MAX_PASSES_PER_POLL {
             match conn.pass(&mut reader, &mut calls, &mut writer, closing.as_mut(), cx) {
                 Poll::Ready(ended) => return Poll::Ready(ended),
@@ -1025,7 +1030,7 @@ impl Conn {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), EngineError>> {
         self.progressed = false;
-        if closing.poll(cx).is_ready() {
+        if self.closing_may_be_ready(cx) && closing.poll(cx).is_ready() {
             // As `RpcSystem` does: say why, after the replies already written.
             self.write_abort("the server is shutting down", exception::Type::Disconnected);
             return Poll::Ready(Ok(()));
@@ -1070,6 +1075,19 @@ impl Conn {
             }
         }
         Poll::Pending
+    }
+
+    /// Whether the closing signal must be polled in this pass (see `closing_seen`): at the
+    /// first, after this thread set a signal, or under a waker other than the registered one.
+    fn closing_may_be_ready(&mut self, cx: &Context<'_>) -> bool {
+        let sets = crate::signal::sets_on_this_thread();
+        match &self.closing_seen {
+            Some((seen, waker)) if *seen == sets && waker.will_wake(cx.waker()) => false,
+            _ => {
+                self.closing_seen = Some((sets, cx.waker().clone()));
+                true
+            }
+        }
     }
 
     /// The tables' invariants (see `Exports::consistent`), and answers within their bound.
@@ -2380,6 +2398,69 @@ mod tests {
             // A bound on the test, not a measure: without the finish timeout it never ends.
             let ended = tokio::time::timeout(std::time::Duration::from_secs(60), serving).await;
             assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+        });
+    }
+
+    /// A connection waiting on its peer ends when its closer closes it, with an Abort after
+    /// the replies already written, though the loop polls its closing signal only after a
+    /// signal was set on its thread (`Conn::closing_may_be_ready`): an idle connection
+    /// among others, closed after they had their turns, still sees its close.
+    #[test]
+    fn a_closer_ends_a_waiting_connection_with_an_abort() {
+        /// Never more bytes, never the end: the peer stays connected and silent.
+        struct Silent;
+        impl futures::AsyncRead for Silent {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut [u8],
+            ) -> Poll<std::io::Result<usize>> {
+                Poll::Pending
+            }
+        }
+        on_local_set(async {
+            let mut input = Vec::new();
+            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+            let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let writes = Rc::new(Cell::new(0));
+            let closer = Closer::default();
+            let reader = futures::AsyncReadExt::chain(futures::io::Cursor::new(input), Silent);
+            let serving = tokio::task::spawn_local(serve(
+                crate::frames::ByteFrames::new(reader, 1 << 20),
+                Counting(Rc::clone(&writes), Rc::clone(&bytes), None),
+                Box::new(ScriptCap::new(1)),
+                EngineLimits::default(),
+                closer.clone(),
+            ));
+            // Turns of the loop, and of a signal set elsewhere on this thread, before the
+            // close (bounded: the bootstrap's Return is one write).
+            for _ in 0..100 {
+                if writes.get() > 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(writes.get(), 1, "the bootstrap's Return was written");
+            crate::signal::Signal::default().set();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!serving.is_finished(), "another signal closed nothing");
+            // A bound on the test, not a measure: a loop that missed its close never ends.
+            let closed =
+                tokio::time::timeout(std::time::Duration::from_secs(60), closer.close()).await;
+            assert!(closed.is_ok(), "the loop did not end when closed");
+            let ended = serving.await.expect("the loop's task");
+            assert!(ended.is_ok(), "{ended:?}");
+            let written = written(&bytes.borrow());
+            let last = written.last().expect("messages");
+            match last.get_root::<rpc_message::Reader>().unwrap().which() {
+                Ok(rpc_message::Which::Abort(Ok(e))) => {
+                    let reason = e.get_reason().unwrap().to_str().unwrap().to_string();
+                    assert!(reason.contains("shutting down"), "{reason}");
+                }
+                _ => panic!("the last message is not an Abort"),
+            }
         });
     }
 
