@@ -706,7 +706,8 @@ where
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
     let _ended = EndGuard(closer.clone());
     let closed = Rc::clone(&closer.0);
-    // Polled at every pass of the loop: a flag and a waker, no lock (see `crate::signal`).
+    // A flag and a waker, no lock (see `crate::signal`), polled when a signal was set on
+    // this thread since its last poll (see `Conn::closing_may_be_ready`).
     let closing = closed.close.wait();
     futures::pin_mut!(closing);
     // Writes run beside reading and calls, never in their way: a peer that does not read
