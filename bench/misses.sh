@@ -38,11 +38,10 @@ one() {
             --preload --warmup 0s --duration 100ms >/dev/null
     else
         port=$(free_port)
-        "${cachegrind[@]}" --cachegrind-out-file="$out" redis-server --port "$port" \
-            --bind 127.0.0.1 --save '' --appendonly no --maxclients 10000 --daemonize no \
-            --loglevel warning >"$tmp/server.log" 2>&1 &
-        pid=$!; pids+=("$pid")
-        for _ in $(seq 600); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+        # Read by start_redis (scripts/lib.sh): the server runs under cachegrind.
+        redis_wrap=("${cachegrind[@]}" --cachegrind-out-file="$out")
+        start_redis "$port" "$tmp/server.log" || exit 1
+        pid=$redis_pid
         addr="127.0.0.1:$port" target=redis-raw
         "$bin/kv-loadgen" run --target redis --addr "$addr" -c 1 --mix put --keys 10000 \
             --preload --warmup 0s --duration 100ms >/dev/null

@@ -76,9 +76,10 @@ uncap_cpu_all() {
 # rss_kib PID: the process's resident set, in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-# wait_redis PORT: waits (0.1 s steps, at most 10 s) until redis-server on PORT answers.
+# wait_redis PORT [TRIES]: waits (0.1 s steps, at most TRIES, default 100: 10 s) until
+# redis-server on PORT answers.
 wait_redis() {
-    for _ in $(seq 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
+    for _ in $(seq "${2:-100}"); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.1; done
     return 1
 }
 
@@ -86,15 +87,17 @@ wait_redis() {
 # benchmark runs it (no snapshots, no append-only file, 10,000 clients, warnings to LOG);
 # FLAGs follow and win (e.g. `--appendonly yes --appendfsync always --dir D`). Sets
 # redis_pid, adds it to `pids` (what stop_all stops), and waits until it answers (status 1
-# if it never does).
+# if it never does). With the array `redis_wrap` set, the server runs under that command
+# instead of `taskset -c 1` (bench/misses.sh: valgrind), and is given a minute to answer.
 start_redis() {
-    local port=$1 log=$2
+    local port=$1 log=$2 wrap=(taskset -c 1) tries=100
     shift 2
-    taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    if [ -n "${redis_wrap+set}" ]; then wrap=("${redis_wrap[@]}") tries=600; fi
+    "${wrap[@]}" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
         --maxclients 10000 --daemonize no --loglevel warning "$@" >"$log" 2>&1 &
     redis_pid=$!
     pids+=("$redis_pid")
-    wait_redis "$port"
+    wait_redis "$port" "$tries"
 }
 
 # build_bins: builds the workspace's binaries in the profile $CAPKV_PROFILE (release by
