@@ -448,7 +448,12 @@ pub struct GuardedReader<R> {
     /// touches the timer, whose registration cost a wake-up syscall per message.
     deadline: Option<Pin<Box<Sleep>>>,
     bootstraps: u32,
+    /// Where the breach that closed the connection is told to its owner (set once).
     breach: BreachCell,
+    /// A breach was found: read nothing more. Its own flag beside `breach`, which lives in
+    /// an allocation of its own, read at every fill otherwise: one more cold cache line a
+    /// call with thousands of connections.
+    failed: bool,
     eof: bool,
     /// The connection's unsent replies: over its bound, the next frame waits.
     backlog: Option<std::rc::Rc<crate::backlog::ReplyBacklog>>,
@@ -474,6 +479,7 @@ impl<R: PeerReader> GuardedReader<R> {
             deadline: None,
             bootstraps: 0,
             breach,
+            failed: false,
             eof: false,
             backlog: None,
             warm: None,
@@ -496,7 +502,8 @@ impl<R: PeerReader> GuardedReader<R> {
     }
 
     fn fail(&mut self, b: Breach) -> io::Error {
-        if self.breach.get().is_none() {
+        if !self.failed {
+            self.failed = true;
             self.breach.set(Some(b));
             self.inner.try_send(&abort_frame(
                 b.reason(),
@@ -608,7 +615,7 @@ impl<R: PeerReader> GuardedReader<R> {
             if !self.ready.is_empty() {
                 return Poll::Ready(Ok(true));
             }
-            if self.breach.get().is_some() {
+            if self.failed {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "connection closed by the frame layer",
