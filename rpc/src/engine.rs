@@ -621,8 +621,9 @@ struct Conn {
     fresh: Vec<Running>,
     /// Calls of this step that completed at once (kept for its capacity).
     done_now: Vec<Done>,
-    /// The last pass of the loop moved something (see [`Conn::pass`]).
-    progressed: bool,
+    /// The last pass stopped at its bound of frames, more may be buffered: the loop passes
+    /// again (see [`Conn::pass_inner`]).
+    again: bool,
     /// When the closing signal was last polled: this thread's count of signals set then
     /// ([`crate::signal::sets_on_this_thread`]) and the waker it registered. Until either
     /// changes it cannot have become ready, and is not polled again: with thousands of
@@ -700,7 +701,7 @@ where
         backlog,
         fresh: Vec::new(),
         done_now: Vec::new(),
-        progressed: false,
+        again: false,
         closing_seen: None,
     };
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
@@ -723,7 +724,7 @@ where
         for _ in 0..MAX_PASSES_PER_POLL {
             match conn.pass(&mut reader, &mut calls, &mut writer, closing.as_mut(), cx) {
                 Poll::Ready(ended) => return Poll::Ready(ended),
-                Poll::Pending if !conn.progressed => return Poll::Pending,
+                Poll::Pending if !conn.again => return Poll::Pending,
                 Poll::Pending => {}
             }
         }
@@ -996,7 +997,7 @@ impl Conn {
         loop {
             if writer.busy() {
                 match writer.poll_written(cx) {
-                    Poll::Ready(Ok(())) => self.progressed = true,
+                    Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(EngineError::Write(e))),
                     Poll::Pending => {
                         writer.append(&self.outbox);
@@ -1009,7 +1010,7 @@ impl Conn {
                 let sent = writer.send_now(&self.outbox, cx);
                 self.outbox.clear();
                 match sent {
-                    Poll::Ready(Ok(())) => self.progressed = true,
+                    Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(EngineError::Write(e))),
                     Poll::Pending => return Poll::Pending,
                 }
@@ -1021,8 +1022,13 @@ impl Conn {
     /// waiting on them, before more work comes in), then every whole message already
     /// buffered (at most [`MAX_FRAMES_PER_PASS`]), each call started polled once at the end
     /// of its message's step; [`Conn::pass`] then writes what it produced. `Ready` when the
-    /// connection ends; sets `progressed` when anything moved (the loop passes again: a
-    /// write may have let a paused reader go on).
+    /// connection ends; sets `again` when it stopped at its bound of frames.
+    ///
+    /// Nothing else makes the loop pass again: every source that left work for later
+    /// returned `Pending` having registered this task's waker (the socket, a waiting call,
+    /// the closing signal, the reply backlog, whose writer wakes a paused reader), so a
+    /// second pass after a busy one, which found nothing in nearly every case, would cost
+    /// each call a socket poll and a waker registration for nothing.
     fn pass_inner<R: FrameSource + Unpin>(
         &mut self,
         reader: &mut R,
@@ -1030,7 +1036,7 @@ impl Conn {
         closing: Pin<&mut impl Future<Output = ()>>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), EngineError>> {
-        self.progressed = false;
+        self.again = false;
         if self.closing_may_be_ready(cx) && closing.poll(cx).is_ready() {
             // As `RpcSystem` does: say why, after the replies already written.
             self.write_abort("the server is shutting down", exception::Type::Disconnected);
@@ -1043,7 +1049,6 @@ impl Conn {
                 break;
             };
             self.ended(id, ended);
-            self.progressed = true;
         }
         if !self.fresh.is_empty() {
             self.run_fresh(calls, cx);
@@ -1051,12 +1056,11 @@ impl Conn {
         for _ in 0..MAX_FRAMES_PER_PASS {
             // The frame source keeps a half-read frame across the loop's other wake-ups.
             let frame = match Pin::new(&mut *reader).poll_frame(cx) {
-                Poll::Pending => break,
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(EngineError::Read(e))),
                 Poll::Ready(Ok(Some(frame))) => frame,
             };
-            self.progressed = true;
             let step = self.handle(message::Reader::new(frame, self.limits.reader_options));
             // Most steps start nothing on the hook path (no future to build for them).
             if !self.fresh.is_empty() {
@@ -1075,6 +1079,8 @@ impl Conn {
                 }
             }
         }
+        // The bound, not the socket, ended the reads: no waker will say there is more.
+        self.again = true;
         Poll::Pending
     }
 
@@ -2504,5 +2510,104 @@ mod tests {
             }
             assert_eq!(written.len(), 17);
         });
+    }
+
+    /// A turn that answered calls does not pass again to find the socket still dry: the
+    /// socket registered the task's waker when it ran out, so a second pass would only poll
+    /// it (and register again) for nothing, once a call. Fails if the loop re-passes after
+    /// every busy pass.
+    #[test]
+    fn a_busy_turn_reads_its_dry_socket_once() {
+        on_local_set(async {
+            let (reads, bytes) = serve_then_dry(1).await;
+            assert_eq!(returns(&bytes), 2, "both Returns were written");
+            assert_eq!(
+                reads, 2,
+                "one read brought the calls, one found the socket dry"
+            );
+        });
+    }
+
+    /// More calls in one read than a pass takes ([`MAX_FRAMES_PER_PASS`]) are all answered,
+    /// though no waker will fire for those left buffered after the first pass.
+    #[test]
+    fn calls_past_a_pass_s_bound_are_answered_without_a_wake() {
+        on_local_set(async {
+            let calls = MAX_FRAMES_PER_PASS as u32 + 44;
+            let (_, bytes) = serve_then_dry(calls).await;
+            assert_eq!(returns(&bytes), calls as usize + 1);
+        });
+    }
+
+    /// How many of the messages in `bytes` are Returns (a closed loop ends with an Abort).
+    fn returns(bytes: &[u8]) -> usize {
+        written(bytes)
+            .iter()
+            .filter(|m| {
+                let root = m.get_root::<rpc_message::Reader>().unwrap();
+                matches!(root.which(), Ok(rpc_message::Which::Return(_)))
+            })
+            .count()
+    }
+
+    /// `input` at the first read, then dry for ever (the peer stays connected); counts its
+    /// reads.
+    struct ThenDry(Option<Vec<u8>>, Rc<Cell<usize>>);
+
+    impl futures::AsyncRead for ThenDry {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.1.set(self.1.get() + 1);
+            let Some(mut input) = self.0.take() else {
+                return Poll::Pending;
+            };
+            let n = input.len().min(buf.len());
+            buf[..n].copy_from_slice(&input[..n]);
+            if n < input.len() {
+                self.0 = Some(input.split_off(n));
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    /// A bootstrap and `calls` calls pipelined on it, sent at once by a peer that then
+    /// stays connected and silent; once the loop has answered and gone quiet, how often it
+    /// read the socket and what it wrote.
+    async fn serve_then_dry(calls: u32) -> (usize, Vec<u8>) {
+        let mut input = Vec::new();
+        queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+        for id in 1..=calls {
+            queue(&mut input, |m| {
+                let mut c = m.init_call();
+                c.set_question_id(id);
+                c.reborrow()
+                    .init_target()
+                    .init_promised_answer()
+                    .set_question_id(0);
+                c.init_params();
+            });
+        }
+        let reads = Rc::new(Cell::new(0));
+        let writes = Rc::new(Cell::new(0));
+        let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let closer = Closer::default();
+        let serving = tokio::task::spawn_local(serve(
+            crate::frames::ByteFrames::new(ThenDry(Some(input), Rc::clone(&reads)), 1 << 20),
+            Counting(Rc::clone(&writes), Rc::clone(&bytes), None),
+            Box::new(ScriptCap::new(1)),
+            EngineLimits::default(),
+            closer.clone(),
+        ));
+        // Bounded turns: the loop answers within a few, then nothing wakes it.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        closer.close().await;
+        assert!(serving.await.expect("the loop's task").is_ok());
+        let bytes = bytes.take();
+        (reads.get(), bytes)
     }
 }
