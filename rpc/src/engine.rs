@@ -1841,7 +1841,6 @@ mod tests {
     #[test]
     fn a_call_after_its_export_was_released_fails() {
         use capkv::kv_capnp::kv_store;
-        use capnp::traits::HasTypeId;
         on_local_set(async {
             let cap: kv_store::Client = crate::local::new_direct_client(TwoWays);
             let mut input = Vec::new();
@@ -1853,13 +1852,7 @@ mod tests {
                 f.set_release_result_caps(false);
             });
             for id in [1, 2] {
-                queue(&mut input, |m| {
-                    init_call_on(m, id, kv_store::Client::TYPE_ID, 0, None)
-                        .init_params()
-                        .init_content()
-                        .init_as::<kv_store::get_params::Builder>()
-                        .set_key(b"a");
-                });
+                queue_get(&mut input, id, 0, b"a", None);
                 if id == 1 {
                     queue(&mut input, |m| {
                         let mut r = m.init_release();
@@ -2060,6 +2053,20 @@ mod tests {
         }
     }
 
+    /// Queues a `KvStore` Call `id` of `method` with get's params (`key`), on export 0
+    /// (`on: None`) or pipelined on the answer to question `on`.
+    fn queue_get(out: &mut Vec<u8>, id: u32, method: u16, key: &[u8], on: Option<u32>) {
+        use capkv::kv_capnp::kv_store;
+        use capnp::traits::HasTypeId;
+        queue(out, |m| {
+            init_call_on(m, id, kv_store::Client::TYPE_ID, method, on)
+                .init_params()
+                .init_content()
+                .init_as::<kv_store::get_params::Builder>()
+                .set_key(key);
+        });
+    }
+
     /// Starts a Call `id` of `method` on export 0 (`on: None`) or pipelined on the answer
     /// to question `on`; its params are left to the caller.
     fn init_call_on(
@@ -2135,7 +2142,6 @@ mod tests {
     #[test]
     fn a_waiting_direct_call_is_answered_once_ready() {
         use capkv::kv_capnp::kv_store;
-        use capnp::traits::HasTypeId;
         on_local_set(async {
             let cap: kv_store::Client = crate::local::new_direct_client(TwoWays);
             let mut input = Vec::new();
@@ -2150,13 +2156,7 @@ mod tests {
                 (6, "waitlarge", None),
             ];
             for (id, key, on) in calls {
-                queue(&mut input, |m| {
-                    init_call_on(m, id, kv_store::Client::TYPE_ID, 0, on)
-                        .init_params()
-                        .init_content()
-                        .init_as::<kv_store::get_params::Builder>()
-                        .set_key(key.as_bytes());
-                });
+                queue_get(&mut input, id, 0, key.as_bytes(), on);
             }
             // Questions 1 and 3 finished while they wait (3 then fails).
             queue(&mut input, |m| m.init_finish().set_question_id(1));
@@ -2217,7 +2217,6 @@ mod tests {
     #[test]
     fn a_direct_object_answers_at_once_defers_or_leaves_the_call_to_its_hook() {
         use capkv::kv_capnp::kv_store;
-        use capnp::traits::HasTypeId;
         on_local_set(async {
             let before = crate::local::direct_registry_len();
             let cap: kv_store::Client = crate::local::new_direct_client(TwoWays);
@@ -2234,16 +2233,15 @@ mod tests {
                 (6, 0, "large", false),
             ];
             for (id, method, key, pipelined) in calls {
-                queue(&mut input, |m| {
-                    // The bootstrap's Return exports the capability as id 0; a call
-                    // through the answer reaches the same export, so the direct path too.
-                    let on = pipelined.then_some(0);
-                    init_call_on(m, id, kv_store::Client::TYPE_ID, method, on)
-                        .init_params()
-                        .init_content()
-                        .init_as::<kv_store::get_params::Builder>()
-                        .set_key(key.as_bytes());
-                });
+                // The bootstrap's Return exports the capability as id 0; a call through
+                // the answer reaches the same export, so the direct path too.
+                queue_get(
+                    &mut input,
+                    id,
+                    method,
+                    key.as_bytes(),
+                    pipelined.then_some(0),
+                );
             }
             let bytes = serve_all(input, cap.client.hook, 7).await;
             let mut seen = std::collections::BTreeMap::new();
@@ -2562,25 +2560,32 @@ mod tests {
         });
     }
 
+    /// A Bootstrap and `calls` calls (questions 1..=calls, empty params) pipelined on its
+    /// answer, as a peer sending them at once would.
+    fn bootstrap_and_pipelined_calls(calls: u32) -> Vec<u8> {
+        let mut input = Vec::new();
+        queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+        for id in 1..=calls {
+            queue(&mut input, |m| {
+                let mut c = m.init_call();
+                c.set_question_id(id);
+                c.reborrow()
+                    .init_target()
+                    .init_promised_answer()
+                    .set_question_id(0);
+                c.init_params();
+            });
+        }
+        input
+    }
+
     /// 16 calls that arrive in one read are answered in at most 2 writes (the bootstrap's
     /// Return may leave first): a pass of the loop answers everything buffered, then writes
     /// what it produced at once.
     #[test]
     fn sixteen_calls_in_one_packet_leave_in_at_most_two_writes() {
         on_local_set(async {
-            let mut input = Vec::new();
-            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
-            for id in 1..=16 {
-                queue(&mut input, |m| {
-                    let mut c = m.init_call();
-                    c.set_question_id(id);
-                    c.reborrow()
-                        .init_target()
-                        .init_promised_answer()
-                        .set_question_id(0);
-                    c.init_params();
-                });
-            }
+            let input = bootstrap_and_pipelined_calls(16);
             let writes = Rc::new(Cell::new(0));
             let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
             let writer = Counting(Rc::clone(&writes), Rc::clone(&bytes), None);
@@ -2668,19 +2673,7 @@ mod tests {
     /// stays connected and silent; once the loop has answered and gone quiet, how often it
     /// read the socket and what it wrote.
     async fn serve_then_dry(calls: u32) -> (usize, Vec<u8>) {
-        let mut input = Vec::new();
-        queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
-        for id in 1..=calls {
-            queue(&mut input, |m| {
-                let mut c = m.init_call();
-                c.set_question_id(id);
-                c.reborrow()
-                    .init_target()
-                    .init_promised_answer()
-                    .set_question_id(0);
-                c.init_params();
-            });
-        }
+        let input = bootstrap_and_pipelined_calls(calls);
         let reads = Rc::new(Cell::new(0));
         let writes = Rc::new(Cell::new(0));
         let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
