@@ -2503,24 +2503,14 @@ mod tests {
     /// among others, closed after they had their turns, still sees its close.
     #[test]
     fn a_closer_ends_a_waiting_connection_with_an_abort() {
-        /// Never more bytes, never the end: the peer stays connected and silent.
-        struct Silent;
-        impl futures::AsyncRead for Silent {
-            fn poll_read(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                _: &mut [u8],
-            ) -> Poll<std::io::Result<usize>> {
-                Poll::Pending
-            }
-        }
         on_local_set(async {
             let mut input = Vec::new();
             queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
             let bytes = Rc::new(std::cell::RefCell::new(Vec::new()));
             let writes = Rc::new(Cell::new(0));
             let closer = Closer::default();
-            let reader = futures::AsyncReadExt::chain(futures::io::Cursor::new(input), Silent);
+            // The bootstrap, then silence: the peer stays connected.
+            let reader = ThenDry(Some(input), Rc::default());
             let serving = tokio::task::spawn_local(serve(
                 crate::frames::ByteFrames::new(reader, 1 << 20),
                 Counting(Rc::clone(&writes), Rc::clone(&bytes), None),
