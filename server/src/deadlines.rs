@@ -66,9 +66,15 @@ pub fn watch(deadline: Instant, waker: &Waker) -> Option<Watch> {
         s.queue.push_back((deadline, Some(waker.clone())));
         let position = s.popped + (s.queue.len() as u64 - 1);
         // A timer that is not set (the queue was empty, or its front was called) must be
-        // set for this one; one set for an earlier deadline reaches it in turn. The
-        // sweeper's waker is taken: one wake until its next turn gives it back.
-        let wake = s.armed.is_none().then(|| s.task.take()).flatten();
+        // set for this one, and so must one set for a later deadline (a far front that was
+        // cancelled leaves the timer set for it: the next write, watched into the emptied
+        // queue, would have waited that long); one set for an earlier deadline reaches it
+        // in turn. The sweeper's waker is taken: one wake until its next turn gives it back.
+        let wake = s
+            .armed
+            .is_none_or(|armed| deadline < armed)
+            .then(|| s.task.take())
+            .flatten();
         drop(guard);
         if let Some(task) = wake {
             task.wake();
@@ -282,6 +288,37 @@ mod tests {
             sweeper.abort();
             let _ = sweeper.await;
             assert!(watch(Instant::now(), &w4).is_none(), "the sweeper ended");
+        });
+    }
+
+    /// A deadline nearer than the one the timer is set for, watched once the queue has
+    /// emptied (its far front cancelled), is called at its own time, not at the far one's.
+    #[test]
+    fn a_nearer_deadline_after_a_cancelled_far_one_is_called_in_time() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let sweeper = tokio::task::spawn_local(run());
+            tokio::task::yield_now().await;
+            let (_, wf) = counter();
+            let far = watch(Instant::now() + Duration::from_secs(60), &wf).expect("watched");
+            // The sweeper's turn sets its timer for the far deadline.
+            tokio::task::yield_now().await;
+            drop(far);
+            assert_eq!(queued(), 0);
+            let (near, wn) = counter();
+            let _near = watch(Instant::now() + Duration::from_millis(5), &wn).expect("watched");
+            tokio::time::sleep(Duration::from_millis(6)).await;
+            assert_eq!(
+                near.0.load(Ordering::SeqCst),
+                1,
+                "called at its own deadline"
+            );
+            sweeper.abort();
+            let _ = sweeper.await;
         });
     }
 }
