@@ -881,9 +881,12 @@ impl Shared {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(self.overloaded("queue_full"));
         }
+        // Given back however the wait ends: a call dropped while it waits (its connection
+        // gone) leaves the queue too, or the queue would fill with calls no longer there.
+        let place = QueuePlace(&self.queued);
         let until = deadline.min(Instant::now() + t.queue_timeout);
         let waited = tokio::time::timeout_at(until, self.wait_slot()).await;
-        self.queued.fetch_sub(1, Ordering::SeqCst);
+        drop(place);
         if waited.is_err() {
             return Err(self.overloaded("queue_timeout"));
         }
@@ -1061,6 +1064,16 @@ impl Slot<'_> {
         let held = self.held;
         std::mem::forget(self);
         held
+    }
+}
+
+/// A call's place in the admission queue (counted in `Shared::queued`), given back when
+/// dropped: when its wait ends, and when the call is dropped while it waits.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -235,6 +235,35 @@ fn a_connection_gone_while_its_write_waits_leaves_nothing_held() {
     });
 }
 
+/// A call waiting in the admission queue whose connection goes gives its place back:
+/// the queue does not fill up with calls no longer there (and then refuse every call that
+/// would wait as `queue_full`).
+#[test]
+fn a_connection_gone_while_its_call_is_queued_gives_its_place_back() {
+    let mut config = common::test_config();
+    config.limits.max_in_flight = 1;
+    config.limits.queue_timeout_ms = 10_000;
+    let (store, server) = held_server_with(None, config);
+    let shared = server.shared();
+    let addr = server.addr();
+    common::local(async move {
+        let c = common::plain_client(addr).await;
+        let first = held_put(&c, &store, b"a", b"1").await;
+        let other = common::plain_client(addr).await;
+        let queued = tokio::task::spawn_local({
+            let other = other.clone();
+            async move { other.put(b"b", b"2").await }
+        });
+        until("the second put queued", || shared.queued() == 1).await;
+        queued.abort();
+        drop(other);
+        until("its place back", || shared.queued() == 0).await;
+        store.release();
+        assert_eq!(first.await.unwrap().expect("the first put").version, 1);
+        until("the slot back", || shared.in_flight() == 0).await;
+    });
+}
+
 /// Admission and fault plans hold for writes that wait (they take the chain's async path):
 /// a put queued for admission behind a held write gets the slot when that write's outcome
 /// comes, then waits for its own commit; an injected failure answers a put before it
