@@ -188,6 +188,9 @@ pub struct Conn {
     kill: capkv_rpc::signal::Signal,
     /// When the last call ended (or the connection opened): the idle timeout's clock.
     last_active: Cell<Instant>,
+    /// Calls waiting without an admission slot for something to happen (a watcher's
+    /// `next` waiting for events): the connection is not idle while one waits.
+    long_polls: Cell<usize>,
     /// The rate-limit bucket of the token this connection opened with.
     bucket: std::cell::RefCell<Option<Arc<TokenBucket>>>,
     /// Reply bytes built and not yet written; the frame layer stops reading past its bound.
@@ -197,6 +200,17 @@ pub struct Conn {
     /// Stand-ins handed out when the connection is at its capability limit: one per
     /// interface, shared, so that refusals cost nothing more (see `crate::refused`).
     at_capacity: std::cell::RefCell<Vec<Box<dyn std::any::Any>>>,
+}
+
+/// A long poll running on a connection ([`Conn::long_poll`]).
+pub struct LongPoll<'a>(&'a Conn);
+
+impl Drop for LongPoll<'_> {
+    fn drop(&mut self) {
+        let conn = self.0;
+        conn.long_polls.set(conn.long_polls.get().saturating_sub(1));
+        conn.last_active.set(Instant::now());
+    }
 }
 
 /// One capability the server holds for a connection's peer; dropped with the capability
@@ -222,6 +236,7 @@ impl Conn {
             in_flight: Cell::new(0),
             kill: capkv_rpc::signal::Signal::default(),
             last_active: Cell::new(Instant::now()),
+            long_polls: Cell::new(0),
             bucket: std::cell::RefCell::new(None),
             backlog: Rc::new(capkv_rpc::backlog::ReplyBacklog::new(
                 Arc::clone(&shared.reply_budget),
@@ -265,13 +280,22 @@ impl Conn {
         c
     }
 
-    /// How long the connection has had no call in flight; zero while one is.
+    /// How long the connection has had no call in flight; zero while one is, or while a
+    /// long poll waits.
     pub fn idle_for(&self) -> Duration {
-        if self.in_flight.get() > 0 {
+        if self.in_flight.get() > 0 || self.long_polls.get() > 0 {
             Duration::ZERO
         } else {
             self.last_active.get().elapsed()
         }
+    }
+
+    /// Marks a long poll (a call that waits for events after its chain step, holding no
+    /// admission slot) until the guard is dropped; the idle clock restarts when it ends.
+    /// Without it, a watcher waiting longer than the idle timeout was closed as idle.
+    pub fn long_poll(&self) -> LongPoll<'_> {
+        self.long_polls.set(self.long_polls.get() + 1);
+        LongPoll(self)
     }
 
     /// Charges this connection's calls to `bucket` (set when `open` accepts a token).

@@ -125,6 +125,26 @@ fn a_watch_replays_the_writes_after_its_start_then_waits_for_the_next() {
     });
 }
 
+/// A `next` waiting longer than the idle timeout keeps its connection: a connection whose
+/// watcher waits is not idle (it holds no admission slot while it waits), and its idle
+/// clock starts again when the wait ends.
+#[test]
+fn a_waiting_next_is_not_idle() {
+    let mut config = test_config();
+    config.limits.idle_timeout_ms = 200;
+    let server = start(config);
+    let addr = server.addr();
+    local(async move {
+        let kv = kv(addr).await;
+        let w = watch(&kv, b"k", 0).pipeline.get_result().get_watcher_cap();
+        let (events, _) = page(next(&w, 10, 1_000)).await.unwrap();
+        assert!(events.is_empty(), "nothing was written");
+        // Still up: answered on the same connection.
+        let (events, _) = page(next(&w, 10, 0)).await.unwrap();
+        assert!(events.is_empty());
+    });
+}
+
 #[test]
 fn pipelined_nexts_return_consecutive_pages() {
     let server = start(test_config());

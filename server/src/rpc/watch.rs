@@ -135,6 +135,8 @@ impl watcher::Server for WatcherImpl {
                 let drain = self.shared.draining();
                 tokio::pin!(drain);
                 let mut page = page;
+                // The connection is not idle while its watcher waits.
+                let _polling = self.conn.long_poll();
                 // Writes outside the range wake it too: it reads, and waits on while the
                 // page is empty. Bounded by `until`.
                 loop {
