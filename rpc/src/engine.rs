@@ -30,7 +30,7 @@
 //! Protocol decisions (see each handler below): calls pipelined on an answer still running
 //! wait in its queue and start, in the order sent, the moment it returns (E-order: before any
 //! later direct call on the capability it resolves to, which the peer can only send after
-//! seeing the Return). `noFinishNeeded` is set when results hold no capability, and the answer
+//! seeing the Return); past [`EngineLimits::max_waiting_call_bytes`] of them a call fails. `noFinishNeeded` is set when results hold no capability, and the answer
 //! is dropped at once; a Finish for an unknown id is ignored (clients older than Cap'n Proto
 //! 1.0 always send one). Disembargo aborts: an exports-only server never returns a promise,
 //! so no peer ever has a reason to send one. Resolve, Provide, Accept, Join and unknown
@@ -87,6 +87,13 @@ pub struct EngineLimits {
     /// How long an ended connection may take to write what it still holds: a peer that
     /// stopped reading must not keep its connection, and the connection's slot, forever.
     pub finish_timeout: std::time::Duration,
+    /// Bytes of calls held, at most, because they were pipelined on a call still running
+    /// (a watcher's waiting `next`, a write waiting for its commit). A call past it fails
+    /// at once (that call only). Without it a peer could park `max_answers` calls of the
+    /// largest frame each behind one call that waits: no other bound counts them (the
+    /// frame budget charges frames only while they arrive, the reply backlog only
+    /// replies).
+    pub max_waiting_call_bytes: usize,
 }
 
 impl Default for EngineLimits {
@@ -95,6 +102,7 @@ impl Default for EngineLimits {
             max_answers: 65_536,
             reader_options: ReaderOptions::new(),
             finish_timeout: std::time::Duration::from_secs(5),
+            max_waiting_call_bytes: 16 << 20,
         }
     }
 }
@@ -328,6 +336,12 @@ impl ParamsHook for EngineParams {
         // No cap table: params with capabilities are refused before the call starts.
         crate::frames::call_params(&self.0)
     }
+}
+
+/// The bytes a message holds (its segments), as counted against
+/// [`EngineLimits::max_waiting_call_bytes`].
+fn message_bytes(m: &Incoming) -> usize {
+    m.size_in_words() * 8
 }
 
 fn call_of(m: &Incoming) -> capnp::Result<call::Reader<'_>> {
@@ -564,6 +578,20 @@ impl Answers {
     fn consistent(&self) -> bool {
         self.dense.iter().flatten().count() + self.sparse.len() == self.len
     }
+
+    /// Bytes of the calls queued on running answers (checked against the connection's
+    /// count: `Conn::consistent`).
+    fn queued_bytes(&self) -> usize {
+        self.dense
+            .iter()
+            .flatten()
+            .chain(self.sparse.values())
+            .map(|a| match &a.state {
+                AnswerState::Running { queued } => queued.iter().map(message_bytes).sum(),
+                _ => 0,
+            })
+            .sum()
+    }
 }
 
 impl Answer {
@@ -655,6 +683,9 @@ struct Conn {
     /// The last pass stopped at its bound of frames, more may be buffered: the loop passes
     /// again (see [`Conn::pass_inner`]).
     again: bool,
+    /// Bytes of the calls queued on running answers (see
+    /// [`EngineLimits::max_waiting_call_bytes`]).
+    waiting_call_bytes: usize,
     /// When the closing signal was last polled: this thread's count of signals set then
     /// ([`crate::signal::sets_on_this_thread`]) and the waker it registered. Until either
     /// changes it cannot have become ready, and is not polled again: with thousands of
@@ -733,6 +764,7 @@ where
         fresh: Vec::new(),
         done_now: Vec::new(),
         again: false,
+        waiting_call_bytes: 0,
         closing_seen: None,
     };
     let mut calls: FuturesUnordered<Running> = FuturesUnordered::new();
@@ -1008,6 +1040,8 @@ impl Conn {
                 ended
             }
         };
+        // And after the calls that ended in the pass (their queued calls started).
+        debug_assert!(self.consistent(), "engine tables inconsistent after a pass");
         let mut outbox = std::mem::take(&mut self.outbox);
         outbox.clear();
         // Bounded: a pass that built a large reply does not leave the thread holding it.
@@ -1128,11 +1162,14 @@ impl Conn {
         }
     }
 
-    /// The tables' invariants (see `Exports::consistent`), and answers within their bound.
+    /// The tables' invariants (see `Exports::consistent`), answers within their bound, and
+    /// the bytes of waiting calls counted as they are held.
     fn consistent(&self) -> bool {
         self.exports.consistent()
             && self.answers.consistent()
             && self.answers.len() <= self.limits.max_answers
+            && self.answers.queued_bytes() == self.waiting_call_bytes
+            && self.waiting_call_bytes <= self.limits.max_waiting_call_bytes
     }
 
     fn send<A: message::Allocator>(&mut self, message: &message::Builder<A>) {
@@ -1298,12 +1335,24 @@ impl Conn {
         let (target, interface_id, method_id) = match called {
             Ok((Target::Wait(on), ..)) => {
                 self.ensure_answer(id);
+                let bytes = message_bytes(&m);
+                let held = self.waiting_call_bytes + bytes;
+                if held > self.limits.max_waiting_call_bytes {
+                    let e = capnp::Error::overloaded(format!(
+                        "{held} bytes of calls would wait on calls still running on this \
+                         connection, above the limit of {}",
+                        self.limits.max_waiting_call_bytes
+                    ));
+                    self.settle(id, Err(e), None);
+                    return;
+                }
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
                     ..
                 }) = self.answers.get_mut(on)
                 {
                     queued.push(m);
+                    self.waiting_call_bytes = held;
                 }
                 return;
             }
@@ -1735,6 +1784,7 @@ impl Conn {
     /// Starts the calls that were queued on an answer, in the order they came.
     fn start_queued(&mut self, queued: Vec<Incoming>) {
         for m in queued {
+            self.waiting_call_bytes = self.waiting_call_bytes.saturating_sub(message_bytes(&m));
             if let Ok(qid) = call_of(&m).map(|c| c.get_question_id()) {
                 self.start(qid, m);
             }
@@ -1927,6 +1977,16 @@ mod tests {
     /// once and hangs up after `replies` messages have come back (it reads its answers
     /// before it closes); what the engine wrote.
     async fn serve_all(input: Vec<u8>, bootstrap: Box<dyn ClientHook>, replies: usize) -> Vec<u8> {
+        serve_all_with(input, bootstrap, replies, EngineLimits::default()).await
+    }
+
+    /// [`serve_all`] within `limits`.
+    async fn serve_all_with(
+        input: Vec<u8>,
+        bootstrap: Box<dyn ClientHook>,
+        replies: usize,
+        limits: EngineLimits,
+    ) -> Vec<u8> {
         let out = Rc::new(std::cell::RefCell::new(Vec::new()));
         let woken = Rc::new(Cell::new(None));
         let peer = Peer {
@@ -1939,7 +1999,7 @@ mod tests {
             crate::frames::ByteFrames::new(peer, 1 << 20),
             Counting(Rc::new(Cell::new(0)), Rc::clone(&out), Some(woken)),
             bootstrap,
-            EngineLimits::default(),
+            limits,
             Closer::default(),
         )
         .await
@@ -2205,6 +2265,67 @@ mod tests {
                     (3, "waited and failed"),
                     (5, "waited and failed"),
                     (6, "w".repeat(4000).as_str()),
+                ]
+            );
+        });
+    }
+
+    /// Calls pipelined on calls still running are held up to the connection's byte limit,
+    /// whichever call they wait on; one past it fails at once (that call only), the others
+    /// start when the call they wait on returns. (That the count follows what is held, and
+    /// comes back when they start, the tables' consistency check asserts after every step.)
+    #[test]
+    fn calls_waiting_on_a_running_call_are_held_up_to_a_byte_limit() {
+        on_local_set(async {
+            let cap: capkv::kv_capnp::kv_store::Client = crate::local::new_direct_client(TwoWays);
+            let mut one = Vec::new();
+            queue_get(&mut one, 2, 0, b"a", Some(1));
+            // One segment: its table is one word.
+            let call_bytes = one.len() - 8;
+            let mut input = Vec::new();
+            queue(&mut input, |m| m.init_bootstrap().set_question_id(0));
+            queue_get(&mut input, 1, 0, b"wait", None);
+            for id in 2..=4 {
+                queue_get(&mut input, id, 0, b"a", Some(1));
+            }
+            // Read in the same pass, before question 1 returns: still over the limit.
+            queue_get(&mut input, 5, 0, b"wait", None);
+            queue_get(&mut input, 6, 0, b"a", Some(5));
+            let limits = EngineLimits {
+                max_waiting_call_bytes: 2 * call_bytes,
+                ..Default::default()
+            };
+            let bytes = serve_all_with(input, cap.client.hook, 7, limits).await;
+            let mut answers = Vec::new();
+            for m in written(&bytes) {
+                let root = m.get_root::<rpc_message::Reader>().unwrap();
+                let Ok(rpc_message::Which::Return(Ok(ret))) = root.which() else {
+                    continue;
+                };
+                let what = match ret.which().unwrap() {
+                    return_::Which::Exception(e) => {
+                        let e = e.unwrap();
+                        match e.get_type().unwrap() {
+                            exception::Type::Overloaded => "overloaded",
+                            _ => "failed",
+                        }
+                    }
+                    _ => "results",
+                };
+                answers.push((ret.get_answer_id(), what));
+            }
+            answers.sort();
+            assert_eq!(
+                answers,
+                [
+                    (0, "results"),
+                    (1, "results"),
+                    // Pipelined on results without a capability: each fails once it starts.
+                    (2, "failed"),
+                    (3, "failed"),
+                    (4, "overloaded"),
+                    (5, "results"),
+                    (6, "overloaded"),
                 ]
             );
         });
