@@ -78,8 +78,46 @@ fn rule_error(rule: &str, why: impl Into<String>) -> PlanError {
     }
 }
 
-fn parse_duration(rule: &str, s: &str) -> Result<Duration, PlanError> {
-    humantime::parse_duration(s).map_err(|e| rule_error(rule, format!("bad duration `{s}`: {e}")))
+/// A rule's lifetime (`for=`) at most: a plan is a test's or an incident's, not a config.
+pub const MAX_RULE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// One duration of a rule, at most `max`: a number and its unit (`250ms`, `30s`, `2h`),
+/// as [`FaultRule`]'s text form writes them. One component only: humantime adds components
+/// with a carry that can overflow (and panic) near `u64::MAX` seconds; a single one is
+/// checked throughout.
+fn parse_duration(rule: &str, s: &str, max: Duration) -> Result<Duration, PlanError> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let unit = &s[digits..];
+    if digits == 0 || unit.is_empty() || !unit.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(rule_error(
+            rule,
+            format!("bad duration `{s}`: a number and its unit, e.g. 250ms"),
+        ));
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| rule_error(rule, format!("bad duration `{s}`: {e}")))?;
+    if d > max {
+        return Err(rule_error(
+            rule,
+            format!("duration `{s}` above {}", humantime::format_duration(max)),
+        ));
+    }
+    Ok(d)
+}
+
+/// `d` as one number and its unit, the coarsest that is exact (what [`parse_duration`]
+/// reads back).
+fn one_unit(d: Duration) -> String {
+    let nanos = d.as_nanos();
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if nanos % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else if nanos % 1_000 == 0 {
+        format!("{}us", d.as_micros())
+    } else {
+        format!("{nanos}ns")
+    }
 }
 
 impl FromStr for FaultRule {
@@ -102,9 +140,13 @@ impl FromStr for FaultRule {
             },
             Some(("latency", d)) => {
                 let (fixed, jitter) = match d.split_once("+-") {
-                    Some((f, j)) => (parse_duration(text, f)?, parse_duration(text, j)?),
-                    None => (parse_duration(text, d)?, Duration::ZERO),
+                    Some((f, j)) => (
+                        parse_duration(text, f, MAX_LATENCY)?,
+                        parse_duration(text, j, MAX_LATENCY)?,
+                    ),
+                    None => (parse_duration(text, d, MAX_LATENCY)?, Duration::ZERO),
                 };
+                // Each is at most MAX_LATENCY: the sum cannot overflow.
                 if fixed + jitter > MAX_LATENCY {
                     return Err(rule_error(text, "latency above 60s; use `stall`"));
                 }
@@ -136,7 +178,7 @@ impl FromStr for FaultRule {
                         .filter(|p| (0.0..=1.0).contains(p))
                         .ok_or_else(|| rule_error(text, format!("p must be in 0..1, got `{p}`")))?;
                 }
-                Some(("for", d)) => rule.ttl = Some(parse_duration(text, d)?),
+                Some(("for", d)) => rule.ttl = Some(parse_duration(text, d, MAX_RULE_TTL)?),
                 Some(("times", n)) => {
                     rule.times =
                         Some(n.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -157,7 +199,7 @@ impl FromStr for FaultRule {
 
 impl fmt::Display for FaultRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = |d: Duration| humantime::format_duration(d).to_string().replace(' ', "");
+        let d = one_unit;
         write!(f, "{} ", self.method)?;
         match &self.action {
             FaultAction::Fail { code } => write!(f, "fail={code}")?,
@@ -274,7 +316,13 @@ impl Chaos {
             return;
         }
         let now = Instant::now();
-        let ends = plan.rules.iter().map(|r| r.ttl.map(|t| now + t)).collect();
+        // A lifetime past what an `Instant` holds (only a plan built in code can have one)
+        // never ends.
+        let ends = plan
+            .rules
+            .iter()
+            .map(|r| r.ttl.and_then(|t| now.checked_add(t)))
+            .collect();
         let state = Mutex::new(DrawState {
             rng: StdRng::seed_from_u64(plan.seed),
             left: plan.rules.iter().map(|r| r.times).collect(),
@@ -416,7 +464,16 @@ mod tests {
             ("get fail=unavailable p=2", "p must be"),
             ("get stall for=soon", "bad duration"),
             ("get stall x=1", "unknown option"),
-            ("get latency=2m", "stall"),
+            ("get latency=2m", "above 1m"),
+            ("get latency=1s+-18446744073709551615s", "above 1m"),
+            ("get stall for=18446744073709551615s", "above 30days"),
+            ("get stall for=300000000000y", "above 30days"),
+            ("get stall for=99999999999999999999y", "bad duration"),
+            (
+                "get stall for=18446744073709551615s1000000000ns",
+                "a number and its unit",
+            ),
+            ("get stall for=1h 30m", "unknown option"),
             ("seed=-1", "seed"),
         ] {
             let e = text.parse::<FaultPlan>().unwrap_err().to_string();
