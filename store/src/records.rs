@@ -4,10 +4,14 @@
 //! Records live for `idempotency.ttl_s` (24 h by default). On RocksDB they are on disk; in
 //! memory, keyed writes (what `Client` sends by default) would otherwise grow the process
 //! by ~200 bytes a write for a day: 60k keyed puts/s is ~40 GiB an hour. Past `max`, the
-//! oldest tenth goes (the records that expire first: every record lives the same TTL, so
-//! those are the oldest), found with one pass over the expiries, so that eviction costs
-//! O(1) a write amortized and nothing per record (a queue of keys in insertion order cost
-//! ~140 bytes a record and 0.93-0.95x the keyed puts/s). A retry of a write whose record
+//! oldest tenth goes, oldest by insertion (each record carries its sequence number, 8
+//! bytes), found with one pass over the sequence numbers, so that eviction costs O(1) a
+//! write amortized (a queue of keys in insertion order cost ~140 bytes a record and
+//! 0.93-0.95x the keyed puts/s). Not by expiry: records outlive each other in insertion
+//! order only while the TTL and the clock stay put; after the TTL was lowered (it reloads)
+//! or the wall clock stepped back, the newest records expired first, went first, and a
+//! retry of a write acknowledged a moment before was applied again. A snapshot lists the
+//! records in insertion order, so that a recovery inserts them in it again. A retry of a write whose record
 //! went is applied again, so the replay window is about `max` divided by the keyed write
 //! rate (1M records at 10k keyed writes/s: 90-100 s, longer than any client's retries).
 //! Evictions are counted (a metric).
@@ -26,7 +30,10 @@ pub const DEFAULT_MAX_RECORDS: usize = 1_000_000;
 
 #[derive(Debug)]
 pub(crate) struct Records {
-    by_key: HashMap<Vec<u8>, Record>,
+    /// Each record with its sequence number (insertion order).
+    by_key: HashMap<Vec<u8>, (u64, Record)>,
+    /// The sequence number of the next record inserted.
+    next_seq: u64,
     max: usize,
     /// The record count at which expired records are swept next.
     sweep_at: usize,
@@ -43,6 +50,7 @@ impl Records {
     pub(crate) fn new(max: usize) -> Self {
         Self {
             by_key: HashMap::new(),
+            next_seq: 0,
             max: max.max(1),
             sweep_at: SWEEP_AT,
             evicted: 0,
@@ -54,7 +62,7 @@ impl Records {
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Record> {
-        self.by_key.get(key)
+        self.by_key.get(key).map(|(_, r)| r)
     }
 
     #[cfg(test)]
@@ -62,8 +70,11 @@ impl Records {
         self.by_key.len()
     }
 
+    /// Every record, in insertion order (a snapshot's: see the module docs).
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Record)> {
-        self.by_key.iter()
+        let mut all: Vec<_> = self.by_key.iter().collect();
+        all.sort_unstable_by_key(|(_, (seq, _))| *seq);
+        all.into_iter().map(|(k, (_, r))| (k, r))
     }
 
     /// Records evicted for room since open.
@@ -76,17 +87,18 @@ impl Records {
     pub(crate) fn insert(&mut self, key: Vec<u8>, record: Record, now_unix_ms: u64) {
         if self.by_key.len() >= self.sweep_at {
             self.by_key
-                .retain(|_, r| r.expires_at_unix_ms > now_unix_ms);
+                .retain(|_, (_, r)| r.expires_at_unix_ms > now_unix_ms);
             self.sweep_at = SWEEP_AT.max(2 * self.by_key.len());
         }
-        self.by_key.insert(key, record);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_key.insert(key, (seq, record));
         if self.by_key.len() > self.max {
             let before = self.by_key.len();
             let keep = self.max - self.max / 10;
-            let mut expiries: Vec<u64> =
-                self.by_key.values().map(|r| r.expires_at_unix_ms).collect();
-            let (_, &mut threshold, _) = expiries.select_nth_unstable(before - keep - 1);
-            self.by_key.retain(|_, r| r.expires_at_unix_ms > threshold);
+            let mut seqs: Vec<u64> = self.by_key.values().map(|(seq, _)| *seq).collect();
+            let (_, &mut threshold, _) = seqs.select_nth_unstable(before - keep - 1);
+            self.by_key.retain(|_, (seq, _)| *seq > threshold);
             self.evicted += (before - self.by_key.len()) as u64;
         }
     }
@@ -126,6 +138,22 @@ mod tests {
         assert_eq!((r.len(), r.evicted()), (900, 101));
         assert!(r.get(&100u32.to_le_bytes()).is_none());
         assert!(r.get(&101u32.to_le_bytes()).is_some());
+    }
+
+    /// Records go oldest first by insertion, whatever their expiries (a TTL lowered by a
+    /// reload, or a clock stepped back, gives newer records earlier expiries: by expiry,
+    /// the newest went first), and a snapshot lists them in that order.
+    #[test]
+    fn past_max_the_first_inserted_go_first_whatever_their_expiries() {
+        let mut r = Records::new(3);
+        for k in 0u8..5 {
+            r.insert(vec![k], rec(1_000 - u64::from(k)), 0);
+        }
+        assert_eq!((r.len(), r.evicted()), (3, 2));
+        assert!(r.get(&[0]).is_none() && r.get(&[1]).is_none());
+        assert!((2u8..5).all(|k| r.get(&[k]).is_some()));
+        let order: Vec<u8> = r.iter().map(|(k, _)| k[0]).collect();
+        assert_eq!(order, [2, 3, 4]);
     }
 
     /// A sweep that frees nothing moves the next one to twice the records: without that,
