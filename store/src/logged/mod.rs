@@ -240,16 +240,35 @@ struct Op {
 }
 
 impl Op {
-    /// Bytes of keys and values, roughly what the op adds to a group record.
+    /// Bytes the op adds to a group record, at least: the room a group is refused without
+    /// when the next segment cannot be made (a full disk). An estimate short of the record
+    /// let a group through that then needed that segment, and failed the log until a
+    /// restart: each change's own bytes count, its idempotency record too, and a lease's
+    /// revoke or expiry, whose deletes the op does not name, counts as many.
     fn weight(&self) -> u64 {
-        let kv = match &self.op {
-            WriteOp::Put(p) => p.key.len() + p.value.len(),
-            WriteOp::Delete(d) => d.key.len(),
-            WriteOp::PutMany(m) => m.items.iter().map(|(k, v, _)| k.len() + v.len()).sum(),
-            WriteOp::Increment(i) => i.key.len() + 20,
-            _ => 0,
+        /// A change's bytes beyond its key and value (effect tag, lengths, version, lease).
+        const PER_CHANGE: usize = 48;
+        /// An idempotency record beyond its key: the outcome, expiry and fingerprint.
+        const PER_RECORD: usize = 128;
+        /// A revoke or an expiry: the deletes of the keys of the leases it ends.
+        const LEASE_ENDS: usize = 64 * 1024;
+        let changes = match &self.op {
+            WriteOp::Put(p) => p.key.len() + p.value.len() + PER_CHANGE,
+            WriteOp::Delete(d) => d.key.len() + PER_CHANGE,
+            WriteOp::PutMany(m) => m
+                .items
+                .iter()
+                .map(|(k, v, _)| k.len() + v.len() + PER_CHANGE)
+                .sum(),
+            WriteOp::Increment(i) => i.key.len() + 20 + PER_CHANGE,
+            WriteOp::GrantLease(_) => PER_CHANGE,
+            WriteOp::RevokeLease(_) | WriteOp::ExpireLeases(_) => LEASE_ENDS,
         };
-        (kv + 64) as u64
+        let record = self
+            .idem
+            .as_ref()
+            .map_or(0, |k| k.session.len() + k.key.len() + PER_RECORD);
+        (changes + record + 64) as u64
     }
 }
 

@@ -1,7 +1,7 @@
 use super::*;
 use crate::history::{KeyRange, PageLimits};
 use crate::write::{self, Attach};
-use crate::{Condition, MemoryStore};
+use crate::{Condition, MemoryStore, PutItem};
 
 fn small(dir: &Path) -> LogOptions {
     let mut o = LogOptions::new(dir);
@@ -492,22 +492,60 @@ fn a_checkpoint_under_writes_opens_to_a_consistent_state() {
 /// made again.
 #[test]
 fn a_full_disk_refuses_writes_until_a_segment_can_be_made() {
+    // 1 KB puts, and writes whose records outweigh their keys and values: batches of
+    // many tiny items, keyed puts (their idempotency records). The group's size is
+    // estimated before it is applied; an estimate short of the record let a group through
+    // that then needed the segment that could not be made, and failed the log.
+    let value = [7u8; 1_000];
+    full_disk_refuses(|s, i| {
+        s.put(format!("k{i}").as_bytes(), &value, Condition::None)
+            .wait()
+            .map(drop)
+    });
+    full_disk_refuses(|s, i| {
+        let keys: Vec<String> = (0..100).map(|j| format!("{i}/{j}")).collect();
+        let items: Vec<PutItem<'_>> = keys
+            .iter()
+            .map(|k| PutItem {
+                key: k.as_bytes(),
+                value: b"v",
+                cond: Condition::None,
+            })
+            .collect();
+        s.put_many(&items).wait().map(drop)
+    });
+    full_disk_refuses(|s, i| {
+        let idem = IdempotencyKey {
+            session: vec![b's'; 32],
+            key: format!("{i:064}").into_bytes(),
+            expires_at_unix_ms: crate::write::now_unix_ms() + 60_000,
+        };
+        let put = write::Put {
+            key: format!("k{i}").into_bytes(),
+            value: b"v".to_vec(),
+            cond: Condition::None,
+            attach: Attach::None,
+        };
+        s.apply(put, Some(idem)).wait().map(drop)
+    });
+}
+
+/// Writes `write(store, i)` for i = 0, 1, ... while the log's next segment cannot be made:
+/// they are refused (`storageFull`) once the segment is full, the log does not fail, and
+/// writes resume once a segment can be made.
+fn full_disk_refuses(write: impl Fn(&dyn Store, u32) -> Result<(), StoreError>) {
     let dir = tempfile::tempdir().unwrap();
     let store = LoggedStore::open(small(dir.path())).unwrap();
     let s: &dyn Store = &store;
     store.counters.fail_prepare.store(true, Ordering::SeqCst);
-    let value = [7u8; 1_000];
     let mut refused = 0;
     // Bounded: at most 1,000 writes of 1 KB, for 3.5 s once refusals start (the failed
     // segment is tried again each second: three tries, each of which must not let a write
     // through that would need the segment; with one try the write still fits).
     let mut refusing_since = None::<Instant>;
     for i in 0..1_000u32 {
-        match s
-            .put(format!("k{i}").as_bytes(), &value, Condition::None)
-            .wait()
-        {
-            Ok(_) => {}
+        match write(s, i) {
+            Ok(()) => {}
             Err(StoreError::StorageFull(_)) => {
                 refused += 1;
                 refusing_since.get_or_insert_with(Instant::now);
