@@ -124,6 +124,14 @@ impl Store for Recovering {
         self.current.load().get_many(keys)
     }
 
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<capkv_store::ManyRead>, StoreError> {
+        self.current.load().get_many_within(keys, max_payload_bytes)
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         self.current.load().revision()
     }

@@ -901,12 +901,33 @@ impl Store for RocksStore {
     }
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
+        self.get_many_within(keys, usize::MAX)?
+            .ok_or_else(|| StoreError::Internal("no bound, yet over it".into()))
+    }
+
+    /// Counts the records RocksDB pinned before copying any.
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<capkv_store::ManyRead>, StoreError> {
         let data = self.cf(CF_DATA)?;
         let snapshot = self.db.snapshot();
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&snapshot);
         let revision = self.snapshot_revision(&ro)?;
         let found = self.db.batched_multi_get_cf_opt(data, keys, false, &ro);
+        let payload = keys
+            .iter()
+            .zip(&found)
+            .map(|(key, r)| match r {
+                Ok(Some(rec)) => key.len() + rec.len().saturating_sub(HEADER_BYTES),
+                _ => 0,
+            })
+            .fold(0usize, usize::saturating_add);
+        if payload > max_payload_bytes {
+            return Ok(None);
+        }
         let entries = keys
             .iter()
             .zip(found)
@@ -916,7 +937,7 @@ impl Store for RocksStore {
                 Err(e) => Err(read_error(e)),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((entries, revision))
+        Ok(Some((entries, revision)))
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

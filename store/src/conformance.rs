@@ -274,6 +274,18 @@ pub fn batches_are_atomic_with_one_revision(s: &dyn Store) {
     assert_eq!(items[0].as_ref().unwrap().value, b"1");
     assert!(items[1].is_none());
     assert_eq!(items[2].as_ref().unwrap().version, 2);
+    // Within a bound of bytes: the keys and values found, counted each time a key is
+    // asked for; one byte over it, nothing.
+    let b = s.get(b"b").unwrap().unwrap();
+    let asked: [&[u8]; 3] = [b"b", b"nope", b"b"];
+    let exact = 2 * (b.key.len() + b.value.len());
+    let (items, revision) = s.get_many_within(&asked, exact).unwrap().expect("within");
+    assert_eq!((items.len(), revision), (3, 2));
+    assert_eq!(items[2].as_ref().unwrap().value, b"1");
+    assert!(
+        s.get_many_within(&asked, exact - 1).unwrap().is_none(),
+        "over the bound"
+    );
 }
 
 /// Writers on several threads on a few keys: every final value must be one that some

@@ -235,6 +235,19 @@ pub struct SpaceStats {
     pub reserve_bytes: u64,
 }
 
+/// What a `getMany` reads: the entries in the keys' order (`None`: absent), and the
+/// revision they were read at.
+pub type ManyRead = (Vec<Option<Entry>>, u64);
+
+/// Key and value bytes of the entries found: what a `getMany` answer carries.
+pub fn payload_bytes(entries: &[Option<Entry>]) -> usize {
+    entries
+        .iter()
+        .flatten()
+        .map(|e| e.key.len() + e.value.len())
+        .sum()
+}
+
 /// The storage contract. Implementations are shared by all server workers, hence
 /// `Send + Sync`, and must make every method atomic with respect to the others.
 ///
@@ -297,6 +310,19 @@ pub trait Store: Send + Sync {
     }
     /// Reads several keys at one revision; returns them in `keys` order, and the revision.
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError>;
+    /// [`get_many`](Self::get_many) for an answer of at most `max_payload_bytes` of keys
+    /// and values (those found, counted by [`payload_bytes`]): `Ok(None)` when they hold
+    /// more. Why: a thousand keys of a megabyte each would be copied, a gigabyte, before an
+    /// answer a few megabytes long is refused; an engine that knows its entries' sizes
+    /// before copying them counts first. The default reads, then counts.
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<ManyRead>, StoreError> {
+        let (entries, revision) = self.get_many(keys)?;
+        Ok((payload_bytes(&entries) <= max_payload_bytes).then_some((entries, revision)))
+    }
     /// Applies `items` atomically as one write. Keys must be distinct (callers check);
     /// conditions are checked against the state before the batch.
     fn put_many(&self, items: &[PutItem<'_>]) -> Pending<BatchOutcome> {

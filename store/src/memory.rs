@@ -1244,6 +1244,27 @@ impl Store for MemoryStore {
         Ok((entries, inner.head()))
     }
 
+    /// Counts the entries' bytes where they lie before copying any.
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<crate::ManyRead>, StoreError> {
+        let inner = self.read();
+        inner.map.prefetch(keys);
+        let mut payload = 0usize;
+        for key in keys {
+            if let Some(s) = inner.visible(key) {
+                payload = payload.saturating_add(s.key().len() + s.value().len());
+                if payload > max_payload_bytes {
+                    return Ok(None);
+                }
+            }
+        }
+        let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
+        Ok(Some((entries, inner.head())))
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         Ok(self.read().head())
     }

@@ -306,8 +306,16 @@ impl KvStoreImpl {
             |this, p, call| {
                 let limits = &call.tunables.limits;
                 let keys = get_many_keys(limits, &p)?;
-                let read = this.shared.store.get_many(&keys).map_err(store_error)?;
-                answer_fits(limits, read)
+                let max = limits.max_response_payload_bytes();
+                match this
+                    .shared
+                    .store
+                    .get_many_within(&keys, max)
+                    .map_err(store_error)?
+                {
+                    Some(read) => answer_fits(limits, read),
+                    None => Err(too_large_for_one_answer(max)),
+                }
             },
             ok = |ok, (items, revision)| { write_get_many(ok, &items, revision) }
         )
@@ -403,11 +411,7 @@ fn answer_fits(
     limits: &capkv::Limits,
     (items, revision): (Vec<Option<Entry>>, u64),
 ) -> Result<(Vec<Option<Entry>>, u64), ApiError> {
-    let payload: usize = items
-        .iter()
-        .flatten()
-        .map(|e| e.key.len() + e.value.len())
-        .sum();
+    let payload = capkv_store::payload_bytes(&items);
     let max = limits.max_response_payload_bytes();
     if payload > max {
         return Err(ApiError::new(
@@ -416,6 +420,15 @@ fn answer_fits(
         ));
     }
     Ok((items, revision))
+}
+
+/// A `getMany` whose entries hold more than one answer may (counted by the store before
+/// it copied them: [`capkv_store::Store::get_many_within`]).
+fn too_large_for_one_answer(max: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::ResponseTooLarge,
+        format!("the answer would hold more than {max} bytes of keys and values, the limit"),
+    )
 }
 
 fn write_get_many(

@@ -872,6 +872,14 @@ impl Store for LoggedStore {
         self.mem.get_many(keys)
     }
 
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<crate::ManyRead>, StoreError> {
+        self.mem.get_many_within(keys, max_payload_bytes)
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         self.mem.revision()
     }
