@@ -133,9 +133,15 @@ fn bound(
 }
 
 /// A checked scan: the store request and whether a cursor moved its start.
+///
+/// `pins_revision`: the engine's scans read at a revision
+/// ([`capkv_store::Store::scans_pin_revision`]), so its cursors may carry one; on any other
+/// engine a cursor is the key alone, whatever its bytes (a key may start like a pinned
+/// cursor).
 pub fn scan(
     limits: &Limits,
     r: capnp::Result<scan_range::Reader<'_>>,
+    pins_revision: bool,
 ) -> Result<ScanRequest, ApiError> {
     let r = r.map_err(|e| bad("range", e))?;
     let bound = |what: &str, b| bound(limits, "scan", what, b);
@@ -167,7 +173,11 @@ pub fn scan(
         }
     };
     let raw = r.get_cursor().map_err(|e| bad("cursor", e))?;
-    let (revision, cursor) = split_cursor(raw);
+    let (revision, cursor) = if pins_revision {
+        split_cursor(raw)
+    } else {
+        (None, raw)
+    };
     let cursor = bound("cursor", Ok(cursor))?;
     let start = if cursor.is_empty() {
         start
@@ -351,5 +361,24 @@ mod tests {
         assert_eq!(split_cursor(&plain), (None, &b"\xffcapkv\x00"[..]));
         // A magic too short to hold a revision is a key.
         assert_eq!(split_cursor(PINNED_CURSOR), (None, PINNED_CURSOR));
+    }
+
+    /// On an engine that does not pin scans, a cursor is the key it resumes at, even a key
+    /// that starts like a pinned cursor (it was split as one: the scan resumed elsewhere).
+    #[test]
+    fn an_unpinned_cursor_is_its_key_whatever_its_bytes() {
+        let key = b"\xffcapkv-revision\x00AAAAAAAAa";
+        let cursor = next_cursor(key, None);
+        let mut m = capnp::message::Builder::new_default();
+        let mut r = m.init_root::<scan_range::Builder<'_>>();
+        r.set_cursor(&cursor);
+        r.set_prefix(b"\xff");
+        let r = r.into_reader();
+        let limits = Limits::default();
+        let unpinned = scan(&limits, Ok(r), false).expect("a cursor within the range");
+        assert_eq!((unpinned.start, unpinned.revision), (cursor.clone(), None));
+        // Read as pinned, the same bytes are another place (what the fix avoids).
+        let pinned = scan(&limits, Ok(r), true);
+        assert!(pinned.is_err() || pinned.is_ok_and(|p| p.start != cursor));
     }
 }

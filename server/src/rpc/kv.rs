@@ -284,7 +284,11 @@ impl KvStoreImpl {
             kv_store::scan_results::Owned,
             Method::Scan,
             |this, p, call| {
-                let req = validate::scan(&call.tunables.limits, p.get_range())?;
+                let req = validate::scan(
+                    &call.tunables.limits,
+                    p.get_range(),
+                    this.shared.store.scans_pin_revision(),
+                )?;
                 this.shared.store.scan(&req).map_err(store_error)
             },
             ok = |ok, page| { write_scan_page(ok, &page, this.shared.store.scans_pin_revision())? }
@@ -355,7 +359,11 @@ impl KvStoreImpl {
             results,
             Method::Scan,
             |this, p, call| {
-                let req = validate::scan(&call.tunables.limits, p.get_range())?;
+                let req = validate::scan(
+                    &call.tunables.limits,
+                    p.get_range(),
+                    this.shared.store.scans_pin_revision(),
+                )?;
                 this.shared
                     .store
                     .scan_async(&req)
