@@ -247,6 +247,20 @@ fn bad_watch_inputs_get_their_codes() {
             panic!("start after end is refused");
         };
         assert_eq!(ApiError::read(e.unwrap()).code, ErrorCode::InvalidRange);
+
+        // A start billions of revisions ahead is a mistake (and would swamp the watchers'
+        // lag metric): refused. One a few revisions ahead waits for them.
+        for (start, refused) in [(u64::MAX, true), (1 << 40, true), (10, false)] {
+            let resp = watch(&kv, b"", start).promise.await.unwrap();
+            let result = resp.get().unwrap().get_result().unwrap();
+            match result.which().unwrap() {
+                watch_result::Which::Error(e) => {
+                    assert!(refused, "start {start} refused");
+                    assert_eq!(ApiError::read(e.unwrap()).code, ErrorCode::InvalidArgument);
+                }
+                _ => assert!(!refused, "start {start} accepted"),
+            }
+        }
     });
 }
 

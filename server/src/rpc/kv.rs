@@ -41,6 +41,11 @@ thread_local! {
     static VALUE_BUF: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
+/// How far past the store's revision a watch may start (`watch`'s `startRevision`): far
+/// enough for any real resume, near enough that the watchers' summed positions
+/// (`chain::WatchStats`) cannot overflow.
+const MAX_WATCH_AHEAD_REVISIONS: u64 = 1 << 32;
+
 impl KvStoreImpl {
     pub(super) fn new(shared: Arc<Shared>, conn: Rc<Conn>, slot: CapSlot) -> Self {
         Self {
@@ -119,9 +124,20 @@ impl kv_store::Server for KvStoreImpl {
                 let range = validate::watch_range(&call.tunables.limits, p.get_range())?;
                 let store = &this.shared.store;
                 let head = store.revision().map_err(store_error)?;
-                // Start 0: from the next write. Otherwise the events from the start on.
+                // Start 0: from the next write. Otherwise the events from the start on; a
+                // start far past the store's revision is a mistake (it would wait for
+                // billions of writes), and its position would swamp the watchers' lag.
                 let after = match p.get_start_revision() {
                     0 => head,
+                    start if start - 1 > head.saturating_add(MAX_WATCH_AHEAD_REVISIONS) => {
+                        return Err(ApiError::new(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "startRevision {start} is more than {MAX_WATCH_AHEAD_REVISIONS} \
+                                 revisions past the store's revision {head}"
+                            ),
+                        ));
+                    }
                     start => start - 1,
                 };
                 // A start the history no longer holds fails here, not at the first `next`.
