@@ -740,6 +740,13 @@ impl Config {
                 return fail("admin.token must not be empty (leave it unset to disable admin)");
             }
         }
+        if let (Some(data), Some(admin)) = (&self.auth.token, &self.admin.token) {
+            if data.expose() == admin.expose() {
+                return fail(
+                    "admin.token must differ from auth.token (every data client would hold Admin)",
+                );
+            }
+        }
         for (name, m) in &self.deadlines.methods {
             let Some(method) = crate::method::Method::from_name(name) else {
                 return Err(ConfigError::Invalid(format!(
@@ -996,6 +1003,10 @@ mod tests {
                 (
                     "[storage]\nmemory_max_records = 0\n",
                     "storage.memory_max_records",
+                ),
+                (
+                    "[auth]\ntoken = \"same-secret\"\n[admin]\ntoken = \"same-secret\"\n",
+                    "admin.token must differ",
                 ),
             ] {
                 jail.create_file("wal.toml", toml)?;
