@@ -91,6 +91,14 @@ fn run_cli(cli: Cli) -> u8 {
             },
             ..ClientOptions::default()
         };
+        // A caller's key names one write: in the shell, every write would share it (the
+        // second of two equal writes replayed the first, silently not applied).
+        if cli.idempotency_key.is_some() && cli.command.is_none() {
+            return printer.error(&capkv::ApiError::new(
+                capkv::ErrorCode::InvalidArgument,
+                "usage: --idempotency-key names one write: give it with a command, not to the shell",
+            ));
+        }
         let client = match Client::connect(&cli.addr, options).await {
             Ok(c) => match cli.idempotency_key {
                 Some(k) => c.with_idempotency_key(k),

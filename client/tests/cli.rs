@@ -214,6 +214,24 @@ fn admin_faults_set_show_clear() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown action"));
 }
 
+/// A caller's idempotency key names one write: the shell, where every write would share
+/// it (two equal increments: the second replayed the first), refuses it.
+#[test]
+fn an_idempotency_key_is_refused_without_a_command() {
+    let s = server();
+    let addr = s.addr().to_string();
+    let key = "00112233445566778899aabbccddeeff";
+    let o = run(
+        &addr,
+        &["--idempotency-key", key],
+        Some(b"incr c 1\nincr c 1\n"),
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("names one write"));
+    let o = run(&addr, &["get", "c"], None);
+    assert_eq!(o.status.code(), Some(1), "nothing was written: {o:?}");
+}
+
 #[test]
 fn incr_shows_its_idempotency_key_and_replays_with_it() {
     let s = server();
