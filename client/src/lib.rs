@@ -334,7 +334,7 @@ impl Watch {
         let data = (self.id, Arc::clone(&self.bounds), self.from, wait_ms);
         let page = self
             .client
-            .with_timeout(wait + WATCH_CALL_SLACK)
+            .with_timeout(wait.saturating_add(WATCH_CALL_SLACK))
             .call(
                 "watch_next",
                 // Safe to repeat: a failed call forgets its watcher, and the retry watches
@@ -658,7 +658,7 @@ impl Client {
         T: Send + 'static,
         Fut: Future<Output = Result<T, ApiError>> + 'static,
     {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = far_from_now(self.timeout);
         let data = Arc::new(data);
         // A write gets one key for all its attempts; with it, repeating is safe.
         let (idempotency_key, safety) = match safety {
@@ -1006,6 +1006,15 @@ impl Client {
         )
         .await
     }
+}
+
+/// `now + d`, or a century from now when that is past what an `Instant` holds (a timeout
+/// of billions of years, which the CLI's duration syntax accepts, panicked).
+pub(crate) fn far_from_now(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 /// Least time between a failed reconnect and the next attempt: calls made while the server

@@ -78,7 +78,11 @@ impl RetryPolicy {
             .multiplier
             .max(1.0)
             .powi(retry.saturating_sub(1).min(64) as i32);
-        let step = self.initial_backoff.mul_f64(exp).min(self.max_backoff);
+        // Checked: a huge initial backoff or an infinite multiplier would overflow
+        // (`mul_f64` panics); the cap holds them.
+        let step = Duration::try_from_secs_f64(self.initial_backoff.as_secs_f64() * exp)
+            .unwrap_or(Duration::MAX)
+            .min(self.max_backoff);
         // Equal jitter: at least half the step, so waits grow; at most the step, so the cap
         // holds; random in between, so clients that failed together do not retry together.
         step / 2 + step.mul_f64(rng.random::<f64>() / 2.0)
@@ -190,7 +194,10 @@ where
         let wait = policy
             .backoff(n, &mut rand::rng())
             .max(Duration::from_millis(u64::from(err.retry_after_ms)));
-        if Instant::now() + wait >= deadline {
+        if Instant::now()
+            .checked_add(wait)
+            .is_none_or(|t| t >= deadline)
+        {
             return Err(if err.code == ErrorCode::DeadlineExceeded {
                 err
             } else {
@@ -239,6 +246,22 @@ mod tests {
         let draws: std::collections::HashSet<_> =
             (0..100).map(|_| p.backoff(2, &mut rng)).collect();
         assert!(draws.len() > 10, "jittered");
+        // Absurd settings (the CLI takes any duration; the library any multiplier) are
+        // capped, not a panic.
+        for (initial, multiplier) in [
+            (Duration::from_secs(u64::MAX / 2), 2.0),
+            (Duration::from_millis(10), f64::INFINITY),
+        ] {
+            let p = RetryPolicy {
+                initial_backoff: initial,
+                multiplier,
+                max_backoff: Duration::from_secs(1),
+                ..RetryPolicy::default()
+            };
+            assert!(p.backoff(5, &mut rng) <= Duration::from_secs(1));
+        }
+        // A timeout past what an Instant holds is a far deadline, not a panic.
+        assert!(crate::far_from_now(Duration::MAX) > Instant::now());
     }
 
     #[test]
