@@ -1030,6 +1030,8 @@ fn connection_thread(
     ready: oneshot::Sender<Result<(), ApiError>>,
     not_sent: NotSentReason,
 ) {
+    // Read by a job refused while a reconnect's failure is recent (its reason, again).
+    let last_not_sent = Arc::clone(&not_sent);
     let drop_unsent = |job: Job, why: Option<ApiError>| {
         if let (Some(why), Ok(mut slot)) = (why, not_sent.lock()) {
             *slot = Some(why);
@@ -1077,9 +1079,26 @@ fn connection_thread(
                     drop_unsent(job, Some(e));
                     continue;
                 }
-                if last_failed_reconnect.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL) {
-                    drop_unsent(job, None);
-                    continue;
+                if let Some(failed) = last_failed_reconnect {
+                    let left = RECONNECT_INTERVAL.saturating_sub(failed.elapsed());
+                    if !left.is_zero() {
+                        // A reconnect failed moments ago: not tried again yet, and the
+                        // caller's retry is told to wait out the interval. Without the
+                        // wait, a call's retries (backoffs of 5-20 ms) all came within it,
+                        // none was sent, and a server back a moment later never saw them.
+                        let mut why = last_not_sent
+                            .lock()
+                            .ok()
+                            .and_then(|w| w.clone())
+                            .unwrap_or_else(|| {
+                                ApiError::new(ErrorCode::Unavailable, "not connected to the server")
+                            });
+                        why.retry_after_ms = u32::try_from(left.as_millis())
+                            .unwrap_or(u32::MAX)
+                            .saturating_add(1);
+                        drop_unsent(job, Some(why));
+                        continue;
+                    }
                 }
                 // With several addresses, the next one first: the one that failed is
                 // likely still down, and any gateway serves the same data and session.

@@ -270,6 +270,85 @@ fn no_data_capability_yields_admin() {
         .contains("admin @3 (ctx :RequestContext, adminToken :Text) -> (result :AdminResult);"));
 }
 
+/// Forwards each connection `listener` accepts to `to` (16 at most), from threads of its
+/// own.
+fn proxy(listener: std::net::TcpListener, to: std::net::SocketAddr) {
+    use std::net::{Shutdown, TcpStream};
+    std::thread::spawn(move || {
+        for client in listener.incoming().take(16) {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(to) else {
+                continue;
+            };
+            let (Ok(mut from_client), Ok(mut to_server)) = (client.try_clone(), server.try_clone())
+            else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_client, &mut to_server);
+                let _ = to_server.shutdown(Shutdown::Write);
+            });
+            let (mut from_server, mut to_client) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// A call whose connection is gone, and whose first reconnect failed (every address
+/// refused), reaches a server that is back a moment later: its retries are told to wait
+/// out the reconnect interval, then reconnect. They had come within the interval (short
+/// backoffs), were dropped unsent without a try, and the call failed.
+#[test]
+fn retries_after_a_failed_reconnect_reach_a_server_that_is_back() {
+    let gone = server();
+    let back = server();
+    // The client's second address: refused until a proxy to `back` listens on it below.
+    let spare = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a spare port");
+    let options = ClientOptions {
+        timeout: Duration::from_secs(10),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+            ..RetryPolicy::default()
+        },
+        ..ClientOptions::default()
+    };
+    let rt = rt();
+    let c = rt.block_on(async {
+        let c = Client::connect(&format!("{},{spare}", gone.addr()), options)
+            .await
+            .expect("connect");
+        c.put(b"k", b"on the first server").await.unwrap();
+        c
+    });
+    gone.stop().expect("a clean stop");
+    rt.block_on(async {
+        let before = c.stats().attempts;
+        let get = tokio::spawn({
+            let c = c.clone();
+            async move { c.get(b"k").await }
+        });
+        // A retry has begun: a reconnect failed (both addresses refused) before it.
+        let started = Instant::now();
+        while c.stats().attempts < before + 2 {
+            assert!(started.elapsed() < Duration::from_secs(10), "no retry");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        proxy(
+            std::net::TcpListener::bind(spare).expect("the spare port again"),
+            back.addr(),
+        );
+        let got = get.await.unwrap().expect("served after the reconnect");
+        assert_eq!(got, None, "read on the other server");
+    });
+}
+
 #[test]
 fn a_dropped_reply_is_an_unknown_outcome_and_the_client_reconnects() {
     let server = server_with(|c| c.faults.plan = "put drop-reply".into());
