@@ -57,10 +57,20 @@ static LINGERING: AtomicUsize = AtomicUsize::new(0);
 /// Closed at once, a socket holding the client's first calls (unread) sends a reset, and
 /// the client's kernel drops the refusal with it before the client reads it.
 async fn linger(stream: tokio::net::TcpStream) {
-    if LINGERING.fetch_add(1, Ordering::AcqRel) < MAX_LINGERING_REFUSALS {
+    /// Counted out however the linger ends: dropped half-way too (its runtime shutting
+    /// down), or each such drop would leave the count one higher for good, and after 64 of
+    /// them every refusal would close at once.
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let lingering = LINGERING.fetch_add(1, Ordering::AcqRel);
+    let _counted = Counted;
+    if lingering < MAX_LINGERING_REFUSALS {
         linger_now(stream).await;
     }
-    LINGERING.fetch_sub(1, Ordering::AcqRel);
 }
 
 async fn linger_now(mut stream: tokio::net::TcpStream) {
@@ -868,5 +878,37 @@ impl Drop for RunningServer {
         if let Err(e) = self.stop_inner() {
             tracing::warn!(error = %e, "server stopped with an error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A linger dropped half-way (its runtime shutting down) is counted out: the count of
+    /// lingering refusals does not creep up.
+    #[test]
+    fn a_linger_dropped_half_way_is_counted_out() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (stream, _) = listener.accept().await.expect("accept");
+            let before = LINGERING.load(Ordering::Acquire);
+            {
+                let mut lingering = std::pin::pin!(linger(stream));
+                // It waits for the client, who sends nothing.
+                assert!(futures::poll!(lingering.as_mut()).is_pending());
+                assert_eq!(LINGERING.load(Ordering::Acquire), before + 1);
+            }
+            assert_eq!(LINGERING.load(Ordering::Acquire), before);
+            drop(client);
+        });
     }
 }
