@@ -188,7 +188,11 @@ impl ApiError {
                 outcome_unknown: true,
                 ..Self::new(ErrorCode::Unavailable, text)
             },
-            capnp::ErrorKind::Overloaded => Self::new(ErrorCode::Unavailable, text),
+            // Overloaded, as the peer or this client's own RPC engine said (too many calls
+            // outstanding, too many bytes unsent): retried after a backoff, on the same
+            // connection. As `unavailable` it had a client with several addresses drop a
+            // healthy, busy connection and fail over.
+            capnp::ErrorKind::Overloaded => Self::new(ErrorCode::Overloaded, text),
             _ => Self::new(ErrorCode::Internal, text),
         }
     }
@@ -380,6 +384,26 @@ mod tests {
         for (i, c) in ALL_CODES.into_iter().enumerate() {
             assert_eq!(c as usize, i);
         }
+    }
+
+    #[test]
+    fn capnp_exceptions_map_to_codes() {
+        let code = |e: capnp::Error| ApiError::from_capnp(&e).code;
+        assert_eq!(
+            code(capnp::Error::overloaded(
+                "more than 65536 calls outstanding".into()
+            )),
+            ErrorCode::Overloaded
+        );
+        let gone = ApiError::from_capnp(&capnp::Error::disconnected("gone".into()));
+        assert_eq!(
+            (gone.code, gone.outcome_unknown),
+            (ErrorCode::Unavailable, true)
+        );
+        assert_eq!(
+            code(capnp::Error::failed("a bug".into())),
+            ErrorCode::Internal
+        );
     }
 
     #[test]
