@@ -188,10 +188,15 @@ impl ApiError {
                 outcome_unknown: true,
                 ..Self::new(ErrorCode::Unavailable, text)
             },
-            // Overloaded, as the peer or this client's own RPC engine said (too many calls
-            // outstanding, too many bytes unsent): retried after a backoff, on the same
-            // connection. As `unavailable` it had a client with several addresses drop a
-            // healthy, busy connection and fail over.
+            // The server refused the connection or the call (too many connections):
+            // another gateway may take it.
+            capnp::ErrorKind::Overloaded if text.contains("remote exception") => {
+                Self::new(ErrorCode::Unavailable, text)
+            }
+            // This client's own RPC engine past its bounds (too many calls outstanding,
+            // too many bytes unsent): retried after a backoff, on the same connection. As
+            // `unavailable` it had a client with several addresses drop a healthy, busy
+            // connection and fail over.
             capnp::ErrorKind::Overloaded => Self::new(ErrorCode::Overloaded, text),
             _ => Self::new(ErrorCode::Internal, text),
         }
@@ -393,7 +398,15 @@ mod tests {
             code(capnp::Error::overloaded(
                 "more than 65536 calls outstanding".into()
             )),
-            ErrorCode::Overloaded
+            ErrorCode::Overloaded,
+            "this client's own bound: retried here"
+        );
+        assert_eq!(
+            code(capnp::Error::overloaded(
+                "remote exception: too many connections; try again later".into()
+            )),
+            ErrorCode::Unavailable,
+            "the server's refusal: another gateway may take it"
         );
         let gone = ApiError::from_capnp(&capnp::Error::disconnected("gone".into()));
         assert_eq!(
