@@ -319,6 +319,17 @@ pub struct Watch {
     bounds: Arc<ScanBounds>,
     /// The first revision not yet delivered; 0 until the first page (from the next write).
     from: u64,
+    /// Where a watch from the next write started (the server's revision then, plus one),
+    /// once its answer came (0 before): a retry after a lost first page watches from there.
+    /// Watching from "the next write" again had skipped the writes that page held.
+    started: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Where a watch's next page starts: `from` (0: the next write), and where a watch from
+/// the next write records the revision it started at once the server says it.
+pub(crate) struct WatchStart {
+    pub(crate) from: u64,
+    pub(crate) started: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Events asked per [`Watch::next`] page.
@@ -331,7 +342,13 @@ impl Watch {
     /// for one; possibly empty when none came.
     pub async fn next(&mut self, wait: Duration) -> Result<WatchPage, ApiError> {
         let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
-        let data = (self.id, Arc::clone(&self.bounds), self.from, wait_ms);
+        let data = (
+            self.id,
+            Arc::clone(&self.bounds),
+            self.from,
+            wait_ms,
+            Arc::clone(&self.started),
+        );
         let page = self
             .client
             .with_timeout(wait.saturating_add(WATCH_CALL_SLACK))
@@ -342,12 +359,28 @@ impl Watch {
                 Safety::Idempotent,
                 data,
                 |c, d, spec| async move {
-                    let (id, bounds, from, wait_ms) = &*d;
-                    c.watch_next(*id, bounds, *from, (WATCH_PAGE_EVENTS, *wait_ms), spec)
+                    let (id, bounds, from, wait_ms, started) = &*d;
+                    let start = WatchStart {
+                        from: match *from {
+                            0 => started.load(Ordering::Acquire),
+                            from => from,
+                        },
+                        started: Arc::clone(started),
+                    };
+                    c.watch_next_from(*id, bounds, start, (WATCH_PAGE_EVENTS, *wait_ms), spec)
                         .await
                 },
             )
-            .await?;
+            .await;
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                if self.from == 0 {
+                    self.from = self.started.load(Ordering::Acquire);
+                }
+                return Err(e);
+            }
+        };
         self.from = page.revision + 1;
         Ok(page)
     }
@@ -926,6 +959,7 @@ impl Client {
             id: WATCH_IDS.fetch_add(1, Ordering::Relaxed),
             bounds: Arc::new(bounds),
             from,
+            started: Arc::default(),
         }
     }
 

@@ -461,12 +461,29 @@ impl LocalClient {
         id: u64,
         bounds: &ScanBounds,
         from: u64,
+        page: (u32, u32),
+        deadline: impl Into<CallSpec>,
+    ) -> Result<WatchPage, ApiError> {
+        let start = crate::WatchStart {
+            from,
+            started: std::sync::Arc::default(),
+        };
+        self.watch_next_from(id, bounds, start, page, deadline)
+            .await
+    }
+
+    /// [`watch_next`](Self::watch_next) from `start` (see [`crate::WatchStart`]).
+    pub(crate) async fn watch_next_from(
+        &self,
+        id: u64,
+        bounds: &ScanBounds,
+        start: crate::WatchStart,
         (max_events, wait_ms): (u32, u32),
         deadline: impl Into<CallSpec>,
     ) -> Result<WatchPage, ApiError> {
         let r = self
             .run(deadline, |meta| async move {
-                let w = self.watcher(id, bounds, from, &meta);
+                let w = self.watcher(id, bounds, start, &meta);
                 let mut req = w.next_request();
                 meta.write(req.get().init_ctx());
                 req.get().set_max_events(max_events);
@@ -515,7 +532,13 @@ impl LocalClient {
     }
 
     /// This connection's watcher of watch `id`, made (pipelined) when there is none.
-    fn watcher(&self, id: u64, bounds: &ScanBounds, from: u64, meta: &CallMeta) -> watcher::Client {
+    fn watcher(
+        &self,
+        id: u64,
+        bounds: &ScanBounds,
+        start: crate::WatchStart,
+        meta: &CallMeta,
+    ) -> watcher::Client {
         if let Some(w) = self.watchers.borrow().get(&id) {
             return w.clone();
         }
@@ -529,10 +552,31 @@ impl LocalClient {
             }
             ScanBounds::Prefix(p) => req.get().init_range().set_prefix(p),
         }
-        req.get().set_start_revision(from);
-        // The answer itself is not needed: a failed watch fails the pipelined `next` on
-        // its stand-in with the same error.
-        let w = req.send().pipeline.get_result().get_watcher_cap();
+        req.get().set_start_revision(start.from);
+        // A failed watch fails the pipelined `next` on its stand-in with the same error.
+        let sent = req.send();
+        let w = sent.pipeline.get_result().get_watcher_cap();
+        if start.from == 0 {
+            // From the next write: the answer says where that is (the server's revision
+            // then), kept for a retry should the first page be lost.
+            let started = start.started;
+            tokio::task::spawn_local(async move {
+                if let Ok(resp) = sent.promise.await {
+                    if let Ok(head) = resp
+                        .get()
+                        .and_then(|r| r.get_result())
+                        .map(|r| r.get_revision())
+                    {
+                        let _ = started.compare_exchange(
+                            0,
+                            head + 1,
+                            std::sync::atomic::Ordering::AcqRel,
+                            std::sync::atomic::Ordering::Acquire,
+                        );
+                    }
+                }
+            });
+        }
         self.watchers.borrow_mut().insert(id, w.clone());
         w
     }

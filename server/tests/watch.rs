@@ -301,6 +301,79 @@ async fn collect(w: &mut capkv_client::Watch, n: usize, into: &mut Vec<capkv_cli
     panic!("only {} of {n} events came", into.len());
 }
 
+/// A proxy to `to` that cuts its connection, once, when the server sends bytes holding
+/// `cut_on`: those bytes never reach the client.
+async fn cutting_proxy(to: std::net::SocketAddr, cut_on: &'static [u8]) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let armed = std::sync::Arc::clone(&armed);
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut client_r, mut client_w) = client.into_split();
+                let (mut server_r, mut server_w) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server_r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let holds = buf[..n].windows(cut_on.len()).any(|w| w == cut_on);
+                    if holds && armed.swap(false, Ordering::AcqRel) {
+                        break;
+                    }
+                    if client_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// A client's watch from the next write whose first page is lost (the connection cut as
+/// the page left) goes on from the revision it started at: the retry watches from there
+/// and gets the write that page held. Watching from "the next write" again had skipped it.
+#[test]
+fn a_watch_s_lost_first_page_is_read_again() {
+    let server = start(test_config());
+    let addr = server.addr();
+    let shared = server.shared();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The first page, the one holding the write, is cut.
+        let watching = client(cutting_proxy(addr, b"w/a").await).await;
+        let writer = client(addr).await;
+        let mut w = watching.watch(capkv_client::ScanBounds::Prefix(b"w/".to_vec()), 0);
+        let first = tokio::spawn(async move { w.next(std::time::Duration::from_secs(3)).await });
+        // Bounded: the server holds the watcher, waiting for a write.
+        let started = std::time::Instant::now();
+        while shared.watch_stats.watchers() == 0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        writer.put(b"w/a", b"v").await.unwrap();
+        let page = first.await.unwrap().expect("a page");
+        let keys: Vec<_> = page.events.iter().map(|e| e.entry.key.clone()).collect();
+        assert_eq!(keys, [b"w/a".to_vec()], "the write the lost page held");
+    });
+}
+
 /// The client's watch goes on across a SIGKILL of the server (RocksDB) and its restart:
 /// every write, before and after, is delivered once, in order.
 #[test]
