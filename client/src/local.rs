@@ -607,8 +607,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<PutOutcome, ApiError> {
         let spec = deadline.into();
-        self.run(spec, |meta| async move {
-            let (session, outcome) = self.write_session(&meta, &spec).await?;
+        self.run(spec, |mut meta| async move {
+            let (session, outcome) = self.write_session(&mut meta, &spec).await?;
             let fill = |mut p: write_session::put_params::Builder<'_>| {
                 meta.write(p.reborrow().init_ctx());
                 if let Some(k) = &spec.idempotency_key {
@@ -663,8 +663,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<LeaseGrant, ApiError> {
         let spec = deadline.into();
-        self.run(spec, |meta| async move {
-            let (session, outcome) = self.write_session(&meta, &spec).await?;
+        self.run(spec, |mut meta| async move {
+            let (session, outcome) = self.write_session(&mut meta, &spec).await?;
             let mut req = session.grant_lease_request();
             meta.write(req.get().init_ctx());
             if let Some(k) = &spec.idempotency_key {
@@ -741,8 +741,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<RevokeOutcome, ApiError> {
         let spec = deadline.into();
-        self.run(spec, |meta| async move {
-            let (session, outcome) = self.write_session(&meta, &spec).await?;
+        self.run(spec, |mut meta| async move {
+            let (session, outcome) = self.write_session(&mut meta, &spec).await?;
             let mut req = session.lease_request();
             meta.write(req.get().init_ctx());
             req.get().set_id(id);
@@ -771,8 +771,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<BatchOutcome, ApiError> {
         let spec = deadline.into();
-        self.run(spec, |meta| async move {
-            let (session, outcome) = self.write_session(&meta, &spec).await?;
+        self.run(spec, |mut meta| async move {
+            let (session, outcome) = self.write_session(&mut meta, &spec).await?;
             let mut req = session.put_many_request();
             meta.write(req.get().init_ctx());
             if let Some(k) = &spec.idempotency_key {
@@ -805,8 +805,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<DeleteOutcome, ApiError> {
         let spec = deadline.into();
-        self.run(spec, |meta| async move {
-            let (session, outcome) = self.write_session(&meta, &spec).await?;
+        self.run(spec, |mut meta| async move {
+            let (session, outcome) = self.write_session(&mut meta, &spec).await?;
             let mut req = session.delete_request();
             meta.write(req.get().init_ctx());
             if let Some(k) = &spec.idempotency_key {
@@ -834,8 +834,8 @@ impl LocalClient {
         deadline: impl Into<CallSpec>,
     ) -> Result<IncrementOutcome, ApiError> {
         let spec = deadline.into();
-        self.run(spec, |meta| async move {
-            let (session, outcome) = self.write_session(&meta, &spec).await?;
+        self.run(spec, |mut meta| async move {
+            let (session, outcome) = self.write_session(&mut meta, &spec).await?;
             let mut req = session.increment_request();
             meta.write(req.get().init_ctx());
             req.get().set_key(key);
@@ -940,9 +940,12 @@ impl LocalClient {
     /// The session for a write. A keyed write waits until the session's token is known
     /// (one extra round trip, on a connection's first write only): its retries may then
     /// resume this very session after a reconnect, where its key keeps its meaning.
+    /// After that wait the write's budget (`meta`) is what is left of its deadline, not
+    /// what was left before it (the server would have worked on past the time the caller
+    /// gave up).
     async fn write_session(
         &self,
-        meta: &CallMeta,
+        meta: &mut CallMeta,
         spec: &CallSpec,
     ) -> Result<(write_session::Client, SharedOutcome), ApiError> {
         let (session, outcome) = self.session(meta);
@@ -951,6 +954,7 @@ impl LocalClient {
                 self.forget_session(&outcome, &e);
                 return Err(e);
             }
+            meta.budget_ms = Some(crate::wire::budget_ms(spec)?);
         }
         Ok((session, outcome))
     }

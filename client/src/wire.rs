@@ -99,17 +99,22 @@ pub(crate) async fn origin_failure(origin: &SharedOutcome) -> Option<ApiError> {
 /// The `RequestContext` of a call made now under `spec`: the budget is what is left when
 /// the request leaves, not the caller's timeout. Fails if nothing is left.
 pub(crate) fn call_meta(spec: &CallSpec) -> Result<CallMeta, ApiError> {
-    let left = spec.deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(deadline_exceeded());
-    }
     Ok(CallMeta {
-        budget_ms: Some(u32::try_from(left.as_millis()).unwrap_or(u32::MAX)),
+        budget_ms: Some(budget_ms(spec)?),
         request_id: request_id(REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)),
         attempt: spec.attempt,
         traceparent: spec.traceparent.map(|t| t.to_string()).unwrap_or_default(),
         ..CallMeta::default()
     })
+}
+
+/// What is left of `spec`'s deadline, in ms: the budget a request carries.
+pub(crate) fn budget_ms(spec: &CallSpec) -> Result<u32, ApiError> {
+    let left = spec.deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(deadline_exceeded());
+    }
+    Ok(u32::try_from(left.as_millis()).unwrap_or(u32::MAX))
 }
 
 /// `c<seq>`, without `fmt` (per call; 21 bytes at most, inside the string's inline room).
