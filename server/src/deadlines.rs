@@ -225,6 +225,16 @@ mod tests {
         (Arc::clone(&c), Waker::from(c))
     }
 
+    /// Runs `f` on a `LocalSet` whose clock is paused (it jumps to the next timer).
+    fn on_paused_local_set<F: std::future::Future>(f: F) -> F::Output {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        tokio::task::LocalSet::new().block_on(&rt, f)
+    }
+
     fn queued() -> usize {
         SWEEPER.with(|s| s.borrow().as_ref().map_or(0, |s| s.queue.len()))
     }
@@ -234,12 +244,7 @@ mod tests {
     /// cancelled entries leave the queue from its front.
     #[test]
     fn deadlines_wake_their_watchers_once_unless_cancelled() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
-        tokio::task::LocalSet::new().block_on(&rt, async {
+        on_paused_local_set(async {
             let (_, w) = counter();
             assert!(watch(Instant::now(), &w).is_none(), "no sweeper yet");
             let sweeper = tokio::task::spawn_local(run());
@@ -295,12 +300,7 @@ mod tests {
     /// emptied (its far front cancelled), is called at its own time, not at the far one's.
     #[test]
     fn a_nearer_deadline_after_a_cancelled_far_one_is_called_in_time() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
-        tokio::task::LocalSet::new().block_on(&rt, async {
+        on_paused_local_set(async {
             let sweeper = tokio::task::spawn_local(run());
             tokio::task::yield_now().await;
             let (_, wf) = counter();

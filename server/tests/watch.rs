@@ -350,11 +350,7 @@ fn a_watch_s_lost_first_page_is_read_again() {
     let server = start(test_config());
     let addr = server.addr();
     let shared = server.shared();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_threads();
     rt.block_on(async {
         // The first page, the one holding the write, is cut.
         let watching = client(cutting_proxy(addr, b"w/a").await).await;
@@ -381,11 +377,7 @@ fn a_watch_resumes_after_the_server_is_killed_with_no_gap_or_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let (mut first, addr) = spawn_rocks_server(dir.path());
     let upstream = std::sync::Arc::new(std::sync::Mutex::new(addr));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_threads();
     rt.block_on(async {
         let proxy = switchable_proxy(upstream.clone()).await;
         let c = client(proxy).await;

@@ -12,6 +12,16 @@ use capkv_server::{Config, RunningServer};
 use capnp_rpc::{rpc_twoparty_capnp, RpcSystem};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A runtime of two worker threads, for tests that drive `Client`s from tasks of their
+/// own.
+pub fn two_threads() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
 /// The repository's root (the server crate lives one level down).
 pub fn repo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
