@@ -561,19 +561,24 @@ impl LocalClient {
             // then), kept for a retry should the first page be lost.
             let started = start.started;
             tokio::task::spawn_local(async move {
-                if let Ok(resp) = sent.promise.await {
-                    if let Ok(head) = resp
-                        .get()
-                        .and_then(|r| r.get_result())
-                        .map(|r| r.get_revision())
-                    {
-                        let _ = started.compare_exchange(
-                            0,
-                            head + 1,
-                            std::sync::atomic::Ordering::AcqRel,
-                            std::sync::atomic::Ordering::Acquire,
-                        );
-                    }
+                use capkv::kv_capnp::watch_result::Which;
+                let Ok(resp) = sent.promise.await else {
+                    return;
+                };
+                // A refused watch (overloaded, compacted...) says no revision.
+                let head = resp
+                    .get()
+                    .and_then(|r| r.get_result())
+                    .ok()
+                    .filter(|r| matches!(r.which(), Ok(Which::Watcher(_))))
+                    .map(|r| r.get_revision());
+                if let Some(head) = head {
+                    let _ = started.compare_exchange(
+                        0,
+                        head.saturating_add(1),
+                        std::sync::atomic::Ordering::AcqRel,
+                        std::sync::atomic::Ordering::Acquire,
+                    );
                 }
             });
         }

@@ -370,6 +370,39 @@ fn a_watch_s_lost_first_page_is_read_again() {
     });
 }
 
+/// A client's watch from the next write that the server refused once (a fault here; an
+/// overload, a rate limit) watches from the next write again, not from the revision the
+/// refusal did not carry (0, read as "start at 1": the whole history replayed).
+#[test]
+fn a_watch_refused_once_still_starts_at_the_next_write() {
+    const ADMIN: &str = "admin-secret";
+    let mut config = test_config();
+    config.admin.token = Some(capkv_server::config::Secret::new(ADMIN));
+    let server = start(config);
+    let addr = server.addr();
+    let shared = server.shared();
+    let rt = two_threads();
+    rt.block_on(async {
+        let c = client(addr).await;
+        c.put(b"w/old", b"v").await.unwrap();
+        c.set_faults(ADMIN, "watch fail=unavailable times=1")
+            .await
+            .unwrap();
+        let mut w = c.watch(capkv_client::ScanBounds::Prefix(b"w/".to_vec()), 0);
+        let first = tokio::spawn(async move { w.next(std::time::Duration::from_secs(3)).await });
+        // Bounded: the retry's watcher is held by the server, waiting for a write.
+        let started = std::time::Instant::now();
+        while shared.watch_stats.watchers() == 0 {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        c.put(b"w/new", b"v").await.unwrap();
+        let page = first.await.unwrap().expect("a page");
+        let keys: Vec<_> = page.events.iter().map(|e| e.entry.key.clone()).collect();
+        assert_eq!(keys, [b"w/new".to_vec()], "only what came after the watch");
+    });
+}
+
 /// The client's watch goes on across a SIGKILL of the server (RocksDB) and its restart:
 /// every write, before and after, is delivered once, in order.
 #[test]
