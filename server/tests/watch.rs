@@ -460,6 +460,16 @@ fn watchers_are_counted_with_their_lag_and_released() {
         }
         assert_eq!(shared.watch_stats.watchers(), 3);
         assert_eq!(shared.watch_stats.lag_revisions(5), 15);
+        // A watcher from a revision far ahead does not take its lead off the others' lag
+        // (counted, its position is the store's revision at most).
+        let ahead = watch(&kv, b"", 1 << 30)
+            .pipeline
+            .get_result()
+            .get_watcher_cap();
+        page(next(&ahead, 10, 0)).await.unwrap();
+        assert_eq!(shared.watch_stats.watchers(), 4);
+        assert!(shared.watch_stats.lag_revisions(5) >= 15);
+        drop(ahead);
         drop(ws);
         // The releases reach the server before the answer to a later call.
         let mut h = kv.get_request();

@@ -38,6 +38,10 @@ pub struct WatcherImpl {
     range: KeyRange,
     /// The revision read through: the next page starts after it.
     position: Cell<u64>,
+    /// The position as the watchers' lag counts it: never past the store's revision when
+    /// set (a watcher from a future revision is behind by nothing, not by less than
+    /// nothing: counted as it is, it took its lead off the others' lag).
+    counted: Cell<u64>,
     /// Held by the `next` running, so that pipelined calls take turns in order (tokio's
     /// mutex is fair: first come, first served).
     turn: tokio::sync::Mutex<()>,
@@ -53,12 +57,14 @@ impl WatcherImpl {
         after: u64,
         slot: CapSlot,
     ) -> Self {
-        shared.watch_stats.opened(after);
+        let counted = Self::countable(&shared, after);
+        shared.watch_stats.opened(counted);
         Self {
             shared,
             conn,
             range,
             position: Cell::new(after),
+            counted: Cell::new(counted),
             turn: tokio::sync::Mutex::new(()),
             _slot: slot,
         }
@@ -71,18 +77,28 @@ impl WatcherImpl {
             .store
             .events(&self.range, self.position.get(), max)
             .map_err(store_error)?;
-        self.shared
-            .watch_stats
-            .moved(self.position.get(), page.through);
+        let counted = Self::countable(&self.shared, page.through);
+        self.shared.watch_stats.moved(self.counted.get(), counted);
+        self.counted.set(counted);
         self.position.set(page.through);
         metrics::counter!(crate::metrics::WATCH_EVENTS_TOTAL).increment(page.events.len() as u64);
         Ok(page)
     }
 }
 
+impl WatcherImpl {
+    /// `position`, at most the store's revision now (see `counted`).
+    fn countable(shared: &Shared, position: u64) -> u64 {
+        shared
+            .store
+            .revision()
+            .map_or(position, |head| position.min(head))
+    }
+}
+
 impl Drop for WatcherImpl {
     fn drop(&mut self) {
-        self.shared.watch_stats.closed(self.position.get());
+        self.shared.watch_stats.closed(self.counted.get());
     }
 }
 
