@@ -30,7 +30,8 @@
 //! Protocol decisions (see each handler below): calls pipelined on an answer still running
 //! wait in its queue and start, in the order sent, the moment it returns (E-order: before any
 //! later direct call on the capability it resolves to, which the peer can only send after
-//! seeing the Return); past [`EngineLimits::max_waiting_call_bytes`] of them a call fails. `noFinishNeeded` is set when results hold no capability, and the answer
+//! seeing the Return); past [`EngineLimits::max_waiting_call_bytes`] of them the connection
+//! is not read until some have started. `noFinishNeeded` is set when results hold no capability, and the answer
 //! is dropped at once; a Finish for an unknown id is ignored (clients older than Cap'n Proto
 //! 1.0 always send one). Disembargo aborts: an exports-only server never returns a promise,
 //! so no peer ever has a reason to send one. Resolve, Provide, Accept, Join and unknown
@@ -87,12 +88,14 @@ pub struct EngineLimits {
     /// How long an ended connection may take to write what it still holds: a peer that
     /// stopped reading must not keep its connection, and the connection's slot, forever.
     pub finish_timeout: std::time::Duration,
-    /// Bytes of calls held, at most, because they were pipelined on a call still running
-    /// (a watcher's waiting `next`, a write waiting for its commit). A call past it fails
-    /// at once (that call only). Without it a peer could park `max_answers` calls of the
-    /// largest frame each behind one call that waits: no other bound counts them (the
-    /// frame budget charges frames only while they arrive, the reply backlog only
-    /// replies).
+    /// Bytes of calls held because they were pipelined on a call still running (a
+    /// watcher's waiting `next`, a connection's first writes behind its `session`): past
+    /// it, the connection is not read until some of those calls have started (one frame
+    /// over it at most). Without it a peer could park `max_answers` calls of the largest
+    /// frame each behind one call that waits: no other bound counts them (the frame budget
+    /// charges frames only while they arrive, the reply backlog only replies). Not a
+    /// refusal: an honest client's first writes wait on its `session` this way, however
+    /// large.
     pub max_waiting_call_bytes: usize,
 }
 
@@ -1119,6 +1122,12 @@ impl Conn {
             self.run_fresh(calls, cx);
         }
         for _ in 0..MAX_FRAMES_PER_PASS {
+            // Calls pipelined on calls still running hold the connection's bound: nothing
+            // more is read until some start. Those calls are in `calls`, each with this
+            // task's waker: the first to return wakes the loop.
+            if self.waiting_call_bytes >= self.limits.max_waiting_call_bytes {
+                return Poll::Pending;
+            }
             // The frame source keeps a half-read frame across the loop's other wake-ups.
             let frame = match Pin::new(&mut *reader).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -1169,7 +1178,6 @@ impl Conn {
             && self.answers.consistent()
             && self.answers.len() <= self.limits.max_answers
             && self.answers.queued_bytes() == self.waiting_call_bytes
-            && self.waiting_call_bytes <= self.limits.max_waiting_call_bytes
     }
 
     fn send<A: message::Allocator>(&mut self, message: &message::Builder<A>) {
@@ -1336,23 +1344,13 @@ impl Conn {
             Ok((Target::Wait(on), ..)) => {
                 self.ensure_answer(id);
                 let bytes = message_bytes(&m);
-                let held = self.waiting_call_bytes + bytes;
-                if held > self.limits.max_waiting_call_bytes {
-                    let e = capnp::Error::overloaded(format!(
-                        "{held} bytes of calls would wait on calls still running on this \
-                         connection, above the limit of {}",
-                        self.limits.max_waiting_call_bytes
-                    ));
-                    self.settle(id, Err(e), None);
-                    return;
-                }
                 if let Some(Answer {
                     state: AnswerState::Running { queued },
                     ..
                 }) = self.answers.get_mut(on)
                 {
                     queued.push(m);
-                    self.waiting_call_bytes = held;
+                    self.waiting_call_bytes += bytes;
                 }
                 return;
             }
@@ -2270,10 +2268,12 @@ mod tests {
         });
     }
 
-    /// Calls pipelined on calls still running are held up to the connection's byte limit,
-    /// whichever call they wait on; one past it fails at once (that call only), the others
-    /// start when the call they wait on returns. (That the count follows what is held, and
-    /// comes back when they start, the tables' consistency check asserts after every step.)
+    /// Calls pipelined on calls still running are held up to the connection's byte limit;
+    /// at it, nothing more is read until they start: the call after them is read once the
+    /// call they wait on has returned (it then finds that answer gone, where the held ones
+    /// failed on its capability-free results). (That the count follows what is held, and
+    /// comes back when they start, the tables' consistency check asserts after every step
+    /// and pass.)
     #[test]
     fn calls_waiting_on_a_running_call_are_held_up_to_a_byte_limit() {
         on_local_set(async {
@@ -2288,7 +2288,7 @@ mod tests {
             for id in 2..=4 {
                 queue_get(&mut input, id, 0, b"a", Some(1));
             }
-            // Read in the same pass, before question 1 returns: still over the limit.
+            // Read once question 1 has returned: the bytes held are free again.
             queue_get(&mut input, 5, 0, b"wait", None);
             queue_get(&mut input, 6, 0, b"a", Some(5));
             let limits = EngineLimits {
@@ -2304,10 +2304,11 @@ mod tests {
                 };
                 let what = match ret.which().unwrap() {
                     return_::Which::Exception(e) => {
-                        let e = e.unwrap();
-                        match e.get_type().unwrap() {
-                            exception::Type::Overloaded => "overloaded",
-                            _ => "failed",
+                        let reason = e.unwrap().get_reason().unwrap().to_string().unwrap();
+                        if reason.contains("which has no answer") {
+                            "read after its answer went"
+                        } else {
+                            "failed on its results"
                         }
                     }
                     _ => "results",
@@ -2320,12 +2321,13 @@ mod tests {
                 [
                     (0, "results"),
                     (1, "results"),
-                    // Pipelined on results without a capability: each fails once it starts.
-                    (2, "failed"),
-                    (3, "failed"),
-                    (4, "overloaded"),
+                    // Held, then failed on results without a capability.
+                    (2, "failed on its results"),
+                    (3, "failed on its results"),
+                    // Not read while 2 and 3 held the bound.
+                    (4, "read after its answer went"),
                     (5, "results"),
-                    (6, "overloaded"),
+                    (6, "failed on its results"),
                 ]
             );
         });
