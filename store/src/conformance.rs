@@ -953,6 +953,13 @@ impl<S: Store, G: Send + Sync> Store for Guarded<S, G> {
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<crate::Entry>>, u64), StoreError> {
         self.store.get_many(keys)
     }
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<crate::ManyRead>, StoreError> {
+        self.store.get_many_within(keys, max_payload_bytes)
+    }
     fn reads_complete_at_once(&self) -> bool {
         self.store.reads_complete_at_once()
     }
@@ -1037,6 +1044,13 @@ where
     }
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<crate::Entry>>, u64), StoreError> {
         self.store.get_many(keys)
+    }
+    fn get_many_within(
+        &self,
+        keys: &[&[u8]],
+        max_payload_bytes: usize,
+    ) -> Result<Option<crate::ManyRead>, StoreError> {
+        self.store.get_many_within(keys, max_payload_bytes)
     }
     fn revision(&self) -> Result<u64, StoreError> {
         self.store.revision()

@@ -1252,16 +1252,17 @@ impl Store for MemoryStore {
     ) -> Result<Option<crate::ManyRead>, StoreError> {
         let inner = self.read();
         inner.map.prefetch(keys);
-        let mut payload = 0usize;
-        for key in keys {
-            if let Some(s) = inner.visible(key) {
-                payload = payload.saturating_add(s.key().len() + s.value().len());
-                if payload > max_payload_bytes {
-                    return Ok(None);
-                }
-            }
+        // Each key looked up once: counted, then copied from where it was found.
+        let found: Vec<Option<&Stored>> = keys.iter().map(|key| inner.visible(key)).collect();
+        let payload = found
+            .iter()
+            .flatten()
+            .map(|s| s.key().len() + s.value().len())
+            .fold(0usize, usize::saturating_add);
+        if payload > max_payload_bytes {
+            return Ok(None);
         }
-        let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
+        let entries = found.iter().map(|s| s.map(|s| s.entry(true))).collect();
         Ok(Some((entries, inner.head())))
     }
 
