@@ -31,14 +31,14 @@
 //! wait in its queue and start, in the order sent, the moment it returns (E-order: before any
 //! later direct call on the capability it resolves to, which the peer can only send after
 //! seeing the Return); past [`EngineLimits::max_waiting_call_bytes`] of them the connection
-//! is not read until some have started. `noFinishNeeded` is set when results hold no capability, and the answer
-//! is dropped at once; a Finish for an unknown id is ignored (clients older than Cap'n Proto
-//! 1.0 always send one). Disembargo aborts: an exports-only server never returns a promise,
-//! so no peer ever has a reason to send one. Resolve, Provide, Accept, Join and unknown
-//! kinds are echoed as `Unimplemented`. A call whose params carry capabilities, a
-//! `sendResultsTo` other than the caller, an unknown target or transform: that call gets an
-//! exception, the connection stays. A duplicate live question id, an over-release, or more
-//! live answers than [`EngineLimits::max_answers`]: `Abort`.
+//! is not read until some have started. `noFinishNeeded` is set when results hold no
+//! capability, and the answer is dropped at once; a Finish for an unknown id is ignored
+//! (clients older than Cap'n Proto 1.0 always send one). Disembargo aborts: an exports-only
+//! server never returns a promise, so no peer ever has a reason to send one. Resolve,
+//! Provide, Accept, Join and unknown kinds are echoed as `Unimplemented`. A call whose params
+//! carry capabilities, a `sendResultsTo` other than the caller, an unknown target or
+//! transform: that call gets an exception, the connection stays. A duplicate live question
+//! id, an over-release, or more live answers than [`EngineLimits::max_answers`]: `Abort`.
 
 use std::cell::Cell;
 use std::future::Future;
