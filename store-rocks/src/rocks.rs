@@ -901,8 +901,7 @@ impl Store for RocksStore {
     }
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
-        self.get_many_within(keys, usize::MAX)?
-            .ok_or_else(|| StoreError::Internal("no bound, yet over it".into()))
+        capkv_store::get_many_unbounded(self, keys)
     }
 
     /// Counts the records RocksDB pinned before copying any.

@@ -239,6 +239,17 @@ pub struct SpaceStats {
 /// revision they were read at.
 pub type ManyRead = (Vec<Option<Entry>>, u64);
 
+/// [`Store::get_many`] of an engine whose own [`Store::get_many_within`] does the reading:
+/// that, with no bound.
+pub fn get_many_unbounded<S: Store + ?Sized>(
+    store: &S,
+    keys: &[&[u8]],
+) -> Result<ManyRead, StoreError> {
+    store
+        .get_many_within(keys, usize::MAX)?
+        .ok_or_else(|| StoreError::Internal("a read with no bound was over it".into()))
+}
+
 /// Key and value bytes of the entries found: what a `getMany` answer carries.
 pub fn payload_bytes(entries: &[Option<Entry>]) -> usize {
     entries

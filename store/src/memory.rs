@@ -1237,14 +1237,11 @@ impl Store for MemoryStore {
     }
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<(Vec<Option<Entry>>, u64), StoreError> {
-        let inner = self.read();
-        // All the entries' cache misses at once, then the copies.
-        inner.map.prefetch(keys);
-        let entries = keys.iter().map(|key| inner.entry(key, true)).collect();
-        Ok((entries, inner.head()))
+        crate::get_many_unbounded(self, keys)
     }
 
-    /// Counts the entries' bytes where they lie before copying any.
+    /// Counts the entries' bytes where they lie before copying any (all the entries'
+    /// cache misses at once, then the counts, then the copies).
     fn get_many_within(
         &self,
         keys: &[&[u8]],
