@@ -332,6 +332,21 @@ pub(crate) struct WatchStart {
     pub(crate) started: Arc<std::sync::atomic::AtomicU64>,
 }
 
+impl WatchStart {
+    /// The revision to watch from: `from`, or, from the next write, where an earlier
+    /// attempt learned that was (0 until one did).
+    pub(crate) fn revision(&self) -> u64 {
+        Self::revision_of(self.from, &self.started)
+    }
+
+    fn revision_of(from: u64, started: &std::sync::atomic::AtomicU64) -> u64 {
+        match from {
+            0 => started.load(Ordering::Acquire),
+            from => from,
+        }
+    }
+}
+
 /// Events asked per [`Watch::next`] page.
 const WATCH_PAGE_EVENTS: u32 = 100;
 /// Time on top of a page's wait that its call may take (the round trip, a slow server).
@@ -361,33 +376,22 @@ impl Watch {
                 |c, d, spec| async move {
                     let (id, bounds, from, wait_ms, started) = &*d;
                     let start = WatchStart {
-                        from: match *from {
-                            0 => started.load(Ordering::Acquire),
-                            from => from,
-                        },
+                        from: *from,
                         started: Arc::clone(started),
                     };
                     c.watch_next_from(*id, bounds, start, (WATCH_PAGE_EVENTS, *wait_ms), spec)
                         .await
                 },
             )
-            .await;
-        let page = match page {
-            Ok(page) => page,
-            Err(e) => {
-                if self.from == 0 {
-                    self.from = self.started.load(Ordering::Acquire);
-                }
-                return Err(e);
-            }
-        };
+            .await?;
         self.from = page.revision + 1;
         Ok(page)
     }
 
-    /// The first revision not yet delivered (0 before the first page).
+    /// The first revision not yet delivered (0 before the first page, unless a watch from
+    /// the next write learned where it started: then that).
     pub fn next_revision(&self) -> u64 {
-        self.from
+        WatchStart::revision_of(self.from, &self.started)
     }
 }
 

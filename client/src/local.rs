@@ -552,11 +552,12 @@ impl LocalClient {
             }
             ScanBounds::Prefix(p) => req.get().init_range().set_prefix(p),
         }
-        req.get().set_start_revision(start.from);
+        let from = start.revision();
+        req.get().set_start_revision(from);
         // A failed watch fails the pipelined `next` on its stand-in with the same error.
         let sent = req.send();
         let w = sent.pipeline.get_result().get_watcher_cap();
-        if start.from == 0 {
+        if from == 0 {
             // From the next write: the answer says where that is (the server's revision
             // then), kept for a retry should the first page be lost.
             let started = start.started;
