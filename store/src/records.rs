@@ -11,9 +11,10 @@
 //! order only while the TTL and the clock stay put; after the TTL was lowered (it reloads)
 //! or the wall clock stepped back, the newest records expired first, went first, and a
 //! retry of a write acknowledged a moment before was applied again. A snapshot lists the
-//! records in insertion order, so that a recovery inserts them in it again. A retry of a write whose record
-//! went is applied again, so the replay window is about `max` divided by the keyed write
-//! rate (1M records at 10k keyed writes/s: 90-100 s, longer than any client's retries).
+//! records in insertion order, so that a recovery inserts them in it again. A retry of a
+//! write whose record went is applied again, so the replay window is about `max` divided by
+//! the keyed write rate (1M records at 10k keyed writes/s: 90-100 s, longer than any
+//! client's retries).
 //! Evictions are counted (a metric).
 
 use std::collections::HashMap;
