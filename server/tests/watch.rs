@@ -342,6 +342,27 @@ async fn cutting_proxy(to: std::net::SocketAddr, cut_on: &'static [u8]) -> std::
     addr
 }
 
+/// The keys of the first page of `watching`'s watch of `w/` from the next write, when
+/// `writer` puts `key` once the server holds a watcher (bounded waits: 10 s for the
+/// watcher, 3 s for the page).
+async fn first_page_after_a_put(
+    watching: &capkv_client::Client,
+    writer: &capkv_client::Client,
+    shared: &capkv_server::chain::Shared,
+    key: &'static [u8],
+) -> Vec<Vec<u8>> {
+    let mut w = watching.watch(capkv_client::ScanBounds::Prefix(b"w/".to_vec()), 0);
+    let first = tokio::spawn(async move { w.next(std::time::Duration::from_secs(3)).await });
+    let started = std::time::Instant::now();
+    while shared.watch_stats.watchers() == 0 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    writer.put(key, b"v").await.unwrap();
+    let page = first.await.unwrap().expect("a page");
+    page.events.iter().map(|e| e.entry.key.clone()).collect()
+}
+
 /// A client's watch from the next write whose first page is lost (the connection cut as
 /// the page left) goes on from the revision it started at: the retry watches from there
 /// and gets the write that page held. Watching from "the next write" again had skipped it.
@@ -355,17 +376,7 @@ fn a_watch_s_lost_first_page_is_read_again() {
         // The first page, the one holding the write, is cut.
         let watching = client(cutting_proxy(addr, b"w/a").await).await;
         let writer = client(addr).await;
-        let mut w = watching.watch(capkv_client::ScanBounds::Prefix(b"w/".to_vec()), 0);
-        let first = tokio::spawn(async move { w.next(std::time::Duration::from_secs(3)).await });
-        // Bounded: the server holds the watcher, waiting for a write.
-        let started = std::time::Instant::now();
-        while shared.watch_stats.watchers() == 0 {
-            assert!(started.elapsed() < std::time::Duration::from_secs(10));
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        writer.put(b"w/a", b"v").await.unwrap();
-        let page = first.await.unwrap().expect("a page");
-        let keys: Vec<_> = page.events.iter().map(|e| e.entry.key.clone()).collect();
+        let keys = first_page_after_a_put(&watching, &writer, &shared, b"w/a").await;
         assert_eq!(keys, [b"w/a".to_vec()], "the write the lost page held");
     });
 }
@@ -388,17 +399,7 @@ fn a_watch_refused_once_still_starts_at_the_next_write() {
         c.set_faults(ADMIN, "watch fail=unavailable times=1")
             .await
             .unwrap();
-        let mut w = c.watch(capkv_client::ScanBounds::Prefix(b"w/".to_vec()), 0);
-        let first = tokio::spawn(async move { w.next(std::time::Duration::from_secs(3)).await });
-        // Bounded: the retry's watcher is held by the server, waiting for a write.
-        let started = std::time::Instant::now();
-        while shared.watch_stats.watchers() == 0 {
-            assert!(started.elapsed() < std::time::Duration::from_secs(10));
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        c.put(b"w/new", b"v").await.unwrap();
-        let page = first.await.unwrap().expect("a page");
-        let keys: Vec<_> = page.events.iter().map(|e| e.entry.key.clone()).collect();
+        let keys = first_page_after_a_put(&c, &c, &shared, b"w/new").await;
         assert_eq!(keys, [b"w/new".to_vec()], "only what came after the watch");
     });
 }
