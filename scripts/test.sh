@@ -19,6 +19,10 @@ echo "== benchmarks, each run once (criterion's test mode: they work, not how fa
 cargo test --locked -p capkv-store --bench memory
 echo "== cargo test on capnp-rpc's RpcSystem (server and client tests)"
 CAPKV_RPC_ENGINE=capnp-rpc cargo test --locked -p capkv-server -p capkv-client
+# The server tests again with each connection a tokio task (io_loop = "tokio"), the
+# reference the worker's own readiness loop (capkv_rpc::ready) is held to, and the way back.
+echo "== cargo test with tokio tasks for connections (server tests)"
+CAPKV_IO_LOOP=tokio cargo test --locked -p capkv-server
 echo "== monitoring (promtool)"
 promtool check config monitoring/prometheus.yml
 promtool check rules monitoring/alerts.yml

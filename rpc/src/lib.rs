@@ -18,6 +18,8 @@
 //! - `skeleton`: a Call's fixed fields read by hand (the frame layer's check of a plain
 //!   Call, without capnp's checked reader), for exactly the messages capnp reads alike.
 //! - [`signal`]: a stop flag for one thread's tasks, cheaper to poll than tokio's `Notify`.
+//! - [`ready`]: a worker's own readiness loop: its connections' futures in a slab, polled
+//!   from an epoll of its own, with no tokio task or readiness state per connection.
 //! - [`hint`]: cache prefetches of a connection's scattered state at the start of its turn.
 //!
 //! It knows nothing of the kv schema.
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod frames;
 pub mod hint;
 pub mod local;
+pub mod ready;
 pub mod signal;
 mod skeleton;
 pub mod tls;

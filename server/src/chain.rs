@@ -115,6 +115,8 @@ pub struct Shared {
     pub reply_budget: Arc<capkv_rpc::backlog::ReplyBudget>,
     /// The RPC protocol implementation serving connections (not reloadable).
     pub rpc_engine: crate::config::RpcEngine,
+    /// What runs each worker's plain TCP connections (not reloadable).
+    pub io_loop: crate::config::IoLoop,
     /// Capabilities held for all connections.
     capabilities_held: Arc<AtomicUsize>,
     /// Mutual TLS on new connections, when configured (not reloadable).
@@ -380,6 +382,7 @@ impl Shared {
             buckets: std::sync::Mutex::new(HashMap::new()),
             reload: ReloadState::new(config.clone()),
             rpc_engine: config.rpc_engine,
+            io_loop: config.io_loop,
             frame_budget: Arc::new(capkv_rpc::frames::FrameBudget::new(
                 config.limits.frame_budget_bytes,
             )),

@@ -85,6 +85,27 @@ impl RpcEngine {
     }
 }
 
+/// What runs a worker's plain TCP connections (TLS connections are always tokio tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoLoop {
+    /// capkv's own readiness loop (`capkv_rpc::ready`): connections in a slab, polled from
+    /// an epoll of the worker's own.
+    #[default]
+    Capkv,
+    /// A tokio task per connection (the reference, and the way back).
+    Tokio,
+}
+
+impl IoLoop {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoLoop::Capkv => "capkv",
+            IoLoop::Tokio => "tokio",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -121,6 +142,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The RPC protocol implementation serving connections (restart to change).
     pub rpc_engine: RpcEngine,
+    /// What runs each worker's plain TCP connections (restart to change).
+    pub io_loop: IoLoop,
 }
 
 /// PEM files for mutual TLS (see `scripts/dev-ca.sh`).
@@ -410,6 +433,7 @@ impl Default for Config {
             telemetry: capkv_telemetry::TraceConfig::default(),
             tls: TlsConfig::default(),
             rpc_engine: RpcEngine::default(),
+            io_loop: IoLoop::default(),
         }
     }
 }
@@ -552,7 +576,7 @@ pub enum ConfigError {
 }
 
 /// Top-level keys that may come from the environment (see the module docs).
-const ENV_KEYS: [&str; 17] = [
+const ENV_KEYS: [&str; 18] = [
     "idempotency",
     "listen",
     "metrics_listen",
@@ -570,6 +594,7 @@ const ENV_KEYS: [&str; 17] = [
     "telemetry",
     "tls",
     "rpc_engine",
+    "io_loop",
 ];
 
 impl Config {

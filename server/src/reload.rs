@@ -5,7 +5,7 @@
 //!   `auth.rotation_overlap_s`), `limits` (new connections get new decoder limits),
 //!   `deadlines`, `idempotency`, `shutdown`, `log.level` (unless `RUST_LOG` is set).
 //! - Not reloadable (listeners, engine, data dir, storage, workers, telemetry, the fault
-//!   plan at start, `log.format`, `rpc_engine`, `limits.frame_budget_bytes`, `limits.accept_queue`, `limits.unsent_reply_budget_bytes`): a change is logged as needing a restart and otherwise ignored.
+//!   plan at start, `log.format`, `rpc_engine`, `io_loop`, `limits.frame_budget_bytes`, `limits.accept_queue`, `limits.unsent_reply_budget_bytes`): a change is logged as needing a restart and otherwise ignored.
 //! - A config that does not load or validate, or whose log filter does not parse, is
 //!   refused whole: the running one stays, and a log line says why.
 //!
@@ -77,6 +77,7 @@ impl Shared {
             ("log.format", new.log.format != old.log.format),
             ("tls", new.tls != old.tls),
             ("rpc_engine", new.rpc_engine != old.rpc_engine),
+            ("io_loop", new.io_loop != old.io_loop),
             (
                 "limits.frame_budget_bytes",
                 new.limits.frame_budget_bytes != old.limits.frame_budget_bytes,

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::chain::{Conn, Shared};
-use crate::config::{Config, Engine, RpcEngine};
+use crate::config::{Config, Engine, IoLoop, RpcEngine};
 use crate::metrics as m;
 use crate::rpc::GatewayImpl;
 use capkv_rpc::frames::{BreachCell, GuardedReader, PeerReader};
@@ -265,6 +265,7 @@ impl Server {
             workers,
             engine = config.engine.name(),
             rpc_engine = config.rpc_engine.name(),
+            io_loop = config.io_loop.name(),
             "listening"
         );
 
@@ -447,8 +448,41 @@ fn worker_main(
         tokio::task::spawn_local(crate::deadlines::run());
         let live: Live = Rc::default();
         let warm = Rc::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
+        // Plain TCP connections are served from the worker's own readiness loop, unless
+        // the config asks for tokio's tasks (TLS streams always run as tasks).
+        let ready = match shared.io_loop {
+            IoLoop::Capkv => match capkv_rpc::ready::ReadyLoop::new() {
+                Ok((ready, driver)) => {
+                    tokio::task::spawn_local(async move {
+                        let e = driver.run().await;
+                        tracing::error!(worker = index, error = %e, "readiness loop failed; its connections are closed");
+                    });
+                    Some(ready)
+                }
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "cannot start the readiness loop; serving connections as tasks");
+                    None
+                }
+            },
+            IoLoop::Tokio => None,
+        };
         while let Some(job) = rx.recv().await {
             let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+            if let (Some(ready), None) = (&ready, &shared.tls) {
+                let start = ConnStart {
+                    id,
+                    peer: job.peer,
+                    open_guard: job.open_guard,
+                    worker: index,
+                    shared: Arc::clone(&shared),
+                    live: Rc::clone(&live),
+                    warm: Rc::clone(&warm),
+                };
+                if let Err(e) = ready.serve(job.stream, |r, w| connection(start, r, w)) {
+                    tracing::warn!(peer = %job.peer, error = %e, "cannot register connection");
+                }
+                continue;
+            }
             let stream = match tokio::net::TcpStream::from_std(job.stream) {
                 Ok(s) => s,
                 Err(e) => {
@@ -577,9 +611,19 @@ impl Hangup {
     }
 }
 
-/// Starts the RPC system of one connection over its (plain or TLS) halves, reading through
-/// the frame layer, and the task that ends it (peer gone, fault, idle, breach).
+/// Starts one connection over its (plain or TLS) halves as a task of its own (see
+/// [`connection`]).
 fn start_connection<R, W>(start: ConnStart, reader: R, writer: W)
+where
+    R: PeerReader + 'static,
+    W: futures::io::AsyncWrite + Unpin + 'static,
+{
+    tokio::task::spawn_local(connection(start, reader, writer));
+}
+
+/// One connection's life: its RPC system over its halves, reading through the frame layer,
+/// until it ends (peer gone, fault, idle, breach), then its cleanup.
+fn connection<R, W>(start: ConnStart, reader: R, writer: W) -> impl Future<Output = ()>
 where
     R: PeerReader + 'static,
     W: futures::io::AsyncWrite + Unpin + 'static,
@@ -661,7 +705,7 @@ where
                 (Box::pin(serve.map_err(|e| e.to_string())), None)
             }
         };
-    tokio::task::spawn_local(async move {
+    async move {
         tracing::debug!(conn = id, %peer, worker, "connection opened");
         // What else ends a connection, polled only when it woke (not at every call).
         let side = capkv_rpc::signal::WhenWoken::new(async {
@@ -737,7 +781,7 @@ where
         live.borrow_mut().remove(&id);
         drop(open_guard);
         tracing::debug!(conn = id, %peer, "connection closed");
-    });
+    }
 }
 
 /// Why a connection ended other than by its RPC loop ending.

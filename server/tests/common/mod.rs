@@ -35,8 +35,9 @@ pub fn read_repo_file(rel: &str) -> String {
     std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
-/// The tests' server config. `CAPKV_RPC_ENGINE` (`capnp-rpc` or `capkv`), which spawned
-/// kv-server processes read too, picks the RPC engine, so the whole suite runs on either.
+/// The tests' server config. `CAPKV_RPC_ENGINE` (`capnp-rpc` or `capkv`) and
+/// `CAPKV_IO_LOOP` (`capkv` or `tokio`), which spawned kv-server processes read too, pick
+/// the RPC engine and what runs connections, so the whole suite runs on either.
 pub fn test_config() -> Config {
     let mut config = Config::local_ephemeral();
     match std::env::var("CAPKV_RPC_ENGINE").as_deref() {
@@ -44,6 +45,12 @@ pub fn test_config() -> Config {
         Ok("capnp-rpc") => config.rpc_engine = capkv_server::config::RpcEngine::CapnpRpc,
         Err(_) => {}
         Ok(other) => panic!("CAPKV_RPC_ENGINE={other}: capnp-rpc or capkv"),
+    }
+    match std::env::var("CAPKV_IO_LOOP").as_deref() {
+        Ok("capkv") => config.io_loop = capkv_server::config::IoLoop::Capkv,
+        Ok("tokio") => config.io_loop = capkv_server::config::IoLoop::Tokio,
+        Err(_) => {}
+        Ok(other) => panic!("CAPKV_IO_LOOP={other}: capkv or tokio"),
     }
     config
 }
