@@ -70,6 +70,8 @@ pub struct Driver {
 }
 
 struct Inner {
+    /// The driver ended (its epoll failed): new connections must go elsewhere.
+    failed: Cell<bool>,
     registry: mio::Registry,
     conns: RefCell<Slab<Entry>>,
     woken: Arc<Woken>,
@@ -202,6 +204,7 @@ impl ReadyLoop {
         let poll = mio::Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let inner = Rc::new(Inner {
+            failed: Cell::new(false),
             registry,
             conns: RefCell::new(Slab::new()),
             woken: Arc::default(),
@@ -275,9 +278,15 @@ impl ReadyLoop {
         Ok(())
     }
 
-    /// Connections being served.
+    /// The driver runs (or has not started): [`serve`](Self::serve) may be used. False
+    /// once it ended on an error.
+    pub fn is_running(&self) -> bool {
+        !self.inner.failed.get()
+    }
+
+    /// Connections being served (0 while asked from inside one of them).
     pub fn len(&self) -> usize {
-        self.inner.conns.borrow().len()
+        self.inner.conns.try_borrow().map_or(0, |c| c.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -290,6 +299,7 @@ impl Driver {
     /// sockets close); the worker logs why.
     pub async fn run(mut self) -> ReadyError {
         let err = std::future::poll_fn(|cx| self.turn(cx)).await;
+        self.inner.failed.set(true);
         self.inner.conns.borrow_mut().clear();
         err
     }

@@ -455,7 +455,7 @@ fn worker_main(
                 Ok((ready, driver)) => {
                     tokio::task::spawn_local(async move {
                         let e = driver.run().await;
-                        tracing::error!(worker = index, error = %e, "readiness loop failed; its connections are closed");
+                        tracing::error!(worker = index, error = %e, "readiness loop failed: its connections are closed, new ones run as tasks");
                     });
                     Some(ready)
                 }
@@ -468,7 +468,8 @@ fn worker_main(
         };
         while let Some(job) = rx.recv().await {
             let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-            if let (Some(ready), None) = (&ready, &shared.tls) {
+            // (A loop whose epoll failed is passed over: connections become tasks again.)
+            if let (Some(ready), None) = (ready.as_ref().filter(|r| r.is_running()), &shared.tls) {
                 let start = ConnStart {
                     id,
                     peer: job.peer,
