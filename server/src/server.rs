@@ -107,6 +107,9 @@ pub enum ServerError {
     Log(#[from] capkv_store::logged::LogError),
     #[error("cannot start worker thread: {0}")]
     Worker(std::io::Error),
+    /// A worker thread started but could not build its runtime (it logged why).
+    #[error("{failed} of {workers} workers failed to start")]
+    WorkersFailed { failed: usize, workers: usize },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::ExporterError),
     #[error(transparent)]
@@ -251,12 +254,23 @@ impl Server {
             handles.push(handle);
         }
         drop(ready_tx);
-        // Announce `listening` only once every worker can serve (a worker that failed to
-        // start has logged why and dropped its sender).
-        for _ in 0..workers {
-            if ready_rx.recv().await.is_none() {
-                break;
+        // Announce `listening` only once every worker can serve. A worker that failed to
+        // start has logged why and dropped its sender: the server does not start, rather
+        // than handing every Nth connection to a worker that drops it.
+        let mut started = 0;
+        while started < workers && ready_rx.recv().await.is_some() {
+            started += 1;
+        }
+        if started < workers {
+            // Their queues closed, the workers that did start end.
+            drop(senders);
+            for h in handles {
+                let _ = tokio::task::spawn_blocking(move || h.join()).await;
             }
+            return Err(ServerError::WorkersFailed {
+                failed: workers - started,
+                workers,
+            });
         }
         let addr = listener.local_addr().unwrap_or(config.listen);
         tracing::info!(
