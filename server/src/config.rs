@@ -643,6 +643,18 @@ impl Config {
         if l.max_value_bytes > 64 * 1024 * 1024 {
             return fail("limits.max_value_bytes must be at most 64 MiB");
         }
+        // Upper bounds, so that sums of limits (one request's bytes, a reply's) cannot wrap
+        // and a typo cannot make one message as large as memory: a key is a name (etcd's
+        // whole request is at most 1.5 MiB), a scan page is read into memory at once.
+        if l.max_key_bytes > 1024 * 1024 {
+            return fail("limits.max_key_bytes must be at most 1 MiB");
+        }
+        if l.max_scan_bytes > 256 * 1024 * 1024 {
+            return fail("limits.max_scan_bytes must be at most 256 MiB");
+        }
+        if l.max_scan_limit > 1_000_000 {
+            return fail("limits.max_scan_limit must be at most 1000000");
+        }
         if l.max_batch_items == 0 || l.max_batch_items > 100_000 {
             return fail("limits.max_batch_items must be in 1..=100000");
         }
@@ -1028,6 +1040,18 @@ mod tests {
                 (
                     "[storage]\nmemory_max_records = 0\n",
                     "storage.memory_max_records",
+                ),
+                (
+                    "[limits]\nmax_key_bytes = 1048577\n",
+                    "limits.max_key_bytes must be at most",
+                ),
+                (
+                    "[limits]\nmax_scan_bytes = 268435457\n",
+                    "limits.max_scan_bytes must be at most",
+                ),
+                (
+                    "[limits]\nmax_scan_limit = 1000001\n",
+                    "limits.max_scan_limit must be at most",
                 ),
                 (
                     "[auth]\ntoken = \"same-secret\"\n[admin]\ntoken = \"same-secret\"\n",
