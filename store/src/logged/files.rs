@@ -421,6 +421,12 @@ pub(crate) fn read_snapshot(
     mut each: impl FnMut(u8, &[u8]) -> Result<(), String>,
 ) -> Result<(), String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A damaged header may declare up to 4 GiB: what is left of the file bounds it, before
+    // anything is allocated for it (the checksum can only be checked once it is read).
+    let mut left = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut payload = Vec::new();
     loop {
@@ -431,6 +437,14 @@ pub(crate) fn read_snapshot(
         if len == 0 {
             return Err(format!("{}: a frame of length 0", path.display()));
         }
+        left = left.saturating_sub(8);
+        if len as u64 > left {
+            return Err(format!(
+                "{}: a frame declares {len} bytes, past the file's end ({left} left)",
+                path.display()
+            ));
+        }
+        left -= len as u64;
         payload.resize(len, 0);
         r.read_exact(&mut payload)
             .map_err(|e| format!("{}: a frame runs past the file ({e})", path.display()))?;
@@ -511,5 +525,19 @@ mod tests {
         let whole = fs::read(&path).unwrap();
         fs::write(&path, &whole[..whole.len() - 9]).unwrap();
         assert!(read_snapshot(&path, |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_file_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = snapshot_path(dir.path(), 4);
+        // A header declaring 4 GiB - 1, then a few bytes: refused by the file's size, not
+        // by reading (and allocating) what it declares.
+        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 4]);
+        bytes.extend_from_slice(b"short");
+        fs::write(&path, &bytes).unwrap();
+        let e = read_snapshot(&path, |_, _| Ok(())).unwrap_err();
+        assert!(e.contains("past the file's end (5 left)"), "{e}");
     }
 }
