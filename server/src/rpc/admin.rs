@@ -164,9 +164,18 @@ impl admin::Server for AdminImpl {
             Method::ReloadConfig,
             |this, p, _call| {
                 tracing::info!(peer = %this.conn.peer, "configuration reload requested by admin");
-                this.shared
-                    .reload()
-                    .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))
+                // Reading and parsing the file is blocking I/O: off the worker, whose other
+                // connections keep being served (as the SIGHUP reload does).
+                let shared = Arc::clone(&this.shared);
+                match tokio::task::spawn_blocking(move || shared.reload()).await {
+                    Ok(r) => {
+                        r.map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e.to_string()))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "configuration reload task failed");
+                        Err(ApiError::new(ErrorCode::Internal, "reload task failed"))
+                    }
+                }
             },
             set_ok = |changes| changes.as_str()
         )
