@@ -1014,9 +1014,11 @@ impl Client {
     /// Makes the server write a checkpoint (a backup) of its store into `dir`, a path on
     /// the server's machine that must not exist yet.
     pub async fn checkpoint(&self, admin_token: &str, dir: &str) -> Result<(), ApiError> {
+        // Not repeated once it may have run: a second checkpoint into the same directory
+        // is refused (it exists), which would hide that the first one was written.
         self.call(
             "checkpoint",
-            Safety::Idempotent,
+            Safety::NotIdempotent,
             (admin_token.to_string(), dir.to_string()),
             |c, t, d| async move { c.checkpoint(&t.0, &t.1, d).await },
         )
