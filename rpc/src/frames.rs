@@ -410,10 +410,10 @@ pub trait PeerReader: AsyncRead + Unpin {
 }
 
 /// Over TLS the reason cannot be written beside the TLS writer; the connection just ends.
-impl PeerReader
-    for tokio_util::compat::Compat<
-        tokio::io::ReadHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-    >
+impl<S> PeerReader
+    for tokio_util::compat::Compat<tokio::io::ReadHalf<tokio_rustls::server::TlsStream<S>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn try_send(&self, _: &[u8]) {}
 }

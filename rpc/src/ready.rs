@@ -3,13 +3,15 @@
 //! per connection. The map:
 //!
 //! - [`ReadyLoop`]: the handle a worker serves a new connection through
-//!   ([`ReadyLoop::serve`]); the connection is a future built over the socket's two halves.
+//!   ([`ReadyLoop::serve`]); the connection is a future built over its socket.
 //! - [`Driver`]: the loop itself, one tokio task on the worker's `LocalSet`. Its sockets
 //!   are registered (edge-triggered) with an epoll of its own, which tokio's reactor watches
 //!   as one file descriptor: tokio's timers, channels and other tasks keep working for the
 //!   connections, and the thread still parks in tokio's reactor.
-//! - [`SocketReader`], [`SocketWriter`]: the socket's halves (futures' `AsyncRead` and
-//!   `AsyncWrite`), which keep its readiness in two flags the driver sets from its events.
+//! - [`ReadySocket`]: the connection's socket as handed to it, whole (tokio's `AsyncRead`
+//!   and `AsyncWrite`, for a TLS stream over it) or split into [`SocketReader`] and
+//!   [`SocketWriter`] (futures' traits), which keep its readiness in two flags the driver
+//!   sets from its events.
 //!
 //! Why: with 1,000 connections and one call in flight on each, every call went through
 //! tokio's readiness (`ScheduledIo::wake`), its task queue and the task's own poll
@@ -223,12 +225,12 @@ impl ReadyLoop {
         Ok((ReadyLoop { inner }, driver))
     }
 
-    /// Serves `stream` with the future `make` builds over its halves, polled by the driver
+    /// Serves `stream` with the future `make` builds over it, polled by the driver
     /// from its next turn until it ends (then the socket closes). Must not be called from
     /// inside one of this loop's connections.
     pub fn serve<F, M>(&self, stream: std::net::TcpStream, make: M) -> Result<(), ReadyError>
     where
-        M: FnOnce(SocketReader, SocketWriter) -> F,
+        M: FnOnce(ReadySocket) -> F,
         F: Future<Output = ()> + 'static,
     {
         stream.set_nonblocking(true)?;
@@ -263,10 +265,7 @@ impl ReadyLoop {
             other_read: RefCell::default(),
             other_write: RefCell::default(),
         });
-        let fut = make(
-            SocketReader(Rc::clone(&socket)),
-            SocketWriter(Rc::clone(&socket)),
-        );
+        let fut = make(ReadySocket(Rc::clone(&socket)));
         slot.insert(Entry {
             fut: Box::pin(fut),
             socket,
@@ -398,11 +397,78 @@ fn poll_entry(conns: &mut Slab<Entry>, key: usize) {
     }
 }
 
-/// A connection socket's read half.
+/// A connection's socket as the loop hands it over: whole (tokio's `AsyncRead` and
+/// `AsyncWrite`, for a TLS stream over it), or [split](Self::split) into its halves.
+pub struct ReadySocket(Rc<Socket>);
+
+/// A connection socket's read half (futures' `AsyncRead`).
 pub struct SocketReader(Rc<Socket>);
 
-/// A connection socket's write half.
+/// A connection socket's write half (futures' `AsyncWrite`).
 pub struct SocketWriter(Rc<Socket>);
+
+impl ReadySocket {
+    pub fn split(self) -> (SocketReader, SocketWriter) {
+        (SocketReader(Rc::clone(&self.0)), SocketWriter(self.0))
+    }
+}
+
+impl Socket {
+    fn poll_read(&self, cx: &Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if !self.readable.get() {
+            self.wait(cx, false);
+            return Poll::Pending;
+        }
+        loop {
+            match (&self.stream).read(buf) {
+                Ok(n) => {
+                    if 0 < n && n < buf.len() && !self.read_closed.get() {
+                        self.readable.set(false);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable.set(self.read_closed.get());
+                    self.wait(cx, false);
+                    return Poll::Pending;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write(&self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if !self.writable.get() {
+            self.wait(cx, true);
+            return Poll::Pending;
+        }
+        loop {
+            match (&self.stream).write(buf) {
+                Ok(n) => {
+                    if 0 < n && n < buf.len() && !self.write_closed.get() {
+                        self.writable.set(false);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable.set(self.write_closed.get());
+                    self.wait(cx, true);
+                    return Poll::Pending;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn shutdown(&self) -> Poll<io::Result<()>> {
+        Poll::Ready(match self.stream.shutdown(std::net::Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+            _ => Ok(()),
+        })
+    }
+}
 
 impl crate::frames::PeerReader for SocketReader {
     /// Best effort and never blocking (the frame layer's `Abort` on a breach): a full
@@ -418,28 +484,7 @@ impl futures::io::AsyncRead for SocketReader {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        let s = &*self.0;
-        if !s.readable.get() {
-            s.wait(cx, false);
-            return Poll::Pending;
-        }
-        loop {
-            match (&s.stream).read(buf) {
-                Ok(n) => {
-                    if 0 < n && n < buf.len() && !s.read_closed.get() {
-                        s.readable.set(false);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    s.readable.set(s.read_closed.get());
-                    s.wait(cx, false);
-                    return Poll::Pending;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        self.0.poll_read(cx, buf)
     }
 }
 
@@ -449,28 +494,7 @@ impl futures::io::AsyncWrite for SocketWriter {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let s = &*self.0;
-        if !s.writable.get() {
-            s.wait(cx, true);
-            return Poll::Pending;
-        }
-        loop {
-            match (&s.stream).write(buf) {
-                Ok(n) => {
-                    if 0 < n && n < buf.len() && !s.write_closed.get() {
-                        s.writable.set(false);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    s.writable.set(s.write_closed.get());
-                    s.wait(cx, true);
-                    return Poll::Pending;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        self.0.poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -478,10 +502,42 @@ impl futures::io::AsyncWrite for SocketWriter {
     }
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(match self.0.stream.shutdown(std::net::Shutdown::Write) {
-            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-            _ => Ok(()),
-        })
+        self.0.shutdown()
+    }
+}
+
+impl tokio::io::AsyncRead for ReadySocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.0.poll_read(cx, buf.initialize_unfilled()) {
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadySocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.shutdown()
     }
 }
 
@@ -523,6 +579,11 @@ mod tests {
         (client, server)
     }
 
+    fn served_by_echo(s: ReadySocket) -> impl Future<Output = ()> {
+        let (r, w) = s.split();
+        echo(r, w)
+    }
+
     /// Echoes what it reads until the peer hangs up.
     async fn echo(mut r: SocketReader, mut w: SocketWriter) {
         let mut buf = vec![0u8; 4096];
@@ -556,7 +617,7 @@ mod tests {
             let mut clients = Vec::new();
             for _ in 0..50 {
                 let (client, server) = pair(&listener).await;
-                ready.serve(server, echo).expect("serve");
+                ready.serve(server, served_by_echo).expect("serve");
                 clients.push(client);
             }
             for round in 0..3u8 {
@@ -579,7 +640,7 @@ mod tests {
     fn a_full_socket_is_written_again_when_it_drains() {
         with_loop(|ready, listener| async move {
             let (mut client, server) = pair(&listener).await;
-            ready.serve(server, echo).expect("serve");
+            ready.serve(server, served_by_echo).expect("serve");
             // Far more than both socket buffers: the echo's writes find the socket full.
             let sent: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
             let (mut rd, mut wr) = client.split();
@@ -601,7 +662,8 @@ mod tests {
             let (mut client, server) = pair(&listener).await;
             let (tx, rx) = futures::channel::oneshot::channel::<u8>();
             ready
-                .serve(server, move |_r, mut w| async move {
+                .serve(server, move |s| async move {
+                    let (_r, mut w) = s.split();
                     if let Ok(b) = rx.await {
                         let _ = w.write_all(&[b]).await;
                     }
@@ -625,7 +687,8 @@ mod tests {
             let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
             let to_send = sent.clone();
             ready
-                .serve(server, move |_r, mut w| {
+                .serve(server, move |s| {
+                    let (_r, mut w) = s.split();
                     // The writing is another task's (as capnp-rpc's flush task): the socket
                     // fills, and only a wake of that task gets the rest out.
                     let task = tokio::task::spawn_local(async move {

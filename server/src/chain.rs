@@ -115,7 +115,7 @@ pub struct Shared {
     pub reply_budget: Arc<capkv_rpc::backlog::ReplyBudget>,
     /// The RPC protocol implementation serving connections (not reloadable).
     pub rpc_engine: crate::config::RpcEngine,
-    /// What runs each worker's plain TCP connections (not reloadable).
+    /// What runs each worker's connections (not reloadable).
     pub io_loop: crate::config::IoLoop,
     /// Capabilities held for all connections.
     capabilities_held: Arc<AtomicUsize>,

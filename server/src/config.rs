@@ -85,7 +85,7 @@ impl RpcEngine {
     }
 }
 
-/// What runs a worker's plain TCP connections (TLS connections are always tokio tasks).
+/// What runs a worker's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum IoLoop {
@@ -142,7 +142,7 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The RPC protocol implementation serving connections (restart to change).
     pub rpc_engine: RpcEngine,
-    /// What runs each worker's plain TCP connections (restart to change).
+    /// What runs each worker's connections (restart to change).
     pub io_loop: IoLoop,
 }
 

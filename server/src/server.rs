@@ -56,7 +56,7 @@ static LINGERING: AtomicUsize = AtomicUsize::new(0);
 /// [`REFUSAL_LINGER_BYTES`]. Past [`MAX_LINGERING_REFUSALS`] at once it closes at once.
 /// Closed at once, a socket holding the client's first calls (unread) sends a reset, and
 /// the client's kernel drops the refusal with it before the client reads it.
-async fn linger(stream: tokio::net::TcpStream) {
+async fn linger<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: S) {
     /// Counted out however the linger ends: dropped half-way too (its runtime shutting
     /// down), or each such drop would leave the count one higher for good, and after 64 of
     /// them every refusal would close at once.
@@ -73,7 +73,7 @@ async fn linger(stream: tokio::net::TcpStream) {
     }
 }
 
-async fn linger_now(mut stream: tokio::net::TcpStream) {
+async fn linger_now<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if stream.shutdown().await.is_err() {
         return;
@@ -453,6 +453,23 @@ fn worker_main(
         }
     };
     shared.store.worker_started();
+    // Connections (plain or TLS) are served from the worker's own readiness loop, unless
+    // the config asks for a tokio task each. Made before the worker says it is ready (its
+    // epoll is part of what a started server holds), in the runtime's context (tokio's
+    // reactor watches that epoll).
+    let ready_loop = match shared.io_loop {
+        IoLoop::Capkv => {
+            let _entered = rt.enter();
+            match capkv_rpc::ready::ReadyLoop::new() {
+                Ok(made) => Some(made),
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "cannot start the readiness loop; serving connections as tasks");
+                    None
+                }
+            }
+        }
+        IoLoop::Tokio => None,
+    };
     // Outside any runtime on this thread: a blocking send is allowed here.
     let _ = ready.blocking_send(());
     drop(ready);
@@ -462,38 +479,39 @@ fn worker_main(
         tokio::task::spawn_local(crate::deadlines::run());
         let live: Live = Rc::default();
         let warm = Rc::new(crate::rpc::Warm::new(Arc::clone(&shared.store)));
-        // Plain TCP connections are served from the worker's own readiness loop, unless
-        // the config asks for tokio's tasks (TLS streams always run as tasks).
-        let ready = match shared.io_loop {
-            IoLoop::Capkv => match capkv_rpc::ready::ReadyLoop::new() {
-                Ok((ready, driver)) => {
-                    tokio::task::spawn_local(async move {
-                        let e = driver.run().await;
-                        tracing::error!(worker = index, error = %e, "readiness loop failed: its connections are closed, new ones run as tasks");
-                    });
-                    Some(ready)
-                }
-                Err(e) => {
-                    tracing::error!(worker = index, error = %e, "cannot start the readiness loop; serving connections as tasks");
-                    None
-                }
-            },
-            IoLoop::Tokio => None,
-        };
+        let ready = ready_loop.map(|(ready, driver)| {
+            tokio::task::spawn_local(async move {
+                let e = driver.run().await;
+                tracing::error!(worker = index, error = %e, "readiness loop failed: its connections are closed, new ones run as tasks");
+            });
+            ready
+        });
         while let Some(job) = rx.recv().await {
-            let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+            let start = ConnStart {
+                id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                peer: job.peer,
+                open_guard: job.open_guard,
+                worker: index,
+                shared: Arc::clone(&shared),
+                live: Rc::clone(&live),
+                warm: Rc::clone(&warm),
+            };
+            // The handshake gets the frame timeout; a peer that cannot prove itself with a
+            // certificate from the CA never reaches the RPC system.
+            let tls = shared
+                .tls
+                .clone()
+                .map(|acceptor| (acceptor, shared.tunables().frames.frame_timeout));
             // (A loop whose epoll failed is passed over: connections become tasks again.)
-            if let (Some(ready), None) = (ready.as_ref().filter(|r| r.is_running()), &shared.tls) {
-                let start = ConnStart {
-                    id,
-                    peer: job.peer,
-                    open_guard: job.open_guard,
-                    worker: index,
-                    shared: Arc::clone(&shared),
-                    live: Rc::clone(&live),
-                    warm: Rc::clone(&warm),
+            if let Some(ready) = ready.as_ref().filter(|r| r.is_running()) {
+                let served = match tls {
+                    None => ready.serve(job.stream, |socket| {
+                        let (r, w) = socket.split();
+                        connection(start, r, w)
+                    }),
+                    Some(tls) => ready.serve(job.stream, |socket| tls_connection(start, tls, socket)),
                 };
-                if let Err(e) = ready.serve(job.stream, |r, w| connection(start, r, w)) {
+                if let Err(e) = served {
                     tracing::warn!(peer = %job.peer, error = %e, "cannot register connection");
                 }
                 continue;
@@ -505,53 +523,13 @@ fn worker_main(
                     continue;
                 }
             };
-            let start = ConnStart {
-                id,
-                peer: job.peer,
-                open_guard: job.open_guard,
-                worker: index,
-                shared: Arc::clone(&shared),
-                live: Rc::clone(&live),
-                warm: Rc::clone(&warm),
-            };
-            match shared.tls.clone() {
+            match tls {
                 None => {
                     let (r, w) = stream.into_split();
                     start_connection(start, r.compat(), w.compat_write());
                 }
-                Some(acceptor) => {
-                    // The handshake gets the frame timeout; a peer that cannot prove
-                    // itself with a certificate from the CA never reaches the RPC system.
-                    let timeout = shared.tunables().frames.frame_timeout;
-                    tokio::task::spawn_local(async move {
-                        let peer = start.peer;
-                        let (reason, refused) = match tokio::time::timeout(
-                            timeout,
-                            acceptor.accept(stream).into_fallible(),
-                        )
-                        .await
-                        {
-                            Ok(Ok(tls)) => {
-                                let (r, w) = tokio::io::split(tls);
-                                start_connection(start, r.compat(), w.compat_write());
-                                return;
-                            }
-                            Ok(Err((e, stream))) => {
-                                tracing::warn!(%peer, error = %e, "TLS handshake refused");
-                                ("tls_handshake", Some(stream))
-                            }
-                            Err(_) => {
-                                tracing::warn!(%peer, "TLS handshake timed out");
-                                ("tls_timeout", None)
-                            }
-                        };
-                        metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => reason)
-                            .increment(1);
-                        // A refusal's alert is sent: let the client read it.
-                        if let Some(stream) = refused {
-                            linger(stream).await;
-                        }
-                    });
+                Some(tls) => {
+                    tokio::task::spawn_local(tls_connection(start, tls, stream));
                 }
             }
         }
@@ -567,6 +545,39 @@ fn worker_main(
             }
         }
     });
+}
+
+/// A TLS connection: its handshake within `tls`'s timeout, then its [`connection`] over
+/// the TLS stream; a refused handshake's alert is left for the client to read.
+async fn tls_connection<S>(
+    start: ConnStart,
+    (acceptor, timeout): (tokio_rustls::TlsAcceptor, Duration),
+    stream: S,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let peer = start.peer;
+    let (reason, refused) =
+        match tokio::time::timeout(timeout, acceptor.accept(stream).into_fallible()).await {
+            Ok(Ok(tls)) => {
+                let (r, w) = tokio::io::split(tls);
+                connection(start, r.compat(), w.compat_write()).await;
+                return;
+            }
+            Ok(Err((e, stream))) => {
+                tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                ("tls_handshake", Some(stream))
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "TLS handshake timed out");
+                ("tls_timeout", None)
+            }
+        };
+    metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
+    // A refusal's alert is sent: let the client read it.
+    if let Some(stream) = refused {
+        linger(stream).await;
+    }
 }
 
 /// Connection ids, unique in the process (logs, metrics).
