@@ -415,45 +415,45 @@ impl ReadySocket {
 
 impl Socket {
     fn poll_read(&self, cx: &Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        if !self.readable.get() {
-            self.wait(cx, false);
-            return Poll::Pending;
-        }
-        loop {
-            match (&self.stream).read(buf) {
-                Ok(n) => {
-                    if 0 < n && n < buf.len() && !self.read_closed.get() {
-                        self.readable.set(false);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable.set(self.read_closed.get());
-                    self.wait(cx, false);
-                    return Poll::Pending;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let len = buf.len();
+        self.io(cx, false, len, |mut s| s.read(buf))
     }
 
     fn poll_write(&self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if !self.writable.get() {
-            self.wait(cx, true);
+        self.io(cx, true, buf.len(), |mut s| s.write(buf))
+    }
+
+    /// One read (`write`: one write) of up to `len` bytes by `op`, in step with that half's
+    /// readiness: not tried while the half is not ready, and not ready once it found the
+    /// socket dry or full (a `WouldBlock`, or fewer bytes than asked), unless the peer's
+    /// end or an error made it ready for good. Whoever then waits is noted ([`Self::wait`]).
+    fn io(
+        &self,
+        cx: &Context<'_>,
+        write: bool,
+        len: usize,
+        mut op: impl FnMut(&mio::net::TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let (ready, closed) = if write {
+            (&self.writable, &self.write_closed)
+        } else {
+            (&self.readable, &self.read_closed)
+        };
+        if !ready.get() {
+            self.wait(cx, write);
             return Poll::Pending;
         }
         loop {
-            match (&self.stream).write(buf) {
+            match op(&self.stream) {
                 Ok(n) => {
-                    if 0 < n && n < buf.len() && !self.write_closed.get() {
-                        self.writable.set(false);
+                    if 0 < n && n < len && !closed.get() {
+                        ready.set(false);
                     }
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.writable.set(self.write_closed.get());
-                    self.wait(cx, true);
+                    ready.set(closed.get());
+                    self.wait(cx, write);
                     return Poll::Pending;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
