@@ -43,6 +43,9 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Far below the 30 s of injected latency, far above a loaded machine's scheduling delays.
+const LATENCY_BOUND: Duration = Duration::from_secs(10);
+
 #[test]
 fn a_spent_budget_ends_the_call_and_stops_the_work() {
     let mut config = common::test_config();
@@ -53,7 +56,10 @@ fn a_spent_budget_ends_the_call_and_stops_the_work() {
     let server = common::start(config);
     rt().block_on(async {
         let c = client(&server, RetryPolicy::none()).await;
-        c.set_faults(ADMIN, "put latency=300ms").await.unwrap();
+        // The injected latency is far past the budget, so that "ended by the deadline"
+        // and "the work was dropped" hold whatever this machine's load: only a server that
+        // waited out the latency, or kept running the work, takes anywhere near it.
+        c.set_faults(ADMIN, "put latency=30s").await.unwrap();
         let started = Instant::now();
         let e = c
             .with_timeout(Duration::from_millis(100))
@@ -62,20 +68,18 @@ fn a_spent_budget_ends_the_call_and_stops_the_work() {
             .unwrap_err();
         let elapsed = started.elapsed();
         assert_eq!(e.code, ErrorCode::DeadlineExceeded, "{e}");
-        eprintln!("deadlineExceeded after {elapsed:?} (budget 100 ms, injected latency 300 ms)");
         assert!(elapsed >= Duration::from_millis(100), "{elapsed:?}");
         assert!(
-            elapsed < Duration::from_millis(300),
+            elapsed < LATENCY_BOUND,
             "ended by the deadline, not by the latency: {elapsed:?}"
         );
         // The slot is freed by the server's own deadline, which runs from the call's
-        // arrival and so ends a moment after the client's: wait (bounded) for it, then
-        // check it came long before the 300 ms of injected latency: the work was dropped,
-        // not left running.
+        // arrival and so ends a moment after the client's: wait (bounded) for it, long
+        // before the injected latency ends: the work was dropped, not left running.
         let shared = server.shared();
         while shared.in_flight() > 0 {
             assert!(
-                started.elapsed() < Duration::from_millis(300),
+                started.elapsed() < LATENCY_BOUND,
                 "the slot was still held after {:?}",
                 started.elapsed()
             );
