@@ -79,12 +79,12 @@ struct Inner {
     woken: Arc<Woken>,
 }
 
-/// One connection: its future, its socket's readiness, and its waker.
+/// One connection: its future, its socket (with its readiness and the waker its future
+/// is polled with, [`Socket::own`]), and that waker's queue state.
 struct Entry {
     fut: Pin<Box<dyn Future<Output = ()>>>,
     socket: Rc<Socket>,
     wake: Arc<ConnWake>,
-    waker: Waker,
 }
 
 /// Connections whose waker fired, for the driver's next turn.
@@ -138,7 +138,8 @@ struct Socket {
     want_read: Cell<bool>,
     /// The future waits for `writable`: the next writable event polls it.
     want_write: Cell<bool>,
-    /// The connection's waker, to tell its own polls from another task's.
+    /// The connection's waker: what its future is polled with, and how its own polls are
+    /// told from another task's.
     own: Waker,
     /// Another task of the thread waits for `readable` (woken at the next readable event):
     /// a half polled from outside the connection's future, such as capnp-rpc's flush task.
@@ -270,7 +271,6 @@ impl ReadyLoop {
             fut: Box::pin(fut),
             socket,
             wake,
-            waker: waker.clone(),
         });
         // Its first poll, at the driver's next turn.
         waker.wake();
@@ -390,7 +390,7 @@ fn poll_entry(conns: &mut Slab<Entry>, key: usize) {
     let Some(entry) = conns.get_mut(key) else {
         return;
     };
-    let mut cx = Context::from_waker(&entry.waker);
+    let mut cx = Context::from_waker(&entry.socket.own);
     if entry.fut.as_mut().poll(&mut cx).is_ready() {
         // Its future and socket go (the descriptor's close takes it out of the epoll).
         drop(conns.remove(key));
