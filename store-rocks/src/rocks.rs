@@ -248,6 +248,10 @@ struct Counters {
     /// Failpoint: the next commit fails as RocksDB's write would (tests only).
     #[cfg(test)]
     fail_next_commit: std::sync::atomic::AtomicBool,
+    /// Failpoint: the Nth version lookup from now fails as a RocksDB read would; 0 is off
+    /// (tests only).
+    #[cfg(test)]
+    fail_version_lookup: AtomicU64,
 }
 
 /// The durable engine. Dropping it commits what is queued and closes the database.
@@ -1319,6 +1323,15 @@ impl Committer {
     /// Like [`current`](Self::current) without copying the value: what puts and deletes
     /// need, once per write on the committer's hot path.
     fn version(&self, g: &Group, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        #[cfg(test)]
+        if self.counters.fail_version_lookup.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |n| n.checked_sub(1),
+        ) == Ok(1)
+        {
+            return Err(StoreError::Unavailable("injected read failure".into()));
+        }
         if let Some(v) = g.latest.get(key) {
             return Ok(v.as_ref().map(|(version, _)| *version));
         }
@@ -1579,6 +1592,21 @@ impl Committer {
         outcome
     }
 
+    /// Takes back what deciding a group that will not be written left outside its batch.
+    fn forget_group(&mut self) {
+        // Not needed for correctness (only commits update it), but a failed write may
+        // leave the database in a state worth reading afresh.
+        self.versions.borrow_mut().clear();
+        // The group's lease changes were made in memory as it was decided: take the state
+        // back to what is on disk.
+        match load_leases(&self.db) {
+            Ok(on_disk) => *lock(&self.leases) = on_disk,
+            Err(detail) => {
+                tracing::error!(error = %detail, "reloading leases after a group was not written")
+            }
+        }
+    }
+
     fn commit(&mut self, ops: &mut Vec<Op>) {
         let mut g = Group {
             batch: WriteBatch::default(),
@@ -1591,14 +1619,31 @@ impl Committer {
             events: Vec::new(),
         };
         let count = ops.len() as u64;
+        // A write that fails after it changed the group (a read error halfway through a
+        // lease's keys) cannot be taken out of the batch alone: then nothing of the group
+        // is written and every write in it fails, as when the commit itself fails. Writes
+        // refused before they change anything (a condition, a missing lease) fail alone.
+        let mut failure = None;
         let decided: Vec<(Op, Result<WriteOutcome, StoreError>)> = ops
             .drain(..)
             .map(|op| {
+                if failure.is_some() {
+                    return (op, Err(StoreError::Unavailable("not decided".into())));
+                }
+                let before = (g.batch.len(), g.revision, g.records.len());
                 let r = self.decide(&mut g, &op);
+                if let Err(e) = &r {
+                    if (g.batch.len(), g.revision, g.records.len()) != before {
+                        tracing::error!(error = %e, "a write failed partway; its group is not written");
+                        failure = Some(e.clone());
+                    }
+                }
                 (op, r)
             })
             .collect();
-        let mut failure = None;
+        if failure.is_some() {
+            self.forget_group();
+        }
         // History older than the window goes in this batch, once it is a tenth past it: in
         // revisions, or in events.
         let by_revisions = g
@@ -1608,7 +1653,7 @@ impl Committer {
         let adding: u64 = g.events.iter().map(|&(_, n)| n).sum();
         let by_events = self.history_index.trim_for(adding, self.history_events_max);
         let trim_to = by_revisions.max(by_events);
-        if !g.batch.is_empty() {
+        if failure.is_none() && !g.batch.is_empty() {
             let written = cf(&self.db, CF_META).and_then(|meta| {
                 if g.revision != self.revision {
                     g.batch.put_cf(meta, KEY_REVISION, g.revision.to_be_bytes());
@@ -1656,17 +1701,7 @@ impl Committer {
                     }
                 }
                 Err(e) => {
-                    // Not needed for correctness (only commits update it), but a failed
-                    // write may leave the database in a state worth reading afresh.
-                    self.versions.borrow_mut().clear();
-                    // The group's lease changes were made in memory as it was decided:
-                    // take the state back to what is on disk.
-                    match load_leases(&self.db) {
-                        Ok(on_disk) => *lock(&self.leases) = on_disk,
-                        Err(detail) => {
-                            tracing::error!(error = %detail, "reloading leases after a failed commit")
-                        }
-                    }
+                    self.forget_group();
                     failure = Some(e)
                 }
             }
@@ -2126,6 +2161,54 @@ mod tests {
             Err(StoreError::LeaseNotFound { id }),
             "the revoke is durable"
         );
+    }
+
+    /// A write that fails halfway (here a read error at the second of a lease's three keys)
+    /// leaves nothing behind, nor does any write of its group: the lease and its keys are
+    /// all still there, in memory and on disk, and the revoke succeeds when tried again.
+    #[test]
+    fn a_write_that_fails_halfway_leaves_nothing_of_its_group() {
+        use capkv_store::write::{Attach, GrantLease, RevokeLease};
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = RocksOptions::new(dir.path());
+        o.compaction_interval_s = 0;
+        // Long enough that the revoke and the put below, queued at once, form one group.
+        o.group_commit_max_wait_us = 300_000;
+        let s = RocksStore::open(o).unwrap();
+        let store: &dyn Store = &s;
+        let id = store
+            .apply(GrantLease { ttl_ms: 60_000 }, None)
+            .wait()
+            .unwrap()
+            .id;
+        let keys = [&b"a"[..], b"b", b"c"];
+        for k in keys {
+            let put = write::Put {
+                key: k.to_vec(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+                attach: Attach::Lease(id),
+            };
+            store.apply(put, None).wait().unwrap();
+        }
+        let revision = store.revision().unwrap();
+        s.counters.fail_version_lookup.store(2, Ordering::Release);
+        let revoke = store.apply(RevokeLease { id }, None);
+        let other = store.put(b"other", b"v", Condition::None);
+        assert!(revoke.wait().is_err(), "the revoke failed halfway");
+        assert!(other.wait().is_err(), "its group was not written");
+        assert_eq!(store.revision().unwrap(), revision);
+        assert_eq!(store.get(b"other").unwrap(), None);
+        for k in keys {
+            assert!(store.get(k).unwrap().is_some(), "a key of the lease went");
+        }
+        assert_eq!(store.lease_info(id).unwrap().keys, 3, "the lease lost keys");
+        drop(s);
+        let s = open(dir.path());
+        let store: &dyn Store = &s;
+        assert_eq!(store.lease_info(id).unwrap().keys, 3, "on disk too");
+        let revoked = store.apply(RevokeLease { id }, None).wait().unwrap();
+        assert_eq!(revoked.deleted, 3);
     }
 
     /// A batch is one revision of many events: the history's event bound trims the oldest
