@@ -309,10 +309,15 @@ fn proxy(listener: std::net::TcpListener, to: std::net::SocketAddr) {
 fn retries_after_a_failed_reconnect_reach_a_server_that_is_back() {
     let gone = server();
     let back = server();
-    // The client's second address: refused until a proxy to `back` listens on it below.
-    let spare = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    // The client's second address: a socket bound but not listening, so connections to
+    // it are refused, until it listens below with a proxy to `back` behind it. Held all
+    // along, the port cannot be taken by anything else meanwhile (released and bound
+    // again, it could).
+    let spare_socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    spare_socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
         .expect("a spare port");
+    let spare = spare_socket.local_addr().expect("its address");
     let options = ClientOptions {
         timeout: Duration::from_secs(10),
         retry: RetryPolicy {
@@ -344,10 +349,11 @@ fn retries_after_a_failed_reconnect_reach_a_server_that_is_back() {
             assert!(started.elapsed() < Duration::from_secs(10), "no retry");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        proxy(
-            std::net::TcpListener::bind(spare).expect("the spare port again"),
-            back.addr(),
-        );
+        let listener = spare_socket.listen(16).expect("the spare port listens");
+        let listener = listener.into_std().expect("a std listener");
+        // The proxy's thread accepts in blocking mode (tokio's sockets are not).
+        listener.set_nonblocking(false).expect("blocking");
+        proxy(listener, back.addr());
         let got = get.await.unwrap().expect("served after the reconnect");
         assert_eq!(got, None, "read on the other server");
     });
