@@ -1761,16 +1761,21 @@ mod tests {
         RocksStore::open(o).unwrap()
     }
 
+    /// [`open`], with a group commit that waits long enough (300 ms) that writes queued at
+    /// once form one group.
+    fn open_grouping(dir: &Path) -> RocksStore {
+        let mut o = RocksOptions::new(dir);
+        o.compaction_interval_s = 0;
+        o.group_commit_max_wait_us = 300_000;
+        RocksStore::open(o).unwrap()
+    }
+
     /// "Acknowledged means durable" needs its converse: when a group's commit fails, no
     /// write of the group is acknowledged, whatever each decided, and none is applied.
     #[test]
     fn a_failed_commit_fails_every_write_of_its_group() {
         let dir = tempfile::tempdir().unwrap();
-        let mut o = RocksOptions::new(dir.path());
-        o.compaction_interval_s = 0;
-        // Long enough that the five writes below, queued at once, form one group.
-        o.group_commit_max_wait_us = 300_000;
-        let s = RocksStore::open(o).unwrap();
+        let s = open_grouping(dir.path());
         s.counters.fail_next_commit.store(true, Ordering::Release);
         let keys: Vec<Vec<u8>> = (0..5).map(|i| format!("k{i}").into_bytes()).collect();
         let pending: Vec<_> = keys
@@ -2111,34 +2116,36 @@ mod tests {
         RocksStore::open(o).unwrap()
     }
 
+    /// Grants a lease of a minute and puts `keys` under it; returns its id.
+    fn lease_with_keys(store: &dyn Store, keys: &[&[u8]]) -> u64 {
+        use capkv_store::write::{Attach, GrantLease};
+        let id = store
+            .apply(GrantLease { ttl_ms: 60_000 }, None)
+            .wait()
+            .unwrap()
+            .id;
+        for k in keys {
+            let put = write::Put {
+                key: k.to_vec(),
+                value: b"v".to_vec(),
+                cond: Condition::None,
+                attach: Attach::Lease(id),
+            };
+            store.apply(put, None).wait().unwrap();
+        }
+        id
+    }
+
     /// Leases and their keys survive a reopen, each with its full TTL again; revoking one
     /// after the reopen takes its keys.
     #[test]
     fn leases_and_their_keys_survive_reopen() {
-        use capkv_store::write::{Attach, GrantLease, RevokeLease};
+        use capkv_store::write::RevokeLease;
         let dir = tempfile::tempdir().unwrap();
         let id = {
             let s = open(dir.path());
             let store: &dyn Store = &s;
-            let id = store
-                .apply(GrantLease { ttl_ms: 60_000 }, None)
-                .wait()
-                .unwrap()
-                .id;
-            for k in [&b"x"[..], b"y"] {
-                store
-                    .apply(
-                        write::Put {
-                            key: k.to_vec(),
-                            value: b"v".to_vec(),
-                            cond: Condition::None,
-                            attach: Attach::Lease(id),
-                        },
-                        None,
-                    )
-                    .wait()
-                    .unwrap();
-            }
+            let id = lease_with_keys(store, &[b"x", b"y"]);
             store.delete(b"y", Condition::None).wait().unwrap();
             id
         };
@@ -2168,29 +2175,12 @@ mod tests {
     /// all still there, in memory and on disk, and the revoke succeeds when tried again.
     #[test]
     fn a_write_that_fails_halfway_leaves_nothing_of_its_group() {
-        use capkv_store::write::{Attach, GrantLease, RevokeLease};
+        use capkv_store::write::RevokeLease;
         let dir = tempfile::tempdir().unwrap();
-        let mut o = RocksOptions::new(dir.path());
-        o.compaction_interval_s = 0;
-        // Long enough that the revoke and the put below, queued at once, form one group.
-        o.group_commit_max_wait_us = 300_000;
-        let s = RocksStore::open(o).unwrap();
+        let s = open_grouping(dir.path());
         let store: &dyn Store = &s;
-        let id = store
-            .apply(GrantLease { ttl_ms: 60_000 }, None)
-            .wait()
-            .unwrap()
-            .id;
         let keys = [&b"a"[..], b"b", b"c"];
-        for k in keys {
-            let put = write::Put {
-                key: k.to_vec(),
-                value: b"v".to_vec(),
-                cond: Condition::None,
-                attach: Attach::Lease(id),
-            };
-            store.apply(put, None).wait().unwrap();
-        }
+        let id = lease_with_keys(store, &keys);
         let revision = store.revision().unwrap();
         s.counters.fail_version_lookup.store(2, Ordering::Release);
         let revoke = store.apply(RevokeLease { id }, None);
