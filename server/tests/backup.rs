@@ -91,9 +91,7 @@ fn checkpoint_restores(engine: Engine) {
 
 #[test]
 fn the_memory_engine_has_nothing_to_checkpoint() {
-    let mut c = common::test_config();
-    c.admin.token = Some(Secret::new(ADMIN));
-    let server = common::start(c);
+    let server = common::start(common::admin_config(ADMIN));
     common::local_result(async {
         let c = common::client(server.addr()).await;
         let e = c.checkpoint(ADMIN, "/tmp/never-written").await.unwrap_err();

@@ -179,9 +179,7 @@ fn a_bad_key_fails_only_its_own_get_in_a_batch() {
 #[test]
 fn a_batch_keeps_each_callers_deadline() {
     const ADMIN: &str = "admin-secret";
-    let mut config = test_config();
-    config.admin.token = Some(capkv_server::config::Secret::new(ADMIN));
-    let server = start(config);
+    let server = start(common::admin_config(ADMIN));
     local(async {
         let c = batching_client(server.addr(), 16).await;
         c.put(b"k", b"v", Condition::None, in_10s()).await.unwrap();

@@ -7,15 +7,13 @@ use std::time::Duration;
 
 use capkv::ErrorCode;
 use capkv_client::{Client, ClientOptions, RetryPolicy};
-use capkv_server::config::Secret;
 use capkv_server::{Config, RunningServer};
 use tokio::time::Instant;
 
 const ADMIN: &str = "admin-secret";
 
 fn server_with(f: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = common::test_config();
-    config.admin.token = Some(Secret::new(ADMIN));
+    let mut config = common::admin_config(ADMIN);
     f(&mut config);
     common::start(config)
 }
@@ -48,8 +46,7 @@ const LATENCY_BOUND: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_spent_budget_ends_the_call_and_stops_the_work() {
-    let mut config = common::test_config();
-    config.admin.token = Some(Secret::new(ADMIN));
+    let mut config = common::admin_config(ADMIN);
     // One call at a time per connection: a second call can only be admitted once the
     // first call's work is gone.
     config.limits.max_in_flight_per_connection = 1;

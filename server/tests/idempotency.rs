@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use capkv::ErrorCode;
 use capkv_client::{Client, ClientOptions, RetryPolicy};
-use capkv_server::config::{Engine, Secret};
+use capkv_server::config::Engine;
 use capkv_server::{Config, RunningServer};
 use tokio::time::Instant;
 
@@ -81,9 +81,7 @@ fn reuse_with_other_parameters_is_refused_every_time() {
 
 #[test]
 fn exactly_once_increments_through_30_percent_dropped_replies() {
-    let mut config = common::test_config();
-    config.admin.token = Some(Secret::new(ADMIN));
-    let server = common::start(config);
+    let server = common::start(common::admin_config(ADMIN));
     const CLIENTS: usize = 10;
     const PER_CLIENT: usize = 1000;
     const COUNTERS: usize = 100;

@@ -387,9 +387,7 @@ fn a_watch_s_lost_first_page_is_read_again() {
 #[test]
 fn a_watch_refused_once_still_starts_at_the_next_write() {
     const ADMIN: &str = "admin-secret";
-    let mut config = test_config();
-    config.admin.token = Some(capkv_server::config::Secret::new(ADMIN));
-    let server = start(config);
+    let server = start(common::admin_config(ADMIN));
     let addr = server.addr();
     let shared = server.shared();
     let rt = two_threads();

@@ -55,6 +55,13 @@ pub fn test_config() -> Config {
     config
 }
 
+/// [`test_config`] with the Admin capability behind `token`.
+pub fn admin_config(token: &str) -> Config {
+    let mut config = test_config();
+    config.admin.token = Some(capkv_server::config::Secret::new(token));
+    config
+}
+
 pub fn start(config: Config) -> RunningServer {
     RunningServer::start(config).expect("server starts")
 }
