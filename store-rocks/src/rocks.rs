@@ -1189,6 +1189,8 @@ struct Group {
     event_revision: u64,
     /// Events the group wrote, per revision, in order.
     events: Vec<(u64, u64)>,
+    /// A write failed after it changed the group (see [`Committer::apply_whole`]).
+    partial: Option<StoreError>,
 }
 
 /// The events of each revision the history keeps, oldest first, and their sum.
@@ -1568,7 +1570,7 @@ impl Committer {
 
     fn decide(&self, g: &mut Group, op: &Op) -> Result<WriteOutcome, StoreError> {
         let Some(idem) = &op.idem else {
-            return self.apply(g, &op.write);
+            return self.apply_whole(g, &op.write);
         };
         let record_key = idem.record_key();
         let fingerprint = op.write.fingerprint();
@@ -1578,7 +1580,7 @@ impl Committer {
                 return r.replay(&fingerprint);
             }
         }
-        let outcome = self.apply(g, &op.write);
+        let outcome = self.apply_whole(g, &op.write);
         if recordable(&outcome) {
             let r = Record {
                 expires_at_unix_ms: idem.expires_at_unix_ms,
@@ -1588,6 +1590,23 @@ impl Committer {
             g.batch
                 .put_cf(cf(&self.db, CF_IDEMPOTENCY)?, &record_key, r.encode());
             g.records.insert(record_key, r);
+        }
+        outcome
+    }
+
+    /// [`apply`](Self::apply), noting in the group a write that failed after it changed
+    /// the group's batch or revision (a read error halfway through a lease's keys): its
+    /// changes cannot be taken out of the batch alone, so the group is not written. A
+    /// write refused before it changes anything (a condition, a missing lease) is an
+    /// answer, recorded for its idempotency key like any other.
+    fn apply_whole(&self, g: &mut Group, write: &WriteOp) -> Result<WriteOutcome, StoreError> {
+        let before = (g.batch.len(), g.revision);
+        let outcome = self.apply(g, write);
+        if let Err(e) = &outcome {
+            if (g.batch.len(), g.revision) != before && g.partial.is_none() {
+                tracing::error!(error = %e, "a write failed partway; its group is not written");
+                g.partial = Some(e.clone());
+            }
         }
         outcome
     }
@@ -1617,30 +1636,22 @@ impl Committer {
             event_index: 0,
             event_revision: 0,
             events: Vec::new(),
+            partial: None,
         };
         let count = ops.len() as u64;
-        // A write that fails after it changed the group (a read error halfway through a
-        // lease's keys) cannot be taken out of the batch alone: then nothing of the group
-        // is written and every write in it fails, as when the commit itself fails. Writes
-        // refused before they change anything (a condition, a missing lease) fail alone.
-        let mut failure = None;
+        // A write that failed partway (`apply_whole`) fails its whole group, unwritten,
+        // as when the commit itself fails; the writes after it are not decided.
         let decided: Vec<(Op, Result<WriteOutcome, StoreError>)> = ops
             .drain(..)
             .map(|op| {
-                if failure.is_some() {
+                if g.partial.is_some() {
                     return (op, Err(StoreError::Unavailable("not decided".into())));
                 }
-                let before = (g.batch.len(), g.revision, g.records.len());
                 let r = self.decide(&mut g, &op);
-                if let Err(e) = &r {
-                    if (g.batch.len(), g.revision, g.records.len()) != before {
-                        tracing::error!(error = %e, "a write failed partway; its group is not written");
-                        failure = Some(e.clone());
-                    }
-                }
                 (op, r)
             })
             .collect();
+        let mut failure = g.partial.take();
         if failure.is_some() {
             self.forget_group();
         }
@@ -2199,6 +2210,53 @@ mod tests {
         assert_eq!(store.lease_info(id).unwrap().keys, 3, "on disk too");
         let revoked = store.apply(RevokeLease { id }, None).wait().unwrap();
         assert_eq!(revoked.deleted, 3);
+    }
+
+    /// A refusal is an answer, not a failure halfway: a keyed write whose condition fails
+    /// (its outcome recorded, so the batch changes) leaves the other writes of its group
+    /// written and answered. (The halfway rule once took the record for a half-done write
+    /// and failed the whole group with the refusal; the linearizability test caught it.)
+    #[test]
+    fn a_recorded_refusal_leaves_the_rest_of_its_group_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_grouping(dir.path());
+        s.put(b"k", b"v", Condition::None).wait().unwrap();
+        let key = Some(IdempotencyKey {
+            session: b"s".to_vec(),
+            key: b"w1".to_vec(),
+            expires_at_unix_ms: now_unix_ms() + 3_600_000,
+        });
+        let refused = s.write(
+            WriteOp::from(write::Put {
+                key: b"k".to_vec(),
+                value: b"w".to_vec(),
+                cond: Condition::IfVersion(7),
+                attach: write::Attach::None,
+            }),
+            key.clone(),
+        );
+        let other = s.put(b"other", b"v", Condition::None);
+        assert!(matches!(
+            refused.wait(),
+            Err(StoreError::ConditionFailed { .. })
+        ));
+        assert_eq!(other.wait().unwrap().version, 1, "the group was written");
+        assert!(s.get(b"other").unwrap().is_some());
+        // The refusal was recorded: its key replays it.
+        let again = s.write(
+            WriteOp::from(write::Put {
+                key: b"k".to_vec(),
+                value: b"w".to_vec(),
+                cond: Condition::IfVersion(7),
+                attach: write::Attach::None,
+            }),
+            key,
+        );
+        assert!(matches!(
+            again.wait(),
+            Err(StoreError::ConditionFailed { .. })
+        ));
+        assert_eq!(s.stats().idempotent_replays, 1);
     }
 
     /// A batch is one revision of many events: the history's event bound trims the oldest
