@@ -12,6 +12,9 @@
 //!   and `AsyncWrite`, for a TLS stream over it) or split into [`SocketReader`] and
 //!   [`SocketWriter`] (futures' traits), which keep its readiness in two flags the driver
 //!   sets from its events.
+//! - [`AheadHint`]: where a connection names its scattered state (an `Ahead` record per
+//!   slab key, with its socket and future), which the driver asks the CPU for while it
+//!   serves the event before the connection's.
 //!
 //! Why: with 1,000 connections and one call in flight on each, every call went through
 //! tokio's readiness (`ScheduledIo::wake`), its task queue and the task's own poll
@@ -76,7 +79,71 @@ struct Inner {
     failed: Cell<bool>,
     registry: mio::Registry,
     conns: RefCell<Slab<Entry>>,
+    /// Where each connection's state lives, by slab key (see [`Ahead`]). Grown by
+    /// [`ReadyLoop::serve`]; entries of ended connections stay until their key is reused.
+    ahead: RefCell<Vec<Cell<Ahead>>>,
     woken: Arc<Woken>,
+}
+
+/// Where a connection's cold state lives, for the driver to have the CPU load it while
+/// the connection before it in a turn's events is served (see `crate::hint`). With a
+/// thousand connections each one's state is out of the cache at its turn, a dozen
+/// separate lines; asked for only when its own poll begins, their misses still stall that
+/// poll, while one event ahead they are hidden behind the previous connection's work.
+/// Addresses only, never read through: a stale one (its connection ended) loads lines
+/// for nothing.
+#[derive(Clone, Copy, Default)]
+struct Ahead {
+    /// The socket's state (its readiness flags) and the future's box.
+    socket: usize,
+    fut: usize,
+    fut_bytes: usize,
+    /// What the connection named itself ([`AheadHint::set`]): (address, bytes).
+    named: [(usize, usize); AHEAD_NAMED],
+}
+
+/// Ranges a connection may name for [`Ahead`].
+pub const AHEAD_NAMED: usize = 3;
+
+/// Most bytes of one range loaded ahead (the lines beyond are left to the poll).
+const AHEAD_RANGE_MAX_BYTES: usize = 1024;
+
+impl Ahead {
+    fn prefetch(&self) {
+        crate::hint::prefetch_bytes(self.socket as *const u8, std::mem::size_of::<Socket>());
+        crate::hint::prefetch_bytes(self.fut as *const u8, self.fut_bytes);
+        for &(at, bytes) in &self.named {
+            crate::hint::prefetch_bytes(at as *const u8, bytes);
+        }
+    }
+}
+
+/// How a connection names the state the driver loads ahead of its events ([`Ahead`]).
+/// Cheap to clone; does nothing once the loop is gone.
+#[derive(Clone)]
+pub struct AheadHint {
+    inner: std::rc::Weak<Inner>,
+    key: usize,
+}
+
+impl AheadHint {
+    /// Names up to [`AHEAD_NAMED`] ranges (address, bytes; each loaded up to 1 KiB) of
+    /// the connection's state, replacing those named before. The addresses must stay the
+    /// state's for the connection's life (boxed or `Rc`'d state) to be of use; a wrong
+    /// one costs a wasted load, never a fault.
+    pub fn set(&self, ranges: [(*const u8, usize); AHEAD_NAMED]) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let ahead = inner.ahead.borrow();
+        if let Some(slot) = ahead.get(self.key) {
+            let mut a = slot.get();
+            for (named, (at, bytes)) in a.named.iter_mut().zip(ranges) {
+                *named = (at as usize, bytes.min(AHEAD_RANGE_MAX_BYTES));
+            }
+            slot.set(a);
+        }
+    }
 }
 
 /// One connection: its future, its socket (with its readiness and the waker its future
@@ -146,6 +213,8 @@ struct Socket {
     other_read: RefCell<Option<Waker>>,
     /// Another task waits for `writable`.
     other_write: RefCell<Option<Waker>>,
+    /// How the connection names its state for the driver ([`ReadySocket::ahead_hint`]).
+    ahead: AheadHint,
 }
 
 impl Socket {
@@ -210,6 +279,7 @@ impl ReadyLoop {
             failed: Cell::new(false),
             registry,
             conns: RefCell::new(Slab::new()),
+            ahead: RefCell::default(),
             woken: Arc::default(),
         });
         let driver = Driver {
@@ -265,13 +335,34 @@ impl ReadyLoop {
             own: waker.clone(),
             other_read: RefCell::default(),
             other_write: RefCell::default(),
+            ahead: AheadHint {
+                inner: Rc::downgrade(&self.inner),
+                key,
+            },
         });
-        let fut = make(ReadySocket(Rc::clone(&socket)));
-        slot.insert(Entry {
-            fut: Box::pin(fut),
-            socket,
-            wake,
+        let mut aheads = self
+            .inner
+            .ahead
+            .try_borrow_mut()
+            .map_err(|_| io::Error::other("a connection was served from inside the loop"))?;
+        if aheads.len() <= key {
+            aheads.resize_with(key + 1, Cell::default);
+        }
+        // Before `make`, which may name state of its own already.
+        aheads[key].set(Ahead {
+            socket: Rc::as_ptr(&socket) as usize,
+            ..Ahead::default()
         });
+        drop(aheads);
+        let fut: Pin<Box<dyn Future<Output = ()>>> =
+            Box::pin(make(ReadySocket(Rc::clone(&socket))));
+        if let Some(cell) = self.inner.ahead.borrow().get(key) {
+            let mut a = cell.get();
+            a.fut = (&*fut as *const dyn Future<Output = ()>).cast::<u8>() as usize;
+            a.fut_bytes = std::mem::size_of_val(&*fut).min(AHEAD_RANGE_MAX_BYTES);
+            cell.set(a);
+        }
+        slot.insert(Entry { fut, socket, wake });
         // Its first poll, at the driver's next turn.
         waker.wake();
         Ok(())
@@ -331,9 +422,28 @@ impl Driver {
                 ready.clear_ready();
             }
             let mut conns = self.inner.conns.borrow_mut();
+            let aheads = self.inner.ahead.borrow();
+            // Two steps ahead of the event served: the connection's `Ahead` record (its
+            // address is known without a load) and its slab entry; one step ahead: what
+            // the record names, now in the cache.
+            let mut far = self.events.iter().skip(2);
+            let mut near = self.events.iter().skip(1);
             for event in self.events.iter() {
+                if let Some(e) = far.next() {
+                    let key = e.token().0;
+                    if let Some(a) = aheads.get(key) {
+                        crate::hint::prefetch(a);
+                    }
+                    if let Some(entry) = conns.get(key) {
+                        crate::hint::prefetch(entry);
+                    }
+                }
+                if let Some(a) = near.next().and_then(|e| aheads.get(e.token().0)) {
+                    a.get().prefetch();
+                }
                 poll_ready(&mut conns, event);
             }
+            drop(aheads);
             if !drained {
                 break;
             }
@@ -408,6 +518,11 @@ pub struct SocketReader(Rc<Socket>);
 pub struct SocketWriter(Rc<Socket>);
 
 impl ReadySocket {
+    /// How the connection names the state the driver loads ahead of its events.
+    pub fn ahead_hint(&self) -> AheadHint {
+        self.0.ahead.clone()
+    }
+
     pub fn split(self) -> (SocketReader, SocketWriter) {
         (SocketReader(Rc::clone(&self.0)), SocketWriter(self.0))
     }
@@ -634,6 +749,53 @@ mod tests {
             drop(clients);
             until(|| ready.is_empty()).await;
         });
+    }
+
+    /// What a connection names, and where its socket and future live, are what the loop
+    /// loads ahead of its events; ranges are cut to 1 KiB, and a hint outliving its loop
+    /// does nothing.
+    #[test]
+    fn a_connection_s_named_state_is_recorded_for_the_loop_to_load_ahead() {
+        let hint = std::rc::Rc::new(std::cell::RefCell::new(None));
+        with_loop(|ready, listener| {
+            let hint = std::rc::Rc::clone(&hint);
+            async move {
+                let (_client, server) = pair(&listener).await;
+                let state = Box::new([0u8; 4096]);
+                let at = state.as_ptr();
+                let named = std::rc::Rc::clone(&hint);
+                ready
+                    .serve(server, move |s| {
+                        let h = s.ahead_hint();
+                        h.set([(at, 64), (at.wrapping_add(64), 4096), (at, 0)]);
+                        *named.borrow_mut() = Some(h);
+                        served_by_echo(s)
+                    })
+                    .expect("serve");
+                let aheads = ready.inner.ahead.borrow();
+                let a = aheads[0].get();
+                assert_eq!(
+                    a.named,
+                    [
+                        (at as usize, 64),
+                        (at as usize + 64, 1024),
+                        (at as usize, 0)
+                    ]
+                );
+                let conns = ready.inner.conns.borrow();
+                let entry = conns.get(0).expect("served");
+                assert_eq!(a.socket, Rc::as_ptr(&entry.socket) as usize);
+                assert_eq!(
+                    a.fut,
+                    (&*entry.fut as *const dyn Future<Output = ()>).cast::<u8>() as usize
+                );
+                assert!(0 < a.fut_bytes && a.fut_bytes <= AHEAD_RANGE_MAX_BYTES);
+                drop(state);
+            }
+        });
+        // The loop is gone: naming again is a no-op.
+        let h = hint.borrow_mut().take().expect("named");
+        h.set([(std::ptr::null(), 1); AHEAD_NAMED]);
     }
 
     #[test]

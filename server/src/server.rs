@@ -495,6 +495,7 @@ fn worker_main(
                 shared: Arc::clone(&shared),
                 live: Rc::clone(&live),
                 warm: Rc::clone(&warm),
+                ahead: None,
             };
             // The handshake gets the frame timeout; a peer that cannot prove itself with a
             // certificate from the CA never reaches the RPC system.
@@ -504,12 +505,17 @@ fn worker_main(
                 .map(|acceptor| (acceptor, shared.tunables().frames.frame_timeout));
             // (A loop whose epoll failed is passed over: connections become tasks again.)
             if let Some(ready) = ready.as_ref().filter(|r| r.is_running()) {
+                let mut start = start;
                 let served = match tls {
                     None => ready.serve(job.stream, |socket| {
+                        start.ahead = Some(socket.ahead_hint());
                         let (r, w) = socket.split();
                         connection(start, r, w)
                     }),
-                    Some(tls) => ready.serve(job.stream, |socket| tls_connection(start, tls, socket)),
+                    Some(tls) => ready.serve(job.stream, |socket| {
+                        start.ahead = Some(socket.ahead_hint());
+                        tls_connection(start, tls, socket)
+                    }),
                 };
                 if let Err(e) = served {
                     tracing::warn!(peer = %job.peer, error = %e, "cannot register connection");
@@ -598,6 +604,7 @@ pub fn serve_in_process(shared: Arc<Shared>, stream: tokio::io::DuplexStream) {
         warm: Rc::new(crate::rpc::Warm::new(Arc::clone(&shared.store))),
         shared,
         live: Rc::default(),
+        ahead: None,
     };
     let (r, w) = tokio::io::split(stream);
     start_connection(start, r.compat(), w.compat_write());
@@ -614,6 +621,10 @@ struct ConnStart {
     /// The worker's one prefetch hint, shared by its connections (each read's calls are
     /// shown and flushed within one poll, so they never interleave): nothing per connection.
     warm: Rc<crate::rpc::Warm>,
+    /// On the worker's readiness loop: where the connection names its state, which the
+    /// loop loads one event ahead (`capkv_rpc::ready::Ahead`). Elsewhere the connection
+    /// asks for it itself at each poll.
+    ahead: Option<capkv_rpc::ready::AheadHint>,
 }
 
 /// The connections a worker serves, by id, with how to end each at shutdown.
@@ -662,6 +673,7 @@ where
         shared,
         live,
         warm,
+        ahead,
     } = start;
     // Nothing reaches the RPC system before the frame layer has checked it.
     let tunables = shared.tunables();
@@ -742,8 +754,10 @@ where
             }
         });
         let mut slow_reader = false;
-        // This connection's cold state, asked for at once at the start of each turn
-        // (see `capkv_rpc::hint`), before the engine reaches it one miss at a time.
+        // This connection's cold state, asked for at once (see `capkv_rpc::hint`) before
+        // the engine reaches it one miss at a time: on the readiness loop, by the loop
+        // while it serves the event before this connection's; on a task of its own, at
+        // the start of each poll.
         // The engine's own state (capkv's boxed future, under a kilobyte) is asked for
         // whole: its fields are read one after the other, each line a miss otherwise.
         // Bounded: the reference engine's larger future is not worth a turn's prefetches.
@@ -753,10 +767,17 @@ where
             std::mem::size_of_val(&*rpc).min(ENGINE_STATE_PREFETCH_BYTES),
         );
         let mut rpc = rpc;
+        let conn_len = std::mem::size_of::<Conn>();
+        if let Some(ahead) = &ahead {
+            ahead.set([(flag, 1), (conn_at, conn_len), (rpc_at, rpc_len)]);
+        }
+        let on_its_own = ahead.is_none();
         let rpc = std::future::poll_fn(move |cx| {
-            capkv_rpc::hint::prefetch(flag);
-            capkv_rpc::hint::prefetch_bytes(conn_at, std::mem::size_of::<Conn>());
-            capkv_rpc::hint::prefetch_bytes(rpc_at, rpc_len);
+            if on_its_own {
+                capkv_rpc::hint::prefetch(flag);
+                capkv_rpc::hint::prefetch_bytes(conn_at, conn_len);
+                capkv_rpc::hint::prefetch_bytes(rpc_at, rpc_len);
+            }
             rpc.as_mut().poll(cx)
         });
         tokio::select! {
