@@ -92,14 +92,18 @@ struct Inner {
 /// poll, while one event ahead they are hidden behind the previous connection's work.
 /// Addresses only, never read through: a stale one (its connection ended) loads lines
 /// for nothing.
+/// One cache line, so that the step that loads it ahead loads all of it.
 #[derive(Clone, Copy, Default)]
+#[repr(align(64))]
 struct Ahead {
     /// The socket's state (its readiness flags) and the future's box.
     socket: usize,
     fut: usize,
-    fut_bytes: usize,
-    /// What the connection named itself ([`AheadHint::set`]): (address, bytes).
-    named: [(usize, usize); AHEAD_NAMED],
+    /// What the connection named itself ([`AheadHint::set`]).
+    named: [usize; AHEAD_NAMED],
+    /// Bytes at `fut` and at each of `named` (each at most [`AHEAD_RANGE_MAX_BYTES`]).
+    fut_bytes: u16,
+    named_bytes: [u16; AHEAD_NAMED],
 }
 
 /// Ranges a connection may name for [`Ahead`].
@@ -111,11 +115,16 @@ const AHEAD_RANGE_MAX_BYTES: usize = 1024;
 impl Ahead {
     fn prefetch(&self) {
         crate::hint::prefetch_bytes(self.socket as *const u8, std::mem::size_of::<Socket>());
-        crate::hint::prefetch_bytes(self.fut as *const u8, self.fut_bytes);
-        for &(at, bytes) in &self.named {
-            crate::hint::prefetch_bytes(at as *const u8, bytes);
+        crate::hint::prefetch_bytes(self.fut as *const u8, usize::from(self.fut_bytes));
+        for (&at, &bytes) in self.named.iter().zip(&self.named_bytes) {
+            crate::hint::prefetch_bytes(at as *const u8, usize::from(bytes));
         }
     }
+}
+
+/// `bytes`, at most [`AHEAD_RANGE_MAX_BYTES`].
+fn ahead_bytes(bytes: usize) -> u16 {
+    u16::try_from(bytes.min(AHEAD_RANGE_MAX_BYTES)).unwrap_or(u16::MAX)
 }
 
 /// How a connection names the state the driver loads ahead of its events ([`Ahead`]).
@@ -138,8 +147,9 @@ impl AheadHint {
         let ahead = inner.ahead.borrow();
         if let Some(slot) = ahead.get(self.key) {
             let mut a = slot.get();
-            for (named, (at, bytes)) in a.named.iter_mut().zip(ranges) {
-                *named = (at as usize, bytes.min(AHEAD_RANGE_MAX_BYTES));
+            for (i, (at, bytes)) in ranges.into_iter().enumerate() {
+                a.named[i] = at as usize;
+                a.named_bytes[i] = ahead_bytes(bytes);
             }
             slot.set(a);
         }
@@ -359,7 +369,7 @@ impl ReadyLoop {
         if let Some(cell) = self.inner.ahead.borrow().get(key) {
             let mut a = cell.get();
             a.fut = (&*fut as *const dyn Future<Output = ()>).cast::<u8>() as usize;
-            a.fut_bytes = std::mem::size_of_val(&*fut).min(AHEAD_RANGE_MAX_BYTES);
+            a.fut_bytes = ahead_bytes(std::mem::size_of_val(&*fut));
             cell.set(a);
         }
         slot.insert(Entry { fut, socket, wake });
@@ -774,14 +784,9 @@ mod tests {
                     .expect("serve");
                 let aheads = ready.inner.ahead.borrow();
                 let a = aheads[0].get();
-                assert_eq!(
-                    a.named,
-                    [
-                        (at as usize, 64),
-                        (at as usize + 64, 1024),
-                        (at as usize, 0)
-                    ]
-                );
+                assert_eq!(a.named, [at as usize, at as usize + 64, at as usize]);
+                assert_eq!(a.named_bytes, [64, 1024, 0]);
+                assert_eq!(std::mem::size_of::<Ahead>(), 64, "one cache line");
                 let conns = ready.inner.conns.borrow();
                 let entry = conns.get(0).expect("served");
                 assert_eq!(a.socket, Rc::as_ptr(&entry.socket) as usize);
@@ -789,7 +794,7 @@ mod tests {
                     a.fut,
                     (&*entry.fut as *const dyn Future<Output = ()>).cast::<u8>() as usize
                 );
-                assert!(0 < a.fut_bytes && a.fut_bytes <= AHEAD_RANGE_MAX_BYTES);
+                assert!(0 < a.fut_bytes && usize::from(a.fut_bytes) <= AHEAD_RANGE_MAX_BYTES);
                 drop(state);
             }
         });
