@@ -36,10 +36,7 @@ gcc -O2 -o "$tmp/pingpong" "$peers/pingpong.c"
 echo_port=$(free_port)
 taskset -c 1 "$tmp/pingpong" s "$echo_port" 100 &
 echo_pid=$!; pids+=("$echo_pid")
-taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
-    --log-format json 2>"$tmp/kv.log" &
-kv_pid=$!; pids+=("$kv_pid")
-kv_addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+start_kv_memory "$bin" "$tmp/kv.log" || exit 1
 redis_port=$(free_port)
 start_redis "$redis_port" "$tmp/redis.log" || exit 1
 for p in "$echo_pid" "$kv_pid" "$redis_pid"; do cap_cpu "$p" "$pct" || exit 1; done

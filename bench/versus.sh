@@ -30,10 +30,8 @@ extra=("${@:5}")
 # Each connection is a descriptor at both ends.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
-    --log-format json 2>"$tmp/kv.log" &
-kv_pid=$!; pids+=("$kv_pid")
-addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+start_kv_memory "$bin" "$tmp/kv.log" || exit 1
+addr=$kv_addr
 port=$(free_port)
 start_redis "$port" "$tmp/redis.log" || exit 1
 

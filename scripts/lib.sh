@@ -100,6 +100,18 @@ start_redis() {
     wait_redis "$port" "$tries"
 }
 
+# start_kv_memory BIN_DIR LOG: kv-server from BIN_DIR as the benchmarks run it (memory
+# engine, 1 worker, JSON logs to LOG) pinned to core 1. Sets kv_pid, adds it to `pids`
+# (what stop_all stops), and sets kv_addr to the address it listens on (status 1 if it
+# never says).
+start_kv_memory() {
+    taskset -c 1 "$1/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
+        --log-format json 2>"$2" &
+    kv_pid=$!
+    pids+=("$kv_pid")
+    kv_addr=$(wait_listening "$2" "$kv_pid" 100)
+}
+
 # build_bins: builds the workspace's binaries in the profile $CAPKV_PROFILE (release by
 # default; CI passes debug, which its tests have already built) and sets BIN_DIR. Always
 # the whole workspace: building single packages unifies dependency features differently

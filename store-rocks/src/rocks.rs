@@ -2226,15 +2226,16 @@ mod tests {
             key: b"w1".to_vec(),
             expires_at_unix_ms: now_unix_ms() + 3_600_000,
         });
-        let refused = s.write(
+        // A put whose condition cannot hold (the key is at version 1).
+        let refused_put = || {
             WriteOp::from(write::Put {
                 key: b"k".to_vec(),
                 value: b"w".to_vec(),
                 cond: Condition::IfVersion(7),
                 attach: write::Attach::None,
-            }),
-            key.clone(),
-        );
+            })
+        };
+        let refused = s.write(refused_put(), key.clone());
         let other = s.put(b"other", b"v", Condition::None);
         assert!(matches!(
             refused.wait(),
@@ -2243,15 +2244,7 @@ mod tests {
         assert_eq!(other.wait().unwrap().version, 1, "the group was written");
         assert!(s.get(b"other").unwrap().is_some());
         // The refusal was recorded: its key replays it.
-        let again = s.write(
-            WriteOp::from(write::Put {
-                key: b"k".to_vec(),
-                value: b"w".to_vec(),
-                cond: Condition::IfVersion(7),
-                attach: write::Attach::None,
-            }),
-            key,
-        );
+        let again = s.write(refused_put(), key);
         assert!(matches!(
             again.wait(),
             Err(StoreError::ConditionFailed { .. })
