@@ -65,7 +65,11 @@ fn a_spent_budget_ends_the_call_and_stops_the_work() {
             .unwrap_err();
         let elapsed = started.elapsed();
         assert_eq!(e.code, ErrorCode::DeadlineExceeded, "{e}");
-        assert!(elapsed >= Duration::from_millis(100), "{elapsed:?}");
+        // Not before the budget: the budget travels in whole milliseconds, truncated, so
+        // the server's own deadline may end the call a millisecond before the client's
+        // timer would (it once did: 99.86 ms). A lower bound only a broken deadline
+        // misses; a slow machine only makes the call longer.
+        assert!(elapsed >= Duration::from_millis(90), "{elapsed:?}");
         assert!(
             elapsed < LATENCY_BOUND,
             "ended by the deadline, not by the latency: {elapsed:?}"
