@@ -9,6 +9,7 @@
 //! - [`TraceParent`]: the W3C `traceparent` value that travels in every `RequestContext`:
 //!   parsed on the server, produced from the client's attempt span.
 //! - [`span_ids`]: the trace and span id a log line carries, whether or not export is on.
+//! - With JSON logs, a panic is logged as one (target `capkv::panic`), not printed as text.
 //!
 //! Spans are created at `TRACE` level under targets starting with `capkv`. The log layer
 //! keeps its own filter, so with export off those spans are disabled and cost one
@@ -269,6 +270,9 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
         .with(otel)
         .try_init()
         .is_ok();
+    if installed && json {
+        log_panics();
+    }
     if installed {
         FILTER_FROM_ENV.store(from_env, Ordering::Relaxed);
         let _ = LOG_FILTER.set(Box::new(move |f| {
@@ -282,6 +286,34 @@ pub fn init(settings: &Settings<'_>) -> Result<Telemetry, TelemetryError> {
         telemetry.stop();
     }
     Ok(telemetry)
+}
+
+/// Makes a panic a log line (target `capkv::panic`, level ERROR) instead of the default
+/// hook's plain text on stderr: where logs are JSON lines, a reader of the stream would
+/// meet lines it cannot parse (the default hook's output even starts with an empty one).
+/// The panic itself goes on as before: a task's is contained by its runtime, as the server
+/// relies on; the backtrace is included when `RUST_BACKTRACE` asks for one.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(a panic payload that is not text)");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("<unnamed>");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(target: "capkv::panic", panic = message, location, thread, %backtrace, "thread panicked");
+        } else {
+            tracing::error!(target: "capkv::panic", panic = message, location, thread, "thread panicked");
+        }
+    }));
 }
 
 fn exporter(
