@@ -66,10 +66,8 @@ echo "| connections | server | client | GET/s | p99 | server CPU | server CPU pe
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for n in $counts; do
     # capkv
-    taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
-        --log-format json 2>"$tmp/kv.log" &
-    kv_pid=$!; pids+=("$kv_pid")
-    addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+    start_kv_memory "$bin" "$tmp/kv.log" || exit 1
+    addr=$kv_addr
     taskset -c 0 "$bin/kv-loadgen" run --addr "$addr" -c 1 --mix put --keys "$keys" --preload \
         --warmup 0s --duration 100ms >/dev/null
     loadgen_row "$n" capkv "kv-loadgen (raw)" "$kv_pid" "$addr" capkv-raw

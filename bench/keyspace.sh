@@ -39,10 +39,8 @@ measure() {
 echo "| keys | server | RSS before | RSS with the keys | RSS per key | GET/s c=50 | PUT/s c=50 |"
 echo "|---|---|---|---|---|---|---|"
 for n in $counts; do
-    taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 \
-        --log-format json 2>"$tmp/kv.log" &
-    kv_pid=$!; pids+=("$kv_pid")
-    addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+    start_kv_memory "$bin" "$tmp/kv.log" || exit 1
+    addr=$kv_addr
     # The raw target preloads through the client library (batches of 500).
     measure "capkv (memory engine)" capkv-raw "$addr" "$kv_pid" "$n"
     stop_all

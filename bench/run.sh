@@ -33,9 +33,8 @@ cleanup() {
 trap cleanup EXIT
 
 
-taskset -c 1 "$bin/kv-server" --engine memory --listen 127.0.0.1:0 --workers 1 --log-format json 2>"$tmp/kv.log" &
-kv_pid=$!; pids+=("$kv_pid")
-addr=$(wait_listening "$tmp/kv.log" "$kv_pid" 100) || exit 1
+start_kv_memory "$bin" "$tmp/kv.log" || exit 1
+addr=$kv_addr
 
 # The RPC floors: a bare server answering gets and getManys at once (see
 # loadgen/src/floor.rs), on capnp-rpc's RpcSystem and on capkv's engine.
