@@ -92,6 +92,7 @@ struct Inner {
 /// poll, while one event ahead they are hidden behind the previous connection's work.
 /// Addresses only, never read through: a stale one (its connection ended) loads lines
 /// for nothing.
+///
 /// One cache line, so that the step that loads it ahead loads all of it.
 #[derive(Clone, Copy, Default)]
 #[repr(align(64))]

@@ -767,16 +767,20 @@ where
             std::mem::size_of_val(&*rpc).min(ENGINE_STATE_PREFETCH_BYTES),
         );
         let mut rpc = rpc;
-        let conn_len = std::mem::size_of::<Conn>();
+        let cold = [
+            (flag, 1),
+            (conn_at, std::mem::size_of::<Conn>()),
+            (rpc_at, rpc_len),
+        ];
         if let Some(ahead) = &ahead {
-            ahead.set([(flag, 1), (conn_at, conn_len), (rpc_at, rpc_len)]);
+            ahead.set(cold);
         }
         let on_its_own = ahead.is_none();
         let rpc = std::future::poll_fn(move |cx| {
             if on_its_own {
-                capkv_rpc::hint::prefetch(flag);
-                capkv_rpc::hint::prefetch_bytes(conn_at, conn_len);
-                capkv_rpc::hint::prefetch_bytes(rpc_at, rpc_len);
+                for (at, bytes) in cold {
+                    capkv_rpc::hint::prefetch_bytes(at, bytes);
+                }
             }
             rpc.as_mut().poll(cx)
         });
